@@ -1,0 +1,136 @@
+//! The datanode admin API: `GET /v1/status` (`API.md` section 2) and the operations the
+//! control plane drives (membership, leader transfer, snapshots, the oplog stream).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Role of a replica-set member as `GET /v1/status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Leader,
+    Follower,
+    Learner,
+    /// Starting, or not yet part of an initialised replica set.
+    Candidate,
+}
+
+/// Answer of `GET /v1/status`. The first eight fields are the contract of `API.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub id: u64,
+    pub zone: String,
+    pub replica_set: String,
+    pub role: Role,
+    pub term: u64,
+    pub leader_id: Option<u64>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    /// Members by id with their addresses; voters and learners.
+    pub members: Vec<MemberInfo>,
+    /// On the leader: how many log entries each follower is behind.
+    #[serde(default)]
+    pub replication_lag: std::collections::BTreeMap<u64, u64>,
+    /// Index of the last entry covered by the newest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Index of the last purged Raft log entry.
+    pub purged_index: Option<u64>,
+    /// Oldest Raft index still in the oplog (None when it is empty).
+    pub oplog_first_index: Option<u64>,
+}
+
+/// A member of a replica set, with what the others need to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberInfo {
+    pub id: u64,
+    /// Base URL of the member's admin/Raft port.
+    pub admin_addr: String,
+    /// Base URL of the member's data port.
+    pub data_addr: String,
+    pub zone: String,
+    #[serde(default)]
+    pub voter: bool,
+}
+
+/// `POST /v1/admin/init`: bootstrap a new replica set with these voters (the caller first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitRequest {
+    pub members: Vec<MemberInfo>,
+}
+
+/// `POST /v1/admin/learners`: add a learner (non-voting member); returns once it is added.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddLearnerRequest {
+    pub member: MemberInfo,
+    /// Wait until the learner has caught up with the leader's log before answering.
+    #[serde(default)]
+    pub blocking: bool,
+}
+
+/// `POST /v1/admin/voters`: set the voters to exactly these ids (one change at a time:
+/// the set may differ from the current one by at most one member).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeVotersRequest {
+    pub voters: Vec<u64>,
+}
+
+/// `POST /v1/admin/members/remove`: remove a member (voter or learner) entirely.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoveMemberRequest {
+    pub id: u64,
+}
+
+/// `POST /v1/admin/transfer-leader`: move leadership to `to`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferLeaderRequest {
+    pub to: u64,
+}
+
+/// One change of the replica set's oplog: idempotent, the full after-image of an insert or
+/// replace, the `_id` of a delete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OplogEntry {
+    /// Raft log index of the write that made this change.
+    pub index: u64,
+    /// Position of this change among the changes of that write.
+    pub seq: u32,
+    /// Leader's wall-clock time of the write, milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    pub db: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coll: Option<String>,
+    pub op: OplogOp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum OplogOp {
+    /// The document now is exactly `doc` (insert, update or replace).
+    Put {
+        id: Value,
+        doc: Value,
+    },
+    /// The document with this `_id` is gone.
+    Delete {
+        id: Value,
+    },
+    CreateCollection,
+    DropCollection,
+    CreateIndex {
+        spec: Value,
+    },
+    DropIndex {
+        name: String,
+    },
+    DropDatabase,
+}
+
+/// `GET /v1/admin/oplog?from=I&limit=N` answers a page; `next` is where to continue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OplogPage {
+    pub entries: Vec<OplogEntry>,
+    pub next: u64,
+}

@@ -1,0 +1,10 @@
+//! Wire contracts shared by every Nimbus binary: the data API of `API.md` section 1, the
+//! datanode admin API (section 2 and the control-plane operations), the error model and
+//! the limits every component enforces. Pure types and checks; no I/O.
+
+pub mod admin;
+pub mod data;
+pub mod error;
+pub mod limits;
+
+pub use error::{ApiError, ErrorCode, LeaderHint};

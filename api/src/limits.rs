@@ -1,0 +1,124 @@
+//! Limits and name rules every component enforces the same way (`API.md` section 1).
+
+use crate::error::ApiError;
+
+/// Largest document, as its JSON encoding: 16 MiB, as in MongoDB.
+pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
+/// Deepest nesting of objects and arrays in a document, filter or update.
+pub const MAX_NESTING_DEPTH: usize = 100;
+/// Longest database or collection name.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest index name.
+pub const MAX_INDEX_NAME_LEN: usize = 128;
+/// Most documents one `find` returns; also the default `limit`.
+pub const MAX_FIND_LIMIT: u64 = 10_000;
+/// Most fields in one index.
+pub const MAX_INDEX_FIELDS: usize = 16;
+/// Longest `_id` string, in bytes.
+pub const MAX_ID_BYTES: usize = 1024;
+/// Longest `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+
+/// A database or collection name: 1..=64 characters of `[A-Za-z0-9_-]`, not starting with
+/// `-`. Names appear in URLs, storage keys and metrics labels, so the rule is strict.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid {kind} name {name:?}: use 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ -, not starting with -"
+        )))
+    }
+}
+
+/// An index name: like a collection name but up to 128 characters and `.` allowed.
+pub fn validate_index_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_INDEX_NAME_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid index name {name:?}: use 1 to {MAX_INDEX_NAME_LEN} characters of A-Z a-z 0-9 _ - ."
+        )))
+    }
+}
+
+/// An `Idempotency-Key` header value: 1..=128 visible ASCII characters.
+pub fn validate_idempotency_key(key: &str) -> Result<(), ApiError> {
+    if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_LEN && key.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid Idempotency-Key: use 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+        )))
+    }
+}
+
+/// The nesting depth of a JSON value: a scalar is 0, `{}` and `[]` are 1.
+pub fn nesting_depth(value: &serde_json::Value) -> usize {
+    // Iterative, so a hostile document cannot overflow the stack while being measured.
+    let mut max = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        match v {
+            serde_json::Value::Object(map) => {
+                max = max.max(depth + 1);
+                stack.extend(map.values().map(|c| (c, depth + 1)));
+            }
+            serde_json::Value::Array(items) => {
+                max = max.max(depth + 1);
+                stack.extend(items.iter().map(|c| (c, depth + 1)));
+            }
+            _ => max = max.max(depth),
+        }
+    }
+    max
+}
+
+/// Rejects a value nested deeper than [`MAX_NESTING_DEPTH`].
+pub fn check_depth(what: &str, value: &serde_json::Value) -> Result<(), ApiError> {
+    let depth = nesting_depth(value);
+    if depth > MAX_NESTING_DEPTH {
+        Err(ApiError::bad_request(format!("{what} is nested {depth} levels deep; the limit is {MAX_NESTING_DEPTH}")))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names_follow_the_rule() {
+        for good in ["a", "app_1", "A-b", &"x".repeat(64)] {
+            assert!(validate_name("database", good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "a.b", "a b", "a/b", "é", &"x".repeat(65), "a\0"] {
+            assert!(validate_name("database", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn depth_counts_containers() {
+        assert_eq!(nesting_depth(&json!(1)), 0);
+        assert_eq!(nesting_depth(&json!({"a": 1})), 1);
+        assert_eq!(nesting_depth(&json!({"a": [{"b": []}]})), 4);
+    }
+
+    #[test]
+    fn too_deep_is_rejected() {
+        let mut v = json!(1);
+        for _ in 0..=MAX_NESTING_DEPTH {
+            v = json!([v]);
+        }
+        assert!(check_depth("document", &v).is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! Documents as values: MongoDB's cross-type order ([`order`]), an order-preserving byte
+//! encoding of values for storage keys ([`keycode`]), and dotted-path access ([`path`]).
+
+pub mod keycode;
+pub mod order;
+pub mod path;
+
+pub use nimbus_api::data::Document;

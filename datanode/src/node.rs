@@ -1,0 +1,184 @@
+//! Starting a datanode: storage, Raft, the two HTTP servers; and the context its handlers
+//! share.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use metrics_exporter_prometheus::PrometheusHandle;
+use openraft::{Config as RaftConfig, SnapshotPolicy};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::raft::Raft;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::Network;
+use crate::raft::state_machine::{SmShared, StateMachine};
+use crate::server;
+use crate::store::engine::EngineOptions;
+
+/// What every handler of a datanode shares.
+pub struct NodeCtx {
+    pub id: u64,
+    pub zone: String,
+    pub replica_set: String,
+    pub raft: Raft,
+    pub sm: Arc<SmShared>,
+    pub prometheus: PrometheusHandle,
+    pub write_timeout: Duration,
+}
+
+impl NodeCtx {
+    /// Sets the gauges that mirror Raft's and RocksDB's state, just before a scrape.
+    pub fn refresh_gauges(&self) {
+        let status = server::admin::status_of(self);
+        metrics::gauge!("nimbus_raft_term").set(status.term as f64);
+        metrics::gauge!("nimbus_raft_commit_index").set(status.commit_index as f64);
+        metrics::gauge!("nimbus_raft_applied_index").set(status.applied_index as f64);
+        for role in ["leader", "follower", "learner", "candidate"] {
+            let is =
+                serde_json::to_value(status.role).ok().and_then(|v| v.as_str().map(|s| s == role)).unwrap_or(false);
+            metrics::gauge!("nimbus_raft_role", "role" => role).set(if is { 1.0 } else { 0.0 });
+        }
+        for (id, lag) in &status.replication_lag {
+            metrics::gauge!("nimbus_raft_replication_lag_entries", "follower" => id.to_string()).set(*lag as f64);
+        }
+        for (cf, size) in self.sm.engine().sizes() {
+            metrics::gauge!("nimbus_rocksdb_sst_bytes", "cf" => cf).set(size as f64);
+        }
+    }
+}
+
+/// Where a started datanode can be reached; printed as one JSON line on stdout and written
+/// to `DATA_DIR/endpoints.json`, so that whoever started it with port 0 learns the ports.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    pub id: u64,
+    pub data: String,
+    pub admin: String,
+    pub pid: u32,
+}
+
+fn url(host: &Option<String>, addr: std::net::SocketAddr) -> String {
+    let host = match host {
+        Some(h) => h.clone(),
+        None if addr.ip().is_unspecified() => "127.0.0.1".to_owned(),
+        None => addr.ip().to_string(),
+    };
+    format!("http://{host}:{}", addr.port())
+}
+
+/// Runs a datanode until SIGINT or SIGTERM.
+pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("failed to create {}", config.data_dir.display()))?;
+    let log = LogStore::open(&config.data_dir.join("raft")).context("failed to open the raft log")?;
+    let options =
+        EngineOptions { oplog_retention: Duration::from_secs(config.oplog_retention_secs), ..Default::default() };
+    let sm = StateMachine::open(&config.data_dir, options).context("failed to open the state machine")?;
+    let sm_shared = sm.shared();
+
+    let raft_config = RaftConfig {
+        cluster_name: config.replica_set.clone(),
+        heartbeat_interval: config.heartbeat_ms,
+        election_timeout_min: config.election_timeout_ms,
+        election_timeout_max: config.election_timeout_ms * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+        max_in_snapshot_log_to_keep: config.keep_logs,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    }
+    .validate()
+    .context("invalid raft configuration")?;
+    let raft =
+        Raft::new(config.id, Arc::new(raft_config), Network::new(), log, sm).await.context("failed to start raft")?;
+
+    let ctx = Arc::new(NodeCtx {
+        id: config.id,
+        zone: config.zone.clone(),
+        replica_set: config.replica_set.clone(),
+        raft: raft.clone(),
+        sm: sm_shared,
+        prometheus,
+        write_timeout: config.request_timeout(),
+    });
+
+    let data_listener = TcpListener::bind(config.data_listen)
+        .await
+        .with_context(|| format!("failed to bind {}", config.data_listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("failed to bind {}", config.admin_listen))?;
+    let endpoints = Endpoints {
+        id: config.id,
+        data: url(&config.advertise_host, data_listener.local_addr()?),
+        admin: url(&config.advertise_host, admin_listener.local_addr()?),
+        pid: std::process::id(),
+    };
+    std::fs::write(config.data_dir.join("endpoints.json"), serde_json::to_vec(&endpoints)?)?;
+    println!("{}", serde_json::to_string(&endpoints)?);
+    tracing::info!(node = config.id, replica_set = %config.replica_set, zone = %config.zone, data = %endpoints.data, admin = %endpoints.admin, "datanode started");
+
+    let data_app = server::data::router(ctx.clone())
+        .merge(axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes));
+    // Snapshot chunks are 1 MiB; Raft appends carry batches of documents.
+    let admin_app = server::admin::router(ctx.clone())
+        .merge(server::raft_rpc::router(ctx.clone()))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes * 4));
+
+    let shutdown = shutdown_signal();
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut rx1 = stop_tx.subscribe();
+    let mut rx2 = stop_tx.subscribe();
+    let data_srv = tokio::spawn(async move {
+        axum::serve(data_listener, data_app)
+            .with_graceful_shutdown(async move {
+                let _ = rx1.recv().await;
+            })
+            .await
+    });
+    let admin_srv = tokio::spawn(async move {
+        axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(async move {
+                let _ = rx2.recv().await;
+            })
+            .await
+    });
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(());
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown failed");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = data_srv.await;
+        let _ = admin_srv.await;
+    })
+    .await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

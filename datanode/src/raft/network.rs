@@ -1,0 +1,200 @@
+//! The Raft transport: members call each other's admin port over HTTP/JSON with a pooled
+//! client. Snapshots travel as their checkpoint files, in chunks of at most
+//! [`SNAPSHOT_CHUNK_BYTES`], then one `install` call.
+
+use std::future::Future;
+use std::time::Duration;
+
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{RaftNetworkFactory, RaftNetworkV2};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncReadExt;
+
+use super::snapshot::{SnapshotData, files};
+use super::types::{NodeInfo, TypeConfig, Vote};
+
+type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
+
+/// Largest piece of a snapshot file sent in one request.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Body of `POST /raft/snapshot/{transfer}/install`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct InstallSnapshot {
+    pub vote: Vote,
+    pub meta: super::types::SnapshotMeta,
+    /// Every file with its size, so the receiver can check it got them whole.
+    pub files: Vec<(String, u64)>,
+}
+
+/// Makes a client per peer; all share one connection pool.
+#[derive(Clone)]
+pub struct Network {
+    client: reqwest::Client,
+}
+
+impl Network {
+    pub fn new() -> Network {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(16)
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_default();
+        Network { client }
+    }
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: u64, node: &NodeInfo) -> Peer {
+        Peer { target, addr: node.admin_addr.trim_end_matches('/').to_owned(), client: self.client.clone() }
+    }
+}
+
+/// The client side of one peer.
+pub struct Peer {
+    target: u64,
+    addr: String,
+    client: reqwest::Client,
+}
+
+impl Peer {
+    async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let url = format!("{}/raft/{path}", self.addr);
+        let resp = self.client.post(&url).json(req).timeout(ttl).send().await.map_err(|e| {
+            if e.is_connect() {
+                RPCError::Unreachable(Unreachable::new(&e))
+            } else {
+                RPCError::Network(NetworkError::new(&e))
+            }
+        })?;
+        if !resp.status().is_success() {
+            return Err(RPCError::Network(NetworkError::from_string(format!(
+                "peer {} answered {} to {path}",
+                self.target,
+                resp.status()
+            ))));
+        }
+        let result: Result<Resp, String> = resp.json().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::Network(NetworkError::from_string(format!("peer {}: {e}", self.target))))
+    }
+
+    async fn send_snapshot(
+        &self,
+        vote: Vote,
+        snapshot: Snapshot,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let net = |e: &dyn std::fmt::Display| StreamingError::Network(NetworkError::from_string(e.to_string()));
+        let transfer = uuid::Uuid::new_v4().simple().to_string();
+        let list = files(&snapshot.snapshot.dir).map_err(|e| net(&e))?;
+        let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+        for (name, _) in &list {
+            let mut f = tokio::fs::File::open(snapshot.snapshot.dir.join(name)).await.map_err(|e| net(&e))?;
+            let mut offset = 0u64;
+            loop {
+                // Fill the buffer: a short read is not the end of the file.
+                let mut n = 0;
+                while n < buf.len() {
+                    let m = f.read(&mut buf[n..]).await.map_err(|e| net(&e))?;
+                    if m == 0 {
+                        break;
+                    }
+                    n += m;
+                }
+                let url = format!("{}/raft/snapshot/{transfer}/{name}?offset={offset}", self.addr);
+                let resp = self
+                    .client
+                    .post(&url)
+                    .body(buf[..n].to_vec())
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await
+                    .map_err(|e| net(&e))?;
+                if !resp.status().is_success() {
+                    return Err(net(&format!("peer {} refused snapshot chunk: {}", self.target, resp.status())));
+                }
+                offset += n as u64;
+                if n < buf.len() {
+                    break;
+                }
+            }
+        }
+        let req = InstallSnapshot { vote, meta: snapshot.meta, files: list };
+        let url = format!("{}/raft/snapshot/{transfer}/install", self.addr);
+        let resp =
+            self.client.post(&url).json(&req).timeout(Duration::from_secs(120)).send().await.map_err(|e| net(&e))?;
+        if !resp.status().is_success() {
+            return Err(net(&format!("peer {} refused the snapshot: {}", self.target, resp.status())));
+        }
+        let result: Result<SnapshotResponse<TypeConfig>, String> = resp.json().await.map_err(|e| net(&e))?;
+        result.map_err(|e| net(&e))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for Peer {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.post("append", &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.post("vote", &rpc, option.hard_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.post("pre-vote", &rpc, option.hard_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = self.send_snapshot(vote, snapshot) => r,
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.post("transfer-leader", &req, option.hard_ttl()).await
+    }
+}

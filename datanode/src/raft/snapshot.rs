@@ -1,0 +1,117 @@
+//! Snapshots are RocksDB checkpoints of the state machine (hard links after a flush: no
+//! copy of the data, no serialisation into memory), kept under `DIR/snapshots/<id>/` with a
+//! `meta.json`. They travel to a lagging member file by file in bounded chunks.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::types::SnapshotMeta;
+
+/// The data of a snapshot: a directory holding a RocksDB checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotData {
+    pub dir: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MetaFile {
+    meta: SnapshotMeta,
+}
+
+/// How many snapshots to keep: the newest, and the one before it in case it is still being
+/// sent to a member.
+const KEEP: usize = 2;
+
+/// The `DIR/snapshots` directory.
+#[derive(Debug, Clone)]
+pub struct SnapshotDir {
+    root: PathBuf,
+}
+
+impl SnapshotDir {
+    pub fn new(root: PathBuf) -> std::io::Result<SnapshotDir> {
+        std::fs::create_dir_all(&root)?;
+        // Leftovers of an interrupted build are not snapshots.
+        for e in std::fs::read_dir(&root)? {
+            let e = e?;
+            if e.file_name().to_string_lossy().starts_with("tmp-") {
+                std::fs::remove_dir_all(e.path())?;
+            }
+        }
+        Ok(SnapshotDir { root })
+    }
+
+    /// A fresh directory for a checkpoint in the making.
+    pub fn temp_dir(&self) -> PathBuf {
+        self.root.join(format!("tmp-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// Publishes a checkpoint made in `tmp` as the snapshot `meta` describes.
+    pub fn publish(&self, tmp: &Path, meta: &SnapshotMeta) -> std::io::Result<SnapshotData> {
+        let index = meta.last_log_id.as_ref().map(|l| l.index()).unwrap_or(0);
+        let name = format!("{index:020}-{}", uuid::Uuid::new_v4().simple());
+        let body = serde_json::to_vec(&MetaFile { meta: meta.clone() }).map_err(std::io::Error::other)?;
+        std::fs::write(tmp.join("nimbus-snapshot-meta.json"), body)?;
+        let dir = self.root.join(name);
+        std::fs::rename(tmp, &dir)?;
+        self.prune()?;
+        Ok(SnapshotData { dir })
+    }
+
+    fn list(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&self.root)?
+            .filter_map(|e| e.ok())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with("tmp-"))
+            .map(|e| e.path())
+            .filter(|p| p.join("nimbus-snapshot-meta.json").exists())
+            .collect();
+        dirs.sort();
+        Ok(dirs)
+    }
+
+    fn prune(&self) -> std::io::Result<()> {
+        let dirs = self.list()?;
+        if dirs.len() > KEEP {
+            for d in &dirs[..dirs.len() - KEEP] {
+                std::fs::remove_dir_all(d)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest snapshot, if any.
+    pub fn current(&self) -> std::io::Result<Option<(SnapshotMeta, SnapshotData)>> {
+        let Some(dir) = self.list()?.pop() else { return Ok(None) };
+        Ok(Some((read_meta(&dir)?, SnapshotData { dir })))
+    }
+}
+
+/// Reads the metadata a snapshot directory carries.
+pub fn read_meta(dir: &Path) -> std::io::Result<SnapshotMeta> {
+    let bytes = std::fs::read(dir.join("nimbus-snapshot-meta.json"))?;
+    let f: MetaFile = serde_json::from_slice(&bytes).map_err(std::io::Error::other)?;
+    Ok(f.meta)
+}
+
+/// The files of a snapshot, as (name, size). A checkpoint directory is flat.
+pub fn files(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            out.push((e.file_name().to_string_lossy().into_owned(), e.metadata()?.len()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A file name that a received snapshot may contain: no path separators, no `..`.
+pub fn is_safe_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

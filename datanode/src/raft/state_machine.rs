@@ -1,0 +1,253 @@
+//! The replicated state machine: applies committed entries to the storage [`Engine`],
+//! builds snapshots as checkpoints and installs snapshots received from the leader.
+//!
+//! The engine lives in `DIR/sm/<generation>/`; `DIR/sm/CURRENT` names the live generation.
+//! Installing a snapshot opens it as the next generation and switches `CURRENT` with an
+//! atomic rename, so a crash at any point leaves either the old or the new state.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use futures::{Stream, StreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, RaftSnapshotBuilder};
+use rocksdb::WriteBatch;
+
+use super::snapshot::{SnapshotData, SnapshotDir};
+use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::store::engine::EngineOptions;
+use crate::store::keys::{META_APPLIED, META_MEMBERSHIP};
+use crate::store::{Engine, WriteAnswer};
+
+type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
+
+/// Shared between the Raft state-machine worker and the readers (data API).
+pub struct SmShared {
+    root: PathBuf,
+    engine: RwLock<Arc<Engine>>,
+    options: EngineOptions,
+    snapshots: SnapshotDir,
+}
+
+impl SmShared {
+    /// The live engine. Readers hold the `Arc` for the duration of one request.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn snapshots(&self) -> &SnapshotDir {
+        &self.snapshots
+    }
+
+    /// Where received snapshot files are staged before they are installed.
+    pub fn incoming_dir(&self) -> PathBuf {
+        self.root.join("incoming")
+    }
+}
+
+pub struct StateMachine {
+    shared: Arc<SmShared>,
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn current_generation(sm_root: &Path) -> io::Result<u64> {
+    match std::fs::read_to_string(sm_root.join("CURRENT")) {
+        Ok(s) => s.trim().parse().map_err(io_err),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn set_generation(sm_root: &Path, generation: u64) -> io::Result<()> {
+    let tmp = sm_root.join("CURRENT.tmp");
+    std::fs::write(&tmp, generation.to_string())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, sm_root.join("CURRENT"))?;
+    std::fs::File::open(sm_root)?.sync_all()
+}
+
+impl StateMachine {
+    /// Opens (or creates) the state machine under `root` (the datanode's data directory).
+    pub fn open(root: &Path, options: EngineOptions) -> io::Result<StateMachine> {
+        let sm_root = root.join("sm");
+        std::fs::create_dir_all(&sm_root)?;
+        let generation = current_generation(&sm_root)?;
+        // Remove generations other than the live one (left by a crash during an install).
+        for e in std::fs::read_dir(&sm_root)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type()?.is_dir() && name != generation.to_string() {
+                std::fs::remove_dir_all(e.path())?;
+            }
+        }
+        let engine = Engine::open(&sm_root.join(generation.to_string()), options.clone()).map_err(io_err)?;
+        let incoming = root.join("incoming");
+        if incoming.exists() {
+            std::fs::remove_dir_all(&incoming)?;
+        }
+        Ok(StateMachine {
+            shared: Arc::new(SmShared {
+                root: root.to_owned(),
+                engine: RwLock::new(Arc::new(engine)),
+                options,
+                snapshots: SnapshotDir::new(root.join("snapshots"))?,
+            }),
+        })
+    }
+
+    pub fn shared(&self) -> Arc<SmShared> {
+        self.shared.clone()
+    }
+
+    fn applied(engine: &Engine) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let applied: Option<LogId> = engine.get_meta(META_APPLIED).map_err(io_err)?;
+        let membership: Option<StoredMembership> = engine.get_meta(META_MEMBERSHIP).map_err(io_err)?;
+        Ok((applied, membership.unwrap_or_default()))
+    }
+
+    fn build_snapshot_now(&self) -> io::Result<Snapshot> {
+        let engine = self.shared.engine();
+        let (last_log_id, last_membership) = Self::applied(&engine)?;
+        let tmp = self.shared.snapshots.temp_dir();
+        engine.checkpoint(&tmp).map_err(io_err)?;
+        let meta = SnapshotMeta { last_log_id, last_membership };
+        let data = self.shared.snapshots.publish(&tmp, &meta)?;
+        metrics::counter!("nimbus_snapshots_built_total").increment(1);
+        Ok(Snapshot { meta, snapshot: data })
+    }
+}
+
+/// Builds a snapshot already taken (the checkpoint is made when the builder is created, so
+/// it is consistent with the applied index).
+pub struct Builder {
+    snapshot: Option<Snapshot>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for Builder {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        self.snapshot.take().ok_or_else(|| io_err("snapshot already built"))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = Builder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Self::applied(&self.shared.engine())
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + openraft::OptionalSend,
+    {
+        let engine = self.shared.engine();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let log_id = entry.log_id();
+            let mut batch = WriteBatch::default();
+            let mut delta = None;
+            let answer = match &entry.payload {
+                EntryPayload::Blank => Ok(WriteAnswer::None),
+                EntryPayload::Normal(cmd) => {
+                    let (result, d) = engine.apply_command(&mut batch, cmd, log_id.index()).map_err(io_err)?;
+                    metrics::counter!("nimbus_applied_writes_total", "op" => cmd.op.kind(), "ok" => if result.is_ok() { "true" } else { "false" }).increment(1);
+                    delta = Some(d);
+                    result
+                }
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(Some(log_id.clone()), m.clone());
+                    engine.put_meta(&mut batch, META_MEMBERSHIP, &stored);
+                    Ok(WriteAnswer::None)
+                }
+            };
+            engine.put_meta(&mut batch, META_APPLIED, &Some(log_id.clone()));
+            engine.write(batch).map_err(io_err)?;
+            if let Some(d) = delta {
+                engine.install_delta(d);
+            }
+            metrics::gauge!("nimbus_raft_applied_index").set(log_id.index() as f64);
+            if let Some(r) = responder {
+                r.send(answer);
+            }
+        }
+        Ok(())
+    }
+
+    async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<Self::SnapshotBuilder> {
+        match self.build_snapshot_now() {
+            Ok(s) => Some(Builder { snapshot: Some(s) }),
+            Err(e) => {
+                tracing::error!(error = %e, "failed to build a snapshot");
+                None
+            }
+        }
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        Builder { snapshot: self.build_snapshot_now().ok() }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let sm_root = self.shared.root.join("sm");
+        let next = current_generation(&sm_root)? + 1;
+        let next_dir = sm_root.join(next.to_string());
+        if next_dir.exists() {
+            std::fs::remove_dir_all(&next_dir)?;
+        }
+        std::fs::rename(&snapshot.dir, &next_dir)?;
+        let _ = std::fs::remove_file(next_dir.join("nimbus-snapshot-meta.json"));
+        let engine = Arc::new(Engine::open(&next_dir, self.shared.options.clone()).map_err(io_err)?);
+        let (applied, _) = Self::applied(&engine)?;
+        if applied != meta.last_log_id {
+            return Err(io_err(format!(
+                "snapshot data is at {applied:?} but its metadata says {:?}",
+                meta.last_log_id
+            )));
+        }
+        set_generation(&sm_root, next)?;
+        let old = std::mem::replace(&mut *self.shared.engine.write().unwrap_or_else(|p| p.into_inner()), engine);
+        retire(old);
+        // Keep the installed state as this member's own newest snapshot too.
+        let tmp = self.shared.snapshots.temp_dir();
+        self.shared.engine().checkpoint(&tmp).map_err(io_err)?;
+        self.shared.snapshots.publish(&tmp, meta)?;
+        metrics::counter!("nimbus_snapshots_installed_total").increment(1);
+        tracing::info!(index = ?meta.last_log_id.as_ref().map(|l| l.index()), "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        Ok(self.shared.snapshots.current()?.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
+    }
+}
+
+/// Closes a replaced engine once the last reader lets go, then deletes its files.
+fn retire(old: Arc<Engine>) {
+    std::thread::spawn(move || {
+        let mut old = old;
+        loop {
+            match Arc::try_unwrap(old) {
+                Ok(engine) => {
+                    let path = engine.path().to_owned();
+                    drop(engine);
+                    if let Err(e) = std::fs::remove_dir_all(&path) {
+                        tracing::warn!(error = %e, path = %path.display(), "failed to remove a replaced state machine");
+                    }
+                    return;
+                }
+                Err(still_shared) => {
+                    old = still_shared;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,246 @@
+//! The admin API: `GET /v1/status` (`API.md` section 2), membership changes, leader
+//! transfer, snapshots, the oplog stream, query statistics, health and metrics.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use nimbus_api::admin::*;
+use nimbus_api::{ApiError, ErrorCode};
+use openraft::ChangeMembers;
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::RaftError;
+use serde::Deserialize;
+
+use super::{HttpError, JsonBody};
+use crate::node::NodeCtx;
+use crate::raft::NodeInfo;
+
+type Ctx = State<Arc<NodeCtx>>;
+type Result<T> = std::result::Result<T, HttpError>;
+
+pub fn router(ctx: Arc<NodeCtx>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/admin/init", post(init))
+        .route("/v1/admin/learners", post(add_learner))
+        .route("/v1/admin/voters", post(change_voters))
+        .route("/v1/admin/members/remove", post(remove_member))
+        .route("/v1/admin/transfer-leader", post(transfer_leader))
+        .route("/v1/admin/snapshot", post(snapshot))
+        .route("/v1/admin/oplog", get(oplog))
+        .route("/v1/admin/query-stats", get(query_stats))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(ctx)
+}
+
+fn node_info(m: &MemberInfo) -> NodeInfo {
+    NodeInfo { admin_addr: m.admin_addr.clone(), data_addr: m.data_addr.clone(), zone: m.zone.clone() }
+}
+
+/// The status of this member, as `GET /v1/status` answers.
+pub fn status_of(ctx: &NodeCtx) -> Status {
+    let m = ctx.raft.metrics().borrow_watched().clone();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let role = match m.state {
+        ServerState::Leader => Role::Leader,
+        ServerState::Follower => Role::Follower,
+        ServerState::Learner => Role::Learner,
+        ServerState::Candidate | ServerState::Shutdown => Role::Candidate,
+    };
+    let members = membership
+        .nodes()
+        .map(|(id, n)| MemberInfo {
+            id: *id,
+            admin_addr: n.admin_addr.clone(),
+            data_addr: n.data_addr.clone(),
+            zone: n.zone.clone(),
+            voter: voters.contains(id),
+        })
+        .collect();
+    let last_index = m.last_log_index.unwrap_or(0);
+    let mut replication_lag = BTreeMap::new();
+    if let Some(rep) = &m.replication {
+        for (id, matched) in rep.iter() {
+            let matched = matched.as_ref().map(|l| l.index()).unwrap_or(0);
+            replication_lag.insert(*id, last_index.saturating_sub(matched));
+        }
+    }
+    Status {
+        id: ctx.id,
+        zone: ctx.zone.clone(),
+        replica_set: ctx.replica_set.clone(),
+        role,
+        term: m.current_term,
+        leader_id: m.current_leader,
+        commit_index: m.local_committed.as_ref().map(|l| l.index()).unwrap_or(0),
+        applied_index: m.last_applied.as_ref().map(|l| l.index()).unwrap_or(0),
+        members,
+        replication_lag,
+        snapshot_index: m.snapshot.as_ref().map(|l| l.index()),
+        purged_index: m.purged.as_ref().map(|l| l.index()),
+        oplog_first_index: ctx.sm.engine().oplog_first_index().ok().flatten(),
+    }
+}
+
+async fn status(State(ctx): Ctx) -> Response {
+    axum::Json(status_of(&ctx)).into_response()
+}
+
+fn membership_error<E: std::fmt::Display>(e: RaftError<crate::raft::TypeConfig, E>) -> HttpError
+where
+    E: std::fmt::Debug,
+{
+    match e {
+        RaftError::APIError(e) => {
+            let msg = e.to_string();
+            if msg.contains("forward") {
+                ApiError::new(ErrorCode::NotLeader, msg).into()
+            } else {
+                ApiError::bad_request(msg).into()
+            }
+        }
+        RaftError::Fatal(f) => ApiError::unavailable(f.to_string()).into(),
+    }
+}
+
+async fn init(State(ctx): Ctx, JsonBody(req): JsonBody<InitRequest>) -> Result<Response> {
+    if req.members.is_empty() {
+        return Err(ApiError::bad_request("members must not be empty").into());
+    }
+    let members: BTreeMap<u64, NodeInfo> = req.members.iter().map(|m| (m.id, node_info(m))).collect();
+    if !members.contains_key(&ctx.id) {
+        return Err(ApiError::bad_request("the members must include this datanode").into());
+    }
+    if ctx.raft.is_initialized().await.map_err(|e| ApiError::unavailable(e.to_string()))? {
+        // Idempotent for the control plane: initialising twice is fine.
+        return Ok(axum::Json(serde_json::json!({"initialized": false})).into_response());
+    }
+    ctx.raft.initialize(members).await.map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(axum::Json(serde_json::json!({"initialized": true})).into_response())
+}
+
+async fn add_learner(State(ctx): Ctx, JsonBody(req): JsonBody<AddLearnerRequest>) -> Result<Response> {
+    let r =
+        ctx.raft.add_learner(req.member.id, node_info(&req.member), req.blocking).await.map_err(membership_error)?;
+    Ok(axum::Json(serde_json::json!({"logIndex": r.log_id.index()})).into_response())
+}
+
+async fn change_voters(State(ctx): Ctx, JsonBody(req): JsonBody<ChangeVotersRequest>) -> Result<Response> {
+    let target: BTreeSet<u64> = req.voters.iter().copied().collect();
+    if target.is_empty() {
+        return Err(ApiError::bad_request("voters must not be empty").into());
+    }
+    let current: BTreeSet<u64> =
+        ctx.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+    if current.symmetric_difference(&target).count() > 1 {
+        return Err(ApiError::bad_request("change one voter at a time").into());
+    }
+    // Removed voters stay as learners (`retain`); remove them with members/remove.
+    let r =
+        ctx.raft.change_membership(ChangeMembers::ReplaceAllVoters(target), true).await.map_err(membership_error)?;
+    Ok(axum::Json(serde_json::json!({"logIndex": r.log_id.index()})).into_response())
+}
+
+async fn remove_member(State(ctx): Ctx, JsonBody(req): JsonBody<RemoveMemberRequest>) -> Result<Response> {
+    let m = ctx.raft.metrics().borrow_watched().membership_config.clone();
+    let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+    let is_voter = voters.contains(&req.id);
+    if m.membership().get_node(&req.id).is_none() {
+        return Err(ApiError::not_found(format!("no member {}", req.id)).into());
+    }
+    if is_voter {
+        if voters.len() <= 1 {
+            return Err(ApiError::bad_request("cannot remove the last voter").into());
+        }
+        ctx.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([req.id])), false)
+            .await
+            .map_err(membership_error)?;
+    } else {
+        ctx.raft
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([req.id])), false)
+            .await
+            .map_err(membership_error)?;
+    }
+    Ok(axum::Json(serde_json::json!({})).into_response())
+}
+
+async fn transfer_leader(State(ctx): Ctx, JsonBody(req): JsonBody<TransferLeaderRequest>) -> Result<Response> {
+    let m = ctx.raft.metrics().borrow_watched().clone();
+    if m.current_leader != Some(ctx.id) {
+        return Err(ApiError::new(ErrorCode::NotLeader, "only the leader can transfer leadership").into());
+    }
+    if !m.membership_config.membership().voter_ids().any(|v| v == req.to) {
+        return Err(ApiError::bad_request(format!("{} is not a voter", req.to)).into());
+    }
+    ctx.raft.trigger().transfer_leader(req.to).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    // Wait until the target leads (or time runs out), so the caller knows the outcome.
+    let waited = ctx
+        .raft
+        .wait(Some(Duration::from_secs(5)))
+        .metrics(|m| m.current_leader == Some(req.to), "leader transferred")
+        .await;
+    match waited {
+        Ok(_) => Ok(axum::Json(serde_json::json!({"leaderId": req.to})).into_response()),
+        Err(_) => Err(ApiError::unavailable("leadership did not move within 5 s").into()),
+    }
+}
+
+async fn snapshot(State(ctx): Ctx) -> Result<Response> {
+    ctx.raft.trigger().snapshot().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(axum::Json(serde_json::json!({})).into_response())
+}
+
+#[derive(Deserialize)]
+struct OplogQuery {
+    #[serde(default)]
+    from: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// A page of the oplog from Raft index `from`: the stream is read by paging with `next`.
+async fn oplog(State(ctx): Ctx, Query(q): Query<OplogQuery>) -> Result<Response> {
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let engine = ctx.sm.engine();
+    let from = q.from;
+    let entries = tokio::task::spawn_blocking(move || engine.read_oplog(from, limit))
+        .await
+        .map_err(|_| ApiError::internal("oplog read failed"))??;
+    let next = entries.last().map(|e| e.index + 1).unwrap_or(from);
+    Ok(axum::Json(OplogPage { entries, next }).into_response())
+}
+
+async fn query_stats(State(ctx): Ctx) -> Response {
+    axum::Json(serde_json::json!({ "shapes": ctx.sm.engine().stats.snapshot() })).into_response()
+}
+
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// Ready once this member belongs to an initialised replica set that has a leader.
+async fn readyz(State(ctx): Ctx) -> Response {
+    let m = ctx.raft.metrics().borrow_watched().clone();
+    if m.current_leader.is_some() && m.running_state.is_ok() {
+        axum::Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(ApiError::unavailable("no leader known").to_body()))
+            .into_response()
+    }
+}
+
+async fn metrics(State(ctx): Ctx) -> Response {
+    ctx.refresh_gauges();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.prometheus.render()).into_response()
+}

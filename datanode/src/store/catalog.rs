@@ -1,0 +1,86 @@
+//! The catalog: which collections exist, how many documents each holds, and their indexes.
+//! Persisted in the `catalog` column family and cached in memory.
+
+use std::collections::BTreeMap;
+
+use nimbus_api::ApiError;
+use nimbus_api::limits::{MAX_INDEX_FIELDS, validate_index_name};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::doc::path::validate_path;
+use crate::query::sort::parse_direction;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexSpec {
+    pub name: String,
+    /// (path, descending), in key order.
+    pub fields: Vec<(String, bool)>,
+    pub unique: bool,
+    /// Created by automatic index management.
+    #[serde(default)]
+    pub auto: bool,
+    /// Some document has an array at an indexed path.
+    #[serde(default)]
+    pub multikey: bool,
+}
+
+impl IndexSpec {
+    /// Parses `{"keys": {"a": 1, "b": -1}, "unique": .., "name": ..}` of the data API.
+    pub fn from_request(keys: &Value, unique: bool, name: Option<&str>) -> Result<IndexSpec, ApiError> {
+        let Value::Object(map) = keys else {
+            return Err(ApiError::bad_request("index keys must be an object such as {\"a\": 1}"));
+        };
+        if map.is_empty() || map.len() > MAX_INDEX_FIELDS {
+            return Err(ApiError::bad_request(format!("an index has 1 to {MAX_INDEX_FIELDS} fields")));
+        }
+        let mut fields = Vec::with_capacity(map.len());
+        for (path, dir) in map {
+            validate_path(path).map_err(ApiError::bad_request)?;
+            fields.push((path.clone(), parse_direction(dir).map_err(ApiError::bad_request)?));
+        }
+        let name = match name {
+            Some(n) => n.to_owned(),
+            None => {
+                fields.iter().map(|(p, d)| format!("{p}_{}", if *d { -1 } else { 1 })).collect::<Vec<_>>().join("_")
+            }
+        };
+        validate_index_name(&name)?;
+        if name == "_id_" {
+            return Err(ApiError::bad_request("the index name _id_ is reserved"));
+        }
+        Ok(IndexSpec { name, fields, unique, auto: false, multikey: false })
+    }
+
+    /// The `keys` object as the data API shows it.
+    pub fn keys_json(&self) -> Value {
+        let mut m = Map::new();
+        for (p, d) in &self.fields {
+            m.insert(p.clone(), Value::from(if *d { -1 } else { 1 }));
+        }
+        Value::Object(m)
+    }
+
+    /// Same definition (fields and uniqueness), whatever the name.
+    pub fn same_definition(&self, other: &IndexSpec) -> bool {
+        self.fields == other.fields && self.unique == other.unique
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionMeta {
+    pub documents: u64,
+    pub indexes: Vec<IndexSpec>,
+}
+
+/// The in-memory catalog: database → collection → metadata.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub dbs: BTreeMap<String, BTreeMap<String, CollectionMeta>>,
+}
+
+impl Catalog {
+    pub fn get(&self, db: &str, coll: &str) -> Option<&CollectionMeta> {
+        self.dbs.get(db)?.get(coll)
+    }
+}

@@ -1,0 +1,136 @@
+//! The replicated command: what the leader proposes through Raft and every member applies
+//! identically. Everything non-deterministic (generated `_id`s, the leader's clock) is
+//! decided by the leader and carried in the command.
+
+use nimbus_api::ApiError;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One write, as a Raft log entry carries it.
+///
+/// The envelope has room for what hot migration needs: a per-database route epoch that a
+/// member checks against the epoch it knows, and a per-database write fence. Both are
+/// optional fields, so adding their enforcement changes no entry already in a log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Command {
+    pub db: String,
+    pub op: WriteOp,
+    /// The client's (or the gateway's) idempotency key: the first answer is kept for ten
+    /// minutes and a retry with the same key gets it back without applying twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// The leader's wall clock when it proposed the command, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// The database's route epoch the sender believed current (hot migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_epoch: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum WriteOp {
+    /// Documents with their `_id`s already assigned.
+    Insert {
+        coll: String,
+        docs: Vec<Value>,
+    },
+    Update {
+        coll: String,
+        filter: Value,
+        update: Value,
+        multi: bool,
+        upsert: bool,
+        /// The `_id` an upsert gives a new document when the filter does not name one.
+        upsert_id: Value,
+    },
+    Delete {
+        coll: String,
+        filter: Value,
+        multi: bool,
+    },
+    CreateCollection {
+        coll: String,
+    },
+    DropCollection {
+        coll: String,
+    },
+    CreateIndex {
+        coll: String,
+        spec: super::catalog::IndexSpec,
+    },
+    DropIndex {
+        coll: String,
+        name: String,
+    },
+    DropDatabase,
+}
+
+impl WriteOp {
+    /// Metric label of the operation.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WriteOp::Insert { .. } => "insert",
+            WriteOp::Update { .. } => "update",
+            WriteOp::Delete { .. } => "delete",
+            WriteOp::CreateCollection { .. } => "create_collection",
+            WriteOp::DropCollection { .. } => "drop_collection",
+            WriteOp::CreateIndex { .. } => "create_index",
+            WriteOp::DropIndex { .. } => "drop_index",
+            WriteOp::DropDatabase => "drop_database",
+        }
+    }
+}
+
+/// What a successful write answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum WriteAnswer {
+    Inserted {
+        ids: Vec<Value>,
+    },
+    Updated {
+        matched: u64,
+        modified: u64,
+        upserted_id: Option<Value>,
+    },
+    Deleted {
+        deleted: u64,
+    },
+    /// `created` is false when the collection already existed.
+    CollectionCreated {
+        created: bool,
+    },
+    IndexCreated {
+        name: String,
+    },
+    /// `found` is false when there was nothing to drop.
+    Dropped {
+        found: bool,
+    },
+    /// A membership change or blank entry: no answer for a client.
+    None,
+}
+
+/// The state machine's answer to one entry: applied, or refused with nothing changed.
+pub type WriteResult = Result<WriteAnswer, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn commands_round_trip_and_omit_empty_options() {
+        let c = Command {
+            db: "d".into(),
+            op: WriteOp::Insert { coll: "c".into(), docs: vec![json!({"_id": 1})] },
+            idempotency_key: None,
+            ts_ms: 5,
+            route_epoch: None,
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v, json!({"db": "d", "op": {"op": "insert", "coll": "c", "docs": [{"_id": 1}]}, "tsMs": 5}));
+        assert_eq!(serde_json::from_value::<Command>(v).unwrap(), c);
+    }
+}

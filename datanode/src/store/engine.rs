@@ -1,0 +1,202 @@
+//! The RocksDB instance of a state machine and its in-memory catalog.
+
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::catalog::{Catalog, CollectionMeta};
+use super::keys::{self, ALL_CFS, CF_CATALOG, CF_META, CF_OPLOG};
+use super::stats::QueryStats;
+
+/// Failures of the storage layer. All are I/O or corruption: not the client's fault, and
+/// not retryable on the same member.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("failed to access RocksDB: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("failed to decode stored {what}: {source}")]
+    Decode { what: &'static str, source: serde_json::Error },
+    #[error("failed to {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+impl From<StoreError> for std::io::Error {
+    fn from(e: StoreError) -> Self {
+        std::io::Error::other(e.to_string())
+    }
+}
+
+/// Tunables of the state machine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// How long oplog entries are kept (point-in-time recovery and migration read them).
+    pub oplog_retention: Duration,
+    /// How long an idempotency key's answer is remembered.
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { oplog_retention: Duration::from_secs(7 * 24 * 3600), idempotency_ttl: Duration::from_secs(600) }
+    }
+}
+
+/// One state-machine database. Reads take `&self` and may run concurrently with the
+/// (single) applier.
+pub struct Engine {
+    pub(crate) db: DB,
+    pub(crate) path: PathBuf,
+    pub(crate) catalog: RwLock<Catalog>,
+    pub(crate) options: EngineOptions,
+    pub stats: QueryStats,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("path", &self.path).finish()
+    }
+}
+
+pub(crate) fn db_options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o.set_max_background_jobs(2);
+    o.set_keep_log_file_num(4);
+    o
+}
+
+impl Engine {
+    pub fn open(path: &Path, options: EngineOptions) -> Result<Engine, StoreError> {
+        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, db_options()));
+        let db = DB::open_cf_descriptors(&db_options(), path, cfs)?;
+        let engine = Engine {
+            db,
+            path: path.to_owned(),
+            catalog: RwLock::new(Catalog::default()),
+            options,
+            stats: QueryStats::default(),
+        };
+        engine.load_catalog()?;
+        Ok(engine)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn cf(&self, name: &'static str) -> &ColumnFamily {
+        // Every column family in ALL_CFS is created by `open`; a missing one is a bug.
+        #[allow(clippy::expect_used)]
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn load_catalog(&self) -> Result<(), StoreError> {
+        let mut catalog = Catalog::default();
+        for item in self.db.iterator_cf(self.cf(CF_CATALOG), IteratorMode::Start) {
+            let (k, v) = item?;
+            let mut parts = k.split(|b| *b == 0);
+            let (Some(db), Some(coll)) = (parts.next(), parts.next()) else { continue };
+            let meta: CollectionMeta = decode("catalog entry", &v)?;
+            catalog
+                .dbs
+                .entry(String::from_utf8_lossy(db).into_owned())
+                .or_default()
+                .insert(String::from_utf8_lossy(coll).into_owned(), meta);
+        }
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
+        Ok(())
+    }
+
+    /// Reads a JSON value from the `meta` column family.
+    pub fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_META), key)? {
+            Some(bytes) => Ok(Some(decode("meta", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn put_meta<T: Serialize>(&self, batch: &mut WriteBatch, key: &[u8], value: &T) {
+        batch.put_cf(self.cf(CF_META), key, encode(value));
+    }
+
+    /// Writes a batch. The state machine does not fsync: the Raft log is the durable
+    /// record, and an entry lost from here by a machine crash is applied again from it.
+    pub(crate) fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Makes a RocksDB checkpoint (hard links, after a flush) of the whole state machine.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db)?;
+        cp.create_checkpoint(dir)?;
+        Ok(())
+    }
+
+    /// The first Raft index still in the oplog.
+    pub fn oplog_first_index(&self) -> Result<Option<u64>, StoreError> {
+        let mut it = self.db.iterator_cf(self.cf(CF_OPLOG), IteratorMode::Start);
+        match it.next() {
+            Some(item) => Ok(keys::oplog_key_index(&item?.0)),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads up to `limit` oplog entries from Raft index `from` on.
+    pub fn read_oplog(&self, from: u64, limit: usize) -> Result<Vec<nimbus_api::admin::OplogEntry>, StoreError> {
+        let start = keys::oplog_key(from, 0);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_OPLOG), IteratorMode::From(&start, Direction::Forward)) {
+            let (_, v) = item?;
+            out.push(decode("oplog entry", &v)?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Approximate on-disk size of each column family, for metrics.
+    pub fn sizes(&self) -> Vec<(&'static str, u64)> {
+        ALL_CFS
+            .iter()
+            .map(|n| {
+                let size = self
+                    .db
+                    .property_int_value_cf(self.cf(n), "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                (*n, size)
+            })
+            .collect()
+    }
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising our own types to JSON cannot fail (no non-string map keys, no NaN).
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+impl Engine {
+    /// Writes a batch built by [`Engine::apply_command`] (for tests that drive the engine
+    /// without Raft).
+    #[doc(hidden)]
+    pub fn write_batch_for_tests(&self, batch: WriteBatch) {
+        #[allow(clippy::expect_used)]
+        self.write(batch).expect("write batch");
+    }
+}

@@ -1,0 +1,81 @@
+//! Key layout of the state-machine column families. Database, collection and index names
+//! never contain a NUL byte (see `nimbus_api::limits`), so NUL separates them.
+//!
+//! | column family | key | value |
+//! | --- | --- | --- |
+//! | `docs` | db `00` coll `00` enc(_id) | document JSON |
+//! | `idx` | db `00` coll `00` index `00` enc(field)... enc(_id) | enc(_id) |
+//! | `catalog` | db `00` coll `00` | collection metadata JSON |
+//! | `oplog` | raft index (u64 BE) seq (u32 BE) | oplog entry JSON |
+//! | `idem` | db `00` key | idempotency record JSON |
+//! | `idem_ttl` | ts_ms (u64 BE) db `00` key | empty |
+//! | `meta` | name | JSON |
+
+use serde_json::Value;
+
+use crate::doc::keycode::encode_into;
+
+pub const CF_DOCS: &str = "docs";
+pub const CF_IDX: &str = "idx";
+pub const CF_CATALOG: &str = "catalog";
+pub const CF_OPLOG: &str = "oplog";
+pub const CF_IDEM: &str = "idem";
+pub const CF_IDEM_TTL: &str = "idem_ttl";
+pub const CF_META: &str = "meta";
+pub const ALL_CFS: [&str; 7] = [CF_DOCS, CF_IDX, CF_CATALOG, CF_OPLOG, CF_IDEM, CF_IDEM_TTL, CF_META];
+
+pub const META_APPLIED: &[u8] = b"applied";
+pub const META_MEMBERSHIP: &[u8] = b"membership";
+
+/// `db 00`: every key of one database starts with it (docs, idx, catalog).
+pub fn db_prefix(db: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(db.len() + 1);
+    k.extend_from_slice(db.as_bytes());
+    k.push(0);
+    k
+}
+
+/// `db 00 coll 00`: every key of one collection starts with it.
+pub fn coll_prefix(db: &str, coll: &str) -> Vec<u8> {
+    let mut k = db_prefix(db);
+    k.extend_from_slice(coll.as_bytes());
+    k.push(0);
+    k
+}
+
+pub fn doc_key(db: &str, coll: &str, id: &Value) -> Vec<u8> {
+    let mut k = coll_prefix(db, coll);
+    encode_into(id, &mut k);
+    k
+}
+
+/// `db 00 coll 00 index 00`: the prefix of one index's entries.
+pub fn index_prefix(db: &str, coll: &str, index: &str) -> Vec<u8> {
+    let mut k = coll_prefix(db, coll);
+    k.extend_from_slice(index.as_bytes());
+    k.push(0);
+    k
+}
+
+pub fn oplog_key(index: u64, seq: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&index.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn oplog_key_index(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(..8)?.try_into().ok()?))
+}
+
+pub fn idem_key(db: &str, key: &str) -> Vec<u8> {
+    let mut k = db_prefix(db);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+pub fn idem_ttl_key(ts_ms: u64, idem_key: &[u8]) -> Vec<u8> {
+    let mut k = ts_ms.to_be_bytes().to_vec();
+    k.extend_from_slice(idem_key);
+    k
+}

@@ -1,0 +1,80 @@
+//! Checks on documents before they are proposed: shape, `_id`, field names, size, depth.
+
+use nimbus_api::ApiError;
+use nimbus_api::limits::{MAX_DOCUMENT_BYTES, MAX_ID_BYTES, check_depth};
+use serde_json::Value;
+
+/// Checks a document to be stored (after `_id` assignment).
+pub fn check_document(doc: &Value) -> Result<(), ApiError> {
+    let Value::Object(map) = doc else {
+        return Err(ApiError::bad_request("a document must be a JSON object"));
+    };
+    check_depth("document", doc)?;
+    match map.get("_id") {
+        Some(id) => check_id(id)?,
+        None => return Err(ApiError::bad_request("document has no _id")),
+    }
+    check_field_names(doc)?;
+    let size = serde_json::to_vec(doc).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_DOCUMENT_BYTES {
+        return Err(ApiError::too_large(format!("document is {size} bytes; the limit is {MAX_DOCUMENT_BYTES}")));
+    }
+    Ok(())
+}
+
+/// `_id` is a string or a number (`API.md`).
+pub fn check_id(id: &Value) -> Result<(), ApiError> {
+    match id {
+        Value::String(s) if s.len() <= MAX_ID_BYTES => Ok(()),
+        Value::String(_) => Err(ApiError::bad_request(format!("_id longer than {MAX_ID_BYTES} bytes"))),
+        Value::Number(_) => Ok(()),
+        _ => Err(ApiError::bad_request("_id must be a string or a number")),
+    }
+}
+
+/// Field names are non-empty, do not start with `$` and contain no `.`: either would make
+/// the field unreachable by queries.
+fn check_field_names(v: &Value) -> Result<(), ApiError> {
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(map) => {
+                for (k, child) in map {
+                    if k.is_empty() || k.starts_with('$') || k.contains('.') {
+                        return Err(ApiError::bad_request(format!(
+                            "invalid field name {k:?}: names are non-empty, without '.' and not starting with '$'"
+                        )));
+                    }
+                    stack.push(child);
+                }
+            }
+            Value::Array(items) => stack.extend(items),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn documents_are_checked() {
+        assert!(check_document(&json!({"_id": "a", "x": {"y": [1]}})).is_ok());
+        assert!(check_document(&json!({"_id": 1.5})).is_ok());
+        for bad in [
+            json!([1]),
+            json!({"_id": {"a": 1}}),
+            json!({"_id": null}),
+            json!({"_id": 1, "$x": 1}),
+            json!({"_id": 1, "a": {"b.c": 1}}),
+            json!({"x": 1}),
+        ] {
+            assert!(check_document(&bad).is_err(), "{bad}");
+        }
+        let big = json!({"_id": 1, "s": "x".repeat(MAX_DOCUMENT_BYTES)});
+        assert_eq!(check_document(&big).unwrap_err().code, nimbus_api::ErrorCode::TooLarge);
+    }
+}

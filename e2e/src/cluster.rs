@@ -1,0 +1,109 @@
+//! A replica set of datanode processes in a temporary directory.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nimbus_api::admin::{Role, Status};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::client::DataClient;
+use crate::poll;
+use crate::process::Datanode;
+
+pub const ZONES: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+pub struct Cluster {
+    pub nodes: Vec<Datanode>,
+    pub client: DataClient,
+    pub replica_set: String,
+    pub extra_args: Vec<String>,
+    pub tmp: TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` members in zones a, b, c... and initialises the replica set.
+    pub async fn start(n: usize, extra_args: &[&str]) -> anyhow::Result<Cluster> {
+        let tmp = tempfile::Builder::new().prefix("nimbus-e2e-").tempdir()?;
+        let extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let id = i as u64 + 1;
+            nodes.push(
+                Datanode::start(id, ZONES[i % ZONES.len()], "rs0", &tmp.path().join(format!("n{id}")), &extra).await?,
+            );
+        }
+        let cluster = Cluster { nodes, client: DataClient::new(), replica_set: "rs0".into(), extra_args: extra, tmp };
+        let members: Vec<_> = cluster.nodes.iter().map(|d| d.member()).collect();
+        let (st, body) = cluster
+            .client
+            .post(&format!("{}/v1/admin/init", cluster.nodes[0].admin), &json!({ "members": members }))
+            .await;
+        if st != 200 {
+            bail!("init failed: {st} {body}");
+        }
+        cluster.wait_leader(Duration::from_secs(20)).await?;
+        Ok(cluster)
+    }
+
+    pub async fn status(&self, i: usize) -> Option<Status> {
+        if !self.nodes[i].is_running() {
+            return None;
+        }
+        let (st, body) = self.client.get(&format!("{}/v1/status", self.nodes[i].admin)).await;
+        if st != 200 {
+            return None;
+        }
+        serde_json::from_value(body).ok()
+    }
+
+    /// The index of the member that is leader and that every running voter agrees on.
+    pub async fn wait_leader(&self, timeout: Duration) -> anyhow::Result<usize> {
+        poll("a leader every running member agrees on", timeout, || async {
+            let mut statuses = Vec::new();
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].is_running() {
+                    statuses.push((i, self.status(i).await?));
+                }
+            }
+            let (leader, ls) = statuses.iter().find(|(_, s)| s.role == Role::Leader)?;
+            let agreed = statuses
+                .iter()
+                .filter(|(_, s)| s.role != Role::Learner)
+                .all(|(_, s)| s.leader_id == Some(ls.id) && s.term == ls.term);
+            agreed.then_some(*leader)
+        })
+        .await
+    }
+
+    /// Data API base URL of collection `coll` in database `db` on member `i`.
+    pub fn coll_url(&self, i: usize, db: &str, coll: &str) -> String {
+        format!("{}/v1/databases/{db}/collections/{coll}", self.nodes[i].data)
+    }
+
+    /// Waits until member `i` has applied at least `index`.
+    pub async fn wait_applied(&self, i: usize, index: u64, timeout: Duration) -> anyhow::Result<()> {
+        poll(&format!("member {} to apply index {index}", self.nodes[i].id), timeout, || async {
+            let s = self.status(i).await?;
+            (s.applied_index >= index).then_some(())
+        })
+        .await
+    }
+
+    /// Reads every document of a collection from member `i` without a leadership check.
+    pub async fn local_docs(&self, i: usize, db: &str, coll: &str) -> anyhow::Result<Vec<Value>> {
+        let (st, body) = self
+            .client
+            .call(
+                reqwest::Method::POST,
+                &format!("{}/find", self.coll_url(i, db, coll)),
+                Some(&json!({"limit": 10000})),
+                &[("x-nimbus-read", "any")],
+            )
+            .await;
+        if st != 200 {
+            bail!("local read on member {} failed: {st} {body}", self.nodes[i].id);
+        }
+        body["documents"].as_array().cloned().context("no documents array")
+    }
+}

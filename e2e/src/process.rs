@@ -1,0 +1,149 @@
+//! One datanode process.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The `nimbus-datanode` binary next to the running test or benchmark (built by
+/// `cargo build --workspace --bins`), or `NIMBUS_DATANODE_BIN`.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let env = format!("NIMBUS_{}_BIN", name.trim_start_matches("nimbus-").to_uppercase());
+    if let Ok(p) = std::env::var(&env) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("{name} not found next to {}; run `cargo build --workspace --bins` first (or set {env})", exe.display())
+}
+
+#[derive(Debug, Deserialize)]
+struct Endpoints {
+    data: String,
+    admin: String,
+}
+
+/// A running (or stopped) datanode. Killed on drop.
+pub struct Datanode {
+    pub id: u64,
+    pub zone: String,
+    pub replica_set: String,
+    pub dir: PathBuf,
+    pub data: String,
+    pub admin: String,
+    pub extra_args: Vec<String>,
+    data_port: u16,
+    admin_port: u16,
+    child: Option<Child>,
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
+}
+
+impl Datanode {
+    /// Starts a datanode on free ports.
+    pub async fn start(
+        id: u64,
+        zone: &str,
+        replica_set: &str,
+        dir: &Path,
+        extra_args: &[String],
+    ) -> anyhow::Result<Datanode> {
+        let mut d = Datanode {
+            id,
+            zone: zone.to_owned(),
+            replica_set: replica_set.to_owned(),
+            dir: dir.to_owned(),
+            data: String::new(),
+            admin: String::new(),
+            extra_args: extra_args.to_vec(),
+            data_port: 0,
+            admin_port: 0,
+            child: None,
+        };
+        d.spawn().await?;
+        Ok(d)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let bin = binary("nimbus-datanode")?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--id")
+            .arg(self.id.to_string())
+            .arg("--zone")
+            .arg(&self.zone)
+            .arg("--replica-set")
+            .arg(&self.replica_set)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--data-listen")
+            .arg(format!("127.0.0.1:{}", self.data_port))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", self.admin_port))
+            .args(&self.extra_args)
+            .env("RUST_LOG", std::env::var("NIMBUS_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("failed to start nimbus-datanode")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("datanode did not report its endpoints within 30 s")??
+            .context("datanode exited before reporting its endpoints")?;
+        let ep: Endpoints = serde_json::from_str(&line).with_context(|| format!("unexpected first line {line:?}"))?;
+        // Keep draining stdout so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.data_port = port_of(&ep.data);
+        self.admin_port = port_of(&ep.admin);
+        self.data = ep.data;
+        self.admin = ep.admin;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// `kill -9`, and wait for the process to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    /// Starts the process again with the same directory and ports.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await;
+        self.spawn().await
+    }
+
+    /// The member as the admin API describes it.
+    pub fn member(&self) -> nimbus_api::admin::MemberInfo {
+        nimbus_api::admin::MemberInfo {
+            id: self.id,
+            admin_addr: self.admin.clone(),
+            data_addr: self.data.clone(),
+            zone: self.zone.clone(),
+            voter: true,
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Multi-process tests of a replica set: three real datanode processes on 127.0.0.1,
+//! killed with SIGKILL, restarted, grown and shrunk.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nimbus_e2e::{Cluster, DataClient, Datanode, poll};
+use serde_json::{Value, json};
+
+/// Sends one write until some member acknowledges it, following `NotLeader` hints and
+/// moving on from members that do not answer. The idempotency key makes the retries safe.
+async fn write_until_acked(
+    client: &DataClient,
+    members: &[String],
+    path: &str,
+    body: &Value,
+    key: &str,
+    deadline: Duration,
+) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let mut target = 0usize;
+    let mut url_override: Option<String> = None;
+    loop {
+        let base = url_override.take().unwrap_or_else(|| members[target % members.len()].clone());
+        let (st, resp) =
+            client.call(reqwest::Method::POST, &format!("{base}{path}"), Some(body), &[("idempotency-key", key)]).await;
+        match st {
+            200 | 201 => return Ok(resp),
+            421 => {
+                if let Some(addr) = resp["error"]["leader"]["dataAddr"].as_str() {
+                    url_override = Some(addr.to_owned());
+                } else {
+                    target += 1;
+                }
+            }
+            0 | 503 => target += 1,
+            other => anyhow::bail!("write {key} refused with {other}: {resp}"),
+        }
+        if started.elapsed() > deadline {
+            anyhow::bail!("write {key} not acknowledged within {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_leader_under_write_load_loses_no_acknowledged_write_and_applies_none_twice() -> anyhow::Result<()>
+{
+    let mut cluster = Cluster::start(3, &[]).await?;
+    let members: Vec<String> = cluster.nodes.iter().map(|d| d.data.clone()).collect();
+    let client = cluster.client.clone();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let path = "/v1/databases/app/collections/events";
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (client, members, acked, stop) = (client.clone(), members.clone(), acked.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("w{w}-{k}");
+                // An insert and an increment per step: a double apply would show as a
+                // counter above the number of acknowledged increments.
+                write_until_acked(
+                    &client,
+                    &members,
+                    &format!("{path}/documents"),
+                    &json!({"documents": [{"_id": id, "w": w}]}),
+                    &format!("ins-{id}"),
+                    Duration::from_secs(30),
+                )
+                .await?;
+                write_until_acked(
+                    &client,
+                    &members,
+                    "/v1/databases/app/collections/counters/update",
+                    &json!({"filter": {"_id": "c"}, "update": {"$inc": {"n": 1}}, "upsert": true}),
+                    &format!("inc-{id}"),
+                    Duration::from_secs(30),
+                )
+                .await?;
+                ids.push(id);
+                acked.fetch_add(1, Ordering::Relaxed);
+                k += 1;
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    poll("100 acknowledged writes", Duration::from_secs(30), || async {
+        (acked.load(Ordering::Relaxed) >= 100).then_some(())
+    })
+    .await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let killed_at = acked.load(Ordering::Relaxed);
+    cluster.nodes[leader].kill().await;
+    poll("writes to resume on a new leader", Duration::from_secs(20), || async {
+        (acked.load(Ordering::Relaxed) >= killed_at + 100).then_some(())
+    })
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    let mut all_ids = BTreeSet::new();
+    for w in writers {
+        all_ids.extend(w.await??);
+    }
+
+    cluster.nodes[leader].restart().await?;
+    let new_leader = cluster.wait_leader(Duration::from_secs(20)).await?;
+    let applied = cluster.status(new_leader).await.map(|s| s.applied_index).unwrap_or(0);
+    for i in 0..3 {
+        cluster.wait_applied(i, applied, Duration::from_secs(30)).await?;
+    }
+    for i in 0..3 {
+        let docs = cluster.local_docs(i, "app", "events").await?;
+        let ids: BTreeSet<String> = docs.iter().filter_map(|d| d["_id"].as_str().map(str::to_owned)).collect();
+        assert_eq!(docs.len(), ids.len(), "member {i} holds a document twice");
+        assert_eq!(ids, all_ids, "member {i} lost or invented acknowledged writes");
+        let counter = cluster.local_docs(i, "app", "counters").await?;
+        assert_eq!(
+            counter,
+            vec![json!({"_id": "c", "n": all_ids.len()})],
+            "member {i} applied an increment twice or lost one"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_behind_log_compaction_catches_up_through_a_snapshot() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, &["--snapshot-every", "50", "--keep-logs", "0"]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let lagging = (leader + 1) % 3;
+    cluster.nodes[lagging].kill().await;
+    let base = cluster.coll_url(leader, "app", "items");
+    for batch in 0..30 {
+        let docs: Vec<Value> = (0..10).map(|i| json!({"_id": batch * 10 + i, "v": "x".repeat(100)})).collect();
+        let (st, body) = cluster.client.post(&format!("{base}/documents"), &json!({"documents": docs})).await;
+        assert_eq!(st, 201, "{body}");
+    }
+    let leader_status =
+        poll("the leader to purge its log past the lagging member", Duration::from_secs(20), || async {
+            let s = cluster.status(leader).await?;
+            (s.purged_index.unwrap_or(0) > 100).then_some(s)
+        })
+        .await?;
+    cluster.nodes[lagging].restart().await?;
+    cluster.wait_applied(lagging, leader_status.applied_index, Duration::from_secs(30)).await?;
+    let docs = cluster.local_docs(lagging, "app", "items").await?;
+    assert_eq!(docs.len(), 300);
+    let s = cluster.status(lagging).await.expect("lagging member answers");
+    assert!(s.snapshot_index.is_some(), "the member caught up without a snapshot: {s:?}");
+    // It keeps up with new writes after the snapshot too.
+    let (st, _) = cluster.client.post(&format!("{base}/documents"), &json!({"documents": [{"_id": "after"}]})).await;
+    assert_eq!(st, 201);
+    let applied = cluster.status(leader).await.expect("leader answers").applied_index;
+    cluster.wait_applied(lagging, applied, Duration::from_secs(10)).await?;
+    assert_eq!(cluster.local_docs(lagging, "app", "items").await?.len(), 301);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_learner_is_added_promoted_and_an_old_member_removed() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, &[]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let base = cluster.coll_url(leader, "app", "items");
+    let (st, _) =
+        cluster.client.post(&format!("{base}/documents"), &json!({"documents": [{"_id": 1}, {"_id": 2}]})).await;
+    assert_eq!(st, 201);
+
+    let dir = cluster.tmp.path().join("n4");
+    let newcomer = Datanode::start(4, "a", "rs0", &dir, &[]).await?;
+    let admin = cluster.nodes[leader].admin.clone();
+    let (st, body) = cluster
+        .client
+        .post(&format!("{admin}/v1/admin/learners"), &json!({"member": newcomer.member(), "blocking": true}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    cluster.nodes.push(newcomer);
+    let (st, body) = cluster.client.post(&format!("{admin}/v1/admin/voters"), &json!({"voters": [1, 2, 3, 4]})).await;
+    assert_eq!(st, 200, "{body}");
+    // Two changes at once are refused: one membership change at a time.
+    let (st, _) = cluster.client.post(&format!("{admin}/v1/admin/voters"), &json!({"voters": [4]})).await;
+    assert_eq!(st, 400);
+
+    // Remove a follower that shares zone a with the newcomer.
+    let old = (0..3).find(|i| *i != leader).expect("a follower");
+    let old_id = cluster.nodes[old].id;
+    let (st, body) = cluster.client.post(&format!("{admin}/v1/admin/members/remove"), &json!({"id": old_id})).await;
+    assert_eq!(st, 200, "{body}");
+    let s = poll("the membership without the old member", Duration::from_secs(10), || async {
+        let s = cluster.status(leader).await?;
+        (!s.members.iter().any(|m| m.id == old_id)).then_some(s)
+    })
+    .await?;
+    let voters: BTreeSet<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    assert_eq!(voters.len(), 3);
+    assert!(voters.contains(&4));
+    cluster.nodes[old].kill().await;
+
+    // The new member has the data and the set still commits writes.
+    let (st, _) = cluster.client.post(&format!("{base}/documents"), &json!({"documents": [{"_id": 3}]})).await;
+    assert_eq!(st, 201);
+    let applied = cluster.status(leader).await.expect("leader").applied_index;
+    cluster.wait_applied(3, applied, Duration::from_secs(10)).await?;
+    assert_eq!(cluster.local_docs(3, "app", "items").await?.len(), 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leadership_moves_to_the_named_member() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, &[]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let target = (leader + 2) % 3;
+    let to = cluster.nodes[target].id;
+    let (st, body) = cluster
+        .client
+        .post(&format!("{}/v1/admin/transfer-leader", cluster.nodes[leader].admin), &json!({"to": to}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(cluster.wait_leader(Duration::from_secs(10)).await?, target);
+    // A follower refuses writes and names the new leader.
+    let (st, body) = cluster
+        .client
+        .post(&format!("{}/documents", cluster.coll_url(leader, "app", "x")), &json!({"documents": [{"a": 1}]}))
+        .await;
+    assert_eq!(st, 421, "{body}");
+    assert_eq!(body["error"]["leader"]["id"], json!(to));
+    Ok(())
+}
