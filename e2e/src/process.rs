@@ -91,7 +91,7 @@ impl Datanode {
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{}", self.admin_port))
             .args(&self.extra_args)
-            .env("RUST_LOG", std::env::var("NIMBUS_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RUST_LOG", std::env::var("NIMBUS_TEST_LOG").unwrap_or_else(|_| "warn,openraft=error".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

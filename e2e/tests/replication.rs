@@ -134,9 +134,10 @@ async fn a_member_behind_log_compaction_catches_up_through_a_snapshot() -> anyho
     let lagging = (leader + 1) % 3;
     cluster.nodes[lagging].kill().await;
     let base = cluster.coll_url(leader, "app", "items");
-    for batch in 0..30 {
-        let docs: Vec<Value> = (0..10).map(|i| json!({"_id": batch * 10 + i, "v": "x".repeat(100)})).collect();
-        let (st, body) = cluster.client.post(&format!("{base}/documents"), &json!({"documents": docs})).await;
+    // One entry per document: enough entries for several snapshots and purges.
+    for i in 0..300 {
+        let doc = json!({"documents": [{"_id": i, "v": "x".repeat(100)}]});
+        let (st, body) = cluster.client.post(&format!("{base}/documents"), &doc).await;
         assert_eq!(st, 201, "{body}");
     }
     let leader_status =
