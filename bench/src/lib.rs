@@ -74,7 +74,7 @@ where
     for t in 0..concurrency {
         let (op, stop) = (op.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
+            let mut h = histogram();
             let (mut ok, mut err, mut seq) = (0u64, 0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
@@ -91,12 +91,7 @@ where
     }
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
-    let mut total = RunResult {
-        ops: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid"),
-    };
+    let mut total = RunResult { ops: 0, errors: 0, elapsed: Duration::ZERO, latency_us: histogram() };
     for t in tasks {
         if let Ok((ok, err, h)) = t.await {
             total.ops += ok;
@@ -106,6 +101,13 @@ where
     }
     total.elapsed = started.elapsed();
     total
+}
+
+/// A latency histogram from 1 µs to 60 s with 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts; failure would be a bug here.
+    #[allow(clippy::expect_used)]
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
 }
 
 /// Median of a non-empty list.

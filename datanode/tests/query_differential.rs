@@ -2,6 +2,8 @@
 //! through the real engine (RocksDB, planner, index scans) with several index layouts, and
 //! through a small reference evaluator written independently here. They must agree.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 use std::cmp::Ordering;
 
 use nimbus_api::data::FindRequest;

@@ -1,6 +1,8 @@
 //! openraft's own storage test suite, run against the RocksDB log store and the state
 //! machine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 use nimbus_datanode::raft::TypeConfig;
 use nimbus_datanode::raft::log_store::LogStore;
 use nimbus_datanode::raft::state_machine::StateMachine;

@@ -1,6 +1,8 @@
 //! The internal data API of a datanode, end to end against a real process: every operation
 //! of `API.md` section 1, its errors, and that bad input changes nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 use nimbus_e2e::Cluster;
 use serde_json::{Value, json};
 

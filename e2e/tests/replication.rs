@@ -1,6 +1,8 @@
 //! Multi-process tests of a replica set: three real datanode processes on 127.0.0.1,
 //! killed with SIGKILL, restarted, grown and shrunk.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -24,10 +24,10 @@ fn walk<'a>(v: &'a Value, parts: &[&str], out: &mut Vec<&'a Value>) {
             }
         }
         Value::Array(items) => {
-            if let Ok(i) = first.parse::<usize>() {
-                if let Some(child) = items.get(i) {
-                    walk(child, rest, out);
-                }
+            if let Ok(i) = first.parse::<usize>()
+                && let Some(child) = items.get(i)
+            {
+                walk(child, rest, out);
             }
             for item in items {
                 if item.is_object() {

@@ -199,7 +199,7 @@ impl Pred {
             Pred::Cmp(op, v) => cmp_matches(doc, path, *op, v),
             Pred::In(vs) => vs.iter().any(|v| eq_matches(doc, path, v)),
             Pred::Nin(vs) => !vs.iter().any(|v| eq_matches(doc, path, v)),
-            Pred::Exists(want) => !lookup(doc, path).is_empty() == *want,
+            Pred::Exists(want) => lookup(doc, path).is_empty() != *want,
             Pred::Not(p) => !p.matches(doc, path),
             Pred::All(ps) => ps.iter().all(|p| p.matches(doc, path)),
         }

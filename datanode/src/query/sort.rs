@@ -54,8 +54,8 @@ impl SortSpec {
 /// `1` ascending, `-1` descending (as numbers); anything else is an error.
 pub fn parse_direction(v: &Value) -> Result<bool, String> {
     match v.as_f64() {
-        Some(f) if f == 1.0 => Ok(false),
-        Some(f) if f == -1.0 => Ok(true),
+        Some(1.0) => Ok(false),
+        Some(-1.0) => Ok(true),
         _ => Err(format!("sort and index directions must be 1 or -1, not {v}")),
     }
 }
@@ -98,7 +98,7 @@ mod tests {
             vec![json!({}), json!({"a": [5, 0.5]}), json!({"a": 2}), json!({"a": "s"}), json!({"a": true})]
         );
         let desc = SortSpec::parse(Some(&json!({"a": -1}))).unwrap();
-        let mut docs = vec![json!({"a": [1, 9]}), json!({"a": 5})];
+        let mut docs = [json!({"a": [1, 9]}), json!({"a": 5})];
         docs.sort_by(|x, y| desc.compare(x, y));
         assert_eq!(docs[0], json!({"a": [1, 9]}));
     }

@@ -74,10 +74,8 @@ impl Update {
                     "$pull" => Op::Pull(parse_pull(arg)?),
                     other => return Err(err(format!("unknown update operator {other}"))),
                 };
-                if path == "_id" || path.starts_with("_id.") {
-                    if !matches!(parsed, Op::Set(_)) {
-                        return Err(err("_id cannot be modified"));
-                    }
+                if (path == "_id" || path.starts_with("_id.")) && !matches!(parsed, Op::Set(_)) {
+                    return Err(err("_id cannot be modified"));
                 }
                 if let Some((_, other)) = out.iter().find(|(_, p)| conflicts(p, path)) {
                     return Err(err(format!("updating {path:?} and {other:?} in one update conflicts")));
@@ -93,10 +91,10 @@ impl Update {
         let id = doc.get("_id").cloned();
         match self {
             Update::Replace(new) => {
-                if let (Some(old), Some(new_id)) = (&id, new.get("_id")) {
-                    if !values_equal(old, new_id) {
-                        return Err(err("a replacement cannot change _id"));
-                    }
+                if let (Some(old), Some(new_id)) = (&id, new.get("_id"))
+                    && !values_equal(old, new_id)
+                {
+                    return Err(err("a replacement cannot change _id"));
                 }
                 let mut out = Map::new();
                 if let Some(id) = id {
@@ -115,10 +113,10 @@ impl Update {
                     let parts: Vec<&str> = path.split('.').collect();
                     apply_op(&mut out, &parts, op, path)?;
                 }
-                if let (Some(old), Some(new)) = (&id, out.get("_id")) {
-                    if !values_equal(old, new) {
-                        return Err(err("_id cannot be modified"));
-                    }
+                if let (Some(old), Some(new)) = (&id, out.get("_id"))
+                    && !values_equal(old, new)
+                {
+                    return Err(err("_id cannot be modified"));
                 }
                 Ok(out)
             }

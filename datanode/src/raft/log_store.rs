@@ -156,7 +156,7 @@ fn write_loop(shared: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
                     }
                 }
                 for cb in callbacks {
-                    cb.io_completed(result.as_ref().map(|_| ()).map_err(|e| io_err(e)));
+                    cb.io_completed(result.as_ref().map(|_| ()).map_err(io_err));
                 }
             }
             Job::Put { key: k, value, sync, done } => {
@@ -219,7 +219,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.shared.vote.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        Ok(*self.shared.vote.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -244,7 +244,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             (Some(p), Some(d)) => Some(if p.index() >= d.index() { p } else { d }),
             (p, d) => p.or(d),
         };
-        Ok(LogState { last_log_id: last.or_else(|| last_purged.clone()), last_purged_log_id: last_purged })
+        Ok(LogState { last_log_id: last.or(last_purged), last_purged_log_id: last_purged })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -254,7 +254,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let value = serde_json::to_vec(vote).map_err(io_err)?;
         self.call(|done| Job::Put { key: KEY_VOTE, value, sync: true, done }).await?;
-        *self.shared.vote.lock().unwrap_or_else(|p| p.into_inner()) = Some(vote.clone());
+        *self.shared.vote.lock().unwrap_or_else(|p| p.into_inner()) = Some(*vote);
         Ok(())
     }
 

@@ -163,12 +163,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     result
                 }
                 EntryPayload::Membership(m) => {
-                    let stored = StoredMembership::new(Some(log_id.clone()), m.clone());
+                    let stored = StoredMembership::new(Some(log_id), m.clone());
                     engine.put_meta(&mut batch, META_MEMBERSHIP, &stored);
                     Ok(WriteAnswer::None)
                 }
             };
-            engine.put_meta(&mut batch, META_APPLIED, &Some(log_id.clone()));
+            engine.put_meta(&mut batch, META_APPLIED, &Some(log_id));
             engine.write(batch).map_err(io_err)?;
             if let Some(d) = delta {
                 engine.install_delta(d);

@@ -96,10 +96,7 @@ async fn status(State(ctx): Ctx) -> Response {
     axum::Json(status_of(&ctx)).into_response()
 }
 
-fn membership_error<E: std::fmt::Display>(e: RaftError<crate::raft::TypeConfig, E>) -> HttpError
-where
-    E: std::fmt::Debug,
-{
+fn membership_error<E: std::fmt::Display + std::fmt::Debug>(e: RaftError<crate::raft::TypeConfig, E>) -> HttpError {
     match e {
         RaftError::APIError(e) => {
             let msg = e.to_string();

@@ -216,10 +216,10 @@ async fn get_document(
     // A path segment is a string `_id`; when none matches and it reads as a number, the
     // numeric `_id` is tried too.
     let mut found = engine.get(&db, &coll, &Value::String(id.clone()))?;
-    if found.is_none() {
-        if let Ok(Value::Number(n)) = serde_json::from_str::<Value>(&id) {
-            found = engine.get(&db, &coll, &Value::Number(n))?;
-        }
+    if found.is_none()
+        && let Ok(Value::Number(n)) = serde_json::from_str::<Value>(&id)
+    {
+        found = engine.get(&db, &coll, &Value::Number(n))?;
     }
     count_read("get", started);
     match found {

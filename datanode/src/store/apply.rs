@@ -75,12 +75,12 @@ impl Engine {
         index: u64,
     ) -> Result<(WriteResult, CatalogDelta), StoreError> {
         let idem = cmd.idempotency_key.as_ref().map(|k| keys::idem_key(&cmd.db, k));
-        if let Some(ik) = &idem {
-            if let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_IDEM), ik)? {
-                let rec: IdemRecord = decode("idempotency record", &bytes)?;
-                if cmd.ts_ms < rec.ts_ms.saturating_add(self.options.idempotency_ttl.as_millis() as u64) {
-                    return Ok((rec.result, CatalogDelta::default()));
-                }
+        if let Some(ik) = &idem
+            && let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_IDEM), ik)?
+        {
+            let rec: IdemRecord = decode("idempotency record", &bytes)?;
+            if cmd.ts_ms < rec.ts_ms.saturating_add(self.options.idempotency_ttl.as_millis() as u64) {
+                return Ok((rec.result, CatalogDelta::default()));
             }
         }
         let mut ctx = Ctx {
@@ -114,7 +114,7 @@ impl Engine {
             ctx.batch.put_cf(self.cf(CF_IDEM), &ik, encode(&rec));
             ctx.batch.put_cf(self.cf(CF_IDEM_TTL), keys::idem_ttl_key(cmd.ts_ms, &ik), b"");
         }
-        if index % GC_EVERY == 0 {
+        if index.is_multiple_of(GC_EVERY) {
             self.collect_garbage(ctx.batch, cmd.ts_ms)?;
         }
         Ok((result, ctx.delta))
@@ -363,10 +363,10 @@ impl Engine {
     fn check_unique(&self, ctx: &Ctx<'_>, ix: &IndexSpec, entry_prefix: &[u8], id_enc: &[u8]) -> Result<(), Refusal> {
         let dup =
             || ApiError::duplicate_key(format!("a document with the same key in unique index {} exists", ix.name));
-        if let Some(owner) = ctx.pending.unique_added.get(entry_prefix) {
-            if owner != id_enc {
-                return Err(dup().into());
-            }
+        if let Some(owner) = ctx.pending.unique_added.get(entry_prefix)
+            && owner != id_enc
+        {
+            return Err(dup().into());
         }
         let mut ro = ReadOptions::default();
         if let Some(end) = prefix_end(entry_prefix) {

@@ -20,6 +20,9 @@ use crate::doc::keycode::prefix_end;
 use crate::query::planner::{IndexView, Plan, plan};
 use crate::query::{Filter, Projection, SortSpec};
 
+/// A document with its storage key.
+pub(crate) type Keyed = (Vec<u8>, Value);
+
 /// A parsed `find`.
 #[derive(Debug, Clone)]
 pub struct FindQuery {
@@ -32,10 +35,10 @@ pub struct FindQuery {
 
 impl FindQuery {
     pub fn parse(req: &nimbus_api::data::FindRequest) -> Result<FindQuery, ApiError> {
-        if let Some(l) = req.limit {
-            if l > MAX_FIND_LIMIT {
-                return Err(ApiError::bad_request(format!("limit is at most {MAX_FIND_LIMIT}")));
-            }
+        if let Some(l) = req.limit
+            && l > MAX_FIND_LIMIT
+        {
+            return Err(ApiError::bad_request(format!("limit is at most {MAX_FIND_LIMIT}")));
         }
         Ok(FindQuery {
             filter: Filter::parse(req.filter.as_ref())?,
@@ -135,7 +138,7 @@ impl Engine {
         sort: &SortSpec,
         skip: u64,
         limit: Option<u64>,
-    ) -> Result<(Vec<(Vec<u8>, Value)>, ExecStats), StoreError> {
+    ) -> Result<(Vec<Keyed>, ExecStats), StoreError> {
         let indexes = match self.catalog_read().get(db, coll) {
             Some(m) => m.indexes.clone(),
             None => return Ok((vec![], ExecStats { plan: "EOF".into(), ..Default::default() })),
@@ -147,7 +150,7 @@ impl Engine {
 
         let needs_sort = !sort.is_empty() && !matches!(chosen, Plan::IndexScan { provides_sort: true, .. });
         let window = limit.map(|l| skip.saturating_add(l));
-        let mut out: Vec<(Vec<u8>, Value)> = Vec::new();
+        let mut out: Vec<Keyed> = Vec::new();
         let mut skipped = 0u64;
         // Called for each matching document; returns false to stop the scan.
         let mut accept = |key: Vec<u8>, doc: Value| -> bool {
@@ -225,13 +228,13 @@ impl Engine {
 
 /// Inserts into a sorted buffer that keeps only the first `window` entries, so an unindexed
 /// sort with a limit holds at most skip + limit documents.
-fn insert_bounded(buf: &mut Vec<(Vec<u8>, Value)>, item: (Vec<u8>, Value), sort: &SortSpec, window: Option<u64>) {
+fn insert_bounded(buf: &mut Vec<Keyed>, item: Keyed, sort: &SortSpec, window: Option<u64>) {
     // Ties keep scan order (by `_id` for a collection scan): insert after equal elements.
     let pos = buf.partition_point(|(_, d)| sort.compare(d, &item.1) != std::cmp::Ordering::Greater);
-    if let Some(w) = window {
-        if pos as u64 >= w {
-            return;
-        }
+    if let Some(w) = window
+        && pos as u64 >= w
+    {
+        return;
     }
     buf.insert(pos, item);
     if let Some(w) = window {

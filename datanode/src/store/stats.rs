@@ -70,7 +70,7 @@ impl QueryStats {
     pub fn snapshot(&self) -> Vec<ShapeStats> {
         let shapes = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<_> = shapes.values().cloned().collect();
-        out.sort_by(|a, b| b.docs_examined.cmp(&a.docs_examined));
+        out.sort_by_key(|s| std::cmp::Reverse(s.docs_examined));
         out
     }
 }
