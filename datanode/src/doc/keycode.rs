@@ -119,29 +119,10 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::super::order::compare;
+    use super::super::testgen::arb_value;
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
-
-    pub(crate) fn arb_value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(|i| json!(i)),
-            (-3i64..3).prop_map(|i| json!(i)),
-            any::<u64>().prop_map(|u| json!(u)),
-            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
-            (-3i64..3).prop_map(|i| json!(i as f64 + 0.5)),
-            "[a-c\u{0}]{0,3}".prop_map(Value::String),
-        ];
-        leaf.prop_recursive(3, 16, 3, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
-                prop::collection::vec(("[ab\u{0}]{0,2}", inner), 0..3)
-                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
-            ]
-        })
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]

@@ -4,5 +4,7 @@
 pub mod keycode;
 pub mod order;
 pub mod path;
+#[cfg(test)]
+pub(crate) mod testgen;
 
 pub use nimbus_api::data::Document;
