@@ -64,6 +64,12 @@ fn idempotency_key(headers: &HeaderMap) -> std::result::Result<Option<String>, A
     }
 }
 
+/// Replicates a write carrying the request's idempotency key.
+async fn write(ctx: &NodeCtx, db: &str, headers: &HeaderMap, op: WriteOp) -> Result<WriteAnswer> {
+    let idem = idempotency_key(headers)?;
+    Ok(ctx.propose(db, op, idem).await?)
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -170,7 +176,6 @@ async fn insert(
     JsonBody(req): JsonBody<InsertRequest>,
 ) -> Result<Response> {
     names(&db, Some(&coll))?;
-    let idem = idempotency_key(&headers)?;
     if req.documents.is_empty() {
         return Err(ApiError::bad_request("documents must not be empty").into());
     }
@@ -183,7 +188,7 @@ async fn insert(
         check_document(&doc)?;
         docs.push(doc);
     }
-    match ctx.propose(&db, WriteOp::Insert { coll, docs }, idem).await? {
+    match write(&ctx, &db, &headers, WriteOp::Insert { coll, docs }).await? {
         WriteAnswer::Inserted { ids } => {
             Ok((StatusCode::CREATED, axum::Json(InsertResponse { inserted_ids: ids })).into_response())
         }
@@ -266,7 +271,6 @@ async fn update(
     JsonBody(req): JsonBody<UpdateRequest>,
 ) -> Result<Response> {
     names(&db, Some(&coll))?;
-    let idem = idempotency_key(&headers)?;
     let filter = req.filter.unwrap_or(Value::Object(Map::new()));
     Filter::parse(Some(&filter))?;
     Update::parse(&req.update)?;
@@ -278,7 +282,7 @@ async fn update(
         upsert: req.upsert,
         upsert_id: generate_id(),
     };
-    match ctx.propose(&db, op, idem).await? {
+    match write(&ctx, &db, &headers, op).await? {
         WriteAnswer::Updated { matched, modified, upserted_id } => {
             Ok(axum::Json(UpdateResponse { matched, modified, upserted_id }).into_response())
         }
@@ -293,10 +297,9 @@ async fn delete(
     JsonBody(req): JsonBody<DeleteRequest>,
 ) -> Result<Response> {
     names(&db, Some(&coll))?;
-    let idem = idempotency_key(&headers)?;
     let filter = req.filter.unwrap_or(Value::Object(Map::new()));
     Filter::parse(Some(&filter))?;
-    match ctx.propose(&db, WriteOp::Delete { coll, filter, multi: req.multi }, idem).await? {
+    match write(&ctx, &db, &headers, WriteOp::Delete { coll, filter, multi: req.multi }).await? {
         WriteAnswer::Deleted { deleted } => Ok(axum::Json(DeleteResponse { deleted }).into_response()),
         other => Err(unexpected(other)),
     }
@@ -314,8 +317,7 @@ async fn create_collection(
     headers: HeaderMap,
 ) -> Result<Response> {
     names(&db, Some(&coll))?;
-    let idem = idempotency_key(&headers)?;
-    match ctx.propose(&db, WriteOp::CreateCollection { coll: coll.clone() }, idem).await? {
+    match write(&ctx, &db, &headers, WriteOp::CreateCollection { coll: coll.clone() }).await? {
         WriteAnswer::CollectionCreated { created } => {
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
             Ok((status, axum::Json(serde_json::json!({ "name": coll }))).into_response())
@@ -330,17 +332,15 @@ async fn drop_collection(
     headers: HeaderMap,
 ) -> Result<Response> {
     names(&db, Some(&coll))?;
-    let idem = idempotency_key(&headers)?;
     dropped(
-        ctx.propose(&db, WriteOp::DropCollection { coll: coll.clone() }, idem).await?,
+        write(&ctx, &db, &headers, WriteOp::DropCollection { coll: coll.clone() }).await?,
         &format!("collection {coll}"),
     )
 }
 
 async fn drop_database(State(ctx): Ctx, Path(db): Path<String>, headers: HeaderMap) -> Result<Response> {
     names(&db, None)?;
-    let idem = idempotency_key(&headers)?;
-    dropped(ctx.propose(&db, WriteOp::DropDatabase, idem).await?, &format!("database {db}"))
+    dropped(write(&ctx, &db, &headers, WriteOp::DropDatabase).await?, &format!("database {db}"))
 }
 
 fn dropped(answer: WriteAnswer, what: &str) -> Result<Response> {
@@ -358,9 +358,8 @@ async fn create_index(
     JsonBody(req): JsonBody<CreateIndexRequest>,
 ) -> Result<Response> {
     names(&db, Some(&coll))?;
-    let idem = idempotency_key(&headers)?;
     let spec = IndexSpec::from_request(&req.keys, req.unique, req.name.as_deref())?;
-    match ctx.propose(&db, WriteOp::CreateIndex { coll, spec }, idem).await? {
+    match write(&ctx, &db, &headers, WriteOp::CreateIndex { coll, spec }).await? {
         WriteAnswer::IndexCreated { name } => Ok(axum::Json(CreateIndexResponse { name }).into_response()),
         other => Err(unexpected(other)),
     }
@@ -389,6 +388,8 @@ async fn drop_index(
     headers: HeaderMap,
 ) -> Result<Response> {
     names(&db, Some(&coll))?;
-    let idem = idempotency_key(&headers)?;
-    dropped(ctx.propose(&db, WriteOp::DropIndex { coll, name: name.clone() }, idem).await?, &format!("index {name}"))
+    dropped(
+        write(&ctx, &db, &headers, WriteOp::DropIndex { coll, name: name.clone() }).await?,
+        &format!("index {name}"),
+    )
 }
