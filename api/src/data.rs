@@ -11,6 +11,8 @@ pub type Document = Map<String, Value>;
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// Header with which a read asks to be served by any member (possibly stale).
 pub const READ_PREFERENCE_HEADER: &str = "x-nimbus-read";
+/// Header with which a datanode tells how many documents a `find` returned.
+pub const RETURNED_HEADER: &str = "x-nimbus-returned";
 /// Header with the database's route epoch (checked once routing epochs are in force).
 pub const ROUTE_EPOCH_HEADER: &str = "x-nimbus-route-epoch";
 

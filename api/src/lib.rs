@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod data;
 pub mod error;
+pub mod etcd;
 pub mod limits;
 
 pub use error::{ApiError, ErrorCode, LeaderHint};

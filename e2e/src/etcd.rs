@@ -14,6 +14,7 @@ use crate::poll;
 pub struct EtcdCluster {
     pub client_urls: Vec<String>,
     children: Vec<Child>,
+    commands: Vec<Vec<String>>,
 }
 
 /// A port that was free a moment ago (etcd cannot be told to pick its own).
@@ -43,42 +44,46 @@ impl EtcdCluster {
             clients.push(format!("http://127.0.0.1:{}", free_port()?));
         }
         let initial: Vec<String> = (0..n).map(|i| format!("e{i}={}", peers[i])).collect();
-        let mut children = Vec::new();
+        let mut commands = Vec::new();
         for i in 0..n {
-            let child = Command::new(&bin)
-                .arg("--name")
-                .arg(format!("e{i}"))
-                .arg("--data-dir")
-                .arg(dir.join(format!("e{i}")))
-                .arg("--listen-client-urls")
-                .arg(&clients[i])
-                .arg("--advertise-client-urls")
-                .arg(&clients[i])
-                .arg("--listen-peer-urls")
-                .arg(&peers[i])
-                .arg("--initial-advertise-peer-urls")
-                .arg(&peers[i])
-                .arg("--initial-cluster")
-                .arg(initial.join(","))
-                .arg("--initial-cluster-state")
-                .arg("new")
-                .arg("--initial-cluster-token")
-                .arg("nimbus-test")
-                .arg("--log-level")
-                .arg("error")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .context("failed to start etcd")?;
-            children.push(child);
+            let args: Vec<String> = vec![
+                "--name".into(),
+                format!("e{i}"),
+                "--data-dir".into(),
+                dir.join(format!("e{i}")).display().to_string(),
+                "--listen-client-urls".into(),
+                clients[i].clone(),
+                "--advertise-client-urls".into(),
+                clients[i].clone(),
+                "--listen-peer-urls".into(),
+                peers[i].clone(),
+                "--initial-advertise-peer-urls".into(),
+                peers[i].clone(),
+                "--initial-cluster".into(),
+                initial.join(","),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--initial-cluster-token".into(),
+                "nimbus-test".into(),
+                "--log-level".into(),
+                "error".into(),
+            ];
+            commands.push(args);
         }
-        let cluster = EtcdCluster { client_urls: clients, children };
+        let mut children = Vec::new();
+        for args in &commands {
+            children.push(spawn(&bin, args)?);
+        }
+        let cluster = EtcdCluster { client_urls: clients, children, commands };
+        cluster.wait_healthy().await?;
+        Ok(cluster)
+    }
+
+    async fn wait_healthy(&self) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
         poll("etcd to be healthy", Duration::from_secs(30), || {
             let http = http.clone();
-            let urls = cluster.client_urls.clone();
+            let urls = self.client_urls.clone();
             async move {
                 for u in &urls {
                     let ok = http.get(format!("{u}/health")).send().await.ok()?.text().await.ok()?;
@@ -89,8 +94,15 @@ impl EtcdCluster {
                 Some(())
             }
         })
-        .await?;
-        Ok(cluster)
+        .await
+    }
+
+    /// Starts every member again (same data, same ports) and waits until it answers.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop().await;
+        let bin = etcd_binary()?;
+        self.children = self.commands.iter().map(|a| spawn(&bin, a)).collect::<anyhow::Result<_>>()?;
+        self.wait_healthy().await
     }
 
     /// Kills every member.
@@ -100,4 +112,15 @@ impl EtcdCluster {
             let _ = c.wait().await;
         }
     }
+}
+
+fn spawn(bin: &Path, args: &[String]) -> anyhow::Result<Child> {
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("failed to start etcd")
 }

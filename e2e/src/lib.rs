@@ -6,6 +6,7 @@
 pub mod client;
 pub mod cluster;
 pub mod etcd;
+pub mod gateway;
 pub mod process;
 
 pub use client::DataClient;

@@ -246,7 +246,9 @@ async fn find(
     let documents = blocking(move || engine.find(&db, &coll, &q)).await?;
     count_read("find", started);
     metrics::counter!("nimbus_documents_returned_total").increment(documents.len() as u64);
-    Ok(axum::Json(FindResponse { documents }).into_response())
+    let returned = documents.len().to_string();
+    // The gateway counts documents returned per database from this header.
+    Ok(([(RETURNED_HEADER, returned)], axum::Json(FindResponse { documents })).into_response())
 }
 
 async fn count(

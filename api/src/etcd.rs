@@ -1,0 +1,175 @@
+//! The control plane's key layout in etcd, defined once: the gateway reads and watches it,
+//! the operator and the playground write it. Values are JSON.
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `/nimbus/routes/{db}` | [`Route`]: the replica set holding the database, its epoch and state |
+//! | `/nimbus/users/{db}/{user}` | [`UserRecord`]: role and the SHA-256 of the user's token secret |
+//! | `/nimbus/limits/{db}` | [`Limits`]: the database's limits (absent: the defaults of its tier) |
+//! | `/nimbus/gateways/{id}` | [`GatewayRegistration`], bound to the gateway's lease |
+//! | `/nimbus/holds/{db}/{gateway}` | a gateway's acknowledgement that it holds `db` (cutover) |
+
+use serde::{Deserialize, Serialize};
+
+pub const PREFIX: &str = "/nimbus/";
+pub const ROUTES: &str = "/nimbus/routes/";
+pub const USERS: &str = "/nimbus/users/";
+pub const LIMITS: &str = "/nimbus/limits/";
+pub const GATEWAYS: &str = "/nimbus/gateways/";
+pub const HOLDS: &str = "/nimbus/holds/";
+
+pub fn route_key(db: &str) -> String {
+    format!("{ROUTES}{db}")
+}
+
+pub fn user_key(db: &str, user: &str) -> String {
+    format!("{USERS}{db}/{user}")
+}
+
+pub fn limits_key(db: &str) -> String {
+    format!("{LIMITS}{db}")
+}
+
+pub fn gateway_key(id: &str) -> String {
+    format!("{GATEWAYS}{id}")
+}
+
+pub fn hold_key(db: &str, gateway: &str) -> String {
+    format!("{HOLDS}{db}/{gateway}")
+}
+
+/// Whether a database's requests flow, or are held for a migration cutover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RouteState {
+    Serving,
+    /// Gateways stop forwarding the database's requests and hold new ones until the state
+    /// changes or `hold_deadline_ms` passes.
+    Holding,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMember {
+    pub id: u64,
+    /// Base URL of the member's data API.
+    pub data_addr: String,
+    pub zone: String,
+}
+
+/// Where a database lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    pub replica_set: String,
+    pub members: Vec<RouteMember>,
+    /// Increases by one each time the database moves; stale senders are refused.
+    pub epoch: u64,
+    pub state: RouteState,
+    /// With `Holding`: when the hold ends by itself (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_deadline_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UserRole {
+    ReadWrite,
+    Read,
+}
+
+/// A user of one database. The token is `nmb_{db}.{user}.{secret}`; only the SHA-256 of
+/// the secret is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserRecord {
+    pub role: UserRole,
+    /// Lower-case hex SHA-256 of the token's secret part.
+    pub secret_sha256: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Tier {
+    Free,
+    Standard,
+    Dedicated,
+}
+
+/// Per-database limits the gateway enforces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    pub tier: Tier,
+    /// Sustained requests per second.
+    pub qps: u32,
+    /// Requests allowed at once above the sustained rate.
+    pub burst: u32,
+    /// Concurrent client connections.
+    pub max_connections: u32,
+    /// Requests in flight at once.
+    pub max_in_flight: u32,
+}
+
+impl Limits {
+    /// The defaults of a tier, used when a database has no `/nimbus/limits/{db}` key.
+    pub fn for_tier(tier: Tier) -> Limits {
+        match tier {
+            Tier::Free => Limits { tier, qps: 100, burst: 200, max_connections: 50, max_in_flight: 20 },
+            Tier::Standard => Limits { tier, qps: 2_000, burst: 4_000, max_connections: 500, max_in_flight: 256 },
+            Tier::Dedicated => {
+                Limits { tier, qps: 20_000, burst: 40_000, max_connections: 5_000, max_in_flight: 2_048 }
+            }
+        }
+    }
+}
+
+/// A gateway's registration: present while its lease lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayRegistration {
+    pub id: String,
+    pub addr: String,
+    pub started_ms: u64,
+}
+
+/// Splits a token `nmb_{db}.{user}.{secret}` into its parts.
+pub fn parse_token(token: &str) -> Option<(&str, &str, &str)> {
+    let rest = token.strip_prefix("nmb_")?;
+    let mut parts = rest.splitn(3, '.');
+    let (db, user, secret) = (parts.next()?, parts.next()?, parts.next()?);
+    if db.is_empty() || user.is_empty() || secret.len() < 22 {
+        return None;
+    }
+    Some((db, user, secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_split_into_database_user_and_secret() {
+        assert_eq!(
+            parse_token("nmb_shop.app.abcdefghijklmnopqrstuvwxyz"),
+            Some(("shop", "app", "abcdefghijklmnopqrstuvwxyz"))
+        );
+        assert_eq!(parse_token("nmb_shop.app.short"), None);
+        assert_eq!(parse_token("shop.app.abcdefghijklmnopqrstuvwxyz"), None);
+        assert_eq!(parse_token("nmb_.app.abcdefghijklmnopqrstuvwxyz"), None);
+    }
+
+    #[test]
+    fn routes_round_trip_in_camel_case() {
+        let r = Route {
+            replica_set: "rs0".into(),
+            members: vec![RouteMember { id: 1, data_addr: "http://a".into(), zone: "a".into() }],
+            epoch: 3,
+            state: RouteState::Serving,
+            hold_deadline_ms: None,
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["replicaSet"], "rs0");
+        assert_eq!(v["state"], "Serving");
+        assert_eq!(serde_json::from_value::<Route>(v).unwrap(), r);
+    }
+}

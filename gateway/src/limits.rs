@@ -1,0 +1,139 @@
+//! Per-database limits: a QPS limit with a burst (GCRA token bucket), a bound on requests
+//! in flight, and a bound on client connections. A request over the QPS limit waits in a
+//! bounded queue for a bounded time, then gets 429 `RateLimited` with `Retry-After`.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use nimbus_api::etcd::Limits;
+use nimbus_api::{ApiError, ErrorCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The limiter of one database.
+pub struct TenantLimiter {
+    pub limits: Limits,
+    rate: DefaultDirectRateLimiter,
+    in_flight: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    connections: AtomicU32,
+}
+
+/// A request's right to run; dropping it frees the in-flight slot.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+}
+
+pub fn rate_limited(retry_after: Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::RateLimited,
+        format!("over this database's request rate; retry in {} ms", retry_after.as_millis().max(1)),
+    )
+}
+
+impl TenantLimiter {
+    pub fn new(limits: Limits) -> TenantLimiter {
+        let qps = NonZeroU32::new(limits.qps.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(limits.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        TenantLimiter {
+            rate: RateLimiter::direct(Quota::per_second(qps).allow_burst(burst)),
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1) as usize)),
+            waiting: AtomicUsize::new(0),
+            connections: AtomicU32::new(0),
+            limits,
+        }
+    }
+
+    /// Most requests that may wait for a rate slot at once: what the rate frees in the
+    /// longest wait allowed, so nobody queues for a slot that cannot come in time.
+    fn max_waiting(&self, max_wait: Duration) -> usize {
+        ((self.limits.qps as f64 * max_wait.as_secs_f64()).ceil() as usize).max(1)
+    }
+
+    /// Admits a request: a rate slot (waiting at most `max_wait`), then an in-flight slot.
+    pub async fn admit(&self, max_wait: Duration) -> Result<Admission, ApiError> {
+        if let Err(not_until) = self.rate.check() {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            if wait > max_wait || self.waiting.load(Ordering::Relaxed) >= self.max_waiting(max_wait) {
+                return Err(rate_limited(wait.max(Duration::from_millis(1))));
+            }
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            let got = tokio::time::timeout(max_wait, self.rate.until_ready()).await;
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            if got.is_err() {
+                return Err(rate_limited(max_wait));
+            }
+        }
+        match tokio::time::timeout(max_wait, self.in_flight.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Admission { _permit: permit }),
+            _ => Err(ApiError::new(ErrorCode::RateLimited, "too many requests in flight for this database")),
+        }
+    }
+
+    /// Counts a new client connection; false when the database is at its limit.
+    pub fn try_connect(&self) -> bool {
+        let max = self.limits.max_connections.max(1);
+        self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| (c < max).then_some(c + 1)).is_ok()
+    }
+
+    pub fn disconnect(&self) {
+        let _ = self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_sub(1)));
+    }
+
+    /// No request of this database is in flight.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.available_permits() == self.limits.max_in_flight.max(1) as usize
+    }
+
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nimbus_api::etcd::Tier;
+
+    fn limits(qps: u32, burst: u32, in_flight: u32, conns: u32) -> Limits {
+        Limits { tier: Tier::Free, qps, burst, max_connections: conns, max_in_flight: in_flight }
+    }
+
+    #[tokio::test]
+    async fn the_burst_passes_then_requests_wait_or_are_refused() {
+        let l = TenantLimiter::new(limits(10, 3, 100, 10));
+        for _ in 0..3 {
+            l.admit(Duration::ZERO).await.unwrap();
+        }
+        // Over the burst with no time to wait: 429.
+        assert_eq!(l.admit(Duration::ZERO).await.err().unwrap().code, ErrorCode::RateLimited);
+        // With time to wait (one slot every 100 ms), the request is admitted late.
+        let started = tokio::time::Instant::now();
+        l.admit(Duration::from_millis(500)).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn in_flight_requests_are_bounded() {
+        let l = TenantLimiter::new(limits(1000, 1000, 2, 10));
+        let a = l.admit(Duration::ZERO).await.unwrap();
+        let _b = l.admit(Duration::ZERO).await.unwrap();
+        assert!(l.admit(Duration::from_millis(10)).await.is_err());
+        drop(a);
+        assert!(l.admit(Duration::from_millis(10)).await.is_ok());
+    }
+
+    #[test]
+    fn connections_are_bounded() {
+        let l = TenantLimiter::new(limits(1, 1, 1, 2));
+        assert!(l.try_connect());
+        assert!(l.try_connect());
+        assert!(!l.try_connect());
+        l.disconnect();
+        assert!(l.try_connect());
+        assert_eq!(l.connections(), 2);
+    }
+}
