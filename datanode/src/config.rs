@@ -52,7 +52,7 @@ pub struct Config {
     /// Raft heartbeat interval, in milliseconds.
     #[arg(long, env = "NIMBUS_HEARTBEAT_MS", default_value_t = DEFAULT_HEARTBEAT_MS)]
     pub heartbeat_ms: u64,
-    /// Minimum Raft election timeout, in milliseconds (the maximum is twice it).
+    /// Minimum Raft election timeout, in milliseconds (the maximum is a third more).
     #[arg(long, env = "NIMBUS_ELECTION_TIMEOUT_MS", default_value_t = DEFAULT_ELECTION_TIMEOUT_MS)]
     pub election_timeout_ms: u64,
     /// Build a snapshot after this many log entries since the last one.

@@ -85,7 +85,10 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         cluster_name: config.replica_set.clone(),
         heartbeat_interval: config.heartbeat_ms,
         election_timeout_min: config.election_timeout_ms,
-        election_timeout_max: config.election_timeout_ms * 2,
+        // openraft's leader lease is `election_timeout_max`: a follower does not start an
+        // election before it passes. A narrow range keeps failover short; pre-vote keeps
+        // the resulting near-simultaneous candidacies from disrupting each other.
+        election_timeout_max: config.election_timeout_ms + config.election_timeout_ms / 3,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
         max_in_snapshot_log_to_keep: config.keep_logs,
         enable_pre_vote: Some(true),

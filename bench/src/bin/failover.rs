@@ -28,13 +28,16 @@ async fn main() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3, &[]).await?;
     let members: Arc<Vec<String>> = Arc::new(cluster.nodes.iter().map(|d| d.data.clone()).collect());
     let epoch = Instant::now();
-    // Microseconds since `epoch` of the latest acknowledged write.
-    let last_ack = Arc::new(AtomicU64::new(0));
+    // Microseconds since `epoch`: when the killed leader was confirmed gone, and the first
+    // acknowledgement after that (which only a new leader can have given).
+    let dead_at = Arc::new(AtomicU64::new(u64::MAX));
+    let first_ack_after = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).tcp_nodelay(true).build()?;
     let mut tasks = Vec::new();
     for t in 0..args.concurrency {
-        let (client, members, last_ack, stop) = (client.clone(), members.clone(), last_ack.clone(), stop.clone());
+        let (client, members, stop) = (client.clone(), members.clone(), stop.clone());
+        let (dead_at, first_ack_after) = (dead_at.clone(), first_ack_after.clone());
         tasks.push(tokio::spawn(async move {
             let mut target = t % members.len();
             let mut seq = 0u64;
@@ -44,7 +47,10 @@ async fn main() -> anyhow::Result<()> {
                 let body = json!({"documents": [{"_id": key, "v": "x".repeat(100)}]});
                 match client.post(&url).header("idempotency-key", &key).json(&body).send().await {
                     Ok(r) if r.status().is_success() => {
-                        last_ack.fetch_max(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        let now = epoch.elapsed().as_micros() as u64;
+                        if now > dead_at.load(Ordering::Acquire) {
+                            let _ = first_ack_after.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+                        }
                         seq += 1;
                     }
                     Ok(r) if r.status().as_u16() == 421 => {
@@ -67,14 +73,18 @@ async fn main() -> anyhow::Result<()> {
         let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
         // Steady state first: writes flowing for a second.
         tokio::time::sleep(Duration::from_secs(1)).await;
+        first_ack_after.store(0, Ordering::Release);
         let killed_at = epoch.elapsed().as_micros() as u64;
         cluster.nodes[leader].kill().await;
-        poll("writes to succeed after the kill", Duration::from_secs(30), || async {
-            (last_ack.load(Ordering::Relaxed) > killed_at).then_some(())
+        dead_at.store(epoch.elapsed().as_micros() as u64, Ordering::Release);
+        let first = poll("writes to succeed after the kill", Duration::from_secs(30), || async {
+            let t = first_ack_after.load(Ordering::Acquire);
+            (t > 0).then_some(t)
         })
         .await?;
-        // The first acknowledgement after the kill: unavailability ends there.
-        let gap_ms = (last_ack.load(Ordering::Relaxed) - killed_at) as f64 / 1000.0;
+        dead_at.store(u64::MAX, Ordering::Release);
+        // From the kill to the first write acknowledged by the new leader.
+        let gap_ms = (first - killed_at) as f64 / 1000.0;
         report.add(format!("trial_{trial}_write_unavailability_ms"), gap_ms, "ms");
         gaps.push(gap_ms);
         cluster.nodes[leader].restart().await?;
