@@ -6,7 +6,7 @@ set -euo pipefail
 # Debian packages: libclang-dev for RocksDB's bindgen; protoc and the protobuf well-known
 # types for the etcd client; etcd for the control plane and
 # the benchmarks' peer, iproute2/iptables for the partition tests.
-packages=(libclang-dev clang protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iptables curl python3)
+packages=(libclang-dev clang protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iptables curl openssl python3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -369,3 +369,58 @@ async fn a_gateway_that_loses_its_etcd_lease_stops_serving_and_resyncs() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_listener_serves_tls_with_the_given_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (scripts/setup.sh installs it)");
+    assert!(status.success());
+    let etcd = EtcdCluster::start(1, dir.path()).await.unwrap();
+    let args = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let gw = GatewayProc::start("gw-tls", &etcd.client_urls, &args).await.unwrap();
+    assert!(gw.public.starts_with("https://"), "{}", gw.public);
+    // curl checks the server's certificate against the one we made.
+    let url = format!("{}/healthz", gw.public.replace("127.0.0.1", "localhost"));
+    let port = gw.public.rsplit(':').next().unwrap().to_owned();
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--cacert", cert.to_str().unwrap(), "--resolve", &format!("localhost:{port}:127.0.0.1"), &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), json!({"status": "ok"}));
+    // Plain HTTP on the TLS port gets nowhere.
+    let plain = e2e_plain(&gw.public.replace("https://", "http://")).await;
+    assert!(plain.is_none());
+}
+
+async fn e2e_plain(url: &str) -> Option<u16> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
+    client.get(format!("{url}/healthz")).send().await.ok().map(|r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_is_disconnected_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(1, dir.path()).await.unwrap();
+    let gw = GatewayProc::start("gw-slow", &etcd.client_urls, &["--header-timeout-ms", "300"]).await.unwrap();
+    let addr = gw.public.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    // The headers never end: the gateway closes the connection instead of waiting forever.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the stalled connection was still open after 5 s");
+    // Well-behaved clients are still served.
+    assert_eq!(DataClient::new().get(&format!("{}/healthz", gw.public)).await.0, 200);
+}

@@ -38,7 +38,13 @@ async fn main() -> anyhow::Result<()> {
     control.route("bench", &cluster, 1, RouteState::Serving).await?;
     let token = control.user("bench", "app", UserRole::ReadWrite).await?;
     // Limits far above the load: this measures the gateway's cost, not its limiter.
-    let unlimited = Limits { tier: Tier::Dedicated, qps: 1_000_000, burst: 1_000_000, max_connections: 100_000, max_in_flight: 100_000 };
+    let unlimited = Limits {
+        tier: Tier::Dedicated,
+        qps: 1_000_000,
+        burst: 1_000_000,
+        max_connections: 100_000,
+        max_in_flight: 100_000,
+    };
     control.limits("bench", &unlimited).await?;
     let gw = GatewayProc::start("gw-bench", &etcd.client_urls, &[]).await?;
     let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(256).build()?;
