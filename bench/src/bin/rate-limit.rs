@@ -49,11 +49,11 @@ async fn paced(
         let (http, url, auth, served, hist) = (http.clone(), url.clone(), auth.clone(), served.clone(), hist.clone());
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
-            if let Ok(r) = http.get(&url).header("authorization", auth).send().await {
-                if r.status().is_success() {
-                    served.fetch_add(1, Ordering::Relaxed);
-                    let _ = hist.lock().map(|mut h| h.record(t0.elapsed().as_micros().max(1) as u64));
-                }
+            if let Ok(r) = http.get(&url).header("authorization", auth).send().await
+                && r.status().is_success()
+            {
+                served.fetch_add(1, Ordering::Relaxed);
+                let _ = hist.lock().map(|mut h| h.record(t0.elapsed().as_micros().max(1) as u64));
             }
         }));
     }
