@@ -90,7 +90,7 @@ pub struct TransferLeaderRequest {
 
 /// One change of the replica set's oplog: idempotent, the full after-image of an insert or
 /// replace, the `_id` of a delete.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OplogEntry {
     /// Raft log index of the write that made this change.
@@ -105,7 +105,7 @@ pub struct OplogEntry {
     pub op: OplogOp,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum OplogOp {
     /// The document now is exactly `doc` (insert, update or replace).
@@ -129,7 +129,7 @@ pub enum OplogOp {
 }
 
 /// `GET /v1/admin/oplog?from=I&limit=N` answers a page; `next` is where to continue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OplogPage {
     pub entries: Vec<OplogEntry>,
     pub next: u64,

@@ -19,7 +19,7 @@ fn apply(engine: &Engine, index: u64, ts_ms: u64, key: Option<&str>, op: WriteOp
 }
 
 fn insert(id: u64) -> WriteOp {
-    WriteOp::Insert { coll: "c".into(), docs: vec![json!({"_id": id})] }
+    WriteOp::Insert { coll: "c".into(), docs: vec![serde_json::value::to_raw_value(&json!({"_id": id})).unwrap()] }
 }
 
 #[test]

@@ -226,7 +226,8 @@ proptest! {
                     if let Some(b) = d.b { m.insert("b".into(), json!(b)); }
                     Value::Object(m)
                 }).collect();
-                apply(&engine, n, WriteOp::Insert { coll: "c".into(), docs: jdocs });
+                let docs = jdocs.iter().map(|d| serde_json::value::to_raw_value(d).unwrap()).collect();
+                apply(&engine, n, WriteOp::Insert { coll: "c".into(), docs });
             }
             for (f, sort, limit) in &queries {
                 let mut expected: Vec<&Doc> = docs.iter().filter(|d| eval(f, d)).collect();

@@ -184,9 +184,7 @@ async fn insert(
         let Value::Object(map) = d else {
             return Err(ApiError::bad_request("each document must be a JSON object").into());
         };
-        let doc = with_id(map);
-        check_document(&doc)?;
-        docs.push(doc);
+        docs.push(check_document(&with_id(map))?);
     }
     match write(&ctx, &db, &headers, WriteOp::Insert { coll, docs }).await? {
         WriteAnswer::Inserted { ids } => {

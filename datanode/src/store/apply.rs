@@ -10,6 +10,7 @@ use nimbus_api::admin::{OplogEntry, OplogOp};
 use nimbus_api::{ApiError, ErrorCode};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::catalog::{CollectionMeta, IndexSpec};
@@ -17,7 +18,7 @@ use super::command::{Command, WriteAnswer, WriteOp, WriteResult};
 use super::engine::{Engine, StoreError, decode, encode};
 use super::keys::{self, CF_CATALOG, CF_DOCS, CF_IDEM, CF_IDEM_TTL, CF_IDX, CF_OPLOG};
 use super::read::View;
-use super::validate::check_document;
+use super::validate::{check_document, check_parsed};
 use crate::doc::keycode::{encode as encode_key, encode_dir_into, prefix_end};
 use crate::doc::path::lookup;
 use crate::query::filter::Pred;
@@ -150,9 +151,11 @@ impl Engine {
         match op {
             WriteOp::Insert { coll, docs } => {
                 let mut ids = Vec::with_capacity(docs.len());
-                for doc in docs {
-                    check_document(doc)?;
-                    self.insert_doc(ctx, coll, doc)?;
+                for raw in docs {
+                    let doc: Value =
+                        serde_json::from_str(raw.get()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                    check_parsed(&doc, raw.get().len())?;
+                    self.insert_doc(ctx, coll, &doc, raw)?;
                     ids.push(doc["_id"].clone());
                 }
                 Ok(WriteAnswer::Inserted { ids })
@@ -166,17 +169,18 @@ impl Engine {
                 let mut modified = 0;
                 for (key, old) in &docs {
                     let new = update.apply(old)?;
-                    check_document(&new)?;
-                    if new != *old || serde_json::to_vec(&new).ok() != serde_json::to_vec(old).ok() {
-                        self.replace_doc(ctx, coll, key, old, &new)?;
+                    let raw = check_document(&new)?;
+                    // Unchanged means the same bytes (field order matters to clients).
+                    if serde_json::to_string(old).ok().as_deref() != Some(raw.get()) {
+                        self.replace_doc(ctx, coll, key, old, &new, raw)?;
                         modified += 1;
                     }
                 }
                 let mut upserted_id = None;
                 if matched == 0 && *upsert {
                     let doc = upsert_document(&filter, &update, upsert_id)?;
-                    check_document(&doc)?;
-                    self.insert_doc(ctx, coll, &doc)?;
+                    let raw = check_document(&doc)?;
+                    self.insert_doc(ctx, coll, &doc, &raw)?;
                     upserted_id = Some(doc["_id"].clone());
                 }
                 Ok(WriteAnswer::Updated { matched, modified, upserted_id })
@@ -268,7 +272,31 @@ impl Engine {
         ctx.seq += 1;
     }
 
-    fn insert_doc(&self, ctx: &mut Ctx<'_>, coll: &str, doc: &Value) -> Result<(), Refusal> {
+    /// An oplog `put` with the document's JSON text copied as is (it reads back as
+    /// [`OplogOp::Put`]).
+    fn oplog_put(&self, ctx: &mut Ctx<'_>, coll: &str, id: &Value, doc: &RawValue) {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Entry<'a> {
+            index: u64,
+            seq: u32,
+            ts_ms: u64,
+            db: &'a str,
+            coll: &'a str,
+            op: Put<'a>,
+        }
+        #[derive(Serialize)]
+        #[serde(tag = "kind", rename = "put")]
+        struct Put<'a> {
+            id: &'a Value,
+            doc: &'a RawValue,
+        }
+        let entry = Entry { index: ctx.index, seq: ctx.seq, ts_ms: ctx.ts_ms, db: ctx.db, coll, op: Put { id, doc } };
+        ctx.batch.put_cf(self.cf(CF_OPLOG), keys::oplog_key(ctx.index, ctx.seq), encode(&entry));
+        ctx.seq += 1;
+    }
+
+    fn insert_doc(&self, ctx: &mut Ctx<'_>, coll: &str, doc: &Value, raw: &RawValue) -> Result<(), Refusal> {
         let mut meta = self.ensure_collection(ctx, coll);
         let id = &doc["_id"];
         let key = keys::doc_key(ctx.db, coll, id);
@@ -279,15 +307,23 @@ impl Engine {
         for ix in meta.indexes.iter_mut() {
             self.add_index_entries(ctx, coll, ix, doc, &id_enc)?;
         }
-        ctx.batch.put_cf(self.cf(CF_DOCS), &key, serde_json::to_vec(doc).unwrap_or_default());
+        ctx.batch.put_cf(self.cf(CF_DOCS), &key, raw.get());
         ctx.pending.docs.insert(key);
         meta.documents += 1;
         ctx.metas.insert(coll.to_owned(), meta);
-        self.oplog(ctx, Some(coll), OplogOp::Put { id: id.clone(), doc: doc.clone() });
+        self.oplog_put(ctx, coll, id, raw);
         Ok(())
     }
 
-    fn replace_doc(&self, ctx: &mut Ctx<'_>, coll: &str, key: &[u8], old: &Value, new: &Value) -> Result<(), Refusal> {
+    fn replace_doc(
+        &self,
+        ctx: &mut Ctx<'_>,
+        coll: &str,
+        key: &[u8],
+        old: &Value,
+        new: &Value,
+        raw: Box<RawValue>,
+    ) -> Result<(), Refusal> {
         let mut meta = self.ensure_collection(ctx, coll);
         let id_enc = encode_key(&old["_id"]);
         for ix in meta.indexes.iter_mut() {
@@ -299,9 +335,9 @@ impl Engine {
             self.remove_index_entries(ctx, coll, ix, &old_keys, &id_enc);
             self.add_index_entries(ctx, coll, ix, new, &id_enc)?;
         }
-        ctx.batch.put_cf(self.cf(CF_DOCS), key, serde_json::to_vec(new).unwrap_or_default());
+        ctx.batch.put_cf(self.cf(CF_DOCS), key, raw.get());
         ctx.metas.insert(coll.to_owned(), meta);
-        self.oplog(ctx, Some(coll), OplogOp::Put { id: old["_id"].clone(), doc: new.clone() });
+        self.oplog_put(ctx, coll, &old["_id"], &raw);
         Ok(())
     }
 

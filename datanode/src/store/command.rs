@@ -5,13 +5,14 @@
 use nimbus_api::ApiError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// One write, as a Raft log entry carries it.
 ///
 /// The envelope has room for what hot migration needs: a per-database route epoch that a
 /// member checks against the epoch it knows, and a per-database write fence. Both are
 /// optional fields, so adding their enforcement changes no entry already in a log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Command {
     pub db: String,
@@ -27,13 +28,16 @@ pub struct Command {
     pub route_epoch: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "camelCase")]
+/// Externally tagged (`{"insert": {...}}`): serde cannot deserialize the raw documents
+/// inside an internally tagged enum.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum WriteOp {
-    /// Documents with their `_id`s already assigned.
+    /// Documents with their `_id`s already assigned, as the JSON text the leader checked:
+    /// log, RPCs, storage and oplog copy it instead of serialising it again.
     Insert {
         coll: String,
-        docs: Vec<Value>,
+        docs: Vec<Box<RawValue>>,
     },
     Update {
         coll: String,
@@ -124,13 +128,14 @@ mod tests {
     fn commands_round_trip_and_omit_empty_options() {
         let c = Command {
             db: "d".into(),
-            op: WriteOp::Insert { coll: "c".into(), docs: vec![json!({"_id": 1})] },
+            op: WriteOp::Insert { coll: "c".into(), docs: vec![RawValue::from_string(r#"{"_id":1}"#.into()).unwrap()] },
             idempotency_key: None,
             ts_ms: 5,
             route_epoch: None,
         };
         let v = serde_json::to_value(&c).unwrap();
-        assert_eq!(v, json!({"db": "d", "op": {"op": "insert", "coll": "c", "docs": [{"_id": 1}]}, "tsMs": 5}));
-        assert_eq!(serde_json::from_value::<Command>(v).unwrap(), c);
+        assert_eq!(v, json!({"db": "d", "op": {"insert": {"coll": "c", "docs": [{"_id": 1}]}}, "tsMs": 5}));
+        let back: Command = serde_json::from_str(&v.to_string()).unwrap();
+        assert_eq!(serde_json::to_value(&back).unwrap(), v);
     }
 }

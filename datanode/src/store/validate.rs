@@ -3,9 +3,23 @@
 use nimbus_api::ApiError;
 use nimbus_api::limits::{MAX_DOCUMENT_BYTES, MAX_ID_BYTES, check_depth};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-/// Checks a document to be stored (after `_id` assignment).
-pub fn check_document(doc: &Value) -> Result<(), ApiError> {
+/// Checks a document to be stored (after `_id` assignment) and returns its JSON text.
+pub fn check_document(doc: &Value) -> Result<Box<RawValue>, ApiError> {
+    check_shape(doc)?;
+    let text = serde_json::to_string(doc).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    check_size(text.len())?;
+    RawValue::from_string(text).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Checks a document whose JSON text (`size` bytes) is already at hand.
+pub fn check_parsed(doc: &Value, size: usize) -> Result<(), ApiError> {
+    check_shape(doc)?;
+    check_size(size)
+}
+
+fn check_shape(doc: &Value) -> Result<(), ApiError> {
     let Value::Object(map) = doc else {
         return Err(ApiError::bad_request("a document must be a JSON object"));
     };
@@ -14,8 +28,10 @@ pub fn check_document(doc: &Value) -> Result<(), ApiError> {
         Some(id) => check_id(id)?,
         None => return Err(ApiError::bad_request("document has no _id")),
     }
-    check_field_names(doc)?;
-    let size = serde_json::to_vec(doc).map(|v| v.len()).unwrap_or(usize::MAX);
+    check_field_names(doc)
+}
+
+fn check_size(size: usize) -> Result<(), ApiError> {
     if size > MAX_DOCUMENT_BYTES {
         return Err(ApiError::too_large(format!("document is {size} bytes; the limit is {MAX_DOCUMENT_BYTES}")));
     }
