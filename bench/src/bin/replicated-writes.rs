@@ -21,8 +21,8 @@ struct Args {
     /// Runs per system and concurrency (medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Client connections per system.
-    #[arg(long, default_value_t = 4)]
+    /// Client connections per system (HTTP/2 each: etcd's gRPC, the datanode's h2c).
+    #[arg(long, default_value_t = 16)]
     connections: usize,
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     concurrency: Vec<usize>,
