@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use nimbus_e2e::{Cluster, DataClient, Datanode, poll};
 use serde_json::{Value, json};
 
+/// For tests that talk to one leader across several steps: an election timeout long enough
+/// that a starved process on two busy cores does not trigger a spurious election.
+const STABLE_ELECTION_MS: &str = "1000";
+
 /// Sends one write until some member acknowledges it, following `NotLeader` hints and
 /// moving on from members that do not answer. The idempotency key makes the retries safe.
 async fn write_until_acked(
@@ -131,7 +135,9 @@ async fn killing_the_leader_under_write_load_loses_no_acknowledged_write_and_app
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_behind_log_compaction_catches_up_through_a_snapshot() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(3, &["--snapshot-every", "50", "--keep-logs", "0"]).await?;
+    let mut cluster =
+        Cluster::start(3, &["--snapshot-every", "50", "--keep-logs", "0", "--election-timeout-ms", STABLE_ELECTION_MS])
+            .await?;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     let lagging = (leader + 1) % 3;
     cluster.nodes[lagging].kill().await;
@@ -165,7 +171,7 @@ async fn a_member_behind_log_compaction_catches_up_through_a_snapshot() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_learner_is_added_promoted_and_an_old_member_removed() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(3, &[]).await?;
+    let mut cluster = Cluster::start(3, &["--election-timeout-ms", STABLE_ELECTION_MS]).await?;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     let base = cluster.coll_url(leader, "app", "items");
     let (st, _) =
@@ -173,7 +179,7 @@ async fn a_learner_is_added_promoted_and_an_old_member_removed() -> anyhow::Resu
     assert_eq!(st, 201);
 
     let dir = cluster.tmp.path().join("n4");
-    let newcomer = Datanode::start(4, "a", "rs0", &dir, &[]).await?;
+    let newcomer = Datanode::start(4, "a", "rs0", &dir, &cluster.extra_args).await?;
     let admin = cluster.nodes[leader].admin.clone();
     let (st, body) = cluster
         .client
@@ -213,7 +219,7 @@ async fn a_learner_is_added_promoted_and_an_old_member_removed() -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leadership_moves_to_the_named_member() -> anyhow::Result<()> {
-    let cluster = Cluster::start(3, &[]).await?;
+    let cluster = Cluster::start(3, &["--election-timeout-ms", STABLE_ELECTION_MS]).await?;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     let target = (leader + 2) % 3;
     let to = cluster.nodes[target].id;
