@@ -113,10 +113,25 @@ async fn killing_the_leader_under_write_load_loses_no_acknowledged_write_and_app
     }
 
     cluster.nodes[leader].restart().await?;
-    let new_leader = cluster.wait_leader(Duration::from_secs(20)).await?;
-    let applied = cluster.status(new_leader).await.map(|s| s.applied_index).unwrap_or(0);
+    cluster.wait_leader(Duration::from_secs(20)).await?;
+    // A marker written after every acknowledged write: a member that has it has applied
+    // everything before it (log order).
+    let members: Vec<String> = cluster.nodes.iter().map(|d| d.data.clone()).collect();
+    let marker = json!({"documents": [{"_id": "marker"}]});
+    write_until_acked(
+        &client,
+        &members,
+        "/v1/databases/app/collections/markers/documents",
+        &marker,
+        "marker",
+        Duration::from_secs(30),
+    )
+    .await?;
     for i in 0..3 {
-        cluster.wait_applied(i, applied, Duration::from_secs(30)).await?;
+        poll(&format!("member {i} to apply the marker"), Duration::from_secs(30), || async {
+            (cluster.local_docs(i, "app", "markers").await.ok()?.len() == 1).then_some(())
+        })
+        .await?;
     }
     for i in 0..3 {
         let docs = cluster.local_docs(i, "app", "events").await?;
@@ -156,16 +171,21 @@ async fn a_member_behind_log_compaction_catches_up_through_a_snapshot() -> anyho
         .await?;
     cluster.nodes[lagging].restart().await?;
     cluster.wait_applied(lagging, leader_status.applied_index, Duration::from_secs(30)).await?;
-    let docs = cluster.local_docs(lagging, "app", "items").await?;
-    assert_eq!(docs.len(), 300);
+    poll("all 300 documents on the restarted member", Duration::from_secs(10), || async {
+        (cluster.local_docs(lagging, "app", "items").await.ok()?.len() == 300).then_some(())
+    })
+    .await?;
     let s = cluster.status(lagging).await.expect("lagging member answers");
     assert!(s.snapshot_index.is_some(), "the member caught up without a snapshot: {s:?}");
     // It keeps up with new writes after the snapshot too.
     let (st, _) = cluster.client.post(&format!("{base}/documents"), &json!({"documents": [{"_id": "after"}]})).await;
     assert_eq!(st, 201);
-    let applied = cluster.status(leader).await.expect("leader answers").applied_index;
-    cluster.wait_applied(lagging, applied, Duration::from_secs(10)).await?;
-    assert_eq!(cluster.local_docs(lagging, "app", "items").await?.len(), 301);
+    // The leader's status can trail its acknowledgements by a moment, so wait for the
+    // document itself rather than for an applied index read from it.
+    poll("the new document on the caught-up member", Duration::from_secs(10), || async {
+        (cluster.local_docs(lagging, "app", "items").await.ok()?.len() == 301).then_some(())
+    })
+    .await?;
     Ok(())
 }
 
@@ -211,9 +231,10 @@ async fn a_learner_is_added_promoted_and_an_old_member_removed() -> anyhow::Resu
     // The new member has the data and the set still commits writes.
     let (st, _) = cluster.client.post(&format!("{base}/documents"), &json!({"documents": [{"_id": 3}]})).await;
     assert_eq!(st, 201);
-    let applied = cluster.status(leader).await.expect("leader").applied_index;
-    cluster.wait_applied(3, applied, Duration::from_secs(10)).await?;
-    assert_eq!(cluster.local_docs(3, "app", "items").await?.len(), 3);
+    poll("every document on the new member", Duration::from_secs(10), || async {
+        (cluster.local_docs(3, "app", "items").await.ok()?.len() == 3).then_some(())
+    })
+    .await?;
     Ok(())
 }
 
