@@ -24,7 +24,7 @@ use crate::auth::{authenticate, authorize, bearer};
 use crate::limits::TenantLimiter;
 use crate::proxy::Upstream;
 use crate::state::Gateway;
-use crate::usage::Counts;
+use crate::usage::{Counts, Op};
 
 /// An [`ApiError`] as an HTTP answer.
 pub struct HttpError(pub ApiError);
@@ -277,12 +277,11 @@ async fn data(State(app): State<App>, req: Request) -> Response {
     let upstream = Upstream { method: parts.method.clone(), path, body, idempotency_key };
     let result = gw.forward(&db, upstream).await;
     let op = match kind {
-        Kind::Read => "read",
-        Kind::Write => "write",
-        Kind::Delete => "delete",
+        Kind::Read => Op::Read,
+        Kind::Write => Op::Write,
+        Kind::Delete => Op::Delete,
     };
-    metrics::histogram!("nimbus_gateway_request_seconds", "db" => db.clone(), "op" => op)
-        .record(started.elapsed().as_secs_f64());
+    gw.usage.record_latency(&db, op, started.elapsed().as_secs_f64());
     match result {
         Ok(answer) => {
             match kind {

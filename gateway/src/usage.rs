@@ -74,32 +74,81 @@ pub struct DbUsage {
     pub last_60s: Counts,
 }
 
-#[derive(Debug, Default)]
+/// One database's metric handles (registered once, not looked up per request) and window.
+struct DbEntry {
+    window: Mutex<Window>,
+    counters: [metrics::Counter; 7],
+    latency: [metrics::Histogram; 3],
+}
+
+impl DbEntry {
+    fn new(db: &str) -> DbEntry {
+        let c = |name: &'static str| metrics::counter!(name, "db" => db.to_owned());
+        let h =
+            |op: &'static str| metrics::histogram!("nimbus_gateway_request_seconds", "db" => db.to_owned(), "op" => op);
+        DbEntry {
+            window: Mutex::new(Window::default()),
+            counters: [
+                c("nimbus_gateway_reads_total"),
+                c("nimbus_gateway_writes_total"),
+                c("nimbus_gateway_deletes_total"),
+                c("nimbus_gateway_documents_returned_total"),
+                c("nimbus_gateway_bytes_in_total"),
+                c("nimbus_gateway_bytes_out_total"),
+                c("nimbus_gateway_rejected_total"),
+            ],
+            latency: [h("read"), h("write"), h("delete")],
+        }
+    }
+}
+
+/// The kinds of operation whose latency is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read = 0,
+    Write = 1,
+    Delete = 2,
+}
+
+#[derive(Default)]
 pub struct Usage {
-    windows: Mutex<HashMap<String, Window>>,
+    dbs: std::sync::RwLock<HashMap<String, std::sync::Arc<DbEntry>>>,
 }
 
 impl Usage {
+    fn entry(&self, db: &str) -> std::sync::Arc<DbEntry> {
+        if let Some(e) = self.dbs.read().unwrap_or_else(|p| p.into_inner()).get(db) {
+            return e.clone();
+        }
+        let mut dbs = self.dbs.write().unwrap_or_else(|p| p.into_inner());
+        dbs.entry(db.to_owned()).or_insert_with(|| std::sync::Arc::new(DbEntry::new(db))).clone()
+    }
+
     pub fn record(&self, db: &str, c: Counts) {
-        metrics::counter!("nimbus_gateway_reads_total", "db" => db.to_owned()).increment(c.reads);
-        metrics::counter!("nimbus_gateway_writes_total", "db" => db.to_owned()).increment(c.writes);
-        metrics::counter!("nimbus_gateway_deletes_total", "db" => db.to_owned()).increment(c.deletes);
-        metrics::counter!("nimbus_gateway_documents_returned_total", "db" => db.to_owned())
-            .increment(c.documents_returned);
-        metrics::counter!("nimbus_gateway_bytes_in_total", "db" => db.to_owned()).increment(c.bytes_in);
-        metrics::counter!("nimbus_gateway_bytes_out_total", "db" => db.to_owned()).increment(c.bytes_out);
-        metrics::counter!("nimbus_gateway_rejected_total", "db" => db.to_owned()).increment(c.rejected);
+        let e = self.entry(db);
+        let values = [c.reads, c.writes, c.deletes, c.documents_returned, c.bytes_in, c.bytes_out, c.rejected];
+        for (counter, v) in e.counters.iter().zip(values) {
+            if v > 0 {
+                counter.increment(v);
+            }
+        }
         let sec = now_ms() / 1000;
-        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        w.entry(db.to_owned()).or_default().record(sec, &c);
+        e.window.lock().unwrap_or_else(|p| p.into_inner()).record(sec, &c);
+    }
+
+    pub fn record_latency(&self, db: &str, op: Op, seconds: f64) {
+        self.entry(db).latency[op as usize].record(seconds);
     }
 
     /// Sums over the last 10 and 60 seconds, per database.
     pub fn snapshot(&self) -> HashMap<String, DbUsage> {
         let now = now_ms() / 1000;
-        let w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        w.iter()
-            .map(|(db, win)| (db.clone(), DbUsage { last_10s: win.sum(now, 10), last_60s: win.sum(now, 60) }))
+        let dbs = self.dbs.read().unwrap_or_else(|p| p.into_inner());
+        dbs.iter()
+            .map(|(db, e)| {
+                let w = e.window.lock().unwrap_or_else(|p| p.into_inner());
+                (db.clone(), DbUsage { last_10s: w.sum(now, 10), last_60s: w.sum(now, 60) })
+            })
             .collect()
     }
 }
