@@ -106,3 +106,25 @@ impl Control {
         Ok(())
     }
 }
+
+/// What a gateway needs to serve: etcd (one member), a replica set, and routes for some
+/// databases. Everything it started stops when it is dropped.
+pub struct Stack {
+    pub etcd: crate::etcd::EtcdCluster,
+    pub cluster: Cluster,
+    pub control: Control,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start(datanodes: usize, dbs: &[&str]) -> anyhow::Result<Stack> {
+        let dir = tempfile::Builder::new().prefix("nimbus-stack-").tempdir()?;
+        let etcd = crate::etcd::EtcdCluster::start(1, dir.path()).await?;
+        let cluster = Cluster::start(datanodes, &[]).await?;
+        let mut control = Control::connect(&etcd.client_urls).await?;
+        for db in dbs {
+            control.route(db, &cluster, 1, RouteState::Serving).await?;
+        }
+        Ok(Stack { etcd, cluster, control, _dir: dir })
+    }
+}

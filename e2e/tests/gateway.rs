@@ -7,31 +7,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nimbus_api::etcd::{Limits, RouteState, Tier, UserRole};
+use nimbus_api::etcd::{Limits, Tier, UserRole};
 use nimbus_e2e::etcd::EtcdCluster;
-use nimbus_e2e::gateway::{Control, GatewayProc};
-use nimbus_e2e::{Cluster, DataClient, poll};
+use nimbus_e2e::gateway::{GatewayProc, Stack};
+use nimbus_e2e::{DataClient, poll};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 struct Env {
-    etcd: EtcdCluster,
-    cluster: Cluster,
+    stack: Stack,
     gw: GatewayProc,
-    control: Control,
     client: DataClient,
-    _dir: tempfile::TempDir,
 }
 
 async fn env(datanodes: usize, gateway_args: &[&str]) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdCluster::start(1, dir.path()).await.unwrap();
-    let cluster = Cluster::start(datanodes, &[]).await.unwrap();
-    let mut control = Control::connect(&etcd.client_urls).await.unwrap();
-    for db in ["shop", "blog"] {
-        control.route(db, &cluster, 1, RouteState::Serving).await.unwrap();
-    }
-    let gw = GatewayProc::start("gw1", &etcd.client_urls, gateway_args).await.unwrap();
+    let stack = Stack::start(datanodes, &["shop", "blog"]).await.unwrap();
+    let gw = GatewayProc::start("gw1", &stack.etcd.client_urls, gateway_args).await.unwrap();
     let client = DataClient::new();
     let url = format!("{}/readyz", gw.public);
     poll("the gateway to be ready", Duration::from_secs(15), || async {
@@ -39,7 +30,7 @@ async fn env(datanodes: usize, gateway_args: &[&str]) -> Env {
     })
     .await
     .unwrap();
-    Env { etcd, cluster, gw, control, client, _dir: dir }
+    Env { stack, gw, client }
 }
 
 impl Env {
@@ -74,9 +65,9 @@ fn endpoints() -> Vec<(Method, &'static str, Option<Value>, bool)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_confined_to_their_database_and_role() {
     let mut e = env(1, &[]).await;
-    let shop_rw = e.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
-    let shop_ro = e.control.user("shop", "viewer", UserRole::Read).await.unwrap();
-    let blog_rw = e.control.user("blog", "app", UserRole::ReadWrite).await.unwrap();
+    let shop_rw = e.stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
+    let shop_ro = e.stack.control.user("shop", "viewer", UserRole::Read).await.unwrap();
+    let blog_rw = e.stack.control.user("blog", "app", UserRole::ReadWrite).await.unwrap();
     poll("users to reach the gateway", Duration::from_secs(5), || async {
         (e.call(Method::GET, &e.url("shop", "/collections"), None, &shop_rw).await.0 == 200).then_some(())
     })
@@ -118,7 +109,7 @@ async fn tokens_are_confined_to_their_database_and_role() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_api_works_end_to_end_through_the_gateway() {
     let mut e = env(3, &[]).await;
-    let tok = e.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
+    let tok = e.stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
     let base = e.url("shop", "/collections/orders");
     poll("the user to reach the gateway", Duration::from_secs(5), || async {
         (e.call(Method::PUT, &base, None, &tok).await.0 == 201).then_some(())
@@ -214,7 +205,7 @@ async fn the_data_api_works_end_to_end_through_the_gateway() {
 async fn a_new_user_works_and_a_revoked_token_stops_within_a_second() {
     let mut e = env(1, &[]).await;
     let url = e.url("shop", "/collections");
-    let tok = e.control.user("shop", "late", UserRole::ReadWrite).await.unwrap();
+    let tok = e.stack.control.user("shop", "late", UserRole::ReadWrite).await.unwrap();
     let created = Instant::now();
     poll("the new user to work", Duration::from_secs(1), || async {
         (e.call(Method::GET, &url, None, &tok).await.0 == 200).then_some(())
@@ -222,7 +213,7 @@ async fn a_new_user_works_and_a_revoked_token_stops_within_a_second() {
     .await
     .unwrap();
     assert!(created.elapsed() < Duration::from_secs(1));
-    e.control.revoke("shop", "late").await.unwrap();
+    e.stack.control.revoke("shop", "late").await.unwrap();
     let revoked = Instant::now();
     poll("the revoked token to fail", Duration::from_secs(1), || async {
         (e.call(Method::GET, &url, None, &tok).await.0 == 401).then_some(())
@@ -235,10 +226,10 @@ async fn a_new_user_works_and_a_revoked_token_stops_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_qps_limit_requests_are_refused_with_retry_after_and_other_tenants_are_unaffected() {
     let mut e = env(1, &["--queue-wait-ms", "100"]).await;
-    let flood_tok = e.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
-    let calm_tok = e.control.user("blog", "app", UserRole::ReadWrite).await.unwrap();
+    let flood_tok = e.stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
+    let calm_tok = e.stack.control.user("blog", "app", UserRole::ReadWrite).await.unwrap();
     let limits = Limits { tier: Tier::Free, qps: 20, burst: 5, max_connections: 100, max_in_flight: 50 };
-    e.control.limits("shop", &limits).await.unwrap();
+    e.stack.control.limits("shop", &limits).await.unwrap();
     let url = e.url("shop", "/collections");
     poll("the limits to apply", Duration::from_secs(5), || async {
         // 30 requests at once against a burst of 5 and 20/s with 100 ms of queueing:
@@ -300,7 +291,7 @@ async fn over_the_qps_limit_requests_are_refused_with_retry_after_and_other_tena
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_leader_during_a_stream_of_writes_shows_the_client_no_error() {
     let mut e = env(3, &[]).await;
-    let tok = e.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
+    let tok = e.stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
     let url = e.url("shop", "/collections/stream/documents");
     poll("the user to reach the gateway", Duration::from_secs(5), || async {
         (e.call(Method::GET, &e.url("shop", "/collections"), None, &tok).await.0 == 200).then_some(())
@@ -331,9 +322,9 @@ async fn killing_the_leader_during_a_stream_of_writes_shows_the_client_no_error(
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let leader = e.cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
-    e.cluster.nodes[leader].kill().await;
-    e.cluster.wait_leader(Duration::from_secs(10)).await.unwrap();
+    let leader = e.stack.cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+    e.stack.cluster.nodes[leader].kill().await;
+    e.stack.cluster.wait_leader(Duration::from_secs(10)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
@@ -347,14 +338,14 @@ async fn killing_the_leader_during_a_stream_of_writes_shows_the_client_no_error(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_loses_its_etcd_lease_stops_serving_and_resyncs() {
     let mut e = env(1, &["--lease-ttl-secs", "2"]).await;
-    let tok = e.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
+    let tok = e.stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
     let url = e.url("shop", "/collections");
     poll("the user to reach the gateway", Duration::from_secs(5), || async {
         (e.call(Method::GET, &url, None, &tok).await.0 == 200).then_some(())
     })
     .await
     .unwrap();
-    e.etcd.stop().await;
+    e.stack.etcd.stop().await;
     let (st, body) = poll("the gateway to fence itself", Duration::from_secs(5), || async {
         let r = e.call(Method::GET, &url, None, &tok).await;
         (r.0 == 503).then_some(r)
@@ -362,7 +353,7 @@ async fn a_gateway_that_loses_its_etcd_lease_stops_serving_and_resyncs() {
     .await
     .unwrap();
     assert_eq!((st, body["error"]["code"].clone()), (503, json!("Unavailable")));
-    e.etcd.restart().await.unwrap();
+    e.stack.etcd.restart().await.unwrap();
     poll("the gateway to serve again", Duration::from_secs(15), || async {
         (e.call(Method::GET, &url, None, &tok).await.0 == 200).then_some(())
     })

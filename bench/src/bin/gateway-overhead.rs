@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use nimbus_api::etcd::{Limits, RouteState, Tier, UserRole};
+use nimbus_api::etcd::{Limits, Tier, UserRole};
 use nimbus_bench::{Report, RunResult, median, run_load};
-use nimbus_e2e::etcd::EtcdCluster;
-use nimbus_e2e::gateway::{Control, GatewayProc};
-use nimbus_e2e::{Cluster, poll};
+use nimbus_e2e::gateway::{GatewayProc, Stack};
+use nimbus_e2e::poll;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -30,12 +29,9 @@ const PRELOADED: u64 = 1000;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = tempfile::Builder::new().prefix("nimbus-bench-").tempdir()?;
-    let etcd = EtcdCluster::start(1, dir.path()).await?;
-    let cluster = Cluster::start(3, &[]).await?;
+    let mut stack = Stack::start(3, &["bench"]).await?;
+    let (etcd, cluster, control) = (&stack.etcd, &stack.cluster, &mut stack.control);
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
-    let mut control = Control::connect(&etcd.client_urls).await?;
-    control.route("bench", &cluster, 1, RouteState::Serving).await?;
     let token = control.user("bench", "app", UserRole::ReadWrite).await?;
     // Limits far above the load: this measures the gateway's cost, not its limiter.
     let unlimited = Limits {
@@ -111,7 +107,6 @@ async fn main() -> anyhow::Result<()> {
     report.add("gateway_throughput_ratio", ops[1] / ops[0], "x");
     report.write_json(&args.json)?;
     drop(gw);
-    drop(cluster);
-    drop(etcd);
+    drop(stack);
     Ok(())
 }

@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use nimbus_api::etcd::{Limits, RouteState, Tier, UserRole};
+use nimbus_api::etcd::{Limits, Tier, UserRole};
 use nimbus_bench::Report;
-use nimbus_e2e::etcd::EtcdCluster;
-use nimbus_e2e::gateway::{Control, GatewayProc};
-use nimbus_e2e::{Cluster, poll};
+use nimbus_e2e::gateway::{GatewayProc, Stack};
+use nimbus_e2e::poll;
 
 #[derive(Parser)]
 struct Args {
@@ -67,13 +66,8 @@ async fn paced(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = tempfile::Builder::new().prefix("nimbus-bench-").tempdir()?;
-    let etcd = EtcdCluster::start(1, dir.path()).await?;
-    let cluster = Cluster::start(3, &[]).await?;
-    let mut control = Control::connect(&etcd.client_urls).await?;
-    for db in ["flood", "calm"] {
-        control.route(db, &cluster, 1, RouteState::Serving).await?;
-    }
+    let mut stack = Stack::start(3, &["flood", "calm"]).await?;
+    let (etcd, control) = (&stack.etcd, &mut stack.control);
     let flood_tok = control.user("flood", "app", UserRole::ReadWrite).await?;
     let calm_tok = control.user("calm", "app", UserRole::ReadWrite).await?;
     let burst = (args.qps / 10).max(1);
@@ -117,7 +111,6 @@ async fn main() -> anyhow::Result<()> {
     report.add("rate_limit_served_fraction", served_rate / f64::from(args.qps), "x");
     report.write_json(&args.json)?;
     drop(gw);
-    drop(cluster);
-    drop(etcd);
+    drop(stack);
     Ok(())
 }
