@@ -28,7 +28,8 @@ struct Args {
     json: Option<PathBuf>,
 }
 
-/// Sends GETs at a fixed rate (open loop), returning (served, latency histogram of successes).
+/// Sends GETs at a fixed rate (open loop), returning (served, latency histogram of
+/// successes, time until the last answer: requests queued at the end finish after `dur`).
 async fn paced(
     http: reqwest::Client,
     url: String,
@@ -36,7 +37,7 @@ async fn paced(
     rate: u64,
     dur: Duration,
     stop: Arc<AtomicBool>,
-) -> (u64, Histogram<u64>) {
+) -> (u64, Histogram<u64>, Duration) {
     let served = Arc::new(AtomicU64::new(0));
     let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable!())));
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
@@ -60,7 +61,7 @@ async fn paced(
         let _ = t.await;
     }
     let h = hist.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone());
-    (served.load(Ordering::Relaxed), h)
+    (served.load(Ordering::Relaxed), h, started.elapsed())
 }
 
 #[tokio::main]
@@ -92,13 +93,14 @@ async fn main() -> anyhow::Result<()> {
     let mut report = Report::default();
 
     // Phase 1: the calm tenant alone.
-    let (_, alone) = paced(http.clone(), calm_url.clone(), ca.clone(), args.calm_rate, dur, never.clone()).await;
+    let (_, alone, _) = paced(http.clone(), calm_url.clone(), ca.clone(), args.calm_rate, dur, never.clone()).await;
     // Phase 2: the calm tenant while the other floods at twice its limit.
     let flood =
         tokio::spawn(paced(http.clone(), flood_url.clone(), fa.clone(), u64::from(args.qps) * 2, dur, never.clone()));
-    let (_, with_flood) = paced(http.clone(), calm_url.clone(), ca.clone(), args.calm_rate, dur, never.clone()).await;
-    let (served, _) = flood.await?;
-    let served_rate = served as f64 / dur.as_secs_f64();
+    let (_, with_flood, _) =
+        paced(http.clone(), calm_url.clone(), ca.clone(), args.calm_rate, dur, never.clone()).await;
+    let (served, _, flood_elapsed) = flood.await?;
+    let served_rate = served as f64 / flood_elapsed.as_secs_f64();
     report.add("flood_offered_per_sec", f64::from(args.qps) * 2.0, "req/s");
     report.add("flood_served_per_sec", served_rate.round(), "req/s");
     report.add("calm_p99_ms_alone", alone.value_at_quantile(0.99) as f64 / 1000.0, "ms");
