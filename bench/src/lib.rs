@@ -103,6 +103,30 @@ where
     total
 }
 
+/// Medians over repeated runs of one system.
+pub struct Summary {
+    pub ops_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// Reports `{prefix}_ops_per_sec` (median, min, max), `{prefix}_p50_ms` and
+/// `{prefix}_p99_ms` (medians) of `runs`, and returns the medians.
+pub fn summarize(report: &mut Report, prefix: &str, runs: &[RunResult]) -> Summary {
+    let ops: Vec<f64> = runs.iter().map(RunResult::ops_per_sec).collect();
+    let s = Summary {
+        ops_per_sec: median(&ops),
+        p50_ms: median(&runs.iter().map(RunResult::p50_ms).collect::<Vec<_>>()),
+        p99_ms: median(&runs.iter().map(RunResult::p99_ms).collect::<Vec<_>>()),
+    };
+    report.add(format!("{prefix}_ops_per_sec"), s.ops_per_sec.round(), "ops/s");
+    report.add(format!("{prefix}_ops_per_sec_min"), ops.iter().copied().fold(f64::MAX, f64::min).round(), "ops/s");
+    report.add(format!("{prefix}_ops_per_sec_max"), ops.iter().copied().fold(0.0, f64::max).round(), "ops/s");
+    report.add(format!("{prefix}_p50_ms"), s.p50_ms, "ms");
+    report.add(format!("{prefix}_p99_ms"), s.p99_ms, "ms");
+    s
+}
+
 /// A latency histogram from 1 µs to 60 s with 3 significant digits.
 fn histogram() -> Histogram<u64> {
     // The bounds are constants that hdrhistogram accepts; failure would be a bug here.

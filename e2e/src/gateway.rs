@@ -1,17 +1,14 @@
 //! A gateway process and the control-plane writes it reads (routes, users, limits in etcd).
 
 use std::process::Stdio;
-use std::time::Duration;
 
-use anyhow::Context;
 use etcd_client::Client;
 use nimbus_api::etcd::{self as keys, Limits, Route, RouteMember, RouteState, UserRole};
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::cluster::Cluster;
-use crate::process::binary;
+use crate::process::{binary, spawn_reporting};
 
 #[derive(Deserialize)]
 struct Endpoints {
@@ -28,8 +25,8 @@ pub struct GatewayProc {
 
 impl GatewayProc {
     pub async fn start(id: &str, etcd: &[String], extra_args: &[&str]) -> anyhow::Result<GatewayProc> {
-        let mut child = Command::new(binary("nimbus-gateway")?)
-            .arg("--id")
+        let mut cmd = Command::new(binary("nimbus-gateway")?);
+        cmd.arg("--id")
             .arg(id)
             .arg("--etcd")
             .arg(etcd.join(","))
@@ -42,17 +39,8 @@ impl GatewayProc {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("failed to start nimbus-gateway")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .context("gateway did not report its endpoints")??
-            .context("gateway exited early")?;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let ep: Endpoints = serde_json::from_str(&line)?;
+            .kill_on_drop(true);
+        let (child, ep): (Child, Endpoints) = spawn_reporting(&mut cmd, "nimbus-gateway").await?;
         Ok(GatewayProc { public: ep.public, admin: ep.admin, child })
     }
 

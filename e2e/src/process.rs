@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -24,6 +25,22 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
         }
     }
     bail!("{name} not found next to {}; run `cargo build --workspace --bins` first (or set {env})", exe.display())
+}
+
+/// Spawns `cmd` (its stdout piped) and reads the endpoints the process prints as its first
+/// line. Stdout is drained afterwards so the process never blocks on a full pipe.
+pub async fn spawn_reporting<T: DeserializeOwned>(cmd: &mut Command, what: &str) -> anyhow::Result<(Child, T)> {
+    let mut child = cmd.spawn().with_context(|| format!("failed to start {what}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .with_context(|| format!("{what} did not report its endpoints within 30 s"))??
+        .with_context(|| format!("{what} exited before reporting its endpoints"))?;
+    let endpoints =
+        serde_json::from_str(&line).with_context(|| format!("unexpected first line {line:?} from {what}"))?;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, endpoints))
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,16 +113,7 @@ impl Datanode {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().context("failed to start nimbus-datanode")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .context("datanode did not report its endpoints within 30 s")??
-            .context("datanode exited before reporting its endpoints")?;
-        let ep: Endpoints = serde_json::from_str(&line).with_context(|| format!("unexpected first line {line:?}"))?;
-        // Keep draining stdout so the process never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (child, ep): (Child, Endpoints) = spawn_reporting(&mut cmd, "nimbus-datanode").await?;
         self.data_port = port_of(&ep.data);
         self.admin_port = port_of(&ep.admin);
         self.data = ep.data;

@@ -38,6 +38,13 @@ impl Env {
         format!("{}/v1/databases/{db}{rest}", self.gw.public)
     }
 
+    /// Polls a body-less request until it answers `status`, failing after `timeout`.
+    async fn wait_status(&self, what: &str, timeout: Duration, method: Method, url: &str, token: &str, status: u16) {
+        poll(what, timeout, || async { (self.call(method.clone(), url, None, token).await.0 == status).then_some(()) })
+            .await
+            .unwrap();
+    }
+
     async fn call(&self, method: Method, url: &str, body: Option<&Value>, token: &str) -> (u16, Value) {
         let auth = format!("Bearer {token}");
         self.client.call(method, url, body, &[("authorization", auth.as_str())]).await
@@ -68,11 +75,15 @@ async fn tokens_are_confined_to_their_database_and_role() {
     let shop_rw = e.stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
     let shop_ro = e.stack.control.user("shop", "viewer", UserRole::Read).await.unwrap();
     let blog_rw = e.stack.control.user("blog", "app", UserRole::ReadWrite).await.unwrap();
-    poll("users to reach the gateway", Duration::from_secs(5), || async {
-        (e.call(Method::GET, &e.url("shop", "/collections"), None, &shop_rw).await.0 == 200).then_some(())
-    })
-    .await
-    .unwrap();
+    e.wait_status(
+        "users to reach the gateway",
+        Duration::from_secs(5),
+        Method::GET,
+        &e.url("shop", "/collections"),
+        &shop_rw,
+        200,
+    )
+    .await;
     let before = e.call(Method::POST, &e.url("shop", "/collections/c/find"), Some(&json!({})), &shop_rw).await;
     for (method, path, body, write) in endpoints() {
         let url = e.url("shop", path);
@@ -111,11 +122,7 @@ async fn the_data_api_works_end_to_end_through_the_gateway() {
     let mut e = env(3, &[]).await;
     let tok = e.stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
     let base = e.url("shop", "/collections/orders");
-    poll("the user to reach the gateway", Duration::from_secs(5), || async {
-        (e.call(Method::PUT, &base, None, &tok).await.0 == 201).then_some(())
-    })
-    .await
-    .unwrap();
+    e.wait_status("the user to reach the gateway", Duration::from_secs(5), Method::PUT, &base, &tok, 201).await;
     assert_eq!(e.call(Method::PUT, &base, None, &tok).await.0, 200);
     let (st, body) = e
         .call(
@@ -207,19 +214,11 @@ async fn a_new_user_works_and_a_revoked_token_stops_within_a_second() {
     let url = e.url("shop", "/collections");
     let tok = e.stack.control.user("shop", "late", UserRole::ReadWrite).await.unwrap();
     let created = Instant::now();
-    poll("the new user to work", Duration::from_secs(1), || async {
-        (e.call(Method::GET, &url, None, &tok).await.0 == 200).then_some(())
-    })
-    .await
-    .unwrap();
+    e.wait_status("the new user to work", Duration::from_secs(1), Method::GET, &url, &tok, 200).await;
     assert!(created.elapsed() < Duration::from_secs(1));
     e.stack.control.revoke("shop", "late").await.unwrap();
     let revoked = Instant::now();
-    poll("the revoked token to fail", Duration::from_secs(1), || async {
-        (e.call(Method::GET, &url, None, &tok).await.0 == 401).then_some(())
-    })
-    .await
-    .unwrap();
+    e.wait_status("the revoked token to fail", Duration::from_secs(1), Method::GET, &url, &tok, 401).await;
     assert!(revoked.elapsed() < Duration::from_secs(1));
 }
 
@@ -293,11 +292,15 @@ async fn killing_the_leader_during_a_stream_of_writes_shows_the_client_no_error(
     let mut e = env(3, &[]).await;
     let tok = e.stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
     let url = e.url("shop", "/collections/stream/documents");
-    poll("the user to reach the gateway", Duration::from_secs(5), || async {
-        (e.call(Method::GET, &e.url("shop", "/collections"), None, &tok).await.0 == 200).then_some(())
-    })
-    .await
-    .unwrap();
+    e.wait_status(
+        "the user to reach the gateway",
+        Duration::from_secs(5),
+        Method::GET,
+        &e.url("shop", "/collections"),
+        &tok,
+        200,
+    )
+    .await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..4 {
@@ -340,11 +343,7 @@ async fn a_gateway_that_loses_its_etcd_lease_stops_serving_and_resyncs() {
     let mut e = env(1, &["--lease-ttl-secs", "2"]).await;
     let tok = e.stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
     let url = e.url("shop", "/collections");
-    poll("the user to reach the gateway", Duration::from_secs(5), || async {
-        (e.call(Method::GET, &url, None, &tok).await.0 == 200).then_some(())
-    })
-    .await
-    .unwrap();
+    e.wait_status("the user to reach the gateway", Duration::from_secs(5), Method::GET, &url, &tok, 200).await;
     e.stack.etcd.stop().await;
     let (st, body) = poll("the gateway to fence itself", Duration::from_secs(5), || async {
         let r = e.call(Method::GET, &url, None, &tok).await;
@@ -354,11 +353,7 @@ async fn a_gateway_that_loses_its_etcd_lease_stops_serving_and_resyncs() {
     .unwrap();
     assert_eq!((st, body["error"]["code"].clone()), (503, json!("Unavailable")));
     e.stack.etcd.restart().await.unwrap();
-    poll("the gateway to serve again", Duration::from_secs(15), || async {
-        (e.call(Method::GET, &url, None, &tok).await.0 == 200).then_some(())
-    })
-    .await
-    .unwrap();
+    e.wait_status("the gateway to serve again", Duration::from_secs(15), Method::GET, &url, &tok, 200).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

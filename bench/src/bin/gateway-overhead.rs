@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use nimbus_api::etcd::{Limits, Tier, UserRole};
-use nimbus_bench::{Report, RunResult, median, run_load};
+use nimbus_bench::{Report, RunResult, run_load, summarize};
 use nimbus_e2e::gateway::{GatewayProc, Stack};
 use nimbus_e2e::poll;
 use serde_json::json;
@@ -90,21 +90,10 @@ async fn main() -> anyhow::Result<()> {
             results[path].push(r);
         }
     }
-    let mut ops = [0.0; 2];
-    let mut p50 = [0.0; 2];
-    for (path, name) in [(0, "direct"), (1, "gateway")] {
-        let rs = &results[path];
-        ops[path] = median(&rs.iter().map(RunResult::ops_per_sec).collect::<Vec<_>>());
-        p50[path] = median(&rs.iter().map(RunResult::p50_ms).collect::<Vec<_>>());
-        let spread: Vec<f64> = rs.iter().map(RunResult::ops_per_sec).collect();
-        report.add(format!("{name}_ops_per_sec"), ops[path].round(), "ops/s");
-        report.add(format!("{name}_ops_per_sec_min"), spread.iter().copied().fold(f64::MAX, f64::min).round(), "ops/s");
-        report.add(format!("{name}_ops_per_sec_max"), spread.iter().copied().fold(0.0, f64::max).round(), "ops/s");
-        report.add(format!("{name}_p50_ms"), p50[path], "ms");
-        report.add(format!("{name}_p99_ms"), median(&rs.iter().map(RunResult::p99_ms).collect::<Vec<_>>()), "ms");
-    }
-    report.add("gateway_added_p50_ms", p50[1] - p50[0], "ms");
-    report.add("gateway_throughput_ratio", ops[1] / ops[0], "x");
+    let direct = summarize(&mut report, "direct", &results[0]);
+    let gateway = summarize(&mut report, "gateway", &results[1]);
+    report.add("gateway_added_p50_ms", gateway.p50_ms - direct.p50_ms, "ms");
+    report.add("gateway_throughput_ratio", gateway.ops_per_sec / direct.ops_per_sec, "x");
     report.write_json(&args.json)?;
     drop(gw);
     drop(stack);

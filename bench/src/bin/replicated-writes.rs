@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use nimbus_bench::{Report, RunResult, median, run_load};
+use nimbus_bench::{Report, RunResult, run_load, summarize};
 use nimbus_e2e::Cluster;
 use nimbus_e2e::etcd::EtcdCluster;
 use serde_json::json;
@@ -91,34 +91,11 @@ async fn main() -> anyhow::Result<()> {
                 results[system].push(r);
             }
         }
-        let mut ops = [0.0; 2];
-        let mut p99 = [0.0; 2];
-        for (system, name) in [(0, "etcd"), (1, "datanode")] {
-            let rs = &results[system];
-            let ops_list: Vec<f64> = rs.iter().map(RunResult::ops_per_sec).collect();
-            ops[system] = median(&ops_list);
-            p99[system] = median(&rs.iter().map(RunResult::p99_ms).collect::<Vec<_>>());
-            report.add(format!("{name}_c{c}_ops_per_sec"), ops[system].round(), "ops/s");
-            report.add(
-                format!("{name}_c{c}_ops_per_sec_min"),
-                ops_list.iter().copied().fold(f64::MAX, f64::min).round(),
-                "ops/s",
-            );
-            report.add(
-                format!("{name}_c{c}_ops_per_sec_max"),
-                ops_list.iter().copied().fold(0.0, f64::max).round(),
-                "ops/s",
-            );
-            report.add(
-                format!("{name}_c{c}_p50_ms"),
-                median(&rs.iter().map(RunResult::p50_ms).collect::<Vec<_>>()),
-                "ms",
-            );
-            report.add(format!("{name}_c{c}_p99_ms"), p99[system], "ms");
-        }
+        let etcd_s = summarize(&mut report, &format!("etcd_c{c}"), &results[0]);
+        let dn = summarize(&mut report, &format!("datanode_c{c}"), &results[1]);
         if c == 64 {
-            ratio_c64 = Some(ops[1] / ops[0]);
-            report.add("datanode_vs_etcd_p99_ratio_c64", p99[1] / p99[0], "x");
+            ratio_c64 = Some(dn.ops_per_sec / etcd_s.ops_per_sec);
+            report.add("datanode_vs_etcd_p99_ratio_c64", dn.p99_ms / etcd_s.p99_ms, "x");
         }
     }
     etcd.stop().await;
