@@ -1,0 +1,136 @@
+//! The datanode admin API as the control plane drives it, and the Raft view it derives.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use nimbus_api::admin::{
+    AddLearnerRequest, ChangeVotersRequest, InitRequest, MemberInfo, RemoveMemberRequest, Role, Status,
+    TransferLeaderRequest,
+};
+use serde::Serialize;
+use thiserror::Error;
+
+use super::members::{Membership, RaftView};
+
+/// Each admin call gets this long; a blocking add-learner (catch-up) gets longer.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error("failed to reach datanode {addr}: {source}")]
+    Unreachable { addr: String, source: reqwest::Error },
+    #[error("datanode {addr} refused {what}: {status} {body}")]
+    Refused { addr: String, what: &'static str, status: u16, body: String },
+}
+
+/// An HTTP client of datanode admin ports (`http://host:port`).
+#[derive(Clone)]
+pub struct AdminClient {
+    http: reqwest::Client,
+}
+
+impl Default for AdminClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AdminClient {
+    pub fn new() -> AdminClient {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(ADMIN_TIMEOUT)
+            .build()
+            .unwrap_or_default();
+        AdminClient { http }
+    }
+
+    pub async fn status(&self, admin: &str) -> Result<Status, AdminError> {
+        let unreachable = |source| AdminError::Unreachable { addr: admin.to_string(), source };
+        let resp = self.http.get(format!("{admin}/v1/status")).send().await.map_err(unreachable)?;
+        let resp = resp.error_for_status().map_err(unreachable)?;
+        resp.json().await.map_err(unreachable)
+    }
+
+    pub async fn ready(&self, admin: &str) -> bool {
+        matches!(self.http.get(format!("{admin}/readyz")).send().await, Ok(r) if r.status().is_success())
+    }
+
+    pub async fn init(&self, admin: &str, members: Vec<MemberInfo>) -> Result<(), AdminError> {
+        self.post(admin, "/v1/admin/init", "init", &InitRequest { members }, ADMIN_TIMEOUT).await
+    }
+
+    /// Adds a learner and answers once it has caught up with the leader's log.
+    pub async fn add_learner(&self, leader: &str, member: MemberInfo) -> Result<(), AdminError> {
+        let req = AddLearnerRequest { member, blocking: true };
+        self.post(leader, "/v1/admin/learners", "add learner", &req, CATCH_UP_TIMEOUT).await
+    }
+
+    pub async fn change_voters(&self, leader: &str, voters: &BTreeSet<u64>) -> Result<(), AdminError> {
+        let req = ChangeVotersRequest { voters: voters.iter().copied().collect() };
+        self.post(leader, "/v1/admin/voters", "change voters", &req, ADMIN_TIMEOUT).await
+    }
+
+    pub async fn remove_member(&self, leader: &str, id: u64) -> Result<(), AdminError> {
+        self.post(leader, "/v1/admin/members/remove", "remove member", &RemoveMemberRequest { id }, ADMIN_TIMEOUT).await
+    }
+
+    pub async fn transfer_leader(&self, leader: &str, to: u64) -> Result<(), AdminError> {
+        self.post(leader, "/v1/admin/transfer-leader", "transfer leader", &TransferLeaderRequest { to }, ADMIN_TIMEOUT)
+            .await
+    }
+
+    async fn post<T: Serialize>(
+        &self,
+        admin: &str,
+        path: &str,
+        what: &'static str,
+        body: &T,
+        timeout: Duration,
+    ) -> Result<(), AdminError> {
+        let resp = self
+            .http
+            .post(format!("{admin}{path}"))
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            .map_err(|source| AdminError::Unreachable { addr: admin.to_string(), source })?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        Err(AdminError::Refused { addr: admin.to_string(), what, status, body })
+    }
+}
+
+/// The Raft view of a replica set from the statuses of the members that answered: the
+/// leader's membership when one leads, `Uninitialized` when every answer says the member
+/// never joined a replica set.
+pub fn raft_view(statuses: &[Status]) -> RaftView {
+    if statuses.is_empty() {
+        return RaftView::NoLeader;
+    }
+    let leader =
+        statuses.iter().filter(|s| s.role == Role::Leader && s.leader_id == Some(s.id)).max_by_key(|s| s.term);
+    match leader {
+        Some(l) => RaftView::Led(Membership {
+            leader: l.id,
+            voters: l.members.iter().filter(|m| m.voter).map(|m| m.id).collect(),
+            learners: l.members.iter().filter(|m| !m.voter).map(|m| m.id).collect(),
+            lag: l
+                .members
+                .iter()
+                .map(|m| {
+                    // Not replicated to (yet): unknown, so never "caught up".
+                    let lag = if m.id == l.id { 0 } else { l.replication_lag.get(&m.id).copied().unwrap_or(u64::MAX) };
+                    (m.id, lag)
+                })
+                .collect(),
+        }),
+        None if statuses.iter().all(|s| s.members.is_empty()) => RaftView::Uninitialized,
+        None => RaftView::NoLeader,
+    }
+}

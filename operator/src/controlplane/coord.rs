@@ -1,0 +1,104 @@
+//! The control plane's writes to etcd: a database's route, users and limits.
+//!
+//! Key layout and record shapes are defined once in `nimbus_api::etcd`; the gateways
+//! watch these keys.
+
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, Txn, TxnOp};
+use nimbus_api::etcd::{self, Limits, Route, RouteMember, RouteState, UserRecord};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CoordError {
+    #[error("failed to talk to etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("failed to decode {key} from etcd: {source}")]
+    Decode { key: String, source: serde_json::Error },
+}
+
+pub struct Coordinator {
+    client: Client,
+}
+
+impl Coordinator {
+    pub async fn connect(endpoints: &[String]) -> Result<Coordinator, CoordError> {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(3))
+            .with_timeout(std::time::Duration::from_secs(5));
+        Ok(Coordinator { client: Client::connect(endpoints, Some(opts)).await? })
+    }
+
+    pub async fn route(&mut self, db: &str) -> Result<Option<Route>, CoordError> {
+        let key = etcd::route_key(db);
+        let resp = self.client.get(key.as_str(), None).await?;
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => serde_json::from_slice(kv.value()).map(Some).map_err(|source| CoordError::Decode { key, source }),
+        }
+    }
+
+    /// Points `db` at `replica_set` with these members. A new route starts at epoch 1; an
+    /// existing one keeps its epoch and state (a member change is not a move), so the
+    /// write is idempotent and never undoes a migration's hold.
+    pub async fn put_route(
+        &mut self,
+        db: &str,
+        replica_set: &str,
+        members: Vec<RouteMember>,
+    ) -> Result<bool, CoordError> {
+        let current = self.route(db).await?;
+        let route = match &current {
+            Some(r) if r.replica_set == replica_set => Route { members, ..r.clone() },
+            Some(r) => Route { replica_set: replica_set.into(), members, ..r.clone() },
+            None => Route {
+                replica_set: replica_set.into(),
+                members,
+                epoch: 1,
+                state: RouteState::Serving,
+                hold_deadline_ms: None,
+            },
+        };
+        if current.as_ref() == Some(&route) {
+            return Ok(false);
+        }
+        self.put_json(&etcd::route_key(db), &route).await?;
+        Ok(true)
+    }
+
+    /// Creates the user unless it exists (a token, once issued, stays valid).
+    pub async fn create_user(&mut self, db: &str, user: &str, record: &UserRecord) -> Result<bool, CoordError> {
+        let key = etcd::user_key(db, user);
+        let value = serde_json::to_vec(record).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), value, None)]);
+        Ok(self.client.txn(txn).await?.succeeded())
+    }
+
+    pub async fn put_user(&mut self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError> {
+        self.put_json(&etcd::user_key(db, user), record).await
+    }
+
+    pub async fn user_exists(&mut self, db: &str, user: &str) -> Result<bool, CoordError> {
+        Ok(!self.client.get(etcd::user_key(db, user), None).await?.kvs().is_empty())
+    }
+
+    pub async fn put_limits(&mut self, db: &str, limits: &Limits) -> Result<(), CoordError> {
+        self.put_json(&etcd::limits_key(db), limits).await
+    }
+
+    /// Removes every key of the database: route, users, limits, holds.
+    pub async fn delete_database(&mut self, db: &str) -> Result<(), CoordError> {
+        self.client.delete(etcd::route_key(db), None).await?;
+        self.client.delete(etcd::limits_key(db), None).await?;
+        let prefix = |p: &str| format!("{p}{db}/");
+        self.client.delete(prefix(etcd::USERS), Some(DeleteOptions::new().with_prefix())).await?;
+        self.client.delete(prefix(etcd::HOLDS), Some(DeleteOptions::new().with_prefix())).await?;
+        Ok(())
+    }
+
+    async fn put_json<T: serde::Serialize>(&mut self, key: &str, value: &T) -> Result<(), CoordError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| CoordError::Decode { key: key.into(), source })?;
+        self.client.put(key, bytes, None).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,416 @@
+//! What to do next with the members of one replica set: bootstrap, restart, replace, roll.
+//!
+//! Pure: the provisioner (Kubernetes Pods and PVCs, or local processes and directories)
+//! observes the members, the Raft view comes from the members' `GET /v1/status`, and
+//! [`next_action`] returns the single next step. One step at a time is the whole safety
+//! argument: membership changes one voter at a time, a replacement is a voter before the
+//! lost member is removed (never below a majority), and planned restarts go follower by
+//! follower, the leader last after its leadership has moved.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A learner counts as caught up when it is at most this many entries behind the leader.
+pub const CATCH_UP_LAG: u64 = 100;
+
+/// One member as the provisioner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    pub id: u64,
+    pub zone: String,
+    /// Its Pod or process exists.
+    pub running: bool,
+    /// Its PVC or data directory exists: the member can come back with its data.
+    pub has_data: bool,
+    /// Running and answering `/readyz`.
+    pub ready: bool,
+    /// Runs an older spec (image, resources, flags) than the desired one.
+    pub outdated: bool,
+}
+
+/// The replica set's Raft configuration, as its leader reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RaftView {
+    /// Every reachable member reports that it was never initialised.
+    Uninitialized,
+    /// Initialised, but no leader answers now (an election, or a majority down).
+    NoLeader,
+    Led(Membership),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    pub leader: u64,
+    pub voters: BTreeSet<u64>,
+    pub learners: BTreeSet<u64>,
+    /// Entries each member is behind the leader (absent: unknown).
+    pub lag: BTreeMap<u64, u64>,
+}
+
+/// The next step for a replica set. The provisioner carries it out and observes again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Everything is as it should be.
+    Steady,
+    /// Nothing to do until the world changes (a Pod starting, an election, a catch-up).
+    Wait(String),
+    /// Provision a new member (Pod + PVC, or process + directory) in this zone.
+    Create { id: u64, zone: String },
+    /// Start the member again on its existing data (its Pod or process is gone).
+    Start { id: u64 },
+    /// Initialise Raft with these voters (a new replica set).
+    Bootstrap { voters: Vec<u64> },
+    AddLearner { id: u64 },
+    /// Set the voters to exactly this set: one member more or less than now.
+    ChangeVoters { voters: BTreeSet<u64> },
+    /// Remove the member from the Raft configuration.
+    RemoveMember { id: u64 },
+    /// Deprovision the member: its Pod/process and its PVC/directory.
+    Delete { id: u64 },
+    /// Planned restart: stop the member so it starts again with the new spec.
+    Restart { id: u64 },
+    TransferLeader { to: u64 },
+}
+
+/// The desired shape of a replica set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// One zone per member: `zones[i]` is the zone of the i-th member slot.
+    pub zones: Vec<String>,
+}
+
+/// The single next step, given what is observed.
+pub fn next_action(desired: &Desired, members: &[MemberView], raft: &RaftView) -> Action {
+    let by_id: BTreeMap<u64, &MemberView> = members.iter().map(|m| (m.id, m)).collect();
+    let next_id = members.iter().map(|m| m.id).max().unwrap_or(0) + 1;
+
+    // A member whose process is gone but whose data survives comes back as it was: the
+    // cheapest repair, and safe at any time.
+    if let Some(m) = members.iter().find(|m| m.has_data && !m.running) {
+        return Action::Start { id: m.id };
+    }
+
+    match raft {
+        RaftView::Uninitialized => bootstrap(desired, members, next_id),
+        RaftView::NoLeader => Action::Wait("no leader: waiting for an election".into()),
+        RaftView::Led(ms) => led(desired, members, &by_id, ms, next_id),
+    }
+}
+
+fn bootstrap(desired: &Desired, members: &[MemberView], next_id: u64) -> Action {
+    // Fill each desired zone slot with a member; then initialise once all are ready.
+    let mut free: Vec<&MemberView> = members.iter().filter(|m| m.has_data).collect();
+    for zone in &desired.zones {
+        match free.iter().position(|m| &m.zone == zone) {
+            Some(i) => {
+                free.remove(i);
+            }
+            None => return Action::Create { id: next_id, zone: zone.clone() },
+        }
+    }
+    if let Some(m) = members.iter().find(|m| !m.ready) {
+        return Action::Wait(format!("member {} is not ready", m.id));
+    }
+    Action::Bootstrap { voters: members.iter().filter(|m| m.has_data).map(|m| m.id).collect() }
+}
+
+fn led(
+    desired: &Desired,
+    members: &[MemberView],
+    by_id: &BTreeMap<u64, &MemberView>,
+    ms: &Membership,
+    next_id: u64,
+) -> Action {
+    let healthy = |id: &u64| by_id.get(id).is_some_and(|m| m.has_data && m.ready);
+    // Voters whose data is gone (PVC or directory lost, or never seen): they must be replaced.
+    let lost: Vec<u64> = ms.voters.iter().copied().filter(|id| !by_id.get(id).is_some_and(|m| m.has_data)).collect();
+
+    // 1. A learner that has caught up becomes a voter (the replacement's promotion).
+    for l in &ms.learners {
+        if healthy(l) && ms.lag.get(l).is_some_and(|lag| *lag <= CATCH_UP_LAG) {
+            let mut voters = ms.voters.clone();
+            voters.insert(*l);
+            return Action::ChangeVoters { voters };
+        }
+    }
+    if let Some(l) = ms.learners.iter().find(|l| by_id.get(l).is_some_and(|m| m.has_data)) {
+        return Action::Wait(format!("learner {l} is catching up"));
+    }
+    // A learner whose data is gone is simply removed.
+    if let Some(l) = ms.learners.iter().next() {
+        return Action::RemoveMember { id: *l };
+    }
+
+    // 2. More voters than desired (a replacement was promoted): remove a lost one, or the
+    //    newest surplus if none is lost. Never the leader: move leadership first.
+    if ms.voters.len() > desired.zones.len() {
+        let victim = lost.first().copied().or_else(|| surplus_voter(desired, members, ms));
+        if let Some(id) = victim {
+            if id == ms.leader {
+                if let Some(to) = ms.voters.iter().copied().find(|v| *v != id && healthy(v)) {
+                    return Action::TransferLeader { to };
+                }
+                return Action::Wait("no healthy voter to take over leadership".into());
+            }
+            return Action::RemoveMember { id };
+        }
+    }
+
+    // 3. A lost voter: bring in a replacement in its zone (created, then added as learner).
+    if let Some(lost_id) = lost.first() {
+        let zone = by_id.get(lost_id).map(|m| m.zone.clone()).or_else(|| missing_zone(desired, members, ms));
+        let Some(zone) = zone else {
+            return Action::Wait(format!("no zone known for lost member {lost_id}"));
+        };
+        let in_raft = |id: &u64| ms.voters.contains(id) || ms.learners.contains(id);
+        match members.iter().find(|m| m.zone == zone && m.has_data && !in_raft(&m.id)) {
+            None => return Action::Create { id: next_id, zone },
+            Some(r) if !r.ready => return Action::Wait(format!("replacement {} is not ready", r.id)),
+            Some(r) => return Action::AddLearner { id: r.id },
+        }
+    }
+
+    // 4. Fewer voters than desired (a zone never filled): same path as a replacement.
+    if ms.voters.len() < desired.zones.len() {
+        if let Some(zone) = missing_zone(desired, members, ms) {
+            let in_raft = |id: &u64| ms.voters.contains(id) || ms.learners.contains(id);
+            return match members.iter().find(|m| m.zone == zone && m.has_data && !in_raft(&m.id)) {
+                None => Action::Create { id: next_id, zone },
+                Some(r) if !r.ready => Action::Wait(format!("member {} is not ready", r.id)),
+                Some(r) => Action::AddLearner { id: r.id },
+            };
+        }
+    }
+
+    // 5. Members outside the Raft configuration (a replaced member's leftovers): deprovision.
+    if let Some(m) = members.iter().find(|m| !ms.voters.contains(&m.id) && !ms.learners.contains(&m.id)) {
+        return Action::Delete { id: m.id };
+    }
+
+    // 6. Planned restarts, only when everything is healthy: followers first, the leader
+    //    last after its leadership has moved.
+    if let Some(step) = rolling_step(members, ms) {
+        return step;
+    }
+    if let Some(m) = members.iter().find(|m| !m.ready) {
+        return Action::Wait(format!("member {} is not ready", m.id));
+    }
+    Action::Steady
+}
+
+fn missing_zone(desired: &Desired, members: &[MemberView], ms: &Membership) -> Option<String> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in &ms.voters {
+        if let Some(m) = members.iter().find(|m| m.id == *v && m.has_data) {
+            *counts.entry(m.zone.as_str()).or_default() += 1;
+        }
+    }
+    for zone in &desired.zones {
+        match counts.get_mut(zone.as_str()) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => return Some(zone.clone()),
+        }
+    }
+    None
+}
+
+/// With more voters than desired and none lost: the newest voter in a zone that has more
+/// voters than it should.
+fn surplus_voter(desired: &Desired, members: &[MemberView], ms: &Membership) -> Option<u64> {
+    let want = |zone: &str| desired.zones.iter().filter(|z| z.as_str() == zone).count();
+    ms.voters.iter().rev().copied().find(|v| {
+        members.iter().find(|m| m.id == *v).is_some_and(|m| {
+            let have = ms.voters.iter().filter(|o| members.iter().any(|x| x.id == **o && x.zone == m.zone)).count();
+            have > want(&m.zone)
+        })
+    })
+}
+
+/// The next planned-restart step, if any member is outdated and the set is healthy.
+pub fn rolling_step(members: &[MemberView], ms: &Membership) -> Option<Action> {
+    if !members.iter().any(|m| m.outdated) {
+        return None;
+    }
+    let all_healthy = members.iter().all(|m| m.ready)
+        && ms.voters.iter().all(|v| *v == ms.leader || ms.lag.get(v).is_some_and(|l| *l <= CATCH_UP_LAG));
+    if !all_healthy {
+        return Some(Action::Wait("a member is not healthy: the rolling restart waits".into()));
+    }
+    restart_order(members, ms.leader).into_iter().next()
+}
+
+/// The order of a planned rolling restart: outdated followers by id, then the leader's
+/// leadership moved to an up-to-date follower, then the old leader.
+pub fn restart_order(members: &[MemberView], leader: u64) -> Vec<Action> {
+    let mut steps: Vec<Action> =
+        members.iter().filter(|m| m.outdated && m.id != leader).map(|m| Action::Restart { id: m.id }).collect();
+    if members.iter().any(|m| m.outdated && m.id == leader) {
+        // After the followers are restarted they are current; prefer the lowest id.
+        if let Some(to) = members.iter().map(|m| m.id).find(|id| *id != leader) {
+            steps.push(Action::TransferLeader { to });
+        }
+        steps.push(Action::Restart { id: leader });
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired() -> Desired {
+        Desired { zones: vec!["a".into(), "b".into(), "c".into()] }
+    }
+
+    fn member(id: u64, zone: &str) -> MemberView {
+        MemberView { id, zone: zone.into(), running: true, has_data: true, ready: true, outdated: false }
+    }
+
+    fn three() -> Vec<MemberView> {
+        vec![member(1, "a"), member(2, "b"), member(3, "c")]
+    }
+
+    fn led_by(leader: u64, voters: &[u64], learners: &[u64]) -> RaftView {
+        RaftView::Led(Membership {
+            leader,
+            voters: voters.iter().copied().collect(),
+            learners: learners.iter().copied().collect(),
+            lag: voters.iter().chain(learners).map(|v| (*v, 0)).collect(),
+        })
+    }
+
+    #[test]
+    fn a_new_replica_set_creates_one_member_per_zone_then_bootstraps() {
+        let d = desired();
+        assert_eq!(next_action(&d, &[], &RaftView::Uninitialized), Action::Create { id: 1, zone: "a".into() });
+        let one = vec![member(1, "a")];
+        assert_eq!(next_action(&d, &one, &RaftView::Uninitialized), Action::Create { id: 2, zone: "b".into() });
+        let mut m = three();
+        m[2].ready = false;
+        assert!(matches!(next_action(&d, &m, &RaftView::Uninitialized), Action::Wait(_)));
+        assert_eq!(next_action(&d, &three(), &RaftView::Uninitialized), Action::Bootstrap { voters: vec![1, 2, 3] });
+    }
+
+    #[test]
+    fn a_healthy_replica_set_is_steady() {
+        assert_eq!(next_action(&desired(), &three(), &led_by(1, &[1, 2, 3], &[])), Action::Steady);
+    }
+
+    #[test]
+    fn a_dead_process_with_its_data_is_started_again() {
+        let mut m = three();
+        m[1].running = false;
+        m[1].ready = false;
+        assert_eq!(next_action(&desired(), &m, &led_by(1, &[1, 2, 3], &[])), Action::Start { id: 2 });
+        // Even with no leader (two of three down), starting members is what heals it.
+        assert_eq!(next_action(&desired(), &m, &RaftView::NoLeader), Action::Start { id: 2 });
+    }
+
+    /// Walks the whole replacement of member 2 (its data gone), carrying out each action
+    /// on a model of the world, and checks the order of the membership steps.
+    #[test]
+    fn a_member_whose_data_is_gone_is_replaced_in_its_zone_one_step_at_a_time() {
+        let d = desired();
+        let mut members = three();
+        members[1].has_data = false;
+        members[1].running = false;
+        members[1].ready = false;
+        let mut ms = Membership { leader: 1, voters: [1, 2, 3].into(), learners: [].into(), lag: BTreeMap::new() };
+        let mut steps = Vec::new();
+        for _ in 0..20 {
+            let a = next_action(&d, &members, &RaftView::Led(ms.clone()));
+            steps.push(a.clone());
+            // Never fewer voters with data than a majority of the configuration.
+            let alive = ms.voters.iter().filter(|v| members.iter().any(|m| m.id == **v && m.has_data)).count();
+            assert!(alive * 2 > ms.voters.len(), "below a majority at {a:?}");
+            match a {
+                Action::Steady => break,
+                Action::Create { id, zone } => {
+                    assert_eq!(zone, "b");
+                    members.push(MemberView { id, zone, running: true, has_data: true, ready: true, outdated: false });
+                }
+                Action::AddLearner { id } => {
+                    ms.learners.insert(id);
+                    ms.lag.insert(id, 0);
+                }
+                Action::ChangeVoters { voters } => {
+                    assert_eq!(voters.symmetric_difference(&ms.voters).count(), 1, "one voter at a time");
+                    for v in &voters {
+                        ms.learners.remove(v);
+                    }
+                    ms.voters = voters;
+                }
+                Action::RemoveMember { id } => {
+                    ms.voters.remove(&id);
+                    ms.learners.remove(&id);
+                }
+                Action::Delete { id } => members.retain(|m| m.id != id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            steps,
+            vec![
+                Action::Create { id: 4, zone: "b".into() },
+                Action::AddLearner { id: 4 },
+                Action::ChangeVoters { voters: [1, 2, 3, 4].into() },
+                Action::RemoveMember { id: 2 },
+                Action::Delete { id: 2 },
+                Action::Steady,
+            ]
+        );
+        assert_eq!(ms.voters, [1, 3, 4].into());
+    }
+
+    #[test]
+    fn a_learner_still_behind_is_not_promoted() {
+        let mut ms = Membership { leader: 1, voters: [1, 3].into(), learners: [4].into(), lag: BTreeMap::new() };
+        ms.lag.insert(4, CATCH_UP_LAG + 1);
+        let members = vec![member(1, "a"), member(3, "c"), member(4, "b")];
+        assert!(matches!(next_action(&desired(), &members, &RaftView::Led(ms)), Action::Wait(_)));
+    }
+
+    #[test]
+    fn a_lost_leader_is_removed_only_after_leadership_moves() {
+        // Voters 1..4 after a promotion, and the lost member is the leader itself (its
+        // disk failed under it: it still leads from memory).
+        let mut members = vec![member(1, "a"), member(2, "b"), member(3, "c"), member(4, "a")];
+        members[0].has_data = false;
+        members[0].running = true;
+        let a = next_action(&desired(), &members, &led_by(1, &[1, 2, 3, 4], &[]));
+        assert_eq!(a, Action::TransferLeader { to: 2 });
+        let a = next_action(&desired(), &members, &led_by(2, &[1, 2, 3, 4], &[]));
+        assert_eq!(a, Action::RemoveMember { id: 1 });
+    }
+
+    #[test]
+    fn a_rolling_restart_goes_follower_by_follower_and_the_leader_last() {
+        let mut m = three();
+        for x in &mut m {
+            x.outdated = true;
+        }
+        assert_eq!(
+            restart_order(&m, 2),
+            vec![
+                Action::Restart { id: 1 },
+                Action::Restart { id: 3 },
+                Action::TransferLeader { to: 1 },
+                Action::Restart { id: 2 }
+            ]
+        );
+        assert_eq!(next_action(&desired(), &m, &led_by(2, &[1, 2, 3], &[])), Action::Restart { id: 1 });
+        // Only the leader left outdated: move leadership first.
+        let mut m = three();
+        m[1].outdated = true;
+        assert_eq!(next_action(&desired(), &m, &led_by(2, &[1, 2, 3], &[])), Action::TransferLeader { to: 1 });
+    }
+
+    #[test]
+    fn a_rolling_restart_waits_while_a_follower_lags() {
+        let mut m = three();
+        m[0].outdated = true;
+        let mut ms = Membership { leader: 2, voters: [1, 2, 3].into(), learners: [].into(), lag: BTreeMap::new() };
+        ms.lag.insert(1, 0);
+        ms.lag.insert(3, CATCH_UP_LAG * 10);
+        assert!(matches!(next_action(&desired(), &m, &RaftView::Led(ms)), Action::Wait(_)));
+    }
+}

@@ -1,0 +1,465 @@
+//! `DatabaseInstance`: one tenant database, served by a replica set in three zones.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A tenant database. Apply one and the operator places it in a pool's replica set (three
+/// members in three zones), writes its route and users, and reports it `Ready` with the
+/// endpoint and a credentials Secret.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "nimbus.io",
+    version = "v1alpha1",
+    kind = "DatabaseInstance",
+    namespaced,
+    shortname = "dbi",
+    status = "DatabaseInstanceStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Tier", type_ = "string", json_path = ".spec.tier"),
+    printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool"),
+    printcolumn(name = "Zones", type_ = "string", json_path = ".status.zonesSummary"),
+    printcolumn(name = "Leader", type_ = "string", json_path = ".status.placement.leader"),
+    printcolumn(name = "QPS", type_ = "integer", json_path = ".status.limits.qps", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 50").message("the name must be at most 50 characters"),
+)]
+#[x_kube(validation = Rule::new("!has(oldSelf.database) || (has(self.database) && self.database == oldSelf.database)")
+    .message("spec.database cannot change: move data with a migration instead"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.zones) || (has(self.zones) && self.zones == oldSelf.zones)")
+    .message("spec.zones cannot change once set: each member's zone is fixed for its life"))]
+#[x_kube(validation = Rule::new("!has(self.zones) || self.zones.size() == 0 || self.zones.size() >= 3")
+    .message("spec.zones lists at least three zones (or none: the operator chooses)"))]
+#[x_kube(validation = Rule::new("!has(self.users) || self.users.all(u, self.users.exists_one(v, v.name == u.name))")
+    .message("user names are unique"))]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || !has(self.autoscaling.minQps) || !has(self.autoscaling.maxQps) || self.autoscaling.minQps <= self.autoscaling.maxQps")
+    .message("autoscaling.minQps must not exceed autoscaling.maxQps"))]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseInstanceSpec {
+    /// Name of the database in the data API (`/v1/databases/{database}`). Defaults to the
+    /// instance's name. Cannot change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"))]
+    pub database: Option<String>,
+
+    /// Service tier: sets the default limits and whether the database shares a replica set.
+    #[serde(default)]
+    pub tier: Tier,
+
+    /// The ResourcePool (same namespace) whose replica sets hold this database.
+    #[serde(default = "default_pool")]
+    pub pool: String,
+
+    /// Availability zones (values of `topology.kubernetes.io/zone`) for the members, at least
+    /// three. Empty: three distinct zones found on the nodes. Cannot change once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones: Option<Vec<String>>,
+
+    /// Members of a dedicated replica set: 3, or 5 to survive two failures. Shared pools use
+    /// the pool's size.
+    #[serde(default = "default_replicas")]
+    #[x_kube(validation = Rule::new("self == 3 || self == 5").message("replicas is 3 or 5"))]
+    pub replicas: i32,
+
+    /// Each member's volume.
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// CPU and memory of each datanode of a dedicated replica set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Per-database limits the gateways enforce; unset fields take the tier's defaults.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+
+    /// Elastic scaling of the limits (and, past the pool's room, a migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+
+    /// Backups and point-in-time restore.
+    #[serde(default)]
+    pub backup: BackupSpec,
+
+    /// Users of the database. One `readWrite` user named `app` and one `read` user named
+    /// `reader` are created when the list is empty.
+    #[serde(default)]
+    pub users: Vec<UserSpec>,
+
+    /// Automatic index management from the query statistics.
+    #[serde(default)]
+    pub indexing: IndexingSpec,
+}
+
+fn default_pool() -> String {
+    "default".into()
+}
+
+fn default_replicas() -> i32 {
+    3
+}
+
+/// Service tiers, each with default limits (see `nimbus_api::etcd::Limits::for_tier`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Tier {
+    /// Small limits, a shared replica set.
+    Free,
+    /// The default: moderate limits, a shared replica set.
+    #[default]
+    Standard,
+    /// High limits and a replica set of its own.
+    Dedicated,
+}
+
+impl From<Tier> for nimbus_api::etcd::Tier {
+    fn from(t: Tier) -> Self {
+        match t {
+            Tier::Free => nimbus_api::etcd::Tier::Free,
+            Tier::Standard => nimbus_api::etcd::Tier::Standard,
+            Tier::Dedicated => nimbus_api::etcd::Tier::Dedicated,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Volume size of each member, as a Kubernetes quantity.
+    #[serde(default = "default_storage_size")]
+    pub size: String,
+    /// StorageClass of the members' PVCs; the cluster default when unset. Use a class with
+    /// `volumeBindingMode: WaitForFirstConsumer` so volumes follow the zone pinning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        StorageSpec { size: default_storage_size(), storage_class_name: None }
+    }
+}
+
+fn default_storage_size() -> String {
+    "10Gi".into()
+}
+
+/// Limits; each unset field takes the tier's default.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Sustained requests per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub qps: Option<u32>,
+    /// Requests allowed at once above the sustained rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Concurrent client connections per gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_connections: Option<u32>,
+    /// Requests in flight at once per gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_in_flight: Option<u32>,
+}
+
+impl LimitsSpec {
+    /// The limits the gateways enforce: these fields over the tier's defaults.
+    pub fn resolve(&self, tier: Tier) -> nimbus_api::etcd::Limits {
+        let d = nimbus_api::etcd::Limits::for_tier(tier.into());
+        nimbus_api::etcd::Limits {
+            tier: d.tier,
+            qps: self.qps.unwrap_or(d.qps),
+            burst: self.burst.unwrap_or(d.burst),
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_in_flight: self.max_in_flight.unwrap_or(d.max_in_flight),
+        }
+    }
+}
+
+/// Elastic scaling: the per-database load over a sliding window, spikes filtered out.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Turn elastic scaling on.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The QPS limit never goes below this.
+    #[serde(default = "default_min_qps")]
+    pub min_qps: u32,
+    /// The QPS limit never goes above this (past the pool's room, the database migrates).
+    #[serde(default = "default_max_qps")]
+    pub max_qps: u32,
+    /// Length of the sliding window the load is measured over.
+    #[serde(default = "default_window")]
+    pub window_seconds: u32,
+    /// Least time between two scaling decisions.
+    #[serde(default = "default_cooldown")]
+    pub cooldown_seconds: u32,
+}
+
+fn default_min_qps() -> u32 {
+    100
+}
+fn default_max_qps() -> u32 {
+    20_000
+}
+fn default_window() -> u32 {
+    300
+}
+fn default_cooldown() -> u32 {
+    600
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// Take scheduled backups and keep the oplog for point-in-time restore.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Cron schedule of full backups (UTC).
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// How far back a point-in-time restore can go, in days (at most 35).
+    #[serde(default = "default_retention_days")]
+    #[schemars(range(min = 1, max = 35))]
+    pub retention_days: u32,
+}
+
+impl Default for BackupSpec {
+    fn default() -> Self {
+        BackupSpec { enabled: true, schedule: default_schedule(), retention_days: default_retention_days() }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_schedule() -> String {
+    "0 3 * * *".into()
+}
+fn default_retention_days() -> u32 {
+    7
+}
+
+/// A user of the database.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserSpec {
+    /// User name, unique in the instance.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"))]
+    pub name: String,
+    /// `readWrite`, or `read` for a read-only account.
+    #[serde(default)]
+    pub role: UserRole,
+    /// A Secret key holding this user's token secret (at least 22 characters). Unset: the
+    /// operator generates one and writes the token to `<instance>-credentials`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum UserRole {
+    #[default]
+    ReadWrite,
+    Read,
+}
+
+impl From<UserRole> for nimbus_api::etcd::UserRole {
+    fn from(r: UserRole) -> Self {
+        match r {
+            UserRole::ReadWrite => nimbus_api::etcd::UserRole::ReadWrite,
+            UserRole::Read => nimbus_api::etcd::UserRole::Read,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Secret name, in the instance's namespace.
+    pub name: String,
+    /// Key in the Secret's data.
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexingSpec {
+    /// Create indexes for frequent slow query shapes, and drop automatic ones left unused.
+    #[serde(default = "default_true")]
+    pub automatic: bool,
+    /// At most this many automatic indexes per collection.
+    #[serde(default = "default_max_auto_indexes")]
+    #[schemars(range(min = 0, max = 64))]
+    pub max_automatic_indexes: u32,
+}
+
+impl Default for IndexingSpec {
+    fn default() -> Self {
+        IndexingSpec { automatic: true, max_automatic_indexes: default_max_auto_indexes() }
+    }
+}
+
+fn default_max_auto_indexes() -> u32 {
+    8
+}
+
+/// What the operator observed and did.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseInstanceStatus {
+    /// `Pending`, `Provisioning`, `Ready`, `Degraded`, `Deleting` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// `Ready`, `Progressing` and `Degraded`, with reasons.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The gateway URL applications connect to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The database name in the data API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// The Secret holding endpoint, database, token and read-only token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// Where the database lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementStatus>,
+    /// The member zones, comma-separated (for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones_summary: Option<String>,
+    /// The limits in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsStatus>,
+    /// A migration between replica sets, while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+    /// Backups and the restorable window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Provisioning,
+    Ready,
+    Degraded,
+    Deleting,
+    Failed,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementStatus {
+    /// The replica set holding the database.
+    pub replica_set: String,
+    /// The pool the replica set belongs to.
+    pub pool: String,
+    /// The member that leads now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The members with their zones and roles.
+    #[serde(default)]
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// The member's Raft id in its replica set.
+    pub id: u64,
+    /// Its Pod.
+    pub name: String,
+    /// Its zone, fixed for its life.
+    pub zone: String,
+    /// `leader`, `follower`, `learner`, or `unknown` while it does not answer.
+    pub role: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsStatus {
+    pub qps: u32,
+    pub burst: u32,
+    pub max_connections: u32,
+    pub max_in_flight: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// `Sync`, `Prepare`, `Fence`, `CatchUp`, `Switch`, `Done` or `Aborted`.
+    pub step: String,
+    /// Replica set the database moves from.
+    pub source: String,
+    /// Replica set the database moves to.
+    pub target: String,
+    /// Oplog entries the target is behind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    /// Extra detail (the reason of an abort).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// When the newest full backup finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup_time: Option<String>,
+    /// The earliest moment a point-in-time restore can return to (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earliest_restorable_time: Option<String>,
+}
+
+impl DatabaseInstance {
+    /// The database name: `spec.database`, else the instance's name.
+    pub fn database(&self) -> String {
+        self.spec.database.clone().unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+    }
+
+    /// The users to create: the spec's, or `app` (readWrite) and `reader` (read).
+    pub fn users(&self) -> Vec<UserSpec> {
+        if !self.spec.users.is_empty() {
+            return self.spec.users.clone();
+        }
+        vec![
+            UserSpec { name: "app".into(), role: UserRole::ReadWrite, secret_ref: None },
+            UserSpec { name: "reader".into(), role: UserRole::Read, secret_ref: None },
+        ]
+    }
+}
+
+/// Labels shared by everything the operator makes, keyed by a name.
+pub fn labels(component: &str, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "nimbus".to_string()),
+        ("app.kubernetes.io/component".to_string(), component.to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), "nimbus-operator".to_string()),
+    ]);
+    for (k, v) in extra {
+        l.insert((*k).to_string(), (*v).to_string());
+    }
+    l
+}

@@ -1,0 +1,11 @@
+//! The Nimbus control plane.
+//!
+//! - [`crd`]: the custom resources (`DatabaseInstance`, `ResourcePool`), source of `crds/`.
+//! - [`controlplane`]: the decisions, pure and shared by both provisioners (placement,
+//!   member replacement, rolling restarts), and the clients they drive (datanode admin
+//!   API, etcd).
+//! - [`k8s`]: the Kubernetes provisioner: desired objects and the reconcilers.
+//! - [`playground`]: the local provisioner (processes instead of Pods) and `nimbus playground`.
+
+pub mod controlplane;
+pub mod crd;
