@@ -9,3 +9,4 @@
 
 pub mod controlplane;
 pub mod crd;
+pub mod k8s;

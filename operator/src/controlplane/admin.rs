@@ -81,6 +81,22 @@ impl AdminClient {
             .await
     }
 
+    /// `DELETE /v1/databases/{db}` on the leader's data port (404: already gone).
+    pub async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError> {
+        let resp = self
+            .http
+            .delete(format!("{leader_data}/v1/databases/{db}"))
+            .send()
+            .await
+            .map_err(|source| AdminError::Unreachable { addr: leader_data.to_string(), source })?;
+        if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        Err(AdminError::Refused { addr: leader_data.to_string(), what: "drop database", status, body })
+    }
+
     async fn post<T: Serialize>(
         &self,
         admin: &str,
@@ -113,8 +129,7 @@ pub fn raft_view(statuses: &[Status]) -> RaftView {
     if statuses.is_empty() {
         return RaftView::NoLeader;
     }
-    let leader =
-        statuses.iter().filter(|s| s.role == Role::Leader && s.leader_id == Some(s.id)).max_by_key(|s| s.term);
+    let leader = statuses.iter().filter(|s| s.role == Role::Leader && s.leader_id == Some(s.id)).max_by_key(|s| s.term);
     match leader {
         Some(l) => RaftView::Led(Membership {
             leader: l.id,

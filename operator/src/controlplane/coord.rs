@@ -27,24 +27,21 @@ impl Coordinator {
         Ok(Coordinator { client: Client::connect(endpoints, Some(opts)).await? })
     }
 
-    pub async fn route(&mut self, db: &str) -> Result<Option<Route>, CoordError> {
+    pub async fn route(&self, db: &str) -> Result<Option<Route>, CoordError> {
         let key = etcd::route_key(db);
-        let resp = self.client.get(key.as_str(), None).await?;
+        let resp = self.client.kv_client().get(key.as_str(), None).await?;
         match resp.kvs().first() {
             None => Ok(None),
-            Some(kv) => serde_json::from_slice(kv.value()).map(Some).map_err(|source| CoordError::Decode { key, source }),
+            Some(kv) => {
+                serde_json::from_slice(kv.value()).map(Some).map_err(|source| CoordError::Decode { key, source })
+            }
         }
     }
 
     /// Points `db` at `replica_set` with these members. A new route starts at epoch 1; an
     /// existing one keeps its epoch and state (a member change is not a move), so the
     /// write is idempotent and never undoes a migration's hold.
-    pub async fn put_route(
-        &mut self,
-        db: &str,
-        replica_set: &str,
-        members: Vec<RouteMember>,
-    ) -> Result<bool, CoordError> {
+    pub async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
         let current = self.route(db).await?;
         let route = match &current {
             Some(r) if r.replica_set == replica_set => Route { members, ..r.clone() },
@@ -65,40 +62,40 @@ impl Coordinator {
     }
 
     /// Creates the user unless it exists (a token, once issued, stays valid).
-    pub async fn create_user(&mut self, db: &str, user: &str, record: &UserRecord) -> Result<bool, CoordError> {
+    pub async fn create_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<bool, CoordError> {
         let key = etcd::user_key(db, user);
         let value = serde_json::to_vec(record).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
         let txn = Txn::new()
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.as_str(), value, None)]);
-        Ok(self.client.txn(txn).await?.succeeded())
+        Ok(self.client.kv_client().txn(txn).await?.succeeded())
     }
 
-    pub async fn put_user(&mut self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError> {
+    pub async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError> {
         self.put_json(&etcd::user_key(db, user), record).await
     }
 
-    pub async fn user_exists(&mut self, db: &str, user: &str) -> Result<bool, CoordError> {
-        Ok(!self.client.get(etcd::user_key(db, user), None).await?.kvs().is_empty())
+    pub async fn user_exists(&self, db: &str, user: &str) -> Result<bool, CoordError> {
+        Ok(!self.client.kv_client().get(etcd::user_key(db, user), None).await?.kvs().is_empty())
     }
 
-    pub async fn put_limits(&mut self, db: &str, limits: &Limits) -> Result<(), CoordError> {
+    pub async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError> {
         self.put_json(&etcd::limits_key(db), limits).await
     }
 
     /// Removes every key of the database: route, users, limits, holds.
-    pub async fn delete_database(&mut self, db: &str) -> Result<(), CoordError> {
-        self.client.delete(etcd::route_key(db), None).await?;
-        self.client.delete(etcd::limits_key(db), None).await?;
+    pub async fn delete_database(&self, db: &str) -> Result<(), CoordError> {
+        self.client.kv_client().delete(etcd::route_key(db), None).await?;
+        self.client.kv_client().delete(etcd::limits_key(db), None).await?;
         let prefix = |p: &str| format!("{p}{db}/");
-        self.client.delete(prefix(etcd::USERS), Some(DeleteOptions::new().with_prefix())).await?;
-        self.client.delete(prefix(etcd::HOLDS), Some(DeleteOptions::new().with_prefix())).await?;
+        self.client.kv_client().delete(prefix(etcd::USERS), Some(DeleteOptions::new().with_prefix())).await?;
+        self.client.kv_client().delete(prefix(etcd::HOLDS), Some(DeleteOptions::new().with_prefix())).await?;
         Ok(())
     }
 
-    async fn put_json<T: serde::Serialize>(&mut self, key: &str, value: &T) -> Result<(), CoordError> {
+    async fn put_json<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), CoordError> {
         let bytes = serde_json::to_vec(value).map_err(|source| CoordError::Decode { key: key.into(), source })?;
-        self.client.put(key, bytes, None).await?;
+        self.client.kv_client().put(key, bytes, None).await?;
         Ok(())
     }
 }

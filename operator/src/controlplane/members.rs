@@ -54,21 +54,40 @@ pub enum Action {
     /// Nothing to do until the world changes (a Pod starting, an election, a catch-up).
     Wait(String),
     /// Provision a new member (Pod + PVC, or process + directory) in this zone.
-    Create { id: u64, zone: String },
+    Create {
+        id: u64,
+        zone: String,
+    },
     /// Start the member again on its existing data (its Pod or process is gone).
-    Start { id: u64 },
+    Start {
+        id: u64,
+    },
     /// Initialise Raft with these voters (a new replica set).
-    Bootstrap { voters: Vec<u64> },
-    AddLearner { id: u64 },
+    Bootstrap {
+        voters: Vec<u64>,
+    },
+    AddLearner {
+        id: u64,
+    },
     /// Set the voters to exactly this set: one member more or less than now.
-    ChangeVoters { voters: BTreeSet<u64> },
+    ChangeVoters {
+        voters: BTreeSet<u64>,
+    },
     /// Remove the member from the Raft configuration.
-    RemoveMember { id: u64 },
+    RemoveMember {
+        id: u64,
+    },
     /// Deprovision the member: its Pod/process and its PVC/directory.
-    Delete { id: u64 },
+    Delete {
+        id: u64,
+    },
     /// Planned restart: stop the member so it starts again with the new spec.
-    Restart { id: u64 },
-    TransferLeader { to: u64 },
+    Restart {
+        id: u64,
+    },
+    TransferLeader {
+        to: u64,
+    },
 }
 
 /// The desired shape of a replica set.
@@ -170,15 +189,15 @@ fn led(
     }
 
     // 4. Fewer voters than desired (a zone never filled): same path as a replacement.
-    if ms.voters.len() < desired.zones.len() {
-        if let Some(zone) = missing_zone(desired, members, ms) {
-            let in_raft = |id: &u64| ms.voters.contains(id) || ms.learners.contains(id);
-            return match members.iter().find(|m| m.zone == zone && m.has_data && !in_raft(&m.id)) {
-                None => Action::Create { id: next_id, zone },
-                Some(r) if !r.ready => Action::Wait(format!("member {} is not ready", r.id)),
-                Some(r) => Action::AddLearner { id: r.id },
-            };
-        }
+    if ms.voters.len() < desired.zones.len()
+        && let Some(zone) = missing_zone(desired, members, ms)
+    {
+        let in_raft = |id: &u64| ms.voters.contains(id) || ms.learners.contains(id);
+        return match members.iter().find(|m| m.zone == zone && m.has_data && !in_raft(&m.id)) {
+            None => Action::Create { id: next_id, zone },
+            Some(r) if !r.ready => Action::Wait(format!("member {} is not ready", r.id)),
+            Some(r) => Action::AddLearner { id: r.id },
+        };
     }
 
     // 5. Members outside the Raft configuration (a replaced member's leftovers): deprovision.

@@ -1,6 +1,84 @@
 //! Control-plane decisions (pure) and the clients that carry them out.
+//!
+//! Both provisioners (Kubernetes, and the playground's local processes) drive datanodes and
+//! etcd through [`Datanodes`] and [`ControlStore`]; the real implementations are
+//! [`admin::AdminClient`] and [`coord::Coordinator`].
 
 pub mod admin;
 pub mod coord;
 pub mod members;
 pub mod placement;
+
+use std::collections::BTreeSet;
+
+use async_trait::async_trait;
+use nimbus_api::admin::{MemberInfo, Status};
+use nimbus_api::etcd::{Limits, RouteMember, UserRecord};
+
+pub use admin::AdminError;
+pub use coord::CoordError;
+
+/// The datanode admin (and data) API, as the control plane uses it.
+#[async_trait]
+pub trait Datanodes: Send + Sync {
+    /// `GET /v1/status` of one member; `None` when it does not answer.
+    async fn status(&self, admin: &str) -> Option<Status>;
+    async fn init(&self, admin: &str, members: Vec<MemberInfo>) -> Result<(), AdminError>;
+    async fn add_learner(&self, leader: &str, member: MemberInfo) -> Result<(), AdminError>;
+    async fn change_voters(&self, leader: &str, voters: &BTreeSet<u64>) -> Result<(), AdminError>;
+    async fn remove_member(&self, leader: &str, id: u64) -> Result<(), AdminError>;
+    async fn transfer_leader(&self, leader: &str, to: u64) -> Result<(), AdminError>;
+    /// Drops every collection of `db` through the leader's data API.
+    async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError>;
+}
+
+/// The control plane's records in etcd.
+#[async_trait]
+pub trait ControlStore: Send + Sync {
+    /// Points `db` at `replica_set`; `true` when something changed.
+    async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError>;
+    async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError>;
+    async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError>;
+    async fn delete_database(&self, db: &str) -> Result<(), CoordError>;
+}
+
+#[async_trait]
+impl Datanodes for admin::AdminClient {
+    async fn status(&self, admin: &str) -> Option<Status> {
+        admin::AdminClient::status(self, admin).await.ok()
+    }
+    async fn init(&self, admin: &str, members: Vec<MemberInfo>) -> Result<(), AdminError> {
+        admin::AdminClient::init(self, admin, members).await
+    }
+    async fn add_learner(&self, leader: &str, member: MemberInfo) -> Result<(), AdminError> {
+        admin::AdminClient::add_learner(self, leader, member).await
+    }
+    async fn change_voters(&self, leader: &str, voters: &BTreeSet<u64>) -> Result<(), AdminError> {
+        admin::AdminClient::change_voters(self, leader, voters).await
+    }
+    async fn remove_member(&self, leader: &str, id: u64) -> Result<(), AdminError> {
+        admin::AdminClient::remove_member(self, leader, id).await
+    }
+    async fn transfer_leader(&self, leader: &str, to: u64) -> Result<(), AdminError> {
+        admin::AdminClient::transfer_leader(self, leader, to).await
+    }
+    async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError> {
+        admin::AdminClient::drop_database(self, leader_data, db).await
+    }
+}
+
+#[async_trait]
+impl ControlStore for coord::Coordinator {
+    async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
+        coord::Coordinator::put_route(self, db, replica_set, members).await
+    }
+    async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError> {
+        coord::Coordinator::put_user(self, db, user, record).await
+    }
+    async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError> {
+        coord::Coordinator::put_limits(self, db, limits).await
+    }
+    async fn delete_database(&self, db: &str) -> Result<(), CoordError> {
+        coord::Coordinator::delete_database(self, db).await
+    }
+}

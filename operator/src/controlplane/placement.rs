@@ -86,9 +86,10 @@ pub fn choose_replica_set(pool: &str, mode: PoolMode, sets: &[ReplicaSetLoad], i
     match mode {
         PoolMode::Dedicated => Placement::New(truncate_label(&format!("{pool}-{instance}"))),
         PoolMode::Shared { capacity } => {
-            let best = sets.iter().filter(|s| s.databases < capacity).min_by(|a, b| {
-                a.databases.cmp(&b.databases).then_with(|| a.name.cmp(&b.name))
-            });
+            let best = sets
+                .iter()
+                .filter(|s| s.databases < capacity)
+                .min_by(|a, b| a.databases.cmp(&b.databases).then_with(|| a.name.cmp(&b.name)));
             match best {
                 Some(s) => Placement::Existing(s.name.clone()),
                 None => {

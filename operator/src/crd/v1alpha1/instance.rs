@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 /// A tenant database. Apply one and the operator places it in a pool's replica set (three
 /// members in three zones), writes its route and users, and reports it `Ready` with the
 /// endpoint and a credentials Secret.
+// The derive's repeated `printcolumn(type_ = ...)` keys trip this lint.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "nimbus.io",

@@ -13,6 +13,8 @@ use super::StorageSpec;
 /// A pool of replica sets. `shared` pools pack many small databases into each replica set
 /// (up to `databasesPerReplicaSet`); `dedicated` pools give each database its own. Instances
 /// name their pool; moving an instance to another pool is a hot migration.
+// The derive's repeated `printcolumn(type_ = ...)` keys trip this lint.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "nimbus.io",
@@ -26,7 +28,7 @@ use super::StorageSpec;
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Replica sets", type_ = "integer", json_path = ".status.replicaSetCount"),
     printcolumn(name = "Databases", type_ = "integer", json_path = ".status.databaseCount"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("self.mode == oldSelf.mode").message("spec.mode cannot change"))]
 #[x_kube(validation = Rule::new("self.replicasPerSet == oldSelf.replicasPerSet")

@@ -1,0 +1,649 @@
+//! The DatabaseInstance reconciler: gather → validate → place → build desired objects →
+//! apply → drive the replica set one step → publish route and users → status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::finalizer::{Event, finalizer};
+use kube::{Resource, ResourceExt};
+use nimbus_api::admin::{MemberInfo, Status};
+use nimbus_api::etcd::{RouteMember, UserRecord};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::Error;
+use super::objects::{self, Credentials, ReplicaSetShape, Settings};
+use crate::controlplane::admin::raft_view;
+use crate::controlplane::members::{self, Action as Step, Desired, MemberView, RaftView};
+use crate::controlplane::placement::{self, Placement, PoolMode, ReplicaSetLoad};
+use crate::controlplane::{ControlStore, Datanodes};
+use crate::crd::v1alpha1::{
+    DatabaseInstance, DatabaseInstanceStatus, LimitsStatus, MemberStatus, Phase, PlacementStatus,
+    PoolMode as CrdPoolMode, ResourcePool, ResourcePoolSpec, Tier,
+};
+
+pub const FINALIZER: &str = "nimbus.io/cleanup";
+pub const FIELD_MANAGER: &str = "nimbus-operator";
+/// Requeue while something is changing, and when all is steady (a periodic health check).
+pub const REQUEUE_BUSY: Duration = Duration::from_secs(5);
+pub const REQUEUE_STEADY: Duration = Duration::from_secs(60);
+
+/// What every reconcile needs.
+pub struct Context {
+    pub client: kube::Client,
+    pub settings: Settings,
+    pub datanodes: Arc<dyn Datanodes>,
+    pub store: Arc<dyn ControlStore>,
+    pub recorder: Recorder,
+    pub metrics: super::metrics::Metrics,
+}
+
+pub async fn reconcile(dbi: Arc<DatabaseInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = dbi.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<DatabaseInstance> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, dbi, |event| async {
+        match event {
+            Event::Apply(dbi) => apply(&dbi, &ctx).await,
+            Event::Cleanup(dbi) => cleanup(&dbi, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled("DatabaseInstance", started.elapsed(), result.is_ok());
+    result
+}
+
+/// Requeue with backoff on errors: conflicts and API errors are retried.
+pub fn error_policy(dbi: Arc<DatabaseInstance>, err: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(instance = %dbi.name_any(), error = %err, "reconcile failed; requeueing");
+    Action::requeue(if err.is_conflict() { Duration::from_secs(1) } else { Duration::from_secs(10) })
+}
+
+/// The pool an instance names, or the implicit default pool (shared, 3 per set).
+async fn pool_of(ctx: &Context, ns: &str, name: &str) -> Result<(ResourcePoolSpec, Option<OwnerReference>), Error> {
+    let pools: Api<ResourcePool> = Api::namespaced(ctx.client.clone(), ns);
+    match pools.get_opt(name).await? {
+        Some(p) => Ok((p.spec.clone(), p.controller_owner_ref(&()))),
+        None if name == "default" => Ok((ResourcePoolSpec::default_shared(), None)),
+        None => Err(Error::PoolNotFound(name.to_string())),
+    }
+}
+
+impl ResourcePoolSpec {
+    fn default_shared() -> Self {
+        ResourcePoolSpec {
+            mode: CrdPoolMode::Shared,
+            replicas_per_set: 3,
+            databases_per_replica_set: 200,
+            ..Default::default()
+        }
+    }
+}
+
+async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
+    let ns = dbi.namespace().ok_or(Error::MissingNamespace)?;
+    let name = dbi.name_any();
+    let db = dbi.database();
+    if let Err(e) = nimbus_api::limits::validate_name("database", &db) {
+        let msg = e.message.clone();
+        patch_status(ctx, dbi, failed_status(dbi, "InvalidSpec", &msg)).await?;
+        return Ok(Action::await_change());
+    }
+
+    // Placement: sticky once recorded in the status.
+    let pool_name = dbi.spec.pool.clone();
+    let (pool, pool_owner) = match pool_of(ctx, &ns, &pool_name).await {
+        Ok(p) => p,
+        Err(Error::PoolNotFound(p)) => {
+            patch_status(ctx, dbi, failed_status(dbi, "PoolNotFound", &format!("no ResourcePool {p:?}"))).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        Err(e) => return Err(e),
+    };
+    let dedicated = pool.mode == CrdPoolMode::Dedicated || dbi.spec.tier == Tier::Dedicated;
+    let rs_name = match dbi.status.as_ref().and_then(|s| s.placement.as_ref()) {
+        Some(p) => p.replica_set.clone(),
+        None => {
+            let mode = if dedicated {
+                PoolMode::Dedicated
+            } else {
+                PoolMode::Shared { capacity: pool.databases_per_replica_set }
+            };
+            let loads = replica_set_loads(ctx, &ns, &pool_name).await?;
+            let chosen = placement::choose_replica_set(&pool_name, mode, &loads, &name);
+            info!(instance = %name, replica_set = chosen.name(), new = matches!(chosen, Placement::New(_)), "placed");
+            chosen.name().to_string()
+        }
+    };
+    let owner = if dedicated { dbi.controller_owner_ref(&()) } else { pool_owner.clone() };
+    let replicas = if dedicated { dbi.spec.replicas } else { pool.replicas_per_set };
+    let rs = ReplicaSetShape {
+        name: rs_name.clone(),
+        namespace: ns.clone(),
+        pool: pool_name.clone(),
+        storage_size: if dedicated { dbi.spec.storage.size.clone() } else { pool.storage.size.clone() },
+        storage_class: if dedicated {
+            dbi.spec.storage.storage_class_name.clone()
+        } else {
+            pool.storage.storage_class_name.clone()
+        },
+        resources: if dedicated { dbi.spec.resources.clone() } else { pool.resources.clone() },
+        node_selector: pool.node_selector.clone(),
+        tolerations: pool.tolerations.clone(),
+        owner,
+    };
+
+    // The replica set's zones: recorded on its Service at creation, never changed.
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let zones = match services.get_opt(&rs_name).await?.and_then(|s| zones_of(&s)) {
+        Some(z) => z,
+        None => {
+            let available = node_zones(ctx).await?;
+            let requested = dbi.spec.zones.clone().unwrap_or_default();
+            match placement::member_zones(&available, &requested, replicas.max(0) as u32) {
+                Ok(z) => z,
+                Err(e) => {
+                    patch_status(ctx, dbi, failed_status(dbi, "PlacementFailed", &e.to_string())).await?;
+                    return Ok(Action::requeue(Duration::from_secs(30)));
+                }
+            }
+        }
+    };
+
+    // Desired shared objects.
+    let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    services.patch(&rs_name, &ssa, &Patch::Apply(objects::replica_set_service(&rs, &zones))).await?;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
+    pdbs.patch(&rs_name, &ssa, &Patch::Apply(objects::replica_set_pdb(&rs))).await?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let gw = objects::gateway_deployment(&ctx.settings, &ns, None);
+    deployments.patch(objects::GATEWAY_NAME, &ssa, &Patch::Apply(gw)).await?;
+    services.patch(objects::GATEWAY_NAME, &ssa, &Patch::Apply(objects::gateway_service(&ns, None))).await?;
+
+    // Observe the members and drive the replica set one step.
+    let observed = observe(ctx, &rs).await?;
+    let view = raft_view(&observed.statuses);
+    let step = members::next_action(&Desired { zones: zones.clone() }, &observed.members, &view);
+    let step_result = carry_out(ctx, dbi, &rs, &observed, &view, &step).await;
+    if let Err(e) = &step_result {
+        warn!(instance = %name, replica_set = %rs_name, step = ?step, error = %e, "replica-set step failed");
+    }
+
+    // Once the replica set has a leader: route, users, limits, credentials.
+    let mut published = false;
+    if let RaftView::Led(ms) = &view {
+        let route_members: Vec<RouteMember> = ms
+            .voters
+            .iter()
+            .filter_map(|id| observed.members.iter().find(|m| m.id == *id))
+            .map(|m| RouteMember {
+                id: m.id,
+                data_addr: format!("http://{}:{}", objects::member_host(&rs, m.id), objects::DATA_PORT),
+                zone: m.zone.clone(),
+            })
+            .collect();
+        ctx.store.put_route(&db, &rs_name, route_members).await?;
+        ctx.store.put_limits(&db, &dbi.spec.limits.resolve(dbi.spec.tier)).await?;
+        publish_credentials(ctx, dbi, &ns, &db).await?;
+        published = true;
+    }
+
+    let status = status_of(dbi, &rs, &zones, &observed, &view, &step, published, step_result.as_ref().err());
+    let was_ready = dbi.status.as_ref().and_then(|s| s.phase) == Some(Phase::Ready);
+    if status.phase == Some(Phase::Ready) && !was_ready {
+        event(ctx, dbi, EventType::Normal, "Ready", "Ready", &format!("serving database {db} from {rs_name}")).await;
+    }
+    patch_status(ctx, dbi, status).await?;
+    step_result?;
+    Ok(Action::requeue(if step == Step::Steady { REQUEUE_STEADY } else { REQUEUE_BUSY }))
+}
+
+/// What the provisioner sees of one replica set.
+pub struct Observed {
+    pub members: Vec<MemberView>,
+    pub statuses: Vec<Status>,
+    pub pods: BTreeMap<u64, Pod>,
+}
+
+async fn observe(ctx: &Context, rs: &ReplicaSetShape) -> Result<Observed, Error> {
+    let selector = ListParams::default().labels(&format!("{}={}", objects::LABEL_REPLICA_SET, rs.name));
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &rs.namespace);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &rs.namespace);
+    let member_of = |labels: &BTreeMap<String, String>| -> Option<(u64, String)> {
+        let id = labels.get(objects::LABEL_MEMBER)?.parse().ok()?;
+        Some((id, labels.get(objects::LABEL_ZONE).cloned().unwrap_or_default()))
+    };
+    let want_hash = objects::member_spec_hash(&ctx.settings, rs);
+    let mut views: BTreeMap<u64, MemberView> = BTreeMap::new();
+    let mut by_id = BTreeMap::new();
+    for pvc in pvcs.list(&selector).await? {
+        if pvc.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if let Some((id, zone)) = member_of(pvc.labels()) {
+            views.insert(id, MemberView { id, zone, running: false, has_data: true, ready: false, outdated: false });
+        }
+    }
+    for pod in pods.list(&selector).await? {
+        let Some((id, zone)) = member_of(pod.labels()) else { continue };
+        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        let running = pod.metadata.deletion_timestamp.is_none() && phase != "Failed" && phase != "Succeeded";
+        let ready = running && pod_ready(&pod);
+        let outdated = pod.annotations().get(objects::ANNOTATION_SPEC_HASH) != Some(&want_hash);
+        let v = views.entry(id).or_insert(MemberView {
+            id,
+            zone,
+            running: false,
+            has_data: false,
+            ready: false,
+            outdated: false,
+        });
+        v.running = running;
+        v.ready = ready;
+        v.outdated = outdated;
+        by_id.insert(id, pod);
+    }
+    let mut statuses = Vec::new();
+    for (id, pod) in &by_id {
+        if views.get(id).is_some_and(|v| v.running)
+            && let Some(addr) = pod_admin(pod)
+            && let Some(s) = ctx.datanodes.status(&addr).await
+        {
+            statuses.push(s);
+        }
+    }
+    Ok(Observed { members: views.into_values().collect(), statuses, pods: by_id })
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_admin(pod: &Pod) -> Option<String> {
+    let ip = pod.status.as_ref()?.pod_ip.as_ref()?;
+    Some(format!("http://{ip}:{}", objects::ADMIN_PORT))
+}
+
+fn member_info(rs: &ReplicaSetShape, id: u64, zone: &str) -> MemberInfo {
+    let host = objects::member_host(rs, id);
+    MemberInfo {
+        id,
+        admin_addr: format!("http://{host}:{}", objects::ADMIN_PORT),
+        data_addr: format!("http://{host}:{}", objects::DATA_PORT),
+        zone: zone.to_string(),
+        voter: true,
+    }
+}
+
+/// Carries out one replica-set step.
+async fn carry_out(
+    ctx: &Context,
+    dbi: &DatabaseInstance,
+    rs: &ReplicaSetShape,
+    observed: &Observed,
+    view: &RaftView,
+    step: &Step,
+) -> Result<(), Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &rs.namespace);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &rs.namespace);
+    let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    let zone_of = |id: u64| observed.members.iter().find(|m| m.id == id).map(|m| m.zone.clone()).unwrap_or_default();
+    let leader_admin = || -> Result<String, Error> {
+        let RaftView::Led(ms) = view else { return Err(Error::NoLeader) };
+        observed.pods.get(&ms.leader).and_then(pod_admin).ok_or(Error::NoLeader)
+    };
+    match step {
+        Step::Steady | Step::Wait(_) => {}
+        Step::Create { id, zone } => {
+            let pvc = objects::member_pvc(rs, *id, zone);
+            pvcs.patch(&objects::member_pvc_name(&rs.name, *id), &ssa, &Patch::Apply(pvc)).await?;
+            let pod = objects::member_pod(&ctx.settings, rs, *id, zone);
+            pods.patch(&objects::member_pod_name(&rs.name, *id), &ssa, &Patch::Apply(pod)).await?;
+            let msg = format!("member {id} of {} created in zone {zone}", rs.name);
+            event(ctx, dbi, EventType::Normal, "MemberCreated", "Create", &msg).await;
+        }
+        Step::Start { id } => {
+            // The Pod is gone (or failed) but its volume is there: recreate it on the volume.
+            let name = objects::member_pod_name(&rs.name, *id);
+            if observed.pods.contains_key(id) {
+                pods.delete(&name, &DeleteParams::default()).await?;
+            }
+            let pod = objects::member_pod(&ctx.settings, rs, *id, &zone_of(*id));
+            pods.create(&PostParams::default(), &pod).await?;
+            let msg = format!("member {id} of {} started again on its volume", rs.name);
+            event(ctx, dbi, EventType::Normal, "MemberRestarted", "Start", &msg).await;
+        }
+        Step::Bootstrap { voters } => {
+            let members: Vec<MemberInfo> = voters.iter().map(|id| member_info(rs, *id, &zone_of(*id))).collect();
+            let first = observed.pods.get(&voters[0]).and_then(pod_admin).ok_or(Error::NoLeader)?;
+            ctx.datanodes.init(&first, members).await?;
+            let msg = format!("replica set {} initialised with members {voters:?}", rs.name);
+            event(ctx, dbi, EventType::Normal, "Bootstrapped", "Bootstrap", &msg).await;
+        }
+        Step::AddLearner { id } => {
+            ctx.datanodes.add_learner(&leader_admin()?, member_info(rs, *id, &zone_of(*id))).await?;
+            let msg = format!("member {id} added to {} as a learner and caught up", rs.name);
+            event(ctx, dbi, EventType::Normal, "LearnerAdded", "Replace", &msg).await;
+        }
+        Step::ChangeVoters { voters } => {
+            ctx.datanodes.change_voters(&leader_admin()?, voters).await?;
+            let msg = format!("voters of {} are now {voters:?}", rs.name);
+            event(ctx, dbi, EventType::Normal, "VotersChanged", "Replace", &msg).await;
+        }
+        Step::RemoveMember { id } => {
+            ctx.datanodes.remove_member(&leader_admin()?, *id).await?;
+            let msg = format!("member {id} removed from {}", rs.name);
+            event(ctx, dbi, EventType::Warning, "MemberRemoved", "Replace", &msg).await;
+        }
+        Step::Delete { id } => {
+            let _ = pods.delete(&objects::member_pod_name(&rs.name, *id), &DeleteParams::default()).await;
+            let _ = pvcs.delete(&objects::member_pvc_name(&rs.name, *id), &DeleteParams::default()).await;
+        }
+        Step::Restart { id } => {
+            pods.delete(&objects::member_pod_name(&rs.name, *id), &DeleteParams::default()).await?;
+            let msg = format!("member {id} of {} restarted for a new spec", rs.name);
+            event(ctx, dbi, EventType::Normal, "MemberRolled", "Restart", &msg).await;
+        }
+        Step::TransferLeader { to } => {
+            ctx.datanodes.transfer_leader(&leader_admin()?, *to).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Tokens are made once and kept in `<instance>-credentials`; etcd gets their hashes.
+async fn publish_credentials(ctx: &Context, dbi: &DatabaseInstance, ns: &str, db: &str) -> Result<(), Error> {
+    let name = dbi.name_any();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let existing = secrets.get_opt(&objects::credentials_secret_name(&name)).await?;
+    let stored = |key: &str| -> Option<String> {
+        let data = existing.as_ref()?.data.as_ref()?;
+        String::from_utf8(data.get(key)?.0.clone()).ok()
+    };
+    let mut creds = Credentials {
+        endpoint: objects::gateway_endpoint(ns),
+        database: db.to_string(),
+        tokens: BTreeMap::new(),
+        token: None,
+        read_only_token: None,
+    };
+    for user in dbi.users() {
+        let token = match &user.secret_ref {
+            Some(r) => {
+                let s = secrets.get(&r.name).await?;
+                let secret = s
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(&r.key))
+                    .and_then(|b| String::from_utf8(b.0.clone()).ok())
+                    .ok_or_else(|| Error::BadSecret(format!("{}/{} has no key {}", ns, r.name, r.key)))?;
+                format!("nmb_{db}.{}.{}", user.name, secret.trim())
+            }
+            None => match stored(&format!("token-{}", user.name)) {
+                Some(t) => t,
+                None => nimbus_gateway::auth::new_token(db, &user.name, user.role.into()).0,
+            },
+        };
+        let (_, _, secret) = nimbus_api::etcd::parse_token(&token).ok_or_else(|| {
+            Error::BadSecret(format!("the token of user {} is malformed (secret too short?)", user.name))
+        })?;
+        let record = UserRecord { role: user.role.into(), secret_sha256: nimbus_gateway::auth::secret_sha256(secret) };
+        match user.role {
+            crate::crd::v1alpha1::UserRole::ReadWrite if creds.token.is_none() => creds.token = Some(token.clone()),
+            crate::crd::v1alpha1::UserRole::Read if creds.read_only_token.is_none() => {
+                creds.read_only_token = Some(token.clone())
+            }
+            _ => {}
+        }
+        creds.tokens.insert(user.name.clone(), token);
+        // The Secret first: a token in etcd that no one can read would be useless.
+        ctx.store.put_user(db, &user.name, &record).await?;
+    }
+    let owner = dbi.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
+    let secret = objects::credentials_secret(&name, ns, &owner, &creds);
+    let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    secrets.patch(&objects::credentials_secret_name(&name), &ssa, &Patch::Apply(secret)).await?;
+    Ok(())
+}
+
+async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
+    let db = dbi.database();
+    let ns = dbi.namespace().ok_or(Error::MissingNamespace)?;
+    // Drop the data through the leader, if the database was ever placed.
+    if let Some(p) = dbi.status.as_ref().and_then(|s| s.placement.as_ref()) {
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let selector = ListParams::default().labels(&format!("{}={}", objects::LABEL_REPLICA_SET, p.replica_set));
+        let mut statuses = Vec::new();
+        for pod in pods.list(&selector).await? {
+            if let Some(addr) = pod_admin(&pod)
+                && let Some(s) = ctx.datanodes.status(&addr).await
+            {
+                statuses.push((s, pod));
+            }
+        }
+        let leader = statuses.iter().find(|(s, _)| s.leader_id == Some(s.id));
+        match leader {
+            Some((_, pod)) => {
+                let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
+                ctx.datanodes.drop_database(&format!("http://{ip}:{}", objects::DATA_PORT), &db).await?;
+            }
+            // A replica set with no Pods left (a dedicated one being deleted with the
+            // instance) has no data to drop; one with Pods but no leader must wait.
+            None if statuses.is_empty() && pods.list(&selector).await?.items.is_empty() => {}
+            None => return Err(Error::NoLeader),
+        }
+    }
+    ctx.store.delete_database(&db).await?;
+    event(ctx, dbi, EventType::Normal, "Deleted", "Delete", &format!("database {db}: data, route and users removed"))
+        .await;
+    Ok(Action::await_change())
+}
+
+async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<ReplicaSetLoad>, Error> {
+    let api: Api<DatabaseInstance> = Api::namespaced(ctx.client.clone(), ns);
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for i in api.list(&ListParams::default()).await? {
+        if let Some(p) = i.status.as_ref().and_then(|s| s.placement.as_ref())
+            && p.pool == pool
+        {
+            *counts.entry(p.replica_set.clone()).or_default() += 1;
+        }
+    }
+    Ok(counts.into_iter().map(|(name, databases)| ReplicaSetLoad { name, databases }).collect())
+}
+
+async fn node_zones(ctx: &Context) -> Result<Vec<String>, Error> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let mut zones: BTreeSet<String> = BTreeSet::new();
+    for n in nodes.list(&ListParams::default()).await? {
+        if let Some(z) = n.labels().get(objects::ZONE_LABEL) {
+            zones.insert(z.clone());
+        }
+    }
+    Ok(zones.into_iter().collect())
+}
+
+fn zones_of(svc: &Service) -> Option<Vec<String>> {
+    let z = svc.annotations().get(objects::ANNOTATION_ZONES)?;
+    Some(z.split(',').map(str::to_string).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn status_of(
+    dbi: &DatabaseInstance,
+    rs: &ReplicaSetShape,
+    zones: &[String],
+    observed: &Observed,
+    view: &RaftView,
+    step: &Step,
+    published: bool,
+    error: Option<&Error>,
+) -> DatabaseInstanceStatus {
+    let old = dbi.status.clone().unwrap_or_default();
+    let leader = match view {
+        RaftView::Led(ms) => Some(ms.leader),
+        _ => None,
+    };
+    let role_of = |id: u64| -> String {
+        observed
+            .statuses
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| format!("{:?}", s.role).to_lowercase())
+            .unwrap_or_else(|| "unknown".into())
+    };
+    let members: Vec<MemberStatus> = observed
+        .members
+        .iter()
+        .map(|m| MemberStatus {
+            id: m.id,
+            name: objects::member_pod_name(&rs.name, m.id),
+            zone: m.zone.clone(),
+            role: role_of(m.id),
+        })
+        .collect();
+    let steady = *step == Step::Steady;
+    let was_ready = old.phase == Some(Phase::Ready) || old.phase == Some(Phase::Degraded);
+    let (phase, ready, progressing, degraded) = match (published, steady, error) {
+        (true, true, None) => (Phase::Ready, ("True", "Serving", "the database is served".to_string()), None, None),
+        (true, _, _) => (
+            Phase::Degraded,
+            ("True", "Serving", "the database is served".to_string()),
+            Some(step_reason(step)),
+            Some(error.map(|e| e.to_string()).unwrap_or_else(|| format!("repairing: {step:?}"))),
+        ),
+        (false, _, _) if was_ready => (
+            Phase::Degraded,
+            ("False", "NoLeader", "the replica set has no leader".to_string()),
+            Some(step_reason(step)),
+            Some("the replica set has no leader".to_string()),
+        ),
+        (false, _, _) => (
+            Phase::Provisioning,
+            ("False", "Provisioning", format!("provisioning: {step:?}")),
+            Some(step_reason(step)),
+            error.map(|e| e.to_string()),
+        ),
+    };
+    let generation = dbi.metadata.generation;
+    let mut conditions = old.conditions.clone();
+    set_condition(&mut conditions, "Ready", ready.0, ready.1, &ready.2, generation);
+    match &progressing {
+        Some(reason) => set_condition(&mut conditions, "Progressing", "True", reason, &format!("{step:?}"), generation),
+        None => set_condition(&mut conditions, "Progressing", "False", "Steady", "nothing to do", generation),
+    }
+    match &degraded {
+        Some(msg) => set_condition(&mut conditions, "Degraded", "True", "ReplicaSetUnhealthy", msg, generation),
+        None => set_condition(&mut conditions, "Degraded", "False", "Healthy", "all members healthy", generation),
+    }
+    let limits = dbi.spec.limits.resolve(dbi.spec.tier);
+    DatabaseInstanceStatus {
+        phase: Some(phase),
+        conditions,
+        observed_generation: generation,
+        endpoint: Some(objects::gateway_endpoint(&rs.namespace)),
+        database: Some(dbi.database()),
+        credentials_secret: published.then(|| objects::credentials_secret_name(&dbi.name_any())),
+        placement: Some(PlacementStatus {
+            replica_set: rs.name.clone(),
+            pool: rs.pool.clone(),
+            leader: leader.map(|id| objects::member_pod_name(&rs.name, id)),
+            members,
+        }),
+        zones_summary: Some(zones.join(",")),
+        limits: Some(LimitsStatus {
+            qps: limits.qps,
+            burst: limits.burst,
+            max_connections: limits.max_connections,
+            max_in_flight: limits.max_in_flight,
+        }),
+        migration: old.migration,
+        backup: old.backup,
+    }
+}
+
+fn step_reason(step: &Step) -> String {
+    match step {
+        Step::Steady => "Steady",
+        Step::Wait(_) => "Waiting",
+        Step::Create { .. } => "CreatingMember",
+        Step::Start { .. } => "StartingMember",
+        Step::Bootstrap { .. } => "Bootstrapping",
+        Step::AddLearner { .. } | Step::ChangeVoters { .. } | Step::RemoveMember { .. } => "ReplacingMember",
+        Step::Delete { .. } => "DeletingMember",
+        Step::Restart { .. } | Step::TransferLeader { .. } => "RollingRestart",
+    }
+    .into()
+}
+
+fn failed_status(dbi: &DatabaseInstance, reason: &str, message: &str) -> DatabaseInstanceStatus {
+    let mut s = dbi.status.clone().unwrap_or_default();
+    let generation = dbi.metadata.generation;
+    s.phase = Some(Phase::Failed);
+    s.observed_generation = generation;
+    set_condition(&mut s.conditions, "Ready", "False", reason, message, generation);
+    set_condition(&mut s.conditions, "Degraded", "True", reason, message, generation);
+    s
+}
+
+/// Sets a condition, keeping `lastTransitionTime` unless the status flips.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let now = Time(jiff::Timestamp::now());
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = now;
+            }
+            c.status = status.into();
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: generation,
+            last_transition_time: now,
+        }),
+    }
+}
+
+async fn patch_status(ctx: &Context, dbi: &DatabaseInstance, status: DatabaseInstanceStatus) -> Result<(), Error> {
+    if dbi.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let ns = dbi.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<DatabaseInstance> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({"status": status});
+    api.patch_status(&dbi.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+async fn event(ctx: &Context, dbi: &DatabaseInstance, type_: EventType, reason: &str, action: &str, note: &str) {
+    let ev =
+        KubeEvent { type_, reason: reason.into(), note: Some(note.into()), action: action.into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&ev, &dbi.object_ref(&())).await {
+        warn!(error = %e, reason, "failed to publish an event");
+    }
+}

@@ -1,0 +1,479 @@
+//! The Kubernetes objects the operator wants to exist: built from the resources and the
+//! operator's settings, with no I/O. Written as JSON shaped like the YAML a person would
+//! write, then typed; the tests below check every builder's output as data.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ResourceRequirements, Secret, Service, Toleration};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::crd::v1alpha1::labels;
+
+pub const LABEL_REPLICA_SET: &str = "nimbus.io/replica-set";
+pub const LABEL_MEMBER: &str = "nimbus.io/member-id";
+pub const LABEL_ZONE: &str = "nimbus.io/zone";
+pub const LABEL_POOL: &str = "nimbus.io/pool";
+pub const LABEL_INSTANCE: &str = "nimbus.io/instance";
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub const ANNOTATION_SPEC_HASH: &str = "nimbus.io/spec-hash";
+/// On a replica set's Service: the zone of each member slot, comma-separated. The replica
+/// set's own record: written once at placement, never changed.
+pub const ANNOTATION_ZONES: &str = "nimbus.io/zones";
+
+pub const DATA_PORT: u16 = 7000;
+pub const ADMIN_PORT: u16 = 7100;
+pub const GATEWAY_PORT: u16 = 8080;
+pub const GATEWAY_ADMIN_PORT: u16 = 8081;
+pub const GATEWAY_NAME: &str = "nimbus-gateway";
+/// The uid and gid the images run as (distroless "nonroot").
+pub const RUN_AS: i64 = 65532;
+
+/// The operator's settings that shape what it builds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub datanode_image: String,
+    pub gateway_image: String,
+    pub image_pull_policy: String,
+    pub etcd_endpoints: Vec<String>,
+    pub gateway_replicas: i32,
+    /// Service-account name of the gateway Pods (it needs no API access).
+    pub gateway_service_account: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            datanode_image: "ghcr.io/nimbus-db/nimbus-datanode:0.1.0".into(),
+            gateway_image: "ghcr.io/nimbus-db/nimbus-gateway:0.1.0".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            etcd_endpoints: vec!["http://nimbus-etcd:2379".into()],
+            gateway_replicas: 2,
+            gateway_service_account: None,
+        }
+    }
+}
+
+/// One replica set's shape, as the member objects need it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaSetShape {
+    pub name: String,
+    pub namespace: String,
+    pub pool: String,
+    pub storage_size: String,
+    pub storage_class: Option<String>,
+    pub resources: Option<ResourceRequirements>,
+    pub node_selector: BTreeMap<String, String>,
+    pub tolerations: Vec<Toleration>,
+    /// Owner of the replica set's objects: the instance (dedicated) or the pool (shared).
+    pub owner: Option<OwnerReference>,
+}
+
+pub fn member_pod_name(replica_set: &str, id: u64) -> String {
+    format!("{replica_set}-m{id}")
+}
+
+pub fn member_pvc_name(replica_set: &str, id: u64) -> String {
+    format!("{}-data", member_pod_name(replica_set, id))
+}
+
+/// The stable DNS name of a member (through the replica set's headless Service).
+pub fn member_host(rs: &ReplicaSetShape, id: u64) -> String {
+    format!("{}.{}.{}.svc", member_pod_name(&rs.name, id), rs.name, rs.namespace)
+}
+
+pub fn gateway_endpoint(namespace: &str) -> String {
+    format!("http://{GATEWAY_NAME}.{namespace}.svc:{GATEWAY_PORT}")
+}
+
+#[allow(clippy::expect_used)]
+fn typed<T: DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("the built object matches its Kubernetes type (checked by the builder tests)")
+}
+
+fn meta(name: &str, rs: &ReplicaSetShape, component: &str, extra: &[(&str, &str)]) -> Value {
+    let mut l = labels(component, extra);
+    l.insert(LABEL_REPLICA_SET.into(), rs.name.clone());
+    l.insert(LABEL_POOL.into(), rs.pool.clone());
+    json!({
+        "name": name,
+        "namespace": rs.namespace,
+        "labels": l,
+        "ownerReferences": rs.owner.iter().collect::<Vec<_>>(),
+    })
+}
+
+/// The spec hash of a member Pod: what, when it changes, needs a (rolling) restart.
+pub fn member_spec_hash(settings: &Settings, rs: &ReplicaSetShape) -> String {
+    let inputs = json!([settings.datanode_image, rs.resources, rs.node_selector, rs.tolerations]);
+    hex::encode(&Sha256::digest(inputs.to_string().as_bytes())[..8])
+}
+
+/// The Pod of member `id`, pinned to its zone and spread from its siblings.
+pub fn member_pod(settings: &Settings, rs: &ReplicaSetShape, id: u64, zone: &str) -> Pod {
+    let name = member_pod_name(&rs.name, id);
+    let id_s = id.to_string();
+    let mut metadata = meta(&name, rs, "datanode", &[(LABEL_MEMBER, &id_s), (LABEL_ZONE, zone)]);
+    metadata["annotations"] = json!({ ANNOTATION_SPEC_HASH: member_spec_hash(settings, rs) });
+    let mut node_terms = vec![json!({"key": ZONE_LABEL, "operator": "In", "values": [zone]})];
+    for (k, v) in &rs.node_selector {
+        node_terms.push(json!({"key": k, "operator": "In", "values": [v]}));
+    }
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": {
+            "hostname": name,
+            "subdomain": rs.name,
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 30,
+            "enableServiceLinks": false,
+            "automountServiceAccountToken": false,
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchExpressions": node_terms}]
+                    }
+                },
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [{
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": {LABEL_REPLICA_SET: rs.name}}
+                        }
+                    }]
+                }
+            },
+            "tolerations": rs.tolerations,
+            "securityContext": {
+                "runAsNonRoot": true, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                "seccompProfile": {"type": "RuntimeDefault"}
+            },
+            "containers": [{
+                "name": "datanode",
+                "image": settings.datanode_image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "env": [
+                    {"name": "NIMBUS_NODE_ID", "value": id_s},
+                    {"name": "NIMBUS_ZONE", "value": zone},
+                    {"name": "NIMBUS_REPLICA_SET", "value": rs.name},
+                    {"name": "NIMBUS_DATA_DIR", "value": "/data/nimbus"},
+                    {"name": "NIMBUS_DATA_LISTEN", "value": format!("0.0.0.0:{DATA_PORT}")},
+                    {"name": "NIMBUS_ADMIN_LISTEN", "value": format!("0.0.0.0:{ADMIN_PORT}")},
+                    {"name": "NIMBUS_ADVERTISE_HOST", "value": member_host(rs, id)},
+                    {"name": "RUST_LOG", "value": "info"}
+                ],
+                "ports": [
+                    {"name": "data", "containerPort": DATA_PORT},
+                    {"name": "admin", "containerPort": ADMIN_PORT}
+                ],
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": "admin"}, "periodSeconds": 2, "failureThreshold": 3},
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": "admin"}, "periodSeconds": 10, "failureThreshold": 6},
+                "resources": rs.resources.clone().unwrap_or_default(),
+                "securityContext": {
+                    "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]}
+                },
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]
+            }],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": member_pvc_name(&rs.name, id)}}]
+        }
+    }))
+}
+
+/// The volume of member `id`. It outlives its Pod: a Pod recreated on it keeps the data.
+pub fn member_pvc(rs: &ReplicaSetShape, id: u64, zone: &str) -> PersistentVolumeClaim {
+    let id_s = id.to_string();
+    let mut spec = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": rs.storage_size}}
+    });
+    if let Some(class) = &rs.storage_class {
+        spec["storageClassName"] = json!(class);
+    }
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": meta(&member_pvc_name(&rs.name, id), rs, "datanode", &[(LABEL_MEMBER, &id_s), (LABEL_ZONE, zone)]),
+        "spec": spec
+    }))
+}
+
+/// The headless Service giving each member a stable DNS name; Raft addresses must resolve
+/// before the members are ready, hence `publishNotReadyAddresses`.
+pub fn replica_set_service(rs: &ReplicaSetShape, zones: &[String]) -> Service {
+    let mut metadata = meta(&rs.name, rs, "datanode", &[]);
+    metadata["annotations"] = json!({ ANNOTATION_ZONES: zones.join(",") });
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": true,
+            "selector": {LABEL_REPLICA_SET: rs.name},
+            "ports": [
+                {"name": "data", "port": DATA_PORT, "targetPort": "data"},
+                {"name": "admin", "port": ADMIN_PORT, "targetPort": "admin"}
+            ]
+        }
+    }))
+}
+
+/// At most one member of a replica set down by choice (drains, upgrades): a majority stays.
+pub fn replica_set_pdb(rs: &ReplicaSetShape) -> PodDisruptionBudget {
+    typed(json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": meta(&rs.name, rs, "datanode", &[]),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": {LABEL_REPLICA_SET: rs.name}}
+        }
+    }))
+}
+
+/// The gateways of a namespace: stateless, spread over zones.
+pub fn gateway_deployment(settings: &Settings, namespace: &str, owner: Option<&OwnerReference>) -> Deployment {
+    let l = labels("gateway", &[]);
+    let selector = json!({"app.kubernetes.io/name": "nimbus", "app.kubernetes.io/component": "gateway"});
+    typed(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": GATEWAY_NAME, "namespace": namespace, "labels": l, "ownerReferences": owner.iter().collect::<Vec<_>>()},
+        "spec": {
+            "replicas": settings.gateway_replicas,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": l},
+                "spec": {
+                    "serviceAccountName": settings.gateway_service_account,
+                    "automountServiceAccountToken": false,
+                    "enableServiceLinks": false,
+                    "topologySpreadConstraints": [{
+                        "maxSkew": 1, "topologyKey": ZONE_LABEL, "whenUnsatisfiable": "ScheduleAnyway",
+                        "labelSelector": {"matchLabels": selector}
+                    }],
+                    "securityContext": {
+                        "runAsNonRoot": true, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                        "seccompProfile": {"type": "RuntimeDefault"}
+                    },
+                    "containers": [{
+                        "name": "gateway",
+                        "image": settings.gateway_image,
+                        "imagePullPolicy": settings.image_pull_policy,
+                        "env": [
+                            {"name": "NIMBUS_GATEWAY_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "NIMBUS_ETCD", "value": settings.etcd_endpoints.join(",")},
+                            {"name": "NIMBUS_LISTEN", "value": format!("0.0.0.0:{GATEWAY_PORT}")},
+                            {"name": "NIMBUS_ADMIN_LISTEN", "value": format!("0.0.0.0:{GATEWAY_ADMIN_PORT}")},
+                            {"name": "RUST_LOG", "value": "info"}
+                        ],
+                        "ports": [
+                            {"name": "http", "containerPort": GATEWAY_PORT},
+                            {"name": "admin", "containerPort": GATEWAY_ADMIN_PORT}
+                        ],
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "admin"}, "periodSeconds": 2},
+                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "admin"}, "periodSeconds": 10},
+                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]}
+                        }
+                    }]
+                }
+            }
+        }
+    }))
+}
+
+pub fn gateway_service(namespace: &str, owner: Option<&OwnerReference>) -> Service {
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": GATEWAY_NAME, "namespace": namespace, "labels": labels("gateway", &[]), "ownerReferences": owner.iter().collect::<Vec<_>>()},
+        "spec": {
+            "selector": {"app.kubernetes.io/name": "nimbus", "app.kubernetes.io/component": "gateway"},
+            "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"}]
+        }
+    }))
+}
+
+/// What applications need to connect, in `<instance>-credentials`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub endpoint: String,
+    pub database: String,
+    /// Token of each user, by user name.
+    pub tokens: BTreeMap<String, String>,
+    /// The first readWrite user's token and the first read user's token.
+    pub token: Option<String>,
+    pub read_only_token: Option<String>,
+}
+
+pub fn credentials_secret_name(instance: &str) -> String {
+    format!("{instance}-credentials")
+}
+
+pub fn credentials_secret(instance: &str, namespace: &str, owner: &OwnerReference, c: &Credentials) -> Secret {
+    let mut data =
+        BTreeMap::from([("endpoint".to_string(), c.endpoint.clone()), ("database".to_string(), c.database.clone())]);
+    if let Some(t) = &c.token {
+        data.insert("token".into(), t.clone());
+    }
+    if let Some(t) = &c.read_only_token {
+        data.insert("readOnlyToken".into(), t.clone());
+    }
+    for (user, token) in &c.tokens {
+        data.insert(format!("token-{user}"), token.clone());
+    }
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": credentials_secret_name(instance), "namespace": namespace,
+            "labels": labels("credentials", &[(LABEL_INSTANCE, instance)]),
+            "ownerReferences": [owner]
+        },
+        "type": "Opaque",
+        "stringData": data
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> ReplicaSetShape {
+        ReplicaSetShape {
+            name: "default-rs0".into(),
+            namespace: "apps".into(),
+            pool: "default".into(),
+            storage_size: "5Gi".into(),
+            storage_class: Some("zonal-ssd".into()),
+            resources: Some(typed(json!({"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}))),
+            node_selector: BTreeMap::from([("nimbus.io/pool".into(), "default".into())]),
+            tolerations: vec![],
+            owner: Some(OwnerReference {
+                api_version: "nimbus.io/v1alpha1".into(),
+                kind: "ResourcePool".into(),
+                name: "default".into(),
+                uid: "uid-1".into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }),
+        }
+    }
+
+    fn v<T: serde::Serialize>(t: &T) -> Value {
+        serde_json::to_value(t).unwrap()
+    }
+
+    #[test]
+    fn a_member_pod_is_pinned_to_its_zone_and_spread_from_its_siblings() {
+        let pod = v(&member_pod(&Settings::default(), &shape(), 2, "zone-b"));
+        assert_eq!(pod["metadata"]["name"], "default-rs0-m2");
+        let terms = &pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            [0]["matchExpressions"];
+        assert_eq!(terms[0], json!({"key": ZONE_LABEL, "operator": "In", "values": ["zone-b"]}));
+        assert_eq!(terms[1]["key"], "nimbus.io/pool");
+        let anti = &pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+        assert_eq!(anti["podAffinityTerm"]["labelSelector"]["matchLabels"][LABEL_REPLICA_SET], "default-rs0");
+        assert_eq!(pod["spec"]["hostname"], "default-rs0-m2");
+        assert_eq!(pod["spec"]["subdomain"], "default-rs0");
+    }
+
+    #[test]
+    fn a_member_pod_carries_its_identity_labels_owner_and_resources() {
+        let pod = v(&member_pod(&Settings::default(), &shape(), 2, "zone-b"));
+        let labels = &pod["metadata"]["labels"];
+        assert_eq!(labels[LABEL_MEMBER], "2");
+        assert_eq!(labels[LABEL_ZONE], "zone-b");
+        assert_eq!(labels[LABEL_REPLICA_SET], "default-rs0");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "nimbus-operator");
+        assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "ResourcePool");
+        let c = &pod["spec"]["containers"][0];
+        assert_eq!(c["resources"]["requests"]["cpu"], "500m");
+        let env: BTreeMap<String, Value> = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["name"].as_str().unwrap().into(), e["value"].clone()))
+            .collect();
+        assert_eq!(env["NIMBUS_NODE_ID"], "2");
+        assert_eq!(env["NIMBUS_ZONE"], "zone-b");
+        assert_eq!(env["NIMBUS_ADVERTISE_HOST"], "default-rs0-m2.default-rs0.apps.svc");
+        assert_eq!(pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], "default-rs0-m2-data");
+    }
+
+    #[test]
+    fn member_pods_run_as_non_root_with_a_read_only_root_filesystem() {
+        let pod = v(&member_pod(&Settings::default(), &shape(), 1, "a"));
+        assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+        let sc = &pod["spec"]["containers"][0]["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        let gw = v(&gateway_deployment(&Settings::default(), "apps", None));
+        assert_eq!(gw["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(gw["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
+    }
+
+    #[test]
+    fn the_spec_hash_changes_with_the_image_and_resources_only() {
+        let s = Settings::default();
+        let a = member_spec_hash(&s, &shape());
+        assert_eq!(a, member_spec_hash(&s, &shape()));
+        let s2 = Settings { datanode_image: "other:1".into(), ..s.clone() };
+        assert_ne!(a, member_spec_hash(&s2, &shape()));
+        let mut r = shape();
+        r.resources = None;
+        assert_ne!(a, member_spec_hash(&s, &r));
+        let s3 = Settings { gateway_replicas: 9, ..s };
+        assert_eq!(a, member_spec_hash(&s3, &shape()));
+    }
+
+    #[test]
+    fn a_member_pvc_keeps_the_class_size_and_zone() {
+        let pvc = v(&member_pvc(&shape(), 3, "c"));
+        assert_eq!(pvc["metadata"]["name"], "default-rs0-m3-data");
+        assert_eq!(pvc["spec"]["storageClassName"], "zonal-ssd");
+        assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "5Gi");
+        assert_eq!(pvc["metadata"]["labels"][LABEL_ZONE], "c");
+    }
+
+    #[test]
+    fn the_replica_set_service_is_headless_and_records_the_zones() {
+        let zones = vec!["a".to_string(), "b".into(), "c".into()];
+        let svc = v(&replica_set_service(&shape(), &zones));
+        assert_eq!(svc["spec"]["clusterIP"], "None");
+        assert_eq!(svc["spec"]["publishNotReadyAddresses"], true);
+        assert_eq!(svc["metadata"]["annotations"][ANNOTATION_ZONES], "a,b,c");
+        let pdb = v(&replica_set_pdb(&shape()));
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    }
+
+    #[test]
+    fn the_credentials_secret_holds_endpoint_database_and_both_tokens() {
+        let owner = shape().owner.unwrap();
+        let c = Credentials {
+            endpoint: gateway_endpoint("apps"),
+            database: "shop".into(),
+            tokens: BTreeMap::from([("app".into(), "t1".into()), ("reader".into(), "t2".into())]),
+            token: Some("t1".into()),
+            read_only_token: Some("t2".into()),
+        };
+        let s = v(&credentials_secret("shop", "apps", &owner, &c));
+        assert_eq!(s["metadata"]["name"], "shop-credentials");
+        assert_eq!(s["stringData"]["endpoint"], "http://nimbus-gateway.apps.svc:8080");
+        assert_eq!(s["stringData"]["token"], "t1");
+        assert_eq!(s["stringData"]["readOnlyToken"], "t2");
+        assert_eq!(s["stringData"]["token-reader"], "t2");
+    }
+}

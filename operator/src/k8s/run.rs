@@ -1,0 +1,129 @@
+//! The operator process: Lease-based leader election, then the two controllers.
+//!
+//! Only the replica holding the Lease reconciles; one that loses the Lease exits, and
+//! Kubernetes restarts it as a follower (the way controller-runtime handles a lost lease:
+//! no half-finished step continues without the lock).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
+use thiserror::Error;
+use tracing::{error, info, warn};
+
+use super::instance::{self, Context};
+use super::metrics::Metrics;
+use super::objects::{LABEL_REPLICA_SET, Settings};
+use super::pool;
+use crate::controlplane::admin::AdminClient;
+use crate::controlplane::coord::Coordinator;
+use crate::crd::v1alpha1::{DatabaseInstance, ResourcePool};
+
+/// The Lease the operator replicas compete for.
+pub const LEASE_NAME: &str = "nimbus-operator";
+pub const LEASE_SECONDS: u64 = 15;
+pub const LEASE_GRACE_SECONDS: u64 = 5;
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub settings: Settings,
+    /// Namespace of the leader-election Lease (the operator's own).
+    pub lease_namespace: String,
+    /// This replica's identity in the election (its Pod name).
+    pub identity: String,
+}
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error("failed to connect to the Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("failed to run leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("failed to connect to etcd: {0}")]
+    Etcd(#[from] crate::controlplane::CoordError),
+    #[error("lost the leader-election lease")]
+    LostLease,
+}
+
+pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
+    let client = Client::try_default().await?;
+    let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+        .with_namespace(&cfg.lease_namespace)
+        .with_identity(&cfg.identity)
+        .with_duration(LEASE_SECONDS)
+        .with_grace(LEASE_GRACE_SECONDS)
+        .build()
+        .await?;
+    let (mut leading, _task) = manager.watch().await;
+    info!(identity = %cfg.identity, "waiting for the leader-election lease");
+    while !*leading.borrow_and_update() {
+        if leading.changed().await.is_err() {
+            return Err(RunError::LostLease);
+        }
+    }
+    info!(identity = %cfg.identity, "leading: starting the controllers");
+
+    let store = Coordinator::connect(&cfg.settings.etcd_endpoints).await?;
+    let reporter = Reporter { controller: "nimbus-operator".into(), instance: Some(cfg.identity.clone()) };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings: cfg.settings.clone(),
+        datanodes: Arc::new(AdminClient::new()),
+        store: Arc::new(store),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: Metrics,
+    });
+
+    let instances = Controller::new(Api::<DatabaseInstance>::all(client.clone()), watcher::Config::default());
+    let reader = instances.store();
+    // A member Pod changing (gone, ready, failed) wakes every instance on its replica set.
+    let pods = watcher::Config::default().labels(LABEL_REPLICA_SET);
+    let instances = instances
+        .watches(Api::<Pod>::all(client.clone()), pods, move |pod| {
+            let rs = pod.labels().get(LABEL_REPLICA_SET).cloned().unwrap_or_default();
+            let ns = pod.namespace();
+            reader
+                .state()
+                .into_iter()
+                .filter(|i| {
+                    i.namespace() == ns
+                        && i.status.as_ref().and_then(|s| s.placement.as_ref()).is_some_and(|p| p.replica_set == rs)
+                })
+                .map(|i| ObjectRef::from_obj(i.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(instance::reconcile, instance::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "instance controller");
+            }
+        });
+    let pools = Controller::new(Api::<ResourcePool>::all(client.clone()), watcher::Config::default())
+        .shutdown_on_signal()
+        .run(pool::reconcile, pool::error_policy, ctx)
+        .for_each(|_| async {});
+
+    let lost = async move {
+        loop {
+            if leading.changed().await.is_err() || !*leading.borrow() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = futures::future::join(instances, pools) => Ok(()),
+        _ = lost => {
+            error!("lost the leader-election lease: exiting so a restart begins as a follower");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(RunError::LostLease)
+        }
+    }
+}

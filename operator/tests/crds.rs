@@ -1,0 +1,207 @@
+//! The CRD files in the repository are exactly what the code generates, and every example
+//! manifest is valid against them (structure and CEL rules).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use nimbus_operator::crd::{crd_files, crds};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+#[test]
+fn the_crd_files_match_the_code() {
+    let regenerate = std::env::var_os("NIMBUS_REGENERATE_CRDS").is_some();
+    for dir in ["crds", "charts/nimbus/crds"] {
+        for (name, yaml) in crd_files().unwrap() {
+            let path = repo().join(dir).join(&name);
+            if regenerate {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, &yaml).unwrap();
+            }
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == yaml,
+                "{} differs from the code: run `NIMBUS_REGENERATE_CRDS=1 cargo nextest run -p nimbus-operator --test crds`",
+                path.display()
+            );
+        }
+    }
+}
+
+/// The schema of `kind` in the generated CRDs.
+fn schema_of(kind: &str) -> Value {
+    let crd = crds().into_iter().find(|c| c.spec.names.kind == kind).unwrap();
+    serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap()
+}
+
+/// Structural validation as the API server does it: types, required fields, enums,
+/// patterns, bounds, and no field the schema does not know (it would be pruned silently,
+/// which in an example means a typo).
+fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
+    if value.is_null() && schema.get("nullable") == Some(&Value::Bool(true)) {
+        return;
+    }
+    if schema.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
+        if !(value.is_string() || value.is_i64() || value.is_u64()) {
+            errors.push(format!("{path}: expected an integer or a string"));
+        }
+        return;
+    }
+    if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) && schema.get("type").is_none() {
+        return;
+    }
+    let ty = schema.get("type").and_then(Value::as_str).unwrap_or("");
+    let ok = match ty {
+        "object" => value.is_object(),
+        "array" => value.is_array(),
+        "string" => value.is_string(),
+        "integer" => value.is_i64() || value.is_u64(),
+        "number" => value.is_number(),
+        "boolean" => value.is_boolean(),
+        _ => true,
+    };
+    if !ok {
+        errors.push(format!("{path}: expected {ty}, found {value}"));
+        return;
+    }
+    if let Some(options) = schema.get("enum").and_then(Value::as_array) {
+        if !options.contains(value) {
+            errors.push(format!("{path}: {value} is not one of {options:?}"));
+        }
+    }
+    if let (Some(p), Some(s)) = (schema.get("pattern").and_then(Value::as_str), value.as_str()) {
+        // The patterns in these CRDs are all `^[class]{min,max}$`.
+        let re = p.trim_start_matches('^').trim_end_matches('$');
+        let (class, bounds) = re.split_once(']').unwrap();
+        let allowed = |c: char| {
+            let class = class.trim_start_matches('[');
+            (class.contains("A-Z") && c.is_ascii_uppercase())
+                || (class.contains("a-z") && c.is_ascii_lowercase())
+                || (class.contains("0-9") && c.is_ascii_digit())
+                || (class.contains('_') && c == '_')
+                || (class.contains('-') && c == '-')
+        };
+        let (min, max) = bounds.trim_matches(|c| c == '{' || c == '}').split_once(',').unwrap();
+        let n = s.chars().count();
+        if !s.chars().all(allowed) || n < min.parse().unwrap() || n > max.parse().unwrap() {
+            errors.push(format!("{path}: {s:?} does not match {p}"));
+        }
+    }
+    if let (Some(min), Some(n)) = (schema.get("minimum").and_then(Value::as_f64), value.as_f64()) {
+        if n < min {
+            errors.push(format!("{path}: {n} is below the minimum {min}"));
+        }
+    }
+    if let (Some(max), Some(n)) = (schema.get("maximum").and_then(Value::as_f64), value.as_f64()) {
+        if n > max {
+            errors.push(format!("{path}: {n} is above the maximum {max}"));
+        }
+    }
+    match value {
+        Value::Object(map) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties");
+            for req in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+                if !map.contains_key(req.as_str().unwrap()) {
+                    errors.push(format!("{path}: missing required field {req}"));
+                }
+            }
+            for (k, v) in map {
+                let sub = props.and_then(|p| p.get(k)).or(additional.filter(|a| a.is_object()));
+                match sub {
+                    Some(s) => check(s, v, &format!("{path}.{k}"), errors),
+                    None if path.is_empty() && (k == "apiVersion" || k == "kind" || k == "metadata") => {}
+                    None if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) => {}
+                    None => errors.push(format!("{path}.{k}: unknown field")),
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for (i, v) in items.iter().enumerate() {
+                    check(item_schema, v, &format!("{path}[{i}]"), errors);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn validate(kind: &str, doc: &Value, old: Option<&Value>) -> Vec<String> {
+    let schema = schema_of(kind);
+    let mut errors = Vec::new();
+    check(&schema, doc, "", &mut errors);
+    if let Err(e) = kube::core::cel::Validator::new().validate(&schema, doc, old) {
+        errors.push(format!("CEL: {e}"));
+    }
+    errors
+}
+
+fn example_docs() -> Vec<(PathBuf, Value)> {
+    let mut out = Vec::new();
+    let mut paths: Vec<PathBuf> =
+        std::fs::read_dir(repo().join("examples")).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    for path in paths {
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            if !v.is_null() {
+                out.push((path.clone(), v));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_example_validates_against_the_generated_schema() {
+    let docs = example_docs();
+    assert!(docs.iter().any(|(_, d)| d["kind"] == "DatabaseInstance"), "examples/ holds a DatabaseInstance");
+    for (path, doc) in docs {
+        let kind = doc["kind"].as_str().unwrap().to_string();
+        assert_eq!(doc["apiVersion"], "nimbus.io/v1alpha1", "{}", path.display());
+        let errors = validate(&kind, &doc, None);
+        assert!(errors.is_empty(), "{}: {errors:#?}", path.display());
+    }
+}
+
+fn instance(spec: Value) -> Value {
+    serde_json::json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseInstance",
+        "metadata": {"name": "shop"}, "spec": spec})
+}
+
+#[test]
+fn the_schema_refuses_what_an_instance_must_not_say() {
+    let bad = [
+        (serde_json::json!({"replicas": 4}), "replicas is 3 or 5"),
+        (serde_json::json!({"zones": ["a", "b"]}), "at least three zones"),
+        (serde_json::json!({"tier": "gold"}), "is not one of"),
+        (serde_json::json!({"database": "no spaces"}), "does not match"),
+        (serde_json::json!({"users": [{"name": "a"}, {"name": "a"}]}), "unique"),
+        (serde_json::json!({"replcas": 3}), "unknown field"),
+        (serde_json::json!({"autoscaling": {"enabled": true, "minQps": 10, "maxQps": 5}}), "minQps"),
+    ];
+    for (spec, expect) in bad {
+        let errors = validate("DatabaseInstance", &instance(spec.clone()), None).join("; ");
+        assert!(errors.contains(expect), "{spec}: expected an error containing {expect:?}, got {errors:?}");
+    }
+    assert!(validate("DatabaseInstance", &instance(serde_json::json!({"replicas": 5})), None).is_empty());
+}
+
+#[test]
+fn the_database_name_and_zones_cannot_change() {
+    let old = instance(serde_json::json!({"database": "shop", "zones": ["a", "b", "c"]}));
+    let renamed = instance(serde_json::json!({"database": "shop2", "zones": ["a", "b", "c"]}));
+    assert!(validate("DatabaseInstance", &renamed, Some(&old)).join(";").contains("spec.database cannot change"));
+    let moved = instance(serde_json::json!({"database": "shop", "zones": ["a", "b", "d"]}));
+    assert!(validate("DatabaseInstance", &moved, Some(&old)).join(";").contains("spec.zones cannot change"));
+    let same = instance(serde_json::json!({"database": "shop", "zones": ["a", "b", "c"], "tier": "free"}));
+    assert!(validate("DatabaseInstance", &same, Some(&old)).is_empty());
+}
