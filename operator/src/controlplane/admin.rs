@@ -123,12 +123,11 @@ impl AdminClient {
 }
 
 /// The Raft view of a replica set from the statuses of the members that answered: the
-/// leader's membership when one leads, `Uninitialized` when every answer says the member
-/// never joined a replica set.
-pub fn raft_view(statuses: &[Status]) -> RaftView {
-    if statuses.is_empty() {
-        return RaftView::NoLeader;
-    }
+/// leader's membership when one leads; `Uninitialized` only for a replica set never
+/// bootstrapped (`bootstrapped` is the provisioner's durable record of that) whose members
+/// all say they never joined one. A bootstrapped replica set with no leader is never
+/// initialised again: that would serve an empty database in place of a lost one.
+pub fn raft_view(statuses: &[Status], bootstrapped: bool) -> RaftView {
     let leader = statuses.iter().filter(|s| s.role == Role::Leader && s.leader_id == Some(s.id)).max_by_key(|s| s.term);
     match leader {
         Some(l) => RaftView::Led(Membership {
@@ -145,7 +144,7 @@ pub fn raft_view(statuses: &[Status]) -> RaftView {
                 })
                 .collect(),
         }),
-        None if statuses.iter().all(|s| s.members.is_empty()) => RaftView::Uninitialized,
+        None if !bootstrapped && statuses.iter().all(|s| s.members.is_empty()) => RaftView::Uninitialized,
         None => RaftView::NoLeader,
     }
 }

@@ -1,1 +1,441 @@
+//! Test fixtures: an in-memory Kubernetes API behind kube's `tower-test` mock service, a
+//! stand-in kubelet, and recording datanodes and etcd.
+//!
+//! The API answers what the reconcilers send (GET, LIST with label selectors, POST,
+//! server-side apply, merge and JSON patches, DELETE) from a map of objects, records every
+//! request, and can fail chosen requests, so a scenario checks what the operator *did*
+//! rather than the exact order of its calls.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use nimbus_api::admin::{MemberInfo, Role, Status};
+use nimbus_api::etcd::{Limits, RouteMember, UserRecord};
+use serde_json::{Value, json};
+
+use super::instance::Context;
+use super::metrics::Metrics;
+use super::objects::Settings;
+use crate::controlplane::{AdminError, ControlStore, CoordError, Datanodes};
+
+type Objects = BTreeMap<String, BTreeMap<String, Value>>;
+
+/// A request the fake API answered: method, path, and query.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    pub path: String,
+}
+
+#[derive(Default)]
+pub struct ApiState {
+    /// Objects by collection path (`/api/v1/namespaces/ns/pods`), then name.
+    pub objects: Objects,
+    pub calls: Vec<Call>,
+    /// Answer the next request whose method and path match with this status code.
+    pub failures: VecDeque<(String, String, u16)>,
+    next_uid: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeApi(pub Arc<Mutex<ApiState>>);
+
+fn split(path: &str) -> (String, Option<String>, bool) {
+    // `<collection>/<name>[/status]`, or a collection.
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let collection_len = if parts.get(1) == Some(&"api") { 3 } else { 4 };
+    let namespaced = parts.get(collection_len) == Some(&"namespaces");
+    let coll_end = if namespaced { collection_len + 3 } else { collection_len + 1 };
+    let collection = parts[..coll_end.min(parts.len())].join("/");
+    let name = parts.get(coll_end).map(|s| s.to_string());
+    let status = parts.get(coll_end + 1) == Some(&"status");
+    (collection, name, status)
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Response<Body> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code});
+    Response::builder().status(code).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap()
+}
+
+fn ok(v: &Value) -> Response<Body> {
+    Response::builder().status(200).body(Body::from(serde_json::to_vec(v).unwrap())).unwrap()
+}
+
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn matches_selector(obj: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
+        let labels = &obj["metadata"]["labels"];
+        match term.split_once('=') {
+            Some((k, v)) => labels[k] == v,
+            None => !labels[term].is_null(),
+        }
+    })
+}
+
+impl FakeApi {
+    pub fn client(&self) -> kube::Client {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api = self.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let resp = api.answer(req).await;
+                send.send_response(resp);
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    pub fn put(&self, collection: &str, obj: Value) {
+        let name = obj["metadata"]["name"].as_str().unwrap().to_string();
+        self.0.lock().unwrap().objects.entry(collection.to_string()).or_default().insert(name, obj);
+    }
+
+    pub fn get(&self, collection: &str, name: &str) -> Option<Value> {
+        self.0.lock().unwrap().objects.get(collection).and_then(|c| c.get(name)).cloned()
+    }
+
+    pub fn list(&self, collection: &str) -> Vec<Value> {
+        self.0.lock().unwrap().objects.get(collection).map(|c| c.values().cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn remove(&self, collection: &str, name: &str) {
+        if let Some(c) = self.0.lock().unwrap().objects.get_mut(collection) {
+            c.remove(name);
+        }
+    }
+
+    pub fn fail_next(&self, method: &str, path_contains: &str, code: u16) {
+        self.0.lock().unwrap().failures.push_back((method.into(), path_contains.into(), code));
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.0.lock().unwrap().calls.clone()
+    }
+
+    async fn answer(&self, req: Request<Body>) -> Response<Body> {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let body = req.into_body().collect_bytes().await.unwrap();
+        let mut st = self.0.lock().unwrap();
+        st.calls.push(Call { method: method.clone(), path: path.clone() });
+        if let Some(i) = st.failures.iter().position(|(m, p, _)| *m == method && path.contains(p.as_str())) {
+            let (_, _, code) = st.failures.remove(i).unwrap();
+            let reason = if code == 409 { "Conflict" } else { "InternalError" };
+            return status_body(code, reason, "injected failure");
+        }
+        let (collection, name, status_sub) = split(&path);
+        let selector = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("labelSelector="))
+            .map(|s| s.replace("%3D", "=").replace("%2F", "/").replace("%2C", ","))
+            .unwrap_or_default();
+        st.next_uid += 1;
+        let uid = st.next_uid;
+        let objects = st.objects.entry(collection.clone()).or_default();
+        match (method.as_str(), name) {
+            ("GET", None) => {
+                let items: Vec<Value> = objects.values().filter(|o| matches_selector(o, &selector)).cloned().collect();
+                ok(&json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}))
+            }
+            ("GET", Some(n)) => match objects.get(&n) {
+                Some(o) => ok(o),
+                None => status_body(404, "NotFound", &format!("{n} not found")),
+            },
+            ("POST", _) => {
+                let mut obj: Value = serde_json::from_slice(&body).unwrap();
+                let n = match obj["metadata"]["name"].as_str() {
+                    Some(n) => n.to_string(),
+                    None => format!("{}{uid}", obj["metadata"]["generateName"].as_str().unwrap_or("obj-")),
+                };
+                if objects.contains_key(&n) {
+                    return status_body(409, "AlreadyExists", &format!("{n} already exists"));
+                }
+                obj["metadata"]["name"] = json!(n);
+                obj["metadata"]["uid"] = json!(format!("uid-{uid}"));
+                obj["metadata"]["resourceVersion"] = json!(uid.to_string());
+                objects.insert(n, obj.clone());
+                ok(&obj)
+            }
+            ("PATCH", Some(n)) => {
+                let patch: Value = serde_json::from_slice(&body).unwrap();
+                let exists = objects.contains_key(&n);
+                if !exists && !content_type.contains("apply-patch") {
+                    return status_body(404, "NotFound", &format!("{n} not found"));
+                }
+                let obj = objects.entry(n.clone()).or_insert_with(
+                    || json!({"metadata": {"name": n, "uid": format!("uid-{uid}"), "resourceVersion": "1"}}),
+                );
+                if content_type.contains("json-patch") {
+                    let mut p: json_patch::Patch = serde_json::from_value(patch).unwrap();
+                    // As the API server does: `test` for null passes on a missing path.
+                    let current = obj.clone();
+                    p.0.retain(|op| match op {
+                        json_patch::PatchOperation::Test(t) => {
+                            !(t.value.is_null() && current.pointer(t.path.as_str()).is_none())
+                        }
+                        _ => true,
+                    });
+                    if let Err(e) = json_patch::patch(obj, &p) {
+                        return status_body(422, "Invalid", &e.to_string());
+                    }
+                } else if status_sub {
+                    merge(obj, &json!({"status": patch["status"]}));
+                } else {
+                    merge(obj, &patch);
+                }
+                obj["metadata"]["resourceVersion"] = json!(uid.to_string());
+                ok(obj)
+            }
+            ("DELETE", Some(n)) => match objects.remove(&n) {
+                Some(o) => ok(&o),
+                None => status_body(404, "NotFound", &format!("{n} not found")),
+            },
+            _ => status_body(405, "MethodNotAllowed", "not supported by the fake"),
+        }
+    }
+
+    /// The kubelet: every Pod without a status starts, gets an IP (10.1.0.<member id>) and
+    /// turns Ready.
+    pub fn kubelet(&self, ns: &str) {
+        let coll = format!("/api/v1/namespaces/{ns}/pods");
+        let mut st = self.0.lock().unwrap();
+        for pod in st.objects.entry(coll).or_default().values_mut() {
+            if pod["status"]["phase"].is_null() {
+                let id = pod["metadata"]["labels"]["nimbus.io/member-id"].as_str().unwrap_or("0").to_string();
+                pod["status"] = json!({"phase": "Running", "podIP": format!("10.1.0.{id}"),
+                    "conditions": [{"type": "Ready", "status": "True"}]});
+            }
+        }
+    }
+}
+
+/// A replica set's Raft state as the recording datanodes model it.
+#[derive(Debug, Default)]
+pub struct RaftModel {
+    pub initialized: bool,
+    pub leader: u64,
+    pub members: BTreeMap<u64, MemberInfo>,
+    pub voters: BTreeSet<u64>,
+    /// Every call, in order, as text: `init [1, 2, 3]`, `add_learner 4`, ...
+    pub log: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeDatanodes(pub Arc<Mutex<RaftModel>>);
+
+fn id_of(addr: &str) -> u64 {
+    // http://10.1.0.<id>:port
+    addr.rsplit('.').next().and_then(|s| s.split(':').next()).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[async_trait]
+impl Datanodes for FakeDatanodes {
+    async fn status(&self, admin: &str) -> Option<Status> {
+        let m = self.0.lock().unwrap();
+        let id = id_of(admin);
+        let members: Vec<MemberInfo> =
+            m.members.values().map(|x| MemberInfo { voter: m.voters.contains(&x.id), ..x.clone() }).collect();
+        let role = if !m.initialized || !m.members.contains_key(&id) {
+            Role::Candidate
+        } else if id == m.leader {
+            Role::Leader
+        } else if m.voters.contains(&id) {
+            Role::Follower
+        } else {
+            Role::Learner
+        };
+        Some(Status {
+            id,
+            zone: String::new(),
+            replica_set: String::new(),
+            role,
+            term: 1,
+            leader_id: m.initialized.then_some(m.leader),
+            commit_index: 10,
+            applied_index: 10,
+            members: if m.initialized && m.members.contains_key(&id) { members } else { vec![] },
+            replication_lag: m.members.keys().map(|k| (*k, 0)).collect(),
+            snapshot_index: None,
+            purged_index: None,
+            oplog_first_index: None,
+        })
+    }
+    async fn init(&self, admin: &str, members: Vec<MemberInfo>) -> Result<(), AdminError> {
+        let mut m = self.0.lock().unwrap();
+        m.initialized = true;
+        m.leader = id_of(admin);
+        m.voters = members.iter().map(|x| x.id).collect();
+        m.members = members.iter().map(|x| (x.id, x.clone())).collect();
+        let ids: Vec<u64> = members.iter().map(|x| x.id).collect();
+        m.log.push(format!("init {ids:?}"));
+        Ok(())
+    }
+    async fn add_learner(&self, _leader: &str, member: MemberInfo) -> Result<(), AdminError> {
+        let mut m = self.0.lock().unwrap();
+        m.log.push(format!("add_learner {}", member.id));
+        m.members.insert(member.id, member);
+        Ok(())
+    }
+    async fn change_voters(&self, _leader: &str, voters: &BTreeSet<u64>) -> Result<(), AdminError> {
+        let mut m = self.0.lock().unwrap();
+        m.log.push(format!("change_voters {:?}", voters.iter().collect::<Vec<_>>()));
+        m.voters = voters.clone();
+        Ok(())
+    }
+    async fn remove_member(&self, _leader: &str, id: u64) -> Result<(), AdminError> {
+        let mut m = self.0.lock().unwrap();
+        m.log.push(format!("remove_member {id}"));
+        m.voters.remove(&id);
+        m.members.remove(&id);
+        Ok(())
+    }
+    async fn transfer_leader(&self, _leader: &str, to: u64) -> Result<(), AdminError> {
+        let mut m = self.0.lock().unwrap();
+        m.log.push(format!("transfer_leader {to}"));
+        m.leader = to;
+        Ok(())
+    }
+    async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError> {
+        self.0.lock().unwrap().log.push(format!("drop_database {db} via {leader_data}"));
+        Ok(())
+    }
+}
+
+/// etcd as the operator writes it: key → JSON.
+#[derive(Clone, Default)]
+pub struct FakeStore(pub Arc<Mutex<BTreeMap<String, Value>>>);
+
+#[async_trait]
+impl ControlStore for FakeStore {
+    async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
+        let v = json!({"replicaSet": replica_set, "members": members});
+        let old = self.0.lock().unwrap().insert(nimbus_api::etcd::route_key(db), v.clone());
+        Ok(old.as_ref() != Some(&v))
+    }
+    async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError> {
+        self.0.lock().unwrap().insert(nimbus_api::etcd::user_key(db, user), serde_json::to_value(record).unwrap());
+        Ok(())
+    }
+    async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError> {
+        self.0.lock().unwrap().insert(nimbus_api::etcd::limits_key(db), serde_json::to_value(limits).unwrap());
+        Ok(())
+    }
+    async fn delete_database(&self, db: &str) -> Result<(), CoordError> {
+        self.0.lock().unwrap().retain(|k, _| !k.contains(&format!("/{db}")));
+        Ok(())
+    }
+}
+
+/// Everything a reconciler scenario needs.
+pub struct World {
+    pub api: FakeApi,
+    pub datanodes: FakeDatanodes,
+    pub store: FakeStore,
+    pub ctx: Arc<Context>,
+}
+
+pub const NS: &str = "apps";
+pub const INSTANCES: &str = "/apis/nimbus.io/v1alpha1/namespaces/apps/databaseinstances";
+pub const PODS: &str = "/api/v1/namespaces/apps/pods";
+pub const PVCS: &str = "/api/v1/namespaces/apps/persistentvolumeclaims";
+pub const SERVICES: &str = "/api/v1/namespaces/apps/services";
+pub const SECRETS: &str = "/api/v1/namespaces/apps/secrets";
+
+impl World {
+    /// Three nodes in zones a, b, c and nothing else.
+    pub fn new() -> World {
+        let api = FakeApi::default();
+        for (i, z) in ["zone-a", "zone-b", "zone-c"].iter().enumerate() {
+            api.put(
+                "/api/v1/nodes",
+                json!({"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": format!("node-{i}"), "labels": {"topology.kubernetes.io/zone": z}}}),
+            );
+        }
+        let client = api.client();
+        let datanodes = FakeDatanodes::default();
+        let store = FakeStore::default();
+        let reporter = Reporter { controller: "nimbus-operator".into(), instance: Some("test".into()) };
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            settings: Settings::default(),
+            datanodes: Arc::new(datanodes.clone()),
+            store: Arc::new(store.clone()),
+            recorder: Recorder::new(client, reporter),
+            metrics: Metrics,
+        });
+        World { api, datanodes, store, ctx }
+    }
+
+    pub fn add_instance(&self, name: &str, spec: Value, finalized: bool) {
+        let mut obj = json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseInstance",
+            "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
+            "spec": spec});
+        if finalized {
+            obj["metadata"]["finalizers"] = json!([super::instance::FINALIZER]);
+        }
+        self.api.put(INSTANCES, obj);
+    }
+
+    pub fn instance(&self, name: &str) -> crate::crd::v1alpha1::DatabaseInstance {
+        serde_json::from_value(self.api.get(INSTANCES, name).expect("instance exists")).unwrap()
+    }
+
+    /// One reconcile of `name` as the controller would run it, then the kubelet.
+    pub async fn reconcile(&self, name: &str) -> Result<kube::runtime::controller::Action, super::Error> {
+        let r = super::instance::reconcile(Arc::new(self.instance(name)), self.ctx.clone()).await;
+        self.api.kubelet(NS);
+        r
+    }
+
+    /// Reconciles until the instance reports `phase`, at most `max` times.
+    pub async fn reconcile_until_phase(&self, name: &str, phase: &str, max: usize) {
+        for _ in 0..max {
+            self.reconcile(name).await.unwrap();
+            if self.api.get(INSTANCES, name).unwrap()["status"]["phase"] == phase {
+                return;
+            }
+        }
+        panic!("{name} never reached {phase}: {:#}", self.api.get(INSTANCES, name).unwrap()["status"]);
+    }
+
+    /// The same world, reconciled by an operator with other settings (an upgrade).
+    pub fn with_settings(self, settings: Settings) -> World {
+        let ctx = Arc::new(Context {
+            client: self.ctx.client.clone(),
+            settings,
+            datanodes: self.ctx.datanodes.clone(),
+            store: self.ctx.store.clone(),
+            recorder: self.ctx.recorder.clone(),
+            metrics: Metrics,
+        });
+        World { ctx, ..self }
+    }
+
+    pub fn raft_log(&self) -> Vec<String> {
+        self.datanodes.0.lock().unwrap().log.clone()
+    }
+}

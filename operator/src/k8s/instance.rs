@@ -144,7 +144,10 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
 
     // The replica set's zones: recorded on its Service at creation, never changed.
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let zones = match services.get_opt(&rs_name).await?.and_then(|s| zones_of(&s)) {
+    let existing = services.get_opt(&rs_name).await?;
+    let bootstrapped =
+        existing.as_ref().is_some_and(|s| s.annotations().contains_key(objects::ANNOTATION_BOOTSTRAPPED));
+    let zones = match existing.as_ref().and_then(zones_of) {
         Some(z) => z,
         None => {
             let available = node_zones(ctx).await?;
@@ -159,9 +162,15 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
         }
     };
 
+    // Observe the members.
+    let observed = observe(ctx, &rs).await?;
+    let view = raft_view(&observed.statuses, bootstrapped);
+
     // Desired shared objects.
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
-    services.patch(&rs_name, &ssa, &Patch::Apply(objects::replica_set_service(&rs, &zones))).await?;
+    let bootstrapped = bootstrapped || matches!(view, RaftView::Led(_));
+    let service = objects::replica_set_service(&rs, &zones, bootstrapped);
+    services.patch(&rs_name, &ssa, &Patch::Apply(service)).await?;
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
     pdbs.patch(&rs_name, &ssa, &Patch::Apply(objects::replica_set_pdb(&rs))).await?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -169,9 +178,7 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
     deployments.patch(objects::GATEWAY_NAME, &ssa, &Patch::Apply(gw)).await?;
     services.patch(objects::GATEWAY_NAME, &ssa, &Patch::Apply(objects::gateway_service(&ns, None))).await?;
 
-    // Observe the members and drive the replica set one step.
-    let observed = observe(ctx, &rs).await?;
-    let view = raft_view(&observed.statuses);
+    // Drive the replica set one step.
     let step = members::next_action(&Desired { zones: zones.clone() }, &observed.members, &view);
     let step_result = carry_out(ctx, dbi, &rs, &observed, &view, &step).await;
     if let Err(e) = &step_result {

@@ -4,6 +4,8 @@
 #[cfg(test)]
 mod fixtures;
 pub mod instance;
+#[cfg(test)]
+mod instance_tests;
 pub mod metrics;
 pub mod objects;
 pub mod pool;

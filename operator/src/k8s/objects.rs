@@ -24,6 +24,8 @@ pub const ANNOTATION_SPEC_HASH: &str = "nimbus.io/spec-hash";
 /// On a replica set's Service: the zone of each member slot, comma-separated. The replica
 /// set's own record: written once at placement, never changed.
 pub const ANNOTATION_ZONES: &str = "nimbus.io/zones";
+/// On a replica set's Service: present once its Raft membership was initialised.
+pub const ANNOTATION_BOOTSTRAPPED: &str = "nimbus.io/bootstrapped";
 
 pub const DATA_PORT: u16 = 7000;
 pub const ADMIN_PORT: u16 = 7100;
@@ -207,9 +209,12 @@ pub fn member_pvc(rs: &ReplicaSetShape, id: u64, zone: &str) -> PersistentVolume
 
 /// The headless Service giving each member a stable DNS name; Raft addresses must resolve
 /// before the members are ready, hence `publishNotReadyAddresses`.
-pub fn replica_set_service(rs: &ReplicaSetShape, zones: &[String]) -> Service {
+pub fn replica_set_service(rs: &ReplicaSetShape, zones: &[String], bootstrapped: bool) -> Service {
     let mut metadata = meta(&rs.name, rs, "datanode", &[]);
     metadata["annotations"] = json!({ ANNOTATION_ZONES: zones.join(",") });
+    if bootstrapped {
+        metadata["annotations"][ANNOTATION_BOOTSTRAPPED] = json!("true");
+    }
     typed(json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -451,10 +456,13 @@ mod tests {
     #[test]
     fn the_replica_set_service_is_headless_and_records_the_zones() {
         let zones = vec!["a".to_string(), "b".into(), "c".into()];
-        let svc = v(&replica_set_service(&shape(), &zones));
+        let svc = v(&replica_set_service(&shape(), &zones, false));
         assert_eq!(svc["spec"]["clusterIP"], "None");
         assert_eq!(svc["spec"]["publishNotReadyAddresses"], true);
         assert_eq!(svc["metadata"]["annotations"][ANNOTATION_ZONES], "a,b,c");
+        assert!(svc["metadata"]["annotations"][ANNOTATION_BOOTSTRAPPED].is_null());
+        let svc = v(&replica_set_service(&shape(), &zones, true));
+        assert_eq!(svc["metadata"]["annotations"][ANNOTATION_BOOTSTRAPPED], "true");
         let pdb = v(&replica_set_pdb(&shape()));
         assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     }

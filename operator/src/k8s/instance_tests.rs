@@ -1,0 +1,227 @@
+//! DatabaseInstance reconciler scenarios against the fake API (one per behaviour).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use serde_json::json;
+
+use super::fixtures::*;
+use super::instance::{FINALIZER, error_policy};
+use super::objects::Settings;
+
+fn pod_zones(w: &World) -> Vec<(String, String)> {
+    w.api
+        .list(PODS)
+        .iter()
+        .map(|p| {
+            let name = p["metadata"]["name"].as_str().unwrap().to_string();
+            let zone = p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                ["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0]
+                .as_str()
+                .unwrap()
+                .to_string();
+            (name, zone)
+        })
+        .collect()
+}
+
+async fn ready_instance() -> World {
+    let w = World::new();
+    w.add_instance("shop", json!({}), true);
+    w.reconcile_until_phase("shop", "Ready", 10).await;
+    w
+}
+
+#[tokio::test]
+async fn a_new_instance_gets_the_finalizer_before_anything_else() {
+    let w = World::new();
+    w.add_instance("shop", json!({}), false);
+    let action = w.reconcile("shop").await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(w.api.get(INSTANCES, "shop").unwrap()["metadata"]["finalizers"], json!([FINALIZER]));
+    let writes: Vec<String> =
+        w.api.calls().into_iter().filter(|c| c.method != "GET").map(|c| format!("{} {}", c.method, c.path)).collect();
+    assert_eq!(writes, vec![format!("PATCH {INSTANCES}/shop")], "nothing else before the finalizer is in place");
+}
+
+#[tokio::test]
+async fn a_new_instance_gets_three_members_in_three_zones_then_bootstraps_and_is_ready() {
+    let w = ready_instance().await;
+    assert_eq!(
+        pod_zones(&w),
+        vec![
+            ("default-rs0-m1".to_string(), "zone-a".to_string()),
+            ("default-rs0-m2".into(), "zone-b".into()),
+            ("default-rs0-m3".into(), "zone-c".into())
+        ]
+    );
+    assert_eq!(w.api.list(PVCS).len(), 3);
+    let svc = w.api.get(SERVICES, "default-rs0").unwrap();
+    assert_eq!(svc["metadata"]["annotations"]["nimbus.io/zones"], "zone-a,zone-b,zone-c");
+    assert!(w.api.get(SERVICES, "nimbus-gateway").is_some());
+    assert!(w.api.get("/apis/apps/v1/namespaces/apps/deployments", "nimbus-gateway").is_some());
+    assert!(w.api.get("/apis/policy/v1/namespaces/apps/poddisruptionbudgets", "default-rs0").is_some());
+    assert_eq!(w.raft_log(), vec!["init [1, 2, 3]"]);
+
+    // Route, users and limits in etcd; tokens in the credentials Secret, hashes in etcd.
+    let etcd = w.store.0.lock().unwrap().clone();
+    assert_eq!(etcd["/nimbus/routes/shop"]["replicaSet"], "default-rs0");
+    assert_eq!(etcd["/nimbus/routes/shop"]["members"].as_array().unwrap().len(), 3);
+    assert_eq!(etcd["/nimbus/users/shop/app"]["role"], "readWrite");
+    assert_eq!(etcd["/nimbus/users/shop/reader"]["role"], "read");
+    assert_eq!(etcd["/nimbus/limits/shop"]["qps"], 2000);
+    let secret = w.api.get(SECRETS, "shop-credentials").unwrap();
+    let token = secret["stringData"]["token"].as_str().unwrap();
+    assert!(token.starts_with("nmb_shop.app."));
+    assert!(!etcd["/nimbus/users/shop/app"].to_string().contains(token.rsplit('.').next().unwrap()));
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["name"], "shop");
+
+    let status = &w.api.get(INSTANCES, "shop").unwrap()["status"];
+    assert_eq!(status["phase"], "Ready");
+    assert_eq!(status["placement"]["leader"], "default-rs0-m1");
+    assert_eq!(status["zonesSummary"], "zone-a,zone-b,zone-c");
+    assert_eq!(status["endpoint"], "http://nimbus-gateway.apps.svc:8080");
+    let cond = |t: &str| status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).unwrap().clone();
+    assert_eq!(cond("Ready")["status"], "True");
+    assert_eq!(cond("Degraded")["status"], "False");
+    assert_eq!(cond("Progressing")["status"], "False");
+    let events: Vec<String> = w
+        .api
+        .list("/apis/events.k8s.io/v1/namespaces/apps/events")
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert!(events.contains(&"Bootstrapped".to_string()) && events.contains(&"Ready".to_string()), "{events:?}");
+}
+
+#[tokio::test]
+async fn tokens_survive_reconciles_unchanged() {
+    let w = ready_instance().await;
+    let before = w.api.get(SECRETS, "shop-credentials").unwrap()["stringData"].clone();
+    // The real API server turns stringData into base64 data; the operator reads `data`.
+    let mut secret = w.api.get(SECRETS, "shop-credentials").unwrap();
+    let data: serde_json::Map<String, serde_json::Value> = before
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            use base64::Engine as _;
+            (k.clone(), json!(base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap())))
+        })
+        .collect();
+    secret["data"] = json!(data);
+    w.api.put(SECRETS, secret);
+    w.reconcile("shop").await.unwrap();
+    assert_eq!(w.api.get(SECRETS, "shop-credentials").unwrap()["stringData"], before);
+}
+
+#[tokio::test]
+async fn a_member_whose_volume_is_lost_is_replaced_in_its_zone_one_membership_step_at_a_time() {
+    let w = ready_instance().await;
+    // Member 2 (a follower, zone-b) loses its Pod and its volume.
+    w.api.remove(PODS, "default-rs0-m2");
+    w.api.remove(PVCS, "default-rs0-m2-data");
+    w.reconcile_until_phase("shop", "Ready", 10).await;
+    assert_eq!(w.raft_log(), vec!["init [1, 2, 3]", "add_learner 4", "change_voters [1, 2, 3, 4]", "remove_member 2"]);
+    let zones = pod_zones(&w);
+    assert!(zones.contains(&("default-rs0-m4".to_string(), "zone-b".to_string())), "{zones:?}");
+    assert_eq!(zones.len(), 3);
+    let route = w.store.0.lock().unwrap()["/nimbus/routes/shop"].clone();
+    let ids: Vec<u64> = route["members"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, vec![1, 3, 4]);
+}
+
+#[tokio::test]
+async fn a_member_pod_lost_with_its_volume_is_recreated_on_the_volume() {
+    let w = ready_instance().await;
+    w.api.remove(PODS, "default-rs0-m3");
+    w.reconcile("shop").await.unwrap();
+    assert!(w.api.get(PODS, "default-rs0-m3").is_some(), "the Pod is back under its name");
+    w.reconcile_until_phase("shop", "Ready", 5).await;
+    assert_eq!(w.raft_log(), vec!["init [1, 2, 3]"], "no membership change for a restart");
+}
+
+#[tokio::test]
+async fn a_changed_datanode_image_rolls_followers_first_and_the_leader_last() {
+    let w = ready_instance().await;
+    let w = w.with_settings(Settings { datanode_image: "nimbus-datanode:new".into(), ..Settings::default() });
+    let mut deleted = Vec::new();
+    for _ in 0..20 {
+        let before: Vec<String> =
+            w.api.list(PODS).iter().map(|p| p["metadata"]["name"].as_str().unwrap().into()).collect();
+        w.reconcile("shop").await.unwrap();
+        let after: Vec<String> =
+            w.api.list(PODS).iter().map(|p| p["metadata"]["name"].as_str().unwrap().into()).collect();
+        deleted.extend(before.iter().filter(|n| !after.contains(n)).cloned());
+        let all_new = w.api.list(PODS).iter().all(|p| p["spec"]["containers"][0]["image"] == "nimbus-datanode:new");
+        if all_new && w.api.list(PODS).len() == 3 && w.api.get(INSTANCES, "shop").unwrap()["status"]["phase"] == "Ready"
+        {
+            break;
+        }
+    }
+    assert_eq!(deleted, vec!["default-rs0-m2", "default-rs0-m3", "default-rs0-m1"]);
+    assert!(w.raft_log().contains(&"transfer_leader 2".to_string()), "{:?}", w.raft_log());
+    let log = w.raft_log();
+    assert_eq!(log.last().unwrap(), "transfer_leader 2");
+}
+
+#[tokio::test]
+async fn deleting_an_instance_drops_its_data_route_and_users_then_releases_the_finalizer() {
+    let w = ready_instance().await;
+    let mut obj = w.api.get(INSTANCES, "shop").unwrap();
+    obj["metadata"]["deletionTimestamp"] = json!("2026-11-22T06:00:00Z");
+    w.api.put(INSTANCES, obj);
+    w.reconcile("shop").await.unwrap();
+    assert!(w.raft_log().contains(&"drop_database shop via http://10.1.0.1:7000".to_string()), "{:?}", w.raft_log());
+    assert!(w.store.0.lock().unwrap().keys().all(|k| !k.contains("/shop")), "etcd keys of shop remain");
+    assert_eq!(w.api.get(INSTANCES, "shop").unwrap()["metadata"]["finalizers"], json!([]));
+    // The shared replica set stays for the other databases.
+    assert_eq!(w.api.list(PODS).len(), 3);
+}
+
+#[tokio::test]
+async fn a_conflict_is_requeued_soon_and_other_api_errors_with_backoff() {
+    let w = World::new();
+    w.add_instance("shop", json!({}), true);
+    w.api.fail_next("PATCH", "persistentvolumeclaims", 409);
+    let err = w.reconcile("shop").await.unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    let dbi = std::sync::Arc::new(w.instance("shop"));
+    assert_eq!(error_policy(dbi.clone(), &err, w.ctx.clone()), Action::requeue(Duration::from_secs(1)));
+    w.api.fail_next("GET", "services/default-rs0", 500);
+    let err = w.reconcile("shop").await.unwrap_err();
+    assert!(!err.is_conflict());
+    assert_eq!(error_policy(dbi, &err, w.ctx.clone()), Action::requeue(Duration::from_secs(10)));
+    // And the next reconcile proceeds.
+    w.reconcile_until_phase("shop", "Ready", 10).await;
+}
+
+#[tokio::test]
+async fn an_instance_that_cannot_be_placed_reports_why() {
+    let w = World::new();
+    w.add_instance("shop", json!({"zones": ["zone-a", "zone-b", "zone-x"]}), true);
+    w.reconcile("shop").await.unwrap();
+    let status = &w.api.get(INSTANCES, "shop").unwrap()["status"];
+    assert_eq!(status["phase"], "Failed");
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!(ready["reason"], "PlacementFailed");
+    assert!(ready["message"].as_str().unwrap().contains("zone-x"));
+    assert!(w.api.list(PODS).is_empty());
+}
+
+#[tokio::test]
+async fn a_dedicated_instance_gets_its_own_replica_set_owned_by_it() {
+    let w = World::new();
+    w.add_instance("orders", json!({"tier": "dedicated", "replicas": 5}), true);
+    w.reconcile_until_phase("orders", "Ready", 12).await;
+    let pods = w.api.list(PODS);
+    assert_eq!(pods.len(), 5);
+    for p in &pods {
+        assert!(p["metadata"]["name"].as_str().unwrap().starts_with("default-orders-m"));
+        assert_eq!(p["metadata"]["ownerReferences"][0]["kind"], "DatabaseInstance");
+    }
+    let zones: Vec<String> = pod_zones(&w).into_iter().map(|(_, z)| z).collect();
+    assert_eq!(zones, vec!["zone-a", "zone-b", "zone-c", "zone-a", "zone-b"]);
+}
