@@ -67,10 +67,10 @@ fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
         errors.push(format!("{path}: expected {ty}, found {value}"));
         return;
     }
-    if let Some(options) = schema.get("enum").and_then(Value::as_array) {
-        if !options.contains(value) {
-            errors.push(format!("{path}: {value} is not one of {options:?}"));
-        }
+    if let Some(options) = schema.get("enum").and_then(Value::as_array)
+        && !options.contains(value)
+    {
+        errors.push(format!("{path}: {value} is not one of {options:?}"));
     }
     if let (Some(p), Some(s)) = (schema.get("pattern").and_then(Value::as_str), value.as_str()) {
         // The patterns in these CRDs are all `^[class]{min,max}$`.
@@ -90,15 +90,15 @@ fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
             errors.push(format!("{path}: {s:?} does not match {p}"));
         }
     }
-    if let (Some(min), Some(n)) = (schema.get("minimum").and_then(Value::as_f64), value.as_f64()) {
-        if n < min {
-            errors.push(format!("{path}: {n} is below the minimum {min}"));
-        }
+    if let (Some(min), Some(n)) = (schema.get("minimum").and_then(Value::as_f64), value.as_f64())
+        && n < min
+    {
+        errors.push(format!("{path}: {n} is below the minimum {min}"));
     }
-    if let (Some(max), Some(n)) = (schema.get("maximum").and_then(Value::as_f64), value.as_f64()) {
-        if n > max {
-            errors.push(format!("{path}: {n} is above the maximum {max}"));
-        }
+    if let (Some(max), Some(n)) = (schema.get("maximum").and_then(Value::as_f64), value.as_f64())
+        && n > max
+    {
+        errors.push(format!("{path}: {n} is above the maximum {max}"));
     }
     match value {
         Value::Object(map) => {
