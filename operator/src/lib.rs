@@ -10,3 +10,4 @@
 pub mod controlplane;
 pub mod crd;
 pub mod k8s;
+pub mod playground;

@@ -1,1 +1,93 @@
-fn main() {}
+//! The `nimbus` command: `nimbus playground up|down` (all of Nimbus on one machine).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use nimbus_operator::playground;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "nimbus", version, about = "Nimbus on one machine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The playground: etcd, datanodes in three zones, the gateway and the control plane.
+    Playground {
+        #[command(subcommand)]
+        command: PlaygroundCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlaygroundCommand {
+    /// Start everything and return once every instance is Ready.
+    Up {
+        /// Directory of the playground's data, logs and playground.json.
+        #[arg(long, default_value = ".playground")]
+        dir: PathBuf,
+        /// DatabaseInstance manifests to provision (default: examples/database-instance.yaml).
+        #[arg(long)]
+        instances: Vec<PathBuf>,
+        /// Number of zones (at least 3).
+        #[arg(long, default_value_t = 3)]
+        zones: usize,
+    },
+    /// Stop everything `up` started (the data stays in the directory).
+    Down {
+        #[arg(long, default_value = ".playground")]
+        dir: PathBuf,
+    },
+    /// The control plane itself (what `up` runs in the background).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        instances: Vec<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        zones: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Command::Playground { command } = Cli::parse().command;
+    match command {
+        PlaygroundCommand::Up { dir, instances, zones } => {
+            if zones < 3 {
+                anyhow::bail!("--zones must be at least 3: a replica set needs three zones");
+            }
+            let pg = playground::up(&dir, &instances, zones).await?;
+            println!("playground is up: {}", dir.join(playground::state::PLAYGROUND_FILE).display());
+            println!("gateway: {}", pg.gateway);
+            for (name, i) in &pg.instances {
+                println!("instance {name}: database {} on {} ({})", i.database, i.replica_set, i.phase);
+                println!("  token:           {}", i.token);
+                println!("  read-only token: {}", i.read_only_token);
+                println!(
+                    "  try: curl -s -H 'Authorization: Bearer {}' -H 'content-type: application/json' \
+                     -d '{{\"documents\":[{{\"hello\":\"nimbus\"}}]}}' {}/v1/databases/{}/collections/hello/documents",
+                    i.token, pg.gateway, i.database
+                );
+            }
+            Ok(())
+        }
+        PlaygroundCommand::Down { dir } => {
+            if playground::down(&dir).await? {
+                println!("playground stopped (data kept in {})", dir.display());
+            } else {
+                println!("no playground running in {}", dir.display());
+            }
+            Ok(())
+        }
+        PlaygroundCommand::Serve { dir, instances, zones } => {
+            let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            playground::serve::serve(playground::serve::Options { dir, instances, zones }).await
+        }
+    }
+}

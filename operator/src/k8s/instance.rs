@@ -265,6 +265,13 @@ async fn observe(ctx: &Context, rs: &ReplicaSetShape) -> Result<Observed, Error>
             && let Some(addr) = pod_admin(pod)
             && let Some(s) = ctx.datanodes.status(&addr).await
         {
+            // Alive and waiting to be initialised counts as ready: a member reports no
+            // leader (so its Pod is not Ready) until the replica set is bootstrapped.
+            if s.members.is_empty()
+                && let Some(v) = views.get_mut(id)
+            {
+                v.ready = true;
+            }
             statuses.push(s);
         }
     }

@@ -1,0 +1,115 @@
+//! What the playground keeps in its directory: the durable state it needs to come back
+//! (`state.json`: ports, replica sets and members, tokens) and what it shows
+//! (`playground.json`, the contract of `API.md` section 3).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const STATE_FILE: &str = "state.json";
+pub const PLAYGROUND_FILE: &str = "playground.json";
+pub const PID_FILE: &str = "control-plane.pid";
+
+/// Durable: written on every change, read by the next `up` with the same directory.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    pub etcd_client_port: u16,
+    pub etcd_peer_port: u16,
+    pub gateway_port: u16,
+    pub gateway_admin_port: u16,
+    pub control_plane_port: u16,
+    pub zones: Vec<String>,
+    pub replica_sets: BTreeMap<String, ReplicaSetState>,
+    pub instances: BTreeMap<String, InstanceState>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaSetState {
+    /// The zone of each member slot.
+    pub zones: Vec<String>,
+    /// Raft was initialised once: never again.
+    pub bootstrapped: bool,
+    pub members: BTreeMap<u64, MemberState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberState {
+    pub id: u64,
+    pub zone: String,
+    pub data_port: u16,
+    pub admin_port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceState {
+    pub database: String,
+    pub replica_set: String,
+    /// Token by user name.
+    pub tokens: BTreeMap<String, String>,
+    pub token: String,
+    pub read_only_token: String,
+}
+
+impl State {
+    pub fn load(dir: &Path) -> std::io::Result<Option<State>> {
+        match std::fs::read(dir.join(STATE_FILE)) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(std::io::Error::other)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        write_atomically(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)
+    }
+}
+
+/// `playground.json` (`API.md` section 3).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Playground {
+    pub gateway: String,
+    pub control_plane: String,
+    pub etcd: String,
+    pub instances: BTreeMap<String, PlaygroundInstance>,
+    pub datanodes: Vec<PlaygroundDatanode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlaygroundInstance {
+    pub database: String,
+    pub token: String,
+    pub read_only_token: String,
+    pub replica_set: String,
+    pub phase: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlaygroundDatanode {
+    pub id: u64,
+    pub zone: String,
+    pub replica_set: String,
+    pub pid: Option<u32>,
+    pub admin: String,
+    pub data: String,
+    pub data_dir: PathBuf,
+}
+
+/// Write to a temporary file and rename over: readers never see half a file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A free port on 127.0.0.1 (the OS picks one; it is remembered in the state).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
