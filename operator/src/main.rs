@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use nimbus_operator::crd;
 use nimbus_operator::crd::v1alpha1::DatabaseInstance;
-use nimbus_operator::k8s::objects::{self, Credentials, ReplicaSetShape};
 use nimbus_operator::k8s::objects::Settings;
+use nimbus_operator::k8s::objects::{self, Credentials, ReplicaSetShape};
 use nimbus_operator::k8s::{RunConfig, run};
 use tracing_subscriber::EnvFilter;
 
@@ -80,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Preview { file, namespace } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("failed to read {}", file.display()))?;
-            let dbi: DatabaseInstance = serde_yaml_ng::from_str(&text).context("failed to parse the DatabaseInstance")?;
+            let dbi: DatabaseInstance =
+                serde_yaml_ng::from_str(&text).context("failed to parse the DatabaseInstance")?;
             for object in preview(&dbi, &namespace) {
                 print!("---\n{}", serde_yaml_ng::to_string(&object)?);
             }

@@ -328,7 +328,8 @@ fn admit(st: &mut State, dbi: &DatabaseInstance) -> anyhow::Result<()> {
     for i in st.instances.values() {
         *counts.entry(i.replica_set.clone()).or_default() += 1;
     }
-    let loads: Vec<ReplicaSetLoad> = counts.into_iter().map(|(name, databases)| ReplicaSetLoad { name, databases }).collect();
+    let loads: Vec<ReplicaSetLoad> =
+        counts.into_iter().map(|(name, databases)| ReplicaSetLoad { name, databases }).collect();
     let chosen = placement::choose_replica_set(&dbi.spec.pool, mode, &loads, &name).name().to_string();
     if !st.replica_sets.contains_key(&chosen) {
         // The playground's zones are its own (a, b, c): an instance's zone names are for
@@ -348,7 +349,8 @@ fn admit(st: &mut State, dbi: &DatabaseInstance) -> anyhow::Result<()> {
         tokens.insert(u.name.clone(), t);
     }
     info!(instance = %name, replica_set = %chosen, "admitted");
-    st.instances.insert(name, InstanceState { database: db, replica_set: chosen, tokens, token, read_only_token: read_only });
+    st.instances
+        .insert(name, InstanceState { database: db, replica_set: chosen, tokens, token, read_only_token: read_only });
     Ok(())
 }
 
@@ -420,7 +422,8 @@ async fn tick(
             }
         }
         Action::Bootstrap { voters } => {
-            let members: Vec<MemberInfo> = voters.iter().filter_map(|id| set.members.get(id)).map(member_info).collect();
+            let members: Vec<MemberInfo> =
+                voters.iter().filter_map(|id| set.members.get(id)).map(member_info).collect();
             let first = set.members.get(&voters[0]).context("bootstrap member unknown")?;
             admin.init(&format!("http://127.0.0.1:{}", first.admin_port), members).await?;
             if let Some(s) = st.replica_sets.get_mut(rs) {
@@ -519,11 +522,5 @@ fn playground_view(
             });
         }
     }
-    Playground {
-        gateway: gateway.into(),
-        control_plane: control_plane.into(),
-        etcd: etcd.into(),
-        instances,
-        datanodes,
-    }
+    Playground { gateway: gateway.into(), control_plane: control_plane.into(), etcd: etcd.into(), instances, datanodes }
 }
