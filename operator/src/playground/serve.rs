@@ -214,7 +214,6 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs) -> a
 
     // The gateway.
     let gateway_url = format!("http://127.0.0.1:{}", st.gateway_port);
-    let gateway_admin = format!("http://127.0.0.1:{}", st.gateway_admin_port);
     let gw = Command::new(sibling_binary(GATEWAY_BIN)?)
         .args(["--id", "playground-gw", "--etcd", &etcd_url])
         .args(["--listen", &format!("127.0.0.1:{}", st.gateway_port)])
@@ -291,7 +290,6 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs) -> a
             *g = pg.clone();
         }
         state::write_atomically(&dir.join(state::PLAYGROUND_FILE), &serde_json::to_vec_pretty(&pg)?)?;
-        let _ = &gateway_admin;
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = term.recv() => return Ok(()),
@@ -455,10 +453,11 @@ async fn tick(
         Action::Restart { id } => procs.stop_member(rs, *id).await,
         Action::TransferLeader { to } => admin.transfer_leader(&leader_admin(&view)?, *to).await?,
     }
-    if matches!(view, RaftView::Led(_)) && !set.bootstrapped {
-        if let Some(s) = st.replica_sets.get_mut(rs) {
-            s.bootstrapped = true;
-        }
+    if matches!(view, RaftView::Led(_))
+        && !set.bootstrapped
+        && let Some(s) = st.replica_sets.get_mut(rs)
+    {
+        s.bootstrapped = true;
     }
     let RaftView::Led(ms) = &view else { return Ok((false, false)) };
     let route: Vec<RouteMember> = ms
