@@ -6,7 +6,11 @@ set -euo pipefail
 # Debian packages: libclang-dev for RocksDB's bindgen; protoc and the protobuf well-known
 # types for the etcd client; etcd for the control plane and
 # the benchmarks' peer, iproute2/iptables for the partition tests.
-packages=(libclang-dev clang protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iptables curl openssl python3 python3-venv npm unzip)
+packages=(libclang-dev clang protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iptables curl openssl python3)
+# Tools that may come from elsewhere (nvm, pyenv): installed from Debian only when missing.
+command -v npm >/dev/null || packages+=(npm)
+command -v unzip >/dev/null || packages+=(unzip)
+python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
