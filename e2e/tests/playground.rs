@@ -98,7 +98,14 @@ runpy.run_path(script, run_name="__main__")
 "##;
 
 fn smoke(pg: &Playground) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/contract/smoke.py");
+    // The shared contract sits beside the project (`../shared`), or where NIMBUS_CONTRACT
+    // says; a clone elsewhere on this machine finds it at /work/shared.
+    let candidates = [
+        std::env::var("NIMBUS_CONTRACT").map(PathBuf::from).unwrap_or_default(),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/contract/smoke.py"),
+        PathBuf::from("/work/shared/contract/smoke.py"),
+    ];
+    let script = candidates.into_iter().find(|p| p.is_file()).expect("smoke.py not found: set NIMBUS_CONTRACT");
     let out = Command::new("python3")
         .args(["-c", SMOKE_WRAPPER])
         .arg(script)
@@ -106,7 +113,11 @@ fn smoke(pg: &Playground) {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains(" 0 failed"), "contract smoke test failed:\n{text}");
+    assert!(
+        out.status.success() && text.contains(" 0 failed"),
+        "contract smoke test failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
