@@ -75,10 +75,6 @@ impl Coordinator {
         self.put_json(&etcd::user_key(db, user), record).await
     }
 
-    pub async fn user_exists(&self, db: &str, user: &str) -> Result<bool, CoordError> {
-        Ok(!self.client.kv_client().get(etcd::user_key(db, user), None).await?.kvs().is_empty())
-    }
-
     pub async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError> {
         self.put_json(&etcd::limits_key(db), limits).await
     }
