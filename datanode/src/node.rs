@@ -28,6 +28,9 @@ pub struct NodeCtx {
     pub sm: Arc<SmShared>,
     pub prometheus: PrometheusHandle,
     pub write_timeout: Duration,
+    /// A leader that heard from no majority for this long answers 503 at once instead of
+    /// accepting writes and read barriers it cannot complete.
+    pub quorum_lease: Duration,
 }
 
 impl NodeCtx {
@@ -107,6 +110,8 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         sm: sm_shared,
         prometheus,
         write_timeout: config.request_timeout(),
+        // Twice the election timeout: by then the majority has elected another leader.
+        quorum_lease: Duration::from_millis(2 * config.election_timeout_ms),
     });
 
     let data_listener = TcpListener::bind(config.data_listen)

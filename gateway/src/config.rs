@@ -10,6 +10,10 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:8081";
 /// A request not answered by then gets 503 `Unavailable` (safe to retry).
 pub const DEFAULT_DEADLINE_MS: u64 = 5_000;
+/// One attempt at one datanode waits at most this long before the gateway tries another
+/// member (a member cut off by a partition may never answer; writes carry an idempotency
+/// key, so the retry is safe).
+pub const DEFAULT_ATTEMPT_TIMEOUT_MS: u64 = 2_000;
 /// Largest request body: a 16 MiB document plus room for the request around it.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 17 * 1024 * 1024;
 /// How long a request over its database's QPS limit may wait for a slot.
@@ -47,6 +51,9 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     #[arg(long, env = "NIMBUS_DEADLINE_MS", default_value_t = DEFAULT_DEADLINE_MS)]
     pub deadline_ms: u64,
+    /// Longest wait for one datanode's answer before trying another member.
+    #[arg(long, env = "NIMBUS_ATTEMPT_TIMEOUT_MS", default_value_t = DEFAULT_ATTEMPT_TIMEOUT_MS)]
+    pub attempt_timeout_ms: u64,
     #[arg(long, env = "NIMBUS_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
     #[arg(long, env = "NIMBUS_QUEUE_WAIT_MS", default_value_t = DEFAULT_QUEUE_WAIT_MS)]

@@ -77,7 +77,8 @@ impl Gateway {
             if left.is_zero() {
                 return Err(unavailable("no leader answered within the request deadline"));
             }
-            match self.send(&target, &req, route.epoch, left).await {
+            let attempt = left.min(Duration::from_millis(self.config.attempt_timeout_ms));
+            match self.send(&target, &req, route.epoch, attempt).await {
                 Ok(a) if a.status == 421 => {
                     // Not the leader: follow the hint if there is one, else try the next member.
                     let hint = serde_json::from_slice::<serde_json::Value>(&a.body)

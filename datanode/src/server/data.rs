@@ -95,6 +95,32 @@ impl NodeCtx {
         ApiError::not_leader(self.leader_hint(leader.filter(|l| *l != self.id)).await)
     }
 
+    /// Whether this member, as leader, heard from a majority of voters within the quorum
+    /// lease. A leader cut off from the majority keeps its role until it hears of a newer
+    /// term; it must not keep clients waiting on writes it cannot commit meanwhile.
+    pub(crate) fn in_contact_with_majority(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        if m.membership_config.membership().voter_ids().count() <= 1 {
+            return true;
+        }
+        match &m.last_quorum_acked {
+            Some(at) => openraft::Instant::elapsed(&**at) <= self.quorum_lease,
+            // Not acknowledged yet: a leader just elected (by a majority).
+            None => true,
+        }
+    }
+
+    /// Returns once this member stops being a leader in contact with a majority.
+    async fn lose_majority(&self) {
+        loop {
+            tokio::time::sleep(QUORUM_CHECK_EVERY).await;
+            if !self.raft.is_leader() || !self.in_contact_with_majority() {
+                return;
+            }
+        }
+    }
+
     /// Replicates a write and answers once a majority has it and it is applied here.
     pub(crate) async fn propose(
         &self,
@@ -105,10 +131,18 @@ impl NodeCtx {
         if !self.raft.is_leader() {
             return Err(self.not_leader().await);
         }
+        if !self.in_contact_with_majority() {
+            return Err(lost_majority());
+        }
         let kind = op.kind();
         let cmd = Command { db: db.to_owned(), op, idempotency_key, ts_ms: now_ms(), route_epoch: None };
         let started = Instant::now();
-        let result = tokio::time::timeout(self.write_timeout, self.raft.client_write(cmd)).await;
+        let result = tokio::select! {
+            r = tokio::time::timeout(self.write_timeout, self.raft.client_write(cmd)) => r,
+            // Cut off from the majority: the write cannot commit here (it may still commit
+            // through the next leader, which is why the answer asks for the same key).
+            () = self.lose_majority() => return Err(lost_majority()),
+        };
         metrics::histogram!("nimbus_write_seconds", "op" => kind).record(started.elapsed().as_secs_f64());
         match result {
             Err(_) => Err(ApiError::unavailable(
@@ -141,7 +175,14 @@ impl NodeCtx {
         if !self.raft.is_leader() {
             return Err(self.not_leader().await);
         }
-        match tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+        if !self.in_contact_with_majority() {
+            return Err(lost_majority());
+        }
+        let barrier = tokio::select! {
+            r = tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)) => r,
+            () = self.lose_majority() => return Err(lost_majority()),
+        };
+        match barrier {
             Err(_) => Err(ApiError::unavailable("could not confirm leadership within the deadline")),
             Ok(Ok(_)) => Ok(self.sm.engine()),
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
@@ -153,6 +194,15 @@ impl NodeCtx {
             }
         }
     }
+}
+
+/// How often a waiting write or read barrier checks that its leader still reaches a majority.
+const QUORUM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn lost_majority() -> ApiError {
+    ApiError::unavailable(
+        "this member lost contact with the majority of its replica set; retry (with the same Idempotency-Key)",
+    )
 }
 
 fn count_read(op: &'static str, started: Instant) {

@@ -35,6 +35,21 @@ enum PlaygroundCommand {
         /// Number of zones (at least 3).
         #[arg(long, default_value_t = 3)]
         zones: usize,
+        /// Run each zone's datanodes in their own Linux network namespace, so that
+        /// `zone ... partition|isolate` can cut a zone's network (needs root, iproute2
+        /// and iptables). Kept for the directory's life.
+        #[arg(long)]
+        isolate_zones: bool,
+    },
+    /// Fail or heal a zone: `down` kills its processes and keeps them down, `partition`
+    /// cuts it off from the other zones, `isolate` from everything, `up` heals it.
+    Zone {
+        #[arg(long, default_value = ".playground")]
+        dir: PathBuf,
+        /// The zone (a, b, c, ...).
+        zone: String,
+        /// up, down, partition or isolate.
+        state: playground::netns::ZoneState,
     },
     /// Stop everything `up` started (the data stays in the directory).
     Down {
@@ -50,6 +65,8 @@ enum PlaygroundCommand {
         instances: Vec<PathBuf>,
         #[arg(long, default_value_t = 3)]
         zones: usize,
+        #[arg(long)]
+        isolate_zones: bool,
     },
 }
 
@@ -57,11 +74,11 @@ enum PlaygroundCommand {
 async fn main() -> anyhow::Result<()> {
     let Command::Playground { command } = Cli::parse().command;
     match command {
-        PlaygroundCommand::Up { dir, instances, zones } => {
+        PlaygroundCommand::Up { dir, instances, zones, isolate_zones } => {
             if zones < 3 {
                 anyhow::bail!("--zones must be at least 3: a replica set needs three zones");
             }
-            let pg = playground::up(&dir, &instances, zones).await?;
+            let pg = playground::up(&dir, &instances, zones, isolate_zones).await?;
             println!("playground is up: {}", dir.join(playground::state::PLAYGROUND_FILE).display());
             println!("gateway: {}", pg.gateway);
             for (name, i) in &pg.instances {
@@ -84,10 +101,15 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        PlaygroundCommand::Serve { dir, instances, zones } => {
+        PlaygroundCommand::Zone { dir, zone, state } => {
+            playground::set_zone(&dir, &zone, state).await?;
+            println!("zone {zone}: {state:?}");
+            Ok(())
+        }
+        PlaygroundCommand::Serve { dir, instances, zones, isolate_zones } => {
             let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-            playground::serve::serve(playground::serve::Options { dir, instances, zones }).await
+            playground::serve::serve(playground::serve::Options { dir, instances, zones, isolate_zones }).await
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `down` stops it; it stops everything it started. The directory keeps the data, so the
 //! next `up` with it finds the databases again.
 
+pub mod netns;
 pub mod serve;
 pub mod state;
 
@@ -26,7 +27,7 @@ fn running_pid(dir: &Path) -> Option<u32> {
 }
 
 /// Starts the playground in the background and waits until every instance is Ready.
-pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize) -> anyhow::Result<Playground> {
+pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize, isolate_zones: bool) -> anyhow::Result<Playground> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     serve::etcd_binary()?;
@@ -38,6 +39,9 @@ pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize) -> anyhow::Resu
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("logs/control-plane.log"))?;
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
         cmd.args(["playground", "serve", "--dir"]).arg(&dir).args(["--zones", &zones.to_string()]);
+        if isolate_zones {
+            cmd.arg("--isolate-zones");
+        }
         for f in instances {
             cmd.arg("--instances").arg(f.canonicalize().with_context(|| format!("no file {}", f.display()))?);
         }
@@ -88,4 +92,37 @@ pub async fn down(dir: &Path) -> anyhow::Result<bool> {
     }
     let _ = std::fs::remove_file(dir.join(PID_FILE));
     Ok(true)
+}
+
+/// Asks the running control plane to bring `zone` to `state`, and waits until
+/// `playground.json` shows it applied (for `down`: every process of the zone gone).
+pub async fn set_zone(dir: &Path, zone: &str, state: netns::ZoneState) -> anyhow::Result<Playground> {
+    let dir = dir.canonicalize().with_context(|| format!("no playground in {}", dir.display()))?;
+    if running_pid(&dir).is_none() {
+        bail!("no playground running in {}", dir.display());
+    }
+    let pg: Playground = serde_json::from_slice(&std::fs::read(dir.join(PLAYGROUND_FILE))?)?;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/zones/{zone}", pg.control_plane))
+        .json(&serde_json::json!({ "state": state }))
+        .send()
+        .await
+        .context("the control plane did not answer")?;
+    if !resp.status().is_success() {
+        bail!("{}", resp.text().await.unwrap_or_default());
+    }
+    let started = Instant::now();
+    loop {
+        if let Ok(bytes) = std::fs::read(dir.join(PLAYGROUND_FILE))
+            && let Ok(pg) = serde_json::from_slice::<Playground>(&bytes)
+            && pg.zones.get(zone) == Some(&state)
+            && (state != netns::ZoneState::Down || pg.datanodes.iter().all(|d| d.zone != zone || d.pid.is_none()))
+        {
+            return Ok(pg);
+        }
+        if started.elapsed() > DOWN_TIMEOUT {
+            bail!("zone {zone} did not reach {state:?} within {DOWN_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -13,6 +13,7 @@ use nimbus_api::etcd::{RouteMember, UserRecord};
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
+use super::netns::{Network, ZoneState};
 use super::state::{self, InstanceState, MemberState, Playground, PlaygroundDatanode, PlaygroundInstance, State};
 use crate::controlplane::admin::{AdminClient, raft_view};
 use crate::controlplane::coord::Coordinator;
@@ -30,6 +31,8 @@ pub struct Options {
     pub dir: PathBuf,
     pub instances: Vec<PathBuf>,
     pub zones: usize,
+    /// Each zone in its own network namespace (see `netns`).
+    pub isolate_zones: bool,
 }
 
 /// A binary next to this one (the workspace builds them together), or `NIMBUS_<NAME>_BIN`.
@@ -64,6 +67,7 @@ struct Procs {
     /// Member processes by (replica set, id).
     members: BTreeMap<(String, u64), Child>,
     others: Vec<Child>,
+    network: Option<Network>,
 }
 
 impl Procs {
@@ -81,12 +85,22 @@ impl Procs {
     fn start_member(&mut self, rs: &str, m: &MemberState) -> anyhow::Result<()> {
         let log = self.log(&format!("{rs}-m{}", m.id))?;
         let err = self.log(&format!("{rs}-m{}", m.id))?;
-        let child = Command::new(&self.datanode_bin)
+        // In its zone's namespace when zones are isolated (`ip netns exec` execs the
+        // datanode: the pid is the datanode's).
+        let (mut cmd, host) = match &self.network {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &n.namespace(&m.zone)]).arg(&self.datanode_bin);
+                (c, n.hosts.get(&m.zone).cloned().context("a member's zone has no address")?)
+            }
+            None => (Command::new(&self.datanode_bin), "127.0.0.1".to_owned()),
+        };
+        let child = cmd
             .args(["--id", &m.id.to_string(), "--zone", &m.zone, "--replica-set", rs])
             .arg("--data-dir")
             .arg(self.member_dir(rs, m.id))
-            .args(["--data-listen", &format!("127.0.0.1:{}", m.data_port)])
-            .args(["--admin-listen", &format!("127.0.0.1:{}", m.admin_port)])
+            .args(["--data-listen", &format!("{host}:{}", m.data_port)])
+            .args(["--admin-listen", &format!("{host}:{}", m.admin_port)])
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -185,9 +199,20 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         datanode_bin: sibling_binary(DATANODE_BIN)?,
         members: BTreeMap::new(),
         others: Vec::new(),
+        network: None,
     };
+    if opts.isolate_zones && st.network.is_none() {
+        st.network = Some(Network::choose(&st.zones)?);
+    }
+    if let Some(n) = &st.network {
+        n.create().context("failed to create the zones' network namespaces")?;
+        procs.network = Some(n.clone());
+    }
     let result = run(&opts, &dir, &mut st, &mut procs).await;
     procs.stop_all().await;
+    if let Some(n) = &procs.network {
+        n.remove();
+    }
     let _ = std::fs::remove_file(dir.join(state::PID_FILE));
     result
 }
@@ -243,6 +268,7 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs) -> a
     let cp_listener = tokio::net::TcpListener::bind(("127.0.0.1", st.control_plane_port)).await?;
     let cp_url = format!("http://127.0.0.1:{}", st.control_plane_port);
     let shown_http = shown.clone();
+    let wanted: Wanted = Arc::new(Mutex::new(st.zones.iter().map(|z| (z.clone(), ZoneState::Up)).collect()));
     let app = axum::Router::new()
         .route(
             "/v1/status",
@@ -251,18 +277,30 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs) -> a
                 std::future::ready(axum::Json(s))
             }),
         )
+        .route("/v1/zones/{zone}", axum::routing::post(set_zone))
+        .with_state(ZonesApi { wanted: wanted.clone(), isolated: st.network.is_some() })
         .route("/healthz", axum::routing::get(|| async { "ok" }));
     tokio::spawn(async move { axum::serve(cp_listener, app).await });
 
     let admin = AdminClient::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut phases: BTreeMap<String, String> = BTreeMap::new();
+    let mut zones: BTreeMap<String, ZoneState> = st.zones.iter().map(|z| (z.clone(), ZoneState::Up)).collect();
     loop {
+        let want = wanted.lock().map(|w| w.clone()).unwrap_or_default();
+        for (zone, state) in want {
+            if zones.get(&zone) != Some(&state) {
+                apply_zone(st, procs, &zone, state).await?;
+                info!(zone = %zone, ?state, "zone changed");
+                zones.insert(zone, state);
+            }
+        }
+        let down: Vec<String> = zones.iter().filter(|(_, s)| **s == ZoneState::Down).map(|(z, _)| z.clone()).collect();
         let rs_names: Vec<String> = st.replica_sets.keys().cloned().collect();
         let mut led: BTreeMap<String, bool> = BTreeMap::new();
         let mut steady: BTreeMap<String, bool> = BTreeMap::new();
         for rs in rs_names {
-            match tick(st, procs, &admin, &store, &rs, dir).await {
+            match tick(st, procs, &admin, &store, &rs, dir, &down).await {
                 Ok((is_led, is_steady)) => {
                     led.insert(rs.clone(), is_led);
                     steady.insert(rs, is_steady);
@@ -285,7 +323,8 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs) -> a
             }
             phases.insert(name.clone(), phase.to_string());
         }
-        let pg = playground_view(st, procs, dir, &phases, &gateway_url, &cp_url, &etcd_url);
+        let mut pg = playground_view(st, procs, dir, &phases, &gateway_url, &cp_url, &etcd_url);
+        pg.zones = zones.clone();
         if let Ok(mut g) = shown.lock() {
             *g = pg.clone();
         }
@@ -296,6 +335,62 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs) -> a
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+/// The zone states asked for through the control plane's API.
+type Wanted = Arc<Mutex<BTreeMap<String, ZoneState>>>;
+
+#[derive(Clone)]
+struct ZonesApi {
+    wanted: Wanted,
+    isolated: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct ZoneRequest {
+    state: ZoneState,
+}
+
+/// `POST /v1/zones/{zone}` `{"state": "up"|"down"|"partitioned"|"isolated"}`: the control
+/// loop applies it on its next tick, and `playground.json` shows it once applied.
+async fn set_zone(
+    axum::extract::State(api): axum::extract::State<ZonesApi>,
+    axum::extract::Path(zone): axum::extract::Path<String>,
+    axum::Json(req): axum::Json<ZoneRequest>,
+) -> (axum::http::StatusCode, String) {
+    use axum::http::StatusCode;
+    if matches!(req.state, ZoneState::Partitioned | ZoneState::Isolated) && !api.isolated {
+        return (
+            StatusCode::BAD_REQUEST,
+            "cutting a zone's network needs zones in network namespaces: `nimbus playground up --isolate-zones`".into(),
+        );
+    }
+    let Ok(mut wanted) = api.wanted.lock() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "control plane state poisoned".into());
+    };
+    match wanted.get_mut(&zone) {
+        Some(s) => {
+            *s = req.state;
+            (StatusCode::ACCEPTED, format!("zone {zone}: {:?}", req.state))
+        }
+        None => (StatusCode::NOT_FOUND, format!("no zone {zone:?}")),
+    }
+}
+
+/// Brings a zone to `state`: its network (namespaces only), and for `Down` its processes
+/// killed with SIGKILL, as a power loss would (the control loop keeps them down).
+async fn apply_zone(st: &State, procs: &mut Procs, zone: &str, state: ZoneState) -> anyhow::Result<()> {
+    if let Some(n) = &procs.network {
+        n.apply(zone, state)?;
+    }
+    if state == ZoneState::Down {
+        for (rs, set) in &st.replica_sets {
+            for m in set.members.values().filter(|m| m.zone == zone) {
+                procs.stop_member(rs, m.id).await;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The example instance `examples/database-instance.yaml`, found from the binary's place in
@@ -352,11 +447,12 @@ fn admit(st: &mut State, dbi: &DatabaseInstance) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn member_info(m: &MemberState) -> MemberInfo {
+fn member_info(st: &State, m: &MemberState) -> MemberInfo {
+    let host = st.host(&m.zone);
     MemberInfo {
         id: m.id,
-        admin_addr: format!("http://127.0.0.1:{}", m.admin_port),
-        data_addr: format!("http://127.0.0.1:{}", m.data_port),
+        admin_addr: format!("http://{host}:{}", m.admin_port),
+        data_addr: format!("http://{host}:{}", m.data_port),
         zone: m.zone.clone(),
         voter: true,
     }
@@ -371,6 +467,7 @@ async fn tick(
     store: &Coordinator,
     rs: &str,
     dir: &Path,
+    down_zones: &[String],
 ) -> anyhow::Result<(bool, bool)> {
     let set = st.replica_sets.get(rs).cloned().unwrap_or_default();
     let mut views = Vec::new();
@@ -378,7 +475,7 @@ async fn tick(
     for m in set.members.values() {
         let running = procs.running(rs, m.id);
         let has_data = procs.member_dir(rs, m.id).is_dir();
-        let addr = format!("http://127.0.0.1:{}", m.admin_port);
+        let addr = format!("http://{}:{}", st.host(&m.zone), m.admin_port);
         let status = if running { admin.status(&addr).await.ok() } else { None };
         // Ready: serving, or alive and waiting to be initialised (a member reports no
         // leader, so never `/readyz`, before the replica set is bootstrapped).
@@ -390,11 +487,21 @@ async fn tick(
         views.push(MemberView { id: m.id, zone: m.zone.clone(), running, has_data, ready, outdated: false });
     }
     let view = raft_view(&statuses, set.bootstrapped);
-    let step = members::next_action(&Desired { zones: set.zones.clone() }, &views, &view);
+    let mut step = members::next_action(&Desired { zones: set.zones.clone() }, &views, &view);
+    // A zone that is down stays down: nothing is started or created in it.
+    let in_down_zone = |id: &u64| set.members.get(id).is_some_and(|m| down_zones.contains(&m.zone));
+    let blocked = match &step {
+        Action::Start { id } | Action::Restart { id } | Action::AddLearner { id } => in_down_zone(id),
+        Action::Create { zone, .. } => down_zones.contains(zone),
+        _ => false,
+    };
+    if blocked {
+        step = Action::Wait("a zone is down".into());
+    }
     let leader_admin = |view: &RaftView| -> anyhow::Result<String> {
         let RaftView::Led(ms) = view else { bail!("no leader") };
         let m = set.members.get(&ms.leader).context("leader unknown")?;
-        Ok(format!("http://127.0.0.1:{}", m.admin_port))
+        Ok(format!("http://{}:{}", st.host(&m.zone), m.admin_port))
     };
     match &step {
         Action::Steady | Action::Wait(_) => {}
@@ -421,9 +528,9 @@ async fn tick(
         }
         Action::Bootstrap { voters } => {
             let members: Vec<MemberInfo> =
-                voters.iter().filter_map(|id| set.members.get(id)).map(member_info).collect();
+                voters.iter().filter_map(|id| set.members.get(id)).map(|m| member_info(st, m)).collect();
             let first = set.members.get(&voters[0]).context("bootstrap member unknown")?;
-            admin.init(&format!("http://127.0.0.1:{}", first.admin_port), members).await?;
+            admin.init(&format!("http://{}:{}", st.host(&first.zone), first.admin_port), members).await?;
             if let Some(s) = st.replica_sets.get_mut(rs) {
                 s.bootstrapped = true;
             }
@@ -432,7 +539,7 @@ async fn tick(
         Action::AddLearner { id } => {
             let m = set.members.get(id).context("learner unknown")?;
             info!(replica_set = rs, member = id, "adding a learner (replacement)");
-            admin.add_learner(&leader_admin(&view)?, member_info(m)).await?;
+            admin.add_learner(&leader_admin(&view)?, member_info(st, m)).await?;
         }
         Action::ChangeVoters { voters } => {
             info!(replica_set = rs, ?voters, "changing voters");
@@ -464,7 +571,11 @@ async fn tick(
         .voters
         .iter()
         .filter_map(|id| set.members.get(id))
-        .map(|m| RouteMember { id: m.id, data_addr: format!("http://127.0.0.1:{}", m.data_port), zone: m.zone.clone() })
+        .map(|m| RouteMember {
+            id: m.id,
+            data_addr: format!("http://{}:{}", st.host(&m.zone), m.data_port),
+            zone: m.zone.clone(),
+        })
         .collect();
     for inst in st.instances.values().filter(|i| i.replica_set == rs) {
         store.put_route(&inst.database, rs, route.clone()).await?;
@@ -515,11 +626,18 @@ fn playground_view(
                 zone: m.zone.clone(),
                 replica_set: rs.clone(),
                 pid: procs.pid(rs, m.id),
-                admin: format!("http://127.0.0.1:{}", m.admin_port),
-                data: format!("http://127.0.0.1:{}", m.data_port),
+                admin: format!("http://{}:{}", st.host(&m.zone), m.admin_port),
+                data: format!("http://{}:{}", st.host(&m.zone), m.data_port),
                 data_dir: dir.join("datanodes").join(rs).join(format!("m{}", m.id)),
             });
         }
     }
-    Playground { gateway: gateway.into(), control_plane: control_plane.into(), etcd: etcd.into(), instances, datanodes }
+    Playground {
+        gateway: gateway.into(),
+        control_plane: control_plane.into(),
+        etcd: etcd.into(),
+        instances,
+        datanodes,
+        zones: BTreeMap::new(),
+    }
 }

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::netns::{Network, ZoneState};
+
 pub const STATE_FILE: &str = "state.json";
 pub const PLAYGROUND_FILE: &str = "playground.json";
 pub const PID_FILE: &str = "control-plane.pid";
@@ -23,6 +25,9 @@ pub struct State {
     pub zones: Vec<String>,
     pub replica_sets: BTreeMap<String, ReplicaSetState>,
     pub instances: BTreeMap<String, InstanceState>,
+    /// Zones in network namespaces (`--isolate-zones`): fixed once the directory has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -56,6 +61,11 @@ pub struct InstanceState {
 }
 
 impl State {
+    /// The address a zone's datanodes listen on and are reached at.
+    pub fn host(&self, zone: &str) -> String {
+        self.network.as_ref().and_then(|n| n.hosts.get(zone).cloned()).unwrap_or_else(|| "127.0.0.1".to_owned())
+    }
+
     pub fn load(dir: &Path) -> std::io::Result<Option<State>> {
         match std::fs::read(dir.join(STATE_FILE)) {
             Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(std::io::Error::other)?)),
@@ -78,6 +88,9 @@ pub struct Playground {
     pub etcd: String,
     pub instances: BTreeMap<String, PlaygroundInstance>,
     pub datanodes: Vec<PlaygroundDatanode>,
+    /// Each zone's state (`nimbus playground zone`): up, down, partitioned or isolated.
+    #[serde(default)]
+    pub zones: BTreeMap<String, ZoneState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
