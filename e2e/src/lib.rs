@@ -7,7 +7,10 @@ pub mod client;
 pub mod cluster;
 pub mod etcd;
 pub mod gateway;
+pub mod linearizability;
+pub mod playground;
 pub mod process;
+pub mod workload;
 
 pub use client::DataClient;
 pub use cluster::Cluster;

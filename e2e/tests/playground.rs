@@ -3,85 +3,14 @@
 //! learner, promote, remove), `down` (every process gone) and `up` again (data found).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nimbus_e2e::process::binary;
+use nimbus_e2e::playground::{Playground, alive, ready};
 use serde_json::Value;
 
-struct Playground {
-    dir: tempfile::TempDir,
-}
-
-impl Playground {
-    fn up() -> Playground {
-        let dir = tempfile::Builder::new().prefix("nimbus-pg-").tempdir().unwrap();
-        let pg = Playground { dir };
-        pg.run("up");
-        pg
-    }
-
-    fn run(&self, cmd: &str) {
-        let out = Command::new(binary("nimbus").unwrap())
-            .args(["playground", cmd, "--dir"])
-            .arg(self.dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "playground {cmd} failed: {}\n{}\ncontrol plane log:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(self.dir.path().join("logs/control-plane.log")).unwrap_or_default()
-        );
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&std::fs::read(self.dir.path().join("playground.json")).unwrap()).unwrap()
-    }
-
-    /// Polls playground.json until `ok` holds (deadline 60 s).
-    fn wait(&self, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-        let start = Instant::now();
-        loop {
-            if let Ok(bytes) = std::fs::read(self.dir.path().join("playground.json"))
-                && let Ok(v) = serde_json::from_slice::<Value>(&bytes)
-                && ok(&v)
-            {
-                return v;
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}: {}", self.json());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        self.json()["datanodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|d| d["pid"].as_u64())
-            .map(|p| p as u32)
-            .collect()
-    }
-}
-
-impl Drop for Playground {
-    fn drop(&mut self) {
-        let _ =
-            Command::new(binary("nimbus").unwrap()).args(["playground", "down", "--dir"]).arg(self.dir.path()).status();
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
-}
-
-fn ready(v: &Value) -> bool {
-    v["instances"].as_object().is_some_and(|m| !m.is_empty() && m.values().all(|i| i["phase"] == "Ready"))
-}
+const HEAL: Duration = Duration::from_secs(60);
 
 /// Runs `../shared/contract/smoke.py`. Its `call` parses every 2xx body as JSON, so it stops
 /// at the gateway's `/metrics` (Prometheus text, as `API.md` says) as soon as a metric
@@ -122,8 +51,8 @@ fn smoke(pg: &Playground) {
 
 #[test]
 fn the_playground_serves_the_contract_heals_members_and_keeps_its_data() {
-    let pg = Playground::up();
-    let v = pg.json();
+    let pg = Playground::up(&[]).unwrap();
+    let v = pg.json().unwrap();
     assert!(ready(&v));
     assert_eq!(v["datanodes"].as_array().unwrap().len(), 3);
     let zones: Vec<&str> = v["datanodes"].as_array().unwrap().iter().map(|d| d["zone"].as_str().unwrap()).collect();
@@ -134,25 +63,29 @@ fn the_playground_serves_the_contract_heals_members_and_keeps_its_data() {
     let victim = v["datanodes"][1].clone();
     let old_pid = victim["pid"].as_u64().unwrap() as u32;
     Command::new("kill").args(["-9", &old_pid.to_string()]).status().unwrap();
-    let v = pg.wait("the killed datanode restarted", |v| {
-        ready(v)
-            && v["datanodes"].as_array().unwrap().iter().any(|d| {
-                d["id"] == victim["id"]
-                    && d["zone"] == victim["zone"]
-                    && d["pid"].as_u64().is_some_and(|p| p as u32 != old_pid)
-            })
-    });
+    let v = pg
+        .wait("the killed datanode restarted", HEAL, |v| {
+            ready(v)
+                && v["datanodes"].as_array().unwrap().iter().any(|d| {
+                    d["id"] == victim["id"]
+                        && d["zone"] == victim["zone"]
+                        && d["pid"].as_u64().is_some_and(|p| p as u32 != old_pid)
+                })
+        })
+        .unwrap();
 
     // A member whose data directory is destroyed is replaced in its zone.
     let lost = v["datanodes"][2].clone();
     std::fs::remove_dir_all(lost["dataDir"].as_str().unwrap()).unwrap();
-    let v = pg.wait("the lost member replaced", |v| {
-        let ds = v["datanodes"].as_array().unwrap();
-        ready(v)
-            && ds.len() == 3
-            && !ds.iter().any(|d| d["id"] == lost["id"])
-            && ds.iter().any(|d| d["zone"] == lost["zone"])
-    });
+    let v = pg
+        .wait("the lost member replaced", HEAL, |v| {
+            let ds = v["datanodes"].as_array().unwrap();
+            ready(v)
+                && ds.len() == 3
+                && !ds.iter().any(|d| d["id"] == lost["id"])
+                && ds.iter().any(|d| d["zone"] == lost["zone"])
+        })
+        .unwrap();
     smoke(&pg);
 
     // A document written now survives down and up.
@@ -172,13 +105,13 @@ fn the_playground_serves_the_contract_heals_members_and_keeps_its_data() {
             .status()
     });
     assert_eq!(st, 201);
-    let pids = pg.pids();
-    pg.run("down");
+    let pids = pg.pids().unwrap();
+    pg.nimbus(&["down"]).unwrap();
     for p in pids {
         assert!(!alive(p), "datanode {p} still runs after down");
     }
-    pg.run("up");
-    let v = pg.json();
+    pg.nimbus(&["up"]).unwrap();
+    let v = pg.json().unwrap();
     let gw = v["gateway"].as_str().unwrap();
     let body: Value = rt.block_on(async {
         http.get(format!("{gw}/v1/databases/shop/collections/kept/documents/k"))

@@ -84,7 +84,7 @@ impl Gateway {
                     let hint = serde_json::from_slice::<serde_json::Value>(&a.body)
                         .ok()
                         .and_then(|v| v["error"]["leader"]["dataAddr"].as_str().map(str::to_owned));
-                    self.set_leader(&route.replica_set, None);
+                    self.forget_leader(&route.replica_set, &target);
                     match hint {
                         Some(h) if h != target => hinted = Some(h),
                         _ => {
@@ -96,17 +96,17 @@ impl Gateway {
                 Ok(a) if a.status == 503 => {
                     // The member has no leader or could not commit in time: retry (the
                     // idempotency key makes a repeated write safe).
-                    self.set_leader(&route.replica_set, None);
+                    self.forget_leader(&route.replica_set, &target);
                     rotation += 1;
                     self.pause(&mut backoff, deadline).await;
                 }
                 Ok(a) => {
-                    self.set_leader(&route.replica_set, Some(target));
+                    self.set_leader(&route.replica_set, target);
                     return Ok(a);
                 }
                 Err(e) => {
                     tracing::debug!(target = %target, error = %e, "datanode did not answer");
-                    self.set_leader(&route.replica_set, None);
+                    self.forget_leader(&route.replica_set, &target);
                     rotation += 1;
                     self.pause(&mut backoff, deadline).await;
                 }

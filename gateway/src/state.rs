@@ -117,11 +117,16 @@ impl Gateway {
         self.leaders.lock().unwrap_or_else(|p| p.into_inner()).get(replica_set).cloned()
     }
 
-    pub fn set_leader(&self, replica_set: &str, addr: Option<String>) {
+    pub fn set_leader(&self, replica_set: &str, addr: String) {
+        self.leaders.lock().unwrap_or_else(|p| p.into_inner()).insert(replica_set.to_owned(), addr);
+    }
+
+    /// Forgets `addr` as the leader of `replica_set`, unless another request has already
+    /// found a different one (a late failure must not erase a fresh discovery).
+    pub fn forget_leader(&self, replica_set: &str, addr: &str) {
         let mut leaders = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
-        match addr {
-            Some(a) => leaders.insert(replica_set.to_owned(), a),
-            None => leaders.remove(replica_set),
-        };
+        if leaders.get(replica_set).is_some_and(|l| l == addr) {
+            leaders.remove(replica_set);
+        }
     }
 }

@@ -24,6 +24,10 @@ pub enum AdminError {
     Refused { addr: String, what: &'static str, status: u16, body: String },
 }
 
+/// A member that does not say how it is within this long counts as unreachable (a
+/// partitioned member must not stall the control loop's look at the others).
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// An HTTP client of datanode admin ports (`http://host:port`).
 #[derive(Clone)]
 pub struct AdminClient {
@@ -48,13 +52,15 @@ impl AdminClient {
 
     pub async fn status(&self, admin: &str) -> Result<Status, AdminError> {
         let unreachable = |source| AdminError::Unreachable { addr: admin.to_string(), source };
-        let resp = self.http.get(format!("{admin}/v1/status")).send().await.map_err(unreachable)?;
+        let resp =
+            self.http.get(format!("{admin}/v1/status")).timeout(STATUS_TIMEOUT).send().await.map_err(unreachable)?;
         let resp = resp.error_for_status().map_err(unreachable)?;
         resp.json().await.map_err(unreachable)
     }
 
     pub async fn ready(&self, admin: &str) -> bool {
-        matches!(self.http.get(format!("{admin}/readyz")).send().await, Ok(r) if r.status().is_success())
+        let resp = self.http.get(format!("{admin}/readyz")).timeout(STATUS_TIMEOUT).send().await;
+        matches!(resp, Ok(r) if r.status().is_success())
     }
 
     pub async fn init(&self, admin: &str, members: Vec<MemberInfo>) -> Result<(), AdminError> {

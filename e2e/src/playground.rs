@@ -1,0 +1,129 @@
+//! The playground driven as a user drives it: the `nimbus` command and `playground.json`.
+//! Dropping a [`Playground`] runs `nimbus playground down`, so a failing test or benchmark
+//! leaves nothing running.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::binary;
+
+pub struct Playground {
+    pub dir: tempfile::TempDir,
+}
+
+impl Playground {
+    /// `nimbus playground up` in a new temporary directory, with `args` added.
+    pub fn up(args: &[&str]) -> anyhow::Result<Playground> {
+        let dir = tempfile::Builder::new().prefix("nimbus-pg-").tempdir()?;
+        let pg = Playground { dir };
+        pg.nimbus(&[&["up"], args].concat())?;
+        Ok(pg)
+    }
+
+    /// Runs `nimbus playground CMD... --dir DIR`; fails with its output and the control
+    /// plane's log.
+    pub fn nimbus(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out =
+            Command::new(binary("nimbus")?).arg("playground").args(args).arg("--dir").arg(self.dir.path()).output()?;
+        if !out.status.success() {
+            bail!(
+                "playground {args:?} failed: {}\n{}\ncontrol plane log:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(self.dir.path().join("logs/control-plane.log")).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// `nimbus playground zone ZONE STATE` (up, down, partition, isolate).
+    pub fn zone(&self, zone: &str, state: &str) -> anyhow::Result<()> {
+        self.nimbus(&["zone", zone, state])
+    }
+
+    pub fn json(&self) -> anyhow::Result<Value> {
+        Ok(serde_json::from_slice(&std::fs::read(self.dir.path().join("playground.json"))?)?)
+    }
+
+    /// Polls `playground.json` until `ok` holds.
+    pub fn wait(&self, what: &str, timeout: Duration, ok: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let start = Instant::now();
+        loop {
+            if let Ok(v) = self.json()
+                && ok(&v)
+            {
+                return Ok(v);
+            }
+            if start.elapsed() > timeout {
+                bail!("timed out after {timeout:?} waiting for {what}: {}", self.json().unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn gateway(&self) -> anyhow::Result<String> {
+        Ok(self.json()?["gateway"].as_str().context("no gateway")?.to_owned())
+    }
+
+    /// The read-write token of instance `name`.
+    pub fn token(&self, name: &str) -> anyhow::Result<String> {
+        Ok(self.json()?["instances"][name]["token"].as_str().context("no such instance")?.to_owned())
+    }
+
+    pub fn datanodes(&self) -> anyhow::Result<Vec<Value>> {
+        Ok(self.json()?["datanodes"].as_array().context("no datanodes")?.clone())
+    }
+
+    pub fn pids(&self) -> anyhow::Result<Vec<u32>> {
+        Ok(self.datanodes()?.iter().filter_map(|d| d["pid"].as_u64()).map(|p| p as u32).collect())
+    }
+
+    /// The datanode (as `playground.json` shows it) whose status says it leads, with the
+    /// highest term among those that do (a partitioned old leader may still say so).
+    pub async fn leader(&self, http: &reqwest::Client) -> Option<(Value, Value)> {
+        let mut best: Option<(Value, Value)> = None;
+        for d in self.datanodes().ok()? {
+            let Some(admin) = d["admin"].as_str() else { continue };
+            let Ok(r) = http.get(format!("{admin}/v1/status")).timeout(Duration::from_secs(1)).send().await else {
+                continue;
+            };
+            let Ok(s) = r.json::<Value>().await else { continue };
+            if s["role"] == "leader" && best.as_ref().is_none_or(|(_, b)| b["term"].as_u64() < s["term"].as_u64()) {
+                best = Some((d, s));
+            }
+        }
+        best
+    }
+}
+
+impl Drop for Playground {
+    fn drop(&mut self) {
+        if let Ok(bin) = binary("nimbus") {
+            let _ = Command::new(bin).args(["playground", "down", "--dir"]).arg(self.dir.path()).status();
+        }
+    }
+}
+
+/// Every instance in `playground.json` Ready.
+pub fn ready(v: &Value) -> bool {
+    v["instances"].as_object().is_some_and(|m| !m.is_empty() && m.values().all(|i| i["phase"] == "Ready"))
+}
+
+/// Whether process `pid` runs (a zombie does not).
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+/// `kill -9 pid`.
+pub fn kill9(pid: u32) -> anyhow::Result<()> {
+    let st = Command::new("kill").args(["-9", &pid.to_string()]).status()?;
+    if !st.success() {
+        bail!("kill -9 {pid} failed");
+    }
+    Ok(())
+}
