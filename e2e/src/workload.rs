@@ -33,6 +33,8 @@ pub struct WriterReport {
 pub struct Writers {
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
+    /// Longest write latency (µs) since the last [`Writers::take_max_latency`].
+    max_latency_us: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<WriterReport>>,
 }
 
@@ -58,6 +60,7 @@ impl Writers {
     pub fn start(client: &DataClient, gateway: &str, db: &str, token: &str, concurrency: usize) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
+        let max_latency_us = Arc::new(AtomicU64::new(0));
         let base = format!("{gateway}/v1/databases/{db}/collections/{COLLECTION}");
         let run = format!(
             "{:x}",
@@ -67,6 +70,7 @@ impl Writers {
             .map(|w| {
                 let (client, base, stop, acked, run) =
                     (client.clone(), base.clone(), stop.clone(), acked.clone(), run.clone());
+                let max_latency_us = max_latency_us.clone();
                 let auth = format!("Bearer {token}");
                 tokio::spawn(async move {
                     let mut report = WriterReport::default();
@@ -91,7 +95,9 @@ impl Writers {
                                 &[("authorization", &auth), ("idempotency-key", &key)],
                             )
                             .await;
-                        report.latencies_us.push(started.elapsed().as_micros() as u64);
+                        let latency = started.elapsed().as_micros() as u64;
+                        report.latencies_us.push(latency);
+                        max_latency_us.fetch_max(latency, Ordering::Relaxed);
                         match (n % 2 == 0, st) {
                             (true, 201) => report.inserted.push(id),
                             (false, 200) if answer["modified"] == 1 => report.increments += 1,
@@ -104,12 +110,17 @@ impl Writers {
                 })
             })
             .collect();
-        Writers { stop, acked, tasks }
+        Writers { stop, acked, max_latency_us, tasks }
     }
 
     /// Writes answered so far (acknowledged or not).
     pub fn answered(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
+    }
+
+    /// The longest latency of a write answered since the last call, in microseconds.
+    pub fn take_max_latency_us(&self) -> u64 {
+        self.max_latency_us.swap(0, Ordering::Relaxed)
     }
 
     /// Waits until `more` further writes have been answered.
