@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::DataClient;
 
@@ -78,7 +78,8 @@ impl Writers {
                     while !stop.load(Ordering::Relaxed) {
                         let id = format!("{w}-{n}");
                         let key = format!("{run}-{id}");
-                        let (url, body) = if n % 2 == 0 {
+                        let insert = n.is_multiple_of(2);
+                        let (url, body) = if insert {
                             (format!("{base}/documents"), json!({"documents": [{"_id": id, "w": w}]}))
                         } else {
                             (
@@ -98,7 +99,7 @@ impl Writers {
                         let latency = started.elapsed().as_micros() as u64;
                         report.latencies_us.push(latency);
                         max_latency_us.fetch_max(latency, Ordering::Relaxed);
-                        match (n % 2 == 0, st) {
+                        match (insert, st) {
                             (true, 201) => report.inserted.push(id),
                             (false, 200) if answer["modified"] == 1 => report.increments += 1,
                             _ => report.errors.push(format!("write {id}: {st} {answer}")),
@@ -200,7 +201,7 @@ pub async fn verify(
     }
     let (st, counter) =
         client.call(Method::GET, &format!("{base}/documents/{COUNTER_ID}"), None, &[("authorization", &auth)]).await;
-    if st != 200 || counter["n"] != Value::from(report.increments) {
+    if st != 200 || counter["n"] != report.increments {
         bail!("counter is {counter} ({st}) but {} increments were acknowledged", report.increments);
     }
     Ok(())
