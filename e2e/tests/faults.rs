@@ -164,7 +164,7 @@ fn start_clients(client: &DataClient, gw: &str, tok: &str, keys: &[String], per_
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let write = (n + c as u64) % 2 == 0;
+                    let write = (n + c as u64).is_multiple_of(2);
                     let value = ((k * per_key + c) as u64) * 1_000_000 + n;
                     let call = epoch.elapsed().as_nanos() as u64;
                     let event = if write {
