@@ -113,6 +113,11 @@ pub fn ready(v: &Value) -> bool {
     v["instances"].as_object().is_some_and(|m| !m.is_empty() && m.values().all(|i| i["phase"] == "Ready"))
 }
 
+/// Every datanode in `playground.json` has a running process (a pid).
+pub fn all_running(v: &Value) -> bool {
+    v["datanodes"].as_array().is_some_and(|ds| ds.iter().all(|d| d["pid"].is_u64()))
+}
+
 /// Whether process `pid` runs (a zombie does not).
 pub fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nimbus_e2e::linearizability::{self, Event, Op};
-use nimbus_e2e::playground::{Playground, alive, kill9, ready};
+use nimbus_e2e::playground::{Playground, alive, all_running, kill9, ready};
 use nimbus_e2e::workload::{self, Writers};
 use nimbus_e2e::{DataClient, poll};
 use reqwest::Method;
@@ -35,14 +35,20 @@ async fn new_leader(pg: &Playground, http: &reqwest::Client, not: &Value) -> (Va
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn killing_the_leader_under_idempotent_writes_shows_no_error_and_applies_each_write_once() {
+/// The example playground with 8 writers going (100 writes answered).
+async fn writing() -> (Arc<Playground>, DataClient, String, String, Writers) {
     let pg = up(&[]).await;
     let client = DataClient::new();
     let (gw, tok) = (pg.gateway().unwrap(), pg.token("shop").unwrap());
     workload::prepare(&client, &gw, "shop", &tok).await.unwrap();
     let writers = Writers::start(&client, &gw, "shop", &tok, 8);
     writers.wait_for(100, FAILOVER).await.unwrap();
+    (pg, client, gw, tok, writers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_leader_under_idempotent_writes_shows_no_error_and_applies_each_write_once() {
+    let (pg, client, gw, tok, writers) = writing().await;
     for _ in 0..2 {
         let (leader, _) = pg.leader(&client.http).await.expect("a leader");
         let pid = leader["pid"].as_u64().unwrap() as u32;
@@ -57,13 +63,9 @@ async fn killing_the_leader_under_idempotent_writes_shows_no_error_and_applies_e
         // The control plane restarts the killed member; the writes go on meanwhile.
         writers.wait_for(100, FAILOVER).await.unwrap();
         let pg2 = pg.clone();
-        blocking(move || {
-            pg2.wait("every member running and Ready", FAILOVER, |v| {
-                ready(v) && !v.to_string().contains("\"pid\":null")
-            })
-        })
-        .await
-        .unwrap();
+        blocking(move || pg2.wait("every member running and Ready", FAILOVER, |v| ready(v) && all_running(v)))
+            .await
+            .unwrap();
     }
     let report = writers.stop().await.unwrap();
     assert!(report.errors.is_empty(), "client-visible errors: {:?}", &report.errors[..report.errors.len().min(10)]);
@@ -73,12 +75,7 @@ async fn killing_the_leader_under_idempotent_writes_shows_no_error_and_applies_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn losing_a_zone_keeps_writes_going_and_its_members_catch_up_when_it_returns() {
-    let pg = up(&[]).await;
-    let client = DataClient::new();
-    let (gw, tok) = (pg.gateway().unwrap(), pg.token("shop").unwrap());
-    workload::prepare(&client, &gw, "shop", &tok).await.unwrap();
-    let writers = Writers::start(&client, &gw, "shop", &tok, 8);
-    writers.wait_for(100, FAILOVER).await.unwrap();
+    let (pg, client, gw, tok, writers) = writing().await;
 
     // The leader's zone goes down: every process in it killed and kept down.
     let (leader, _) = pg.leader(&client.http).await.expect("a leader");

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use nimbus_bench::{Report, median};
-use nimbus_e2e::playground::{Playground, kill9, ready};
+use nimbus_e2e::playground::{Playground, all_running, kill9, ready};
 use nimbus_e2e::workload::{self, Writers};
 use nimbus_e2e::{DataClient, poll};
 
@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         // The killed member back and Ready, and steady writes again.
         poll("every member running and Ready", RECOVERY, || async {
-            pg.json().ok().filter(|v| ready(v) && !v.to_string().contains("\"pid\":null"))
+            pg.json().ok().filter(|v| ready(v) && all_running(v))
         })
         .await?;
         writers.wait_for(args.writes_between, RECOVERY).await?;
