@@ -1,6 +1,7 @@
 //! Shared parts of the benchmarks: the report format of `API.md` section 4 and a
 //! closed-loop load generator with latency histograms.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,6 +45,8 @@ fn format_value(v: f64) -> String {
 pub struct RunResult {
     pub ops: u64,
     pub errors: u64,
+    /// How many failures of each kind (an HTTP status, or the client error's text).
+    pub error_kinds: BTreeMap<String, u64>,
     pub elapsed: Duration,
     pub latency_us: Histogram<u64>,
 }
@@ -61,11 +64,11 @@ impl RunResult {
 }
 
 /// Runs `concurrency` tasks, each calling `op(task, seq)` in a loop for `duration`, and
-/// records each successful call's latency.
+/// records each successful call's latency; a failed call returns what went wrong.
 pub async fn run_load<F, Fut>(concurrency: usize, duration: Duration, op: F) -> RunResult
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = bool> + Send,
+    Fut: Future<Output = Result<(), String>> + Send,
 {
     let op = Arc::new(op);
     let stop = Arc::new(AtomicBool::new(false));
@@ -75,32 +78,98 @@ where
         let (op, stop) = (op.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
-            let (mut ok, mut err, mut seq) = (0u64, 0u64, 0u64);
+            let (mut ok, mut seq, mut kinds) = (0u64, 0u64, BTreeMap::<String, u64>::new());
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
-                if op(t, seq).await {
-                    ok += 1;
-                    let _ = h.record(t0.elapsed().as_micros().max(1) as u64);
-                } else {
-                    err += 1;
+                match op(t, seq).await {
+                    Ok(()) => {
+                        ok += 1;
+                        let _ = h.record(t0.elapsed().as_micros().max(1) as u64);
+                    }
+                    Err(kind) => *kinds.entry(kind).or_default() += 1,
                 }
                 seq += 1;
             }
-            (ok, err, h)
+            (ok, kinds, h)
         }));
     }
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
-    let mut total = RunResult { ops: 0, errors: 0, elapsed: Duration::ZERO, latency_us: histogram() };
+    let mut total =
+        RunResult { ops: 0, errors: 0, error_kinds: BTreeMap::new(), elapsed: Duration::ZERO, latency_us: histogram() };
     for t in tasks {
-        if let Ok((ok, err, h)) = t.await {
+        if let Ok((ok, kinds, h)) = t.await {
             total.ops += ok;
-            total.errors += err;
+            for (k, n) in kinds {
+                total.errors += n;
+                *total.error_kinds.entry(k).or_default() += n;
+            }
             let _ = total.latency_us.add(h);
         }
     }
     total.elapsed = started.elapsed();
     total
+}
+
+impl RunResult {
+    /// Prints a warning naming the failures of run `name`, if there were any.
+    pub fn warn_errors(&self, name: &str) {
+        if self.errors > 0 {
+            eprintln!("warning: {} errors in run {name}: {:?}", self.errors, self.error_kinds);
+        }
+    }
+}
+
+/// What an HTTP answer was, as a load run counts it: success, or its status and error code.
+pub async fn http_outcome(r: Result<reqwest::Response, reqwest::Error>) -> Result<(), String> {
+    match r {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            let message: String = body["error"]["message"].as_str().unwrap_or("").chars().take(80).collect();
+            Err(format!("{status} {}: {message}", body["error"]["code"].as_str().unwrap_or("")))
+        }
+        Err(e) => Err(if e.is_timeout() {
+            "timeout".into()
+        } else if e.is_connect() {
+            "connect".into()
+        } else {
+            "request".into()
+        }),
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/PID/stat`; `None` if
+/// the process is gone or this is not Linux.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_micros(ticks * 1_000_000 / clock_ticks_per_sec()))
+}
+
+/// The kernel's clock tick rate (`getconf CLK_TCK`; 100 on every common Linux).
+fn clock_ticks_per_sec() -> u64 {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&hz| hz > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// CPU time used by a group of processes, summed.
+pub fn cpu_time_of(pids: &[u32]) -> Duration {
+    pids.iter().filter_map(|&p| cpu_time(p)).sum()
 }
 
 /// Medians over repeated runs of one system.

@@ -99,8 +99,15 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     }
     .validate()
     .context("invalid raft configuration")?;
-    let raft =
-        Raft::new(config.id, Arc::new(raft_config), Network::new(), log, sm).await.context("failed to start raft")?;
+    let raft = Raft::new(
+        config.id,
+        Arc::new(raft_config),
+        Network::new(Duration::from_millis(config.election_timeout_ms)),
+        log,
+        sm,
+    )
+    .await
+    .context("failed to start raft")?;
 
     let ctx = Arc::new(NodeCtx {
         id: config.id,

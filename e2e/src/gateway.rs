@@ -44,6 +44,10 @@ impl GatewayProc {
         Ok(GatewayProc { public: ep.public, admin: ep.admin, child })
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub async fn kill(&mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use nimbus_bench::{Report, RunResult, run_load, summarize};
+use nimbus_bench::{Report, RunResult, http_outcome, run_load, summarize};
 use nimbus_e2e::Cluster;
 use nimbus_e2e::etcd::EtcdCluster;
 use serde_json::json;
@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
                         let mut kv = clients[t % clients.len()].kv_client();
                         let key = format!("bench/{run_id}/{t}/{seq}");
                         let value = value.clone();
-                        async move { kv.put(key, value.as_bytes(), None).await.is_ok() }
+                        async move { kv.put(key, value.as_bytes(), None).await.map(drop).map_err(|e| e.to_string()) }
                     })
                     .await
                 } else {
@@ -79,15 +79,11 @@ async fn main() -> anyhow::Result<()> {
                         let client = clients[t % clients.len()].clone();
                         let body = json!({"documents": [{"_id": format!("{run_id}/{t}/{seq}"), "v": value.as_str()}]});
                         let url = url.clone();
-                        async move {
-                            client.post(url.as_str()).json(&body).send().await.is_ok_and(|r| r.status().is_success())
-                        }
+                        async move { http_outcome(client.post(url.as_str()).json(&body).send().await).await }
                     })
                     .await
                 };
-                if r.errors > 0 {
-                    eprintln!("warning: {} errors in run {run_id}", r.errors);
-                }
+                r.warn_errors(&run_id.to_string());
                 results[system].push(r);
             }
         }

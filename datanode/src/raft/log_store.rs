@@ -42,11 +42,31 @@ struct Shared {
     vote: Mutex<Option<Vote>>,
 }
 
+/// The writer thread and the way to reach it. Dropping the last handle stops the thread and
+/// waits for it, so the database is closed by the time the store is gone (a RocksDB still
+/// closing on a detached thread when the process exits aborts it).
+struct Writer {
+    tx: Option<std_mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the raft log writer panicked");
+        }
+    }
+}
+
 /// The Raft log store. Cheap to clone: clones share the database and the writer.
 #[derive(Clone)]
 pub struct LogStore {
+    // Before `shared`: the writer stops (and lets go of the database) first.
+    writer: Arc<Writer>,
     shared: Arc<Shared>,
-    tx: std_mpsc::Sender<Job>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -76,13 +96,15 @@ impl LogStore {
             vote: Mutex::new(vote),
         });
         let (tx, rx) = std_mpsc::channel();
-        let writer = shared.clone();
-        std::thread::Builder::new().name("raft-log-writer".into()).spawn(move || write_loop(writer, rx))?;
-        Ok(LogStore { shared, tx })
+        let for_writer = shared.clone();
+        let thread =
+            std::thread::Builder::new().name("raft-log-writer".into()).spawn(move || write_loop(for_writer, rx))?;
+        Ok(LogStore { writer: Arc::new(Writer { tx: Some(tx), thread: Some(thread) }), shared })
     }
 
     fn send(&self, job: Job) -> io::Result<()> {
-        self.tx.send(job).map_err(|_| io_err("the raft log writer has stopped"))
+        let stopped = || io_err("the raft log writer has stopped");
+        self.writer.tx.as_ref().ok_or_else(stopped)?.send(job).map_err(|_| stopped())
     }
 
     async fn call(&self, make: impl FnOnce(oneshot::Sender<io::Result<()>>) -> Job) -> io::Result<()> {
@@ -104,6 +126,9 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     #[allow(clippy::expect_used)]
     db.cf_handle(name).expect("column family created at open")
 }
+
+/// A synced log write slower than this is logged.
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The writer thread: applies jobs in order; consecutive appends share one synced write.
 fn write_loop(shared: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
@@ -144,7 +169,15 @@ fn write_loop(shared: Arc<Shared>, rx: std_mpsc::Receiver<Job>) {
                 }
                 let mut wo = WriteOptions::default();
                 wo.set_sync(true);
+                let started = std::time::Instant::now();
                 let result = db.write_opt(batch, &wo).map_err(io_err);
+                let took = started.elapsed();
+                metrics::histogram!("nimbus_raft_log_sync_seconds").record(took.as_secs_f64());
+                if took >= SLOW_SYNC {
+                    // Every write of the replica set waits on this; a disk this slow can
+                    // cost the leader its lease (etcd warns alike: "slow fdatasync").
+                    tracing::warn!(took_ms = took.as_millis() as u64, entries = written.len(), "slow raft log sync");
+                }
                 metrics::counter!("nimbus_raft_log_syncs_total").increment(1);
                 metrics::histogram!("nimbus_raft_log_entries_per_sync").record(written.len() as f64);
                 if result.is_ok() {

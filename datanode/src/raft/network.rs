@@ -37,23 +37,19 @@ pub struct InstallSnapshot {
 #[derive(Clone)]
 pub struct Network {
     client: reqwest::Client,
+    append_timeout: Duration,
 }
 
 impl Network {
-    pub fn new() -> Network {
+    /// `append_timeout` bounds one AppendEntries call (see [`Peer::append_timeout`]).
+    pub fn new(append_timeout: Duration) -> Network {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(16)
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
-        Network { client }
-    }
-}
-
-impl Default for Network {
-    fn default() -> Self {
-        Self::new()
+        Network { client, append_timeout }
     }
 }
 
@@ -61,7 +57,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &NodeInfo) -> Peer {
-        Peer { target, addr: node.admin_addr.trim_end_matches('/').to_owned(), client: self.client.clone() }
+        Peer {
+            target,
+            addr: node.admin_addr.trim_end_matches('/').to_owned(),
+            client: self.client.clone(),
+            append_timeout: self.append_timeout,
+        }
     }
 }
 
@@ -70,6 +71,12 @@ pub struct Peer {
     target: u64,
     addr: String,
     client: reqwest::Client,
+    /// The least time an AppendEntries call is given. openraft suggests the heartbeat
+    /// interval (100 ms), but a batch of entries waits for the follower's fsync: on a busy
+    /// machine that takes longer, and a call abandoned then is sent again, bigger, into the
+    /// same queue; the follower falls behind, the leader loses its quorum lease and refuses
+    /// writes. A follower not answering within the election timeout is a lost cause anyway.
+    append_timeout: Duration,
 }
 
 impl Peer {
@@ -158,7 +165,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.post("append", &rpc, option.hard_ttl()).await
+        self.post("append", &rpc, option.hard_ttl().max(self.append_timeout)).await
     }
 
     async fn vote(
