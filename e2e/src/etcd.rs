@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tokio::process::{Child, Command};
 
 use crate::poll;
@@ -22,16 +22,8 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// The etcd server binary: Debian installs it as `etcd` (3.4).
-pub fn etcd_binary() -> anyhow::Result<std::path::PathBuf> {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/local/bin"]) {
-        let p = Path::new(dir).join("etcd");
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("etcd not found on PATH; run scripts/setup.sh (it installs Debian's etcd-server)")
-}
+/// The etcd server binary (Debian installs it as `etcd`, 3.4), as the playground finds it.
+pub use nimbus_operator::playground::serve::etcd_binary;
 
 impl EtcdCluster {
     /// Starts `n` members under `dir` and waits until the cluster answers.

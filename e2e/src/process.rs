@@ -4,28 +4,15 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// The `nimbus-datanode` binary next to the running test or benchmark (built by
-/// `cargo build --workspace --bins`), or `NIMBUS_DATANODE_BIN`.
-pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let env = format!("NIMBUS_{}_BIN", name.trim_start_matches("nimbus-").to_uppercase());
-    if let Ok(p) = std::env::var(&env) {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    for dir in exe.ancestors().skip(1).take(3) {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    bail!("{name} not found next to {}; run `cargo build --workspace --bins` first (or set {env})", exe.display())
-}
+/// A Nimbus binary next to the running test or benchmark (built by `cargo build --workspace
+/// --bins`), or the path in `NIMBUS_<NAME>_BIN`: the playground's own lookup.
+pub use nimbus_operator::playground::serve::sibling_binary as binary;
 
 /// Spawns `cmd` (its stdout piped) and reads the endpoints the process prints as its first
 /// line. Stdout is drained afterwards so the process never blocks on a full pipe.
