@@ -58,6 +58,29 @@ pub async fn prepare(client: &DataClient, gateway: &str, db: &str, token: &str) 
 impl Writers {
     /// Starts `concurrency` writers against database `db` through `gateway`.
     pub fn start(client: &DataClient, gateway: &str, db: &str, token: &str, concurrency: usize) -> Writers {
+        Self::spawn(client, gateway, db, token, concurrency, true)
+    }
+
+    /// Like [`Writers::start`], but the writes carry no `Idempotency-Key`: only the one the
+    /// gateway makes protects its own retries.
+    pub fn start_without_keys(
+        client: &DataClient,
+        gateway: &str,
+        db: &str,
+        token: &str,
+        concurrency: usize,
+    ) -> Writers {
+        Self::spawn(client, gateway, db, token, concurrency, false)
+    }
+
+    fn spawn(
+        client: &DataClient,
+        gateway: &str,
+        db: &str,
+        token: &str,
+        concurrency: usize,
+        client_keys: bool,
+    ) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
         let max_latency_us = Arc::new(AtomicU64::new(0));
@@ -88,14 +111,12 @@ impl Writers {
                             )
                         };
                         let started = Instant::now();
-                        let (st, answer) = client
-                            .call(
-                                Method::POST,
-                                &url,
-                                Some(&body),
-                                &[("authorization", &auth), ("idempotency-key", &key)],
-                            )
-                            .await;
+                        let headers: &[(&str, &str)] = if client_keys {
+                            &[("authorization", &auth), ("idempotency-key", &key)]
+                        } else {
+                            &[("authorization", &auth)]
+                        };
+                        let (st, answer) = client.call(Method::POST, &url, Some(&body), headers).await;
                         let latency = started.elapsed().as_micros() as u64;
                         report.latencies_us.push(latency);
                         max_latency_us.fetch_max(latency, Ordering::Relaxed);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nimbus_api::etcd::{Limits, Tier, UserRole};
 use nimbus_e2e::etcd::EtcdCluster;
 use nimbus_e2e::gateway::{GatewayProc, Stack};
-use nimbus_e2e::{DataClient, poll};
+use nimbus_e2e::{DataClient, poll, workload};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -291,7 +291,6 @@ async fn over_the_qps_limit_requests_are_refused_with_retry_after_and_other_tena
 async fn killing_the_leader_during_a_stream_of_writes_shows_the_client_no_error() {
     let mut e = env(3, &[]).await;
     let tok = e.stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
-    let url = e.url("shop", "/collections/stream/documents");
     e.wait_status(
         "the user to reach the gateway",
         Duration::from_secs(5),
@@ -301,41 +300,19 @@ async fn killing_the_leader_during_a_stream_of_writes_shows_the_client_no_error(
         200,
     )
     .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let (client, url, stop) = (e.client.clone(), url.clone(), stop.clone());
-        let auth = format!("Bearer {tok}");
-        writers.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                // No retries here: the gateway must hide the failover.
-                let (st, body) = client
-                    .call(
-                        Method::POST,
-                        &url,
-                        Some(&json!({"documents": [{"_id": format!("{w}-{n}")}]})),
-                        &[("authorization", auth.as_str())],
-                    )
-                    .await;
-                assert!(st == 200 || st == 201, "write {w}-{n} failed: {st} {body}");
-                n += 1;
-            }
-            n
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gw = e.gw.public.clone();
+    workload::prepare(&e.client, &gw, "shop", &tok).await.unwrap();
+    // Keyless writes, sent once: the gateway must hide the failover, and the key it makes
+    // must keep its own retries from applying a write twice.
+    let writers = workload::Writers::start_without_keys(&e.client, &gw, "shop", &tok, 4);
+    writers.wait_for(50, Duration::from_secs(10)).await.unwrap();
     let leader = e.stack.cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
     e.stack.cluster.nodes[leader].kill().await;
     e.stack.cluster.wait_leader(Duration::from_secs(10)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for w in writers {
-        total += w.await.unwrap();
-    }
-    let (_, body) = e.call(Method::POST, &e.url("shop", "/collections/stream/count"), Some(&json!({})), &tok).await;
-    assert_eq!(body["count"], json!(total), "writes lost or applied twice");
+    writers.wait_for(50, Duration::from_secs(10)).await.unwrap();
+    let report = writers.stop().await.unwrap();
+    assert!(report.errors.is_empty(), "client-visible errors: {:?}", &report.errors[..report.errors.len().min(5)]);
+    workload::verify(&e.client, &gw, "shop", &tok, &report).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
