@@ -44,7 +44,6 @@ fn format_value(v: f64) -> String {
 /// Result of one load run.
 pub struct RunResult {
     pub ops: u64,
-    pub errors: u64,
     /// How many failures of each kind (an HTTP status, or the client error's text).
     pub error_kinds: BTreeMap<String, u64>,
     pub elapsed: Duration,
@@ -96,12 +95,11 @@ where
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
     let mut total =
-        RunResult { ops: 0, errors: 0, error_kinds: BTreeMap::new(), elapsed: Duration::ZERO, latency_us: histogram() };
+        RunResult { ops: 0, error_kinds: BTreeMap::new(), elapsed: Duration::ZERO, latency_us: histogram() };
     for t in tasks {
         if let Ok((ok, kinds, h)) = t.await {
             total.ops += ok;
             for (k, n) in kinds {
-                total.errors += n;
                 *total.error_kinds.entry(k).or_default() += n;
             }
             let _ = total.latency_us.add(h);
@@ -112,10 +110,15 @@ where
 }
 
 impl RunResult {
+    /// Failed calls, of every kind.
+    pub fn errors(&self) -> u64 {
+        self.error_kinds.values().sum()
+    }
+
     /// Prints a warning naming the failures of run `name`, if there were any.
     pub fn warn_errors(&self, name: &str) {
-        if self.errors > 0 {
-            eprintln!("warning: {} errors in run {name}: {:?}", self.errors, self.error_kinds);
+        if !self.error_kinds.is_empty() {
+            eprintln!("warning: {} errors in run {name}: {:?}", self.errors(), self.error_kinds);
         }
     }
 }

@@ -113,7 +113,8 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
             let after = groups.each_ref().map(|g| cpu_time_of(g));
-            let per_op = |i: usize| (after[i] - before[i]).as_secs_f64() * 1e6 / (r.ops + r.errors).max(1) as f64;
+            let per_op =
+                |i: usize| after[i].saturating_sub(before[i]).as_secs_f64() * 1e6 / (r.ops + r.errors()).max(1) as f64;
             cpu[path].push([per_op(0), per_op(1), per_op(2)]);
             results[path].push(r);
         }
