@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use nimbus_operator::playground;
 use tracing_subscriber::EnvFilter;
 
@@ -25,22 +25,7 @@ enum Command {
 #[derive(Subcommand)]
 enum PlaygroundCommand {
     /// Start everything and return once every instance is Ready.
-    Up {
-        /// Directory of the playground's data, logs and playground.json.
-        #[arg(long, default_value = ".playground")]
-        dir: PathBuf,
-        /// DatabaseInstance manifests to provision (default: examples/database-instance.yaml).
-        #[arg(long)]
-        instances: Vec<PathBuf>,
-        /// Number of zones (at least 3).
-        #[arg(long, default_value_t = 3)]
-        zones: usize,
-        /// Run each zone's datanodes in their own Linux network namespace, so that
-        /// `zone ... partition|isolate` can cut a zone's network (needs root, iproute2
-        /// and iptables). Kept for the directory's life.
-        #[arg(long)]
-        isolate_zones: bool,
-    },
+    Up(PlaygroundArgs),
     /// Fail or heal a zone: `down` kills its processes and keeps them down, `partition`
     /// cuts it off from the other zones, `isolate` from everything, `up` heals it.
     Zone {
@@ -56,25 +41,35 @@ enum PlaygroundCommand {
         #[arg(long, default_value = ".playground")]
         dir: PathBuf,
     },
-    /// The control plane itself (what `up` runs in the background).
+    /// The control plane itself (what `up` runs in the background, with the same arguments).
     #[command(hide = true)]
-    Serve {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long)]
-        instances: Vec<PathBuf>,
-        #[arg(long, default_value_t = 3)]
-        zones: usize,
-        #[arg(long)]
-        isolate_zones: bool,
-    },
+    Serve(PlaygroundArgs),
+}
+
+/// What the playground runs: `up` checks them and passes them on to `serve`.
+#[derive(Args)]
+struct PlaygroundArgs {
+    /// Directory of the playground's data, logs and playground.json.
+    #[arg(long, default_value = ".playground")]
+    dir: PathBuf,
+    /// DatabaseInstance manifests to provision (default: examples/database-instance.yaml).
+    #[arg(long)]
+    instances: Vec<PathBuf>,
+    /// Number of zones (at least 3).
+    #[arg(long, default_value_t = 3)]
+    zones: usize,
+    /// Run each zone's datanodes in their own Linux network namespace, so that
+    /// `zone ... partition|isolate` can cut a zone's network (needs root, iproute2
+    /// and iptables). Kept for the directory's life.
+    #[arg(long)]
+    isolate_zones: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Command::Playground { command } = Cli::parse().command;
     match command {
-        PlaygroundCommand::Up { dir, instances, zones, isolate_zones } => {
+        PlaygroundCommand::Up(PlaygroundArgs { dir, instances, zones, isolate_zones }) => {
             if zones < 3 {
                 anyhow::bail!("--zones must be at least 3: a replica set needs three zones");
             }
@@ -106,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
             println!("zone {zone}: {state:?}");
             Ok(())
         }
-        PlaygroundCommand::Serve { dir, instances, zones, isolate_zones } => {
+        PlaygroundCommand::Serve(PlaygroundArgs { dir, instances, zones, isolate_zones }) => {
             let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
             playground::serve::serve(playground::serve::Options { dir, instances, zones, isolate_zones }).await
