@@ -45,10 +45,13 @@ pub struct Status {
 #[serde(rename_all = "camelCase")]
 pub struct MemberInfo {
     pub id: u64,
-    /// Base URL of the member's admin/Raft port.
+    /// Base URL of the member's admin port.
     pub admin_addr: String,
     /// Base URL of the member's data port.
     pub data_addr: String,
+    /// Base URL of the member's Raft port (other members only).
+    #[serde(default)]
+    pub raft_addr: String,
     pub zone: String,
     #[serde(default)]
     pub voter: bool,
@@ -86,6 +89,15 @@ pub struct RemoveMemberRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TransferLeaderRequest {
     pub to: u64,
+}
+
+/// `POST /v1/admin/route-epoch`: raise a database's route epoch on this replica set
+/// (through Raft). Requests carrying an older epoch are refused from then on. Answers
+/// `{"epoch": n}`, the epoch now in force (never lower than before).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetRouteEpochRequest {
+    pub db: String,
+    pub epoch: u64,
 }
 
 /// One change of the replica set's oplog: idempotent, the full after-image of an insert or

@@ -7,13 +7,17 @@ use serde_json::{Map, Value};
 /// A JSON document: always an object.
 pub type Document = Map<String, Value>;
 
-/// Header carrying the client's idempotency key on writes.
+/// Header carrying the client's idempotency key on writes. The gateway also sets it on the
+/// answer of a write it made a key for (the client sent none), so a client whose write
+/// timed out can retry it with that key and have it applied at most once.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// Header with which a read asks to be served by any member (possibly stale).
 pub const READ_PREFERENCE_HEADER: &str = "x-nimbus-read";
 /// Header with which a datanode tells how many documents a `find` returned.
 pub const RETURNED_HEADER: &str = "x-nimbus-returned";
-/// Header with the database's route epoch (checked once routing epochs are in force).
+/// Header with the database's route epoch the sender used: required on every request of a
+/// datanode's data API; a datanode refuses an epoch older than the one it knows
+/// (`StaleRoute`), so a gateway with an outdated route cannot reach a moved database.
 pub const ROUTE_EPOCH_HEADER: &str = "x-nimbus-route-epoch";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

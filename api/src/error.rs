@@ -17,8 +17,13 @@ pub enum ErrorCode {
     TooLarge,
     RateLimited,
     Unavailable,
+    /// An `Idempotency-Key` already used, within its lifetime, for a different request.
+    IdempotencyKeyReused,
     /// Internal API only: this datanode is not the leader; `leader` names the one it knows.
     NotLeader,
+    /// Internal API only: the request carried a route epoch older than the one this replica
+    /// set knows for the database (it moved, or is moving): the gateway re-reads the route.
+    StaleRoute,
     /// A bug or an I/O failure; the message says which without leaking internals.
     Internal,
 }
@@ -34,7 +39,10 @@ impl ErrorCode {
             ErrorCode::DuplicateKey => 409,
             ErrorCode::TooLarge => 413,
             // 421 Misdirected Request: the request is fine, this server is the wrong one.
-            ErrorCode::NotLeader => 421,
+            ErrorCode::NotLeader | ErrorCode::StaleRoute => 421,
+            // 422 Unprocessable Content, as the IETF's Idempotency-Key draft answers a key
+            // reused with a different payload.
+            ErrorCode::IdempotencyKeyReused => 422,
             ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
             ErrorCode::Unavailable => 503,
@@ -43,7 +51,7 @@ impl ErrorCode {
 
     /// True when the same request may succeed if sent again (elsewhere or later).
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::RateLimited)
+        matches!(self, ErrorCode::NotLeader | ErrorCode::StaleRoute | ErrorCode::Unavailable | ErrorCode::RateLimited)
     }
 }
 
@@ -94,6 +102,9 @@ impl ApiError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
+    }
+    pub fn stale_route(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::StaleRoute, message)
     }
     pub fn not_leader(leader: Option<LeaderHint>) -> Self {
         ApiError { code: ErrorCode::NotLeader, message: "this datanode is not the leader".into(), leader }

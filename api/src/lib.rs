@@ -7,5 +7,6 @@ pub mod data;
 pub mod error;
 pub mod etcd;
 pub mod limits;
+pub mod path;
 
 pub use error::{ApiError, ErrorCode, LeaderHint};

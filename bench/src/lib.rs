@@ -216,3 +216,11 @@ pub fn median(values: &[f64]) -> f64 {
     let n = v.len();
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
+
+/// Headers of a client talking to datanodes directly, as a Nimbus component does: the
+/// cluster secret and route epoch 0.
+pub fn internal_headers(secret: &nimbus_net::ClusterSecret) -> reqwest::header::HeaderMap {
+    let mut h = secret.default_headers();
+    h.insert(nimbus_api::data::ROUTE_EPOCH_HEADER, reqwest::header::HeaderValue::from_static("0"));
+    h
+}

@@ -8,6 +8,7 @@ use clap::Parser;
 
 pub const DEFAULT_DATA_LISTEN: &str = "0.0.0.0:7000";
 pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:7100";
+pub const DEFAULT_RAFT_LISTEN: &str = "0.0.0.0:7200";
 /// A write or read barrier not done by then answers 503 `Unavailable`.
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Largest request body: a 16 MiB document plus room for the request around it.
@@ -36,9 +37,14 @@ pub struct Config {
     /// Address of the data API (gateways connect here). Port 0 picks a free port.
     #[arg(long, env = "NIMBUS_DATA_LISTEN", default_value = DEFAULT_DATA_LISTEN)]
     pub data_listen: SocketAddr,
-    /// Address of the admin API and Raft RPCs. Port 0 picks a free port.
+    /// Address of the admin API (the control plane, probes, metrics). Port 0 picks a free port.
     #[arg(long, env = "NIMBUS_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
+    /// Address of the Raft RPCs (other members only). Port 0 picks a free port.
+    #[arg(long, env = "NIMBUS_RAFT_LISTEN", default_value = DEFAULT_RAFT_LISTEN)]
+    pub raft_listen: SocketAddr,
+    #[command(flatten)]
+    pub cluster: nimbus_net::ClusterArgs,
     /// Host name or IP other members and gateways use to reach this one (default: the
     /// listen IP, or 127.0.0.1 when listening on all addresses).
     #[arg(long, env = "NIMBUS_ADVERTISE_HOST")]

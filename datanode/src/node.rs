@@ -31,6 +31,8 @@ pub struct NodeCtx {
     /// A leader that heard from no majority for this long answers 503 at once instead of
     /// accepting writes and read barriers it cannot complete.
     pub quorum_lease: Duration,
+    /// Largest request body on the data API.
+    pub max_body_bytes: usize,
 }
 
 impl NodeCtx {
@@ -62,6 +64,7 @@ pub struct Endpoints {
     pub id: u64,
     pub data: String,
     pub admin: String,
+    pub raft: String,
     pub pid: u32,
 }
 
@@ -78,6 +81,7 @@ fn url(host: &Option<String>, addr: std::net::SocketAddr) -> String {
 pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("failed to create {}", config.data_dir.display()))?;
+    let secret = config.cluster.load().context("failed to load the cluster secret")?;
     let log = LogStore::open(&config.data_dir.join("raft")).context("failed to open the raft log")?;
     let options =
         EngineOptions { oplog_retention: Duration::from_secs(config.oplog_retention_secs), ..Default::default() };
@@ -102,7 +106,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config),
-        Network::new(Duration::from_millis(config.election_timeout_ms)),
+        Network::new(Duration::from_millis(config.election_timeout_ms), &secret),
         log,
         sm,
     )
@@ -119,6 +123,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         write_timeout: config.request_timeout(),
         // Twice the election timeout: by then the majority has elected another leader.
         quorum_lease: Duration::from_millis(2 * config.election_timeout_ms),
+        max_body_bytes: config.max_body_bytes,
     });
 
     let data_listener = TcpListener::bind(config.data_listen)
@@ -127,28 +132,35 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("failed to bind {}", config.admin_listen))?;
+    let raft_listener = TcpListener::bind(config.raft_listen)
+        .await
+        .with_context(|| format!("failed to bind {}", config.raft_listen))?;
     let endpoints = Endpoints {
         id: config.id,
         data: url(&config.advertise_host, data_listener.local_addr()?),
         admin: url(&config.advertise_host, admin_listener.local_addr()?),
+        raft: url(&config.advertise_host, raft_listener.local_addr()?),
         pid: std::process::id(),
     };
     std::fs::write(config.data_dir.join("endpoints.json"), serde_json::to_vec(&endpoints)?)?;
     println!("{}", serde_json::to_string(&endpoints)?);
     tracing::info!(node = config.id, replica_set = %config.replica_set, zone = %config.zone, data = %endpoints.data, admin = %endpoints.admin, "datanode started");
 
-    let data_app = server::data::router(ctx.clone())
-        .merge(axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })))
-        .layer(DefaultBodyLimit::max(config.max_body_bytes));
+    // Every port but the probes' routes needs the cluster secret: nothing behind the
+    // gateway serves a caller it cannot verify.
+    let require = || axum::middleware::from_fn_with_state(secret.clone(), nimbus_net::cluster::require);
+    let data_app =
+        server::data::router(ctx.clone()).layer(require()).route("/healthz", axum::routing::get(|| async { "ok" }));
+    let admin_app = server::admin::router(ctx.clone(), secret.clone()).layer(DefaultBodyLimit::max(1024 * 1024));
     // Snapshot chunks are 1 MiB; Raft appends carry batches of documents.
-    let admin_app = server::admin::router(ctx.clone())
-        .merge(server::raft_rpc::router(ctx.clone()))
-        .layer(DefaultBodyLimit::max(config.max_body_bytes * 4));
+    let raft_app =
+        server::raft_rpc::router(ctx.clone()).layer(DefaultBodyLimit::max(config.max_body_bytes * 4)).layer(require());
 
     let shutdown = shutdown_signal();
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut rx1 = stop_tx.subscribe();
     let mut rx2 = stop_tx.subscribe();
+    let mut rx3 = stop_tx.subscribe();
     let data_srv = tokio::spawn(async move {
         axum::serve(data_listener, data_app)
             .with_graceful_shutdown(async move {
@@ -163,6 +175,13 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
             })
             .await
     });
+    let raft_srv = tokio::spawn(async move {
+        axum::serve(raft_listener, raft_app)
+            .with_graceful_shutdown(async move {
+                let _ = rx3.recv().await;
+            })
+            .await
+    });
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(());
@@ -172,6 +191,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = data_srv.await;
         let _ = admin_srv.await;
+        let _ = raft_srv.await;
     })
     .await;
     Ok(())

@@ -10,7 +10,14 @@ use nimbus_datanode::store::{Command, Engine, WriteAnswer, WriteOp, WriteResult}
 use serde_json::json;
 
 fn apply(engine: &Engine, index: u64, ts_ms: u64, key: Option<&str>, op: WriteOp) -> WriteResult {
-    let cmd = Command { db: "d".into(), op, idempotency_key: key.map(str::to_owned), ts_ms, route_epoch: None };
+    let cmd = Command {
+        db: "d".into(),
+        op,
+        idempotency_key: key.map(str::to_owned),
+        ts_ms,
+        route_epoch: None,
+        request_hash: None,
+    };
     let mut batch = rocksdb::WriteBatch::default();
     let (result, delta) = engine.apply_command(&mut batch, &cmd, index).unwrap();
     engine.write_batch_for_tests(batch);

@@ -180,7 +180,7 @@ fn arb_docs() -> impl Strategy<Value = Vec<Doc>> {
 }
 
 fn command(op: WriteOp) -> Command {
-    Command { db: "d".into(), op, idempotency_key: None, ts_ms: 1, route_epoch: None }
+    Command { db: "d".into(), op, idempotency_key: None, ts_ms: 1, route_epoch: None, request_hash: None }
 }
 
 fn apply(engine: &Engine, index: u64, op: WriteOp) {

@@ -16,8 +16,22 @@ impl Default for DataClient {
 }
 
 impl DataClient {
+    /// A client of the public API (the gateway): no credentials of its own.
     pub fn new() -> DataClient {
+        Self::with_headers(reqwest::header::HeaderMap::new())
+    }
+
+    /// A client of the parts behind the gateway, as another Nimbus component: every
+    /// request carries the cluster secret and route epoch 0 (no epoch set yet).
+    pub fn internal(secret: &nimbus_net::ClusterSecret) -> DataClient {
+        let mut headers = secret.default_headers();
+        headers.insert(nimbus_api::data::ROUTE_EPOCH_HEADER, reqwest::header::HeaderValue::from_static("0"));
+        Self::with_headers(headers)
+    }
+
+    fn with_headers(headers: reqwest::header::HeaderMap) -> DataClient {
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)

@@ -15,9 +15,13 @@ pub const ZONES: [&str; 5] = ["a", "b", "c", "d", "e"];
 
 pub struct Cluster {
     pub nodes: Vec<Datanode>,
+    /// Talks to the members as a Nimbus component does (with the cluster secret).
     pub client: DataClient,
     pub replica_set: String,
+    /// Every member's extra arguments, `--cluster-secret-file` first.
     pub extra_args: Vec<String>,
+    pub secret: nimbus_net::ClusterSecret,
+    pub secret_file: std::path::PathBuf,
     pub tmp: TempDir,
 }
 
@@ -25,7 +29,9 @@ impl Cluster {
     /// Starts `n` members in zones a, b, c... and initialises the replica set.
     pub async fn start(n: usize, extra_args: &[&str]) -> anyhow::Result<Cluster> {
         let tmp = tempfile::Builder::new().prefix("nimbus-e2e-").tempdir()?;
-        let extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let (secret, secret_file) = crate::secret::write_new(tmp.path())?;
+        let mut extra: Vec<String> = vec!["--cluster-secret-file".into(), secret_file.display().to_string()];
+        extra.extend(extra_args.iter().map(|s| s.to_string()));
         let mut nodes = Vec::new();
         for i in 0..n {
             let id = i as u64 + 1;
@@ -33,7 +39,15 @@ impl Cluster {
                 Datanode::start(id, ZONES[i % ZONES.len()], "rs0", &tmp.path().join(format!("n{id}")), &extra).await?,
             );
         }
-        let cluster = Cluster { nodes, client: DataClient::new(), replica_set: "rs0".into(), extra_args: extra, tmp };
+        let cluster = Cluster {
+            nodes,
+            client: DataClient::internal(&secret),
+            replica_set: "rs0".into(),
+            extra_args: extra,
+            secret,
+            secret_file,
+            tmp,
+        };
         let members: Vec<_> = cluster.nodes.iter().map(|d| d.member()).collect();
         let (st, body) = cluster
             .client

@@ -24,12 +24,20 @@ pub struct GatewayProc {
 }
 
 impl GatewayProc {
-    pub async fn start(id: &str, etcd: &[String], extra_args: &[&str]) -> anyhow::Result<GatewayProc> {
+    /// Starts a gateway on free ports, with the cluster secret in `secret_file`.
+    pub async fn start(
+        id: &str,
+        etcd: &[String],
+        secret_file: &std::path::Path,
+        extra_args: &[&str],
+    ) -> anyhow::Result<GatewayProc> {
         let mut cmd = Command::new(binary("nimbus-gateway")?);
         cmd.arg("--id")
             .arg(id)
             .arg("--etcd")
             .arg(etcd.join(","))
+            .arg("--cluster-secret-file")
+            .arg(secret_file)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--admin-listen")

@@ -34,6 +34,7 @@ pub async fn spawn_reporting<T: DeserializeOwned>(cmd: &mut Command, what: &str)
 struct Endpoints {
     data: String,
     admin: String,
+    raft: String,
 }
 
 /// A running (or stopped) datanode. Killed on drop.
@@ -44,9 +45,12 @@ pub struct Datanode {
     pub dir: PathBuf,
     pub data: String,
     pub admin: String,
+    pub raft: String,
+    /// Passed to every start (the cluster secret file among them).
     pub extra_args: Vec<String>,
     data_port: u16,
     admin_port: u16,
+    raft_port: u16,
     child: Option<Child>,
 }
 
@@ -70,9 +74,11 @@ impl Datanode {
             dir: dir.to_owned(),
             data: String::new(),
             admin: String::new(),
+            raft: String::new(),
             extra_args: extra_args.to_vec(),
             data_port: 0,
             admin_port: 0,
+            raft_port: 0,
             child: None,
         };
         d.spawn().await?;
@@ -94,6 +100,8 @@ impl Datanode {
             .arg(format!("127.0.0.1:{}", self.data_port))
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{}", self.admin_port))
+            .arg("--raft-listen")
+            .arg(format!("127.0.0.1:{}", self.raft_port))
             .args(&self.extra_args)
             .env("RUST_LOG", std::env::var("NIMBUS_TEST_LOG").unwrap_or_else(|_| "warn,openraft=error".into()))
             .stdin(Stdio::null())
@@ -103,8 +111,10 @@ impl Datanode {
         let (child, ep): (Child, Endpoints) = spawn_reporting(&mut cmd, "nimbus-datanode").await?;
         self.data_port = port_of(&ep.data);
         self.admin_port = port_of(&ep.admin);
+        self.raft_port = port_of(&ep.raft);
         self.data = ep.data;
         self.admin = ep.admin;
+        self.raft = ep.raft;
         self.child = Some(child);
         Ok(())
     }
@@ -137,6 +147,7 @@ impl Datanode {
             id: self.id,
             admin_addr: self.admin.clone(),
             data_addr: self.data.clone(),
+            raft_addr: self.raft.clone(),
             zone: self.zone.clone(),
             voter: true,
         }

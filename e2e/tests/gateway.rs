@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use nimbus_api::etcd::{Limits, Tier, UserRole};
 use nimbus_e2e::etcd::EtcdCluster;
 use nimbus_e2e::gateway::{GatewayProc, Stack};
+use nimbus_e2e::secret::TestSecret;
 use nimbus_e2e::{DataClient, poll, workload};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -22,7 +23,8 @@ struct Env {
 
 async fn env(datanodes: usize, gateway_args: &[&str]) -> Env {
     let stack = Stack::start(datanodes, &["shop", "blog"]).await.unwrap();
-    let gw = GatewayProc::start("gw1", &stack.etcd.client_urls, gateway_args).await.unwrap();
+    let gw =
+        GatewayProc::start("gw1", &stack.etcd.client_urls, &stack.cluster.secret_file, gateway_args).await.unwrap();
     let client = DataClient::new();
     let url = format!("{}/readyz", gw.public);
     poll("the gateway to be ready", Duration::from_secs(15), || async {
@@ -349,7 +351,8 @@ async fn the_public_listener_serves_tls_with_the_given_certificate() {
     assert!(status.success());
     let etcd = EtcdCluster::start(1, dir.path()).await.unwrap();
     let args = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
-    let gw = GatewayProc::start("gw-tls", &etcd.client_urls, &args).await.unwrap();
+    let secret = TestSecret::new().unwrap();
+    let gw = GatewayProc::start("gw-tls", &etcd.client_urls, &secret.file, &args).await.unwrap();
     assert!(gw.public.starts_with("https://"), "{}", gw.public);
     // curl checks the server's certificate against the one we made.
     let url = format!("{}/healthz", gw.public.replace("127.0.0.1", "localhost"));
@@ -376,7 +379,9 @@ async fn a_stalled_client_is_disconnected_after_the_header_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdCluster::start(1, dir.path()).await.unwrap();
-    let gw = GatewayProc::start("gw-slow", &etcd.client_urls, &["--header-timeout-ms", "300"]).await.unwrap();
+    let secret = TestSecret::new().unwrap();
+    let gw =
+        GatewayProc::start("gw-slow", &etcd.client_urls, &secret.file, &["--header-timeout-ms", "300"]).await.unwrap();
     let addr = gw.public.trim_start_matches("http://").to_owned();
     let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
     stalled.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();

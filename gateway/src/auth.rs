@@ -1,16 +1,20 @@
 //! Authentication and authorisation: a bearer token names its database and user; the
 //! secret's SHA-256 is compared in constant time with the one stored in etcd.
 
+use std::sync::Arc;
+
 use base64::Engine as _;
 use nimbus_api::etcd::{UserRecord, UserRole, parse_token};
+use nimbus_api::path::{Access, DataPath};
 use nimbus_api::{ApiError, ErrorCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// Who a request is from.
+use crate::state::DbState;
+
+/// Who a request is from: a user of the database whose state came with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    pub db: String,
     pub user: String,
     pub role: UserRole,
 }
@@ -39,26 +43,32 @@ pub fn bearer(header: Option<&str>) -> Result<&str, ApiError> {
     Ok(token.trim())
 }
 
-/// Checks a token against the users known; `lookup(db, user)` finds a stored record.
-pub fn authenticate(token: &str, lookup: impl Fn(&str, &str) -> Option<UserRecord>) -> Result<Principal, ApiError> {
+/// Checks a token against the users of the database it names; `lookup(db)` finds that
+/// database's state. Every failure is the same 401, so a caller learns nothing of which
+/// databases or users exist.
+pub fn verify_token(
+    token: &str,
+    lookup: impl FnOnce(&str) -> Option<Arc<DbState>>,
+) -> Result<(Arc<DbState>, Principal), ApiError> {
     let invalid = || ApiError::new(ErrorCode::Unauthenticated, "invalid or revoked token");
     let (db, user, secret) = parse_token(token).ok_or_else(invalid)?;
-    let record = lookup(db, user).ok_or_else(invalid)?;
+    let state = lookup(db).ok_or_else(invalid)?;
+    let record = state.users.get(user).ok_or_else(invalid)?;
     let given = secret_sha256(secret);
-    if given.as_bytes().ct_eq(record.secret_sha256.as_bytes()).into() {
-        Ok(Principal { db: db.to_owned(), user: user.to_owned(), role: record.role })
-    } else {
-        Err(invalid())
+    if !bool::from(given.as_bytes().ct_eq(record.secret_sha256.as_bytes())) {
+        return Err(invalid());
     }
+    let who = Principal { user: user.to_owned(), role: record.role };
+    Ok((state, who))
 }
 
-/// May `who` run an operation on `db`? Another database is 403 whatever it asks; a `read`
-/// user is 403 on every write.
-pub fn authorize(who: &Principal, db: &str, write: bool) -> Result<(), ApiError> {
-    if who.db != db {
-        return Err(ApiError::new(ErrorCode::Forbidden, format!("this token is not for database {db}")));
+/// May `who`, a user of database `own_db`, run `path`? Another database is 403 whatever it
+/// asks; a `read` user is 403 on every write.
+pub fn authorize(who: &Principal, own_db: &str, path: &DataPath) -> Result<(), ApiError> {
+    if path.db.as_str() != own_db {
+        return Err(ApiError::new(ErrorCode::Forbidden, format!("this token is not for database {}", path.db)));
     }
-    if write && who.role == UserRole::Read {
+    if path.access() != Access::Read && who.role == UserRole::Read {
         return Err(ApiError::new(ErrorCode::Forbidden, "this token is read-only"));
     }
     Ok(())
@@ -68,30 +78,46 @@ pub fn authorize(who: &Principal, db: &str, write: bool) -> Result<(), ApiError>
 mod tests {
     use super::*;
 
+    fn db_with(name: &str, user: &str, record: UserRecord) -> Arc<DbState> {
+        let limits = nimbus_api::etcd::Limits::for_tier(nimbus_api::etcd::Tier::Free);
+        Arc::new(DbState {
+            name: name.into(),
+            users: [(user.to_owned(), record)].into_iter().collect(),
+            route: None,
+            limiter: Arc::new(crate::limits::TenantLimiter::new(limits, 1 << 20)),
+        })
+    }
+
     #[test]
     fn a_new_token_authenticates_and_nothing_else_does() {
         let (token, record) = new_token("shop", "app", UserRole::ReadWrite);
-        let lookup = |db: &str, user: &str| (db == "shop" && user == "app").then(|| record.clone());
-        assert_eq!(
-            authenticate(&token, lookup).unwrap(),
-            Principal { db: "shop".into(), user: "app".into(), role: UserRole::ReadWrite }
-        );
+        let shop = db_with("shop", "app", record.clone());
+        let lookup = |db: &str| (db == "shop").then(|| shop.clone());
+        let (state, who) = verify_token(&token, lookup).unwrap();
+        assert_eq!(state.name, "shop");
+        assert_eq!(who, Principal { user: "app".into(), role: UserRole::ReadWrite });
         let mut tampered = token.clone();
         tampered.pop();
         tampered.push('x');
-        assert_eq!(authenticate(&tampered, lookup).unwrap_err().code, ErrorCode::Unauthenticated);
-        assert!(authenticate("nmb_shop.other.aaaaaaaaaaaaaaaaaaaaaaaaaaaa", lookup).is_err());
-        assert!(authenticate("garbage", lookup).is_err());
+        assert_eq!(verify_token(&tampered, lookup).unwrap_err().code, ErrorCode::Unauthenticated);
+        assert!(verify_token("nmb_shop.other.aaaaaaaaaaaaaaaaaaaaaaaaaaaa", lookup).is_err());
+        assert!(verify_token("garbage", lookup).is_err());
         // Only the hash is stored.
         assert!(!record.secret_sha256.contains(token.rsplit('.').next().unwrap()));
     }
 
     #[test]
     fn tenancy_and_read_only_are_enforced() {
-        let reader = Principal { db: "a".into(), user: "r".into(), role: UserRole::Read };
-        assert!(authorize(&reader, "a", false).is_ok());
-        assert_eq!(authorize(&reader, "a", true).unwrap_err().code, ErrorCode::Forbidden);
-        assert_eq!(authorize(&reader, "b", false).unwrap_err().code, ErrorCode::Forbidden);
+        let reader = Principal { user: "r".into(), role: UserRole::Read };
+        let find_a = DataPath::parse("POST", "/v1/databases/a/collections/c/find").unwrap();
+        let insert_a = DataPath::parse("POST", "/v1/databases/a/collections/c/documents").unwrap();
+        let find_b = DataPath::parse("POST", "/v1/databases/b/collections/c/find").unwrap();
+        assert!(authorize(&reader, "a", &find_a).is_ok());
+        assert_eq!(authorize(&reader, "a", &insert_a).unwrap_err().code, ErrorCode::Forbidden);
+        assert_eq!(authorize(&reader, "a", &find_b).unwrap_err().code, ErrorCode::Forbidden);
+        let writer = Principal { user: "w".into(), role: UserRole::ReadWrite };
+        assert!(authorize(&writer, "a", &insert_a).is_ok());
+        assert_eq!(authorize(&writer, "b", &insert_a).unwrap_err().code, ErrorCode::Forbidden);
     }
 
     #[test]

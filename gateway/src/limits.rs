@@ -1,5 +1,5 @@
 //! Per-database limits: a QPS limit with a burst (GCRA token bucket), a bound on requests
-//! in flight, and a bound on client connections. A request over the QPS limit waits in a
+//! in flight, a bound on client connections, and a memory budget (see `budget`). A request over the QPS limit waits in a
 //! bounded queue for a bounded time, then gets 429 `RateLimited` with `Retry-After`.
 
 use std::num::NonZeroU32;
@@ -13,9 +13,14 @@ use nimbus_api::etcd::Limits;
 use nimbus_api::{ApiError, ErrorCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::budget::Budget;
+
 /// The limiter of one database.
+#[derive(Debug)]
 pub struct TenantLimiter {
     pub limits: Limits,
+    /// Bytes of this database's bodies and answers held at this gateway.
+    pub memory: Budget,
     rate: DefaultDirectRateLimiter,
     in_flight: Arc<Semaphore>,
     waiting: AtomicUsize,
@@ -23,6 +28,7 @@ pub struct TenantLimiter {
 }
 
 /// A request's right to run; dropping it frees the in-flight slot.
+#[derive(Debug)]
 pub struct Admission {
     _permit: OwnedSemaphorePermit,
 }
@@ -35,7 +41,7 @@ pub fn rate_limited(retry_after: Duration) -> ApiError {
 }
 
 impl TenantLimiter {
-    pub fn new(limits: Limits) -> TenantLimiter {
+    pub fn new(limits: Limits, memory_bytes: usize) -> TenantLimiter {
         let qps = NonZeroU32::new(limits.qps.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(limits.burst.max(1)).unwrap_or(NonZeroU32::MIN);
         TenantLimiter {
@@ -43,6 +49,7 @@ impl TenantLimiter {
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1) as usize)),
             waiting: AtomicUsize::new(0),
             connections: AtomicU32::new(0),
+            memory: Budget::new(memory_bytes),
             limits,
         }
     }
@@ -104,7 +111,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_burst_passes_then_requests_wait_or_are_refused() {
-        let l = TenantLimiter::new(limits(10, 3, 100, 10));
+        let l = TenantLimiter::new(limits(10, 3, 100, 10), 1 << 20);
         for _ in 0..3 {
             l.admit(Duration::ZERO).await.unwrap();
         }
@@ -118,7 +125,7 @@ mod tests {
 
     #[tokio::test]
     async fn in_flight_requests_are_bounded() {
-        let l = TenantLimiter::new(limits(1000, 1000, 2, 10));
+        let l = TenantLimiter::new(limits(1000, 1000, 2, 10), 1 << 20);
         let a = l.admit(Duration::ZERO).await.unwrap();
         let _b = l.admit(Duration::ZERO).await.unwrap();
         assert!(l.admit(Duration::from_millis(10)).await.is_err());
@@ -128,7 +135,7 @@ mod tests {
 
     #[test]
     fn connections_are_bounded() {
-        let l = TenantLimiter::new(limits(1, 1, 1, 2));
+        let l = TenantLimiter::new(limits(1, 1, 1, 2), 1 << 20);
         assert!(l.try_connect());
         assert!(l.try_connect());
         assert!(!l.try_connect());

@@ -6,8 +6,9 @@ use anyhow::Context;
 use clap::Parser;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use nimbus_gateway::config::Config;
+use nimbus_gateway::server::{self, Listening};
 use nimbus_gateway::state::Gateway;
-use nimbus_gateway::{server, sync};
+use nimbus_gateway::sync;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -20,6 +21,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
+    if config.tenant_memory_budget_bytes < config.max_body_bytes {
+        anyhow::bail!(
+            "--tenant-memory-budget-bytes must be at least --max-body-bytes, or no largest body could be read"
+        );
+    }
+    let secret = config.cluster.load().context("failed to load the cluster secret")?;
     let prometheus = PrometheusBuilder::new().install_recorder()?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => Some(server::tls_acceptor(c, k).context("failed to load the TLS certificate and key")?),
@@ -33,8 +40,9 @@ async fn main() -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let public_url = format!("{scheme}://{}", listener.local_addr()?);
     let admin_url = format!("http://{}", admin.local_addr()?);
-    let header_timeout = std::time::Duration::from_millis(config.header_timeout_ms);
-    let gw = Arc::new(Gateway::new(config)?);
+    let public_how = Listening::from_config(&config, tls);
+    let admin_how = Listening::from_config(&config, None);
+    let gw = Arc::new(Gateway::new(config, secret)?);
     println!(
         "{}",
         serde_json::json!({"id": gw.config.id, "public": public_url, "admin": admin_url, "pid": std::process::id()})
@@ -43,10 +51,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(sync::run(gw.clone(), public_url));
     let public = server::public_router(gw.clone(), prometheus.clone());
     let admin_app = server::admin_router(gw.clone(), prometheus);
-    tokio::spawn(server::serve(admin, admin_app, None, header_timeout));
+    tokio::spawn(server::serve(admin, admin_app, admin_how));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = server::serve(listener, public, tls, header_timeout) => {}
+        _ = server::serve(listener, public, public_how) => {}
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }

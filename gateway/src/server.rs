@@ -1,30 +1,41 @@
-//! The public listener: the data API of `API.md` section 1, health and metrics; and the
-//! admin listener (usage counters for the control plane). Connections are served by
-//! hyper directly so that slow clients meet timeouts, TLS can wrap the socket, and each
-//! connection can be counted against its database's connection limit.
+//! The listeners. The public one serves the data API of `API.md` section 1 (see
+//! `request`), health and tenant-free metrics; the admin one serves the control plane
+//! (usage, behind the cluster secret) and the per-tenant metrics.
+//!
+//! Connections are served by hyper directly, so that every bound applies before a request
+//! is authenticated: connections at once (all clients, and per client address), the TLS
+//! handshake and the request head within `--header-timeout-ms`, the head's size, HTTP/2's
+//! concurrent streams and header list, and an idle connection closed after
+//! `--idle-timeout-ms` (HTTP/1.1 keep-alive and HTTP/2 alike: a client that opens a
+//! connection, or an HTTP/2 stream, and never completes a request holds it that long at
+//! most).
 
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use nimbus_api::data::IDEMPOTENCY_KEY_HEADER;
-use nimbus_api::limits::{MAX_NESTING_DEPTH, validate_idempotency_key, validate_name};
 use nimbus_api::{ApiError, ErrorCode};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use crate::auth::{authenticate, authorize, bearer};
+use crate::budget::Reservation;
 use crate::limits::TenantLimiter;
-use crate::proxy::Upstream;
-use crate::state::Gateway;
-use crate::usage::{Counts, Op};
+use crate::state::{Gateway, now_ms};
 
 /// An [`ApiError`] as an HTTP answer.
 pub struct HttpError(pub ApiError);
@@ -46,16 +57,49 @@ impl IntoResponse for HttpError {
     }
 }
 
-/// The database a client connection is counted against (its first authenticated request's).
+/// An answer body that holds its bytes' memory budget until it has been written.
+pub struct HeldBody {
+    data: Option<Bytes>,
+    _held: Reservation,
+}
+
+impl HeldBody {
+    pub fn new(data: Bytes, held: Reservation) -> HeldBody {
+        HeldBody { data: Some(data), _held: held }
+    }
+}
+
+impl http_body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.data.take().map(|d| Ok(Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+/// One client connection: the database it is counted against (its first authenticated
+/// request's), and whether it is idle.
 #[derive(Default)]
 pub struct ConnState {
     tenant: Mutex<Option<Arc<TenantLimiter>>>,
+    in_flight: AtomicUsize,
+    /// When the last request started or ended (ms since the Unix epoch).
+    last_activity_ms: AtomicU64,
 }
 
 impl ConnState {
     /// Counts this connection against `limiter` on its first request; false when the
     /// database has no connection left.
-    fn attach(&self, limiter: &Arc<TenantLimiter>) -> bool {
+    pub fn attach(&self, limiter: &Arc<TenantLimiter>) -> bool {
         let mut t = self.tenant.lock().unwrap_or_else(|p| p.into_inner());
         if t.is_some() {
             return true;
@@ -65,6 +109,21 @@ impl ConnState {
         }
         *t = Some(limiter.clone());
         true
+    }
+
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        (self.in_flight.load(Ordering::Acquire) == 0)
+            .then(|| Duration::from_millis(now_ms().saturating_sub(self.last_activity_ms.load(Ordering::Relaxed))))
     }
 }
 
@@ -76,30 +135,111 @@ impl Drop for ConnState {
     }
 }
 
+/// Connections at once: all clients together and per client address. Checked at accept,
+/// before TLS and before any byte of a request is read.
+pub struct ConnLimits {
+    max: usize,
+    per_ip: usize,
+    total: AtomicUsize,
+    by_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A counted connection; dropping it uncounts it.
+pub struct ConnGuard {
+    limits: Arc<ConnLimits>,
+    ip: IpAddr,
+}
+
+impl ConnLimits {
+    pub fn new(max: usize, per_ip: usize) -> Arc<ConnLimits> {
+        Arc::new(ConnLimits { max, per_ip, total: AtomicUsize::new(0), by_ip: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn try_open(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
+        let mut by_ip = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let from_ip = by_ip.get(&ip).copied().unwrap_or(0);
+        if from_ip >= self.per_ip || self.total.load(Ordering::Acquire) >= self.max {
+            return None;
+        }
+        by_ip.insert(ip, from_ip + 1);
+        self.total.fetch_add(1, Ordering::AcqRel);
+        Some(ConnGuard { limits: self.clone(), ip })
+    }
+
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut by_ip = self.limits.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How a listener serves its connections.
+#[derive(Clone)]
+pub struct Listening {
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub h2_max_streams: u32,
+    pub limits: Arc<ConnLimits>,
+}
+
+impl Listening {
+    pub fn from_config(c: &crate::config::Config, tls: Option<tokio_rustls::TlsAcceptor>) -> Listening {
+        Listening {
+            tls,
+            header_timeout: c.header_timeout(),
+            idle_timeout: c.idle_timeout(),
+            max_header_bytes: c.max_header_bytes,
+            h2_max_streams: c.h2_max_streams,
+            limits: ConnLimits::new(c.max_connections, c.max_connections_per_ip),
+        }
+    }
+}
+
+pub fn public_router(gw: Arc<Gateway>, prometheus: PrometheusHandle) -> Router {
+    let data = Router::new().route("/v1/databases/{*rest}", any(crate::request::handle)).with_state(gw.clone());
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(public_metrics))
+        .with_state(App { gw, prometheus })
+        .merge(data)
+        .fallback(|| async { HttpError(ApiError::not_found("no such endpoint")) })
+}
+
+pub fn admin_router(gw: Arc<Gateway>, prometheus: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/v1/admin/usage", get(usage))
+        .route_layer(axum::middleware::from_fn_with_state(gw.secret.clone(), nimbus_net::cluster::require))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(admin_metrics))
+        .with_state(App { gw, prometheus })
+}
+
 #[derive(Clone)]
 struct App {
     gw: Arc<Gateway>,
     prometheus: PrometheusHandle,
 }
 
-pub fn public_router(gw: Arc<Gateway>, prometheus: PrometheusHandle) -> Router {
-    Router::new()
-        .route("/v1/databases/{*rest}", any(data))
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(|| async { HttpError(ApiError::not_found("no such endpoint")) })
-        .with_state(App { gw, prometheus })
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
 }
 
-pub fn admin_router(gw: Arc<Gateway>, prometheus: PrometheusHandle) -> Router {
-    Router::new()
-        .route("/v1/admin/usage", get(usage))
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
-        .route("/metrics", get(metrics))
-        .with_state(App { gw, prometheus })
-}
-
+/// Ready while in step with etcd (its routes and users can be trusted).
 async fn readyz(State(app): State<App>) -> Response {
     if app.gw.is_serving() {
         axum::Json(serde_json::json!({"status": "ready"})).into_response()
@@ -108,245 +248,125 @@ async fn readyz(State(app): State<App>) -> Response {
     }
 }
 
-async fn metrics(State(app): State<App>) -> Response {
+fn gauges(gw: &Gateway) {
+    metrics::gauge!("nimbus_gateway_memory_held_bytes").set(gw.memory.used() as f64);
+    metrics::gauge!("nimbus_gateway_memory_budget_bytes").set(gw.memory.total() as f64);
+}
+
+/// Metrics with no tenant in them.
+async fn public_metrics(State(app): State<App>) -> Response {
+    gauges(&app.gw);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.prometheus.render()).into_response()
+}
+
+/// The same, and the busiest databases' series.
+async fn admin_metrics(State(app): State<App>) -> Response {
+    gauges(&app.gw);
+    let mut text = app.prometheus.render();
+    text.push_str(&app.gw.usage.render_tenants());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn usage(State(app): State<App>) -> Response {
     axum::Json(serde_json::json!({ "databases": app.gw.usage.snapshot() })).into_response()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Read,
-    Write,
-    Delete,
-}
-
-/// Which operation of `API.md` a method and path are, and its database and collection.
-fn classify(method: &Method, rest: &str) -> Option<(Kind, bool, String, Option<String>)> {
-    let seg: Vec<&str> = rest.split('/').collect();
-    let db = seg.first()?.to_string();
-    let coll = seg.get(2).map(|c| c.to_string());
-    let m = method.as_str();
-    let (kind, body) = match (m, &seg[..]) {
-        ("GET", [_, "collections"]) => (Kind::Read, false),
-        ("PUT" | "DELETE", [_, "collections", _]) => (Kind::Write, false),
-        ("POST", [_, "collections", _, "documents"]) => (Kind::Write, true),
-        ("GET", [_, "collections", _, "documents", id]) if !id.is_empty() => (Kind::Read, false),
-        ("POST", [_, "collections", _, "find" | "count"]) => (Kind::Read, true),
-        ("POST", [_, "collections", _, "update"]) => (Kind::Write, true),
-        ("POST", [_, "collections", _, "delete"]) => (Kind::Delete, true),
-        ("POST", [_, "collections", _, "indexes"]) => (Kind::Write, true),
-        ("GET", [_, "collections", _, "indexes"]) => (Kind::Read, false),
-        ("DELETE", [_, "collections", _, "indexes", name]) if !name.is_empty() => (Kind::Write, false),
-        _ => return None,
-    };
-    Some((kind, body, db, coll))
-}
-
-/// The nesting depth of a JSON text, scanned without parsing it (strings skipped).
-fn json_depth(bytes: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
-    for &b in bytes {
-        if in_str {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_str = false;
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_str = true,
-            b'{' | b'[' => {
-                depth += 1;
-                max = max.max(depth);
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    max
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|ct| ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"))
-        .unwrap_or(false)
-}
-
-async fn data(State(app): State<App>, req: Request) -> Response {
-    let started = Instant::now();
-    let gw = &app.gw;
-    let (parts, body) = req.into_parts();
-    let rest = parts.uri.path().trim_start_matches("/v1/databases/").to_owned();
-    let Some((kind, needs_body, db, coll)) = classify(&parts.method, &rest) else {
-        return HttpError(ApiError::not_found("no such endpoint")).into_response();
-    };
-    if !gw.is_serving() {
-        return HttpError(ApiError::unavailable("this gateway is not in sync with the control plane; retry"))
-            .into_response();
-    }
-    // Authenticate, then authorise: a token for another database is refused whatever it asks.
-    let token = match bearer(parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())) {
-        Ok(t) => t,
-        Err(e) => return HttpError(e).into_response(),
-    };
-    let who = match authenticate(token, |d, u| gw.user(d, u)) {
-        Ok(w) => w,
-        Err(e) => return HttpError(e).into_response(),
-    };
-    if let Err(e) = authorize(&who, &db, kind != Kind::Read) {
-        return HttpError(e).into_response();
-    }
-    if let Err(e) =
-        validate_name("database", &db).and_then(|_| coll.as_deref().map_or(Ok(()), |c| validate_name("collection", c)))
-    {
-        return HttpError(e).into_response();
-    }
-
-    let limiter = gw.limiter(&db);
-    let mut counts = Counts::default();
-    if let Some(conn) = parts.extensions.get::<Arc<ConnState>>()
-        && !conn.attach(&limiter)
-    {
-        counts.rejected = 1;
-        gw.usage.record(&db, counts);
-        return HttpError(ApiError::new(ErrorCode::RateLimited, "too many connections for this database"))
-            .into_response();
-    }
-    let _admission = match limiter.admit(gw.config.queue_wait()).await {
-        Ok(a) => a,
-        Err(e) => {
-            counts.rejected = 1;
-            gw.usage.record(&db, counts);
-            return HttpError(e).into_response();
-        }
-    };
-
-    let body = if needs_body {
-        if !is_json(&parts.headers) {
-            return HttpError(ApiError::bad_request("expected Content-Type: application/json")).into_response();
-        }
-        let read =
-            tokio::time::timeout(gw.config_body_timeout(), axum::body::to_bytes(body, gw.config.max_body_bytes)).await;
-        let bytes = match read {
-            Err(_) => {
-                return HttpError(ApiError::bad_request("the request body did not arrive in time")).into_response();
-            }
-            Ok(Err(_)) => {
-                return HttpError(ApiError::too_large(format!("request body over {} bytes", gw.config.max_body_bytes)))
-                    .into_response();
-            }
-            Ok(Ok(b)) => b,
-        };
-        if json_depth(&bytes) > MAX_NESTING_DEPTH + 2 {
-            return HttpError(ApiError::bad_request(format!("JSON nested deeper than {MAX_NESTING_DEPTH} levels")))
-                .into_response();
-        }
-        Some(bytes)
-    } else {
-        None
-    };
-    counts.bytes_in = body.as_ref().map_or(0, |b| b.len() as u64);
-
-    let idempotency_key = if kind == Kind::Read {
-        None
-    } else {
-        match parts.headers.get(IDEMPOTENCY_KEY_HEADER).map(|v| v.to_str().map(str::to_owned)) {
-            Some(Ok(k)) => {
-                if let Err(e) = validate_idempotency_key(&k) {
-                    return HttpError(e).into_response();
-                }
-                Some(k)
-            }
-            Some(Err(_)) => return HttpError(ApiError::bad_request("invalid Idempotency-Key")).into_response(),
-            // The gateway's own retries must not apply a write twice: it makes a key.
-            None => Some(format!("gw-{}", uuid::Uuid::new_v4().simple())),
-        }
-    };
-    let path = match parts.uri.query() {
-        Some(q) => format!("{}?{q}", parts.uri.path()),
-        None => parts.uri.path().to_owned(),
-    };
-    let upstream = Upstream { method: parts.method.clone(), path, body, idempotency_key };
-    let result = gw.forward(&db, upstream).await;
-    let op = match kind {
-        Kind::Read => Op::Read,
-        Kind::Write => Op::Write,
-        Kind::Delete => Op::Delete,
-    };
-    gw.usage.record_latency(&db, op, started.elapsed().as_secs_f64());
-    match result {
-        Ok(answer) => {
-            match kind {
-                Kind::Read => counts.reads = 1,
-                Kind::Write => counts.writes = 1,
-                Kind::Delete => counts.deletes = 1,
-            }
-            counts.documents_returned = answer.returned;
-            counts.bytes_out = answer.body.len() as u64;
-            gw.usage.record(&db, counts);
-            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-            (status, [(header::CONTENT_TYPE, "application/json")], answer.body).into_response()
-        }
-        Err(e) => {
-            gw.usage.record(&db, counts);
-            HttpError(e).into_response()
-        }
-    }
-}
-
-impl Gateway {
-    fn config_body_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.config.body_timeout_ms)
-    }
-}
-
-/// Serves `app` on `listener`, with TLS when `tls` is set, until the process ends.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    header_timeout: std::time::Duration,
-) {
+/// Serves `app` on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, app: Router, how: Listening) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(header_timeout));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(how.header_timeout)
+        .max_buf_size(how.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(how.h2_max_streams)
+        .max_header_list_size(u32::try_from(how.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(how.header_timeout))
+        .keep_alive_timeout(how.header_timeout);
     let builder = Arc::new(builder);
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
+                // Out of file descriptors, most likely: give the ones in use a moment.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let Some(guard) = how.limits.try_open(peer.ip()) else {
+            metrics::counter!("nimbus_gateway_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let (app, tls, builder) = (app.clone(), tls.clone(), builder.clone());
+        let (app, how, builder) = (app.clone(), how.clone(), builder.clone());
         tokio::spawn(async move {
+            let _guard = guard;
             let conn = Arc::new(ConnState::default());
+            conn.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+            let state = conn.clone();
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                let conn = state.clone();
+                conn.begin();
                 req.extensions_mut().insert(conn.clone());
-                app.clone().oneshot(req.map(Body::new))
+                let answer = app.clone().oneshot(req.map(Body::new));
+                async move {
+                    let r = answer.await;
+                    conn.end();
+                    r
+                }
             });
-            let result = match tls {
-                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), svc).await,
-                    _ => return,
-                },
-                None => builder.serve_connection(TokioIo::new(stream), svc).await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
+            match how.tls.clone() {
+                Some(acceptor) => {
+                    if let Ok(Ok(s)) = tokio::time::timeout(how.header_timeout, acceptor.accept(stream)).await {
+                        let c = builder.serve_connection(TokioIo::new(s), svc);
+                        watch_idle(c, &conn, how.idle_timeout).await;
+                    }
+                }
+                None => {
+                    let c = builder.serve_connection(TokioIo::new(stream), svc);
+                    watch_idle(c, &conn, how.idle_timeout).await;
+                }
             }
         });
+    }
+}
+
+/// Drives a connection, closing it gracefully once it has had no request in flight for
+/// `idle` (then waits a moment for it to finish, and drops it).
+async fn watch_idle<I, S>(
+    conn: hyper_util::server::conn::auto::Connection<'_, I, S, TokioExecutor>,
+    state: &ConnState,
+    idle: Duration,
+) where
+    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::pin!(conn);
+    let check_every = (idle / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(check_every) => {
+                if state.idle_for().is_some_and(|d| d >= idle) {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -370,28 +390,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_operation_of_the_contract_is_classified() {
-        let c = |m: &str, p: &str| classify(&Method::from_bytes(m.as_bytes()).unwrap(), p);
-        assert_eq!(c("GET", "shop/collections"), Some((Kind::Read, false, "shop".into(), None)));
-        assert_eq!(c("PUT", "shop/collections/o"), Some((Kind::Write, false, "shop".into(), Some("o".into()))));
-        assert_eq!(c("POST", "shop/collections/o/documents").unwrap().0, Kind::Write);
-        assert_eq!(c("GET", "shop/collections/o/documents/7").unwrap().0, Kind::Read);
-        assert_eq!(c("POST", "shop/collections/o/find").unwrap().0, Kind::Read);
-        assert_eq!(c("POST", "shop/collections/o/count").unwrap().0, Kind::Read);
-        assert_eq!(c("POST", "shop/collections/o/update").unwrap().0, Kind::Write);
-        assert_eq!(c("POST", "shop/collections/o/delete").unwrap().0, Kind::Delete);
-        assert_eq!(c("POST", "shop/collections/o/indexes").unwrap().0, Kind::Write);
-        assert_eq!(c("GET", "shop/collections/o/indexes").unwrap().0, Kind::Read);
-        assert_eq!(c("DELETE", "shop/collections/o/indexes/i").unwrap().0, Kind::Write);
-        assert_eq!(c("DELETE", "shop"), None);
-        assert_eq!(c("GET", "shop/collections/o/documents/"), None);
-        assert_eq!(c("PATCH", "shop/collections/o"), None);
-    }
-
-    #[test]
-    fn depth_scan_skips_strings() {
-        assert_eq!(json_depth(br#"{"a": [1, {"b": "[[[{{{"}]}"#), 3);
-        assert_eq!(json_depth(br#""\"[" "#), 0);
-        assert_eq!(json_depth(&vec![b'['; 500]), 500);
+    fn connections_are_bounded_in_all_and_per_address() {
+        let limits = ConnLimits::new(3, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = limits.try_open(a).unwrap();
+        let _a2 = limits.try_open(a).unwrap();
+        assert!(limits.try_open(a).is_none(), "per address");
+        let _b1 = limits.try_open(b).unwrap();
+        assert!(limits.try_open(b).is_none(), "in all");
+        drop(a1);
+        assert_eq!(limits.open(), 2);
+        assert!(limits.try_open(b).is_some());
     }
 }

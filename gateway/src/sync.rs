@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::collections::HashSet;
+
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions};
-use nimbus_api::etcd::{self as keys, GatewayRegistration, Limits, Route, RouteState, UserRecord};
+use nimbus_api::etcd::{self as keys, GatewayRegistration, Limits, Route, UserRecord};
 
 use crate::state::{Gateway, Tables, now_ms};
 
@@ -29,7 +31,7 @@ async fn session(gw: &Arc<Gateway>, public_addr: &str) -> anyhow::Result<()> {
         .with_connect_timeout(Duration::from_secs(1))
         .with_timeout(Duration::from_secs(ttl as u64))
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1));
-    let mut client = Client::connect(gw.config.etcd.clone(), Some(options)).await?;
+    let mut client = gw.config.etcd.connect(options).await?;
     let granted_at = now_ms();
     let lease = client.lease_grant(ttl, None).await?.id();
     gw.lease_valid_until_ms.store(granted_at + ttl as u64 * 1000, Ordering::Release);
@@ -44,7 +46,7 @@ async fn session(gw: &Arc<Gateway>, public_addr: &str) -> anyhow::Result<()> {
     for kv in resp.kvs() {
         apply_put(&mut tables, kv);
     }
-    *gw.tables.write().unwrap_or_else(|p| p.into_inner()) = tables;
+    gw.rebuild(&tables, None);
     gw.routes_version.send_modify(|v| *v += 1);
     let mut events =
         client.watch(keys::PREFIX, Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1))).await?;
@@ -77,17 +79,17 @@ async fn session(gw: &Arc<Gateway>, public_addr: &str) -> anyhow::Result<()> {
                     anyhow::bail!("watch canceled: {}", resp.cancel_reason());
                 }
                 let mut routes_changed = false;
-                {
-                    let mut t = gw.tables.write().unwrap_or_else(|p| p.into_inner());
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        routes_changed |= kv.key().starts_with(keys::ROUTES.as_bytes());
-                        match ev.event_type() {
-                            EventType::Put => apply_put(&mut t, kv),
-                            EventType::Delete => apply_delete(&mut t, kv),
-                        }
-                    }
+                let mut changed = HashSet::new();
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    routes_changed |= kv.key().starts_with(keys::ROUTES.as_bytes());
+                    let db = match ev.event_type() {
+                        EventType::Put => apply_put(&mut tables, kv),
+                        EventType::Delete => apply_delete(&mut tables, kv),
+                    };
+                    changed.extend(db);
                 }
+                gw.rebuild(&tables, Some(&changed));
                 if routes_changed {
                     gw.routes_version.send_modify(|v| *v += 1);
                     acknowledge_holds(gw, &mut client, lease).await;
@@ -101,17 +103,14 @@ async fn session(gw: &Arc<Gateway>, public_addr: &str) -> anyhow::Result<()> {
 /// requests in flight for that database have finished (the cutover waits for every live
 /// gateway's acknowledgement).
 async fn acknowledge_holds(gw: &Arc<Gateway>, client: &mut Client, lease: i64) {
-    let holding: Vec<String> =
-        gw.tables().routes.iter().filter(|(_, r)| r.state == RouteState::Holding).map(|(db, _)| db.clone()).collect();
-    for db in holding {
-        let limiter = gw.limiter(&db);
+    for db in gw.holding() {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !limiter.is_idle() && Instant::now() < deadline {
+        while !db.limiter.is_idle() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let key = keys::hold_key(&db, &gw.config.id);
+        let key = keys::hold_key(&db.name, &gw.config.id);
         if let Err(e) = client.put(key, b"held".to_vec(), Some(PutOptions::new().with_lease(lease))).await {
-            tracing::warn!(db = %db, error = %e, "failed to acknowledge a hold");
+            tracing::warn!(db = %db.name, error = %e, "failed to acknowledge a hold");
         }
     }
 }
@@ -120,8 +119,9 @@ fn key_str(kv: &KeyValue) -> Option<&str> {
     kv.key_str().ok()
 }
 
-fn apply_put(t: &mut Tables, kv: &KeyValue) {
-    let Some(key) = key_str(kv) else { return };
+/// Applies a put to the tables; returns the database it concerns.
+fn apply_put(t: &mut Tables, kv: &KeyValue) -> Option<String> {
+    let key = key_str(kv)?;
     let value = kv.value();
     if let Some(db) = key.strip_prefix(keys::ROUTES) {
         match serde_json::from_slice::<Route>(value) {
@@ -130,14 +130,16 @@ fn apply_put(t: &mut Tables, kv: &KeyValue) {
             }
             Err(e) => tracing::error!(key, error = %e, "ignoring a malformed route"),
         }
+        Some(db.to_owned())
     } else if let Some(rest) = key.strip_prefix(keys::USERS) {
-        let Some((db, user)) = rest.split_once('/') else { return };
+        let (db, user) = rest.split_once('/')?;
         match serde_json::from_slice::<UserRecord>(value) {
             Ok(u) => {
-                t.users.insert((db.to_owned(), user.to_owned()), u);
+                t.users.entry(db.to_owned()).or_default().insert(user.to_owned(), u);
             }
             Err(e) => tracing::error!(key, error = %e, "ignoring a malformed user"),
         }
+        Some(db.to_owned())
     } else if let Some(db) = key.strip_prefix(keys::LIMITS) {
         match serde_json::from_slice::<Limits>(value) {
             Ok(l) => {
@@ -145,18 +147,31 @@ fn apply_put(t: &mut Tables, kv: &KeyValue) {
             }
             Err(e) => tracing::error!(key, error = %e, "ignoring malformed limits"),
         }
+        Some(db.to_owned())
+    } else {
+        None
     }
 }
 
-fn apply_delete(t: &mut Tables, kv: &KeyValue) {
-    let Some(key) = key_str(kv) else { return };
+/// Applies a delete to the tables; returns the database it concerns.
+fn apply_delete(t: &mut Tables, kv: &KeyValue) -> Option<String> {
+    let key = key_str(kv)?;
     if let Some(db) = key.strip_prefix(keys::ROUTES) {
         t.routes.remove(db);
+        Some(db.to_owned())
     } else if let Some(rest) = key.strip_prefix(keys::USERS) {
-        if let Some((db, user)) = rest.split_once('/') {
-            t.users.remove(&(db.to_owned(), user.to_owned()));
+        let (db, user) = rest.split_once('/')?;
+        if let Some(users) = t.users.get_mut(db) {
+            users.remove(user);
+            if users.is_empty() {
+                t.users.remove(db);
+            }
         }
+        Some(db.to_owned())
     } else if let Some(db) = key.strip_prefix(keys::LIMITS) {
         t.limits.remove(db);
+        Some(db.to_owned())
+    } else {
+        None
     }
 }

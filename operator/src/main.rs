@@ -41,9 +41,21 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// etcd endpoints of the control plane, comma-separated.
-    #[arg(long, env = "NIMBUS_ETCD", value_delimiter = ',', required = true)]
-    etcd: Vec<String>,
+    /// The operator's etcd connection (endpoints, TLS client certificate).
+    #[command(flatten)]
+    etcd: nimbus_net::EtcdArgs,
+    /// Directory of the internal Secret's files (the cluster secret, and with a TLS etcd
+    /// its CA and the gateways' client certificate): copied into every namespace with
+    /// datanodes or gateways.
+    #[arg(long, env = "NIMBUS_INTERNAL_DIR", default_value = "/etc/nimbus/internal")]
+    internal_dir: std::path::PathBuf,
+    /// Do not create NetworkPolicies for datanodes and gateways.
+    #[arg(long, env = "NIMBUS_NO_NETWORK_POLICIES")]
+    no_network_policies: bool,
+    /// Namespaces allowed to scrape the admin ports' metrics, as a label selector
+    /// (`key=value,...`), e.g. `kubernetes.io/metadata.name=monitoring`.
+    #[arg(long, env = "NIMBUS_METRICS_NAMESPACES", default_value = "")]
+    metrics_namespaces: String,
     /// Image of the datanode Pods.
     #[arg(long, env = "NIMBUS_DATANODE_IMAGE")]
     datanode_image: String,
@@ -103,18 +115,65 @@ async fn main() -> anyhow::Result<()> {
                 .route("/healthz", get(|| async { "ok" }))
                 .route("/readyz", get(|| async { "ok" }));
             tokio::spawn(async move { axum::serve(listener, app).await });
+            let internal_files = read_internal(&args.internal_dir)?;
+            let secret = nimbus_net::ClusterSecret::parse(
+                internal_files.get(objects::CLUSTER_SECRET_KEY).map(String::as_str).unwrap_or_default(),
+            )
+            .with_context(|| format!("no usable cluster secret in {}", args.internal_dir.display()))?;
             let settings = Settings {
                 datanode_image: args.datanode_image,
                 gateway_image: args.gateway_image,
                 image_pull_policy: args.image_pull_policy,
-                etcd_endpoints: args.etcd,
+                etcd_endpoints: args.etcd.endpoints.clone(),
                 gateway_replicas: args.gateway_replicas,
                 gateway_service_account: None,
+                internal_files,
+                operator_namespace: args.lease_namespace.clone(),
+                network_policies: !args.no_network_policies,
+                metrics_namespace_selector: parse_selector(&args.metrics_namespaces)?,
             };
-            run(RunConfig { settings, lease_namespace: args.lease_namespace, identity: args.identity }).await?;
+            let cfg = RunConfig {
+                settings,
+                etcd: args.etcd,
+                secret,
+                lease_namespace: args.lease_namespace,
+                identity: args.identity,
+            };
+            run(cfg).await?;
             Ok(())
         }
     }
+}
+
+/// The internal Secret's files the operator copies into tenant namespaces.
+fn read_internal(dir: &std::path::Path) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut files = std::collections::BTreeMap::new();
+    for key in [
+        objects::CLUSTER_SECRET_KEY,
+        objects::ETCD_CA_KEY,
+        objects::ETCD_GATEWAY_CERT_KEY,
+        objects::ETCD_GATEWAY_KEY_KEY,
+    ] {
+        match std::fs::read_to_string(dir.join(key)) {
+            Ok(text) => {
+                files.insert(key.to_string(), text);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && key != objects::CLUSTER_SECRET_KEY => {}
+            Err(e) => return Err(e).with_context(|| format!("failed to read {}", dir.join(key).display())),
+        }
+    }
+    Ok(files)
+}
+
+/// `key=value,...` as a label map.
+fn parse_selector(text: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    text.split(',')
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| {
+            let (k, v) = t.split_once('=').with_context(|| format!("{t:?} is not key=value"))?;
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
 }
 
 /// The objects of a new instance's replica set, as the reconciler builds them.
@@ -142,7 +201,10 @@ fn preview(dbi: &DatabaseInstance, namespace: &str) -> Vec<serde_json::Value> {
     };
     let zones: Vec<String> = ["a", "b", "c"].iter().map(|z| z.to_string()).collect();
     let v = |x: serde_json::Result<serde_json::Value>| x.unwrap_or_default();
-    let mut out = vec![v(serde_json::to_value(objects::replica_set_service(&rs, &zones, false)))];
+    let mut out = vec![v(serde_json::to_value(objects::internal_secret(&settings, namespace)))];
+    out.push(v(serde_json::to_value(objects::datanode_network_policy(&settings, namespace))));
+    out.push(v(serde_json::to_value(objects::gateway_network_policy(&settings, namespace))));
+    out.push(v(serde_json::to_value(objects::replica_set_service(&rs, &zones, false))));
     out.push(v(serde_json::to_value(objects::replica_set_pdb(&rs))));
     for (i, zone) in zones.iter().enumerate() {
         let id = i as u64 + 1;

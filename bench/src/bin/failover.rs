@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nimbus_bench::{Report, median};
+use nimbus_bench::{Report, internal_headers, median};
 use nimbus_e2e::{Cluster, poll};
 use serde_json::json;
 
@@ -33,7 +33,11 @@ async fn main() -> anyhow::Result<()> {
     let dead_at = Arc::new(AtomicU64::new(u64::MAX));
     let first_ack_after = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).tcp_nodelay(true).build()?;
+    let client = reqwest::Client::builder()
+        .default_headers(internal_headers(&cluster.secret))
+        .timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .build()?;
     let mut tasks = Vec::new();
     for t in 0..args.concurrency {
         let (client, members, stop) = (client.clone(), members.clone(), stop.clone());

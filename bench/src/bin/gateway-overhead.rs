@@ -51,8 +51,14 @@ async fn main() -> anyhow::Result<()> {
         max_in_flight: 100_000,
     };
     control.limits("bench", &unlimited).await?;
-    let gw = GatewayProc::start("gw-bench", &etcd.client_urls, &[]).await?;
-    let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(256).build()?;
+    let gw = GatewayProc::start("gw-bench", &etcd.client_urls, &cluster.secret_file, &[]).await?;
+    // Straight to the leader, the load generator is another Nimbus component: the cluster
+    // secret and a route epoch on every request (the gateway ignores the epoch header).
+    let mut defaults = reqwest::header::HeaderMap::new();
+    defaults.insert(nimbus_api::data::ROUTE_EPOCH_HEADER, reqwest::header::HeaderValue::from_static("0"));
+    let http =
+        reqwest::Client::builder().default_headers(defaults).tcp_nodelay(true).pool_max_idle_per_host(256).build()?;
+    let internal_auth = cluster.secret.authorization().to_str()?.to_owned();
     let direct = format!("{}/v1/databases/bench/collections/kv", cluster.nodes[leader].data);
     let through = format!("{}/v1/databases/bench/collections/kv", gw.public);
     let auth = format!("Bearer {token}");
@@ -68,7 +74,12 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let docs: Vec<_> = (0..PRELOADED).map(|i| json!({"_id": format!("p{i}"), "v": "x".repeat(200)})).collect();
     for chunk in docs.chunks(100) {
-        http.post(format!("{direct}/documents")).json(&json!({"documents": chunk})).send().await?.error_for_status()?;
+        http.post(format!("{direct}/documents"))
+            .header("authorization", &internal_auth)
+            .json(&json!({"documents": chunk}))
+            .send()
+            .await?
+            .error_for_status()?;
     }
 
     let mut report = Report::default();
@@ -90,7 +101,8 @@ async fn main() -> anyhow::Result<()> {
         for path in order {
             run += 1;
             let base = Arc::new(if path == 0 { direct.clone() } else { through.clone() });
-            let (http, auth, keyed) = (http.clone(), Arc::new(auth.clone()), args.idempotency_keys);
+            let auth = if path == 0 { internal_auth.clone() } else { auth.clone() };
+            let (http, auth, keyed) = (http.clone(), Arc::new(auth), args.idempotency_keys);
             let before = groups.each_ref().map(|g| cpu_time_of(g));
             let r = run_load(concurrency, Duration::from_secs(args.seconds), move |t, seq| {
                 let (http, base, auth) = (http.clone(), base.clone(), auth.clone());

@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
             &Limits { tier: Tier::Standard, qps: args.qps, burst, max_connections: 10_000, max_in_flight: 10_000 },
         )
         .await?;
-    let gw = GatewayProc::start("gw-bench", &etcd.client_urls, &[]).await?;
+    let gw = GatewayProc::start("gw-bench", &etcd.client_urls, &stack.cluster.secret_file, &[]).await?;
     let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(1024).build()?;
     let flood_url = format!("{}/v1/databases/flood/collections", gw.public);
     let calm_url = format!("{}/v1/databases/calm/collections", gw.public);

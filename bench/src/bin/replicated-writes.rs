@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use nimbus_bench::{Report, RunResult, http_outcome, run_load, summarize};
+use nimbus_bench::{Report, RunResult, http_outcome, internal_headers, run_load, summarize};
 use nimbus_e2e::Cluster;
 use nimbus_e2e::etcd::EtcdCluster;
 use serde_json::json;
@@ -46,7 +46,13 @@ async fn main() -> anyhow::Result<()> {
     let mut dn_clients = Vec::new();
     let mut etcd_clients = Vec::new();
     for _ in 0..args.connections {
-        dn_clients.push(reqwest::Client::builder().http2_prior_knowledge().tcp_nodelay(true).build()?);
+        dn_clients.push(
+            reqwest::Client::builder()
+                .default_headers(internal_headers(&cluster.secret))
+                .http2_prior_knowledge()
+                .tcp_nodelay(true)
+                .build()?,
+        );
         etcd_clients.push(etcd_client::Client::connect(etcd.client_urls.clone(), None).await?);
     }
     let dn_clients = Arc::new(dn_clients);

@@ -41,9 +41,11 @@ pub struct Network {
 }
 
 impl Network {
-    /// `append_timeout` bounds one AppendEntries call (see [`Peer::append_timeout`]).
-    pub fn new(append_timeout: Duration) -> Network {
+    /// `append_timeout` bounds one AppendEntries call (see [`Peer::append_timeout`]); every
+    /// call carries the cluster secret.
+    pub fn new(append_timeout: Duration, secret: &nimbus_net::ClusterSecret) -> Network {
         let client = reqwest::Client::builder()
+            .default_headers(secret.default_headers())
             .pool_max_idle_per_host(16)
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
@@ -59,7 +61,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: u64, node: &NodeInfo) -> Peer {
         Peer {
             target,
-            addr: node.admin_addr.trim_end_matches('/').to_owned(),
+            addr: node.raft_base().trim_end_matches('/').to_owned(),
             client: self.client.clone(),
             append_timeout: self.append_timeout,
         }

@@ -11,11 +11,22 @@ use crate::store::{Command, WriteResult};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeInfo {
-    /// Base URL of the admin port (Raft RPCs, admin API).
+    /// Base URL of the admin port (admin API).
     pub admin_addr: String,
     /// Base URL of the data port.
     pub data_addr: String,
     pub zone: String,
+    /// Base URL of the Raft port (Raft RPCs between members). Empty in memberships made
+    /// before the Raft port was split off the admin port: the admin port is used then.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub raft_addr: String,
+}
+
+impl NodeInfo {
+    /// Where this member's Raft RPCs go.
+    pub fn raft_base(&self) -> &str {
+        if self.raft_addr.is_empty() { &self.admin_addr } else { &self.raft_addr }
+    }
 }
 
 impl fmt::Display for Command {

@@ -25,17 +25,21 @@ use crate::raft::NodeInfo;
 type Ctx = State<Arc<NodeCtx>>;
 type Result<T> = std::result::Result<T, HttpError>;
 
-pub fn router(ctx: Arc<NodeCtx>) -> Router {
+/// The admin API. Everything that changes or reveals data needs the cluster secret;
+/// status, health, readiness and metrics answer anyone (probes and scrapers).
+pub fn router(ctx: Arc<NodeCtx>, secret: nimbus_net::ClusterSecret) -> Router {
     Router::new()
-        .route("/v1/status", get(status))
         .route("/v1/admin/init", post(init))
         .route("/v1/admin/learners", post(add_learner))
         .route("/v1/admin/voters", post(change_voters))
         .route("/v1/admin/members/remove", post(remove_member))
         .route("/v1/admin/transfer-leader", post(transfer_leader))
         .route("/v1/admin/snapshot", post(snapshot))
+        .route("/v1/admin/route-epoch", post(set_route_epoch))
         .route("/v1/admin/oplog", get(oplog))
         .route("/v1/admin/query-stats", get(query_stats))
+        .route_layer(axum::middleware::from_fn_with_state(secret, nimbus_net::cluster::require))
+        .route("/v1/status", get(status))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -43,7 +47,12 @@ pub fn router(ctx: Arc<NodeCtx>) -> Router {
 }
 
 fn node_info(m: &MemberInfo) -> NodeInfo {
-    NodeInfo { admin_addr: m.admin_addr.clone(), data_addr: m.data_addr.clone(), zone: m.zone.clone() }
+    NodeInfo {
+        admin_addr: m.admin_addr.clone(),
+        data_addr: m.data_addr.clone(),
+        zone: m.zone.clone(),
+        raft_addr: m.raft_addr.clone(),
+    }
 }
 
 /// The status of this member, as `GET /v1/status` answers.
@@ -63,6 +72,7 @@ pub fn status_of(ctx: &NodeCtx) -> Status {
             id: *id,
             admin_addr: n.admin_addr.clone(),
             data_addr: n.data_addr.clone(),
+            raft_addr: n.raft_addr.clone(),
             zone: n.zone.clone(),
             voter: voters.contains(id),
         })
@@ -190,6 +200,24 @@ async fn transfer_leader(State(ctx): Ctx, JsonBody(req): JsonBody<TransferLeader
     match waited {
         Ok(_) => Ok(axum::Json(serde_json::json!({"leaderId": req.to})).into_response()),
         Err(_) => Err(ApiError::unavailable("leadership did not move within 5 s").into()),
+    }
+}
+
+async fn set_route_epoch(State(ctx): Ctx, JsonBody(req): JsonBody<SetRouteEpochRequest>) -> Result<Response> {
+    let db = nimbus_api::path::DbName::new(&req.db)?;
+    let cmd = crate::store::Command {
+        db: db.into_string(),
+        op: crate::store::WriteOp::SetRouteEpoch { epoch: req.epoch },
+        idempotency_key: None,
+        ts_ms: super::data::now_ms(),
+        route_epoch: None,
+        request_hash: None,
+    };
+    match ctx.propose(cmd).await? {
+        crate::store::WriteAnswer::RouteEpoch { epoch } => {
+            Ok(axum::Json(serde_json::json!({ "epoch": epoch })).into_response())
+        }
+        _ => Err(ApiError::internal("unexpected answer from the state machine").into()),
     }
 }
 

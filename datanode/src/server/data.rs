@@ -6,19 +6,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::body::Bytes;
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use nimbus_api::data::*;
-use nimbus_api::limits::{validate_idempotency_key, validate_name};
+use nimbus_api::limits::validate_idempotency_key;
+use nimbus_api::path::{Access, CollName, DataPath, DbName, DocId, IndexName, Op};
 use nimbus_api::{ApiError, ErrorCode, LeaderHint};
 use openraft::ReadPolicy;
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use serde_json::{Map, Value};
 
-use super::{HttpError, JsonBody};
+use sha2::{Digest, Sha256};
+
+use super::{HttpError, is_json, parse_json};
 use crate::node::NodeCtx;
 use crate::query::{Filter, Update};
 use crate::store::catalog::IndexSpec;
@@ -30,27 +33,82 @@ type Ctx = State<Arc<NodeCtx>>;
 type Result<T> = std::result::Result<T, HttpError>;
 
 pub fn router(ctx: Arc<NodeCtx>) -> Router {
-    Router::new()
-        .route("/v1/databases/{db}", axum::routing::delete(drop_database))
-        .route("/v1/databases/{db}/collections", get(list_collections))
-        .route("/v1/databases/{db}/collections/{coll}", put(create_collection).delete(drop_collection))
-        .route("/v1/databases/{db}/collections/{coll}/documents", post(insert))
-        .route("/v1/databases/{db}/collections/{coll}/documents/{id}", get(get_document))
-        .route("/v1/databases/{db}/collections/{coll}/find", post(find))
-        .route("/v1/databases/{db}/collections/{coll}/count", post(count))
-        .route("/v1/databases/{db}/collections/{coll}/update", post(update))
-        .route("/v1/databases/{db}/collections/{coll}/delete", post(delete))
-        .route("/v1/databases/{db}/collections/{coll}/indexes", post(create_index).get(list_indexes))
-        .route("/v1/databases/{db}/collections/{coll}/indexes/{name}", axum::routing::delete(drop_index))
-        .with_state(ctx)
+    // Every data path goes through one parser, the gateway's: `DataPath::parse_internal`.
+    Router::new().fallback(serve).with_state(ctx)
 }
 
-fn names(db: &str, coll: Option<&str>) -> std::result::Result<(), ApiError> {
-    validate_name("database", db)?;
-    if let Some(c) = coll {
-        validate_name("collection", c)?;
+/// What every data request carries besides its operation and body.
+struct Envelope {
+    db: DbName,
+    /// The route epoch the sender used (`x-nimbus-route-epoch`).
+    epoch: u64,
+    headers: HeaderMap,
+    /// For writes with an idempotency key: a digest of the request (method, canonical path,
+    /// body), so a key reused for a different request is refused, not answered.
+    request_hash: Option<String>,
+}
+
+async fn serve(State(ctx): Ctx, req: axum::extract::Request) -> Response {
+    match handle(&ctx, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     }
-    Ok(())
+}
+
+async fn handle(ctx: &NodeCtx, req: axum::extract::Request) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let path = DataPath::parse_internal(parts.method.as_str(), parts.uri.path()).map_err(ApiError::from)?;
+    let epoch = route_epoch(&parts.headers)?;
+    let body = if path.has_body() { read_body(&parts.headers, body, ctx.max_body_bytes).await? } else { Bytes::new() };
+    let request_hash = (path.access() != Access::Read && parts.headers.contains_key(IDEMPOTENCY_KEY_HEADER))
+        .then(|| request_digest(&path, &body));
+    let DataPath { db, op } = path;
+    let env = Envelope { db, epoch, headers: parts.headers, request_hash };
+    match op {
+        Op::Insert(coll) => insert(ctx, &env, coll, parse_json(&body)?).await,
+        Op::Get(coll, id) => get_document(ctx, &env, coll, id).await,
+        Op::Find(coll) => find(ctx, &env, coll, parse_json(&body)?).await,
+        Op::Count(coll) => count(ctx, &env, coll, parse_json(&body)?).await,
+        Op::Update(coll) => update(ctx, &env, coll, parse_json(&body)?).await,
+        Op::Delete(coll) => delete(ctx, &env, coll, parse_json(&body)?).await,
+        Op::ListCollections => list_collections(ctx, &env).await,
+        Op::CreateCollection(coll) => create_collection(ctx, &env, coll).await,
+        Op::DropCollection(coll) => drop_collection(ctx, &env, coll).await,
+        Op::DropDatabase => drop_database(ctx, &env).await,
+        Op::CreateIndex(coll) => create_index(ctx, &env, coll, parse_json(&body)?).await,
+        Op::ListIndexes(coll) => list_indexes(ctx, &env, coll).await,
+        Op::DropIndex(coll, name) => drop_index(ctx, &env, coll, name).await,
+    }
+}
+
+/// The route epoch of a request: required, a decimal `u64`.
+fn route_epoch(headers: &HeaderMap) -> std::result::Result<u64, ApiError> {
+    let v = headers
+        .get(ROUTE_EPOCH_HEADER)
+        .ok_or_else(|| ApiError::bad_request(format!("missing {ROUTE_EPOCH_HEADER}")))?;
+    v.to_str()
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ApiError::bad_request(format!("{ROUTE_EPOCH_HEADER} is not a number")))
+}
+
+/// Reads a JSON body: `Content-Type: application/json` and at most `limit` bytes.
+async fn read_body(headers: &HeaderMap, body: axum::body::Body, limit: usize) -> std::result::Result<Bytes, ApiError> {
+    if !is_json(headers) {
+        return Err(ApiError::bad_request("expected Content-Type: application/json"));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::too_large(format!("request body over {limit} bytes")))
+}
+
+/// A digest of what a write asked for: method, canonical path and body.
+fn request_digest(path: &DataPath, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(path.method().as_bytes());
+    h.update(b" ");
+    h.update(path.encode().as_bytes());
+    h.update(b"\n");
+    h.update(body);
+    hex::encode(&h.finalize()[..16])
 }
 
 fn idempotency_key(headers: &HeaderMap) -> std::result::Result<Option<String>, ApiError> {
@@ -64,13 +122,28 @@ fn idempotency_key(headers: &HeaderMap) -> std::result::Result<Option<String>, A
     }
 }
 
-/// Replicates a write carrying the request's idempotency key.
-async fn write(ctx: &NodeCtx, db: &str, headers: &HeaderMap, op: WriteOp) -> Result<WriteAnswer> {
-    let idem = idempotency_key(headers)?;
-    Ok(ctx.propose(db, op, idem).await?)
+/// Replicates a write of `env`'s database, with its idempotency key and route epoch.
+async fn write(ctx: &NodeCtx, env: &Envelope, op: WriteOp) -> Result<WriteAnswer> {
+    let cmd = Command {
+        db: env.db.to_string(),
+        op,
+        idempotency_key: idempotency_key(&env.headers)?,
+        ts_ms: now_ms(),
+        route_epoch: Some(env.epoch),
+        request_hash: env.request_hash.clone(),
+    };
+    Ok(ctx.propose(cmd).await?)
 }
 
-fn now_ms() -> u64 {
+/// A linearizable (or, if asked, follower) view of the engine, for a request whose route
+/// epoch is still current.
+async fn read(ctx: &NodeCtx, env: &Envelope) -> std::result::Result<Arc<Engine>, ApiError> {
+    let engine = ctx.read_view(&env.headers).await?;
+    engine.check_route_epoch(&env.db, env.epoch)?;
+    Ok(engine)
+}
+
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -122,20 +195,14 @@ impl NodeCtx {
     }
 
     /// Replicates a write and answers once a majority has it and it is applied here.
-    pub(crate) async fn propose(
-        &self,
-        db: &str,
-        op: WriteOp,
-        idempotency_key: Option<String>,
-    ) -> std::result::Result<WriteAnswer, ApiError> {
+    pub(crate) async fn propose(&self, cmd: Command) -> std::result::Result<WriteAnswer, ApiError> {
         if !self.raft.is_leader() {
             return Err(self.not_leader().await);
         }
         if !self.in_contact_with_majority() {
             return Err(lost_majority());
         }
-        let kind = op.kind();
-        let cmd = Command { db: db.to_owned(), op, idempotency_key, ts_ms: now_ms(), route_epoch: None };
+        let kind = cmd.op.kind();
         let started = Instant::now();
         let result = tokio::select! {
             r = tokio::time::timeout(self.write_timeout, self.raft.client_write(cmd)) => r,
@@ -219,13 +286,7 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-async fn insert(
-    State(ctx): Ctx,
-    Path((db, coll)): Path<(String, String)>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<InsertRequest>,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
+async fn insert(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: InsertRequest) -> Result<Response> {
     if req.documents.is_empty() {
         return Err(ApiError::bad_request("documents must not be empty").into());
     }
@@ -236,7 +297,7 @@ async fn insert(
         };
         docs.push(check_document(&with_id(map))?);
     }
-    match write(&ctx, &db, &headers, WriteOp::Insert { coll, docs }).await? {
+    match write(ctx, env, WriteOp::Insert { coll: coll.into_string(), docs }).await? {
         WriteAnswer::Inserted { ids } => {
             Ok((StatusCode::CREATED, axum::Json(InsertResponse { inserted_ids: ids })).into_response())
         }
@@ -258,39 +319,29 @@ fn unexpected(a: WriteAnswer) -> HttpError {
     ApiError::internal("unexpected answer from the state machine").into()
 }
 
-async fn get_document(
-    State(ctx): Ctx,
-    Path((db, coll, id)): Path<(String, String, String)>,
-    headers: HeaderMap,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
+async fn get_document(ctx: &NodeCtx, env: &Envelope, coll: CollName, id: DocId) -> Result<Response> {
     let started = Instant::now();
-    let engine = ctx.read_view(&headers).await?;
+    let engine = read(ctx, env).await?;
     // A path segment is a string `_id`; when none matches and it reads as a number, the
     // numeric `_id` is tried too.
-    let mut found = engine.get(&db, &coll, &Value::String(id.clone()))?;
+    let mut found = engine.get(&env.db, &coll, &Value::String(id.to_string()))?;
     if found.is_none()
         && let Ok(Value::Number(n)) = serde_json::from_str::<Value>(&id)
     {
-        found = engine.get(&db, &coll, &Value::Number(n))?;
+        found = engine.get(&env.db, &coll, &Value::Number(n))?;
     }
     count_read("get", started);
     match found {
         Some(doc) => Ok(axum::Json(doc).into_response()),
-        None => Err(ApiError::not_found(format!("no document with _id {id:?}")).into()),
+        None => Err(ApiError::not_found(format!("no document with _id {:?}", id.as_str())).into()),
     }
 }
 
-async fn find(
-    State(ctx): Ctx,
-    Path((db, coll)): Path<(String, String)>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<FindRequest>,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
+async fn find(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: FindRequest) -> Result<Response> {
     let q = FindQuery::parse(&req)?;
     let started = Instant::now();
-    let engine = ctx.read_view(&headers).await?;
+    let engine = read(ctx, env).await?;
+    let db = env.db.clone();
     let documents = blocking(move || engine.find(&db, &coll, &q)).await?;
     count_read("find", started);
     metrics::counter!("nimbus_documents_returned_total").increment(documents.len() as u64);
@@ -299,40 +350,29 @@ async fn find(
     Ok(([(RETURNED_HEADER, returned)], axum::Json(FindResponse { documents })).into_response())
 }
 
-async fn count(
-    State(ctx): Ctx,
-    Path((db, coll)): Path<(String, String)>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<CountRequest>,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
+async fn count(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: CountRequest) -> Result<Response> {
     let filter = Filter::parse(req.filter.as_ref())?;
     let started = Instant::now();
-    let engine = ctx.read_view(&headers).await?;
+    let engine = read(ctx, env).await?;
+    let db = env.db.clone();
     let count = blocking(move || engine.count(&db, &coll, &filter)).await?;
     count_read("count", started);
     Ok(axum::Json(CountResponse { count }).into_response())
 }
 
-async fn update(
-    State(ctx): Ctx,
-    Path((db, coll)): Path<(String, String)>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<UpdateRequest>,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
+async fn update(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: UpdateRequest) -> Result<Response> {
     let filter = req.filter.unwrap_or(Value::Object(Map::new()));
     Filter::parse(Some(&filter))?;
     Update::parse(&req.update)?;
     let op = WriteOp::Update {
-        coll,
+        coll: coll.into_string(),
         filter,
         update: req.update,
         multi: req.multi,
         upsert: req.upsert,
         upsert_id: generate_id(),
     };
-    match write(&ctx, &db, &headers, op).await? {
+    match write(ctx, env, op).await? {
         WriteAnswer::Updated { matched, modified, upserted_id } => {
             Ok(axum::Json(UpdateResponse { matched, modified, upserted_id }).into_response())
         }
@@ -340,57 +380,37 @@ async fn update(
     }
 }
 
-async fn delete(
-    State(ctx): Ctx,
-    Path((db, coll)): Path<(String, String)>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<DeleteRequest>,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
+async fn delete(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: DeleteRequest) -> Result<Response> {
     let filter = req.filter.unwrap_or(Value::Object(Map::new()));
     Filter::parse(Some(&filter))?;
-    match write(&ctx, &db, &headers, WriteOp::Delete { coll, filter, multi: req.multi }).await? {
+    match write(ctx, env, WriteOp::Delete { coll: coll.into_string(), filter, multi: req.multi }).await? {
         WriteAnswer::Deleted { deleted } => Ok(axum::Json(DeleteResponse { deleted }).into_response()),
         other => Err(unexpected(other)),
     }
 }
 
-async fn list_collections(State(ctx): Ctx, Path(db): Path<String>, headers: HeaderMap) -> Result<Response> {
-    names(&db, None)?;
-    let engine = ctx.read_view(&headers).await?;
-    Ok(axum::Json(ListCollectionsResponse { collections: engine.list_collections(&db) }).into_response())
+async fn list_collections(ctx: &NodeCtx, env: &Envelope) -> Result<Response> {
+    let engine = read(ctx, env).await?;
+    Ok(axum::Json(ListCollectionsResponse { collections: engine.list_collections(&env.db) }).into_response())
 }
 
-async fn create_collection(
-    State(ctx): Ctx,
-    Path((db, coll)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
-    match write(&ctx, &db, &headers, WriteOp::CreateCollection { coll: coll.clone() }).await? {
+async fn create_collection(ctx: &NodeCtx, env: &Envelope, coll: CollName) -> Result<Response> {
+    match write(ctx, env, WriteOp::CreateCollection { coll: coll.to_string() }).await? {
         WriteAnswer::CollectionCreated { created } => {
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-            Ok((status, axum::Json(serde_json::json!({ "name": coll }))).into_response())
+            Ok((status, axum::Json(serde_json::json!({ "name": coll.as_str() }))).into_response())
         }
         other => Err(unexpected(other)),
     }
 }
 
-async fn drop_collection(
-    State(ctx): Ctx,
-    Path((db, coll)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
-    dropped(
-        write(&ctx, &db, &headers, WriteOp::DropCollection { coll: coll.clone() }).await?,
-        &format!("collection {coll}"),
-    )
+async fn drop_collection(ctx: &NodeCtx, env: &Envelope, coll: CollName) -> Result<Response> {
+    let what = format!("collection {coll}");
+    dropped(write(ctx, env, WriteOp::DropCollection { coll: coll.into_string() }).await?, &what)
 }
 
-async fn drop_database(State(ctx): Ctx, Path(db): Path<String>, headers: HeaderMap) -> Result<Response> {
-    names(&db, None)?;
-    dropped(write(&ctx, &db, &headers, WriteOp::DropDatabase).await?, &format!("database {db}"))
+async fn drop_database(ctx: &NodeCtx, env: &Envelope) -> Result<Response> {
+    dropped(write(ctx, env, WriteOp::DropDatabase).await?, &format!("database {}", env.db))
 }
 
 fn dropped(answer: WriteAnswer, what: &str) -> Result<Response> {
@@ -401,28 +421,17 @@ fn dropped(answer: WriteAnswer, what: &str) -> Result<Response> {
     }
 }
 
-async fn create_index(
-    State(ctx): Ctx,
-    Path((db, coll)): Path<(String, String)>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<CreateIndexRequest>,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
+async fn create_index(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: CreateIndexRequest) -> Result<Response> {
     let spec = IndexSpec::from_request(&req.keys, req.unique, req.name.as_deref())?;
-    match write(&ctx, &db, &headers, WriteOp::CreateIndex { coll, spec }).await? {
+    match write(ctx, env, WriteOp::CreateIndex { coll: coll.into_string(), spec }).await? {
         WriteAnswer::IndexCreated { name } => Ok(axum::Json(CreateIndexResponse { name }).into_response()),
         other => Err(unexpected(other)),
     }
 }
 
-async fn list_indexes(
-    State(ctx): Ctx,
-    Path((db, coll)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
-    let engine = ctx.read_view(&headers).await?;
-    let Some(specs) = engine.list_indexes(&db, &coll) else {
+async fn list_indexes(ctx: &NodeCtx, env: &Envelope, coll: CollName) -> Result<Response> {
+    let engine = read(ctx, env).await?;
+    let Some(specs) = engine.list_indexes(&env.db, &coll) else {
         return Err(ApiError::new(ErrorCode::NotFound, format!("no collection {coll}")).into());
     };
     let indexes = specs
@@ -432,14 +441,7 @@ async fn list_indexes(
     Ok(axum::Json(ListIndexesResponse { indexes }).into_response())
 }
 
-async fn drop_index(
-    State(ctx): Ctx,
-    Path((db, coll, name)): Path<(String, String, String)>,
-    headers: HeaderMap,
-) -> Result<Response> {
-    names(&db, Some(&coll))?;
-    dropped(
-        write(&ctx, &db, &headers, WriteOp::DropIndex { coll, name: name.clone() }).await?,
-        &format!("index {name}"),
-    )
+async fn drop_index(ctx: &NodeCtx, env: &Envelope, coll: CollName, name: IndexName) -> Result<Response> {
+    let what = format!("index {name}");
+    dropped(write(ctx, env, WriteOp::DropIndex { coll: coll.into_string(), name: name.into_string() }).await?, &what)
 }

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use super::catalog::{CollectionMeta, IndexSpec};
 use super::command::{Command, WriteAnswer, WriteOp, WriteResult};
-use super::engine::{Engine, StoreError, decode, encode};
+use super::engine::{Engine, StoreError, decode, encode, stale_route};
 use super::keys::{self, CF_CATALOG, CF_DOCS, CF_IDEM, CF_IDEM_TTL, CF_IDX, CF_OPLOG};
 use super::read::View;
 use super::validate::{check_document, check_parsed};
@@ -34,6 +34,9 @@ const GC_EVERY: u64 = 1024;
 struct IdemRecord {
     ts_ms: u64,
     result: WriteResult,
+    /// The request's digest (see `Command::request_hash`); absent in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request_hash: Option<String>,
 }
 
 /// Catalog changes of one command, installed in memory once its batch is written.
@@ -41,6 +44,7 @@ struct IdemRecord {
 pub struct CatalogDelta {
     changes: Vec<(String, String, Option<CollectionMeta>)>,
     drop_db: Option<String>,
+    route_epoch: Option<(String, u64)>,
 }
 
 /// Tracks what the command being applied has already changed, so later steps of the same
@@ -75,12 +79,32 @@ impl Engine {
         cmd: &Command,
         index: u64,
     ) -> Result<(WriteResult, CatalogDelta), StoreError> {
+        // A sender with an outdated route is refused before anything else, the answer of an
+        // earlier idempotent write included: the database has moved on.
+        if let Some(epoch) = cmd.route_epoch {
+            let known = self.catalog_read().route_epoch(&cmd.db);
+            if epoch < known {
+                return Ok((Err(stale_route(&cmd.db, epoch, known)), CatalogDelta::default()));
+            }
+        }
         let idem = cmd.idempotency_key.as_ref().map(|k| keys::idem_key(&cmd.db, k));
         if let Some(ik) = &idem
             && let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_IDEM), ik)?
         {
             let rec: IdemRecord = decode("idempotency record", &bytes)?;
             if cmd.ts_ms < rec.ts_ms.saturating_add(self.options.idempotency_ttl.as_millis() as u64) {
+                if rec.request_hash.is_some() && cmd.request_hash.is_some() && rec.request_hash != cmd.request_hash {
+                    let key = cmd.idempotency_key.as_deref().unwrap_or_default();
+                    return Ok((
+                        Err(ApiError::new(
+                            ErrorCode::IdempotencyKeyReused,
+                            format!(
+                                "Idempotency-Key {key:?} was used for a different request; use a new key for a new request"
+                            ),
+                        )),
+                        CatalogDelta::default(),
+                    ));
+                }
                 return Ok((rec.result, CatalogDelta::default()));
             }
         }
@@ -111,7 +135,7 @@ impl Engine {
             Err(Refusal::Store(e)) => return Err(e),
         };
         if let Some(ik) = idem {
-            let rec = IdemRecord { ts_ms: cmd.ts_ms, result: result.clone() };
+            let rec = IdemRecord { ts_ms: cmd.ts_ms, result: result.clone(), request_hash: cmd.request_hash.clone() };
             ctx.batch.put_cf(self.cf(CF_IDEM), &ik, encode(&rec));
             ctx.batch.put_cf(self.cf(CF_IDEM_TTL), keys::idem_ttl_key(cmd.ts_ms, &ik), b"");
         }
@@ -123,10 +147,13 @@ impl Engine {
 
     /// Makes the catalog changes of a written command visible to readers.
     pub fn install_delta(&self, delta: CatalogDelta) {
-        if delta.changes.is_empty() && delta.drop_db.is_none() {
+        if delta.changes.is_empty() && delta.drop_db.is_none() && delta.route_epoch.is_none() {
             return;
         }
         let mut catalog = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+        if let Some((db, epoch)) = delta.route_epoch {
+            catalog.route_epochs.insert(db, epoch);
+        }
         if let Some(db) = delta.drop_db {
             catalog.dbs.remove(&db);
         }
@@ -240,6 +267,14 @@ impl Engine {
                 ctx.delta.drop_db = Some(ctx.db.to_owned());
                 self.oplog(ctx, None, OplogOp::DropDatabase);
                 Ok(WriteAnswer::Dropped { found })
+            }
+            WriteOp::SetRouteEpoch { epoch } => {
+                let known = self.catalog_read().route_epoch(ctx.db);
+                if *epoch > known {
+                    ctx.batch.put_cf(self.cf(keys::CF_META), keys::route_epoch_key(ctx.db), encode(epoch));
+                    ctx.delta.route_epoch = Some((ctx.db.to_owned(), *epoch));
+                }
+                Ok(WriteAnswer::RouteEpoch { epoch: (*epoch).max(known) })
             }
         }
     }

@@ -73,14 +73,22 @@ pub struct CollectionMeta {
     pub indexes: Vec<IndexSpec>,
 }
 
-/// The in-memory catalog: database → collection → metadata.
+/// The in-memory catalog: database → collection → metadata, and the route epoch of each
+/// database that has one (it outlives the database's data, so a stale sender stays
+/// refused after the database was dropped here).
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
     pub dbs: BTreeMap<String, BTreeMap<String, CollectionMeta>>,
+    pub route_epochs: BTreeMap<String, u64>,
 }
 
 impl Catalog {
     pub fn get(&self, db: &str, coll: &str) -> Option<&CollectionMeta> {
         self.dbs.get(db)?.get(coll)
+    }
+
+    /// The database's route epoch: 0 until the control plane sets one.
+    pub fn route_epoch(&self, db: &str) -> u64 {
+        self.route_epochs.get(db).copied().unwrap_or(0)
     }
 }

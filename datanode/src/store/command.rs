@@ -23,9 +23,14 @@ pub struct Command {
     pub idempotency_key: Option<String>,
     /// The leader's wall clock when it proposed the command, ms since the Unix epoch.
     pub ts_ms: u64,
-    /// The database's route epoch the sender believed current (hot migration).
+    /// The database's route epoch the sender used: a member refuses the command when it
+    /// knows a newer one for the database (the database moved; see `SetRouteEpoch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_epoch: Option<u64>,
+    /// With an idempotency key: a digest of the client's request, so the key reused for a
+    /// different request is refused rather than answered with the first one's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_hash: Option<String>,
 }
 
 /// Externally tagged (`{"insert": {...}}`): serde cannot deserialize the raw documents
@@ -68,6 +73,12 @@ pub enum WriteOp {
         name: String,
     },
     DropDatabase,
+    /// The database's route epoch is now `epoch` (it only ever rises): from this entry on,
+    /// commands and reads with an older epoch are refused with `StaleRoute`. The control
+    /// plane sets it when a database's route changes (hot migration's switch and fence).
+    SetRouteEpoch {
+        epoch: u64,
+    },
 }
 
 impl WriteOp {
@@ -82,6 +93,7 @@ impl WriteOp {
             WriteOp::CreateIndex { .. } => "create_index",
             WriteOp::DropIndex { .. } => "drop_index",
             WriteOp::DropDatabase => "drop_database",
+            WriteOp::SetRouteEpoch { .. } => "set_route_epoch",
         }
     }
 }
@@ -112,6 +124,10 @@ pub enum WriteAnswer {
     Dropped {
         found: bool,
     },
+    /// The database's route epoch after a `SetRouteEpoch`.
+    RouteEpoch {
+        epoch: u64,
+    },
     /// A membership change or blank entry: no answer for a client.
     None,
 }
@@ -132,6 +148,7 @@ mod tests {
             idempotency_key: None,
             ts_ms: 5,
             route_epoch: None,
+            request_hash: None,
         };
         let v = serde_json::to_value(&c).unwrap();
         assert_eq!(v, json!({"db": "d", "op": {"insert": {"coll": "c", "docs": [{"_id": 1}]}}, "tsMs": 5}));

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::catalog::{Catalog, CollectionMeta};
-use super::keys::{self, ALL_CFS, CF_CATALOG, CF_META, CF_OPLOG};
+use super::keys::{self, ALL_CFS, CF_CATALOG, CF_META, CF_OPLOG, META_ROUTE_EPOCH};
 use super::stats::QueryStats;
 
 /// Failures of the storage layer. All are I/O or corruption: not the client's fault, and
@@ -126,7 +126,22 @@ impl Engine {
                 .or_default()
                 .insert(String::from_utf8_lossy(coll).into_owned(), meta);
         }
+        let from = IteratorMode::From(META_ROUTE_EPOCH, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_META), from) {
+            let (k, v) = item?;
+            let Some(db) = k.strip_prefix(META_ROUTE_EPOCH) else { break };
+            catalog.route_epochs.insert(String::from_utf8_lossy(db).into_owned(), decode("route epoch", &v)?);
+        }
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
+        Ok(())
+    }
+
+    /// Refuses a request whose route epoch is older than the database's (`StaleRoute`).
+    pub fn check_route_epoch(&self, db: &str, epoch: u64) -> Result<(), nimbus_api::ApiError> {
+        let known = self.catalog.read().unwrap_or_else(|p| p.into_inner()).route_epoch(db);
+        if epoch < known {
+            return Err(stale_route(db, epoch, known));
+        }
         Ok(())
     }
 
@@ -197,6 +212,12 @@ impl Engine {
             })
             .collect()
     }
+}
+
+pub(crate) fn stale_route(db: &str, epoch: u64, known: u64) -> nimbus_api::ApiError {
+    nimbus_api::ApiError::stale_route(format!(
+        "route epoch {epoch} of database {db} is stale: this replica set is at epoch {known}; re-read the route"
+    ))
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -26,6 +26,14 @@ pub const ALL_CFS: [&str; 7] = [CF_DOCS, CF_IDX, CF_CATALOG, CF_OPLOG, CF_IDEM, 
 
 pub const META_APPLIED: &[u8] = b"applied";
 pub const META_MEMBERSHIP: &[u8] = b"membership";
+/// `route_epoch 00 db`: a database's route epoch (a JSON number).
+pub const META_ROUTE_EPOCH: &[u8] = b"route_epoch\0";
+
+pub fn route_epoch_key(db: &str) -> Vec<u8> {
+    let mut k = META_ROUTE_EPOCH.to_vec();
+    k.extend_from_slice(db.as_bytes());
+    k
+}
 
 /// `db 00`: every key of one database starts with it (docs, idx, catalog).
 pub fn db_prefix(db: &str) -> Vec<u8> {

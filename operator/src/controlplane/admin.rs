@@ -34,15 +34,11 @@ pub struct AdminClient {
     http: reqwest::Client,
 }
 
-impl Default for AdminClient {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl AdminClient {
-    pub fn new() -> AdminClient {
+    /// A client sending `secret` with every call.
+    pub fn new(secret: &nimbus_net::ClusterSecret) -> AdminClient {
         let http = reqwest::Client::builder()
+            .default_headers(secret.default_headers())
             .connect_timeout(Duration::from_secs(2))
             .timeout(ADMIN_TIMEOUT)
             .build()
@@ -91,7 +87,10 @@ impl AdminClient {
     pub async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError> {
         let resp = self
             .http
-            .delete(format!("{leader_data}/v1/databases/{db}"))
+            .delete(format!("{leader_data}{}", drop_path(db)?))
+            // The control plane's own epoch: never stale (epochs only guard against
+            // gateways with an outdated route).
+            .header(nimbus_api::data::ROUTE_EPOCH_HEADER, u64::MAX)
             .send()
             .await
             .map_err(|source| AdminError::Unreachable { addr: leader_data.to_string(), source })?;
@@ -126,6 +125,17 @@ impl AdminClient {
         let body = resp.text().await.unwrap_or_default();
         Err(AdminError::Refused { addr: admin.to_string(), what, status, body })
     }
+}
+
+/// The data API path that drops database `db` (every segment encoded, never joined).
+fn drop_path(db: &str) -> Result<String, AdminError> {
+    let db = nimbus_api::path::DbName::new(db).map_err(|e| AdminError::Refused {
+        addr: String::new(),
+        what: "drop database",
+        status: 400,
+        body: e.message,
+    })?;
+    Ok(nimbus_api::path::DataPath { db, op: nimbus_api::path::Op::DropDatabase }.encode())
 }
 
 /// The Raft view of a replica set from the statuses of the members that answered: the

@@ -11,6 +11,8 @@ use thiserror::Error;
 pub enum CoordError {
     #[error("failed to talk to etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    #[error("failed to configure the etcd connection: {0}")]
+    Config(String),
     #[error("failed to decode {key} from etcd: {source}")]
     Decode { key: String, source: serde_json::Error },
 }
@@ -20,11 +22,13 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    pub async fn connect(endpoints: &[String]) -> Result<Coordinator, CoordError> {
+    /// Connects with the control plane's etcd identity (TLS client certificate or user).
+    pub async fn connect(etcd: &nimbus_net::EtcdArgs) -> Result<Coordinator, CoordError> {
         let opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(3))
             .with_timeout(std::time::Duration::from_secs(5));
-        Ok(Coordinator { client: Client::connect(endpoints, Some(opts)).await? })
+        let opts = etcd.options(opts).map_err(|e| CoordError::Config(e.to_string()))?;
+        Ok(Coordinator { client: Client::connect(&etcd.endpoints, Some(opts)).await? })
     }
 
     pub async fn route(&self, db: &str) -> Result<Option<Route>, CoordError> {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -166,8 +167,19 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
     let observed = observe(ctx, &rs).await?;
     let view = raft_view(&observed.statuses, bootstrapped);
 
-    // Desired shared objects.
+    // Desired shared objects: first what the Pods mount and who may reach them.
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let internal = objects::internal_secret(&ctx.settings, &ns);
+    secrets.patch(objects::INTERNAL_SECRET, &ssa, &Patch::Apply(internal)).await?;
+    if ctx.settings.network_policies {
+        let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+        for p in
+            [objects::datanode_network_policy(&ctx.settings, &ns), objects::gateway_network_policy(&ctx.settings, &ns)]
+        {
+            policies.patch(&p.name_any(), &ssa, &Patch::Apply(p.clone())).await?;
+        }
+    }
     let bootstrapped = bootstrapped || matches!(view, RaftView::Led(_));
     let service = objects::replica_set_service(&rs, &zones, bootstrapped);
     services.patch(&rs_name, &ssa, &Patch::Apply(service)).await?;
@@ -296,6 +308,7 @@ fn member_info(rs: &ReplicaSetShape, id: u64, zone: &str) -> MemberInfo {
         id,
         admin_addr: format!("http://{host}:{}", objects::ADMIN_PORT),
         data_addr: format!("http://{host}:{}", objects::DATA_PORT),
+        raft_addr: format!("http://{host}:{}", objects::RAFT_PORT),
         zone: zone.to_string(),
         voter: true,
     }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ResourceRequirements, Secret, Service, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::de::DeserializeOwned;
@@ -29,11 +30,25 @@ pub const ANNOTATION_BOOTSTRAPPED: &str = "nimbus.io/bootstrapped";
 
 pub const DATA_PORT: u16 = 7000;
 pub const ADMIN_PORT: u16 = 7100;
+pub const RAFT_PORT: u16 = 7200;
 pub const GATEWAY_PORT: u16 = 8080;
 pub const GATEWAY_ADMIN_PORT: u16 = 8081;
 pub const GATEWAY_NAME: &str = "nimbus-gateway";
 /// The uid and gid the images run as (distroless "nonroot").
 pub const RUN_AS: i64 = 65532;
+
+/// The Secret the operator keeps in every namespace it runs datanodes and gateways in: the
+/// cluster secret and the gateways' etcd credentials, copied from its own mount.
+pub const INTERNAL_SECRET: &str = "nimbus-internal";
+/// Where Pods mount it.
+pub const INTERNAL_MOUNT: &str = "/etc/nimbus/internal";
+/// Its keys (file names).
+pub const CLUSTER_SECRET_KEY: &str = "cluster-secret";
+pub const ETCD_CA_KEY: &str = "etcd-ca.crt";
+pub const ETCD_GATEWAY_CERT_KEY: &str = "etcd-gateway.crt";
+pub const ETCD_GATEWAY_KEY_KEY: &str = "etcd-gateway.key";
+/// On a gateway Pod template: the hash of the internal Secret, so a rotation rolls them.
+pub const ANNOTATION_INTERNAL_HASH: &str = "nimbus.io/internal-hash";
 
 /// The operator's settings that shape what it builds.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +60,16 @@ pub struct Settings {
     pub gateway_replicas: i32,
     /// Service-account name of the gateway Pods (it needs no API access).
     pub gateway_service_account: Option<String>,
+    /// The internal Secret's files (see [`INTERNAL_SECRET`]): the cluster secret, and with
+    /// a TLS etcd its CA and the gateways' client certificate and key.
+    pub internal_files: BTreeMap<String, String>,
+    /// The operator's namespace: its Pods are the only ones outside a tenant namespace that
+    /// reach datanodes and the gateways' admin port.
+    pub operator_namespace: String,
+    /// Build NetworkPolicies for datanodes and gateways.
+    pub network_policies: bool,
+    /// Namespaces (a label selector) whose Pods may scrape metrics from the admin ports.
+    pub metrics_namespace_selector: BTreeMap<String, String>,
 }
 
 impl Default for Settings {
@@ -56,7 +81,24 @@ impl Default for Settings {
             etcd_endpoints: vec!["http://nimbus-etcd:2379".into()],
             gateway_replicas: 2,
             gateway_service_account: None,
+            internal_files: BTreeMap::from([(CLUSTER_SECRET_KEY.to_string(), "<cluster secret>".to_string())]),
+            operator_namespace: "nimbus-system".into(),
+            network_policies: true,
+            metrics_namespace_selector: BTreeMap::new(),
         }
+    }
+}
+
+impl Settings {
+    /// The etcd the gateways reach uses TLS (its CA is in the internal Secret).
+    pub fn etcd_tls(&self) -> bool {
+        self.internal_files.contains_key(ETCD_CA_KEY)
+    }
+
+    /// A hash of the internal Secret's content: Pods that mount it roll when it changes.
+    pub fn internal_hash(&self) -> String {
+        let text = serde_json::to_string(&self.internal_files).unwrap_or_default();
+        hex::encode(&Sha256::digest(text.as_bytes())[..8])
     }
 }
 
@@ -111,7 +153,8 @@ fn meta(name: &str, rs: &ReplicaSetShape, component: &str, extra: &[(&str, &str)
 
 /// The spec hash of a member Pod: what, when it changes, needs a (rolling) restart.
 pub fn member_spec_hash(settings: &Settings, rs: &ReplicaSetShape) -> String {
-    let inputs = json!([settings.datanode_image, rs.resources, rs.node_selector, rs.tolerations]);
+    let inputs =
+        json!([settings.datanode_image, rs.resources, rs.node_selector, rs.tolerations, settings.internal_hash()]);
     hex::encode(&Sha256::digest(inputs.to_string().as_bytes())[..8])
 }
 
@@ -168,12 +211,15 @@ pub fn member_pod(settings: &Settings, rs: &ReplicaSetShape, id: u64, zone: &str
                     {"name": "NIMBUS_DATA_DIR", "value": "/data/nimbus"},
                     {"name": "NIMBUS_DATA_LISTEN", "value": format!("0.0.0.0:{DATA_PORT}")},
                     {"name": "NIMBUS_ADMIN_LISTEN", "value": format!("0.0.0.0:{ADMIN_PORT}")},
+                    {"name": "NIMBUS_RAFT_LISTEN", "value": format!("0.0.0.0:{RAFT_PORT}")},
                     {"name": "NIMBUS_ADVERTISE_HOST", "value": member_host(rs, id)},
+                    {"name": "NIMBUS_CLUSTER_SECRET_FILE", "value": format!("{INTERNAL_MOUNT}/{CLUSTER_SECRET_KEY}")},
                     {"name": "RUST_LOG", "value": "info"}
                 ],
                 "ports": [
                     {"name": "data", "containerPort": DATA_PORT},
-                    {"name": "admin", "containerPort": ADMIN_PORT}
+                    {"name": "admin", "containerPort": ADMIN_PORT},
+                    {"name": "raft", "containerPort": RAFT_PORT}
                 ],
                 "readinessProbe": {"httpGet": {"path": "/readyz", "port": "admin"}, "periodSeconds": 2, "failureThreshold": 3},
                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": "admin"}, "periodSeconds": 10, "failureThreshold": 6},
@@ -182,9 +228,16 @@ pub fn member_pod(settings: &Settings, rs: &ReplicaSetShape, id: u64, zone: &str
                     "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                     "capabilities": {"drop": ["ALL"]}
                 },
-                "volumeMounts": [{"name": "data", "mountPath": "/data"}]
+                "volumeMounts": [
+                    {"name": "data", "mountPath": "/data"},
+                    {"name": "internal", "mountPath": INTERNAL_MOUNT, "readOnly": true}
+                ]
             }],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": member_pvc_name(&rs.name, id)}}]
+            "volumes": [
+                {"name": "data", "persistentVolumeClaim": {"claimName": member_pvc_name(&rs.name, id)}},
+                // A datanode needs the cluster secret only, not the gateways' etcd identity.
+                internal_volume(&[CLUSTER_SECRET_KEY])
+            ]
         }
     }))
 }
@@ -225,7 +278,8 @@ pub fn replica_set_service(rs: &ReplicaSetShape, zones: &[String], bootstrapped:
             "selector": {LABEL_REPLICA_SET: rs.name},
             "ports": [
                 {"name": "data", "port": DATA_PORT, "targetPort": "data"},
-                {"name": "admin", "port": ADMIN_PORT, "targetPort": "admin"}
+                {"name": "admin", "port": ADMIN_PORT, "targetPort": "admin"},
+                {"name": "raft", "port": RAFT_PORT, "targetPort": "raft"}
             ]
         }
     }))
@@ -247,6 +301,25 @@ pub fn replica_set_pdb(rs: &ReplicaSetShape) -> PodDisruptionBudget {
 /// The gateways of a namespace: stateless, spread over zones.
 pub fn gateway_deployment(settings: &Settings, namespace: &str, owner: Option<&OwnerReference>) -> Deployment {
     let l = labels("gateway", &[]);
+    let mut env = vec![
+        json!({"name": "NIMBUS_GATEWAY_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "NIMBUS_ETCD", "value": settings.etcd_endpoints.join(",")}),
+        json!({"name": "NIMBUS_LISTEN", "value": format!("0.0.0.0:{GATEWAY_PORT}")}),
+        json!({"name": "NIMBUS_ADMIN_LISTEN", "value": format!("0.0.0.0:{GATEWAY_ADMIN_PORT}")}),
+        json!({"name": "NIMBUS_CLUSTER_SECRET_FILE", "value": format!("{INTERNAL_MOUNT}/{CLUSTER_SECRET_KEY}")}),
+        json!({"name": "RUST_LOG", "value": "info"}),
+    ];
+    let mut files = vec![CLUSTER_SECRET_KEY];
+    if settings.etcd_tls() {
+        for (var, key) in [
+            ("NIMBUS_ETCD_CA_FILE", ETCD_CA_KEY),
+            ("NIMBUS_ETCD_CERT_FILE", ETCD_GATEWAY_CERT_KEY),
+            ("NIMBUS_ETCD_KEY_FILE", ETCD_GATEWAY_KEY_KEY),
+        ] {
+            env.push(json!({"name": var, "value": format!("{INTERNAL_MOUNT}/{key}")}));
+            files.push(key);
+        }
+    }
     let selector = json!({"app.kubernetes.io/name": "nimbus", "app.kubernetes.io/component": "gateway"});
     typed(json!({
         "apiVersion": "apps/v1",
@@ -257,7 +330,7 @@ pub fn gateway_deployment(settings: &Settings, namespace: &str, owner: Option<&O
             "selector": {"matchLabels": selector},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": l},
+                "metadata": {"labels": l, "annotations": {ANNOTATION_INTERNAL_HASH: settings.internal_hash()}},
                 "spec": {
                     "serviceAccountName": settings.gateway_service_account,
                     "automountServiceAccountToken": false,
@@ -274,13 +347,7 @@ pub fn gateway_deployment(settings: &Settings, namespace: &str, owner: Option<&O
                         "name": "gateway",
                         "image": settings.gateway_image,
                         "imagePullPolicy": settings.image_pull_policy,
-                        "env": [
-                            {"name": "NIMBUS_GATEWAY_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                            {"name": "NIMBUS_ETCD", "value": settings.etcd_endpoints.join(",")},
-                            {"name": "NIMBUS_LISTEN", "value": format!("0.0.0.0:{GATEWAY_PORT}")},
-                            {"name": "NIMBUS_ADMIN_LISTEN", "value": format!("0.0.0.0:{GATEWAY_ADMIN_PORT}")},
-                            {"name": "RUST_LOG", "value": "info"}
-                        ],
+                        "env": env,
                         "ports": [
                             {"name": "http", "containerPort": GATEWAY_PORT},
                             {"name": "admin", "containerPort": GATEWAY_ADMIN_PORT}
@@ -291,12 +358,90 @@ pub fn gateway_deployment(settings: &Settings, namespace: &str, owner: Option<&O
                         "securityContext": {
                             "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                             "capabilities": {"drop": ["ALL"]}
-                        }
-                    }]
+                        },
+                        "volumeMounts": [{"name": "internal", "mountPath": INTERNAL_MOUNT, "readOnly": true}]
+                    }],
+                    "volumes": [internal_volume(&files)]
                 }
             }
         }
     }))
+}
+
+/// The internal Secret as a volume with only `keys` in it, readable by the Pod's group.
+fn internal_volume(keys: &[&str]) -> Value {
+    let items: Vec<Value> = keys.iter().map(|k| json!({"key": k, "path": k})).collect();
+    json!({"name": "internal", "secret": {"secretName": INTERNAL_SECRET, "items": items, "defaultMode": 0o440}})
+}
+
+/// The internal Secret of a namespace (see [`INTERNAL_SECRET`]).
+pub fn internal_secret(settings: &Settings, namespace: &str) -> Secret {
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": INTERNAL_SECRET, "namespace": namespace, "labels": labels("internal", &[])},
+        "type": "Opaque",
+        "stringData": settings.internal_files
+    }))
+}
+
+/// Who may reach the datanodes of a namespace: gateways (same namespace) and the
+/// operator their data port; the operator (and metrics scrapers) their admin port; other
+/// datanodes (same namespace) their Raft port. Nothing else.
+pub fn datanode_network_policy(settings: &Settings, namespace: &str) -> NetworkPolicy {
+    let pods = |component: &str| json!({"podSelector": {"matchLabels": component_selector(component)}});
+    let mut admin_from = vec![operator_peer(settings)];
+    admin_from.extend(metrics_peer(settings));
+    typed(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "nimbus-datanodes", "namespace": namespace, "labels": labels("datanode", &[])},
+        "spec": {
+            "podSelector": {"matchLabels": component_selector("datanode")},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [pods("gateway"), operator_peer(settings)], "ports": [{"port": "data"}]},
+                {"from": admin_from, "ports": [{"port": "admin"}]},
+                {"from": [pods("datanode")], "ports": [{"port": "raft"}]}
+            ]
+        }
+    }))
+}
+
+/// Who may reach the gateways of a namespace: anyone their public port (clients), the
+/// operator (and metrics scrapers) their admin port.
+pub fn gateway_network_policy(settings: &Settings, namespace: &str) -> NetworkPolicy {
+    let mut admin_from = vec![operator_peer(settings)];
+    admin_from.extend(metrics_peer(settings));
+    typed(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "nimbus-gateways", "namespace": namespace, "labels": labels("gateway", &[])},
+        "spec": {
+            "podSelector": {"matchLabels": component_selector("gateway")},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"ports": [{"port": "http"}]},
+                {"from": admin_from, "ports": [{"port": "admin"}]}
+            ]
+        }
+    }))
+}
+
+fn component_selector(component: &str) -> Value {
+    json!({"app.kubernetes.io/name": "nimbus", "app.kubernetes.io/component": component})
+}
+
+fn operator_peer(settings: &Settings) -> Value {
+    json!({
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.operator_namespace}},
+        "podSelector": {"matchLabels": component_selector("operator")}
+    })
+}
+
+fn metrics_peer(settings: &Settings) -> Option<Value> {
+    (!settings.metrics_namespace_selector.is_empty())
+        .then(|| json!({"namespaceSelector": {"matchLabels": settings.metrics_namespace_selector}}))
 }
 
 pub fn gateway_service(namespace: &str, owner: Option<&OwnerReference>) -> Service {

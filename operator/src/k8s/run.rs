@@ -34,6 +34,10 @@ pub const LEASE_GRACE_SECONDS: u64 = 5;
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub settings: Settings,
+    /// The operator's own etcd connection (its client certificate or user).
+    pub etcd: nimbus_net::EtcdArgs,
+    /// Sent with every call to a datanode.
+    pub secret: nimbus_net::ClusterSecret,
     /// Namespace of the leader-election Lease (the operator's own).
     pub lease_namespace: String,
     /// This replica's identity in the election (its Pod name).
@@ -70,12 +74,12 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     }
     info!(identity = %cfg.identity, "leading: starting the controllers");
 
-    let store = Coordinator::connect(&cfg.settings.etcd_endpoints).await?;
+    let store = Coordinator::connect(&cfg.etcd).await?;
     let reporter = Reporter { controller: "nimbus-operator".into(), instance: Some(cfg.identity.clone()) };
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings: cfg.settings.clone(),
-        datanodes: Arc::new(AdminClient::new()),
+        datanodes: Arc::new(AdminClient::new(&cfg.secret)),
         store: Arc::new(store),
         recorder: Recorder::new(client.clone(), reporter),
         metrics: Metrics,

@@ -6,6 +6,7 @@
 //! next `up` with it finds the databases again.
 
 pub mod netns;
+pub mod secrets;
 pub mod serve;
 pub mod state;
 
@@ -102,8 +103,10 @@ pub async fn set_zone(dir: &Path, zone: &str, state: netns::ZoneState) -> anyhow
         bail!("no playground running in {}", dir.display());
     }
     let pg: Playground = serde_json::from_slice(&std::fs::read(dir.join(PLAYGROUND_FILE))?)?;
+    let secret = secrets::Secrets::of(&dir).cluster_secret()?;
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/zones/{zone}", pg.control_plane))
+        .header(reqwest::header::AUTHORIZATION, secret.authorization().clone())
         .json(&serde_json::json!({ "state": state }))
         .send()
         .await

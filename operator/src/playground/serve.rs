@@ -14,9 +14,11 @@ use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
 use super::netns::{Network, ZoneState};
+use super::secrets::Secrets;
 use super::state::{self, InstanceState, MemberState, Playground, PlaygroundDatanode, PlaygroundInstance, State};
 use crate::controlplane::admin::{AdminClient, raft_view};
 use crate::controlplane::coord::Coordinator;
+use crate::controlplane::etcd_access::{self, GATEWAY_USER, OPERATOR_USER, ROOT_USER, User};
 use crate::controlplane::members::{self, Action, Desired, MemberView, RaftView};
 use crate::controlplane::placement::{self, PoolMode, ReplicaSetLoad};
 use crate::crd::v1alpha1::{DatabaseInstance, Tier, UserRole};
@@ -63,6 +65,7 @@ pub fn etcd_binary() -> anyhow::Result<PathBuf> {
 
 struct Procs {
     dir: PathBuf,
+    secrets: PathBuf,
     datanode_bin: PathBuf,
     /// Member processes by (replica set, id).
     members: BTreeMap<(String, u64), Child>,
@@ -101,6 +104,9 @@ impl Procs {
             .arg(self.member_dir(rs, m.id))
             .args(["--data-listen", &format!("{host}:{}", m.data_port)])
             .args(["--admin-listen", &format!("{host}:{}", m.admin_port)])
+            .args(["--raft-listen", &format!("{host}:{}", m.raft_port)])
+            .arg("--cluster-secret-file")
+            .arg(&self.secrets)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -194,8 +200,10 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
+    let secrets = Secrets::ensure(&dir)?;
     let mut procs = Procs {
         dir: dir.clone(),
+        secrets: secrets.cluster_secret_file(),
         datanode_bin: sibling_binary(DATANODE_BIN)?,
         members: BTreeMap::new(),
         others: Vec::new(),
@@ -208,7 +216,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         n.create().context("failed to create the zones' network namespaces")?;
         procs.network = Some(n.clone());
     }
-    let result = run(&opts, &dir, &mut st, &mut procs).await;
+    let result = run(&opts, &dir, &mut st, &mut procs, &secrets).await;
     procs.stop_all().await;
     if let Some(n) = &procs.network {
         n.remove();
@@ -217,7 +225,13 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     result
 }
 
-async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs) -> anyhow::Result<()> {
+async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secrets: &Secrets) -> anyhow::Result<()> {
+    // Members of a directory made before the Raft port was split off get one now.
+    for set in st.replica_sets.values_mut() {
+        for m in set.members.values_mut().filter(|m| m.raft_port == 0) {
+            m.raft_port = state::free_port()?;
+        }
+    }
     // etcd.
     let etcd_url = format!("http://127.0.0.1:{}", st.etcd_client_port);
     let peer_url = format!("http://127.0.0.1:{}", st.etcd_peer_port);
@@ -235,12 +249,22 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs) -> a
         .context("failed to start etcd")?;
     procs.others.push(etcd);
     wait_http(&format!("{etcd_url}/health"), Duration::from_secs(30)).await.context("etcd did not start")?;
-    let store = Coordinator::connect(std::slice::from_ref(&etcd_url)).await?;
+    if !st.etcd_auth {
+        setup_etcd_auth(&etcd_url, secrets).await.context("failed to set up etcd's users and roles")?;
+        st.etcd_auth = true;
+        st.save(dir)?;
+    }
+    let store = Coordinator::connect(&secrets.etcd(&etcd_url, OPERATOR_USER)).await?;
+    let secret = secrets.cluster_secret()?;
 
     // The gateway.
     let gateway_url = format!("http://127.0.0.1:{}", st.gateway_port);
     let gw = Command::new(sibling_binary(GATEWAY_BIN)?)
-        .args(["--id", "playground-gw", "--etcd", &etcd_url])
+        .args(["--id", "playground-gw", "--etcd", &etcd_url, "--etcd-user", GATEWAY_USER])
+        .arg("--etcd-password-file")
+        .arg(secrets.password_file(GATEWAY_USER))
+        .arg("--cluster-secret-file")
+        .arg(secrets.cluster_secret_file())
         .args(["--listen", &format!("127.0.0.1:{}", st.gateway_port)])
         .args(["--admin-listen", &format!("127.0.0.1:{}", st.gateway_admin_port)])
         .stdin(std::process::Stdio::null())
@@ -279,10 +303,12 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs) -> a
         )
         .route("/v1/zones/{zone}", axum::routing::post(set_zone))
         .with_state(ZonesApi { wanted: wanted.clone(), isolated: st.network.is_some() })
+        // The state shown holds every token, and zones can be taken down: components only.
+        .route_layer(axum::middleware::from_fn_with_state(secret.clone(), nimbus_net::cluster::require))
         .route("/healthz", axum::routing::get(|| async { "ok" }));
     tokio::spawn(async move { axum::serve(cp_listener, app).await });
 
-    let admin = AdminClient::new();
+    let admin = AdminClient::new(&secret);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut phases: BTreeMap<String, String> = BTreeMap::new();
     let mut zones: BTreeMap<String, ZoneState> = st.zones.iter().map(|z| (z.clone(), ZoneState::Up)).collect();
@@ -325,6 +351,7 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs) -> a
         }
         let mut pg = playground_view(st, procs, dir, &phases, &gateway_url, &cp_url, &etcd_url);
         pg.zones = zones.clone();
+        pg.cluster_secret_file = secrets.cluster_secret_file();
         if let Ok(mut g) = shown.lock() {
             *g = pg.clone();
         }
@@ -453,6 +480,7 @@ fn member_info(st: &State, m: &MemberState) -> MemberInfo {
         id: m.id,
         admin_addr: format!("http://{host}:{}", m.admin_port),
         data_addr: format!("http://{host}:{}", m.data_port),
+        raft_addr: format!("http://{host}:{}", m.raft_port),
         zone: m.zone.clone(),
         voter: true,
     }
@@ -511,6 +539,7 @@ async fn tick(
                 zone: zone.clone(),
                 data_port: state::free_port()?,
                 admin_port: state::free_port()?,
+                raft_port: state::free_port()?,
             };
             std::fs::create_dir_all(procs.member_dir(rs, *id))?;
             if let Some(s) = st.replica_sets.get_mut(rs) {
@@ -628,6 +657,7 @@ fn playground_view(
                 pid: procs.pid(rs, m.id),
                 admin: format!("http://{}:{}", st.host(&m.zone), m.admin_port),
                 data: format!("http://{}:{}", st.host(&m.zone), m.data_port),
+                raft: format!("http://{}:{}", st.host(&m.zone), m.raft_port),
                 data_dir: dir.join("datanodes").join(rs).join(format!("m{}", m.id)),
             });
         }
@@ -639,5 +669,21 @@ fn playground_view(
         instances,
         datanodes,
         zones: BTreeMap::new(),
+        cluster_secret_file: PathBuf::new(),
     }
+}
+
+/// etcd's roles and users (root, the control plane, the gateway), then authentication on.
+async fn setup_etcd_auth(etcd_url: &str, secrets: &Secrets) -> anyhow::Result<()> {
+    let mut client = etcd_client::Client::connect([etcd_url], None).await?;
+    let (root, operator, gateway) =
+        (secrets.password(ROOT_USER)?, secrets.password(OPERATOR_USER)?, secrets.password(GATEWAY_USER)?);
+    let users = [
+        User { name: ROOT_USER, password: Some(&root) },
+        User { name: OPERATOR_USER, password: Some(&operator) },
+        User { name: GATEWAY_USER, password: Some(&gateway) },
+    ];
+    etcd_access::ensure(&mut client, &users).await?;
+    info!("etcd authentication enabled: one role per component");
+    Ok(())
 }

@@ -28,6 +28,9 @@ pub struct State {
     /// Zones in network namespaces (`--isolate-zones`): fixed once the directory has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
+    /// etcd's users, roles and authentication are set up (once, on the first start).
+    #[serde(default)]
+    pub etcd_auth: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -47,6 +50,9 @@ pub struct MemberState {
     pub zone: String,
     pub data_port: u16,
     pub admin_port: u16,
+    /// 0 in a directory made before the Raft port was split off: one is chosen at start.
+    #[serde(default)]
+    pub raft_port: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +97,10 @@ pub struct Playground {
     /// Each zone's state (`nimbus playground zone`): up, down, partitioned or isolated.
     #[serde(default)]
     pub zones: BTreeMap<String, ZoneState>,
+    /// The cluster secret every internal request carries (datanode ports, the control
+    /// plane's API): for tools and tests that talk to the parts behind the gateway.
+    #[serde(default)]
+    pub cluster_secret_file: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,13 +122,20 @@ pub struct PlaygroundDatanode {
     pub pid: Option<u32>,
     pub admin: String,
     pub data: String,
+    #[serde(default)]
+    pub raft: String,
     pub data_dir: PathBuf,
 }
 
 /// Write to a temporary file and rename over: readers never see half a file.
+/// Files are readable by their owner only: `playground.json` holds the tokens.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    drop(f);
     std::fs::rename(&tmp, path)
 }
 
