@@ -74,6 +74,13 @@ impl Playground {
         Ok(self.json()?["instances"][name]["token"].as_str().context("no such instance")?.to_owned())
     }
 
+    /// A client of the parts behind the gateway (datanodes, the control plane): it sends
+    /// the playground's cluster secret.
+    pub fn internal_client(&self) -> anyhow::Result<crate::DataClient> {
+        let file = self.json()?["clusterSecretFile"].as_str().context("no clusterSecretFile")?.to_owned();
+        Ok(crate::DataClient::internal(&nimbus_net::ClusterSecret::from_file(std::path::Path::new(&file))?))
+    }
+
     pub fn datanodes(&self) -> anyhow::Result<Vec<Value>> {
         Ok(self.json()?["datanodes"].as_array().context("no datanodes")?.clone())
     }

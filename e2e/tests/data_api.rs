@@ -229,7 +229,7 @@ async fn bad_input_gets_its_error_and_changes_nothing() -> anyhow::Result<()> {
     }
     let big = json!({"documents": [{"_id": "big", "s": "x".repeat(17 * 1024 * 1024)}]});
     // A fresh client: the server closes a connection whose oversized body it did not read.
-    let (st, resp) = nimbus_e2e::DataClient::new().post(&format!("{base}/documents"), &big).await;
+    let (st, resp) = nimbus_e2e::DataClient::internal(&c.secret).post(&format!("{base}/documents"), &big).await;
     assert_eq!((st, resp["error"]["code"].clone()), (413, json!("TooLarge")), "{resp}");
 
     assert_eq!(contents(&c, &base).await, before, "bad input changed stored data");

@@ -38,7 +38,7 @@ async fn new_leader(pg: &Playground, http: &reqwest::Client, not: &Value) -> (Va
 /// The example playground with 8 writers going (100 writes answered).
 async fn writing() -> (Arc<Playground>, DataClient, String, String, Writers) {
     let pg = up(&[]).await;
-    let client = DataClient::new();
+    let client = pg.internal_client().unwrap();
     let (gw, tok) = (pg.gateway().unwrap(), pg.token("shop").unwrap());
     workload::prepare(&client, &gw, "shop", &tok).await.unwrap();
     let writers = Writers::start(&client, &gw, "shop", &tok, 8);
@@ -225,7 +225,7 @@ impl Clients {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitioned_leader_stops_accepting_writes_and_the_history_stays_linearizable() {
     let pg = up(&["--isolate-zones"]).await;
-    let client = DataClient::new();
+    let client = pg.internal_client().unwrap();
     let (gw, tok) = (pg.gateway().unwrap(), pg.token("shop").unwrap());
     let keys: Vec<String> = (0..3).map(|k| format!("r{k}")).collect();
     for key in &keys {

@@ -196,18 +196,27 @@ async fn the_data_api_works_end_to_end_through_the_gateway() {
     assert_eq!(r.status().as_u16(), 400);
     let (st, _) = e.call(Method::GET, &e.url("shop", "/whatever"), None, &tok).await;
     assert_eq!(st, 404);
+    // A path that does not parse is refused before anything else: 400, naming the problem.
     let (st, body) = e.call(Method::POST, &e.url("bad.name", "/collections/x/find"), Some(&json!({})), &tok).await;
-    assert_eq!(st, 403, "{body}");
+    assert_eq!((st, body["error"]["code"].as_str()), (400, Some("BadRequest")), "{body}");
     // Counters per database, for the control plane.
-    let (st, usage) = e.client.get(&format!("{}/v1/admin/usage", e.gw.admin)).await;
+    // The usage API is the control plane's: a client gets 401, a component its counters.
+    let (st, _) = e.client.get(&format!("{}/v1/admin/usage", e.gw.admin)).await;
+    assert_eq!(st, 401);
+    let internal = DataClient::internal(&e.stack.cluster.secret);
+    let (st, usage) = internal.get(&format!("{}/v1/admin/usage", e.gw.admin)).await;
     assert_eq!(st, 200);
     let shop = &usage["databases"]["shop"]["last60s"];
     assert!(shop["reads"].as_u64().unwrap() >= 4, "{usage}");
     assert!(shop["writes"].as_u64().unwrap() >= 3, "{usage}");
     assert_eq!(shop["deletes"], json!(1));
     assert!(shop["documentsReturned"].as_u64().unwrap() >= 2, "{usage}");
-    let metrics = e.client.http.get(format!("{}/metrics", e.gw.public)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("nimbus_gateway_reads_total"), "{metrics}");
+    // The public port's metrics name no tenant; the admin port's name the busiest ones.
+    let public = e.client.http.get(format!("{}/metrics", e.gw.public)).send().await.unwrap().text().await.unwrap();
+    assert!(public.contains("nimbus_gateway_requests_total{access=\"read\"}"), "{public}");
+    assert!(!public.contains("shop") && !public.contains("db="), "{public}");
+    let admin = e.client.http.get(format!("{}/metrics", e.gw.admin)).send().await.unwrap().text().await.unwrap();
+    assert!(admin.contains("nimbus_gateway_tenant_last_60s{db=\"shop\",kind=\"reads\"}"), "{admin}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
