@@ -28,7 +28,7 @@ enum Command {
     /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
     Crd,
     /// Run the controllers (with leader election).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the objects the operator would create for a DatabaseInstance manifest (its
     /// first replica set, in zones a, b, c; tokens left as placeholders).
     Preview {
