@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod linearizability;
 pub mod playground;
 pub mod process;
+pub mod raw;
 pub mod secret;
 pub mod workload;
 
