@@ -45,7 +45,10 @@ where
         res.grow(tenant, global, n).map_err(BodyError::Budget)?;
         reserved = n;
     }
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // One buffer of the declared size (a body copied once, never twice); a small body in
+    // one frame is not copied at all.
+    let mut buf = BytesMut::with_capacity(reserved);
+    let mut first: Option<Bytes> = None;
     let mut len = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
@@ -59,21 +62,19 @@ where
             res.grow(tenant, global, step).map_err(BodyError::Budget)?;
             reserved += step;
         }
-        if !data.is_empty() {
-            chunks.push(data);
+        if data.is_empty() {
+            continue;
+        }
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            Some(f) => {
+                buf.extend_from_slice(&f);
+                buf.extend_from_slice(&data);
+            }
+            None => buf.extend_from_slice(&data),
         }
     }
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut buf = BytesMut::with_capacity(len);
-            for c in chunks {
-                buf.extend_from_slice(&c);
-            }
-            buf.freeze()
-        }
-    })
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 #[cfg(test)]
