@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod gateway;
 pub mod linearizability;
+pub mod pki;
 pub mod playground;
 pub mod process;
 pub mod raw;

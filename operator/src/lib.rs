@@ -6,8 +6,11 @@
 //!   API, etcd).
 //! - [`k8s`]: the Kubernetes provisioner: desired objects and the reconcilers.
 //! - [`playground`]: the local provisioner (processes instead of Pods) and `nimbus playground`.
+//! - [`etcd_member`]: how a member of the chart's etcd starts (and rejoins after losing its
+//!   volume).
 
 pub mod controlplane;
 pub mod crd;
+pub mod etcd_member;
 pub mod k8s;
 pub mod playground;

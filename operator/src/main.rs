@@ -29,6 +29,15 @@ enum Command {
     Crd,
     /// Run the controllers (with leader election).
     Run(Box<RunArgs>),
+    /// Init container of a member of the chart's etcd: decide how it starts (a member that
+    /// lost its volume is removed and added anew) and write etcd's configuration file.
+    EtcdMember(Box<nimbus_operator::etcd_member::MemberArgs>),
+    /// Init container of the operator: create etcd's roles and users (one per component,
+    /// least rights) and switch authentication on. Idempotent. Connects as root.
+    EtcdSetup {
+        #[command(flatten)]
+        etcd: nimbus_net::EtcdArgs,
+    },
     /// Print the objects the operator would create for a DatabaseInstance manifest (its
     /// first replica set, in zones a, b, c; tokens left as placeholders).
     Preview {
@@ -99,13 +108,25 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::EtcdMember(args) => {
+            init_logs(false);
+            let plan = nimbus_operator::etcd_member::run(&args).await?;
+            tracing::info!(member = %args.name, ?plan, config = %args.config_file.display(), "etcd member configured");
+            Ok(())
+        }
+        Command::EtcdSetup { etcd } => {
+            use nimbus_operator::controlplane::etcd_access::{self, GATEWAY_USER, OPERATOR_USER, ROOT_USER, User};
+            init_logs(false);
+            let opts = etcd_client::ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
+            let mut client = etcd.connect(opts).await?;
+            // Certificate users: the common name is the user, no password.
+            let users = [ROOT_USER, OPERATOR_USER, GATEWAY_USER].map(|name| User { name, password: None });
+            etcd_access::ensure(&mut client, &users).await.context("failed to set up etcd's roles and users")?;
+            tracing::info!("etcd roles and users in place; authentication on");
+            Ok(())
+        }
         Command::Run(args) => {
-            let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-            if args.log_json {
-                tracing_subscriber::fmt().with_env_filter(filter).json().with_writer(std::io::stderr).init();
-            } else {
-                tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-            }
+            init_logs(args.log_json);
             let prometheus = PrometheusBuilder::new().install_recorder()?;
             let listener = tokio::net::TcpListener::bind(args.metrics_listen)
                 .await
@@ -142,6 +163,15 @@ async fn main() -> anyhow::Result<()> {
             run(cfg).await?;
             Ok(())
         }
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if json {
+        tracing_subscriber::fmt().with_env_filter(filter).json().with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
 }
 
