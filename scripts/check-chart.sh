@@ -25,4 +25,8 @@ done
 # Custom resources (the chart's default ResourcePool) have no schema in kubernetes-validate
 # (hence --no-warn); operator/tests/crds.rs validates them against the generated CRDs.
 "$validate" --strict -k 1.33.0 --quiet --no-warn "$out"/*.yaml crds/*.yaml
+# What a schema cannot see: mounts of Secrets that exist, probes on real ports, etcd with
+# TLS and its users, the operator's RBAC for server-side apply.
+"$tools/venv/bin/python" scripts/check-chart-objects.py "$out/default.yaml"
+"$tools/venv/bin/python" scripts/check-chart-objects.py "$out/external-etcd.yaml"
 echo "check-chart: ok"

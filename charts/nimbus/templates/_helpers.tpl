@@ -10,7 +10,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if .Values.etcd.enabled -}}
 {{- $eps := list -}}
 {{- range $i := until (int .Values.etcd.replicas) -}}
-{{- $eps = append $eps (printf "http://%s-etcd-%d.%s-etcd.%s.svc:2379" $.Release.Name $i $.Release.Name $.Release.Namespace) -}}
+{{- $eps = append $eps (printf "https://%s-etcd-%d.%s-etcd.%s.svc:2379" $.Release.Name $i $.Release.Name $.Release.Namespace) -}}
 {{- end -}}
 {{- join "," $eps -}}
 {{- else -}}
@@ -31,4 +31,21 @@ allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
+{{- end -}}
+
+{{- define "nimbus.etcdPeers" -}}
+{{- $peers := list -}}
+{{- range $i := until (int .Values.etcd.replicas) -}}
+{{- $peers = append $peers (printf "%s-etcd-%d=https://%s-etcd-%d.%s-etcd.%s.svc:2380" $.Release.Name $i $.Release.Name $i $.Release.Name $.Release.Namespace) -}}
+{{- end -}}
+{{- join "," $peers -}}
+{{- end -}}
+
+{{- /* Namespaces allowed to scrape metrics, as `key=value,...` for the operator. */ -}}
+{{- define "nimbus.metricsNamespaces" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := .Values.networkPolicy.metricsNamespaceSelector -}}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join "," $pairs -}}
 {{- end -}}

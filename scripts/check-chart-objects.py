@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Checks the rendered chart as data: what a real API server and kubelet would need that a
+schema cannot see. Usage: check-chart-objects.py RENDERED.yaml (run by check-chart.sh)."""
+import sys
+
+import yaml
+
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+by_kind = {}
+for d in docs:
+    by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+failures = []
+
+
+def check(ok, what):
+    if not ok:
+        failures.append(what)
+
+
+secrets = set(by_kind.get("Secret", {}))
+for kind in ("Deployment", "StatefulSet"):
+    for name, obj in by_kind.get(kind, {}).items():
+        spec = obj["spec"]["template"]["spec"]
+        for v in spec.get("volumes", []):
+            if "secret" in v:
+                check(v["secret"]["secretName"] in secrets, f"{kind} {name} mounts a Secret the chart does not make: {v}")
+        ports = {p["name"] for c in spec["containers"] for p in c.get("ports", [])}
+        for c in spec["containers"]:
+            for probe in ("readinessProbe", "livenessProbe"):
+                port = c.get(probe, {}).get("httpGet", {}).get("port")
+                if isinstance(port, str):
+                    check(port in ports, f"{kind} {name}: {probe} on a port it does not have: {port}")
+
+etcd = next((o for n, o in by_kind.get("StatefulSet", {}).items() if n.endswith("-etcd")), None)
+if etcd is not None:
+    spec = etcd["spec"]["template"]["spec"]
+    check(spec["initContainers"][0]["args"][0] == "etcd-member", "etcd's init container is etcd-member")
+    args = spec["initContainers"][0]["args"]
+    check(any(a.startswith("--tls-dir=") for a in args), "etcd runs TLS")
+    check(all("https://" in a for a in args if a.startswith("--peers=") or a.startswith("--etcd=")), "etcd URLs are https")
+    check(spec["containers"][0]["command"] == ["etcd", "--config-file=/var/run/etcd/etcd.yaml"], "etcd reads its file")
+    op = by_kind["Deployment"][etcd["metadata"]["name"].replace("-etcd", "-operator")]
+    init = op["spec"]["template"]["spec"].get("initContainers", [])
+    check(init and init[0]["args"] == ["etcd-setup"], "the operator sets up etcd's users before it runs")
+    env = {e["name"]: e.get("value") for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
+    check(env.get("NIMBUS_ETCD_CERT_FILE", "").endswith("etcd-operator.crt"), "the operator connects with its own certificate")
+    check("-etcd" in {n[-5:] for n in by_kind.get("NetworkPolicy", {})}, "etcd has a NetworkPolicy")
+
+role = next(iter(by_kind["ClusterRole"].values()))
+verbs = {}
+for rule in role["rules"]:
+    for r in rule["resources"]:
+        verbs.setdefault(r, set()).update(rule["verbs"])
+# What the operator server-side applies: SSA creates missing objects, so it needs create.
+for r in ("services", "secrets", "deployments", "poddisruptionbudgets", "networkpolicies", "pods", "persistentvolumeclaims"):
+    check({"create", "patch"} <= verbs.get(r, set()), f"the operator may create and patch {r}")
+
+for f in failures:
+    print("check-chart-objects: FAIL " + f)
+sys.exit(1 if failures else 0)
