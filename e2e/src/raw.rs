@@ -52,16 +52,27 @@ pub fn send(addr: &str, method: &str, target: &[u8], headers: &[(&str, &str)], b
     send_bytes(addr, &req)
 }
 
-/// Writes `request` as is and reads the answer until the server closes.
+/// Writes `request` as is and reads the answer until the server closes. Reading goes on
+/// while writing: a server may answer (413, 403) before it reads a large body, and close.
 pub fn send_bytes(addr: &str, request: &[u8]) -> RawAnswer {
     let closed = RawAnswer { status: 0, head: String::new(), body: Vec::new() };
     let Ok(mut s) = TcpStream::connect(addr) else { return closed };
     let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
-    if s.write_all(request).is_err() {
-        return closed;
-    }
+    let Ok(mut writer) = s.try_clone() else { return closed };
+    let request = request.to_vec();
+    let written = std::thread::spawn(move || {
+        let _ = writer.write_all(&request);
+    });
     let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = written.join();
     parse(&buf)
 }
 

@@ -71,8 +71,13 @@ pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
         .unwrap_or(false)
 }
 
-/// Parses a JSON body into `T`, with messages a client can act on.
+/// Parses a JSON body into `T`, with messages a client can act on. A body is a JSON
+/// object: serde would also read a struct from an array of its fields in order, so `[]`
+/// would pass for `{}` (a `delete` with an empty filter); anything else is refused here.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request("the request body must be a JSON object"));
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
