@@ -3,9 +3,10 @@
 //! is acknowledged; an internal data API for gateways and an admin API for the control plane.
 
 pub mod config;
-pub mod doc;
 pub mod node;
-pub mod query;
 pub mod raft;
 pub mod server;
 pub mod store;
+
+/// The query language (documents, filters, updates, the planner): the `nimbus-query` crate.
+pub use nimbus_query::{doc, query};

@@ -22,11 +22,11 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::{HttpError, is_json, parse_json};
+use crate::doc::validate::check_document;
 use crate::node::NodeCtx;
 use crate::query::{Filter, Update};
 use crate::store::catalog::IndexSpec;
 use crate::store::read::FindQuery;
-use crate::store::validate::check_document;
 use crate::store::{Command, Engine, WriteAnswer, WriteOp};
 
 type Ctx = State<Arc<NodeCtx>>;

@@ -18,9 +18,9 @@ use super::command::{Command, WriteAnswer, WriteOp, WriteResult};
 use super::engine::{Engine, StoreError, decode, encode, stale_route};
 use super::keys::{self, CF_CATALOG, CF_DOCS, CF_IDEM, CF_IDEM_TTL, CF_IDX, CF_OPLOG};
 use super::read::View;
-use super::validate::{check_document, check_parsed};
 use crate::doc::keycode::{encode as encode_key, encode_dir_into, prefix_end};
 use crate::doc::path::lookup;
+use crate::doc::validate::{check_document, check_parsed};
 use crate::query::filter::Pred;
 use crate::query::{Filter, SortSpec, Update};
 

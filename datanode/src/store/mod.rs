@@ -10,7 +10,6 @@ pub mod engine;
 pub mod keys;
 pub mod read;
 pub mod stats;
-pub mod validate;
 
 pub use command::{Command, WriteAnswer, WriteOp, WriteResult};
 pub use engine::{Engine, StoreError};

@@ -6,5 +6,6 @@ pub mod order;
 pub mod path;
 #[cfg(test)]
 pub(crate) mod testgen;
+pub mod validate;
 
 pub use nimbus_api::data::Document;
