@@ -81,6 +81,35 @@ pub fn nesting_depth(value: &serde_json::Value) -> usize {
     max
 }
 
+/// The nesting depth of a JSON text, scanned without parsing it (strings skipped): what a
+/// parse would give as [`nesting_depth`], for a text that parses. The gateway refuses a body
+/// nested too deep with it before anything parses the body.
+pub fn text_nesting_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// Rejects a value nested deeper than [`MAX_NESTING_DEPTH`].
 pub fn check_depth(what: &str, value: &serde_json::Value) -> Result<(), ApiError> {
     let depth = nesting_depth(value);
@@ -111,6 +140,15 @@ mod tests {
         assert_eq!(nesting_depth(&json!(1)), 0);
         assert_eq!(nesting_depth(&json!({"a": 1})), 1);
         assert_eq!(nesting_depth(&json!({"a": [{"b": []}]})), 4);
+    }
+
+    #[test]
+    fn the_text_scan_agrees_with_the_parsed_depth_and_skips_strings() {
+        for text in [r#"{"a": [1, {"b": "[[[{{{"}]}"#, r#""\"[" "#, "[[[]], {}]", r#"{"a\\": ["]"]}"#] {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(text_nesting_depth(text.as_bytes()), nesting_depth(&v), "{text}");
+        }
+        assert_eq!(text_nesting_depth(&vec![b'['; 500]), 500);
     }
 
     #[test]
