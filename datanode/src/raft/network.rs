@@ -61,7 +61,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: u64, node: &NodeInfo) -> Peer {
         Peer {
             target,
-            addr: node.raft_base().trim_end_matches('/').to_owned(),
+            addr: node.raft_addr.trim_end_matches('/').to_owned(),
             client: self.client.clone(),
             append_timeout: self.append_timeout,
         }

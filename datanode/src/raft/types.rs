@@ -16,17 +16,8 @@ pub struct NodeInfo {
     /// Base URL of the data port.
     pub data_addr: String,
     pub zone: String,
-    /// Base URL of the Raft port (Raft RPCs between members). Empty in memberships made
-    /// before the Raft port was split off the admin port: the admin port is used then.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// Base URL of the Raft port (Raft RPCs between members).
     pub raft_addr: String,
-}
-
-impl NodeInfo {
-    /// Where this member's Raft RPCs go.
-    pub fn raft_base(&self) -> &str {
-        if self.raft_addr.is_empty() { &self.admin_addr } else { &self.raft_addr }
-    }
 }
 
 impl fmt::Display for Command {

@@ -124,6 +124,9 @@ async fn init(State(ctx): Ctx, JsonBody(req): JsonBody<InitRequest>) -> Result<R
     if req.members.is_empty() {
         return Err(ApiError::bad_request("members must not be empty").into());
     }
+    if let Some(m) = req.members.iter().find(|m| m.raft_addr.is_empty()) {
+        return Err(ApiError::bad_request(format!("member {} has no raftAddr", m.id)).into());
+    }
     let members: BTreeMap<u64, NodeInfo> = req.members.iter().map(|m| (m.id, node_info(m))).collect();
     if !members.contains_key(&ctx.id) {
         return Err(ApiError::bad_request("the members must include this datanode").into());
@@ -137,6 +140,9 @@ async fn init(State(ctx): Ctx, JsonBody(req): JsonBody<InitRequest>) -> Result<R
 }
 
 async fn add_learner(State(ctx): Ctx, JsonBody(req): JsonBody<AddLearnerRequest>) -> Result<Response> {
+    if req.member.raft_addr.is_empty() {
+        return Err(ApiError::bad_request(format!("member {} has no raftAddr", req.member.id)).into());
+    }
     let r =
         ctx.raft.add_learner(req.member.id, node_info(&req.member), req.blocking).await.map_err(membership_error)?;
     Ok(axum::Json(serde_json::json!({"logIndex": r.log_id.index()})).into_response())

@@ -226,12 +226,6 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
 }
 
 async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secrets: &Secrets) -> anyhow::Result<()> {
-    // Members of a directory made before the Raft port was split off get one now.
-    for set in st.replica_sets.values_mut() {
-        for m in set.members.values_mut().filter(|m| m.raft_port == 0) {
-            m.raft_port = state::free_port()?;
-        }
-    }
     // etcd.
     let etcd_url = format!("http://127.0.0.1:{}", st.etcd_client_port);
     let peer_url = format!("http://127.0.0.1:{}", st.etcd_peer_port);

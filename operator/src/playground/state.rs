@@ -50,8 +50,6 @@ pub struct MemberState {
     pub zone: String,
     pub data_port: u16,
     pub admin_port: u16,
-    /// 0 in a directory made before the Raft port was split off: one is chosen at start.
-    #[serde(default)]
     pub raft_port: u16,
 }
 
