@@ -5,8 +5,9 @@ set -euo pipefail
 
 # Debian packages: libclang-dev for RocksDB's bindgen; protoc and the protobuf well-known
 # types for the etcd client; etcd for the control plane and
-# the benchmarks' peer, iproute2/iptables for the partition tests.
-packages=(libclang-dev clang protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iptables curl openssl python3)
+# the benchmarks' peer, iproute2/iptables for the partition tests, nginx (light) as the
+# gateway benchmark's bare-proxy peer.
+packages=(libclang-dev clang protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iptables curl openssl python3 nginx-light)
 # Tools that may come from elsewhere (nvm, pyenv): installed from Debian only when missing.
 command -v npm >/dev/null || packages+=(npm)
 command -v unzip >/dev/null || packages+=(unzip)
@@ -27,6 +28,11 @@ fi
 # processes on ports it picks, so the system one is not needed (and would only hold a port).
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
   systemctl stop etcd || true
+fi
+
+# Likewise nginx: the benchmark starts its own; the package's service is not needed.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
+  systemctl stop nginx || true
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup" >&2; exit 1; }

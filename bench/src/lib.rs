@@ -1,5 +1,7 @@
-//! Shared parts of the benchmarks: the report format of `API.md` section 4 and a
-//! closed-loop load generator with latency histograms.
+//! Shared parts of the benchmarks: the report format of `API.md` section 4, a closed-loop
+//! load generator (a number of clients, each sending its next request when the last is
+//! answered) and an open-loop one (requests at a fixed rate, whatever the answers), with
+//! latency histograms.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -9,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+
+pub mod nginx;
 use serde_json::{Map, Value};
 
 /// Figures printed as `name: value unit` lines and optionally written as JSON.
@@ -44,6 +48,8 @@ fn format_value(v: f64) -> String {
 /// Result of one load run.
 pub struct RunResult {
     pub ops: u64,
+    /// Requests issued (open loop: the offered load, as measured).
+    pub issued: u64,
     /// How many failures of each kind (an HTTP status, or the client error's text).
     pub error_kinds: BTreeMap<String, u64>,
     pub elapsed: Duration,
@@ -95,10 +101,11 @@ where
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
     let mut total =
-        RunResult { ops: 0, error_kinds: BTreeMap::new(), elapsed: Duration::ZERO, latency_us: histogram() };
+        RunResult { ops: 0, issued: 0, error_kinds: BTreeMap::new(), elapsed: Duration::ZERO, latency_us: histogram() };
     for t in tasks {
         if let Ok((ok, kinds, h)) = t.await {
             total.ops += ok;
+            total.issued += ok + kinds.values().sum::<u64>();
             for (k, n) in kinds {
                 *total.error_kinds.entry(k).or_default() += n;
             }
@@ -109,7 +116,64 @@ where
     total
 }
 
+/// Sends `op(seq)` at `rate` per second for `duration`, whatever the answers (an open loop:
+/// a slow server meets the same offered load, unlike a closed loop, which slows down with
+/// it). Latency counts from when a request was due, so time waiting to be sent counts too.
+/// With `max_in_flight` requests unanswered, a due request is not sent and counts as an
+/// `overload` error. The offered rate is measured: `issued` over the time it took.
+pub async fn run_rate<F, Fut>(rate: f64, duration: Duration, max_in_flight: usize, op: F) -> RunResult
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Result<(), String>, Duration)>();
+    let started = tokio::time::Instant::now();
+    let period = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+    let mut total =
+        RunResult { ops: 0, issued: 0, error_kinds: BTreeMap::new(), elapsed: Duration::ZERO, latency_us: histogram() };
+    let mut seq = 0u64;
+    loop {
+        let due = started + period.mul_f64(seq as f64);
+        if due > started + duration {
+            break;
+        }
+        tokio::time::sleep_until(due).await;
+        total.issued += 1;
+        if in_flight.load(Ordering::Relaxed) >= max_in_flight {
+            *total.error_kinds.entry("overload".into()).or_default() += 1;
+        } else {
+            in_flight.fetch_add(1, Ordering::Relaxed);
+            let (op, in_flight, done) = (op.clone(), in_flight.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let r = op(seq).await;
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                let _ = done.send((r, due.elapsed()));
+            });
+        }
+        seq += 1;
+    }
+    total.elapsed = started.elapsed();
+    drop(done_tx);
+    while let Some((r, latency)) = done_rx.recv().await {
+        match r {
+            Ok(()) => {
+                total.ops += 1;
+                let _ = total.latency_us.record(latency.as_micros().max(1) as u64);
+            }
+            Err(kind) => *total.error_kinds.entry(kind).or_default() += 1,
+        }
+    }
+    total
+}
+
 impl RunResult {
+    /// The offered rate: requests issued per second.
+    pub fn offered_per_sec(&self) -> f64 {
+        self.issued as f64 / self.elapsed.as_secs_f64()
+    }
+
     /// Failed calls, of every kind.
     pub fn errors(&self) -> u64 {
         self.error_kinds.values().sum()
@@ -168,6 +232,21 @@ fn clock_ticks_per_sec() -> u64 {
             .filter(|&hz| hz > 0)
             .unwrap_or(100)
     })
+}
+
+/// The processes whose parent is `pid` (an nginx master's workers).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let ppid =
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
 }
 
 /// CPU time used by a group of processes, summed.
