@@ -95,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
         move |seq: u64| {
             let (http, base, auth) = (http.clone(), base.clone(), auth.clone());
             async move {
-                let req = if seq % 2 == 0 {
+                let req = if seq.is_multiple_of(2) {
                     http.get(format!("{base}/documents/p{}", (seq * 7919) % PRELOADED))
                 } else {
                     let id = format!("{run}-{seq}");
