@@ -29,4 +29,5 @@ done
 # TLS and its users, the operator's RBAC for server-side apply.
 "$tools/venv/bin/python" scripts/check-chart-objects.py "$out/default.yaml"
 "$tools/venv/bin/python" scripts/check-chart-objects.py "$out/external-etcd.yaml"
+"$tools/venv/bin/python" scripts/check-chart-objects.py "$out"/preview-*.yaml
 echo "check-chart: ok"

@@ -35,16 +35,18 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// An index name: like a collection name but up to 128 characters and `.` allowed.
+/// An index name: like a collection name but up to 128 characters and `.` allowed, though
+/// not dots alone (`.` and `..` are path segments of their own).
 pub fn validate_index_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_INDEX_NAME_LEN
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && !name.bytes().all(|b| b == b'.');
     if ok {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!(
-            "invalid index name {name:?}: use 1 to {MAX_INDEX_NAME_LEN} characters of A-Z a-z 0-9 _ - ."
+            "invalid index name {name:?}: use 1 to {MAX_INDEX_NAME_LEN} characters of A-Z a-z 0-9 _ - ., not dots alone"
         )))
     }
 }
@@ -132,6 +134,16 @@ mod tests {
         }
         for bad in ["", "-a", "a.b", "a b", "a/b", "é", &"x".repeat(65), "a\0"] {
             assert!(validate_name("database", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn index_names_follow_the_rule() {
+        for good in ["a_1", "a.b_1", "x.", ".x", &"i".repeat(128)] {
+            assert!(validate_index_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "...", "a/b", "a b", &"i".repeat(129)] {
+            assert!(validate_index_name(bad).is_err(), "{bad:?}");
         }
     }
 

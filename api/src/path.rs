@@ -306,6 +306,14 @@ impl DataPath {
     }
 }
 
+/// The database a request path names (its first segment after `/v1/databases/`, decoded),
+/// whether or not the rest parses: who may be told that the rest does not parse.
+pub fn addressed_database(path: &str) -> Option<String> {
+    let rest = path.strip_prefix(PREFIX)?;
+    let first = rest.split('/').next()?;
+    decode(first).ok()
+}
+
 fn invalid(e: ApiError) -> PathError {
     PathError::Invalid(e.message)
 }
@@ -464,6 +472,10 @@ mod tests {
         ] {
             assert!(matches!(refused("GET", path), PathError::Invalid(_)), "{path}");
         }
+        // Index names of dots alone would be dot segments once sent on.
+        for path in ["/v1/databases/a/collections/c/indexes/%2e%2e", "/v1/databases/a/collections/c/indexes/%2E"] {
+            assert!(matches!(refused("DELETE", path), PathError::Invalid(_)), "{path}");
+        }
         let long = format!("{base}/{}", "x".repeat(MAX_PATH_BYTES));
         assert!(matches!(refused("GET", &long), PathError::Invalid(_)));
     }
@@ -550,7 +562,8 @@ mod tests {
                 prop_assert_eq!(&back, &p);
                 // A path under database `a` never addresses another database.
                 prop_assert_eq!(p.db.as_str(), "a");
-                prop_assert!(!encoded.contains("/../") && !encoded.contains("/./") && !encoded.contains('\\'));
+                prop_assert!(encoded.split('/').all(|seg| seg != "." && seg != ".."), "{}", encoded);
+                prop_assert!(!encoded.contains('\\'));
             }
         }
 

@@ -196,8 +196,11 @@ async fn the_data_api_works_end_to_end_through_the_gateway() {
     assert_eq!(r.status().as_u16(), 400);
     let (st, _) = e.call(Method::GET, &e.url("shop", "/whatever"), None, &tok).await;
     assert_eq!(st, 404);
-    // A path that does not parse is refused before anything else: 400, naming the problem.
+    // A path that does not parse: another database's is 403 whatever it asks; on its own
+    // database, 400 naming the problem.
     let (st, body) = e.call(Method::POST, &e.url("bad.name", "/collections/x/find"), Some(&json!({})), &tok).await;
+    assert_eq!((st, body["error"]["code"].as_str()), (403, Some("Forbidden")), "{body}");
+    let (st, body) = e.call(Method::POST, &e.url("shop", "/collections/bad.name/find"), Some(&json!({})), &tok).await;
     assert_eq!((st, body["error"]["code"].as_str()), (400, Some("BadRequest")), "{body}");
     // Counters per database, for the control plane.
     // The usage API is the control plane's: a client gets 401, a component its counters.

@@ -17,8 +17,9 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 
-/// In every document of `b`: an answer containing it read `b`.
-const MARKER: &str = "B-SECRET-3f9c1a";
+/// In every document of `b`, and the name of one of its collections and of an index: an
+/// answer containing it read `b`.
+const MARKER: &str = "Bsecret3f9c1a";
 
 struct World {
     stack: Stack,
@@ -47,8 +48,9 @@ async fn world() -> World {
     })
     .await
     .unwrap();
-    // b: two collections, documents that carry the marker, an index.
-    for coll in ["x", "y"] {
+    // b: two collections (one named with the marker), documents that carry it, an index
+    // named with it.
+    for coll in ["x", MARKER] {
         let docs: Vec<Value> = (0..5).map(|i| json!({"_id": format!("{i}"), "secret": MARKER, "n": i})).collect();
         let (st, body) = call(
             reqwest::Method::POST,
@@ -59,9 +61,13 @@ async fn world() -> World {
         .await;
         assert_eq!(st, 201, "{body}");
     }
-    let (st, _) =
-        call(reqwest::Method::POST, url("b", "/collections/x/indexes"), Some(json!({"keys": {"n": 1}})), b_rw.clone())
-            .await;
+    let (st, _) = call(
+        reqwest::Method::POST,
+        url("b", "/collections/x/indexes"),
+        Some(json!({"keys": {"n": 1}, "name": MARKER})),
+        b_rw.clone(),
+    )
+    .await;
     assert_eq!(st, 200);
     // a: a collection `c` with a document `y`, so that routes on `a` have something to do.
     let (st, _) = call(
@@ -218,11 +224,25 @@ fn attack_paths() -> Vec<(&'static str, String, Option<Value>)> {
     out
 }
 
-/// The answer to an attack: never b's data, never a server error.
-fn check(what: &str, a: &raw::RawAnswer) {
+/// The answer to an attack on `target`: never b's data, never a server error, and a
+/// success only for a request whose path (the part before any query) names database `a`.
+fn check(method: &str, target: &[u8], a: &raw::RawAnswer) {
+    let target = String::from_utf8_lossy(target);
+    let what = format!("{method} {target}");
     assert!(a.status != 0, "{what}: no answer (the gateway closed the connection): {}", a.head);
     assert!(a.status < 500 || a.status == 503, "{what}: server error {} {}", a.status, a.text());
     assert!(!a.text().contains(MARKER), "{what}: answered with database b's data: {}", a.text());
+    if a.status < 300 || a.status == 409 {
+        let path = target.split(['?', '#']).next().unwrap_or_default();
+        let path = path.strip_prefix("http://nimbus").unwrap_or(path);
+        let parsed = nimbus_api::path::DataPath::parse(method, path);
+        assert!(
+            parsed.as_ref().is_ok_and(|p| p.db.as_str() == "a"),
+            "{what}: {} for a request not on a: {}",
+            a.status,
+            a.text()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,7 +259,7 @@ async fn no_trick_in_the_path_reaches_another_database() {
                 let auth = format!("Bearer {tok}");
                 let body = body.as_ref().map(|b| b.to_string().into_bytes());
                 let a = raw::send(&addr, method, path.as_bytes(), &[("Authorization", &auth)], body.as_deref());
-                seen.push((format!("{method} {path}"), a));
+                seen.push((method.to_owned(), path.clone(), a));
             }
         }
         seen
@@ -247,8 +267,8 @@ async fn no_trick_in_the_path_reaches_another_database() {
     .await
     .unwrap();
     let mut by_status = std::collections::BTreeMap::<u16, usize>::new();
-    for (what, a) in &results {
-        check(what, a);
+    for (method, path, a) in &results {
+        check(method, path.as_bytes(), a);
         *by_status.entry(a.status).or_default() += 1;
     }
     // Raw bytes no client library would send: invalid UTF-8 and control characters.
@@ -261,13 +281,21 @@ async fn no_trick_in_the_path_reaches_another_database() {
         b"/v1/databases/a/collections/c/documents/\x7f",
     ] {
         let a = raw::send(&addr, "GET", target, &[("Authorization", &auth)], None);
-        assert!(a.status == 400 || a.status == 404, "{:?}: {} {}", String::from_utf8_lossy(target), a.status, a.text());
-        check(&String::from_utf8_lossy(target), &a);
+        assert!(
+            matches!(a.status, 400 | 403 | 404),
+            "{:?}: {} {}",
+            String::from_utf8_lossy(target),
+            a.status,
+            a.text()
+        );
+        check("GET", target, &a);
     }
     assert!(results.len() > 1000, "{} attacks", results.len());
-    // Most are refused as unparsable (400) or as another database (403); the rest are
-    // requests on `a` itself (a query string, a fragment, an id that looks like a path).
-    assert!(by_status.get(&400).is_some_and(|n| *n > 500) && by_status.contains_key(&403), "{by_status:?}");
+    // Most are refused as another database's (403) or, on `a`, as unparsable (400); the
+    // rest are requests on `a` itself (a query string, a fragment, an id that looks like a
+    // path), which `check` allows only when the path names `a`.
+    let n = |s: u16| by_status.get(&s).copied().unwrap_or(0);
+    assert!(n(400) > 100 && n(403) > 100, "{by_status:?}");
     assert_eq!(snapshot_b(&w).await, before, "database b changed");
     // The gateway is still up and still serves a to a's token (the attacks that were plain
     // requests on `a` may have changed `a`: that is theirs to do).

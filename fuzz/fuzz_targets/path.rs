@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     for parsed in [DataPath::parse(method, path), DataPath::parse_internal(method, path)] {
         if let Ok(p) = parsed {
             let encoded = p.encode();
-            assert!(!encoded.contains("/../") && !encoded.contains("/./") && !encoded.contains('\\'));
+            assert!(encoded.split('/').all(|seg| seg != "." && seg != "..") && !encoded.contains('\\'), "{encoded}");
             assert_eq!(DataPath::parse_internal(p.method(), &encoded).as_ref(), Ok(&p), "{path:?} -> {encoded:?}");
         }
     }

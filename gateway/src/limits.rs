@@ -33,6 +33,22 @@ pub struct Admission {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A place in a database's rate queue, given back on drop.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn enter(waiting: &'a AtomicUsize) -> Queued<'a> {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Queued(waiting)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub fn rate_limited(retry_after: Duration) -> ApiError {
     ApiError::new(
         ErrorCode::RateLimited,
@@ -67,9 +83,10 @@ impl TenantLimiter {
             if wait > max_wait || self.waiting.load(Ordering::Relaxed) >= self.max_waiting(max_wait) {
                 return Err(rate_limited(wait.max(Duration::from_millis(1))));
             }
-            self.waiting.fetch_add(1, Ordering::Relaxed);
+            // Counted while waiting, and uncounted however the wait ends: a request whose
+            // client goes away (its future dropped) must not hold a queue place for good.
+            let _queued = Queued::enter(&self.waiting);
             let got = tokio::time::timeout(max_wait, self.rate.until_ready()).await;
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
             if got.is_err() {
                 return Err(rate_limited(max_wait));
             }
@@ -131,6 +148,16 @@ mod tests {
         assert!(l.admit(Duration::from_millis(10)).await.is_err());
         drop(a);
         assert!(l.admit(Duration::from_millis(10)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_while_queued_gives_its_place_back() {
+        let l = TenantLimiter::new(limits(1, 1, 100, 10), 1 << 20);
+        l.admit(Duration::ZERO).await.unwrap();
+        // Waiting for the next slot (a second away), then dropped: a client that went away.
+        let waiting = tokio::time::timeout(Duration::from_millis(20), l.admit(Duration::from_secs(2))).await;
+        assert!(waiting.is_err());
+        assert_eq!(l.waiting.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! One data API request at the gateway, as a pipeline of named steps:
 //!
-//! 1. [`parse`]: the method and path become a typed [`DataPath`] (400/404 otherwise);
+//! 1. [`parse`]: the method and path become a typed [`DataPath`];
 //! 2. [`check_serving`]: the gateway is in step with etcd (503 otherwise);
 //! 3. [`authenticate`]: the bearer token names a user of some database (401 otherwise);
 //! 4. [`authorize`](crate::auth::authorize): that database is the one addressed, and a
-//!    `read` user only reads (403 otherwise);
+//!    `read` user only reads (403 otherwise); a path that did not parse is 400 or 404 to
+//!    its own database's users and 403 to anyone else's;
 //! 5. [`admit`]: the database's connection, rate and in-flight limits (429 otherwise);
 //! 6. [`read_body`]: the JSON body, within the size limit and the memory budgets;
 //! 7. [`idempotency_key`]: the client's key, or one the gateway makes for a write;
@@ -24,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use nimbus_api::data::IDEMPOTENCY_KEY_HEADER;
 use nimbus_api::limits::{MAX_NESTING_DEPTH, text_nesting_depth, validate_idempotency_key};
-use nimbus_api::path::{Access, DataPath};
+use nimbus_api::path::{Access, DataPath, addressed_database};
 use nimbus_api::{ApiError, ErrorCode};
 
 use crate::auth::{Principal, authorize, bearer, verify_token};
@@ -63,9 +64,10 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
 }
 
 async fn pipeline(gw: &Gateway, parts: &Parts, body: Body, trace: &mut Trace) -> Outcome {
-    let path = parse(parts)?;
+    let parsed = parse(parts);
     check_serving(gw)?;
     let (db, who) = authenticate(gw, &parts.headers)?;
+    let path = parsed.map_err(|e| refuse_unparsed(&db, parts, e))?;
     authorize(&who, &db.name, &path)?;
     trace.counted_as = Some((db.clone(), path.access()));
     let _admission = admit(gw, &db, parts.extensions.get::<Arc<ConnState>>()).await?;
@@ -82,6 +84,15 @@ async fn pipeline(gw: &Gateway, parts: &Parts, body: Body, trace: &mut Trace) ->
 /// and never forwarded.
 pub fn parse(parts: &Parts) -> Result<DataPath, ApiError> {
     Ok(DataPath::parse(parts.method.as_str(), parts.uri.path())?)
+}
+
+/// Step 4, for a path that does not parse: its own database's users learn what is wrong
+/// with it (400 or 404); for anyone else it is another database, 403 whatever it asks.
+fn refuse_unparsed(db: &DbState, parts: &Parts, e: ApiError) -> ApiError {
+    match addressed_database(parts.uri.path()) {
+        Some(addressed) if addressed == db.name => e,
+        _ => ApiError::new(ErrorCode::Forbidden, "this token is not for the database this path names"),
+    }
 }
 
 /// Step 2: a gateway out of step with etcd cannot trust its routes or users.

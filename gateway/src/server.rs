@@ -111,19 +111,27 @@ impl ConnState {
         true
     }
 
-    fn begin(&self) {
+    /// Counts a request in flight until the returned guard is dropped: when its answer is
+    /// done, or when the request is abandoned (an HTTP/2 stream reset drops its future).
+    fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
-    }
-
-    fn end(&self) {
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+        InFlight(self.clone())
     }
 
     fn idle_for(&self) -> Option<Duration> {
         (self.in_flight.load(Ordering::Acquire) == 0)
             .then(|| Duration::from_millis(now_ms().saturating_sub(self.last_activity_ms.load(Ordering::Relaxed))))
+    }
+}
+
+/// A request in flight on a connection.
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.last_activity_ms.store(now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -311,13 +319,12 @@ pub async fn serve(listener: TcpListener, app: Router, how: Listening) {
             conn.last_activity_ms.store(now_ms(), Ordering::Relaxed);
             let state = conn.clone();
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                let conn = state.clone();
-                conn.begin();
-                req.extensions_mut().insert(conn.clone());
+                let in_flight = state.begin();
+                req.extensions_mut().insert(state.clone());
                 let answer = app.clone().oneshot(req.map(Body::new));
                 async move {
                     let r = answer.await;
-                    conn.end();
+                    drop(in_flight);
                     r
                 }
             });

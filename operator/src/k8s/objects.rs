@@ -341,6 +341,8 @@ pub fn gateway_deployment(settings: &Settings, namespace: &str, owner: Option<&O
                     }],
                     "securityContext": {
                         "runAsNonRoot": true, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                        // The internal Secret's files are group-readable (0440).
+                        "fsGroup": RUN_AS,
                         "seccompProfile": {"type": "RuntimeDefault"}
                     },
                     "containers": [{
