@@ -83,33 +83,53 @@ pub fn nesting_depth(value: &serde_json::Value) -> usize {
     max
 }
 
-/// The nesting depth of a JSON text, scanned without parsing it (strings skipped): what a
-/// parse would give as [`nesting_depth`], for a text that parses. The gateway refuses a body
-/// nested too deep with it before anything parses the body.
-pub fn text_nesting_depth(bytes: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
-    for &b in bytes {
-        if in_str {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_str = false;
+/// The nesting depth of a JSON text, scanned without parsing it (strings skipped), fed in
+/// pieces as they arrive: what a parse would give as [`nesting_depth`], for a text that
+/// parses. The gateway refuses a body nested too deep with it before anything parses it.
+#[derive(Debug, Clone, Default)]
+pub struct DepthScan {
+    depth: usize,
+    max: usize,
+    in_str: bool,
+    escaped: bool,
+}
+
+impl DepthScan {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.in_str {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_str = false;
+                }
+                continue;
             }
-            continue;
-        }
-        match b {
-            b'"' => in_str = true,
-            b'{' | b'[' => {
-                depth += 1;
-                max = max.max(depth);
+            match b {
+                b'"' => self.in_str = true,
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    self.max = self.max.max(self.depth);
+                }
+                b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+                _ => {}
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
         }
     }
-    max
+
+    /// The deepest nesting seen so far.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// [`DepthScan`] of a whole text.
+pub fn text_nesting_depth(bytes: &[u8]) -> usize {
+    let mut scan = DepthScan::default();
+    scan.feed(bytes);
+    scan.max()
 }
 
 /// Rejects a value nested deeper than [`MAX_NESTING_DEPTH`].
@@ -161,6 +181,14 @@ mod tests {
             assert_eq!(text_nesting_depth(text.as_bytes()), nesting_depth(&v), "{text}");
         }
         assert_eq!(text_nesting_depth(&vec![b'['; 500]), 500);
+        // Fed in pieces split anywhere, even inside a string or an escape.
+        let text = br#"{"a\"[": [{"b": "}}\\"}]}"#;
+        for cut in 0..text.len() {
+            let mut scan = DepthScan::default();
+            scan.feed(&text[..cut]);
+            scan.feed(&text[cut..]);
+            assert_eq!(scan.max(), text_nesting_depth(text), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -76,15 +76,28 @@ fn slow_big_body(addr: &str, token: &str) -> u16 {
     );
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(head.as_bytes()).unwrap();
-    for chunk in body.as_bytes().chunks(MIB) {
-        if s.write_all(chunk).is_err() {
-            break; // refused: the gateway answered and closed without reading the body
+    let mut writer = s.try_clone().unwrap();
+    // The body goes out slowly while the answer is read: a refused request is answered
+    // (and its connection closed) before its body is through.
+    let sending = std::thread::spawn(move || {
+        let _ = writer.write_all(head.as_bytes());
+        for chunk in body.as_bytes().chunks(MIB) {
+            if writer.write_all(chunk).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
     let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
+    let mut piece = [0u8; 4096];
+    while let Ok(n) = s.read(&mut piece) {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&piece[..n]);
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = sending.join();
     String::from_utf8_lossy(&buf).split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 

@@ -1,8 +1,19 @@
 //! Reading a body, a client's request or a datanode's answer, into memory within a size
-//! limit, holding each byte against the memory budgets before it is read.
+//! limit, holding its bytes against the memory budgets as they arrive.
+//!
+//! A body is kept as the frames it arrived in ([`Chunks`]), never copied into one buffer:
+//! what is held is what was received (a buffer grown by doubling would hold up to twice as
+//! much as it counts), and the frames go on to the datanode, or to the client, as they are.
+//! Nothing is held for bytes not yet received: a client declaring a 16 MiB body and sending
+//! none holds nothing.
 
-use bytes::{Bytes, BytesMut};
-use http_body::Body;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use nimbus_api::ApiError;
 
@@ -21,9 +32,80 @@ pub enum BodyError {
     Read(String),
 }
 
-/// Reads `body` whole: at most `limit` bytes, every byte held in `res` against `tenant` and
-/// `global` first. `declared` is the Content-Length, if any: a body declaring more than the
-/// limit is refused before a byte of it is read.
+/// A body as the frames it arrived in. Cloning it clones references, not bytes.
+#[derive(Debug, Clone, Default)]
+pub struct Chunks {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// The bytes as one buffer (a copy, unless there is a single frame): for tests and
+    /// for the rare reader that needs them contiguous.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.parts.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        }
+    }
+
+    /// The body to send (or answer) with these bytes.
+    pub fn body(&self) -> ChunksBody {
+        ChunksBody { parts: self.parts.iter().cloned().collect(), left: self.len as u64 }
+    }
+}
+
+impl From<Bytes> for Chunks {
+    fn from(b: Bytes) -> Chunks {
+        let len = b.len();
+        Chunks { parts: if len == 0 { Vec::new() } else { vec![b] }, len }
+    }
+}
+
+/// [`Chunks`] as an HTTP body of exactly their length.
+pub struct ChunksBody {
+    parts: VecDeque<Bytes>,
+    left: u64,
+}
+
+impl Body for ChunksBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let next = self.parts.pop_front();
+        if let Some(b) = &next {
+            self.left -= b.len() as u64;
+        }
+        Poll::Ready(next.map(|b| Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+/// Reads `body` whole: at most `limit` bytes, each step of them held in `res` against
+/// `tenant` and `global` before it is kept. `declared` is the Content-Length, if any: a body
+/// declaring more than the limit is refused before a byte of it is read. `each` sees every
+/// frame as it arrives (the depth scan).
 pub async fn read<B>(
     mut body: B,
     declared: Option<u64>,
@@ -31,50 +113,39 @@ pub async fn read<B>(
     res: &mut Reservation,
     tenant: &Budget,
     global: &Budget,
-) -> Result<Bytes, BodyError>
+    mut each: impl FnMut(&[u8]),
+) -> Result<Chunks, BodyError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let mut reserved = 0usize;
-    if let Some(n) = declared {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        if n > limit {
-            return Err(BodyError::TooLarge);
-        }
-        res.grow(tenant, global, n).map_err(BodyError::Budget)?;
-        reserved = n;
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge);
     }
-    // One buffer of the declared size (a body copied once, never twice); a small body in
-    // one frame is not copied at all.
-    let mut buf = BytesMut::with_capacity(reserved);
-    let mut first: Option<Bytes> = None;
-    let mut len = 0usize;
+    let mut out = Chunks::default();
+    let mut reserved = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
         let Ok(data) = frame.into_data() else { continue };
-        len += data.len();
+        if data.is_empty() {
+            continue;
+        }
+        let len = out.len + data.len();
         if len > limit {
             return Err(BodyError::TooLarge);
         }
         if len > reserved {
-            let step = (len - reserved).max(RESERVE_STEP).min(limit - reserved);
+            // Steps of 64 KiB, never past what the body declared or the limit.
+            let cap = declared.map_or(limit, |d| (d as usize).max(len)).min(limit);
+            let step = (len - reserved).max(RESERVE_STEP).min(cap - reserved);
             res.grow(tenant, global, step).map_err(BodyError::Budget)?;
             reserved += step;
         }
-        if data.is_empty() {
-            continue;
-        }
-        match first.take() {
-            None if buf.is_empty() => first = Some(data),
-            Some(f) => {
-                buf.extend_from_slice(&f);
-                buf.extend_from_slice(&data);
-            }
-            None => buf.extend_from_slice(&data),
-        }
+        each(&data);
+        out.len = len;
+        out.parts.push(data);
     }
-    Ok(first.unwrap_or_else(|| buf.freeze()))
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -94,8 +165,11 @@ mod tests {
     async fn a_body_is_read_whole_and_held_against_the_budgets() {
         let (tenant, global) = (Budget::new(1 << 20), Budget::new(1 << 20));
         let mut res = Reservation::default();
-        let b = read(stream(vec![b"ab", b"cd"]), None, 10, &mut res, &tenant, &global).await.unwrap();
-        assert_eq!(&b[..], b"abcd");
+        let mut seen = 0;
+        let b =
+            read(stream(vec![b"ab", b"cd"]), None, 10, &mut res, &tenant, &global, |f| seen += f.len()).await.unwrap();
+        assert_eq!((&b.to_bytes()[..], b.len(), seen), (&b"abcd"[..], 4, 4));
+        assert_eq!(b.parts().len(), 2, "kept as it arrived, not copied");
         assert!(res.bytes() >= 4);
         assert_eq!(tenant.used(), res.bytes());
         drop(res);
@@ -103,13 +177,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn nothing_is_held_for_bytes_not_yet_sent() {
+        let (tenant, global) = (Budget::new(1 << 30), Budget::new(1 << 30));
+        let mut res = Reservation::default();
+        // Declares 16 MiB, sends 3 bytes: 64 KiB held, not 16 MiB.
+        let b =
+            read(Full::new(Bytes::from_static(b"abc")), Some(16 << 20), 17 << 20, &mut res, &tenant, &global, |_| {})
+                .await
+                .unwrap();
+        assert_eq!(b.len(), 3);
+        assert_eq!(res.bytes(), 64 * 1024);
+    }
+
+    #[tokio::test]
     async fn over_the_limit_is_refused_declared_or_sent() {
         let (tenant, global) = (Budget::new(1 << 20), Budget::new(1 << 20));
         let mut res = Reservation::default();
-        let declared = read(Full::new(Bytes::from_static(b"x")), Some(11), 10, &mut res, &tenant, &global).await;
+        let declared =
+            read(Full::new(Bytes::from_static(b"x")), Some(11), 10, &mut res, &tenant, &global, |_| {}).await;
         assert!(matches!(declared, Err(BodyError::TooLarge)));
         assert_eq!(tenant.used(), 0, "nothing is held for a body refused by its declared length");
-        let sent = read(stream(vec![b"123456", b"78901"]), None, 10, &mut res, &tenant, &global).await;
+        let sent = read(stream(vec![b"123456", b"78901"]), None, 10, &mut res, &tenant, &global, |_| {}).await;
         assert!(matches!(sent, Err(BodyError::TooLarge)));
     }
 
@@ -117,7 +205,16 @@ mod tests {
     async fn a_body_over_the_budget_is_refused() {
         let (tenant, global) = (Budget::new(4), Budget::new(1 << 20));
         let mut res = Reservation::default();
-        let r = read(Full::new(Bytes::from_static(b"12345")), Some(5), 10, &mut res, &tenant, &global).await;
+        let r = read(Full::new(Bytes::from_static(b"12345")), Some(5), 10, &mut res, &tenant, &global, |_| {}).await;
         assert!(matches!(r, Err(BodyError::Budget(_))));
+    }
+
+    #[tokio::test]
+    async fn chunks_make_a_body_of_exactly_their_length() {
+        let c = Chunks { parts: vec![Bytes::from_static(b"ab"), Bytes::from_static(b"c")], len: 3 };
+        let body = c.body();
+        assert_eq!(body.size_hint().exact(), Some(3));
+        let collected = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&collected[..], b"abc");
     }
 }

@@ -21,9 +21,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
-    if config.tenant_memory_budget_bytes < config.max_body_bytes {
+    if config.tenant_memory_budget_bytes < config.max_body_bytes
+        || config.memory_budget_bytes - config.memory_budget_bytes / 4 < config.max_body_bytes
+    {
         anyhow::bail!(
-            "--tenant-memory-budget-bytes must be at least --max-body-bytes, or no largest body could be read"
+            "--tenant-memory-budget-bytes and three quarters of --memory-budget-bytes (the bodies' share) must be at \
+             least --max-body-bytes, or no largest body could be read"
         );
     }
     let secret = config.cluster.load().context("failed to load the cluster secret")?;

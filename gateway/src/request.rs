@@ -22,14 +22,13 @@ use axum::extract::{Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use nimbus_api::data::IDEMPOTENCY_KEY_HEADER;
-use nimbus_api::limits::{MAX_NESTING_DEPTH, text_nesting_depth, validate_idempotency_key};
+use nimbus_api::limits::{DepthScan, MAX_NESTING_DEPTH, validate_idempotency_key};
 use nimbus_api::path::{Access, DataPath, addressed_database};
 use nimbus_api::{ApiError, ErrorCode};
 
 use crate::auth::{Principal, authorize, bearer, verify_token};
-use crate::body::{self, BodyError};
+use crate::body::{self, BodyError, Chunks};
 use crate::budget::Reservation;
 use crate::limits::Admission;
 use crate::server::{ConnState, HttpError};
@@ -123,15 +122,15 @@ pub async fn admit(gw: &Gateway, db: &DbState, conn: Option<&Arc<ConnState>>) ->
 
 /// Step 6: the JSON body of an operation that takes one: `Content-Type:
 /// application/json`, at most `--max-body-bytes` within `--body-timeout-ms`, held against
-/// the memory budgets, nested at most [`MAX_NESTING_DEPTH`] levels (checked without
-/// parsing). The datanode parses and validates it.
+/// the memory budgets as it arrives, nested at most [`MAX_NESTING_DEPTH`] levels (scanned as
+/// it arrives, without parsing). The datanode parses and validates it.
 pub async fn read_body(
     gw: &Gateway,
     db: &DbState,
     path: &DataPath,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Option<Bytes>, Reservation), ApiError> {
+) -> Result<(Option<Chunks>, Reservation), ApiError> {
     let mut held = Reservation::default();
     if !path.has_body() {
         return Ok((None, held));
@@ -141,7 +140,8 @@ pub async fn read_body(
     }
     let limit = gw.config.max_body_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-    let read = body::read(body, declared, limit, &mut held, &db.limiter.memory, &gw.memory);
+    let mut depth = DepthScan::default();
+    let read = body::read(body, declared, limit, &mut held, &db.limiter.memory, &gw.memory, |f| depth.feed(f));
     let bytes = match tokio::time::timeout(gw.config.body_timeout(), read).await {
         Err(_) => return Err(ApiError::bad_request("the request body did not arrive in time")),
         Ok(Err(BodyError::TooLarge)) => return Err(ApiError::too_large(format!("request body over {limit} bytes"))),
@@ -149,7 +149,7 @@ pub async fn read_body(
         Ok(Err(BodyError::Read(_))) => return Err(ApiError::bad_request("failed to read the request body")),
         Ok(Ok(b)) => b,
     };
-    if text_nesting_depth(&bytes) > MAX_NESTING_DEPTH + 2 {
+    if depth.max() > MAX_NESTING_DEPTH + 2 {
         return Err(ApiError::bad_request(format!("JSON nested deeper than {MAX_NESTING_DEPTH} levels")));
     }
     Ok((Some(bytes), held))
@@ -198,7 +198,7 @@ pub fn count(gw: &Gateway, db: &DbState, access: Access, bytes_in: u64, outcome:
 pub fn respond(outcome: Outcome, made_key: Option<HeaderValue>) -> Response {
     let mut resp = match outcome {
         Ok(answer) => {
-            let mut r = Response::new(Body::new(crate::server::HeldBody::new(answer.body, answer.held)));
+            let mut r = Response::new(Body::new(crate::server::HeldBody::new(&answer.body, answer.held)));
             *r.status_mut() = answer.status;
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             r

@@ -33,6 +33,7 @@ use nimbus_api::{ApiError, ErrorCode};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::body::{Chunks, ChunksBody};
 use crate::budget::Reservation;
 use crate::limits::TenantLimiter;
 use crate::state::{Gateway, now_ms};
@@ -59,13 +60,13 @@ impl IntoResponse for HttpError {
 
 /// An answer body that holds its bytes' memory budget until it has been written.
 pub struct HeldBody {
-    data: Option<Bytes>,
+    body: ChunksBody,
     _held: Reservation,
 }
 
 impl HeldBody {
-    pub fn new(data: Bytes, held: Reservation) -> HeldBody {
-        HeldBody { data: Some(data), _held: held }
+    pub fn new(data: &Chunks, held: Reservation) -> HeldBody {
+        HeldBody { body: data.body(), _held: held }
     }
 }
 
@@ -73,16 +74,16 @@ impl http_body::Body for HeldBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.data.take().map(|d| Ok(Frame::data(d))))
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none()
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+        self.body.size_hint()
     }
 }
 
@@ -257,8 +258,10 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 fn gauges(gw: &Gateway) {
-    metrics::gauge!("nimbus_gateway_memory_held_bytes").set(gw.memory.used() as f64);
-    metrics::gauge!("nimbus_gateway_memory_budget_bytes").set(gw.memory.total() as f64);
+    for (pool, budget) in [("bodies", &gw.memory), ("answers", &gw.answers)] {
+        metrics::gauge!("nimbus_gateway_memory_held_bytes", "pool" => pool).set(budget.used() as f64);
+        metrics::gauge!("nimbus_gateway_memory_budget_bytes", "pool" => pool).set(budget.total() as f64);
+    }
 }
 
 /// Metrics with no tenant in them.

@@ -115,8 +115,12 @@ pub struct Gateway {
     pub upstream: UpstreamClient,
     pub usage: Usage,
     pub default_tier: Tier,
-    /// Bytes of bodies and answers held, all databases together.
+    /// Bytes of request bodies held, all databases together: three quarters of
+    /// `--memory-budget-bytes`.
     pub memory: Budget,
+    /// Bytes of datanode answers held: the other quarter, so that a flood of bodies never
+    /// starves the answers of requests already sent (a write's answer above all).
+    pub answers: Budget,
     pub secret: ClusterSecret,
 }
 
@@ -135,7 +139,8 @@ impl Gateway {
         Ok(Gateway {
             upstream: UpstreamClient::new(config.upstream_max_in_flight, secret.clone()),
             usage: Usage::new(config.metrics_tenant_series),
-            memory: Budget::new(config.memory_budget_bytes),
+            memory: Budget::new(config.memory_budget_bytes - config.memory_budget_bytes / 4),
+            answers: Budget::new(config.memory_budget_bytes / 4),
             config,
             dbs: RwLock::new(HashMap::new()),
             synced: AtomicBool::new(false),

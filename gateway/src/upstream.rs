@@ -13,7 +13,6 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -23,13 +22,13 @@ use nimbus_api::path::DataPath;
 use nimbus_api::{ApiError, ErrorCode};
 use nimbus_net::ClusterSecret;
 
-use crate::body::{self, BodyError};
+use crate::body::{self, BodyError, Chunks, ChunksBody};
 use crate::budget::Reservation;
 use crate::state::{DbState, Gateway, Member, RouteEntry, now_ms};
 
 /// The pooled HTTP client to datanodes.
 pub struct UpstreamClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpConnector, ChunksBody>,
     secret: ClusterSecret,
 }
 
@@ -51,12 +50,12 @@ impl UpstreamClient {
 pub struct Outgoing {
     pub method: Method,
     pub path: PathAndQuery,
-    pub body: Option<Bytes>,
+    pub body: Option<Chunks>,
     pub idempotency_key: Option<HeaderValue>,
 }
 
 impl Outgoing {
-    pub fn new(path: &DataPath, body: Option<Bytes>, idempotency_key: Option<HeaderValue>) -> Outgoing {
+    pub fn new(path: &DataPath, body: Option<Chunks>, idempotency_key: Option<HeaderValue>) -> Outgoing {
         let method = match path.method() {
             "GET" => Method::GET,
             "PUT" => Method::PUT,
@@ -75,7 +74,7 @@ impl Outgoing {
 #[derive(Debug)]
 pub struct Answer {
     pub status: StatusCode,
-    pub body: Bytes,
+    pub body: Chunks,
     /// Documents a `find` returned (the datanode's `x-nimbus-returned` header).
     pub returned: u64,
     /// The memory budget the body holds, until it is written to the client.
@@ -185,7 +184,7 @@ impl Gateway {
             let attempt = left.min(self.config.attempt_timeout());
             match self.send(member, req, route.epoch, attempt, db).await {
                 Ok(Attempt::Answered(a)) if a.status == StatusCode::MISDIRECTED_REQUEST => {
-                    let err = serde_json::from_slice::<serde_json::Value>(&a.body).unwrap_or_default();
+                    let err = serde_json::from_slice::<serde_json::Value>(&a.body.to_bytes()).unwrap_or_default();
                     if err["error"]["code"] == "StaleRoute" {
                         // The database moved: wait for the new route (nothing was applied).
                         min_epoch = route.epoch + 1;
@@ -230,6 +229,12 @@ impl Gateway {
                     rotation += 1;
                     pause(&mut backoff, deadline).await;
                 }
+                // The answer came but cannot be held. A write has been through the replica
+                // set by now: its outcome is unknown to the client, never "not applied".
+                Err(e) if is_write => {
+                    tracing::warn!(error = %e.message, "a write's answer could not be held");
+                    return Err(give_up(true, "the datanode's answer could not be held (memory budget)"));
+                }
                 Err(e) => return Err(Failure { error: e, outcome_unknown: false }),
             }
         }
@@ -266,9 +271,9 @@ impl Gateway {
         let body = match &req.body {
             Some(b) => {
                 builder = builder.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                Full::new(b.clone())
+                b.body()
             }
-            None => Full::new(Bytes::new()),
+            None => Chunks::default().body(),
         };
         let request = builder.body(body).map_err(|_| ApiError::internal("failed to build an upstream request"))?;
         let left = timeout.saturating_sub(started.elapsed());
@@ -285,7 +290,7 @@ impl Gateway {
         let limit = db.limiter.memory.total();
         let left = timeout.saturating_sub(started.elapsed());
         let mut held = Reservation::default();
-        let read = body::read(resp.into_body(), declared, limit, &mut held, &db.limiter.memory, &self.memory);
+        let read = body::read(resp.into_body(), declared, limit, &mut held, &db.limiter.memory, &self.answers, |_| {});
         match tokio::time::timeout(left, read).await {
             Err(_) => Ok(Attempt::Lost("the answer did not arrive in time".into())),
             Ok(Ok(body)) => Ok(Attempt::Answered(Answer { status, body, returned, held })),
