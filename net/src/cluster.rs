@@ -14,6 +14,13 @@
 //!
 //! Secrets are compared as SHA-256 digests in constant time, so neither their content nor
 //! their length leaks through timing.
+//!
+//! **Scoped secrets.** On Kubernetes, datanodes and gateways run in the namespaces of the
+//! instances they serve, where the namespace's users may read Secrets. Each namespace gets
+//! its own secret, derived from the cluster's ([`ClusterSecret::scoped`]: HMAC-SHA256 of
+//! the namespace under each cluster secret): its datanodes accept it and its gateways send
+//! it, and only the operator, which holds the cluster's, can derive another namespace's.
+//! A namespace's secret read by its users opens only that namespace's datanodes.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -45,6 +52,8 @@ pub enum SecretError {
 pub struct ClusterSecret {
     authorization: HeaderValue,
     accepted: Arc<Vec<[u8; 32]>>,
+    /// The secrets themselves, in order (the first is sent): to derive scoped ones.
+    secrets: Arc<Vec<String>>,
 }
 
 impl std::fmt::Debug for ClusterSecret {
@@ -70,7 +79,30 @@ impl ClusterSecret {
         let mut authorization = HeaderValue::from_str(&format!("Bearer {first}")).map_err(|_| SecretError::Weak)?;
         authorization.set_sensitive(true);
         let accepted = secrets.iter().map(|s| digest(s.as_bytes())).collect();
-        Ok(ClusterSecret { authorization, accepted: Arc::new(accepted) })
+        let secrets = secrets.iter().map(|s| s.to_string()).collect();
+        Ok(ClusterSecret { authorization, accepted: Arc::new(accepted), secrets: Arc::new(secrets) })
+    }
+
+    /// The secret file of scope `scope` (a namespace): one derived secret per line, derived
+    /// from each of these secrets in order, so a rotation in progress carries over.
+    pub fn scoped_file(&self, scope: &str) -> String {
+        use hmac::Mac as _;
+        let mut out = String::new();
+        for s in self.secrets.iter() {
+            // HMAC takes keys of any length: this cannot fail.
+            let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(s.as_bytes()) else { continue };
+            mac.update(b"nimbus/scope/");
+            mac.update(scope.as_bytes());
+            out.push_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The secret of scope `scope`, as the components of that scope hold it.
+    pub fn scoped(&self, scope: &str) -> ClusterSecret {
+        // Derived secrets are 43 characters of base64url: always valid.
+        ClusterSecret::parse(&self.scoped_file(scope)).unwrap_or_else(|_| self.clone())
     }
 
     /// A new random secret: 32 bytes, base64url.
@@ -147,6 +179,26 @@ mod tests {
         assert!(!s.verify(&headers(&format!("bearer {A}"))));
         assert!(!s.verify(&headers(A)));
         assert!(!s.verify(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn scoped_secrets_differ_by_scope_and_carry_a_rotation_over() {
+        let cluster = ClusterSecret::parse(&format!("{A}\n{B}")).unwrap();
+        let apps = cluster.scoped("apps");
+        let other = cluster.scoped("other");
+        // A scope's secret opens that scope only, and is not the cluster's.
+        assert!(apps.verify(&headers(apps.authorization().to_str().unwrap())));
+        assert!(!apps.verify(&headers(other.authorization().to_str().unwrap())));
+        assert!(!apps.verify(&headers(cluster.authorization().to_str().unwrap())));
+        // The same cluster secrets always derive the same scoped ones.
+        assert_eq!(
+            cluster.scoped_file("apps"),
+            ClusterSecret::parse(&format!("{A}\n{B}")).unwrap().scoped_file("apps")
+        );
+        // Derived from both: the one derived from the second cluster secret is accepted too.
+        let second = ClusterSecret::parse(B).unwrap().scoped("apps");
+        assert!(apps.verify(&headers(second.authorization().to_str().unwrap())));
+        assert_eq!(cluster.scoped_file("apps").lines().count(), 2);
     }
 
     #[test]

@@ -32,30 +32,39 @@ pub const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct AdminClient {
     http: reqwest::Client,
+    secret: nimbus_net::ClusterSecret,
 }
 
 impl AdminClient {
     /// A client sending `secret` with every call.
     pub fn new(secret: &nimbus_net::ClusterSecret) -> AdminClient {
         let http = reqwest::Client::builder()
-            .default_headers(secret.default_headers())
             .connect_timeout(Duration::from_secs(2))
             .timeout(ADMIN_TIMEOUT)
             .build()
             .unwrap_or_default();
-        AdminClient { http }
+        AdminClient { http, secret: secret.clone() }
+    }
+
+    /// The client of one namespace's datanodes: the same connections, that namespace's
+    /// secret.
+    pub fn scoped(&self, namespace: &str) -> AdminClient {
+        AdminClient { http: self.http.clone(), secret: self.secret.scoped(namespace) }
+    }
+
+    fn get(&self, url: String) -> reqwest::RequestBuilder {
+        self.http.get(url).header(reqwest::header::AUTHORIZATION, self.secret.authorization().clone())
     }
 
     pub async fn status(&self, admin: &str) -> Result<Status, AdminError> {
         let unreachable = |source| AdminError::Unreachable { addr: admin.to_string(), source };
-        let resp =
-            self.http.get(format!("{admin}/v1/status")).timeout(STATUS_TIMEOUT).send().await.map_err(unreachable)?;
+        let resp = self.get(format!("{admin}/v1/status")).timeout(STATUS_TIMEOUT).send().await.map_err(unreachable)?;
         let resp = resp.error_for_status().map_err(unreachable)?;
         resp.json().await.map_err(unreachable)
     }
 
     pub async fn ready(&self, admin: &str) -> bool {
-        let resp = self.http.get(format!("{admin}/readyz")).timeout(STATUS_TIMEOUT).send().await;
+        let resp = self.get(format!("{admin}/readyz")).timeout(STATUS_TIMEOUT).send().await;
         matches!(resp, Ok(r) if r.status().is_success())
     }
 
@@ -88,6 +97,7 @@ impl AdminClient {
         let resp = self
             .http
             .delete(format!("{leader_data}{}", drop_path(db)?))
+            .header(reqwest::header::AUTHORIZATION, self.secret.authorization().clone())
             // The control plane's own epoch: never stale (epochs only guard against
             // gateways with an outdated route).
             .header(nimbus_api::data::ROUTE_EPOCH_HEADER, u64::MAX)
@@ -113,6 +123,7 @@ impl AdminClient {
         let resp = self
             .http
             .post(format!("{admin}{path}"))
+            .header(reqwest::header::AUTHORIZATION, self.secret.authorization().clone())
             .timeout(timeout)
             .json(body)
             .send()

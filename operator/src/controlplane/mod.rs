@@ -11,6 +11,7 @@ pub mod members;
 pub mod placement;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use nimbus_api::admin::{MemberInfo, Status};
@@ -22,6 +23,9 @@ pub use coord::CoordError;
 /// The datanode admin (and data) API, as the control plane uses it.
 #[async_trait]
 pub trait Datanodes: Send + Sync {
+    /// The same API for the datanodes of `namespace`: their calls carry that namespace's
+    /// secret (`nimbus_net::ClusterSecret::scoped`), the only one they accept.
+    fn in_namespace(&self, namespace: &str) -> Arc<dyn Datanodes>;
     /// `GET /v1/status` of one member; `None` when it does not answer.
     async fn status(&self, admin: &str) -> Option<Status>;
     async fn init(&self, admin: &str, members: Vec<MemberInfo>) -> Result<(), AdminError>;
@@ -45,6 +49,9 @@ pub trait ControlStore: Send + Sync {
 
 #[async_trait]
 impl Datanodes for admin::AdminClient {
+    fn in_namespace(&self, namespace: &str) -> Arc<dyn Datanodes> {
+        Arc::new(self.scoped(namespace))
+    }
     async fn status(&self, admin: &str) -> Option<Status> {
         admin::AdminClient::status(self, admin).await.ok()
     }

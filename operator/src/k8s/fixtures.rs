@@ -241,6 +241,8 @@ pub struct RaftModel {
     pub voters: BTreeSet<u64>,
     /// Every call, in order, as text: `init [1, 2, 3]`, `add_learner 4`, ...
     pub log: Vec<String>,
+    /// The namespaces whose datanodes were called (with that namespace's secret).
+    pub namespaces: BTreeSet<String>,
 }
 
 #[derive(Clone, Default)]
@@ -253,6 +255,10 @@ fn id_of(addr: &str) -> u64 {
 
 #[async_trait]
 impl Datanodes for FakeDatanodes {
+    fn in_namespace(&self, namespace: &str) -> Arc<dyn Datanodes> {
+        self.0.lock().unwrap().namespaces.insert(namespace.to_owned());
+        Arc::new(self.clone())
+    }
     async fn status(&self, admin: &str) -> Option<Status> {
         let m = self.0.lock().unwrap();
         let id = id_of(admin);

@@ -275,7 +275,7 @@ async fn observe(ctx: &Context, rs: &ReplicaSetShape) -> Result<Observed, Error>
     for (id, pod) in &by_id {
         if views.get(id).is_some_and(|v| v.running)
             && let Some(addr) = pod_admin(pod)
-            && let Some(s) = ctx.datanodes.status(&addr).await
+            && let Some(s) = ctx.datanodes.in_namespace(&rs.namespace).status(&addr).await
         {
             // Alive and waiting to be initialised counts as ready: a member reports no
             // leader (so its Pod is not Ready) until the replica set is bootstrapped.
@@ -355,22 +355,25 @@ async fn carry_out(
         Step::Bootstrap { voters } => {
             let members: Vec<MemberInfo> = voters.iter().map(|id| member_info(rs, *id, &zone_of(*id))).collect();
             let first = observed.pods.get(&voters[0]).and_then(pod_admin).ok_or(Error::NoLeader)?;
-            ctx.datanodes.init(&first, members).await?;
+            ctx.datanodes.in_namespace(&rs.namespace).init(&first, members).await?;
             let msg = format!("replica set {} initialised with members {voters:?}", rs.name);
             event(ctx, dbi, EventType::Normal, "Bootstrapped", "Bootstrap", &msg).await;
         }
         Step::AddLearner { id } => {
-            ctx.datanodes.add_learner(&leader_admin()?, member_info(rs, *id, &zone_of(*id))).await?;
+            ctx.datanodes
+                .in_namespace(&rs.namespace)
+                .add_learner(&leader_admin()?, member_info(rs, *id, &zone_of(*id)))
+                .await?;
             let msg = format!("member {id} added to {} as a learner and caught up", rs.name);
             event(ctx, dbi, EventType::Normal, "LearnerAdded", "Replace", &msg).await;
         }
         Step::ChangeVoters { voters } => {
-            ctx.datanodes.change_voters(&leader_admin()?, voters).await?;
+            ctx.datanodes.in_namespace(&rs.namespace).change_voters(&leader_admin()?, voters).await?;
             let msg = format!("voters of {} are now {voters:?}", rs.name);
             event(ctx, dbi, EventType::Normal, "VotersChanged", "Replace", &msg).await;
         }
         Step::RemoveMember { id } => {
-            ctx.datanodes.remove_member(&leader_admin()?, *id).await?;
+            ctx.datanodes.in_namespace(&rs.namespace).remove_member(&leader_admin()?, *id).await?;
             let msg = format!("member {id} removed from {}", rs.name);
             event(ctx, dbi, EventType::Warning, "MemberRemoved", "Replace", &msg).await;
         }
@@ -384,7 +387,7 @@ async fn carry_out(
             event(ctx, dbi, EventType::Normal, "MemberRolled", "Restart", &msg).await;
         }
         Step::TransferLeader { to } => {
-            ctx.datanodes.transfer_leader(&leader_admin()?, *to).await?;
+            ctx.datanodes.in_namespace(&rs.namespace).transfer_leader(&leader_admin()?, *to).await?;
         }
     }
     Ok(())
@@ -455,7 +458,7 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
         let mut statuses = Vec::new();
         for pod in pods.list(&selector).await? {
             if let Some(addr) = pod_admin(&pod)
-                && let Some(s) = ctx.datanodes.status(&addr).await
+                && let Some(s) = ctx.datanodes.in_namespace(&ns).status(&addr).await
             {
                 statuses.push((s, pod));
             }
@@ -464,7 +467,10 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
         match leader {
             Some((_, pod)) => {
                 let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
-                ctx.datanodes.drop_database(&format!("http://{ip}:{}", objects::DATA_PORT), &db).await?;
+                ctx.datanodes
+                    .in_namespace(&ns)
+                    .drop_database(&format!("http://{ip}:{}", objects::DATA_PORT), &db)
+                    .await?;
             }
             // A replica set with no Pods left (a dedicated one being deleted with the
             // instance) has no data to drop; one with Pods but no leader must wait.

@@ -64,6 +64,13 @@ async fn a_new_instance_gets_three_members_in_three_zones_then_bootstraps_and_is
     assert!(w.api.get("/apis/apps/v1/namespaces/apps/deployments", "nimbus-gateway").is_some());
     assert!(w.api.get("/apis/policy/v1/namespaces/apps/poddisruptionbudgets", "default-rs0").is_some());
     assert_eq!(w.raft_log(), vec!["init [1, 2, 3]"]);
+    // The namespace's own cluster secret, its NetworkPolicies, and datanode calls made with
+    // that namespace's secret.
+    let internal = w.api.get(SECRETS, "nimbus-internal").unwrap();
+    assert!(internal["stringData"]["cluster-secret"].is_string());
+    let policies = "/apis/networking.k8s.io/v1/namespaces/apps/networkpolicies";
+    assert!(w.api.get(policies, "nimbus-datanodes").is_some() && w.api.get(policies, "nimbus-gateways").is_some());
+    assert_eq!(w.datanodes.0.lock().unwrap().namespaces.iter().collect::<Vec<_>>(), vec!["apps"]);
 
     // Route, users and limits in etcd; tokens in the credentials Secret, hashes in etcd.
     let etcd = w.store.0.lock().unwrap().clone();

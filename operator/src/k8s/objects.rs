@@ -60,8 +60,9 @@ pub struct Settings {
     pub gateway_replicas: i32,
     /// Service-account name of the gateway Pods (it needs no API access).
     pub gateway_service_account: Option<String>,
-    /// The internal Secret's files (see [`INTERNAL_SECRET`]): the cluster secret, and with
-    /// a TLS etcd its CA and the gateways' client certificate and key.
+    /// The operator's internal files: the cluster secret, and with a TLS etcd its CA and
+    /// the gateways' client certificate and key. Each namespace's [`INTERNAL_SECRET`] holds
+    /// them with the cluster secret replaced by the namespace's own ([`Settings::internal_files_for`]).
     pub internal_files: BTreeMap<String, String>,
     /// The operator's namespace: its Pods are the only ones outside a tenant namespace that
     /// reach datanodes and the gateways' admin port.
@@ -81,7 +82,10 @@ impl Default for Settings {
             etcd_endpoints: vec!["http://nimbus-etcd:2379".into()],
             gateway_replicas: 2,
             gateway_service_account: None,
-            internal_files: BTreeMap::from([(CLUSTER_SECRET_KEY.to_string(), "<cluster secret>".to_string())]),
+            internal_files: BTreeMap::from([(
+                CLUSTER_SECRET_KEY.to_string(),
+                "example-cluster-secret-0123456789abcdefghijklmno".to_string(),
+            )]),
             operator_namespace: "nimbus-system".into(),
             network_policies: true,
             metrics_namespace_selector: BTreeMap::new(),
@@ -95,9 +99,24 @@ impl Settings {
         self.internal_files.contains_key(ETCD_CA_KEY)
     }
 
-    /// A hash of the internal Secret's content: Pods that mount it roll when it changes.
-    pub fn internal_hash(&self) -> String {
-        let text = serde_json::to_string(&self.internal_files).unwrap_or_default();
+    /// The files of namespace `ns`'s internal Secret: the cluster secret scoped to the
+    /// namespace (its datanodes accept that one only), the gateways' etcd credentials.
+    pub fn internal_files_for(&self, ns: &str) -> BTreeMap<String, String> {
+        let mut files = self.internal_files.clone();
+        if let Some(master) = files.get(CLUSTER_SECRET_KEY)
+            && let Ok(secret) = nimbus_net::ClusterSecret::parse(master)
+        {
+            files.insert(CLUSTER_SECRET_KEY.to_string(), secret.scoped_file(ns));
+        }
+        files
+    }
+
+    /// A hash of the files `keys` of namespace `ns`'s internal Secret: Pods that mount them
+    /// roll when they change, and only then.
+    pub fn internal_hash(&self, ns: &str, keys: &[&str]) -> String {
+        let files = self.internal_files_for(ns);
+        let mounted: BTreeMap<&String, &String> = files.iter().filter(|(k, _)| keys.contains(&k.as_str())).collect();
+        let text = serde_json::to_string(&mounted).unwrap_or_default();
         hex::encode(&Sha256::digest(text.as_bytes())[..8])
     }
 }
@@ -153,8 +172,8 @@ fn meta(name: &str, rs: &ReplicaSetShape, component: &str, extra: &[(&str, &str)
 
 /// The spec hash of a member Pod: what, when it changes, needs a (rolling) restart.
 pub fn member_spec_hash(settings: &Settings, rs: &ReplicaSetShape) -> String {
-    let inputs =
-        json!([settings.datanode_image, rs.resources, rs.node_selector, rs.tolerations, settings.internal_hash()]);
+    let secret = settings.internal_hash(&rs.namespace, &[CLUSTER_SECRET_KEY]);
+    let inputs = json!([settings.datanode_image, rs.resources, rs.node_selector, rs.tolerations, secret]);
     hex::encode(&Sha256::digest(inputs.to_string().as_bytes())[..8])
 }
 
@@ -330,7 +349,7 @@ pub fn gateway_deployment(settings: &Settings, namespace: &str, owner: Option<&O
             "selector": {"matchLabels": selector},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": l, "annotations": {ANNOTATION_INTERNAL_HASH: settings.internal_hash()}},
+                "metadata": {"labels": l, "annotations": {ANNOTATION_INTERNAL_HASH: settings.internal_hash(namespace, &files)}},
                 "spec": {
                     "serviceAccountName": settings.gateway_service_account,
                     "automountServiceAccountToken": false,
@@ -383,7 +402,7 @@ pub fn internal_secret(settings: &Settings, namespace: &str) -> Secret {
         "kind": "Secret",
         "metadata": {"name": INTERNAL_SECRET, "namespace": namespace, "labels": labels("internal", &[])},
         "type": "Opaque",
-        "stringData": settings.internal_files
+        "stringData": settings.internal_files_for(namespace)
     }))
 }
 
@@ -589,6 +608,62 @@ mod tests {
         assert_ne!(a, member_spec_hash(&s, &r));
         let s3 = Settings { gateway_replicas: 9, ..s };
         assert_eq!(a, member_spec_hash(&s3, &shape()));
+    }
+
+    #[test]
+    fn each_namespace_gets_its_own_cluster_secret_and_pods_roll_only_for_what_they_mount() {
+        let mut s = Settings::default();
+        s.internal_files.insert(ETCD_GATEWAY_CERT_KEY.into(), "cert-1".into());
+        let apps = v(&internal_secret(&s, "apps"));
+        let other = v(&internal_secret(&s, "other"));
+        let master = &s.internal_files[CLUSTER_SECRET_KEY];
+        let scoped = apps["stringData"][CLUSTER_SECRET_KEY].as_str().unwrap();
+        assert!(!scoped.contains(master.as_str()), "the cluster's own secret never leaves the operator");
+        assert_ne!(apps["stringData"][CLUSTER_SECRET_KEY], other["stringData"][CLUSTER_SECRET_KEY]);
+        assert_eq!(apps["stringData"][ETCD_GATEWAY_CERT_KEY], "cert-1");
+        // A new gateway certificate rolls gateways, not datanodes; a new cluster secret both.
+        let pod_hash = |s: &Settings| member_spec_hash(s, &shape());
+        let gw_hash = |s: &Settings| {
+            v(&gateway_deployment(s, "apps", None))["spec"]["template"]["metadata"]["annotations"]
+                [ANNOTATION_INTERNAL_HASH]
+                .clone()
+        };
+        let mut cert = s.clone();
+        cert.internal_files.insert(ETCD_GATEWAY_CERT_KEY.into(), "cert-2".into());
+        assert_eq!(pod_hash(&s), pod_hash(&cert));
+        let mut rotated = s.clone();
+        rotated
+            .internal_files
+            .insert(CLUSTER_SECRET_KEY.into(), format!("{master}\nnew-cluster-secret-0123456789abcdefghijkl"));
+        assert_ne!(pod_hash(&s), pod_hash(&rotated));
+        assert_ne!(gw_hash(&s), gw_hash(&rotated));
+        // The gateways mount the cluster secret only when etcd has no TLS.
+        let vols =
+            v(&gateway_deployment(&s, "apps", None))["spec"]["template"]["spec"]["volumes"][0]["secret"]["items"]
+                .clone();
+        assert_eq!(vols.as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn datanodes_and_gateways_are_reachable_only_from_whom_they_serve() {
+        let s = Settings {
+            metrics_namespace_selector: BTreeMap::from([("team".into(), "monitoring".into())]),
+            ..Settings::default()
+        };
+        let dn = v(&datanode_network_policy(&s, "apps"));
+        let rules = dn["spec"]["ingress"].as_array().unwrap();
+        let port_of = |r: &Value| r["ports"][0]["port"].as_str().unwrap().to_owned();
+        let from = |r: &Value| r["from"].to_string();
+        let data = rules.iter().find(|r| port_of(r) == "data").unwrap();
+        assert!(from(data).contains("\"gateway\"") && from(data).contains("\"operator\""));
+        assert!(!from(data).contains("monitoring"));
+        let raft = rules.iter().find(|r| port_of(r) == "raft").unwrap();
+        assert_eq!(raft["from"].as_array().unwrap().len(), 1);
+        assert!(from(raft).contains("\"datanode\"") && !from(raft).contains("namespaceSelector"));
+        let admin = rules.iter().find(|r| port_of(r) == "admin").unwrap();
+        assert!(from(admin).contains("monitoring") && from(admin).contains("nimbus-system"));
+        let gw = v(&gateway_network_policy(&s, "apps"));
+        assert!(gw["spec"]["ingress"][0]["from"].is_null(), "clients reach the public port from anywhere");
     }
 
     #[test]
