@@ -53,6 +53,14 @@ if etcd is not None:
     op = by_kind["Deployment"][etcd["metadata"]["name"].replace("-etcd", "-operator")]
     init = op["spec"]["template"]["spec"].get("initContainers", [])
     check(init and init[0]["args"] == ["etcd-setup"], "the operator sets up etcd's users before it runs")
+    setup_env = {e["name"]: e.get("value") for e in init[0]["env"]} if init else {}
+    member_env = {e["name"]: e.get("valueFrom", {}) for e in spec["initContainers"][0]["env"]}
+    state = setup_env.get("NIMBUS_ETCD_STATE_CONFIGMAP")
+    check(state and member_env.get("NIMBUS_ETCD_BOOTSTRAPPED", {}).get("configMapKeyRef", {}).get("name") == state,
+          "etcd's members read the record that etcd-setup writes")
+    roles = [r for r in by_kind.get("Role", {}).values()]
+    check(any("configmaps" in rule["resources"] and {"create", "patch"} <= set(rule["verbs"]) for r in roles for rule in r["rules"]),
+          "the operator may record that etcd was bootstrapped")
     env = {e["name"]: e.get("value") for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
     check(env.get("NIMBUS_ETCD_CERT_FILE", "").endswith("etcd-operator.crt"), "the operator connects with its own certificate")
     check("-etcd" in {n[-5:] for n in by_kind.get("NetworkPolicy", {})}, "etcd has a NetworkPolicy")

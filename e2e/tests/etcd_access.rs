@@ -48,13 +48,14 @@ impl Etcd {
         self.members.iter().map(|m| m.client.clone()).collect()
     }
 
-    /// `nimbus-operator etcd-member` for member `i`, then etcd with the file it wrote;
-    /// returns the plan it printed.
-    async fn start(&mut self, i: usize) -> String {
+    /// `nimbus-operator etcd-member` for member `i` (its init container): whether it
+    /// succeeded, and its log (the plan).
+    async fn prepare(&self, i: usize, bootstrapped: bool) -> (bool, String) {
         let config = self.members[i].dir.join("etcd.yaml");
         let root = &self.root;
         let out = Command::new(binary("nimbus-operator").unwrap())
             .arg("etcd-member")
+            .args(["--cluster-bootstrapped", if bootstrapped { "true" } else { "false" }])
             .args(["--name", &self.members[i].name, "--peers", &self.peers(), "--etcd", &self.clients().join(",")])
             .arg("--data-dir")
             .arg(self.members[i].dir.join("data"))
@@ -72,8 +73,12 @@ impl Etcd {
             .output()
             .await
             .unwrap();
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "etcd-member failed: {log}");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// etcd for member `i`, with the file `prepare` wrote.
+    fn spawn(&mut self, i: usize) {
+        let config = self.members[i].dir.join("etcd.yaml");
         let child = Command::new(nimbus_e2e::etcd::etcd_binary().unwrap())
             .arg("--config-file")
             .arg(&config)
@@ -84,7 +89,6 @@ impl Etcd {
             .spawn()
             .unwrap();
         self.members[i].child = Some(child);
-        log
     }
 
     async fn kill(&mut self, i: usize) {
@@ -150,9 +154,13 @@ async fn etcd_with_tls_and_least_rights_serves_the_gateway_and_a_member_that_los
         .collect();
     let clients: Vec<String> = members.iter().map(|m| m.client.clone()).collect();
     let mut etcd = Etcd { members, tls, root: cert_args(&clients, &pki.ca(), &root_id) };
+    // First install: every init container runs before any etcd (as Pods start together).
     for i in 0..3 {
-        let log = etcd.start(i).await;
-        assert!(log.contains("Bootstrap"), "{log}");
+        let (ok, log) = etcd.prepare(i, false).await;
+        assert!(ok && log.contains("Bootstrap"), "{log}");
+    }
+    for i in 0..3 {
+        etcd.spawn(i);
     }
     for i in 0..3 {
         etcd.wait_healthy(i).await;
@@ -235,12 +243,27 @@ async fn etcd_with_tls_and_least_rights_serves_the_gateway_and_a_member_that_los
     };
     assert!(refused, "plain HTTP reached etcd");
 
-    // A member loses its volume: killed, data gone. etcd-member removes it and adds it
-    // anew; it rejoins and catches up.
-    etcd.kill(2).await;
+    // The whole cluster goes down, and a member comes back without its volume. While no
+    // other member answers, it waits (its init container fails and is run again) instead
+    // of starting an empty cluster beside the real one; once they answer, it is removed and
+    // added anew, rejoins and catches up.
+    for i in 0..3 {
+        etcd.kill(i).await;
+    }
     std::fs::remove_dir_all(etcd.members[2].dir.join("data")).unwrap();
-    let log = etcd.start(2).await;
-    assert!(log.contains("Replace"), "{log}");
+    let (ok, log) = etcd.prepare(2, true).await;
+    assert!(!ok && log.contains("waiting for another member"), "{log}");
+    for i in 0..2 {
+        let (ok, log) = etcd.prepare(i, true).await;
+        assert!(ok && log.contains("Restart"), "{log}");
+        etcd.spawn(i);
+    }
+    for i in 0..2 {
+        etcd.wait_healthy(i).await;
+    }
+    let (ok, log) = etcd.prepare(2, true).await;
+    assert!(ok && log.contains("Replace"), "{log}");
+    etcd.spawn(2);
     etcd.wait_healthy(2).await;
     let only_e2 = cert_args(&[etcd.members[2].client.clone()], &pki.ca(), &root_id);
     let mut on_e2 = connect(&only_e2).await.unwrap();

@@ -2,7 +2,11 @@
 //! It decides how the member starts and writes etcd's configuration file:
 //!
 //! - with data: as it was (etcd ignores the initial-cluster settings then);
-//! - no data, and no other member answers: the first start of a new cluster;
+//! - no data, and no other member answers: the first start of a new cluster, unless the
+//!   cluster is known to have been bootstrapped already (`--cluster-bootstrapped`: the
+//!   operator records it once etcd is set up); then the member waits (exits non-zero, and
+//!   the kubelet runs it again) until another member answers, rather than starting an empty
+//!   cluster of its own beside the real one;
 //! - no data, and the cluster lists this member but it never started: join it;
 //! - no data, and the cluster lists this member as one that ran: the member lost its
 //!   volume. It is removed from the cluster and added again as a new member, then joins and
@@ -38,8 +42,11 @@ pub struct Listed {
 pub enum Plan {
     /// The data directory has a member: start it as it is.
     Restart,
-    /// Nobody answers and there is no data: the first start of the whole cluster.
+    /// Nobody answers, there is no data, and no cluster was ever bootstrapped: the first
+    /// start of the whole cluster.
     Bootstrap,
+    /// Nobody answers and there is no data, but the cluster exists: wait for a member.
+    Wait,
     /// Listed but never started: join with the cluster as it lists its members.
     Join,
     /// Listed as a member that ran, but its data is gone: remove it, add it anew, join.
@@ -48,13 +55,13 @@ pub enum Plan {
     Add,
 }
 
-/// How member `me` starts, from its data directory and what the cluster says (`None`: no
-/// other member answered).
-pub fn plan(me: &Peer, has_data: bool, cluster: Option<&[Listed]>) -> Plan {
+/// How member `me` starts, from its data directory, whether the cluster was ever
+/// bootstrapped, and what the cluster says (`None`: no other member answered).
+pub fn plan(me: &Peer, has_data: bool, bootstrapped: bool, cluster: Option<&[Listed]>) -> Plan {
     if has_data {
         return Plan::Restart;
     }
-    let Some(members) = cluster else { return Plan::Bootstrap };
+    let Some(members) = cluster else { return if bootstrapped { Plan::Wait } else { Plan::Bootstrap } };
     match members.iter().find(|m| m.peer_urls.contains(&me.peer_url) || (!m.name.is_empty() && m.name == me.name)) {
         Some(m) if m.name.is_empty() => Plan::Join,
         Some(m) => Plan::Replace { id: m.id },
@@ -113,6 +120,10 @@ pub struct MemberArgs {
     /// Where to write etcd's configuration file.
     #[arg(long)]
     pub config_file: PathBuf,
+    /// The cluster was bootstrapped once (the operator's record of it): a member with no
+    /// data never starts a new cluster, it waits for another member.
+    #[arg(long, env = "NIMBUS_ETCD_BOOTSTRAPPED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cluster_bootstrapped: bool,
     #[arg(long, default_value = "nimbus-etcd")]
     pub cluster_token: String,
     #[arg(long, default_value_t = 2 * 1024 * 1024 * 1024)]
@@ -235,7 +246,13 @@ pub async fn run(args: &MemberArgs) -> anyhow::Result<Plan> {
             client = Some(c);
         }
     }
-    let decision = plan(&me, has_data, listed.as_deref());
+    let decision = plan(&me, has_data, args.cluster_bootstrapped, listed.as_deref());
+    if decision == Plan::Wait {
+        anyhow::bail!(
+            "this member has no data and no other member answers, but the cluster was bootstrapped before: \
+             waiting for another member (run again)"
+        );
+    }
     let mut initial = peers.clone();
     if let (Some(c), Plan::Replace { .. } | Plan::Add | Plan::Join) = (client.as_mut(), &decision) {
         if let Plan::Replace { id } = decision {
@@ -280,31 +297,34 @@ mod tests {
 
     #[test]
     fn a_member_with_data_restarts_as_it_was() {
-        assert_eq!(plan(&me(), true, None), Plan::Restart);
-        assert_eq!(plan(&me(), true, Some(&[listed(7, "etcd-1", "https://etcd-1.etcd:2380")])), Plan::Restart);
+        assert_eq!(plan(&me(), true, true, None), Plan::Restart);
+        assert_eq!(plan(&me(), true, false, Some(&[listed(7, "etcd-1", "https://etcd-1.etcd:2380")])), Plan::Restart);
     }
 
     #[test]
-    fn with_no_data_and_no_cluster_the_cluster_is_born() {
-        assert_eq!(plan(&me(), false, None), Plan::Bootstrap);
+    fn with_no_data_and_no_cluster_the_cluster_is_born_only_once() {
+        assert_eq!(plan(&me(), false, false, None), Plan::Bootstrap);
+        // Bootstrapped before, nobody answering yet (a whole-cluster restart): wait, never
+        // start an empty cluster beside the real one.
+        assert_eq!(plan(&me(), false, true, None), Plan::Wait);
     }
 
     #[test]
     fn a_member_that_lost_its_volume_is_replaced() {
         let cluster =
             [listed(5, "etcd-0", "https://etcd-0.etcd:2380"), listed(7, "etcd-1", "https://etcd-1.etcd:2380")];
-        assert_eq!(plan(&me(), false, Some(&cluster)), Plan::Replace { id: 7 });
+        assert_eq!(plan(&me(), false, true, Some(&cluster)), Plan::Replace { id: 7 });
     }
 
     #[test]
     fn a_member_listed_but_never_started_joins() {
         let cluster = [listed(5, "etcd-0", "https://etcd-0.etcd:2380"), listed(7, "", "https://etcd-1.etcd:2380")];
-        assert_eq!(plan(&me(), false, Some(&cluster)), Plan::Join);
+        assert_eq!(plan(&me(), false, false, Some(&cluster)), Plan::Join);
     }
 
     #[test]
     fn a_member_the_cluster_does_not_know_is_added() {
         let cluster = [listed(5, "etcd-0", "https://etcd-0.etcd:2380")];
-        assert_eq!(plan(&me(), false, Some(&cluster)), Plan::Add);
+        assert_eq!(plan(&me(), false, true, Some(&cluster)), Plan::Add);
     }
 }

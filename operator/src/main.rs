@@ -37,6 +37,13 @@ enum Command {
     EtcdSetup {
         #[command(flatten)]
         etcd: nimbus_net::EtcdArgs,
+        /// Once set up, record in this ConfigMap (in POD_NAMESPACE) that the etcd cluster
+        /// was bootstrapped: its members with no data then wait for the others instead of
+        /// starting a new cluster.
+        #[arg(long, env = "NIMBUS_ETCD_STATE_CONFIGMAP")]
+        state_configmap: Option<String>,
+        #[arg(long, env = "POD_NAMESPACE", default_value = "nimbus-system")]
+        namespace: String,
     },
     /// Print the objects the operator would create for a DatabaseInstance manifest (its
     /// first replica set, in zones a, b, c; tokens left as placeholders).
@@ -114,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(member = %args.name, ?plan, config = %args.config_file.display(), "etcd member configured");
             Ok(())
         }
-        Command::EtcdSetup { etcd } => {
+        Command::EtcdSetup { etcd, state_configmap, namespace } => {
             use nimbus_operator::controlplane::etcd_access::{self, GATEWAY_USER, OPERATOR_USER, ROOT_USER, User};
             init_logs(false);
             let opts = etcd_client::ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
@@ -123,6 +130,9 @@ async fn main() -> anyhow::Result<()> {
             let users = [ROOT_USER, OPERATOR_USER, GATEWAY_USER].map(|name| User { name, password: None });
             etcd_access::ensure(&mut client, &users).await.context("failed to set up etcd's roles and users")?;
             tracing::info!("etcd roles and users in place; authentication on");
+            if let Some(name) = state_configmap {
+                record_bootstrapped(&namespace, &name).await?;
+            }
             Ok(())
         }
         Command::Run(args) => {
@@ -164,6 +174,24 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `bootstrapped: "true"` in ConfigMap `name`: the record etcd's members read.
+async fn record_bootstrapped(namespace: &str, name: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let client = kube::Client::try_default().await.context("failed to reach the Kubernetes API")?;
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, namespace);
+    let cm = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/name": "nimbus", "app.kubernetes.io/component": "etcd"}},
+        "data": {"bootstrapped": "true"}
+    });
+    let ssa = kube::api::PatchParams::apply("nimbus-operator").force();
+    api.patch(name, &ssa, &kube::api::Patch::Apply(cm)).await.context("failed to record that etcd was bootstrapped")?;
+    tracing::info!(configmap = name, "recorded that the etcd cluster was bootstrapped");
+    Ok(())
 }
 
 fn init_logs(json: bool) {
