@@ -43,7 +43,10 @@ pub fn send(addr: &str, method: &str, target: &[u8], headers: &[(&str, &str)], b
         req.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
     }
     if let Some(b) = body {
-        req.extend_from_slice(format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()).as_bytes());
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+            req.extend_from_slice(b"Content-Type: application/json\r\n");
+        }
+        req.extend_from_slice(format!("Content-Length: {}\r\n", b.len()).as_bytes());
     }
     req.extend_from_slice(b"\r\n");
     if let Some(b) = body {

@@ -252,29 +252,186 @@ async fn idle_slow_header_and_slow_body_clients_are_cut_off() {
     let a = raw::send(&addr, "GET", b"/healthz", &[("X-Big", &big)], None);
     assert!(a.status == 431 || a.status == 0, "{} {}", a.status, a.head);
 
-    // HTTP/2: the limits are announced in the server's SETTINGS, and a connection that
-    // never sends a request is closed after the idle timeout.
-    let mut h2 = TcpStream::connect(&addr).unwrap();
-    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").unwrap();
-    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut frame = [0u8; 9];
-    h2.read_exact(&mut frame).unwrap();
-    assert_eq!(frame[3], 0x4, "the first frame is SETTINGS");
-    let len = u32::from_be_bytes([0, frame[0], frame[1], frame[2]]) as usize;
-    let mut payload = vec![0u8; len];
-    h2.read_exact(&mut payload).unwrap();
-    let settings: std::collections::BTreeMap<u16, u32> = payload
-        .chunks(6)
-        .map(|c| (u16::from_be_bytes([c[0], c[1]]), u32::from_be_bytes([c[2], c[3], c[4], c[5]])))
-        .collect();
-    assert_eq!(settings.get(&0x3), Some(&128), "SETTINGS_MAX_CONCURRENT_STREAMS: {settings:?}");
-    assert_eq!(settings.get(&0x6), Some(&8192), "SETTINGS_MAX_HEADER_LIST_SIZE: {settings:?}");
-    assert!(closed_within(&mut h2, Duration::from_secs(5)), "an idle HTTP/2 connection stayed open");
-
     // A real HTTP/2 client is served.
     let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
     let r = client.get(format!("{}/healthz", e.gw.public)).send().await.unwrap();
     assert_eq!((r.version(), r.status().as_u16()), (reqwest::Version::HTTP_2, 200));
+}
+
+/// A raw HTTP/2 connection: the preface and an empty SETTINGS sent, the server's SETTINGS
+/// read and acknowledged.
+struct H2 {
+    s: TcpStream,
+    settings: std::collections::BTreeMap<u16, u32>,
+}
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A header as HPACK's "literal without indexing, new name" (no Huffman; short strings).
+fn hpack(name: &str, value: &str) -> Vec<u8> {
+    assert!(name.len() < 127 && value.len() < 127);
+    let mut b = vec![0x00, name.len() as u8];
+    b.extend_from_slice(name.as_bytes());
+    b.push(value.len() as u8);
+    b.extend_from_slice(value.as_bytes());
+    b
+}
+
+impl H2 {
+    fn connect(addr: &str) -> H2 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+        s.write_all(&h2_frame(0x4, 0, 0, &[])).unwrap();
+        let mut h = H2 { s, settings: Default::default() };
+        let (kind, _, _, payload) = h.read_frame().expect("the server's SETTINGS");
+        assert_eq!(kind, 0x4, "the first frame is SETTINGS");
+        h.settings = payload
+            .chunks(6)
+            .map(|c| (u16::from_be_bytes([c[0], c[1]]), u32::from_be_bytes([c[2], c[3], c[4], c[5]])))
+            .collect();
+        h.s.write_all(&h2_frame(0x4, 0x1, 0, &[])).unwrap();
+        h
+    }
+
+    /// The next frame (kind, flags, stream, payload); `None` once the server closed.
+    /// Panics if nothing comes within the read timeout (a timeout is not a close).
+    fn read_frame(&mut self) -> Option<(u8, u8, u32, Vec<u8>)> {
+        let mut head = [0u8; 9];
+        self.read_exact(&mut head)?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        self.read_exact(&mut payload)?;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        Some((head[3], head[4], stream, payload))
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Option<()> {
+        match self.s.read_exact(buf) {
+            Ok(()) => Some(()),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                panic!("the server neither answered nor closed the connection in time")
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Request headers on `stream`: `end_headers` and `end_stream` as asked.
+    fn headers(&mut self, stream: u32, fields: &[(&str, &str)], end_headers: bool, end_stream: bool) {
+        let block: Vec<u8> = fields.iter().flat_map(|(n, v)| hpack(n, v)).collect();
+        let flags = (if end_headers { 0x4 } else { 0 }) | (if end_stream { 0x1 } else { 0 });
+        self.s.write_all(&h2_frame(0x1, flags, stream, &block)).unwrap();
+    }
+
+    /// Whether the server closes the connection (GOAWAY, then EOF) within `within`.
+    fn closed_within(&mut self, within: Duration) -> bool {
+        self.s.set_read_timeout(Some(within)).unwrap();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + within;
+        loop {
+            match self.s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) if Instant::now() < deadline => continue,
+                Ok(_) => return false,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return false;
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_meet_the_same_limits_and_timeouts() {
+    // Pings every 10 s: what closes a connection below is the idle and body timeouts.
+    let mut e = env(
+        1,
+        &["a"],
+        &[
+            "--idle-timeout-ms",
+            "600",
+            "--body-timeout-ms",
+            "600",
+            "--max-header-bytes",
+            "8192",
+            "--h2-max-streams",
+            "16",
+            "--queue-wait-ms",
+            "3000",
+        ],
+    )
+    .await;
+    let addr = addr_of(&e.gw.public);
+    // The limits are announced; a connection that never sends a request is closed.
+    let mut idle = H2::connect(&addr);
+    assert_eq!(idle.settings.get(&0x3), Some(&16), "SETTINGS_MAX_CONCURRENT_STREAMS: {:?}", idle.settings);
+    assert_eq!(idle.settings.get(&0x6), Some(&8192), "SETTINGS_MAX_HEADER_LIST_SIZE: {:?}", idle.settings);
+    assert!(idle.closed_within(Duration::from_secs(5)), "an idle HTTP/2 connection stayed open");
+    // Headers that never end (no END_HEADERS, no CONTINUATION): no request ever starts,
+    // and the connection is closed as idle.
+    let mut slow = H2::connect(&addr);
+    slow.headers(1, &[(":method", "GET"), (":scheme", "http")], false, true);
+    assert!(slow.closed_within(Duration::from_secs(5)), "a never-ending header block kept its connection");
+    // A body that never comes: 400 on the stream once the body timeout passes.
+    let auth = format!("Bearer {}", e.tokens[0]);
+    let post = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "nimbus"),
+        (":path", "/v1/databases/a/collections/c/find"),
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("content-length", "100"),
+    ];
+    let mut stalled = H2::connect(&addr);
+    let started = Instant::now();
+    stalled.headers(1, &post, true, false);
+    let answer = loop {
+        let (kind, _, stream, payload) = stalled.read_frame().expect("an answer before the connection closed");
+        if kind == 0x1 && stream == 1 {
+            break payload;
+        }
+    };
+    // HPACK's static entry 12 is `:status 400`.
+    assert_eq!(answer.first(), Some(&0x8c), "the stalled body's answer: {answer:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "answered before the body timeout: {:?}",
+        started.elapsed()
+    );
+    // A request reset by the client while it waits (here in its database's rate queue: hyper
+    // drops its future) leaves nothing in flight: the connection is idle, and closed, as if
+    // the request never was.
+    let slow = Limits { tier: Tier::Free, qps: 1, burst: 1, max_connections: 1000, max_in_flight: 1000 };
+    e.stack.control.limits("a", &slow).await.unwrap();
+    let client = DataClient::new();
+    let url = format!("{}/v1/databases/a/collections", e.gw.public);
+    // Requests once a second, and the bucket empty: a request waits for its slot.
+    poll("the rate limit to apply", Duration::from_secs(15), || async {
+        let started = Instant::now();
+        client.call(Method::GET, &url, None, &[("authorization", &auth)]).await;
+        (started.elapsed() > Duration::from_millis(400)).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut reset = H2::connect(&addr);
+    let get = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "nimbus"),
+        (":path", "/v1/databases/a/collections"),
+        ("authorization", auth.as_str()),
+    ];
+    reset.headers(1, &get, true, true);
+    reset.s.write_all(&h2_frame(0x3, 0, 1, &0x8u32.to_be_bytes())).unwrap();
+    assert!(reset.closed_within(Duration::from_secs(5)), "a reset request kept its connection busy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,7 +131,9 @@ fn is_contract_error(a: &raw::RawAnswer) -> bool {
         404 => vec!["NotFound"],
         409 => vec!["DuplicateKey"],
         413 => vec!["TooLarge"],
+        422 => vec!["IdempotencyKeyReused"],
         429 => vec!["RateLimited"],
+        503 => vec!["Unavailable"],
         _ => vec![],
     };
     code.is_some_and(|c| expected.contains(&c.as_str())) && a.json()["error"]["message"].is_string()

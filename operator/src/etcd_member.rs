@@ -126,7 +126,7 @@ pub struct MemberArgs {
     pub cluster_bootstrapped: bool,
     #[arg(long, default_value = "nimbus-etcd")]
     pub cluster_token: String,
-    #[arg(long, default_value_t = 2 * 1024 * 1024 * 1024)]
+    #[arg(long, default_value_t = 1024 * 1024 * 1024)]
     pub quota_backend_bytes: u64,
     /// The address etcd's client and peer listeners bind (the advertised URLs' ports).
     #[arg(long, default_value = "0.0.0.0")]

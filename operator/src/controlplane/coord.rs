@@ -32,28 +32,41 @@ impl Coordinator {
     }
 
     pub async fn route(&self, db: &str) -> Result<Option<Route>, CoordError> {
+        Ok(self.route_at(db).await?.0)
+    }
+
+    /// The route of `db` and etcd's revision when it was read.
+    async fn route_at(&self, db: &str) -> Result<(Option<Route>, u64), CoordError> {
         let key = etcd::route_key(db);
         let resp = self.client.kv_client().get(key.as_str(), None).await?;
+        let revision = resp.header().map_or(0, |h| h.revision().max(0) as u64);
         match resp.kvs().first() {
-            None => Ok(None),
-            Some(kv) => {
-                serde_json::from_slice(kv.value()).map(Some).map_err(|source| CoordError::Decode { key, source })
-            }
+            None => Ok((None, revision)),
+            Some(kv) => serde_json::from_slice(kv.value())
+                .map(|r| (Some(r), revision))
+                .map_err(|source| CoordError::Decode { key, source }),
         }
     }
 
-    /// Points `db` at `replica_set` with these members. A new route starts at epoch 1; an
-    /// existing one keeps its epoch and state (a member change is not a move), so the
-    /// write is idempotent and never undoes a migration's hold.
+    /// Points `db` at `replica_set` with these members. An existing route on the same
+    /// replica set keeps its epoch and state (a member change is not a move), so the write
+    /// is idempotent and never undoes a migration's hold. A new route, or one moved to
+    /// another replica set, gets an epoch above any the database ever had: etcd's revision
+    /// (it only grows, and a route's epoch was at most the revision when it was written),
+    /// so a database dropped and created again never starts over below an epoch a replica
+    /// set still remembers.
     pub async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
-        let current = self.route(db).await?;
+        let (current, revision) = self.route_at(db).await?;
+        let fresh_epoch = revision + 1;
         let route = match &current {
             Some(r) if r.replica_set == replica_set => Route { members, ..r.clone() },
-            Some(r) => Route { replica_set: replica_set.into(), members, ..r.clone() },
+            Some(r) => {
+                Route { replica_set: replica_set.into(), members, epoch: fresh_epoch.max(r.epoch + 1), ..r.clone() }
+            }
             None => Route {
                 replica_set: replica_set.into(),
                 members,
-                epoch: 1,
+                epoch: fresh_epoch,
                 state: RouteState::Serving,
                 hold_deadline_ms: None,
             },

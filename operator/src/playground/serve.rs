@@ -226,6 +226,13 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
 }
 
 async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secrets: &Secrets) -> anyhow::Result<()> {
+    if st.replica_sets.values().any(|s| s.members.values().any(|m| m.raft_port == 0)) {
+        bail!(
+            "{} was made by an earlier Nimbus, without Raft ports or cluster secrets: its datanodes cannot be \
+             upgraded in place. Remove the directory and run `nimbus playground up` again",
+            dir.display()
+        );
+    }
     // etcd.
     let etcd_url = format!("http://127.0.0.1:{}", st.etcd_client_port);
     let peer_url = format!("http://127.0.0.1:{}", st.etcd_peer_port);

@@ -50,6 +50,8 @@ pub struct MemberState {
     pub zone: String,
     pub data_port: u16,
     pub admin_port: u16,
+    /// 0 in a directory made before the Raft port existed (which cannot be reused).
+    #[serde(default)]
     pub raft_port: u16,
 }
 
