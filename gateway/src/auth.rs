@@ -19,6 +19,9 @@ pub struct Principal {
     pub role: UserRole,
 }
 
+/// Compared with when a token names no known user: the hash of no secret anyone holds.
+const UNKNOWN_USER_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
 /// Lower-case hex SHA-256 of a token secret.
 pub fn secret_sha256(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
@@ -52,12 +55,16 @@ pub fn verify_token(
 ) -> Result<(Arc<DbState>, Principal), ApiError> {
     let invalid = || ApiError::new(ErrorCode::Unauthenticated, "invalid or revoked token");
     let (db, user, secret) = parse_token(token).ok_or_else(invalid)?;
-    let state = lookup(db).ok_or_else(invalid)?;
-    let record = state.users.get(user).ok_or_else(invalid)?;
+    // The secret is hashed and compared whether or not the user exists, so the time taken
+    // does not tell which databases and users there are.
     let given = secret_sha256(secret);
-    if !bool::from(given.as_bytes().ct_eq(record.secret_sha256.as_bytes())) {
+    let state = lookup(db);
+    let record = state.as_ref().and_then(|s| s.users.get(user));
+    let stored = record.map_or(UNKNOWN_USER_HASH, |r| r.secret_sha256.as_str());
+    let matches = bool::from(given.as_bytes().ct_eq(stored.as_bytes()));
+    let (Some(state), Some(record), true) = (state.clone(), record, matches) else {
         return Err(invalid());
-    }
+    };
     let who = Principal { user: user.to_owned(), role: record.role };
     Ok((state, who))
 }

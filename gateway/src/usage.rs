@@ -7,7 +7,7 @@
 //!   control plane at `GET /v1/admin/usage` (billing, autoscaling), and rendered on the
 //!   admin port's `/metrics` for the busiest databases only: the `--metrics-tenant-series`
 //!   databases with the most requests in the last minute get series of their own, the rest
-//!   are summed as `db="_other"`. The series are gauges of the last minute, so a database
+//!   are summed in `nimbus_gateway_other_tenants_last_60s`. The series are gauges of the last minute, so a database
 //!   entering or leaving the top does not break a counter. Label cardinality is thus
 //!   bounded by the setting whatever the number of tenants (10,000 databases per gateway
 //!   cost 10,000 windows of about 3.4 KiB, and only the top 100 appear in Prometheus).
@@ -212,16 +212,21 @@ impl Usage {
             other.add(c);
         }
         usage.truncate(self.tenant_series);
-        if tracked > self.tenant_series {
-            usage.push(("_other".to_owned(), other));
-        }
         let mut out = String::new();
-        out.push_str("# HELP nimbus_gateway_tenant_last_60s What each of the busiest databases did in the last minute (the rest summed as db=\"_other\").\n");
+        out.push_str(
+            "# HELP nimbus_gateway_tenant_last_60s What each of the busiest databases did in the last minute.\n",
+        );
         out.push_str("# TYPE nimbus_gateway_tenant_last_60s gauge\n");
         for (db, c) in &usage {
             for (kind, v) in c.fields() {
                 let _ = writeln!(out, "nimbus_gateway_tenant_last_60s{{db=\"{}\",kind=\"{kind}\"}} {v}", escape(db));
             }
+        }
+        // A series of its own (a database may well be named `_other`).
+        out.push_str("# HELP nimbus_gateway_other_tenants_last_60s What the databases without series of their own did in the last minute, summed.\n");
+        out.push_str("# TYPE nimbus_gateway_other_tenants_last_60s gauge\n");
+        for (kind, v) in other.fields() {
+            let _ = writeln!(out, "nimbus_gateway_other_tenants_last_60s{{kind=\"{kind}\"}} {v}");
         }
         out.push_str("# HELP nimbus_gateway_tenants_tracked Databases with requests in the last two minutes.\n");
         out.push_str("# TYPE nimbus_gateway_tenants_tracked gauge\n");
@@ -271,7 +276,10 @@ mod tests {
         assert!(series[0].starts_with("nimbus_gateway_tenant_last_60s{db=\"db49\"") && series[0].ends_with(" 50"));
         assert!(series[1].contains("db=\"db48\"") && series[1].ends_with(" 49"));
         // The other 48 databases: 1 + 2 + ... + 48 reads.
-        assert!(series[2].contains("db=\"_other\"") && series[2].ends_with(&format!(" {}", 48 * 49 / 2)));
+        assert!(
+            series[2].starts_with("nimbus_gateway_other_tenants_last_60s")
+                && series[2].ends_with(&format!(" {}", 48 * 49 / 2))
+        );
         assert!(text.contains("nimbus_gateway_tenants_tracked 50"));
     }
 }
