@@ -20,7 +20,7 @@ pub struct Principal {
 }
 
 /// Compared with when a token names no known user: the hash of no secret anyone holds.
-const UNKNOWN_USER_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const UNKNOWN_USER_HASH: [u8; 32] = [0; 32];
 
 /// Lower-case hex SHA-256 of a token secret.
 pub fn secret_sha256(secret: &str) -> String {
@@ -57,11 +57,11 @@ pub fn verify_token(
     let (db, user, secret) = parse_token(token).ok_or_else(invalid)?;
     // The secret is hashed and compared whether or not the user exists, so the time taken
     // does not tell which databases and users there are.
-    let given = secret_sha256(secret);
+    let given: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
     let state = lookup(db);
     let record = state.as_ref().and_then(|s| s.users.get(user));
-    let stored = record.map_or(UNKNOWN_USER_HASH, |r| r.secret_sha256.as_str());
-    let matches = bool::from(given.as_bytes().ct_eq(stored.as_bytes()));
+    let stored = record.map_or(&UNKNOWN_USER_HASH, |r| &r.secret_sha256);
+    let matches = bool::from(given.ct_eq(stored));
     let (Some(state), Some(record), true) = (state.clone(), record, matches) else {
         return Err(invalid());
     };
@@ -87,9 +87,10 @@ mod tests {
 
     fn db_with(name: &str, user: &str, record: UserRecord) -> Arc<DbState> {
         let limits = nimbus_api::etcd::Limits::for_tier(nimbus_api::etcd::Tier::Free);
+        let stored = crate::state::StoredUser::from_record(&record).unwrap();
         Arc::new(DbState {
             name: name.into(),
-            users: [(user.to_owned(), record)].into_iter().collect(),
+            users: [(user.to_owned(), stored)].into_iter().collect(),
             route: None,
             limiter: Arc::new(crate::limits::TenantLimiter::new(limits, 1 << 20)),
         })

@@ -54,10 +54,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(sync::run(gw.clone(), public_url));
     let public = server::public_router(gw.clone(), prometheus.clone());
     let admin_app = server::admin_router(gw.clone(), prometheus);
-    tokio::spawn(server::serve(admin, admin_app, admin_how));
+    tokio::spawn(server::serve(admin, admin_app, None, admin_how));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = server::serve(listener, public, public_how) => {}
+        _ = server::serve(listener, public, Some(gw.clone()), public_how) => {}
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }

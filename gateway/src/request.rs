@@ -50,26 +50,41 @@ struct Trace {
     made_key: Option<HeaderValue>,
 }
 
-/// Runs the pipeline for one data API request.
-pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+/// Runs the pipeline for one data API request, straight from the connection (`conn`: the
+/// client connection it came on, for its database's connection limit).
+pub async fn handle<B>(gw: &Gateway, conn: Option<&Arc<ConnState>>, req: http::Request<B>) -> Response
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let mut trace = Trace::default();
-    let outcome = pipeline(&gw, &parts, body, &mut trace).await;
+    let outcome = pipeline(gw, conn, &parts, body, &mut trace).await;
     if let Some((db, access)) = &trace.counted_as {
-        count(&gw, db, *access, trace.bytes_in, &outcome, started);
+        count(gw, db, *access, trace.bytes_in, &outcome, started);
     }
     respond(outcome, trace.made_key)
 }
 
-async fn pipeline(gw: &Gateway, parts: &Parts, body: Body, trace: &mut Trace) -> Outcome {
+/// The same, as an axum handler (the data route of [`crate::server::public_router`]).
+pub async fn axum_handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let conn = req.extensions().get::<Arc<ConnState>>().cloned();
+    handle(&gw, conn.as_ref(), req).await
+}
+
+async fn pipeline<B>(gw: &Gateway, conn: Option<&Arc<ConnState>>, parts: &Parts, body: B, trace: &mut Trace) -> Outcome
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let parsed = parse(parts);
     check_serving(gw)?;
     let (db, who) = authenticate(gw, &parts.headers)?;
     let path = parsed.map_err(|e| refuse_unparsed(&db, parts, e))?;
     authorize(&who, &db.name, &path)?;
     trace.counted_as = Some((db.clone(), path.access()));
-    let _admission = admit(gw, &db, parts.extensions.get::<Arc<ConnState>>()).await?;
+    let _admission = admit(gw, &db, conn).await?;
     let (body, _held) = read_body(gw, &db, &path, &parts.headers, body).await?;
     trace.bytes_in = body.as_ref().map_or(0, |b| b.len() as u64);
     let (key, made) = idempotency_key(&path, &parts.headers)?;
@@ -124,13 +139,17 @@ pub async fn admit(gw: &Gateway, db: &DbState, conn: Option<&Arc<ConnState>>) ->
 /// application/json`, at most `--max-body-bytes` within `--body-timeout-ms`, held against
 /// the memory budgets as it arrives, nested at most [`MAX_NESTING_DEPTH`] levels (scanned as
 /// it arrives, without parsing). The datanode parses and validates it.
-pub async fn read_body(
+pub async fn read_body<B>(
     gw: &Gateway,
     db: &DbState,
     path: &DataPath,
     headers: &HeaderMap,
-    body: Body,
-) -> Result<(Option<Chunks>, Reservation), ApiError> {
+    body: B,
+) -> Result<(Option<Chunks>, Reservation), ApiError>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let mut held = Reservation::default();
     if !path.has_body() {
         return Ok((None, held));

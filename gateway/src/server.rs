@@ -217,8 +217,11 @@ impl Listening {
     }
 }
 
+/// The public listener's routes. `serve` hands the data API's requests (`/v1/databases/`) to
+/// the pipeline itself, without the router; the route here is the same pipeline, for other
+/// servers of this router.
 pub fn public_router(gw: Arc<Gateway>, prometheus: PrometheusHandle) -> Router {
-    let data = Router::new().route("/v1/databases/{*rest}", any(crate::request::handle)).with_state(gw.clone());
+    let data = Router::new().route("/v1/databases/{*rest}", any(crate::request::axum_handle)).with_state(gw.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -282,8 +285,9 @@ async fn usage(State(app): State<App>) -> Response {
     axum::Json(serde_json::json!({ "databases": app.gw.usage.snapshot() })).into_response()
 }
 
-/// Serves `app` on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, app: Router, how: Listening) {
+/// Serves `app` on `listener` until the process ends; with `data`, the data API's requests
+/// go to its pipeline directly (no router, no boxed request body: the hot path).
+pub async fn serve(listener: TcpListener, app: Router, data: Option<Arc<Gateway>>, how: Listening) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -315,7 +319,7 @@ pub async fn serve(listener: TcpListener, app: Router, how: Listening) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (app, how, builder) = (app.clone(), how.clone(), builder.clone());
+        let (app, how, builder, data) = (app.clone(), how.clone(), builder.clone(), data.clone());
         tokio::spawn(async move {
             let _guard = guard;
             let conn = Arc::new(ConnState::default());
@@ -323,12 +327,19 @@ pub async fn serve(listener: TcpListener, app: Router, how: Listening) {
             let state = conn.clone();
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let in_flight = state.begin();
-                req.extensions_mut().insert(state.clone());
-                let answer = app.clone().oneshot(req.map(Body::new));
+                let (app, data, conn) = (app.clone(), data.clone(), state.clone());
                 async move {
-                    let r = answer.await;
+                    let r = match data {
+                        Some(gw) if req.uri().path().starts_with("/v1/databases/") => {
+                            crate::request::handle(&gw, Some(&conn), req).await
+                        }
+                        _ => {
+                            req.extensions_mut().insert(conn);
+                            app.oneshot(req.map(Body::new)).await.unwrap_or_else(|e| match e {})
+                        }
+                    };
                     drop(in_flight);
-                    r
+                    Ok::<_, Infallible>(r)
                 }
             });
             match how.tls.clone() {

@@ -76,6 +76,8 @@ impl LeaderCell {
 pub struct RouteEntry {
     pub replica_set: String,
     pub epoch: u64,
+    /// `epoch` as the header every request to a datanode carries (made once).
+    pub epoch_header: http::HeaderValue,
     pub state: RouteState,
     pub hold_deadline_ms: Option<u64>,
     pub members: Vec<Member>,
@@ -92,11 +94,28 @@ impl RouteEntry {
     }
 }
 
+/// A user as requests are checked against it: the stored SHA-256 of its token's secret,
+/// decoded once when the table is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredUser {
+    pub role: nimbus_api::etcd::UserRole,
+    pub secret_sha256: [u8; 32],
+}
+
+impl StoredUser {
+    /// `None` for a record whose hash is not 64 hex digits (it could match no token).
+    pub fn from_record(r: &UserRecord) -> Option<StoredUser> {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(&r.secret_sha256, &mut digest).ok()?;
+        Some(StoredUser { role: r.role, secret_sha256: digest })
+    }
+}
+
 /// Everything a request of one database needs.
 #[derive(Debug)]
 pub struct DbState {
     pub name: String,
-    pub users: HashMap<String, UserRecord>,
+    pub users: HashMap<String, StoredUser>,
     pub route: Option<Arc<RouteEntry>>,
     pub limiter: Arc<TenantLimiter>,
 }
@@ -201,7 +220,11 @@ impl Gateway {
         };
         DbState {
             name: db.to_owned(),
-            users: tables.users.get(db).cloned().unwrap_or_default(),
+            users: tables
+                .users
+                .get(db)
+                .map(|us| us.iter().filter_map(|(n, r)| Some((n.clone(), StoredUser::from_record(r)?))).collect())
+                .unwrap_or_default(),
             route: tables.routes.get(db).map(|r| Arc::new(self.route_entry(r))),
             limiter,
         }
@@ -231,6 +254,7 @@ impl Gateway {
         RouteEntry {
             replica_set: r.replica_set.clone(),
             epoch: r.epoch,
+            epoch_header: http::HeaderValue::from(r.epoch),
             state: r.state,
             hold_deadline_ms: r.hold_deadline_ms,
             members,

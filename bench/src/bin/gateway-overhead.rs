@@ -63,7 +63,10 @@ async fn main() -> anyhow::Result<()> {
     };
     stack.control.limits("bench", &unlimited).await?;
     let (etcd, cluster) = (&stack.etcd, &stack.cluster);
-    let gw = GatewayProc::start("gw-bench", &etcd.client_urls, &cluster.secret_file, &[]).await?;
+    // One client address stands for many clients here: no per-address connection limit.
+    let gw =
+        GatewayProc::start("gw-bench", &etcd.client_urls, &cluster.secret_file, &["--max-connections-per-ip", "20000"])
+            .await?;
     // A bare proxy in front of the leader, as a user would put one there: it adds what
     // every request to a datanode carries (the cluster secret, a route epoch) and nothing
     // else.
