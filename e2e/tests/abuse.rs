@@ -329,6 +329,31 @@ impl H2 {
         self.s.write_all(&h2_frame(0x1, flags, stream, &block)).unwrap();
     }
 
+    /// The frames (kind, stream) the server sends until it closes the connection, if it
+    /// does within `within`.
+    fn frames_until_closed(&mut self, within: Duration) -> Option<Vec<(u8, u32)>> {
+        self.s.set_read_timeout(Some(within)).unwrap();
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        let mut head = [0u8; 9];
+        while Instant::now() < deadline {
+            match self.s.read_exact(&mut head) {
+                Ok(()) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return None;
+                }
+                Err(_) => return Some(seen),
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if self.s.read_exact(&mut payload).is_err() {
+                return Some(seen);
+            }
+            seen.push((head[3], u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff));
+        }
+        None
+    }
+
     /// Whether the server closes the connection (GOAWAY, then EOF) within `within`.
     fn closed_within(&mut self, within: Duration) -> bool {
         self.s.set_read_timeout(Some(within)).unwrap();
@@ -377,8 +402,10 @@ async fn http2_clients_meet_the_same_limits_and_timeouts() {
     // Headers that never end (no END_HEADERS, no CONTINUATION): no request ever starts,
     // and the connection is closed as idle.
     let mut slow = H2::connect(&addr);
+    let started = Instant::now();
     slow.headers(1, &[(":method", "GET"), (":scheme", "http")], false, true);
     assert!(slow.closed_within(Duration::from_secs(5)), "a never-ending header block kept its connection");
+    assert!(started.elapsed() >= Duration::from_millis(500), "closed at once, not as idle: {:?}", started.elapsed());
     // A body that never comes: 400 on the stream once the body timeout passes.
     let auth = format!("Bearer {}", e.tokens[0]);
     let post = [
@@ -431,7 +458,46 @@ async fn http2_clients_meet_the_same_limits_and_timeouts() {
     ];
     reset.headers(1, &get, true, true);
     reset.s.write_all(&h2_frame(0x3, 0, 1, &0x8u32.to_be_bytes())).unwrap();
-    assert!(reset.closed_within(Duration::from_secs(5)), "a reset request kept its connection busy");
+    let frames = reset.frames_until_closed(Duration::from_secs(5)).expect("a reset request kept its connection busy");
+    // It was still waiting when reset: no answer ever came on its stream.
+    assert!(!frames.iter().any(|(kind, stream)| *kind == 0x1 && *stream == 1), "answered before the reset: {frames:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_one_byte_chunks_arrives_whole_and_costs_what_it_holds() {
+    let e = env(1, &["a"], &[]).await;
+    let pid = e.gw.pid().unwrap();
+    let baseline = peak_rss(pid);
+    // A 1 MiB document sent as a million one-byte chunks (HTTP/1.1 chunked encoding).
+    let body = format!(r#"{{"documents": [{{"_id": "chunky", "s": "{}"}}]}}"#, "x".repeat(MIB));
+    let mut wire = format!(
+        "POST /v1/databases/a/collections/c/documents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        e.tokens[0]
+    )
+    .into_bytes();
+    for b in body.bytes() {
+        wire.extend_from_slice(b"1\r\n");
+        wire.push(b);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    let addr = addr_of(&e.gw.public);
+    let a = tokio::task::spawn_blocking(move || raw::send_bytes(&addr, &wire)).await.unwrap();
+    assert_eq!(a.status, 201, "{}", a.text());
+    let (st, doc) = DataClient::new()
+        .call(
+            Method::GET,
+            &format!("{}/v1/databases/a/collections/c/documents/chunky", e.gw.public),
+            None,
+            &[("authorization", &format!("Bearer {}", e.tokens[0]))],
+        )
+        .await;
+    assert_eq!((st, doc["s"].as_str().map(str::len)), (200, Some(MIB)));
+    // A million frames held as sixteen 64 KiB blocks: the gateway grew by megabytes, not
+    // by a list entry and a pinned read buffer per byte (hundreds of megabytes).
+    let grown = peak_rss(pid).saturating_sub(baseline);
+    assert!(grown < (16 * MIB) as u64, "the gateway grew by {} MiB", grown / MIB as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

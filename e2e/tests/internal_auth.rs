@@ -103,6 +103,30 @@ async fn every_datanode_port_refuses_a_caller_without_the_cluster_secret() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_epochs_never_start_over() {
+    use nimbus_api::etcd::RouteMember;
+    use nimbus_operator::controlplane::coord::Coordinator;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = nimbus_e2e::etcd::EtcdCluster::start(1, dir.path()).await.unwrap();
+    let store = Coordinator::connect(&nimbus_net::EtcdArgs::plain(&etcd.client_urls)).await.unwrap();
+    let member = |rs: &str| vec![RouteMember { id: 1, data_addr: format!("http://{rs}:7000"), zone: "a".into() }];
+    store.put_route("shop", "rs0", member("rs0")).await.unwrap();
+    let first = store.route("shop").await.unwrap().unwrap().epoch;
+    // A member change is not a move: the epoch stays.
+    store.put_route("shop", "rs0", member("rs0b")).await.unwrap();
+    assert_eq!(store.route("shop").await.unwrap().unwrap().epoch, first);
+    // A move to another replica set: a higher epoch.
+    store.put_route("shop", "rs1", member("rs1")).await.unwrap();
+    let moved = store.route("shop").await.unwrap().unwrap().epoch;
+    assert!(moved > first, "{moved} after {first}");
+    // The database dropped and created again: higher still, never 1 again.
+    store.delete_database("shop").await.unwrap();
+    store.put_route("shop", "rs0", member("rs0")).await.unwrap();
+    let again = store.route("shop").await.unwrap().unwrap().epoch;
+    assert!(again > moved, "{again} after {moved}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_route_epoch_is_refused_and_a_stale_gateway_waits_for_the_new_route() {
     let mut stack = Stack::start(1, &["shop"]).await.unwrap();
     let tok = stack.control.user("shop", "app", UserRole::ReadWrite).await.unwrap();
@@ -156,10 +180,12 @@ async fn an_older_route_epoch_is_refused_and_a_stale_gateway_waits_for_the_new_r
 
     // The gateway still has epoch 1: it is refused, waits for a newer route, and answers
     // 503 (nothing applied) when none comes within its deadline.
+    let started = std::time::Instant::now();
     let (st, body) = client
         .call(Method::POST, &format!("{via_gw}/documents"), Some(&insert("w1")), &[("authorization", &auth)])
         .await;
     assert_eq!((st, body["error"]["code"].as_str()), (503, Some("Unavailable")), "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(2500), "gave up before its deadline: {:?}", started.elapsed());
     let (_, found) = c.client.call(Method::GET, &format!("{direct}/documents/w1"), None, &with_epoch("2")).await;
     assert_eq!(found["error"]["code"], "NotFound", "a refused write was applied: {found}");
 

@@ -121,7 +121,22 @@ const ROUTES: [(&str, &str); 12] = [
     ("DELETE", "/collections/c/indexes/a_1"),
 ];
 
-/// Statuses and codes of `API.md` section 1.
+/// Sends a request; a 503 (a leader election on a busy machine) is retried a few times,
+/// since what is checked is the answer to the input, not to the moment.
+fn send_settled(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> raw::RawAnswer {
+    let mut a = raw::send(addr, method, path.as_bytes(), headers, Some(body));
+    for _ in 0..5 {
+        if a.status != 503 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        a = raw::send(addr, method, path.as_bytes(), headers, Some(body));
+    }
+    a
+}
+
+/// Statuses and codes of `API.md` section 1 (503 `Unavailable` aside: retried, see
+/// [`send_settled`]).
 fn is_contract_error(a: &raw::RawAnswer) -> bool {
     let code = a.json()["error"]["code"].as_str().map(str::to_owned);
     let expected = match a.status {
@@ -131,9 +146,7 @@ fn is_contract_error(a: &raw::RawAnswer) -> bool {
         404 => vec!["NotFound"],
         409 => vec!["DuplicateKey"],
         413 => vec!["TooLarge"],
-        422 => vec!["IdempotencyKeyReused"],
         429 => vec!["RateLimited"],
-        503 => vec!["Unavailable"],
         _ => vec![],
     };
     code.is_some_and(|c| expected.contains(&c.as_str())) && a.json()["error"]["message"].is_string()
@@ -186,7 +199,7 @@ async fn bad_input_on_every_route_gets_a_contract_error_and_changes_no_byte() {
                 for tok in &tokens {
                     let path = format!("/v1/databases/a{route}");
                     let auth = format!("Bearer {tok}");
-                    let a = raw::send(&addr, method, path.as_bytes(), &[("Authorization", &auth)], Some(body));
+                    let a = send_settled(&addr, method, &path, &[("Authorization", &auth)], body);
                     sent += 1;
                     if !is_contract_error(&a) {
                         failures.push(format!(
@@ -214,7 +227,7 @@ async fn bad_input_on_every_route_gets_a_contract_error_and_changes_no_byte() {
                 let path = format!("/v1/databases/a{bad_path}");
                 let auth = format!("Bearer {}", tokens[0]);
                 let head = [("Authorization", auth.as_str()), ("Content-Type", ct)];
-                let a = raw::send(&addr, method, path.as_bytes(), &head, Some(b"{\"filter\": {}}"));
+                let a = send_settled(&addr, method, &path, &head, b"{\"filter\": {}}");
                 sent += 1;
                 if !is_contract_error(&a) {
                     failures.push(format!("{method} {path} ({ct}): {} {}", a.status, a.text()));

@@ -92,7 +92,7 @@ mod tests {
             name: name.into(),
             users: [(user.to_owned(), stored)].into_iter().collect(),
             route: None,
-            limiter: Arc::new(crate::limits::TenantLimiter::new(limits, 1 << 20)),
+            limiter: Arc::new(crate::limits::TenantLimiter::new(limits, 1 << 20, 1 << 20)),
         })
     }
 

@@ -1,11 +1,13 @@
 //! Reading a body, a client's request or a datanode's answer, into memory within a size
 //! limit, holding its bytes against the memory budgets as they arrive.
 //!
-//! A body is kept as the frames it arrived in ([`Chunks`]), never copied into one buffer:
-//! what is held is what was received (a buffer grown by doubling would hold up to twice as
-//! much as it counts), and the frames go on to the datanode, or to the client, as they are.
-//! Nothing is held for bytes not yet received: a client declaring a 16 MiB body and sending
-//! none holds nothing.
+//! A body is kept in blocks ([`Chunks`]), never in one buffer grown by doubling (which
+//! holds up to twice what it counts): large frames as they arrived (no copy), small ones
+//! copied into blocks of 64 KiB, so that a body sent in one-byte chunks, or trickled a byte
+//! per read, holds neither a list entry per byte nor the read buffers each frame would pin.
+//! Budget is taken a block at a time, before the block is allocated: what is held is what
+//! is counted. Nothing is held for bytes not yet received: a client declaring a 16 MiB body
+//! and sending none holds nothing.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -19,8 +21,10 @@ use nimbus_api::ApiError;
 
 use crate::budget::{Budget, Reservation};
 
-/// Budget is taken in steps of at least this much, not per frame.
-const RESERVE_STEP: usize = 64 * 1024;
+/// Budget is taken, and small frames gathered, in blocks of this much.
+const BLOCK: usize = 64 * 1024;
+/// Frames at least this large are kept as they arrived; smaller ones are copied.
+const KEEP_FRAME: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub enum BodyError {
@@ -30,6 +34,8 @@ pub enum BodyError {
     Budget(ApiError),
     /// The peer broke off or sent something malformed.
     Read(String),
+    /// The check on each arriving piece refused it.
+    Refused,
 }
 
 /// A body as the frames it arrived in. Cloning it clones references, not bytes.
@@ -102,10 +108,10 @@ impl Body for ChunksBody {
     }
 }
 
-/// Reads `body` whole: at most `limit` bytes, each step of them held in `res` against
-/// `tenant` and `global` before it is kept. `declared` is the Content-Length, if any: a body
-/// declaring more than the limit is refused before a byte of it is read. `each` sees every
-/// frame as it arrives (the depth scan).
+/// Reads `body` whole: at most `limit` bytes, held in `res` against `tenant` and `global`
+/// before they are kept. `declared` is the Content-Length, if any: a body declaring more
+/// than the limit is refused before a byte of it is read. `each` sees every piece as it
+/// arrives and may refuse the body (the depth scan stops a body nested too deep at once).
 pub async fn read<B>(
     mut body: B,
     declared: Option<u64>,
@@ -113,7 +119,7 @@ pub async fn read<B>(
     res: &mut Reservation,
     tenant: &Budget,
     global: &Budget,
-    mut each: impl FnMut(&[u8]),
+    mut each: impl FnMut(&[u8]) -> bool,
 ) -> Result<Chunks, BodyError>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -123,27 +129,47 @@ where
         return Err(BodyError::TooLarge);
     }
     let mut out = Chunks::default();
-    let mut reserved = 0usize;
+    // The block small frames are copied into; its capacity is held in `res` already.
+    let mut block = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
         let Ok(data) = frame.into_data() else { continue };
         if data.is_empty() {
             continue;
         }
-        let len = out.len + data.len();
-        if len > limit {
+        if out.len + data.len() > limit {
             return Err(BodyError::TooLarge);
         }
-        if len > reserved {
-            // Steps of 64 KiB, never past what the body declared or the limit.
-            let cap = declared.map_or(limit, |d| (d as usize).max(len)).min(limit);
-            let step = (len - reserved).max(RESERVE_STEP).min(cap - reserved);
-            res.grow(tenant, global, step).map_err(BodyError::Budget)?;
-            reserved += step;
+        if !each(&data) {
+            return Err(BodyError::Refused);
         }
-        each(&data);
-        out.len = len;
-        out.parts.push(data);
+        out.len += data.len();
+        if data.len() >= KEEP_FRAME {
+            // Large: kept as it arrived, held at its own size.
+            res.grow(tenant, global, data.len()).map_err(BodyError::Budget)?;
+            if !block.is_empty() {
+                out.parts.push(block.split().freeze());
+            }
+            out.parts.push(data);
+            continue;
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            if block.capacity() == block.len() {
+                if !block.is_empty() {
+                    out.parts.push(block.split().freeze());
+                }
+                // A new block, held before it is allocated.
+                res.grow(tenant, global, BLOCK).map_err(BodyError::Budget)?;
+                block = bytes::BytesMut::with_capacity(BLOCK);
+            }
+            let n = rest.len().min(block.capacity() - block.len());
+            block.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+    if !block.is_empty() {
+        out.parts.push(block.freeze());
     }
     Ok(out)
 }
@@ -166,10 +192,14 @@ mod tests {
         let (tenant, global) = (Budget::new(1 << 20), Budget::new(1 << 20));
         let mut res = Reservation::default();
         let mut seen = 0;
-        let b =
-            read(stream(vec![b"ab", b"cd"]), None, 10, &mut res, &tenant, &global, |f| seen += f.len()).await.unwrap();
+        let b = read(stream(vec![b"ab", b"cd"]), None, 10, &mut res, &tenant, &global, |f| {
+            seen += f.len();
+            true
+        })
+        .await
+        .unwrap();
         assert_eq!((&b.to_bytes()[..], b.len(), seen), (&b"abcd"[..], 4, 4));
-        assert_eq!(b.parts().len(), 2, "kept as it arrived, not copied");
+        assert_eq!(b.parts().len(), 1, "small frames gathered in one block");
         assert!(res.bytes() >= 4);
         assert_eq!(tenant.used(), res.bytes());
         drop(res);
@@ -180,9 +210,9 @@ mod tests {
     async fn nothing_is_held_for_bytes_not_yet_sent() {
         let (tenant, global) = (Budget::new(1 << 30), Budget::new(1 << 30));
         let mut res = Reservation::default();
-        // Declares 16 MiB, sends 3 bytes: 64 KiB held, not 16 MiB.
+        // Declares 16 MiB, sends 3 bytes: one 64 KiB block held, not 16 MiB.
         let b =
-            read(Full::new(Bytes::from_static(b"abc")), Some(16 << 20), 17 << 20, &mut res, &tenant, &global, |_| {})
+            read(Full::new(Bytes::from_static(b"abc")), Some(16 << 20), 17 << 20, &mut res, &tenant, &global, |_| true)
                 .await
                 .unwrap();
         assert_eq!(b.len(), 3);
@@ -194,10 +224,10 @@ mod tests {
         let (tenant, global) = (Budget::new(1 << 20), Budget::new(1 << 20));
         let mut res = Reservation::default();
         let declared =
-            read(Full::new(Bytes::from_static(b"x")), Some(11), 10, &mut res, &tenant, &global, |_| {}).await;
+            read(Full::new(Bytes::from_static(b"x")), Some(11), 10, &mut res, &tenant, &global, |_| true).await;
         assert!(matches!(declared, Err(BodyError::TooLarge)));
         assert_eq!(tenant.used(), 0, "nothing is held for a body refused by its declared length");
-        let sent = read(stream(vec![b"123456", b"78901"]), None, 10, &mut res, &tenant, &global, |_| {}).await;
+        let sent = read(stream(vec![b"123456", b"78901"]), None, 10, &mut res, &tenant, &global, |_| true).await;
         assert!(matches!(sent, Err(BodyError::TooLarge)));
     }
 
@@ -205,8 +235,41 @@ mod tests {
     async fn a_body_over_the_budget_is_refused() {
         let (tenant, global) = (Budget::new(4), Budget::new(1 << 20));
         let mut res = Reservation::default();
-        let r = read(Full::new(Bytes::from_static(b"12345")), Some(5), 10, &mut res, &tenant, &global, |_| {}).await;
+        let r = read(Full::new(Bytes::from_static(b"12345")), Some(5), 10, &mut res, &tenant, &global, |_| true).await;
         assert!(matches!(r, Err(BodyError::Budget(_))));
+    }
+
+    #[tokio::test]
+    async fn one_byte_frames_cost_blocks_not_entries_and_large_frames_are_kept() {
+        let (tenant, global) = (Budget::new(1 << 30), Budget::new(1 << 30));
+        let mut res = Reservation::default();
+        let ones: Vec<&'static [u8]> = std::iter::repeat_n(&b"x"[..], 200_000).collect();
+        let b = read(stream(ones), None, 1 << 20, &mut res, &tenant, &global, |_| true).await.unwrap();
+        assert_eq!(b.len(), 200_000);
+        // 200,000 one-byte frames: four 64 KiB blocks, each held before it was allocated.
+        assert_eq!(b.parts().len(), 200_000usize.div_ceil(BLOCK));
+        assert_eq!(res.bytes(), b.parts().len() * BLOCK);
+        // A large frame is kept as it came, between blocks of small ones.
+        let big: &'static [u8] = Box::leak(vec![b'y'; KEEP_FRAME * 2].into_boxed_slice());
+        let mut res = Reservation::default();
+        let b =
+            read(stream(vec![b"ab", big, b"cd"]), None, 1 << 20, &mut res, &tenant, &global, |_| true).await.unwrap();
+        assert_eq!(b.parts().iter().map(|p| p.len()).collect::<Vec<_>>(), vec![2, KEEP_FRAME * 2, 2]);
+        assert_eq!(b.to_bytes().len(), KEEP_FRAME * 2 + 4);
+    }
+
+    #[tokio::test]
+    async fn a_refused_piece_stops_the_body_at_once() {
+        let (tenant, global) = (Budget::new(1 << 20), Budget::new(1 << 20));
+        let mut res = Reservation::default();
+        let mut pieces = 0;
+        let r = read(stream(vec![b"[[", b"[[", b"]]"]), None, 10, &mut res, &tenant, &global, |_| {
+            pieces += 1;
+            pieces < 2
+        })
+        .await;
+        assert!(matches!(r, Err(BodyError::Refused)));
+        assert_eq!(pieces, 2);
     }
 
     #[tokio::test]

@@ -106,7 +106,7 @@ pub struct Config {
     #[arg(long, env = "NIMBUS_MAX_HEADER_BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES)]
     pub max_header_bytes: usize,
     /// Databases with their own series in the admin port's `/metrics` (the busiest of the
-    /// last minute; the rest are summed as `db="_other"`).
+    /// last minute; the rest are summed in `nimbus_gateway_other_tenants_last_60s`).
     #[arg(long, env = "NIMBUS_METRICS_TENANT_SERIES", default_value_t = DEFAULT_METRICS_TENANT_SERIES)]
     pub metrics_tenant_series: usize,
     /// Tier whose limits apply to a database without a limits key.

@@ -19,8 +19,11 @@ use crate::budget::Budget;
 #[derive(Debug)]
 pub struct TenantLimiter {
     pub limits: Limits,
-    /// Bytes of this database's bodies and answers held at this gateway.
+    /// Bytes of this database's request bodies held at this gateway.
     pub memory: Budget,
+    /// Bytes of this database's answers held: its share of the answers' pool, so that no
+    /// database's answers (large finds read slowly, say) crowd out the others'.
+    pub answers: Budget,
     rate: DefaultDirectRateLimiter,
     in_flight: Arc<Semaphore>,
     waiting: AtomicUsize,
@@ -57,7 +60,7 @@ pub fn rate_limited(retry_after: Duration) -> ApiError {
 }
 
 impl TenantLimiter {
-    pub fn new(limits: Limits, memory_bytes: usize) -> TenantLimiter {
+    pub fn new(limits: Limits, memory_bytes: usize, answer_bytes: usize) -> TenantLimiter {
         let qps = NonZeroU32::new(limits.qps.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(limits.burst.max(1)).unwrap_or(NonZeroU32::MIN);
         TenantLimiter {
@@ -66,6 +69,7 @@ impl TenantLimiter {
             waiting: AtomicUsize::new(0),
             connections: AtomicU32::new(0),
             memory: Budget::new(memory_bytes),
+            answers: Budget::new(answer_bytes),
             limits,
         }
     }
@@ -128,7 +132,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_burst_passes_then_requests_wait_or_are_refused() {
-        let l = TenantLimiter::new(limits(10, 3, 100, 10), 1 << 20);
+        let l = TenantLimiter::new(limits(10, 3, 100, 10), 1 << 20, 1 << 20);
         for _ in 0..3 {
             l.admit(Duration::ZERO).await.unwrap();
         }
@@ -142,7 +146,7 @@ mod tests {
 
     #[tokio::test]
     async fn in_flight_requests_are_bounded() {
-        let l = TenantLimiter::new(limits(1000, 1000, 2, 10), 1 << 20);
+        let l = TenantLimiter::new(limits(1000, 1000, 2, 10), 1 << 20, 1 << 20);
         let a = l.admit(Duration::ZERO).await.unwrap();
         let _b = l.admit(Duration::ZERO).await.unwrap();
         assert!(l.admit(Duration::from_millis(10)).await.is_err());
@@ -152,7 +156,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_dropped_while_queued_gives_its_place_back() {
-        let l = TenantLimiter::new(limits(1, 1, 100, 10), 1 << 20);
+        let l = TenantLimiter::new(limits(1, 1, 100, 10), 1 << 20, 1 << 20);
         l.admit(Duration::ZERO).await.unwrap();
         // Waiting for the next slot (a second away), then dropped: a client that went away.
         let waiting = tokio::time::timeout(Duration::from_millis(20), l.admit(Duration::from_secs(2))).await;
@@ -162,7 +166,7 @@ mod tests {
 
     #[test]
     fn connections_are_bounded() {
-        let l = TenantLimiter::new(limits(1, 1, 1, 2), 1 << 20);
+        let l = TenantLimiter::new(limits(1, 1, 1, 2), 1 << 20, 1 << 20);
         assert!(l.try_connect());
         assert!(l.try_connect());
         assert!(!l.try_connect());

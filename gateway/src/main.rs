@@ -22,11 +22,11 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     if config.tenant_memory_budget_bytes < config.max_body_bytes
-        || config.memory_budget_bytes - config.memory_budget_bytes / 4 < config.max_body_bytes
+        || config.memory_budget_bytes / 4 < config.max_body_bytes
     {
         anyhow::bail!(
-            "--tenant-memory-budget-bytes and three quarters of --memory-budget-bytes (the bodies' share) must be at \
-             least --max-body-bytes, or no largest body could be read"
+            "--tenant-memory-budget-bytes and a quarter of --memory-budget-bytes (the answers' share; the bodies have \
+             the rest) must be at least --max-body-bytes, or no largest body or answer could be held"
         );
     }
     let secret = config.cluster.load().context("failed to load the cluster secret")?;

@@ -160,17 +160,21 @@ where
     let limit = gw.config.max_body_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let mut depth = DepthScan::default();
-    let read = body::read(body, declared, limit, &mut held, &db.limiter.memory, &gw.memory, |f| depth.feed(f));
+    // Nested too deep is refused as soon as it shows, not after the whole body.
+    let read = body::read(body, declared, limit, &mut held, &db.limiter.memory, &gw.memory, |f| {
+        depth.feed(f);
+        depth.max() <= MAX_NESTING_DEPTH + 2
+    });
     let bytes = match tokio::time::timeout(gw.config.body_timeout(), read).await {
         Err(_) => return Err(ApiError::bad_request("the request body did not arrive in time")),
         Ok(Err(BodyError::TooLarge)) => return Err(ApiError::too_large(format!("request body over {limit} bytes"))),
         Ok(Err(BodyError::Budget(e))) => return Err(e),
         Ok(Err(BodyError::Read(_))) => return Err(ApiError::bad_request("failed to read the request body")),
+        Ok(Err(BodyError::Refused)) => {
+            return Err(ApiError::bad_request(format!("JSON nested deeper than {MAX_NESTING_DEPTH} levels")));
+        }
         Ok(Ok(b)) => b,
     };
-    if depth.max() > MAX_NESTING_DEPTH + 2 {
-        return Err(ApiError::bad_request(format!("JSON nested deeper than {MAX_NESTING_DEPTH} levels")));
-    }
     Ok((Some(bytes), held))
 }
 

@@ -113,7 +113,8 @@ impl ConnState {
     }
 
     /// Counts a request in flight until the returned guard is dropped: when its answer is
-    /// done, or when the request is abandoned (an HTTP/2 stream reset drops its future).
+    /// ready (its writing is then hyper's, and a graceful close lets it finish), or when
+    /// the request is abandoned (an HTTP/2 stream reset drops its future).
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
@@ -382,8 +383,10 @@ async fn watch_idle<I, S>(
             }
             _ = tokio::time::sleep(check_every) => {
                 if state.idle_for().is_some_and(|d| d >= idle) {
+                    // A graceful close finishes an answer still being written (a slow reader
+                    // gets as long again as the idle timeout), then the connection goes.
                     conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                    let _ = tokio::time::timeout(idle.max(Duration::from_secs(1)), conn.as_mut()).await;
                     return;
                 }
             }

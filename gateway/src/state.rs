@@ -140,7 +140,12 @@ pub struct Gateway {
     /// Bytes of datanode answers held: the other quarter, so that a flood of bodies never
     /// starves the answers of requests already sent (a write's answer above all).
     pub answers: Budget,
+    /// Each database's share of `answers`: a quarter of it, and at least room for the
+    /// largest answer (a largest document).
+    pub tenant_answers_bytes: usize,
     pub secret: ClusterSecret,
+    /// When a datanode's refusal of this gateway's secret was last logged (ms).
+    refusal_logged_ms: AtomicU64,
 }
 
 pub fn now_ms() -> u64 {
@@ -160,6 +165,7 @@ impl Gateway {
             usage: Usage::new(config.metrics_tenant_series),
             memory: Budget::new(config.memory_budget_bytes - config.memory_budget_bytes / 4),
             answers: Budget::new(config.memory_budget_bytes / 4),
+            tenant_answers_bytes: (config.memory_budget_bytes / 16).max(config.max_body_bytes),
             config,
             dbs: RwLock::new(HashMap::new()),
             synced: AtomicBool::new(false),
@@ -169,7 +175,16 @@ impl Gateway {
             upstream_slots: Mutex::new(HashMap::new()),
             default_tier,
             secret,
+            refusal_logged_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Whether to log a datanode's refusal of this gateway's secret now (at most every 10 s).
+    pub fn should_log_refusal(&self) -> bool {
+        let now = now_ms();
+        let last = self.refusal_logged_ms.load(Ordering::Relaxed);
+        now >= last + 10_000
+            && self.refusal_logged_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 
     /// Serving is allowed only with tables in sync and a lease known to be alive: a gateway
@@ -216,7 +231,9 @@ impl Gateway {
         let limits = tables.limits.get(db).cloned().unwrap_or_else(|| Limits::for_tier(self.default_tier));
         let limiter = match self.db(db) {
             Some(old) if old.limiter.limits == limits => old.limiter.clone(),
-            _ => Arc::new(TenantLimiter::new(limits, self.config.tenant_memory_budget_bytes)),
+            _ => {
+                Arc::new(TenantLimiter::new(limits, self.config.tenant_memory_budget_bytes, self.tenant_answers_bytes))
+            }
         };
         DbState {
             name: db.to_owned(),

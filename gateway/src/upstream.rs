@@ -118,13 +118,14 @@ impl Gateway {
         min_epoch: u64,
         deadline: Instant,
     ) -> Result<std::sync::Arc<RouteEntry>, ApiError> {
-        // The route the request came with, when it can be used at once (nearly always): no
-        // subscription, no second lookup on the way of every request.
-        if let Some(route) = &db.route
+        // The database's route as of now (the request may have waited for a rate slot or
+        // its body since it was authenticated), used at once when it serves (nearly
+        // always): no subscription on the way of every request.
+        if let Some(route) = self.db(&db.name).and_then(|d| d.route.clone())
             && route.state == RouteState::Serving
             && route.epoch >= min_epoch
         {
-            return Ok(route.clone());
+            return Ok(route);
         }
         let mut changes = self.routes_version.subscribe();
         loop {
@@ -216,8 +217,12 @@ impl Gateway {
                     pause(&mut backoff, deadline).await;
                 }
                 Ok(Attempt::Answered(a)) if a.status == StatusCode::UNAUTHORIZED => {
-                    // The datanode refused *this gateway*: its cluster secret is not accepted.
-                    tracing::error!(member = %member.addr, "a datanode refused this gateway's cluster secret");
+                    // The datanode refused *this gateway*: its secret is not accepted there
+                    // (another namespace's replica set, or a secret out of step). Logged at
+                    // most every ten seconds: tokens of such databases must not flood the log.
+                    if self.should_log_refusal() {
+                        tracing::error!(member = %member.addr, "a datanode refused this gateway's cluster secret");
+                    }
                     return Err(give_up(sent, "this gateway cannot authenticate to the database's replica set"));
                 }
                 Ok(Attempt::Answered(a)) => {
@@ -295,14 +300,16 @@ impl Gateway {
         let returned =
             resp.headers().get(RETURNED_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
         let declared = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-        let limit = db.limiter.memory.total();
+        let limit = db.limiter.answers.total().min(self.answers.total());
         let left = timeout.saturating_sub(started.elapsed());
         let mut held = Reservation::default();
-        let read = body::read(resp.into_body(), declared, limit, &mut held, &db.limiter.memory, &self.answers, |_| {});
+        let read =
+            body::read(resp.into_body(), declared, limit, &mut held, &db.limiter.answers, &self.answers, |_| true);
         match tokio::time::timeout(left, read).await {
             Err(_) => Ok(Attempt::Lost("the answer did not arrive in time".into())),
             Ok(Ok(body)) => Ok(Attempt::Answered(Answer { status, body, returned, held })),
             Ok(Err(BodyError::Read(e))) => Ok(Attempt::Lost(e)),
+            Ok(Err(BodyError::Refused)) => Ok(Attempt::Lost("the answer was refused".into())),
             Ok(Err(BodyError::Budget(e))) => Err(e),
             Ok(Err(BodyError::TooLarge)) => Err(ApiError::too_large(format!(
                 "the answer is over {limit} bytes: ask for fewer documents (limit) or fields (projection)"

@@ -99,10 +99,10 @@ impl ClusterSecret {
         out
     }
 
-    /// The secret of scope `scope`, as the components of that scope hold it.
-    pub fn scoped(&self, scope: &str) -> ClusterSecret {
-        // Derived secrets are 43 characters of base64url: always valid.
-        ClusterSecret::parse(&self.scoped_file(scope)).unwrap_or_else(|_| self.clone())
+    /// The secret of scope `scope`, as the components of that scope hold it. (Derived
+    /// secrets are 43 characters of base64url, so this fails only if there is none.)
+    pub fn scoped(&self, scope: &str) -> Result<ClusterSecret, SecretError> {
+        ClusterSecret::parse(&self.scoped_file(scope))
     }
 
     /// A new random secret: 32 bytes, base64url.
@@ -184,8 +184,8 @@ mod tests {
     #[test]
     fn scoped_secrets_differ_by_scope_and_carry_a_rotation_over() {
         let cluster = ClusterSecret::parse(&format!("{A}\n{B}")).unwrap();
-        let apps = cluster.scoped("apps");
-        let other = cluster.scoped("other");
+        let apps = cluster.scoped("apps").unwrap();
+        let other = cluster.scoped("other").unwrap();
         // A scope's secret opens that scope only, and is not the cluster's.
         assert!(apps.verify(&headers(apps.authorization().to_str().unwrap())));
         assert!(!apps.verify(&headers(other.authorization().to_str().unwrap())));
@@ -196,7 +196,7 @@ mod tests {
             ClusterSecret::parse(&format!("{A}\n{B}")).unwrap().scoped_file("apps")
         );
         // Derived from both: the one derived from the second cluster secret is accepted too.
-        let second = ClusterSecret::parse(B).unwrap().scoped("apps");
+        let second = ClusterSecret::parse(B).unwrap().scoped("apps").unwrap();
         assert!(apps.verify(&headers(second.authorization().to_str().unwrap())));
         assert_eq!(cluster.scoped_file("apps").lines().count(), 2);
     }

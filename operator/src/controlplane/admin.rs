@@ -47,9 +47,9 @@ impl AdminClient {
     }
 
     /// The client of one namespace's datanodes: the same connections, that namespace's
-    /// secret.
-    pub fn scoped(&self, namespace: &str) -> AdminClient {
-        AdminClient { http: self.http.clone(), secret: self.secret.scoped(namespace) }
+    /// secret. (The operator's secret was checked at start: a scoped one always derives.)
+    pub fn scoped(&self, namespace: &str) -> Result<AdminClient, nimbus_net::cluster::SecretError> {
+        Ok(AdminClient { http: self.http.clone(), secret: self.secret.scoped(namespace)? })
     }
 
     fn get(&self, url: String) -> reqwest::RequestBuilder {

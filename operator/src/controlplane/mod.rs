@@ -50,7 +50,11 @@ pub trait ControlStore: Send + Sync {
 #[async_trait]
 impl Datanodes for admin::AdminClient {
     fn in_namespace(&self, namespace: &str) -> Arc<dyn Datanodes> {
-        Arc::new(self.scoped(namespace))
+        match self.scoped(namespace) {
+            Ok(scoped) => Arc::new(scoped),
+            // Fail closed: a client whose every call is refused, never the cluster's secret.
+            Err(e) => Arc::new(Refusing(e.to_string())),
+        }
     }
     async fn status(&self, admin: &str) -> Option<Status> {
         admin::AdminClient::status(self, admin).await.ok()
@@ -72,6 +76,43 @@ impl Datanodes for admin::AdminClient {
     }
     async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError> {
         admin::AdminClient::drop_database(self, leader_data, db).await
+    }
+}
+
+/// Datanodes that cannot be called (no secret for their namespace): every call fails.
+struct Refusing(String);
+
+#[async_trait]
+impl Datanodes for Refusing {
+    fn in_namespace(&self, _namespace: &str) -> Arc<dyn Datanodes> {
+        Arc::new(Refusing(self.0.clone()))
+    }
+    async fn status(&self, _admin: &str) -> Option<Status> {
+        None
+    }
+    async fn init(&self, admin: &str, _members: Vec<MemberInfo>) -> Result<(), AdminError> {
+        Err(self.refused(admin))
+    }
+    async fn add_learner(&self, leader: &str, _member: MemberInfo) -> Result<(), AdminError> {
+        Err(self.refused(leader))
+    }
+    async fn change_voters(&self, leader: &str, _voters: &BTreeSet<u64>) -> Result<(), AdminError> {
+        Err(self.refused(leader))
+    }
+    async fn remove_member(&self, leader: &str, _id: u64) -> Result<(), AdminError> {
+        Err(self.refused(leader))
+    }
+    async fn transfer_leader(&self, leader: &str, _to: u64) -> Result<(), AdminError> {
+        Err(self.refused(leader))
+    }
+    async fn drop_database(&self, leader_data: &str, _db: &str) -> Result<(), AdminError> {
+        Err(self.refused(leader_data))
+    }
+}
+
+impl Refusing {
+    fn refused(&self, addr: &str) -> AdminError {
+        AdminError::Refused { addr: addr.to_owned(), what: "any call", status: 0, body: self.0.clone() }
     }
 }
 

@@ -245,8 +245,18 @@ pub struct RaftModel {
     pub namespaces: BTreeSet<String>,
 }
 
+/// Datanodes as the reconciler sees them. The root one (the context's) refuses every call:
+/// only its [`Datanodes::in_namespace`] views answer, so a call made without the
+/// namespace's secret fails the test.
 #[derive(Clone, Default)]
-pub struct FakeDatanodes(pub Arc<Mutex<RaftModel>>);
+pub struct FakeDatanodes(pub Arc<Mutex<RaftModel>>, pub Option<String>);
+
+impl FakeDatanodes {
+    fn model(&self) -> std::sync::MutexGuard<'_, RaftModel> {
+        assert!(self.1.is_some(), "a datanode call without the namespace's secret (no in_namespace)");
+        self.0.lock().unwrap()
+    }
+}
 
 fn id_of(addr: &str) -> u64 {
     // http://10.1.0.<id>:port
@@ -257,10 +267,10 @@ fn id_of(addr: &str) -> u64 {
 impl Datanodes for FakeDatanodes {
     fn in_namespace(&self, namespace: &str) -> Arc<dyn Datanodes> {
         self.0.lock().unwrap().namespaces.insert(namespace.to_owned());
-        Arc::new(self.clone())
+        Arc::new(FakeDatanodes(self.0.clone(), Some(namespace.to_owned())))
     }
     async fn status(&self, admin: &str) -> Option<Status> {
-        let m = self.0.lock().unwrap();
+        let m = self.model();
         let id = id_of(admin);
         let members: Vec<MemberInfo> =
             m.members.values().map(|x| MemberInfo { voter: m.voters.contains(&x.id), ..x.clone() }).collect();
@@ -290,7 +300,7 @@ impl Datanodes for FakeDatanodes {
         })
     }
     async fn init(&self, admin: &str, members: Vec<MemberInfo>) -> Result<(), AdminError> {
-        let mut m = self.0.lock().unwrap();
+        let mut m = self.model();
         m.initialized = true;
         m.leader = id_of(admin);
         m.voters = members.iter().map(|x| x.id).collect();
@@ -300,32 +310,32 @@ impl Datanodes for FakeDatanodes {
         Ok(())
     }
     async fn add_learner(&self, _leader: &str, member: MemberInfo) -> Result<(), AdminError> {
-        let mut m = self.0.lock().unwrap();
+        let mut m = self.model();
         m.log.push(format!("add_learner {}", member.id));
         m.members.insert(member.id, member);
         Ok(())
     }
     async fn change_voters(&self, _leader: &str, voters: &BTreeSet<u64>) -> Result<(), AdminError> {
-        let mut m = self.0.lock().unwrap();
+        let mut m = self.model();
         m.log.push(format!("change_voters {:?}", voters.iter().collect::<Vec<_>>()));
         m.voters = voters.clone();
         Ok(())
     }
     async fn remove_member(&self, _leader: &str, id: u64) -> Result<(), AdminError> {
-        let mut m = self.0.lock().unwrap();
+        let mut m = self.model();
         m.log.push(format!("remove_member {id}"));
         m.voters.remove(&id);
         m.members.remove(&id);
         Ok(())
     }
     async fn transfer_leader(&self, _leader: &str, to: u64) -> Result<(), AdminError> {
-        let mut m = self.0.lock().unwrap();
+        let mut m = self.model();
         m.log.push(format!("transfer_leader {to}"));
         m.leader = to;
         Ok(())
     }
     async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError> {
-        self.0.lock().unwrap().log.push(format!("drop_database {db} via {leader_data}"));
+        self.model().log.push(format!("drop_database {db} via {leader_data}"));
         Ok(())
     }
 }

@@ -103,11 +103,14 @@ impl Settings {
     /// namespace (its datanodes accept that one only), the gateways' etcd credentials.
     pub fn internal_files_for(&self, ns: &str) -> BTreeMap<String, String> {
         let mut files = self.internal_files.clone();
-        if let Some(master) = files.get(CLUSTER_SECRET_KEY)
-            && let Ok(secret) = nimbus_net::ClusterSecret::parse(master)
-        {
-            files.insert(CLUSTER_SECRET_KEY.to_string(), secret.scoped_file(ns));
-        }
+        // Fail closed: never the cluster's own secret, even if it does not parse (the
+        // operator checks it at start; the namespace's datanodes then refuse everyone).
+        let scoped = files
+            .get(CLUSTER_SECRET_KEY)
+            .and_then(|master| nimbus_net::ClusterSecret::parse(master).ok())
+            .map(|secret| secret.scoped_file(ns))
+            .unwrap_or_default();
+        files.insert(CLUSTER_SECRET_KEY.to_string(), scoped);
         files
     }
 
