@@ -1,9 +1,9 @@
 //! The gateway's memory budget: every request body and every datanode answer the gateway
 //! holds is counted, in bytes, against its database's budget and against the gateway's
-//! global one as it arrives, before it is kept (see `body`). A request that does not fit is refused at once (429 when
-//! its own database is over budget, 503 when the gateway as a whole is), never queued and
-//! never an out-of-memory kill: one tenant sending many 16 MiB bodies gets refusals, and
-//! the others keep their share.
+//! global one as it arrives, before it is kept (see `body`). A request that does not fit
+//! is refused at once (429 when its own database is over budget, 503 when the gateway as a
+//! whole is), never queued and never an out-of-memory kill: one tenant sending many 16 MiB
+//! bodies gets refusals, and the others keep their share.
 
 use std::sync::Arc;
 
