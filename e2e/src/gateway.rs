@@ -118,9 +118,14 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(datanodes: usize, dbs: &[&str]) -> anyhow::Result<Stack> {
+        Self::start_with(datanodes, dbs, &[]).await
+    }
+
+    /// The same, the datanodes started with `datanode_args`.
+    pub async fn start_with(datanodes: usize, dbs: &[&str], datanode_args: &[&str]) -> anyhow::Result<Stack> {
         let dir = tempfile::Builder::new().prefix("nimbus-stack-").tempdir()?;
         let etcd = crate::etcd::EtcdCluster::start(1, dir.path()).await?;
-        let cluster = Cluster::start(datanodes, &[]).await?;
+        let cluster = Cluster::start(datanodes, datanode_args).await?;
         let mut control = Control::connect(&etcd.client_urls).await?;
         for db in dbs {
             control.route(db, &cluster, 1, RouteState::Serving).await?;
