@@ -2,7 +2,6 @@
 //! put one there: keep-alive connections to the upstream, HTTP/1.1, no access log (the
 //! gateway keeps none per request either), one worker per core. Stopped on drop.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -16,13 +15,8 @@ pub struct Nginx {
 }
 
 fn nginx_binary() -> anyhow::Result<std::path::PathBuf> {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/usr/local/sbin"]) {
-        let p = Path::new(dir).join("nginx");
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("nginx not found: scripts/setup.sh installs Debian's nginx-light")
+    nimbus_operator::playground::serve::system_binary("nginx", &["/usr/sbin", "/usr/local/sbin"])
+        .context("nginx not found: scripts/setup.sh installs Debian's nginx-light")
 }
 
 impl Nginx {

@@ -52,15 +52,16 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     bail!("{name} not found next to {}: run `cargo build --workspace --bins` (or set {env})", exe.display())
 }
 
+/// A program of the machine's packages: on PATH, or in one of `also`.
+pub fn system_binary(name: &str, also: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':').chain(also.iter().copied()).map(|dir| Path::new(dir).join(name)).find(|p| p.is_file())
+}
+
 /// The Debian etcd, found on PATH.
 pub fn etcd_binary() -> anyhow::Result<PathBuf> {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/local/bin"]) {
-        let p = Path::new(dir).join("etcd");
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("etcd not found on PATH: run scripts/setup.sh (it installs Debian's etcd-server)")
+    system_binary("etcd", &["/usr/bin", "/usr/local/bin"])
+        .context("etcd not found on PATH: run scripts/setup.sh (it installs Debian's etcd-server)")
 }
 
 struct Procs {
