@@ -74,6 +74,9 @@ pub struct UpdateRequest {
     pub multi: bool,
     #[serde(default)]
     pub upsert: bool,
+    /// The filters of the update's `$[<id>]` placeholders.
+    #[serde(default, rename = "arrayFilters", skip_serializing_if = "Option::is_none")]
+    pub array_filters: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +126,23 @@ pub struct CreateIndexRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CreateIndexResponse {
     pub name: String,
+    /// `ready`, or `building` when the build outlasted the request (poll the index list).
+    #[serde(default = "ready")]
+    pub state: IndexState,
+}
+
+/// Whether queries use an index yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum IndexState {
+    #[default]
+    Ready,
+    /// Being built in the background; queries do not use it yet.
+    Building,
+}
+
+fn ready() -> IndexState {
+    IndexState::Ready
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,6 +152,8 @@ pub struct IndexInfo {
     pub unique: bool,
     /// Created by automatic index management rather than by a user.
     pub auto: bool,
+    #[serde(default = "ready")]
+    pub state: IndexState,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

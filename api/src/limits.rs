@@ -16,6 +16,24 @@ pub const MAX_FIND_LIMIT: u64 = 10_000;
 pub const MAX_INDEX_FIELDS: usize = 16;
 /// Longest `_id` string, in bytes.
 pub const MAX_ID_BYTES: usize = 1024;
+/// Most documents one update or delete may examine. Writes run in the replica set's apply
+/// loop, which every database on the replica set shares: past this, the write is refused
+/// (nothing changes) and the client narrows it (`{"_id": {"$in": [...]}}` batches are point
+/// lookups).
+pub const MAX_WRITE_EXAMINED_DOCS: u64 = 1_000;
+/// Most bytes of documents one update or delete may examine.
+pub const MAX_WRITE_EXAMINED_BYTES: u64 = 16 * 1024 * 1024;
+/// Most documents one `find` or `count` may examine (an index on the filter's fields keeps
+/// a query far below it).
+pub const MAX_READ_EXAMINED_DOCS: u64 = 100_000;
+/// Most bytes of documents one `find` or `count` may examine.
+pub const MAX_READ_EXAMINED_BYTES: u64 = 256 * 1024 * 1024;
+/// Largest `skip`: deeper pages are read with a range on the sort key (`{"_id": {"$gt": last}}`).
+pub const MAX_SKIP: u64 = 10_000;
+/// Most bytes of documents a sort without an index may hold.
+pub const MAX_SORT_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest `find` answer, in bytes of documents.
+pub const MAX_FIND_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
 /// Longest `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 

@@ -3,6 +3,7 @@
 //! is acknowledged; an internal data API for gateways and an admin API for the control plane.
 
 pub mod config;
+pub mod index_builder;
 pub mod node;
 pub mod raft;
 pub mod server;

@@ -161,6 +161,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let mut rx1 = stop_tx.subscribe();
     let mut rx2 = stop_tx.subscribe();
     let mut rx3 = stop_tx.subscribe();
+    let builder = tokio::spawn(crate::index_builder::run(ctx.clone(), stop_tx.subscribe()));
     let data_srv = tokio::spawn(async move {
         axum::serve(data_listener, data_app)
             .with_graceful_shutdown(async move {
@@ -192,6 +193,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         let _ = data_srv.await;
         let _ = admin_srv.await;
         let _ = raft_srv.await;
+        let _ = builder.await;
     })
     .await;
     Ok(())

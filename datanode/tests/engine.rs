@@ -20,8 +20,7 @@ fn apply(engine: &Engine, index: u64, ts_ms: u64, key: Option<&str>, op: WriteOp
     };
     let mut batch = rocksdb::WriteBatch::default();
     let (result, delta) = engine.apply_command(&mut batch, &cmd, index).unwrap();
-    engine.write_batch_for_tests(batch);
-    engine.install_delta(delta);
+    engine.commit_for_tests(batch, delta);
     result
 }
 

@@ -79,20 +79,20 @@ async fn every_operation_answers_in_the_shape_of_the_contract() -> anyhow::Resul
     assert_eq!(cl.get(&format!("{base}/documents/u")).await.1, json!({"_id": "u", "other": 1}));
 
     let (st, body) = cl.post(&format!("{base}/indexes"), &json!({"keys": {"n": 1, "seen": -1}})).await;
-    assert_eq!((st, body.clone()), (200, json!({"name": "n_1_seen_-1"})));
+    assert_eq!((st, body.clone()), (200, json!({"name": "n_1_seen_-1", "state": "ready"})));
     // Documents without the field count as null: several of them break a unique index.
     let (st, body) = cl.post(&format!("{base}/indexes"), &json!({"keys": {"other": 1}, "unique": true})).await;
     assert_eq!((st, body["error"]["code"].clone()), (409, json!("DuplicateKey")));
     let (_, body) =
         cl.post(&format!("{base}/indexes"), &json!({"keys": {"n": 1}, "unique": true, "name": "by_other"})).await;
-    assert_eq!(body, json!({"name": "by_other"}));
+    assert_eq!(body, json!({"name": "by_other", "state": "ready"}));
     let (st, body) = cl.post(&format!("{base}/documents"), &json!({"documents": [{"n": 2}]})).await;
     assert_eq!((st, body["error"]["code"].clone()), (409, json!("DuplicateKey")));
     let (st, body) = cl.get(&format!("{base}/indexes")).await;
     assert_eq!(st, 200);
     assert_eq!(
         body["indexes"][0],
-        json!({"name": "n_1_seen_-1", "keys": {"n": 1, "seen": -1}, "unique": false, "auto": false})
+        json!({"name": "n_1_seen_-1", "keys": {"n": 1, "seen": -1}, "unique": false, "auto": false, "state": "ready"})
     );
     let (_, body) = cl.post(&format!("{base}/find"), &json!({"filter": {"n": 6}})).await;
     assert_eq!(body["documents"][0]["_id"], json!("a"));

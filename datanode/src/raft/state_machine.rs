@@ -169,10 +169,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             };
             engine.put_meta(&mut batch, META_APPLIED, &Some(log_id));
-            engine.write(batch).map_err(io_err)?;
-            if let Some(d) = delta {
-                engine.install_delta(d);
-            }
+            engine.commit(batch, delta).map_err(io_err)?;
             metrics::gauge!("nimbus_raft_applied_index").set(log_id.index() as f64);
             if let Some(r) = responder {
                 r.send(answer);

@@ -3,7 +3,7 @@
 //! linearizable on the leader (read index) unless the request accepts a follower read.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::{HttpError, is_json, parse_json};
+use crate::doc::ejson;
 use crate::doc::validate::check_document;
 use crate::node::NodeCtx;
 use crate::query::{Filter, Update};
@@ -277,11 +278,11 @@ fn count_read(op: &'static str, started: Instant) {
 }
 
 /// Runs a blocking storage read off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::result::Result<T, crate::store::StoreError> + Send + 'static,
+async fn blocking<T: Send + 'static, E: Into<HttpError> + Send + 'static>(
+    f: impl FnOnce() -> std::result::Result<T, E> + Send + 'static,
 ) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(HttpError::from),
+        Ok(r) => r.map_err(Into::into),
         Err(_) => Err(ApiError::internal("read task failed").into()),
     }
 }
@@ -291,7 +292,9 @@ async fn insert(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: InsertReques
         return Err(ApiError::bad_request("documents must not be empty").into());
     }
     let mut docs = Vec::with_capacity(req.documents.len());
-    for d in req.documents {
+    for mut d in req.documents {
+        // Extended JSON (dates, ObjectIds, 64-bit integers) in its one stored form.
+        ejson::normalize(&mut d).map_err(ApiError::bad_request)?;
         let Value::Object(map) = d else {
             return Err(ApiError::bad_request("each document must be a JSON object").into());
         };
@@ -330,6 +333,12 @@ async fn get_document(ctx: &NodeCtx, env: &Envelope, coll: CollName, id: DocId) 
     {
         found = engine.get(&env.db, &coll, &Value::Number(n))?;
     }
+    // Then as an ObjectId, for 24 hex digits.
+    if found.is_none()
+        && let Ok(oid) = ejson::normalized(&serde_json::json!({ "$oid": id.as_str() }))
+    {
+        found = engine.get(&env.db, &coll, &oid)?;
+    }
     count_read("get", started);
     match found {
         Some(doc) => Ok(axum::Json(doc).into_response()),
@@ -363,7 +372,10 @@ async fn count(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: CountRequest)
 async fn update(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: UpdateRequest) -> Result<Response> {
     let filter = req.filter.unwrap_or(Value::Object(Map::new()));
     Filter::parse(Some(&filter))?;
-    Update::parse(&req.update)?;
+    let parsed = Update::parse_with_array_filters(&req.update, req.array_filters.as_ref())?;
+    if parsed.is_replacement() && req.multi {
+        return Err(ApiError::invalid_update("a replacement document updates one document: multi must be false").into());
+    }
     let op = WriteOp::Update {
         coll: coll.into_string(),
         filter,
@@ -371,6 +383,7 @@ async fn update(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: UpdateReques
         multi: req.multi,
         upsert: req.upsert,
         upsert_id: generate_id(),
+        array_filters: req.array_filters,
     };
     match write(ctx, env, op).await? {
         WriteAnswer::Updated { matched, modified, upserted_id } => {
@@ -423,9 +436,37 @@ fn dropped(answer: WriteAnswer, what: &str) -> Result<Response> {
 
 async fn create_index(ctx: &NodeCtx, env: &Envelope, coll: CollName, req: CreateIndexRequest) -> Result<Response> {
     let spec = IndexSpec::from_request(&req.keys, req.unique, req.name.as_deref())?;
-    match write(ctx, env, WriteOp::CreateIndex { coll: coll.into_string(), spec }).await? {
-        WriteAnswer::IndexCreated { name } => Ok(axum::Json(CreateIndexResponse { name }).into_response()),
-        other => Err(unexpected(other)),
+    let (name, ready) = match write(ctx, env, WriteOp::CreateIndex { coll: coll.to_string(), spec }).await? {
+        WriteAnswer::IndexCreated { name, ready } => (name, ready),
+        other => return Err(unexpected(other)),
+    };
+    let state = if ready { IndexState::Ready } else { wait_for_build(ctx, env, &coll, &name).await? };
+    let status = if state == IndexState::Ready { StatusCode::OK } else { StatusCode::ACCEPTED };
+    Ok((status, axum::Json(CreateIndexResponse { name, state })).into_response())
+}
+
+/// Waits, up to the request deadline, for the leader's build steps to finish an index.
+async fn wait_for_build(ctx: &NodeCtx, env: &Envelope, coll: &str, name: &str) -> Result<IndexState> {
+    let deadline = tokio::time::Instant::now() + ctx.write_timeout;
+    loop {
+        let engine = ctx.sm.engine();
+        let meta = engine.catalog_meta(&env.db, coll);
+        match meta.as_ref().and_then(|m| m.indexes.iter().find(|i| i.name == name)) {
+            Some(ix) if ix.is_ready() => return Ok(IndexState::Ready),
+            Some(_) => {}
+            None => {
+                let failed = meta.and_then(|m| m.failed_builds.into_iter().rev().find(|f| f.name == name));
+                return Err(match failed {
+                    Some(f) => ApiError::duplicate_key(f.message),
+                    None => ApiError::not_found(format!("index {name} was dropped while it was being built")),
+                }
+                .into());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(IndexState::Building);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -436,7 +477,13 @@ async fn list_indexes(ctx: &NodeCtx, env: &Envelope, coll: CollName) -> Result<R
     };
     let indexes = specs
         .iter()
-        .map(|s| IndexInfo { name: s.name.clone(), keys: s.keys_json(), unique: s.unique, auto: s.auto })
+        .map(|s| IndexInfo {
+            name: s.name.clone(),
+            keys: s.keys_json(),
+            unique: s.unique,
+            auto: s.auto,
+            state: if s.is_ready() { IndexState::Ready } else { IndexState::Building },
+        })
         .collect();
     Ok(axum::Json(ListIndexesResponse { indexes }).into_response())
 }

@@ -29,6 +29,15 @@ impl From<crate::store::StoreError> for HttpError {
     }
 }
 
+impl From<crate::store::read::QueryError> for HttpError {
+    fn from(e: crate::store::read::QueryError) -> Self {
+        match e {
+            crate::store::read::QueryError::Refused(e) => HttpError(e),
+            crate::store::read::QueryError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -23,6 +23,31 @@ pub struct IndexSpec {
     /// Some document has an array at an indexed path.
     #[serde(default)]
     pub multikey: bool,
+    /// Present while the index is being built: the queries do not use it until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<IndexBuild>,
+    /// How its keys were made ([`KEY_VERSION`]); 0 for indexes of the first release.
+    #[serde(default)]
+    pub key_version: u32,
+}
+
+/// The version of index key generation: 1 traverses arrays of objects on dotted paths the
+/// way MongoDB does (and marks such an index multikey). Indexes made before it may be
+/// multikey without saying so; the catalog treats any of them with a dotted path as
+/// multikey when it loads them.
+pub const KEY_VERSION: u32 = 1;
+
+/// An index build in progress: built in bounded steps, each its own replicated command, so
+/// a build never holds the replica set's apply loop for long.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexBuild {
+    /// The storage key suffix (encoded `_id`) of the last document indexed, hex; `None`
+    /// before the first step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Documents indexed so far.
+    #[serde(default)]
+    pub indexed: u64,
 }
 
 impl IndexSpec {
@@ -49,7 +74,20 @@ impl IndexSpec {
         if name == "_id_" {
             return Err(ApiError::bad_request("the index name _id_ is reserved"));
         }
-        Ok(IndexSpec { name, fields, unique, auto: false, multikey: false })
+        Ok(IndexSpec {
+            name,
+            fields,
+            unique,
+            auto: false,
+            multikey: false,
+            build: Some(IndexBuild { after: None, indexed: 0 }),
+            key_version: KEY_VERSION,
+        })
+    }
+
+    /// Built: the planner may use it.
+    pub fn is_ready(&self) -> bool {
+        self.build.is_none()
     }
 
     /// The `keys` object as the data API shows it.
@@ -71,6 +109,30 @@ impl IndexSpec {
 pub struct CollectionMeta {
     pub documents: u64,
     pub indexes: Vec<IndexSpec>,
+    /// Builds that failed (a unique index meeting a duplicate), newest last, so the client
+    /// that asked for the index learns why it is not there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_builds: Vec<FailedBuild>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedBuild {
+    pub name: String,
+    pub message: String,
+}
+
+/// How many failed builds a collection remembers.
+pub const MAX_FAILED_BUILDS: usize = 8;
+
+impl CollectionMeta {
+    /// Brings indexes of older releases up to date (see [`KEY_VERSION`]).
+    pub fn upgrade(&mut self) {
+        for ix in &mut self.indexes {
+            if ix.key_version < KEY_VERSION && ix.fields.iter().any(|(p, _)| p.contains('.')) {
+                ix.multikey = true;
+            }
+        }
+    }
 }
 
 /// The in-memory catalog: database → collection → metadata, and the route epoch of each

@@ -35,6 +35,8 @@ pub struct Command {
 
 /// Externally tagged (`{"insert": {...}}`): serde cannot deserialize the raw documents
 /// inside an internally tagged enum.
+// One per command, moved rather than copied: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum WriteOp {
@@ -52,6 +54,9 @@ pub enum WriteOp {
         upsert: bool,
         /// The `_id` an upsert gives a new document when the filter does not name one.
         upsert_id: Value,
+        /// The filters of `$[<id>]` placeholders.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        array_filters: Option<Value>,
     },
     Delete {
         coll: String,
@@ -69,6 +74,12 @@ pub enum WriteOp {
         spec: super::catalog::IndexSpec,
     },
     DropIndex {
+        coll: String,
+        name: String,
+    },
+    /// One bounded step of an index build (see `IndexBuild`): the leader proposes them
+    /// until the index is ready.
+    BuildIndex {
         coll: String,
         name: String,
     },
@@ -92,6 +103,7 @@ impl WriteOp {
             WriteOp::DropCollection { .. } => "drop_collection",
             WriteOp::CreateIndex { .. } => "create_index",
             WriteOp::DropIndex { .. } => "drop_index",
+            WriteOp::BuildIndex { .. } => "build_index",
             WriteOp::DropDatabase => "drop_database",
             WriteOp::SetRouteEpoch { .. } => "set_route_epoch",
         }
@@ -117,8 +129,18 @@ pub enum WriteAnswer {
     CollectionCreated {
         created: bool,
     },
+    /// `ready` is false while the index is still being built.
     IndexCreated {
         name: String,
+        #[serde(default)]
+        ready: bool,
+    },
+    /// One step of an index build: `done` once the index is ready or its build failed
+    /// (`failed` says why).
+    IndexBuildStep {
+        done: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failed: Option<String>,
     },
     /// `found` is false when there was nothing to drop.
     Dropped {

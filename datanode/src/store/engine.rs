@@ -119,7 +119,8 @@ impl Engine {
             let (k, v) = item?;
             let mut parts = k.split(|b| *b == 0);
             let (Some(db), Some(coll)) = (parts.next(), parts.next()) else { continue };
-            let meta: CollectionMeta = decode("catalog entry", &v)?;
+            let mut meta: CollectionMeta = decode("catalog entry", &v)?;
+            meta.upgrade();
             catalog
                 .dbs
                 .entry(String::from_utf8_lossy(db).into_owned())
@@ -230,11 +231,11 @@ pub(crate) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> R
 }
 
 impl Engine {
-    /// Writes a batch built by [`Engine::apply_command`] (for tests that drive the engine
-    /// without Raft).
+    /// Writes a batch built by [`Engine::apply_command`] and installs its catalog change
+    /// (for tests that drive the engine without Raft).
     #[doc(hidden)]
-    pub fn write_batch_for_tests(&self, batch: WriteBatch) {
+    pub fn commit_for_tests(&self, batch: WriteBatch, delta: super::apply::CatalogDelta) {
         #[allow(clippy::expect_used)]
-        self.write(batch).expect("write batch");
+        self.commit(batch, Some(delta)).expect("write batch");
     }
 }

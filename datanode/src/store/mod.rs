@@ -7,6 +7,8 @@ pub mod apply;
 pub mod catalog;
 pub mod command;
 pub mod engine;
+pub mod gc;
+pub mod index;
 pub mod keys;
 pub mod read;
 pub mod stats;

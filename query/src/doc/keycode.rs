@@ -10,7 +10,9 @@
 //! - string: the bytes with `00` escaped as `00 FF`, then `00 01`
 //! - object: per field, the value's tag, the name as a string, the value's payload; then `00`
 //! - array: each element with its tag; then `00`
+//! - ObjectId: its 12 bytes
 //! - bool: `00` or `01`
+//! - date: the milliseconds as a sign-flipped big-endian i64
 //!
 //! Descending index fields store the bitwise complement of the encoding; since every
 //! encoding is self-delimiting (no encoding is a prefix of another), the complement sorts in
@@ -18,6 +20,7 @@
 
 use serde_json::Value;
 
+use super::ejson::{Special, special};
 use super::order::{Bracket, bracket, number_key};
 
 pub const TAG_NULL: u8 = 0x0A;
@@ -25,7 +28,9 @@ pub const TAG_NUMBER: u8 = 0x14;
 pub const TAG_STRING: u8 = 0x1E;
 pub const TAG_OBJECT: u8 = 0x28;
 pub const TAG_ARRAY: u8 = 0x32;
+pub const TAG_OBJECT_ID: u8 = 0x46;
 pub const TAG_BOOL: u8 = 0x50;
+pub const TAG_DATE: u8 = 0x5A;
 const END: u8 = 0x00;
 
 /// The tag byte of a bracket; the first byte of the encoding of every value in it.
@@ -36,7 +41,9 @@ pub fn tag(b: Bracket) -> u8 {
         Bracket::String => TAG_STRING,
         Bracket::Object => TAG_OBJECT,
         Bracket::Array => TAG_ARRAY,
+        Bracket::ObjectId => TAG_OBJECT_ID,
         Bracket::Bool => TAG_BOOL,
+        Bracket::Date => TAG_DATE,
     }
 }
 
@@ -81,14 +88,30 @@ fn encode_payload(v: &Value, out: &mut Vec<u8>) {
             }
             out.push(END);
         }
-        Value::Object(map) => {
-            for (k, item) in map {
-                out.push(tag(bracket(item)));
-                encode_str(k, out);
-                encode_payload(item, out);
+        Value::Object(map) => match special(v) {
+            Some(Special::Date(ms)) => out.extend_from_slice(&((ms as u64) ^ (1 << 63)).to_be_bytes()),
+            Some(Special::ObjectId(hex)) => {
+                for pair in hex.as_bytes().chunks(2) {
+                    out.push((nibble(pair[0]) << 4) | nibble(pair[1]));
+                }
             }
-            out.push(END);
-        }
+            None => {
+                for (k, item) in map {
+                    out.push(tag(bracket(item)));
+                    encode_str(k, out);
+                    encode_payload(item, out);
+                }
+                out.push(END);
+            }
+        },
+    }
+}
+
+/// The value of a lower-case hex digit (a canonical ObjectId holds nothing else).
+fn nibble(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        _ => c.wrapping_sub(b'a').wrapping_add(10) & 0x0F,
     }
 }
 

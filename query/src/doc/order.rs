@@ -1,9 +1,13 @@
-//! MongoDB's comparison order for the JSON subset of BSON: null < numbers < strings <
-//! objects < arrays < booleans, numbers compared by value whatever their representation.
+//! MongoDB's comparison order for the BSON types a JSON document can hold: null < numbers <
+//! strings < objects < arrays < ObjectIds < booleans < dates, numbers compared by value
+//! whatever their representation. Dates and ObjectIds are the canonical Extended JSON
+//! objects of [`super::ejson`].
 
 use std::cmp::Ordering;
 
 use serde_json::{Number, Value};
+
+use super::ejson::{Special, special};
 
 /// The type bracket of a value: values of different brackets compare by bracket alone, and
 /// range operators (`$gt`, ...) only match values of the operand's bracket.
@@ -14,7 +18,9 @@ pub enum Bracket {
     String = 3,
     Object = 4,
     Array = 5,
+    ObjectId = 7,
     Bool = 8,
+    Date = 9,
 }
 
 pub fn bracket(v: &Value) -> Bracket {
@@ -22,7 +28,11 @@ pub fn bracket(v: &Value) -> Bracket {
         Value::Null => Bracket::Null,
         Value::Number(_) => Bracket::Number,
         Value::String(_) => Bracket::String,
-        Value::Object(_) => Bracket::Object,
+        Value::Object(_) => match special(v) {
+            Some(Special::Date(_)) => Bracket::Date,
+            Some(Special::ObjectId(_)) => Bracket::ObjectId,
+            None => Bracket::Object,
+        },
         Value::Array(_) => Bracket::Array,
         Value::Bool(_) => Bracket::Bool,
     }
@@ -75,6 +85,11 @@ pub fn compare(a: &Value, b: &Value) -> Ordering {
             }
             x.len().cmp(&y.len())
         }
+        (Value::Object(_), Value::Object(_)) if ba != Bracket::Object => match (special(a), special(b)) {
+            (Some(Special::Date(x)), Some(Special::Date(y))) => x.cmp(&y),
+            (Some(Special::ObjectId(x)), Some(Special::ObjectId(y))) => x.cmp(y),
+            _ => Ordering::Equal, // unreachable: same bracket, so same special type
+        },
         (Value::Object(x), Value::Object(y)) => {
             for ((kx, vx), (ky, vy)) in x.iter().zip(y) {
                 let o = bracket(vx)
@@ -111,8 +126,11 @@ mod tests {
             json!("a"),
             json!({}),
             json!([]),
+            json!({"$oid": "000000000000000000000000"}),
             json!(false),
             json!(true),
+            json!({"$date": {"$numberLong": "-1"}}),
+            json!({"$date": "1970-01-01T00:00:00.000Z"}),
         ];
         for w in ordered.windows(2) {
             assert_eq!(compare(&w[0], &w[1]), Ordering::Less, "{} < {}", w[0], w[1]);

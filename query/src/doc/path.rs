@@ -1,59 +1,242 @@
-//! Dotted paths into documents, with MongoDB's array traversal: `a.b` reaches `b` in `a`
-//! when `a` is an object, and in every object element when `a` is an array; a numeric
-//! component also indexes into an array.
+//! Dotted paths into documents, with MongoDB's array traversal.
+//!
+//! [`for_each_element`] is the matcher's view of a path, the same walk as MongoDB's
+//! `BSONElementIterator`: objects are followed field by field; an array met before the
+//! path ends is traversed (each object element continues the path, and a numeric
+//! component also selects the element at that position); an array at the end of the path
+//! yields its elements and then itself. Where a branch of the walk finds nothing, it
+//! yields "missing" once, which is what `{"a.b": null}` matches: `{"a": [{"b": 1}, {}]}`
+//! matches it through its second element; `{"a": [1, 2]}` does not (no element continues
+//! the path).
+//!
+//! [`keys`] is the indexes' and sorts' view, MongoDB's key generation: every value the
+//! path reaches, `null` where a branch ends without one, and whether an array was crossed
+//! (the document is then *multikey* for that path).
+
+use std::ops::ControlFlow;
 
 use serde_json::Value;
 
-/// Every value found at `path` in `root`. Empty when the path reaches nothing (missing).
-pub fn lookup<'a>(root: &'a Value, path: &str) -> Vec<&'a Value> {
-    let parts: Vec<&str> = path.split('.').collect();
-    let mut out = Vec::new();
-    walk(root, &parts, &mut out);
-    out
+/// A path split into its components once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FieldPath {
+    text: String,
+    parts: Vec<String>,
 }
 
-fn walk<'a>(v: &'a Value, parts: &[&str], out: &mut Vec<&'a Value>) {
+impl FieldPath {
+    /// Splits a path that [`validate_path`] accepted.
+    pub fn new(path: &str) -> FieldPath {
+        FieldPath { text: path.to_owned(), parts: path.split('.').map(str::to_owned).collect() }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn parts(&self) -> &[String] {
+        &self.parts
+    }
+}
+
+impl std::fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// One place a path reaches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Element<'a> {
+    /// `None` where the path reaches nothing (missing).
+    pub value: Option<&'a Value>,
+    /// The position in the outermost array traversed on the way, when one was: what the
+    /// positional update operator `$` refers to.
+    pub array_offset: Option<usize>,
+}
+
+/// What the walk yields for an array at the end of the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafArrays {
+    /// Each element, then the array itself (equality, ranges, `$in`, `$exists`, ...).
+    Traverse,
+    /// The array itself only (`$size`, `$elemMatch`, `$all` with `$elemMatch`).
+    Whole,
+}
+
+/// Calls `f` with every element `path` reaches in `doc` (an object), in document order,
+/// until `f` breaks.
+pub fn for_each_element<'a>(
+    doc: &'a Value,
+    path: &FieldPath,
+    leaf: LeafArrays,
+    f: &mut dyn FnMut(Element<'a>) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    match doc {
+        Value::Object(_) => from_object(doc, path.parts(), leaf, None, f),
+        _ => f(Element { value: None, array_offset: None }),
+    }
+}
+
+/// Whether any element `path` reaches satisfies `pred`; the offset of the first that does.
+pub fn any_element<'a>(
+    doc: &'a Value,
+    path: &FieldPath,
+    leaf: LeafArrays,
+    mut pred: impl FnMut(Option<&'a Value>) -> bool,
+) -> Option<Option<usize>> {
+    let mut found = None;
+    let _ = for_each_element(doc, path, leaf, &mut |e| {
+        if pred(e.value) {
+            found = Some(e.array_offset);
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    found
+}
+
+/// Follows objects from `obj` until the path ends or meets an array (MongoDB's
+/// `getFieldDottedOrArray`): the value reached, or the array and the index of the component
+/// that named it. Missing, or a scalar before the end, is `None`.
+fn dotted_or_array<'a>(obj: &'a Value, parts: &[String]) -> (Option<&'a Value>, usize) {
+    let mut cur = obj;
+    for (i, part) in parts.iter().enumerate() {
+        let Value::Object(m) = cur else { return (None, i) };
+        match m.get(part) {
+            None => return (None, i),
+            Some(v) if i + 1 == parts.len() || v.is_array() => return (Some(v), i),
+            Some(v) => cur = v,
+        }
+    }
+    (Some(cur), parts.len())
+}
+
+fn from_object<'a>(
+    obj: &'a Value,
+    parts: &[String],
+    leaf: LeafArrays,
+    offset: Option<usize>,
+    f: &mut dyn FnMut(Element<'a>) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    match dotted_or_array(obj, parts) {
+        (Some(arr @ Value::Array(_)), i) => in_array(arr, &parts[i + 1..], leaf, offset, f),
+        (value, _) => f(Element { value, array_offset: offset }),
+    }
+}
+
+fn in_array<'a>(
+    arr: &'a Value,
+    rest: &[String],
+    leaf: LeafArrays,
+    offset: Option<usize>,
+    f: &mut dyn FnMut(Element<'a>) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    let Value::Array(items) = arr else { return ControlFlow::Continue(()) };
+    let Some((next, after)) = rest.split_first() else {
+        // The path ends at this array.
+        if leaf == LeafArrays::Traverse {
+            for (k, item) in items.iter().enumerate() {
+                f(Element { value: Some(item), array_offset: offset.or(Some(k)) })?;
+            }
+        }
+        return f(Element { value: Some(arr), array_offset: offset });
+    };
+    for (k, item) in items.iter().enumerate() {
+        let positional = is_position(next, k);
+        match item {
+            Value::Object(_) => {
+                from_object(item, rest, leaf, offset.or(Some(k)), f)?;
+                if positional {
+                    if after.is_empty() {
+                        f(Element { value: Some(item), array_offset: offset })?;
+                    } else {
+                        from_object(item, after, leaf, offset, f)?;
+                    }
+                }
+            }
+            _ if positional => {
+                if after.is_empty() {
+                    f(Element { value: Some(item), array_offset: offset })?;
+                } else if item.is_array() {
+                    in_array(item, after, leaf, offset, f)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    ControlFlow::Continue(())
+}
+
+/// Whether a path component names array position `k` (digits only, as MongoDB reads them:
+/// `"01"` is not position 1).
+fn is_position(part: &str, k: usize) -> bool {
+    !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) && part == k.to_string()
+}
+
+/// A key the path gives a document for an index or a sort.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Key<'a> {
+    /// An empty array at the end of the path: below every value in a sort.
+    EmptyArray,
+    Value(&'a Value),
+    /// Nothing there: sorts and indexes as `null`.
+    Null,
+}
+
+/// The keys `path` gives `doc` and whether an array was crossed (MongoDB's key generation
+/// for indexes and sorts). Never empty.
+pub fn keys<'a>(doc: &'a Value, path: &FieldPath) -> (Vec<Key<'a>>, bool) {
+    let mut out = Vec::new();
+    let mut multikey = false;
+    keys_of(doc, path.parts(), &mut out, &mut multikey);
+    if out.is_empty() {
+        out.push(Key::Null);
+    }
+    (out, multikey)
+}
+
+fn keys_of<'a>(v: &'a Value, parts: &[String], out: &mut Vec<Key<'a>>, multikey: &mut bool) {
     let Some((first, rest)) = parts.split_first() else {
-        out.push(v);
+        match v {
+            Value::Array(items) => {
+                *multikey = true;
+                if items.is_empty() {
+                    out.push(Key::EmptyArray);
+                }
+                out.extend(items.iter().map(Key::Value));
+            }
+            other => out.push(Key::Value(other)),
+        }
         return;
     };
     match v {
-        Value::Object(map) => {
-            if let Some(child) = map.get(*first) {
-                walk(child, rest, out);
-            }
-        }
+        Value::Object(m) => match m.get(first) {
+            Some(child) => keys_of(child, rest, out, multikey),
+            None => out.push(Key::Null),
+        },
         Value::Array(items) => {
-            if let Ok(i) = first.parse::<usize>()
-                && let Some(child) = items.get(i)
-            {
-                walk(child, rest, out);
+            *multikey = true;
+            if items.is_empty() {
+                out.push(Key::Null);
             }
-            for item in items {
-                if item.is_object() {
-                    walk(item, parts, out);
+            for (k, item) in items.iter().enumerate() {
+                if is_position(first, k) {
+                    keys_of(item, rest, out, multikey);
+                }
+                match item {
+                    Value::Object(_) => keys_of(item, parts, out, multikey),
+                    _ => out.push(Key::Null),
                 }
             }
         }
-        _ => {}
+        _ => out.push(Key::Null),
     }
 }
 
-/// The values a query predicate sees at `path`: each value found, and the elements of each
-/// array found (so `{tags: "x"}` matches `{tags: ["x", "y"]}`).
-pub fn candidates<'a>(root: &'a Value, path: &str) -> Vec<&'a Value> {
-    let mut out = Vec::new();
-    for v in lookup(root, path) {
-        out.push(v);
-        if let Value::Array(items) = v {
-            out.extend(items.iter());
-        }
-    }
-    out
-}
-
-/// The single value at a plain path (objects only, no array traversal), for updates and
-/// projections.
+/// The single value at a plain path (objects, and arrays by position; no traversal), for
+/// updates and projections.
 pub fn get_plain<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
     let mut cur = root;
     for part in path.split('.') {
@@ -85,15 +268,77 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn walk(doc: Value, path: &str, leaf: LeafArrays) -> Vec<(Option<Value>, Option<usize>)> {
+        let mut out = Vec::new();
+        let _ = for_each_element(&doc, &FieldPath::new(path), leaf, &mut |e| {
+            out.push((e.value.cloned(), e.array_offset));
+            ControlFlow::Continue(())
+        });
+        out
+    }
+
+    fn values(doc: Value, path: &str) -> Vec<Option<Value>> {
+        walk(doc, path, LeafArrays::Traverse).into_iter().map(|(v, _)| v).collect()
+    }
+
     #[test]
-    fn lookup_traverses_arrays_of_objects() {
-        let d = json!({"a": [{"b": 1}, {"b": [2, 3]}, 4], "c": {"d": null}});
-        assert_eq!(lookup(&d, "a.b"), vec![&json!(1), &json!([2, 3])]);
-        assert_eq!(candidates(&d, "a.b"), vec![&json!(1), &json!([2, 3]), &json!(2), &json!(3)]);
-        assert_eq!(lookup(&d, "a.2"), vec![&json!(4)]);
-        assert_eq!(lookup(&d, "c.d"), vec![&json!(null)]);
-        assert!(lookup(&d, "c.e").is_empty());
-        assert!(lookup(&d, "x.y").is_empty());
+    fn objects_are_followed_and_missing_is_yielded_once() {
+        assert_eq!(values(json!({"a": {"b": 1}}), "a.b"), vec![Some(json!(1))]);
+        assert_eq!(values(json!({"a": {"c": 1}}), "a.b"), vec![None]);
+        assert_eq!(values(json!({"a": 4}), "a.b"), vec![None]);
+        assert_eq!(values(json!({}), "a"), vec![None]);
+    }
+
+    #[test]
+    fn arrays_before_the_end_continue_through_object_elements_only() {
+        assert_eq!(values(json!({"a": [{"b": 1}, {"c": 1}]}), "a.b"), vec![Some(json!(1)), None]);
+        assert_eq!(values(json!({"a": [1, 2]}), "a.b"), Vec::<Option<Value>>::new());
+        assert_eq!(values(json!({"a": []}), "a.b"), Vec::<Option<Value>>::new());
+        // Arrays of arrays are not traversed.
+        assert_eq!(values(json!({"a": [[{"b": 1}]]}), "a.b"), Vec::<Option<Value>>::new());
+    }
+
+    #[test]
+    fn an_array_at_the_end_yields_its_elements_then_itself() {
+        assert_eq!(
+            walk(json!({"a": {"b": [1, [2]]}}), "a.b", LeafArrays::Traverse),
+            vec![(Some(json!(1)), Some(0)), (Some(json!([2])), Some(1)), (Some(json!([1, [2]])), None)]
+        );
+        assert_eq!(walk(json!({"a": [1, 2]}), "a", LeafArrays::Whole), vec![(Some(json!([1, 2])), None)]);
+    }
+
+    #[test]
+    fn numeric_components_index_arrays_and_name_fields() {
+        assert_eq!(values(json!({"a": [5, 6]}), "a.1"), vec![Some(json!(6))]);
+        assert_eq!(values(json!({"a": [[7, 8]]}), "a.0.1"), vec![Some(json!(8))]);
+        // An object element is looked at both ways: field "0" (missing) and position 0.
+        assert_eq!(values(json!({"a": [{"b": 1}]}), "a.0.b"), vec![None, Some(json!(1))]);
+        assert_eq!(values(json!({"a": [5]}), "a.01"), Vec::<Option<Value>>::new());
+    }
+
+    #[test]
+    fn the_offset_is_the_outermost_arrays() {
+        let d = json!({"a": [{"b": [1, 2]}, {"b": [3]}]});
+        let got = walk(d, "a.b", LeafArrays::Traverse);
+        assert_eq!(got[0], (Some(json!(1)), Some(0)));
+        assert_eq!(got[1], (Some(json!(2)), Some(0)));
+        assert_eq!(got[3], (Some(json!(3)), Some(1)));
+    }
+
+    #[test]
+    fn keys_follow_mongodb_key_generation() {
+        let k = |d: Value, p: &str| {
+            let (keys, multi) = keys(&d, &FieldPath::new(p));
+            (keys.into_iter().map(|k| format!("{k:?}")).collect::<Vec<_>>(), multi)
+        };
+        assert_eq!(k(json!({"a": 1}), "a"), (vec!["Value(Number(1))".into()], false));
+        assert_eq!(k(json!({}), "a"), (vec!["Null".into()], false));
+        assert_eq!(k(json!({"a": []}), "a"), (vec!["EmptyArray".into()], true));
+        // Dotted paths through arrays of objects are multikey.
+        let (keys, multi) = k(json!({"a": [{"b": 1}, {"c": 1}]}), "a.b");
+        assert!(multi);
+        assert_eq!(keys, vec!["Value(Number(1))".to_string(), "Null".into()]);
+        assert_eq!(k(json!({"a": [1, {"b": 2}]}), "a.b").0, vec!["Null".to_string(), "Value(Number(2))".into()]);
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub fn arb_value() -> impl Strategy<Value = Value> {
         any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
         (-3i64..3).prop_map(|i| json!(i as f64 + 0.5)),
         "[a-c\u{0}]{0,3}".prop_map(Value::String),
+        (-3i64..3).prop_map(|d| super::ejson::date(d * 86_400_000)),
+        any::<i64>().prop_map(super::ejson::date),
+        "[0-9a-f]{24}".prop_map(|h| json!({ "$oid": h })),
     ];
     leaf.prop_recursive(3, 16, 3, |inner| {
         prop_oneof![

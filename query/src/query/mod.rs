@@ -3,6 +3,7 @@
 //! Pure code: no storage, no I/O.
 
 pub mod filter;
+pub mod pattern;
 pub mod planner;
 pub mod projection;
 pub mod sort;
@@ -28,7 +29,8 @@ mod tests {
         /// answers with a value or an error: it never panics.
         #[test]
         fn arbitrary_json_never_panics(q in arb_value(), doc in arb_value(), op in prop_oneof![
-            Just("$set"), Just("$unset"), Just("$inc"), Just("$push"), Just("$pull"), Just("$eq"), Just("$gt"), Just("$in"), Just("$not"), Just("$or")
+            Just("$set"), Just("$unset"), Just("$inc"), Just("$push"), Just("$pull"), Just("$eq"), Just("$gt"), Just("$in"), Just("$not"), Just("$or"),
+            Just("$elemMatch"), Just("$all"), Just("$size"), Just("$type"), Just("$mod"), Just("$regex"), Just("$mul"), Just("$rename"), Just("$addToSet"), Just("$pop"), Just("$min"), Just("$slice"), Just("$each")
         ]) {
             let doc = json!({"_id": 1, "a": doc, "b": {"c": [1, {"d": 2}]}});
             for candidate in [q.clone(), json!({ op: q.clone() }), json!({ "a": { op: q.clone() } }), json!({ op: { "a.b": q.clone() } })] {
@@ -37,7 +39,8 @@ mod tests {
                     let _ = f.shape();
                 }
                 if let Ok(u) = Update::parse(&candidate) {
-                    let _ = u.apply(&doc);
+                    let _ = u.apply(&doc, &update::ApplyCtx::default());
+                    let _ = u.upsert_document(&Filter::parse(Some(&candidate)).unwrap_or(Filter::all()), &json!(1), &update::ApplyCtx::default());
                 }
                 if let Ok(s) = SortSpec::parse(Some(&candidate)) {
                     let _ = s.compare(&doc, &candidate);

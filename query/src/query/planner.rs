@@ -12,8 +12,12 @@ use super::sort::SortSpec;
 use crate::doc::keycode::{encode_dir_into, prefix_end, tag};
 use crate::doc::order::{Bracket, bracket, compare};
 
-/// Most key ranges one index scan may use (the product of `$in` lists).
-const MAX_RANGES: usize = 256;
+/// Most key ranges one index scan may use (the product of `$in` lists): `{"_id": {"$in":
+/// [...]}}` with up to this many values is that many point lookups.
+const MAX_RANGES: usize = 10_000;
+
+/// The name of the implicit unique index on `_id`: the documents themselves, keyed by it.
+pub const ID_INDEX: &str = "_id_";
 
 /// What the planner knows of one index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,14 +77,17 @@ fn indexable_point(v: &Value) -> bool {
 fn constraints_of(pred: &Pred, out: &mut Vec<Constraint>) {
     match pred {
         Pred::Eq(v) if indexable_point(v) => out.push(Constraint::Points(vec![v.clone()])),
-        Pred::In(vs) if !vs.is_empty() && vs.iter().all(indexable_point) => out.push(Constraint::Points(vs.clone())),
+        Pred::In(vs, patterns) if patterns.is_empty() && !vs.is_empty() && vs.iter().all(indexable_point) => {
+            out.push(Constraint::Points(vs.clone()))
+        }
         Pred::Cmp(op, v) if indexable_point(v) => out.push(match op {
             CmpOp::Gt => Constraint::Lower(v.clone(), false),
             CmpOp::Gte => Constraint::Lower(v.clone(), true),
             CmpOp::Lt => Constraint::Upper(v.clone(), false),
             CmpOp::Lte => Constraint::Upper(v.clone(), true),
         }),
-        Pred::All(ps) => ps.iter().for_each(|p| constraints_of(p, out)),
+        // Every condition of a conjunction holds; every value of `$all` is there.
+        Pred::All(ps) | Pred::AllOf(ps) => ps.iter().for_each(|p| constraints_of(p, out)),
         _ => {}
     }
 }
@@ -89,7 +96,8 @@ fn collect_constraints<'f>(filter: &'f Filter, out: &mut Vec<(&'f str, Vec<Const
     match filter {
         Filter::And(fs) => fs.iter().for_each(|f| collect_constraints(f, out)),
         Filter::Field { path, pred } => {
-            let idx = match out.iter().position(|(p, _)| p == path) {
+            let path = path.as_str();
+            let idx = match out.iter().position(|(p, _)| *p == path) {
                 Some(i) => i,
                 None => {
                     out.push((path, Vec::new()));
@@ -237,6 +245,10 @@ pub fn plan(filter: &Filter, sort: &SortSpec, has_limit: bool, indexes: &[IndexV
         if eq_fields == 0 && !has_range {
             ranges = vec![(vec![], vec![0xFF; 1])];
         }
+        if ix.name == ID_INDEX && eq_fields == 1 {
+            // Point lookups by `_id`: nothing does better.
+            return Plan::IndexScan { index: ix.name.to_owned(), ranges, provides_sort };
+        }
         let score = (eq_fields, has_range, provides_sort);
         if best.as_ref().is_none_or(|(s, _)| score > *s) {
             best = Some((score, Plan::IndexScan { index: ix.name.to_owned(), ranges, provides_sort }));
@@ -322,6 +334,24 @@ mod tests {
         match plan(&f, &SortSpec::default(), false, &views) {
             // [1, 9] matches: 9 > 5 and 1 < 3. The scan must not be empty.
             Plan::IndexScan { ranges, .. } => assert_eq!(ranges.len(), 1),
+            p => panic!("{p:?}"),
+        }
+    }
+
+    #[test]
+    fn id_equalities_are_point_lookups() {
+        let id = fields(&[("_id", false)]);
+        let a = fields(&[("a", false)]);
+        let ixs = [(ID_INDEX, id), ("a", a)];
+        match plan_for(json!({"a": 1, "_id": {"$in": [3, 1]}}), json!({}), false, &ixs) {
+            Plan::IndexScan { index, ranges, .. } => {
+                assert_eq!(index, ID_INDEX);
+                assert_eq!(ranges.len(), 2);
+            }
+            p => panic!("{p:?}"),
+        }
+        match plan_for(json!({"_id": {"$gt": "k"}}), json!({}), false, &ixs) {
+            Plan::IndexScan { index, .. } => assert_eq!(index, ID_INDEX),
             p => panic!("{p:?}"),
         }
     }

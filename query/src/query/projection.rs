@@ -1,16 +1,41 @@
-//! Projections: `{"a": 1, "b.c": 1}` keeps only those fields (and `_id` unless
-//! `"_id": 0`); `{"a": 0}` drops fields. Inclusion and exclusion do not mix, except `_id`.
+//! Projections, as MongoDB applies them:
+//!
+//! - inclusion `{"a": 1, "b.c": 1}`: only those fields (and `_id` unless `"_id": 0`), in
+//!   the document's order; through arrays, each object element keeps its named fields,
+//!   nested arrays are projected alike and other elements are dropped;
+//! - exclusion `{"a": 0}`: every field but those;
+//! - `{"a": {"$slice": n}}` or `{"$slice": [skip, limit]}`: part of an array (alone or with
+//!   exclusions, the other fields stay; with inclusions, only the named ones);
+//! - `{"a": {"$elemMatch": {...}}}`: the first element of a top-level array that matches,
+//!   as a one-element array (the field is left out when none does); an inclusion.
+//!
+//! Inclusion and exclusion do not mix, except `_id`; a path and one inside it conflict.
 
 use nimbus_api::ApiError;
 use serde_json::{Map, Value};
 
+use super::filter::Filter;
 use crate::doc::path::validate_path;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Projection {
     include: bool,
-    paths: Vec<Vec<String>>,
-    keep_id: bool,
+    tree: Tree,
+}
+
+type Tree = Vec<(String, Node)>;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Node {
+    Include,
+    Exclude,
+    Slice { skip: i64, limit: Option<i64> },
+    ElemMatch(Box<Filter>),
+    Children(Tree),
+}
+
+fn err(msg: impl Into<String>) -> ApiError {
+    ApiError::bad_request(msg)
 }
 
 impl Projection {
@@ -20,114 +45,194 @@ impl Projection {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::Object(m)) if m.is_empty() => return Ok(None),
             Some(Value::Object(m)) => m,
-            Some(_) => return Err(ApiError::bad_request("projection must be an object")),
+            Some(_) => return Err(err("projection must be an object")),
         };
-        let mut include = None;
-        let mut keep_id = true;
-        let mut paths = Vec::new();
-        for (path, flag) in map {
-            validate_path(path).map_err(ApiError::bad_request)?;
-            let on = match flag {
-                Value::Bool(b) => *b,
-                Value::Number(n) => n.as_f64() != Some(0.0),
-                _ => return Err(ApiError::bad_request(format!("projection of {path:?} must be 0, 1, true or false"))),
+        let mut include: Option<bool> = None;
+        let mut keep_id = None;
+        let mut tree: Tree = Vec::new();
+        for (path, spec) in map {
+            validate_path(path).map_err(err)?;
+            if path.split('.').any(|p| p.starts_with('$')) {
+                return Err(err(format!("projection of {path:?}: the positional operator is not supported")));
+            }
+            let node = parse_node(path, spec)?;
+            let mode = match &node {
+                Node::Include | Node::ElemMatch(_) => Some(true),
+                Node::Exclude => Some(false),
+                _ => None,
             };
-            if path == "_id" {
-                keep_id = on;
+            if path == "_id" && matches!(node, Node::Include | Node::Exclude) {
+                keep_id = Some(node == Node::Include);
                 continue;
             }
-            match include {
-                None => include = Some(on),
-                Some(i) if i != on => {
-                    return Err(ApiError::bad_request("projection cannot mix inclusion and exclusion (except _id)"));
+            if let Some(m) = mode {
+                if include.is_some_and(|i| i != m) {
+                    return Err(err("projection cannot mix inclusion and exclusion (except _id)"));
                 }
-                _ => {}
+                include = Some(m);
             }
-            paths.push(path.split('.').map(str::to_owned).collect());
+            insert(&mut tree, path, node)?;
         }
-        Ok(Some(Projection { include: include.unwrap_or(false), paths, keep_id }))
+        // `{"_id": 1}` alone includes `_id` only; `{"_id": 0}` alone excludes it.
+        let include = include.unwrap_or(keep_id == Some(true) && tree.is_empty());
+        match keep_id {
+            Some(true) if include => insert(&mut tree, "_id", Node::Include)?,
+            Some(false) if !include => insert(&mut tree, "_id", Node::Exclude)?,
+            None if include => insert(&mut tree, "_id", Node::Include)?,
+            // Included by default in an exclusion; left out of an inclusion by `"_id": 0`.
+            _ => {}
+        }
+        Ok(Some(Projection { include, tree }))
     }
 
     pub fn apply(&self, doc: &Value) -> Value {
         let Value::Object(map) = doc else { return doc.clone() };
-        let mut out = if self.include {
-            let mut out = Map::new();
-            for p in &self.paths {
-                include_path(map, p, &mut out);
+        Value::Object(if self.include { include(map, &self.tree) } else { exclude(map, &self.tree) })
+    }
+}
+
+fn parse_node(path: &str, spec: &Value) -> Result<Node, ApiError> {
+    match spec {
+        Value::Bool(b) => Ok(if *b { Node::Include } else { Node::Exclude }),
+        Value::Number(n) => Ok(if n.as_f64() == Some(0.0) { Node::Exclude } else { Node::Include }),
+        Value::Object(m) if m.len() == 1 && m.contains_key("$slice") => parse_slice(&m["$slice"]),
+        Value::Object(m) if m.len() == 1 && m.contains_key("$elemMatch") => {
+            if path.contains('.') {
+                return Err(err(format!("$elemMatch projection of {path:?}: only top-level fields")));
             }
-            match map.get("_id") {
-                Some(id) if self.keep_id => {
-                    // `_id` first, as stored.
-                    let mut with_id = Map::with_capacity(out.len() + 1);
-                    with_id.insert("_id".into(), id.clone());
-                    with_id.extend(out);
-                    with_id
+            let f = Filter::parse(Some(&m["$elemMatch"])).map_err(|e| err(e.message))?;
+            Ok(Node::ElemMatch(Box::new(f)))
+        }
+        _ => Err(err(format!(
+            "projection of {path:?} must be 0, 1, true, false, {{\"$slice\": ...}} or {{\"$elemMatch\": ...}}"
+        ))),
+    }
+}
+
+fn parse_slice(arg: &Value) -> Result<Node, ApiError> {
+    let int = |v: &Value| v.as_i64().or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64));
+    match arg {
+        Value::Array(items) if items.len() == 2 => match (int(&items[0]), int(&items[1])) {
+            (Some(skip), Some(limit)) if limit > 0 => Ok(Node::Slice { skip, limit: Some(limit) }),
+            _ => Err(err("$slice [skip, limit] needs whole numbers and a positive limit")),
+        },
+        v => match int(v) {
+            Some(n) => Ok(Node::Slice { skip: n, limit: None }),
+            None => Err(err("$slice needs a whole number or [skip, limit]")),
+        },
+    }
+}
+
+/// Adds `path` to the tree, refusing a path inside (or around) one already there.
+fn insert(tree: &mut Tree, path: &str, node: Node) -> Result<(), ApiError> {
+    let collision = || err(format!("projection path collision at {path:?}"));
+    let (first, rest) = match path.split_once('.') {
+        Some((f, r)) => (f, Some(r)),
+        None => (path, None),
+    };
+    let pos = tree.iter().position(|(k, _)| k == first);
+    match (rest, pos) {
+        (None, None) => tree.push((first.to_owned(), node)),
+        (None, Some(_)) => return Err(collision()),
+        (Some(rest), None) => {
+            let mut sub = Vec::new();
+            insert(&mut sub, rest, node)?;
+            tree.push((first.to_owned(), Node::Children(sub)));
+        }
+        (Some(rest), Some(i)) => match &mut tree[i].1 {
+            Node::Children(sub) => insert(sub, rest, node)?,
+            _ => return Err(collision()),
+        },
+    }
+    Ok(())
+}
+
+fn find<'t>(tree: &'t Tree, key: &str) -> Option<&'t Node> {
+    tree.iter().find(|(k, _)| k == key).map(|(_, n)| n)
+}
+
+fn include(src: &Map<String, Value>, tree: &Tree) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (k, v) in src {
+        let Some(node) = find(tree, k) else { continue };
+        let projected = match node {
+            Node::Include | Node::Exclude => Some(v.clone()),
+            Node::Slice { skip, limit } => Some(slice(v, *skip, *limit)),
+            Node::ElemMatch(f) => match v {
+                Value::Array(items) => {
+                    items.iter().find(|i| i.is_object() && f.matches(i)).map(|i| Value::Array(vec![i.clone()]))
                 }
-                _ => out,
-            }
-        } else {
-            let mut out = map.clone();
-            for p in &self.paths {
-                exclude_path(&mut out, p);
-            }
-            out
+                _ => None,
+            },
+            Node::Children(sub) => match v {
+                Value::Object(child) => Some(Value::Object(include(child, sub))),
+                Value::Array(items) => Some(include_array(items, sub)),
+                _ => None,
+            },
         };
-        if !self.keep_id {
-            out.remove("_id");
+        if let Some(p) = projected {
+            out.insert(k.clone(), p);
         }
-        Value::Object(out)
     }
+    out
 }
 
-fn include_path(src: &Map<String, Value>, path: &[String], out: &mut Map<String, Value>) {
-    let Some((first, rest)) = path.split_first() else { return };
-    let Some(v) = src.get(first) else { return };
-    if rest.is_empty() {
-        out.insert(first.clone(), v.clone());
-        return;
-    }
-    match v {
-        Value::Object(child) => {
-            let entry = out.entry(first.clone()).or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(dst) = entry {
-                include_path(child, rest, dst);
-            }
-        }
-        Value::Array(items) => {
-            let projected: Vec<Value> = items
-                .iter()
-                .filter_map(|i| match i {
-                    Value::Object(child) => {
-                        let mut dst = Map::new();
-                        include_path(child, rest, &mut dst);
-                        Some(Value::Object(dst))
-                    }
-                    _ => None,
-                })
-                .collect();
-            out.insert(first.clone(), Value::Array(projected));
-        }
-        _ => {}
-    }
+fn include_array(items: &[Value], tree: &Tree) -> Value {
+    Value::Array(
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Value::Object(child) => Some(Value::Object(include(child, tree))),
+                Value::Array(inner) => Some(include_array(inner, tree)),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
-fn exclude_path(map: &mut Map<String, Value>, path: &[String]) {
-    let Some((first, rest)) = path.split_first() else { return };
-    if rest.is_empty() {
-        map.remove(first);
-        return;
+fn exclude(src: &Map<String, Value>, tree: &Tree) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (k, v) in src {
+        let projected = match find(tree, k) {
+            None | Some(Node::Include | Node::ElemMatch(_)) => v.clone(),
+            Some(Node::Exclude) => continue,
+            Some(Node::Slice { skip, limit }) => slice(v, *skip, *limit),
+            Some(Node::Children(sub)) => match v {
+                Value::Object(child) => Value::Object(exclude(child, sub)),
+                Value::Array(items) => exclude_array(items, sub),
+                other => other.clone(),
+            },
+        };
+        out.insert(k.clone(), projected);
     }
-    match map.get_mut(first) {
-        Some(Value::Object(child)) => exclude_path(child, rest),
-        Some(Value::Array(items)) => {
-            for item in items {
-                if let Value::Object(child) = item {
-                    exclude_path(child, rest);
-                }
-            }
-        }
-        _ => {}
-    }
+    out
+}
+
+fn exclude_array(items: &[Value], tree: &Tree) -> Value {
+    Value::Array(
+        items
+            .iter()
+            .map(|i| match i {
+                Value::Object(child) => Value::Object(exclude(child, tree)),
+                Value::Array(inner) => exclude_array(inner, tree),
+                other => other.clone(),
+            })
+            .collect(),
+    )
+}
+
+/// `$slice`: `n` first (last when negative) elements, or `limit` from `skip` (from the end
+/// when negative). Not an array: as it is.
+fn slice(v: &Value, skip: i64, limit: Option<i64>) -> Value {
+    let Value::Array(items) = v else { return v.clone() };
+    let len = items.len() as i64;
+    let (from, count) = match limit {
+        None if skip >= 0 => (0, skip),
+        None => ((len + skip).max(0), len),
+        Some(l) if skip >= 0 => (skip.min(len), l),
+        Some(l) => ((len + skip).max(0), l),
+    };
+    Value::Array(items.iter().skip(from as usize).take(count.max(0) as usize).cloned().collect())
 }
 
 #[cfg(test)]
@@ -140,23 +245,67 @@ mod tests {
     }
 
     #[test]
-    fn inclusion_keeps_id_and_named_fields() {
+    fn inclusion_keeps_id_and_named_fields_in_document_order() {
         let d = json!({"_id": 1, "a": 1, "b": {"c": 2, "d": 3}, "e": [{"c": 1, "x": 0}, 5]});
         assert_eq!(p(json!({"a": 1}), d.clone()), json!({"_id": 1, "a": 1}));
         assert_eq!(p(json!({"b.c": 1, "_id": 0}), d.clone()), json!({"b": {"c": 2}}));
-        assert_eq!(p(json!({"e.c": 1, "_id": 0}), d), json!({"e": [{"c": 1}]}));
+        assert_eq!(p(json!({"e.c": 1, "_id": 0}), d.clone()), json!({"e": [{"c": 1}]}));
+        assert_eq!(p(json!({"e": 1, "a": 1}), d.clone()).to_string(), r#"{"_id":1,"a":1,"e":[{"c":1,"x":0},5]}"#);
+        assert_eq!(p(json!({"_id": 1}), d.clone()), json!({"_id": 1}));
+        assert_eq!(p(json!({"_id": true}), d), json!({"_id": 1}));
+    }
+
+    /// MongoDB's answers for `{"a.b": 1}` (jstest `null_query_semantics.js`).
+    #[test]
+    fn inclusion_through_arrays_is_mongodbs() {
+        let proj = json!({"_id": 0, "a.b": 1});
+        assert_eq!(p(proj.clone(), json!({"a": [[]]})), json!({"a": [[]]}));
+        assert_eq!(p(proj.clone(), json!({"a": [1, "string", null]})), json!({"a": []}));
+        assert_eq!(p(proj.clone(), json!({"a": [{"b": 3}, {}]})), json!({"a": [{"b": 3}, {}]}));
+        assert_eq!(p(proj.clone(), json!({"a": {}})), json!({"a": {}}));
+        assert_eq!(p(proj.clone(), json!({"a": 4})), json!({}));
+        assert_eq!(p(proj, json!({"a": [[{"b": 1, "c": 2}]]})), json!({"a": [[{"b": 1}]]}));
     }
 
     #[test]
     fn exclusion_drops_named_fields() {
-        let d = json!({"_id": 1, "a": 1, "b": {"c": 2, "d": 3}});
-        assert_eq!(p(json!({"b.c": 0}), d.clone()), json!({"_id": 1, "a": 1, "b": {"d": 3}}));
-        assert_eq!(p(json!({"_id": 0}), d), json!({"a": 1, "b": {"c": 2, "d": 3}}));
+        let d = json!({"_id": 1, "a": 1, "b": {"c": 2, "d": 3}, "e": [{"c": 1, "x": 0}, 5, [{"c": 2}]]});
+        assert_eq!(p(json!({"b.c": 0}), d.clone())["b"], json!({"d": 3}));
+        assert_eq!(p(json!({"_id": 0}), d.clone()).get("_id"), None);
+        assert_eq!(p(json!({"e.c": 0}), d)["e"], json!([{"x": 0}, 5, [{}]]));
     }
 
     #[test]
-    fn mixing_is_refused() {
-        assert!(Projection::parse(Some(&json!({"a": 1, "b": 0}))).is_err());
-        assert!(Projection::parse(Some(&json!({"a": "yes"}))).is_err());
+    fn slice_and_elem_match() {
+        let d = json!({"_id": 1, "t": [1, 2, 3, 4, 5], "o": [{"k": 1}, {"k": 2}, {"k": 2, "z": 1}], "s": "x"});
+        assert_eq!(p(json!({"t": {"$slice": 2}}), d.clone())["t"], json!([1, 2]));
+        assert_eq!(p(json!({"t": {"$slice": -2}}), d.clone())["t"], json!([4, 5]));
+        assert_eq!(p(json!({"t": {"$slice": [1, 2]}}), d.clone())["t"], json!([2, 3]));
+        assert_eq!(p(json!({"t": {"$slice": [-2, 5]}}), d.clone())["t"], json!([4, 5]));
+        assert_eq!(p(json!({"t": {"$slice": [9, 1]}}), d.clone())["t"], json!([]));
+        // Alone, $slice keeps the other fields; with an inclusion, only the named ones.
+        assert_eq!(p(json!({"t": {"$slice": 1}}), d.clone())["s"], json!("x"));
+        assert_eq!(p(json!({"t": {"$slice": 1}, "s": 1}), d.clone()), json!({"_id": 1, "t": [1], "s": "x"}));
+        assert_eq!(p(json!({"s": {"$slice": 1}}), d.clone())["s"], json!("x"));
+        assert_eq!(p(json!({"o": {"$elemMatch": {"k": 2}}}), d.clone()), json!({"_id": 1, "o": [{"k": 2}]}));
+        assert_eq!(p(json!({"o": {"$elemMatch": {"k": 9}}}), d), json!({"_id": 1}));
+    }
+
+    #[test]
+    fn bad_projections_are_refused() {
+        for bad in [
+            json!({"a": 1, "b": 0}),
+            json!({"a": "yes"}),
+            json!({"a": 1, "a.b": 1}),
+            json!({"a.b": 1, "a": 1}),
+            json!({"a.$": 1}),
+            json!({"a": {"$slice": [1, 0]}}),
+            json!({"a": {"$slice": "1"}}),
+            json!({"a.b": {"$elemMatch": {"x": 1}}}),
+            json!({"a": {"$elemMatch": {"$bad": 1}}}),
+            json!({"a": {"$add": [1, 2]}}),
+        ] {
+            assert!(Projection::parse(Some(&bad)).is_err(), "{bad}");
+        }
     }
 }

@@ -1,6 +1,6 @@
-//! Sorts: `{"f": 1, "g": -1}`, comparing with MongoDB's cross-type order. An array field
-//! sorts by its smallest element ascending and by its largest descending; a missing field
-//! sorts as null.
+//! Sorts: `{"f": 1, "g": -1}`, comparing with MongoDB's cross-type order. A document sorts
+//! by the keys its path gives ([`crate::doc::path::keys`]): the smallest ascending, the
+//! largest descending. A missing field sorts as null, an empty array before null.
 
 use std::cmp::Ordering;
 
@@ -8,12 +8,32 @@ use nimbus_api::ApiError;
 use serde_json::Value;
 
 use crate::doc::order::compare;
-use crate::doc::path::{lookup, validate_path};
+use crate::doc::path::{FieldPath, Key, keys, validate_path};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SortSpec {
     /// (path, descending), most significant first.
     pub keys: Vec<(String, bool)>,
+    paths: Vec<FieldPath>,
+}
+
+/// The value a document sorts by on one path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SortKey {
+    /// An empty array: before every value, null included.
+    EmptyArray,
+    Value(Value),
+}
+
+impl SortKey {
+    fn cmp(&self, other: &SortKey) -> Ordering {
+        match (self, other) {
+            (SortKey::EmptyArray, SortKey::EmptyArray) => Ordering::Equal,
+            (SortKey::EmptyArray, _) => Ordering::Less,
+            (_, SortKey::EmptyArray) => Ordering::Greater,
+            (SortKey::Value(a), SortKey::Value(b)) => compare(a, b),
+        }
+    }
 }
 
 impl SortSpec {
@@ -28,22 +48,36 @@ impl SortSpec {
             validate_path(path).map_err(ApiError::bad_request)?;
             keys.push((path.clone(), parse_direction(dir).map_err(ApiError::bad_request)?));
         }
-        Ok(SortSpec { keys })
+        Ok(SortSpec::new(keys))
+    }
+
+    pub fn new(keys: Vec<(String, bool)>) -> SortSpec {
+        let paths = keys.iter().map(|(p, _)| FieldPath::new(p)).collect();
+        SortSpec { keys, paths }
     }
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
 
-    pub fn compare(&self, a: &Value, b: &Value) -> Ordering {
-        for (path, desc) in &self.keys {
-            let o = compare(&sort_key(a, path, *desc), &sort_key(b, path, *desc));
+    /// The keys `doc` sorts by, one per sort field: compute them once per document.
+    pub fn keys_of(&self, doc: &Value) -> Vec<SortKey> {
+        self.keys.iter().zip(&self.paths).map(|((_, desc), path)| sort_key(doc, path, *desc)).collect()
+    }
+
+    pub fn compare_keys(&self, a: &[SortKey], b: &[SortKey]) -> Ordering {
+        for (((_, desc), x), y) in self.keys.iter().zip(a).zip(b) {
+            let o = x.cmp(y);
             let o = if *desc { o.reverse() } else { o };
             if o != Ordering::Equal {
                 return o;
             }
         }
         Ordering::Equal
+    }
+
+    pub fn compare(&self, a: &Value, b: &Value) -> Ordering {
+        self.compare_keys(&self.keys_of(a), &self.keys_of(b))
     }
 
     pub fn shape(&self) -> String {
@@ -60,27 +94,24 @@ pub fn parse_direction(v: &Value) -> Result<bool, String> {
     }
 }
 
-/// The value a document sorts by on `path`.
-pub fn sort_key(doc: &Value, path: &str, descending: bool) -> Value {
+/// The key a document sorts by on `path`.
+pub fn sort_key(doc: &Value, path: &FieldPath, descending: bool) -> SortKey {
     static NULL: Value = Value::Null;
-    let mut best: Option<&Value> = None;
-    for v in lookup(doc, path) {
-        let items: &[Value] = match v {
-            Value::Array(items) if !items.is_empty() => items,
-            Value::Array(_) => std::slice::from_ref(&NULL),
-            other => std::slice::from_ref(other),
-        };
-        for item in items {
-            let better = best.is_none_or(|b| {
-                let o = compare(item, b);
-                if descending { o == Ordering::Greater } else { o == Ordering::Less }
-            });
-            if better {
-                best = Some(item);
-            }
+    let as_key = |k: &Key<'_>| match k {
+        Key::EmptyArray => SortKey::EmptyArray,
+        Key::Value(v) => SortKey::Value((*v).clone()),
+        Key::Null => SortKey::Value(NULL.clone()),
+    };
+    let (ks, _) = keys(doc, path);
+    let mut best = as_key(&ks[0]);
+    for k in &ks[1..] {
+        let k = as_key(k);
+        let o = k.cmp(&best);
+        if (descending && o == Ordering::Greater) || (!descending && o == Ordering::Less) {
+            best = k;
         }
     }
-    best.cloned().unwrap_or(Value::Null)
+    best
 }
 
 #[cfg(test)]
@@ -101,6 +132,18 @@ mod tests {
         let mut docs = [json!({"a": [1, 9]}), json!({"a": 5})];
         docs.sort_by(|x, y| desc.compare(x, y));
         assert_eq!(docs[0], json!({"a": [1, 9]}));
+    }
+
+    #[test]
+    fn empty_arrays_sort_before_null_and_dotted_arrays_by_their_elements() {
+        let spec = SortSpec::parse(Some(&json!({"a": 1}))).unwrap();
+        let mut docs = [json!({"a": null}), json!({"a": []}), json!({}), json!({"a": 0})];
+        docs.sort_by(|x, y| spec.compare(x, y));
+        assert_eq!(docs[0], json!({"a": []}));
+        let spec = SortSpec::parse(Some(&json!({"a.b": -1}))).unwrap();
+        let mut docs = [json!({"a": [{"b": 1}, {"b": 7}]}), json!({"a": {"b": 5}})];
+        docs.sort_by(|x, y| spec.compare(x, y));
+        assert_eq!(docs[0], json!({"a": [{"b": 1}, {"b": 7}]}));
     }
 
     #[test]
