@@ -106,7 +106,8 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config),
-        Network::new(Duration::from_millis(config.election_timeout_ms), &secret),
+        // Half the Raft port's body limit below: one entry always fits with its envelope.
+        Network::new(Duration::from_millis(config.election_timeout_ms), config.max_body_bytes * 2, &secret),
         log,
         sm,
     )

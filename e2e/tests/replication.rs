@@ -259,3 +259,52 @@ async fn leadership_moves_to_the_named_member() -> anyhow::Result<()> {
     assert_eq!(body["error"]["leader"]["id"], json!(to));
     Ok(())
 }
+
+/// openraft batches entries by count, not size: a member coming back behind a backlog of
+/// near-limit documents would be sent them in one body larger than its Raft port accepts,
+/// refused, and sent the same body again forever. Appends are bounded in bytes, so it
+/// catches up, and writes keep being acknowledged meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_of_near_limit_documents_replicates_in_bounded_appends() -> anyhow::Result<()> {
+    const MAX_BODY: usize = 200_000;
+    let max_body = MAX_BODY.to_string();
+    let mut cluster =
+        Cluster::start(3, &["--max-body-bytes", &max_body, "--election-timeout-ms", STABLE_ELECTION_MS]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let lagging = (leader + 1) % 3;
+    cluster.nodes[lagging].kill().await;
+    let base = cluster.coll_url(leader, "app", "big");
+    // Just under the body limit each: 8 writers, 4 documents each, about 6 MB of backlog
+    // against the Raft port's 800 kB.
+    let big = "x".repeat(MAX_BODY - 200);
+    let write_all = |round: usize| {
+        let (client, base, big) = (cluster.client.clone(), base.clone(), big.clone());
+        async move {
+            let writers = (0..8).map(|w| {
+                let (client, base, big) = (client.clone(), base.clone(), big.clone());
+                tokio::spawn(async move {
+                    for i in 0..4 {
+                        let doc = json!({"documents": [{"_id": format!("{round}-{w}-{i}"), "v": big}]});
+                        let (st, body) = client.post(&format!("{base}/documents"), &doc).await;
+                        assert_eq!(st, 201, "{body}");
+                    }
+                })
+            });
+            for w in writers.collect::<Vec<_>>() {
+                w.await.expect("writer");
+            }
+        }
+    };
+    write_all(0).await;
+    cluster.nodes[lagging].restart().await?;
+    // More near-limit writes while the member catches up: all acknowledged.
+    write_all(1).await;
+    let applied = cluster.status(leader).await.expect("leader answers").applied_index;
+    cluster.wait_applied(lagging, applied, Duration::from_secs(60)).await?;
+    poll("all 64 documents on the member that was behind", Duration::from_secs(20), || async {
+        let n = cluster.local_docs(lagging, "app", "big").await.ok()?.len();
+        (n == 64).then_some(())
+    })
+    .await?;
+    Ok(())
+}

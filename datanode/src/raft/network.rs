@@ -38,12 +38,14 @@ pub struct InstallSnapshot {
 pub struct Network {
     client: reqwest::Client,
     append_timeout: Duration,
+    max_append_bytes: usize,
 }
 
 impl Network {
-    /// `append_timeout` bounds one AppendEntries call (see [`Peer::append_timeout`]); every
-    /// call carries the cluster secret.
-    pub fn new(append_timeout: Duration, secret: &nimbus_net::ClusterSecret) -> Network {
+    /// `append_timeout` bounds one AppendEntries call (see [`Peer::append_timeout`]);
+    /// `max_append_bytes` bounds its body (see [`Peer::max_append_bytes`]); every call
+    /// carries the cluster secret.
+    pub fn new(append_timeout: Duration, max_append_bytes: usize, secret: &nimbus_net::ClusterSecret) -> Network {
         let client = reqwest::Client::builder()
             .default_headers(secret.default_headers())
             .pool_max_idle_per_host(16)
@@ -51,7 +53,7 @@ impl Network {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
-        Network { client, append_timeout }
+        Network { client, append_timeout, max_append_bytes }
     }
 }
 
@@ -64,6 +66,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.raft_addr.trim_end_matches('/').to_owned(),
             client: self.client.clone(),
             append_timeout: self.append_timeout,
+            max_append_bytes: self.max_append_bytes,
         }
     }
 }
@@ -79,6 +82,43 @@ pub struct Peer {
     /// same queue; the follower falls behind, the leader loses its quorum lease and refuses
     /// writes. A follower not answering within the election timeout is a lost cause anyway.
     append_timeout: Duration,
+    /// The most bytes of entries one AppendEntries call carries (at least one entry is
+    /// always sent). openraft batches up to `max_payload_entries` entries whatever their
+    /// size: a few large documents would make a body the follower refuses, and since the
+    /// same batch is sent again, replication of every database on the replica set would
+    /// stop. A call over the budget sends a prefix and reports it as a partial success;
+    /// openraft sends the rest next.
+    max_append_bytes: usize,
+}
+
+/// The first entries of `entries` whose JSON fits in `budget` bytes: at least one.
+fn entries_within(entries: &[super::types::Entry], budget: usize) -> usize {
+    let mut size = 0usize;
+    for (i, e) in entries.iter().enumerate() {
+        let mut count = ByteCount(0);
+        // Serialising into a counter allocates nothing; an entry that cannot be serialised
+        // fails again, with its error, when the request is.
+        let _ = serde_json::to_writer(&mut count, e);
+        size = size.saturating_add(count.0 + 1);
+        if i > 0 && size > budget {
+            return i;
+        }
+    }
+    entries.len()
+}
+
+/// An `io::Write` that only counts.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Peer {
@@ -164,10 +204,21 @@ impl RaftNetworkV2<TypeConfig> for Peer {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.post("append", &rpc, option.hard_ttl().max(self.append_timeout)).await
+        let ttl = option.hard_ttl().max(self.append_timeout);
+        let keep = entries_within(&rpc.entries, self.max_append_bytes);
+        if keep == rpc.entries.len() {
+            return self.post("append", &rpc, ttl).await;
+        }
+        rpc.entries.truncate(keep);
+        let last = rpc.entries.last().map(|e| e.log_id);
+        metrics::counter!("nimbus_raft_append_split_total").increment(1);
+        Ok(match self.post("append", &rpc, ttl).await? {
+            AppendEntriesResponse::Success => AppendEntriesResponse::PartialSuccess(last),
+            other => other,
+        })
     }
 
     async fn vote(
