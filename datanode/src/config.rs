@@ -70,6 +70,10 @@ pub struct Config {
     /// How long oplog entries are kept, in seconds (default 7 days).
     #[arg(long, env = "NIMBUS_OPLOG_RETENTION_SECS", default_value_t = DEFAULT_OPLOG_RETENTION_SECS)]
     pub oplog_retention_secs: u64,
+    /// Added to this member's wall clock, in milliseconds: a fault injected by tests of the
+    /// replica set's clock (see `clock.rs`). Never set it in production.
+    #[arg(long, env = "NIMBUS_CLOCK_SKEW_MS", default_value_t = 0, allow_hyphen_values = true, hide = true)]
+    pub clock_skew_ms: i64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "NIMBUS_LOG_JSON")]
     pub log_json: bool,

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::node::NodeCtx;
-use crate::server::data::now_ms;
 use crate::store::{Command, WriteAnswer, WriteOp};
 
 /// How often a member looks for builds to drive when there are none.
@@ -34,7 +33,7 @@ pub async fn run(ctx: Arc<NodeCtx>, mut stop: tokio::sync::broadcast::Receiver<(
                     db: db.clone(),
                     op: WriteOp::BuildIndex { coll: coll.clone(), name: name.clone() },
                     idempotency_key: None,
-                    ts_ms: now_ms(),
+                    ts_ms: ctx.clock.now_ms(),
                     route_epoch: None,
                     request_hash: None,
                 };

@@ -2,6 +2,7 @@
 //! in RocksDB, replicated to the other members (one per zone) with openraft before a write
 //! is acknowledged; an internal data API for gateways and an admin API for the control plane.
 
+pub mod clock;
 pub mod config;
 pub mod index_builder;
 pub mod node;

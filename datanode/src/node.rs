@@ -11,6 +11,7 @@ use openraft::{Config as RaftConfig, SnapshotPolicy};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use crate::clock::ReplicaClock;
 use crate::config::Config;
 use crate::raft::Raft;
 use crate::raft::log_store::LogStore;
@@ -33,6 +34,8 @@ pub struct NodeCtx {
     pub quorum_lease: Duration,
     /// Largest request body on the data API.
     pub max_body_bytes: usize,
+    /// The time stamped on proposed commands.
+    pub clock: Arc<ReplicaClock>,
 }
 
 impl NodeCtx {
@@ -88,6 +91,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let sm = StateMachine::open(&config.data_dir, options).context("failed to open the state machine")?;
     let sm_shared = sm.shared();
 
+    let clock = Arc::new(ReplicaClock::new(config.clock_skew_ms));
     let raft_config = RaftConfig {
         cluster_name: config.replica_set.clone(),
         heartbeat_interval: config.heartbeat_ms,
@@ -107,7 +111,12 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         config.id,
         Arc::new(raft_config),
         // Half the Raft port's body limit below: one entry always fits with its envelope.
-        Network::new(Duration::from_millis(config.election_timeout_ms), config.max_body_bytes * 2, &secret),
+        Network::new(
+            Duration::from_millis(config.election_timeout_ms),
+            config.max_body_bytes * 2,
+            clock.clone(),
+            &secret,
+        ),
         log,
         sm,
     )
@@ -125,6 +134,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         // Twice the election timeout: by then the majority has elected another leader.
         quorum_lease: Duration::from_millis(2 * config.election_timeout_ms),
         max_body_bytes: config.max_body_bytes,
+        clock,
     });
 
     let data_listener = TcpListener::bind(config.data_listen)

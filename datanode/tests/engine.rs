@@ -29,23 +29,58 @@ fn insert(id: u64) -> WriteOp {
 }
 
 #[test]
-fn oplog_entries_older_than_the_retention_are_removed() {
+fn oplog_entries_older_than_the_retention_are_removed_but_never_the_last_ones() {
     let dir = tempfile::tempdir().unwrap();
     let options = EngineOptions { oplog_retention: Duration::from_secs(60), ..Default::default() };
     let engine = Engine::open(dir.path(), options).unwrap();
-    // 1023 writes at t = 0 s, then writes at t = 120 s: the garbage collection that runs
-    // every 1024 entries finds the old ones past the 60 s retention.
-    for i in 1..1024 {
+    // Writes at t = 0 s, then at t = 120 s: the garbage collection that runs every 1024
+    // entries finds the old ones past the 60 s retention, and removes those not among the
+    // last 4096 log entries.
+    for i in 1..5120 {
         apply(&engine, i, 0, None, insert(i)).unwrap();
     }
     assert_eq!(engine.oplog_first_index().unwrap(), Some(1));
-    apply(&engine, 1024, 120_000, None, insert(1024)).unwrap();
-    apply(&engine, 1025, 120_000, None, insert(1025)).unwrap();
+    apply(&engine, 5120, 120_000, None, insert(5120)).unwrap();
     assert_eq!(engine.oplog_first_index().unwrap(), Some(1024));
-    let entries = engine.read_oplog(0, 10).unwrap();
+    let entries = engine.read_oplog(0, 2).unwrap();
     assert_eq!(entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![1024, 1025]);
     // The documents themselves are untouched.
-    assert_eq!(engine.list_collections("d")[0].documents, 1025);
+    assert_eq!(engine.list_collections("d")[0].documents, 5120);
+}
+
+#[test]
+fn a_clock_far_ahead_cannot_empty_the_oplog() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EngineOptions { oplog_retention: Duration::from_secs(60), ..Default::default() };
+    let engine = Engine::open(dir.path(), options).unwrap();
+    let now = 1_800_000_000_000u64;
+    for i in 1..2048 {
+        apply(&engine, i, now, None, insert(i)).unwrap();
+    }
+    // A leader ten days ahead proposes the entry at which garbage is collected.
+    apply(&engine, 2048, now + 10 * 86_400_000, None, insert(2048)).unwrap();
+    assert_eq!(engine.oplog_first_index().unwrap(), Some(1), "the recent oplog was deleted");
+}
+
+#[test]
+fn the_replica_sets_clock_never_goes_backwards_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let ts_of = |engine: &Engine, index: u64| engine.read_oplog(index, 1).unwrap()[0].ts_ms;
+    {
+        let engine = Engine::open(dir.path(), EngineOptions::default()).unwrap();
+        apply(&engine, 1, 1_000_000, None, insert(1)).unwrap();
+        // A leader whose clock is ten minutes behind: its commands apply at the replica
+        // set's time, so the oplog stays in order.
+        apply(&engine, 2, 1_000_000 - 600_000, None, insert(2)).unwrap();
+        assert_eq!(ts_of(&engine, 2), 1_000_000);
+        assert_eq!(engine.clock_ms(), 1_000_000);
+    }
+    let engine = Engine::open(dir.path(), EngineOptions::default()).unwrap();
+    assert_eq!(engine.clock_ms(), 1_000_000);
+    apply(&engine, 4, 5, None, insert(4)).unwrap();
+    assert_eq!(ts_of(&engine, 4), 1_000_000);
+    apply(&engine, 5, 1_000_500, None, insert(5)).unwrap();
+    assert_eq!(ts_of(&engine, 5), 1_000_500);
 }
 
 #[test]

@@ -308,3 +308,77 @@ async fn a_backlog_of_near_limit_documents_replicates_in_bounded_appends() -> an
     .await?;
     Ok(())
 }
+
+/// The wall-clock time of every oplog entry, read from member `i`.
+async fn oplog_times(cluster: &Cluster, i: usize) -> Vec<u64> {
+    let (st, body) = cluster.client.get(&format!("{}/v1/admin/oplog?from=0&limit=10000", cluster.nodes[i].admin)).await;
+    assert_eq!(st, 200, "{body}");
+    body["entries"].as_array().expect("entries").iter().map(|e| e["tsMs"].as_u64().expect("tsMs")).collect()
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A leader whose clock is ten days ahead, then one ten days behind: the oplog's times stay
+/// the real time (the median of the members' clocks) and never go backwards, so neither
+/// retention nor the idempotency window follows one member's wrong clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_with_a_wrong_clock_stamps_the_replica_sets_time() -> anyhow::Result<()> {
+    const TEN_DAYS_MS: i64 = 10 * 86_400_000;
+    let started = wall_ms();
+    let mut cluster = Cluster::start(3, &["--election-timeout-ms", STABLE_ELECTION_MS]).await?;
+    let mut leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    for (round, skew) in [TEN_DAYS_MS, -TEN_DAYS_MS].into_iter().enumerate() {
+        // Restart a follower with the wrong clock and hand it the leadership.
+        let skewed = (leader + 1) % 3;
+        cluster.nodes[skewed].kill().await;
+        cluster.nodes[skewed].extra_args.extend(["--clock-skew-ms".to_owned(), skew.to_string()]);
+        cluster.nodes[skewed].restart().await?;
+        // A write it must store (openraft hands leadership only to a member that has
+        // flushed the leader's log since it started).
+        let (st, body) = cluster
+            .client
+            .post(&format!("{}/documents", cluster.coll_url(leader, "app", "clock")), &json!({"documents": [{}]}))
+            .await;
+        assert_eq!(st, 201, "{body}");
+        let applied = cluster.status(leader).await.expect("leader answers").applied_index;
+        cluster.wait_applied(skewed, applied, Duration::from_secs(30)).await?;
+        let to = cluster.nodes[skewed].id;
+        let (st, body) = cluster
+            .client
+            .post(&format!("{}/v1/admin/transfer-leader", cluster.nodes[leader].admin), &json!({"to": to}))
+            .await;
+        assert_eq!(st, 200, "{body}");
+        leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+        assert_eq!(leader, skewed);
+        // Through the new leader (a retry follows a `NotLeader` answered while the members'
+        // views of the transfer settle), which must still lead afterwards.
+        let members = [cluster.nodes[leader].data.clone()];
+        for i in 0..20 {
+            let body = json!({"documents": [{"_id": format!("{round}-{i}")}]});
+            let key = format!("clock-{round}-{i}");
+            write_until_acked(
+                &cluster.client,
+                &members,
+                "/v1/databases/app/collections/clock/documents",
+                &body,
+                &key,
+                Duration::from_secs(10),
+            )
+            .await?;
+        }
+        assert_eq!(cluster.wait_leader(Duration::from_secs(10)).await?, skewed, "leadership moved during the writes");
+        let times = oplog_times(&cluster, leader).await;
+        assert!(times.len() >= 21 * (round + 1), "{} oplog entries", times.len());
+        let now = wall_ms();
+        for t in &times {
+            assert!(
+                *t + 5_000 >= started && *t <= now + 5_000,
+                "oplog time {t} outside [{started}, {now}] (skew {skew})"
+            );
+        }
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "oplog times went backwards: {times:?}");
+    }
+    Ok(())
+}

@@ -3,6 +3,7 @@
 //! [`SNAPSHOT_CHUNK_BYTES`], then one `install` call.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -18,6 +19,7 @@ use tokio::io::AsyncReadExt;
 
 use super::snapshot::{SnapshotData, files};
 use super::types::{NodeInfo, TypeConfig, Vote};
+use crate::clock::{CLOCK_HEADER, ReplicaClock};
 
 type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
@@ -39,13 +41,19 @@ pub struct Network {
     client: reqwest::Client,
     append_timeout: Duration,
     max_append_bytes: usize,
+    clock: Arc<ReplicaClock>,
 }
 
 impl Network {
     /// `append_timeout` bounds one AppendEntries call (see [`Peer::append_timeout`]);
-    /// `max_append_bytes` bounds its body (see [`Peer::max_append_bytes`]); every call
-    /// carries the cluster secret.
-    pub fn new(append_timeout: Duration, max_append_bytes: usize, secret: &nimbus_net::ClusterSecret) -> Network {
+    /// `max_append_bytes` bounds its body (see [`Peer::max_append_bytes`]); every answer's
+    /// clock goes to `clock`; every call carries the cluster secret.
+    pub fn new(
+        append_timeout: Duration,
+        max_append_bytes: usize,
+        clock: Arc<ReplicaClock>,
+        secret: &nimbus_net::ClusterSecret,
+    ) -> Network {
         let client = reqwest::Client::builder()
             .default_headers(secret.default_headers())
             .pool_max_idle_per_host(16)
@@ -53,7 +61,7 @@ impl Network {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
-        Network { client, append_timeout, max_append_bytes }
+        Network { client, append_timeout, max_append_bytes, clock }
     }
 }
 
@@ -67,6 +75,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: self.client.clone(),
             append_timeout: self.append_timeout,
             max_append_bytes: self.max_append_bytes,
+            clock: self.clock.clone(),
         }
     }
 }
@@ -89,6 +98,7 @@ pub struct Peer {
     /// stop. A call over the budget sends a prefix and reports it as a partial success;
     /// openraft sends the rest next.
     max_append_bytes: usize,
+    clock: Arc<ReplicaClock>,
 }
 
 /// The first entries of `entries` whose JSON fits in `budget` bytes: at least one.
@@ -136,6 +146,9 @@ impl Peer {
                 RPCError::Network(NetworkError::new(&e))
             }
         })?;
+        if let Some(ms) = resp.headers().get(CLOCK_HEADER).and_then(|v| v.to_str().ok()?.parse().ok()) {
+            self.clock.observe(self.target, ms);
+        }
         if !resp.status().is_success() {
             return Err(RPCError::Network(NetworkError::from_string(format!(
                 "peer {} answered {} to {path}",

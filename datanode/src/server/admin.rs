@@ -215,7 +215,7 @@ async fn set_route_epoch(State(ctx): Ctx, JsonBody(req): JsonBody<SetRouteEpochR
         db: db.into_string(),
         op: crate::store::WriteOp::SetRouteEpoch { epoch: req.epoch },
         idempotency_key: None,
-        ts_ms: super::data::now_ms(),
+        ts_ms: ctx.clock.now_ms(),
         route_epoch: None,
         request_hash: None,
     };

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use super::parse_json;
+use crate::clock::CLOCK_HEADER;
 use crate::node::NodeCtx;
 use crate::raft::TypeConfig;
 use crate::raft::network::InstallSnapshot;
@@ -28,7 +29,17 @@ pub fn router(ctx: Arc<NodeCtx>) -> Router {
         .route("/raft/transfer-leader", post(transfer_leader))
         .route("/raft/snapshot/{transfer}/install", post(install_snapshot))
         .route("/raft/snapshot/{transfer}/{file}", post(snapshot_chunk))
+        .layer(axum::middleware::map_response_with_state(ctx.clone(), with_clock))
         .with_state(ctx)
+}
+
+/// Every answer carries this member's clock, from which the leader stamps commands
+/// (`crate::clock`).
+async fn with_clock(State(ctx): State<Arc<NodeCtx>>, mut resp: Response) -> Response {
+    if let Ok(v) = axum::http::HeaderValue::from_str(&ctx.clock.local_ms().to_string()) {
+        resp.headers_mut().insert(CLOCK_HEADER, v);
+    }
+    resp
 }
 
 fn answer<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Response {

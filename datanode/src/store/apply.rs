@@ -84,12 +84,13 @@ impl Engine {
                 return Ok((Err(stale_route(&cmd.db, epoch, known)), CatalogDelta::default()));
             }
         }
+        let ts_ms = self.command_time(cmd.ts_ms);
         let idem = cmd.idempotency_key.as_ref().map(|k| keys::idem_key(&cmd.db, k));
         if let Some(ik) = &idem
             && let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_IDEM), ik)?
         {
             let rec: IdemRecord = decode("idempotency record", &bytes)?;
-            if cmd.ts_ms < rec.ts_ms.saturating_add(self.options.idempotency_ttl.as_millis() as u64) {
+            if ts_ms < rec.ts_ms.saturating_add(self.options.idempotency_ttl.as_millis() as u64) {
                 if rec.request_hash.is_some() && cmd.request_hash.is_some() && rec.request_hash != cmd.request_hash {
                     let key = cmd.idempotency_key.as_deref().unwrap_or_default();
                     return Ok((
@@ -108,7 +109,7 @@ impl Engine {
         let mut ctx = Ctx {
             batch,
             index,
-            ts_ms: cmd.ts_ms,
+            ts_ms,
             seq: 0,
             db: &cmd.db,
             pending: Pending::default(),
@@ -132,13 +133,14 @@ impl Engine {
             Err(Refusal::Store(e)) => return Err(e),
         };
         if let Some(ik) = idem {
-            let rec = IdemRecord { ts_ms: cmd.ts_ms, result: result.clone(), request_hash: cmd.request_hash.clone() };
+            let rec = IdemRecord { ts_ms, result: result.clone(), request_hash: cmd.request_hash.clone() };
             ctx.batch.put_cf(self.cf(CF_IDEM), &ik, encode(&rec));
-            ctx.batch.put_cf(self.cf(CF_IDEM_TTL), keys::idem_ttl_key(cmd.ts_ms, &ik), b"");
+            ctx.batch.put_cf(self.cf(CF_IDEM_TTL), keys::idem_ttl_key(ts_ms, &ik), b"");
         }
         if index.is_multiple_of(GC_EVERY) {
-            self.collect_garbage(ctx.batch, cmd.ts_ms)?;
+            self.collect_garbage(ctx.batch, ts_ms, index)?;
         }
+        self.advance_clock(ctx.batch, ts_ms);
         Ok((result, ctx.delta))
     }
 

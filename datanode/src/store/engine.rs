@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
@@ -9,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::catalog::{Catalog, CollectionMeta};
-use super::keys::{self, ALL_CFS, CF_CATALOG, CF_META, CF_OPLOG, META_ROUTE_EPOCH};
+use super::keys::{self, ALL_CFS, CF_CATALOG, CF_META, CF_OPLOG, META_CLOCK, META_ROUTE_EPOCH};
 use super::stats::QueryStats;
 
 /// Failures of the storage layer. All are I/O or corruption: not the client's fault, and
@@ -53,6 +54,10 @@ pub struct Engine {
     pub(crate) catalog: RwLock<Catalog>,
     pub(crate) options: EngineOptions,
     pub stats: QueryStats,
+    /// The replica set's clock, ms since the Unix epoch: the largest command time applied,
+    /// persisted with each command (`META_CLOCK`), so every member and every restart
+    /// continues from the same value.
+    pub(crate) clock_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -98,8 +103,10 @@ impl Engine {
             catalog: RwLock::new(Catalog::default()),
             options,
             stats: QueryStats::default(),
+            clock_ms: AtomicU64::new(0),
         };
         engine.load_catalog()?;
+        engine.clock_ms.store(engine.get_meta::<u64>(META_CLOCK)?.unwrap_or(0), Ordering::Release);
         Ok(engine)
     }
 
@@ -144,6 +151,28 @@ impl Engine {
             return Err(stale_route(db, epoch, known));
         }
         Ok(())
+    }
+
+    /// The time a command applies at: its leader's time, but never earlier than a command
+    /// applied before it. A leader whose clock is behind (or a new leader after a failover)
+    /// cannot move the oplog's timestamps or the idempotency window backwards. Every member
+    /// computes the same value, since it depends only on the log.
+    pub(crate) fn command_time(&self, proposed_ms: u64) -> u64 {
+        proposed_ms.max(self.clock_ms.load(Ordering::Acquire))
+    }
+
+    /// Records `ts_ms` as the replica set's clock in `batch` (and in memory: the caller
+    /// writes the batch or the member stops).
+    pub(crate) fn advance_clock(&self, batch: &mut WriteBatch, ts_ms: u64) {
+        if ts_ms > self.clock_ms.load(Ordering::Acquire) {
+            batch.put_cf(self.cf(CF_META), META_CLOCK, encode(&ts_ms));
+            self.clock_ms.store(ts_ms, Ordering::Release);
+        }
+    }
+
+    /// The replica set's clock (see [`Engine::command_time`]).
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms.load(Ordering::Acquire)
     }
 
     /// Reads a JSON value from the `meta` column family.

@@ -12,16 +12,22 @@ use crate::doc::keycode::prefix_end;
 
 /// How often (in applied entries) expired oplog and idempotency records are removed.
 pub const GC_EVERY: u64 = 1024;
+/// The oplog entries of the last this many log entries are kept whatever their time: even a
+/// clock far ahead, once applied, cannot empty the oplog a migration or a backup is reading.
+pub const OPLOG_KEEP_ENTRIES: u64 = 4 * GC_EVERY;
 
 impl Engine {
-    /// Removes oplog entries older than the retention and expired idempotency records.
-    pub(crate) fn collect_garbage(&self, batch: &mut WriteBatch, now_ms: u64) -> Result<(), StoreError> {
+    /// Removes oplog entries older than the retention (but none of the last
+    /// [`OPLOG_KEEP_ENTRIES`] log entries) and expired idempotency records, as of the
+    /// replica set's clock `now_ms` and the entry at Raft `index`.
+    pub(crate) fn collect_garbage(&self, batch: &mut WriteBatch, now_ms: u64, index: u64) -> Result<(), StoreError> {
         let oplog_cutoff = now_ms.saturating_sub(self.options.oplog_retention.as_millis() as u64);
+        let keep_from = index.saturating_sub(OPLOG_KEEP_ENTRIES);
         let mut last_old: Option<Vec<u8>> = None;
         for item in self.db.iterator_cf(self.cf(CF_OPLOG), IteratorMode::Start) {
             let (k, v) = item?;
             let e: OplogEntry = decode("oplog entry", &v)?;
-            if e.ts_ms >= oplog_cutoff {
+            if e.ts_ms >= oplog_cutoff || e.index >= keep_from {
                 break;
             }
             last_old = Some(k.to_vec());

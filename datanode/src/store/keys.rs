@@ -26,6 +26,8 @@ pub const ALL_CFS: [&str; 7] = [CF_DOCS, CF_IDX, CF_CATALOG, CF_OPLOG, CF_IDEM, 
 
 pub const META_APPLIED: &[u8] = b"applied";
 pub const META_MEMBERSHIP: &[u8] = b"membership";
+/// The replica set's clock: the largest command time applied (see `Engine::command_time`).
+pub const META_CLOCK: &[u8] = b"clock";
 /// `route_epoch 00 db`: a database's route epoch (a JSON number).
 pub const META_ROUTE_EPOCH: &[u8] = b"route_epoch\0";
 
