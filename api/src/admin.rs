@@ -100,6 +100,15 @@ pub struct SetRouteEpochRequest {
     pub epoch: u64,
 }
 
+/// `POST /v1/admin/checksum` (leader only): a checksum marker through Raft. Every member
+/// records the database's order-independent checksum at the marker's log index; the leader
+/// answers its own `{"index", "checksum", "documents"}`, and `GET /v1/admin/checksum?db=`
+/// on each member answers what it recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChecksumRequest {
+    pub db: String,
+}
+
 /// One change of the replica set's oplog: idempotent, the full after-image of an insert or
 /// replace, the `_id` of a delete.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -37,6 +37,8 @@ pub fn router(ctx: Arc<NodeCtx>, secret: nimbus_net::ClusterSecret) -> Router {
         .route("/v1/admin/snapshot", post(snapshot))
         .route("/v1/admin/route-epoch", post(set_route_epoch))
         .route("/v1/admin/oplog", get(oplog))
+        .route("/v1/admin/checksum", post(checksum_marker).get(checksum_recorded))
+        .route("/v1/admin/checksum/verify", get(checksum_verify))
         .route("/v1/admin/query-stats", get(query_stats))
         .route_layer(axum::middleware::from_fn_with_state(secret, nimbus_net::cluster::require))
         .route("/v1/status", get(status))
@@ -207,6 +209,47 @@ async fn transfer_leader(State(ctx): Ctx, JsonBody(req): JsonBody<TransferLeader
         Ok(_) => Ok(axum::Json(serde_json::json!({"leaderId": req.to})).into_response()),
         Err(_) => Err(ApiError::unavailable("leadership did not move within 5 s").into()),
     }
+}
+
+/// Proposes a checksum marker for a database and answers the leader's sum at it.
+async fn checksum_marker(State(ctx): Ctx, JsonBody(req): JsonBody<ChecksumRequest>) -> Result<Response> {
+    let db = nimbus_api::path::DbName::new(&req.db)?;
+    let cmd = crate::store::Command {
+        db: db.into_string(),
+        op: crate::store::WriteOp::Checksum,
+        idempotency_key: None,
+        ts_ms: ctx.clock.now_ms(),
+        route_epoch: None,
+        request_hash: None,
+    };
+    match ctx.propose(cmd).await? {
+        crate::store::WriteAnswer::Checksum(at) => Ok(axum::Json(at).into_response()),
+        other => Err(ApiError::internal(format!("unexpected answer to a checksum marker: {other:?}")).into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct DbQuery {
+    db: String,
+}
+
+/// What this member recorded at the database's last checksum marker; 404 if none.
+async fn checksum_recorded(State(ctx): Ctx, Query(q): Query<DbQuery>) -> Result<Response> {
+    let db = nimbus_api::path::DbName::new(&q.db)?;
+    match ctx.sm.engine().checksum_at(db.as_str())? {
+        Some(at) => Ok(axum::Json(at).into_response()),
+        None => Err(ApiError::new(ErrorCode::NotFound, format!("no checksum marker for {:?} yet", q.db)).into()),
+    }
+}
+
+/// Scans the database's stored documents against the sums the apply loop recorded.
+async fn checksum_verify(State(ctx): Ctx, Query(q): Query<DbQuery>) -> Result<Response> {
+    let db = nimbus_api::path::DbName::new(&q.db)?.into_string();
+    let engine = ctx.sm.engine();
+    let v = tokio::task::spawn_blocking(move || engine.verify_checksum(&db))
+        .await
+        .map_err(|_| ApiError::internal("checksum verification failed"))??;
+    Ok(axum::Json(v).into_response())
 }
 
 async fn set_route_epoch(State(ctx): Ctx, JsonBody(req): JsonBody<SetRouteEpochRequest>) -> Result<Response> {

@@ -14,6 +14,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::catalog::CollectionMeta;
+use super::checksum::{ChecksumAt, DocSum, checksum_key};
 use super::command::{Command, WriteAnswer, WriteOp, WriteResult};
 use super::engine::{Engine, StoreError, decode, encode, stale_route};
 use super::gc::GC_EVERY;
@@ -291,6 +292,11 @@ impl Engine {
                 }
                 Ok(WriteAnswer::RouteEpoch { epoch: (*epoch).max(known) })
             }
+            WriteOp::Checksum => {
+                let at = ChecksumAt { index: ctx.index, sum: self.db_sum(ctx.db) };
+                ctx.batch.put_cf(self.cf(keys::CF_META), checksum_key(ctx.db), encode(&at));
+                Ok(WriteAnswer::Checksum(at))
+            }
         }
     }
 
@@ -323,7 +329,7 @@ impl Engine {
         if let Some(m) = self.meta(ctx, coll) {
             return m;
         }
-        let m = CollectionMeta::default();
+        let m = CollectionMeta { checksum: Some(DocSum::default()), ..CollectionMeta::default() };
         ctx.metas.insert(coll.to_owned(), m.clone());
         self.oplog(ctx, Some(coll), OplogOp::CreateCollection);
         m
@@ -380,6 +386,9 @@ impl Engine {
         ctx.batch.put_cf(self.cf(CF_DOCS), &key, raw.get());
         ctx.pending.docs.insert(key);
         meta.documents += 1;
+        if let Some(sum) = &mut meta.checksum {
+            sum.add(DocSum::of(coll, doc));
+        }
         ctx.metas.insert(coll.to_owned(), meta);
         self.oplog_put(ctx, coll, id, raw);
         Ok(())
@@ -406,6 +415,10 @@ impl Engine {
             self.add_index_entries(ctx, coll, ix, new, &id_enc)?;
         }
         ctx.batch.put_cf(self.cf(CF_DOCS), key, raw.get());
+        if let Some(sum) = &mut meta.checksum {
+            sum.sub(DocSum::of(coll, old));
+            sum.add(DocSum::of(coll, new));
+        }
         ctx.metas.insert(coll.to_owned(), meta);
         self.oplog_put(ctx, coll, &old["_id"], &raw);
         Ok(())
@@ -420,6 +433,9 @@ impl Engine {
         }
         ctx.batch.delete_cf(self.cf(CF_DOCS), key);
         meta.documents = meta.documents.saturating_sub(1);
+        if let Some(sum) = &mut meta.checksum {
+            sum.sub(DocSum::of(coll, old));
+        }
         ctx.metas.insert(coll.to_owned(), meta);
         self.oplog(ctx, Some(coll), OplogOp::Delete { id: old["_id"].clone() });
         Ok(())

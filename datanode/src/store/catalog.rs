@@ -113,6 +113,10 @@ pub struct CollectionMeta {
     /// that asked for the index learns why it is not there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_builds: Vec<FailedBuild>,
+    /// The sum of the documents' hashes (`store::checksum`); `None` in entries written by
+    /// releases before it, until the engine computes it when it opens.
+    #[serde(default)]
+    pub checksum: Option<super::checksum::DocSum>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

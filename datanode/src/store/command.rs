@@ -90,6 +90,9 @@ pub enum WriteOp {
     SetRouteEpoch {
         epoch: u64,
     },
+    /// A checksum marker: every member records the database's sum as of this entry (see
+    /// `store::checksum`), so replicas are compared at the same log index.
+    Checksum,
 }
 
 impl WriteOp {
@@ -106,6 +109,7 @@ impl WriteOp {
             WriteOp::BuildIndex { .. } => "build_index",
             WriteOp::DropDatabase => "drop_database",
             WriteOp::SetRouteEpoch { .. } => "set_route_epoch",
+            WriteOp::Checksum => "checksum",
         }
     }
 }
@@ -150,6 +154,8 @@ pub enum WriteAnswer {
     RouteEpoch {
         epoch: u64,
     },
+    /// The database's sum at a checksum marker.
+    Checksum(super::checksum::ChecksumAt),
     /// A membership change or blank entry: no answer for a client.
     None,
 }

@@ -5,7 +5,9 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -128,6 +130,13 @@ impl Engine {
             let (Some(db), Some(coll)) = (parts.next(), parts.next()) else { continue };
             let mut meta: CollectionMeta = decode("catalog entry", &v)?;
             meta.upgrade();
+            let (db_name, coll_name) = (String::from_utf8_lossy(db), String::from_utf8_lossy(coll));
+            if meta.checksum.is_none() {
+                // Written before collections carried their checksum: computed once from the
+                // documents (every member does the same from the same data), and stored
+                // with the collection's next change.
+                meta.checksum = Some(self.scan_sum(ReadOptions::default, &db_name, &coll_name)?.checksum);
+            }
             catalog
                 .dbs
                 .entry(String::from_utf8_lossy(db).into_owned())

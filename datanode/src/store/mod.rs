@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod catalog;
+pub mod checksum;
 pub mod command;
 pub mod engine;
 pub mod gc;
