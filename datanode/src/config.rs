@@ -14,7 +14,7 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Largest request body: a 16 MiB document plus room for the request around it.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 48 * 1024 * 1024;
 pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
-pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 300;
+pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100_000;
 pub const DEFAULT_KEEP_LOGS: u64 = 1_000;
 pub const DEFAULT_OPLOG_RETENTION_SECS: u64 = 7 * 24 * 3600;

@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod config;
 pub mod index_builder;
+pub mod leader_watch;
 pub mod node;
 pub mod raft;
 pub mod server;

@@ -173,6 +173,11 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let mut rx2 = stop_tx.subscribe();
     let mut rx3 = stop_tx.subscribe();
     let builder = tokio::spawn(crate::index_builder::run(ctx.clone(), stop_tx.subscribe()));
+    let watch = tokio::spawn(crate::leader_watch::run(
+        ctx.clone(),
+        Duration::from_millis(config.heartbeat_ms),
+        stop_tx.subscribe(),
+    ));
     let data_srv = tokio::spawn(async move {
         axum::serve(data_listener, data_app)
             .with_graceful_shutdown(async move {
@@ -205,6 +210,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         let _ = admin_srv.await;
         let _ = raft_srv.await;
         let _ = builder.await;
+        let _ = watch.await;
     })
     .await;
     Ok(())

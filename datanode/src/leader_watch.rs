@@ -1,0 +1,130 @@
+//! Fast failover when the leader's process is gone.
+//!
+//! The election timeout is long (1 s by default), so that a leader whose disk stalls for a
+//! few hundred milliseconds keeps its leadership: an election without a fault is an outage
+//! for every database on the replica set. A follower waiting that long after a leader that
+//! crashed would make failover slow, so every follower also checks the leader's Raft port
+//! each heartbeat interval. A port that refuses connections twice in a row means the process
+//! is gone (a machine or network that is gone times out instead, and is left to the
+//! election timeout). Then the voter with the smallest id other than the leader stands for
+//! election at once, and every other follower drops the dead leader's lease (openraft's
+//! leadership-transfer message, as the dead leader would have sent), so it grants the vote,
+//! if the candidate's log is as complete as its own, without waiting for the timeout. If it
+//! is not elected within a few intervals (its log was behind), the next voter by id stands,
+//! and so on; the ordinary election timeout remains the last resort.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use openraft::raft::TransferLeaderRequest;
+
+use crate::node::NodeCtx;
+
+/// Refusals in a row before the leader is taken for dead.
+const REFUSALS: u32 = 2;
+/// A connection attempt taking longer is not a refusal (the machine may be overloaded).
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+/// Intervals each successor in turn stands for election.
+const STAND_TICKS: u64 = 3;
+/// After this many intervals without a new leader, the ordinary election timeout takes over.
+const GIVE_UP_TICKS: u64 = 30;
+
+pub async fn run(ctx: Arc<NodeCtx>, every: Duration, mut stop: tokio::sync::broadcast::Receiver<()>) {
+    let mut refused = 0u32;
+    let mut watched: Option<u64> = None;
+    // The leader found dead, and the intervals since: until another leader is known (or
+    // this gives up).
+    let mut dead: Option<(u64, u64)> = None;
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let m = ctx.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        if let Some((leader, ticks)) = dead.as_mut() {
+            *ticks += 1;
+            let replaced = m.current_leader.is_some_and(|l| l != *leader);
+            let rank = rank(&voters, *leader, ctx.id);
+            if replaced || m.state == ServerState::Leader || *ticks > GIVE_UP_TICKS {
+                dead = None;
+            } else if rank.is_some_and(|r| *ticks / STAND_TICKS == r) {
+                stand(&ctx).await;
+            }
+            continue;
+        }
+        let Some(leader) = m.current_leader.filter(|l| *l != ctx.id && voters.contains(&ctx.id)) else {
+            refused = 0;
+            continue;
+        };
+        if watched != Some(leader) {
+            watched = Some(leader);
+            refused = 0;
+        }
+        let Some(addr) = membership.get_node(&leader).map(|n| host_port(&n.raft_addr)) else { continue };
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr)).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            _ => refused = 0,
+        }
+        if refused < REFUSALS {
+            continue;
+        }
+        refused = 0;
+        tracing::warn!(leader, "the leader's Raft port refuses connections: electing its successor");
+        metrics::counter!("nimbus_raft_dead_leader_detected_total").increment(1);
+        dead = Some((leader, 0));
+        // Drop the dead leader's lease, so that a successor's vote request is granted now
+        // rather than after the election timeout (the message the leader would have sent).
+        let first = rank_holder(&voters, leader, 0);
+        let req = TransferLeaderRequest::new(m.vote, first.unwrap_or(ctx.id), None);
+        if first != Some(ctx.id)
+            && let Err(e) = ctx.raft.handle_transfer_leader(req).await
+        {
+            tracing::warn!(error = %e, "dropping the dead leader's lease failed");
+        }
+        if first == Some(ctx.id) {
+            stand(&ctx).await;
+        }
+    }
+}
+
+async fn stand(ctx: &NodeCtx) {
+    if let Err(e) = ctx.raft.trigger().elect(false).await {
+        tracing::warn!(error = %e, "election after the leader's death failed to start");
+    }
+}
+
+/// This member's place in the order in which the voters other than `leader` stand: by id
+/// (every member computes the same). Each stands for [`STAND_TICKS`] intervals, then the
+/// next: one candidate at a time, so that a successor whose log is behind (which the others
+/// refuse) gives way without splitting the vote.
+fn rank(voters: &[u64], leader: u64, me: u64) -> Option<u64> {
+    let mut others: Vec<u64> = voters.iter().copied().filter(|v| *v != leader).collect();
+    others.sort_unstable();
+    others.iter().position(|v| *v == me).map(|p| p as u64)
+}
+
+fn rank_holder(voters: &[u64], leader: u64, rank: usize) -> Option<u64> {
+    let mut others: Vec<u64> = voters.iter().copied().filter(|v| *v != leader).collect();
+    others.sort_unstable();
+    others.get(rank).copied()
+}
+
+/// `host:port` of a base URL such as `http://127.0.0.1:7001/`.
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    rest.split('/').next().unwrap_or(rest).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_port_of_a_base_url() {
+        assert_eq!(super::host_port("http://127.0.0.1:7001/"), "127.0.0.1:7001");
+        assert_eq!(super::host_port("https://dn-0.dn:7001"), "dn-0.dn:7001");
+        assert_eq!(super::host_port("10.0.0.1:1"), "10.0.0.1:1");
+    }
+}
