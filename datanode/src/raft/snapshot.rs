@@ -1,12 +1,17 @@
 //! Snapshots are RocksDB checkpoints of the state machine (hard links after a flush: no
 //! copy of the data, no serialisation into memory), kept under `DIR/snapshots/<id>/` with a
-//! `meta.json`. They travel to a lagging member file by file in bounded chunks.
+//! [`META_FILE`]. They travel to a lagging member file by file in bounded chunks
+//! ([`super::network`], [`super::transfer`]).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::types::SnapshotMeta;
+
+/// The file in a snapshot directory that holds its [`SnapshotMeta`]. Not part of what is
+/// sent: the metadata travels in the install call.
+pub const META_FILE: &str = "nimbus-snapshot-meta.json";
 
 /// The data of a snapshot: a directory holding a RocksDB checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +57,7 @@ impl SnapshotDir {
         let index = meta.last_log_id.as_ref().map(|l| l.index()).unwrap_or(0);
         let name = format!("{index:020}-{}", uuid::Uuid::new_v4().simple());
         let body = serde_json::to_vec(&MetaFile { meta: meta.clone() }).map_err(std::io::Error::other)?;
-        std::fs::write(tmp.join("nimbus-snapshot-meta.json"), body)?;
+        std::fs::write(tmp.join(META_FILE), body)?;
         let dir = self.root.join(name);
         std::fs::rename(tmp, &dir)?;
         self.prune()?;
@@ -64,7 +69,7 @@ impl SnapshotDir {
             .filter_map(|e| e.ok())
             .filter(|e| !e.file_name().to_string_lossy().starts_with("tmp-"))
             .map(|e| e.path())
-            .filter(|p| p.join("nimbus-snapshot-meta.json").exists())
+            .filter(|p| p.join(META_FILE).exists())
             .collect();
         dirs.sort();
         Ok(dirs)
@@ -89,22 +94,29 @@ impl SnapshotDir {
 
 /// Reads the metadata a snapshot directory carries.
 pub fn read_meta(dir: &Path) -> std::io::Result<SnapshotMeta> {
-    let bytes = std::fs::read(dir.join("nimbus-snapshot-meta.json"))?;
+    let bytes = std::fs::read(dir.join(META_FILE))?;
     let f: MetaFile = serde_json::from_slice(&bytes).map_err(std::io::Error::other)?;
     Ok(f.meta)
 }
 
-/// The files of a snapshot, as (name, size). A checkpoint directory is flat.
-pub fn files(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
+/// The checkpoint files of a snapshot, as (name, size): what is sent to another member.
+/// A checkpoint directory is flat; the metadata file is not among them.
+pub fn data_files(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        if e.file_type()?.is_file() {
-            out.push((e.file_name().to_string_lossy().into_owned(), e.metadata()?.len()));
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type()?.is_file() && name != META_FILE {
+            out.push((name, e.metadata()?.len()));
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Fsyncs a directory: the names created, renamed or removed in it become durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// A file name that a received snapshot may contain: no path separators, no `..`.

@@ -16,6 +16,7 @@ use openraft::{EntryPayload, RaftSnapshotBuilder};
 use rocksdb::WriteBatch;
 
 use super::snapshot::{SnapshotData, SnapshotDir};
+use super::transfer::Incoming;
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::store::engine::EngineOptions;
 use crate::store::keys::{META_APPLIED, META_MEMBERSHIP};
@@ -29,6 +30,7 @@ pub struct SmShared {
     engine: RwLock<Arc<Engine>>,
     options: EngineOptions,
     snapshots: SnapshotDir,
+    incoming: Incoming,
 }
 
 impl SmShared {
@@ -42,8 +44,8 @@ impl SmShared {
     }
 
     /// Where received snapshot files are staged before they are installed.
-    pub fn incoming_dir(&self) -> PathBuf {
-        self.root.join("incoming")
+    pub fn incoming(&self) -> &Incoming {
+        &self.incoming
     }
 }
 
@@ -86,16 +88,14 @@ impl StateMachine {
             }
         }
         let engine = Engine::open(&sm_root.join(generation.to_string()), options.clone()).map_err(io_err)?;
-        let incoming = root.join("incoming");
-        if incoming.exists() {
-            std::fs::remove_dir_all(&incoming)?;
-        }
         Ok(StateMachine {
             shared: Arc::new(SmShared {
                 root: root.to_owned(),
                 engine: RwLock::new(Arc::new(engine)),
                 options,
                 snapshots: SnapshotDir::new(root.join("snapshots"))?,
+                // Transfers in progress when the member stopped are abandoned.
+                incoming: Incoming::open(root.join("incoming"))?,
             }),
         })
     }
@@ -200,7 +200,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             std::fs::remove_dir_all(&next_dir)?;
         }
         std::fs::rename(&snapshot.dir, &next_dir)?;
-        let _ = std::fs::remove_file(next_dir.join("nimbus-snapshot-meta.json"));
         let engine = Arc::new(Engine::open(&next_dir, self.shared.options.clone()).map_err(io_err)?);
         let (applied, _) = Self::applied(&engine)?;
         if applied != meta.last_log_id {
