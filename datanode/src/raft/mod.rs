@@ -6,6 +6,7 @@ pub mod log_store;
 pub mod network;
 pub mod snapshot;
 pub mod state_machine;
+pub mod transfer;
 pub mod types;
 
 pub use types::{NodeInfo, Raft, TypeConfig};

@@ -1,6 +1,9 @@
 //! The Raft transport: members call each other's admin port over HTTP/JSON with a pooled
 //! client. Snapshots travel as their checkpoint files, in chunks of at most
-//! [`SNAPSHOT_CHUNK_BYTES`], then one `install` call.
+//! [`SNAPSHOT_CHUNK_BYTES`], then one `install` call listing every file with its size and
+//! the SHA-256 of the bytes the sender read (the receiver checks them before it installs;
+//! see [`super::transfer`]). Any refusal is a network error to openraft, which sends the
+//! snapshot again as a new transfer.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,7 +20,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::AsyncReadExt;
 
-use super::snapshot::{SnapshotData, files};
+use super::snapshot::{SnapshotData, data_files};
+use super::transfer::{FileDigest, FileHasher, TransferId};
 use super::types::{NodeInfo, TypeConfig, Vote};
 use crate::clock::{CLOCK_HEADER, ReplicaClock};
 
@@ -31,9 +35,15 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 pub struct InstallSnapshot {
     pub vote: Vote,
     pub meta: super::types::SnapshotMeta,
-    /// Every file with its size, so the receiver can check it got them whole.
-    pub files: Vec<(String, u64)>,
+    /// Every file with its size and checksum, so the receiver can check it got them whole
+    /// and unchanged.
+    pub files: Vec<FileDigest>,
 }
+
+/// What a test may do to a snapshot chunk between the sender reading it and the wire:
+/// `(file, offset, bytes)`. Corrupting a byte here is corruption in transit.
+#[doc(hidden)]
+pub type ChunkHook = Arc<dyn Fn(&str, u64, &mut [u8]) + Send + Sync>;
 
 /// Makes a client per peer; all share one connection pool.
 #[derive(Clone)]
@@ -42,6 +52,7 @@ pub struct Network {
     append_timeout: Duration,
     max_append_bytes: usize,
     clock: Arc<ReplicaClock>,
+    chunk_hook: Option<ChunkHook>,
 }
 
 impl Network {
@@ -61,7 +72,14 @@ impl Network {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
-        Network { client, append_timeout, max_append_bytes, clock }
+        Network { client, append_timeout, max_append_bytes, clock, chunk_hook: None }
+    }
+
+    /// Passes every snapshot chunk sent through `hook` (tests: corruption in transit).
+    #[doc(hidden)]
+    pub fn with_chunk_hook(mut self, hook: ChunkHook) -> Network {
+        self.chunk_hook = Some(hook);
+        self
     }
 }
 
@@ -76,6 +94,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             append_timeout: self.append_timeout,
             max_append_bytes: self.max_append_bytes,
             clock: self.clock.clone(),
+            chunk_hook: self.chunk_hook.clone(),
         }
     }
 }
@@ -99,6 +118,7 @@ pub struct Peer {
     /// openraft sends the rest next.
     max_append_bytes: usize,
     clock: Arc<ReplicaClock>,
+    chunk_hook: Option<ChunkHook>,
 }
 
 /// The first entries of `entries` whose JSON fits in `budget` bytes: at least one.
@@ -166,11 +186,13 @@ impl Peer {
         snapshot: Snapshot,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let net = |e: &dyn std::fmt::Display| StreamingError::Network(NetworkError::from_string(e.to_string()));
-        let transfer = uuid::Uuid::new_v4().simple().to_string();
-        let list = files(&snapshot.snapshot.dir).map_err(|e| net(&e))?;
+        let transfer = TransferId::random();
+        let list = data_files(&snapshot.snapshot.dir).map_err(|e| net(&e))?;
+        let mut digests = Vec::with_capacity(list.len());
         let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
         for (name, _) in &list {
             let mut f = tokio::fs::File::open(snapshot.snapshot.dir.join(name)).await.map_err(|e| net(&e))?;
+            let mut hasher = FileHasher::new(name);
             let mut offset = 0u64;
             loop {
                 // Fill the buffer: a short read is not the end of the file.
@@ -182,6 +204,11 @@ impl Peer {
                     }
                     n += m;
                 }
+                // The checksum is of what was read, before the bytes leave this member.
+                hasher.update(&buf[..n]);
+                if let Some(hook) = &self.chunk_hook {
+                    hook(name, offset, &mut buf[..n]);
+                }
                 let url = format!("{}/raft/snapshot/{transfer}/{name}?offset={offset}", self.addr);
                 let resp = self
                     .client
@@ -192,20 +219,25 @@ impl Peer {
                     .await
                     .map_err(|e| net(&e))?;
                 if !resp.status().is_success() {
-                    return Err(net(&format!("peer {} refused snapshot chunk: {}", self.target, resp.status())));
+                    let status = resp.status();
+                    let why = resp.text().await.unwrap_or_default();
+                    return Err(net(&format!("peer {} refused snapshot chunk: {status}: {why}", self.target)));
                 }
                 offset += n as u64;
                 if n < buf.len() {
                     break;
                 }
             }
+            digests.push(hasher.finish());
         }
-        let req = InstallSnapshot { vote, meta: snapshot.meta, files: list };
+        let req = InstallSnapshot { vote, meta: snapshot.meta, files: digests };
         let url = format!("{}/raft/snapshot/{transfer}/install", self.addr);
         let resp =
             self.client.post(&url).json(&req).timeout(Duration::from_secs(120)).send().await.map_err(|e| net(&e))?;
         if !resp.status().is_success() {
-            return Err(net(&format!("peer {} refused the snapshot: {}", self.target, resp.status())));
+            let status = resp.status();
+            let why = resp.text().await.unwrap_or_default();
+            return Err(net(&format!("peer {} refused the snapshot: {status}: {why}", self.target)));
         }
         let result: Result<SnapshotResponse<TypeConfig>, String> = resp.json().await.map_err(|e| net(&e))?;
         result.map_err(|e| net(&e))

@@ -2,8 +2,41 @@
 //! builds snapshots as checkpoints and installs snapshots received from the leader.
 //!
 //! The engine lives in `DIR/sm/<generation>/`; `DIR/sm/CURRENT` names the live generation.
-//! Installing a snapshot opens it as the next generation and switches `CURRENT` with an
-//! atomic rename, so a crash at any point leaves either the old or the new state.
+//!
+//! # Installing a snapshot
+//!
+//! [`StateMachine::install_snapshot`] is given a verified checkpoint (a received transfer,
+//! already fsynced: see [`super::transfer`]; or, when openraft restores a member at startup,
+//! one of this member's own snapshots). It goes through these steps ([`InstallStep`]):
+//!
+//! 1. **Staged.** The checkpoint is materialized as the next generation `sm/<g+1>`:
+//!    table files hard-linked, the files RocksDB may rewrite copied; every copied file, the
+//!    directory and `sm/` fsynced. The source is left as it was.
+//! 2. **Opened.** RocksDB opens `sm/<g+1>` and its applied log id must be the one the
+//!    metadata names; what RocksDB wrote while opening is synced with the directory.
+//! 3. **Published.** The checkpoint becomes this member's newest snapshot (hard links into
+//!    `DIR/snapshots`, metadata, directory and rename synced).
+//! 4. **Switched.** `CURRENT` is replaced by a synced temporary file renamed over it, and
+//!    `sm/` fsynced: this rename is the switch. Then readers move to the new engine and
+//!    the old generation is deleted once its last reader lets go.
+//!
+//! A crash before the switch's rename is durable leaves `CURRENT` naming the old
+//! generation, which is untouched (nothing of the install ever writes into it); startup
+//! removes every other generation (a half-staged `sm/<g+1>` included) and the staging
+//! area of transfers. A crash after it finds the new generation whole, since every byte of
+//! it was durable before the rename. So a member restarts with the old state or the new
+//! one, never a mix. If it crashed after step 3, its newest snapshot is ahead of the
+//! state it restarts with; openraft then installs that snapshot at startup
+//! (`restore_from_snapshot`), through these same steps, leaving its own snapshot in
+//! place. Publishing before the switch closes the other window: a member that switched,
+//! then crashed before publishing, would restart with its state machine ahead of its
+//! newest snapshot and without the log entries in between (they are why it needed a
+//! snapshot); openraft's startup purges the log up to the state machine, past the newest
+//! snapshot, and stops on that invalid state.
+//!
+//! Raft purges its log behind an installed snapshot only after this returns (openraft's
+//! `PurgeLog` waits for the snapshot to be persisted), so the entries the old state needs
+//! are still there if the crash leaves it.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -15,7 +48,8 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 use rocksdb::WriteBatch;
 
-use super::snapshot::{SnapshotData, SnapshotDir};
+use super::snapshot::{SnapshotData, SnapshotDir, materialize, sync_dir};
+use super::transfer::Incoming;
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::store::engine::EngineOptions;
 use crate::store::keys::{META_APPLIED, META_MEMBERSHIP};
@@ -29,6 +63,7 @@ pub struct SmShared {
     engine: RwLock<Arc<Engine>>,
     options: EngineOptions,
     snapshots: SnapshotDir,
+    incoming: Incoming,
 }
 
 impl SmShared {
@@ -42,13 +77,32 @@ impl SmShared {
     }
 
     /// Where received snapshot files are staged before they are installed.
-    pub fn incoming_dir(&self) -> PathBuf {
-        self.root.join("incoming")
+    pub fn incoming(&self) -> &Incoming {
+        &self.incoming
     }
 }
 
+/// The steps of [`StateMachine::install_snapshot`], in order (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstallStep {
+    Staged,
+    Opened,
+    Published,
+    Switched,
+}
+
+impl InstallStep {
+    pub const ALL: [InstallStep; 4] =
+        [InstallStep::Staged, InstallStep::Opened, InstallStep::Published, InstallStep::Switched];
+}
+
+/// Called after each step of an install (tests: a crash exactly there).
+#[doc(hidden)]
+pub type InstallHook = Arc<dyn Fn(InstallStep) + Send + Sync>;
+
 pub struct StateMachine {
     shared: Arc<SmShared>,
+    install_hook: Option<InstallHook>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -77,27 +131,42 @@ impl StateMachine {
         let sm_root = root.join("sm");
         std::fs::create_dir_all(&sm_root)?;
         let generation = current_generation(&sm_root)?;
-        // Remove generations other than the live one (left by a crash during an install).
+        // Remove generations other than the live one, and a switch's temporary file: what a
+        // crash during an install leaves.
         for e in std::fs::read_dir(&sm_root)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
             if e.file_type()?.is_dir() && name != generation.to_string() {
                 std::fs::remove_dir_all(e.path())?;
+            } else if name == "CURRENT.tmp" {
+                std::fs::remove_file(e.path())?;
             }
         }
         let engine = Engine::open(&sm_root.join(generation.to_string()), options.clone()).map_err(io_err)?;
-        let incoming = root.join("incoming");
-        if incoming.exists() {
-            std::fs::remove_dir_all(&incoming)?;
-        }
         Ok(StateMachine {
             shared: Arc::new(SmShared {
                 root: root.to_owned(),
                 engine: RwLock::new(Arc::new(engine)),
                 options,
                 snapshots: SnapshotDir::new(root.join("snapshots"))?,
+                // Transfers in progress when the member stopped are abandoned.
+                incoming: Incoming::open(root.join("incoming"))?,
             }),
+            install_hook: None,
         })
+    }
+
+    /// Calls `hook` after each step of a snapshot install.
+    #[doc(hidden)]
+    pub fn with_install_hook(mut self, hook: InstallHook) -> StateMachine {
+        self.install_hook = Some(hook);
+        self
+    }
+
+    fn step(&self, step: InstallStep) {
+        if let Some(hook) = &self.install_hook {
+            hook(step);
+        }
     }
 
     pub fn shared(&self) -> Arc<SmShared> {
@@ -193,37 +262,57 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        // The steps and why a crash between any two leaves the old state or the new one:
+        // see the module docs.
         let sm_root = self.shared.root.join("sm");
         let next = current_generation(&sm_root)? + 1;
         let next_dir = sm_root.join(next.to_string());
         if next_dir.exists() {
             std::fs::remove_dir_all(&next_dir)?;
         }
-        std::fs::rename(&snapshot.dir, &next_dir)?;
-        let _ = std::fs::remove_file(next_dir.join("nimbus-snapshot-meta.json"));
-        let engine = Arc::new(Engine::open(&next_dir, self.shared.options.clone()).map_err(io_err)?);
-        let (applied, _) = Self::applied(&engine)?;
-        if applied != meta.last_log_id {
-            return Err(io_err(format!(
-                "snapshot data is at {applied:?} but its metadata says {:?}",
-                meta.last_log_id
-            )));
-        }
+        materialize(&snapshot.dir, &next_dir)?;
+        sync_dir(&sm_root)?;
+        self.step(InstallStep::Staged);
+
+        let engine = match open_checked(&next_dir, &self.shared.options, meta) {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&next_dir);
+                return Err(e);
+            }
+        };
+        sync_dir(&next_dir)?;
+        self.step(InstallStep::Opened);
+
+        self.shared.snapshots.adopt(&snapshot.dir, meta)?;
+        self.step(InstallStep::Published);
+
         set_generation(&sm_root, next)?;
+        self.step(InstallStep::Switched);
+
         let old = std::mem::replace(&mut *self.shared.engine.write().unwrap_or_else(|p| p.into_inner()), engine);
         retire(old);
-        // Keep the installed state as this member's own newest snapshot too.
-        let tmp = self.shared.snapshots.temp_dir();
-        self.shared.engine().checkpoint(&tmp).map_err(io_err)?;
-        self.shared.snapshots.publish(&tmp, meta)?;
         metrics::counter!("nimbus_snapshots_installed_total").increment(1);
-        tracing::info!(index = ?meta.last_log_id.as_ref().map(|l| l.index()), "installed snapshot");
+        tracing::info!(index = ?meta.last_log_id.as_ref().map(|l| l.index()), generation = next, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
         Ok(self.shared.snapshots.current()?.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
     }
+}
+
+/// Opens the engine of a staged generation and checks it holds the state `meta` names.
+fn open_checked(dir: &Path, options: &EngineOptions, meta: &SnapshotMeta) -> io::Result<Engine> {
+    let engine = Engine::open(dir, options.clone()).map_err(io_err)?;
+    let (applied, _) = StateMachine::applied(&engine)?;
+    if applied != meta.last_log_id {
+        return Err(io_err(format!(
+            "failed to install a snapshot: its data is at {applied:?} but its metadata says {:?}",
+            meta.last_log_id
+        )));
+    }
+    Ok(engine)
 }
 
 /// Closes a replaced engine once the last reader lets go, then deletes its files.

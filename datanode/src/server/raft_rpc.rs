@@ -12,14 +12,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
 
 use super::parse_json;
 use crate::clock::CLOCK_HEADER;
 use crate::node::NodeCtx;
 use crate::raft::TypeConfig;
 use crate::raft::network::InstallSnapshot;
-use crate::raft::snapshot::{SnapshotData, is_safe_file_name};
+use crate::raft::snapshot::SnapshotData;
+use crate::raft::transfer::{TransferError, TransferId};
 
 pub fn router(ctx: Arc<NodeCtx>) -> Router {
     Router::new()
@@ -79,77 +79,63 @@ async fn transfer_leader(State(ctx): State<Arc<NodeCtx>>, body: Bytes) -> Respon
     }
 }
 
-fn safe_transfer_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
-}
-
 #[derive(Deserialize)]
 struct ChunkQuery {
     offset: u64,
 }
 
-/// Appends one chunk of one snapshot file; chunks of a file arrive in order.
+/// A refused chunk or transfer. The sender's openraft takes any refusal as a network error
+/// and sends the snapshot again as a new transfer.
+fn refused(transfer: &TransferId, e: &TransferError) -> Response {
+    tracing::warn!(transfer = %transfer, reason = e.reason(), error = %e, "refused a snapshot transfer");
+    metrics::counter!("nimbus_snapshot_transfers_refused_total", "reason" => e.reason()).increment(1);
+    let status = match e {
+        TransferError::BadName(_) => StatusCode::BAD_REQUEST,
+        TransferError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::CONFLICT,
+    };
+    (status, e.to_string()).into_response()
+}
+
+/// Appends one chunk of one snapshot file; chunks of a file arrive in order. The first
+/// chunk of a new transfer removes any other (abandoned) one.
 async fn snapshot_chunk(
     State(ctx): State<Arc<NodeCtx>>,
     Path((transfer, file)): Path<(String, String)>,
     Query(q): Query<ChunkQuery>,
     body: Bytes,
 ) -> Response {
-    if !safe_transfer_id(&transfer) || !is_safe_file_name(&file) {
-        return bad("invalid snapshot transfer or file name");
-    }
-    let dir = ctx.sm.incoming_dir().join(&transfer);
-    let result: std::io::Result<()> = async {
-        tokio::fs::create_dir_all(&dir).await?;
-        let path = dir.join(&file);
-        let len = match tokio::fs::metadata(&path).await {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(e),
-        };
-        if len != q.offset {
-            return Err(std::io::Error::other(format!("chunk at offset {} but the file has {len} bytes", q.offset)));
-        }
-        let mut f = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await?;
-        f.write_all(&body).await?;
-        f.flush().await?;
-        Ok(())
-    }
-    .await;
-    match result {
+    let Some(transfer) = TransferId::parse(&transfer) else { return bad("invalid snapshot transfer id") };
+    let mut staging = ctx.sm.incoming().lock().await;
+    match staging.write_chunk(&transfer, &file, q.offset, &body).await {
         Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => (StatusCode::CONFLICT, e.to_string()).into_response(),
+        Err(e) => refused(&transfer, &e),
     }
 }
 
-/// Checks the received files and hands the snapshot to Raft.
+/// Verifies the received files against the sender's checksums, makes them durable and
+/// hands the snapshot to Raft. A transfer that fails verification never reaches Raft.
 async fn install_snapshot(State(ctx): State<Arc<NodeCtx>>, Path(transfer): Path<String>, body: Bytes) -> Response {
-    if !safe_transfer_id(&transfer) {
-        return bad("invalid snapshot transfer id");
-    }
+    let Some(transfer) = TransferId::parse(&transfer) else { return bad("invalid snapshot transfer id") };
     let req: InstallSnapshot = match parse_json(&body) {
         Ok(r) => r,
         Err(e) => return bad(e.message),
     };
-    let dir = ctx.sm.incoming_dir().join(&transfer);
-    for (name, size) in &req.files {
-        let ok = is_safe_file_name(name) && tokio::fs::metadata(dir.join(name)).await.is_ok_and(|m| m.len() == *size);
-        if !ok {
-            let _ = tokio::fs::remove_dir_all(&dir).await;
-            return (StatusCode::CONFLICT, format!("snapshot file {name} is missing or incomplete")).into_response();
+    // Held until Raft is done with the files: a new transfer must not remove them meanwhile.
+    let mut staging = ctx.sm.incoming().lock().await;
+    let dir = match staging.verify(&transfer, &req.files).await {
+        Ok(dir) => dir,
+        Err(e) => {
+            staging.remove(&transfer).await;
+            return refused(&transfer, &e);
         }
-    }
-    // The metadata travels with the checkpoint, as in a locally built snapshot.
-    let meta_bytes = serde_json::to_vec(&serde_json::json!({ "meta": &req.meta })).unwrap_or_default();
-    if let Err(e) = tokio::fs::write(dir.join("nimbus-snapshot-meta.json"), meta_bytes).await {
-        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
-    }
+    };
     let snapshot = openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotData> {
         meta: req.meta,
-        snapshot: SnapshotData { dir: dir.clone() },
+        snapshot: SnapshotData { dir },
     };
     let result = ctx.raft.install_full_snapshot(req.vote, snapshot).await;
-    // Installed data was moved away; anything left is a refused or stale transfer.
-    let _ = tokio::fs::remove_dir_all(&dir).await;
+    // The state machine linked what it keeps; what is left here is done with.
+    staging.remove(&transfer).await;
     answer(result)
 }

@@ -1,0 +1,206 @@
+//! Installing a snapshot into the state machine, with crashes: a child process (this test
+//! binary, running the ignored `child_…` test) installs a received snapshot and aborts right
+//! after one step of the install; the parent then restarts the member from what is on disk,
+//! through openraft's own startup, and finds the old state or the new one, never a mix, and
+//! nothing left behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream;
+use nimbus_datanode::clock::ReplicaClock;
+use nimbus_datanode::raft::log_store::LogStore;
+use nimbus_datanode::raft::network::Network;
+use nimbus_datanode::raft::snapshot::{SnapshotData, data_files};
+use nimbus_datanode::raft::state_machine::{InstallStep, SmShared, StateMachine};
+use nimbus_datanode::raft::types::Entry;
+use nimbus_datanode::raft::{Raft, TypeConfig};
+use nimbus_datanode::store::engine::EngineOptions;
+use nimbus_datanode::store::{Command, WriteOp};
+use openraft::entry::RaftEntry;
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use serde_json::json;
+
+/// The member's state before the install: documents 0..10, applied up to index 10.
+const OLD: u64 = 10;
+/// The snapshot it receives: documents 0..20, applied up to index 20.
+const NEW: u64 = 20;
+
+const DIR_ENV: &str = "NIMBUS_TEST_INSTALL_DIR";
+const CRASH_ENV: &str = "NIMBUS_TEST_CRASH_AFTER";
+
+fn insert(id: u64) -> Command {
+    let doc = json!({"_id": id, "v": "x".repeat(200)});
+    Command {
+        db: "app".into(),
+        op: WriteOp::Insert { coll: "items".into(), docs: vec![serde_json::value::to_raw_value(&doc).unwrap()] },
+        idempotency_key: None,
+        ts_ms: 1_700_000_000_000,
+        route_epoch: None,
+        request_hash: None,
+    }
+}
+
+/// Applies the entries at indexes `from..=to` (entry `i` inserts document `i - 1`).
+async fn apply(sm: &mut StateMachine, from: u64, to: u64) {
+    let entries: Vec<Entry> = (from..=to)
+        .map(|i| Entry::new_normal(openraft::testing::log_id::<TypeConfig>(1, 1, i), insert(i - 1)))
+        .collect();
+    sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None))))).await.unwrap();
+}
+
+/// The documents of `app.items` and the applied index, as the member serves them.
+fn state(sm: &SmShared) -> (Vec<u64>, Option<u64>) {
+    let engine = sm.engine();
+    let ids = (0..NEW).filter(|id| engine.get("app", "items", &json!(id)).unwrap().is_some()).collect();
+    let applied: Option<openraft::type_config::alias::LogIdOf<TypeConfig>> =
+        engine.get_meta(nimbus_datanode::store::keys::META_APPLIED).unwrap();
+    (ids, applied.map(|l| l.index()))
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    out.sort();
+    out
+}
+
+/// In the child: builds the old state in `dir`, receives a snapshot of the new state into
+/// `dir/incoming` as a transfer leaves it, and installs it, aborting after `crash_after`.
+async fn install_and_crash(dir: &Path, crash_after: Option<InstallStep>) {
+    // The leader's state machine, elsewhere, with its snapshot of the new state.
+    let mut leader = StateMachine::open(&dir.with_extension("leader"), EngineOptions::default()).unwrap();
+    apply(&mut leader, 1, NEW).await;
+    let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+    let hook = Arc::new(move |step: InstallStep| {
+        if Some(step) == crash_after {
+            // No destructors, no flushes: as abrupt as SIGKILL.
+            std::process::abort();
+        }
+    });
+    let mut member = StateMachine::open(dir, EngineOptions::default()).unwrap().with_install_hook(hook);
+    apply(&mut member, 1, OLD).await;
+    member.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+    // The received transfer: the leader's checkpoint files, verified and synced.
+    let transfer = dir.join("incoming").join("t1");
+    std::fs::create_dir(&transfer).unwrap();
+    for (name, _) in data_files(&snapshot.snapshot.dir).unwrap() {
+        std::fs::copy(snapshot.snapshot.dir.join(&name), transfer.join(&name)).unwrap();
+    }
+    member.install_snapshot(&snapshot.meta, SnapshotData { dir: transfer }).await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "a child process of a_crash_after_any_step_of_an_install_leaves_the_old_state_or_the_new_one"]
+async fn child_installs_a_snapshot_then_crashes() {
+    let Ok(dir) = std::env::var(DIR_ENV) else { return };
+    let crash_after = std::env::var(CRASH_ENV)
+        .ok()
+        .map(|s| *InstallStep::ALL.iter().find(|step| format!("{step:?}") == s).expect("a known step"));
+    install_and_crash(Path::new(&dir), crash_after).await;
+}
+
+fn run_child(dir: &Path, crash_after: Option<InstallStep>) -> std::process::ExitStatus {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["child_installs_a_snapshot_then_crashes", "--exact", "--ignored", "--test-threads=1"])
+        .env(DIR_ENV, dir)
+        .stdout(std::process::Stdio::null());
+    if let Some(step) = crash_after {
+        cmd.env(CRASH_ENV, format!("{step:?}"));
+    }
+    cmd.status().unwrap()
+}
+
+/// Restarts the member in `dir` as the datanode does: the state machine, then openraft's
+/// startup on it (which installs the newest snapshot if it is ahead of the state machine).
+async fn restart(dir: &Path) -> (Raft, Arc<SmShared>) {
+    let sm = StateMachine::open(dir, EngineOptions::default()).unwrap();
+    let shared = sm.shared();
+    let log = LogStore::open(&dir.join("raft")).unwrap();
+    let secret = nimbus_net::ClusterSecret::parse("snapshot-install-test-secret-0123456789").unwrap();
+    let config = Arc::new(openraft::Config::default().validate().unwrap());
+    let raft = Raft::new(
+        1,
+        config,
+        Network::new(Duration::from_secs(1), 64 << 20, Arc::new(ReplicaClock::new(0)), &secret),
+        log,
+        sm,
+    )
+    .await
+    .unwrap();
+    (raft, shared)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_any_step_of_an_install_leaves_the_old_state_or_the_new_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let old = ((0..OLD).collect::<Vec<_>>(), Some(OLD));
+    let new = ((0..NEW).collect::<Vec<_>>(), Some(NEW));
+    let cases: Vec<Option<InstallStep>> = InstallStep::ALL.iter().copied().map(Some).chain([None]).collect();
+    for crash_after in cases {
+        let dir: PathBuf = tmp.path().join(format!("{crash_after:?}"));
+        let status = run_child(&dir, crash_after);
+        match crash_after {
+            Some(step) => assert_eq!(status.signal(), Some(6), "the child did not abort after {step:?}: {status}"),
+            None => assert!(status.success(), "the child failed: {status}"),
+        }
+
+        // What is on disk, before Raft looks at it: one whole state, nothing half-made.
+        {
+            let sm = StateMachine::open(&dir, EngineOptions::default()).unwrap();
+            let on_disk = state(&sm.shared());
+            let expected = match crash_after {
+                Some(InstallStep::Staged | InstallStep::Opened | InstallStep::Published) => &old,
+                Some(InstallStep::Switched) | None => &new,
+            };
+            assert_eq!(&on_disk, expected, "after a crash after {crash_after:?}");
+            let sm_dir = names(&dir.join("sm"));
+            assert_eq!(sm_dir.iter().filter(|n| !n.starts_with("CURRENT")).count(), 1, "generations: {sm_dir:?}");
+            assert_eq!(names(&dir.join("incoming")), Vec::<String>::new(), "a transfer was left behind");
+            let snapshots = names(&dir.join("snapshots"));
+            assert!(!snapshots.iter().any(|n| n.starts_with("tmp-")), "a half-made snapshot: {snapshots:?}");
+        }
+
+        // The member restarted: once the new snapshot is its own (published), openraft
+        // brings the state machine up to it; before that, it keeps the old state and its
+        // log, and the leader sends the snapshot again.
+        let (raft, sm) = restart(&dir).await;
+        let expected = match crash_after {
+            Some(InstallStep::Staged | InstallStep::Opened) => &old,
+            _ => &new,
+        };
+        assert_eq!(&state(&sm), expected, "after a restart from a crash after {crash_after:?}");
+        let current = sm.snapshots().current().unwrap().expect("a snapshot").0;
+        assert_eq!(current.last_log_id.map(|l| l.index()), expected.1, "the member's newest snapshot");
+        raft.shutdown().await.unwrap();
+    }
+}
+
+#[test]
+fn leftovers_of_an_interrupted_transfer_and_install_are_removed_at_startup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    drop(StateMachine::open(dir, EngineOptions::default()).unwrap());
+    // A transfer cut off mid-file, a generation staged but never switched to, a snapshot
+    // never published, and the temporary file of a switch.
+    std::fs::create_dir_all(dir.join("incoming/abc")).unwrap();
+    std::fs::write(dir.join("incoming/abc/000012.sst"), vec![1u8; 4096]).unwrap();
+    std::fs::create_dir_all(dir.join("sm/1")).unwrap();
+    std::fs::write(dir.join("sm/1/000012.sst"), vec![1u8; 4096]).unwrap();
+    std::fs::write(dir.join("sm/CURRENT.tmp"), "1").unwrap();
+    std::fs::create_dir_all(dir.join("snapshots/tmp-abc")).unwrap();
+
+    let sm = StateMachine::open(dir, EngineOptions::default()).unwrap();
+    assert_eq!(names(&dir.join("incoming")), Vec::<String>::new());
+    assert_eq!(names(&dir.join("sm")), vec!["0".to_owned()]);
+    assert_eq!(names(&dir.join("snapshots")), Vec::<String>::new());
+    assert_eq!(state(&sm.shared()), (vec![], None));
+}
