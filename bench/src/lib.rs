@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+pub mod leader_changes;
 pub mod nginx;
+pub use leader_changes::{LeaderChanges, admin_urls};
 use serde_json::{Map, Value};
 
 /// Figures printed as `name: value unit` lines and optionally written as JSON.
@@ -48,7 +50,8 @@ fn format_value(v: f64) -> String {
 /// Result of one load run.
 pub struct RunResult {
     pub ops: u64,
-    /// Requests issued (open loop: the offered load, as measured).
+    /// Requests sent (open loop: the offered load, as measured). A request the open loop
+    /// did not send ([`run_rate`]'s `overload`) is not among them, only among the errors.
     pub issued: u64,
     /// How many failures of each kind (an HTTP status, or the client error's text).
     pub error_kinds: BTreeMap<String, u64>,
@@ -120,7 +123,7 @@ where
 /// a slow server meets the same offered load, unlike a closed loop, which slows down with
 /// it). Latency counts from when a request was due, so time waiting to be sent counts too.
 /// With `max_in_flight` requests unanswered, a due request is not sent and counts as an
-/// `overload` error. The offered rate is measured: `issued` over the time it took.
+/// `overload` error. The offered rate is measured: requests sent over the time it took.
 pub async fn run_rate<F, Fut>(rate: f64, duration: Duration, max_in_flight: usize, op: F) -> RunResult
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
@@ -140,10 +143,10 @@ where
             break;
         }
         tokio::time::sleep_until(due).await;
-        total.issued += 1;
         if in_flight.load(Ordering::Relaxed) >= max_in_flight {
             *total.error_kinds.entry("overload".into()).or_default() += 1;
         } else {
+            total.issued += 1;
             in_flight.fetch_add(1, Ordering::Relaxed);
             let (op, in_flight, done) = (op.clone(), in_flight.clone(), done_tx.clone());
             tokio::spawn(async move {
@@ -169,7 +172,7 @@ where
 }
 
 impl RunResult {
-    /// The offered rate: requests issued per second.
+    /// The offered rate, as measured: requests sent per second.
     pub fn offered_per_sec(&self) -> f64 {
         self.issued as f64 / self.elapsed.as_secs_f64()
     }
