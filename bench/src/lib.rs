@@ -56,6 +56,9 @@ pub struct RunResult {
     /// How many failures of each kind (an HTTP status, or the client error's text).
     pub error_kinds: BTreeMap<String, u64>,
     pub elapsed: Duration,
+    /// From the start until the last answer arrived (an open loop's last requests are
+    /// answered after its `elapsed`).
+    pub until_last_answer: Duration,
     pub latency_us: Histogram<u64>,
 }
 
@@ -103,8 +106,14 @@ where
     }
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
-    let mut total =
-        RunResult { ops: 0, issued: 0, error_kinds: BTreeMap::new(), elapsed: Duration::ZERO, latency_us: histogram() };
+    let mut total = RunResult {
+        ops: 0,
+        issued: 0,
+        error_kinds: BTreeMap::new(),
+        elapsed: Duration::ZERO,
+        until_last_answer: Duration::ZERO,
+        latency_us: histogram(),
+    };
     for t in tasks {
         if let Ok((ok, kinds, h)) = t.await {
             total.ops += ok;
@@ -116,6 +125,7 @@ where
         }
     }
     total.elapsed = started.elapsed();
+    total.until_last_answer = total.elapsed;
     total
 }
 
@@ -134,12 +144,18 @@ where
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Result<(), String>, Duration)>();
     let started = tokio::time::Instant::now();
     let period = Duration::from_secs_f64(1.0 / rate.max(1e-3));
-    let mut total =
-        RunResult { ops: 0, issued: 0, error_kinds: BTreeMap::new(), elapsed: Duration::ZERO, latency_us: histogram() };
+    let mut total = RunResult {
+        ops: 0,
+        issued: 0,
+        error_kinds: BTreeMap::new(),
+        elapsed: Duration::ZERO,
+        until_last_answer: Duration::ZERO,
+        latency_us: histogram(),
+    };
     let mut seq = 0u64;
     loop {
         let due = started + period.mul_f64(seq as f64);
-        if due > started + duration {
+        if due >= started + duration {
             break;
         }
         tokio::time::sleep_until(due).await;
@@ -157,6 +173,9 @@ where
         }
         seq += 1;
     }
+    // The window ends when the next request would have been due (or later, if sending fell
+    // behind): `rate * duration` requests over `duration` when the generator kept up.
+    tokio::time::sleep_until(started + duration).await;
     total.elapsed = started.elapsed();
     drop(done_tx);
     while let Some((r, latency)) = done_rx.recv().await {
@@ -168,6 +187,7 @@ where
             Err(kind) => *total.error_kinds.entry(kind).or_default() += 1,
         }
     }
+    total.until_last_answer = started.elapsed();
     total
 }
 
