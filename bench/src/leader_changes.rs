@@ -44,6 +44,11 @@ impl LeaderChanges {
         Ok(unprovoked)
     }
 
+    /// The highest term seen so far.
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
     /// Unprovoked elections over every span sampled so far.
     pub fn unprovoked(&self) -> u64 {
         self.unprovoked
