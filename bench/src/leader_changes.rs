@@ -33,12 +33,13 @@ impl LeaderChanges {
         Ok(LeaderChanges { http, term, unprovoked: 0 })
     }
 
-    /// Samples the terms again. Of the elections since the last sample, `provoked` were
-    /// caused on purpose (a kill of the leader causes one); the rest are unprovoked. Returns
-    /// how many of those this span had.
+    /// Samples the terms again. Of the elections since the last sample, up to `provoked`
+    /// were caused on purpose (a kill of the leader causes one, or none when the member is
+    /// back and resumes leading in its own term before the others' election timeout); the
+    /// rest are unprovoked. Returns how many of those this span had.
     pub async fn sample(&mut self, admins: &[String], provoked: u64) -> anyhow::Result<u64> {
         let term = max_term(&self.http, admins).await?;
-        let unprovoked = term.saturating_sub(self.term).saturating_sub(provoked);
+        let unprovoked = unprovoked(self.term, term, provoked);
         self.term = self.term.max(term);
         self.unprovoked += unprovoked;
         Ok(unprovoked)
@@ -58,6 +59,13 @@ impl LeaderChanges {
     pub fn report(&self, report: &mut Report) {
         report.add("unprovoked_leader_changes", self.unprovoked as f64, "count");
     }
+}
+
+/// The elections between a sample of the highest term, `before`, and the next, `after`,
+/// less the `provoked` ones. A lower `after` (the member with the highest term is down)
+/// counts none.
+fn unprovoked(before: u64, after: u64, provoked: u64) -> u64 {
+    after.saturating_sub(before).saturating_sub(provoked)
 }
 
 /// How long one member may take to answer `GET /v1/status`.
@@ -84,4 +92,35 @@ pub async fn max_term(http: &reqwest::Client, admins: &[String]) -> anyhow::Resu
 /// The admin API addresses of a [`Cluster`]'s members (they keep them across restarts).
 pub fn admin_urls(cluster: &Cluster) -> Vec<String> {
     cluster.nodes.iter().map(|n| n.admin.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unprovoked;
+
+    #[test]
+    fn a_steady_term_is_no_election() {
+        assert_eq!(unprovoked(7, 7, 0), 0);
+    }
+
+    #[test]
+    fn every_term_rise_with_nothing_killed_is_unprovoked() {
+        assert_eq!(unprovoked(7, 9, 0), 2);
+    }
+
+    #[test]
+    fn a_kill_excuses_one_election_and_no_more() {
+        assert_eq!(unprovoked(7, 8, 1), 0);
+        assert_eq!(unprovoked(7, 10, 1), 2);
+    }
+
+    #[test]
+    fn a_kill_that_needed_no_election_counts_none() {
+        assert_eq!(unprovoked(7, 7, 1), 0);
+    }
+
+    #[test]
+    fn a_lower_term_from_the_members_left_counts_none() {
+        assert_eq!(unprovoked(7, 6, 0), 0);
+    }
 }
