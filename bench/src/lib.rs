@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+pub mod leader_changes;
 pub mod nginx;
+pub use leader_changes::{LeaderChanges, admin_urls};
 use serde_json::{Map, Value};
 
 /// Figures printed as `name: value unit` lines and optionally written as JSON.
@@ -48,11 +50,15 @@ fn format_value(v: f64) -> String {
 /// Result of one load run.
 pub struct RunResult {
     pub ops: u64,
-    /// Requests issued (open loop: the offered load, as measured).
+    /// Requests sent (open loop: the offered load, as measured). A request the open loop
+    /// did not send ([`run_rate`]'s `overload`) is not among them, only among the errors.
     pub issued: u64,
     /// How many failures of each kind (an HTTP status, or the client error's text).
     pub error_kinds: BTreeMap<String, u64>,
     pub elapsed: Duration,
+    /// From the start until the last answer arrived (an open loop's last requests are
+    /// answered after its `elapsed`).
+    pub until_last_answer: Duration,
     pub latency_us: Histogram<u64>,
 }
 
@@ -100,8 +106,14 @@ where
     }
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
-    let mut total =
-        RunResult { ops: 0, issued: 0, error_kinds: BTreeMap::new(), elapsed: Duration::ZERO, latency_us: histogram() };
+    let mut total = RunResult {
+        ops: 0,
+        issued: 0,
+        error_kinds: BTreeMap::new(),
+        elapsed: Duration::ZERO,
+        until_last_answer: Duration::ZERO,
+        latency_us: histogram(),
+    };
     for t in tasks {
         if let Ok((ok, kinds, h)) = t.await {
             total.ops += ok;
@@ -113,6 +125,7 @@ where
         }
     }
     total.elapsed = started.elapsed();
+    total.until_last_answer = total.elapsed;
     total
 }
 
@@ -120,7 +133,7 @@ where
 /// a slow server meets the same offered load, unlike a closed loop, which slows down with
 /// it). Latency counts from when a request was due, so time waiting to be sent counts too.
 /// With `max_in_flight` requests unanswered, a due request is not sent and counts as an
-/// `overload` error. The offered rate is measured: `issued` over the time it took.
+/// `overload` error. The offered rate is measured: requests sent over the time it took.
 pub async fn run_rate<F, Fut>(rate: f64, duration: Duration, max_in_flight: usize, op: F) -> RunResult
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
@@ -131,19 +144,25 @@ where
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Result<(), String>, Duration)>();
     let started = tokio::time::Instant::now();
     let period = Duration::from_secs_f64(1.0 / rate.max(1e-3));
-    let mut total =
-        RunResult { ops: 0, issued: 0, error_kinds: BTreeMap::new(), elapsed: Duration::ZERO, latency_us: histogram() };
+    let mut total = RunResult {
+        ops: 0,
+        issued: 0,
+        error_kinds: BTreeMap::new(),
+        elapsed: Duration::ZERO,
+        until_last_answer: Duration::ZERO,
+        latency_us: histogram(),
+    };
     let mut seq = 0u64;
     loop {
         let due = started + period.mul_f64(seq as f64);
-        if due > started + duration {
+        if due >= started + duration {
             break;
         }
         tokio::time::sleep_until(due).await;
-        total.issued += 1;
         if in_flight.load(Ordering::Relaxed) >= max_in_flight {
             *total.error_kinds.entry("overload".into()).or_default() += 1;
         } else {
+            total.issued += 1;
             in_flight.fetch_add(1, Ordering::Relaxed);
             let (op, in_flight, done) = (op.clone(), in_flight.clone(), done_tx.clone());
             tokio::spawn(async move {
@@ -154,6 +173,9 @@ where
         }
         seq += 1;
     }
+    // The window ends when the next request would have been due (or later, if sending fell
+    // behind): `rate * duration` requests over `duration` when the generator kept up.
+    tokio::time::sleep_until(started + duration).await;
     total.elapsed = started.elapsed();
     drop(done_tx);
     while let Some((r, latency)) = done_rx.recv().await {
@@ -165,11 +187,12 @@ where
             Err(kind) => *total.error_kinds.entry(kind).or_default() += 1,
         }
     }
+    total.until_last_answer = started.elapsed();
     total
 }
 
 impl RunResult {
-    /// The offered rate: requests issued per second.
+    /// The offered rate, as measured: requests sent per second.
     pub fn offered_per_sec(&self) -> f64 {
         self.issued as f64 / self.elapsed.as_secs_f64()
     }

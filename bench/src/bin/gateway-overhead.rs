@@ -12,6 +12,9 @@
 //! shared; CPU per request and latency at a load the machine carries are what a proxy
 //! costs. The load is half reads by `_id`, half inserts, each insert with its own
 //! `Idempotency-Key`.
+//!
+//! Also prints `unprovoked_leader_changes`: elections of the replica set during the runs
+//! (nothing is killed here, so every one is unprovoked; goal 0).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +24,9 @@ use clap::Parser;
 use nimbus_api::data::{IDEMPOTENCY_KEY_HEADER, ROUTE_EPOCH_HEADER};
 use nimbus_api::etcd::{Limits, Tier, UserRole};
 use nimbus_bench::nginx::Nginx;
-use nimbus_bench::{Report, RunResult, cpu_time_of, http_outcome, median, run_load, run_rate, summarize};
+use nimbus_bench::{
+    LeaderChanges, Report, RunResult, admin_urls, cpu_time_of, http_outcome, median, run_load, run_rate, summarize,
+};
 use nimbus_e2e::gateway::{GatewayProc, Stack};
 use nimbus_e2e::poll;
 use serde_json::json;
@@ -122,6 +127,8 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let mut report = Report::default();
+    let admins = admin_urls(&stack.cluster);
+    let mut elections = LeaderChanges::start(&admins).await?;
     // 1. The direct capacity.
     let mut capacity_runs = Vec::new();
     for round in 0..args.rounds {
@@ -129,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         let r = run_load(args.concurrency, Duration::from_secs(args.seconds), move |t, seq| run(seq * 1024 + t as u64))
             .await;
         r.warn_errors(&format!("capacity {round}"));
+        elections.sample(&admins, 0).await?;
         capacity_runs.push(r);
     }
     let capacity = summarize(&mut report, "direct_capacity", &capacity_runs).ops_per_sec;
@@ -149,7 +157,9 @@ async fn main() -> anyhow::Result<()> {
             let r = run_rate(rate, Duration::from_secs(args.seconds), 4096, op(system, (round * 3 + k) as u64)).await;
             let after = cpu_time_of(&proxies[system]);
             r.warn_errors(&format!("{} at {rate:.0}/s, round {round}", SYSTEMS[system]));
-            let requests = (r.ops + r.errors()).max(1) as f64;
+            elections.sample(&admins, 0).await?;
+            // The requests sent (one the open loop could not send cost the proxy nothing).
+            let requests = r.issued.max(1) as f64;
             cpu_us[system].push(after.saturating_sub(before).as_secs_f64() * 1e6 / requests);
             offered.push(r.offered_per_sec());
             runs[system].push(r);
@@ -179,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
         report.add(format!("{name}_cpu_us_per_request_min"), v.iter().copied().fold(f64::MAX, f64::min), "us");
         report.add(format!("{name}_cpu_us_per_request_max"), v.iter().copied().fold(0.0, f64::max), "us");
     }
+    elections.report(&mut report);
     report.add("gateway_vs_nginx_cpu_ratio", median(&cpu_us[2]) / median(&cpu_us[1]).max(1e-9), "x");
     report.add("nginx_added_p50_ms_half_load", p50[1] - p50[0], "ms");
     report.add("gateway_added_p50_ms_half_load", p50[2] - p50[0], "ms");
