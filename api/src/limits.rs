@@ -30,8 +30,14 @@ pub const MAX_READ_EXAMINED_DOCS: u64 = 100_000;
 pub const MAX_READ_EXAMINED_BYTES: u64 = 256 * 1024 * 1024;
 /// Largest `skip`: deeper pages are read with a range on the sort key (`{"_id": {"$gt": last}}`).
 pub const MAX_SKIP: u64 = 10_000;
-/// Most bytes of documents a sort without an index may hold.
-pub const MAX_SORT_BYTES: u64 = 64 * 1024 * 1024;
+/// Most memory a sort without an index may hold, in bytes of parsed documents (MongoDB's
+/// limit for a blocking sort too).
+pub const MAX_SORT_BYTES: u64 = 100 * 1024 * 1024;
+/// Most bytes one write may produce: its new documents and their oplog copies. A committed
+/// entry is applied by every member and again after each restart, so a write whose batch
+/// would not fit in memory must be refused before it is (a `multi` update setting a large
+/// field on a thousand documents, say).
+pub const MAX_WRITE_PRODUCED_BYTES: usize = 128 * 1024 * 1024;
 /// Largest `find` answer, in bytes of documents.
 pub const MAX_FIND_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
 /// Longest `Idempotency-Key`.

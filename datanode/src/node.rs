@@ -20,6 +20,9 @@ use crate::raft::state_machine::{SmShared, StateMachine};
 use crate::server;
 use crate::store::engine::EngineOptions;
 
+/// The most bytes of entries one AppendEntries call carries beyond its first entry.
+const MAX_APPEND_BYTES: usize = 8 << 20;
+
 /// What every handler of a datanode shares.
 pub struct NodeCtx {
     pub id: u64,
@@ -110,10 +113,12 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config),
-        // Half the Raft port's body limit below: one entry always fits with its envelope.
+        // At most 8 MiB of entries per call (a follower parses and syncs it within the append
+        // timeout), never more than half the Raft port's body limit below; one entry, up to
+        // a whole request body, is always sent.
         Network::new(
             Duration::from_millis(config.election_timeout_ms),
-            config.max_body_bytes * 2,
+            (config.max_body_bytes * 2).min(MAX_APPEND_BYTES),
             clock.clone(),
             &secret,
         ),

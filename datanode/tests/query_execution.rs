@@ -251,3 +251,81 @@ fn a_query_racing_index_changes_sees_one_moment() {
     let reads = reader.join().expect("every read saw the whole answer");
     assert!(reads > 0);
 }
+
+fn update(filter: Value, update: Value, multi: bool) -> WriteOp {
+    WriteOp::Update { coll: "c".into(), filter, update, multi, upsert: false, upsert_id: json!(0), array_filters: None }
+}
+
+fn build(engine: &Engine, name: &str) -> WriteAnswer {
+    loop {
+        let step = apply(engine, WriteOp::BuildIndex { coll: "c".into(), name: name.into() }).unwrap();
+        if let WriteAnswer::IndexBuildStep { done: true, .. } = step {
+            return step;
+        }
+    }
+}
+
+/// `null` and `[]` make the same index key, but only `[]` makes the index multikey; an index
+/// that missed it would give a sort that puts `[]` after `null`.
+#[test]
+fn an_update_to_an_empty_array_marks_the_index_multikey() {
+    let (_dir, engine) = open();
+    insert(&engine, [json!({"_id": 1, "a": null}), json!({"_id": 2, "a": null}), json!({"_id": 3, "a": 0})]);
+    apply(&engine, WriteOp::CreateIndex { coll: "c".into(), spec: spec(json!({"a": 1}), false) }).unwrap();
+    apply(&engine, update(json!({"_id": 2}), json!({"$set": {"a": []}}), false)).unwrap();
+    assert!(engine.list_indexes("d", "c").unwrap()[0].multikey);
+    let req = FindRequest { sort: Some(json!({"a": 1})), limit: Some(10), ..Default::default() };
+    let docs = engine.find("d", "c", &FindQuery::parse(&req).unwrap()).unwrap();
+    assert_eq!(ids(&docs), vec![2, 1, 3]);
+}
+
+/// A single update through an index on an equality examines each key's first match only
+/// (entries of one key come in `_id` order), so an index never makes it exceed the write bound.
+#[test]
+fn a_single_update_through_an_index_stops_at_the_first_match_of_each_key() {
+    let (_dir, engine) = open();
+    // 1,200 documents without a match, then 1,500 with one.
+    insert(&engine, (0..2700).map(|i| json!({"_id": i, "k": i64::from(i >= 1200)})));
+    let single = || update(json!({"k": 1}), json!({"$set": {"hit": true}}), false);
+    // Without an index, the scan in `_id` order meets 1,200 non-matches first: refused.
+    assert!(apply(&engine, single()).unwrap_err().message.contains("examines more than 1000 documents"));
+    apply(&engine, WriteOp::CreateIndex { coll: "c".into(), spec: spec(json!({"k": 1}), false) }).unwrap();
+    build(&engine, "k_1");
+    // Through the index: 1,500 matches, but the first is the smallest `_id`.
+    assert_eq!(apply(&engine, single()), Ok(WriteAnswer::Updated { matched: 1, modified: 1, upserted_id: None }));
+    assert_eq!(ids(&find(&engine, json!({"hit": true})).unwrap()), vec![1200]);
+}
+
+/// A write's batch is bounded by what it produces, not only by what it examines: setting a
+/// large field on many documents is refused, and nothing changes.
+#[test]
+fn a_write_producing_too_many_bytes_is_refused_and_changes_nothing() {
+    let (_dir, engine) = open();
+    insert(&engine, (0..200).map(|i| json!({"_id": i})));
+    let big = "x".repeat(700 << 10);
+    let e = apply(&engine, update(json!({}), json!({"$set": {"s": big}}), true)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert!(e.message.contains("would produce more than 128 MiB"), "{}", e.message);
+    assert_eq!(find(&engine, json!({"s": {"$exists": true}})).unwrap().len(), 0);
+    // Half as many documents fit.
+    let ok = apply(&engine, update(json!({"_id": {"$lt": 50}}), json!({"$set": {"s": "x".repeat(700 << 10)}}), true));
+    assert_eq!(ok, Ok(WriteAnswer::Updated { matched: 50, modified: 50, upserted_id: None }));
+}
+
+#[test]
+fn count_answers_without_holding_the_documents() {
+    let (_dir, engine) = open();
+    insert(&engine, (0..3000).map(|i| json!({"_id": i, "k": i % 3})));
+    let filter = nimbus_datanode::query::Filter::parse(Some(&json!({"k": 2}))).unwrap();
+    assert_eq!(engine.count("d", "c", &filter).unwrap(), 1000);
+}
+
+/// A build that fails on something other than a duplicate answers with that error's code.
+#[test]
+fn a_build_failing_on_too_many_keys_answers_bad_request() {
+    let (_dir, engine) = open();
+    insert(&engine, [json!({"_id": 1, "a": (0..1001).collect::<Vec<i64>>()})]);
+    let e = apply(&engine, WriteOp::CreateIndex { coll: "c".into(), spec: spec(json!({"a": 1}), false) }).unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message);
+    assert!(engine.list_indexes("d", "c").unwrap().is_empty());
+}

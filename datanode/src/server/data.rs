@@ -457,7 +457,7 @@ async fn wait_for_build(ctx: &NodeCtx, env: &Envelope, coll: &str, name: &str) -
             None => {
                 let failed = meta.and_then(|m| m.failed_builds.into_iter().rev().find(|f| f.name == name));
                 return Err(match failed {
-                    Some(f) => ApiError::duplicate_key(f.message),
+                    Some(f) => ApiError::new(f.code, f.message),
                     None => ApiError::not_found(format!("index {name} was dropped while it was being built")),
                 }
                 .into());

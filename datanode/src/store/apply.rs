@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use nimbus_api::admin::{OplogEntry, OplogOp};
+use nimbus_api::limits::MAX_WRITE_PRODUCED_BYTES;
 use nimbus_api::{ApiError, ErrorCode};
 use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
@@ -391,7 +392,7 @@ impl Engine {
         }
         ctx.metas.insert(coll.to_owned(), meta);
         self.oplog_put(ctx, coll, id, raw);
-        Ok(())
+        check_produced(ctx)
     }
 
     fn replace_doc(
@@ -407,8 +408,11 @@ impl Engine {
         let id_enc = encode_id(&old["_id"]);
         for ix in meta.indexes.iter_mut() {
             let old_keys = index_keys(ix, old)?.0;
-            let (new_keys, _) = index_keys(ix, new)?;
+            let (new_keys, multikey) = index_keys(ix, new)?;
             if old_keys == new_keys {
+                // Same entries (`null` and `[]` share a key), but `[]` still makes the index
+                // multikey: it no longer gives sorts (an empty array sorts before null).
+                ix.multikey |= multikey;
                 continue;
             }
             self.remove_index_entries(ctx, coll, ix, &old_keys, &id_enc);
@@ -421,7 +425,7 @@ impl Engine {
         }
         ctx.metas.insert(coll.to_owned(), meta);
         self.oplog_put(ctx, coll, &old["_id"], &raw);
-        Ok(())
+        check_produced(ctx)
     }
 
     fn delete_doc(&self, ctx: &mut Ctx<'_>, coll: &str, key: &[u8], old: &Value) -> Result<(), Refusal> {
@@ -452,6 +456,19 @@ fn batch_catalog(engine: &Engine, batch: &mut WriteBatch, db: &str, coll: &str, 
 
 /// Why a command was not applied: the client's mistake (answered, nothing changed) or a
 /// storage failure (the member cannot go on).
+/// Refuses a write whose batch outgrew [`MAX_WRITE_PRODUCED_BYTES`] (nothing of it is
+/// written: the caller clears the batch).
+fn check_produced(ctx: &Ctx<'_>) -> Result<(), Refusal> {
+    if ctx.batch.size_in_bytes() > MAX_WRITE_PRODUCED_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "the write would produce more than {} MiB of documents and oplog: change fewer or smaller documents at once",
+            MAX_WRITE_PRODUCED_BYTES >> 20
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 pub(crate) enum Refusal {
     Client(ApiError),
     Store(StoreError),

@@ -123,6 +123,13 @@ pub struct CollectionMeta {
 pub struct FailedBuild {
     pub name: String,
     pub message: String,
+    /// The error the build met (a duplicate in a unique index, a document with too many keys).
+    #[serde(default = "duplicate_key")]
+    pub code: nimbus_api::ErrorCode,
+}
+
+fn duplicate_key() -> nimbus_api::ErrorCode {
+    nimbus_api::ErrorCode::DuplicateKey
 }
 
 /// How many failed builds a collection remembers.

@@ -133,9 +133,10 @@ impl Engine {
             let (db_name, coll_name) = (String::from_utf8_lossy(db), String::from_utf8_lossy(coll));
             if meta.checksum.is_none() {
                 // Written before collections carried their checksum: computed once from the
-                // documents (every member does the same from the same data), and stored
-                // with the collection's next change.
+                // documents and stored (every member computes the same from the same data,
+                // so this write outside the log changes no answer).
                 meta.checksum = Some(self.scan_sum(ReadOptions::default, &db_name, &coll_name)?.checksum);
+                self.db.put_cf(self.cf(CF_CATALOG), &k, encode(&meta))?;
             }
             catalog
                 .dbs

@@ -160,7 +160,10 @@ impl Engine {
         ctx.metas.insert(coll.to_owned(), meta);
         self.oplog(ctx, Some(coll), OplogOp::CreateIndex { spec: serde_json::to_value(spec).unwrap_or_default() });
         match self.build_step(ctx, coll, &spec.name)? {
-            WriteAnswer::IndexBuildStep { failed: Some(message), .. } => Err(ApiError::duplicate_key(message).into()),
+            WriteAnswer::IndexBuildStep { failed: Some(message), .. } => {
+                let code = ctx.metas.get(coll).and_then(|m| m.failed_builds.last()).map(|f| f.code);
+                Err(ApiError::new(code.unwrap_or(nimbus_api::ErrorCode::DuplicateKey), message).into())
+            }
             WriteAnswer::IndexBuildStep { done, .. } => {
                 Ok(WriteAnswer::IndexCreated { name: spec.name.clone(), ready: done })
             }
@@ -200,7 +203,7 @@ impl Engine {
             let doc: Value = decode("document", &v)?;
             match self.add_index_entries(ctx, coll, &mut ix, &doc, id_enc) {
                 Ok(()) => {}
-                Err(Refusal::Client(e)) => return Ok(self.fail_build(ctx, coll, meta, pos, e.message)),
+                Err(Refusal::Client(e)) => return Ok(self.fail_build(ctx, coll, meta, pos, e)),
                 Err(store) => return Err(store),
             }
             docs += 1;
@@ -222,13 +225,13 @@ impl Engine {
         coll: &str,
         mut meta: super::catalog::CollectionMeta,
         pos: usize,
-        message: String,
+        error: ApiError,
     ) -> WriteAnswer {
         let ix = meta.indexes.remove(pos);
         let prefix = keys::index_prefix(ctx.db, coll, &ix.name);
         ctx.batch.delete_range_cf(self.cf(CF_IDX), &prefix, &prefix_end(&prefix).unwrap_or_default());
-        let message = format!("building index {} failed: {message}", ix.name);
-        meta.failed_builds.push(FailedBuild { name: ix.name.clone(), message: message.clone() });
+        let message = format!("building index {} failed: {}", ix.name, error.message);
+        meta.failed_builds.push(FailedBuild { name: ix.name.clone(), message: message.clone(), code: error.code });
         if meta.failed_builds.len() > MAX_FAILED_BUILDS {
             meta.failed_builds.remove(0);
         }

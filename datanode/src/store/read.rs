@@ -129,17 +129,46 @@ impl View<'_> {
 
 /// Which documents of the matching ones a caller wants.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Want {
+pub(crate) struct Want<'p> {
     pub skip: u64,
     pub limit: Option<u64>,
     /// Only the matching document with the smallest `_id` (a single update or delete: the
     /// same document on every member, whatever the plan).
     pub first_by_id: bool,
+    /// Only how many match (`count`): no document is kept.
+    pub count_only: bool,
+    /// Applied to each document as it is kept (after its sort keys are taken).
+    pub projection: Option<&'p Projection>,
 }
 
-impl Want {
-    pub(crate) const ALL: Want = Want { skip: 0, limit: None, first_by_id: false };
-    pub(crate) const FIRST_BY_ID: Want = Want { skip: 0, limit: Some(1), first_by_id: true };
+impl Want<'_> {
+    pub(crate) const ALL: Want<'static> =
+        Want { skip: 0, limit: None, first_by_id: false, count_only: false, projection: None };
+    pub(crate) const FIRST_BY_ID: Want<'static> =
+        Want { skip: 0, limit: Some(1), first_by_id: true, count_only: false, projection: None };
+    const COUNT: Want<'static> = Want { skip: 0, limit: None, first_by_id: false, count_only: true, projection: None };
+}
+
+/// Most bytes of parsed documents one query holds at once (the answer being built, or an
+/// unindexed sort's buffer): parsed JSON takes several times the room of its text.
+const MAX_HELD_BYTES: u64 = 512 * 1024 * 1024;
+
+fn answer_too_large() -> QueryError {
+    QueryError::Refused(ApiError::bad_request(format!(
+        "the answer would be over {} MiB: lower the limit or project fewer fields",
+        MAX_FIND_ANSWER_BYTES >> 20
+    )))
+}
+
+/// The memory a parsed document takes, about: a `Value` per node, plus its text.
+fn held_size(v: &Value) -> u64 {
+    const NODE: u64 = std::mem::size_of::<Value>() as u64;
+    NODE + match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        Value::String(s) => s.len() as u64,
+        Value::Array(items) => items.iter().map(held_size).sum::<u64>(),
+        Value::Object(m) => m.iter().map(|(k, v)| k.len() as u64 + 2 * NODE + held_size(v)).sum::<u64>(),
+    }
 }
 
 impl Engine {
@@ -156,22 +185,21 @@ impl Engine {
         let started = Instant::now();
         let (snap, indexes) = self.consistent_view(db, coll);
         let Some(indexes) = indexes else { return Ok(vec![]) };
-        let want = Want { skip: q.skip, limit: Some(q.limit.unwrap_or(MAX_FIND_LIMIT)), first_by_id: false };
+        let want = Want {
+            skip: q.skip,
+            limit: Some(q.limit.unwrap_or(MAX_FIND_LIMIT)),
+            first_by_id: false,
+            count_only: false,
+            projection: q.projection.as_ref(),
+        };
         let (docs, exec) =
             self.matching(&View::Snapshot(&snap), db, coll, &indexes, &q.filter, &q.sort, want, Budget::READ)?;
         let mut bytes = 0u64;
         let mut out = Vec::with_capacity(docs.len());
         for (_, d) in docs {
-            let d = match &q.projection {
-                Some(p) => p.apply(&d),
-                None => d,
-            };
             bytes += approx_size(&d);
             if bytes > MAX_FIND_ANSWER_BYTES {
-                return Err(QueryError::Refused(ApiError::bad_request(format!(
-                    "the answer would be over {} MiB: lower the limit or project fewer fields",
-                    MAX_FIND_ANSWER_BYTES >> 20
-                ))));
+                return Err(answer_too_large());
             }
             out.push(d);
         }
@@ -189,10 +217,10 @@ impl Engine {
         let (snap, indexes) = self.consistent_view(db, coll);
         let Some(indexes) = indexes else { return Ok(0) };
         let sort = SortSpec::default();
-        let (docs, exec) =
-            self.matching(&View::Snapshot(&snap), db, coll, &indexes, filter, &sort, Want::ALL, Budget::READ)?;
+        let (_, exec) =
+            self.matching(&View::Snapshot(&snap), db, coll, &indexes, filter, &sort, Want::COUNT, Budget::READ)?;
         self.stats.record(db, coll, "count", &filter.shape(), &exec, started.elapsed());
-        Ok(docs.len() as u64)
+        Ok(exec.returned)
     }
 
     /// The document with this `_id`.
@@ -257,7 +285,7 @@ impl Engine {
         indexes: &[IndexSpec],
         filter: &Filter,
         sort: &SortSpec,
-        want: Want,
+        want: Want<'_>,
         budget: Budget,
     ) -> Result<(Vec<Keyed>, ExecStats), QueryError> {
         let id_fields = [("_id".to_owned(), false)];
@@ -282,13 +310,25 @@ impl Engine {
         let mut out: Vec<Keyed> = Vec::new();
         let mut sorted: Vec<(Vec<SortKey>, u64, Keyed)> = Vec::new();
         let mut sorted_bytes = 0u64;
+        let mut held_bytes = 0u64;
         let mut examined_bytes = 0u64;
         let mut skipped = 0u64;
+        let mut matched = 0u64;
         // Called for each matching document; returns false to stop the scan.
-        let mut accept = |key: Vec<u8>, doc: Value, size: u64| -> Result<bool, QueryError> {
-            if needs_sort {
+        let mut accept = |key: Vec<u8>, doc: Value| -> Result<bool, QueryError> {
+            matched += 1;
+            if want.count_only {
+                return Ok(true);
+            }
+            let keys = needs_sort.then(|| sort.keys_of(&doc));
+            let doc = match want.projection {
+                Some(p) => p.apply(&doc),
+                None => doc,
+            };
+            let size = held_size(&doc);
+            if let Some(keys) = keys {
                 sorted_bytes += size;
-                insert_bounded(&mut sorted, (sort.keys_of(&doc), size, (key, doc)), sort, window, &mut sorted_bytes);
+                insert_bounded(&mut sorted, (keys, size, (key, doc)), sort, window, &mut sorted_bytes);
                 if sorted_bytes > MAX_SORT_BYTES {
                     return Err(QueryError::Refused(ApiError::bad_request(format!(
                         "the sort needs more than {} MiB: add an index on the sort fields, or lower skip and limit",
@@ -300,6 +340,10 @@ impl Engine {
             if skipped < want.skip {
                 skipped += 1;
                 return Ok(true);
+            }
+            held_bytes += size;
+            if held_bytes > MAX_HELD_BYTES {
+                return Err(answer_too_large());
             }
             out.push((key, doc));
             Ok(limit.is_none_or(|l| (out.len() as u64) < l))
@@ -337,12 +381,15 @@ impl Engine {
                     examined_bytes += v.len() as u64;
                     budget.check(&exec, examined_bytes)?;
                     let doc: Value = decode("document", &v)?;
-                    if filter.matches(&doc) && !accept(k.to_vec(), doc, v.len() as u64)? {
+                    if filter.matches(&doc) && !accept(k.to_vec(), doc)? {
                         break 'id_ranges;
                     }
                 }
             }
-        } else if let Plan::IndexScan { index, ranges, .. } = &chosen {
+        } else if let Plan::IndexScan { index, ranges, exact, .. } = &chosen {
+            // The smallest `_id` is the first match of some range when each range's entries
+            // come in `_id` order: the rest of a range after its first match is skipped.
+            let first_per_range = want.first_by_id && *exact;
             let ix_prefix = index_prefix(db, coll, index);
             // A document reached by several keys (an array's elements, `$in` values) is
             // examined once.
@@ -371,8 +418,13 @@ impl Engine {
                     examined_bytes += bytes.len() as u64;
                     budget.check(&exec, examined_bytes)?;
                     let doc: Value = decode("document", &bytes)?;
-                    if filter.matches(&doc) && !accept(key, doc, bytes.len() as u64)? {
-                        break 'ranges;
+                    if filter.matches(&doc) {
+                        if !accept(key, doc)? {
+                            break 'ranges;
+                        }
+                        if first_per_range {
+                            continue 'ranges;
+                        }
                     }
                 }
             }
@@ -384,7 +436,7 @@ impl Engine {
             out.sort_by(|a, b| a.0.cmp(&b.0));
             out.truncate(1);
         }
-        exec.returned = out.len() as u64;
+        exec.returned = if want.count_only { matched } else { out.len() as u64 };
         Ok((out, exec))
     }
 }

@@ -39,6 +39,9 @@ pub enum Plan {
         ranges: Vec<(Vec<u8>, Vec<u8>)>,
         /// The scan yields documents in the requested sort order.
         provides_sort: bool,
+        /// Every range is one value of every field of the index, so within a range the
+        /// entries come in `_id` order: the first match of each range is its smallest `_id`.
+        exact: bool,
     },
 }
 
@@ -239,19 +242,20 @@ pub fn plan(filter: &Filter, sort: &SortSpec, has_limit: bool, indexes: &[IndexV
         }
         if ranges.is_empty() {
             // Contradictory bounds: the filter matches nothing through this index.
-            return Plan::IndexScan { index: ix.name.to_owned(), ranges, provides_sort: true };
+            return Plan::IndexScan { index: ix.name.to_owned(), ranges, provides_sort: true, exact: true };
         }
         // A fully open range (sort-only use) scans the whole index.
         if eq_fields == 0 && !has_range {
             ranges = vec![(vec![], vec![0xFF; 1])];
         }
+        let exact = !has_range && eq_fields == ix.fields.len();
         if ix.name == ID_INDEX && eq_fields == 1 {
             // Point lookups by `_id`: nothing does better.
-            return Plan::IndexScan { index: ix.name.to_owned(), ranges, provides_sort };
+            return Plan::IndexScan { index: ix.name.to_owned(), ranges, provides_sort, exact };
         }
         let score = (eq_fields, has_range, provides_sort);
         if best.as_ref().is_none_or(|(s, _)| score > *s) {
-            best = Some((score, Plan::IndexScan { index: ix.name.to_owned(), ranges, provides_sort }));
+            best = Some((score, Plan::IndexScan { index: ix.name.to_owned(), ranges, provides_sort, exact }));
         }
     }
     best.map(|(_, p)| p).unwrap_or(Plan::CollScan)
