@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// Response header of every Raft RPC: the answering member's clock, ms since the epoch.
 pub const CLOCK_HEADER: &str = "x-nimbus-clock-ms";
 
-/// A peer's offset older than this is not used (the peer may be gone or restarted).
+/// A peer's reading older than this is not used (the peer may be gone or restarted).
 const FRESH: Duration = Duration::from_secs(10);
 
 /// This member's clock and what it last heard of its peers' clocks.
@@ -27,8 +27,10 @@ const FRESH: Duration = Duration::from_secs(10);
 pub struct ReplicaClock {
     /// Added to the system clock: a fault injected by tests (`--clock-skew-ms`), 0 otherwise.
     skew_ms: i64,
-    /// Peer id → (its clock minus ours when it answered, when that was).
-    peers: Mutex<HashMap<u64, (i64, Instant)>>,
+    /// Peer id → (its clock when it answered, when that was on our monotonic clock). A
+    /// peer's time now is its reading plus the time elapsed since: independent of our own
+    /// wall clock, so a step of ours moves only our own vote.
+    peers: Mutex<HashMap<u64, (u64, Instant)>>,
 }
 
 impl ReplicaClock {
@@ -44,21 +46,34 @@ impl ReplicaClock {
 
     /// Records a peer's clock, read from its answer.
     pub fn observe(&self, peer: u64, peer_ms: u64) {
-        let offset = (peer_ms as i64).saturating_sub(self.local_ms() as i64);
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, (offset, Instant::now()));
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, (peer_ms, Instant::now()));
     }
 
-    /// The time to stamp on a proposed command (see the module's documentation).
-    pub fn now_ms(&self) -> u64 {
-        let mut offsets = vec![0i64];
+    /// The time to stamp on a command proposed by `me`: the median of the clocks of the
+    /// `voters` (this member's own, if it is one, and those heard from recently).
+    pub fn now_ms(&self, me: u64, voters: &[u64]) -> u64 {
+        let own = self.local_ms();
+        let mut clocks = Vec::with_capacity(voters.len());
+        if voters.contains(&me) || voters.is_empty() {
+            clocks.push(own);
+        }
         {
             let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-            offsets.extend(peers.values().filter(|(_, at)| at.elapsed() < FRESH).map(|(o, _)| *o));
+            for v in voters.iter().filter(|v| **v != me) {
+                if let Some((ms, at)) = peers.get(v) {
+                    let age = at.elapsed();
+                    if age < FRESH {
+                        clocks.push(ms.saturating_add(age.as_millis() as u64));
+                    }
+                }
+            }
         }
-        offsets.sort_unstable();
+        if clocks.is_empty() {
+            return own;
+        }
+        clocks.sort_unstable();
         // The median of an odd count; of an even count, the lower middle.
-        let offset = offsets[(offsets.len() - 1) / 2];
-        (self.local_ms() as i64).saturating_add(offset).max(0) as u64
+        clocks[(clocks.len() - 1) / 2]
     }
 }
 
@@ -66,27 +81,43 @@ impl ReplicaClock {
 mod tests {
     use super::*;
 
+    const HOUR: u64 = 3_600_000;
+
     #[test]
     fn one_wrong_clock_of_three_is_outvoted() {
-        let hour = 3_600_000u64;
+        let voters = [1, 2, 3];
         // This member is an hour ahead; both peers are right.
-        let ahead = ReplicaClock::new(hour as i64);
+        let ahead = ReplicaClock::new(HOUR as i64);
         let right = ReplicaClock::new(0);
         ahead.observe(2, right.local_ms());
         ahead.observe(3, right.local_ms());
-        let diff = ahead.now_ms().abs_diff(right.local_ms());
+        let diff = ahead.now_ms(1, &voters).abs_diff(right.local_ms());
         assert!(diff < 1_000, "off by {diff} ms");
         // A peer an hour ahead is outvoted too.
         let me = ReplicaClock::new(0);
-        me.observe(2, me.local_ms() + hour);
+        me.observe(2, me.local_ms() + HOUR);
         me.observe(3, me.local_ms());
-        assert!(me.now_ms().abs_diff(me.local_ms()) < 1_000);
+        assert!(me.now_ms(1, &voters).abs_diff(me.local_ms()) < 1_000);
         // Two clocks known: the earlier one.
         let two = ReplicaClock::new(0);
-        two.observe(2, two.local_ms() + hour);
-        assert!(two.now_ms().abs_diff(two.local_ms()) < 1_000);
+        two.observe(2, two.local_ms() + HOUR);
+        assert!(two.now_ms(1, &voters).abs_diff(two.local_ms()) < 1_000);
         let behind = ReplicaClock::new(0);
-        behind.observe(2, behind.local_ms() - hour);
-        assert!(behind.now_ms().abs_diff(behind.local_ms() - hour) < 1_000);
+        behind.observe(2, behind.local_ms() - HOUR);
+        assert!(behind.now_ms(1, &voters).abs_diff(behind.local_ms() - HOUR) < 1_000);
+    }
+
+    #[test]
+    fn only_voters_count() {
+        // Two learners an hour ahead do not move a three-voter median.
+        let me = ReplicaClock::new(0);
+        me.observe(2, me.local_ms());
+        me.observe(3, me.local_ms());
+        me.observe(4, me.local_ms() + HOUR);
+        me.observe(5, me.local_ms() + HOUR);
+        assert!(me.now_ms(1, &[1, 2, 3]).abs_diff(me.local_ms()) < 1_000);
+        // With them as voters, they would.
+        assert!(me.now_ms(1, &[1, 2, 3, 4, 5]).abs_diff(me.local_ms()) < 1_000);
+        assert!(me.now_ms(1, &[1, 4, 5]).abs_diff(me.local_ms() + HOUR) < 1_000);
     }
 }

@@ -33,7 +33,7 @@ pub async fn run(ctx: Arc<NodeCtx>, mut stop: tokio::sync::broadcast::Receiver<(
                     db: db.clone(),
                     op: WriteOp::BuildIndex { coll: coll.clone(), name: name.clone() },
                     idempotency_key: None,
-                    ts_ms: ctx.clock.now_ms(),
+                    ts_ms: ctx.command_time(),
                     route_epoch: None,
                     request_hash: None,
                 };

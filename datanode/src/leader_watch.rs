@@ -6,12 +6,13 @@
 //! crashed would make failover slow, so every follower also checks the leader's Raft port
 //! each heartbeat interval. A port that refuses connections twice in a row means the process
 //! is gone (a machine or network that is gone times out instead, and is left to the
-//! election timeout). Then the voter with the smallest id other than the leader stands for
-//! election at once, and every other follower drops the dead leader's lease (openraft's
-//! leadership-transfer message, as the dead leader would have sent), so it grants the vote,
-//! if the candidate's log is as complete as its own, without waiting for the timeout. If it
-//! is not elected within a few intervals (its log was behind), the next voter by id stands,
-//! and so on; the ordinary election timeout remains the last resort.
+//! election timeout). Then the follower drops the dead leader's lease (openraft's
+//! leadership-transfer message, as the dead leader would have sent, addressed to no one), so
+//! it grants a vote without waiting for the timeout, and the voters other than the dead
+//! leader stand in turn, by id, each for a few intervals, with a pre-vote first: the term
+//! rises once, when a majority (the others having dropped the lease too) would elect the
+//! candidate, whose log must be as complete as theirs. A successor whose log is behind gives
+//! way to the next; the ordinary election timeout remains the last resort.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 const STAND_TICKS: u64 = 3;
 /// After this many intervals without a new leader, the ordinary election timeout takes over.
 const GIVE_UP_TICKS: u64 = 30;
+/// The target of the lease-dropping message: no member, so no one is told to stand.
+const NO_MEMBER: u64 = u64::MAX;
 
 pub async fn run(ctx: Arc<NodeCtx>, every: Duration, mut stop: tokio::sync::broadcast::Receiver<()>) {
     let mut refused = 0u32;
@@ -46,14 +49,18 @@ pub async fn run(ctx: Arc<NodeCtx>, every: Duration, mut stop: tokio::sync::broa
         let membership = m.membership_config.membership().clone();
         let voters: Vec<u64> = membership.voter_ids().collect();
         if let Some((leader, ticks)) = dead.as_mut() {
-            *ticks += 1;
             let replaced = m.current_leader.is_some_and(|l| l != *leader);
-            let rank = rank(&voters, *leader, ctx.id);
             if replaced || m.state == ServerState::Leader || *ticks > GIVE_UP_TICKS {
                 dead = None;
-            } else if rank.is_some_and(|r| *ticks / STAND_TICKS == r) {
+                continue;
+            }
+            // One candidate at a time; a member already campaigning is left to finish.
+            if rank(&voters, *leader, ctx.id).is_some_and(|r| *ticks / STAND_TICKS == r)
+                && m.state == ServerState::Follower
+            {
                 stand(&ctx).await;
             }
+            *ticks += 1;
             continue;
         }
         let Some(leader) = m.current_leader.filter(|l| *l != ctx.id && voters.contains(&ctx.id)) else {
@@ -75,24 +82,24 @@ pub async fn run(ctx: Arc<NodeCtx>, every: Duration, mut stop: tokio::sync::broa
         refused = 0;
         tracing::warn!(leader, "the leader's Raft port refuses connections: electing its successor");
         metrics::counter!("nimbus_raft_dead_leader_detected_total").increment(1);
-        dead = Some((leader, 0));
-        // Drop the dead leader's lease, so that a successor's vote request is granted now
-        // rather than after the election timeout (the message the leader would have sent).
-        let first = rank_holder(&voters, leader, 0);
-        let req = TransferLeaderRequest::new(m.vote, first.unwrap_or(ctx.id), None);
-        if first != Some(ctx.id)
-            && let Err(e) = ctx.raft.handle_transfer_leader(req).await
-        {
+        // Drop the dead leader's lease (the message the leader would have sent, addressed to
+        // no one), so that this member takes part in an election now rather than after the
+        // election timeout. The vote must still be the dead leader's: a member that heard
+        // of a newer leader meanwhile keeps its lease.
+        let req = TransferLeaderRequest::new(m.vote, NO_MEMBER, None);
+        if let Err(e) = ctx.raft.handle_transfer_leader(req).await {
             tracing::warn!(error = %e, "dropping the dead leader's lease failed");
         }
-        if first == Some(ctx.id) {
-            stand(&ctx).await;
-        }
+        dead = Some((leader, 0));
     }
 }
 
+/// Stands for election with a pre-vote first: the term rises only if a majority would vote
+/// for this member, so a member with a stale view of the leader cannot depose a live one (its
+/// followers, still hearing from it, keep their lease and refuse), and a failed attempt
+/// costs nothing.
 async fn stand(ctx: &NodeCtx) {
-    if let Err(e) = ctx.raft.trigger().elect(false).await {
+    if let Err(e) = ctx.raft.trigger().elect(true).await {
         tracing::warn!(error = %e, "election after the leader's death failed to start");
     }
 }
@@ -105,12 +112,6 @@ fn rank(voters: &[u64], leader: u64, me: u64) -> Option<u64> {
     let mut others: Vec<u64> = voters.iter().copied().filter(|v| *v != leader).collect();
     others.sort_unstable();
     others.iter().position(|v| *v == me).map(|p| p as u64)
-}
-
-fn rank_holder(voters: &[u64], leader: u64, rank: usize) -> Option<u64> {
-    let mut others: Vec<u64> = voters.iter().copied().filter(|v| *v != leader).collect();
-    others.sort_unstable();
-    others.get(rank).copied()
 }
 
 /// `host:port` of a base URL such as `http://127.0.0.1:7001/`.

@@ -1,6 +1,7 @@
 //! Starting a datanode: storage, Raft, the two HTTP servers; and the context its handlers
 //! share.
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,14 @@ pub struct NodeCtx {
 }
 
 impl NodeCtx {
+    /// The time to stamp on a command this member proposes: the median of the voters'
+    /// clocks (`crate::clock`).
+    pub fn command_time(&self) -> u64 {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        self.clock.now_ms(self.id, &voters)
+    }
+
     /// Sets the gauges that mirror Raft's and RocksDB's state, just before a scrape.
     pub fn refresh_gauges(&self) {
         let status = server::admin::status_of(self);

@@ -112,3 +112,18 @@ fn the_catalog_survives_a_reopen() {
     assert_eq!(indexes[0].name, "x_-1");
     assert!(indexes[0].unique);
 }
+
+/// One entry stamped a day ahead moves the replica set's clock for good (it never goes
+/// back), but idempotency windows go by each command's own time: a retry a minute after its
+/// write is still answered from the record, not applied again.
+#[test]
+fn one_entry_from_the_future_does_not_expire_idempotency_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path(), EngineOptions::default()).unwrap();
+    let t = 1_800_000_000_000u64;
+    let first = apply(&engine, 1, t, Some("k"), insert(1)).unwrap();
+    apply(&engine, 2, t + 86_400_000, None, insert(2)).unwrap();
+    assert_eq!(engine.clock_ms(), t + 86_400_000);
+    assert_eq!(apply(&engine, 3, t + 60_000, Some("k"), insert(1)).unwrap(), first);
+    assert_eq!(engine.list_collections("d")[0].documents, 2);
+}

@@ -218,7 +218,7 @@ async fn checksum_marker(State(ctx): Ctx, JsonBody(req): JsonBody<ChecksumReques
         db: db.into_string(),
         op: crate::store::WriteOp::Checksum,
         idempotency_key: None,
-        ts_ms: ctx.clock.now_ms(),
+        ts_ms: ctx.command_time(),
         route_epoch: None,
         request_hash: None,
     };
@@ -258,7 +258,7 @@ async fn set_route_epoch(State(ctx): Ctx, JsonBody(req): JsonBody<SetRouteEpochR
         db: db.into_string(),
         op: crate::store::WriteOp::SetRouteEpoch { epoch: req.epoch },
         idempotency_key: None,
-        ts_ms: ctx.clock.now_ms(),
+        ts_ms: ctx.command_time(),
         route_epoch: None,
         request_hash: None,
     };

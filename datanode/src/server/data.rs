@@ -129,7 +129,7 @@ async fn write(ctx: &NodeCtx, env: &Envelope, op: WriteOp) -> Result<WriteAnswer
         db: env.db.to_string(),
         op,
         idempotency_key: idempotency_key(&env.headers)?,
-        ts_ms: ctx.clock.now_ms(),
+        ts_ms: ctx.command_time(),
         route_epoch: Some(env.epoch),
         request_hash: env.request_hash.clone(),
     };

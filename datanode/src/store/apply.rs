@@ -92,7 +92,10 @@ impl Engine {
             && let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_IDEM), ik)?
         {
             let rec: IdemRecord = decode("idempotency record", &bytes)?;
-            if ts_ms < rec.ts_ms.saturating_add(self.options.idempotency_ttl.as_millis() as u64) {
+            // The window is measured with the commands' own times, not the replica set's
+            // clock: one entry stamped far ahead (clocks of a majority wrong at once) moves
+            // the clock for good, and would otherwise expire every key at once.
+            if cmd.ts_ms < rec.ts_ms.saturating_add(self.options.idempotency_ttl.as_millis() as u64) {
                 if rec.request_hash.is_some() && cmd.request_hash.is_some() && rec.request_hash != cmd.request_hash {
                     let key = cmd.idempotency_key.as_deref().unwrap_or_default();
                     return Ok((
@@ -135,12 +138,14 @@ impl Engine {
             Err(Refusal::Store(e)) => return Err(e),
         };
         if let Some(ik) = idem {
-            let rec = IdemRecord { ts_ms, result: result.clone(), request_hash: cmd.request_hash.clone() };
+            let rec = IdemRecord { ts_ms: cmd.ts_ms, result: result.clone(), request_hash: cmd.request_hash.clone() };
             ctx.batch.put_cf(self.cf(CF_IDEM), &ik, encode(&rec));
-            ctx.batch.put_cf(self.cf(CF_IDEM_TTL), keys::idem_ttl_key(ts_ms, &ik), b"");
+            ctx.batch.put_cf(self.cf(CF_IDEM_TTL), keys::idem_ttl_key(cmd.ts_ms, &ik), b"");
         }
         if index.is_multiple_of(GC_EVERY) {
-            self.collect_garbage(ctx.batch, ts_ms, index)?;
+            // Retention too goes by the command's own time (see above), so a time far ahead
+            // removes what is past retention once, not on every later collection.
+            self.collect_garbage(ctx.batch, cmd.ts_ms, index)?;
         }
         self.advance_clock(ctx.batch, ts_ms);
         Ok((result, ctx.delta))
