@@ -15,7 +15,7 @@ use nimbus_datanode::clock::ReplicaClock;
 use nimbus_datanode::node::NodeCtx;
 use nimbus_datanode::raft::log_store::LogStore;
 use nimbus_datanode::raft::network::{ChunkHook, Network};
-use nimbus_datanode::raft::state_machine::{SmShared, StateMachine};
+use nimbus_datanode::raft::state_machine::{InstallHook, InstallStep, SmShared, StateMachine};
 use nimbus_datanode::raft::{NodeInfo, Raft};
 use nimbus_datanode::store::engine::EngineOptions;
 use nimbus_datanode::store::{Command, WriteOp};
@@ -24,6 +24,15 @@ use openraft::{Config as RaftConfig, SnapshotPolicy};
 use serde_json::{Value, json};
 
 const SECRET: &str = "snapshot-transfer-test-secret-0123456789";
+
+/// What a test does to a member: its chunks in transit, its installs, how long it waits
+/// for an install call.
+#[derive(Default)]
+struct Hooks {
+    chunk: Option<ChunkHook>,
+    install: Option<InstallHook>,
+    install_timeout: Option<Duration>,
+}
 
 /// One member: its Raft, its state machine, and its Raft RPCs served on a port of its own.
 struct Member {
@@ -36,17 +45,23 @@ struct Member {
 }
 
 impl Member {
-    async fn start(id: u64, dir: &Path, hook: Option<ChunkHook>) -> Member {
+    async fn start(id: u64, dir: &Path, hooks: Hooks) -> Member {
         let log = LogStore::open(&dir.join("raft")).unwrap();
-        let sm = StateMachine::open(dir, EngineOptions::default()).unwrap();
+        let mut sm = StateMachine::open(dir, EngineOptions::default()).unwrap();
+        if let Some(hook) = hooks.install {
+            sm = sm.with_install_hook(hook);
+        }
         let shared = sm.shared();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let secret = nimbus_net::ClusterSecret::parse(SECRET).unwrap();
         let clock = Arc::new(ReplicaClock::new(0));
         let mut network = Network::new(Duration::from_secs(1), 64 << 20, clock.clone(), &secret);
-        if let Some(hook) = hook {
+        if let Some(hook) = hooks.chunk {
             network = network.with_chunk_hook(hook);
+        }
+        if let Some(t) = hooks.install_timeout {
+            network = network.with_install_timeout(t);
         }
         let config = RaftConfig {
             heartbeat_interval: 100,
@@ -127,8 +142,8 @@ fn insert(id: u64) -> Command {
 }
 
 /// A one-member replica set holding documents `0..n`, its log purged behind a snapshot.
-async fn leader_with_purged_log(dir: &Path, n: u64, hook: Option<ChunkHook>) -> Member {
-    let leader = Member::start(1, dir, hook).await;
+async fn leader_with_purged_log(dir: &Path, n: u64, hooks: Hooks) -> Member {
+    let leader = Member::start(1, dir, hooks).await;
     leader.raft.initialize(BTreeMap::from([(1, leader.info.clone())])).await.unwrap();
     leader.raft.wait(Some(Duration::from_secs(10))).state(openraft::ServerState::Leader, "leader").await.unwrap();
     for id in 0..n {
@@ -191,8 +206,13 @@ async fn a_snapshot_corrupted_in_transit_is_refused_and_sent_again() {
     let tmp = tempfile::tempdir().unwrap();
     let corruptor = Arc::new(Corruptor::default());
     let n = 300;
-    let leader = leader_with_purged_log(&tmp.path().join("n1"), n, Some(corruptor.hook())).await;
-    let learner = Member::start(2, &tmp.path().join("n2"), None).await;
+    let leader = leader_with_purged_log(
+        &tmp.path().join("n1"),
+        n,
+        Hooks { chunk: Some(corruptor.hook()), ..Default::default() },
+    )
+    .await;
+    let learner = Member::start(2, &tmp.path().join("n2"), Hooks::default()).await;
     leader.raft.add_learner(learner.id, learner.info.clone(), false).await.unwrap();
 
     let target = leader.raft.metrics().borrow_watched().last_log_index;
@@ -225,7 +245,7 @@ async fn a_snapshot_corrupted_in_transit_is_refused_and_sent_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_transfer_removes_an_abandoned_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let member = Member::start(1, &tmp.path().join("n1"), None).await;
+    let member = Member::start(1, &tmp.path().join("n1"), Hooks::default()).await;
     let client = reqwest::Client::new();
     let chunk = |transfer: &str, offset: u64| {
         let url = format!("{}/raft/snapshot/{transfer}/000009.sst?offset={offset}", member.info.raft_addr);
@@ -242,4 +262,83 @@ async fn a_new_transfer_removes_an_abandoned_one() {
     assert!(!chunk("aaaa", 2000).await.unwrap().status().is_success());
     assert_eq!(member.leftover_transfers(), vec!["bbbb".to_owned()]);
     member.stop().await;
+}
+
+/// Counts the transfers a leader starts: the sends of the first chunk of the first file.
+#[derive(Default)]
+struct TransferCounter {
+    first_file: Mutex<Option<String>>,
+    started: AtomicUsize,
+}
+
+impl TransferCounter {
+    fn hook(self: &Arc<Self>) -> ChunkHook {
+        let me = self.clone();
+        Arc::new(move |file: &str, offset: u64, _: &mut [u8]| {
+            let mut first = me.first_file.lock().unwrap();
+            if offset == 0 && first.get_or_insert_with(|| file.to_owned()) == file {
+                me.started.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    }
+}
+
+/// The leader stops waiting for its install call (a short timeout: a slow receiver, a
+/// dropped connection) while the learner is still installing, and sends the snapshot
+/// again. The install its sender gave up on must finish undisturbed: the new transfer may
+/// not remove the files it is installing from, and the learner must not stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_install_its_sender_gave_up_on_finishes_before_a_new_transfer_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let transfers = Arc::new(TransferCounter::default());
+    let n = 300;
+    let leader_hooks = Hooks {
+        chunk: Some(transfers.hook()),
+        install_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let leader = leader_with_purged_log(&tmp.path().join("n1"), n, leader_hooks).await;
+    // The learner's first install stalls after staging the new generation, long after the
+    // leader stopped waiting for it.
+    let stalled = Arc::new(AtomicUsize::new(0));
+    let stall = stalled.clone();
+    let install: InstallHook = Arc::new(move |step: InstallStep| {
+        if step == InstallStep::Staged && stall.fetch_add(1, Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    let learner =
+        Member::start(2, &tmp.path().join("n2"), Hooks { install: Some(install), ..Default::default() }).await;
+    leader.raft.add_learner(learner.id, learner.info.clone(), false).await.unwrap();
+
+    let target = leader.raft.metrics().borrow_watched().last_log_index;
+    poll("the learner to catch up through a snapshot", Duration::from_secs(60), || {
+        let m = learner.raft.metrics().borrow_watched().clone();
+        assert!(m.running_state.is_ok(), "the learner stopped: {:?}", m.running_state);
+        (m.last_applied.map(|l| l.index()) >= target).then_some(())
+    })
+    .await;
+    // A new transfer started while the first install was stalled (the leader's call had
+    // timed out), and was kept waiting until that install was done.
+    poll("the leader to send the snapshot again", Duration::from_secs(10), || {
+        (transfers.started.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    assert!(stalled.load(Ordering::SeqCst) >= 1, "no install was stalled");
+
+    let ids: Vec<u64> = (0..n).collect();
+    let (docs, oplog) = learner.contents(&ids);
+    assert_eq!((docs.clone(), oplog.clone()), leader.contents(&ids), "the learner differs from the leader");
+    assert!(docs.iter().all(Option::is_some));
+    leader.raft.client_write(insert(n)).await.unwrap();
+    poll("the write after the snapshot on the learner", Duration::from_secs(10), || {
+        learner.sm.engine().get("app", "items", &json!(n)).unwrap()
+    })
+    .await;
+    let m = learner.raft.metrics().borrow_watched().clone();
+    assert!(m.running_state.is_ok(), "the learner stopped: {:?}", m.running_state);
+    poll("no transfer left behind", Duration::from_secs(10), || learner.leftover_transfers().is_empty().then_some(()))
+        .await;
+    learner.stop().await;
+    leader.stop().await;
 }

@@ -4,6 +4,13 @@
 //! the SHA-256 of the bytes the sender read (the receiver checks them before it installs;
 //! see [`super::transfer`]). Any refusal is a network error to openraft, which sends the
 //! snapshot again as a new transfer.
+//!
+//! The install call waits for the receiver's Raft to install the snapshot. It is given
+//! [`INSTALL_TIMEOUT`] and one more second for every [`INSTALL_BYTES_PER_SEC`] bytes of the
+//! snapshot (the receiver checked and synced each chunk as it came, but the install still
+//! copies and links the files and RocksDB opens them). A call that times out all the same
+//! leaves the install running on the receiver; the snapshot is sent again, and the
+//! receiver keeps the new transfer waiting until the first install is done.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +37,18 @@ type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDat
 /// Largest piece of a snapshot file sent in one request.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
+/// The least time an install call is given.
+pub const INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The slowest install an install call waits for, in bytes of snapshot per second, on top
+/// of [`INSTALL_TIMEOUT`].
+pub const INSTALL_BYTES_PER_SEC: u64 = 8 * 1024 * 1024;
+
+/// How long an install call of a snapshot of `bytes` bytes waits, at least `base`.
+pub fn install_timeout(base: Duration, bytes: u64) -> Duration {
+    base.saturating_add(Duration::from_secs(bytes / INSTALL_BYTES_PER_SEC))
+}
+
 /// Body of `POST /raft/snapshot/{transfer}/install`.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct InstallSnapshot {
@@ -53,6 +72,7 @@ pub struct Network {
     max_append_bytes: usize,
     clock: Arc<ReplicaClock>,
     chunk_hook: Option<ChunkHook>,
+    install_timeout: Duration,
 }
 
 impl Network {
@@ -72,13 +92,21 @@ impl Network {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
-        Network { client, append_timeout, max_append_bytes, clock, chunk_hook: None }
+        Network { client, append_timeout, max_append_bytes, clock, chunk_hook: None, install_timeout: INSTALL_TIMEOUT }
     }
 
     /// Passes every snapshot chunk sent through `hook` (tests: corruption in transit).
     #[doc(hidden)]
     pub fn with_chunk_hook(mut self, hook: ChunkHook) -> Network {
         self.chunk_hook = Some(hook);
+        self
+    }
+
+    /// Gives install calls `base` instead of [`INSTALL_TIMEOUT`] (tests: a sender that
+    /// gives up early).
+    #[doc(hidden)]
+    pub fn with_install_timeout(mut self, base: Duration) -> Network {
+        self.install_timeout = base;
         self
     }
 }
@@ -95,6 +123,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             max_append_bytes: self.max_append_bytes,
             clock: self.clock.clone(),
             chunk_hook: self.chunk_hook.clone(),
+            install_timeout: self.install_timeout,
         }
     }
 }
@@ -119,6 +148,8 @@ pub struct Peer {
     max_append_bytes: usize,
     clock: Arc<ReplicaClock>,
     chunk_hook: Option<ChunkHook>,
+    /// The least time an install call is given (see [`install_timeout`]).
+    install_timeout: Duration,
 }
 
 /// The first entries of `entries` whose JSON fits in `budget` bytes: at least one.
@@ -230,10 +261,11 @@ impl Peer {
             }
             digests.push(hasher.finish());
         }
+        let bytes = digests.iter().map(|d| d.size).sum();
         let req = InstallSnapshot { vote, meta: snapshot.meta, files: digests };
         let url = format!("{}/raft/snapshot/{transfer}/install", self.addr);
-        let resp =
-            self.client.post(&url).json(&req).timeout(Duration::from_secs(120)).send().await.map_err(|e| net(&e))?;
+        let ttl = install_timeout(self.install_timeout, bytes);
+        let resp = self.client.post(&url).json(&req).timeout(ttl).send().await.map_err(|e| net(&e))?;
         if !resp.status().is_success() {
             let status = resp.status();
             let why = resp.text().await.unwrap_or_default();
@@ -301,5 +333,17 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.post("transfer-leader", &req, option.hard_ttl()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_install_call_waits_longer_for_a_bigger_snapshot() {
+        assert_eq!(install_timeout(INSTALL_TIMEOUT, 0), INSTALL_TIMEOUT);
+        assert_eq!(install_timeout(INSTALL_TIMEOUT, 1024 * 1024), INSTALL_TIMEOUT);
+        assert_eq!(install_timeout(INSTALL_TIMEOUT, 8 << 30), INSTALL_TIMEOUT + Duration::from_secs(1024));
     }
 }

@@ -9,25 +9,30 @@
 //! - **One transfer at a time.** A member follows one leader, and openraft sends one
 //!   snapshot at a time to a member; a transfer that starts while another is staged means
 //!   the other was abandoned (its sender crashed, timed out, or lost its leadership), so it
-//!   is removed then. `DIR/incoming` is emptied at startup too. A chunk of a removed
-//!   transfer is refused, and its sender starts over.
-//! - **Verified and durable before Raft sees it.** Before the snapshot is handed to
-//!   openraft, every file is read back, hashed and fsynced, and the transfer directory
-//!   fsynced. A missing, short, unlisted or mismatching file refuses the transfer with an
-//!   error its sender's openraft retries (a network error): it never reaches the state
-//!   machine, where any error stops the member.
-//!
-//! The staging area is behind one lock, held from a transfer's verification until Raft has
-//! installed it, so a new transfer cannot remove one being installed.
+//!   is removed then. `DIR/incoming` is emptied at startup too. A chunk of a transfer that
+//!   ended here (installed, refused or removed) is refused, whatever its offset, and its
+//!   sender starts over.
+//! - **Checked as it arrives.** Each chunk is appended, fsynced and fed to its file's
+//!   SHA-256, kept here with the transfer: the install call compares the sums, it does not
+//!   read the snapshot again, so what is left to do then does not grow with its size. A
+//!   missing, short, unlisted or mismatching file refuses the transfer with an error its
+//!   sender's openraft retries (a network error): it never reaches the state machine, where
+//!   any error stops the member.
+//! - **Not cut short by its sender.** The staging area is behind one lock, taken as an
+//!   owned guard. A chunk's write and an install (verification, then Raft's install) run
+//!   in a task of their own holding it, not in the request that asked for them: a sender
+//!   that times out or disconnects drops its request, not the work, and a new transfer
+//!   waits for the lock, so it cannot remove files the state machine is still linking.
 
-use std::collections::BTreeSet;
-use std::io::{self, Read};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::snapshot::{META_FILE, is_safe_file_name, sync_dir};
 
@@ -41,6 +46,7 @@ pub struct FileDigest {
 }
 
 /// Computes a [`FileDigest`] over bytes fed in order.
+#[derive(Clone)]
 pub struct FileHasher {
     name: String,
     size: u64,
@@ -55,6 +61,11 @@ impl FileHasher {
     pub fn update(&mut self, bytes: &[u8]) {
         self.size += bytes.len() as u64;
         self.hasher.update(bytes);
+    }
+
+    /// How many bytes were fed.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     pub fn finish(self) -> FileDigest {
@@ -95,7 +106,7 @@ impl std::fmt::Display for TransferId {
 pub enum TransferError {
     #[error("failed to accept snapshot file {0:?}: not a valid file name")]
     BadName(String),
-    #[error("failed to continue snapshot transfer {0}: it is not staged here (abandoned, or replaced by a newer one)")]
+    #[error("failed to continue snapshot transfer {0}: it is not staged here (ended, or replaced by a newer one)")]
     Unknown(TransferId),
     #[error("failed to append to snapshot file {file}: chunk at offset {offset}, but {have} bytes of it are here")]
     OutOfOrder { file: String, offset: u64, have: u64 },
@@ -129,11 +140,37 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Tran
     move |source| TransferError::Io { action, path, source }
 }
 
+/// How many ended transfers are remembered, so that a late chunk of one (a request its
+/// sender gave up on, run after the next transfer started) is refused, not taken for the
+/// start of a transfer.
+const ENDED_KEPT: usize = 64;
+
 /// `DIR/incoming`: snapshot transfers being received.
 #[derive(Debug)]
 pub struct Incoming {
     root: PathBuf,
-    lock: Mutex<()>,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The transfer staged now.
+    current: Option<Staged>,
+    /// The latest transfers that ended here, oldest first.
+    ended: VecDeque<TransferId>,
+}
+
+#[derive(Debug)]
+struct Staged {
+    id: TransferId,
+    /// Every file received so far, with the size and SHA-256 of what was written to it.
+    files: BTreeMap<String, FileHasher>,
+}
+
+impl std::fmt::Debug for FileHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileHasher").field("name", &self.name).field("size", &self.size).finish_non_exhaustive()
+    }
 }
 
 impl Incoming {
@@ -146,85 +183,127 @@ impl Incoming {
             Err(e) => return Err(e),
         }
         std::fs::create_dir_all(&root)?;
-        Ok(Incoming { root, lock: Mutex::new(()) })
+        Ok(Incoming { root, state: Arc::new(Mutex::new(State::default())) })
     }
 
-    /// Exclusive use of the staging area until the returned guard is dropped.
-    pub async fn lock(&self) -> Staging<'_> {
-        Staging { root: &self.root, _guard: self.lock.lock().await }
+    /// Exclusive use of the staging area until the returned guard is dropped. The guard
+    /// owns the lock: it can be moved into a task that outlives the request which took it.
+    pub async fn lock(&self) -> Staging {
+        Staging { root: self.root.clone(), state: self.state.clone().lock_owned().await }
     }
 }
 
 /// The staging area, locked.
-pub struct Staging<'a> {
-    root: &'a Path,
-    _guard: MutexGuard<'a, ()>,
+pub struct Staging {
+    root: PathBuf,
+    state: OwnedMutexGuard<State>,
 }
 
-impl Staging<'_> {
+impl Staging {
     fn dir(&self, transfer: &TransferId) -> PathBuf {
         self.root.join(transfer.as_str())
     }
 
-    /// Appends one chunk of `file` at `offset`. The first chunk of a transfer (offset 0,
-    /// nothing staged under its id) removes every other transfer.
+    fn staged(&mut self, transfer: &TransferId) -> Option<&mut Staged> {
+        self.state.current.as_mut().filter(|s| &s.id == transfer)
+    }
+
+    /// Appends one chunk of `file` at `offset`, durably, and adds it to the file's SHA-256.
+    /// The first chunk of a transfer (offset 0, a transfer that neither is staged nor
+    /// ended here) removes every other transfer.
     pub async fn write_chunk(
         &mut self,
         transfer: &TransferId,
         file: &str,
         offset: u64,
-        bytes: &[u8],
+        bytes: Bytes,
     ) -> Result<(), TransferError> {
         if !is_safe_file_name(file) || file == META_FILE {
             return Err(TransferError::BadName(file.to_owned()));
         }
         let dir = self.dir(transfer);
-        if !tokio::fs::try_exists(&dir).await.map_err(io_error("look for", &dir))? {
-            if offset != 0 {
+        if self.staged(transfer).is_none() {
+            if offset != 0 || self.state.ended.contains(transfer) {
                 return Err(TransferError::Unknown(transfer.clone()));
             }
             self.remove_all().await?;
             tokio::fs::create_dir(&dir).await.map_err(io_error("create", &dir))?;
+            self.state.current = Some(Staged { id: transfer.clone(), files: BTreeMap::new() });
             tracing::info!(transfer = %transfer, "snapshot transfer started");
         }
-        let path = dir.join(file);
-        let have = match tokio::fs::metadata(&path).await {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(io_error("read the size of", &path)(e)),
-        };
-        if have != offset {
+        let Some(staged) = self.staged(transfer) else { return Err(TransferError::Unknown(transfer.clone())) };
+        let hasher = staged.files.remove(file).unwrap_or_else(|| FileHasher::new(file));
+        if hasher.size() != offset {
+            let have = hasher.size();
+            staged.files.insert(file.to_owned(), hasher);
             return Err(TransferError::OutOfOrder { file: file.to_owned(), offset, have });
         }
-        let mut f = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
+        let path = dir.join(file);
+        let written = tokio::task::spawn_blocking(move || append_synced(&path, hasher, &bytes))
             .await
-            .map_err(io_error("open", &path))?;
-        f.write_all(bytes).await.map_err(io_error("write", &path))?;
-        f.flush().await.map_err(io_error("write", &path))?;
-        Ok(())
+            .unwrap_or_else(|e| Err(io_error("append to", &dir.join(file))(io::Error::other(e))));
+        match written {
+            Ok(hasher) => {
+                if let Some(staged) = self.staged(transfer) {
+                    staged.files.insert(file.to_owned(), hasher);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // What the file holds is not known any more: the sender starts over.
+                self.remove(transfer).await;
+                Err(e)
+            }
+        }
     }
 
     /// Checks that the transfer holds exactly `files`, each of the size and SHA-256 its
-    /// sender read, and makes it durable (every file and the directory fsynced). Answers
-    /// the directory, ready to install.
+    /// sender read (against the sums taken as the chunks arrived: nothing is read again),
+    /// and makes it durable (the files, whose chunks were synced as they came, and the
+    /// directory). Answers the directory, ready to install.
     pub async fn verify(&mut self, transfer: &TransferId, files: &[FileDigest]) -> Result<PathBuf, TransferError> {
         let dir = self.dir(transfer);
-        if !tokio::fs::try_exists(&dir).await.map_err(io_error("look for", &dir))? {
-            return Err(TransferError::Unknown(transfer.clone()));
+        let Some(staged) = self.staged(transfer) else { return Err(TransferError::Unknown(transfer.clone())) };
+        let mut listed = BTreeSet::new();
+        for f in files {
+            if !is_safe_file_name(&f.name) || f.name == META_FILE {
+                return Err(TransferError::BadName(f.name.clone()));
+            }
+            listed.insert(f.name.as_str());
         }
-        let files = files.to_vec();
+        if let Some(name) = staged.files.keys().find(|name| !listed.contains(name.as_str())) {
+            return Err(TransferError::Unlisted(name.clone()));
+        }
+        for want in files {
+            let Some(got) = staged.files.get(&want.name) else {
+                return Err(TransferError::Incomplete { file: want.name.clone(), want: want.size, got: 0 });
+            };
+            let got = got.clone().finish();
+            if got.size != want.size {
+                return Err(TransferError::Incomplete { file: want.name.clone(), want: want.size, got: got.size });
+            }
+            if got.sha256 != want.sha256 {
+                return Err(TransferError::ChecksumMismatch {
+                    file: want.name.clone(),
+                    want: want.sha256.clone(),
+                    got: got.sha256,
+                });
+            }
+        }
+        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
         let checked = dir.clone();
-        tokio::task::spawn_blocking(move || verify_dir(&checked, &files))
+        tokio::task::spawn_blocking(move || sync_transfer(&checked, &names))
             .await
-            .map_err(|e| io_error("verify", &dir)(io::Error::other(e)))??;
+            .unwrap_or_else(|e| Err(io_error("sync", &dir)(io::Error::other(e))))?;
         Ok(dir)
     }
 
-    /// Removes one transfer (installed, refused, or stale).
+    /// Removes one transfer (installed, refused, or stale); a late chunk of it is refused.
     pub async fn remove(&mut self, transfer: &TransferId) {
+        if self.staged(transfer).is_some() {
+            self.state.current = None;
+        }
+        self.ended(transfer.clone());
         let dir = self.dir(transfer);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
             && e.kind() != io::ErrorKind::NotFound
@@ -233,9 +312,22 @@ impl Staging<'_> {
         }
     }
 
+    fn ended(&mut self, transfer: TransferId) {
+        if !self.state.ended.contains(&transfer) {
+            if self.state.ended.len() >= ENDED_KEPT {
+                self.state.ended.pop_front();
+            }
+            self.state.ended.push_back(transfer);
+        }
+    }
+
     async fn remove_all(&mut self) -> Result<(), TransferError> {
-        let mut entries = tokio::fs::read_dir(self.root).await.map_err(io_error("list", self.root))?;
-        while let Some(e) = entries.next_entry().await.map_err(io_error("list", self.root))? {
+        if let Some(staged) = self.state.current.take() {
+            self.ended(staged.id);
+        }
+        let root = self.root.clone();
+        let mut entries = tokio::fs::read_dir(&root).await.map_err(io_error("list", &root))?;
+        while let Some(e) = entries.next_entry().await.map_err(io_error("list", &root))? {
             let path = e.path();
             let removed = if e.file_type().await.map_err(io_error("inspect", &path))?.is_dir() {
                 tokio::fs::remove_dir_all(&path).await
@@ -250,51 +342,30 @@ impl Staging<'_> {
     }
 }
 
-/// [`Staging::verify`]'s work, on a blocking thread: it reads the whole snapshot.
-fn verify_dir(dir: &Path, files: &[FileDigest]) -> Result<(), TransferError> {
-    let mut listed = BTreeSet::new();
-    for f in files {
-        if !is_safe_file_name(&f.name) || f.name == META_FILE {
-            return Err(TransferError::BadName(f.name.clone()));
-        }
-        listed.insert(f.name.as_str());
+/// [`Staging::write_chunk`]'s work, on a blocking thread: appends `bytes` to `path`, which
+/// must hold exactly what `hasher` was fed, syncs it, and answers the hasher fed `bytes`.
+fn append_synced(path: &Path, mut hasher: FileHasher, bytes: &[u8]) -> Result<FileHasher, TransferError> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io_error("open", path))?;
+    let have = f.metadata().map_err(io_error("read the size of", path))?.len();
+    if have != hasher.size() {
+        return Err(io_error("append to", path)(io::Error::other(format!(
+            "it holds {have} bytes, {} were received",
+            hasher.size()
+        ))));
     }
-    for e in std::fs::read_dir(dir).map_err(io_error("list", dir))? {
-        let name = e.map_err(io_error("list", dir))?.file_name().to_string_lossy().into_owned();
-        if !listed.contains(name.as_str()) {
-            return Err(TransferError::Unlisted(name));
-        }
-    }
-    let mut buf = vec![0u8; 1024 * 1024];
-    for want in files {
-        let path = dir.join(&want.name);
-        let mut f = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(TransferError::Incomplete { file: want.name.clone(), want: want.size, got: 0 });
-            }
-            Err(e) => return Err(io_error("open", &path)(e)),
-        };
-        let mut hasher = FileHasher::new(&want.name);
-        loop {
-            let n = f.read(&mut buf).map_err(io_error("read", &path))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let got = hasher.finish();
-        if got.size != want.size {
-            return Err(TransferError::Incomplete { file: want.name.clone(), want: want.size, got: got.size });
-        }
-        if got.sha256 != want.sha256 {
-            return Err(TransferError::ChecksumMismatch {
-                file: want.name.clone(),
-                want: want.sha256.clone(),
-                got: got.sha256,
-            });
-        }
-        f.sync_all().map_err(io_error("sync", &path))?;
+    f.write_all(bytes).map_err(io_error("write", path))?;
+    // Synced chunk by chunk: the install call then has no backlog of writes to wait for.
+    f.sync_all().map_err(io_error("sync", path))?;
+    hasher.update(bytes);
+    Ok(hasher)
+}
+
+/// [`Staging::verify`]'s work, on a blocking thread: every file of the transfer synced
+/// (each was synced as its chunks came, so this is quick), then the directory.
+fn sync_transfer(dir: &Path, names: &[String]) -> Result<(), TransferError> {
+    for name in names {
+        let path = dir.join(name);
+        std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_error("sync", &path))?;
     }
     sync_dir(dir).map_err(io_error("sync", dir))
 }
@@ -318,7 +389,7 @@ mod tests {
         {
             let mut s = incoming.lock().await;
             for (name, bytes) in files {
-                s.write_chunk(&t, name, 0, bytes).await.unwrap();
+                s.write_chunk(&t, name, 0, Bytes::copy_from_slice(bytes)).await.unwrap();
             }
         }
         (tmp, incoming, t)
@@ -358,14 +429,32 @@ mod tests {
     async fn chunks_must_arrive_in_order_and_for_a_staged_transfer() {
         let (_tmp, incoming, t) = staged(&[("a.sst", b"hello")]).await;
         let mut s = incoming.lock().await;
-        let e = s.write_chunk(&t, "a.sst", 3, b"lo").await.unwrap_err();
+        let e = s.write_chunk(&t, "a.sst", 3, Bytes::from_static(b"lo")).await.unwrap_err();
         assert!(matches!(e, TransferError::OutOfOrder { have: 5, .. }), "{e}");
-        s.write_chunk(&t, "a.sst", 5, b" world").await.unwrap();
+        s.write_chunk(&t, "a.sst", 5, Bytes::from_static(b" world")).await.unwrap();
         let other = TransferId::parse("t2").unwrap();
-        let e = s.write_chunk(&other, "a.sst", 10, b"x").await.unwrap_err();
+        let e = s.write_chunk(&other, "a.sst", 10, Bytes::from_static(b"x")).await.unwrap_err();
         assert!(matches!(e, TransferError::Unknown(_)), "{e}");
-        let e = s.write_chunk(&t, META_FILE, 0, b"{}").await.unwrap_err();
+        let e = s.write_chunk(&t, META_FILE, 0, Bytes::from_static(b"{}")).await.unwrap_err();
         assert!(matches!(e, TransferError::BadName(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_late_chunk_of_an_ended_transfer_does_not_start_it_again() {
+        let (tmp, incoming, t1) = staged(&[("a.sst", b"hello")]).await;
+        let mut s = incoming.lock().await;
+        let t2 = TransferId::parse("t2").unwrap();
+        s.write_chunk(&t2, "a.sst", 0, Bytes::from_static(b"world")).await.unwrap();
+        assert!(!tmp.path().join("incoming/t1").exists(), "the abandoned transfer was kept");
+        // A request of the abandoned transfer, run late: even its first chunk is refused.
+        let e = s.write_chunk(&t1, "a.sst", 0, Bytes::from_static(b"hello")).await.unwrap_err();
+        assert!(matches!(e, TransferError::Unknown(_)), "{e}");
+        assert!(s.verify(&t2, &[digest("a.sst", b"world")]).await.is_ok(), "the new transfer was disturbed");
+        s.remove(&t2).await;
+        let e = s.write_chunk(&t2, "a.sst", 0, Bytes::from_static(b"world")).await.unwrap_err();
+        assert!(matches!(e, TransferError::Unknown(_)), "{e}");
+        let e = s.verify(&t2, &[digest("a.sst", b"world")]).await.unwrap_err();
+        assert!(matches!(e, TransferError::Unknown(_)), "{e}");
     }
 
     #[test]

@@ -16,10 +16,10 @@ use serde::Deserialize;
 use super::parse_json;
 use crate::clock::CLOCK_HEADER;
 use crate::node::NodeCtx;
-use crate::raft::TypeConfig;
 use crate::raft::network::InstallSnapshot;
 use crate::raft::snapshot::SnapshotData;
-use crate::raft::transfer::{TransferError, TransferId};
+use crate::raft::transfer::{Staging, TransferError, TransferId};
+use crate::raft::{Raft, TypeConfig};
 
 pub fn router(ctx: Arc<NodeCtx>) -> Router {
     Router::new()
@@ -98,7 +98,9 @@ fn refused(transfer: &TransferId, e: &TransferError) -> Response {
 }
 
 /// Appends one chunk of one snapshot file; chunks of a file arrive in order. The first
-/// chunk of a new transfer removes any other (abandoned) one.
+/// chunk of a new transfer removes any other (abandoned) one. The write runs in a task of
+/// its own, holding the staging area: a request dropped by its sender does not stop it
+/// between the write and the file's checksum.
 async fn snapshot_chunk(
     State(ctx): State<Arc<NodeCtx>>,
     Path((transfer, file)): Path<(String, String)>,
@@ -107,22 +109,34 @@ async fn snapshot_chunk(
 ) -> Response {
     let Some(transfer) = TransferId::parse(&transfer) else { return bad("invalid snapshot transfer id") };
     let mut staging = ctx.sm.incoming().lock().await;
-    match staging.write_chunk(&transfer, &file, q.offset, &body).await {
-        Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => refused(&transfer, &e),
-    }
+    let task = tokio::spawn(async move {
+        match staging.write_chunk(&transfer, &file, q.offset, body).await {
+            Ok(()) => StatusCode::OK.into_response(),
+            Err(e) => refused(&transfer, &e),
+        }
+    });
+    finished(task.await)
 }
 
 /// Verifies the received files against the sender's checksums, makes them durable and
 /// hands the snapshot to Raft. A transfer that fails verification never reaches Raft.
+///
+/// The work runs in a task of its own that holds the staging area until Raft is done with
+/// the files, whether or not the sender still waits for the answer: Raft's install goes on
+/// when the request is dropped, so its files must stay, and a new transfer (which would
+/// remove them) waits for it.
 async fn install_snapshot(State(ctx): State<Arc<NodeCtx>>, Path(transfer): Path<String>, body: Bytes) -> Response {
     let Some(transfer) = TransferId::parse(&transfer) else { return bad("invalid snapshot transfer id") };
     let req: InstallSnapshot = match parse_json(&body) {
         Ok(r) => r,
         Err(e) => return bad(e.message),
     };
-    // Held until Raft is done with the files: a new transfer must not remove them meanwhile.
-    let mut staging = ctx.sm.incoming().lock().await;
+    let staging = ctx.sm.incoming().lock().await;
+    let raft = ctx.raft.clone();
+    finished(tokio::spawn(install_transfer(raft, staging, transfer, req)).await)
+}
+
+async fn install_transfer(raft: Raft, mut staging: Staging, transfer: TransferId, req: InstallSnapshot) -> Response {
     let dir = match staging.verify(&transfer, &req.files).await {
         Ok(dir) => dir,
         Err(e) => {
@@ -134,8 +148,16 @@ async fn install_snapshot(State(ctx): State<Arc<NodeCtx>>, Path(transfer): Path<
         meta: req.meta,
         snapshot: SnapshotData { dir },
     };
-    let result = ctx.raft.install_full_snapshot(req.vote, snapshot).await;
+    let result = raft.install_full_snapshot(req.vote, snapshot).await;
     // The state machine linked what it keeps; what is left here is done with.
     staging.remove(&transfer).await;
     answer(result)
+}
+
+/// The answer of a task run on a request's behalf.
+fn finished(joined: Result<Response, tokio::task::JoinError>) -> Response {
+    joined.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a snapshot transfer task failed");
+        (StatusCode::INTERNAL_SERVER_ERROR, "snapshot transfer task failed").into_response()
+    })
 }
