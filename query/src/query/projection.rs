@@ -15,6 +15,7 @@ use nimbus_api::ApiError;
 use serde_json::{Map, Value};
 
 use super::filter::Filter;
+use super::pattern::PatternBudget;
 use crate::doc::path::validate_path;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -50,12 +51,14 @@ impl Projection {
         let mut include: Option<bool> = None;
         let mut keep_id = None;
         let mut tree: Tree = Vec::new();
+        // The regular expressions of all the `$elemMatch`es count together.
+        let mut budget = PatternBudget::default();
         for (path, spec) in map {
             validate_path(path).map_err(err)?;
             if path.split('.').any(|p| p.starts_with('$')) {
                 return Err(err(format!("projection of {path:?}: the positional operator is not supported")));
             }
-            let node = parse_node(path, spec)?;
+            let node = parse_node(path, spec, &mut budget)?;
             let mode = match &node {
                 Node::Include | Node::ElemMatch(_) => Some(true),
                 Node::Exclude => Some(false),
@@ -91,7 +94,7 @@ impl Projection {
     }
 }
 
-fn parse_node(path: &str, spec: &Value) -> Result<Node, ApiError> {
+fn parse_node(path: &str, spec: &Value, budget: &mut PatternBudget) -> Result<Node, ApiError> {
     match spec {
         Value::Bool(b) => Ok(if *b { Node::Include } else { Node::Exclude }),
         Value::Number(n) => Ok(if n.as_f64() == Some(0.0) { Node::Exclude } else { Node::Include }),
@@ -100,7 +103,7 @@ fn parse_node(path: &str, spec: &Value) -> Result<Node, ApiError> {
             if path.contains('.') {
                 return Err(err(format!("$elemMatch projection of {path:?}: only top-level fields")));
             }
-            let f = Filter::parse(Some(&m["$elemMatch"])).map_err(|e| err(e.message))?;
+            let f = Filter::parse_with(Some(&m["$elemMatch"]), budget).map_err(|e| err(e.message))?;
             Ok(Node::ElemMatch(Box::new(f)))
         }
         _ => Err(err(format!(
@@ -289,6 +292,16 @@ mod tests {
         assert_eq!(p(json!({"s": {"$slice": 1}}), d.clone())["s"], json!("x"));
         assert_eq!(p(json!({"o": {"$elemMatch": {"k": 2}}}), d.clone()), json!({"_id": 1, "o": [{"k": 2}]}));
         assert_eq!(p(json!({"o": {"$elemMatch": {"k": 9}}}), d), json!({"_id": 1}));
+    }
+
+    #[test]
+    fn the_elem_matches_of_a_projection_hold_64_regular_expressions_in_all() {
+        let res = |from: usize| (from..from + 40).map(|i| json!({"$regex": format!("^{i}$")})).collect::<Vec<_>>();
+        let one = |from: usize| json!({"$elemMatch": {"$or": res(from).into_iter().map(|r| json!({"k": r})).collect::<Vec<_>>()}});
+        assert!(Projection::parse(Some(&json!({"a": one(0)}))).is_ok());
+        let e = Projection::parse(Some(&json!({"a": one(0), "b": one(40)}))).unwrap_err();
+        assert_eq!(e.code, nimbus_api::ErrorCode::BadRequest);
+        assert!(e.message.contains("more than 64 regular expressions"), "{}", e.message);
     }
 
     #[test]

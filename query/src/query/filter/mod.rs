@@ -14,7 +14,7 @@ use std::cmp::Ordering;
 use nimbus_api::ApiError;
 use serde_json::Value;
 
-use super::pattern::Pattern;
+use super::pattern::{Pattern, PatternBudget};
 use crate::doc::path::FieldPath;
 
 /// A parsed filter.
@@ -101,9 +101,16 @@ impl Filter {
 
     /// Parses a filter document. `None` and `{}` match everything.
     pub fn parse(v: Option<&Value>) -> Result<Filter, ApiError> {
+        Filter::parse_with(v, &mut PatternBudget::default())
+    }
+
+    /// Parses a filter that is part of something bigger (a projection's `$elemMatch`, an
+    /// update's `$pull` conditions and array filters): its regular expressions count against
+    /// the whole's budget.
+    pub(crate) fn parse_with(v: Option<&Value>, budget: &mut PatternBudget) -> Result<Filter, ApiError> {
         match v {
             None | Some(Value::Null) => Ok(Filter::all()),
-            Some(Value::Object(map)) => parse::parse_doc(map),
+            Some(Value::Object(map)) => parse::parse_doc(map, budget),
             Some(other) => Err(err(format!("filter must be an object, not {}", type_name(other)))),
         }
     }
@@ -339,6 +346,41 @@ mod tests {
             let e = Filter::parse(Some(&bad)).unwrap_err();
             assert_eq!(e.code, nimbus_api::ErrorCode::InvalidFilter, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_filter_holds_at_most_64_regular_expressions_wherever_they_are() {
+        let re = |i: usize| json!({"$regularExpression": {"pattern": format!("^x{i}$"), "options": ""}});
+        let refused = |f: Value| {
+            let e = Filter::parse(Some(&f)).unwrap_err();
+            assert_eq!(e.code, nimbus_api::ErrorCode::InvalidFilter);
+            assert!(e.message.contains("more than 64 regular expressions"), "{}", e.message);
+        };
+        let in_list = |n: usize| json!({"s": {"$in": (0..n).map(re).collect::<Vec<_>>()}});
+        assert!(Filter::parse(Some(&in_list(64))).is_ok());
+        refused(in_list(65));
+        // 2,000 patterns took 5 s and 2 GB to compile: now refused before any is compiled.
+        let slow =
+            (0..2000).map(|i| json!({"$regularExpression": {"pattern": format!("\\w{{12}}{i}"), "options": ""}}));
+        refused(json!({"s": {"$in": slow.collect::<Vec<_>>()}}));
+        // Counted across operators and branches.
+        let mut branches: Vec<Value> = (0..20).map(|i| json!({"a": {"$regex": format!("{i}")}})).collect();
+        branches.extend((20..40).map(|i| json!({"a": {"$not": re(i)}})));
+        branches.extend((40..60).map(|i| json!({"a": {"$all": [re(i)]}})));
+        branches.extend((60..65).map(|i| json!({"a": {"$elemMatch": {"b": re(i)}}})));
+        refused(json!({"$or": branches}));
+    }
+
+    #[test]
+    fn the_regular_expressions_of_a_filter_compile_to_8_mib_at_most() {
+        // Each `\w{12}` (Unicode word characters) compiles to over half a megabyte.
+        let pats: Vec<Value> = (0..20).map(|i| json!({"$regex": format!("\\w{{12}}{i}")})).collect();
+        let f = json!({"$or": pats.iter().map(|p| json!({"s": p})).collect::<Vec<_>>()});
+        let e = Filter::parse(Some(&f)).unwrap_err();
+        assert_eq!(e.code, nimbus_api::ErrorCode::InvalidFilter);
+        assert!(e.message.contains("compile to more than 8 MiB"), "{}", e.message);
+        let few = pats[..4].iter().map(|p| json!({"s": p})).collect::<Vec<_>>();
+        assert!(Filter::parse(Some(&json!({ "$or": few }))).is_ok());
     }
 
     #[test]

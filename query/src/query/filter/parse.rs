@@ -6,40 +6,43 @@ use serde_json::{Map, Value};
 use super::{CmpOp, Filter, Pred, TypeSel, err};
 use crate::doc::ejson;
 use crate::doc::path::{FieldPath, validate_path};
-use crate::query::pattern::Pattern;
+use crate::query::pattern::{Pattern, PatternBudget};
 
-pub(super) fn parse_doc(map: &Map<String, Value>) -> Result<Filter, ApiError> {
+/// Parses a filter document; its regular expressions count against `b`.
+pub(super) fn parse_doc(map: &Map<String, Value>, b: &mut PatternBudget) -> Result<Filter, ApiError> {
     let mut parts = Vec::with_capacity(map.len());
     for (key, value) in map {
         if let Some(op) = key.strip_prefix('$') {
-            let list = |v: &Value| -> Result<Vec<Filter>, ApiError> {
-                let Value::Array(items) = v else {
-                    return Err(err(format!("${op} needs an array of filters")));
-                };
-                if items.is_empty() {
-                    return Err(err(format!("${op} needs a non-empty array")));
-                }
-                items
-                    .iter()
-                    .map(|i| match i {
-                        Value::Object(m) => parse_doc(m),
-                        _ => Err(err(format!("${op} elements must be objects"))),
-                    })
-                    .collect()
-            };
             parts.push(match op {
-                "and" => Filter::And(list(value)?),
-                "or" => Filter::Or(list(value)?),
-                "nor" => Filter::Nor(list(value)?),
+                "and" => Filter::And(parse_list(op, value, b)?),
+                "or" => Filter::Or(parse_list(op, value, b)?),
+                "nor" => Filter::Nor(parse_list(op, value, b)?),
                 "comment" => continue,
                 _ => return Err(err(format!("unknown top-level operator ${op}"))),
             });
         } else {
             validate_path(key).map_err(err)?;
-            parts.push(Filter::Field { path: FieldPath::new(key), pred: parse_pred(value)? });
+            parts.push(Filter::Field { path: FieldPath::new(key), pred: parse_pred(value, b)? });
         }
     }
     Ok(if parts.len() == 1 { parts.remove(0) } else { Filter::And(parts) })
+}
+
+/// The filters of `$and`, `$or`, `$nor`.
+fn parse_list(op: &str, v: &Value, b: &mut PatternBudget) -> Result<Vec<Filter>, ApiError> {
+    let Value::Array(items) = v else {
+        return Err(err(format!("${op} needs an array of filters")));
+    };
+    if items.is_empty() {
+        return Err(err(format!("${op} needs a non-empty array")));
+    }
+    items
+        .iter()
+        .map(|i| match i {
+            Value::Object(m) => parse_doc(m, b),
+            _ => Err(err(format!("${op} elements must be objects"))),
+        })
+        .collect()
 }
 
 /// `{"$gt": 1}` style operator objects: every key starts with `$` and the object is not an
@@ -53,8 +56,8 @@ fn operand(v: &Value) -> Result<Value, ApiError> {
     ejson::normalized(v).map_err(err)
 }
 
-fn parse_pred(v: &Value) -> Result<Pred, ApiError> {
-    if let Some(p) = Pattern::from_literal(v) {
+fn parse_pred(v: &Value, b: &mut PatternBudget) -> Result<Pred, ApiError> {
+    if let Some(p) = Pattern::from_literal(v, b) {
         return Ok(Pred::Regex(p.map_err(err)?));
     }
     if !is_operator_object(v) {
@@ -86,8 +89,8 @@ fn parse_pred(v: &Value) -> Result<Pred, ApiError> {
             "$gte" => Pred::Cmp(CmpOp::Gte, operand(arg)?),
             "$lt" => Pred::Cmp(CmpOp::Lt, operand(arg)?),
             "$lte" => Pred::Cmp(CmpOp::Lte, operand(arg)?),
-            "$in" => parse_in(list()?)?,
-            "$nin" => Pred::Not(Box::new(parse_in(list()?)?)),
+            "$in" => parse_in(list()?, b)?,
+            "$nin" => Pred::Not(Box::new(parse_in(list()?, b)?)),
             "$exists" => {
                 if truthy(arg) {
                     Pred::Exists
@@ -96,17 +99,17 @@ fn parse_pred(v: &Value) -> Result<Pred, ApiError> {
                 }
             }
             "$type" => Pred::Type(parse_types(arg)?),
-            "$regex" => Pred::Regex(Pattern::from_operator(arg, options).map_err(err)?),
+            "$regex" => Pred::Regex(Pattern::from_operator(arg, options, b).map_err(err)?),
             "$options" => continue,
             "$mod" => parse_mod(arg)?,
             "$size" => Pred::Size(parse_size(arg)?),
-            "$all" => parse_all(list()?)?,
-            "$elemMatch" => parse_elem_match(arg)?,
+            "$all" => parse_all(list()?, b)?,
+            "$elemMatch" => parse_elem_match(arg, b)?,
             "$not" => {
-                if let Some(p) = Pattern::from_literal(arg) {
+                if let Some(p) = Pattern::from_literal(arg, b) {
                     Pred::Not(Box::new(Pred::Regex(p.map_err(err)?)))
                 } else if is_operator_object(arg) {
-                    Pred::Not(Box::new(parse_pred(arg)?))
+                    Pred::Not(Box::new(parse_pred(arg, b)?))
                 } else {
                     return Err(err("$not needs an operator object such as {\"$gt\": 1} or a regular expression"));
                 }
@@ -117,11 +120,12 @@ fn parse_pred(v: &Value) -> Result<Pred, ApiError> {
     Ok(if preds.len() == 1 { preds.remove(0) } else { Pred::All(preds) })
 }
 
-fn parse_in(items: &[Value]) -> Result<Pred, ApiError> {
+fn parse_in(items: &[Value], b: &mut PatternBudget) -> Result<Pred, ApiError> {
+    b.ensure_room(items.iter().filter(|i| Pattern::is_literal(i)).count()).map_err(err)?;
     let mut values = Vec::with_capacity(items.len());
     let mut patterns = Vec::new();
     for item in items {
-        match Pattern::from_literal(item) {
+        match Pattern::from_literal(item, b) {
             Some(p) => patterns.push(p.map_err(err)?),
             None if is_operator_object(item) => return Err(err("$in and $nin take values, not operators")),
             None => values.push(operand(item)?),
@@ -130,17 +134,18 @@ fn parse_in(items: &[Value]) -> Result<Pred, ApiError> {
     Ok(Pred::In(values, patterns))
 }
 
-fn parse_all(items: &[Value]) -> Result<Pred, ApiError> {
+fn parse_all(items: &[Value], b: &mut PatternBudget) -> Result<Pred, ApiError> {
     if items.is_empty() {
         // MongoDB: `$all: []` matches no document.
         return Ok(Pred::In(vec![], vec![]));
     }
+    b.ensure_room(items.iter().filter(|i| Pattern::is_literal(i)).count()).map_err(err)?;
     let mut preds = Vec::with_capacity(items.len());
     for item in items {
         preds.push(match item {
-            Value::Object(m) if m.len() == 1 && m.contains_key("$elemMatch") => parse_elem_match(&m["$elemMatch"])?,
+            Value::Object(m) if m.len() == 1 && m.contains_key("$elemMatch") => parse_elem_match(&m["$elemMatch"], b)?,
             _ if is_operator_object(item) => return Err(err("$all takes values or {\"$elemMatch\": ...}")),
-            _ => match Pattern::from_literal(item) {
+            _ => match Pattern::from_literal(item, b) {
                 Some(p) => Pred::Regex(p.map_err(err)?),
                 None => Pred::Eq(operand(item)?),
             },
@@ -149,7 +154,8 @@ fn parse_all(items: &[Value]) -> Result<Pred, ApiError> {
     Ok(Pred::AllOf(preds))
 }
 
-fn parse_elem_match(arg: &Value) -> Result<Pred, ApiError> {
+/// `$elemMatch`'s argument: operators on each element's value, or a query on each element.
+pub(crate) fn parse_elem_match(arg: &Value, b: &mut PatternBudget) -> Result<Pred, ApiError> {
     let Value::Object(m) = arg else {
         return Err(err("$elemMatch needs an object"));
     };
@@ -158,12 +164,12 @@ fn parse_elem_match(arg: &Value) -> Result<Pred, ApiError> {
         .next()
         .is_some_and(|k| k.starts_with('$') && !matches!(k.as_str(), "$and" | "$or" | "$nor" | "$comment"));
     if first_is_operator {
-        match parse_pred(arg)? {
+        match parse_pred(arg, b)? {
             Pred::All(ps) => Ok(Pred::ElemMatchValue(ps)),
             p => Ok(Pred::ElemMatchValue(vec![p])),
         }
     } else {
-        Ok(Pred::ElemMatchObject(Box::new(parse_doc(m)?)))
+        Ok(Pred::ElemMatchObject(Box::new(parse_doc(m, b)?)))
     }
 }
 

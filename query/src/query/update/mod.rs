@@ -281,6 +281,21 @@ mod tests {
     }
 
     #[test]
+    fn pull_conditions_and_array_filters_hold_64_regular_expressions_in_all() {
+        let regexes = |from: usize, n: usize| {
+            (from..from + n)
+                .map(|i| json!({"$regularExpression": {"pattern": format!("^{i}$"), "options": ""}}))
+                .collect::<Vec<_>>()
+        };
+        let update = json!({"$pull": {"t": {"$in": regexes(0, 40)}}, "$set": {"g.$[x].n": 1}});
+        let filters = |n: usize| json!([{"x.s": {"$in": regexes(40, n)}}]);
+        assert!(Update::parse_with_array_filters(&update, Some(&filters(24))).is_ok());
+        let e = Update::parse_with_array_filters(&update, Some(&filters(25))).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidUpdate);
+        assert!(e.message.contains("more than 64 regular expressions"), "{}", e.message);
+    }
+
+    #[test]
     fn upserts_build_from_every_equality() {
         let ctx = ApplyCtx::default();
         let id = json!("gen");
