@@ -17,7 +17,8 @@ impl Pred {
     pub fn eval(&self, doc: &Value, path: &FieldPath) -> Option<Option<usize>> {
         match self {
             Pred::Not(p) => p.eval(doc, path).is_none().then_some(None),
-            Pred::All(ps) | Pred::AllOf(ps) => {
+            Pred::AllOf(all) => all.eval(doc, path),
+            Pred::All(ps) => {
                 let mut offset = None;
                 for p in ps {
                     offset = p.eval(doc, path)?.or(offset);
@@ -44,13 +45,14 @@ impl Pred {
 
     /// Whether one element (`None`: missing) satisfies the predicate; with the position of
     /// the array element that did, for `$elemMatch`.
-    fn single(&self, e: Option<&Value>) -> Option<Option<usize>> {
+    pub(super) fn single(&self, e: Option<&Value>) -> Option<Option<usize>> {
         let hit = |b: bool| b.then_some(None);
         match self {
             Pred::Eq(v) => hit(eq_single(e, v)),
             Pred::Cmp(op, v) => hit(cmp_single(e, *op, v)),
-            Pred::In(vs, ps) => hit(vs.iter().any(|v| eq_single(e, v))
-                || ps.iter().any(|p| matches!(e, Some(Value::String(s)) if p.is_match(s)))),
+            Pred::In(vs, ps) => {
+                hit(vs.contains(e) || ps.iter().any(|p| matches!(e, Some(Value::String(s)) if p.is_match(s))))
+            }
             Pred::Exists => hit(e.is_some()),
             Pred::Type(ts) => hit(e.is_some_and(|v| ts.iter().any(|t| type_matches(*t, v)))),
             Pred::Regex(p) => hit(matches!(e, Some(Value::String(s)) if p.is_match(s))),
@@ -81,7 +83,8 @@ impl Pred {
                 items.iter().position(|item| ps.iter().all(|p| p.single(Some(item)).is_some())).map(Some)
             }
             Pred::Not(p) => hit(p.single(e).is_none()),
-            Pred::All(ps) | Pred::AllOf(ps) => hit(ps.iter().all(|p| p.single(e).is_some())),
+            Pred::All(ps) => hit(ps.iter().all(|p| p.single(e).is_some())),
+            Pred::AllOf(all) => hit(all.single(e)),
         }
     }
 
@@ -101,13 +104,13 @@ impl Pred {
             }
             Pred::Not(p) => format!("$not({})", p.shape()),
             Pred::All(ps) => ps.iter().map(Pred::shape).collect::<Vec<_>>().join("&"),
-            Pred::AllOf(ps) => format!("$all({})", ps.iter().map(Pred::shape).collect::<Vec<_>>().join(",")),
+            Pred::AllOf(all) => format!("$all({})", all.conds().iter().map(Pred::shape).collect::<Vec<_>>().join(",")),
         }
     }
 }
 
 /// Equality of one element: `null` also matches a missing one.
-fn eq_single(e: Option<&Value>, v: &Value) -> bool {
+pub(super) fn eq_single(e: Option<&Value>, v: &Value) -> bool {
     match e {
         None => v.is_null(),
         Some(x) => bracket(x) == bracket(v) && compare(x, v) == Ordering::Equal,

@@ -3,7 +3,7 @@
 use nimbus_api::ApiError;
 use serde_json::{Map, Value};
 
-use super::{CmpOp, Filter, Pred, TypeSel, err};
+use super::{AllOf, CmpOp, Filter, MAX_LIST_VALUES, Pred, TypeSel, ValueSet, err};
 use crate::doc::ejson;
 use crate::doc::path::{FieldPath, validate_path};
 use crate::query::pattern::{Pattern, PatternBudget};
@@ -89,8 +89,8 @@ fn parse_pred(v: &Value, b: &mut PatternBudget) -> Result<Pred, ApiError> {
             "$gte" => Pred::Cmp(CmpOp::Gte, operand(arg)?),
             "$lt" => Pred::Cmp(CmpOp::Lt, operand(arg)?),
             "$lte" => Pred::Cmp(CmpOp::Lte, operand(arg)?),
-            "$in" => parse_in(list()?, b)?,
-            "$nin" => Pred::Not(Box::new(parse_in(list()?, b)?)),
+            "$in" => parse_in(op, list()?, b)?,
+            "$nin" => Pred::Not(Box::new(parse_in(op, list()?, b)?)),
             "$exists" => {
                 if truthy(arg) {
                     Pred::Exists
@@ -120,7 +120,19 @@ fn parse_pred(v: &Value, b: &mut PatternBudget) -> Result<Pred, ApiError> {
     Ok(if preds.len() == 1 { preds.remove(0) } else { Pred::All(preds) })
 }
 
-fn parse_in(items: &[Value], b: &mut PatternBudget) -> Result<Pred, ApiError> {
+/// The number of values in a list of `op` (`$in`, `$nin`, `$all`), checked.
+fn check_list_len(op: &str, items: &[Value]) -> Result<(), ApiError> {
+    if items.len() > MAX_LIST_VALUES {
+        return Err(err(format!(
+            "{op} takes at most {MAX_LIST_VALUES} values, not {}: split the query, or use a range",
+            items.len()
+        )));
+    }
+    Ok(())
+}
+
+fn parse_in(op: &str, items: &[Value], b: &mut PatternBudget) -> Result<Pred, ApiError> {
+    check_list_len(op, items)?;
     b.ensure_room(items.iter().filter(|i| Pattern::is_literal(i)).count()).map_err(err)?;
     let mut values = Vec::with_capacity(items.len());
     let mut patterns = Vec::new();
@@ -131,14 +143,15 @@ fn parse_in(items: &[Value], b: &mut PatternBudget) -> Result<Pred, ApiError> {
             None => values.push(operand(item)?),
         }
     }
-    Ok(Pred::In(values, patterns))
+    Ok(Pred::In(ValueSet::new(values), patterns))
 }
 
 fn parse_all(items: &[Value], b: &mut PatternBudget) -> Result<Pred, ApiError> {
     if items.is_empty() {
         // MongoDB: `$all: []` matches no document.
-        return Ok(Pred::In(vec![], vec![]));
+        return Ok(Pred::In(ValueSet::default(), vec![]));
     }
+    check_list_len("$all", items)?;
     b.ensure_room(items.iter().filter(|i| Pattern::is_literal(i)).count()).map_err(err)?;
     let mut preds = Vec::with_capacity(items.len());
     for item in items {
@@ -151,7 +164,7 @@ fn parse_all(items: &[Value], b: &mut PatternBudget) -> Result<Pred, ApiError> {
             },
         });
     }
-    Ok(Pred::AllOf(preds))
+    Ok(Pred::AllOf(AllOf::new(preds)))
 }
 
 /// `$elemMatch`'s argument: operators on each element's value, or a query on each element.
