@@ -16,7 +16,7 @@ use serde_json::{Map, Number, Value};
 
 pub use apply::ApplyCtx;
 
-use super::filter::{Filter, Pred};
+use super::filter::{Filter, Pred, ValueSet};
 use super::sort::SortSpec;
 
 /// A parsed update.
@@ -70,7 +70,7 @@ pub(crate) enum Op {
     /// `$pop`: the first element when true, else the last.
     Pop(bool),
     Pull(PullCond),
-    PullAll(Vec<Value>),
+    PullAll(ValueSet),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -230,6 +230,36 @@ mod tests {
         assert_eq!(u(json!({"$pop": {"t": 1}}), d.clone()).unwrap()["t"], json!([1, 2, 3]));
         assert_eq!(u(json!({"$pop": {"t": -1}}), d.clone()).unwrap()["t"], json!([2, 3, 2]));
         assert_eq!(u(json!({"$pop": {"missing": 1}}), d.clone()).unwrap(), d);
+    }
+
+    #[test]
+    fn add_to_set_and_pull_all_compare_by_value() {
+        let d = json!({"_id": 1, "t": [1, [2], 2, 1]});
+        assert_eq!(
+            u(json!({"$addToSet": {"t": {"$each": [4, 4.0, 1.0, [1], [1.0], [2.0], 3]}}}), d.clone()).unwrap()["t"],
+            json!([1, [2], 2, 1, 4, [1], 3])
+        );
+        assert_eq!(u(json!({"$pullAll": {"t": [1.0, [2]]}}), d).unwrap()["t"], json!([2]));
+    }
+
+    /// Every value was compared with every element: 50,000 of each were 2.5 billion
+    /// comparisons on the apply loop.
+    #[test]
+    fn long_add_to_set_and_pull_all_lists_are_sorted_not_scanned() {
+        let n = 50_000i64;
+        let d = json!({"_id": 1, "t": (0..n).collect::<Vec<_>>()});
+        let each: Vec<i64> = (n / 2..n + n / 2).rev().collect();
+        let got = u(json!({"$addToSet": {"t": {"$each": each}}}), d.clone()).unwrap();
+        let want: Vec<i64> = (0..n).chain((n..n + n / 2).rev()).collect();
+        assert_eq!(got["t"], json!(want));
+        let got = u(json!({"$pullAll": {"t": (1..n).collect::<Vec<_>>()}}), d).unwrap();
+        assert_eq!(got["t"], json!([0]));
+        let too_many: Vec<i64> = (0..=crate::query::filter::MAX_LIST_VALUES as i64).collect();
+        for bad in [json!({"$addToSet": {"t": {"$each": too_many}}}), json!({"$pullAll": {"t": too_many}})] {
+            let e = Update::parse(&bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidUpdate);
+            assert!(e.message.contains("at most 100000 values"), "{}", e.message);
+        }
     }
 
     #[test]

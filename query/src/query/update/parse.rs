@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use super::{Op, Ops, Part, PullCond, Push, PushSort, Update, UpdatePath, err};
 use crate::doc::ejson;
-use crate::query::filter::Filter;
+use crate::query::filter::{Filter, MAX_LIST_VALUES, ValueSet};
 use crate::query::pattern::PatternBudget;
 use crate::query::sort::{SortSpec, parse_direction};
 
@@ -150,6 +150,14 @@ fn operand(v: &Value) -> Result<Value, ApiError> {
     ejson::normalized(v).map_err(err)
 }
 
+/// The values of `$addToSet`'s `$each` or of `$pullAll`: as many as a `$in` may hold.
+fn list(op: &str, items: &[Value]) -> Result<Vec<Value>, ApiError> {
+    if items.len() > MAX_LIST_VALUES {
+        return Err(err(format!("{op} takes at most {MAX_LIST_VALUES} values, not {}", items.len())));
+    }
+    items.iter().map(operand).collect()
+}
+
 fn number(op: &str, path: &UpdatePath, arg: &Value) -> Result<serde_json::Number, ApiError> {
     match operand(arg)? {
         Value::Number(n) => Ok(n),
@@ -192,7 +200,7 @@ fn parse_op(op: &str, path: &UpdatePath, arg: &Value, budget: &mut PatternBudget
         "$push" => Op::Push(parse_push(arg)?),
         "$addToSet" => Op::AddToSet(match arg {
             Value::Object(m) if m.contains_key("$each") => match (m.len(), &m["$each"]) {
-                (1, Value::Array(items)) => items.iter().map(operand).collect::<Result<_, _>>()?,
+                (1, Value::Array(items)) => list(op, items)?,
                 _ => return Err(err("$addToSet with $each needs exactly {\"$each\": [...]}")),
             },
             other => vec![operand(other)?],
@@ -204,7 +212,7 @@ fn parse_op(op: &str, path: &UpdatePath, arg: &Value, budget: &mut PatternBudget
         },
         "$pull" => Op::Pull(parse_pull(arg, budget)?),
         "$pullAll" => match arg {
-            Value::Array(items) => Op::PullAll(items.iter().map(operand).collect::<Result<_, _>>()?),
+            Value::Array(items) => Op::PullAll(ValueSet::new(list(op, items)?)),
             _ => return Err(err("$pullAll needs an array")),
         },
         other => return Err(err(format!("unknown update operator {other}"))),
