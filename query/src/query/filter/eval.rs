@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::{CmpOp, Pred, TypeSel};
 use crate::doc::order::{Bracket, bracket, compare};
-use crate::doc::path::{FieldPath, LeafArrays, for_each_element};
+use crate::doc::path::{FieldPath, LeafArrays, Root, for_each_element_in};
 
 impl Pred {
     pub fn matches(&self, doc: &Value, path: &FieldPath) -> bool {
@@ -15,13 +15,18 @@ impl Pred {
 
     /// Whether the values at `path` satisfy the predicate (see [`Filter::eval`]).
     pub fn eval(&self, doc: &Value, path: &FieldPath) -> Option<Option<usize>> {
+        self.eval_in(Root::Doc(doc), path)
+    }
+
+    /// [`Pred::eval`] in the document `root` stands for.
+    pub fn eval_in(&self, root: Root<'_>, path: &FieldPath) -> Option<Option<usize>> {
         match self {
-            Pred::Not(p) => p.eval(doc, path).is_none().then_some(None),
-            Pred::AllOf(all) => all.eval(doc, path),
+            Pred::Not(p) => p.eval_in(root, path).is_none().then_some(None),
+            Pred::AllOf(all) => all.eval(root, path),
             Pred::All(ps) => {
                 let mut offset = None;
                 for p in ps {
-                    offset = p.eval(doc, path)?.or(offset);
+                    offset = p.eval_in(root, path)?.or(offset);
                 }
                 Some(offset)
             }
@@ -31,7 +36,7 @@ impl Pred {
                     _ => LeafArrays::Traverse,
                 };
                 let mut found = None;
-                let _ = for_each_element(doc, path, leaf, &mut |e| match self.single(e.value) {
+                let _ = for_each_element_in(root, path, leaf, &mut |e| match self.single(e.value) {
                     Some(inner) => {
                         found = Some(e.array_offset.or(inner));
                         std::ops::ControlFlow::Break(())
@@ -71,9 +76,7 @@ impl Pred {
                     .position(|item| match item {
                         Value::Object(_) => f.matches(item),
                         // MongoDB reads an array element as an object keyed "0", "1", ...
-                        Value::Array(inner) => f.matches(&Value::Object(
-                            inner.iter().enumerate().map(|(i, v)| (i.to_string(), v.clone())).collect(),
-                        )),
+                        Value::Array(inner) => f.matches_in(Root::Positions(inner)),
                         _ => false,
                     })
                     .map(Some)

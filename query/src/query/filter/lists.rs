@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::Pred;
 use crate::doc::order::compare;
-use crate::doc::path::{FieldPath, LeafArrays, for_each_element};
+use crate::doc::path::{FieldPath, LeafArrays, Root, for_each_element_in};
 
 /// Most values one `$in`, `$nin` or `$all` may list.
 pub const MAX_LIST_VALUES: usize = 100_000;
@@ -93,12 +93,12 @@ impl AllOf {
 
     /// [`Pred::eval`] of `$all`: the result (and the offset) of each condition in turn, as
     /// an `$and` would give them; the equalities from one walk.
-    pub(super) fn eval(&self, doc: &Value, path: &FieldPath) -> Option<Option<usize>> {
+    pub(super) fn eval(&self, root: Root<'_>, path: &FieldPath) -> Option<Option<usize>> {
         // Where each equality first held: the offset of the first element equal to it.
         let mut first: Vec<Option<Option<usize>>> = vec![None; self.conds.len()];
         let mut left = self.eq_groups.len();
         if left > 0 {
-            let _ = for_each_element(doc, path, LeafArrays::Traverse, &mut |e| {
+            let _ = for_each_element_in(root, path, LeafArrays::Traverse, &mut |e| {
                 let v = e.value.unwrap_or(&NULL);
                 if let Ok(g) = self.eq_groups.binary_search_by(|g| compare(self.value(g), v)) {
                     let group = &self.eq_groups[g];
@@ -117,7 +117,7 @@ impl AllOf {
         for (i, c) in self.conds.iter().enumerate() {
             let r = match c {
                 Pred::Eq(_) => first[i]?,
-                _ => c.eval(doc, path)?,
+                _ => c.eval_in(root, path)?,
             };
             offset = r.or(offset);
         }
@@ -183,7 +183,7 @@ mod tests {
             let path = FieldPath::new(if whole { "a" } else { "a.b" });
             let in_turn = conds.iter().try_fold(None, |off, c| c.eval(&doc, &path).map(|r| r.or(off)));
             let all = AllOf::new(conds);
-            prop_assert_eq!(all.eval(&doc, &path), in_turn);
+            prop_assert_eq!(all.eval(Root::Doc(&doc), &path), in_turn);
             for e in elems.iter().map(Some).chain([None]) {
                 prop_assert_eq!(all.single(e), all.conds().iter().all(|c| eq_single(e, match c { Pred::Eq(v) => v, _ => &NULL })));
             }

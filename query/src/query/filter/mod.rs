@@ -18,7 +18,7 @@ use nimbus_api::ApiError;
 use serde_json::Value;
 
 use super::pattern::{Pattern, PatternBudget};
-use crate::doc::path::FieldPath;
+use crate::doc::path::{FieldPath, Root};
 
 /// A parsed filter.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,17 +125,27 @@ impl Filter {
     /// `None` when `doc` does not match; otherwise the position in the outermost array that
     /// made it match, when an array did (what the positional update operator `$` uses).
     pub fn eval(&self, doc: &Value) -> Option<Option<usize>> {
+        self.eval_in(Root::Doc(doc))
+    }
+
+    /// Whether the document `root` stands for matches, without building it.
+    pub fn matches_in(&self, root: Root<'_>) -> bool {
+        self.eval_in(root).is_some()
+    }
+
+    /// [`Filter::eval`] of the document `root` stands for.
+    pub fn eval_in(&self, root: Root<'_>) -> Option<Option<usize>> {
         match self {
             Filter::And(fs) => {
                 let mut offset = None;
                 for f in fs {
-                    offset = f.eval(doc)?.or(offset);
+                    offset = f.eval_in(root)?.or(offset);
                 }
                 Some(offset)
             }
-            Filter::Or(fs) => fs.iter().find_map(|f| f.eval(doc)),
-            Filter::Nor(fs) => (!fs.iter().any(|f| f.matches(doc))).then_some(None),
-            Filter::Field { path, pred } => pred.eval(doc, path),
+            Filter::Or(fs) => fs.iter().find_map(|f| f.eval_in(root)),
+            Filter::Nor(fs) => (!fs.iter().any(|f| f.matches_in(root))).then_some(None),
+            Filter::Field { path, pred } => pred.eval_in(root, path),
         }
     }
 

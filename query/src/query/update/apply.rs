@@ -8,6 +8,7 @@ use serde_json::{Map, Number, Value};
 use super::{Op, Ops, Part, Push, PushSort, Update, UpdatePath, err};
 use crate::doc::ejson;
 use crate::doc::order::{compare, values_equal};
+use crate::doc::path::Root;
 use crate::query::filter::{Filter, Pred};
 
 /// Largest array position an update may create (`{"$set": {"a.99999": 1}}` pads with
@@ -152,13 +153,10 @@ impl Walk<'_> {
                 };
                 let selected: Vec<usize> = match part {
                     Part::Filtered(id) => {
+                        // Each element is matched as the document `{id: element}`, unbuilt.
                         let filter = self.array_filter(id)?;
-                        let mut wrapper = Map::with_capacity(1);
                         (0..items.len())
-                            .filter(|i| {
-                                wrapper.insert(id.clone(), items[*i].clone());
-                                filter.matches(&Value::Object(wrapper.clone()))
-                            })
+                            .filter(|&i| filter.matches_in(Root::Bound { name: id, value: &items[i] }))
                             .collect()
                     }
                     _ => (0..items.len()).collect(),

@@ -15,8 +15,9 @@ mod parse;
 use serde_json::{Map, Number, Value};
 
 pub use apply::ApplyCtx;
+pub use parse::MAX_FILTERED_PER_PATH;
 
-use super::filter::{Filter, Pred, ValueSet};
+use super::filter::{Filter, ValueSet};
 use super::sort::SortSpec;
 
 /// A parsed update.
@@ -93,8 +94,9 @@ pub(crate) enum PushSort {
 pub(crate) enum PullCond {
     /// Elements equal to the value.
     Equal(Value),
-    /// Operators applied to each element as to a field: `{"$gte": 6}`.
-    Pred(Pred),
+    /// Operators applied to each element as to a field: `{"$gte": 6}`, held as the filter
+    /// `{"v": {"$gte": 6}}` on `{"v": element}`.
+    Operators(Filter),
     /// A query each object element must match: `{"k": 1}`.
     Filter(Filter),
 }
@@ -293,6 +295,44 @@ mod tests {
         let got = ua(json!({"$inc": {"t.$[x]": 100}}), json!([{"x": {"$gt": 1}}]), d.clone()).unwrap();
         assert_eq!(got["t"], json!([1, 102, 103]));
         assert_eq!(u(json!({"$set": {"missing.$[].n": 1}}), d).unwrap_err().code, ErrorCode::InvalidUpdate);
+    }
+
+    #[test]
+    fn array_filters_see_each_element_under_their_identifier() {
+        let d = json!({"_id": 1, "m": [[1, 2], [3], {"0": 1}, 4], "o": [{"k": [1, 5]}, {"k": 2}]});
+        // Numeric components of a filter reach into elements that are arrays.
+        let got = ua(json!({"$set": {"m.$[x]": 0}}), json!([{"x.0": 1}]), d.clone()).unwrap();
+        assert_eq!(got["m"], json!([0, [3], 0, 4]));
+        let got = ua(json!({"$set": {"m.$[x]": 0}}), json!([{"x": {"$size": 1}}]), d.clone()).unwrap();
+        assert_eq!(got["m"], json!([[1, 2], 0, {"0": 1}, 4]));
+        let got = ua(json!({"$set": {"o.$[e].z": 1}}), json!([{"e.k": 5}]), d.clone()).unwrap();
+        assert_eq!(got["o"], json!([{"k": [1, 5], "z": 1}, {"k": 2}]));
+        let got = ua(json!({"$set": {"m.$[x].$[y]": 9}}), json!([{"x": {"$type": "array"}}, {"y": {"$gte": 2}}]), d);
+        assert_eq!(got.unwrap()["m"], json!([[1, 9], [9], {"0": 1}, 4]));
+    }
+
+    #[test]
+    fn an_update_path_holds_at_most_8_array_filter_identifiers() {
+        let nested = |depth: usize| {
+            let path: Vec<String> =
+                std::iter::once("a".to_owned()).chain((0..depth).map(|i| format!("$[x{i}]"))).collect();
+            let filters: Vec<Value> = (0..depth).map(|i| json!({ format!("x{i}"): {"$exists": true} })).collect();
+            Update::parse_with_array_filters(&json!({"$set": { path.join("."): 1 }}), Some(&json!(filters)))
+        };
+        // 60 levels over a 1M-element array took 4.6 s (each level copied its subtree).
+        let e = nested(MAX_FILTERED_PER_PATH + 1).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidUpdate);
+        assert!(e.message.contains("at most 8 $[<id>] per path"), "{}", e.message);
+        let mut inner = json!(vec![0; 100_000]);
+        for _ in 1..MAX_FILTERED_PER_PATH {
+            inner = json!([inner]);
+        }
+        let got = nested(MAX_FILTERED_PER_PATH).unwrap().apply(&json!({"_id": 1, "a": inner}), &ApplyCtx::default());
+        let mut leaf = &got.unwrap()["a"];
+        while leaf.as_array().is_some_and(|a| a.len() == 1) {
+            leaf = &leaf[0];
+        }
+        assert_eq!(leaf, &json!(vec![1; 100_000]));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use super::{Op, Ops, Part, PullCond, Push, PushSort, Update, UpdatePath, err};
 use crate::doc::ejson;
+use crate::doc::path::Root;
 use crate::query::filter::{Filter, MAX_LIST_VALUES, ValueSet};
 use crate::query::pattern::PatternBudget;
 use crate::query::sort::{SortSpec, parse_direction};
@@ -88,6 +89,10 @@ fn check_field_names(map: &Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Most `$[<id>]` one update path may hold: each level evaluates its array filter on every
+/// element of the arrays it reaches.
+pub const MAX_FILTERED_PER_PATH: usize = 8;
+
 /// Splits and checks an update path: non-empty components; `$`, `$[]` and `$[<id>]` only
 /// after the first component, `<id>` a lower-case letter then letters and digits; one `$`.
 fn parse_path(path: &str) -> Result<UpdatePath, ApiError> {
@@ -113,6 +118,9 @@ fn parse_path(path: &str) -> Result<UpdatePath, ApiError> {
     }
     if parts.iter().filter(|p| **p == Part::Positional).count() > 1 {
         return Err(err(format!("{path:?}: at most one positional $ per path")));
+    }
+    if parts.iter().filter(|p| matches!(p, Part::Filtered(_))).count() > MAX_FILTERED_PER_PATH {
+        return Err(err(format!("{path:?}: at most {MAX_FILTERED_PER_PATH} $[<id>] per path")));
     }
     Ok(UpdatePath { text: path.to_owned(), parts })
 }
@@ -265,8 +273,9 @@ fn parse_pull(arg: &Value, budget: &mut PatternBudget) -> Result<PullCond, ApiEr
             if !m.is_empty() && m.keys().all(|k| k.starts_with('$')) && ejson::wrapper_name(m).is_none() =>
         {
             // Operators on each element, as on a field: parse them as a field's predicate.
-            match Filter::parse_with(Some(&serde_json::json!({ "v": arg })), budget).map_err(wrap)? {
-                Filter::Field { pred, .. } => Ok(PullCond::Pred(pred)),
+            let field = Map::from_iter([(PULL_FIELD.to_owned(), arg.clone())]);
+            match Filter::parse_with(Some(&Value::Object(field)), budget).map_err(wrap)? {
+                f @ Filter::Field { .. } => Ok(PullCond::Operators(f)),
                 _ => Err(err("invalid $pull condition")),
             }
         }
@@ -329,15 +338,15 @@ fn parse_array_filters(
     Ok(out)
 }
 
+/// The field a `$pull` operator condition sees each element as.
+const PULL_FIELD: &str = "v";
+
 impl PullCond {
     pub(super) fn matches(&self, element: &Value) -> bool {
         use crate::doc::order::values_equal;
         match self {
             PullCond::Equal(v) => values_equal(element, v),
-            PullCond::Pred(p) => {
-                let doc = serde_json::json!({ "v": element });
-                p.matches(&doc, &crate::doc::path::FieldPath::new("v"))
-            }
+            PullCond::Operators(f) => f.matches_in(Root::Bound { name: PULL_FIELD, value: element }),
             PullCond::Filter(f) => element.is_object() && f.matches(element),
         }
     }
