@@ -543,10 +543,17 @@ impl Update {
         let mut doc = match self {
             Update::Replace(new) => {
                 let mut m = Map::with_capacity(new.len() + 1);
-                if let Some(id) = base.get("_id") {
+                let filter_id = base.get("_id");
+                if let Some(id) = filter_id {
+                    // The filter's `_id` is the document's: as for an update, the
+                    // replacement may repeat it but not change it.
+                    if new.get("_id").is_some_and(|new_id| !values_equal(id, new_id)) {
+                        return Err(err("a replacement cannot change _id: it differs from the filter's"));
+                    }
                     m.insert("_id".into(), id.clone());
                 }
-                m.extend(new.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let kept = new.iter().filter(|(k, _)| filter_id.is_none() || k.as_str() != "_id");
+                m.extend(kept.map(|(k, v)| (k.clone(), v.clone())));
                 Value::Object(m)
             }
             Update::Ops(_) => self.apply(&base, &ctx)?,

@@ -389,6 +389,24 @@ mod tests {
     }
 
     #[test]
+    fn an_upserted_replacement_keeps_the_filters_id() {
+        let ctx = ApplyCtx::default();
+        let up = |f: Value, upd: Value| {
+            let filter = Filter::parse(Some(&f)).unwrap();
+            Update::parse(&upd).unwrap().upsert_document(&filter, &json!("gen"), &ctx)
+        };
+        // What an update of an existing document answers: InvalidUpdate.
+        let e = up(json!({"_id": 1}), json!({"_id": 2, "x": 1})).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidUpdate);
+        assert!(e.message.contains("cannot change _id"), "{}", e.message);
+        assert_eq!(up(json!({"_id": 1}), json!({"_id": 1.0, "x": 1})).unwrap(), json!({"_id": 1, "x": 1}));
+        assert_eq!(up(json!({"_id": 1}), json!({"x": 1})).unwrap(), json!({"_id": 1, "x": 1}));
+        // Without an _id equality in the filter, the replacement's _id, or a new one.
+        assert_eq!(up(json!({"_id": {"$gt": 1}}), json!({"_id": 2, "x": 1})).unwrap(), json!({"_id": 2, "x": 1}));
+        assert_eq!(up(json!({"a": 1}), json!({"x": 1})).unwrap(), json!({"_id": "gen", "x": 1}));
+    }
+
+    #[test]
     fn replacement_keeps_id() {
         let d = json!({"_id": 7, "a": 1});
         assert_eq!(u(json!({"b": 2}), d.clone()).unwrap(), json!({"_id": 7, "b": 2}));
