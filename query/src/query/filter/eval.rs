@@ -48,6 +48,15 @@ impl Pred {
         }
     }
 
+    /// The position of the first element of the array `v` that an `$elemMatch` holds of:
+    /// what the projection `{"a": {"$elemMatch": ...}}` returns. `None` for other predicates.
+    pub fn first_match(&self, v: &Value) -> Option<usize> {
+        match self {
+            Pred::ElemMatchObject(_) | Pred::ElemMatchValue(_) => self.single(Some(v)).flatten(),
+            _ => None,
+        }
+    }
+
     /// Whether one element (`None`: missing) satisfies the predicate; with the position of
     /// the array element that did, for `$elemMatch`.
     pub(super) fn single(&self, e: Option<&Value>) -> Option<Option<usize>> {

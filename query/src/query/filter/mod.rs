@@ -11,6 +11,7 @@ mod lists;
 mod parse;
 
 pub use lists::{AllOf, MAX_LIST_VALUES, ValueSet};
+pub(crate) use parse::parse_elem_match;
 
 use std::cmp::Ordering;
 
