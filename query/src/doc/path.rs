@@ -64,6 +64,35 @@ pub enum LeafArrays {
     Whole,
 }
 
+/// What a path is looked up in: a document, or a value the matcher reads as one without
+/// building it (no copy of what may be a large subtree).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Root<'a> {
+    /// A document (anything but an object has no fields).
+    Doc(&'a Value),
+    /// The document `{name: value}`: an array filter's element under its identifier
+    /// (`{"x.score": {"$gt": 5}}` for `$[x]`), a `$pull` condition's element.
+    Bound { name: &'a str, value: &'a Value },
+    /// An array read as the document `{"0": items[0], "1": items[1], ...}`: what
+    /// `$elemMatch` sees of an element that is itself an array.
+    Positions(&'a [Value]),
+}
+
+impl<'a> Root<'a> {
+    /// The value of a top-level field.
+    fn field(self, name: &str) -> Option<&'a Value> {
+        match self {
+            Root::Doc(Value::Object(m)) => m.get(name),
+            Root::Doc(_) => None,
+            Root::Bound { name: n, value } => (n == name).then_some(value),
+            Root::Positions(items) => {
+                let k = name.parse::<usize>().ok()?;
+                if is_position(name, k) { items.get(k) } else { None }
+            }
+        }
+    }
+}
+
 /// Calls `f` with every element `path` reaches in `doc` (an object), in document order,
 /// until `f` breaks.
 pub fn for_each_element<'a>(
@@ -72,9 +101,24 @@ pub fn for_each_element<'a>(
     leaf: LeafArrays,
     f: &mut dyn FnMut(Element<'a>) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
-    match doc {
-        Value::Object(_) => from_object(doc, path.parts(), leaf, None, f),
-        _ => f(Element { value: None, array_offset: None }),
+    for_each_element_in(Root::Doc(doc), path, leaf, f)
+}
+
+/// [`for_each_element`] from any [`Root`].
+pub fn for_each_element_in<'a>(
+    root: Root<'a>,
+    path: &FieldPath,
+    leaf: LeafArrays,
+    f: &mut dyn FnMut(Element<'a>) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    let parts = path.parts();
+    let Some((first, rest)) = parts.split_first() else {
+        return f(Element { value: None, array_offset: None });
+    };
+    match root.field(first) {
+        Some(arr @ Value::Array(_)) => in_array(arr, rest, leaf, None, f),
+        Some(v) if !rest.is_empty() => from_object(v, rest, leaf, None, f),
+        value => f(Element { value, array_offset: None }),
     }
 }
 
@@ -323,6 +367,32 @@ mod tests {
         assert_eq!(got[0], (Some(json!(1)), Some(0)));
         assert_eq!(got[1], (Some(json!(2)), Some(0)));
         assert_eq!(got[3], (Some(json!(3)), Some(1)));
+    }
+
+    proptest::proptest! {
+        /// A [`Root`] walks as the document it stands for would, built.
+        #[test]
+        fn roots_walk_as_the_documents_they_stand_for(
+            v in crate::doc::testgen::arb_value(),
+            path in proptest::sample::select(vec!["x", "y", "x.0", "x.1", "x.a", "x.0.a", "x.a.0", "0", "1", "01", "0.0", "1.a", "+1"]),
+        ) {
+            let walk_in = |root: Root<'_>| {
+                let mut out = Vec::new();
+                for leaf in [LeafArrays::Traverse, LeafArrays::Whole] {
+                    let _ = for_each_element_in(root, &FieldPath::new(path), leaf, &mut |e| {
+                        out.push((e.value.cloned(), e.array_offset));
+                        ControlFlow::Continue(())
+                    });
+                }
+                out
+            };
+            let bound = json!({ "x": v });
+            proptest::prop_assert_eq!(walk_in(Root::Bound { name: "x", value: &v }), walk_in(Root::Doc(&bound)));
+            if let Value::Array(items) = &v {
+                let keyed = Value::Object(items.iter().enumerate().map(|(i, e)| (i.to_string(), e.clone())).collect());
+                proptest::prop_assert_eq!(walk_in(Root::Positions(items)), walk_in(Root::Doc(&keyed)));
+            }
+        }
     }
 
     #[test]

@@ -59,6 +59,7 @@ impl Plan {
 /// One usable constraint on a path from the filter's top-level conjunction.
 #[derive(Debug, Clone)]
 enum Constraint {
+    /// Equal to one of these, sorted in MongoDB's order (a binary search finds a value).
     Points(Vec<Value>),
     Lower(Value, bool), // (value, inclusive)
     Upper(Value, bool),
@@ -80,8 +81,8 @@ fn indexable_point(v: &Value) -> bool {
 fn constraints_of(pred: &Pred, out: &mut Vec<Constraint>) {
     match pred {
         Pred::Eq(v) if indexable_point(v) => out.push(Constraint::Points(vec![v.clone()])),
-        Pred::In(vs, patterns) if patterns.is_empty() && !vs.is_empty() && vs.iter().all(indexable_point) => {
-            out.push(Constraint::Points(vs.clone()))
+        Pred::In(vs, patterns) if patterns.is_empty() && !vs.is_empty() && vs.values().iter().all(indexable_point) => {
+            out.push(Constraint::Points(vs.values().to_vec()))
         }
         Pred::Cmp(op, v) if indexable_point(v) => out.push(match op {
             CmpOp::Gt => Constraint::Lower(v.clone(), false),
@@ -90,7 +91,8 @@ fn constraints_of(pred: &Pred, out: &mut Vec<Constraint>) {
             CmpOp::Lte => Constraint::Upper(v.clone(), true),
         }),
         // Every condition of a conjunction holds; every value of `$all` is there.
-        Pred::All(ps) | Pred::AllOf(ps) => ps.iter().for_each(|p| constraints_of(p, out)),
+        Pred::All(ps) => ps.iter().for_each(|p| constraints_of(p, out)),
+        Pred::AllOf(all) => all.conds().iter().for_each(|p| constraints_of(p, out)),
         _ => {}
     }
 }
@@ -124,7 +126,7 @@ fn bounds_of(constraints: &[Constraint], multikey: bool) -> Option<Bounds> {
             Constraint::Points(vs) => {
                 b.points = Some(match b.points.take() {
                     None => vs.clone(),
-                    Some(cur) => cur.into_iter().filter(|p| vs.iter().any(|v| compare(p, v).is_eq())).collect(),
+                    Some(cur) => cur.into_iter().filter(|p| vs.binary_search_by(|v| compare(v, p)).is_ok()).collect(),
                 });
             }
             Constraint::Lower(v, incl) => tighten(&mut b.lower, v, *incl, std::cmp::Ordering::Greater),

@@ -7,14 +7,21 @@
 //! - `{"a": {"$slice": n}}` or `{"$slice": [skip, limit]}`: part of an array (alone or with
 //!   exclusions, the other fields stay; with inclusions, only the named ones);
 //! - `{"a": {"$elemMatch": {...}}}`: the first element of a top-level array that matches,
-//!   as a one-element array (the field is left out when none does); an inclusion.
+//!   as a one-element array (the field is left out when none does); an inclusion. The
+//!   condition is the filter's `$elemMatch`: a query on each element (`{"k": 1}`) or
+//!   operators on its value (`{"$gte": 80}`).
+//!
+//! A date or an ObjectId (an Extended JSON object) is a value, not a document: a dotted
+//! inclusion through it leaves it out, as through a number.
 //!
 //! Inclusion and exclusion do not mix, except `_id`; a path and one inside it conflict.
 
 use nimbus_api::ApiError;
 use serde_json::{Map, Value};
 
-use super::filter::Filter;
+use super::filter::{Pred, parse_elem_match};
+use super::pattern::PatternBudget;
+use crate::doc::ejson;
 use crate::doc::path::validate_path;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -29,8 +36,12 @@ type Tree = Vec<(String, Node)>;
 enum Node {
     Include,
     Exclude,
-    Slice { skip: i64, limit: Option<i64> },
-    ElemMatch(Box<Filter>),
+    Slice {
+        skip: i64,
+        limit: Option<i64>,
+    },
+    /// `$elemMatch`'s predicate ([`Pred::ElemMatchObject`] or [`Pred::ElemMatchValue`]).
+    ElemMatch(Box<Pred>),
     Children(Tree),
 }
 
@@ -50,12 +61,14 @@ impl Projection {
         let mut include: Option<bool> = None;
         let mut keep_id = None;
         let mut tree: Tree = Vec::new();
+        // The regular expressions of all the `$elemMatch`es count together.
+        let mut budget = PatternBudget::default();
         for (path, spec) in map {
             validate_path(path).map_err(err)?;
             if path.split('.').any(|p| p.starts_with('$')) {
                 return Err(err(format!("projection of {path:?}: the positional operator is not supported")));
             }
-            let node = parse_node(path, spec)?;
+            let node = parse_node(path, spec, &mut budget)?;
             let mode = match &node {
                 Node::Include | Node::ElemMatch(_) => Some(true),
                 Node::Exclude => Some(false),
@@ -91,7 +104,7 @@ impl Projection {
     }
 }
 
-fn parse_node(path: &str, spec: &Value) -> Result<Node, ApiError> {
+fn parse_node(path: &str, spec: &Value, budget: &mut PatternBudget) -> Result<Node, ApiError> {
     match spec {
         Value::Bool(b) => Ok(if *b { Node::Include } else { Node::Exclude }),
         Value::Number(n) => Ok(if n.as_f64() == Some(0.0) { Node::Exclude } else { Node::Include }),
@@ -100,8 +113,8 @@ fn parse_node(path: &str, spec: &Value) -> Result<Node, ApiError> {
             if path.contains('.') {
                 return Err(err(format!("$elemMatch projection of {path:?}: only top-level fields")));
             }
-            let f = Filter::parse(Some(&m["$elemMatch"])).map_err(|e| err(e.message))?;
-            Ok(Node::ElemMatch(Box::new(f)))
+            let p = parse_elem_match(&m["$elemMatch"], budget).map_err(|e| err(e.message))?;
+            Ok(Node::ElemMatch(Box::new(p)))
         }
         _ => Err(err(format!(
             "projection of {path:?} must be 0, 1, true, false, {{\"$slice\": ...}} or {{\"$elemMatch\": ...}}"
@@ -158,14 +171,12 @@ fn include(src: &Map<String, Value>, tree: &Tree) -> Map<String, Value> {
         let projected = match node {
             Node::Include | Node::Exclude => Some(v.clone()),
             Node::Slice { skip, limit } => Some(slice(v, *skip, *limit)),
-            Node::ElemMatch(f) => match v {
-                Value::Array(items) => {
-                    items.iter().find(|i| i.is_object() && f.matches(i)).map(|i| Value::Array(vec![i.clone()]))
-                }
+            Node::ElemMatch(p) => match v {
+                Value::Array(items) => p.first_match(v).map(|i| Value::Array(vec![items[i].clone()])),
                 _ => None,
             },
             Node::Children(sub) => match v {
-                Value::Object(child) => Some(Value::Object(include(child, sub))),
+                Value::Object(child) if !is_value(v) => Some(Value::Object(include(child, sub))),
                 Value::Array(items) => Some(include_array(items, sub)),
                 _ => None,
             },
@@ -182,7 +193,7 @@ fn include_array(items: &[Value], tree: &Tree) -> Value {
         items
             .iter()
             .filter_map(|i| match i {
-                Value::Object(child) => Some(Value::Object(include(child, tree))),
+                Value::Object(child) if !is_value(i) => Some(Value::Object(include(child, tree))),
                 Value::Array(inner) => Some(include_array(inner, tree)),
                 _ => None,
             })
@@ -198,7 +209,7 @@ fn exclude(src: &Map<String, Value>, tree: &Tree) -> Map<String, Value> {
             Some(Node::Exclude) => continue,
             Some(Node::Slice { skip, limit }) => slice(v, *skip, *limit),
             Some(Node::Children(sub)) => match v {
-                Value::Object(child) => Value::Object(exclude(child, sub)),
+                Value::Object(child) if !is_value(v) => Value::Object(exclude(child, sub)),
                 Value::Array(items) => exclude_array(items, sub),
                 other => other.clone(),
             },
@@ -213,12 +224,17 @@ fn exclude_array(items: &[Value], tree: &Tree) -> Value {
         items
             .iter()
             .map(|i| match i {
-                Value::Object(child) => Value::Object(exclude(child, tree)),
+                Value::Object(child) if !is_value(i) => Value::Object(exclude(child, tree)),
                 Value::Array(inner) => exclude_array(inner, tree),
                 other => other.clone(),
             })
             .collect(),
     )
+}
+
+/// Whether an object is a value (a date, an ObjectId) rather than a document.
+fn is_value(v: &Value) -> bool {
+    ejson::special(v).is_some()
 }
 
 /// `$slice`: `n` first (last when negative) elements, or `limit` from `skip` (from the end
@@ -289,6 +305,46 @@ mod tests {
         assert_eq!(p(json!({"s": {"$slice": 1}}), d.clone())["s"], json!("x"));
         assert_eq!(p(json!({"o": {"$elemMatch": {"k": 2}}}), d.clone()), json!({"_id": 1, "o": [{"k": 2}]}));
         assert_eq!(p(json!({"o": {"$elemMatch": {"k": 9}}}), d), json!({"_id": 1}));
+    }
+
+    #[test]
+    fn the_elem_matches_of_a_projection_hold_64_regular_expressions_in_all() {
+        let res = |from: usize| (from..from + 40).map(|i| json!({"$regex": format!("^{i}$")})).collect::<Vec<_>>();
+        let one = |from: usize| json!({"$elemMatch": {"$or": res(from).into_iter().map(|r| json!({"k": r})).collect::<Vec<_>>()}});
+        assert!(Projection::parse(Some(&json!({"a": one(0)}))).is_ok());
+        let e = Projection::parse(Some(&json!({"a": one(0), "b": one(40)}))).unwrap_err();
+        assert_eq!(e.code, nimbus_api::ErrorCode::BadRequest);
+        assert!(e.message.contains("more than 64 regular expressions"), "{}", e.message);
+    }
+
+    #[test]
+    fn elem_match_takes_operators_on_values_as_the_filter_does() {
+        let d = json!({"_id": 1, "a": [70, 85, 90], "m": ["x", {"k": 1}, 5, [3]], "s": 5});
+        assert_eq!(p(json!({"a": {"$elemMatch": {"$gte": 80}}}), d.clone()), json!({"_id": 1, "a": [85]}));
+        assert_eq!(p(json!({"a": {"$elemMatch": {"$gt": 80, "$lt": 90}}}), d.clone()), json!({"_id": 1, "a": [85]}));
+        assert_eq!(p(json!({"a": {"$elemMatch": {"$gt": 95}}}), d.clone()), json!({"_id": 1}));
+        assert_eq!(p(json!({"m": {"$elemMatch": {"$type": "number"}}}), d.clone())["m"], json!([5]));
+        assert_eq!(p(json!({"m": {"$elemMatch": {"k": 1}}}), d.clone())["m"], json!([{"k": 1}]));
+        assert_eq!(p(json!({"m": {"$elemMatch": {"0": 3}}}), d.clone())["m"], json!([[3]]));
+        assert_eq!(p(json!({"s": {"$elemMatch": {"$gte": 1}}, "_id": 0}), d), json!({}));
+    }
+
+    #[test]
+    fn dotted_inclusion_through_a_date_or_an_object_id_leaves_it_out() {
+        let d = json!({
+            "_id": 1,
+            "at": {"$date": "2024-01-01T00:00:00.000Z"},
+            "id": {"$oid": "65f0a1b2c3d4e5f6a7b8c9d0"},
+            "l": [{"$date": "2024-01-01T00:00:00.000Z"}, {"x": 1, "y": 2}],
+        });
+        assert_eq!(p(json!({"at.x": 1, "_id": 0}), d.clone()), json!({}));
+        assert_eq!(p(json!({"id.x": 1, "_id": 0}), d.clone()), json!({}));
+        assert_eq!(p(json!({"l.x": 1, "_id": 0}), d.clone()), json!({"l": [{"x": 1}]}));
+        // Excluding inside one leaves it whole.
+        assert_eq!(
+            p(json!({"at.x": 0, "l.y": 0}), d.clone()),
+            json!({"_id": 1, "at": d["at"], "id": d["id"], "l": [d["l"][0], {"x": 1}]})
+        );
     }
 
     #[test]

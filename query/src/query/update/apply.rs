@@ -8,6 +8,7 @@ use serde_json::{Map, Number, Value};
 use super::{Op, Ops, Part, Push, PushSort, Update, UpdatePath, err};
 use crate::doc::ejson;
 use crate::doc::order::{compare, values_equal};
+use crate::doc::path::Root;
 use crate::query::filter::{Filter, Pred};
 
 /// Largest array position an update may create (`{"$set": {"a.99999": 1}}` pads with
@@ -152,13 +153,10 @@ impl Walk<'_> {
                 };
                 let selected: Vec<usize> = match part {
                     Part::Filtered(id) => {
+                        // Each element is matched as the document `{id: element}`, unbuilt.
                         let filter = self.array_filter(id)?;
-                        let mut wrapper = Map::with_capacity(1);
                         (0..items.len())
-                            .filter(|i| {
-                                wrapper.insert(id.clone(), items[*i].clone());
-                                filter.matches(&Value::Object(wrapper.clone()))
-                            })
+                            .filter(|&i| filter.matches_in(Root::Bound { name: id, value: &items[i] }))
                             .collect()
                     }
                     _ => (0..items.len()).collect(),
@@ -341,7 +339,7 @@ impl Walk<'_> {
                 }
             },
             Op::PullAll(vals) => match slot {
-                Value::Array(arr) => arr.retain(|e| !vals.iter().any(|v| values_equal(e, v))),
+                Value::Array(arr) => arr.retain(|e| !vals.contains(Some(e))),
                 other => {
                     return Err(err(format!(
                         "cannot $pullAll from {path:?}: it holds a {}, not an array",
@@ -471,12 +469,22 @@ fn push(arr: &mut Vec<Value>, p: &Push) {
     }
 }
 
+/// Appends the values not already in `arr`, the first of equal ones, in their order. By
+/// sorting both sides rather than comparing every value with every element: 100,000 values
+/// into a 100,000-element array are not 10 billion comparisons.
 fn add_to_set(arr: &mut Vec<Value>, vals: &[Value]) {
-    for v in vals {
-        if !arr.iter().any(|e| values_equal(e, v)) {
-            arr.push(v.clone());
-        }
+    let mut there: Vec<&Value> = arr.iter().collect();
+    there.sort_by(|a, b| compare(a, b));
+    // A stable sort: among equal values the first given comes first.
+    let mut order: Vec<usize> = (0..vals.len()).collect();
+    order.sort_by(|&a, &b| compare(&vals[a], &vals[b]));
+    let mut keep = vec![false; vals.len()];
+    for equal in order.chunk_by(|&a, &b| values_equal(&vals[a], &vals[b])) {
+        let first = equal[0];
+        keep[first] = there.binary_search_by(|e| compare(e, &vals[first])).is_err();
     }
+    let new: Vec<Value> = vals.iter().zip(keep).filter(|(_, k)| *k).map(|(v, _)| v.clone()).collect();
+    arr.extend(new);
 }
 
 /// Both integers: exact 64-bit arithmetic, an error past its range (never a silent
@@ -535,10 +543,17 @@ impl Update {
         let mut doc = match self {
             Update::Replace(new) => {
                 let mut m = Map::with_capacity(new.len() + 1);
-                if let Some(id) = base.get("_id") {
+                let filter_id = base.get("_id");
+                if let Some(id) = filter_id {
+                    // The filter's `_id` is the document's: as for an update, the
+                    // replacement may repeat it but not change it.
+                    if new.get("_id").is_some_and(|new_id| !values_equal(id, new_id)) {
+                        return Err(err("a replacement cannot change _id: it differs from the filter's"));
+                    }
                     m.insert("_id".into(), id.clone());
                 }
-                m.extend(new.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let kept = new.iter().filter(|(k, _)| filter_id.is_none() || k.as_str() != "_id");
+                m.extend(kept.map(|(k, v)| (k.clone(), v.clone())));
                 Value::Object(m)
             }
             Update::Ops(_) => self.apply(&base, &ctx)?,

@@ -7,7 +7,9 @@ use serde_json::{Map, Value};
 
 use super::{Op, Ops, Part, PullCond, Push, PushSort, Update, UpdatePath, err};
 use crate::doc::ejson;
-use crate::query::filter::Filter;
+use crate::doc::path::Root;
+use crate::query::filter::{Filter, MAX_LIST_VALUES, ValueSet};
+use crate::query::pattern::PatternBudget;
 use crate::query::sort::{SortSpec, parse_direction};
 
 pub(super) fn parse(v: &Value, array_filters: Option<&Value>) -> Result<Update, ApiError> {
@@ -35,13 +37,15 @@ pub(super) fn parse(v: &Value, array_filters: Option<&Value>) -> Result<Update, 
     }
     let mut out: Vec<(UpdatePath, Op)> = Vec::new();
     let mut targets: Vec<UpdatePath> = Vec::new();
+    // The regular expressions of every `$pull` condition and array filter count together.
+    let mut budget = PatternBudget::default();
     for (op, args) in map {
         let Value::Object(args) = args else {
             return Err(err(format!("{op} needs an object of fields")));
         };
         for (path, arg) in args {
             let path = parse_path(path)?;
-            let parsed = parse_op(op, &path, arg)?;
+            let parsed = parse_op(op, &path, arg, &mut budget)?;
             let touches_id = matches!(path.parts.first(), Some(Part::Field(f)) if f == "_id");
             if touches_id && !matches!(parsed, Op::Set(_) | Op::SetOnInsert(_)) {
                 return Err(err("_id cannot be modified"));
@@ -71,7 +75,7 @@ pub(super) fn parse(v: &Value, array_filters: Option<&Value>) -> Result<Update, 
     }
     out.sort_by(|(a, _), (b, _)| path_order(a, b));
     let uses_positional = out.iter().any(|(p, _)| p.parts.contains(&Part::Positional));
-    let array_filters = parse_array_filters(array_filters, &out)?;
+    let array_filters = parse_array_filters(array_filters, &out, &mut budget)?;
     Ok(Update::Ops(Ops { ops: out, array_filters, uses_positional }))
 }
 
@@ -84,6 +88,10 @@ fn check_field_names(map: &Map<String, Value>) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+/// Most `$[<id>]` one update path may hold: each level evaluates its array filter on every
+/// element of the arrays it reaches.
+pub const MAX_FILTERED_PER_PATH: usize = 8;
 
 /// Splits and checks an update path: non-empty components; `$`, `$[]` and `$[<id>]` only
 /// after the first component, `<id>` a lower-case letter then letters and digits; one `$`.
@@ -110,6 +118,9 @@ fn parse_path(path: &str) -> Result<UpdatePath, ApiError> {
     }
     if parts.iter().filter(|p| **p == Part::Positional).count() > 1 {
         return Err(err(format!("{path:?}: at most one positional $ per path")));
+    }
+    if parts.iter().filter(|p| matches!(p, Part::Filtered(_))).count() > MAX_FILTERED_PER_PATH {
+        return Err(err(format!("{path:?}: at most {MAX_FILTERED_PER_PATH} $[<id>] per path")));
     }
     Ok(UpdatePath { text: path.to_owned(), parts })
 }
@@ -147,6 +158,14 @@ fn operand(v: &Value) -> Result<Value, ApiError> {
     ejson::normalized(v).map_err(err)
 }
 
+/// The values of `$addToSet`'s `$each` or of `$pullAll`: as many as a `$in` may hold.
+fn list(op: &str, items: &[Value]) -> Result<Vec<Value>, ApiError> {
+    if items.len() > MAX_LIST_VALUES {
+        return Err(err(format!("{op} takes at most {MAX_LIST_VALUES} values, not {}", items.len())));
+    }
+    items.iter().map(operand).collect()
+}
+
 fn number(op: &str, path: &UpdatePath, arg: &Value) -> Result<serde_json::Number, ApiError> {
     match operand(arg)? {
         Value::Number(n) => Ok(n),
@@ -154,7 +173,7 @@ fn number(op: &str, path: &UpdatePath, arg: &Value) -> Result<serde_json::Number
     }
 }
 
-fn parse_op(op: &str, path: &UpdatePath, arg: &Value) -> Result<Op, ApiError> {
+fn parse_op(op: &str, path: &UpdatePath, arg: &Value, budget: &mut PatternBudget) -> Result<Op, ApiError> {
     Ok(match op {
         "$set" => Op::Set(operand(arg)?),
         "$setOnInsert" => Op::SetOnInsert(operand(arg)?),
@@ -189,7 +208,7 @@ fn parse_op(op: &str, path: &UpdatePath, arg: &Value) -> Result<Op, ApiError> {
         "$push" => Op::Push(parse_push(arg)?),
         "$addToSet" => Op::AddToSet(match arg {
             Value::Object(m) if m.contains_key("$each") => match (m.len(), &m["$each"]) {
-                (1, Value::Array(items)) => items.iter().map(operand).collect::<Result<_, _>>()?,
+                (1, Value::Array(items)) => list(op, items)?,
                 _ => return Err(err("$addToSet with $each needs exactly {\"$each\": [...]}")),
             },
             other => vec![operand(other)?],
@@ -199,9 +218,9 @@ fn parse_op(op: &str, path: &UpdatePath, arg: &Value) -> Result<Op, ApiError> {
             Some(-1.0) => Op::Pop(true),
             _ => return Err(err("$pop needs 1 (the last element) or -1 (the first)")),
         },
-        "$pull" => Op::Pull(parse_pull(arg)?),
+        "$pull" => Op::Pull(parse_pull(arg, budget)?),
         "$pullAll" => match arg {
-            Value::Array(items) => Op::PullAll(items.iter().map(operand).collect::<Result<_, _>>()?),
+            Value::Array(items) => Op::PullAll(ValueSet::new(list(op, items)?)),
             _ => return Err(err("$pullAll needs an array")),
         },
         other => return Err(err(format!("unknown update operator {other}"))),
@@ -247,20 +266,21 @@ fn parse_push(arg: &Value) -> Result<Push, ApiError> {
     Ok(push)
 }
 
-fn parse_pull(arg: &Value) -> Result<PullCond, ApiError> {
+fn parse_pull(arg: &Value, budget: &mut PatternBudget) -> Result<PullCond, ApiError> {
     let wrap = |e: ApiError| err(e.message);
     match arg {
         Value::Object(m)
             if !m.is_empty() && m.keys().all(|k| k.starts_with('$')) && ejson::wrapper_name(m).is_none() =>
         {
             // Operators on each element, as on a field: parse them as a field's predicate.
-            match Filter::parse(Some(&serde_json::json!({ "v": arg }))).map_err(wrap)? {
-                Filter::Field { pred, .. } => Ok(PullCond::Pred(pred)),
+            let field = Map::from_iter([(PULL_FIELD.to_owned(), arg.clone())]);
+            match Filter::parse_with(Some(&Value::Object(field)), budget).map_err(wrap)? {
+                f @ Filter::Field { .. } => Ok(PullCond::Operators(f)),
                 _ => Err(err("invalid $pull condition")),
             }
         }
         Value::Object(m) if ejson::wrapper_name(m).is_none() => {
-            Ok(PullCond::Filter(Filter::parse(Some(arg)).map_err(wrap)?))
+            Ok(PullCond::Filter(Filter::parse_with(Some(arg), budget).map_err(wrap)?))
         }
         other => Ok(PullCond::Equal(operand(other)?)),
     }
@@ -268,7 +288,11 @@ fn parse_pull(arg: &Value) -> Result<PullCond, ApiError> {
 
 /// Parses `arrayFilters`: each a filter whose fields all start with one identifier, used by
 /// a `$[<id>]` of the update; every identifier used has its filter.
-fn parse_array_filters(v: Option<&Value>, ops: &[(UpdatePath, Op)]) -> Result<Vec<(String, Filter)>, ApiError> {
+fn parse_array_filters(
+    v: Option<&Value>,
+    ops: &[(UpdatePath, Op)],
+    budget: &mut PatternBudget,
+) -> Result<Vec<(String, Filter)>, ApiError> {
     let used: Vec<&str> = ops
         .iter()
         .flat_map(|(p, _)| p.parts.iter())
@@ -305,7 +329,7 @@ fn parse_array_filters(v: Option<&Value>, ops: &[(UpdatePath, Op)]) -> Result<Ve
         if !used.contains(&id) {
             return Err(err(format!("the array filter for identifier {id:?} is not used in the update")));
         }
-        let filter = Filter::parse(Some(item)).map_err(|e| err(e.message))?;
+        let filter = Filter::parse_with(Some(item), budget).map_err(|e| err(e.message))?;
         out.push((id.to_owned(), filter));
     }
     if let Some(missing) = used.iter().find(|u| !out.iter().any(|(id, _)| id == *u)) {
@@ -314,15 +338,15 @@ fn parse_array_filters(v: Option<&Value>, ops: &[(UpdatePath, Op)]) -> Result<Ve
     Ok(out)
 }
 
+/// The field a `$pull` operator condition sees each element as.
+const PULL_FIELD: &str = "v";
+
 impl PullCond {
     pub(super) fn matches(&self, element: &Value) -> bool {
         use crate::doc::order::values_equal;
         match self {
             PullCond::Equal(v) => values_equal(element, v),
-            PullCond::Pred(p) => {
-                let doc = serde_json::json!({ "v": element });
-                p.matches(&doc, &crate::doc::path::FieldPath::new("v"))
-            }
+            PullCond::Operators(f) => f.matches_in(Root::Bound { name: PULL_FIELD, value: element }),
             PullCond::Filter(f) => element.is_object() && f.matches(element),
         }
     }
