@@ -15,7 +15,7 @@ mod parse;
 use serde_json::{Map, Number, Value};
 
 pub use apply::ApplyCtx;
-pub use parse::MAX_FILTERED_PER_PATH;
+pub use parse::{MAX_FILTERED_PER_PATH, MAX_UPDATE_FIELDS};
 
 use super::filter::{Filter, ValueSet};
 use super::sort::SortSpec;
@@ -464,5 +464,16 @@ mod tests {
         ] {
             assert_eq!(Update::parse(&bad).unwrap_err().code, ErrorCode::InvalidUpdate, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_number_of_fields_is_bounded() {
+        let many: serde_json::Map<String, Value> =
+            (0..=parse::MAX_UPDATE_FIELDS).map(|i| (format!("f{i}"), json!(1))).collect();
+        let e = Update::parse(&json!({"$set": many})).unwrap_err();
+        assert!(e.message.contains("at most 1000 fields"), "{}", e.message);
+        let fine: serde_json::Map<String, Value> =
+            (0..parse::MAX_UPDATE_FIELDS).map(|i| (format!("f{i}"), json!(1))).collect();
+        assert!(Update::parse(&json!({"$set": fine})).is_ok());
     }
 }

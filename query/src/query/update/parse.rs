@@ -35,6 +35,14 @@ pub(super) fn parse(v: &Value, array_filters: Option<&Value>) -> Result<Update, 
     if ops != map.len() {
         return Err(err("update cannot mix $ operators and plain fields"));
     }
+    // Every pair of paths is checked for a conflict: bounded, since this runs in the apply
+    // loop every database of the replica set shares.
+    let fields: usize = map.values().map(|a| a.as_object().map_or(0, |o| o.len())).sum();
+    if fields > MAX_UPDATE_FIELDS {
+        return Err(err(format!(
+            "an update may change at most {MAX_UPDATE_FIELDS} fields; set an embedded document instead"
+        )));
+    }
     let mut out: Vec<(UpdatePath, Op)> = Vec::new();
     let mut targets: Vec<UpdatePath> = Vec::new();
     // The regular expressions of every `$pull` condition and array filter count together.
@@ -124,6 +132,9 @@ fn parse_path(path: &str) -> Result<UpdatePath, ApiError> {
     }
     Ok(UpdatePath { text: path.to_owned(), parts })
 }
+
+/// Most fields one update's operators name.
+pub const MAX_UPDATE_FIELDS: usize = 1_000;
 
 fn is_identifier(id: &str) -> bool {
     id.starts_with(|c: char| c.is_ascii_lowercase()) && id.chars().all(|c| c.is_ascii_alphanumeric()) && id.len() <= 64
