@@ -139,7 +139,25 @@ where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
+    run_rate_until(rate, Some(duration), std::future::pending(), max_in_flight, op).await
+}
+
+/// [`run_rate`] until `until` completes (or `duration`, if given, has passed): the offered
+/// load for a phase whose length is not known in advance.
+pub async fn run_rate_until<F, Fut, U>(
+    rate: f64,
+    duration: Option<Duration>,
+    until: U,
+    max_in_flight: usize,
+    op: F,
+) -> RunResult
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    U: Future<Output = ()>,
+{
     let op = Arc::new(op);
+    let mut until = std::pin::pin!(until);
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Result<(), String>, Duration)>();
     let started = tokio::time::Instant::now();
@@ -153,12 +171,20 @@ where
         latency_us: histogram(),
     };
     let mut seq = 0u64;
+    let mut ended_early = false;
     loop {
         let due = started + period.mul_f64(seq as f64);
-        if due >= started + duration {
+        if duration.is_some_and(|d| due >= started + d) {
             break;
         }
-        tokio::time::sleep_until(due).await;
+        tokio::select! {
+            biased;
+            () = &mut until => {
+                ended_early = true;
+                break;
+            }
+            () = tokio::time::sleep_until(due) => {}
+        }
         if in_flight.load(Ordering::Relaxed) >= max_in_flight {
             *total.error_kinds.entry("overload".into()).or_default() += 1;
         } else {
@@ -174,8 +200,13 @@ where
         seq += 1;
     }
     // The window ends when the next request would have been due (or later, if sending fell
-    // behind): `rate * duration` requests over `duration` when the generator kept up.
-    tokio::time::sleep_until(started + duration).await;
+    // behind): `rate * duration` requests over `duration` when the generator kept up; or
+    // when `until` completed.
+    if let Some(d) = duration
+        && !ended_early
+    {
+        tokio::time::sleep_until(started + d).await;
+    }
     total.elapsed = started.elapsed();
     drop(done_tx);
     while let Some((r, latency)) = done_rx.recv().await {
