@@ -1,13 +1,14 @@
 //! Starting a datanode: storage, Raft, the two HTTP servers; and the context its handlers
 //! share.
 
-use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use metrics_exporter_prometheus::PrometheusHandle;
+use openraft::async_runtime::WatchReceiver;
 use openraft::{Config as RaftConfig, SnapshotPolicy};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -40,6 +41,8 @@ pub struct NodeCtx {
     pub max_body_bytes: usize,
     /// The time stamped on proposed commands.
     pub clock: Arc<ReplicaClock>,
+    /// Data API requests received so far: the index builder slows down while there are any.
+    pub data_requests: AtomicU64,
 }
 
 impl NodeCtx {
@@ -149,6 +152,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         quorum_lease: Duration::from_millis(2 * config.election_timeout_ms),
         max_body_bytes: config.max_body_bytes,
         clock,
+        data_requests: AtomicU64::new(0),
     });
 
     let data_listener = TcpListener::bind(config.data_listen)

@@ -86,6 +86,7 @@ impl Member {
             quorum_lease: Duration::from_secs(2),
             max_body_bytes: 48 * 1024 * 1024,
             clock,
+            data_requests: Default::default(),
         });
         let app = nimbus_datanode::server::raft_rpc::router(ctx);
         let server = tokio::spawn(async move {

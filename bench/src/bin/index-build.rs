@@ -28,9 +28,12 @@ struct Args {
     /// Inserts in flight while loading.
     #[arg(long, default_value_t = 8)]
     load_concurrency: usize,
-    /// Tenant B's offered rate, requests per second (half point reads, half single inserts).
+    /// Tenant B's offered rate, requests per second.
     #[arg(long, default_value_t = 200.0)]
     rate: f64,
+    /// Percent of tenant B's requests that are point reads (the rest are single inserts).
+    #[arg(long, default_value_t = 50)]
+    read_percent: u64,
     /// Seconds of tenant B's load alone, before the build (the baseline).
     #[arg(long, default_value_t = 20)]
     baseline_seconds: u64,
@@ -220,7 +223,7 @@ async fn one_round(
         Some(Duration::from_secs(args.baseline_seconds)),
         std::future::pending(),
         MAX_IN_FLIGHT,
-        tenant_b(client, members, format!("r{round}-before")),
+        tenant_b(client, members, format!("r{round}-before"), args.read_percent),
     )
     .await;
     before.warn_errors(&format!("{round} before"));
@@ -234,7 +237,7 @@ async fn one_round(
             let _ = ready_rx.await;
         },
         MAX_IN_FLIGHT,
-        tenant_b(client, members, format!("r{round}-during")),
+        tenant_b(client, members, format!("r{round}-during"), args.read_percent),
     ));
     let started = Instant::now();
     let name = create_index(cluster, members).await?;
@@ -324,12 +327,13 @@ async fn settle(cluster: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tenant B's request number `seq`: a point read of one of its documents, or an insert of
-/// one new document (ids prefixed by `phase`, so each phase inserts new ones).
+/// Tenant B's request number `seq`: a point read of one of its documents (`read_percent`
+/// of them), or an insert of one new document (ids prefixed by `phase`, so each phase inserts new ones).
 fn tenant_b(
     client: &reqwest::Client,
     members: &Arc<Members>,
     phase: String,
+    read_percent: u64,
 ) -> impl Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> + Send + Sync + 'static
 {
     let (client, members, phase) = (client.clone(), members.clone(), Arc::new(phase));
@@ -337,7 +341,10 @@ fn tenant_b(
         let (client, members, phase) = (client.clone(), members.clone(), phase.clone());
         Box::pin(async move {
             let url = members.coll_url(DB_B, COLL_B);
-            let r = if seq % 2 == 0 {
+            // Reads and inserts spread evenly: request seq is a read when the running
+            // count of reads steps up at it.
+            let is_read = (seq + 1) * read_percent / 100 > seq * read_percent / 100;
+            let r = if is_read {
                 // Spread the reads over the documents: a multiplicative hash of seq.
                 let id = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) % B_DOCS;
                 client.get(format!("{url}/documents/b{id:09}")).send().await

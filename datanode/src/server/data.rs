@@ -50,6 +50,7 @@ struct Envelope {
 }
 
 async fn serve(State(ctx): Ctx, req: axum::extract::Request) -> Response {
+    ctx.data_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match handle(&ctx, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),

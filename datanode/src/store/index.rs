@@ -187,6 +187,9 @@ impl Engine {
         if let Some(end) = prefix_end(&prefix) {
             ro.set_iterate_upper_bound(end);
         }
+        // The build reads each document once: its blocks would only push the other
+        // databases' hot blocks out of the cache.
+        ro.fill_cache(false);
         let mut ix = meta.indexes[pos].clone();
         let (mut docs, mut bytes, mut exhausted) = (0u64, 0u64, true);
         let it = self.db.iterator_cf_opt(self.cf(CF_DOCS), ro, IteratorMode::From(&start, Direction::Forward));
