@@ -49,8 +49,8 @@ impl NodeCtx {
     /// The time to stamp on a command this member proposes: the median of the voters'
     /// clocks (`crate::clock`).
     pub fn command_time(&self) -> u64 {
-        let m = self.raft.metrics().borrow_watched().clone();
-        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        let voters: Vec<u64> =
+            self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
         self.clock.now_ms(self.id, &voters)
     }
 

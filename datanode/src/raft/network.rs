@@ -154,18 +154,33 @@ pub struct Peer {
 
 /// The first entries of `entries` whose JSON fits in `budget` bytes: at least one.
 fn entries_within(entries: &[super::types::Entry], budget: usize) -> usize {
+    if entries.len() <= 1 {
+        return entries.len();
+    }
     let mut size = 0usize;
     for (i, e) in entries.iter().enumerate() {
-        let mut count = ByteCount(0);
-        // Serialising into a counter allocates nothing; an entry that cannot be serialised
-        // fails again, with its error, when the request is.
-        let _ = serde_json::to_writer(&mut count, e);
-        size = size.saturating_add(count.0 + 1);
+        size = size.saturating_add(entry_bytes(e));
         if i > 0 && size > budget {
             return i;
         }
     }
     entries.len()
+}
+
+/// About the size of an entry's JSON: an insert's documents are counted from their text
+/// (the bulk of most entries, and no serialising on the replication path); anything else is
+/// serialised into a counter, which allocates nothing (an entry that cannot be serialised
+/// fails again, with its error, when the request is).
+fn entry_bytes(e: &super::types::Entry) -> usize {
+    const ENVELOPE: usize = 256;
+    if let openraft::EntryPayload::Normal(cmd) = &e.payload
+        && let crate::store::WriteOp::Insert { docs, .. } = &cmd.op
+    {
+        return ENVELOPE + cmd.db.len() + docs.iter().map(|d| d.get().len() + 1).sum::<usize>();
+    }
+    let mut count = ByteCount(0);
+    let _ = serde_json::to_writer(&mut count, e);
+    count.0 + 1
 }
 
 /// An `io::Write` that only counts.
