@@ -1,10 +1,11 @@
 //! `bench/index-build`: what building an index on a large collection costs the other
 //! tenants of its replica set. A three-member replica set; tenant A's collection is loaded
 //! with `--docs` documents of ~100 bytes; tenant B (another database on the same replica
-//! set) runs at a fixed offered rate, half point reads and half single inserts, first alone
-//! (the baseline) and then while tenant A builds an index on the loaded field, until the
-//! index is ready. The headline is tenant B's p99 during the build over its p99 before it.
-//! Nothing is killed, so every Raft term increase during the run is an unprovoked election.
+//! set) runs at a fixed offered rate, point reads and single inserts (half and half by
+//! default), first alone (the baseline) and then while tenant A builds an index on the
+//! loaded field, until the index is ready. The headline is tenant B's p99 during the build
+//! over its p99 before it. Nothing is killed, so every Raft term increase during the run is
+//! an unprovoked election.
 
 use std::path::PathBuf;
 use std::sync::Arc;
