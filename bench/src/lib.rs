@@ -63,6 +63,18 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    /// A run with nothing counted yet.
+    fn empty() -> RunResult {
+        RunResult {
+            ops: 0,
+            issued: 0,
+            error_kinds: BTreeMap::new(),
+            elapsed: Duration::ZERO,
+            until_last_answer: Duration::ZERO,
+            latency_us: histogram(),
+        }
+    }
+
     pub fn ops_per_sec(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
@@ -106,14 +118,7 @@ where
     }
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
-    let mut total = RunResult {
-        ops: 0,
-        issued: 0,
-        error_kinds: BTreeMap::new(),
-        elapsed: Duration::ZERO,
-        until_last_answer: Duration::ZERO,
-        latency_us: histogram(),
-    };
+    let mut total = RunResult::empty();
     for t in tasks {
         if let Ok((ok, kinds, h)) = t.await {
             total.ops += ok;
@@ -162,14 +167,7 @@ where
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Result<(), String>, Duration)>();
     let started = tokio::time::Instant::now();
     let period = Duration::from_secs_f64(1.0 / rate.max(1e-3));
-    let mut total = RunResult {
-        ops: 0,
-        issued: 0,
-        error_kinds: BTreeMap::new(),
-        elapsed: Duration::ZERO,
-        until_last_answer: Duration::ZERO,
-        latency_us: histogram(),
-    };
+    let mut total = RunResult::empty();
     let mut seq = 0u64;
     let mut ended_early = false;
     loop {

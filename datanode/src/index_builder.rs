@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::node::NodeCtx;
-use crate::store::{Command, WriteAnswer, WriteOp};
+use crate::store::{WriteAnswer, WriteOp};
 
 /// How many times a step's duration the builder waits after it while other requests are
 /// being served.
@@ -44,15 +44,8 @@ pub async fn run(ctx: Arc<NodeCtx>, mut stop: tokio::sync::broadcast::Receiver<(
             }
             for (db, coll, name) in pending {
                 let started = Instant::now();
-                let cmd = Command {
-                    db: db.clone(),
-                    op: WriteOp::BuildIndex { coll: coll.clone(), name: name.clone() },
-                    idempotency_key: None,
-                    ts_ms: ctx.command_time(),
-                    route_epoch: None,
-                    request_hash: None,
-                };
-                match ctx.propose(cmd).await {
+                let step = WriteOp::BuildIndex { coll: coll.clone(), name: name.clone() };
+                match ctx.propose_internal(db.clone(), step).await {
                     Ok(WriteAnswer::IndexBuildStep { done: true, failed: Some(reason) }) => {
                         tracing::warn!(%db, %coll, index = %name, %reason, "index build failed");
                     }

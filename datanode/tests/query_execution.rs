@@ -75,19 +75,7 @@ fn an_index_is_built_in_bounded_steps_while_the_collection_serves() {
     assert_eq!(last_plan(&engine, "k:?").0, "COLLSCAN");
     // The collection takes writes meanwhile: one ahead of the build, one behind it.
     insert(&engine, [json!({"_id": n + 1, "k": 3})]);
-    apply(
-        &engine,
-        WriteOp::Update {
-            coll: "c".into(),
-            filter: json!({"_id": 3}),
-            update: json!({"$set": {"k": 4}}),
-            multi: false,
-            upsert: false,
-            upsert_id: json!(0),
-            array_filters: None,
-        },
-    )
-    .unwrap();
+    apply(&engine, update(json!({"_id": 3}), json!({"$set": {"k": 4}}), false)).unwrap();
     let mut steps = 0;
     loop {
         steps += 1;
@@ -143,15 +131,7 @@ fn reads_and_writes_by_id_are_point_lookups() {
     assert_eq!(last_plan(&engine, "_id:$in"), ("IXSCAN _id_".into(), 2));
     // Over the write budget as a scan, fine as point lookups: 1,000 ids.
     let batch: Vec<i64> = (0..1000).collect();
-    let op = |filter: Value| WriteOp::Update {
-        coll: "c".into(),
-        filter,
-        update: json!({"$inc": {"k": 1}}),
-        multi: true,
-        upsert: false,
-        upsert_id: json!(0),
-        array_filters: None,
-    };
+    let op = |filter: Value| update(filter, json!({"$inc": {"k": 1}}), true);
     assert_eq!(
         apply(&engine, op(json!({"_id": {"$in": batch}}))),
         Ok(WriteAnswer::Updated { matched: 1000, modified: 1000, upserted_id: None })
@@ -169,15 +149,7 @@ fn work_past_the_bounds_is_refused_and_changes_nothing() {
     // that no document holds.
     for op in [
         WriteOp::Delete { coll: "c".into(), filter: json!({"k": 1}), multi: true },
-        WriteOp::Update {
-            coll: "c".into(),
-            filter: json!({"k": 5}),
-            update: json!({"$set": {"x": 1}}),
-            multi: false,
-            upsert: false,
-            upsert_id: json!(0),
-            array_filters: None,
-        },
+        update(json!({"k": 5}), json!({"$set": {"x": 1}}), false),
     ] {
         let e = apply(&engine, op).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
@@ -188,9 +160,7 @@ fn work_past_the_bounds_is_refused_and_changes_nothing() {
     let created =
         apply(&engine, WriteOp::CreateIndex { coll: "c".into(), spec: spec(json!({"k": 1}), false) }).unwrap();
     if let WriteAnswer::IndexCreated { ready: false, .. } = created {
-        while apply(&engine, WriteOp::BuildIndex { coll: "c".into(), name: "k_1".into() })
-            != Ok(WriteAnswer::IndexBuildStep { done: true, failed: None })
-        {}
+        build(&engine, "k_1");
     }
     assert_eq!(
         apply(&engine, WriteOp::Delete { coll: "c".into(), filter: json!({"k": 1}), multi: true }),
@@ -207,15 +177,7 @@ fn a_single_update_picks_the_smallest_id_whatever_the_plan() {
     apply(&engine, WriteOp::CreateIndex { coll: "c".into(), spec: spec(json!({"k": -1}), false) }).unwrap();
     // In the index's order (k descending) the first match is _id 1; in _id order it is 0.
     insert(&engine, [json!({"_id": 1, "k": 9}), json!({"_id": 0, "k": 5}), json!({"_id": 2, "k": 7})]);
-    let op = WriteOp::Update {
-        coll: "c".into(),
-        filter: json!({"k": {"$gt": 0}}),
-        update: json!({"$set": {"hit": true}}),
-        multi: false,
-        upsert: false,
-        upsert_id: json!(0),
-        array_filters: None,
-    };
+    let op = update(json!({"k": {"$gt": 0}}), json!({"$set": {"hit": true}}), false);
     apply(&engine, op).unwrap();
     assert_eq!(ids(&find(&engine, json!({"hit": true})).unwrap()), vec![0]);
     // The same filter runs on the index, in its order.

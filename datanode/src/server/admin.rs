@@ -214,15 +214,7 @@ async fn transfer_leader(State(ctx): Ctx, JsonBody(req): JsonBody<TransferLeader
 /// Proposes a checksum marker for a database and answers the leader's sum at it.
 async fn checksum_marker(State(ctx): Ctx, JsonBody(req): JsonBody<ChecksumRequest>) -> Result<Response> {
     let db = nimbus_api::path::DbName::new(&req.db)?;
-    let cmd = crate::store::Command {
-        db: db.into_string(),
-        op: crate::store::WriteOp::Checksum,
-        idempotency_key: None,
-        ts_ms: ctx.command_time(),
-        route_epoch: None,
-        request_hash: None,
-    };
-    match ctx.propose(cmd).await? {
+    match ctx.propose_internal(db.into_string(), crate::store::WriteOp::Checksum).await? {
         crate::store::WriteAnswer::Checksum(at) => Ok(axum::Json(at).into_response()),
         other => Err(ApiError::internal(format!("unexpected answer to a checksum marker: {other:?}")).into()),
     }
@@ -254,15 +246,8 @@ async fn checksum_verify(State(ctx): Ctx, Query(q): Query<DbQuery>) -> Result<Re
 
 async fn set_route_epoch(State(ctx): Ctx, JsonBody(req): JsonBody<SetRouteEpochRequest>) -> Result<Response> {
     let db = nimbus_api::path::DbName::new(&req.db)?;
-    let cmd = crate::store::Command {
-        db: db.into_string(),
-        op: crate::store::WriteOp::SetRouteEpoch { epoch: req.epoch },
-        idempotency_key: None,
-        ts_ms: ctx.command_time(),
-        route_epoch: None,
-        request_hash: None,
-    };
-    match ctx.propose(cmd).await? {
+    let op = crate::store::WriteOp::SetRouteEpoch { epoch: req.epoch };
+    match ctx.propose_internal(db.into_string(), op).await? {
         crate::store::WriteAnswer::RouteEpoch { epoch } => {
             Ok(axum::Json(serde_json::json!({ "epoch": epoch })).into_response())
         }

@@ -196,6 +196,20 @@ impl NodeCtx {
         }
     }
 
+    /// Replicates an operation of the control plane or of the datanode itself (no client
+    /// idempotency key, no route epoch), stamped with the replica set's time.
+    pub(crate) async fn propose_internal(&self, db: String, op: WriteOp) -> std::result::Result<WriteAnswer, ApiError> {
+        let cmd = Command {
+            db,
+            op,
+            idempotency_key: None,
+            ts_ms: self.command_time(),
+            route_epoch: None,
+            request_hash: None,
+        };
+        self.propose(cmd).await
+    }
+
     /// Replicates a write and answers once a majority has it and it is applied here.
     pub(crate) async fn propose(&self, cmd: Command) -> std::result::Result<WriteAnswer, ApiError> {
         if !self.raft.is_leader() {
