@@ -90,6 +90,44 @@ fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
             errors.push(format!("{path}: {s:?} does not match {p}"));
         }
     }
+    if let Some(s) = value.as_str() {
+        let n = s.chars().count() as u64;
+        if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
+            && n > max
+        {
+            errors.push(format!("{path}: Too long: may not be more than {max} characters"));
+        }
+        if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
+            && n < min
+        {
+            errors.push(format!("{path}: Invalid value: should be at least {min} characters long"));
+        }
+    }
+    if let Some(items) = value.as_array() {
+        if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+            && items.len() as u64 > max
+        {
+            errors.push(format!("{path}: Too many: {}: must have at most {max} items", items.len()));
+        }
+        // The list types the API server enforces: a set's items and a map's keys are unique.
+        let key_of = |v: &Value| match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
+            Some("set") => Some(v.clone()),
+            Some("map") => {
+                let keys = schema.get("x-kubernetes-list-map-keys").and_then(Value::as_array).cloned();
+                Some(Value::Array(keys.unwrap_or_default().iter().map(|k| v[k.as_str().unwrap()].clone()).collect()))
+            }
+            _ => None,
+        };
+        let mut seen = Vec::new();
+        for (i, v) in items.iter().enumerate() {
+            if let Some(k) = key_of(v) {
+                if seen.contains(&k) {
+                    errors.push(format!("{path}[{i}]: Duplicate value: {k}"));
+                }
+                seen.push(k);
+            }
+        }
+    }
     if let (Some(min), Some(n)) = (schema.get("minimum").and_then(Value::as_f64), value.as_f64())
         && n < min
     {
@@ -184,7 +222,14 @@ fn the_schema_refuses_what_an_instance_must_not_say() {
         (serde_json::json!({"zones": ["a", "b"]}), "at least three zones"),
         (serde_json::json!({"tier": "gold"}), "is not one of"),
         (serde_json::json!({"database": "no spaces"}), "does not match"),
-        (serde_json::json!({"users": [{"name": "a"}, {"name": "a"}]}), "unique"),
+        (serde_json::json!({"users": [{"name": "a"}, {"name": "a"}]}), "Duplicate value"),
+        (
+            serde_json::json!({"users": (0..33).map(|i| serde_json::json!({"name": format!("u{i}")})).collect::<Vec<_>>()}),
+            "Too many",
+        ),
+        (serde_json::json!({"zones": ["a", "a", "b"]}), "Duplicate value"),
+        (serde_json::json!({"zones": ["a", "b", "z".repeat(64)]}), "Too long"),
+        (serde_json::json!({"users": [{"name": "a", "secretRef": {"name": "", "key": "k"}}]}), "at least 1"),
         (serde_json::json!({"replcas": 3}), "unknown field"),
         (serde_json::json!({"autoscaling": {"enabled": true, "minQps": 10, "maxQps": 5}}), "minQps"),
     ];

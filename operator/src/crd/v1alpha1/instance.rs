@@ -38,8 +38,6 @@ use serde::{Deserialize, Serialize};
     .message("spec.zones cannot change once set: each member's zone is fixed for its life"))]
 #[x_kube(validation = Rule::new("!has(self.zones) || self.zones.size() == 0 || self.zones.size() >= 3")
     .message("spec.zones lists at least three zones (or none: the operator chooses)"))]
-#[x_kube(validation = Rule::new("!has(self.users) || self.users.all(u, self.users.exists_one(v, v.name == u.name))")
-    .message("user names are unique"))]
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || !has(self.autoscaling.minQps) || !has(self.autoscaling.maxQps) || self.autoscaling.minQps <= self.autoscaling.maxQps")
     .message("autoscaling.minQps must not exceed autoscaling.maxQps"))]
 #[serde(rename_all = "camelCase")]
@@ -47,7 +45,7 @@ pub struct DatabaseInstanceSpec {
     /// Name of the database in the data API (`/v1/databases/{database}`). Defaults to the
     /// instance's name. Cannot change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"))]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"), length(max = 64))]
     pub database: Option<String>,
 
     /// Service tier: sets the default limits and whether the database shares a replica set.
@@ -59,8 +57,11 @@ pub struct DatabaseInstanceSpec {
     pub pool: String,
 
     /// Availability zones (values of `topology.kubernetes.io/zone`) for the members, at least
-    /// three. Empty: three distinct zones found on the nodes. Cannot change once set.
+    /// three, each once. Empty: three distinct zones found on the nodes. Cannot change once set.
+    // Bounded (a label value is at most 63 characters) so the rules comparing zones stay
+    // cheap in the API server's cost estimate (tests/cel_cost.rs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_ZONES), inner(length(min = 1, max = 63)), extend("x-kubernetes-list-type" = "set"))]
     pub zones: Option<Vec<String>>,
 
     /// Members of a dedicated replica set: 3, or 5 to survive two failures. Shared pools use
@@ -90,14 +91,23 @@ pub struct DatabaseInstanceSpec {
     pub backup: BackupSpec,
 
     /// Users of the database. One `readWrite` user named `app` and one `read` user named
-    /// `reader` are created when the list is empty.
+    /// `reader` are created when the list is empty. At most 32, names unique.
+    // A list-map keyed by name: the API server refuses duplicate names itself (a CEL rule
+    // comparing every pair was quadratic, and refused for its estimated cost), and
+    // server-side apply merges users by name.
     #[serde(default)]
+    #[schemars(length(max = MAX_USERS), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub users: Vec<UserSpec>,
 
     /// Automatic index management from the query statistics.
     #[serde(default)]
     pub indexing: IndexingSpec,
 }
+
+/// Most zones an instance can name.
+pub const MAX_ZONES: u32 = 8;
+/// Most users an instance can have.
+pub const MAX_USERS: u32 = 32;
 
 fn default_pool() -> String {
     "default".into()
@@ -257,7 +267,7 @@ fn default_retention_days() -> u32 {
 #[serde(rename_all = "camelCase")]
 pub struct UserSpec {
     /// User name, unique in the instance.
-    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"))]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"), length(max = 64))]
     pub name: String,
     /// `readWrite`, or `read` for a read-only account.
     #[serde(default)]
@@ -288,8 +298,10 @@ impl From<UserRole> for nimbus_api::etcd::UserRole {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct SecretKeyRef {
     /// Secret name, in the instance's namespace.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key in the Secret's data.
+    #[schemars(length(min = 1, max = 253))]
     pub key: String,
 }
 
@@ -324,6 +336,7 @@ pub struct DatabaseInstanceStatus {
     pub phase: Option<Phase>,
     /// `Ready`, `Progressing` and `Degraded`, with reasons.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -83,6 +83,7 @@ fn default_databases_per_set() -> u32 {
 pub struct ResourcePoolStatus {
     /// `Ready` and `Degraded`, with reasons.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
