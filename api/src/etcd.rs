@@ -8,6 +8,8 @@
 //! | `/nimbus/limits/{db}` | [`Limits`]: the database's limits (absent: the defaults of its tier) |
 //! | `/nimbus/gateways/{id}` | [`GatewayRegistration`], bound to the gateway's lease |
 //! | `/nimbus/holds/{db}/{gateway}` | a gateway's acknowledgement that it holds `db` (cutover) |
+//! | `/nimbus/tenants/{db}` | [`TenantClaim`]: the one instance the database name belongs to |
+//! | `/nimbus/replicasets/{namespace}/{name}` | [`ReplicaSetRecord`]: a replica set was bootstrapped |
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +19,8 @@ pub const USERS: &str = "/nimbus/users/";
 pub const LIMITS: &str = "/nimbus/limits/";
 pub const GATEWAYS: &str = "/nimbus/gateways/";
 pub const HOLDS: &str = "/nimbus/holds/";
+pub const TENANTS: &str = "/nimbus/tenants/";
+pub const REPLICA_SETS: &str = "/nimbus/replicasets/";
 
 pub fn route_key(db: &str) -> String {
     format!("{ROUTES}{db}")
@@ -36,6 +40,39 @@ pub fn gateway_key(id: &str) -> String {
 
 pub fn hold_key(db: &str, gateway: &str) -> String {
     format!("{HOLDS}{db}/{gateway}")
+}
+
+pub fn tenant_key(db: &str) -> String {
+    format!("{TENANTS}{db}")
+}
+
+pub fn replica_set_key(namespace: &str, replica_set: &str) -> String {
+    format!("{REPLICA_SETS}{namespace}/{replica_set}")
+}
+
+/// Database names are one namespace for the whole cluster (the data API addresses
+/// `/v1/databases/{db}`), while instances are namespaced: the first instance to claim a
+/// name owns it, and its route, users and limits, until it is deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantClaim {
+    pub namespace: String,
+    pub instance: String,
+    /// The instance object's `metadata.uid`: a new instance of the same name is another
+    /// tenant, and does not inherit the claim.
+    pub uid: String,
+}
+
+/// The durable record that a replica set was bootstrapped. It outlives the replica set's
+/// Kubernetes objects, so a replica set whose volumes were lost is reported, never
+/// initialised again empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaSetRecord {
+    pub pool: String,
+    pub zones: Vec<String>,
+    /// When the operator first saw it led (Unix milliseconds).
+    pub bootstrapped_ms: u64,
 }
 
 /// Whether a database's requests flow, or are held for a migration cutover.

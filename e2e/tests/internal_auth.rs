@@ -120,7 +120,7 @@ async fn route_epochs_never_start_over() {
     let moved = store.route("shop").await.unwrap().unwrap().epoch;
     assert!(moved > first, "{moved} after {first}");
     // The database dropped and created again: higher still, never 1 again.
-    store.delete_database("shop").await.unwrap();
+    assert!(store.delete_database("shop", "uid-shop").await.unwrap(), "unclaimed: deleted");
     store.put_route("shop", "rs0", member("rs0")).await.unwrap();
     let again = store.route("shop").await.unwrap().unwrap().epoch;
     assert!(again > moved, "{again} after {moved}");

@@ -4,7 +4,7 @@
 //! watch these keys.
 
 use etcd_client::{Client, Compare, CompareOp, DeleteOptions, Txn, TxnOp};
-use nimbus_api::etcd::{self, Limits, Route, RouteMember, RouteState, UserRecord};
+use nimbus_api::etcd::{self, Limits, ReplicaSetRecord, Route, RouteMember, RouteState, TenantClaim, UserRecord};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -96,14 +96,91 @@ impl Coordinator {
         self.put_json(&etcd::limits_key(db), limits).await
     }
 
-    /// Removes every key of the database: route, users, limits, holds.
-    pub async fn delete_database(&self, db: &str) -> Result<(), CoordError> {
-        self.client.kv_client().delete(etcd::route_key(db), None).await?;
-        self.client.kv_client().delete(etcd::limits_key(db), None).await?;
+    /// Removes every key of the database (route, users, limits, holds, and its claim), if
+    /// the database is unclaimed or `owner` holds the claim, in one transaction: an instance
+    /// refused for a name another owns never deletes the owner's records. `false` when
+    /// another instance holds the claim (nothing deleted).
+    pub async fn delete_database(&self, db: &str, owner: &str) -> Result<bool, CoordError> {
+        let claim_key = etcd::tenant_key(db);
+        if let Some(claim) = self.get_json::<TenantClaim>(&claim_key).await?.filter(|c| c.uid != owner) {
+            tracing::info!(database = db, owner = %claim.uid, "not deleting a database another instance claims");
+            return Ok(false);
+        }
         let prefix = |p: &str| format!("{p}{db}/");
-        self.client.kv_client().delete(prefix(etcd::USERS), Some(DeleteOptions::new().with_prefix())).await?;
-        self.client.kv_client().delete(prefix(etcd::HOLDS), Some(DeleteOptions::new().with_prefix())).await?;
+        let deletes = vec![
+            TxnOp::delete(etcd::route_key(db), None),
+            TxnOp::delete(etcd::limits_key(db), None),
+            TxnOp::delete(prefix(etcd::USERS), Some(DeleteOptions::new().with_prefix())),
+            TxnOp::delete(prefix(etcd::HOLDS), Some(DeleteOptions::new().with_prefix())),
+            TxnOp::delete(claim_key.as_str(), None),
+        ];
+        // Unclaimed when read: still unclaimed; claimed by `owner`: still the same claim.
+        let guard = match self.client.kv_client().get(claim_key.as_str(), None).await?.kvs().first() {
+            None => Compare::create_revision(claim_key.as_str(), CompareOp::Equal, 0),
+            Some(kv) => Compare::mod_revision(claim_key.as_str(), CompareOp::Equal, kv.mod_revision()),
+        };
+        let done = self.client.kv_client().txn(Txn::new().when([guard]).and_then(deletes)).await?.succeeded();
+        Ok(done)
+    }
+
+    /// Claims `db` for `claim`'s instance unless another instance holds it: `Ok(())` when
+    /// the claim is (now) this instance's, `Err(owner)` otherwise.
+    pub async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError> {
+        let key = etcd::tenant_key(db);
+        let value = serde_json::to_vec(claim).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), value, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self.client.kv_client().txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(Ok(()));
+        }
+        let current = resp.op_responses().into_iter().find_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        let owner: TenantClaim = match current {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|source| CoordError::Decode { key, source })?,
+            // Deleted between the two halves of the transaction: try again next time.
+            None => return Ok(Err(claim.clone())),
+        };
+        Ok(if owner.uid == claim.uid { Ok(()) } else { Err(owner) })
+    }
+
+    pub async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetRecord>, CoordError> {
+        self.get_json(&etcd::replica_set_key(namespace, name)).await
+    }
+
+    /// Records that a replica set was bootstrapped; the first record stays.
+    pub async fn record_replica_set(
+        &self,
+        namespace: &str,
+        name: &str,
+        record: &ReplicaSetRecord,
+    ) -> Result<(), CoordError> {
+        let key = etcd::replica_set_key(namespace, name);
+        let value = serde_json::to_vec(record).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), value, None)]);
+        self.client.kv_client().txn(txn).await?;
         Ok(())
+    }
+
+    /// Forgets a replica set whose members and volumes were deleted on purpose.
+    pub async fn forget_replica_set(&self, namespace: &str, name: &str) -> Result<(), CoordError> {
+        self.client.kv_client().delete(etcd::replica_set_key(namespace, name), None).await?;
+        Ok(())
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, CoordError> {
+        match self.client.kv_client().get(key, None).await?.kvs().first() {
+            None => Ok(None),
+            Some(kv) => serde_json::from_slice(kv.value())
+                .map(Some)
+                .map_err(|source| CoordError::Decode { key: key.into(), source }),
+        }
     }
 
     async fn put_json<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), CoordError> {

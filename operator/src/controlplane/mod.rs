@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nimbus_api::admin::{MemberInfo, Status};
-use nimbus_api::etcd::{Limits, RouteMember, UserRecord};
+use nimbus_api::etcd::{Limits, ReplicaSetRecord, RouteMember, TenantClaim, UserRecord};
 
 pub use admin::AdminError;
 pub use coord::CoordError;
@@ -44,7 +44,19 @@ pub trait ControlStore: Send + Sync {
     async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError>;
     async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError>;
     async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError>;
-    async fn delete_database(&self, db: &str) -> Result<(), CoordError>;
+    /// Deletes the database's records unless another instance than `owner` (a uid)
+    /// claims it; `false` when it does (nothing deleted).
+    async fn delete_database(&self, db: &str, owner: &str) -> Result<bool, CoordError>;
+    /// Claims the database name for an instance: `Err(owner)` when another holds it.
+    async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError>;
+    async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetRecord>, CoordError>;
+    async fn record_replica_set(
+        &self,
+        namespace: &str,
+        name: &str,
+        record: &ReplicaSetRecord,
+    ) -> Result<(), CoordError>;
+    async fn forget_replica_set(&self, namespace: &str, name: &str) -> Result<(), CoordError>;
 }
 
 #[async_trait]
@@ -127,7 +139,24 @@ impl ControlStore for coord::Coordinator {
     async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError> {
         coord::Coordinator::put_limits(self, db, limits).await
     }
-    async fn delete_database(&self, db: &str) -> Result<(), CoordError> {
-        coord::Coordinator::delete_database(self, db).await
+    async fn delete_database(&self, db: &str, owner: &str) -> Result<bool, CoordError> {
+        coord::Coordinator::delete_database(self, db, owner).await
+    }
+    async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError> {
+        coord::Coordinator::claim_database(self, db, claim).await
+    }
+    async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetRecord>, CoordError> {
+        coord::Coordinator::replica_set(self, namespace, name).await
+    }
+    async fn record_replica_set(
+        &self,
+        namespace: &str,
+        name: &str,
+        record: &ReplicaSetRecord,
+    ) -> Result<(), CoordError> {
+        coord::Coordinator::record_replica_set(self, namespace, name, record).await
+    }
+    async fn forget_replica_set(&self, namespace: &str, name: &str) -> Result<(), CoordError> {
+        coord::Coordinator::forget_replica_set(self, namespace, name).await
     }
 }

@@ -16,7 +16,7 @@ use http::{Request, Response};
 use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
 use nimbus_api::admin::{MemberInfo, Role, Status};
-use nimbus_api::etcd::{Limits, RouteMember, UserRecord};
+use nimbus_api::etcd::{Limits, ReplicaSetRecord, RouteMember, TenantClaim, UserRecord};
 use serde_json::{Value, json};
 
 use super::instance::Context;
@@ -359,8 +359,47 @@ impl ControlStore for FakeStore {
         self.0.lock().unwrap().insert(nimbus_api::etcd::limits_key(db), serde_json::to_value(limits).unwrap());
         Ok(())
     }
-    async fn delete_database(&self, db: &str) -> Result<(), CoordError> {
-        self.0.lock().unwrap().retain(|k, _| !k.contains(&format!("/{db}")));
+    async fn delete_database(&self, db: &str, owner: &str) -> Result<bool, CoordError> {
+        let mut kv = self.0.lock().unwrap();
+        if kv.get(&nimbus_api::etcd::tenant_key(db)).is_some_and(|c| c["uid"] != owner) {
+            return Ok(false);
+        }
+        kv.retain(|k, _| {
+            !(k == &nimbus_api::etcd::route_key(db)
+                || k == &nimbus_api::etcd::limits_key(db)
+                || k == &nimbus_api::etcd::tenant_key(db)
+                || k.starts_with(&format!("{}{db}/", nimbus_api::etcd::USERS))
+                || k.starts_with(&format!("{}{db}/", nimbus_api::etcd::HOLDS)))
+        });
+        Ok(true)
+    }
+    async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError> {
+        let mut kv = self.0.lock().unwrap();
+        let key = nimbus_api::etcd::tenant_key(db);
+        let current: TenantClaim =
+            serde_json::from_value(kv.entry(key).or_insert_with(|| serde_json::to_value(claim).unwrap()).clone())
+                .unwrap();
+        Ok(if current.uid == claim.uid { Ok(()) } else { Err(current) })
+    }
+    async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetRecord>, CoordError> {
+        let kv = self.0.lock().unwrap();
+        Ok(kv
+            .get(&nimbus_api::etcd::replica_set_key(namespace, name))
+            .map(|v| serde_json::from_value(v.clone()).unwrap()))
+    }
+    async fn record_replica_set(
+        &self,
+        namespace: &str,
+        name: &str,
+        record: &ReplicaSetRecord,
+    ) -> Result<(), CoordError> {
+        let mut kv = self.0.lock().unwrap();
+        kv.entry(nimbus_api::etcd::replica_set_key(namespace, name))
+            .or_insert_with(|| serde_json::to_value(record).unwrap());
+        Ok(())
+    }
+    async fn forget_replica_set(&self, namespace: &str, name: &str) -> Result<(), CoordError> {
+        self.0.lock().unwrap().remove(&nimbus_api::etcd::replica_set_key(namespace, name));
         Ok(())
     }
 }

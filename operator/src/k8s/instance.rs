@@ -16,7 +16,7 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::{Resource, ResourceExt};
 use nimbus_api::admin::{MemberInfo, Status};
-use nimbus_api::etcd::{RouteMember, UserRecord};
+use nimbus_api::etcd::{ReplicaSetRecord, RouteMember, TenantClaim, UserRecord};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -100,6 +100,20 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
 
+    // The database name is the tenant's identity across the cluster: claim it first.
+    let claim = TenantClaim { namespace: ns.clone(), instance: name.clone(), uid: dbi.uid().unwrap_or_default() };
+    if let Err(owner) = ctx.store.claim_database(&db, &claim).await? {
+        let msg = format!(
+            "database name {db} belongs to instance {}/{}; set spec.database to a name no other instance uses",
+            owner.namespace, owner.instance
+        );
+        if dbi.status.as_ref().and_then(|s| s.phase) != Some(Phase::Failed) {
+            event(ctx, dbi, EventType::Warning, "DatabaseNameTaken", "Place", &msg).await;
+        }
+        patch_status(ctx, dbi, failed_status(dbi, "DatabaseNameTaken", &msg)).await?;
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
+
     // Placement: sticky once recorded in the status.
     let pool_name = dbi.spec.pool.clone();
     let (pool, pool_owner) = match pool_of(ctx, &ns, &pool_name).await {
@@ -146,8 +160,11 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
     // The replica set's zones: recorded on its Service at creation, never changed.
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = services.get_opt(&rs_name).await?;
-    let bootstrapped =
-        existing.as_ref().is_some_and(|s| s.annotations().contains_key(objects::ANNOTATION_BOOTSTRAPPED));
+    // Bootstrapped: the record in etcd, which outlives the Service (deleted with the pool,
+    // say), or the Service's annotation (replica sets bootstrapped before the record).
+    let record = ctx.store.replica_set(&ns, &rs_name).await?;
+    let bootstrapped = record.is_some()
+        || existing.as_ref().is_some_and(|s| s.annotations().contains_key(objects::ANNOTATION_BOOTSTRAPPED));
     let zones = match existing.as_ref().and_then(zones_of) {
         Some(z) => z,
         None => {
@@ -166,6 +183,19 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
     // Observe the members.
     let observed = observe(ctx, &rs).await?;
     let view = raft_view(&observed.statuses, bootstrapped);
+    if bootstrapped && volumes_lost(&observed) {
+        // Every member answers, and none remembers the replica set: its volumes are gone.
+        // Initialising it again would serve an empty database in place of the lost one.
+        let msg = format!(
+            "replica set {rs_name} was bootstrapped, but every member now starts empty: its volumes were lost. \
+             The operator will not initialise it again empty; restore its volumes, or see docs/operator.md"
+        );
+        if dbi.status.as_ref().and_then(|s| s.phase) != Some(Phase::Failed) {
+            event(ctx, dbi, EventType::Warning, "VolumesLost", "Bootstrap", &msg).await;
+        }
+        patch_status(ctx, dbi, failed_status(dbi, "VolumesLost", &msg)).await?;
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
 
     // Desired shared objects: first what the Pods mount and who may reach them.
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
@@ -179,6 +209,11 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
         {
             policies.patch(&p.name_any(), &ssa, &Patch::Apply(p.clone())).await?;
         }
+    }
+    if record.is_none() && matches!(view, RaftView::Led(_)) {
+        let bootstrapped_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
+        let record = ReplicaSetRecord { pool: pool_name.clone(), zones: zones.clone(), bootstrapped_ms };
+        ctx.store.record_replica_set(&ns, &rs_name, &record).await?;
     }
     let bootstrapped = bootstrapped || matches!(view, RaftView::Led(_));
     let service = objects::replica_set_service(&rs, &zones, bootstrapped);
@@ -247,6 +282,12 @@ async fn observe(ctx: &Context, rs: &ReplicaSetShape) -> Result<Observed, Error>
     for pvc in pvcs.list(&selector).await? {
         if pvc.metadata.deletion_timestamp.is_some() {
             continue;
+        }
+        if !pvc.owner_references().is_empty() {
+            // Made by an older operator, owned by the pool or instance: a volume must not
+            // be garbage-collected with either (see `objects::member_pvc`).
+            let unowned = Patch::Merge(json!({"metadata": {"ownerReferences": null}}));
+            pvcs.patch(&pvc.name_any(), &PatchParams::default(), &unowned).await?;
         }
         if let Some((id, zone)) = member_of(pvc.labels()) {
             views.insert(id, MemberView { id, zone, running: false, has_data: true, ready: false, outdated: false });
@@ -478,10 +519,47 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
             None => return Err(Error::NoLeader),
         }
     }
-    ctx.store.delete_database(&db).await?;
+    let uid = dbi.uid().unwrap_or_default();
+    if !ctx.store.delete_database(&db, &uid).await? {
+        // Refused for a name another instance owns: it never had data, route or users.
+        return Ok(Action::await_change());
+    }
+    if let Some(p) = dbi.status.as_ref().and_then(|s| s.placement.as_ref()) {
+        delete_dedicated_volumes(ctx, &ns, &p.replica_set, &uid).await?;
+    }
     event(ctx, dbi, EventType::Normal, "Deleted", "Delete", &format!("database {db}: data, route and users removed"))
         .await;
     Ok(Action::await_change())
+}
+
+/// A dedicated replica set (its Service owned by the instance) goes with its instance,
+/// volumes included: they hold no one else's data. A shared replica set's volumes are
+/// never deleted by the operator (docs/operator.md, "Uninstall").
+async fn delete_dedicated_volumes(ctx: &Context, ns: &str, rs: &str, uid: &str) -> Result<(), Error> {
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let dedicated = match services.get_opt(rs).await? {
+        Some(svc) => svc.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)),
+        None => false,
+    };
+    if !dedicated {
+        return Ok(());
+    }
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = ListParams::default().labels(&format!("{}={rs}", objects::LABEL_REPLICA_SET));
+    for pvc in pvcs.list(&selector).await? {
+        pvcs.delete(&pvc.name_any(), &DeleteParams::default()).await?;
+    }
+    ctx.store.forget_replica_set(ns, rs).await?;
+    Ok(())
+}
+
+/// No member has a volume left, or every member answers and none was ever initialised.
+fn volumes_lost(observed: &Observed) -> bool {
+    let no_volume = observed.members.iter().all(|m| !m.has_data);
+    let all_empty = !observed.statuses.is_empty()
+        && observed.statuses.len() == observed.members.len()
+        && observed.statuses.iter().all(|s| s.members.is_empty());
+    no_volume || all_empty
 }
 
 async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<ReplicaSetLoad>, Error> {

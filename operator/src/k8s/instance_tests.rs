@@ -232,3 +232,102 @@ async fn a_dedicated_instance_gets_its_own_replica_set_owned_by_it() {
     let zones: Vec<String> = pod_zones(&w).into_iter().map(|(_, z)| z).collect();
     assert_eq!(zones, vec!["zone-a", "zone-b", "zone-c", "zone-a", "zone-b"]);
 }
+
+fn ready_condition(w: &World, name: &str) -> serde_json::Value {
+    let status = w.api.get(INSTANCES, name).unwrap()["status"].clone();
+    status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone()
+}
+
+#[tokio::test]
+async fn member_volumes_have_no_owner_so_deleting_the_pool_keeps_them() {
+    let w = ready_instance().await;
+    let pvcs = w.api.list(PVCS);
+    assert_eq!(pvcs.len(), 3);
+    for pvc in &pvcs {
+        let owners = pvc["metadata"]["ownerReferences"].as_array().map_or(0, Vec::len);
+        assert_eq!(owners, 0, "a volume owned by something deletable: {pvc}");
+    }
+    // A volume made by an older operator, still owned by the pool, loses its owner.
+    let mut old = pvcs[0].clone();
+    old["metadata"]["ownerReferences"] = json!([{"apiVersion": "nimbus.io/v1alpha1", "kind": "ResourcePool",
+        "name": "default", "uid": "uid-pool", "controller": true}]);
+    w.api.put(PVCS, old.clone());
+    w.reconcile("shop").await.unwrap();
+    let name = old["metadata"]["name"].as_str().unwrap();
+    let owners = w.api.get(PVCS, name).unwrap()["metadata"]["ownerReferences"].as_array().map_or(0, Vec::len);
+    assert_eq!(owners, 0);
+}
+
+#[tokio::test]
+async fn a_bootstrapped_replica_set_whose_volumes_were_lost_is_reported_never_bootstrapped_again() {
+    let w = ready_instance().await;
+    assert!(w.store.0.lock().unwrap().contains_key("/nimbus/replicasets/apps/default-rs0"), "bootstrap recorded");
+    // The pool was deleted and its objects collected, volumes included (as before the
+    // fix): the Service with its annotation is gone, and the members start empty.
+    w.api.remove(SERVICES, "default-rs0");
+    for id in 1..=3 {
+        w.api.remove(PODS, &format!("default-rs0-m{id}"));
+        w.api.remove(PVCS, &format!("default-rs0-m{id}-data"));
+    }
+    {
+        let mut m = w.datanodes.0.lock().unwrap();
+        m.initialized = false;
+        m.members.clear();
+        m.voters.clear();
+    }
+    for _ in 0..8 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert_eq!(w.raft_log(), vec!["init [1, 2, 3]"], "initialised again empty");
+    let ready = ready_condition(&w, "shop");
+    assert_eq!(ready["reason"], "VolumesLost", "{ready}");
+    assert!(ready["message"].as_str().unwrap().contains("will not initialise it again"), "{ready}");
+}
+
+#[tokio::test]
+async fn a_database_name_is_one_tenants_across_namespaces_and_instances() {
+    let w = ready_instance().await;
+    // Another instance asks for the same database name.
+    w.add_instance("shop2", json!({"database": "shop"}), true);
+    w.reconcile("shop2").await.unwrap();
+    let ready = ready_condition(&w, "shop2");
+    assert_eq!(ready["reason"], "DatabaseNameTaken");
+    assert!(ready["message"].as_str().unwrap().contains("apps/shop"), "{ready}");
+    assert_eq!(w.api.get(INSTANCES, "shop2").unwrap()["status"]["phase"], "Failed");
+    // Deleting the refused instance leaves the owner's route, users and data alone.
+    let before = w.store.0.lock().unwrap().clone();
+    let mut obj = w.api.get(INSTANCES, "shop2").unwrap();
+    obj["metadata"]["deletionTimestamp"] = json!("2026-11-22T06:00:00Z");
+    w.api.put(INSTANCES, obj);
+    w.reconcile("shop2").await.unwrap();
+    assert_eq!(*w.store.0.lock().unwrap(), before);
+    assert!(!w.raft_log().iter().any(|l| l.starts_with("drop_database")), "{:?}", w.raft_log());
+    assert_eq!(w.api.get(INSTANCES, "shop2").unwrap()["metadata"]["finalizers"], json!([]));
+    // The owner's deletion releases the name.
+    let mut obj = w.api.get(INSTANCES, "shop").unwrap();
+    obj["metadata"]["deletionTimestamp"] = json!("2026-11-22T06:00:00Z");
+    w.api.put(INSTANCES, obj);
+    w.reconcile("shop").await.unwrap();
+    assert!(!w.store.0.lock().unwrap().contains_key("/nimbus/tenants/shop"));
+}
+
+#[tokio::test]
+async fn deleting_a_dedicated_instance_deletes_its_volumes_and_a_shared_ones_keeps_them() {
+    let w = World::new();
+    w.add_instance("orders", json!({"tier": "dedicated"}), true);
+    w.reconcile_until_phase("orders", "Ready", 12).await;
+    assert_eq!(w.api.list(PVCS).len(), 3);
+    let mut obj = w.api.get(INSTANCES, "orders").unwrap();
+    obj["metadata"]["deletionTimestamp"] = json!("2026-11-22T06:00:00Z");
+    w.api.put(INSTANCES, obj);
+    w.reconcile("orders").await.unwrap();
+    assert!(w.api.list(PVCS).is_empty(), "{:?}", w.api.list(PVCS));
+    assert!(!w.store.0.lock().unwrap().keys().any(|k| k.starts_with("/nimbus/replicasets/")));
+
+    let w = ready_instance().await;
+    let mut obj = w.api.get(INSTANCES, "shop").unwrap();
+    obj["metadata"]["deletionTimestamp"] = json!("2026-11-22T06:00:00Z");
+    w.api.put(INSTANCES, obj);
+    w.reconcile("shop").await.unwrap();
+    assert_eq!(w.api.list(PVCS).len(), 3, "a shared replica set's volumes stay");
+}

@@ -274,10 +274,15 @@ pub fn member_pvc(rs: &ReplicaSetShape, id: u64, zone: &str) -> PersistentVolume
     if let Some(class) = &rs.storage_class {
         spec["storageClassName"] = json!(class);
     }
+    let mut metadata =
+        meta(&member_pvc_name(&rs.name, id), rs, "datanode", &[(LABEL_MEMBER, &id_s), (LABEL_ZONE, zone)]);
+    // No owner: a volume must outlive anything a user deletes casually (a pool, an
+    // uninstall). The operator deletes a dedicated replica set's volumes with its instance.
+    metadata["ownerReferences"] = json!([]);
     typed(json!({
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": meta(&member_pvc_name(&rs.name, id), rs, "datanode", &[(LABEL_MEMBER, &id_s), (LABEL_ZONE, zone)]),
+        "metadata": metadata,
         "spec": spec
     }))
 }

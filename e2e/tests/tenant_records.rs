@@ -1,0 +1,51 @@
+//! The control plane's tenant records against a real etcd: a database name claimed by one
+//! instance is refused to any other, deleting a refused instance's records deletes nothing
+//! of the owner's, and a replica set's bootstrap record is written once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use nimbus_api::etcd::{Limits, ReplicaSetRecord, RouteMember, TenantClaim, Tier, UserRecord, UserRole};
+use nimbus_e2e::etcd::EtcdCluster;
+use nimbus_net::EtcdArgs;
+use nimbus_operator::controlplane::coord::Coordinator;
+
+fn claim(ns: &str, instance: &str) -> TenantClaim {
+    TenantClaim { namespace: ns.into(), instance: instance.into(), uid: format!("uid-{ns}-{instance}") }
+}
+
+#[tokio::test]
+async fn a_database_name_belongs_to_one_instance_and_only_its_owner_deletes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdCluster::start(1, dir.path()).await.unwrap();
+    let store = Coordinator::connect(&EtcdArgs::plain(&etcd.client_urls)).await.unwrap();
+
+    let (owner, other) = (claim("team-a", "shop"), claim("team-b", "shop"));
+    assert!(store.claim_database("shop", &owner).await.unwrap().is_ok());
+    assert!(store.claim_database("shop", &owner).await.unwrap().is_ok(), "claiming again is idempotent");
+    assert_eq!(store.claim_database("shop", &other).await.unwrap(), Err(owner.clone()));
+
+    let member = RouteMember { id: 1, data_addr: "http://m1:7000".into(), zone: "a".into() };
+    store.put_route("shop", "default-rs0", vec![member]).await.unwrap();
+    let user = UserRecord { role: UserRole::ReadWrite, secret_sha256: "00".repeat(32) };
+    store.put_user("shop", "app", &user).await.unwrap();
+    store.put_limits("shop", &Limits::for_tier(Tier::Standard)).await.unwrap();
+
+    // The refused instance's deletion: nothing of the owner's goes.
+    assert!(!store.delete_database("shop", &other.uid).await.unwrap());
+    assert!(store.route("shop").await.unwrap().is_some());
+    // The owner's: everything, the claim included, so the name is free again.
+    assert!(store.delete_database("shop", &owner.uid).await.unwrap());
+    assert!(store.route("shop").await.unwrap().is_none());
+    assert!(store.claim_database("shop", &other).await.unwrap().is_ok());
+
+    // A bootstrap record is written once: the first stays.
+    let first = ReplicaSetRecord { pool: "default".into(), zones: vec!["a".into()], bootstrapped_ms: 1 };
+    let second = ReplicaSetRecord { bootstrapped_ms: 2, ..first.clone() };
+    store.record_replica_set("apps", "default-rs0", &first).await.unwrap();
+    store.record_replica_set("apps", "default-rs0", &second).await.unwrap();
+    assert_eq!(store.replica_set("apps", "default-rs0").await.unwrap(), Some(first));
+    assert_eq!(store.replica_set("other", "default-rs0").await.unwrap(), None, "records are per namespace");
+    store.forget_replica_set("apps", "default-rs0").await.unwrap();
+    assert_eq!(store.replica_set("apps", "default-rs0").await.unwrap(), None);
+    etcd.stop().await;
+}
