@@ -11,7 +11,8 @@
 //!
 //! How close this is to the API server: the costs follow cel-go's `checker/cost.go` (ident
 //! and select 1, literals 0, a call 1 plus its arguments, string or list equality 0.1 per
-//! element of the shorter side, `&&`/`||` both sides, a comprehension its range, init and
+//! element of the shorter side, `matches` the text's traversal times a quarter of the
+//! pattern's length, `&&`/`||` both sides, a comprehension its range, init and
 //! result plus the range's size times its step and condition), and the sizes of unbounded
 //! values follow the apiextensions server (3 MiB requests, smallest JSON of each type). It
 //! models only the operators these CRDs use and fails on any other, so a new rule is either
@@ -21,7 +22,7 @@
 
 use std::collections::HashMap;
 
-use cel::common::ast::{Expr, operators};
+use cel::common::ast::{Expr, LiteralValue, operators};
 use nimbus_operator::crd::crds;
 use serde_json::{Value, json};
 
@@ -33,6 +34,8 @@ const CRD_LIMIT: f64 = 1e8;
 const MAX_REQUEST_BYTES: f64 = 3.0 * 1024.0 * 1024.0;
 /// cel-go's cost of traversing one element of a string or list.
 const TRAVERSAL: f64 = 0.1;
+/// cel-go's cost of a regular expression, per character of the pattern.
+const REGEX: f64 = 0.25;
 
 /// The smallest JSON a value of this schema can be (the API server's `estimateMinSizeJSON`).
 fn min_json_size(schema: &Value) -> f64 {
@@ -132,6 +135,21 @@ impl Estimator {
                     operators::EQUALS | operators::NOT_EQUALS => {
                         let (l, r) = (self.size(&args[0], "=="), self.size(&args[1], "=="));
                         (l.min(r).max(1.0) * TRAVERSAL).ceil() + inputs
+                    }
+                    // cel-go: ⌈0.1 × (1 + string length)⌉ × ⌈0.25 × pattern length⌉.
+                    "matches" => {
+                        let text = match &target {
+                            Some(t) => self.size(t, "matches"),
+                            None => f64::INFINITY,
+                        };
+                        let pattern = match call.args.first().map(|a| &a.expr) {
+                            Some(Expr::Literal(LiteralValue::String(p))) => p.inner().len() as f64,
+                            _ => {
+                                self.unknown.push("matches with a computed pattern".into());
+                                f64::INFINITY
+                            }
+                        };
+                        ((1.0 + text) * TRAVERSAL).ceil() * (pattern * REGEX).ceil() + inputs
                     }
                     operators::LOGICAL_AND | operators::LOGICAL_OR => inputs,
                     operators::CONDITIONAL => args[0].cost + args[1].cost.max(args[2].cost),

@@ -244,9 +244,62 @@ fn the_schema_refuses_what_an_instance_must_not_say() {
 fn the_database_name_and_zones_cannot_change() {
     let old = instance(serde_json::json!({"database": "shop", "zones": ["a", "b", "c"]}));
     let renamed = instance(serde_json::json!({"database": "shop2", "zones": ["a", "b", "c"]}));
-    assert!(validate("DatabaseInstance", &renamed, Some(&old)).join(";").contains("spec.database cannot change"));
+    assert!(validate("DatabaseInstance", &renamed, Some(&old)).join(";").contains("database name"));
     let moved = instance(serde_json::json!({"database": "shop", "zones": ["a", "b", "d"]}));
     assert!(validate("DatabaseInstance", &moved, Some(&old)).join(";").contains("spec.zones cannot change"));
     let same = instance(serde_json::json!({"database": "shop", "zones": ["a", "b", "c"], "tier": "free"}));
     assert!(validate("DatabaseInstance", &same, Some(&old)).is_empty());
+}
+
+/// Each field that cannot change (yet) is refused on update with a sentence saying why; the
+/// ones that can change pass.
+#[test]
+fn fields_that_would_move_or_resize_a_replica_set_cannot_change() {
+    let base = serde_json::json!({"pool": "default", "tier": "standard", "replicas": 3, "storage": {"size": "10Gi"}});
+    let old = instance(base.clone());
+    let with = |k: &str, v: Value| {
+        let mut spec = base.clone();
+        spec[k] = v;
+        instance(spec)
+    };
+    let refused = [
+        (with("pool", serde_json::json!("big")), "spec.pool cannot change"),
+        (with("tier", serde_json::json!("dedicated")), "spec.tier cannot change"),
+        (with("replicas", serde_json::json!(5)), "spec.replicas cannot change"),
+        (with("storage", serde_json::json!({"size": "20Gi"})), "spec.storage cannot change"),
+        (
+            with("storage", serde_json::json!({"size": "10Gi", "storageClassName": "fast"})),
+            "spec.storage cannot change",
+        ),
+        // Setting spec.database later to another name than the instance's renames it.
+        (with("database", serde_json::json!("other")), "database name"),
+    ];
+    for (new, expect) in refused {
+        let errors = validate("DatabaseInstance", &new, Some(&old)).join("; ");
+        assert!(errors.contains(expect), "{}: expected {expect:?}, got {errors:?}", new["spec"]);
+    }
+    let allowed = [
+        with("tier", serde_json::json!("free")),
+        // Naming the database it already has is no rename.
+        with("database", serde_json::json!("shop")),
+        with("limits", serde_json::json!({"qps": 50})),
+    ];
+    for new in allowed {
+        let errors = validate("DatabaseInstance", &new, Some(&old));
+        assert!(errors.is_empty(), "{}: {errors:?}", new["spec"]);
+    }
+}
+
+#[test]
+fn names_that_cannot_name_services_are_refused() {
+    let mut dotted = instance(serde_json::json!({}));
+    dotted["metadata"]["name"] = serde_json::json!("shop.v2");
+    assert!(validate("DatabaseInstance", &dotted, None).join(";").contains("DNS label"));
+    let pool = |name: &str| {
+        serde_json::json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "ResourcePool",
+            "metadata": {"name": name}, "spec": {}})
+    };
+    assert!(validate("ResourcePool", &pool("shared.eu"), None).join(";").contains("DNS label"));
+    assert!(validate("ResourcePool", &pool(&"p".repeat(41)), None).join(";").contains("at most 40"));
+    assert!(validate("ResourcePool", &pool("shared-eu"), None).is_empty());
 }

@@ -123,6 +123,24 @@ impl Coordinator {
         Ok(done)
     }
 
+    /// Deletes the users of `db` not in `keep` (their tokens stop working at once); returns
+    /// the names removed.
+    pub async fn retain_users(&self, db: &str, keep: &[String]) -> Result<Vec<String>, CoordError> {
+        let prefix = format!("{}{db}/", etcd::USERS);
+        let opts = etcd_client::GetOptions::new().with_prefix().with_keys_only();
+        let resp = self.client.kv_client().get(prefix.as_str(), Some(opts)).await?;
+        let mut removed = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let name = key.trim_start_matches(prefix.as_str()).to_string();
+            if !keep.contains(&name) {
+                self.client.kv_client().delete(key.as_str(), None).await?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Claims `db` for `claim`'s instance unless another instance holds it: `Ok(())` when
     /// the claim is (now) this instance's, `Err(owner)` otherwise.
     pub async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError> {

@@ -44,6 +44,8 @@ pub trait ControlStore: Send + Sync {
     async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError>;
     async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError>;
     async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError>;
+    /// Deletes the users of `db` not in `keep`; returns the names removed.
+    async fn retain_users(&self, db: &str, keep: &[String]) -> Result<Vec<String>, CoordError>;
     /// Deletes the database's records unless another instance than `owner` (a uid)
     /// claims it; `false` when it does (nothing deleted).
     async fn delete_database(&self, db: &str, owner: &str) -> Result<bool, CoordError>;
@@ -144,6 +146,9 @@ impl ControlStore for coord::Coordinator {
     }
     async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError> {
         coord::Coordinator::claim_database(self, db, claim).await
+    }
+    async fn retain_users(&self, db: &str, keep: &[String]) -> Result<Vec<String>, CoordError> {
+        coord::Coordinator::retain_users(self, db, keep).await
     }
     async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetRecord>, CoordError> {
         coord::Coordinator::replica_set(self, namespace, name).await

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeSet;
 
+use sha2::Digest;
+
 use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -84,7 +86,7 @@ impl Placement {
 /// instance. Names are DNS labels short enough for the Pod names built from them.
 pub fn choose_replica_set(pool: &str, mode: PoolMode, sets: &[ReplicaSetLoad], instance: &str) -> Placement {
     match mode {
-        PoolMode::Dedicated => Placement::New(truncate_label(&format!("{pool}-{instance}"))),
+        PoolMode::Dedicated => Placement::New(dedicated_name(pool, instance)),
         PoolMode::Shared { capacity } => {
             let best = sets
                 .iter()
@@ -108,14 +110,51 @@ pub fn choose_replica_set(pool: &str, mode: PoolMode, sets: &[ReplicaSetLoad], i
 /// Replica-set names become Pod names (`{set}-m{id}`, at most 63 characters): keep them at 50.
 pub const MAX_REPLICA_SET_NAME: usize = 50;
 
+/// `s` if it fits; else a prefix and a hash of the whole name, so two long names that
+/// share their first 50 characters still name two replica sets.
 fn truncate_label(s: &str) -> String {
-    let t: String = s.chars().take(MAX_REPLICA_SET_NAME).collect();
-    t.trim_end_matches('-').to_string()
+    if s.len() <= MAX_REPLICA_SET_NAME {
+        return s.to_string();
+    }
+    let hash = hex::encode(&sha2::Sha256::digest(s.as_bytes())[..4]);
+    let prefix: String = s.chars().take(MAX_REPLICA_SET_NAME - hash.len() - 1).collect();
+    format!("{}-{hash}", prefix.trim_end_matches('-'))
+}
+
+/// A dedicated replica set's name: `{pool}-{instance}`, unless that could be a shared
+/// replica set's name (`{pool}-rs{n}`, an instance named `rs0`), which gets a hash suffix.
+fn dedicated_name(pool: &str, instance: &str) -> String {
+    let plain = format!("{pool}-{instance}");
+    let shared_like =
+        instance.strip_prefix("rs").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if shared_like {
+        let hash = hex::encode(&sha2::Sha256::digest(plain.as_bytes())[..4]);
+        return truncate_label(&format!("{plain}-{hash}"));
+    }
+    truncate_label(&plain)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_set_names_never_collide_after_truncation() {
+        let long = "a".repeat(60);
+        let (one, two) = (format!("{long}-one"), format!("{long}-two"));
+        let a = choose_replica_set("default", PoolMode::Dedicated, &[], &one).name().to_string();
+        let b = choose_replica_set("default", PoolMode::Dedicated, &[], &two).name().to_string();
+        assert_ne!(a, b);
+        assert!(a.len() <= MAX_REPLICA_SET_NAME && b.len() <= MAX_REPLICA_SET_NAME, "{a} {b}");
+        assert!(!a.contains("--") && !a.ends_with('-'), "{a}");
+        // A dedicated instance named like a shared replica set does not take its name.
+        let shared = choose_replica_set("default", PoolMode::Shared { capacity: 10 }, &[], "x").name().to_string();
+        let dedicated = choose_replica_set("default", PoolMode::Dedicated, &[], "rs0").name().to_string();
+        assert_eq!(shared, "default-rs0");
+        assert_ne!(dedicated, shared);
+        // Short names are kept as they are.
+        assert_eq!(choose_replica_set("default", PoolMode::Dedicated, &[], "orders").name(), "default-orders");
+    }
 
     fn zones(z: &[&str]) -> Vec<String> {
         z.iter().map(|s| s.to_string()).collect()

@@ -373,6 +373,20 @@ impl ControlStore for FakeStore {
         });
         Ok(true)
     }
+    async fn retain_users(&self, db: &str, keep: &[String]) -> Result<Vec<String>, CoordError> {
+        let prefix = format!("{}{db}/", nimbus_api::etcd::USERS);
+        let mut kv = self.0.lock().unwrap();
+        let removed: Vec<String> = kv
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .filter(|name| !keep.iter().any(|n| n == name))
+            .map(str::to_string)
+            .collect();
+        for name in &removed {
+            kv.remove(&format!("{prefix}{name}"));
+        }
+        Ok(removed)
+    }
     async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError> {
         let mut kv = self.0.lock().unwrap();
         let key = nimbus_api::etcd::tenant_key(db);

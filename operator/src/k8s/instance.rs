@@ -139,6 +139,14 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
             chosen.name().to_string()
         }
     };
+    // A replica set that exists keeps what it was made as: a spec changed under an older
+    // CRD (without its immutability rules) never re-owns a shared replica set to one tenant.
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = services.get_opt(&rs_name).await?;
+    let dedicated = match &existing {
+        Some(svc) => svc.owner_references().iter().any(|o| o.controller == Some(true) && o.kind == "DatabaseInstance"),
+        None => dedicated,
+    };
     let owner = if dedicated { dbi.controller_owner_ref(&()) } else { pool_owner.clone() };
     let replicas = if dedicated { dbi.spec.replicas } else { pool.replicas_per_set };
     let rs = ReplicaSetShape {
@@ -158,8 +166,6 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
     };
 
     // The replica set's zones: recorded on its Service at creation, never changed.
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = services.get_opt(&rs_name).await?;
     // Bootstrapped: the record in etcd, which outlives the Service (deleted with the pool,
     // say), or the Service's annotation (replica sets bootstrapped before the record).
     let record = ctx.store.replica_set(&ns, &rs_name).await?;
@@ -481,6 +487,13 @@ async fn publish_credentials(ctx: &Context, dbi: &DatabaseInstance, ns: &str, db
         creds.tokens.insert(user.name.clone(), token);
         // The Secret first: a token in etcd that no one can read would be useless.
         ctx.store.put_user(db, &user.name, &record).await?;
+    }
+    // A user removed from the spec loses access now, not at some later cleanup.
+    let keep: Vec<String> = creds.tokens.keys().cloned().collect();
+    let removed = ctx.store.retain_users(db, &keep).await?;
+    if !removed.is_empty() {
+        let msg = format!("users {} removed: their tokens no longer work", removed.join(", "));
+        event(ctx, dbi, EventType::Normal, "UsersRevoked", "Revoke", &msg).await;
     }
     let owner = dbi.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
     let secret = objects::credentials_secret(&name, ns, &owner, &creds);

@@ -331,3 +331,43 @@ async fn deleting_a_dedicated_instance_deletes_its_volumes_and_a_shared_ones_kee
     w.reconcile("shop").await.unwrap();
     assert_eq!(w.api.list(PVCS).len(), 3, "a shared replica set's volumes stay");
 }
+
+#[tokio::test]
+async fn a_tier_changed_past_the_crds_rules_never_re_owns_a_shared_replica_set() {
+    let w = ready_instance().await;
+    // As an API server with an older CRD (no immutability rule) would let through.
+    let mut obj = w.api.get(INSTANCES, "shop").unwrap();
+    obj["spec"]["tier"] = json!("dedicated");
+    obj["spec"]["resources"] = json!({"requests": {"cpu": "4"}});
+    w.api.put(INSTANCES, obj);
+    let pods_before = w.api.list(PODS);
+    for _ in 0..5 {
+        w.reconcile("shop").await.unwrap();
+    }
+    let svc = w.api.get(SERVICES, "default-rs0").unwrap();
+    let owned_by_instance = svc["metadata"]["ownerReferences"]
+        .as_array()
+        .is_some_and(|os| os.iter().any(|o| o["kind"] == "DatabaseInstance"));
+    assert!(!owned_by_instance, "{svc}");
+    let uids = |ps: &[serde_json::Value]| ps.iter().map(|p| p["metadata"]["uid"].clone()).collect::<Vec<_>>();
+    assert_eq!(uids(&w.api.list(PODS)), uids(&pods_before), "members were restarted");
+}
+
+#[tokio::test]
+async fn a_user_removed_from_the_spec_is_revoked_at_once() {
+    let w = World::new();
+    w.add_instance("shop", json!({"users": [{"name": "app"}, {"name": "batch"}]}), true);
+    w.reconcile_until_phase("shop", "Ready", 10).await;
+    assert!(w.store.0.lock().unwrap().contains_key("/nimbus/users/shop/batch"));
+    let mut obj = w.api.get(INSTANCES, "shop").unwrap();
+    obj["spec"]["users"] = json!([{"name": "app"}]);
+    w.api.put(INSTANCES, obj);
+    w.reconcile("shop").await.unwrap();
+    let keys: Vec<String> = w.store.0.lock().unwrap().keys().filter(|k| k.contains("/users/")).cloned().collect();
+    assert_eq!(keys, vec!["/nimbus/users/shop/app"]);
+    let secret = w.api.get("/api/v1/namespaces/apps/secrets", "shop-credentials").unwrap();
+    assert!(
+        secret["data"].get("token-batch").is_none() && secret["stringData"].get("token-batch").is_none(),
+        "{secret}"
+    );
+}

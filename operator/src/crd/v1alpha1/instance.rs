@@ -31,9 +31,22 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "QPS", type_ = "integer", json_path = ".status.limits.qps", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 50").message("the name must be at most 50 characters"),
+    // Replica sets, Services and Pods are named after instances: a DNS label, no dots.
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("the name must be a DNS label: lowercase letters, digits and '-', starting with a letter"),
+    // The database name is `spec.database`, else the instance's name; it never changes,
+    // not even by setting `spec.database` later to another name.
+    validation = Rule::new("!has(oldSelf.spec) || (has(self.spec) && has(self.spec.database) ? self.spec.database : self.metadata.name) == (has(oldSelf.spec.database) ? oldSelf.spec.database : oldSelf.metadata.name)")
+        .message("the database name (spec.database, else the instance's name) cannot change: move data with a migration instead"),
 )]
-#[x_kube(validation = Rule::new("!has(oldSelf.database) || (has(self.database) && self.database == oldSelf.database)")
-    .message("spec.database cannot change: move data with a migration instead"))]
+#[x_kube(validation = Rule::new("self.pool == oldSelf.pool")
+    .message("spec.pool cannot change yet: moving a database to another pool is a hot migration, not yet available"))]
+#[x_kube(validation = Rule::new("self.tier == oldSelf.tier || (self.tier != 'dedicated' && oldSelf.tier != 'dedicated')")
+    .message("spec.tier cannot change between shared (free, standard) and dedicated: that moves the database to another replica set, a hot migration not yet available"))]
+#[x_kube(validation = Rule::new("self.replicas == oldSelf.replicas")
+    .message("spec.replicas cannot change yet: a replica set keeps the size it was made with"))]
+#[x_kube(validation = Rule::new("self.storage.size == oldSelf.storage.size && (has(self.storage.storageClassName) == has(oldSelf.storage.storageClassName)) && (!has(self.storage.storageClassName) || self.storage.storageClassName == oldSelf.storage.storageClassName)")
+    .message("spec.storage cannot change yet: members keep the volumes they were made with"))]
 #[x_kube(validation = Rule::new("!has(oldSelf.zones) || (has(self.zones) && self.zones == oldSelf.zones)")
     .message("spec.zones cannot change once set: each member's zone is fixed for its life"))]
 #[x_kube(validation = Rule::new("!has(self.zones) || self.zones.size() == 0 || self.zones.size() >= 3")
@@ -54,6 +67,7 @@ pub struct DatabaseInstanceSpec {
 
     /// The ResourcePool (same namespace) whose replica sets hold this database.
     #[serde(default = "default_pool")]
+    #[schemars(length(min = 1, max = 40))]
     pub pool: String,
 
     /// Availability zones (values of `topology.kubernetes.io/zone`) for the members, at least
@@ -145,10 +159,12 @@ impl From<Tier> for nimbus_api::etcd::Tier {
 pub struct StorageSpec {
     /// Volume size of each member, as a Kubernetes quantity.
     #[serde(default = "default_storage_size")]
+    #[schemars(length(min = 1, max = 32))]
     pub size: String,
     /// StorageClass of the members' PVCs; the cluster default when unset. Use a class with
     /// `volumeBindingMode: WaitForFirstConsumer` so volumes follow the zone pinning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub storage_class_name: Option<String>,
 }
 

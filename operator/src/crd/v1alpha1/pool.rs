@@ -28,7 +28,11 @@ use super::StorageSpec;
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Replica sets", type_ = "integer", json_path = ".status.replicaSetCount"),
     printcolumn(name = "Databases", type_ = "integer", json_path = ".status.databaseCount"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    // Replica sets are named `{pool}-rs{n}`: Service names (DNS labels) with room for the
+    // suffix and the members' `-m{id}`.
+    validation = Rule::new("self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("the name must be a DNS label of at most 40 characters: lowercase letters, digits and '-', starting with a letter")
 )]
 #[x_kube(validation = Rule::new("self.mode == oldSelf.mode").message("spec.mode cannot change"))]
 #[x_kube(validation = Rule::new("self.replicasPerSet == oldSelf.replicasPerSet")
