@@ -65,6 +65,16 @@ if etcd is not None:
     check(env.get("NIMBUS_ETCD_CERT_FILE", "").endswith("etcd-operator.crt"), "the operator connects with its own certificate")
     check("-etcd" in {n[-5:] for n in by_kind.get("NetworkPolicy", {})}, "etcd has a NetworkPolicy")
 
+# The reconciler tests enforce the RBAC they read from the template itself (operator/src/k8s/
+# fake/rbac.rs: three substitutions, anything else refused); it must be what helm renders.
+template = open("charts/nimbus/templates/rbac.yaml").read()
+lines = [l.replace("{{ .Release.Name }}", "nimbus").replace("{{ .Release.Namespace }}", "nimbus-system")
+         for l in template.splitlines() if l.strip() != '{{- include "nimbus.labels" . | nindent 4 }}']
+as_tests_read = {(d["kind"], d["metadata"]["name"]): d.get("rules") for d in yaml.safe_load_all("\n".join(lines)) if d}
+for (kind, name), rules in as_tests_read.items():
+    if kind in ("Role", "ClusterRole") and name in by_kind.get(kind, {}):
+        check(by_kind[kind][name]["rules"] == rules, f"{kind} {name}: the tests' reading of rbac.yaml differs from helm's")
+
 role = next(iter(by_kind.get("ClusterRole", {}).values()), None)
 if role is None:  # the operator's objects alone (preview)
     for f in failures:

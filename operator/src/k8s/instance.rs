@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret, Servi
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event, finalizer};
@@ -21,6 +21,8 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::Error;
+pub use super::api::FIELD_MANAGER;
+use super::api::Objects;
 use super::objects::{self, Credentials, ReplicaSetShape, Settings};
 use crate::controlplane::admin::raft_view;
 use crate::controlplane::members::{self, Action as Step, Desired, MemberView, RaftView};
@@ -32,7 +34,6 @@ use crate::crd::v1alpha1::{
 };
 
 pub const FINALIZER: &str = "nimbus.io/cleanup";
-pub const FIELD_MANAGER: &str = "nimbus-operator";
 /// Requeue while something is changing, and when all is steady (a periodic health check).
 pub const REQUEUE_BUSY: Duration = Duration::from_secs(5);
 pub const REQUEUE_STEADY: Duration = Duration::from_secs(60);
@@ -51,17 +52,58 @@ pub async fn reconcile(dbi: Arc<DatabaseInstance>, ctx: Arc<Context>) -> Result<
     let started = Instant::now();
     let ns = dbi.namespace().ok_or(Error::MissingNamespace)?;
     let api: Api<DatabaseInstance> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, dbi, |event| async {
+    let result = finalizer(&api, FINALIZER, dbi.clone(), |event| async {
         match event {
             Event::Apply(dbi) => apply(&dbi, &ctx).await,
-            Event::Cleanup(dbi) => cleanup(&dbi, &ctx).await,
+            Event::Cleanup(dbi) => match cleanup(&dbi, &ctx).await {
+                Err(e) => Err(report_api_failure(&ctx, &dbi, e).await),
+                done => done,
+            },
         }
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
+    // The finalizer's own patches fail outside `apply` and `cleanup`: report them here.
+    let result = match result {
+        Err(Error::Finalizer(e))
+            if matches!(
+                e.as_ref(),
+                kube::runtime::finalizer::Error::AddFinalizer(_) | kube::runtime::finalizer::Error::RemoveFinalizer(_)
+            ) =>
+        {
+            Err(report_api_failure(&ctx, &dbi, Error::Finalizer(e)).await)
+        }
+        other => other,
+    };
     ctx.metrics.reconciled("DatabaseInstance", started.elapsed(), result.is_ok());
     result
 }
+
+/// A failed Kubernetes API call, told to whoever looks at the instance: a `Degraded`
+/// condition (and `Ready=False` unless the database is served all the same) with reason
+/// `KubernetesApiError`, and a Warning Event; both say which call failed and why.
+async fn report_api_failure(ctx: &Context, dbi: &DatabaseInstance, err: Error) -> Error {
+    let Some(message) = err.api_failure() else { return err };
+    warn!(instance = %dbi.name_any(), error = %message, "a Kubernetes API call failed");
+    let mut status = dbi.status.clone().unwrap_or_default();
+    let generation = dbi.metadata.generation;
+    let serving = matches!(status.phase, Some(Phase::Ready | Phase::Degraded));
+    if serving {
+        status.phase = Some(Phase::Degraded);
+    } else {
+        status.phase = Some(status.phase.unwrap_or(Phase::Provisioning));
+        set_condition(&mut status.conditions, "Ready", "False", API_ERROR, &message, generation);
+    }
+    set_condition(&mut status.conditions, "Degraded", "True", API_ERROR, &message, generation);
+    if let Err(e) = patch_status(ctx, dbi, status).await {
+        warn!(instance = %dbi.name_any(), error = %e, "failed to report a Kubernetes API failure in the status");
+    }
+    event(ctx, dbi, EventType::Warning, API_ERROR, "Reconcile", &message).await;
+    err
+}
+
+/// The reason of conditions and Events that report a failed Kubernetes API call.
+pub const API_ERROR: &str = "KubernetesApiError";
 
 /// Requeue with backoff on errors: conflicts and API errors are retried.
 pub fn error_policy(dbi: Arc<DatabaseInstance>, err: &Error, _ctx: Arc<Context>) -> Action {
@@ -71,7 +113,7 @@ pub fn error_policy(dbi: Arc<DatabaseInstance>, err: &Error, _ctx: Arc<Context>)
 
 /// The pool an instance names, or the implicit default pool (shared, 3 per set).
 async fn pool_of(ctx: &Context, ns: &str, name: &str) -> Result<(ResourcePoolSpec, Option<OwnerReference>), Error> {
-    let pools: Api<ResourcePool> = Api::namespaced(ctx.client.clone(), ns);
+    let pools: Objects<ResourcePool> = Objects::namespaced(ctx.client.clone(), ns);
     match pools.get_opt(name).await? {
         Some(p) => Ok((p.spec.clone(), p.controller_owner_ref(&()))),
         None if name == "default" => Ok((ResourcePoolSpec::default_shared(), None)),
@@ -90,14 +132,50 @@ impl ResourcePoolSpec {
     }
 }
 
+/// What one pass of [`provision`] came to.
+enum Provisioned {
+    /// Nothing more to do this time (the status, if any, is written).
+    Done(Action),
+    /// The instance's new status, and the replica-set step's error if the step failed.
+    Reconciled { status: Box<DatabaseInstanceStatus>, step_error: Option<Error>, requeue: Action },
+}
+
+/// The instance pipeline, then its status; a failed Kubernetes API call is reported.
 async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
+    let (status, step_error, requeue) = match provision(dbi, ctx).await {
+        Ok(Provisioned::Done(action)) => return Ok(action),
+        Ok(Provisioned::Reconciled { status, step_error, requeue }) => (*status, step_error, requeue),
+        Err(e) => return Err(report_api_failure(ctx, dbi, e).await),
+    };
+    let was_ready = dbi.status.as_ref().and_then(|s| s.phase) == Some(Phase::Ready);
+    if status.phase == Some(Phase::Ready) && !was_ready {
+        let (db, rs) = (dbi.database(), status.placement.as_ref().map(|p| p.replica_set.clone()).unwrap_or_default());
+        event(ctx, dbi, EventType::Normal, "Ready", "Ready", &format!("serving database {db} from {rs}")).await;
+    }
+    if let Err(e) = patch_status(ctx, dbi, status).await {
+        return Err(report_api_failure(ctx, dbi, e).await);
+    }
+    match step_error {
+        // Already in the status (Degraded or Progressing): the Event only.
+        Some(e) => {
+            if let Some(message) = e.api_failure() {
+                event(ctx, dbi, EventType::Warning, API_ERROR, "Reconcile", &message).await;
+            }
+            Err(e)
+        }
+        None => Ok(requeue),
+    }
+}
+
+/// gather → validate → place → apply the desired objects → one replica-set step → publish.
+async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned, Error> {
     let ns = dbi.namespace().ok_or(Error::MissingNamespace)?;
     let name = dbi.name_any();
     let db = dbi.database();
     if let Err(e) = nimbus_api::limits::validate_name("database", &db) {
         let msg = e.message.clone();
         patch_status(ctx, dbi, failed_status(dbi, "InvalidSpec", &msg)).await?;
-        return Ok(Action::await_change());
+        return Ok(Provisioned::Done(Action::await_change()));
     }
 
     // The database name is the tenant's identity across the cluster: claim it first.
@@ -111,7 +189,7 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
             event(ctx, dbi, EventType::Warning, "DatabaseNameTaken", "Place", &msg).await;
         }
         patch_status(ctx, dbi, failed_status(dbi, "DatabaseNameTaken", &msg)).await?;
-        return Ok(Action::requeue(Duration::from_secs(60)));
+        return Ok(Provisioned::Done(Action::requeue(Duration::from_secs(60))));
     }
 
     // Placement: sticky once recorded in the status.
@@ -120,7 +198,7 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
         Ok(p) => p,
         Err(Error::PoolNotFound(p)) => {
             patch_status(ctx, dbi, failed_status(dbi, "PoolNotFound", &format!("no ResourcePool {p:?}"))).await?;
-            return Ok(Action::requeue(Duration::from_secs(30)));
+            return Ok(Provisioned::Done(Action::requeue(Duration::from_secs(30))));
         }
         Err(e) => return Err(e),
     };
@@ -141,7 +219,7 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
     };
     // A replica set that exists keeps what it was made as: a spec changed under an older
     // CRD (without its immutability rules) never re-owns a shared replica set to one tenant.
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), &ns);
     let existing = services.get_opt(&rs_name).await?;
     let dedicated = match &existing {
         Some(svc) => svc.owner_references().iter().any(|o| o.controller == Some(true) && o.kind == "DatabaseInstance"),
@@ -180,7 +258,7 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
                 Ok(z) => z,
                 Err(e) => {
                     patch_status(ctx, dbi, failed_status(dbi, "PlacementFailed", &e.to_string())).await?;
-                    return Ok(Action::requeue(Duration::from_secs(30)));
+                    return Ok(Provisioned::Done(Action::requeue(Duration::from_secs(30))));
                 }
             }
         }
@@ -200,20 +278,18 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
             event(ctx, dbi, EventType::Warning, "VolumesLost", "Bootstrap", &msg).await;
         }
         patch_status(ctx, dbi, failed_status(dbi, "VolumesLost", &msg)).await?;
-        return Ok(Action::requeue(Duration::from_secs(60)));
+        return Ok(Provisioned::Done(Action::requeue(Duration::from_secs(60))));
     }
 
     // Desired shared objects: first what the Pods mount and who may reach them.
-    let ssa = PatchParams::apply(FIELD_MANAGER).force();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let internal = objects::internal_secret(&ctx.settings, &ns);
-    secrets.patch(objects::INTERNAL_SECRET, &ssa, &Patch::Apply(internal)).await?;
+    let secrets: Objects<Secret> = Objects::namespaced(ctx.client.clone(), &ns);
+    secrets.apply(objects::INTERNAL_SECRET, &objects::internal_secret(&ctx.settings, &ns)).await?;
     if ctx.settings.network_policies {
-        let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+        let policies: Objects<NetworkPolicy> = Objects::namespaced(ctx.client.clone(), &ns);
         for p in
             [objects::datanode_network_policy(&ctx.settings, &ns), objects::gateway_network_policy(&ctx.settings, &ns)]
         {
-            policies.patch(&p.name_any(), &ssa, &Patch::Apply(p.clone())).await?;
+            policies.apply(&p.name_any(), &p).await?;
         }
     }
     if record.is_none() && matches!(view, RaftView::Led(_)) {
@@ -222,14 +298,12 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
         ctx.store.record_replica_set(&ns, &rs_name, &record).await?;
     }
     let bootstrapped = bootstrapped || matches!(view, RaftView::Led(_));
-    let service = objects::replica_set_service(&rs, &zones, bootstrapped);
-    services.patch(&rs_name, &ssa, &Patch::Apply(service)).await?;
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
-    pdbs.patch(&rs_name, &ssa, &Patch::Apply(objects::replica_set_pdb(&rs))).await?;
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let gw = objects::gateway_deployment(&ctx.settings, &ns, None);
-    deployments.patch(objects::GATEWAY_NAME, &ssa, &Patch::Apply(gw)).await?;
-    services.patch(objects::GATEWAY_NAME, &ssa, &Patch::Apply(objects::gateway_service(&ns, None))).await?;
+    services.apply(&rs_name, &objects::replica_set_service(&rs, &zones, bootstrapped)).await?;
+    let pdbs: Objects<PodDisruptionBudget> = Objects::namespaced(ctx.client.clone(), &ns);
+    pdbs.apply(&rs_name, &objects::replica_set_pdb(&rs)).await?;
+    let deployments: Objects<Deployment> = Objects::namespaced(ctx.client.clone(), &ns);
+    deployments.apply(objects::GATEWAY_NAME, &objects::gateway_deployment(&ctx.settings, &ns, None)).await?;
+    services.apply(objects::GATEWAY_NAME, &objects::gateway_service(&ns, None)).await?;
 
     // Drive the replica set one step.
     let step = members::next_action(&Desired { zones: zones.clone() }, &observed.members, &view);
@@ -258,13 +332,11 @@ async fn apply(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
     }
 
     let status = status_of(dbi, &rs, &zones, &observed, &view, &step, published, step_result.as_ref().err());
-    let was_ready = dbi.status.as_ref().and_then(|s| s.phase) == Some(Phase::Ready);
-    if status.phase == Some(Phase::Ready) && !was_ready {
-        event(ctx, dbi, EventType::Normal, "Ready", "Ready", &format!("serving database {db} from {rs_name}")).await;
-    }
-    patch_status(ctx, dbi, status).await?;
-    step_result?;
-    Ok(Action::requeue(if step == Step::Steady { REQUEUE_STEADY } else { REQUEUE_BUSY }))
+    Ok(Provisioned::Reconciled {
+        status: Box::new(status),
+        step_error: step_result.err(),
+        requeue: Action::requeue(if step == Step::Steady { REQUEUE_STEADY } else { REQUEUE_BUSY }),
+    })
 }
 
 /// What the provisioner sees of one replica set.
@@ -276,8 +348,8 @@ pub struct Observed {
 
 async fn observe(ctx: &Context, rs: &ReplicaSetShape) -> Result<Observed, Error> {
     let selector = ListParams::default().labels(&format!("{}={}", objects::LABEL_REPLICA_SET, rs.name));
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &rs.namespace);
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &rs.namespace);
+    let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
+    let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
     let member_of = |labels: &BTreeMap<String, String>| -> Option<(u64, String)> {
         let id = labels.get(objects::LABEL_MEMBER)?.parse().ok()?;
         Some((id, labels.get(objects::LABEL_ZONE).cloned().unwrap_or_default()))
@@ -292,8 +364,7 @@ async fn observe(ctx: &Context, rs: &ReplicaSetShape) -> Result<Observed, Error>
         if !pvc.owner_references().is_empty() {
             // Made by an older operator, owned by the pool or instance: a volume must not
             // be garbage-collected with either (see `objects::member_pvc`).
-            let unowned = Patch::Merge(json!({"metadata": {"ownerReferences": null}}));
-            pvcs.patch(&pvc.name_any(), &PatchParams::default(), &unowned).await?;
+            pvcs.merge(&pvc.name_any(), &json!({"metadata": {"ownerReferences": null}})).await?;
         }
         if let Some((id, zone)) = member_of(pvc.labels()) {
             views.insert(id, MemberView { id, zone, running: false, has_data: true, ready: false, outdated: false });
@@ -370,9 +441,8 @@ async fn carry_out(
     view: &RaftView,
     step: &Step,
 ) -> Result<(), Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &rs.namespace);
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &rs.namespace);
-    let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
+    let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
     let zone_of = |id: u64| observed.members.iter().find(|m| m.id == id).map(|m| m.zone.clone()).unwrap_or_default();
     let leader_admin = || -> Result<String, Error> {
         let RaftView::Led(ms) = view else { return Err(Error::NoLeader) };
@@ -382,9 +452,9 @@ async fn carry_out(
         Step::Steady | Step::Wait(_) => {}
         Step::Create { id, zone } => {
             let pvc = objects::member_pvc(rs, *id, zone);
-            pvcs.patch(&objects::member_pvc_name(&rs.name, *id), &ssa, &Patch::Apply(pvc)).await?;
+            pvcs.apply(&objects::member_pvc_name(&rs.name, *id), &pvc).await?;
             let pod = objects::member_pod(&ctx.settings, rs, *id, zone);
-            pods.patch(&objects::member_pod_name(&rs.name, *id), &ssa, &Patch::Apply(pod)).await?;
+            pods.apply(&objects::member_pod_name(&rs.name, *id), &pod).await?;
             let msg = format!("member {id} of {} created in zone {zone}", rs.name);
             event(ctx, dbi, EventType::Normal, "MemberCreated", "Create", &msg).await;
         }
@@ -392,10 +462,10 @@ async fn carry_out(
             // The Pod is gone (or failed) but its volume is there: recreate it on the volume.
             let name = objects::member_pod_name(&rs.name, *id);
             if observed.pods.contains_key(id) {
-                pods.delete(&name, &DeleteParams::default()).await?;
+                pods.delete(&name).await?;
             }
             let pod = objects::member_pod(&ctx.settings, rs, *id, &zone_of(*id));
-            pods.create(&PostParams::default(), &pod).await?;
+            pods.create(&pod).await?;
             let msg = format!("member {id} of {} started again on its volume", rs.name);
             event(ctx, dbi, EventType::Normal, "MemberRestarted", "Start", &msg).await;
         }
@@ -425,11 +495,11 @@ async fn carry_out(
             event(ctx, dbi, EventType::Warning, "MemberRemoved", "Replace", &msg).await;
         }
         Step::Delete { id } => {
-            let _ = pods.delete(&objects::member_pod_name(&rs.name, *id), &DeleteParams::default()).await;
-            let _ = pvcs.delete(&objects::member_pvc_name(&rs.name, *id), &DeleteParams::default()).await;
+            let _ = pods.delete(&objects::member_pod_name(&rs.name, *id)).await;
+            let _ = pvcs.delete(&objects::member_pvc_name(&rs.name, *id)).await;
         }
         Step::Restart { id } => {
-            pods.delete(&objects::member_pod_name(&rs.name, *id), &DeleteParams::default()).await?;
+            pods.delete(&objects::member_pod_name(&rs.name, *id)).await?;
             let msg = format!("member {id} of {} restarted for a new spec", rs.name);
             event(ctx, dbi, EventType::Normal, "MemberRolled", "Restart", &msg).await;
         }
@@ -443,7 +513,7 @@ async fn carry_out(
 /// Tokens are made once and kept in `<instance>-credentials`; etcd gets their hashes.
 async fn publish_credentials(ctx: &Context, dbi: &DatabaseInstance, ns: &str, db: &str) -> Result<(), Error> {
     let name = dbi.name_any();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secrets: Objects<Secret> = Objects::namespaced(ctx.client.clone(), ns);
     let existing = secrets.get_opt(&objects::credentials_secret_name(&name)).await?;
     let stored = |key: &str| -> Option<String> {
         let data = existing.as_ref()?.data.as_ref()?;
@@ -497,8 +567,7 @@ async fn publish_credentials(ctx: &Context, dbi: &DatabaseInstance, ns: &str, db
     }
     let owner = dbi.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
     let secret = objects::credentials_secret(&name, ns, &owner, &creds);
-    let ssa = PatchParams::apply(FIELD_MANAGER).force();
-    secrets.patch(&objects::credentials_secret_name(&name), &ssa, &Patch::Apply(secret)).await?;
+    secrets.apply(&objects::credentials_secret_name(&name), &secret).await?;
     Ok(())
 }
 
@@ -507,7 +576,7 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
     let ns = dbi.namespace().ok_or(Error::MissingNamespace)?;
     // Drop the data through the leader, if the database was ever placed.
     if let Some(p) = dbi.status.as_ref().and_then(|s| s.placement.as_ref()) {
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), &ns);
         let selector = ListParams::default().labels(&format!("{}={}", objects::LABEL_REPLICA_SET, p.replica_set));
         let mut statuses = Vec::new();
         for pod in pods.list(&selector).await? {
@@ -528,7 +597,7 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
             }
             // A replica set with no Pods left (a dedicated one being deleted with the
             // instance) has no data to drop; one with Pods but no leader must wait.
-            None if statuses.is_empty() && pods.list(&selector).await?.items.is_empty() => {}
+            None if statuses.is_empty() && pods.list(&selector).await?.is_empty() => {}
             None => return Err(Error::NoLeader),
         }
     }
@@ -549,7 +618,7 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
 /// volumes included: they hold no one else's data. A shared replica set's volumes are
 /// never deleted by the operator (docs/operator.md, "Uninstall").
 async fn delete_dedicated_volumes(ctx: &Context, ns: &str, rs: &str, uid: &str) -> Result<(), Error> {
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);
     let dedicated = match services.get_opt(rs).await? {
         Some(svc) => svc.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)),
         None => false,
@@ -557,10 +626,10 @@ async fn delete_dedicated_volumes(ctx: &Context, ns: &str, rs: &str, uid: &str) 
     if !dedicated {
         return Ok(());
     }
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), ns);
     let selector = ListParams::default().labels(&format!("{}={rs}", objects::LABEL_REPLICA_SET));
     for pvc in pvcs.list(&selector).await? {
-        pvcs.delete(&pvc.name_any(), &DeleteParams::default()).await?;
+        pvcs.delete(&pvc.name_any()).await?;
     }
     ctx.store.forget_replica_set(ns, rs).await?;
     Ok(())
@@ -576,7 +645,7 @@ fn volumes_lost(observed: &Observed) -> bool {
 }
 
 async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<ReplicaSetLoad>, Error> {
-    let api: Api<DatabaseInstance> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     for i in api.list(&ListParams::default()).await? {
         if let Some(p) = i.status.as_ref().and_then(|s| s.placement.as_ref())
@@ -589,7 +658,7 @@ async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<Re
 }
 
 async fn node_zones(ctx: &Context) -> Result<Vec<String>, Error> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let nodes: Objects<Node> = Objects::all(ctx.client.clone());
     let mut zones: BTreeSet<String> = BTreeSet::new();
     for n in nodes.list(&ListParams::default()).await? {
         if let Some(z) = n.labels().get(objects::ZONE_LABEL) {
@@ -758,10 +827,8 @@ async fn patch_status(ctx: &Context, dbi: &DatabaseInstance, status: DatabaseIns
         return Ok(());
     }
     let ns = dbi.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<DatabaseInstance> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({"status": status});
-    api.patch_status(&dbi.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    Ok(())
+    let api: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(&dbi.name_any(), &json!({"status": status})).await
 }
 
 async fn event(ctx: &Context, dbi: &DatabaseInstance, type_: EventType, reason: &str, action: &str, note: &str) {

@@ -1,6 +1,10 @@
 //! The Kubernetes provisioner: desired objects ([`objects`]), the reconcilers
-//! ([`instance`], [`pool`]) and the controller runtime with leader election ([`run`]).
+//! ([`instance`], [`pool`]), their Kubernetes calls ([`api`]) and the controller runtime
+//! with leader election ([`run`]).
 
+pub mod api;
+#[cfg(test)]
+mod fake;
 #[cfg(test)]
 mod fixtures;
 pub mod instance;
@@ -18,8 +22,9 @@ use crate::controlplane::{AdminError, CoordError};
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("failed to call the Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
+    /// A call of the reconcilers, with what it was doing ([`api::Objects`]).
+    #[error("{0}")]
+    Call(Box<api::CallError>),
     #[error("failed to run the finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("failed to reconcile: the object has no namespace")]
@@ -40,7 +45,7 @@ impl Error {
     /// A write lost a race with another writer (409): retry soon.
     pub fn is_conflict(&self) -> bool {
         match self {
-            Error::Kube(kube::Error::Api(s)) => s.code == 409,
+            Error::Call(c) => c.status().is_some_and(|s| s.code == 409),
             Error::Finalizer(e) => match e.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
                     e.is_conflict()
@@ -50,6 +55,36 @@ impl Error {
                 _ => false,
             },
             _ => false,
+        }
+    }
+
+    /// What a person should read when the Kubernetes API refused or failed a call (a
+    /// sentence), or `None` for other errors and for conflicts, which are retried at once.
+    pub fn api_failure(&self) -> Option<String> {
+        use kube::runtime::finalizer::Error as F;
+        match self {
+            _ if self.is_conflict() => None,
+            Error::Call(c) => c.status().is_some().then(|| c.to_string()),
+            Error::Finalizer(e) => match e.as_ref() {
+                F::ApplyFailed(e) | F::CleanupFailed(e) => e.api_failure(),
+                F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s)) => {
+                    let verb = if matches!(e.as_ref(), F::AddFinalizer(_)) { "add" } else { "remove" };
+                    let hint = if s.code == 403 {
+                        "; the operator's RBAC must grant patch on databaseinstances.nimbus.io"
+                    } else {
+                        ""
+                    };
+                    Some(format!(
+                        "failed to {verb} the finalizer {}: the Kubernetes API answered {} {} ({}){hint}",
+                        instance::FINALIZER,
+                        s.code,
+                        s.reason,
+                        s.message.trim().trim_end_matches(':')
+                    ))
+                }
+                _ => None,
+            },
+            _ => None,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ResourceRequirements, Secret, Service, Toleration};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -513,7 +514,7 @@ pub fn credentials_secret(instance: &str, namespace: &str, owner: &OwnerReferenc
     for (user, token) in &c.tokens {
         data.insert(format!("token-{user}"), token.clone());
     }
-    typed(json!({
+    let mut secret: Secret = typed(json!({
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
@@ -521,9 +522,13 @@ pub fn credentials_secret(instance: &str, namespace: &str, owner: &OwnerReferenc
             "labels": labels("credentials", &[(LABEL_INSTANCE, instance)]),
             "ownerReferences": [owner]
         },
-        "type": "Opaque",
-        "stringData": data
-    }))
+        "type": "Opaque"
+    }));
+    // `data`, not `stringData`: the API server folds stringData into data and keeps no
+    // record of who set which key, so a key dropped from a later apply (a removed user's
+    // token) would stay; keys of `data` are owned by this field manager and go with it.
+    secret.data = Some(data.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect());
+    secret
 }
 
 #[cfg(test)]
@@ -707,11 +712,14 @@ mod tests {
             token: Some("t1".into()),
             read_only_token: Some("t2".into()),
         };
-        let s = v(&credentials_secret("shop", "apps", &owner, &c));
-        assert_eq!(s["metadata"]["name"], "shop-credentials");
-        assert_eq!(s["stringData"]["endpoint"], "http://nimbus-gateway.apps.svc:8080");
-        assert_eq!(s["stringData"]["token"], "t1");
-        assert_eq!(s["stringData"]["readOnlyToken"], "t2");
-        assert_eq!(s["stringData"]["token-reader"], "t2");
+        let s = credentials_secret("shop", "apps", &owner, &c);
+        assert_eq!(s.metadata.name.as_deref(), Some("shop-credentials"));
+        let data = s.data.unwrap();
+        let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+        assert_eq!(text("endpoint"), "http://nimbus-gateway.apps.svc:8080");
+        assert_eq!(text("token"), "t1");
+        assert_eq!(text("readOnlyToken"), "t2");
+        assert_eq!(text("token-reader"), "t2");
+        assert!(s.string_data.is_none());
     }
 }

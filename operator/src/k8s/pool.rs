@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use serde_json::json;
 
 use super::Error;
+use super::api::Objects;
 use super::instance::{Context, set_condition};
 use super::objects::{ANNOTATION_ZONES, LABEL_POOL};
 use crate::crd::v1alpha1::{DatabaseInstance, ReplicaSetStatus, ResourcePool, ResourcePoolStatus};
@@ -29,8 +30,8 @@ pub fn error_policy(_pool: Arc<ResourcePool>, _err: &Error, _ctx: Arc<Context>) 
 async fn report(pool: &ResourcePool, ctx: &Context) -> Result<Action, Error> {
     let ns = pool.namespace().ok_or(Error::MissingNamespace)?;
     let name = pool.name_any();
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let instances: Api<DatabaseInstance> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), &ns);
+    let instances: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), &ns);
     let mut sets: BTreeMap<String, ReplicaSetStatus> = BTreeMap::new();
     for svc in services.list(&ListParams::default().labels(&format!("{LABEL_POOL}={name}"))).await? {
         let zones = svc.annotations().get(ANNOTATION_ZONES).map(|z| z.split(',').map(str::to_string).collect());
@@ -59,8 +60,8 @@ async fn report(pool: &ResourcePool, ctx: &Context) -> Result<Action, Error> {
         replica_sets: sets.into_values().collect(),
     };
     if pool.status.as_ref() != Some(&status) {
-        let api: Api<ResourcePool> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status }))).await?;
+        let api: Objects<ResourcePool> = Objects::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(&name, &json!({ "status": status })).await?;
     }
     Ok(Action::requeue(Duration::from_secs(60)))
 }
