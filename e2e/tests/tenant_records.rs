@@ -1,6 +1,7 @@
 //! The control plane's tenant records against a real etcd: a database name claimed by one
 //! instance is refused to any other, deleting a refused instance's records deletes nothing
-//! of the owner's, and a replica set's bootstrap record is written once.
+//! of the owner's, a record written again unchanged costs no etcd write, and a replica
+//! set's bootstrap record is written once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
@@ -29,6 +30,15 @@ async fn a_database_name_belongs_to_one_instance_and_only_its_owner_deletes_it()
     let user = UserRecord { role: UserRole::ReadWrite, secret_sha256: "00".repeat(32) };
     store.put_user("shop", "app", &user).await.unwrap();
     store.put_limits("shop", &Limits::for_tier(Tier::Standard)).await.unwrap();
+    // Publishing the same records again writes nothing (each write is a revision etcd keeps).
+    let mut raw = etcd_client::Client::connect(&etcd.client_urls, None).await.unwrap();
+    let revision = |r: etcd_client::GetResponse| r.kvs()[0].mod_revision();
+    let before = revision(raw.get("/nimbus/limits/shop", None).await.unwrap());
+    store.put_limits("shop", &Limits::for_tier(Tier::Standard)).await.unwrap();
+    store.put_user("shop", "app", &user).await.unwrap();
+    assert_eq!(revision(raw.get("/nimbus/limits/shop", None).await.unwrap()), before);
+    store.put_limits("shop", &Limits::for_tier(Tier::Free)).await.unwrap();
+    assert!(revision(raw.get("/nimbus/limits/shop", None).await.unwrap()) > before, "a change is written");
 
     // The refused instance's deletion: nothing of the owner's goes.
     assert!(!store.delete_database("shop", &other.uid).await.unwrap());

@@ -201,8 +201,15 @@ impl Coordinator {
         }
     }
 
+    /// Writes `value` unless the key holds it already: every reconcile of every tenant
+    /// republishes its records, and each etcd write is a revision kept until compaction.
     async fn put_json<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), CoordError> {
         let bytes = serde_json::to_vec(value).map_err(|source| CoordError::Decode { key: key.into(), source })?;
+        let current = self.client.kv_client().get(key, None).await?;
+        if current.kvs().first().is_some_and(|kv| kv.value() == bytes.as_slice()) {
+            return Ok(());
+        }
+        metrics::counter!("nimbus_operator_etcd_writes_total").increment(1);
         self.client.kv_client().put(key, bytes, None).await?;
         Ok(())
     }

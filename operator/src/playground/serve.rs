@@ -460,8 +460,10 @@ fn admit(st: &mut State, dbi: &DatabaseInstance) -> anyhow::Result<()> {
         st.replica_sets.insert(chosen.clone(), super::state::ReplicaSetState { zones, ..Default::default() });
     }
     let mut tokens = BTreeMap::new();
+    let mut roles = BTreeMap::new();
     let (mut token, mut read_only) = (String::new(), String::new());
     for u in dbi.users() {
+        roles.insert(u.name.clone(), u.role.into());
         let t = nimbus_gateway::auth::new_token(&db, &u.name, u.role.into()).0;
         match u.role {
             UserRole::ReadWrite if token.is_empty() => token = t.clone(),
@@ -471,8 +473,10 @@ fn admit(st: &mut State, dbi: &DatabaseInstance) -> anyhow::Result<()> {
         tokens.insert(u.name.clone(), t);
     }
     info!(instance = %name, replica_set = %chosen, "admitted");
-    st.instances
-        .insert(name, InstanceState { database: db, replica_set: chosen, tokens, token, read_only_token: read_only });
+    let limits = Some(dbi.spec.limits.resolve(dbi.spec.tier));
+    let inst =
+        InstanceState { database: db, replica_set: chosen, tokens, token, read_only_token: read_only, roles, limits };
+    st.instances.insert(name, inst);
     Ok(())
 }
 
@@ -612,13 +616,12 @@ async fn tick(
         store.put_route(&inst.database, rs, route.clone()).await?;
         for (user, token) in &inst.tokens {
             let (_, _, secret) = nimbus_api::etcd::parse_token(token).context("malformed stored token")?;
-            let role = if *token == inst.read_only_token {
-                nimbus_api::etcd::UserRole::Read
-            } else {
-                nimbus_api::etcd::UserRole::ReadWrite
-            };
-            let record = UserRecord { role, secret_sha256: nimbus_gateway::auth::secret_sha256(secret) };
+            let record =
+                UserRecord { role: inst.role(user), secret_sha256: nimbus_gateway::auth::secret_sha256(secret) };
             store.create_user(&inst.database, user, &record).await?;
+        }
+        if let Some(limits) = &inst.limits {
+            store.put_limits(&inst.database, limits).await?;
         }
     }
     Ok((true, step == Action::Steady))
@@ -688,4 +691,39 @@ async fn setup_etcd_auth(etcd_url: &str, secrets: &Secrets) -> anyhow::Result<()
     etcd_access::ensure(&mut client, &users).await?;
     info!("etcd authentication enabled: one role per component");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Every `read` user is read-only and every `readWrite` user may write, not only the
+    /// first of each; and the instance's limits are kept for etcd.
+    #[test]
+    fn each_user_keeps_its_own_role_and_the_limits_are_kept() {
+        let dbi: DatabaseInstance = serde_json::from_value(serde_json::json!({
+            "apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseInstance", "metadata": {"name": "shop"},
+            "spec": {"tier": "free", "limits": {"qps": 7}, "users": [
+                {"name": "app", "role": "readWrite"}, {"name": "reader", "role": "read"},
+                {"name": "analyst", "role": "read"}, {"name": "batch", "role": "readWrite"}]}
+        }))
+        .unwrap();
+        let mut st: State = serde_json::from_value(serde_json::json!({
+            "etcdClientPort": 1, "etcdPeerPort": 2, "gatewayPort": 3, "gatewayAdminPort": 4,
+            "controlPlanePort": 5, "zones": ["a", "b", "c"], "replicaSets": {}, "instances": {}
+        }))
+        .unwrap();
+        admit(&mut st, &dbi).unwrap();
+        let inst = &st.instances["shop"];
+        use nimbus_api::etcd::UserRole::{Read, ReadWrite};
+        let roles: Vec<_> = ["app", "reader", "analyst", "batch"].iter().map(|u| inst.role(u)).collect();
+        assert_eq!(roles, vec![ReadWrite, Read, Read, ReadWrite]);
+        assert_eq!(inst.limits.as_ref().unwrap().qps, 7);
+        // A state written before roles were kept: least privilege but for the main token.
+        let mut legacy = inst.clone();
+        legacy.roles.clear();
+        let roles: Vec<_> = ["app", "reader", "analyst", "batch"].iter().map(|u| legacy.role(u)).collect();
+        assert_eq!(roles, vec![ReadWrite, Read, Read, Read]);
+    }
 }

@@ -64,6 +64,24 @@ pub struct InstanceState {
     pub tokens: BTreeMap<String, String>,
     pub token: String,
     pub read_only_token: String,
+    /// Role by user name. Absent in a state written before roles were kept: each user
+    /// then counts as `read` unless its token is the instance's read-write `token`.
+    #[serde(default)]
+    pub roles: BTreeMap<String, nimbus_api::etcd::UserRole>,
+    /// The limits the gateways enforce (the instance's over its tier's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<nimbus_api::etcd::Limits>,
+}
+
+impl InstanceState {
+    /// A user's role; least privilege when the state does not say.
+    pub fn role(&self, user: &str) -> nimbus_api::etcd::UserRole {
+        match self.roles.get(user) {
+            Some(r) => *r,
+            None if self.tokens.get(user) == Some(&self.token) => nimbus_api::etcd::UserRole::ReadWrite,
+            None => nimbus_api::etcd::UserRole::Read,
+        }
+    }
 }
 
 impl State {
