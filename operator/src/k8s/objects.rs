@@ -157,9 +157,18 @@ pub fn gateway_endpoint(namespace: &str) -> String {
     format!("http://{GATEWAY_NAME}.{namespace}.svc:{GATEWAY_PORT}")
 }
 
+/// The object built as JSON, as its Kubernetes type. Deserialising drops fields the type
+/// does not know; the builder tests (which call every builder) check that nothing was
+/// dropped, so a misspelt or misplaced field fails a test instead of vanishing.
 #[allow(clippy::expect_used)]
-fn typed<T: DeserializeOwned>(v: Value) -> T {
-    serde_json::from_value(v).expect("the built object matches its Kubernetes type (checked by the builder tests)")
+fn typed<T: DeserializeOwned + serde::Serialize>(v: Value) -> T {
+    #[cfg(test)]
+    let built = v.clone();
+    let t: T =
+        serde_json::from_value(v).expect("the built object matches its Kubernetes type (checked by the builder tests)");
+    #[cfg(test)]
+    tests::assert_nothing_dropped(&built, &serde_json::to_value(&t).expect("a Kubernetes object serialises"), "");
+    t
 }
 
 fn meta(name: &str, rs: &ReplicaSetShape, component: &str, extra: &[(&str, &str)]) -> Value {
@@ -534,6 +543,47 @@ pub fn credentials_secret(instance: &str, namespace: &str, owner: &OwnerReferenc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every field of `built` is in `typed` with the same value (nulls and empty lists or
+    /// objects may be left out by the type's serialiser).
+    pub(super) fn assert_nothing_dropped(built: &Value, typed: &Value, path: &str) {
+        match built {
+            Value::Object(fields) => {
+                for (k, v) in fields {
+                    let empty = v.is_null()
+                        || v.as_array().is_some_and(Vec::is_empty)
+                        || v.as_object().is_some_and(|o| o.is_empty());
+                    match typed.get(k) {
+                        Some(t) => assert_nothing_dropped(v, t, &format!("{path}.{k}")),
+                        None if empty => {}
+                        None => panic!("{path}.{k} was dropped: the Kubernetes type has no such field ({v})"),
+                    }
+                }
+            }
+            Value::Array(items) => {
+                let typed = typed.as_array().unwrap_or_else(|| panic!("{path}: not a list after typing"));
+                assert_eq!(items.len(), typed.len(), "{path}: items dropped");
+                for (i, (a, b)) in items.iter().zip(typed).enumerate() {
+                    assert_nothing_dropped(a, b, &format!("{path}[{i}]"));
+                }
+            }
+            // Numbers may come back as strings (quantities, int-or-string) and vice versa.
+            Value::Number(n) => {
+                assert!(typed == built || typed.as_str() == Some(&n.to_string()), "{path}: {built} became {typed}")
+            }
+            other => assert!(
+                typed == other || typed.as_str().is_some() && other.is_number(),
+                "{path}: {other} became {typed}"
+            ),
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "was dropped")]
+    fn a_field_the_type_does_not_know_fails_the_build() {
+        let _: Pod = typed(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+            "spec": {"containers": [], "restartPolcy": "Always"}}));
+    }
 
     fn shape() -> ReplicaSetShape {
         ReplicaSetShape {
