@@ -90,6 +90,31 @@ pub enum Action {
     },
 }
 
+/// The step as a sentence, for conditions and Events (`member 4 is being added as a
+/// learner`), never Rust debug text.
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids = |v: &mut dyn Iterator<Item = u64>| v.map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+        match self {
+            Action::Steady => write!(f, "nothing to do: every member is healthy"),
+            Action::Wait(why) => write!(f, "waiting: {why}"),
+            Action::Create { id, zone } => write!(f, "creating member {id} in zone {zone}"),
+            Action::Start { id } => write!(f, "starting member {id} again on its volume"),
+            Action::Bootstrap { voters } => {
+                write!(f, "initialising the replica set with members {}", ids(&mut voters.iter().copied()))
+            }
+            Action::AddLearner { id } => write!(f, "adding member {id} as a learner"),
+            Action::ChangeVoters { voters } => {
+                write!(f, "changing the voters to members {}", ids(&mut voters.iter().copied()))
+            }
+            Action::RemoveMember { id } => write!(f, "removing member {id} from the replica set"),
+            Action::Delete { id } => write!(f, "deleting member {id} and its volume"),
+            Action::Restart { id } => write!(f, "restarting member {id} for a new spec"),
+            Action::TransferLeader { to } => write!(f, "moving leadership to member {to}"),
+        }
+    }
+}
+
 /// The desired shape of a replica set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {

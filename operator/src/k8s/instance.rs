@@ -715,7 +715,7 @@ fn status_of(
             Phase::Degraded,
             ("True", "Serving", "the database is served".to_string()),
             Some(step_reason(step)),
-            Some(error.map(|e| e.to_string()).unwrap_or_else(|| format!("repairing: {step:?}"))),
+            Some(error.map(|e| e.to_string()).unwrap_or_else(|| format!("served while repairing: {step}"))),
         ),
         (false, _, _) if was_ready => (
             Phase::Degraded,
@@ -725,7 +725,7 @@ fn status_of(
         ),
         (false, _, _) => (
             Phase::Provisioning,
-            ("False", "Provisioning", format!("provisioning: {step:?}")),
+            ("False", "Provisioning", format!("provisioning: {step}")),
             Some(step_reason(step)),
             error.map(|e| e.to_string()),
         ),
@@ -734,7 +734,7 @@ fn status_of(
     let mut conditions = old.conditions.clone();
     set_condition(&mut conditions, "Ready", ready.0, ready.1, &ready.2, generation);
     match &progressing {
-        Some(reason) => set_condition(&mut conditions, "Progressing", "True", reason, &format!("{step:?}"), generation),
+        Some(reason) => set_condition(&mut conditions, "Progressing", "True", reason, &step.to_string(), generation),
         None => set_condition(&mut conditions, "Progressing", "False", "Steady", "nothing to do", generation),
     }
     match &degraded {
@@ -764,6 +764,12 @@ fn status_of(
         }),
         migration: old.migration,
         backup: old.backup,
+        not_yet_active: dbi.not_yet_active(),
+        ready_members: Some(format!(
+            "{}/{}",
+            observed.members.iter().filter(|m| m.ready).count(),
+            observed.members.len()
+        )),
     }
 }
 

@@ -465,3 +465,29 @@ async fn the_chart_grants_what_a_whole_lifecycle_uses_and_nothing_more() {
         NOT_EXERCISED.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
     assert_eq!(unused, expected.iter().collect::<Vec<_>>(), "granted but never used");
 }
+
+#[tokio::test]
+async fn the_status_speaks_in_sentences_and_says_what_is_not_active_yet() {
+    let w = World::new();
+    w.add_instance("shop", json!({}), true);
+    let mut messages = Vec::new();
+    for _ in 0..10 {
+        w.reconcile("shop").await.unwrap();
+        let status = w.api.get(INSTANCES, "shop").unwrap()["status"].clone();
+        for c in status["conditions"].as_array().into_iter().flatten() {
+            messages.push(c["message"].as_str().unwrap().to_string());
+        }
+        if status["phase"] == "Ready" {
+            break;
+        }
+    }
+    // Rust debug text looks like `Create { id: 1, zone: "zone-a" }`.
+    for m in &messages {
+        assert!(!m.contains('{') && !m.contains('"'), "not a sentence: {m}");
+    }
+    assert!(messages.iter().any(|m| m.contains("creating member 1 in zone zone-a")), "{messages:?}");
+    let status = w.api.get(INSTANCES, "shop").unwrap()["status"].clone();
+    assert_eq!(status["readyMembers"], "3/3");
+    // Backups and automatic indexing are on by default in the spec, and not done yet.
+    assert_eq!(status["notYetActive"], json!(["backup", "indexing"]));
+}

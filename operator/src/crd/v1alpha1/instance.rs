@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Tier", type_ = "string", json_path = ".spec.tier"),
     printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool"),
+    printcolumn(name = "Members", type_ = "string", json_path = ".status.readyMembers"),
     printcolumn(name = "Zones", type_ = "string", json_path = ".status.zonesSummary"),
     printcolumn(name = "Leader", type_ = "string", json_path = ".status.placement.leader"),
     printcolumn(name = "QPS", type_ = "integer", json_path = ".status.limits.qps", priority = 1),
@@ -96,11 +97,13 @@ pub struct DatabaseInstanceSpec {
     #[serde(default)]
     pub limits: LimitsSpec,
 
-    /// Elastic scaling of the limits (and, past the pool's room, a migration).
+    /// Elastic scaling of the limits (and, past the pool's room, a migration). NOT YET
+    /// ACTIVE: accepted and kept, but no controller scales yet; `status.notYetActive` says so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
 
-    /// Backups and point-in-time restore.
+    /// Backups and point-in-time restore. NOT YET ACTIVE: no backup is taken yet, whatever
+    /// this says; `status.notYetActive` lists it while that is so.
     #[serde(default)]
     pub backup: BackupSpec,
 
@@ -113,7 +116,8 @@ pub struct DatabaseInstanceSpec {
     #[schemars(length(max = MAX_USERS), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub users: Vec<UserSpec>,
 
-    /// Automatic index management from the query statistics.
+    /// Automatic index management from the query statistics. NOT YET ACTIVE: no index is
+    /// created or dropped automatically yet; `status.notYetActive` lists it while that is so.
     #[serde(default)]
     pub indexing: IndexingSpec,
 }
@@ -381,6 +385,13 @@ pub struct DatabaseInstanceStatus {
     /// Backups and the restorable window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupStatus>,
+    /// Spec sections that ask for something the operator does not do yet (`backup`,
+    /// `autoscaling`, `indexing`): accepted and kept, not acted on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_yet_active: Vec<String>,
+    /// Members ready out of members, e.g. `3/3` (for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_members: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -465,6 +476,21 @@ pub struct BackupStatus {
 }
 
 impl DatabaseInstance {
+    /// The spec sections that ask for what the operator does not do yet.
+    pub fn not_yet_active(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.spec.autoscaling.as_ref().is_some_and(|a| a.enabled) {
+            out.push("autoscaling".to_string());
+        }
+        if self.spec.backup.enabled {
+            out.push("backup".to_string());
+        }
+        if self.spec.indexing.automatic {
+            out.push("indexing".to_string());
+        }
+        out
+    }
+
     /// The database name: `spec.database`, else the instance's name.
     pub fn database(&self) -> String {
         self.spec.database.clone().unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
