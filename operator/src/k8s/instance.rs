@@ -301,9 +301,13 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     services.apply(&rs_name, &objects::replica_set_service(&rs, &zones, bootstrapped)).await?;
     let pdbs: Objects<PodDisruptionBudget> = Objects::namespaced(ctx.client.clone(), &ns);
     pdbs.apply(&rs_name, &objects::replica_set_pdb(&rs)).await?;
+    // The namespace's gateways serve its instances: owned by every one of them (none the
+    // controller), they are garbage-collected with the last.
+    let owners = namespace_owners(ctx, &ns).await?;
     let deployments: Objects<Deployment> = Objects::namespaced(ctx.client.clone(), &ns);
-    deployments.apply(objects::GATEWAY_NAME, &objects::gateway_deployment(&ctx.settings, &ns, None)).await?;
-    services.apply(objects::GATEWAY_NAME, &objects::gateway_service(&ns, None)).await?;
+    let gateway = with_owners(objects::gateway_deployment(&ctx.settings, &ns, None), &owners);
+    deployments.apply(objects::GATEWAY_NAME, &gateway).await?;
+    services.apply(objects::GATEWAY_NAME, &with_owners(objects::gateway_service(&ns, None), &owners)).await?;
 
     // Drive the replica set one step.
     let step = members::next_action(&Desired { zones: zones.clone() }, &observed.members, &view);
@@ -633,6 +637,26 @@ async fn delete_dedicated_volumes(ctx: &Context, ns: &str, rs: &str, uid: &str) 
     }
     ctx.store.forget_replica_set(ns, rs).await?;
     Ok(())
+}
+
+/// Every instance of the namespace not being deleted, as a non-controlling owner.
+async fn namespace_owners(ctx: &Context, ns: &str) -> Result<Vec<OwnerReference>, Error> {
+    let api: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
+    let mut owners: Vec<OwnerReference> = api
+        .list(&ListParams::default())
+        .await?
+        .iter()
+        .filter(|i| i.metadata.deletion_timestamp.is_none())
+        .filter_map(|i| i.owner_ref(&()))
+        .map(|o| OwnerReference { controller: Some(false), block_owner_deletion: None, ..o })
+        .collect();
+    owners.sort_by(|a, b| a.uid.cmp(&b.uid));
+    Ok(owners)
+}
+
+fn with_owners<K: Resource>(mut object: K, owners: &[OwnerReference]) -> K {
+    object.meta_mut().owner_references = Some(owners.to_vec());
+    object
 }
 
 /// No member has a volume left, or every member answers and none was ever initialised.

@@ -491,3 +491,26 @@ async fn the_status_speaks_in_sentences_and_says_what_is_not_active_yet() {
     // Backups and automatic indexing are on by default in the spec, and not done yet.
     assert_eq!(status["notYetActive"], json!(["backup", "indexing"]));
 }
+
+#[tokio::test]
+async fn the_namespaces_gateway_is_owned_by_its_instances_and_goes_with_the_last() {
+    let w = ready_instance().await;
+    w.add_instance("cart", json!({}), true);
+    w.reconcile_until_phase("cart", "Ready", 10).await;
+    let owners = |w: &World, path: &str| -> Vec<String> {
+        let obj = w.api.get(path, "nimbus-gateway").unwrap();
+        let refs = obj["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();
+        assert!(refs.iter().all(|o| o["controller"] != true), "{refs:?}");
+        refs.iter().map(|o| o["name"].as_str().unwrap().to_string()).collect()
+    };
+    for path in ["/apis/apps/v1/namespaces/apps/deployments", SERVICES] {
+        assert_eq!(owners(&w, path), vec!["cart", "shop"], "{path}");
+    }
+    // One deleted: the other still owns them (Kubernetes collects them with the last owner).
+    w.api.delete(INSTANCES, "cart");
+    w.reconcile("cart").await.unwrap();
+    w.reconcile("shop").await.unwrap();
+    for path in ["/apis/apps/v1/namespaces/apps/deployments", SERVICES] {
+        assert_eq!(owners(&w, path), vec!["shop"], "{path}");
+    }
+}
