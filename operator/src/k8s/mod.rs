@@ -3,6 +3,7 @@
 
 #[cfg(test)]
 mod fixtures;
+pub mod health;
 pub mod instance;
 #[cfg(test)]
 mod instance_tests;
@@ -11,7 +12,7 @@ pub mod objects;
 pub mod pool;
 mod run;
 
-pub use run::{RunConfig, run};
+pub use run::{RunConfig, WATCHES, run};
 use thiserror::Error;
 
 use crate::controlplane::{AdminError, CoordError};
