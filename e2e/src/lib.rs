@@ -6,10 +6,12 @@
 pub mod client;
 pub mod cluster;
 pub mod etcd;
+pub mod fake_kube;
 pub mod gateway;
 pub mod linearizability;
 pub mod pki;
 pub mod playground;
+pub mod probes;
 pub mod process;
 pub mod raw;
 pub mod secret;

@@ -9,12 +9,11 @@ use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use nimbus_operator::crd;
 use nimbus_operator::crd::v1alpha1::DatabaseInstance;
+use nimbus_operator::k8s::health::{self, Health};
 use nimbus_operator::k8s::objects::Settings;
 use nimbus_operator::k8s::objects::{self, Credentials, ReplicaSetShape};
 use nimbus_operator::k8s::{RunConfig, run};
 use tracing_subscriber::EnvFilter;
-
-pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:8090";
 
 #[derive(Parser)]
 #[command(name = "nimbus-operator", version, about = "The Nimbus operator")]
@@ -90,7 +89,7 @@ struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     identity: String,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
-    #[arg(long, env = "NIMBUS_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    #[arg(long, env = "NIMBUS_METRICS_LISTEN", default_value = health::DEFAULT_METRICS_LISTEN)]
     metrics_listen: SocketAddr,
     /// Log as JSON lines.
     #[arg(long, env = "NIMBUS_LOG_JSON")]
@@ -141,11 +140,20 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(args.metrics_listen)
                 .await
                 .with_context(|| format!("failed to bind {}", args.metrics_listen))?;
+            // Ready means: the Lease read, the leader's watches synced, etcd answering (see
+            // `k8s::health`). Served before anything else so that a probe reads why not.
+            let health = Health::new();
+            let ready = health.clone();
             let app = Router::new()
                 .route("/metrics", get(move || std::future::ready(prometheus.render())))
                 .route("/healthz", get(|| async { "ok" }))
-                .route("/readyz", get(|| async { "ok" }));
+                .route("/readyz", get(move || std::future::ready(ready.readyz())));
+            // The first line on stdout, as the other binaries do: where it listens.
+            let metrics_url = format!("http://{}", listener.local_addr()?);
+            println!("{}", serde_json::json!({"metrics": metrics_url, "pid": std::process::id()}));
+            tracing::info!(metrics = %metrics_url, "serving /metrics, /healthz and /readyz");
             tokio::spawn(async move { axum::serve(listener, app).await });
+            tokio::spawn(health::check_etcd_forever(health.clone(), args.etcd.clone()));
             let internal_files = read_internal(&args.internal_dir)?;
             let secret = nimbus_net::ClusterSecret::parse(
                 internal_files.get(objects::CLUSTER_SECRET_KEY).map(String::as_str).unwrap_or_default(),
@@ -170,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
                 lease_namespace: args.lease_namespace,
                 identity: args.identity,
             };
-            run(cfg).await?;
+            run(cfg, health).await?;
             Ok(())
         }
     }

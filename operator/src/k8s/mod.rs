@@ -7,6 +7,7 @@ pub mod api;
 mod fake;
 #[cfg(test)]
 mod fixtures;
+pub mod health;
 pub mod instance;
 #[cfg(test)]
 mod instance_tests;
@@ -15,7 +16,7 @@ pub mod objects;
 pub mod pool;
 mod run;
 
-pub use run::{RunConfig, run};
+pub use run::{RunConfig, WATCHES, run};
 use thiserror::Error;
 
 use crate::controlplane::{AdminError, CoordError};

@@ -18,6 +18,7 @@ use kube_lease_manager::LeaseManagerBuilder;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
+use super::health::Health;
 use super::instance::{self, Context};
 use super::metrics::Metrics;
 use super::objects::{LABEL_REPLICA_SET, Settings};
@@ -56,7 +57,11 @@ pub enum RunError {
     LostLease,
 }
 
-pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
+/// The resources the leader's controllers watch, as `/readyz` names them.
+pub const WATCHES: [&str; 2] = ["databaseinstances", "resourcepools"];
+
+/// Runs the controllers once this replica holds the Lease, telling `health` how far it got.
+pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
     let client = Client::try_default().await?;
     let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
         .with_namespace(&cfg.lease_namespace)
@@ -65,6 +70,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         .with_grace(LEASE_GRACE_SECONDS)
         .build()
         .await?;
+    // Building the manager read (or created) the Lease: the API answers.
+    health.following();
     let (mut leading, _task) = manager.watch().await;
     info!(identity = %cfg.identity, "waiting for the leader-election lease");
     while !*leading.borrow_and_update() {
@@ -85,8 +92,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         metrics: Metrics,
     });
 
+    health.leading(&WATCHES);
     let instances = Controller::new(Api::<DatabaseInstance>::all(client.clone()), watcher::Config::default());
     let reader = instances.store();
+    report_synced(&health, WATCHES[0], reader.clone());
     // A member Pod changing (gone, ready, failed) wakes every instance on its replica set.
     let pods = watcher::Config::default().labels(LABEL_REPLICA_SET);
     let instances = instances
@@ -110,10 +119,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 warn!(error = %e, "instance controller");
             }
         });
-    let pools = Controller::new(Api::<ResourcePool>::all(client.clone()), watcher::Config::default())
-        .shutdown_on_signal()
-        .run(pool::reconcile, pool::error_policy, ctx)
-        .for_each(|_| async {});
+    let pools = Controller::new(Api::<ResourcePool>::all(client.clone()), watcher::Config::default());
+    report_synced(&health, WATCHES[1], pools.store());
+    let pools = pools.shutdown_on_signal().run(pool::reconcile, pool::error_policy, ctx).for_each(|_| async {});
 
     let lost = async move {
         loop {
@@ -130,4 +138,29 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             Err(RunError::LostLease)
         }
     }
+}
+
+/// Tells `health` once the watch behind `store` has listed its objects.
+fn report_synced<K>(health: &Arc<Health>, resource: &'static str, store: kube::runtime::reflector::Store<K>)
+where
+    K: kube::Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let health = health.clone();
+    tokio::spawn(async move {
+        // Asked again every half second: the store's readiness wakes one waiter only (a
+        // oneshot's single waker, which the controller's own wait takes over), but a new
+        // ask after the first list is answered at once.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    info!(resource, "watch synced");
+                    health.watch_synced(resource);
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
+        }
+    });
 }
