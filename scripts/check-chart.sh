@@ -17,11 +17,36 @@ trap 'rm -rf "$out"' EXIT
 "$helm" template nimbus charts/nimbus -n nimbus-system > "$out/default.yaml"
 "$helm" template nimbus charts/nimbus -n nimbus-system --set etcd.enabled=false \
   --set 'etcd.endpoints={http://etcd.infra:2379}' > "$out/external-etcd.yaml"
-for example in examples/*.yaml; do
-  if grep -q '^kind: DatabaseInstance' "$example"; then
-    "$target/debug/nimbus-operator" preview "$example" --namespace apps > "$out/preview-$(basename "$example")"
-  fi
+# The operator's settings as the chart gives them (its container's environment), so the
+# preview shows what that operator would build: images, pull policy, gateway replicas,
+# NetworkPolicies, etcd endpoints.
+chart_env() {
+  "$tools/venv/bin/python" - "$1" <<'PY'
+import shlex, sys, yaml
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if not doc or doc.get("kind") != "Deployment":
+        continue
+    for c in doc["spec"]["template"]["spec"]["containers"]:
+        if c.get("args", [])[:1] == ["run"]:
+            for e in c.get("env", []):
+                if "value" in e and e["name"].startswith("NIMBUS_"):
+                    print(f"{e['name']}={shlex.quote(str(e['value']))}")
+PY
+}
+for variant in default external-etcd; do
+  env_file="$out/operator-env-$variant"
+  chart_env "$out/$variant.yaml" > "$env_file"
+  grep -q NIMBUS_DATANODE_IMAGE "$env_file" || { echo "check-chart: no operator environment in the $variant chart" >&2; exit 1; }
+  for example in examples/*.yaml; do
+    if grep -q '^kind: DatabaseInstance' "$example"; then
+      (set -a; . "$env_file"; set +a
+       "$target/debug/nimbus-operator" preview "$example" --namespace apps) > "$out/preview-$variant-$(basename "$example")"
+    fi
+  done
 done
+# The preview follows the chart: its images, not the built-in defaults.
+image=$(grep NIMBUS_DATANODE_IMAGE "$out/operator-env-default" | cut -d= -f2- | tr -d "'")
+grep -q "image: $image" "$out"/preview-default-*.yaml || { echo "check-chart: the preview does not use the chart's datanode image $image" >&2; exit 1; }
 # Custom resources (the chart's default ResourcePool) have no schema in kubernetes-validate
 # (hence --no-warn); operator/tests/crds.rs validates them against the generated CRDs.
 "$validate" --strict -k 1.33.0 --quiet --no-warn "$out"/*.yaml crds/*.yaml

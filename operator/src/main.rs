@@ -51,19 +51,19 @@ enum Command {
         file: std::path::PathBuf,
         #[arg(long, default_value = "default")]
         namespace: String,
+        /// The settings `run` takes (the same flags and environment variables): give it the
+        /// chart's operator environment to see what that operator would build.
+        #[command(flatten)]
+        settings: SettingsArgs,
+        /// The operator's etcd endpoints, as `run` takes them.
+        #[arg(long = "etcd", env = "NIMBUS_ETCD", value_delimiter = ',', default_value = "http://etcd:2379")]
+        etcd_endpoints: Vec<String>,
     },
 }
 
+/// What shapes the objects the operator builds: shared by `run` and `preview`.
 #[derive(clap::Args)]
-struct RunArgs {
-    /// The operator's etcd connection (endpoints, TLS client certificate).
-    #[command(flatten)]
-    etcd: nimbus_net::EtcdArgs,
-    /// Directory of the internal Secret's files (the cluster secret, and with a TLS etcd
-    /// its CA and the gateways' client certificate): copied into every namespace with
-    /// datanodes or gateways.
-    #[arg(long, env = "NIMBUS_INTERNAL_DIR", default_value = "/etc/nimbus/internal")]
-    internal_dir: std::path::PathBuf,
+struct SettingsArgs {
     /// Do not create NetworkPolicies for datanodes and gateways.
     #[arg(long, env = "NIMBUS_NO_NETWORK_POLICIES")]
     no_network_policies: bool,
@@ -85,6 +85,41 @@ struct RunArgs {
     /// Namespace of the leader-election Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "nimbus-system")]
     lease_namespace: String,
+}
+
+impl SettingsArgs {
+    fn settings(
+        self,
+        etcd_endpoints: Vec<String>,
+        internal_files: std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<Settings> {
+        Ok(Settings {
+            datanode_image: self.datanode_image,
+            gateway_image: self.gateway_image,
+            image_pull_policy: self.image_pull_policy,
+            etcd_endpoints,
+            gateway_replicas: self.gateway_replicas,
+            gateway_service_account: None,
+            internal_files,
+            operator_namespace: self.lease_namespace,
+            network_policies: !self.no_network_policies,
+            metrics_namespace_selector: parse_selector(&self.metrics_namespaces)?,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The operator's etcd connection (endpoints, TLS client certificate).
+    #[command(flatten)]
+    etcd: nimbus_net::EtcdArgs,
+    /// Directory of the internal Secret's files (the cluster secret, and with a TLS etcd
+    /// its CA and the gateways' client certificate): copied into every namespace with
+    /// datanodes or gateways.
+    #[arg(long, env = "NIMBUS_INTERNAL_DIR", default_value = "/etc/nimbus/internal")]
+    internal_dir: std::path::PathBuf,
+    #[command(flatten)]
+    settings: SettingsArgs,
     /// This replica's identity in the leader election.
     #[arg(long, env = "POD_NAME")]
     identity: String,
@@ -105,11 +140,15 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Preview { file, namespace } => {
+        Command::Preview { file, namespace, settings, etcd_endpoints } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("failed to read {}", file.display()))?;
             let dbi: DatabaseInstance =
                 serde_yaml_ng::from_str(&text).context("failed to parse the DatabaseInstance")?;
-            for object in preview(&dbi, &namespace) {
+            // The internal Secret's files live in the operator's Pod: placeholders here.
+            let internal =
+                [objects::CLUSTER_SECRET_KEY].map(|k| (k.to_string(), "<from the chart's Secret>".to_string()));
+            let settings = settings.settings(etcd_endpoints, internal.into_iter().collect())?;
+            for object in preview(&dbi, &namespace, &settings) {
                 print!("---\n{}", serde_yaml_ng::to_string(&object)?);
             }
             Ok(())
@@ -159,25 +198,10 @@ async fn main() -> anyhow::Result<()> {
                 internal_files.get(objects::CLUSTER_SECRET_KEY).map(String::as_str).unwrap_or_default(),
             )
             .with_context(|| format!("no usable cluster secret in {}", args.internal_dir.display()))?;
-            let settings = Settings {
-                datanode_image: args.datanode_image,
-                gateway_image: args.gateway_image,
-                image_pull_policy: args.image_pull_policy,
-                etcd_endpoints: args.etcd.endpoints.clone(),
-                gateway_replicas: args.gateway_replicas,
-                gateway_service_account: None,
-                internal_files,
-                operator_namespace: args.lease_namespace.clone(),
-                network_policies: !args.no_network_policies,
-                metrics_namespace_selector: parse_selector(&args.metrics_namespaces)?,
-            };
-            let cfg = RunConfig {
-                settings,
-                etcd: args.etcd,
-                secret,
-                lease_namespace: args.lease_namespace,
-                identity: args.identity,
-            };
+            let args = *args;
+            let lease_namespace = args.settings.lease_namespace.clone();
+            let settings = args.settings.settings(args.etcd.endpoints.clone(), internal_files)?;
+            let cfg = RunConfig { settings, etcd: args.etcd, secret, lease_namespace, identity: args.identity };
             run(cfg, health).await?;
             Ok(())
         }
@@ -243,8 +267,7 @@ fn parse_selector(text: &str) -> anyhow::Result<std::collections::BTreeMap<Strin
 }
 
 /// The objects of a new instance's replica set, as the reconciler builds them.
-fn preview(dbi: &DatabaseInstance, namespace: &str) -> Vec<serde_json::Value> {
-    let settings = Settings::default();
+fn preview(dbi: &DatabaseInstance, namespace: &str, settings: &Settings) -> Vec<serde_json::Value> {
     let name = dbi.metadata.name.clone().unwrap_or_default();
     let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
         api_version: "nimbus.io/v1alpha1".into(),
@@ -267,17 +290,19 @@ fn preview(dbi: &DatabaseInstance, namespace: &str) -> Vec<serde_json::Value> {
     };
     let zones: Vec<String> = ["a", "b", "c"].iter().map(|z| z.to_string()).collect();
     let v = |x: serde_json::Result<serde_json::Value>| x.unwrap_or_default();
-    let mut out = vec![v(serde_json::to_value(objects::internal_secret(&settings, namespace)))];
-    out.push(v(serde_json::to_value(objects::datanode_network_policy(&settings, namespace))));
-    out.push(v(serde_json::to_value(objects::gateway_network_policy(&settings, namespace))));
+    let mut out = vec![v(serde_json::to_value(objects::internal_secret(settings, namespace)))];
+    if settings.network_policies {
+        out.push(v(serde_json::to_value(objects::datanode_network_policy(settings, namespace))));
+        out.push(v(serde_json::to_value(objects::gateway_network_policy(settings, namespace))));
+    }
     out.push(v(serde_json::to_value(objects::replica_set_service(&rs, &zones, false))));
     out.push(v(serde_json::to_value(objects::replica_set_pdb(&rs))));
     for (i, zone) in zones.iter().enumerate() {
         let id = i as u64 + 1;
         out.push(v(serde_json::to_value(objects::member_pvc(&rs, id, zone))));
-        out.push(v(serde_json::to_value(objects::member_pod(&settings, &rs, id, zone))));
+        out.push(v(serde_json::to_value(objects::member_pod(settings, &rs, id, zone))));
     }
-    out.push(v(serde_json::to_value(objects::gateway_deployment(&settings, namespace, None))));
+    out.push(v(serde_json::to_value(objects::gateway_deployment(settings, namespace, None))));
     out.push(v(serde_json::to_value(objects::gateway_service(namespace, None))));
     let creds = Credentials {
         endpoint: objects::gateway_endpoint(namespace),
