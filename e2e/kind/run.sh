@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End to end on kind: build and load the images, install the chart, apply examples/, wait
-# for Ready, write and read through the gateway, delete the leader's Pod and show the
-# instance recovers, delete the instance and show cleanup. Needs docker, kind, kubectl and
+# for Ready, write and read through the gateway's Service, run the contract smoke test,
+# delete the leader's Pod and show the instance recovers, lose a zone (its node stopped)
+# and show writes go on, delete the instance and show cleanup. Needs docker, kind, kubectl and
 # helm (scripts/setup.sh fetches helm). Skips, with a message, where docker or kind is absent.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,7 +14,13 @@ helm="${HELM:-$(command -v helm || echo "$HOME/.cache/nimbus/tools/layer/helm/he
 cluster="${KIND_CLUSTER:-nimbus-e2e}"
 ns=nimbus-system
 tag=e2e
-cleanup() { [ -n "${KEEP_CLUSTER:-}" ] || kind delete cluster --name "$cluster" >/dev/null 2>&1 || true; kill "${pf:-0}" 2>/dev/null || true; }
+forwards=()
+cleanup() {
+  # Only what this script started: never `kill 0` (the whole process group) when a step
+  # failed before anything was forwarded.
+  for p in "${forwards[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -n "${KEEP_CLUSTER:-}" ] || kind delete cluster --name "$cluster" >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
 
 step() { echo "== $*"; }
@@ -39,18 +46,66 @@ kubectl -n $ns apply -f examples/database-instance.yaml
 wait_for 600 "shop Ready" bash -c "kubectl -n $ns get dbi shop -o jsonpath='{.status.phase}' | grep -qx Ready"
 kubectl -n $ns get dbi -o wide
 token=$(kubectl -n $ns get secret shop-credentials -o jsonpath='{.data.token}' | base64 -d)
-kubectl -n $ns port-forward svc/nimbus-gateway 18080:8080 >/dev/null 2>&1 & pf=$!
-wait_for 60 "port-forward" curl -sf http://127.0.0.1:18080/healthz
-api=http://127.0.0.1:18080/v1/databases/shop/collections/orders
+read_only=$(kubectl -n $ns get secret shop-credentials -o jsonpath='{.data.readOnlyToken}' | base64 -d)
+# The gateways through a Service, as clients reach them (kind maps node port 30080 to
+# 127.0.0.1:18080, see kind-config.yaml).
+kubectl -n $ns apply -f - <<'YAML'
+apiVersion: v1
+kind: Service
+metadata: {name: nimbus-gateway-e2e}
+spec:
+  type: NodePort
+  selector: {app.kubernetes.io/name: nimbus, app.kubernetes.io/component: gateway}
+  ports: [{name: http, port: 8080, targetPort: http, nodePort: 30080}]
+YAML
+gw=http://127.0.0.1:18080
+wait_for 120 "the gateway Service" curl -sf $gw/readyz
+api=$gw/v1/databases/shop/collections/orders
 curl -sf -H "Authorization: Bearer $token" -H 'content-type: application/json' \
   -d '{"documents":[{"_id":"o1","total":42}]}' $api/documents
 curl -sf -H "Authorization: Bearer $token" $api/documents/o1 | grep -q '"total":42'
+
+step "contract smoke test"
+# The shapes API.md promises, checked by ../shared/contract/smoke.py against a state file
+# in playground.json's shape: the gateway Service, the instance, each member's admin port.
+state=$(mktemp -d)
+datanodes=()
+port=17100
+for pod in $(kubectl -n $ns get pods -l app.kubernetes.io/component=datanode -o name); do
+  kubectl -n $ns port-forward "$pod" $port:7100 >/dev/null 2>&1 & forwards+=($!)
+  datanodes+=("{\"id\": \"${pod#pod/}\", \"admin\": \"http://127.0.0.1:$port\"}")
+  port=$((port + 1))
+done
+for p in $(seq 17100 $((port - 1))); do wait_for 60 "port-forward $p" curl -s -o /dev/null http://127.0.0.1:$p/healthz; done
+cat > "$state/playground.json" <<JSON
+{"gateway": "$gw", "datanodes": [$(IFS=,; echo "${datanodes[*]}")],
+ "instances": {"shop": {"database": "shop", "token": "$token", "readOnlyToken": "$read_only"}}}
+JSON
+python3 "${NIMBUS_SHARED:-../shared}/contract/smoke.py" "$state/playground.json" | tee "$state/smoke.log"
+grep -q ' 0 failed' "$state/smoke.log"
+
 step "kill the leader's pod"
 leader=$(kubectl -n $ns get dbi shop -o jsonpath='{.status.placement.leader}')
 kubectl -n $ns delete pod "$leader" --wait=false
 wait_for 300 "a new leader" bash -c "[ \"\$(kubectl -n $ns get dbi shop -o jsonpath='{.status.placement.leader}')\" != '$leader' ]"
 wait_for 300 "shop Ready again" bash -c "kubectl -n $ns get dbi shop -o jsonpath='{.status.phase}' | grep -qx Ready"
 curl -sf -H "Authorization: Bearer $token" $api/documents/o1 | grep -q '"total":42'
+step "lose a zone"
+# The node of the zone holding a follower stops (its container, as a zone outage would):
+# the other two zones keep a majority, so writes go on being acknowledged.
+leader=$(kubectl -n $ns get dbi shop -o jsonpath='{.status.placement.leader}')
+leader_zone=$(kubectl -n $ns get pod "$leader" -o jsonpath="{.metadata.labels['nimbus\.io/zone']}")
+lost_zone=$(kubectl -n $ns get dbi shop -o jsonpath='{.status.placement.members[*].zone}' | tr ' ' '\n' | grep -vx "$leader_zone" | head -1)
+lost_node=$(kubectl get nodes -l topology.kubernetes.io/zone="$lost_zone" -o jsonpath='{.items[0].metadata.name}')
+docker stop "$lost_node" >/dev/null
+for i in 1 2 3 4 5; do
+  curl -sf -H "Authorization: Bearer $token" -H 'content-type: application/json' \
+    -d "{\"documents\":[{\"_id\":\"z$i\"}]}" $api/documents >/dev/null
+done
+curl -sf -H "Authorization: Bearer $token" "$api/documents/z5" | grep -q '"_id":"z5"'
+docker start "$lost_node" >/dev/null
+wait_for 600 "shop Ready with the zone back" bash -c "kubectl -n $ns get dbi shop -o jsonpath='{.status.phase}' | grep -qx Ready"
+
 step "delete the instance"
 kubectl -n $ns delete dbi shop --wait=true --timeout=120s
 wait_for 60 "credentials gone" bash -c "! kubectl -n $ns get secret shop-credentials"
