@@ -602,7 +602,17 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
             // A replica set with no Pods left (a dedicated one being deleted with the
             // instance) has no data to drop; one with Pods but no leader must wait.
             None if statuses.is_empty() && pods.list(&selector).await?.is_empty() => {}
-            None => return Err(Error::NoLeader),
+            // The way out when the replica set cannot get a leader back: the data stays
+            // on its volumes, the instance and its records go (docs/operator.md).
+            None if dbi.annotations().get(ANNOTATION_ABANDON_DATA).is_some_and(|v| v == "true") => {
+                let msg = format!(
+                    "replica set {} has no leader: database {db} is NOT dropped (its data stays on the \
+                     replica set's volumes), as {ANNOTATION_ABANDON_DATA} asks",
+                    p.replica_set
+                );
+                event(ctx, dbi, EventType::Warning, "DataAbandoned", "Delete", &msg).await;
+            }
+            None => return Err(Error::NoLeaderToDrop { database: db, replica_set: p.replica_set.clone() }),
         }
     }
     let uid = dbi.uid().unwrap_or_default();
@@ -617,6 +627,10 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
         .await;
     Ok(Action::await_change())
 }
+
+/// Set to `"true"` on an instance being deleted whose replica set has no leader: the
+/// deletion goes on without dropping the database's data.
+pub const ANNOTATION_ABANDON_DATA: &str = "nimbus.io/abandon-data";
 
 /// A dedicated replica set (its Service owned by the instance) goes with its instance,
 /// volumes included: they hold no one else's data. A shared replica set's volumes are

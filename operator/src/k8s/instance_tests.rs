@@ -514,3 +514,21 @@ async fn the_namespaces_gateway_is_owned_by_its_instances_and_goes_with_the_last
         assert_eq!(owners(&w, path), vec!["shop"], "{path}");
     }
 }
+
+#[tokio::test]
+async fn an_instance_whose_replica_set_has_no_leader_is_deleted_only_when_told_to_abandon_its_data() {
+    let w = ready_instance().await;
+    w.datanodes.0.lock().unwrap().initialized = false; // no member reports a leader
+    w.datanodes.0.lock().unwrap().members.clear();
+    w.api.delete(INSTANCES, "shop");
+    let err = w.reconcile("shop").await.unwrap_err().to_string();
+    assert!(err.contains("nimbus.io/abandon-data=true"), "{err}");
+    assert!(w.api.get(INSTANCES, "shop").is_some(), "kept while its data cannot be dropped");
+    let mut obj = w.api.get(INSTANCES, "shop").unwrap();
+    obj["metadata"]["annotations"] = json!({"nimbus.io/abandon-data": "true"});
+    w.api.put(INSTANCES, obj);
+    w.reconcile("shop").await.unwrap();
+    assert!(w.api.get(INSTANCES, "shop").is_none(), "deleted once told");
+    assert!(!w.raft_log().iter().any(|l| l.starts_with("drop_database")), "{:?}", w.raft_log());
+    assert!(w.store.0.lock().unwrap().keys().all(|k| !k.contains("/shop")));
+}

@@ -34,6 +34,11 @@ pub enum Error {
     PoolNotFound(String),
     #[error("failed to reach the replica set's leader")]
     NoLeader,
+    #[error(
+        "failed to drop database {database}: replica set {replica_set} has no leader (retried); to delete the \
+         instance without dropping its data, annotate it nimbus.io/abandon-data=true"
+    )]
+    NoLeaderToDrop { database: String, replica_set: String },
     #[error("failed to read credentials: {0}")]
     BadSecret(String),
     #[error(transparent)]
