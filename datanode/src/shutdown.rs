@@ -12,10 +12,11 @@
 //! 4. ask openraft to transfer leadership to it, and wait until another member leads,
 //!    asking again every [`RETRY_EVERY`] (the message may be lost, the successor may lag).
 //!
+//! A voter whose Raft port refuses connections (stopping too) is passed over.
 //! A follower has nothing to hand over. If the deadline passes, the member stops anyway:
 //! the others then replace it as they would a crashed leader (`leader_watch`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,9 @@ pub enum Handoff {
     NoSuccessor,
     /// The deadline passed with this member still leading (`to`: the last one asked).
     TimedOut { to: Option<u64> },
+    /// This member stepped down for `to`, which stopped (or the deadline passed) before it
+    /// led: the replica set is left to elect a leader.
+    Abandoned { to: u64 },
 }
 
 impl Handoff {
@@ -50,6 +54,9 @@ impl Handoff {
             }
             Handoff::NoSuccessor => {
                 tracing::warn!(node, "no healthy voter to hand leadership to: stopping as leader")
+            }
+            Handoff::Abandoned { to } => {
+                tracing::warn!(node, to, "the successor did not take over (it stopped too?): stopping with no leader")
             }
             Handoff::TimedOut { to } => {
                 tracing::warn!(node, to = ?to, "leadership did not move before the deadline: stopping as leader")
@@ -107,24 +114,32 @@ pub async fn hand_off(ctx: &NodeCtx, within: Duration, healthy_within: Duration)
     let started = Instant::now();
     let deadline = started + within;
     let mut asked: Option<u64> = None;
+    // Voters whose process is gone (stopping with this one: `helm uninstall`, `playground
+    // down`): their last heartbeat still looks recent, but nobody there can take over.
+    let mut gone: BTreeSet<u64> = BTreeSet::new();
     loop {
         let m = ctx.raft.metrics().borrow_watched().clone();
-        if !leads(&m) {
-            return match (asked, m.current_leader.filter(|l| *l != ctx.id)) {
-                (None, _) => Handoff::NotLeader,
-                (Some(_), Some(to)) => Handoff::Transferred { to, took: started.elapsed() },
-                // Stepped down, successor not known yet: wait for it below.
-                (Some(_), None) => match wait_for_other_leader(ctx, deadline).await {
-                    Some(to) => Handoff::Transferred { to, took: started.elapsed() },
-                    None => Handoff::TimedOut { to: asked },
-                },
-            };
-        }
         let left = deadline.saturating_duration_since(Instant::now());
+        if !leads(&m) {
+            let Some(successor) = asked else { return Handoff::NotLeader };
+            if let Some(to) = m.current_leader.filter(|l| *l != ctx.id) {
+                return Handoff::Transferred { to, took: started.elapsed() };
+            }
+            // Stepped down for the successor, which does not lead yet.
+            if let Some(to) = wait_for_other_leader(ctx, left.min(RETRY_EVERY)).await {
+                return Handoff::Transferred { to, took: started.elapsed() };
+            }
+            if left.is_zero() || process_gone(&m, successor).await {
+                return Handoff::Abandoned { to: successor };
+            }
+            continue;
+        }
         if left.is_zero() {
             return if asked.is_some() { Handoff::TimedOut { to: asked } } else { Handoff::NoSuccessor };
         }
-        let Some(to) = successor(ctx.id, &peers(&m), healthy_within) else {
+        let mut candidates = peers(&m);
+        candidates.retain(|id, _| !gone.contains(id));
+        let Some(to) = successor(ctx.id, &candidates, healthy_within) else {
             // The only voter, or none of the others answered within the election timeout:
             // they would not take over any sooner for waiting.
             return match asked {
@@ -132,6 +147,11 @@ pub async fn hand_off(ctx: &NodeCtx, within: Duration, healthy_within: Duration)
                 None => Handoff::NoSuccessor,
             };
         };
+        if process_gone(&m, to).await {
+            tracing::info!(node = ctx.id, to, "the successor's process is gone: choosing another");
+            gone.insert(to);
+            continue;
+        }
         // The successor must hold this leader's whole log, or it ignores the transfer.
         let last = m.last_log_index;
         let caught_up = ctx
@@ -174,11 +194,19 @@ pub async fn hand_off(ctx: &NodeCtx, within: Duration, healthy_within: Duration)
     }
 }
 
-/// Waits until another member is known to lead, or the deadline.
-async fn wait_for_other_leader(ctx: &NodeCtx, deadline: Instant) -> Option<u64> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let m = ctx.raft.wait(Some(left)).metrics(|m| m.current_leader.is_some_and(|l| l != m.id), "a new leader").await;
+/// Waits up to `within` until another member is known to lead.
+async fn wait_for_other_leader(ctx: &NodeCtx, within: Duration) -> Option<u64> {
+    let m = ctx.raft.wait(Some(within)).metrics(|m| m.current_leader.is_some_and(|l| l != m.id), "a new leader").await;
     m.ok().and_then(|m| m.current_leader)
+}
+
+/// Whether member `id`'s Raft port refuses connections: its process is gone.
+async fn process_gone(m: &openraft::RaftMetrics<crate::raft::TypeConfig>, id: u64) -> bool {
+    let addr = m.membership_config.membership().get_node(&id).map(|n| n.raft_addr.clone());
+    match addr {
+        Some(addr) => crate::leader_watch::refuses(&addr).await,
+        None => true,
+    }
 }
 
 #[cfg(test)]

@@ -143,3 +143,22 @@ async fn sigterm_on_a_follower_exits_0_at_once_and_the_replica_set_keeps_serving
     workload::verify(&e.client, &e.gw, "shop", &e.token, &report).await.unwrap();
     caught_up(&e, follower, leader).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_on_every_member_at_once_stops_them_all_with_0_before_the_handoff_deadline() {
+    // `helm uninstall`, `nimbus playground down`: nobody is left to take over.
+    let mut e = env().await;
+    let writers = Writers::start(&e.client, &e.gw, "shop", &e.token, 4);
+    writers.wait_for(100, WAIT).await.unwrap();
+    let stops = e.stack.cluster.nodes.iter_mut().map(|d| d.terminate(EXIT_WITHIN));
+    let exits = futures::future::join_all(stops).await;
+    writers.stop().await.unwrap();
+    let took: Vec<u128> = exits.iter().map(|r| r.as_ref().unwrap().1.as_millis()).collect();
+    eprintln!("every member sigterm: exited after {took:?} ms");
+    for r in exits {
+        let (exit, took) = r.unwrap();
+        assert_eq!(exit.code(), Some(0), "a member exited with {exit}");
+        // The leader gives up once its followers stop answering (an election timeout at most).
+        assert!(took < Duration::from_millis(ELECTION_MS + 2_000), "a member took {took:?} to stop");
+    }
+}
