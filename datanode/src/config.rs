@@ -18,6 +18,12 @@ pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100_000;
 pub const DEFAULT_KEEP_LOGS: u64 = 1_000;
 pub const DEFAULT_OPLOG_RETENTION_SECS: u64 = 7 * 24 * 3600;
+/// How long a leader stopping on SIGTERM tries to hand its leadership over. Well inside a
+/// Pod's termination grace period (30 s by default), with room for the servers to finish
+/// their requests afterwards ([`SHUTDOWN_DRAIN`]).
+pub const DEFAULT_SHUTDOWN_HANDOFF_MS: u64 = 5_000;
+/// How long the servers get to finish the requests in flight once the handoff is done.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "nimbus-datanode", about = "A member of a Nimbus replica set", version)]
@@ -70,6 +76,10 @@ pub struct Config {
     /// How long oplog entries are kept, in seconds (default 7 days).
     #[arg(long, env = "NIMBUS_OPLOG_RETENTION_SECS", default_value_t = DEFAULT_OPLOG_RETENTION_SECS)]
     pub oplog_retention_secs: u64,
+    /// On SIGTERM or SIGINT, how long a leader tries to hand its leadership to another
+    /// voter before it stops anyway, in milliseconds (see `docs/datanode.md`, Shutdown).
+    #[arg(long, env = "NIMBUS_SHUTDOWN_HANDOFF_MS", default_value_t = DEFAULT_SHUTDOWN_HANDOFF_MS)]
+    pub shutdown_handoff_ms: u64,
     /// Added to this member's wall clock, in milliseconds: a fault injected by tests of the
     /// replica set's clock (see `clock.rs`). Never set it in production.
     #[arg(long, env = "NIMBUS_CLOCK_SKEW_MS", default_value_t = 0, allow_hyphen_values = true, hide = true)]

@@ -71,10 +71,11 @@ pub async fn run(ctx: Arc<NodeCtx>, every: Duration, mut stop: tokio::sync::broa
             watched = Some(leader);
             refused = 0;
         }
-        let Some(addr) = membership.get_node(&leader).map(|n| host_port(&n.raft_addr)) else { continue };
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr)).await {
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
-            _ => refused = 0,
+        let Some(addr) = membership.get_node(&leader).map(|n| n.raft_addr.clone()) else { continue };
+        if refuses(&addr).await {
+            refused += 1;
+        } else {
+            refused = 0;
         }
         if refused < REFUSALS {
             continue;
@@ -112,6 +113,16 @@ fn rank(voters: &[u64], leader: u64, me: u64) -> Option<u64> {
     let mut others: Vec<u64> = voters.iter().copied().filter(|v| *v != leader).collect();
     others.sort_unstable();
     others.iter().position(|v| *v == me).map(|p| p as u64)
+}
+
+/// Whether the Raft port at base URL `raft_addr` refuses connections: its process is gone
+/// (a connection that times out is not a refusal: the machine may be overloaded).
+pub(crate) async fn refuses(raft_addr: &str) -> bool {
+    let addr = host_port(raft_addr);
+    matches!(
+        tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// `host:port` of a base URL such as `http://127.0.0.1:7001/`.

@@ -9,6 +9,7 @@ pub mod leader_watch;
 pub mod node;
 pub mod raft;
 pub mod server;
+pub mod shutdown;
 pub mod store;
 
 /// The query language (documents, filters, updates, the planner): the `nimbus-query` crate.

@@ -2,7 +2,7 @@
 //! share.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -43,6 +43,9 @@ pub struct NodeCtx {
     pub clock: Arc<ReplicaClock>,
     /// Data API requests received so far: the index builder slows down while there are any.
     pub data_requests: AtomicU64,
+    /// Set once the member is stopping (`crate::shutdown`): it takes no new write or
+    /// linearizable read (`421 NotLeader`, retried elsewhere by the gateway).
+    pub draining: AtomicBool,
 }
 
 impl NodeCtx {
@@ -95,8 +98,10 @@ fn url(host: &Option<String>, addr: std::net::SocketAddr) -> String {
     format!("http://{host}:{}", addr.port())
 }
 
-/// Runs a datanode until SIGINT or SIGTERM.
+/// Runs a datanode until SIGINT or SIGTERM, then stops as `crate::shutdown` describes.
 pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result<()> {
+    // Before anything else: a signal from now on means a clean stop, not the default action.
+    let mut signals = Signals::install().context("failed to install the signal handlers")?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("failed to create {}", config.data_dir.display()))?;
     let secret = config.cluster.load().context("failed to load the cluster secret")?;
@@ -153,6 +158,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         max_body_bytes: config.max_body_bytes,
         clock,
         data_requests: AtomicU64::new(0),
+        draining: AtomicBool::new(false),
     });
 
     let data_listener = TcpListener::bind(config.data_listen)
@@ -185,7 +191,6 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let raft_app =
         server::raft_rpc::router(ctx.clone()).layer(DefaultBodyLimit::max(config.max_body_bytes * 4)).layer(require());
 
-    let shutdown = shutdown_signal();
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut rx1 = stop_tx.subscribe();
     let mut rx2 = stop_tx.subscribe();
@@ -217,13 +222,24 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
             })
             .await
     });
-    shutdown.await;
-    tracing::info!("shutting down");
-    let _ = stop_tx.send(());
-    if let Err(e) = raft.shutdown().await {
-        tracing::warn!(error = %e, "raft shutdown failed");
+    let signal = signals.next().await;
+    tracing::info!(node = config.id, signal, "stopping");
+
+    // 1. Hand leadership over (a leader), taking no new writes meanwhile. A second signal
+    //    cuts it short.
+    let handoff = crate::shutdown::hand_off(
+        &ctx,
+        Duration::from_millis(config.shutdown_handoff_ms),
+        Duration::from_millis(config.election_timeout_ms),
+    );
+    tokio::select! {
+        h = handoff => h.log(config.id),
+        signal = signals.next() => tracing::warn!(node = config.id, signal, "stopping at once: the handoff is cut short"),
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+
+    // 2. Stop the servers: no new connections; requests in flight get their answers.
+    let _ = stop_tx.send(());
+    let drained = tokio::time::timeout(crate::config::SHUTDOWN_DRAIN, async {
         let _ = data_srv.await;
         let _ = admin_srv.await;
         let _ = raft_srv.await;
@@ -231,26 +247,42 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         let _ = watch.await;
     })
     .await;
+    if drained.is_err() {
+        tracing::warn!(
+            node = config.id,
+            "requests still in flight after {:?}: stopping anyway",
+            crate::config::SHUTDOWN_DRAIN
+        );
+    }
+
+    // 3. Raft, then storage: the applied state synced, so a restart replays nothing.
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(node = config.id, error = %e, "raft shutdown failed");
+    }
+    if let Err(e) = ctx.sm.engine().sync() {
+        tracing::warn!(node = config.id, error = %e, "failed to sync the state machine");
+    }
+    tracing::info!(node = config.id, "stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGTERM (the kubelet, `kill`) and SIGINT (Ctrl-C), registered once at startup.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// The name of the next signal received.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }

@@ -87,6 +87,7 @@ impl Member {
             max_body_bytes: 48 * 1024 * 1024,
             clock,
             data_requests: Default::default(),
+            draining: Default::default(),
         });
         let app = nimbus_datanode::server::raft_rpc::router(ctx);
         let server = tokio::spawn(async move {

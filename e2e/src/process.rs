@@ -135,6 +135,28 @@ impl Datanode {
         }
     }
 
+    /// `kill -TERM` (a planned stop, as the kubelet's), then waits up to `timeout` for the
+    /// process to exit: its exit status and how long it took. A process still running then
+    /// is killed, and that is an error.
+    pub async fn terminate(&mut self, timeout: Duration) -> anyhow::Result<(std::process::ExitStatus, Duration)> {
+        let mut child = self.child.take().context("the datanode is not running")?;
+        let pid = child.id().context("the datanode has already exited")?;
+        let started = std::time::Instant::now();
+        let sent = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        if !sent.success() {
+            let _ = child.start_kill();
+            anyhow::bail!("kill -TERM {pid} failed");
+        }
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => Ok((status?, started.elapsed())),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                anyhow::bail!("datanode {} still ran {timeout:?} after SIGTERM (killed)", self.id)
+            }
+        }
+    }
+
     /// Starts the process again with the same directory and ports.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await;

@@ -296,7 +296,7 @@ fn preview(dbi: &DatabaseInstance, namespace: &str, settings: &Settings) -> Vec<
         out.push(v(serde_json::to_value(objects::gateway_network_policy(settings, namespace))));
     }
     out.push(v(serde_json::to_value(objects::replica_set_service(&rs, &zones, false))));
-    out.push(v(serde_json::to_value(objects::replica_set_pdb(&rs))));
+    out.push(v(serde_json::to_value(objects::replica_set_pdb(&rs, zones.len()))));
     for (i, zone) in zones.iter().enumerate() {
         let id = i as u64 + 1;
         out.push(v(serde_json::to_value(objects::member_pvc(&rs, id, zone))));

@@ -288,10 +288,13 @@ async fn healthz() -> Response {
     axum::Json(serde_json::json!({"status": "ok"})).into_response()
 }
 
-/// Ready once this member belongs to an initialised replica set that has a leader.
+/// Ready once this member belongs to an initialised replica set that has a leader, and
+/// until it starts stopping.
 async fn readyz(State(ctx): Ctx) -> Response {
     let m = ctx.raft.metrics().borrow_watched().clone();
-    if m.current_leader.is_some() && m.running_state.is_ok() {
+    if ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(ApiError::unavailable("stopping").to_body())).into_response()
+    } else if m.current_leader.is_some() && m.running_state.is_ok() {
         axum::Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(ApiError::unavailable("no leader known").to_body()))

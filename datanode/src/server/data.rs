@@ -165,6 +165,14 @@ impl NodeCtx {
         Some(LeaderHint { id, data_addr: node.data_addr.clone() })
     }
 
+    /// Stopping (`crate::shutdown`): new writes and linearizable reads go elsewhere. While
+    /// this member still leads the answer has no hint, so the gateway tries the others
+    /// (with its back-off) rather than coming back here; once another member leads, the
+    /// hint names it.
+    fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn not_leader(&self) -> ApiError {
         let leader = self.raft.metrics().borrow_watched().current_leader;
         ApiError::not_leader(self.leader_hint(leader.filter(|l| *l != self.id)).await)
@@ -212,7 +220,7 @@ impl NodeCtx {
 
     /// Replicates a write and answers once a majority has it and it is applied here.
     pub(crate) async fn propose(&self, cmd: Command) -> std::result::Result<WriteAnswer, ApiError> {
-        if !self.raft.is_leader() {
+        if !self.raft.is_leader() || self.is_draining() {
             return Err(self.not_leader().await);
         }
         if !self.in_contact_with_majority() {
@@ -255,7 +263,7 @@ impl NodeCtx {
         if any {
             return Ok(self.sm.engine());
         }
-        if !self.raft.is_leader() {
+        if !self.raft.is_leader() || self.is_draining() {
             return Err(self.not_leader().await);
         }
         if !self.in_contact_with_majority() {

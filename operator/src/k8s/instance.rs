@@ -300,7 +300,7 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     let bootstrapped = bootstrapped || matches!(view, RaftView::Led(_));
     services.apply(&rs_name, &objects::replica_set_service(&rs, &zones, bootstrapped)).await?;
     let pdbs: Objects<PodDisruptionBudget> = Objects::namespaced(ctx.client.clone(), &ns);
-    pdbs.apply(&rs_name, &objects::replica_set_pdb(&rs)).await?;
+    pdbs.apply(&rs_name, &objects::replica_set_pdb(&rs, zones.len())).await?;
     // The namespace's gateways serve its instances: owned by every one of them (none the
     // controller), they are garbage-collected with the last.
     let owners = namespace_owners(ctx, &ns).await?;
@@ -311,6 +311,7 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
 
     // Drive the replica set one step.
     let step = members::next_action(&Desired { zones: zones.clone() }, &observed.members, &view);
+    let step = wait_for_terminating_pod(step, &observed, &rs_name);
     let step_result = carry_out(ctx, dbi, &rs, &observed, &view, &step).await;
     if let Err(e) = &step_result {
         warn!(instance = %name, replica_set = %rs_name, step = ?step, error = %e, "replica-set step failed");
@@ -436,6 +437,18 @@ fn member_info(rs: &ReplicaSetShape, id: u64, zone: &str) -> MemberInfo {
     }
 }
 
+/// A member's new Pod takes its old one's name, which the API server keeps until the old Pod
+/// is gone: while it is Terminating (a drain, an eviction, a rolling restart, a lost node)
+/// `Start` waits, instead of a create answered 409 at every reconcile.
+fn wait_for_terminating_pod(step: Step, observed: &Observed, rs_name: &str) -> Step {
+    match step {
+        Step::Start { id } if observed.pods.get(&id).is_some_and(|p| p.metadata.deletion_timestamp.is_some()) => {
+            Step::Wait(format!("waiting for Pod {} to terminate", objects::member_pod_name(rs_name, id)))
+        }
+        step => step,
+    }
+}
+
 /// Carries out one replica-set step.
 async fn carry_out(
     ctx: &Context,
@@ -466,7 +479,10 @@ async fn carry_out(
             // The Pod is gone (or failed) but its volume is there: recreate it on the volume.
             let name = objects::member_pod_name(&rs.name, *id);
             if observed.pods.contains_key(id) {
+                // A failed Pod: delete it, and create the new one once it is gone (a later
+                // reconcile, see `wait_for_terminating_pod`); creating it now would get 409.
                 pods.delete(&name).await?;
+                return Ok(());
             }
             let pod = objects::member_pod(&ctx.settings, rs, *id, &zone_of(*id));
             pods.create(&pod).await?;

@@ -144,6 +144,58 @@ async fn a_member_pod_lost_with_its_volume_is_recreated_on_the_volume() {
 }
 
 #[tokio::test]
+async fn a_member_pod_still_terminating_is_waited_for_without_a_conflict_then_recreated_once_gone() {
+    let w = ready_instance().await;
+    // Member 3's node is drained: its Pod is deleted, and stays Terminating while the
+    // kubelet stops the datanode (which hands its leadership over first).
+    w.api.delete(PODS, "default-rs0-m3");
+    let calls_before = w.api.calls().len();
+    for _ in 0..3 {
+        // Reconciles before the kubelet is done (`World::reconcile` would run it).
+        let action = super::instance::reconcile(std::sync::Arc::new(w.instance("shop")), w.ctx.clone()).await;
+        assert_eq!(action.unwrap(), Action::requeue(super::instance::REQUEUE_BUSY), "requeued soon, not as an error");
+        let pod = w.api.get(PODS, "default-rs0-m3").unwrap();
+        assert_eq!(pod["metadata"]["deletionTimestamp"], DELETION_TIME, "the old Pod is left to terminate");
+    }
+    let pod_writes: Vec<String> = w.api.calls()[calls_before..]
+        .iter()
+        .filter(|c| c.method != "GET" && c.path.contains("/pods"))
+        .map(|c| format!("{} {}", c.method, c.path))
+        .collect();
+    assert_eq!(pod_writes, Vec::<String>::new(), "no Pod created (409) or deleted again while it terminates");
+    let status = &w.api.get(INSTANCES, "shop").unwrap()["status"];
+    let progressing = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Progressing").unwrap();
+    assert!(
+        progressing["message"].as_str().unwrap().contains("waiting for Pod default-rs0-m3 to terminate"),
+        "{progressing}"
+    );
+
+    // The kubelet is done: the Pod is created again, under its name, on its volume.
+    w.api.kubelet(NS);
+    assert!(w.api.get(PODS, "default-rs0-m3").is_none());
+    w.reconcile("shop").await.unwrap();
+    let pod = w.api.get(PODS, "default-rs0-m3").expect("the Pod is back under its name");
+    assert!(pod["metadata"]["deletionTimestamp"].is_null());
+    w.reconcile_until_phase("shop", "Ready", 5).await;
+    assert_eq!(w.raft_log(), vec!["init [1, 2, 3]"], "no membership change for a restart");
+}
+
+#[tokio::test]
+async fn a_failed_member_pod_is_deleted_then_created_again_once_gone() {
+    let w = ready_instance().await;
+    let mut pod = w.api.get(PODS, "default-rs0-m2").unwrap();
+    pod["status"] = json!({"phase": "Failed", "podIP": "10.1.0.2"});
+    w.api.put(PODS, pod);
+    // Deleted (and gone once the kubelet has run), not created again under a name still taken.
+    w.reconcile("shop").await.unwrap();
+    assert!(w.api.get(PODS, "default-rs0-m2").is_none());
+    w.reconcile("shop").await.unwrap();
+    assert_eq!(w.api.get(PODS, "default-rs0-m2").unwrap()["status"]["phase"], "Running");
+    w.reconcile_until_phase("shop", "Ready", 5).await;
+    assert_eq!(w.raft_log(), vec!["init [1, 2, 3]"]);
+}
+
+#[tokio::test]
 async fn a_changed_datanode_image_rolls_followers_first_and_the_leader_last() {
     let w = ready_instance().await;
     let w = w.with_settings(Settings { datanode_image: "nimbus-datanode:new".into(), ..Settings::default() });

@@ -37,6 +37,14 @@ pub const GATEWAY_ADMIN_PORT: u16 = 8081;
 pub const GATEWAY_NAME: &str = "nimbus-gateway";
 /// The uid and gid the images run as (distroless "nonroot").
 pub const RUN_AS: i64 = 65532;
+/// How long a stopping leader tries to hand its leadership over (the datanode's
+/// `--shutdown-handoff-ms`; see docs/datanode.md, Shutdown).
+pub const MEMBER_SHUTDOWN_HANDOFF_MS: u64 = 5_000;
+/// The kubelet kills a member's datanode this long after SIGTERM: the handoff and what
+/// follows it fit with room to spare (a slow disk's last sync). No preStop hook: the image
+/// has no shell, and the datanode does the handoff on SIGTERM itself, which also covers a
+/// drain, an eviction and a `kubectl delete pod`, none of which runs anything else first.
+pub const MEMBER_TERMINATION_GRACE_SECONDS: i64 = 30;
 
 /// The Secret the operator keeps in every namespace it runs datanodes and gateways in: the
 /// cluster secret and the gateways' etcd credentials, copied from its own mount.
@@ -208,7 +216,7 @@ pub fn member_pod(settings: &Settings, rs: &ReplicaSetShape, id: u64, zone: &str
             "hostname": name,
             "subdomain": rs.name,
             "restartPolicy": "Always",
-            "terminationGracePeriodSeconds": 30,
+            "terminationGracePeriodSeconds": MEMBER_TERMINATION_GRACE_SECONDS,
             "enableServiceLinks": false,
             "automountServiceAccountToken": false,
             "affinity": {
@@ -246,6 +254,7 @@ pub fn member_pod(settings: &Settings, rs: &ReplicaSetShape, id: u64, zone: &str
                     {"name": "NIMBUS_RAFT_LISTEN", "value": format!("0.0.0.0:{RAFT_PORT}")},
                     {"name": "NIMBUS_ADVERTISE_HOST", "value": member_host(rs, id)},
                     {"name": "NIMBUS_CLUSTER_SECRET_FILE", "value": format!("{INTERNAL_MOUNT}/{CLUSTER_SECRET_KEY}")},
+                    {"name": "NIMBUS_SHUTDOWN_HANDOFF_MS", "value": MEMBER_SHUTDOWN_HANDOFF_MS.to_string()},
                     {"name": "RUST_LOG", "value": "info"}
                 ],
                 "ports": [
@@ -322,14 +331,17 @@ pub fn replica_set_service(rs: &ReplicaSetShape, zones: &[String], bootstrapped:
     }))
 }
 
-/// At most one member of a replica set down by choice (drains, upgrades): a majority stays.
-pub fn replica_set_pdb(rs: &ReplicaSetShape) -> PodDisruptionBudget {
+/// At most one member of a replica set of `members` evicted at a time (drains, upgrades):
+/// `minAvailable: members - 1`. Not `maxUnavailable: 1`: with it the disruption controller
+/// needs the scale of the Pods' controller, and member Pods have none (their owner is a
+/// pool or an instance), so it would allow no eviction at all and every drain would hang.
+pub fn replica_set_pdb(rs: &ReplicaSetShape, members: usize) -> PodDisruptionBudget {
     typed(json!({
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": meta(&rs.name, rs, "datanode", &[]),
         "spec": {
-            "maxUnavailable": 1,
+            "minAvailable": members.saturating_sub(1).max(1),
             "selector": {"matchLabels": {LABEL_REPLICA_SET: rs.name}}
         }
     }))
@@ -660,6 +672,23 @@ mod tests {
     }
 
     #[test]
+    fn a_member_pods_grace_period_covers_the_leadership_handoff_and_the_drain_after_it() {
+        let pod = v(&member_pod(&Settings::default(), &shape(), 1, "a"));
+        let grace = pod["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap();
+        let env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
+        let handoff_ms: i64 = env.iter().find(|e| e["name"] == "NIMBUS_SHUTDOWN_HANDOFF_MS").unwrap()["value"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // After the handoff the servers drain for at most 5 s, then Raft and RocksDB close
+        // (well under a second).
+        let needed = (handoff_ms + 999) / 1000 + 6;
+        assert!(grace >= 2 * needed, "grace {grace} s for a stop that may take {needed} s");
+        assert!(pod["spec"]["containers"][0]["lifecycle"].is_null(), "SIGTERM does the handoff: no preStop hook");
+    }
+
+    #[test]
     fn the_spec_hash_changes_with_the_image_and_resources_only() {
         let s = Settings::default();
         let a = member_spec_hash(&s, &shape());
@@ -748,8 +777,12 @@ mod tests {
         assert!(svc["metadata"]["annotations"][ANNOTATION_BOOTSTRAPPED].is_null());
         let svc = v(&replica_set_service(&shape(), &zones, true));
         assert_eq!(svc["metadata"]["annotations"][ANNOTATION_BOOTSTRAPPED], "true");
-        let pdb = v(&replica_set_pdb(&shape()));
-        assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+        // One member evicted at a time, counted over the Pods themselves (they have no
+        // controller with a scale subresource, which `maxUnavailable` needs).
+        let pdb = v(&replica_set_pdb(&shape(), 3));
+        assert_eq!(pdb["spec"]["minAvailable"], 2);
+        assert!(pdb["spec"]["maxUnavailable"].is_null());
+        assert_eq!(v(&replica_set_pdb(&shape(), 5))["spec"]["minAvailable"], 4);
     }
 
     #[test]
