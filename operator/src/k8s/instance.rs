@@ -540,13 +540,13 @@ async fn publish_credentials(ctx: &Context, dbi: &DatabaseInstance, ns: &str, db
             }
             None => match stored(&format!("token-{}", user.name)) {
                 Some(t) => t,
-                None => nimbus_gateway::auth::new_token(db, &user.name, user.role.into()).0,
+                None => nimbus_api::token::new_token(db, &user.name, user.role.into()).0,
             },
         };
         let (_, _, secret) = nimbus_api::etcd::parse_token(&token).ok_or_else(|| {
             Error::BadSecret(format!("the token of user {} is malformed (secret too short?)", user.name))
         })?;
-        let record = UserRecord { role: user.role.into(), secret_sha256: nimbus_gateway::auth::secret_sha256(secret) };
+        let record = UserRecord { role: user.role.into(), secret_sha256: nimbus_api::token::secret_sha256(secret) };
         match user.role {
             crate::crd::v1alpha1::UserRole::ReadWrite if creds.token.is_none() => creds.token = Some(token.clone()),
             crate::crd::v1alpha1::UserRole::Read if creds.read_only_token.is_none() => {

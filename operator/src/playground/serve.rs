@@ -464,7 +464,7 @@ fn admit(st: &mut State, dbi: &DatabaseInstance) -> anyhow::Result<()> {
     let (mut token, mut read_only) = (String::new(), String::new());
     for u in dbi.users() {
         roles.insert(u.name.clone(), u.role.into());
-        let t = nimbus_gateway::auth::new_token(&db, &u.name, u.role.into()).0;
+        let t = nimbus_api::token::new_token(&db, &u.name, u.role.into()).0;
         match u.role {
             UserRole::ReadWrite if token.is_empty() => token = t.clone(),
             UserRole::Read if read_only.is_empty() => read_only = t.clone(),
@@ -616,8 +616,7 @@ async fn tick(
         store.put_route(&inst.database, rs, route.clone()).await?;
         for (user, token) in &inst.tokens {
             let (_, _, secret) = nimbus_api::etcd::parse_token(token).context("malformed stored token")?;
-            let record =
-                UserRecord { role: inst.role(user), secret_sha256: nimbus_gateway::auth::secret_sha256(secret) };
+            let record = UserRecord { role: inst.role(user), secret_sha256: nimbus_api::token::secret_sha256(secret) };
             store.create_user(&inst.database, user, &record).await?;
         }
         if let Some(limits) = &inst.limits {
