@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod coord;
+pub mod driver;
 pub mod etcd_access;
 pub mod members;
 pub mod placement;

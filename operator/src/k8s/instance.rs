@@ -15,8 +15,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::{Resource, ResourceExt};
-use nimbus_api::admin::{MemberInfo, Status};
-use nimbus_api::etcd::{ReplicaSetRecord, RouteMember, TenantClaim, UserRecord};
+use nimbus_api::etcd::{ReplicaSetRecord, TenantClaim, UserRecord};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -24,8 +23,9 @@ use super::Error;
 pub use super::api::FIELD_MANAGER;
 use super::api::Objects;
 use super::objects::{self, Credentials, ReplicaSetShape, Settings};
-use crate::controlplane::admin::raft_view;
-use crate::controlplane::members::{self, Action as Step, Desired, MemberView, RaftView};
+use super::provisioner::{ObjectEvents, PodProvisioner, pod_admin};
+use crate::controlplane::driver::{self, Observed};
+use crate::controlplane::members::{Action as Step, Desired, RaftView};
 use crate::controlplane::placement::{self, Placement, PoolMode, ReplicaSetLoad};
 use crate::controlplane::{ControlStore, Datanodes};
 use crate::crd::v1alpha1::{
@@ -265,9 +265,11 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     };
 
     // Observe the members.
-    let observed = observe(ctx, &rs).await?;
-    let view = raft_view(&observed.statuses, bootstrapped);
-    if bootstrapped && volumes_lost(&observed) {
+    let datanodes = ctx.datanodes.in_namespace(&ns);
+    let mut members = PodProvisioner::new(ctx, &rs, zones.clone());
+    let observed = driver::observe(&mut members, datanodes.as_ref(), bootstrapped).await?;
+    let view = observed.view.clone();
+    if bootstrapped && observed.volumes_lost() {
         // Every member answers, and none remembers the replica set: its volumes are gone.
         // Initialising it again would serve an empty database in place of the lost one.
         let msg = format!(
@@ -306,208 +308,28 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     services.apply(objects::GATEWAY_NAME, &objects::gateway_service(&ns, None)).await?;
 
     // Drive the replica set one step.
-    let step = members::next_action(&Desired { zones: zones.clone() }, &observed.members, &view);
-    let step_result = carry_out(ctx, dbi, &rs, &observed, &view, &step).await;
+    let step = driver::next_step(&members, &Desired { zones: zones.clone() }, &observed);
+    let events = ObjectEvents { recorder: &ctx.recorder, object: dbi.object_ref(&()) };
+    let step_result = driver::carry_out(&mut members, datanodes.as_ref(), &events, &observed, &step).await;
     if let Err(e) = &step_result {
         warn!(instance = %name, replica_set = %rs_name, step = ?step, error = %e, "replica-set step failed");
     }
 
     // Once the replica set has a leader: route, users, limits, credentials.
     let mut published = false;
-    if let RaftView::Led(ms) = &view {
-        let route_members: Vec<RouteMember> = ms
-            .voters
-            .iter()
-            .filter_map(|id| observed.members.iter().find(|m| m.id == *id))
-            .map(|m| RouteMember {
-                id: m.id,
-                data_addr: format!("http://{}:{}", objects::member_host(&rs, m.id), objects::DATA_PORT),
-                zone: m.zone.clone(),
-            })
-            .collect();
-        ctx.store.put_route(&db, &rs_name, route_members).await?;
+    if let RaftView::Led(_) = &view {
+        ctx.store.put_route(&db, &rs_name, driver::route_members(&members, &observed)).await?;
         ctx.store.put_limits(&db, &dbi.spec.limits.resolve(dbi.spec.tier)).await?;
         publish_credentials(ctx, dbi, &ns, &db).await?;
         published = true;
     }
 
-    let status = status_of(dbi, &rs, &zones, &observed, &view, &step, published, step_result.as_ref().err());
+    let status = status_of(dbi, &rs, &zones, &observed, &step, published, step_result.as_ref().err());
     Ok(Provisioned::Reconciled {
         status: Box::new(status),
         step_error: step_result.err(),
         requeue: Action::requeue(if step == Step::Steady { REQUEUE_STEADY } else { REQUEUE_BUSY }),
     })
-}
-
-/// What the provisioner sees of one replica set.
-pub struct Observed {
-    pub members: Vec<MemberView>,
-    pub statuses: Vec<Status>,
-    pub pods: BTreeMap<u64, Pod>,
-}
-
-async fn observe(ctx: &Context, rs: &ReplicaSetShape) -> Result<Observed, Error> {
-    let selector = ListParams::default().labels(&format!("{}={}", objects::LABEL_REPLICA_SET, rs.name));
-    let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
-    let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
-    let member_of = |labels: &BTreeMap<String, String>| -> Option<(u64, String)> {
-        let id = labels.get(objects::LABEL_MEMBER)?.parse().ok()?;
-        Some((id, labels.get(objects::LABEL_ZONE).cloned().unwrap_or_default()))
-    };
-    let want_hash = objects::member_spec_hash(&ctx.settings, rs);
-    let mut views: BTreeMap<u64, MemberView> = BTreeMap::new();
-    let mut by_id = BTreeMap::new();
-    for pvc in pvcs.list(&selector).await? {
-        if pvc.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        if !pvc.owner_references().is_empty() {
-            // Made by an older operator, owned by the pool or instance: a volume must not
-            // be garbage-collected with either (see `objects::member_pvc`).
-            pvcs.merge(&pvc.name_any(), &json!({"metadata": {"ownerReferences": null}})).await?;
-        }
-        if let Some((id, zone)) = member_of(pvc.labels()) {
-            views.insert(id, MemberView { id, zone, running: false, has_data: true, ready: false, outdated: false });
-        }
-    }
-    for pod in pods.list(&selector).await? {
-        let Some((id, zone)) = member_of(pod.labels()) else { continue };
-        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-        let running = pod.metadata.deletion_timestamp.is_none() && phase != "Failed" && phase != "Succeeded";
-        let ready = running && pod_ready(&pod);
-        let outdated = pod.annotations().get(objects::ANNOTATION_SPEC_HASH) != Some(&want_hash);
-        let v = views.entry(id).or_insert(MemberView {
-            id,
-            zone,
-            running: false,
-            has_data: false,
-            ready: false,
-            outdated: false,
-        });
-        v.running = running;
-        v.ready = ready;
-        v.outdated = outdated;
-        by_id.insert(id, pod);
-    }
-    let mut statuses = Vec::new();
-    for (id, pod) in &by_id {
-        if views.get(id).is_some_and(|v| v.running)
-            && let Some(addr) = pod_admin(pod)
-            && let Some(s) = ctx.datanodes.in_namespace(&rs.namespace).status(&addr).await
-        {
-            // Alive and waiting to be initialised counts as ready: a member reports no
-            // leader (so its Pod is not Ready) until the replica set is bootstrapped.
-            if s.members.is_empty()
-                && let Some(v) = views.get_mut(id)
-            {
-                v.ready = true;
-            }
-            statuses.push(s);
-        }
-    }
-    Ok(Observed { members: views.into_values().collect(), statuses, pods: by_id })
-}
-
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn pod_admin(pod: &Pod) -> Option<String> {
-    let ip = pod.status.as_ref()?.pod_ip.as_ref()?;
-    Some(format!("http://{ip}:{}", objects::ADMIN_PORT))
-}
-
-fn member_info(rs: &ReplicaSetShape, id: u64, zone: &str) -> MemberInfo {
-    let host = objects::member_host(rs, id);
-    MemberInfo {
-        id,
-        admin_addr: format!("http://{host}:{}", objects::ADMIN_PORT),
-        data_addr: format!("http://{host}:{}", objects::DATA_PORT),
-        raft_addr: format!("http://{host}:{}", objects::RAFT_PORT),
-        zone: zone.to_string(),
-        voter: true,
-    }
-}
-
-/// Carries out one replica-set step.
-async fn carry_out(
-    ctx: &Context,
-    dbi: &DatabaseInstance,
-    rs: &ReplicaSetShape,
-    observed: &Observed,
-    view: &RaftView,
-    step: &Step,
-) -> Result<(), Error> {
-    let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
-    let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
-    let zone_of = |id: u64| observed.members.iter().find(|m| m.id == id).map(|m| m.zone.clone()).unwrap_or_default();
-    let leader_admin = || -> Result<String, Error> {
-        let RaftView::Led(ms) = view else { return Err(Error::NoLeader) };
-        observed.pods.get(&ms.leader).and_then(pod_admin).ok_or(Error::NoLeader)
-    };
-    match step {
-        Step::Steady | Step::Wait(_) => {}
-        Step::Create { id, zone } => {
-            let pvc = objects::member_pvc(rs, *id, zone);
-            pvcs.apply(&objects::member_pvc_name(&rs.name, *id), &pvc).await?;
-            let pod = objects::member_pod(&ctx.settings, rs, *id, zone);
-            pods.apply(&objects::member_pod_name(&rs.name, *id), &pod).await?;
-            let msg = format!("member {id} of {} created in zone {zone}", rs.name);
-            event(ctx, dbi, EventType::Normal, "MemberCreated", "Create", &msg).await;
-        }
-        Step::Start { id } => {
-            // The Pod is gone (or failed) but its volume is there: recreate it on the volume.
-            let name = objects::member_pod_name(&rs.name, *id);
-            if observed.pods.contains_key(id) {
-                pods.delete(&name).await?;
-            }
-            let pod = objects::member_pod(&ctx.settings, rs, *id, &zone_of(*id));
-            pods.create(&pod).await?;
-            let msg = format!("member {id} of {} started again on its volume", rs.name);
-            event(ctx, dbi, EventType::Normal, "MemberRestarted", "Start", &msg).await;
-        }
-        Step::Bootstrap { voters } => {
-            let members: Vec<MemberInfo> = voters.iter().map(|id| member_info(rs, *id, &zone_of(*id))).collect();
-            let first = observed.pods.get(&voters[0]).and_then(pod_admin).ok_or(Error::NoLeader)?;
-            ctx.datanodes.in_namespace(&rs.namespace).init(&first, members).await?;
-            let msg = format!("replica set {} initialised with members {voters:?}", rs.name);
-            event(ctx, dbi, EventType::Normal, "Bootstrapped", "Bootstrap", &msg).await;
-        }
-        Step::AddLearner { id } => {
-            ctx.datanodes
-                .in_namespace(&rs.namespace)
-                .add_learner(&leader_admin()?, member_info(rs, *id, &zone_of(*id)))
-                .await?;
-            let msg = format!("member {id} added to {} as a learner and caught up", rs.name);
-            event(ctx, dbi, EventType::Normal, "LearnerAdded", "Replace", &msg).await;
-        }
-        Step::ChangeVoters { voters } => {
-            ctx.datanodes.in_namespace(&rs.namespace).change_voters(&leader_admin()?, voters).await?;
-            let msg = format!("voters of {} are now {voters:?}", rs.name);
-            event(ctx, dbi, EventType::Normal, "VotersChanged", "Replace", &msg).await;
-        }
-        Step::RemoveMember { id } => {
-            ctx.datanodes.in_namespace(&rs.namespace).remove_member(&leader_admin()?, *id).await?;
-            let msg = format!("member {id} removed from {}", rs.name);
-            event(ctx, dbi, EventType::Warning, "MemberRemoved", "Replace", &msg).await;
-        }
-        Step::Delete { id } => {
-            let _ = pods.delete(&objects::member_pod_name(&rs.name, *id)).await;
-            let _ = pvcs.delete(&objects::member_pvc_name(&rs.name, *id)).await;
-        }
-        Step::Restart { id } => {
-            pods.delete(&objects::member_pod_name(&rs.name, *id)).await?;
-            let msg = format!("member {id} of {} restarted for a new spec", rs.name);
-            event(ctx, dbi, EventType::Normal, "MemberRolled", "Restart", &msg).await;
-        }
-        Step::TransferLeader { to } => {
-            ctx.datanodes.in_namespace(&rs.namespace).transfer_leader(&leader_admin()?, *to).await?;
-        }
-    }
-    Ok(())
 }
 
 /// Tokens are made once and kept in `<instance>-credentials`; etcd gets their hashes.
@@ -635,15 +457,6 @@ async fn delete_dedicated_volumes(ctx: &Context, ns: &str, rs: &str, uid: &str) 
     Ok(())
 }
 
-/// No member has a volume left, or every member answers and none was ever initialised.
-fn volumes_lost(observed: &Observed) -> bool {
-    let no_volume = observed.members.iter().all(|m| !m.has_data);
-    let all_empty = !observed.statuses.is_empty()
-        && observed.statuses.len() == observed.members.len()
-        && observed.statuses.iter().all(|s| s.members.is_empty());
-    no_volume || all_empty
-}
-
 async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<ReplicaSetLoad>, Error> {
     let api: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
@@ -679,16 +492,12 @@ fn status_of(
     rs: &ReplicaSetShape,
     zones: &[String],
     observed: &Observed,
-    view: &RaftView,
     step: &Step,
     published: bool,
     error: Option<&Error>,
 ) -> DatabaseInstanceStatus {
     let old = dbi.status.clone().unwrap_or_default();
-    let leader = match view {
-        RaftView::Led(ms) => Some(ms.leader),
-        _ => None,
-    };
+    let leader = observed.leader();
     let role_of = |id: u64| -> String {
         observed
             .statuses

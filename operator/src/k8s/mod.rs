@@ -13,6 +13,7 @@ mod instance_tests;
 pub mod metrics;
 pub mod objects;
 pub mod pool;
+mod provisioner;
 mod run;
 
 pub use run::{RunConfig, run};
@@ -39,6 +40,8 @@ pub enum Error {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Coord(#[from] CoordError),
+    #[error(transparent)]
+    Driver(#[from] crate::controlplane::driver::DriverError),
 }
 
 impl Error {
