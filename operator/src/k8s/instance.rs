@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::{Resource, ResourceExt};
-use nimbus_api::etcd::{ReplicaSetRecord, TenantClaim, UserRecord};
+use nimbus_api::etcd::{TenantClaim, UserRecord};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -23,9 +22,9 @@ use super::Error;
 pub use super::api::FIELD_MANAGER;
 use super::api::Objects;
 use super::objects::{self, Credentials, ReplicaSetShape, Settings};
-use super::provisioner::{ObjectEvents, PodProvisioner, pod_admin};
-use crate::controlplane::driver::{self, Observed};
-use crate::controlplane::members::{Action as Step, Desired, RaftView};
+use super::provisioner::pod_admin;
+use super::replicaset::{self, Backoff, Report, Reports};
+use crate::controlplane::members::Action as Step;
 use crate::controlplane::placement::{self, Placement, PoolMode, ReplicaSetLoad};
 use crate::controlplane::{ControlStore, Datanodes};
 use crate::crd::v1alpha1::{
@@ -34,9 +33,7 @@ use crate::crd::v1alpha1::{
 };
 
 pub const FINALIZER: &str = "nimbus.io/cleanup";
-/// Requeue while something is changing, and when all is steady (a periodic health check).
-pub const REQUEUE_BUSY: Duration = Duration::from_secs(5);
-pub const REQUEUE_STEADY: Duration = Duration::from_secs(60);
+pub use super::replicaset::{REQUEUE_BUSY, REQUEUE_STEADY};
 
 /// What every reconcile needs.
 pub struct Context {
@@ -46,6 +43,10 @@ pub struct Context {
     pub store: Arc<dyn ControlStore>,
     pub recorder: Recorder,
     pub metrics: super::metrics::Metrics,
+    /// What each replica set's reconciler last saw and did (read by its instances).
+    pub reports: Reports,
+    /// Consecutive failures of each reconciled object.
+    pub backoff: Backoff,
 }
 
 pub async fn reconcile(dbi: Arc<DatabaseInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -76,6 +77,9 @@ pub async fn reconcile(dbi: Arc<DatabaseInstance>, ctx: Arc<Context>) -> Result<
         other => other,
     };
     ctx.metrics.reconciled("DatabaseInstance", started.elapsed(), result.is_ok());
+    if result.is_ok() {
+        ctx.backoff.succeeded(&backoff_key(&dbi));
+    }
     result
 }
 
@@ -105,14 +109,23 @@ async fn report_api_failure(ctx: &Context, dbi: &DatabaseInstance, err: Error) -
 /// The reason of conditions and Events that report a failed Kubernetes API call.
 pub const API_ERROR: &str = "KubernetesApiError";
 
-/// Requeue with backoff on errors: conflicts and API errors are retried.
-pub fn error_policy(dbi: Arc<DatabaseInstance>, err: &Error, _ctx: Arc<Context>) -> Action {
+/// Requeue with back-off and jitter on errors: a conflict at once, other errors after
+/// 10 s, doubling while they last (see [`replicaset::Backoff`]).
+pub fn error_policy(dbi: Arc<DatabaseInstance>, err: &Error, ctx: Arc<Context>) -> Action {
     warn!(instance = %dbi.name_any(), error = %err, "reconcile failed; requeueing");
-    Action::requeue(if err.is_conflict() { Duration::from_secs(1) } else { Duration::from_secs(10) })
+    ctx.backoff.failed(&backoff_key(&dbi), err.is_conflict())
+}
+
+fn backoff_key(dbi: &DatabaseInstance) -> String {
+    format!("instance/{}/{}", dbi.namespace().unwrap_or_default(), dbi.name_any())
 }
 
 /// The pool an instance names, or the implicit default pool (shared, 3 per set).
-async fn pool_of(ctx: &Context, ns: &str, name: &str) -> Result<(ResourcePoolSpec, Option<OwnerReference>), Error> {
+pub(super) async fn pool_of(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+) -> Result<(ResourcePoolSpec, Option<OwnerReference>), Error> {
     let pools: Objects<ResourcePool> = Objects::namespaced(ctx.client.clone(), ns);
     match pools.get_opt(name).await? {
         Some(p) => Ok((p.spec.clone(), p.controller_owner_ref(&()))),
@@ -225,30 +238,10 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
         Some(svc) => svc.owner_references().iter().any(|o| o.controller == Some(true) && o.kind == "DatabaseInstance"),
         None => dedicated,
     };
-    let owner = if dedicated { dbi.controller_owner_ref(&()) } else { pool_owner.clone() };
     let replicas = if dedicated { dbi.spec.replicas } else { pool.replicas_per_set };
-    let rs = ReplicaSetShape {
-        name: rs_name.clone(),
-        namespace: ns.clone(),
-        pool: pool_name.clone(),
-        storage_size: if dedicated { dbi.spec.storage.size.clone() } else { pool.storage.size.clone() },
-        storage_class: if dedicated {
-            dbi.spec.storage.storage_class_name.clone()
-        } else {
-            pool.storage.storage_class_name.clone()
-        },
-        resources: if dedicated { dbi.spec.resources.clone() } else { pool.resources.clone() },
-        node_selector: pool.node_selector.clone(),
-        tolerations: pool.tolerations.clone(),
-        owner,
-    };
+    let rs = replica_set_shape(&rs_name, &ns, &pool_name, &pool, pool_owner, dedicated.then_some(dbi));
 
     // The replica set's zones: recorded on its Service at creation, never changed.
-    // Bootstrapped: the record in etcd, which outlives the Service (deleted with the pool,
-    // say), or the Service's annotation (replica sets bootstrapped before the record).
-    let record = ctx.store.replica_set(&ns, &rs_name).await?;
-    let bootstrapped = record.is_some()
-        || existing.as_ref().is_some_and(|s| s.annotations().contains_key(objects::ANNOTATION_BOOTSTRAPPED));
     let zones = match existing.as_ref().and_then(zones_of) {
         Some(z) => z,
         None => {
@@ -264,26 +257,9 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
         }
     };
 
-    // Observe the members.
-    let datanodes = ctx.datanodes.in_namespace(&ns);
-    let mut members = PodProvisioner::new(ctx, &rs, zones.clone());
-    let observed = driver::observe(&mut members, datanodes.as_ref(), bootstrapped).await?;
-    let view = observed.view.clone();
-    if bootstrapped && observed.volumes_lost() {
-        // Every member answers, and none remembers the replica set: its volumes are gone.
-        // Initialising it again would serve an empty database in place of the lost one.
-        let msg = format!(
-            "replica set {rs_name} was bootstrapped, but every member now starts empty: its volumes were lost. \
-             The operator will not initialise it again empty; restore its volumes, or see docs/operator.md"
-        );
-        if dbi.status.as_ref().and_then(|s| s.phase) != Some(Phase::Failed) {
-            event(ctx, dbi, EventType::Warning, "VolumesLost", "Bootstrap", &msg).await;
-        }
-        patch_status(ctx, dbi, failed_status(dbi, "VolumesLost", &msg)).await?;
-        return Ok(Provisioned::Done(Action::requeue(Duration::from_secs(60))));
-    }
-
-    // Desired shared objects: first what the Pods mount and who may reach them.
+    // Desired shared objects: first what the Pods mount and who may reach them, then the
+    // replica set's Service (placement's record: from then on the replica-set reconciler
+    // drives its members), the gateways.
     let secrets: Objects<Secret> = Objects::namespaced(ctx.client.clone(), &ns);
     secrets.apply(objects::INTERNAL_SECRET, &objects::internal_secret(&ctx.settings, &ns)).await?;
     if ctx.settings.network_policies {
@@ -294,42 +270,88 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
             policies.apply(&p.name_any(), &p).await?;
         }
     }
-    if record.is_none() && matches!(view, RaftView::Led(_)) {
-        let bootstrapped_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
-        let record = ReplicaSetRecord { pool: pool_name.clone(), zones: zones.clone(), bootstrapped_ms };
-        ctx.store.record_replica_set(&ns, &rs_name, &record).await?;
+    if existing.is_none() {
+        // Made again after its Service went (with the pool, say): bootstrapped all the same.
+        let bootstrapped = ctx.store.replica_set(&ns, &rs_name).await?.is_some();
+        services.apply(&rs_name, &objects::replica_set_service(&rs, &zones, bootstrapped)).await?;
     }
-    let bootstrapped = bootstrapped || matches!(view, RaftView::Led(_));
-    services.apply(&rs_name, &objects::replica_set_service(&rs, &zones, bootstrapped)).await?;
-    let pdbs: Objects<PodDisruptionBudget> = Objects::namespaced(ctx.client.clone(), &ns);
-    pdbs.apply(&rs_name, &objects::replica_set_pdb(&rs)).await?;
     let deployments: Objects<Deployment> = Objects::namespaced(ctx.client.clone(), &ns);
     deployments.apply(objects::GATEWAY_NAME, &objects::gateway_deployment(&ctx.settings, &ns, None)).await?;
     services.apply(objects::GATEWAY_NAME, &objects::gateway_service(&ns, None)).await?;
 
-    // Drive the replica set one step.
-    let step = driver::next_step(&members, &Desired { zones: zones.clone() }, &observed);
-    let events = ObjectEvents { recorder: &ctx.recorder, object: dbi.object_ref(&()) };
-    let step_result = driver::carry_out(&mut members, datanodes.as_ref(), &events, &observed, &step).await;
-    if let Err(e) = &step_result {
-        warn!(instance = %name, replica_set = %rs_name, step = ?step, error = %e, "replica-set step failed");
+    // What the replica set's reconciler last saw and did.
+    let Some(report) = ctx.reports.get(&ns, &rs_name) else {
+        let status = waiting_status(dbi, &rs, &zones);
+        return Ok(Provisioned::Reconciled { status: Box::new(status), step_error: None, requeue: busy() });
+    };
+    if report.volumes_lost {
+        let msg = format!(
+            "replica set {rs_name} was bootstrapped, but every member now starts empty: its volumes were lost. \
+             The operator will not initialise it again empty; restore its volumes, or see docs/operator.md"
+        );
+        if dbi.status.as_ref().and_then(|s| s.phase) != Some(Phase::Failed) {
+            event(ctx, dbi, EventType::Warning, "VolumesLost", "Bootstrap", &msg).await;
+        }
+        patch_status(ctx, dbi, failed_status(dbi, "VolumesLost", &msg)).await?;
+        return Ok(Provisioned::Done(Action::requeue(replicaset::jittered(REQUEUE_STEADY))));
     }
 
-    // Once the replica set has a leader: route, users, limits, credentials.
+    // Once the replica set has a leader: route (created once, by placement), limits,
+    // users, credentials; each written to etcd only when it changed.
     let mut published = false;
-    if let RaftView::Led(_) = &view {
-        ctx.store.put_route(&db, &rs_name, driver::route_members(&members, &observed)).await?;
+    if report.leader.is_some() {
+        ctx.store.create_route(&db, &rs_name, report.route.clone()).await?;
         ctx.store.put_limits(&db, &dbi.spec.limits.resolve(dbi.spec.tier)).await?;
         publish_credentials(ctx, dbi, &ns, &db).await?;
         published = true;
     }
 
-    let status = status_of(dbi, &rs, &zones, &observed, &step, published, step_result.as_ref().err());
+    let status = status_of(dbi, &rs, &zones, &report, published);
+    let steady = report.step == Step::Steady && report.error.is_none() && published;
     Ok(Provisioned::Reconciled {
         status: Box::new(status),
-        step_error: step_result.err(),
-        requeue: Action::requeue(if step == Step::Steady { REQUEUE_STEADY } else { REQUEUE_BUSY }),
+        step_error: None,
+        requeue: if steady { Action::requeue(replicaset::jittered(REQUEUE_STEADY)) } else { busy() },
     })
+}
+
+fn busy() -> Action {
+    Action::requeue(replicaset::jittered(REQUEUE_BUSY))
+}
+
+/// The shape of a replica set: a dedicated instance's own, or its pool's.
+pub(super) fn replica_set_shape(
+    name: &str,
+    ns: &str,
+    pool_name: &str,
+    pool: &ResourcePoolSpec,
+    pool_owner: Option<OwnerReference>,
+    dedicated: Option<&DatabaseInstance>,
+) -> ReplicaSetShape {
+    match dedicated {
+        Some(dbi) => ReplicaSetShape {
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            pool: pool_name.to_owned(),
+            storage_size: dbi.spec.storage.size.clone(),
+            storage_class: dbi.spec.storage.storage_class_name.clone(),
+            resources: dbi.spec.resources.clone(),
+            node_selector: pool.node_selector.clone(),
+            tolerations: pool.tolerations.clone(),
+            owner: dbi.controller_owner_ref(&()),
+        },
+        None => ReplicaSetShape {
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            pool: pool_name.to_owned(),
+            storage_size: pool.storage.size.clone(),
+            storage_class: pool.storage.storage_class_name.clone(),
+            resources: pool.resources.clone(),
+            node_selector: pool.node_selector.clone(),
+            tolerations: pool.tolerations.clone(),
+            owner: pool_owner,
+        },
+    }
 }
 
 /// Tokens are made once and kept in `<instance>-credentials`; etcd gets their hashes.
@@ -491,22 +513,14 @@ fn status_of(
     dbi: &DatabaseInstance,
     rs: &ReplicaSetShape,
     zones: &[String],
-    observed: &Observed,
-    step: &Step,
+    report: &Report,
     published: bool,
-    error: Option<&Error>,
 ) -> DatabaseInstanceStatus {
     let old = dbi.status.clone().unwrap_or_default();
-    let leader = observed.leader();
-    let role_of = |id: u64| -> String {
-        observed
-            .statuses
-            .iter()
-            .find(|s| s.id == id)
-            .map(|s| format!("{:?}", s.role).to_lowercase())
-            .unwrap_or_else(|| "unknown".into())
-    };
-    let members: Vec<MemberStatus> = observed
+    let (step, error) = (&report.step, report.error.as_ref());
+    let leader = report.leader;
+    let role_of = |id: u64| -> String { report.roles.get(&id).cloned().unwrap_or_else(|| "unknown".into()) };
+    let members: Vec<MemberStatus> = report
         .members
         .iter()
         .map(|m| MemberStatus {
@@ -524,7 +538,7 @@ fn status_of(
             Phase::Degraded,
             ("True", "Serving", "the database is served".to_string()),
             Some(step_reason(step)),
-            Some(error.map(|e| e.to_string()).unwrap_or_else(|| format!("repairing: {step:?}"))),
+            Some(error.cloned().unwrap_or_else(|| format!("repairing: {step:?}"))),
         ),
         (false, _, _) if was_ready => (
             Phase::Degraded,
@@ -536,7 +550,7 @@ fn status_of(
             Phase::Provisioning,
             ("False", "Provisioning", format!("provisioning: {step:?}")),
             Some(step_reason(step)),
-            error.map(|e| e.to_string()),
+            error.cloned(),
         ),
     };
     let generation = dbi.metadata.generation;
@@ -574,6 +588,30 @@ fn status_of(
         migration: old.migration,
         backup: old.backup,
     }
+}
+
+/// Placed, and its replica set not yet reported on (just made, or the operator just
+/// started): the placement is recorded (it is sticky), the rest of the status kept.
+fn waiting_status(dbi: &DatabaseInstance, rs: &ReplicaSetShape, zones: &[String]) -> DatabaseInstanceStatus {
+    let mut s = dbi.status.clone().unwrap_or_default();
+    if s.placement.is_none() {
+        s.placement = Some(PlacementStatus {
+            replica_set: rs.name.clone(),
+            pool: rs.pool.clone(),
+            leader: None,
+            members: Vec::new(),
+        });
+        s.zones_summary = Some(zones.join(","));
+        s.endpoint = Some(objects::gateway_endpoint(&rs.namespace));
+        s.database = Some(dbi.database());
+    }
+    if s.phase.is_none() {
+        s.phase = Some(Phase::Provisioning);
+        let generation = dbi.metadata.generation;
+        let msg = format!("waiting for replica set {}", rs.name);
+        set_condition(&mut s.conditions, "Ready", "False", "Provisioning", &msg, generation);
+    }
+    s
 }
 
 fn step_reason(step: &Step) -> String {

@@ -184,15 +184,24 @@ async fn deleting_an_instance_drops_its_data_route_and_users_then_releases_the_f
 async fn a_conflict_is_requeued_soon_and_other_api_errors_with_backoff() {
     let w = World::new();
     w.add_instance("shop", json!({}), true);
+    // Placed: the replica set's Service exists; its reconciler makes the first member.
+    w.reconcile("shop").await.unwrap();
     w.api.fail_next("PATCH", "persistentvolumeclaims", 409);
     let err = w.reconcile("shop").await.unwrap_err();
     assert!(err.is_conflict(), "{err}");
     let dbi = std::sync::Arc::new(w.instance("shop"));
     assert_eq!(error_policy(dbi.clone(), &err, w.ctx.clone()), Action::requeue(Duration::from_secs(1)));
-    w.api.fail_next("GET", "services/default-rs0", 500);
-    let err = w.reconcile("shop").await.unwrap_err();
-    assert!(!err.is_conflict());
-    assert_eq!(error_policy(dbi, &err, w.ctx.clone()), Action::requeue(Duration::from_secs(10)));
+    // Other errors: 10 s, then twice as long while they last, each with up to a fifth of jitter.
+    let after = |a: Action| {
+        format!("{a:?}").split("Some(").nth(1).and_then(|d| d.strip_suffix("s) }")?.parse::<f64>().ok()).unwrap()
+    };
+    for expected in [10.0, 20.0] {
+        w.api.fail_next("GET", "services/default-rs0", 500);
+        let err = w.reconcile("shop").await.unwrap_err();
+        assert!(!err.is_conflict());
+        let secs = after(error_policy(dbi.clone(), &err, w.ctx.clone()));
+        assert!((expected..=expected * 1.2).contains(&secs), "{secs} s after an error, expected {expected} s");
+    }
     // And the next reconcile proceeds.
     w.reconcile_until_phase("shop", "Ready", 10).await;
 }
@@ -408,6 +417,7 @@ const NOT_EXERCISED: &[(&str, &str, &str)] = &[
     ("", "configmaps", "create"),
     ("", "configmaps", "patch"),
     ("", "pods", "watch"),
+    ("", "services", "watch"),
     ("coordination.k8s.io", "leases", "create"),
     ("coordination.k8s.io", "leases", "get"),
     ("coordination.k8s.io", "leases", "patch"),

@@ -14,6 +14,9 @@ pub mod metrics;
 pub mod objects;
 pub mod pool;
 mod provisioner;
+pub mod replicaset;
+#[cfg(test)]
+mod replicaset_tests;
 mod run;
 
 pub use run::{RunConfig, run};
