@@ -15,7 +15,7 @@ pub struct Nginx {
 }
 
 fn nginx_binary() -> anyhow::Result<std::path::PathBuf> {
-    nimbus_operator::playground::serve::system_binary("nginx", &["/usr/sbin", "/usr/local/sbin"])
+    nimbus_playground::binaries::system_binary("nginx", &["/usr/sbin", "/usr/local/sbin"])
         .context("nginx not found: scripts/setup.sh installs Debian's nginx-light")
 }
 

@@ -23,7 +23,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// The etcd server binary (Debian installs it as `etcd`, 3.4), as the playground finds it.
-pub use nimbus_operator::playground::serve::etcd_binary;
+pub use nimbus_playground::binaries::etcd_binary;
 
 impl EtcdCluster {
     /// Starts `n` members under `dir` and waits until the cluster answers.

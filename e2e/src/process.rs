@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 
 /// A Nimbus binary next to the running test or benchmark (built by `cargo build --workspace
 /// --bins`), or the path in `NIMBUS_<NAME>_BIN`: the playground's own lookup.
-pub use nimbus_operator::playground::serve::sibling_binary as binary;
+pub use nimbus_playground::binaries::sibling_binary as binary;
 
 /// Spawns `cmd` (its stdout piped) and reads the endpoints the process prints as its first
 /// line. Stdout is drained afterwards so the process never blocks on a full pipe.

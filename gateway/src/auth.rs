@@ -3,8 +3,7 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
-use nimbus_api::etcd::{UserRecord, UserRole, parse_token};
+use nimbus_api::etcd::{UserRole, parse_token};
 use nimbus_api::path::{Access, DataPath};
 use nimbus_api::{ApiError, ErrorCode};
 use sha2::{Digest, Sha256};
@@ -22,18 +21,8 @@ pub struct Principal {
 /// Compared with when a token names no known user: the hash of no secret anyone holds.
 const UNKNOWN_USER_HASH: [u8; 32] = [0; 32];
 
-/// Lower-case hex SHA-256 of a token secret.
-pub fn secret_sha256(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
-
-/// A new token for `db`/`user`: 32 random bytes (256 bits) of secret. Returns the token
-/// (shown once to its owner) and the record to store.
-pub fn new_token(db: &str, user: &str, role: UserRole) -> (String, UserRecord) {
-    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
-    let token = format!("nmb_{db}.{user}.{secret}");
-    (token, UserRecord { role, secret_sha256: secret_sha256(&secret) })
-}
+/// Token helpers live in `nimbus-api` (the control plane makes tokens, the gateway checks them).
+pub use nimbus_api::token::{new_token, secret_sha256};
 
 /// The bearer token of an `Authorization` header value.
 pub fn bearer(header: Option<&str>) -> Result<&str, ApiError> {
@@ -83,6 +72,8 @@ pub fn authorize(who: &Principal, own_db: &str, path: &DataPath) -> Result<(), A
 
 #[cfg(test)]
 mod tests {
+    use nimbus_api::etcd::UserRecord;
+
     use super::*;
 
     fn db_with(name: &str, user: &str, record: UserRecord) -> Arc<DbState> {

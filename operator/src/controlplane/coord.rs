@@ -78,6 +78,68 @@ impl Coordinator {
         Ok(true)
     }
 
+    /// Creates the route of `db` on `replica_set` unless `db` has one: placement's decision,
+    /// written once (a compare-and-swap on the key's absence). Its epoch is above any the
+    /// database ever had (see [`Coordinator::put_route`]). `true` when it was created.
+    pub async fn create_route(
+        &self,
+        db: &str,
+        replica_set: &str,
+        members: Vec<RouteMember>,
+    ) -> Result<bool, CoordError> {
+        let (current, revision) = self.route_at(db).await?;
+        if current.is_some() {
+            return Ok(false);
+        }
+        let route = Route {
+            replica_set: replica_set.into(),
+            members,
+            epoch: revision + 1,
+            state: RouteState::Serving,
+            hold_deadline_ms: None,
+        };
+        let key = etcd::route_key(db);
+        let value = serde_json::to_vec(&route).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), value, None)]);
+        let created = self.client.kv_client().txn(txn).await?.succeeded();
+        if created {
+            metrics::counter!("nimbus_operator_etcd_writes_total").increment(1);
+        }
+        Ok(created)
+    }
+
+    /// Sets the members of `db`'s route, keeping its replica set, epoch and state: what the
+    /// replica set's own controller may change. Only while the route is still on
+    /// `replica_set`, and as a compare-and-swap on the revision it was read at, so a
+    /// migration's switch written in between is never undone. `true` when it was written.
+    pub async fn update_route_members(
+        &self,
+        db: &str,
+        replica_set: &str,
+        members: Vec<RouteMember>,
+    ) -> Result<bool, CoordError> {
+        let key = etcd::route_key(db);
+        let resp = self.client.kv_client().get(key.as_str(), None).await?;
+        let Some(kv) = resp.kvs().first() else { return Ok(false) };
+        let route: Route =
+            serde_json::from_slice(kv.value()).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
+        if route.replica_set != replica_set || route.members == members {
+            return Ok(false);
+        }
+        let route = Route { members, ..route };
+        let value = serde_json::to_vec(&route).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())])
+            .and_then([TxnOp::put(key.as_str(), value, None)]);
+        let written = self.client.kv_client().txn(txn).await?.succeeded();
+        if written {
+            metrics::counter!("nimbus_operator_etcd_writes_total").increment(1);
+        }
+        Ok(written)
+    }
+
     /// Creates the user unless it exists (a token, once issued, stays valid).
     pub async fn create_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<bool, CoordError> {
         let key = etcd::user_key(db, user);

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod coord;
+pub mod driver;
 pub mod etcd_access;
 pub mod members;
 pub mod placement;
@@ -40,8 +41,17 @@ pub trait Datanodes: Send + Sync {
 /// The control plane's records in etcd.
 #[async_trait]
 pub trait ControlStore: Send + Sync {
-    /// Points `db` at `replica_set`; `true` when something changed.
-    async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError>;
+    /// Creates `db`'s route on `replica_set` unless it has one (placement's decision, once);
+    /// `true` when created.
+    async fn create_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError>;
+    /// Sets the members of `db`'s route if it is still on `replica_set`, keeping its epoch
+    /// (a compare-and-swap: never undoes a migration's switch); `true` when written.
+    async fn update_route_members(
+        &self,
+        db: &str,
+        replica_set: &str,
+        members: Vec<RouteMember>,
+    ) -> Result<bool, CoordError>;
     async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError>;
     async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError>;
     /// Deletes the users of `db` not in `keep`; returns the names removed.
@@ -132,8 +142,16 @@ impl Refusing {
 
 #[async_trait]
 impl ControlStore for coord::Coordinator {
-    async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
-        coord::Coordinator::put_route(self, db, replica_set, members).await
+    async fn create_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
+        coord::Coordinator::create_route(self, db, replica_set, members).await
+    }
+    async fn update_route_members(
+        &self,
+        db: &str,
+        replica_set: &str,
+        members: Vec<RouteMember>,
+    ) -> Result<bool, CoordError> {
+        coord::Coordinator::update_route_members(self, db, replica_set, members).await
     }
     async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError> {
         coord::Coordinator::put_user(self, db, user, record).await

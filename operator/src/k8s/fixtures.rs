@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -28,6 +29,8 @@ pub struct RaftModel {
     pub voters: BTreeSet<u64>,
     /// Every call, in order, as text: `init [1, 2, 3]`, `add_learner 4`, ...
     pub log: Vec<String>,
+    /// `GET /v1/status` calls answered.
+    pub status_calls: u64,
     /// The namespaces whose datanodes were called (with that namespace's secret).
     pub namespaces: BTreeSet<String>,
 }
@@ -57,7 +60,8 @@ impl Datanodes for FakeDatanodes {
         Arc::new(FakeDatanodes(self.0.clone(), Some(namespace.to_owned())))
     }
     async fn status(&self, admin: &str) -> Option<Status> {
-        let m = self.model();
+        let mut m = self.model();
+        m.status_calls += 1;
         let id = id_of(admin);
         let members: Vec<MemberInfo> =
             m.members.values().map(|x| MemberInfo { voter: m.voters.contains(&x.id), ..x.clone() }).collect();
@@ -127,23 +131,58 @@ impl Datanodes for FakeDatanodes {
     }
 }
 
-/// etcd as the operator writes it: key → JSON.
+/// etcd as the operator writes it: key → JSON, and the number of writes that changed
+/// something (etcd keeps a revision of each until compaction); a write of the value a key
+/// holds is skipped, as `Coordinator::put_json` skips it.
 #[derive(Clone, Default)]
-pub struct FakeStore(pub Arc<Mutex<BTreeMap<String, Value>>>);
+pub struct FakeStore(pub Arc<Mutex<BTreeMap<String, Value>>>, pub Arc<AtomicU64>);
+
+impl FakeStore {
+    fn put(&self, key: String, value: Value) -> bool {
+        let old = self.0.lock().unwrap().insert(key, value.clone());
+        let changed = old.as_ref() != Some(&value);
+        if changed {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+        changed
+    }
+
+    /// Writes that changed a key since the store was made.
+    pub fn writes(&self) -> u64 {
+        self.1.load(Ordering::Relaxed)
+    }
+}
 
 #[async_trait]
 impl ControlStore for FakeStore {
-    async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
-        let v = json!({"replicaSet": replica_set, "members": members});
-        let old = self.0.lock().unwrap().insert(nimbus_api::etcd::route_key(db), v.clone());
-        Ok(old.as_ref() != Some(&v))
+    async fn create_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
+        let key = nimbus_api::etcd::route_key(db);
+        if self.0.lock().unwrap().contains_key(&key) {
+            return Ok(false);
+        }
+        let epoch = self.writes() + 1;
+        Ok(self.put(key, json!({"replicaSet": replica_set, "members": members, "epoch": epoch, "state": "serving"})))
+    }
+    async fn update_route_members(
+        &self,
+        db: &str,
+        replica_set: &str,
+        members: Vec<RouteMember>,
+    ) -> Result<bool, CoordError> {
+        let key = nimbus_api::etcd::route_key(db);
+        let Some(mut route) = self.0.lock().unwrap().get(&key).cloned() else { return Ok(false) };
+        if route["replicaSet"] != replica_set {
+            return Ok(false);
+        }
+        route["members"] = serde_json::to_value(members).unwrap();
+        Ok(self.put(key, route))
     }
     async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError> {
-        self.0.lock().unwrap().insert(nimbus_api::etcd::user_key(db, user), serde_json::to_value(record).unwrap());
+        self.put(nimbus_api::etcd::user_key(db, user), serde_json::to_value(record).unwrap());
         Ok(())
     }
     async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError> {
-        self.0.lock().unwrap().insert(nimbus_api::etcd::limits_key(db), serde_json::to_value(limits).unwrap());
+        self.put(nimbus_api::etcd::limits_key(db), serde_json::to_value(limits).unwrap());
         Ok(())
     }
     async fn delete_database(&self, db: &str, owner: &str) -> Result<bool, CoordError> {
@@ -177,6 +216,9 @@ impl ControlStore for FakeStore {
     async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError> {
         let mut kv = self.0.lock().unwrap();
         let key = nimbus_api::etcd::tenant_key(db);
+        if !kv.contains_key(&key) {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
         let current: TenantClaim =
             serde_json::from_value(kv.entry(key).or_insert_with(|| serde_json::to_value(claim).unwrap()).clone())
                 .unwrap();
@@ -195,8 +237,11 @@ impl ControlStore for FakeStore {
         record: &ReplicaSetRecord,
     ) -> Result<(), CoordError> {
         let mut kv = self.0.lock().unwrap();
-        kv.entry(nimbus_api::etcd::replica_set_key(namespace, name))
-            .or_insert_with(|| serde_json::to_value(record).unwrap());
+        let key = nimbus_api::etcd::replica_set_key(namespace, name);
+        if !kv.contains_key(&key) {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+        kv.entry(key).or_insert_with(|| serde_json::to_value(record).unwrap());
         Ok(())
     }
     async fn forget_replica_set(&self, namespace: &str, name: &str) -> Result<(), CoordError> {
@@ -242,6 +287,8 @@ impl World {
             store: Arc::new(store.clone()),
             recorder: Recorder::new(client, reporter),
             metrics: Metrics,
+            reports: Default::default(),
+            backoff: Default::default(),
         });
         World { api, datanodes, store, ctx }
     }
@@ -260,11 +307,32 @@ impl World {
         serde_json::from_value(self.api.get(INSTANCES, name).expect("instance exists")).unwrap()
     }
 
-    /// One reconcile of `name` as the controller would run it, then the kubelet.
+    /// One reconcile of the instance's replica set once it is placed (as its controller
+    /// would, woken by the Pods the kubelet last changed), then one of `name` as its
+    /// controller would run it (reading what the replica set reported), then the kubelet.
+    /// The first error, if any. (One replica set: the recording datanodes model one Raft
+    /// group.)
     pub async fn reconcile(&self, name: &str) -> Result<kube::runtime::controller::Action, super::Error> {
+        let placed = self
+            .api
+            .get(INSTANCES, name)
+            .and_then(|i| i["status"]["placement"]["replicaSet"].as_str().map(str::to_owned));
+        let rs = match placed {
+            Some(rs) => self.reconcile_replica_set(&rs).await,
+            None => Ok(()),
+        };
         let r = super::instance::reconcile(Arc::new(self.instance(name)), self.ctx.clone()).await;
         self.api.kubelet(NS);
+        rs?;
         r
+    }
+
+    /// One reconcile of a replica set (its Service), if it exists.
+    pub async fn reconcile_replica_set(&self, rs: &str) -> Result<(), super::Error> {
+        let Some(svc) = self.api.get(SERVICES, rs) else { return Ok(()) };
+        let mut svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(svc).unwrap();
+        svc.metadata.namespace.get_or_insert_with(|| NS.to_owned());
+        super::replicaset::reconcile(Arc::new(svc), self.ctx.clone()).await.map(|_| ())
     }
 
     /// Reconciles until the instance reports `phase`, at most `max` times.
@@ -287,6 +355,8 @@ impl World {
             store: self.ctx.store.clone(),
             recorder: self.ctx.recorder.clone(),
             metrics: Metrics,
+            reports: self.ctx.reports.clone(),
+            backoff: self.ctx.backoff.clone(),
         });
         World { ctx, ..self }
     }

@@ -8,15 +8,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::{Resource, ResourceExt};
-use nimbus_api::admin::{MemberInfo, Status};
-use nimbus_api::etcd::{ReplicaSetRecord, RouteMember, TenantClaim, UserRecord};
+use nimbus_api::etcd::{TenantClaim, UserRecord};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -24,8 +22,9 @@ use super::Error;
 pub use super::api::FIELD_MANAGER;
 use super::api::Objects;
 use super::objects::{self, Credentials, ReplicaSetShape, Settings};
-use crate::controlplane::admin::raft_view;
-use crate::controlplane::members::{self, Action as Step, Desired, MemberView, RaftView};
+use super::provisioner::pod_admin;
+use super::replicaset::{self, Backoff, Report, Reports};
+use crate::controlplane::members::Action as Step;
 use crate::controlplane::placement::{self, Placement, PoolMode, ReplicaSetLoad};
 use crate::controlplane::{ControlStore, Datanodes};
 use crate::crd::v1alpha1::{
@@ -34,9 +33,7 @@ use crate::crd::v1alpha1::{
 };
 
 pub const FINALIZER: &str = "nimbus.io/cleanup";
-/// Requeue while something is changing, and when all is steady (a periodic health check).
-pub const REQUEUE_BUSY: Duration = Duration::from_secs(5);
-pub const REQUEUE_STEADY: Duration = Duration::from_secs(60);
+pub use super::replicaset::{REQUEUE_BUSY, REQUEUE_STEADY};
 
 /// What every reconcile needs.
 pub struct Context {
@@ -46,6 +43,10 @@ pub struct Context {
     pub store: Arc<dyn ControlStore>,
     pub recorder: Recorder,
     pub metrics: super::metrics::Metrics,
+    /// What each replica set's reconciler last saw and did (read by its instances).
+    pub reports: Reports,
+    /// Consecutive failures of each reconciled object.
+    pub backoff: Backoff,
 }
 
 pub async fn reconcile(dbi: Arc<DatabaseInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -76,6 +77,9 @@ pub async fn reconcile(dbi: Arc<DatabaseInstance>, ctx: Arc<Context>) -> Result<
         other => other,
     };
     ctx.metrics.reconciled("DatabaseInstance", started.elapsed(), result.is_ok());
+    if result.is_ok() {
+        ctx.backoff.succeeded(&backoff_key(&dbi));
+    }
     result
 }
 
@@ -105,14 +109,23 @@ async fn report_api_failure(ctx: &Context, dbi: &DatabaseInstance, err: Error) -
 /// The reason of conditions and Events that report a failed Kubernetes API call.
 pub const API_ERROR: &str = "KubernetesApiError";
 
-/// Requeue with backoff on errors: conflicts and API errors are retried.
-pub fn error_policy(dbi: Arc<DatabaseInstance>, err: &Error, _ctx: Arc<Context>) -> Action {
+/// Requeue with back-off and jitter on errors: a conflict at once, other errors after
+/// 10 s, doubling while they last (see [`replicaset::Backoff`]).
+pub fn error_policy(dbi: Arc<DatabaseInstance>, err: &Error, ctx: Arc<Context>) -> Action {
     warn!(instance = %dbi.name_any(), error = %err, "reconcile failed; requeueing");
-    Action::requeue(if err.is_conflict() { Duration::from_secs(1) } else { Duration::from_secs(10) })
+    ctx.backoff.failed(&backoff_key(&dbi), err.is_conflict())
+}
+
+fn backoff_key(dbi: &DatabaseInstance) -> String {
+    format!("instance/{}/{}", dbi.namespace().unwrap_or_default(), dbi.name_any())
 }
 
 /// The pool an instance names, or the implicit default pool (shared, 3 per set).
-async fn pool_of(ctx: &Context, ns: &str, name: &str) -> Result<(ResourcePoolSpec, Option<OwnerReference>), Error> {
+pub(super) async fn pool_of(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+) -> Result<(ResourcePoolSpec, Option<OwnerReference>), Error> {
     let pools: Objects<ResourcePool> = Objects::namespaced(ctx.client.clone(), ns);
     match pools.get_opt(name).await? {
         Some(p) => Ok((p.spec.clone(), p.controller_owner_ref(&()))),
@@ -225,30 +238,10 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
         Some(svc) => svc.owner_references().iter().any(|o| o.controller == Some(true) && o.kind == "DatabaseInstance"),
         None => dedicated,
     };
-    let owner = if dedicated { dbi.controller_owner_ref(&()) } else { pool_owner.clone() };
     let replicas = if dedicated { dbi.spec.replicas } else { pool.replicas_per_set };
-    let rs = ReplicaSetShape {
-        name: rs_name.clone(),
-        namespace: ns.clone(),
-        pool: pool_name.clone(),
-        storage_size: if dedicated { dbi.spec.storage.size.clone() } else { pool.storage.size.clone() },
-        storage_class: if dedicated {
-            dbi.spec.storage.storage_class_name.clone()
-        } else {
-            pool.storage.storage_class_name.clone()
-        },
-        resources: if dedicated { dbi.spec.resources.clone() } else { pool.resources.clone() },
-        node_selector: pool.node_selector.clone(),
-        tolerations: pool.tolerations.clone(),
-        owner,
-    };
+    let rs = replica_set_shape(&rs_name, &ns, &pool_name, &pool, pool_owner, dedicated.then_some(dbi));
 
     // The replica set's zones: recorded on its Service at creation, never changed.
-    // Bootstrapped: the record in etcd, which outlives the Service (deleted with the pool,
-    // say), or the Service's annotation (replica sets bootstrapped before the record).
-    let record = ctx.store.replica_set(&ns, &rs_name).await?;
-    let bootstrapped = record.is_some()
-        || existing.as_ref().is_some_and(|s| s.annotations().contains_key(objects::ANNOTATION_BOOTSTRAPPED));
     let zones = match existing.as_ref().and_then(zones_of) {
         Some(z) => z,
         None => {
@@ -264,24 +257,9 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
         }
     };
 
-    // Observe the members.
-    let observed = observe(ctx, &rs).await?;
-    let view = raft_view(&observed.statuses, bootstrapped);
-    if bootstrapped && volumes_lost(&observed) {
-        // Every member answers, and none remembers the replica set: its volumes are gone.
-        // Initialising it again would serve an empty database in place of the lost one.
-        let msg = format!(
-            "replica set {rs_name} was bootstrapped, but every member now starts empty: its volumes were lost. \
-             The operator will not initialise it again empty; restore its volumes, or see docs/operator.md"
-        );
-        if dbi.status.as_ref().and_then(|s| s.phase) != Some(Phase::Failed) {
-            event(ctx, dbi, EventType::Warning, "VolumesLost", "Bootstrap", &msg).await;
-        }
-        patch_status(ctx, dbi, failed_status(dbi, "VolumesLost", &msg)).await?;
-        return Ok(Provisioned::Done(Action::requeue(Duration::from_secs(60))));
-    }
-
-    // Desired shared objects: first what the Pods mount and who may reach them.
+    // Desired shared objects: first what the Pods mount and who may reach them, then the
+    // replica set's Service (placement's record: from then on the replica-set reconciler
+    // drives its members), the gateways.
     let secrets: Objects<Secret> = Objects::namespaced(ctx.client.clone(), &ns);
     secrets.apply(objects::INTERNAL_SECRET, &objects::internal_secret(&ctx.settings, &ns)).await?;
     if ctx.settings.network_policies {
@@ -292,242 +270,92 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
             policies.apply(&p.name_any(), &p).await?;
         }
     }
-    if record.is_none() && matches!(view, RaftView::Led(_)) {
-        let bootstrapped_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
-        let record = ReplicaSetRecord { pool: pool_name.clone(), zones: zones.clone(), bootstrapped_ms };
-        ctx.store.record_replica_set(&ns, &rs_name, &record).await?;
+    if existing.is_none() {
+        // Made again after its Service went (with the pool, say): bootstrapped all the same.
+        let bootstrapped = ctx.store.replica_set(&ns, &rs_name).await?.is_some();
+        services.apply(&rs_name, &objects::replica_set_service(&rs, &zones, bootstrapped)).await?;
     }
-    let bootstrapped = bootstrapped || matches!(view, RaftView::Led(_));
-    services.apply(&rs_name, &objects::replica_set_service(&rs, &zones, bootstrapped)).await?;
-    let pdbs: Objects<PodDisruptionBudget> = Objects::namespaced(ctx.client.clone(), &ns);
-    pdbs.apply(&rs_name, &objects::replica_set_pdb(&rs, zones.len())).await?;
+    let deployments: Objects<Deployment> = Objects::namespaced(ctx.client.clone(), &ns);
     // The namespace's gateways serve its instances: owned by every one of them (none the
     // controller), they are garbage-collected with the last.
     let owners = namespace_owners(ctx, &ns).await?;
-    let deployments: Objects<Deployment> = Objects::namespaced(ctx.client.clone(), &ns);
     let gateway = with_owners(objects::gateway_deployment(&ctx.settings, &ns, None), &owners);
     deployments.apply(objects::GATEWAY_NAME, &gateway).await?;
     services.apply(objects::GATEWAY_NAME, &with_owners(objects::gateway_service(&ns, None), &owners)).await?;
 
-    // Drive the replica set one step.
-    let step = members::next_action(&Desired { zones: zones.clone() }, &observed.members, &view);
-    let step = wait_for_terminating_pod(step, &observed, &rs_name);
-    let step_result = carry_out(ctx, dbi, &rs, &observed, &view, &step).await;
-    if let Err(e) = &step_result {
-        warn!(instance = %name, replica_set = %rs_name, step = ?step, error = %e, "replica-set step failed");
+    // What the replica set's reconciler last saw and did.
+    let Some(report) = ctx.reports.get(&ns, &rs_name) else {
+        let status = waiting_status(dbi, &rs, &zones);
+        return Ok(Provisioned::Reconciled { status: Box::new(status), step_error: None, requeue: busy() });
+    };
+    if report.volumes_lost {
+        let msg = format!(
+            "replica set {rs_name} was bootstrapped, but every member now starts empty: its volumes were lost. \
+             The operator will not initialise it again empty; restore its volumes, or see docs/operator.md"
+        );
+        if dbi.status.as_ref().and_then(|s| s.phase) != Some(Phase::Failed) {
+            event(ctx, dbi, EventType::Warning, "VolumesLost", "Bootstrap", &msg).await;
+        }
+        patch_status(ctx, dbi, failed_status(dbi, "VolumesLost", &msg)).await?;
+        return Ok(Provisioned::Done(Action::requeue(replicaset::jittered(REQUEUE_STEADY))));
     }
 
-    // Once the replica set has a leader: route, users, limits, credentials.
+    // Once the replica set has a leader: route (created once, by placement), limits,
+    // users, credentials; each written to etcd only when it changed.
     let mut published = false;
-    if let RaftView::Led(ms) = &view {
-        let route_members: Vec<RouteMember> = ms
-            .voters
-            .iter()
-            .filter_map(|id| observed.members.iter().find(|m| m.id == *id))
-            .map(|m| RouteMember {
-                id: m.id,
-                data_addr: format!("http://{}:{}", objects::member_host(&rs, m.id), objects::DATA_PORT),
-                zone: m.zone.clone(),
-            })
-            .collect();
-        ctx.store.put_route(&db, &rs_name, route_members).await?;
+    if report.leader.is_some() {
+        ctx.store.create_route(&db, &rs_name, report.route.clone()).await?;
         ctx.store.put_limits(&db, &dbi.spec.limits.resolve(dbi.spec.tier)).await?;
         publish_credentials(ctx, dbi, &ns, &db).await?;
         published = true;
     }
 
-    let status = status_of(dbi, &rs, &zones, &observed, &view, &step, published, step_result.as_ref().err());
+    let status = status_of(dbi, &rs, &zones, &report, published);
+    let steady = report.step == Step::Steady && report.error.is_none() && published;
     Ok(Provisioned::Reconciled {
         status: Box::new(status),
-        step_error: step_result.err(),
-        requeue: Action::requeue(if step == Step::Steady { REQUEUE_STEADY } else { REQUEUE_BUSY }),
+        step_error: None,
+        requeue: if steady { Action::requeue(replicaset::jittered(REQUEUE_STEADY)) } else { busy() },
     })
 }
 
-/// What the provisioner sees of one replica set.
-pub struct Observed {
-    pub members: Vec<MemberView>,
-    pub statuses: Vec<Status>,
-    pub pods: BTreeMap<u64, Pod>,
+fn busy() -> Action {
+    Action::requeue(replicaset::jittered(REQUEUE_BUSY))
 }
 
-async fn observe(ctx: &Context, rs: &ReplicaSetShape) -> Result<Observed, Error> {
-    let selector = ListParams::default().labels(&format!("{}={}", objects::LABEL_REPLICA_SET, rs.name));
-    let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
-    let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
-    let member_of = |labels: &BTreeMap<String, String>| -> Option<(u64, String)> {
-        let id = labels.get(objects::LABEL_MEMBER)?.parse().ok()?;
-        Some((id, labels.get(objects::LABEL_ZONE).cloned().unwrap_or_default()))
-    };
-    let want_hash = objects::member_spec_hash(&ctx.settings, rs);
-    let mut views: BTreeMap<u64, MemberView> = BTreeMap::new();
-    let mut by_id = BTreeMap::new();
-    for pvc in pvcs.list(&selector).await? {
-        if pvc.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        if !pvc.owner_references().is_empty() {
-            // Made by an older operator, owned by the pool or instance: a volume must not
-            // be garbage-collected with either (see `objects::member_pvc`).
-            pvcs.merge(&pvc.name_any(), &json!({"metadata": {"ownerReferences": null}})).await?;
-        }
-        if let Some((id, zone)) = member_of(pvc.labels()) {
-            views.insert(id, MemberView { id, zone, running: false, has_data: true, ready: false, outdated: false });
-        }
+/// The shape of a replica set: a dedicated instance's own, or its pool's.
+pub(super) fn replica_set_shape(
+    name: &str,
+    ns: &str,
+    pool_name: &str,
+    pool: &ResourcePoolSpec,
+    pool_owner: Option<OwnerReference>,
+    dedicated: Option<&DatabaseInstance>,
+) -> ReplicaSetShape {
+    match dedicated {
+        Some(dbi) => ReplicaSetShape {
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            pool: pool_name.to_owned(),
+            storage_size: dbi.spec.storage.size.clone(),
+            storage_class: dbi.spec.storage.storage_class_name.clone(),
+            resources: dbi.spec.resources.clone(),
+            node_selector: pool.node_selector.clone(),
+            tolerations: pool.tolerations.clone(),
+            owner: dbi.controller_owner_ref(&()),
+        },
+        None => ReplicaSetShape {
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            pool: pool_name.to_owned(),
+            storage_size: pool.storage.size.clone(),
+            storage_class: pool.storage.storage_class_name.clone(),
+            resources: pool.resources.clone(),
+            node_selector: pool.node_selector.clone(),
+            tolerations: pool.tolerations.clone(),
+            owner: pool_owner,
+        },
     }
-    for pod in pods.list(&selector).await? {
-        let Some((id, zone)) = member_of(pod.labels()) else { continue };
-        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-        let running = pod.metadata.deletion_timestamp.is_none() && phase != "Failed" && phase != "Succeeded";
-        let ready = running && pod_ready(&pod);
-        let outdated = pod.annotations().get(objects::ANNOTATION_SPEC_HASH) != Some(&want_hash);
-        let v = views.entry(id).or_insert(MemberView {
-            id,
-            zone,
-            running: false,
-            has_data: false,
-            ready: false,
-            outdated: false,
-        });
-        v.running = running;
-        v.ready = ready;
-        v.outdated = outdated;
-        by_id.insert(id, pod);
-    }
-    let mut statuses = Vec::new();
-    for (id, pod) in &by_id {
-        if views.get(id).is_some_and(|v| v.running)
-            && let Some(addr) = pod_admin(pod)
-            && let Some(s) = ctx.datanodes.in_namespace(&rs.namespace).status(&addr).await
-        {
-            // Alive and waiting to be initialised counts as ready: a member reports no
-            // leader (so its Pod is not Ready) until the replica set is bootstrapped.
-            if s.members.is_empty()
-                && let Some(v) = views.get_mut(id)
-            {
-                v.ready = true;
-            }
-            statuses.push(s);
-        }
-    }
-    Ok(Observed { members: views.into_values().collect(), statuses, pods: by_id })
-}
-
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn pod_admin(pod: &Pod) -> Option<String> {
-    let ip = pod.status.as_ref()?.pod_ip.as_ref()?;
-    Some(format!("http://{ip}:{}", objects::ADMIN_PORT))
-}
-
-fn member_info(rs: &ReplicaSetShape, id: u64, zone: &str) -> MemberInfo {
-    let host = objects::member_host(rs, id);
-    MemberInfo {
-        id,
-        admin_addr: format!("http://{host}:{}", objects::ADMIN_PORT),
-        data_addr: format!("http://{host}:{}", objects::DATA_PORT),
-        raft_addr: format!("http://{host}:{}", objects::RAFT_PORT),
-        zone: zone.to_string(),
-        voter: true,
-    }
-}
-
-/// A member's new Pod takes its old one's name, which the API server keeps until the old Pod
-/// is gone: while it is Terminating (a drain, an eviction, a rolling restart, a lost node)
-/// `Start` waits, instead of a create answered 409 at every reconcile.
-fn wait_for_terminating_pod(step: Step, observed: &Observed, rs_name: &str) -> Step {
-    match step {
-        Step::Start { id } if observed.pods.get(&id).is_some_and(|p| p.metadata.deletion_timestamp.is_some()) => {
-            Step::Wait(format!("waiting for Pod {} to terminate", objects::member_pod_name(rs_name, id)))
-        }
-        step => step,
-    }
-}
-
-/// Carries out one replica-set step.
-async fn carry_out(
-    ctx: &Context,
-    dbi: &DatabaseInstance,
-    rs: &ReplicaSetShape,
-    observed: &Observed,
-    view: &RaftView,
-    step: &Step,
-) -> Result<(), Error> {
-    let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
-    let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), &rs.namespace);
-    let zone_of = |id: u64| observed.members.iter().find(|m| m.id == id).map(|m| m.zone.clone()).unwrap_or_default();
-    let leader_admin = || -> Result<String, Error> {
-        let RaftView::Led(ms) = view else { return Err(Error::NoLeader) };
-        observed.pods.get(&ms.leader).and_then(pod_admin).ok_or(Error::NoLeader)
-    };
-    match step {
-        Step::Steady | Step::Wait(_) => {}
-        Step::Create { id, zone } => {
-            let pvc = objects::member_pvc(rs, *id, zone);
-            pvcs.apply(&objects::member_pvc_name(&rs.name, *id), &pvc).await?;
-            let pod = objects::member_pod(&ctx.settings, rs, *id, zone);
-            pods.apply(&objects::member_pod_name(&rs.name, *id), &pod).await?;
-            let msg = format!("member {id} of {} created in zone {zone}", rs.name);
-            event(ctx, dbi, EventType::Normal, "MemberCreated", "Create", &msg).await;
-        }
-        Step::Start { id } => {
-            // The Pod is gone (or failed) but its volume is there: recreate it on the volume.
-            let name = objects::member_pod_name(&rs.name, *id);
-            if observed.pods.contains_key(id) {
-                // A failed Pod: delete it, and create the new one once it is gone (a later
-                // reconcile, see `wait_for_terminating_pod`); creating it now would get 409.
-                pods.delete(&name).await?;
-                return Ok(());
-            }
-            let pod = objects::member_pod(&ctx.settings, rs, *id, &zone_of(*id));
-            pods.create(&pod).await?;
-            let msg = format!("member {id} of {} started again on its volume", rs.name);
-            event(ctx, dbi, EventType::Normal, "MemberRestarted", "Start", &msg).await;
-        }
-        Step::Bootstrap { voters } => {
-            let members: Vec<MemberInfo> = voters.iter().map(|id| member_info(rs, *id, &zone_of(*id))).collect();
-            let first = observed.pods.get(&voters[0]).and_then(pod_admin).ok_or(Error::NoLeader)?;
-            ctx.datanodes.in_namespace(&rs.namespace).init(&first, members).await?;
-            let msg = format!("replica set {} initialised with members {voters:?}", rs.name);
-            event(ctx, dbi, EventType::Normal, "Bootstrapped", "Bootstrap", &msg).await;
-        }
-        Step::AddLearner { id } => {
-            ctx.datanodes
-                .in_namespace(&rs.namespace)
-                .add_learner(&leader_admin()?, member_info(rs, *id, &zone_of(*id)))
-                .await?;
-            let msg = format!("member {id} added to {} as a learner and caught up", rs.name);
-            event(ctx, dbi, EventType::Normal, "LearnerAdded", "Replace", &msg).await;
-        }
-        Step::ChangeVoters { voters } => {
-            ctx.datanodes.in_namespace(&rs.namespace).change_voters(&leader_admin()?, voters).await?;
-            let msg = format!("voters of {} are now {voters:?}", rs.name);
-            event(ctx, dbi, EventType::Normal, "VotersChanged", "Replace", &msg).await;
-        }
-        Step::RemoveMember { id } => {
-            ctx.datanodes.in_namespace(&rs.namespace).remove_member(&leader_admin()?, *id).await?;
-            let msg = format!("member {id} removed from {}", rs.name);
-            event(ctx, dbi, EventType::Warning, "MemberRemoved", "Replace", &msg).await;
-        }
-        Step::Delete { id } => {
-            let _ = pods.delete(&objects::member_pod_name(&rs.name, *id)).await;
-            let _ = pvcs.delete(&objects::member_pvc_name(&rs.name, *id)).await;
-        }
-        Step::Restart { id } => {
-            pods.delete(&objects::member_pod_name(&rs.name, *id)).await?;
-            let msg = format!("member {id} of {} restarted for a new spec", rs.name);
-            event(ctx, dbi, EventType::Normal, "MemberRolled", "Restart", &msg).await;
-        }
-        Step::TransferLeader { to } => {
-            ctx.datanodes.in_namespace(&rs.namespace).transfer_leader(&leader_admin()?, *to).await?;
-        }
-    }
-    Ok(())
 }
 
 /// Tokens are made once and kept in `<instance>-credentials`; etcd gets their hashes.
@@ -560,13 +388,13 @@ async fn publish_credentials(ctx: &Context, dbi: &DatabaseInstance, ns: &str, db
             }
             None => match stored(&format!("token-{}", user.name)) {
                 Some(t) => t,
-                None => nimbus_gateway::auth::new_token(db, &user.name, user.role.into()).0,
+                None => nimbus_api::token::new_token(db, &user.name, user.role.into()).0,
             },
         };
         let (_, _, secret) = nimbus_api::etcd::parse_token(&token).ok_or_else(|| {
             Error::BadSecret(format!("the token of user {} is malformed (secret too short?)", user.name))
         })?;
-        let record = UserRecord { role: user.role.into(), secret_sha256: nimbus_gateway::auth::secret_sha256(secret) };
+        let record = UserRecord { role: user.role.into(), secret_sha256: nimbus_api::token::secret_sha256(secret) };
         match user.role {
             crate::crd::v1alpha1::UserRole::ReadWrite if creds.token.is_none() => creds.token = Some(token.clone()),
             crate::crd::v1alpha1::UserRole::Read if creds.read_only_token.is_none() => {
@@ -648,27 +476,6 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
 /// deletion goes on without dropping the database's data.
 pub const ANNOTATION_ABANDON_DATA: &str = "nimbus.io/abandon-data";
 
-/// A dedicated replica set (its Service owned by the instance) goes with its instance,
-/// volumes included: they hold no one else's data. A shared replica set's volumes are
-/// never deleted by the operator (docs/operator.md, "Uninstall").
-async fn delete_dedicated_volumes(ctx: &Context, ns: &str, rs: &str, uid: &str) -> Result<(), Error> {
-    let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);
-    let dedicated = match services.get_opt(rs).await? {
-        Some(svc) => svc.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)),
-        None => false,
-    };
-    if !dedicated {
-        return Ok(());
-    }
-    let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), ns);
-    let selector = ListParams::default().labels(&format!("{}={rs}", objects::LABEL_REPLICA_SET));
-    for pvc in pvcs.list(&selector).await? {
-        pvcs.delete(&pvc.name_any()).await?;
-    }
-    ctx.store.forget_replica_set(ns, rs).await?;
-    Ok(())
-}
-
 /// Every instance of the namespace not being deleted, as a non-controlling owner.
 async fn namespace_owners(ctx: &Context, ns: &str) -> Result<Vec<OwnerReference>, Error> {
     let api: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
@@ -689,13 +496,25 @@ fn with_owners<K: Resource>(mut object: K, owners: &[OwnerReference]) -> K {
     object
 }
 
-/// No member has a volume left, or every member answers and none was ever initialised.
-fn volumes_lost(observed: &Observed) -> bool {
-    let no_volume = observed.members.iter().all(|m| !m.has_data);
-    let all_empty = !observed.statuses.is_empty()
-        && observed.statuses.len() == observed.members.len()
-        && observed.statuses.iter().all(|s| s.members.is_empty());
-    no_volume || all_empty
+/// A dedicated replica set (its Service owned by the instance) goes with its instance,
+/// volumes included: they hold no one else's data. A shared replica set's volumes are
+/// never deleted by the operator (docs/operator.md, "Uninstall").
+async fn delete_dedicated_volumes(ctx: &Context, ns: &str, rs: &str, uid: &str) -> Result<(), Error> {
+    let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);
+    let dedicated = match services.get_opt(rs).await? {
+        Some(svc) => svc.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)),
+        None => false,
+    };
+    if !dedicated {
+        return Ok(());
+    }
+    let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), ns);
+    let selector = ListParams::default().labels(&format!("{}={rs}", objects::LABEL_REPLICA_SET));
+    for pvc in pvcs.list(&selector).await? {
+        pvcs.delete(&pvc.name_any()).await?;
+    }
+    ctx.store.forget_replica_set(ns, rs).await?;
+    Ok(())
 }
 
 async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<ReplicaSetLoad>, Error> {
@@ -732,26 +551,14 @@ fn status_of(
     dbi: &DatabaseInstance,
     rs: &ReplicaSetShape,
     zones: &[String],
-    observed: &Observed,
-    view: &RaftView,
-    step: &Step,
+    report: &Report,
     published: bool,
-    error: Option<&Error>,
 ) -> DatabaseInstanceStatus {
     let old = dbi.status.clone().unwrap_or_default();
-    let leader = match view {
-        RaftView::Led(ms) => Some(ms.leader),
-        _ => None,
-    };
-    let role_of = |id: u64| -> String {
-        observed
-            .statuses
-            .iter()
-            .find(|s| s.id == id)
-            .map(|s| format!("{:?}", s.role).to_lowercase())
-            .unwrap_or_else(|| "unknown".into())
-    };
-    let members: Vec<MemberStatus> = observed
+    let (step, error) = (&report.step, report.error.as_ref());
+    let leader = report.leader;
+    let role_of = |id: u64| -> String { report.roles.get(&id).cloned().unwrap_or_else(|| "unknown".into()) };
+    let members: Vec<MemberStatus> = report
         .members
         .iter()
         .map(|m| MemberStatus {
@@ -769,7 +576,7 @@ fn status_of(
             Phase::Degraded,
             ("True", "Serving", "the database is served".to_string()),
             Some(step_reason(step)),
-            Some(error.map(|e| e.to_string()).unwrap_or_else(|| format!("served while repairing: {step}"))),
+            Some(error.cloned().unwrap_or_else(|| format!("served while repairing: {step}"))),
         ),
         (false, _, _) if was_ready => (
             Phase::Degraded,
@@ -781,7 +588,7 @@ fn status_of(
             Phase::Provisioning,
             ("False", "Provisioning", format!("provisioning: {step}")),
             Some(step_reason(step)),
-            error.map(|e| e.to_string()),
+            error.cloned(),
         ),
     };
     let generation = dbi.metadata.generation;
@@ -819,12 +626,32 @@ fn status_of(
         migration: old.migration,
         backup: old.backup,
         not_yet_active: dbi.not_yet_active(),
-        ready_members: Some(format!(
-            "{}/{}",
-            observed.members.iter().filter(|m| m.ready).count(),
-            observed.members.len()
-        )),
+        ready_members: Some(format!("{}/{}", report.members.iter().filter(|m| m.ready).count(), report.members.len())),
     }
+}
+
+/// Placed, and its replica set not yet reported on (just made, or the operator just
+/// started): the placement is recorded (it is sticky), the rest of the status kept.
+fn waiting_status(dbi: &DatabaseInstance, rs: &ReplicaSetShape, zones: &[String]) -> DatabaseInstanceStatus {
+    let mut s = dbi.status.clone().unwrap_or_default();
+    if s.placement.is_none() {
+        s.placement = Some(PlacementStatus {
+            replica_set: rs.name.clone(),
+            pool: rs.pool.clone(),
+            leader: None,
+            members: Vec::new(),
+        });
+        s.zones_summary = Some(zones.join(","));
+        s.endpoint = Some(objects::gateway_endpoint(&rs.namespace));
+        s.database = Some(dbi.database());
+    }
+    if s.phase.is_none() {
+        s.phase = Some(Phase::Provisioning);
+        let generation = dbi.metadata.generation;
+        let msg = format!("waiting for replica set {}", rs.name);
+        set_condition(&mut s.conditions, "Ready", "False", "Provisioning", &msg, generation);
+    }
+    s
 }
 
 fn step_reason(step: &Step) -> String {

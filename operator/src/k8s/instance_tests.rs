@@ -151,9 +151,9 @@ async fn a_member_pod_still_terminating_is_waited_for_without_a_conflict_then_re
     w.api.delete(PODS, "default-rs0-m3");
     let calls_before = w.api.calls().len();
     for _ in 0..3 {
-        // Reconciles before the kubelet is done (`World::reconcile` would run it).
-        let action = super::instance::reconcile(std::sync::Arc::new(w.instance("shop")), w.ctx.clone()).await;
-        assert_eq!(action.unwrap(), Action::requeue(super::instance::REQUEUE_BUSY), "requeued soon, not as an error");
+        // Passes before the kubelet is done (`World::reconcile` would run it).
+        w.reconcile_replica_set("default-rs0").await.expect("no error (no 409) while the Pod terminates");
+        super::instance::reconcile(std::sync::Arc::new(w.instance("shop")), w.ctx.clone()).await.unwrap();
         let pod = w.api.get(PODS, "default-rs0-m3").unwrap();
         assert_eq!(pod["metadata"]["deletionTimestamp"], DELETION_TIME, "the old Pod is left to terminate");
     }
@@ -236,15 +236,24 @@ async fn deleting_an_instance_drops_its_data_route_and_users_then_releases_the_f
 async fn a_conflict_is_requeued_soon_and_other_api_errors_with_backoff() {
     let w = World::new();
     w.add_instance("shop", json!({}), true);
+    // Placed: the replica set's Service exists; its reconciler makes the first member.
+    w.reconcile("shop").await.unwrap();
     w.api.fail_next("PATCH", "persistentvolumeclaims", 409);
     let err = w.reconcile("shop").await.unwrap_err();
     assert!(err.is_conflict(), "{err}");
     let dbi = std::sync::Arc::new(w.instance("shop"));
     assert_eq!(error_policy(dbi.clone(), &err, w.ctx.clone()), Action::requeue(Duration::from_secs(1)));
-    w.api.fail_next("GET", "services/default-rs0", 500);
-    let err = w.reconcile("shop").await.unwrap_err();
-    assert!(!err.is_conflict());
-    assert_eq!(error_policy(dbi, &err, w.ctx.clone()), Action::requeue(Duration::from_secs(10)));
+    // Other errors: 10 s, then twice as long while they last, each with up to a fifth of jitter.
+    let after = |a: Action| {
+        format!("{a:?}").split("Some(").nth(1).and_then(|d| d.strip_suffix("s) }")?.parse::<f64>().ok()).unwrap()
+    };
+    for expected in [10.0, 20.0] {
+        w.api.fail_next("GET", "services/default-rs0", 500);
+        let err = w.reconcile("shop").await.unwrap_err();
+        assert!(!err.is_conflict());
+        let secs = after(error_policy(dbi.clone(), &err, w.ctx.clone()));
+        assert!((expected..=expected * 1.2).contains(&secs), "{secs} s after an error, expected {expected} s");
+    }
     // And the next reconcile proceeds.
     w.reconcile_until_phase("shop", "Ready", 10).await;
 }
@@ -460,6 +469,7 @@ const NOT_EXERCISED: &[(&str, &str, &str)] = &[
     ("", "configmaps", "create"),
     ("", "configmaps", "patch"),
     ("", "pods", "watch"),
+    ("", "services", "watch"),
     ("coordination.k8s.io", "leases", "create"),
     ("coordination.k8s.io", "leases", "get"),
     ("coordination.k8s.io", "leases", "patch"),

@@ -14,6 +14,10 @@ mod instance_tests;
 pub mod metrics;
 pub mod objects;
 pub mod pool;
+mod provisioner;
+pub mod replicaset;
+#[cfg(test)]
+mod replicaset_tests;
 mod run;
 
 pub use run::{RunConfig, WATCHES, run};
@@ -45,6 +49,8 @@ pub enum Error {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Coord(#[from] CoordError),
+    #[error(transparent)]
+    Driver(#[from] crate::controlplane::driver::DriverError),
 }
 
 impl Error {

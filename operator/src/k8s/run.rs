@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::controller::Controller;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -22,7 +22,7 @@ use super::health::Health;
 use super::instance::{self, Context};
 use super::metrics::Metrics;
 use super::objects::{LABEL_REPLICA_SET, Settings};
-use super::pool;
+use super::{pool, replicaset};
 use crate::controlplane::admin::AdminClient;
 use crate::controlplane::coord::Coordinator;
 use crate::crd::v1alpha1::{DatabaseInstance, ResourcePool};
@@ -31,6 +31,9 @@ use crate::crd::v1alpha1::{DatabaseInstance, ResourcePool};
 pub const LEASE_NAME: &str = "nimbus-operator";
 pub const LEASE_SECONDS: u64 = 15;
 pub const LEASE_GRACE_SECONDS: u64 = 5;
+/// Reconciles run at once, at most: each calls the Kubernetes API, etcd and datanodes.
+pub const REPLICA_SET_CONCURRENCY: u16 = 4;
+pub const INSTANCE_CONCURRENCY: u16 = 8;
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -90,10 +93,31 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         store: Arc::new(store),
         recorder: Recorder::new(client.clone(), reporter),
         metrics: Metrics,
+        reports: Default::default(),
+        backoff: Default::default(),
     });
 
     health.leading(&WATCHES);
-    let instances = Controller::new(Api::<DatabaseInstance>::all(client.clone()), watcher::Config::default());
+    // Replica sets, by their Service: the only reconciler that steps members. Woken by
+    // their member Pods, and requeued with jitter.
+    let member_pods = watcher::Config::default().labels(LABEL_REPLICA_SET);
+    let replica_sets =
+        Controller::new(Api::<Service>::all(client.clone()), watcher::Config::default().labels(LABEL_REPLICA_SET))
+            .with_config(controller::Config::default().concurrency(REPLICA_SET_CONCURRENCY))
+            .watches(Api::<Pod>::all(client.clone()), member_pods, |pod| {
+                let rs = pod.labels().get(LABEL_REPLICA_SET)?;
+                Some(ObjectRef::<Service>::new(rs).within(&pod.namespace()?))
+            })
+            .shutdown_on_signal()
+            .run(replicaset::reconcile, replicaset::error_policy, ctx.clone())
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    warn!(error = %e, "replica-set controller");
+                }
+            });
+
+    let instances = Controller::new(Api::<DatabaseInstance>::all(client.clone()), watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(INSTANCE_CONCURRENCY));
     let reader = instances.store();
     report_synced(&health, WATCHES[0], reader.clone());
     // A member Pod changing (gone, ready, failed) wakes every instance on its replica set.
@@ -131,7 +155,7 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         }
     };
     tokio::select! {
-        _ = futures::future::join(instances, pools) => Ok(()),
+        _ = futures::future::join3(replica_sets, instances, pools) => Ok(()),
         _ = lost => {
             error!("lost the leader-election lease: exiting so a restart begins as a follower");
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::netns::{Network, ZoneState};
+use crate::netns::{Network, ZoneState};
 
 pub const STATE_FILE: &str = "state.json";
 pub const PLAYGROUND_FILE: &str = "playground.json";

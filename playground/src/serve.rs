@@ -1,6 +1,7 @@
 //! The playground's control plane: etcd, the gateway and the datanodes as local processes,
-//! kept healthy by the same decisions the operator makes (`controlplane::members`), with a
-//! local provisioner: a member is a process and a data directory instead of a Pod and a PVC.
+//! kept healthy by the operator's replica-set driver (`controlplane::driver`) with a local
+//! provisioner ([`crate::local`]): a member is a process and a data directory instead of a
+//! Pod and a PVC.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,26 +9,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use nimbus_api::admin::MemberInfo;
-use nimbus_api::etcd::{RouteMember, UserRecord};
-use tokio::process::{Child, Command};
+use nimbus_operator::controlplane::admin::AdminClient;
+use nimbus_operator::controlplane::coord::Coordinator;
+use nimbus_operator::controlplane::etcd_access::{self, GATEWAY_USER, OPERATOR_USER, ROOT_USER, User};
+use nimbus_operator::controlplane::placement::{self, PoolMode, ReplicaSetLoad};
+use nimbus_operator::crd::v1alpha1::{DatabaseInstance, Tier, UserRole};
+use tokio::process::Command;
 use tracing::{info, warn};
 
-use super::netns::{Network, ZoneState};
-use super::secrets::Secrets;
-use super::state::{self, InstanceState, MemberState, Playground, PlaygroundDatanode, PlaygroundInstance, State};
-use crate::controlplane::admin::{AdminClient, raft_view};
-use crate::controlplane::coord::Coordinator;
-use crate::controlplane::etcd_access::{self, GATEWAY_USER, OPERATOR_USER, ROOT_USER, User};
-use crate::controlplane::members::{self, Action, Desired, MemberView, RaftView};
-use crate::controlplane::placement::{self, PoolMode, ReplicaSetLoad};
-use crate::crd::v1alpha1::{DatabaseInstance, Tier, UserRole};
+use crate::binaries::{GATEWAY_BIN, etcd_binary, sibling_binary};
+use crate::local::tick;
+use crate::netns::{Network, ZoneState};
+use crate::procs::Procs;
+use crate::secrets::Secrets;
+use crate::state::{self, InstanceState, Playground, PlaygroundDatanode, PlaygroundInstance, State};
 
 /// How often the control loop looks at every replica set.
 pub const TICK: Duration = Duration::from_millis(500);
-/// Where the processes' binaries are: next to `nimbus`, or named by these variables.
-pub const DATANODE_BIN: &str = "nimbus-datanode";
-pub const GATEWAY_BIN: &str = "nimbus-gateway";
 
 pub struct Options {
     pub dir: PathBuf,
@@ -35,138 +33,6 @@ pub struct Options {
     pub zones: usize,
     /// Each zone in its own network namespace (see `netns`).
     pub isolate_zones: bool,
-}
-
-/// A binary next to this one (the workspace builds them together), or `NIMBUS_<NAME>_BIN`.
-pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let env = format!("NIMBUS_{}_BIN", name.trim_start_matches("nimbus-").to_uppercase());
-    if let Ok(p) = std::env::var(&env) {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    for dir in exe.ancestors().skip(1).take(3) {
-        if dir.join(name).is_file() {
-            return Ok(dir.join(name));
-        }
-    }
-    bail!("{name} not found next to {}: run `cargo build --workspace --bins` (or set {env})", exe.display())
-}
-
-/// A program of the machine's packages: on PATH, or in one of `also`.
-pub fn system_binary(name: &str, also: &[&str]) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':').chain(also.iter().copied()).map(|dir| Path::new(dir).join(name)).find(|p| p.is_file())
-}
-
-/// The Debian etcd, found on PATH.
-pub fn etcd_binary() -> anyhow::Result<PathBuf> {
-    system_binary("etcd", &["/usr/bin", "/usr/local/bin"])
-        .context("etcd not found on PATH: run scripts/setup.sh (it installs Debian's etcd-server)")
-}
-
-struct Procs {
-    dir: PathBuf,
-    secrets: PathBuf,
-    datanode_bin: PathBuf,
-    /// Member processes by (replica set, id).
-    members: BTreeMap<(String, u64), Child>,
-    others: Vec<Child>,
-    network: Option<Network>,
-}
-
-impl Procs {
-    fn log(&self, name: &str) -> anyhow::Result<std::process::Stdio> {
-        let logs = self.dir.join("logs");
-        std::fs::create_dir_all(&logs)?;
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{name}.log")))?;
-        Ok(f.into())
-    }
-
-    fn member_dir(&self, rs: &str, id: u64) -> PathBuf {
-        self.dir.join("datanodes").join(rs).join(format!("m{id}"))
-    }
-
-    fn start_member(&mut self, rs: &str, m: &MemberState) -> anyhow::Result<()> {
-        let log = self.log(&format!("{rs}-m{}", m.id))?;
-        let err = self.log(&format!("{rs}-m{}", m.id))?;
-        // In its zone's namespace when zones are isolated (`ip netns exec` execs the
-        // datanode: the pid is the datanode's).
-        let (mut cmd, host) = match &self.network {
-            Some(n) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &n.namespace(&m.zone)]).arg(&self.datanode_bin);
-                (c, n.hosts.get(&m.zone).cloned().context("a member's zone has no address")?)
-            }
-            None => (Command::new(&self.datanode_bin), "127.0.0.1".to_owned()),
-        };
-        let child = cmd
-            .args(["--id", &m.id.to_string(), "--zone", &m.zone, "--replica-set", rs])
-            .arg("--data-dir")
-            .arg(self.member_dir(rs, m.id))
-            .args(["--data-listen", &format!("{host}:{}", m.data_port)])
-            .args(["--admin-listen", &format!("{host}:{}", m.admin_port)])
-            .args(["--raft-listen", &format!("{host}:{}", m.raft_port)])
-            .arg("--cluster-secret-file")
-            .arg(&self.secrets)
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("failed to start {}", self.datanode_bin.display()))?;
-        info!(replica_set = rs, member = m.id, pid = child.id(), "datanode started");
-        self.members.insert((rs.to_string(), m.id), child);
-        Ok(())
-    }
-
-    fn running(&mut self, rs: &str, id: u64) -> bool {
-        match self.members.get_mut(&(rs.to_string(), id)) {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
-    fn pid(&self, rs: &str, id: u64) -> Option<u32> {
-        self.members.get(&(rs.to_string(), id)).and_then(|c| c.id())
-    }
-
-    async fn stop_member(&mut self, rs: &str, id: u64) {
-        if let Some(mut c) = self.members.remove(&(rs.to_string(), id)) {
-            let _ = c.kill().await;
-        }
-    }
-
-    async fn stop_all(&mut self) {
-        // SIGTERM first, so datanodes flush; then make sure.
-        let mut all: Vec<Child> = std::mem::take(&mut self.members).into_values().collect();
-        all.append(&mut self.others);
-        for c in &all {
-            if let Some(pid) = c.id() {
-                terminate(pid);
-            }
-        }
-        for mut c in all {
-            if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
-                let _ = c.kill().await;
-            }
-        }
-    }
-}
-
-/// SIGTERM to a process (through `kill`, keeping this crate free of unsafe code).
-pub fn terminate(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .stderr(std::process::Stdio::null())
-        .status();
-}
-
-pub fn alive(pid: u32) -> bool {
-    std::process::Command::new("kill")
-        .args(["-0", &pid.to_string()])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 async fn wait_http(url: &str, deadline: Duration) -> anyhow::Result<()> {
@@ -205,7 +71,7 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let mut procs = Procs {
         dir: dir.clone(),
         secrets: secrets.cluster_secret_file(),
-        datanode_bin: sibling_binary(DATANODE_BIN)?,
+        datanode_bin: sibling_binary(crate::binaries::DATANODE_BIN)?,
         members: BTreeMap::new(),
         others: Vec::new(),
         network: None,
@@ -457,14 +323,14 @@ fn admit(st: &mut State, dbi: &DatabaseInstance) -> anyhow::Result<()> {
         // The playground's zones are its own (a, b, c): an instance's zone names are for
         // a cluster's nodes.
         let zones = placement::member_zones(&st.zones, &[], dbi.spec.replicas.max(0) as u32)?;
-        st.replica_sets.insert(chosen.clone(), super::state::ReplicaSetState { zones, ..Default::default() });
+        st.replica_sets.insert(chosen.clone(), state::ReplicaSetState { zones, ..Default::default() });
     }
     let mut tokens = BTreeMap::new();
     let mut roles = BTreeMap::new();
     let (mut token, mut read_only) = (String::new(), String::new());
     for u in dbi.users() {
         roles.insert(u.name.clone(), u.role.into());
-        let t = nimbus_gateway::auth::new_token(&db, &u.name, u.role.into()).0;
+        let t = nimbus_api::token::new_token(&db, &u.name, u.role.into()).0;
         match u.role {
             UserRole::ReadWrite if token.is_empty() => token = t.clone(),
             UserRole::Read if read_only.is_empty() => read_only = t.clone(),
@@ -478,153 +344,6 @@ fn admit(st: &mut State, dbi: &DatabaseInstance) -> anyhow::Result<()> {
         InstanceState { database: db, replica_set: chosen, tokens, token, read_only_token: read_only, roles, limits };
     st.instances.insert(name, inst);
     Ok(())
-}
-
-fn member_info(st: &State, m: &MemberState) -> MemberInfo {
-    let host = st.host(&m.zone);
-    MemberInfo {
-        id: m.id,
-        admin_addr: format!("http://{host}:{}", m.admin_port),
-        data_addr: format!("http://{host}:{}", m.data_port),
-        raft_addr: format!("http://{host}:{}", m.raft_port),
-        zone: m.zone.clone(),
-        voter: true,
-    }
-}
-
-/// One look at a replica set and at most one step; then, with a leader, its databases'
-/// routes, users and limits. Returns (has a leader, steady).
-async fn tick(
-    st: &mut State,
-    procs: &mut Procs,
-    admin: &AdminClient,
-    store: &Coordinator,
-    rs: &str,
-    dir: &Path,
-    down_zones: &[String],
-) -> anyhow::Result<(bool, bool)> {
-    let set = st.replica_sets.get(rs).cloned().unwrap_or_default();
-    let mut views = Vec::new();
-    let mut statuses = Vec::new();
-    for m in set.members.values() {
-        let running = procs.running(rs, m.id);
-        let has_data = procs.member_dir(rs, m.id).is_dir();
-        let addr = format!("http://{}:{}", st.host(&m.zone), m.admin_port);
-        let status = if running { admin.status(&addr).await.ok() } else { None };
-        // Ready: serving, or alive and waiting to be initialised (a member reports no
-        // leader, so never `/readyz`, before the replica set is bootstrapped).
-        let uninitialised = status.as_ref().is_some_and(|s| s.members.is_empty());
-        let ready = status.is_some() && (uninitialised || admin.ready(&addr).await);
-        if let Some(s) = status {
-            statuses.push(s);
-        }
-        views.push(MemberView { id: m.id, zone: m.zone.clone(), running, has_data, ready, outdated: false });
-    }
-    let view = raft_view(&statuses, set.bootstrapped);
-    let mut step = members::next_action(&Desired { zones: set.zones.clone() }, &views, &view);
-    // A zone that is down stays down: nothing is started or created in it.
-    let in_down_zone = |id: &u64| set.members.get(id).is_some_and(|m| down_zones.contains(&m.zone));
-    let blocked = match &step {
-        Action::Start { id } | Action::Restart { id } | Action::AddLearner { id } => in_down_zone(id),
-        Action::Create { zone, .. } => down_zones.contains(zone),
-        _ => false,
-    };
-    if blocked {
-        step = Action::Wait("a zone is down".into());
-    }
-    let leader_admin = |view: &RaftView| -> anyhow::Result<String> {
-        let RaftView::Led(ms) = view else { bail!("no leader") };
-        let m = set.members.get(&ms.leader).context("leader unknown")?;
-        Ok(format!("http://{}:{}", st.host(&m.zone), m.admin_port))
-    };
-    match &step {
-        Action::Steady | Action::Wait(_) => {}
-        Action::Create { id, zone } => {
-            let m = MemberState {
-                id: *id,
-                zone: zone.clone(),
-                data_port: state::free_port()?,
-                admin_port: state::free_port()?,
-                raft_port: state::free_port()?,
-            };
-            std::fs::create_dir_all(procs.member_dir(rs, *id))?;
-            if let Some(s) = st.replica_sets.get_mut(rs) {
-                s.members.insert(*id, m.clone());
-            }
-            st.save(dir)?;
-            procs.start_member(rs, &m)?;
-        }
-        Action::Start { id } => {
-            if let Some(m) = set.members.get(id) {
-                info!(replica_set = rs, member = id, "restarting a datanode that stopped");
-                procs.stop_member(rs, *id).await;
-                procs.start_member(rs, m)?;
-            }
-        }
-        Action::Bootstrap { voters } => {
-            let members: Vec<MemberInfo> =
-                voters.iter().filter_map(|id| set.members.get(id)).map(|m| member_info(st, m)).collect();
-            let first = set.members.get(&voters[0]).context("bootstrap member unknown")?;
-            admin.init(&format!("http://{}:{}", st.host(&first.zone), first.admin_port), members).await?;
-            if let Some(s) = st.replica_sets.get_mut(rs) {
-                s.bootstrapped = true;
-            }
-            info!(replica_set = rs, ?voters, "replica set initialised");
-        }
-        Action::AddLearner { id } => {
-            let m = set.members.get(id).context("learner unknown")?;
-            info!(replica_set = rs, member = id, "adding a learner (replacement)");
-            admin.add_learner(&leader_admin(&view)?, member_info(st, m)).await?;
-        }
-        Action::ChangeVoters { voters } => {
-            info!(replica_set = rs, ?voters, "changing voters");
-            admin.change_voters(&leader_admin(&view)?, voters).await?;
-        }
-        Action::RemoveMember { id } => {
-            info!(replica_set = rs, member = id, "removing a lost member");
-            admin.remove_member(&leader_admin(&view)?, *id).await?;
-        }
-        Action::Delete { id } => {
-            info!(replica_set = rs, member = id, "deprovisioning a removed member");
-            procs.stop_member(rs, *id).await;
-            let _ = std::fs::remove_dir_all(procs.member_dir(rs, *id));
-            if let Some(s) = st.replica_sets.get_mut(rs) {
-                s.members.remove(id);
-            }
-        }
-        Action::Restart { id } => procs.stop_member(rs, *id).await,
-        Action::TransferLeader { to } => admin.transfer_leader(&leader_admin(&view)?, *to).await?,
-    }
-    if matches!(view, RaftView::Led(_))
-        && !set.bootstrapped
-        && let Some(s) = st.replica_sets.get_mut(rs)
-    {
-        s.bootstrapped = true;
-    }
-    let RaftView::Led(ms) = &view else { return Ok((false, false)) };
-    let route: Vec<RouteMember> = ms
-        .voters
-        .iter()
-        .filter_map(|id| set.members.get(id))
-        .map(|m| RouteMember {
-            id: m.id,
-            data_addr: format!("http://{}:{}", st.host(&m.zone), m.data_port),
-            zone: m.zone.clone(),
-        })
-        .collect();
-    for inst in st.instances.values().filter(|i| i.replica_set == rs) {
-        store.put_route(&inst.database, rs, route.clone()).await?;
-        for (user, token) in &inst.tokens {
-            let (_, _, secret) = nimbus_api::etcd::parse_token(token).context("malformed stored token")?;
-            let record =
-                UserRecord { role: inst.role(user), secret_sha256: nimbus_gateway::auth::secret_sha256(secret) };
-            store.create_user(&inst.database, user, &record).await?;
-        }
-        if let Some(limits) = &inst.limits {
-            store.put_limits(&inst.database, limits).await?;
-        }
-    }
-    Ok((true, step == Action::Steady))
 }
 
 fn playground_view(

@@ -1,11 +1,18 @@
 //! `nimbus playground up|down`: all of Nimbus on one machine (`API.md` section 3).
 //!
+//! Its own crate, so the operator's image carries no process-spawning or network-namespace
+//! code: the playground runs the operator's decisions and replica-set driver
+//! (`nimbus_operator::controlplane`) with a local provisioner ([`local`]).
+//!
 //! `up` starts the control plane (`nimbus playground serve`) as a background process that
 //! owns etcd, the gateway and the datanodes, and returns once every instance is Ready.
 //! `down` stops it; it stops everything it started. The directory keeps the data, so the
 //! next `up` with it finds the databases again.
 
+pub mod binaries;
+pub mod local;
 pub mod netns;
+pub mod procs;
 pub mod secrets;
 pub mod serve;
 pub mod state;
@@ -24,16 +31,16 @@ pub const DOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn running_pid(dir: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(dir.join(PID_FILE)).ok()?.trim().parse().ok()?;
-    serve::alive(pid).then_some(pid)
+    procs::alive(pid).then_some(pid)
 }
 
 /// Starts the playground in the background and waits until every instance is Ready.
 pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize, isolate_zones: bool) -> anyhow::Result<Playground> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    serve::etcd_binary()?;
-    serve::sibling_binary(serve::DATANODE_BIN)?;
-    serve::sibling_binary(serve::GATEWAY_BIN)?;
+    binaries::etcd_binary()?;
+    binaries::sibling_binary(binaries::DATANODE_BIN)?;
+    binaries::sibling_binary(binaries::GATEWAY_BIN)?;
     if running_pid(&dir).is_none() {
         let _ = std::fs::remove_file(dir.join(PLAYGROUND_FILE));
         std::fs::create_dir_all(dir.join("logs"))?;
@@ -82,9 +89,9 @@ pub async fn down(dir: &Path) -> anyhow::Result<bool> {
         let _ = std::fs::remove_file(dir.join(PID_FILE));
         return Ok(false);
     };
-    serve::terminate(pid);
+    procs::terminate(pid);
     let started = Instant::now();
-    while serve::alive(pid) {
+    while procs::alive(pid) {
         if started.elapsed() > DOWN_TIMEOUT {
             let _ = std::process::Command::new("kill").args(["-KILL", &format!("-{pid}")]).status();
             bail!("the control plane (pid {pid}) did not stop within {DOWN_TIMEOUT:?}; killed its process group");

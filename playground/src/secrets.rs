@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use nimbus_net::{ClusterSecret, EtcdArgs};
 
-use crate::controlplane::etcd_access::{GATEWAY_USER, OPERATOR_USER, ROOT_USER};
+use nimbus_operator::controlplane::etcd_access::{GATEWAY_USER, OPERATOR_USER, ROOT_USER};
 
 pub const DIR: &str = "secrets";
 pub const CLUSTER_SECRET_FILE: &str = "cluster-secret";

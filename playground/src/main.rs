@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use nimbus_operator::playground;
+use nimbus_playground as playground;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]

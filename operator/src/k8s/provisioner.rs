@@ -1,0 +1,207 @@
+//! The Kubernetes provisioner of the replica-set driver (`controlplane::driver`): a member
+//! is a Pod and a PVC, created directly (not by a StatefulSet) so the driver chooses which
+//! member to start, restart or remove.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::ResourceExt;
+use kube::api::ListParams;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use nimbus_api::admin::MemberInfo;
+use nimbus_api::etcd::ReplicaSetRecord;
+use serde_json::json;
+use tracing::warn;
+
+use super::Error;
+use super::api::Objects;
+use super::instance::Context;
+use super::objects::{self, ReplicaSetShape};
+use crate::controlplane::driver::{Events, Provisioner, Severity};
+use crate::controlplane::members::MemberView;
+
+/// The members of one replica set as Pods and PVCs in its namespace.
+pub struct PodProvisioner<'a> {
+    ctx: &'a Context,
+    rs: &'a ReplicaSetShape,
+    /// The replica set's zones, for its bootstrap record.
+    zones: Vec<String>,
+    /// The member Pods last observed, by member id.
+    pods: BTreeMap<u64, Pod>,
+}
+
+impl<'a> PodProvisioner<'a> {
+    pub fn new(ctx: &'a Context, rs: &'a ReplicaSetShape, zones: Vec<String>) -> Self {
+        PodProvisioner { ctx, rs, zones, pods: BTreeMap::new() }
+    }
+
+    fn pods(&self) -> Objects<Pod> {
+        Objects::namespaced(self.ctx.client.clone(), &self.rs.namespace)
+    }
+
+    fn pvcs(&self) -> Objects<PersistentVolumeClaim> {
+        Objects::namespaced(self.ctx.client.clone(), &self.rs.namespace)
+    }
+}
+
+#[async_trait]
+impl Provisioner for PodProvisioner<'_> {
+    type Error = Error;
+
+    fn replica_set(&self) -> &str {
+        &self.rs.name
+    }
+
+    async fn members(&mut self) -> Result<Vec<MemberView>, Error> {
+        let selector = ListParams::default().labels(&format!("{}={}", objects::LABEL_REPLICA_SET, self.rs.name));
+        let member_of = |labels: &BTreeMap<String, String>| -> Option<(u64, String)> {
+            let id = labels.get(objects::LABEL_MEMBER)?.parse().ok()?;
+            Some((id, labels.get(objects::LABEL_ZONE).cloned().unwrap_or_default()))
+        };
+        let want_hash = objects::member_spec_hash(&self.ctx.settings, self.rs);
+        let mut views: BTreeMap<u64, MemberView> = BTreeMap::new();
+        let pvcs = self.pvcs();
+        for pvc in pvcs.list(&selector).await? {
+            if pvc.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            if !pvc.owner_references().is_empty() {
+                // Made by an older operator, owned by the pool or instance: a volume must not
+                // be garbage-collected with either (see `objects::member_pvc`).
+                pvcs.merge(&pvc.name_any(), &json!({"metadata": {"ownerReferences": null}})).await?;
+            }
+            if let Some((id, zone)) = member_of(pvc.labels()) {
+                views
+                    .insert(id, MemberView { id, zone, running: false, has_data: true, ready: false, outdated: false });
+            }
+        }
+        self.pods.clear();
+        for pod in self.pods().list(&selector).await? {
+            let Some((id, zone)) = member_of(pod.labels()) else { continue };
+            let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+            let running = pod.metadata.deletion_timestamp.is_none() && phase != "Failed" && phase != "Succeeded";
+            let v = views.entry(id).or_insert(MemberView {
+                id,
+                zone,
+                running: false,
+                has_data: false,
+                ready: false,
+                outdated: false,
+            });
+            v.running = running;
+            v.ready = running && pod_ready(&pod);
+            v.outdated = pod.annotations().get(objects::ANNOTATION_SPEC_HASH) != Some(&want_hash);
+            self.pods.insert(id, pod);
+        }
+        Ok(views.into_values().collect())
+    }
+
+    fn admin_addr(&self, id: u64) -> Option<String> {
+        self.pods.get(&id).and_then(pod_admin)
+    }
+
+    fn member_info(&self, id: u64, zone: &str) -> Option<MemberInfo> {
+        let host = objects::member_host(self.rs, id);
+        Some(MemberInfo {
+            id,
+            admin_addr: format!("http://{host}:{}", objects::ADMIN_PORT),
+            data_addr: format!("http://{host}:{}", objects::DATA_PORT),
+            raft_addr: format!("http://{host}:{}", objects::RAFT_PORT),
+            zone: zone.to_string(),
+            voter: true,
+        })
+    }
+
+    fn data_addr(&self, id: u64, _zone: &str) -> Option<String> {
+        Some(format!("http://{}:{}", objects::member_host(self.rs, id), objects::DATA_PORT))
+    }
+
+    async fn create(&mut self, id: u64, zone: &str) -> Result<(), Error> {
+        let pvc = objects::member_pvc(self.rs, id, zone);
+        self.pvcs().apply(&objects::member_pvc_name(&self.rs.name, id), &pvc).await?;
+        let pod = objects::member_pod(&self.ctx.settings, self.rs, id, zone);
+        self.pods().apply(&objects::member_pod_name(&self.rs.name, id), &pod).await?;
+        Ok(())
+    }
+
+    async fn start(&mut self, id: u64, zone: &str) -> Result<(), Error> {
+        // The Pod is gone (or failed) but its volume is there: recreate it on the volume.
+        let pods = self.pods();
+        if self.pods.contains_key(&id) {
+            // A failed Pod: delete it, and create the new one once it is gone (a later pass,
+            // see `start_blocked`); creating it now would get 409, the name still taken.
+            pods.delete(&objects::member_pod_name(&self.rs.name, id)).await?;
+            return Ok(());
+        }
+        pods.create(&objects::member_pod(&self.ctx.settings, self.rs, id, zone)).await?;
+        Ok(())
+    }
+
+    /// A member's new Pod takes its old one's name, which the API server keeps until the
+    /// old Pod is gone: while it is Terminating (a drain, an eviction, a lost node) `Start`
+    /// waits, instead of a create answered 409 at every pass.
+    fn start_blocked(&self, id: u64) -> Option<String> {
+        let pod = self.pods.get(&id)?;
+        pod.metadata
+            .deletion_timestamp
+            .is_some()
+            .then(|| format!("waiting for Pod {} to terminate", objects::member_pod_name(&self.rs.name, id)))
+    }
+
+    async fn restart(&mut self, id: u64) -> Result<(), Error> {
+        self.pods().delete(&objects::member_pod_name(&self.rs.name, id)).await
+    }
+
+    async fn delete(&mut self, id: u64) -> Result<(), Error> {
+        // Best effort: the member is out of Raft already, and the next pass sees what is left.
+        if let Err(e) = self.pods().delete(&objects::member_pod_name(&self.rs.name, id)).await {
+            warn!(replica_set = %self.rs.name, member = id, error = %e, "failed to delete a removed member's Pod");
+        }
+        if let Err(e) = self.pvcs().delete(&objects::member_pvc_name(&self.rs.name, id)).await {
+            warn!(replica_set = %self.rs.name, member = id, error = %e, "failed to delete a removed member's PVC");
+        }
+        Ok(())
+    }
+
+    async fn bootstrapped(&mut self, _voters: &[u64]) -> Result<(), Error> {
+        let bootstrapped_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
+        let record = ReplicaSetRecord { pool: self.rs.pool.clone(), zones: self.zones.clone(), bootstrapped_ms };
+        self.ctx.store.record_replica_set(&self.rs.namespace, &self.rs.name, &record).await?;
+        Ok(())
+    }
+}
+
+pub(super) fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A member Pod's admin API, at its IP.
+pub(super) fn pod_admin(pod: &Pod) -> Option<String> {
+    let ip = pod.status.as_ref()?.pod_ip.as_ref()?;
+    Some(format!("http://{ip}:{}", objects::ADMIN_PORT))
+}
+
+/// The driver's events as Kubernetes Events on one object.
+pub struct ObjectEvents<'a> {
+    pub recorder: &'a Recorder,
+    pub object: k8s_openapi::api::core::v1::ObjectReference,
+}
+
+#[async_trait]
+impl Events for ObjectEvents<'_> {
+    async fn record(&self, severity: Severity, reason: &str, action: &str, note: &str) {
+        let type_ = match severity {
+            Severity::Normal => EventType::Normal,
+            Severity::Warning => EventType::Warning,
+        };
+        let ev =
+            KubeEvent { type_, reason: reason.into(), note: Some(note.into()), action: action.into(), secondary: None };
+        if let Err(e) = self.recorder.publish(&ev, &self.object).await {
+            warn!(error = %e, reason, "failed to publish an event");
+        }
+    }
+}
