@@ -120,7 +120,9 @@ async fn route_epochs_never_start_over() {
     let moved = store.route("shop").await.unwrap().unwrap().epoch;
     assert!(moved > first, "{moved} after {first}");
     // The database dropped and created again: higher still, never 1 again.
-    assert!(store.delete_database("shop", "uid-shop").await.unwrap(), "unclaimed: deleted");
+    let claim =
+        nimbus_api::etcd::TenantClaim { namespace: "apps".into(), instance: "shop".into(), uid: "uid-shop".into() };
+    assert!(store.delete_database("shop", &claim, true).await.unwrap(), "unclaimed, placed: claimed then deleted");
     store.put_route("shop", "rs0", member("rs0")).await.unwrap();
     let again = store.route("shop").await.unwrap().unwrap().epoch;
     assert!(again > moved, "{again} after {moved}");

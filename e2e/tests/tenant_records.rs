@@ -21,9 +21,9 @@ async fn a_database_name_belongs_to_one_instance_and_only_its_owner_deletes_it()
     let store = Coordinator::connect(&EtcdArgs::plain(&etcd.client_urls)).await.unwrap();
 
     let (owner, other) = (claim("team-a", "shop"), claim("team-b", "shop"));
-    assert!(store.claim_database("shop", &owner).await.unwrap().is_ok());
-    assert!(store.claim_database("shop", &owner).await.unwrap().is_ok(), "claiming again is idempotent");
-    assert_eq!(store.claim_database("shop", &other).await.unwrap(), Err(owner.clone()));
+    assert!(store.claim_database("shop", &owner, false).await.unwrap().is_ok());
+    assert!(store.claim_database("shop", &owner, true).await.unwrap().is_ok(), "claiming again is idempotent");
+    assert_eq!(store.claim_database("shop", &other, false).await.unwrap(), Err(owner.clone()));
 
     let member = RouteMember { id: 1, data_addr: "http://m1:7000".into(), zone: "a".into() };
     store.put_route("shop", "default-rs0", vec![member]).await.unwrap();
@@ -41,12 +41,24 @@ async fn a_database_name_belongs_to_one_instance_and_only_its_owner_deletes_it()
     assert!(revision(raw.get("/nimbus/limits/shop", None).await.unwrap()) > before, "a change is written");
 
     // The refused instance's deletion: nothing of the owner's goes.
-    assert!(!store.delete_database("shop", &other.uid).await.unwrap());
+    assert!(!store.delete_database("shop", &other, false).await.unwrap());
     assert!(store.route("shop").await.unwrap().is_some());
     // The owner's: everything, the claim included, so the name is free again.
-    assert!(store.delete_database("shop", &owner.uid).await.unwrap());
+    assert!(store.delete_database("shop", &owner, true).await.unwrap());
     assert!(store.route("shop").await.unwrap().is_none());
-    assert!(store.claim_database("shop", &other).await.unwrap().is_ok());
+    assert!(store.claim_database("shop", &other, false).await.unwrap().is_ok());
+
+    // A name in use by an instance from before claims (a route, no claim): an instance not
+    // yet placed can neither claim it nor, deleted, delete its records; the placed owner can.
+    let legacy = claim("team-c", "orders");
+    let newcomer = claim("team-d", "orders");
+    store.put_route("orders", "default-rs1", vec![]).await.unwrap();
+    let refused = store.claim_database("orders", &newcomer, false).await.unwrap().unwrap_err();
+    assert!(refused.uid.is_empty(), "{refused:?}");
+    assert!(!store.delete_database("orders", &newcomer, false).await.unwrap());
+    assert!(store.route("orders").await.unwrap().is_some());
+    assert!(store.claim_database("orders", &legacy, true).await.unwrap().is_ok());
+    assert_eq!(store.claim_database("orders", &newcomer, false).await.unwrap(), Err(legacy.clone()));
 
     // A bootstrap record is written once: the first stays.
     let first = ReplicaSetRecord { pool: "default".into(), zones: vec!["a".into()], bootstrapped_ms: 1 };

@@ -158,14 +158,22 @@ impl Coordinator {
         self.put_json(&etcd::limits_key(db), limits).await
     }
 
-    /// Removes every key of the database (route, users, limits, holds, and its claim), if
-    /// the database is unclaimed or `owner` holds the claim, in one transaction: an instance
-    /// refused for a name another owns never deletes the owner's records. `false` when
-    /// another instance holds the claim (nothing deleted).
-    pub async fn delete_database(&self, db: &str, owner: &str) -> Result<bool, CoordError> {
+    /// Removes every key of the database (route, users, limits, holds, and its claim) if
+    /// `claim`'s instance holds the claim, or can take it now, in one transaction guarded
+    /// by that claim: an instance refused for a name another owns never deletes the owner's
+    /// records, even if the claim changes hands meanwhile. `false` when the name is
+    /// another's (nothing deleted).
+    pub async fn delete_database(&self, db: &str, claim: &TenantClaim, placed: bool) -> Result<bool, CoordError> {
+        if self.claim_database(db, claim, placed).await?.is_err() {
+            tracing::info!(database = db, "not deleting a database another instance claims");
+            return Ok(false);
+        }
         let claim_key = etcd::tenant_key(db);
-        if let Some(claim) = self.get_json::<TenantClaim>(&claim_key).await?.filter(|c| c.uid != owner) {
-            tracing::info!(database = db, owner = %claim.uid, "not deleting a database another instance claims");
+        let held = self.client.kv_client().get(claim_key.as_str(), None).await?;
+        let Some(kv) = held.kvs().first() else { return Ok(false) };
+        let ours: TenantClaim = serde_json::from_slice(kv.value())
+            .map_err(|source| CoordError::Decode { key: claim_key.clone(), source })?;
+        if ours.uid != claim.uid {
             return Ok(false);
         }
         let prefix = |p: &str| format!("{p}{db}/");
@@ -176,11 +184,8 @@ impl Coordinator {
             TxnOp::delete(prefix(etcd::HOLDS), Some(DeleteOptions::new().with_prefix())),
             TxnOp::delete(claim_key.as_str(), None),
         ];
-        // Unclaimed when read: still unclaimed; claimed by `owner`: still the same claim.
-        let guard = match self.client.kv_client().get(claim_key.as_str(), None).await?.kvs().first() {
-            None => Compare::create_revision(claim_key.as_str(), CompareOp::Equal, 0),
-            Some(kv) => Compare::mod_revision(claim_key.as_str(), CompareOp::Equal, kv.mod_revision()),
-        };
+        // The claim read above, ours, unchanged since.
+        let guard = Compare::mod_revision(claim_key.as_str(), CompareOp::Equal, kv.mod_revision());
         let done = self.client.kv_client().txn(Txn::new().when([guard]).and_then(deletes)).await?.succeeded();
         Ok(done)
     }
@@ -205,11 +210,26 @@ impl Coordinator {
 
     /// Claims `db` for `claim`'s instance unless another instance holds it: `Ok(())` when
     /// the claim is (now) this instance's, `Err(owner)` otherwise.
-    pub async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError> {
+    /// Claims `db` for `claim`'s instance unless another instance holds it: `Ok(())` when
+    /// the claim is (now) this instance's, `Err(owner)` otherwise. An instance not yet
+    /// placed cannot claim a name that already has a route but no claim (its tenant's
+    /// instance predates claims and claims it at its next reconcile): `Err` with an empty
+    /// owner then.
+    pub async fn claim_database(
+        &self,
+        db: &str,
+        claim: &TenantClaim,
+        placed: bool,
+    ) -> Result<Result<(), TenantClaim>, CoordError> {
         let key = etcd::tenant_key(db);
         let value = serde_json::to_vec(claim).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
+        let route = etcd::route_key(db);
+        let mut when = vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)];
+        if !placed {
+            when.push(Compare::create_revision(route.as_str(), CompareOp::Equal, 0));
+        }
         let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .when(when)
             .and_then([TxnOp::put(key.as_str(), value, None)])
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = self.client.kv_client().txn(txn).await?;
@@ -222,8 +242,10 @@ impl Coordinator {
         });
         let owner: TenantClaim = match current {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|source| CoordError::Decode { key, source })?,
-            // Deleted between the two halves of the transaction: try again next time.
-            None => return Ok(Err(claim.clone())),
+            // Unclaimed, with a route: an instance from before claims owns the name.
+            None => {
+                return Ok(Err(TenantClaim { namespace: String::new(), instance: String::new(), uid: String::new() }));
+            }
         };
         Ok(if owner.uid == claim.uid { Ok(()) } else { Err(owner) })
     }

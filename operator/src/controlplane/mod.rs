@@ -58,9 +58,14 @@ pub trait ControlStore: Send + Sync {
     async fn retain_users(&self, db: &str, keep: &[String]) -> Result<Vec<String>, CoordError>;
     /// Deletes the database's records unless another instance than `owner` (a uid)
     /// claims it; `false` when it does (nothing deleted).
-    async fn delete_database(&self, db: &str, owner: &str) -> Result<bool, CoordError>;
+    async fn delete_database(&self, db: &str, claim: &TenantClaim, placed: bool) -> Result<bool, CoordError>;
     /// Claims the database name for an instance: `Err(owner)` when another holds it.
-    async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError>;
+    async fn claim_database(
+        &self,
+        db: &str,
+        claim: &TenantClaim,
+        placed: bool,
+    ) -> Result<Result<(), TenantClaim>, CoordError>;
     async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetRecord>, CoordError>;
     async fn record_replica_set(
         &self,
@@ -159,11 +164,16 @@ impl ControlStore for coord::Coordinator {
     async fn put_limits(&self, db: &str, limits: &Limits) -> Result<(), CoordError> {
         coord::Coordinator::put_limits(self, db, limits).await
     }
-    async fn delete_database(&self, db: &str, owner: &str) -> Result<bool, CoordError> {
-        coord::Coordinator::delete_database(self, db, owner).await
+    async fn delete_database(&self, db: &str, claim: &TenantClaim, placed: bool) -> Result<bool, CoordError> {
+        coord::Coordinator::delete_database(self, db, claim, placed).await
     }
-    async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError> {
-        coord::Coordinator::claim_database(self, db, claim).await
+    async fn claim_database(
+        &self,
+        db: &str,
+        claim: &TenantClaim,
+        placed: bool,
+    ) -> Result<Result<(), TenantClaim>, CoordError> {
+        coord::Coordinator::claim_database(self, db, claim, placed).await
     }
     async fn retain_users(&self, db: &str, keep: &[String]) -> Result<Vec<String>, CoordError> {
         coord::Coordinator::retain_users(self, db, keep).await

@@ -185,11 +185,11 @@ impl ControlStore for FakeStore {
         self.put(nimbus_api::etcd::limits_key(db), serde_json::to_value(limits).unwrap());
         Ok(())
     }
-    async fn delete_database(&self, db: &str, owner: &str) -> Result<bool, CoordError> {
-        let mut kv = self.0.lock().unwrap();
-        if kv.get(&nimbus_api::etcd::tenant_key(db)).is_some_and(|c| c["uid"] != owner) {
+    async fn delete_database(&self, db: &str, claim: &TenantClaim, placed: bool) -> Result<bool, CoordError> {
+        if self.claim_database(db, claim, placed).await?.is_err() {
             return Ok(false);
         }
+        let mut kv = self.0.lock().unwrap();
         kv.retain(|k, _| {
             !(k == &nimbus_api::etcd::route_key(db)
                 || k == &nimbus_api::etcd::limits_key(db)
@@ -213,10 +213,18 @@ impl ControlStore for FakeStore {
         }
         Ok(removed)
     }
-    async fn claim_database(&self, db: &str, claim: &TenantClaim) -> Result<Result<(), TenantClaim>, CoordError> {
+    async fn claim_database(
+        &self,
+        db: &str,
+        claim: &TenantClaim,
+        placed: bool,
+    ) -> Result<Result<(), TenantClaim>, CoordError> {
         let mut kv = self.0.lock().unwrap();
         let key = nimbus_api::etcd::tenant_key(db);
         if !kv.contains_key(&key) {
+            if !placed && kv.contains_key(&nimbus_api::etcd::route_key(db)) {
+                return Ok(Err(TenantClaim { namespace: String::new(), instance: String::new(), uid: String::new() }));
+            }
             self.1.fetch_add(1, Ordering::Relaxed);
         }
         let current: TenantClaim =

@@ -192,18 +192,29 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     }
 
     // The database name is the tenant's identity across the cluster: claim it first.
-    let claim = TenantClaim { namespace: ns.clone(), instance: name.clone(), uid: dbi.uid().unwrap_or_default() };
-    if let Err(owner) = ctx.store.claim_database(&db, &claim).await? {
-        let msg = format!(
-            "database name {db} belongs to instance {}/{}; set spec.database to a name no other instance uses",
-            owner.namespace, owner.instance
-        );
+    let claim = claim_of(dbi)?;
+    let placed = dbi.status.as_ref().is_some_and(|s| s.placement.is_some());
+    if let Err(owner) = ctx.store.claim_database(&db, &claim, placed).await? {
+        let msg = if owner.uid.is_empty() {
+            format!(
+                "database name {db} is in use by an instance created before names were claimed; it claims the \
+                 name at its next reconcile: set spec.database to another name"
+            )
+        } else {
+            format!(
+                "database name {db} belongs to instance {}/{}; set spec.database to a name no other instance uses",
+                owner.namespace, owner.instance
+            )
+        };
         if dbi.status.as_ref().and_then(|s| s.phase) != Some(Phase::Failed) {
             event(ctx, dbi, EventType::Warning, "DatabaseNameTaken", "Place", &msg).await;
         }
         patch_status(ctx, dbi, failed_status(dbi, "DatabaseNameTaken", &msg)).await?;
         return Ok(Provisioned::Done(Action::requeue(Duration::from_secs(60))));
     }
+    // A user removed from the spec loses access now, whatever else this pass meets (no
+    // leader, a failed API call, a lost pool): revoking needs only etcd.
+    revoke_removed_users(ctx, dbi, &db).await?;
 
     // Placement: sticky once recorded in the status.
     let pool_name = dbi.spec.pool.clone();
@@ -238,6 +249,18 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
         Some(svc) => svc.owner_references().iter().any(|o| o.controller == Some(true) && o.kind == "DatabaseInstance"),
         None => dedicated,
     };
+    // The implicit `default` pool serves only replica sets made without a pool object. A
+    // placed instance whose pool object is gone (deleted, or `helm uninstall`) is reported,
+    // never re-provisioned without an owner: its Pods went with the pool, its volumes stay.
+    let owned_by_pool = |svc: &Service| svc.owner_references().iter().any(|o| o.kind == "ResourcePool");
+    if pool_owner.is_none() && !dedicated && placed && existing.as_ref().is_none_or(owned_by_pool) {
+        let msg = format!(
+            "ResourcePool {pool_name} was deleted: its replica sets' Pods went with it and their volumes are kept; \
+             apply the pool again to bring the members back on their data"
+        );
+        patch_status(ctx, dbi, failed_status(dbi, "PoolNotFound", &msg)).await?;
+        return Ok(Provisioned::Done(Action::requeue(Duration::from_secs(30))));
+    }
     let replicas = if dedicated { dbi.spec.replicas } else { pool.replicas_per_set };
     let rs = replica_set_shape(&rs_name, &ns, &pool_name, &pool, pool_owner, dedicated.then_some(dbi));
 
@@ -358,6 +381,23 @@ pub(super) fn replica_set_shape(
     }
 }
 
+/// The instance's claim on its database name.
+fn claim_of(dbi: &DatabaseInstance) -> Result<TenantClaim, Error> {
+    let namespace = dbi.namespace().ok_or(Error::MissingNamespace)?;
+    Ok(TenantClaim { namespace, instance: dbi.name_any(), uid: dbi.uid().unwrap_or_default() })
+}
+
+/// Deletes from etcd the users no longer in the spec: their tokens stop working at once.
+async fn revoke_removed_users(ctx: &Context, dbi: &DatabaseInstance, db: &str) -> Result<(), Error> {
+    let keep: Vec<String> = dbi.users().into_iter().map(|u| u.name).collect();
+    let removed = ctx.store.retain_users(db, &keep).await?;
+    if !removed.is_empty() {
+        let msg = format!("users {} removed: their tokens no longer work", removed.join(", "));
+        event(ctx, dbi, EventType::Normal, "UsersRevoked", "Revoke", &msg).await;
+    }
+    Ok(())
+}
+
 /// Tokens are made once and kept in `<instance>-credentials`; etcd gets their hashes.
 async fn publish_credentials(ctx: &Context, dbi: &DatabaseInstance, ns: &str, db: &str) -> Result<(), Error> {
     let name = dbi.name_any();
@@ -406,13 +446,6 @@ async fn publish_credentials(ctx: &Context, dbi: &DatabaseInstance, ns: &str, db
         // The Secret first: a token in etcd that no one can read would be useless.
         ctx.store.put_user(db, &user.name, &record).await?;
     }
-    // A user removed from the spec loses access now, not at some later cleanup.
-    let keep: Vec<String> = creds.tokens.keys().cloned().collect();
-    let removed = ctx.store.retain_users(db, &keep).await?;
-    if !removed.is_empty() {
-        let msg = format!("users {} removed: their tokens no longer work", removed.join(", "));
-        event(ctx, dbi, EventType::Normal, "UsersRevoked", "Revoke", &msg).await;
-    }
     let owner = dbi.controller_owner_ref(&()).ok_or(Error::MissingNamespace)?;
     let secret = objects::credentials_secret(&name, ns, &owner, &creds);
     secrets.apply(&objects::credentials_secret_name(&name), &secret).await?;
@@ -422,54 +455,96 @@ async fn publish_credentials(ctx: &Context, dbi: &DatabaseInstance, ns: &str, db
 async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error> {
     let db = dbi.database();
     let ns = dbi.namespace().ok_or(Error::MissingNamespace)?;
+    let claim = claim_of(dbi)?;
+    let placement = dbi.status.as_ref().and_then(|s| s.placement.clone());
+    // First whose the name is: an instance refused for a name another owns never had
+    // data, route or users, and must not touch the owner's.
+    if ctx.store.claim_database(&db, &claim, placement.is_some()).await?.is_err() {
+        return Ok(Action::await_change());
+    }
+    let abandon = dbi.annotations().get(ANNOTATION_ABANDON_DATA).is_some_and(|v| v == "true");
+    let mut abandoned = false;
     // Drop the data through the leader, if the database was ever placed.
-    if let Some(p) = dbi.status.as_ref().and_then(|s| s.placement.as_ref()) {
-        let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), &ns);
-        let selector = ListParams::default().labels(&format!("{}={}", objects::LABEL_REPLICA_SET, p.replica_set));
-        let mut statuses = Vec::new();
-        for pod in pods.list(&selector).await? {
-            if let Some(addr) = pod_admin(&pod)
-                && let Some(s) = ctx.datanodes.in_namespace(&ns).status(&addr).await
-            {
-                statuses.push((s, pod));
-            }
-        }
-        let leader = statuses.iter().find(|(s, _)| s.leader_id == Some(s.id));
-        match leader {
-            Some((_, pod)) => {
-                let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
-                ctx.datanodes
-                    .in_namespace(&ns)
-                    .drop_database(&format!("http://{ip}:{}", objects::DATA_PORT), &db)
-                    .await?;
-            }
-            // A replica set with no Pods left (a dedicated one being deleted with the
-            // instance) has no data to drop; one with Pods but no leader must wait.
-            None if statuses.is_empty() && pods.list(&selector).await?.is_empty() => {}
-            // The way out when the replica set cannot get a leader back: the data stays
-            // on its volumes, the instance and its records go (docs/operator.md).
-            None if dbi.annotations().get(ANNOTATION_ABANDON_DATA).is_some_and(|v| v == "true") => {
+    if let Some(p) = &placement {
+        match drop_data(ctx, &ns, &p.replica_set, &db).await? {
+            Dropped::Done => {}
+            // The way out when the replica set cannot get a leader back: the data stays on
+            // its volumes, the instance and its records go (docs/operator.md).
+            Dropped::NoLeader if abandon => {
                 let msg = format!(
                     "replica set {} has no leader: database {db} is NOT dropped (its data stays on the \
-                     replica set's volumes), as {ANNOTATION_ABANDON_DATA} asks",
+                     replica set's volumes, which are kept), as {ANNOTATION_ABANDON_DATA} asks",
                     p.replica_set
                 );
                 event(ctx, dbi, EventType::Warning, "DataAbandoned", "Delete", &msg).await;
+                abandoned = true;
             }
-            None => return Err(Error::NoLeaderToDrop { database: db, replica_set: p.replica_set.clone() }),
+            Dropped::NoLeader => {
+                let err = Error::NoLeaderToDrop { database: db.clone(), replica_set: p.replica_set.clone() };
+                report_deletion_blocked(ctx, dbi, &err.to_string()).await?;
+                // An error keeps the finalizer (an `Ok` would release it) and retries.
+                return Err(err);
+            }
         }
     }
-    let uid = dbi.uid().unwrap_or_default();
-    if !ctx.store.delete_database(&db, &uid).await? {
-        // Refused for a name another instance owns: it never had data, route or users.
+    if !ctx.store.delete_database(&db, &claim, placement.is_some()).await? {
         return Ok(Action::await_change());
     }
-    if let Some(p) = dbi.status.as_ref().and_then(|s| s.placement.as_ref()) {
-        delete_dedicated_volumes(ctx, &ns, &p.replica_set, &uid).await?;
+    if let Some(p) = &placement
+        && !abandoned
+    {
+        delete_dedicated_volumes(ctx, &ns, &p.replica_set, &claim.uid).await?;
     }
     event(ctx, dbi, EventType::Normal, "Deleted", "Delete", &format!("database {db}: data, route and users removed"))
         .await;
     Ok(Action::await_change())
+}
+
+/// What became of a database's data on its replica set.
+enum Dropped {
+    /// Dropped through the leader, or there is nothing to drop (no member left).
+    Done,
+    /// Members are there but none leads: the data cannot be dropped now.
+    NoLeader,
+}
+
+async fn drop_data(ctx: &Context, ns: &str, rs: &str, db: &str) -> Result<Dropped, Error> {
+    let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), ns);
+    let selector = ListParams::default().labels(&format!("{}={rs}", objects::LABEL_REPLICA_SET));
+    let mut statuses = Vec::new();
+    for pod in pods.list(&selector).await? {
+        if let Some(addr) = pod_admin(&pod)
+            && let Some(s) = ctx.datanodes.in_namespace(ns).status(&addr).await
+        {
+            statuses.push((s, pod));
+        }
+    }
+    match statuses.iter().find(|(s, _)| s.leader_id == Some(s.id)) {
+        Some((_, pod)) => {
+            let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
+            ctx.datanodes.in_namespace(ns).drop_database(&format!("http://{ip}:{}", objects::DATA_PORT), db).await?;
+            Ok(Dropped::Done)
+        }
+        // A replica set with no Pods left (a dedicated one being deleted with the instance)
+        // has no data to drop; one with Pods but no leader must wait.
+        None if statuses.is_empty() && pods.list(&selector).await?.is_empty() => Ok(Dropped::Done),
+        None => Ok(Dropped::NoLeader),
+    }
+}
+
+/// The deletion waits: say so where a person looks (phase `Deleting`, the `Ready`
+/// condition, a Warning Event once).
+async fn report_deletion_blocked(ctx: &Context, dbi: &DatabaseInstance, msg: &str) -> Result<(), Error> {
+    let mut status = dbi.status.clone().unwrap_or_default();
+    let generation = dbi.metadata.generation;
+    let first = status.phase != Some(Phase::Deleting);
+    status.phase = Some(Phase::Deleting);
+    set_condition(&mut status.conditions, "Ready", "False", "DeletionBlocked", msg, generation);
+    set_condition(&mut status.conditions, "Degraded", "True", "DeletionBlocked", msg, generation);
+    if first {
+        event(ctx, dbi, EventType::Warning, "DeletionBlocked", "Delete", msg).await;
+    }
+    patch_status(ctx, dbi, status).await
 }
 
 /// Set to `"true"` on an instance being deleted whose replica set has no leader: the

@@ -317,7 +317,10 @@ async fn a_bootstrapped_replica_set_whose_volumes_were_lost_is_reported_never_bo
     assert!(w.store.0.lock().unwrap().contains_key("/nimbus/replicasets/apps/default-rs0"), "bootstrap recorded");
     // The pool was deleted and its objects collected, volumes included (as before the
     // fix): the Service with its annotation is gone, and the members start empty.
-    w.api.remove(SERVICES, "default-rs0");
+    // The Service made again without its annotation (the etcd record is what counts).
+    let mut svc = w.api.get(SERVICES, "default-rs0").unwrap();
+    svc["metadata"]["annotations"].as_object_mut().unwrap().remove("nimbus.io/bootstrapped");
+    w.api.put(SERVICES, svc);
     for id in 1..=3 {
         w.api.remove(PODS, &format!("default-rs0-m{id}"));
         w.api.remove(PVCS, &format!("default-rs0-m{id}-data"));
@@ -585,6 +588,14 @@ async fn an_instance_whose_replica_set_has_no_leader_is_deleted_only_when_told_t
     w.api.delete(INSTANCES, "shop");
     let err = w.reconcile("shop").await.unwrap_err().to_string();
     assert!(err.contains("nimbus.io/abandon-data=true"), "{err}");
+    // Told where a person looks: phase, condition and Event name the way out.
+    let status = w.api.get(INSTANCES, "shop").unwrap()["status"].clone();
+    assert_eq!(status["phase"], "Deleting");
+    let ready = ready_condition(&w, "shop");
+    assert_eq!(ready["reason"], "DeletionBlocked");
+    assert!(ready["message"].as_str().unwrap().contains("nimbus.io/abandon-data=true"), "{ready}");
+    let events = w.api.list("/apis/events.k8s.io/v1/namespaces/apps/events");
+    assert!(events.iter().any(|e| e["reason"] == "DeletionBlocked"), "{events:?}");
     assert!(w.api.get(INSTANCES, "shop").is_some(), "kept while its data cannot be dropped");
     let mut obj = w.api.get(INSTANCES, "shop").unwrap();
     obj["metadata"]["annotations"] = json!({"nimbus.io/abandon-data": "true"});
@@ -593,4 +604,58 @@ async fn an_instance_whose_replica_set_has_no_leader_is_deleted_only_when_told_t
     assert!(w.api.get(INSTANCES, "shop").is_none(), "deleted once told");
     assert!(!w.raft_log().iter().any(|l| l.starts_with("drop_database")), "{:?}", w.raft_log());
     assert!(w.store.0.lock().unwrap().keys().all(|k| !k.contains("/shop")));
+}
+
+#[tokio::test]
+async fn a_user_removed_while_the_replica_set_has_no_leader_is_revoked_all_the_same() {
+    let w = World::new();
+    w.add_instance("shop", json!({"users": [{"name": "app"}, {"name": "batch"}]}), true);
+    w.reconcile_until_phase("shop", "Ready", 10).await;
+    w.datanodes.0.lock().unwrap().initialized = false; // no member reports a leader
+    let mut obj = w.api.get(INSTANCES, "shop").unwrap();
+    obj["spec"]["users"] = json!([{"name": "app"}]);
+    w.api.put(INSTANCES, obj);
+    let _ = w.reconcile("shop").await;
+    assert!(!w.store.0.lock().unwrap().contains_key("/nimbus/users/shop/batch"), "still valid without a leader");
+}
+
+#[tokio::test]
+async fn a_deleted_pool_is_reported_and_its_members_never_started_again_without_an_owner() {
+    let w = World::new();
+    let pools = "/apis/nimbus.io/v1alpha1/namespaces/apps/resourcepools";
+    w.api.put(
+        pools,
+        json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "ResourcePool",
+            "metadata": {"name": "default", "namespace": NS, "uid": "uid-pool"}, "spec": {}}),
+    );
+    w.add_instance("shop", json!({}), true);
+    w.reconcile_until_phase("shop", "Ready", 10).await;
+    // The pool is deleted; garbage collection takes its Pods (the fake does not collect).
+    w.api.remove(pools, "default");
+    for id in 1..=3 {
+        w.api.remove(PODS, &format!("default-rs0-m{id}"));
+    }
+    for _ in 0..3 {
+        let _ = w.reconcile("shop").await;
+    }
+    assert!(w.api.list(PODS).is_empty(), "members started again with no owner");
+    assert_eq!(w.api.list(PVCS).len(), 3, "volumes kept");
+    let ready = ready_condition(&w, "shop");
+    assert_eq!(ready["reason"], "PoolNotFound");
+    assert!(ready["message"].as_str().unwrap().contains("apply the pool again"), "{ready}");
+}
+
+#[tokio::test]
+async fn abandoning_a_dedicated_instances_data_keeps_its_volumes() {
+    let w = World::new();
+    w.add_instance("orders", json!({"tier": "dedicated"}), true);
+    w.reconcile_until_phase("orders", "Ready", 12).await;
+    w.datanodes.0.lock().unwrap().initialized = false;
+    let mut obj = w.api.get(INSTANCES, "orders").unwrap();
+    obj["metadata"]["annotations"] = json!({"nimbus.io/abandon-data": "true"});
+    w.api.put(INSTANCES, obj);
+    w.api.delete(INSTANCES, "orders");
+    w.reconcile("orders").await.unwrap();
+    assert!(w.api.get(INSTANCES, "orders").is_none());
+    assert_eq!(w.api.list(PVCS).len(), 3, "abandoned data is kept, as the Event says");
 }

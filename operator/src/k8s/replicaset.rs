@@ -114,6 +114,11 @@ async fn drive(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     // What the replica set is made as: its pool's shape, or its dedicated instance's.
     let pool_name = svc.labels().get(LABEL_POOL).cloned().unwrap_or_else(|| "default".into());
     let (pool, pool_owner) = pool_of(ctx, &ns, &pool_name).await?;
+    if pool_owner.is_none() && svc.owner_references().iter().any(|o| o.kind == "ResourcePool") {
+        // Its pool was deleted: Kubernetes is collecting its Pods and this Service. Never
+        // start members again without an owner; the volumes stay for the pool's return.
+        return Ok(Action::await_change());
+    }
     let owner_instance = svc
         .owner_references()
         .iter()
