@@ -98,11 +98,15 @@ leader_zone=$(kubectl -n $ns get pod "$leader" -o jsonpath="{.metadata.labels['n
 lost_zone=$(kubectl -n $ns get dbi shop -o jsonpath='{.status.placement.members[*].zone}' | tr ' ' '\n' | grep -vx "$leader_zone" | head -1)
 lost_node=$(kubectl get nodes -l topology.kubernetes.io/zone="$lost_zone" -o jsonpath='{.items[0].metadata.name}')
 docker stop "$lost_node" >/dev/null
+# A gateway Pod on the stopped node stays an endpoint until the node is NotReady (about
+# 40 s): a client retries, as this one does, with an idempotency key (API.md) so that a
+# retried write is answered from its record, never applied twice.
 for i in 1 2 3 4 5; do
-  curl -sf -H "Authorization: Bearer $token" -H 'content-type: application/json' \
-    -d "{\"documents\":[{\"_id\":\"z$i\"}]}" $api/documents >/dev/null
+  curl -sf --retry 10 --retry-all-errors --retry-delay 2 -H "Authorization: Bearer $token" \
+    -H "Idempotency-Key: zone-loss-$i" -H 'content-type: application/json' -d "{\"documents\":[{\"_id\":\"z$i\"}]}" $api/documents >/dev/null
 done
-curl -sf -H "Authorization: Bearer $token" "$api/documents/z5" | grep -q '"_id":"z5"'
+curl -sf --retry 10 --retry-all-errors --retry-delay 2 -H "Authorization: Bearer $token" "$api/documents/z5" \
+  | grep -q '"_id":"z5"'
 docker start "$lost_node" >/dev/null
 wait_for 600 "shop Ready with the zone back" bash -c "kubectl -n $ns get dbi shop -o jsonpath='{.status.phase}' | grep -qx Ready"
 

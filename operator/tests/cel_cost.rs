@@ -153,6 +153,8 @@ impl Estimator {
                     }
                     operators::LOGICAL_AND | operators::LOGICAL_OR => inputs,
                     operators::CONDITIONAL => args[0].cost + args[1].cost.max(args[2].cost),
+                    // `oldSelf.hasValue()` on an optional `oldSelf` (`optionalOldSelf`).
+                    "hasValue" => 1.0 + inputs,
                     operators::LOGICAL_NOT
                     | operators::NOT_STRICTLY_FALSE
                     | operators::LESS

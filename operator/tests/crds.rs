@@ -172,8 +172,35 @@ fn validate(kind: &str, doc: &Value, old: Option<&Value>) -> Vec<String> {
     let schema = schema_of(kind);
     let mut errors = Vec::new();
     check(&schema, doc, "", &mut errors);
+    // Root rules with `optionalOldSelf` are evaluated here: kube's validator skips them on
+    // create and binds `oldSelf` as a plain object on update (the API server: an optional).
+    let (optional, mut rest): (Vec<Value>, Vec<Value>) = schema
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .partition(|r| r.get("optionalOldSelf") == Some(&Value::Bool(true)));
+    let mut schema = schema.clone();
+    if let Some(obj) = schema.as_object_mut() {
+        obj.insert("x-kubernetes-validations".into(), Value::Array(std::mem::take(&mut rest)));
+    }
     if let Err(e) = kube::core::cel::Validator::new().validate(&schema, doc, old) {
         errors.push(format!("CEL: {e}"));
+    }
+    for r in &optional {
+        let rule = r["rule"].as_str().unwrap();
+        let body = rule
+            .strip_prefix("oldSelf.hasValue() || ")
+            .unwrap_or_else(|| panic!("a rule this check does not read: {rule}"));
+        if old.is_some() {
+            continue; // `oldSelf.hasValue()`: true on every update
+        }
+        let mut ctx = cel::Context::default();
+        ctx.add_variable("self", doc.clone()).unwrap();
+        if cel::Program::compile(body).unwrap().execute(&ctx).unwrap() != cel::Value::Bool(true) {
+            errors.push(format!("CEL: {}", r["message"].as_str().unwrap_or(rule)));
+        }
     }
     errors
 }
@@ -302,4 +329,10 @@ fn names_that_cannot_name_services_are_refused() {
     assert!(validate("ResourcePool", &pool("shared.eu"), None).join(";").contains("DNS label"));
     assert!(validate("ResourcePool", &pool(&"p".repeat(41)), None).join(";").contains("at most 40"));
     assert!(validate("ResourcePool", &pool("shared-eu"), None).is_empty());
+    // On create only: an object made before the rule can still change (and be deleted).
+    let mut older = dotted.clone();
+    older["metadata"]["finalizers"] = serde_json::json!([]);
+    let errors = validate("DatabaseInstance", &older, Some(&dotted));
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(validate("ResourcePool", &pool("shared.eu"), Some(&pool("shared.eu"))).is_empty());
 }

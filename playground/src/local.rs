@@ -174,7 +174,8 @@ pub async fn tick(
         store.put_route(&inst.database, rs, route.clone()).await?;
         for (user, token) in &inst.tokens {
             let record = nimbus_api::token::record_of(token, inst.role(user)).context("malformed stored token")?;
-            store.create_user(&inst.database, user, &record).await?;
+            // Written when it differs (the role one an older playground got wrong included).
+            store.put_user(&inst.database, user, &record).await?;
         }
         if let Some(limits) = &inst.limits {
             store.put_limits(&inst.database, limits).await?;

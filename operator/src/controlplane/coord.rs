@@ -140,16 +140,6 @@ impl Coordinator {
         Ok(written)
     }
 
-    /// Creates the user unless it exists (a token, once issued, stays valid).
-    pub async fn create_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<bool, CoordError> {
-        let key = etcd::user_key(db, user);
-        let value = serde_json::to_vec(record).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), value, None)]);
-        Ok(self.client.kv_client().txn(txn).await?.succeeded())
-    }
-
     pub async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError> {
         self.put_json(&etcd::user_key(db, user), record).await
     }

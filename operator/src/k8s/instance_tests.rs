@@ -555,6 +555,13 @@ async fn the_status_speaks_in_sentences_and_says_what_is_not_active_yet() {
     assert_eq!(status["readyMembers"], "3/3");
     // Backups and automatic indexing are on by default in the spec, and not done yet.
     assert_eq!(status["notYetActive"], json!(["backup", "indexing"]));
+    // Turned off, the list empties (the status is a merge patch: `[]` must be written).
+    let mut obj = w.api.get(INSTANCES, "shop").unwrap();
+    obj["spec"]["backup"] = json!({"enabled": false});
+    obj["spec"]["indexing"] = json!({"automatic": false});
+    w.api.put(INSTANCES, obj);
+    w.reconcile("shop").await.unwrap();
+    assert_eq!(w.api.get(INSTANCES, "shop").unwrap()["status"]["notYetActive"], json!([]));
 }
 
 #[tokio::test]

@@ -33,7 +33,10 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 50").message("the name must be at most 50 characters"),
     // Replica sets, Services and Pods are named after instances: a DNS label, no dots.
-    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+    // On create only (`oldSelf` optional and absent): an instance made before this rule
+    // can still be updated, and deleted (its finalizer removed).
+    validation = Rule::new("oldSelf.hasValue() || self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .optional_old_self(true)
         .message("the name must be a DNS label: lowercase letters, digits and '-', starting with a letter"),
     // The database name is `spec.database`, else the instance's name; it never changes,
     // not even by setting `spec.database` later to another name.
@@ -387,7 +390,8 @@ pub struct DatabaseInstanceStatus {
     pub backup: Option<BackupStatus>,
     /// Spec sections that ask for something the operator does not do yet (`backup`,
     /// `autoscaling`, `indexing`): accepted and kept, not acted on.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    // Always written, `[]` included: the status is a merge patch, which keeps a key left out.
+    #[serde(default)]
     pub not_yet_active: Vec<String>,
     /// Members ready out of members, e.g. `3/3` (for `kubectl get`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -31,7 +31,9 @@ use super::StorageSpec;
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     // Replica sets are named `{pool}-rs{n}`: Service names (DNS labels) with room for the
     // suffix and the members' `-m{id}`.
-    validation = Rule::new("self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+    // On create only, as the instance's name rule: an older pool can still be deleted.
+    validation = Rule::new("oldSelf.hasValue() || (self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$'))")
+        .optional_old_self(true)
         .message("the name must be a DNS label of at most 40 characters: lowercase letters, digits and '-', starting with a letter")
 )]
 #[x_kube(validation = Rule::new("self.mode == oldSelf.mode").message("spec.mode cannot change"))]
