@@ -73,12 +73,14 @@ fn size_or_derived(schema: &Value) -> f64 {
     })
 }
 
-/// The metadata a root rule sees: `name` and `generateName`, which the API server bounds by
-/// name validation (a DNS subdomain, 253 characters) before rules run.
+/// The metadata a root rule sees: `name` and `generateName`. The cost estimator knows no
+/// bound for them (name validation runs, but its 253 characters are not in the schema it
+/// reads), so they count as strings as long as a request: `x-kubernetes-nimbus-metadata`
+/// marks them so the bounded-inputs check lets them through (no schema can bound them).
 fn root_metadata() -> Value {
     json!({"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 253},
-        "generateName": {"type": "string", "maxLength": 253}
+        "name": {"type": "string", "x-kubernetes-nimbus-metadata": true},
+        "generateName": {"type": "string", "x-kubernetes-nimbus-metadata": true}
     }})
 }
 
@@ -101,7 +103,7 @@ impl Estimator {
     fn size(&mut self, e: &Estimate, what: &str) -> f64 {
         match &e.schema {
             Some(s) => {
-                if declared_size(s).is_none() {
+                if declared_size(s).is_none() && s.get("x-kubernetes-nimbus-metadata").is_none() {
                     self.unbounded.push(what.to_string());
                 }
                 size_or_derived(s)
@@ -267,8 +269,9 @@ fn every_rule_is_within_the_api_servers_cost_budget() {
         let (total, problems) = check(&crd_schema(kind));
         assert!(problems.is_empty(), "{kind}'s CRD would be refused:\n{}", problems.join("\n"));
         eprintln!("{kind}: estimated cost of all rules {total}");
-        // Far below the limit, not just under it: a rule added later has room.
-        assert!(total < CRD_LIMIT / 100.0, "{kind}: {total}");
+        // Well below the limit, not just under it: a rule added later has room. (The name
+        // rules dominate: a regular expression over a name as long as a request.)
+        assert!(total < CRD_LIMIT / 10.0, "{kind}: {total}");
     }
 }
 
