@@ -487,13 +487,14 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
             }
         }
     }
-    if !ctx.store.delete_database(&db, &claim, placement.is_some()).await? {
-        return Ok(Action::await_change());
-    }
+    // Volumes before records: a cleanup retried after this point still holds the claim.
     if let Some(p) = &placement
         && !abandoned
     {
         delete_dedicated_volumes(ctx, &ns, &p.replica_set, &claim.uid).await?;
+    }
+    if !ctx.store.delete_database(&db, &claim, placement.is_some()).await? {
+        return Ok(Action::await_change());
     }
     event(ctx, dbi, EventType::Normal, "Deleted", "Delete", &format!("database {db}: data, route and users removed"))
         .await;
