@@ -38,6 +38,10 @@ pub struct Status {
     pub purged_index: Option<u64>,
     /// Oldest Raft index still in the oplog (None when it is empty).
     pub oplog_first_index: Option<u64>,
+    /// The member is stopping (SIGTERM): it takes no writes, never stands for election and
+    /// is never handed the leadership. Absent (false) from members that predate it.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A member of a replica set, with what the others need to reach it.

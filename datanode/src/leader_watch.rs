@@ -32,7 +32,7 @@ const STAND_TICKS: u64 = 3;
 /// After this many intervals without a new leader, the ordinary election timeout takes over.
 const GIVE_UP_TICKS: u64 = 30;
 /// The target of the lease-dropping message: no member, so no one is told to stand.
-const NO_MEMBER: u64 = u64::MAX;
+pub(crate) const NO_MEMBER: u64 = u64::MAX;
 
 pub async fn run(ctx: Arc<NodeCtx>, every: Duration, mut stop: tokio::sync::broadcast::Receiver<()>) {
     let mut refused = 0u32;
@@ -54,8 +54,10 @@ pub async fn run(ctx: Arc<NodeCtx>, every: Duration, mut stop: tokio::sync::broa
                 dead = None;
                 continue;
             }
-            // One candidate at a time; a member already campaigning is left to finish.
-            if rank(&voters, *leader, ctx.id).is_some_and(|r| *ticks / STAND_TICKS == r)
+            // One candidate at a time; a member already campaigning is left to finish; a
+            // member that is stopping never stands (it would exit as leader).
+            if !ctx.draining.load(std::sync::atomic::Ordering::SeqCst)
+                && rank(&voters, *leader, ctx.id).is_some_and(|r| *ticks / STAND_TICKS == r)
                 && m.state == ServerState::Follower
             {
                 stand(&ctx).await;

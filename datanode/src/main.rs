@@ -1,12 +1,24 @@
 //! The `nimbus-datanode` binary.
 
+use std::time::Duration;
+
 use clap::Parser;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use nimbus_datanode::config::Config;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// After the stop, how long tasks still running (a Raft that did not shut down in time) may
+/// hold the exit up.
+const EXIT_WITHIN: Duration = Duration::from_secs(2);
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(run());
+    runtime.shutdown_timeout(EXIT_WITHIN);
+    result
+}
+
+async fn run() -> anyhow::Result<()> {
     let config = Config::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     if config.log_json {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use metrics_exporter_prometheus::PrometheusHandle;
 use openraft::async_runtime::WatchReceiver;
-use openraft::{Config as RaftConfig, SnapshotPolicy};
+use openraft::{Config as RaftConfig, ServerState, SnapshotPolicy};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -17,9 +17,10 @@ use crate::clock::ReplicaClock;
 use crate::config::Config;
 use crate::raft::Raft;
 use crate::raft::log_store::LogStore;
-use crate::raft::network::Network;
+use crate::raft::network::{DrainingPeers, Network};
 use crate::raft::state_machine::{SmShared, StateMachine};
 use crate::server;
+use crate::shutdown::{self, StopBudget};
 use crate::store::engine::EngineOptions;
 
 /// The most bytes of entries one AppendEntries call carries beyond its first entry.
@@ -44,8 +45,11 @@ pub struct NodeCtx {
     /// Data API requests received so far: the index builder slows down while there are any.
     pub data_requests: AtomicU64,
     /// Set once the member is stopping (`crate::shutdown`): it takes no new write or
-    /// linearizable read (`421 NotLeader`, retried elsewhere by the gateway).
+    /// linearizable read (`421 NotLeader`, retried elsewhere by the gateway), does not stand
+    /// for election and does not take leadership.
     pub draining: AtomicBool,
+    /// The peers whose Raft answers say they are stopping: never chosen as successor.
+    pub peers_draining: Arc<DrainingPeers>,
 }
 
 impl NodeCtx {
@@ -112,6 +116,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let sm_shared = sm.shared();
 
     let clock = Arc::new(ReplicaClock::new(config.clock_skew_ms));
+    let peers_draining = Arc::new(DrainingPeers::default());
     let raft_config = RaftConfig {
         cluster_name: config.replica_set.clone(),
         heartbeat_interval: config.heartbeat_ms,
@@ -138,7 +143,8 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
             (config.max_body_bytes * 2).min(MAX_APPEND_BYTES),
             clock.clone(),
             &secret,
-        ),
+        )
+        .with_draining_peers(peers_draining.clone()),
         log,
         sm,
     )
@@ -159,6 +165,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         clock,
         data_requests: AtomicU64::new(0),
         draining: AtomicBool::new(false),
+        peers_draining,
     });
 
     let data_listener = TcpListener::bind(config.data_listen)
@@ -191,10 +198,14 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let raft_app =
         server::raft_rpc::router(ctx.clone()).layer(DefaultBodyLimit::max(config.max_body_bytes * 4)).layer(require());
 
+    // Two stops: first the data and admin ports (and the tasks that serve them), then, last
+    // before Raft itself, the Raft port, so that a stopping member keeps replicating and
+    // voting while its clients drain.
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let (raft_stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut rx1 = stop_tx.subscribe();
     let mut rx2 = stop_tx.subscribe();
-    let mut rx3 = stop_tx.subscribe();
+    let mut rx3 = raft_stop_tx.subscribe();
     let builder = tokio::spawn(crate::index_builder::run(ctx.clone(), stop_tx.subscribe()));
     let watch = tokio::spawn(crate::leader_watch::run(
         ctx.clone(),
@@ -223,26 +234,34 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
             .await
     });
     let signal = signals.next().await;
+    let stopping = std::time::Instant::now();
+    let budget = StopBudget::new(Duration::from_millis(config.shutdown_handoff_ms));
+    let election_timeout = Duration::from_millis(config.election_timeout_ms);
     tracing::info!(node = config.id, signal, "stopping");
 
-    // 1. Hand leadership over (a leader), taking no new writes meanwhile. A second signal
-    //    cuts it short.
-    let handoff = crate::shutdown::hand_off(
-        &ctx,
-        Duration::from_millis(config.shutdown_handoff_ms),
-        Duration::from_millis(config.election_timeout_ms),
-    );
-    tokio::select! {
-        h = handoff => h.log(config.id),
-        signal = signals.next() => tracing::warn!(node = config.id, signal, "stopping at once: the handoff is cut short"),
-    }
+    // 1. No new writes, no campaigning; a leader hands its leadership over. A second signal
+    //    cuts the handoffs short.
+    shutdown::start_draining(&ctx);
+    // Asking again after the drain is for a member that did not lead when the handoff ended.
+    let handoff = shutdown::hand_off(&ctx, budget.handoff_within(stopping.elapsed()), election_timeout);
+    let ask_again = tokio::select! {
+        h = handoff => {
+            h.log(config.id);
+            !h.still_leading()
+        }
+        signal = signals.next() => {
+            tracing::warn!(node = config.id, signal, "stopping at once: the handoff is cut short");
+            false
+        }
+    };
 
-    // 2. Stop the servers: no new connections; requests in flight get their answers.
+    // 2. Stop the data and admin servers: no new connections; requests in flight get their
+    //    answers.
     let _ = stop_tx.send(());
-    let drained = tokio::time::timeout(crate::config::SHUTDOWN_DRAIN, async {
+    let within = budget.drain_within(stopping.elapsed());
+    let drained = tokio::time::timeout(within, async {
         let _ = data_srv.await;
         let _ = admin_srv.await;
-        let _ = raft_srv.await;
         let _ = builder.await;
         let _ = watch.await;
     })
@@ -250,19 +269,45 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     if drained.is_err() {
         tracing::warn!(
             node = config.id,
-            "requests still in flight after {:?}: stopping anyway",
-            crate::config::SHUTDOWN_DRAIN
+            within_ms = within.as_millis() as u64,
+            "requests still in flight: stopping anyway"
         );
     }
 
-    // 3. Raft, then storage: the applied state synced, so a restart replays nothing.
-    if let Err(e) = raft.shutdown().await {
-        tracing::warn!(node = config.id, error = %e, "raft shutdown failed");
+    // 3. A member elected after all (an election under way at the signal) hands over again
+    //    rather than exit as leader.
+    let within = budget.handoff_again_within(stopping.elapsed());
+    if ask_again && !within.is_zero() && ctx.raft.metrics().borrow_watched().state == ServerState::Leader {
+        tracing::warn!(node = config.id, "this member leads again while stopping: handing over again");
+        tokio::select! {
+            h = shutdown::hand_off(&ctx, within, election_timeout) => h.log(config.id),
+            signal = signals.next() => tracing::warn!(node = config.id, signal, "stopping at once: the handoff is cut short"),
+        }
+    }
+
+    // 4. The Raft port and Raft, then storage: the applied state synced, so a restart
+    //    replays nothing.
+    let _ = raft_stop_tx.send(());
+    let within = budget.raft_within(stopping.elapsed());
+    let raft_stopped = tokio::time::timeout(within, async {
+        let r = raft.shutdown().await;
+        let _ = raft_srv.await;
+        r
+    })
+    .await;
+    match raft_stopped {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(node = config.id, error = %e, "raft shutdown failed"),
+        Err(_) => tracing::warn!(
+            node = config.id,
+            within_ms = within.as_millis() as u64,
+            "raft did not shut down in time: stopping anyway (its log is durable)"
+        ),
     }
     if let Err(e) = ctx.sm.engine().sync() {
         tracing::warn!(node = config.id, error = %e, "failed to sync the state machine");
     }
-    tracing::info!(node = config.id, "stopped");
+    tracing::info!(node = config.id, took_ms = stopping.elapsed().as_millis() as u64, "stopped");
     Ok(())
 }
 

@@ -88,6 +88,7 @@ impl Member {
             clock,
             data_requests: Default::default(),
             draining: Default::default(),
+            peers_draining: Default::default(),
         });
         let app = nimbus_datanode::server::raft_rpc::router(ctx);
         let server = tokio::spawn(async move {

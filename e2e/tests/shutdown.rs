@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nimbus_api::etcd::UserRole;
 use nimbus_e2e::gateway::{GatewayProc, Stack};
 use nimbus_e2e::workload::{self, Writers};
-use nimbus_e2e::{DataClient, poll};
+use nimbus_e2e::{DataClient, poll, raw};
 use reqwest::Method;
 
 /// Long enough that an ordinary election (what a leader stopping without a handoff would
@@ -57,6 +57,51 @@ async fn dead_leader_detections(e: &Env, i: usize) -> u64 {
         .filter(|l| l.starts_with("nimbus_raft_dead_leader_detected_total"))
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
         .sum::<f64>() as u64
+}
+
+/// Keeps a request in flight on the admin port at `admin` (a body announced and never
+/// sent): a member sent SIGTERM then stays in its drain, its Raft core still running, until
+/// the stream is dropped or the drain's bound passes.
+fn hold_drain_open(admin: &str, secret: &nimbus_net::ClusterSecret) -> std::net::TcpStream {
+    use std::io::Write;
+    let headers = secret.default_headers();
+    let auth = headers.get("authorization").unwrap().to_str().unwrap();
+    let mut s = std::net::TcpStream::connect(raw::addr_of(admin)).unwrap();
+    let head = format!(
+        "POST /v1/admin/route-epoch HTTP/1.1\r\nHost: nimbus\r\nAuthorization: {auth}\r\n\
+         Content-Type: application/json\r\nContent-Length: 64\r\n\r\n{{\"db\":"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s
+}
+
+/// Waits until the port at base URL `url` refuses connections (its server stopped).
+async fn refused(url: &str) {
+    let addr = raw::addr_of(url);
+    poll("the port to close", WAIT, || async {
+        matches!(tokio::net::TcpStream::connect(&addr).await, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// The leader member `admin` knows of, as its status says.
+async fn leader_seen_by(client: &DataClient, admin: &str) -> Option<u64> {
+    let (st, body) = client.get(&format!("{admin}/v1/status")).await;
+    (st == 200).then(|| body["leaderId"].as_u64()).flatten()
+}
+
+/// Two members of `v` at once, mutably.
+fn two<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    assert_ne!(a, b);
+    if a < b {
+        let (x, y) = v.split_at_mut(b);
+        (&mut x[a], &mut y[0])
+    } else {
+        let (x, y) = v.split_at_mut(a);
+        (&mut y[0], &mut x[b])
+    }
 }
 
 /// Waits until member `i` has applied everything the leader `leader` had committed.
@@ -161,4 +206,80 @@ async fn sigterm_on_every_member_at_once_stops_them_all_with_0_before_the_handof
         // The leader gives up once its followers stop answering (an election timeout at most).
         assert!(took < Duration::from_millis(ELECTION_MS + 2_000), "a member took {took:?} to stop");
     }
+}
+
+/// The followers of `leader`, the one with the lower id first: the one a leader handing over
+/// picks among equals.
+fn followers_by_id(e: &Env, leader: usize) -> (usize, usize) {
+    let mut f: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    f.sort_by_key(|i| e.stack.cluster.nodes[*i].id);
+    (f[0], f[1])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_stopping_never_takes_over_even_when_the_leader_dies_during_its_drain() {
+    let mut e = env().await;
+    let leader = e.stack.cluster.wait_leader(WAIT).await.unwrap();
+    let (stopping, other) = followers_by_id(&e, leader);
+    let stopping_id = e.stack.cluster.nodes[stopping].id;
+    let other_id = e.stack.cluster.nodes[other].id;
+    let other_admin = e.stack.cluster.nodes[other].admin.clone();
+    let held = hold_drain_open(&e.stack.cluster.nodes[stopping].admin, &e.stack.cluster.secret);
+    let stopping_admin = e.stack.cluster.nodes[stopping].admin.clone();
+    let client = &e.client;
+    let (f, l) = two(&mut e.stack.cluster.nodes, stopping, leader);
+
+    let (exit, new_leader) = tokio::join!(f.terminate(EXIT_WITHIN), async {
+        // The follower is in its drain (its admin port closed, a request still in flight)
+        // when the leader dies: a new leader must be elected without it.
+        refused(&stopping_admin).await;
+        l.kill().await;
+        let new = poll("a new leader", WAIT, || async {
+            leader_seen_by(client, &other_admin).await.filter(|id| *id != l.id)
+        })
+        .await
+        .unwrap();
+        drop(held);
+        new
+    });
+    let (exit, took) = exit.unwrap();
+    eprintln!(
+        "follower stopping while the leader died: {new_leader} led; the follower exited after {} ms",
+        took.as_millis()
+    );
+    assert_ne!(new_leader, stopping_id, "the stopping follower was elected: it would exit as leader, with no handoff");
+    assert_eq!(new_leader, other_id);
+    assert_eq!(exit.code(), Some(0), "the follower exited with {exit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_stopping_while_a_follower_drains_hands_over_to_the_other_follower() {
+    let mut e = env().await;
+    let leader = e.stack.cluster.wait_leader(WAIT).await.unwrap();
+    let (stopping, other) = followers_by_id(&e, leader);
+    let other_id = e.stack.cluster.nodes[other].id;
+    let detections_before = dead_leader_detections(&e, other).await;
+    // The lower id: the successor among equals, were stopping members not passed over.
+    let held = hold_drain_open(&e.stack.cluster.nodes[stopping].admin, &e.stack.cluster.secret);
+    let stopping_admin = e.stack.cluster.nodes[stopping].admin.clone();
+    let (f, l) = two(&mut e.stack.cluster.nodes, stopping, leader);
+
+    let (follower_exit, leader_exit) = tokio::join!(f.terminate(EXIT_WITHIN), async {
+        refused(&stopping_admin).await;
+        let r = l.terminate(EXIT_WITHIN).await;
+        drop(held);
+        r
+    });
+    let (exit, took) = leader_exit.unwrap();
+    assert_eq!(exit.code(), Some(0), "the leader exited with {exit}");
+    assert_eq!(follower_exit.unwrap().0.code(), Some(0));
+    let new = leader_seen_by(&e.client, &e.stack.cluster.nodes[other].admin).await;
+    eprintln!("leader sigterm while a follower drains: {new:?} leads, the leader exited after {} ms", took.as_millis());
+    assert_eq!(new, Some(other_id), "leadership went to {new:?}");
+    // A handoff, not a failover: the leader found its successor at once.
+    assert_eq!(dead_leader_detections(&e, other).await, detections_before, "the leader stopped without a handoff");
+    assert!(
+        took < Duration::from_millis(ELECTION_MS),
+        "the leader took {took:?}: it tried the stopping follower first"
+    );
 }

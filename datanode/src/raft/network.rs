@@ -11,9 +11,14 @@
 //! copies and links the files and RocksDB opens them). A call that times out all the same
 //! leaves the install running on the receiver; the snapshot is sent again, and the
 //! receiver keeps the new transfer waiting until the first install is done.
+//!
+//! Every answer also says whether the answering member is stopping ([`DRAINING_HEADER`]):
+//! the leader keeps that in [`DrainingPeers`], so a leader handing its leadership over on
+//! its own stop never picks a successor that is about to exit (`crate::shutdown`).
 
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -59,6 +64,32 @@ pub struct InstallSnapshot {
     pub files: Vec<FileDigest>,
 }
 
+/// Set on every Raft answer of a member that is stopping (`crate::shutdown`).
+pub const DRAINING_HEADER: &str = "x-nimbus-draining";
+
+/// The peers whose last Raft answer said they are stopping. Heard on every heartbeat, so
+/// it is at most one heartbeat interval old; a restarted member's first answer clears it.
+#[derive(Debug, Default)]
+pub struct DrainingPeers(Mutex<BTreeSet<u64>>);
+
+impl DrainingPeers {
+    /// Records what peer `id`'s last answer said.
+    pub fn observe(&self, id: u64, draining: bool) {
+        // A poisoned lock only means another thread panicked mid-insert: the set is whole.
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if draining {
+            set.insert(id);
+        } else {
+            set.remove(&id);
+        }
+    }
+
+    /// Whether peer `id` last said it is stopping.
+    pub fn contains(&self, id: u64) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
+    }
+}
+
 /// What a test may do to a snapshot chunk between the sender reading it and the wire:
 /// `(file, offset, bytes)`. Corrupting a byte here is corruption in transit.
 #[doc(hidden)]
@@ -73,6 +104,7 @@ pub struct Network {
     clock: Arc<ReplicaClock>,
     chunk_hook: Option<ChunkHook>,
     install_timeout: Duration,
+    draining: Arc<DrainingPeers>,
 }
 
 impl Network {
@@ -92,7 +124,21 @@ impl Network {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
-        Network { client, append_timeout, max_append_bytes, clock, chunk_hook: None, install_timeout: INSTALL_TIMEOUT }
+        Network {
+            client,
+            append_timeout,
+            max_append_bytes,
+            clock,
+            chunk_hook: None,
+            install_timeout: INSTALL_TIMEOUT,
+            draining: Arc::default(),
+        }
+    }
+
+    /// Records in `peers` which peers say they are stopping ([`DRAINING_HEADER`]).
+    pub fn with_draining_peers(mut self, peers: Arc<DrainingPeers>) -> Network {
+        self.draining = peers;
+        self
     }
 
     /// Passes every snapshot chunk sent through `hook` (tests: corruption in transit).
@@ -124,6 +170,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             clock: self.clock.clone(),
             chunk_hook: self.chunk_hook.clone(),
             install_timeout: self.install_timeout,
+            draining: self.draining.clone(),
         }
     }
 }
@@ -150,6 +197,7 @@ pub struct Peer {
     chunk_hook: Option<ChunkHook>,
     /// The least time an install call is given (see [`install_timeout`]).
     install_timeout: Duration,
+    draining: Arc<DrainingPeers>,
 }
 
 /// The first entries of `entries` whose JSON fits in `budget` bytes: at least one.
@@ -215,6 +263,7 @@ impl Peer {
         if let Some(ms) = resp.headers().get(CLOCK_HEADER).and_then(|v| v.to_str().ok()?.parse().ok()) {
             self.clock.observe(self.target, ms);
         }
+        self.draining.observe(self.target, resp.headers().contains_key(DRAINING_HEADER));
         if !resp.status().is_success() {
             return Err(RPCError::Network(NetworkError::from_string(format!(
                 "peer {} answered {} to {path}",

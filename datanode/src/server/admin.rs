@@ -101,6 +101,7 @@ pub fn status_of(ctx: &NodeCtx) -> Status {
         snapshot_index: m.snapshot.as_ref().map(|l| l.index()),
         purged_index: m.purged.as_ref().map(|l| l.index()),
         oplog_first_index: ctx.sm.engine().oplog_first_index().ok().flatten(),
+        draining: ctx.draining.load(std::sync::atomic::Ordering::SeqCst),
     }
 }
 

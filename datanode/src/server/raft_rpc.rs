@@ -3,6 +3,7 @@
 //! refusal is an `Err` the caller's openraft handles.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -15,8 +16,9 @@ use serde::Deserialize;
 
 use super::parse_json;
 use crate::clock::CLOCK_HEADER;
+use crate::leader_watch::NO_MEMBER;
 use crate::node::NodeCtx;
-use crate::raft::network::InstallSnapshot;
+use crate::raft::network::{DRAINING_HEADER, InstallSnapshot};
 use crate::raft::snapshot::SnapshotData;
 use crate::raft::transfer::{Staging, TransferError, TransferId};
 use crate::raft::{Raft, TypeConfig};
@@ -34,10 +36,14 @@ pub fn router(ctx: Arc<NodeCtx>) -> Router {
 }
 
 /// Every answer carries this member's clock, from which the leader stamps commands
-/// (`crate::clock`).
+/// (`crate::clock`), and, once it is stopping, says so: a leader handing over never picks
+/// it (`crate::shutdown`).
 async fn with_clock(State(ctx): State<Arc<NodeCtx>>, mut resp: Response) -> Response {
     if let Ok(v) = axum::http::HeaderValue::from_str(&ctx.clock.local_ms().to_string()) {
         resp.headers_mut().insert(CLOCK_HEADER, v);
+    }
+    if ctx.draining.load(Ordering::SeqCst) {
+        resp.headers_mut().insert(DRAINING_HEADER, axum::http::HeaderValue::from_static("1"));
     }
     resp
 }
@@ -72,11 +78,22 @@ async fn pre_vote(State(ctx): State<Arc<NodeCtx>>, body: Bytes) -> Response {
     }
 }
 
+/// A member that is stopping does not take leadership (it would exit as leader): a transfer
+/// addressed to it only drops the old leader's lease here, as it does on every member but
+/// the target, and the stopping leader, still leading, asks another member next.
 async fn transfer_leader(State(ctx): State<Arc<NodeCtx>>, body: Bytes) -> Response {
     match parse_json::<TransferLeaderRequest<TypeConfig>>(&body) {
-        Ok(req) => answer(ctx.raft.handle_transfer_leader(req).await),
+        Ok(req) => answer(ctx.raft.handle_transfer_leader(refuse_if_draining(&ctx, req)).await),
         Err(e) => bad(e.message),
     }
+}
+
+fn refuse_if_draining(ctx: &NodeCtx, req: TransferLeaderRequest<TypeConfig>) -> TransferLeaderRequest<TypeConfig> {
+    if *req.to_node_id() != ctx.id || !ctx.draining.load(Ordering::SeqCst) {
+        return req;
+    }
+    tracing::info!(node = ctx.id, "stopping: not taking the leadership transferred to this member");
+    TransferLeaderRequest::new(*req.from_leader(), NO_MEMBER, req.last_log_id().cloned())
 }
 
 #[derive(Deserialize)]

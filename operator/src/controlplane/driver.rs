@@ -367,6 +367,7 @@ mod tests {
                 snapshot_index: None,
                 purged_index: None,
                 oplog_first_index: None,
+                draining: false,
             })
         }
         async fn init(&self, admin: &str, members: Vec<MemberInfo>) -> Result<(), AdminError> {

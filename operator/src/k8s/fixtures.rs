@@ -88,6 +88,7 @@ impl Datanodes for FakeDatanodes {
             snapshot_index: None,
             purged_index: None,
             oplog_first_index: None,
+            draining: false,
         })
     }
     async fn init(&self, admin: &str, members: Vec<MemberInfo>) -> Result<(), AdminError> {
