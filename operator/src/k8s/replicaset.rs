@@ -166,8 +166,11 @@ async fn drive(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     let pdbs: Objects<PodDisruptionBudget> = Objects::namespaced(ctx.client.clone(), &ns);
     pdbs.apply(&rs_name, &objects::replica_set_pdb(&rs, zones.len())).await?;
 
-    if let Some(leader) = observed.leader() {
-        members.label_roles(leader).await?;
+    // A label is for people and selectors: failing to set it never holds up a repair.
+    if let Some(leader) = observed.leader()
+        && let Err(e) = members.label_roles(leader).await
+    {
+        warn!(replica_set = %rs_name, error = %e, "failed to label the member Pods with their roles");
     }
 
     // One step, told on the Service; a member newly declared lost is told first.
