@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use nimbus_operator::crd;
 use nimbus_operator::crd::v1alpha1::DatabaseInstance;
+use nimbus_operator::k8s::failure;
 use nimbus_operator::k8s::health::{self, Health};
 use nimbus_operator::k8s::objects::Settings;
 use nimbus_operator::k8s::objects::{self, Credentials, ReplicaSetShape};
@@ -129,6 +130,11 @@ struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "NIMBUS_LOG_JSON")]
     log_json: bool,
+    /// How long a replica-set member may be down (its Pod pending, terminating or not
+    /// ready, or its node NotReady or gone) before it is declared lost and replaced in its
+    /// zone: `5m`, `90s`, `1h`.
+    #[arg(long, env = "NIMBUS_MEMBER_FAILURE_PERIOD", default_value = failure::DEFAULT_FAILURE_PERIOD_FLAG)]
+    member_failure_period: jiff::SignedDuration,
 }
 
 #[tokio::main]
@@ -201,7 +207,16 @@ async fn main() -> anyhow::Result<()> {
             let args = *args;
             let lease_namespace = args.settings.lease_namespace.clone();
             let settings = args.settings.settings(args.etcd.endpoints.clone(), internal_files)?;
-            let cfg = RunConfig { settings, etcd: args.etcd, secret, lease_namespace, identity: args.identity };
+            let member_failure_period = std::time::Duration::try_from(args.member_failure_period.abs())
+                .context("the member failure period is out of range")?;
+            let cfg = RunConfig {
+                settings,
+                etcd: args.etcd,
+                secret,
+                lease_namespace,
+                identity: args.identity,
+                member_failure_period,
+            };
             run(cfg, health).await?;
             Ok(())
         }

@@ -61,7 +61,9 @@ impl Provisioner for LocalProvisioner<'_> {
             // Ready as a kubelet would see it: the process answers `/readyz`.
             let ready =
                 running && self.admin.ready(&format!("http://{}:{}", self.st.host(&m.zone), m.admin_port)).await;
-            views.push(MemberView { id: m.id, zone: m.zone, running, has_data, ready, outdated: false });
+            // Never declared lost: a stopped process is started again on its directory at
+            // once, and a zone taken down comes back when told (no failure period here).
+            views.push(MemberView { id: m.id, zone: m.zone, running, has_data, ready, outdated: false, failed: false });
         }
         Ok(views)
     }

@@ -54,11 +54,14 @@ pub trait Provisioner: Send {
     async fn delete(&mut self, id: u64) -> Result<(), Self::Error>;
     /// Raft was initialised with these voters: record it so it never happens again.
     async fn bootstrapped(&mut self, voters: &[u64]) -> Result<(), Self::Error>;
-    /// Nothing may be started or created in this zone now (the playground's `zone down`).
+    /// Nothing may be started or created in this zone now (the playground's `zone down`; on
+    /// Kubernetes, no node of the zone is Ready and schedulable).
     fn zone_down(&self, _zone: &str) -> bool {
         false
     }
-    /// Why member `id` cannot be started yet (its old Pod still terminating), if so.
+    /// Why member `id` cannot be started yet (its old Pod still terminating), if so. A
+    /// member declared lost ([`MemberView::failed`]) is not started at all, so a Pod that
+    /// never finishes terminating (its node lost) holds it up for the failure period only.
     fn start_blocked(&self, _id: u64) -> Option<String> {
         None
     }
@@ -139,14 +142,18 @@ pub async fn observe<P: Provisioner + ?Sized>(
 /// The next step, unless it would start or create a member in a zone that is down.
 pub fn next_step<P: Provisioner + ?Sized>(prov: &P, desired: &Desired, observed: &Observed) -> Action {
     let step = members::next_action(desired, &observed.members, &observed.view);
-    let down = |id: &u64| observed.zone_of(*id).is_some_and(|z| prov.zone_down(z));
+    let down = |id: &u64| observed.zone_of(*id).filter(|z| prov.zone_down(z));
     let blocked = match &step {
-        Action::Start { id } | Action::Restart { id } | Action::AddLearner { id } => down(id),
-        Action::Create { zone, .. } => prov.zone_down(zone),
-        _ => false,
+        Action::Start { id } | Action::Restart { id } | Action::AddLearner { id } => {
+            down(id).map(|zone| format!("zone {zone} is down: member {id} waits for it"))
+        }
+        Action::Create { id, zone } if prov.zone_down(zone) => {
+            Some(format!("zone {zone} has no node to take member {id}: it is created once one can"))
+        }
+        _ => None,
     };
-    if blocked {
-        return Action::Wait("a zone is down".into());
+    if let Some(why) = blocked {
+        return Action::Wait(why);
     }
     match &step {
         Action::Start { id } => prov.start_blocked(*id).map(Action::Wait).unwrap_or(step),
@@ -283,6 +290,7 @@ mod tests {
                     has_data: *has_data,
                     ready: *running,
                     outdated: false,
+                    failed: false,
                 })
                 .collect())
         }
@@ -449,7 +457,10 @@ mod tests {
         p.down = vec!["b".into()];
         let desired = Desired { zones: vec!["a".into(), "b".into(), "c".into()] };
         let o = observe(&mut p, &raft, true).await.unwrap();
-        assert_eq!(next_step(&p, &desired, &o), Action::Wait("a zone is down".into()));
+        assert_eq!(
+            next_step(&p, &desired, &o),
+            Action::Wait("zone b has no node to take member 4: it is created once one can".into())
+        );
         p.down.clear();
         p.log.clear();
         until_steady(&mut p, &raft, &told).await;

@@ -25,6 +25,11 @@ pub struct MemberView {
     pub ready: bool,
     /// Runs an older spec (image, resources, flags) than the desired one.
     pub outdated: bool,
+    /// Down (its Pod pending, terminating or not ready, or its node lost) for longer than
+    /// the failure period: declared lost. It is replaced like a member whose data is gone,
+    /// but its data is deleted only once the replacement is a voter, and it is no longer
+    /// started again on its volume (a Pod on a lost node never finishes terminating).
+    pub failed: bool,
 }
 
 /// The replica set's Raft configuration, as its leader reports it.
@@ -129,7 +134,7 @@ pub fn next_action(desired: &Desired, members: &[MemberView], raft: &RaftView) -
 
     // A member whose process is gone but whose data survives comes back as it was: the
     // cheapest repair, and safe at any time.
-    if let Some(m) = members.iter().find(|m| m.has_data && !m.running) {
+    if let Some(m) = members.iter().find(|m| m.has_data && !m.running && !m.failed) {
         return Action::Start { id: m.id };
     }
 
@@ -164,9 +169,11 @@ fn led(
     ms: &Membership,
     next_id: u64,
 ) -> Action {
-    let healthy = |id: &u64| by_id.get(id).is_some_and(|m| m.has_data && m.ready);
-    // Voters whose data is gone (PVC or directory lost, or never seen): they must be replaced.
-    let lost: Vec<u64> = ms.voters.iter().copied().filter(|id| !by_id.get(id).is_some_and(|m| m.has_data)).collect();
+    let healthy = |id: &u64| by_id.get(id).is_some_and(|m| m.has_data && m.ready && !m.failed);
+    // Voters whose data is gone (PVC or directory lost, or never seen), or declared lost
+    // after the failure period: they must be replaced.
+    let lost: Vec<u64> =
+        ms.voters.iter().copied().filter(|id| !by_id.get(id).is_some_and(|m| m.has_data && !m.failed)).collect();
 
     // 1. A learner that has caught up becomes a voter (the replacement's promotion).
     for l in &ms.learners {
@@ -200,7 +207,18 @@ fn led(
     }
 
     // 3. A lost voter: bring in a replacement in its zone (created, then added as learner).
+    //    One declared lost by the failure period (its data still there) only while a
+    //    majority of the voters is healthy: the operator may be the one cut off, and
+    //    without a majority no membership change commits anyway; nothing is forced.
     if let Some(lost_id) = lost.first() {
+        let declared = by_id.get(lost_id).is_some_and(|m| m.has_data);
+        let up = ms.voters.iter().filter(|v| healthy(v)).count();
+        if declared && up * 2 <= ms.voters.len() {
+            return Action::Wait(format!(
+                "member {lost_id} is lost and only {up} of {} voters are healthy: no majority, nothing is replaced",
+                ms.voters.len()
+            ));
+        }
         let zone = by_id.get(lost_id).map(|m| m.zone.clone()).or_else(|| missing_zone(desired, members, ms));
         let Some(zone) = zone else {
             return Action::Wait(format!("no zone known for lost member {lost_id}"));
@@ -306,7 +324,7 @@ mod tests {
     }
 
     fn member(id: u64, zone: &str) -> MemberView {
-        MemberView { id, zone: zone.into(), running: true, has_data: true, ready: true, outdated: false }
+        MemberView { id, zone: zone.into(), running: true, has_data: true, ready: true, outdated: false, failed: false }
     }
 
     fn three() -> Vec<MemberView> {
@@ -370,7 +388,15 @@ mod tests {
                 Action::Steady => break,
                 Action::Create { id, zone } => {
                     assert_eq!(zone, "b");
-                    members.push(MemberView { id, zone, running: true, has_data: true, ready: true, outdated: false });
+                    members.push(MemberView {
+                        id,
+                        zone,
+                        running: true,
+                        has_data: true,
+                        ready: true,
+                        outdated: false,
+                        failed: false,
+                    });
                 }
                 Action::AddLearner { id } => {
                     ms.learners.insert(id);
@@ -403,6 +429,52 @@ mod tests {
             ]
         );
         assert_eq!(ms.voters, [1, 3, 4].into());
+    }
+
+    /// A member down past the failure period (its node lost: its Pod stuck Terminating,
+    /// so not running, but its volume there) is replaced as one whose data is gone, and is
+    /// never started again on its volume meanwhile; its data goes last.
+    #[test]
+    fn a_member_declared_lost_is_replaced_not_started_and_deleted_only_after_its_replacement_votes() {
+        let d = desired();
+        let mut members = three();
+        members[1].running = false;
+        members[1].ready = false;
+        // Within the period: it is started again (the provisioner waits for its old Pod).
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3], &[])), Action::Start { id: 2 });
+        members[1].failed = true;
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3], &[])), Action::Create { id: 4, zone: "b".into() });
+        members.push(member(4, "b"));
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3], &[])), Action::AddLearner { id: 4 });
+        assert_eq!(
+            next_action(&d, &members, &led_by(1, &[1, 2, 3], &[4])),
+            Action::ChangeVoters { voters: [1, 2, 3, 4].into() }
+        );
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3, 4], &[])), Action::RemoveMember { id: 2 });
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 3, 4], &[])), Action::Delete { id: 2 });
+    }
+
+    #[test]
+    fn nothing_is_replaced_without_a_majority_of_healthy_voters() {
+        let mut members = three();
+        for m in &mut members[1..] {
+            m.running = true;
+            m.ready = false;
+            m.failed = true;
+        }
+        let a = next_action(&desired(), &members, &led_by(1, &[1, 2, 3], &[]));
+        assert_eq!(
+            a,
+            Action::Wait(
+                "member 2 is lost and only 1 of 3 voters are healthy: no majority, nothing is replaced".into()
+            )
+        );
+        // One of the two healthy again: a majority, and the other is replaced.
+        members[2] = member(3, "c");
+        assert_eq!(
+            next_action(&desired(), &members, &led_by(1, &[1, 2, 3], &[])),
+            Action::Create { id: 4, zone: "b".into() }
+        );
     }
 
     #[test]

@@ -160,6 +160,14 @@ where
         Ok(())
     }
 
+    /// Deletes at once, without a grace period: the API server forgets the object without
+    /// waiting for a kubelet (a Pod on a lost node, which would stay Terminating forever).
+    pub async fn delete_now(&self, name: &str) -> Result<(), Error> {
+        let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+        self.api.delete(name, &params).await.map_err(self.failed(Verb::Delete, Some(name)))?;
+        Ok(())
+    }
+
     /// A JSON merge patch of the object.
     pub async fn merge(&self, name: &str, patch: &serde_json::Value) -> Result<K, Error> {
         let params = PatchParams::default();

@@ -6,13 +6,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use jiff::Timestamp;
 use kube::runtime::events::{Recorder, Reporter};
 use nimbus_api::admin::{MemberInfo, Role, Status};
 use nimbus_api::etcd::{Limits, ReplicaSetRecord, RouteMember, TenantClaim, UserRecord};
 use serde_json::{Value, json};
 
+use super::failure::{Clock, Failover};
 pub use super::fake::rbac::Rbac;
 pub use super::fake::{DELETION_TIME, FakeApi};
 use super::instance::Context;
@@ -268,6 +271,21 @@ pub struct World {
 }
 
 pub const NS: &str = "apps";
+pub const NODES: &str = "/api/v1/nodes";
+/// The operator's failure period in the scenarios; its clock is fixed at [`start`] and
+/// moved by the scenario (`w.ctx.failover.clock.advance`).
+pub const FAILURE_PERIOD: Duration = Duration::from_secs(300);
+
+pub fn start() -> Timestamp {
+    "2026-01-01T00:00:00Z".parse().unwrap()
+}
+
+/// A Ready node in `zone`.
+pub fn node(name: &str, zone: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+}
 pub const INSTANCES: &str = "/apis/nimbus.io/v1alpha1/namespaces/apps/databaseinstances";
 pub const PODS: &str = "/api/v1/namespaces/apps/pods";
 pub const PVCS: &str = "/api/v1/namespaces/apps/persistentvolumeclaims";
@@ -279,11 +297,7 @@ impl World {
     pub fn new() -> World {
         let api = FakeApi::default();
         for (i, z) in ["zone-a", "zone-b", "zone-c"].iter().enumerate() {
-            api.put(
-                "/api/v1/nodes",
-                json!({"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": format!("node-{i}"), "labels": {"topology.kubernetes.io/zone": z}}}),
-            );
+            api.put(NODES, node(&format!("node-{i}"), z));
         }
         let client = api.client();
         let datanodes = FakeDatanodes::default();
@@ -298,6 +312,7 @@ impl World {
             metrics: Metrics,
             reports: Default::default(),
             backoff: Default::default(),
+            failover: Failover { period: FAILURE_PERIOD, clock: Clock::fixed(start()) },
         });
         World { api, datanodes, store, ctx }
     }
@@ -366,8 +381,31 @@ impl World {
             metrics: Metrics,
             reports: self.ctx.reports.clone(),
             backoff: self.ctx.backoff.clone(),
+            failover: self.ctx.failover.clone(),
         });
         World { ctx, ..self }
+    }
+
+    /// A node stops answering: the node controller marks it NotReady (Ready `Unknown`) and
+    /// its Pods not Ready, and with `evict` deletes them (taint-based eviction), so they
+    /// stay Terminating: no kubelet is left to stop them.
+    pub fn lose_node(&self, name: &str, evict: bool) {
+        let mut n = self.api.get(NODES, name).expect("the node exists");
+        n["status"]["conditions"] = json!([{"type": "Ready", "status": "Unknown"}]);
+        self.api.put(NODES, n);
+        for mut pod in self.api.list(PODS).into_iter().filter(|p| p["spec"]["nodeName"] == name) {
+            pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+            let pod_name = pod["metadata"]["name"].as_str().unwrap().to_owned();
+            self.api.put(PODS, pod);
+            if evict {
+                self.api.delete(PODS, &pod_name);
+            }
+        }
+    }
+
+    /// How long the scenario's clock has moved on.
+    pub fn wait(&self, d: Duration) {
+        self.ctx.failover.clock.advance(d);
     }
 
     pub fn raft_log(&self) -> Vec<String> {

@@ -47,6 +47,8 @@ pub struct Context {
     pub reports: Reports,
     /// Consecutive failures of each reconciled object.
     pub backoff: Backoff,
+    /// When an unhealthy member is declared lost (`k8s::failure`).
+    pub failover: super::failure::Failover,
 }
 
 pub async fn reconcile(dbi: Arc<DatabaseInstance>, ctx: Arc<Context>) -> Result<Action, Error> {

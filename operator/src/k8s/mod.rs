@@ -3,6 +3,7 @@
 //! with leader election ([`run`]).
 
 pub mod api;
+pub mod failure;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]

@@ -21,6 +21,11 @@ pub const LABEL_MEMBER: &str = "nimbus.io/member-id";
 pub const LABEL_ZONE: &str = "nimbus.io/zone";
 pub const LABEL_POOL: &str = "nimbus.io/pool";
 pub const LABEL_INSTANCE: &str = "nimbus.io/instance";
+/// On a member Pod: its Raft role, `leader` or `follower` (kept by the replica-set
+/// reconciler; absent until the replica set has a leader).
+pub const LABEL_ROLE: &str = "nimbus.io/role";
+pub const ROLE_LEADER: &str = "leader";
+pub const ROLE_FOLLOWER: &str = "follower";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const ANNOTATION_SPEC_HASH: &str = "nimbus.io/spec-hash";
 /// On a replica set's Service: the zone of each member slot, comma-separated. The replica

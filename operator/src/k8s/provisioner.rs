@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 use kube::api::ListParams;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
@@ -16,6 +16,7 @@ use tracing::warn;
 
 use super::Error;
 use super::api::Objects;
+use super::failure::{self, ANNOTATION_UNHEALTHY_SINCE};
 use super::instance::Context;
 use super::objects::{self, ReplicaSetShape};
 use crate::controlplane::driver::{Events, Provisioner, Severity};
@@ -27,13 +28,92 @@ pub struct PodProvisioner<'a> {
     rs: &'a ReplicaSetShape,
     /// The replica set's zones, for its bootstrap record.
     zones: Vec<String>,
+    /// The replica set was initialised: only then is a member ever declared lost (before,
+    /// its members are not Ready by design, and there is nothing to replace).
+    bootstrapped: bool,
     /// The member Pods last observed, by member id.
     pods: BTreeMap<u64, Pod>,
+    /// The cluster's nodes last observed, by name.
+    nodes: BTreeMap<String, Node>,
+    /// The members declared lost at the last observation, and why.
+    lost: BTreeMap<u64, String>,
 }
 
 impl<'a> PodProvisioner<'a> {
-    pub fn new(ctx: &'a Context, rs: &'a ReplicaSetShape, zones: Vec<String>) -> Self {
-        PodProvisioner { ctx, rs, zones, pods: BTreeMap::new() }
+    pub fn new(ctx: &'a Context, rs: &'a ReplicaSetShape, zones: Vec<String>, bootstrapped: bool) -> Self {
+        PodProvisioner {
+            ctx,
+            rs,
+            zones,
+            bootstrapped,
+            pods: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            lost: BTreeMap::new(),
+        }
+    }
+
+    /// The members declared lost at the last observation, each with why, in words.
+    pub fn lost(&self) -> &BTreeMap<u64, String> {
+        &self.lost
+    }
+
+    /// Labels each member Pod with its role (`nimbus.io/role`: `leader` or `follower`)
+    /// where it differs, so a selector finds the leader (`-l nimbus.io/role=leader`).
+    pub async fn label_roles(&self, leader: u64) -> Result<(), Error> {
+        let pods = self.pods();
+        for (id, pod) in &self.pods {
+            if pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let role = if *id == leader { objects::ROLE_LEADER } else { objects::ROLE_FOLLOWER };
+            if pod.labels().get(objects::LABEL_ROLE).map(String::as_str) != Some(role) {
+                pods.merge(&pod.name_any(), &json!({"metadata": {"labels": {objects::LABEL_ROLE: role}}})).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the time each member with a volume was first seen unhealthy on its PVC (set
+    /// once, cleared when healthy again), and marks the members unhealthy for longer than
+    /// the failure period as lost (`k8s::failure`).
+    async fn track_failures(
+        &mut self,
+        pvcs: &[PersistentVolumeClaim],
+        views: &mut BTreeMap<u64, MemberView>,
+    ) -> Result<(), Error> {
+        let (failover, now) = (&self.ctx.failover, self.ctx.failover.clock.now());
+        self.lost.clear();
+        for pvc in pvcs {
+            let Some(id) = pvc.labels().get(objects::LABEL_MEMBER).and_then(|i| i.parse::<u64>().ok()) else {
+                continue;
+            };
+            let since = pvc.annotations().get(ANNOTATION_UNHEALTHY_SINCE);
+            let unhealthy = failure::unhealthy(self.pods.get(&id), &self.nodes).filter(|_| self.bootstrapped);
+            let set = |value: Option<String>| json!({"metadata": {"annotations": {ANNOTATION_UNHEALTHY_SINCE: value}}});
+            match (unhealthy, since) {
+                (None, None) => {}
+                (None, Some(_)) => {
+                    self.pvcs().merge(&pvc.name_any(), &set(None)).await?;
+                }
+                (Some(_), None) => {
+                    self.pvcs().merge(&pvc.name_any(), &set(Some(now.to_string()))).await?;
+                }
+                (Some(why), Some(since)) => {
+                    // An unreadable time (edited by hand) counts from now: never shorter.
+                    let Ok(since) = since.parse::<jiff::Timestamp>() else {
+                        self.pvcs().merge(&pvc.name_any(), &set(Some(now.to_string()))).await?;
+                        continue;
+                    };
+                    if failover.lost(since, now)
+                        && let Some(v) = views.get_mut(&id)
+                    {
+                        v.failed = true;
+                        self.lost.insert(id, format!("{why} since {since}"));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn pods(&self) -> Objects<Pod> {
@@ -62,6 +142,7 @@ impl Provisioner for PodProvisioner<'_> {
         let want_hash = objects::member_spec_hash(&self.ctx.settings, self.rs);
         let mut views: BTreeMap<u64, MemberView> = BTreeMap::new();
         let pvcs = self.pvcs();
+        let mut live = Vec::new();
         for pvc in pvcs.list(&selector).await? {
             if pvc.metadata.deletion_timestamp.is_some() {
                 continue;
@@ -72,9 +153,18 @@ impl Provisioner for PodProvisioner<'_> {
                 pvcs.merge(&pvc.name_any(), &json!({"metadata": {"ownerReferences": null}})).await?;
             }
             if let Some((id, zone)) = member_of(pvc.labels()) {
-                views
-                    .insert(id, MemberView { id, zone, running: false, has_data: true, ready: false, outdated: false });
+                let view = MemberView {
+                    id,
+                    zone,
+                    running: false,
+                    has_data: true,
+                    ready: false,
+                    outdated: false,
+                    failed: false,
+                };
+                views.insert(id, view);
             }
+            live.push(pvc);
         }
         self.pods.clear();
         for pod in self.pods().list(&selector).await? {
@@ -88,12 +178,16 @@ impl Provisioner for PodProvisioner<'_> {
                 has_data: false,
                 ready: false,
                 outdated: false,
+                failed: false,
             });
             v.running = running;
             v.ready = running && pod_ready(&pod);
             v.outdated = pod.annotations().get(objects::ANNOTATION_SPEC_HASH) != Some(&want_hash);
             self.pods.insert(id, pod);
         }
+        let nodes = Objects::<Node>::all(self.ctx.client.clone()).list(&ListParams::default()).await?;
+        self.nodes = nodes.into_iter().map(|n| (n.name_any(), n)).collect();
+        self.track_failures(&live, &mut views).await?;
         Ok(views.into_values().collect())
     }
 
@@ -141,6 +235,12 @@ impl Provisioner for PodProvisioner<'_> {
     /// A member's new Pod takes its old one's name, which the API server keeps until the
     /// old Pod is gone: while it is Terminating (a drain, an eviction, a lost node) `Start`
     /// waits, instead of a create answered 409 at every pass.
+    /// No node of the zone is Ready and schedulable: a member created there would stay
+    /// Pending (and a replacement would wait on it rather than on a usable node).
+    fn zone_down(&self, zone: &str) -> bool {
+        !failure::zone_schedulable(self.nodes.values(), zone)
+    }
+
     fn start_blocked(&self, id: u64) -> Option<String> {
         let pod = self.pods.get(&id)?;
         pod.metadata
@@ -155,7 +255,14 @@ impl Provisioner for PodProvisioner<'_> {
 
     async fn delete(&mut self, id: u64) -> Result<(), Error> {
         // Best effort: the member is out of Raft already, and the next pass sees what is left.
-        if let Err(e) = self.pods().delete(&objects::member_pod_name(&self.rs.name, id)).await {
+        // A lost member's Pod is deleted at once: its node will never confirm it stopped.
+        let pod = objects::member_pod_name(&self.rs.name, id);
+        let deleted = if self.lost.contains_key(&id) {
+            self.pods().delete_now(&pod).await
+        } else {
+            self.pods().delete(&pod).await
+        };
+        if let Err(e) = deleted {
             warn!(replica_set = %self.rs.name, member = id, error = %e, "failed to delete a removed member's Pod");
         }
         if let Err(e) = self.pvcs().delete(&objects::member_pvc_name(&self.rs.name, id)).await {

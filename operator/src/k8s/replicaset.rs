@@ -25,7 +25,7 @@ use super::api::Objects;
 use super::instance::{Context, pool_of, replica_set_shape};
 use super::objects::{self, ANNOTATION_BOOTSTRAPPED, ANNOTATION_ZONES, LABEL_POOL};
 use super::provisioner::{ObjectEvents, PodProvisioner};
-use crate::controlplane::driver;
+use crate::controlplane::driver::{self, Events, Provisioner, Severity};
 use crate::controlplane::members::{Action as Step, Desired, MemberView, RaftView};
 use crate::crd::v1alpha1::DatabaseInstance;
 
@@ -139,8 +139,9 @@ async fn drive(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     let record = ctx.store.replica_set(&ns, &rs_name).await?;
     let bootstrapped = record.is_some() || svc.annotations().contains_key(ANNOTATION_BOOTSTRAPPED);
     let datanodes = ctx.datanodes.in_namespace(&ns);
-    let mut members = PodProvisioner::new(ctx, &rs, zones.clone());
+    let mut members = PodProvisioner::new(ctx, &rs, zones.clone(), bootstrapped);
     let observed = driver::observe(&mut members, datanodes.as_ref(), bootstrapped).await?;
+    let previous = ctx.reports.get(&ns, &rs_name);
     let roles = observed.statuses.iter().map(|s| (s.id, format!("{:?}", s.role).to_lowercase())).collect();
     let mut report = Report {
         members: observed.members.clone(),
@@ -170,9 +171,17 @@ async fn drive(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     let pdbs: Objects<PodDisruptionBudget> = Objects::namespaced(ctx.client.clone(), &ns);
     pdbs.apply(&rs_name, &objects::replica_set_pdb(&rs, zones.len())).await?;
 
-    // One step, told on the Service.
+    // A label is for people and selectors: failing to set it never holds up a repair.
+    if let Some(leader) = observed.leader()
+        && let Err(e) = members.label_roles(leader).await
+    {
+        warn!(replica_set = %rs_name, error = %e, "failed to label the member Pods with their roles");
+    }
+
+    // One step, told on the Service; a member newly declared lost is told first.
     let step = driver::next_step(&members, &Desired { zones }, &observed);
     let events = ObjectEvents { recorder: &ctx.recorder, object: svc.object_ref(&()) };
+    tell_lost(&members, &observed.members, previous.as_ref(), &events).await;
     let step_result = driver::carry_out(&mut members, datanodes.as_ref(), &events, &observed, &step).await;
     if let Err(e) = &step_result {
         warn!(replica_set = %rs_name, step = ?step, error = %e, "replica-set step failed");
@@ -196,6 +205,26 @@ async fn drive(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     ctx.reports.put(&ns, &rs_name, report, published_now);
     step_result?;
     Ok(Action::requeue(jittered(if step == Step::Steady { REQUEUE_STEADY } else { REQUEUE_BUSY })))
+}
+
+/// A Warning Event for each member declared lost since the last pass: why, and whether
+/// its zone has a node for its replacement (else the replacement waits for one).
+async fn tell_lost(prov: &PodProvisioner<'_>, now: &[MemberView], before: Option<&Report>, events: &ObjectEvents<'_>) {
+    let was_lost = |id: u64| before.is_some_and(|r| r.members.iter().any(|m| m.id == id && m.failed));
+    for m in now.iter().filter(|m| m.failed && !was_lost(m.id)) {
+        let why = prov.lost().get(&m.id).map(String::as_str).unwrap_or("it is down");
+        let then = if prov.zone_down(&m.zone) {
+            format!("zone {} has no Ready schedulable node: it is replaced once one is", m.zone)
+        } else {
+            format!("it is replaced in zone {} while a majority of the members is healthy", m.zone)
+        };
+        let note = format!(
+            "member {} of {} is declared lost ({why}, past the failure period); {then}",
+            m.id,
+            prov.replica_set()
+        );
+        events.record(Severity::Warning, "MemberLost", "Replace", &note).await;
+    }
 }
 
 /// `d` plus up to a fifth more, at random: requeues of many objects made at once (an

@@ -140,3 +140,186 @@ async fn load_of_a_thousand_tenants_on_five_replica_sets() {
     println!("datanode_status_calls: {:.0} per minute", (w.datanodes.0.lock().unwrap().status_calls - statuses) as f64);
     println!("kubernetes_api_calls: {} per minute", w.api.calls().len() - calls);
 }
+
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/apps/events";
+
+fn condition(w: &World, name: &str, type_: &str) -> serde_json::Value {
+    let status = w.api.get(INSTANCES, name).unwrap()["status"].clone();
+    status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == type_).unwrap().clone()
+}
+
+fn event_notes(w: &World, reason: &str) -> Vec<String> {
+    w.api
+        .list(EVENTS)
+        .iter()
+        .filter(|e| e["reason"] == reason)
+        .map(|e| e["note"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The scenario of issue 13, item 8: member 2's node (zone-b) stops answering, its Pod is
+/// stuck Terminating (evicted) or left not Ready on a NotReady node. Nothing happens within
+/// the failure period (the node may come back with the data); after it, the member is
+/// replaced on the other node of zone-b, one membership step at a time, and its volume is
+/// deleted only once the replacement votes.
+#[tokio::test]
+async fn a_member_on_a_lost_node_is_replaced_in_its_zone_after_the_failure_period_and_not_before() {
+    for evict in [true, false] {
+        let w = World::new();
+        w.api.put(NODES, node("node-3", "zone-b"));
+        w.add_instance("shop", json!({}), true);
+        w.reconcile_until_phase("shop", "Ready", 12).await;
+        assert_eq!(w.api.get(PODS, "default-rs0-m2").unwrap()["spec"]["nodeName"], "node-1");
+        let before = w.raft_log();
+        w.lose_node("node-1", evict);
+
+        // Within the period: nothing but waiting (and the time kept on the volume).
+        for _ in 0..10 {
+            w.wait(FAILURE_PERIOD / 20);
+            w.reconcile("shop").await.unwrap();
+        }
+        assert_eq!(w.raft_log(), before, "a membership change within the failure period (evict: {evict})");
+        assert!(w.api.get(PODS, "default-rs0-m4").is_none(), "a replacement within the failure period");
+        let pvc = w.api.get(PVCS, "default-rs0-m2-data").expect("the lost member's volume is kept");
+        let since = (start() + FAILURE_PERIOD / 20).to_string();
+        assert_eq!(pvc["metadata"]["annotations"][super::failure::ANNOTATION_UNHEALTHY_SINCE], since.as_str());
+        assert_eq!(w.api.get(INSTANCES, "shop").unwrap()["status"]["phase"], "Degraded");
+
+        // Past it: replaced, and the lost member's volume goes only after its replacement votes.
+        w.wait(FAILURE_PERIOD);
+        let mut voted = false;
+        for _ in 0..12 {
+            w.reconcile("shop").await.unwrap();
+            voted |= w.raft_log().iter().any(|l| l == "change_voters [1, 2, 3, 4]");
+            if w.api.get(PVCS, "default-rs0-m2-data").is_none() {
+                assert!(voted, "the lost member's volume was deleted before its replacement was a voter");
+            }
+        }
+        assert_eq!(
+            w.raft_log()[before.len()..],
+            ["add_learner 4", "change_voters [1, 2, 3, 4]", "remove_member 2"].map(String::from),
+            "evict: {evict}"
+        );
+        let m4 = w.api.get(PODS, "default-rs0-m4").expect("a replacement");
+        assert_eq!(m4["metadata"]["labels"]["nimbus.io/zone"], "zone-b");
+        assert_eq!(m4["spec"]["nodeName"], "node-3", "on the healthy node of its zone");
+        assert!(w.api.get(PODS, "default-rs0-m2").is_none(), "the lost Pod is force-deleted");
+        assert!(w.api.get(PVCS, "default-rs0-m2-data").is_none());
+        assert_eq!(w.api.get(INSTANCES, "shop").unwrap()["status"]["phase"], "Ready");
+        let lost = event_notes(&w, "MemberLost");
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert!(lost[0].contains("member 2 of default-rs0 is declared lost"), "{}", lost[0]);
+    }
+}
+
+/// The node comes back within the period: the member is back with its data, nothing is
+/// replaced, and the time kept on its volume is cleared (a later failure starts afresh).
+#[tokio::test]
+async fn a_node_back_within_the_failure_period_brings_its_member_back_and_clears_the_time() {
+    let w = World::new();
+    w.add_instance("shop", json!({}), true);
+    w.reconcile_until_phase("shop", "Ready", 12).await;
+    let before = w.raft_log();
+    w.lose_node("node-1", true);
+    w.wait(FAILURE_PERIOD / 2);
+    w.reconcile("shop").await.unwrap();
+    w.api.put(NODES, node("node-1", "zone-b"));
+    w.reconcile_until_phase("shop", "Ready", 6).await;
+    w.wait(FAILURE_PERIOD);
+    w.reconcile_until_phase("shop", "Ready", 6).await;
+    assert_eq!(w.raft_log(), before);
+    let pvc = w.api.get(PVCS, "default-rs0-m2-data").unwrap();
+    assert!(pvc["metadata"]["annotations"][super::failure::ANNOTATION_UNHEALTHY_SINCE].is_null(), "{pvc}");
+}
+
+/// Zone b's only node is lost: past the period the member is declared lost, and that is
+/// reported (the instance's conditions, a Warning Event), but nothing is created where no
+/// node can run it. A node joining the zone gets the replacement.
+#[tokio::test]
+async fn a_lost_member_whose_zone_has_no_healthy_node_is_reported_not_replaced() {
+    let w = World::new();
+    w.add_instance("shop", json!({}), true);
+    w.reconcile_until_phase("shop", "Ready", 12).await;
+    let before = w.raft_log();
+    w.lose_node("node-1", true);
+    w.reconcile("shop").await.unwrap();
+    w.wait(FAILURE_PERIOD * 2);
+    for _ in 0..5 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert_eq!(w.raft_log(), before);
+    assert!(w.api.get(PODS, "default-rs0-m4").is_none());
+    assert!(w.api.get(PVCS, "default-rs0-m4-data").is_none());
+    assert!(w.api.get(PVCS, "default-rs0-m2-data").is_some());
+    let degraded = condition(&w, "shop", "Degraded");
+    assert_eq!(degraded["status"], "True");
+    let message = degraded["message"].as_str().unwrap();
+    assert!(message.contains("zone zone-b has no node to take member 4"), "{message}");
+    let lost = event_notes(&w, "MemberLost");
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert!(lost[0].contains("zone zone-b has no Ready schedulable node"), "{}", lost[0]);
+
+    w.api.put(NODES, node("node-3", "zone-b"));
+    w.reconcile_until_phase("shop", "Ready", 12).await;
+    assert_eq!(w.api.get(PODS, "default-rs0-m4").unwrap()["spec"]["nodeName"], "node-3");
+    assert_eq!(w.raft_log()[before.len()..], ["add_learner 4", "change_voters [1, 2, 3, 4]", "remove_member 2"]);
+}
+
+/// Two of three members lost (zones b and c): past the period nothing is replaced, created
+/// or deleted: without a majority no step is safe, and none is forced.
+#[tokio::test]
+async fn without_a_majority_no_lost_member_is_replaced() {
+    let w = World::new();
+    w.api.put(NODES, node("node-3", "zone-b"));
+    w.api.put(NODES, node("node-4", "zone-c"));
+    w.add_instance("shop", json!({}), true);
+    w.reconcile_until_phase("shop", "Ready", 12).await;
+    let before = w.raft_log();
+    let pods_before = w.api.list(PODS).len();
+    w.lose_node("node-1", true);
+    w.lose_node("node-2", true);
+    w.reconcile("shop").await.unwrap();
+    w.wait(FAILURE_PERIOD * 2);
+    for _ in 0..5 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert_eq!(w.raft_log(), before);
+    assert_eq!(w.api.list(PODS).len(), pods_before, "a Pod was created or deleted without a majority");
+    for m in ["default-rs0-m2-data", "default-rs0-m3-data"] {
+        assert!(w.api.get(PVCS, m).is_some(), "{m} deleted without a majority");
+    }
+    let progressing = condition(&w, "shop", "Progressing");
+    let message = progressing["message"].as_str().unwrap();
+    assert!(message.contains("no majority, nothing is replaced"), "{message}");
+}
+
+/// Pods carry their member's role, as CNPG's do: `kubectl get pods -l nimbus.io/role=leader`
+/// finds the leader, and the label follows leadership.
+#[tokio::test]
+async fn member_pods_carry_their_role_and_it_follows_the_leader() {
+    let w = World::new();
+    w.add_instance("shop", json!({}), true);
+    w.reconcile_until_phase("shop", "Ready", 12).await;
+    w.reconcile_replica_set("default-rs0").await.unwrap();
+    let roles = || -> Vec<(String, String)> {
+        w.api
+            .list(PODS)
+            .iter()
+            .map(|p| {
+                let name = p["metadata"]["name"].as_str().unwrap().to_owned();
+                (name, p["metadata"]["labels"]["nimbus.io/role"].as_str().unwrap_or("-").to_owned())
+            })
+            .collect()
+    };
+    let expect = |roles: [&str; 3]| -> Vec<(String, String)> {
+        roles.iter().enumerate().map(|(i, r)| (format!("default-rs0-m{}", i + 1), r.to_string())).collect()
+    };
+    assert_eq!(roles(), expect(["leader", "follower", "follower"]));
+    let patches = w.api.calls().iter().filter(|c| c.method == "PATCH" && c.path.contains("/pods/")).count();
+    w.reconcile_replica_set("default-rs0").await.unwrap();
+    let again = w.api.calls().iter().filter(|c| c.method == "PATCH" && c.path.contains("/pods/")).count();
+    assert_eq!(again, patches, "a label already right is patched again");
+    w.datanodes.0.lock().unwrap().leader = 3;
+    w.reconcile_replica_set("default-rs0").await.unwrap();
+    assert_eq!(roles(), expect(["follower", "follower", "leader"]));
+}

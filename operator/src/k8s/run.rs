@@ -18,6 +18,7 @@ use kube_lease_manager::LeaseManagerBuilder;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
+use super::failure::{Clock, Failover};
 use super::health::Health;
 use super::instance::{self, Context};
 use super::metrics::Metrics;
@@ -46,6 +47,8 @@ pub struct RunConfig {
     pub lease_namespace: String,
     /// This replica's identity in the election (its Pod name).
     pub identity: String,
+    /// How long a member may be down before it is declared lost and replaced.
+    pub member_failure_period: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -95,6 +98,7 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         metrics: Metrics,
         reports: Default::default(),
         backoff: Default::default(),
+        failover: Failover { period: cfg.member_failure_period, clock: Clock::default() },
     });
 
     health.leading(&WATCHES);

@@ -232,6 +232,12 @@ impl ApiState {
         let objects = self.objects.get_mut(collection)?;
         let obj = objects.get_mut(name)?;
         let is_pod = obj["kind"] == "Pod" || collection.ends_with("/pods");
+        // A Pod deleted with no grace period (`--force --grace-period=0`) is forgotten at
+        // once, Terminating or not: nobody waits for its kubelet.
+        if is_pod && grace == Some(0) && finalizers(obj).is_empty() {
+            self.managed.remove(&(collection.to_string(), name.to_string()));
+            return objects.remove(name);
+        }
         if !obj["metadata"]["deletionTimestamp"].is_null() {
             return Some(obj.clone());
         }
@@ -368,17 +374,33 @@ impl FakeApi {
         }
     }
 
-    /// The kubelet: every Terminating Pod with no finalizers left stops and goes; every Pod
-    /// without a status starts, gets an IP (10.1.0.<member id>) and turns Ready.
+    /// The scheduler and the kubelets: every Terminating Pod with no finalizers left stops
+    /// and goes, unless its node is NotReady or gone (no kubelet there to stop it); every
+    /// Pod not yet started is bound to the first Ready, schedulable node of its zone
+    /// (label `nimbus.io/zone`) and starts, gets an IP (10.1.0.<member id>) and turns
+    /// Ready, or stays Pending when its zone has no such node. With no nodes at all, Pods
+    /// start unbound.
     pub fn kubelet(&self, ns: &str) {
         let coll = format!("/api/v1/namespaces/{ns}/pods");
         let mut st = self.0.lock().unwrap();
+        let nodes = st.objects.get("/api/v1/nodes").cloned().unwrap_or_default();
+        let node_ready = |n: &Value| {
+            n["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        };
+        let kubelet_up = |p: &Value| match p["spec"]["nodeName"].as_str() {
+            None => true,
+            Some(node) => nodes.get(node).is_some_and(node_ready),
+        };
         let gone: Vec<String> = st
             .objects
             .entry(coll.clone())
             .or_default()
             .iter()
-            .filter(|(_, p)| !p["metadata"]["deletionTimestamp"].is_null() && finalizers(p).is_empty())
+            .filter(|(_, p)| !p["metadata"]["deletionTimestamp"].is_null() && finalizers(p).is_empty() && kubelet_up(p))
             .map(|(n, _)| n.clone())
             .collect();
         for n in gone {
@@ -386,11 +408,32 @@ impl FakeApi {
             st.managed.remove(&(coll.clone(), n));
         }
         for pod in st.objects.entry(coll).or_default().values_mut() {
-            if pod["status"]["phase"].is_null() {
-                let id = pod["metadata"]["labels"]["nimbus.io/member-id"].as_str().unwrap_or("0").to_string();
-                pod["status"] = json!({"phase": "Running", "podIP": format!("10.1.0.{id}"),
-                    "conditions": [{"type": "Ready", "status": "True"}]});
+            let unstarted = pod["status"]["phase"].is_null() || pod["status"]["phase"] == "Pending";
+            if !unstarted || !pod["metadata"]["deletionTimestamp"].is_null() {
+                continue;
             }
+            if !nodes.is_empty() && pod["spec"]["nodeName"].is_null() {
+                let zone = pod["metadata"]["labels"]["nimbus.io/zone"].as_str().map(str::to_owned);
+                let fits = |n: &Value| {
+                    node_ready(n)
+                        && n["spec"]["unschedulable"] != true
+                        && zone.as_deref().is_none_or(|z| n["metadata"]["labels"]["topology.kubernetes.io/zone"] == z)
+                };
+                match nodes.iter().find(|(_, n)| fits(n)) {
+                    Some((name, _)) => pod["spec"]["nodeName"] = json!(name),
+                    None => {
+                        pod["status"] = json!({"phase": "Pending",
+                            "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]});
+                        continue;
+                    }
+                }
+            }
+            if !kubelet_up(pod) {
+                continue;
+            }
+            let id = pod["metadata"]["labels"]["nimbus.io/member-id"].as_str().unwrap_or("0").to_string();
+            pod["status"] = json!({"phase": "Running", "podIP": format!("10.1.0.{id}"),
+                "conditions": [{"type": "Ready", "status": "True"}]});
         }
     }
 }
