@@ -40,6 +40,14 @@ async fn a_database_name_belongs_to_one_instance_and_only_its_owner_deletes_it()
     store.put_limits("shop", &Limits::for_tier(Tier::Free)).await.unwrap();
     assert!(revision(raw.get("/nimbus/limits/shop", None).await.unwrap()) > before, "a change is written");
 
+    // Route writes on behalf of an instance that does not hold the claim (a same-named
+    // replica set in another namespace, say) are refused; the holder's go through.
+    let moved = vec![RouteMember { id: 9, data_addr: "http://evil:7000".into(), zone: "a".into() }];
+    assert!(!store.update_route_members("shop", &other, "default-rs0", moved.clone()).await.unwrap());
+    assert_eq!(store.route("shop").await.unwrap().unwrap().members[0].id, 1);
+    assert!(store.update_route_members("shop", &owner, "default-rs0", moved).await.unwrap());
+    assert!(!store.create_route("cart", &other, "default-rs0", vec![]).await.unwrap(), "no claim on cart");
+
     // The refused instance's deletion: nothing of the owner's goes.
     assert!(!store.delete_database("shop", &other, false).await.unwrap());
     assert!(store.route("shop").await.unwrap().is_some());

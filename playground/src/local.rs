@@ -172,8 +172,22 @@ pub async fn tick(
     {
         s.bootstrapped = true;
     }
-    for inst in st.instances.values().filter(|i| i.replica_set == rs) {
-        store.put_route(&inst.database, rs, route.clone()).await?;
+    for (name, inst) in st.instances.iter().filter(|(_, i)| i.replica_set == rs) {
+        // As on Kubernetes: the instance claims its database name, its route is created
+        // once and then only its members follow the replica set's, a compare-and-swap
+        // that never moves a route another decision (a migration) put elsewhere.
+        let claim = nimbus_api::etcd::TenantClaim {
+            namespace: "playground".into(),
+            instance: name.clone(),
+            uid: format!("playground/{name}"),
+        };
+        if let Err(owner) = store.claim_database(&inst.database, &claim, true).await? {
+            tracing::warn!(instance = %name, owner = %owner.instance, "database name claimed by another instance");
+            continue;
+        }
+        if !store.create_route(&inst.database, &claim, rs, route.clone()).await? {
+            store.update_route_members(&inst.database, &claim, rs, route.clone()).await?;
+        }
         for (user, token) in &inst.tokens {
             let record = nimbus_api::token::record_of(token, inst.role(user)).context("malformed stored token")?;
             // Written when it differs (the role one an older playground got wrong included).

@@ -78,12 +78,25 @@ impl Coordinator {
         Ok(true)
     }
 
-    /// Creates the route of `db` on `replica_set` unless `db` has one: placement's decision,
-    /// written once (a compare-and-swap on the key's absence). Its epoch is above any the
-    /// database ever had (see [`Coordinator::put_route`]). `true` when it was created.
+    /// The claim on `db` if `claim`'s instance holds it: a guard for a write made on that
+    /// instance's behalf (its claim unchanged since read), else `None`.
+    async fn held_claim(&self, db: &str, claim: &TenantClaim) -> Result<Option<Compare>, CoordError> {
+        let key = etcd::tenant_key(db);
+        let resp = self.client.kv_client().get(key.as_str(), None).await?;
+        let Some(kv) = resp.kvs().first() else { return Ok(None) };
+        let held: TenantClaim =
+            serde_json::from_slice(kv.value()).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
+        let ours = held.uid == claim.uid && held.namespace == claim.namespace;
+        Ok(ours.then(|| Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())))
+    }
+
+    /// Creates `db`'s route on `replica_set` unless it has one (placement's decision,
+    /// written once), for the instance holding `db`'s claim only, in one transaction with
+    /// that claim; `true` when created.
     pub async fn create_route(
         &self,
         db: &str,
+        claim: &TenantClaim,
         replica_set: &str,
         members: Vec<RouteMember>,
     ) -> Result<bool, CoordError> {
@@ -91,6 +104,7 @@ impl Coordinator {
         if current.is_some() {
             return Ok(false);
         }
+        let Some(claimed) = self.held_claim(db, claim).await? else { return Ok(false) };
         let route = Route {
             replica_set: replica_set.into(),
             members,
@@ -101,7 +115,7 @@ impl Coordinator {
         let key = etcd::route_key(db);
         let value = serde_json::to_vec(&route).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
         let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0), claimed])
             .and_then([TxnOp::put(key.as_str(), value, None)]);
         let created = self.client.kv_client().txn(txn).await?.succeeded();
         if created {
@@ -112,14 +126,17 @@ impl Coordinator {
 
     /// Sets the members of `db`'s route, keeping its replica set, epoch and state: what the
     /// replica set's own controller may change. Only while the route is still on
-    /// `replica_set`, and as a compare-and-swap on the revision it was read at, so a
-    /// migration's switch written in between is never undone. `true` when it was written.
+    /// `replica_set` (a migration's switch is never undone) and only for the instance
+    /// holding `db`'s claim (a replica set of the same name in another namespace never
+    /// rewrites it): a compare-and-swap on both. `true` when written.
     pub async fn update_route_members(
         &self,
         db: &str,
+        claim: &TenantClaim,
         replica_set: &str,
         members: Vec<RouteMember>,
     ) -> Result<bool, CoordError> {
+        let Some(claimed) = self.held_claim(db, claim).await? else { return Ok(false) };
         let key = etcd::route_key(db);
         let resp = self.client.kv_client().get(key.as_str(), None).await?;
         let Some(kv) = resp.kvs().first() else { return Ok(false) };
@@ -131,7 +148,7 @@ impl Coordinator {
         let route = Route { members, ..route };
         let value = serde_json::to_vec(&route).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
         let txn = Txn::new()
-            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())])
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()), claimed])
             .and_then([TxnOp::put(key.as_str(), value, None)]);
         let written = self.client.kv_client().txn(txn).await?.succeeded();
         if written {

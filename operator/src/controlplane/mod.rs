@@ -41,14 +41,22 @@ pub trait Datanodes: Send + Sync {
 /// The control plane's records in etcd.
 #[async_trait]
 pub trait ControlStore: Send + Sync {
-    /// Creates `db`'s route on `replica_set` unless it has one (placement's decision, once);
-    /// `true` when created.
-    async fn create_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError>;
-    /// Sets the members of `db`'s route if it is still on `replica_set`, keeping its epoch
-    /// (a compare-and-swap: never undoes a migration's switch); `true` when written.
+    /// Creates `db`'s route on `replica_set` unless it has one (placement's decision, once),
+    /// if `claim`'s instance holds `db`'s claim; `true` when created.
+    async fn create_route(
+        &self,
+        db: &str,
+        claim: &TenantClaim,
+        replica_set: &str,
+        members: Vec<RouteMember>,
+    ) -> Result<bool, CoordError>;
+    /// Sets the members of `db`'s route if it is still on `replica_set` and `claim`'s
+    /// instance holds `db`'s claim, keeping its epoch (a compare-and-swap: never undoes a
+    /// migration's switch, never writes another namespace's tenant); `true` when written.
     async fn update_route_members(
         &self,
         db: &str,
+        claim: &TenantClaim,
         replica_set: &str,
         members: Vec<RouteMember>,
     ) -> Result<bool, CoordError>;
@@ -147,16 +155,23 @@ impl Refusing {
 
 #[async_trait]
 impl ControlStore for coord::Coordinator {
-    async fn create_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
-        coord::Coordinator::create_route(self, db, replica_set, members).await
+    async fn create_route(
+        &self,
+        db: &str,
+        claim: &TenantClaim,
+        replica_set: &str,
+        members: Vec<RouteMember>,
+    ) -> Result<bool, CoordError> {
+        coord::Coordinator::create_route(self, db, claim, replica_set, members).await
     }
     async fn update_route_members(
         &self,
         db: &str,
+        claim: &TenantClaim,
         replica_set: &str,
         members: Vec<RouteMember>,
     ) -> Result<bool, CoordError> {
-        coord::Coordinator::update_route_members(self, db, replica_set, members).await
+        coord::Coordinator::update_route_members(self, db, claim, replica_set, members).await
     }
     async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError> {
         coord::Coordinator::put_user(self, db, user, record).await

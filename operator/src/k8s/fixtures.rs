@@ -152,6 +152,15 @@ impl FakeStore {
     }
 
     /// Writes that changed a key since the store was made.
+    /// Whether `claim`'s instance holds `db`'s claim.
+    fn holds(&self, db: &str, claim: &TenantClaim) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .get(&nimbus_api::etcd::tenant_key(db))
+            .is_some_and(|c| c["uid"] == claim.uid.as_str() && c["namespace"] == claim.namespace.as_str())
+    }
+
     pub fn writes(&self) -> u64 {
         self.1.load(Ordering::Relaxed)
     }
@@ -159,9 +168,15 @@ impl FakeStore {
 
 #[async_trait]
 impl ControlStore for FakeStore {
-    async fn create_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
+    async fn create_route(
+        &self,
+        db: &str,
+        claim: &TenantClaim,
+        replica_set: &str,
+        members: Vec<RouteMember>,
+    ) -> Result<bool, CoordError> {
         let key = nimbus_api::etcd::route_key(db);
-        if self.0.lock().unwrap().contains_key(&key) {
+        if self.0.lock().unwrap().contains_key(&key) || !self.holds(db, claim) {
             return Ok(false);
         }
         let epoch = self.writes() + 1;
@@ -170,12 +185,13 @@ impl ControlStore for FakeStore {
     async fn update_route_members(
         &self,
         db: &str,
+        claim: &TenantClaim,
         replica_set: &str,
         members: Vec<RouteMember>,
     ) -> Result<bool, CoordError> {
         let key = nimbus_api::etcd::route_key(db);
         let Some(mut route) = self.0.lock().unwrap().get(&key).cloned() else { return Ok(false) };
-        if route["replicaSet"] != replica_set {
+        if route["replicaSet"] != replica_set || !self.holds(db, claim) {
             return Ok(false);
         }
         route["members"] = serde_json::to_value(members).unwrap();

@@ -329,7 +329,7 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     // users, credentials; each written to etcd only when it changed.
     let mut published = false;
     if report.leader.is_some() {
-        ctx.store.create_route(&db, &rs_name, report.route.clone()).await?;
+        ctx.store.create_route(&db, &claim, &rs_name, report.route.clone()).await?;
         ctx.store.put_limits(&db, &dbi.spec.limits.resolve(dbi.spec.tier)).await?;
         publish_credentials(ctx, dbi, &ns, &db).await?;
         published = true;
@@ -384,7 +384,7 @@ pub(super) fn replica_set_shape(
 }
 
 /// The instance's claim on its database name.
-fn claim_of(dbi: &DatabaseInstance) -> Result<TenantClaim, Error> {
+pub(super) fn claim_of(dbi: &DatabaseInstance) -> Result<TenantClaim, Error> {
     let namespace = dbi.namespace().ok_or(Error::MissingNamespace)?;
     Ok(TenantClaim { namespace, instance: dbi.name_any(), uid: dbi.uid().unwrap_or_default() })
 }

@@ -197,7 +197,10 @@ async fn drive(svc: &Service, ctx: &Context) -> Result<Action, Error> {
         let instances: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), &ns);
         for dbi in instances.list(&ListParams::default()).await? {
             if dbi.status.as_ref().and_then(|s| s.placement.as_ref()).is_some_and(|p| p.replica_set == rs_name) {
-                ctx.store.update_route_members(&dbi.database(), &rs_name, report.route.clone()).await?;
+                // Only for the instance holding its database's claim: a replica set of the
+                // same name in another namespace never writes this tenant's route.
+                let claim = super::instance::claim_of(&dbi)?;
+                ctx.store.update_route_members(&dbi.database(), &claim, &rs_name, report.route.clone()).await?;
             }
         }
         published_now = report.route.clone();
