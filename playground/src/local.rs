@@ -63,7 +63,16 @@ impl Provisioner for LocalProvisioner<'_> {
                 running && self.admin.ready(&format!("http://{}:{}", self.st.host(&m.zone), m.admin_port)).await;
             // Never declared lost: a stopped process is started again on its directory at
             // once, and a zone taken down comes back when told (no failure period here).
-            views.push(MemberView { id: m.id, zone: m.zone, running, has_data, ready, outdated: false, failed: false });
+            views.push(MemberView {
+                id: m.id,
+                zone: m.zone,
+                running,
+                has_data,
+                ready,
+                outdated: false,
+                failed: false,
+                returned: false,
+            });
         }
         Ok(views)
     }

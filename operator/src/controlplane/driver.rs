@@ -38,6 +38,12 @@ pub trait Provisioner: Send {
     /// own signal (a Pod's Ready condition, a process answering `/readyz`). Remembers what
     /// it needs to reach them until the next call.
     async fn members(&mut self) -> Result<Vec<MemberView>, Self::Error>;
+    /// Once the Raft view is known: declares members lost ([`MemberView::failed`]) and
+    /// says which of those could come back ([`MemberView::returned`]). The Kubernetes
+    /// provisioner counts the failure period only while the replica set has a leader.
+    async fn judge(&mut self, _members: &mut [MemberView], _view: &RaftView) -> Result<(), Self::Error> {
+        Ok(())
+    }
     /// Where a running member's admin API answers now (a Pod's IP, a process's port).
     fn admin_addr(&self, id: u64) -> Option<String>;
     /// The member as the Raft configuration knows it (stable addresses).
@@ -63,6 +69,11 @@ pub trait Provisioner: Send {
     /// member declared lost ([`MemberView::failed`]) is not started at all, so a Pod that
     /// never finishes terminating (its node lost) holds it up for the failure period only.
     fn start_blocked(&self, _id: u64) -> Option<String> {
+        None
+    }
+    /// Why member `id` cannot be deleted further now (its Pod terminating within its grace
+    /// period: its volume goes once the Pod is gone), if so.
+    fn delete_blocked(&self, _id: u64) -> Option<String> {
         None
     }
 }
@@ -136,6 +147,7 @@ pub async fn observe<P: Provisioner + ?Sized>(
         }
     }
     let view = super::admin::raft_view(&statuses, bootstrapped);
+    prov.judge(&mut members, &view).await?;
     Ok(Observed { members, statuses, view })
 }
 
@@ -157,6 +169,7 @@ pub fn next_step<P: Provisioner + ?Sized>(prov: &P, desired: &Desired, observed:
     }
     match &step {
         Action::Start { id } => prov.start_blocked(*id).map(Action::Wait).unwrap_or(step),
+        Action::Delete { id } => prov.delete_blocked(*id).map(Action::Wait).unwrap_or(step),
         _ => step,
     }
 }
@@ -291,6 +304,7 @@ mod tests {
                     ready: *running,
                     outdated: false,
                     failed: false,
+                    returned: false,
                 })
                 .collect())
         }

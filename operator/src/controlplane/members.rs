@@ -30,6 +30,10 @@ pub struct MemberView {
     /// but its data is deleted only once the replacement is a voter, and it is no longer
     /// started again on its volume (a Pod on a lost node never finishes terminating).
     pub failed: bool,
+    /// Declared lost, yet its Pod is gone and the node holding its volume is Ready again
+    /// (the node came back after the failure period): it may start again on its data,
+    /// which costs nothing, as long as its replacement has not joined Raft.
+    pub returned: bool,
 }
 
 /// The replica set's Raft configuration, as its leader reports it.
@@ -133,8 +137,26 @@ pub fn next_action(desired: &Desired, members: &[MemberView], raft: &RaftView) -
     let next_id = members.iter().map(|m| m.id).max().unwrap_or(0) + 1;
 
     // A member whose process is gone but whose data survives comes back as it was: the
-    // cheapest repair, and safe at any time.
-    if let Some(m) = members.iter().find(|m| m.has_data && !m.running && !m.failed) {
+    // cheapest repair, and safe at any time. Under a leader, only a member of the Raft
+    // configuration: one outside it holds nothing the replica set needs (a replacement
+    // that never joined, a removed member whose Pod went before its volume) and is
+    // deleted instead; with no leader to say, every one.
+    let member_of_raft = |id: &u64| match raft {
+        RaftView::Led(ms) => ms.voters.contains(id) || ms.learners.contains(id),
+        _ => true,
+    };
+    if let Some(m) = members.iter().find(|m| m.has_data && !m.running && !m.failed && member_of_raft(&m.id)) {
+        return Action::Start { id: m.id };
+    }
+    // One declared lost whose node came back comes back too, while its replacement is
+    // not yet in Raft (no learner, no surplus voter): its data beats a full copy. Once
+    // the replacement is a learner, the replacement goes on.
+    if let RaftView::Led(ms) = raft
+        && ms.learners.is_empty()
+        && ms.voters.len() <= desired.zones.len()
+        && let Some(m) =
+            members.iter().find(|m| m.has_data && !m.running && m.failed && m.returned && ms.voters.contains(&m.id))
+    {
         return Action::Start { id: m.id };
     }
 
@@ -183,10 +205,11 @@ fn led(
             return Action::ChangeVoters { voters };
         }
     }
-    if let Some(l) = ms.learners.iter().find(|l| by_id.get(l).is_some_and(|m| m.has_data)) {
+    if let Some(l) = ms.learners.iter().find(|l| by_id.get(l).is_some_and(|m| m.has_data && !m.failed)) {
         return Action::Wait(format!("learner {l} is catching up"));
     }
-    // A learner whose data is gone is simply removed.
+    // A learner whose data is gone, or declared lost, is simply removed (a learner never
+    // counts towards a majority); a new replacement follows.
     if let Some(l) = ms.learners.iter().next() {
         return Action::RemoveMember { id: *l };
     }
@@ -223,8 +246,7 @@ fn led(
         let Some(zone) = zone else {
             return Action::Wait(format!("no zone known for lost member {lost_id}"));
         };
-        let in_raft = |id: &u64| ms.voters.contains(id) || ms.learners.contains(id);
-        match members.iter().find(|m| m.zone == zone && m.has_data && !in_raft(&m.id)) {
+        match candidate(members, ms, &zone) {
             None => return Action::Create { id: next_id, zone },
             Some(r) if !r.ready => return Action::Wait(format!("replacement {} is not ready", r.id)),
             Some(r) => return Action::AddLearner { id: r.id },
@@ -235,8 +257,7 @@ fn led(
     if ms.voters.len() < desired.zones.len()
         && let Some(zone) = missing_zone(desired, members, ms)
     {
-        let in_raft = |id: &u64| ms.voters.contains(id) || ms.learners.contains(id);
-        return match members.iter().find(|m| m.zone == zone && m.has_data && !in_raft(&m.id)) {
+        return match candidate(members, ms, &zone) {
             None => Action::Create { id: next_id, zone },
             Some(r) if !r.ready => Action::Wait(format!("member {} is not ready", r.id)),
             Some(r) => Action::AddLearner { id: r.id },
@@ -257,6 +278,14 @@ fn led(
         return Action::Wait(format!("member {} is not ready", m.id));
     }
     Action::Steady
+}
+
+/// A member of `zone` outside Raft that can join it: one declared lost, or whose Pod is
+/// gone, is passed over (it is deleted with the other leftovers once the repair is done),
+/// and another made.
+fn candidate<'a>(members: &'a [MemberView], ms: &Membership, zone: &str) -> Option<&'a MemberView> {
+    let in_raft = |id: &u64| ms.voters.contains(id) || ms.learners.contains(id);
+    members.iter().find(|m| m.zone == zone && m.has_data && m.running && !m.failed && !in_raft(&m.id))
 }
 
 fn missing_zone(desired: &Desired, members: &[MemberView], ms: &Membership) -> Option<String> {
@@ -324,7 +353,16 @@ mod tests {
     }
 
     fn member(id: u64, zone: &str) -> MemberView {
-        MemberView { id, zone: zone.into(), running: true, has_data: true, ready: true, outdated: false, failed: false }
+        MemberView {
+            id,
+            zone: zone.into(),
+            running: true,
+            has_data: true,
+            ready: true,
+            outdated: false,
+            failed: false,
+            returned: false,
+        }
     }
 
     fn three() -> Vec<MemberView> {
@@ -396,6 +434,7 @@ mod tests {
                         ready: true,
                         outdated: false,
                         failed: false,
+                        returned: false,
                     });
                 }
                 Action::AddLearner { id } => {
@@ -452,6 +491,59 @@ mod tests {
         );
         assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3, 4], &[])), Action::RemoveMember { id: 2 });
         assert_eq!(next_action(&d, &members, &led_by(1, &[1, 3, 4], &[])), Action::Delete { id: 2 });
+    }
+
+    /// A replacement lost in its turn (its node lost too) never holds up the repair: as a
+    /// learner it is removed from Raft, and before it joined it is passed over; either way
+    /// another is made and the lost ones are deleted at the end.
+    #[test]
+    fn a_lost_learner_is_removed_and_a_lost_replacement_is_passed_over() {
+        let d = desired();
+        let mut members = three();
+        members[1].running = false;
+        members[1].ready = false;
+        members[1].failed = true;
+        let mut m4 = member(4, "b");
+        m4.ready = false;
+        m4.failed = true;
+        members.push(m4);
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3], &[4])), Action::RemoveMember { id: 4 });
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3], &[])), Action::Create { id: 5, zone: "b".into() });
+        members.push(member(5, "b"));
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3], &[])), Action::AddLearner { id: 5 });
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3, 5], &[])), Action::RemoveMember { id: 2 });
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 3, 5], &[])), Action::Delete { id: 2 });
+        members.remove(1);
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 3, 5], &[])), Action::Delete { id: 4 });
+    }
+
+    /// Its node back after the failure period (its Pod gone, its volume there): the member
+    /// starts again on its data rather than be copied in full, until its replacement is a
+    /// learner; from then on the replacement goes ahead.
+    #[test]
+    fn a_lost_member_whose_node_returns_starts_again_until_its_replacement_is_a_learner() {
+        let d = desired();
+        let mut members = three();
+        members[1].running = false;
+        members[1].ready = false;
+        members[1].failed = true;
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3], &[])), Action::Create { id: 4, zone: "b".into() });
+        members[1].returned = true;
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3], &[])), Action::Start { id: 2 });
+        // A replacement created but not in Raft yet: still the cheaper repair.
+        members.push(member(4, "b"));
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3], &[])), Action::Start { id: 2 });
+        // Its replacement is a learner: no going back.
+        assert_eq!(
+            next_action(&d, &members, &led_by(1, &[1, 2, 3], &[4])),
+            Action::ChangeVoters { voters: [1, 2, 3, 4].into() }
+        );
+        assert_eq!(next_action(&d, &members, &led_by(1, &[1, 2, 3, 4], &[])), Action::RemoveMember { id: 2 });
+        // Without a leader nothing says where the replacement is: it stays lost.
+        assert_eq!(
+            next_action(&d, &members, &RaftView::NoLeader),
+            Action::Wait("no leader: waiting for an election".into())
+        );
     }
 
     #[test]

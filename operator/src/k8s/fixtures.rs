@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
 use nimbus_api::admin::{MemberInfo, Role, Status};
 use nimbus_api::etcd::{Limits, ReplicaSetRecord, RouteMember, TenantClaim, UserRecord};
 use serde_json::{Value, json};
@@ -36,6 +39,8 @@ pub struct RaftModel {
     pub status_calls: u64,
     /// The namespaces whose datanodes were called (with that namespace's secret).
     pub namespaces: BTreeSet<String>,
+    /// No member knows a leader (an election that does not conclude: a majority down).
+    pub leaderless: bool,
 }
 
 /// Datanodes as the reconciler sees them. The root one (the context's) refuses every call:
@@ -68,7 +73,7 @@ impl Datanodes for FakeDatanodes {
         let id = id_of(admin);
         let members: Vec<MemberInfo> =
             m.members.values().map(|x| MemberInfo { voter: m.voters.contains(&x.id), ..x.clone() }).collect();
-        let role = if !m.initialized || !m.members.contains_key(&id) {
+        let role = if !m.initialized || !m.members.contains_key(&id) || m.leaderless {
             Role::Candidate
         } else if id == m.leader {
             Role::Leader
@@ -83,7 +88,7 @@ impl Datanodes for FakeDatanodes {
             replica_set: String::new(),
             role,
             term: 1,
-            leader_id: m.initialized.then_some(m.leader),
+            leader_id: (m.initialized && !m.leaderless).then_some(m.leader),
             commit_index: 10,
             applied_index: 10,
             members: if m.initialized && m.members.contains_key(&id) { members } else { vec![] },
@@ -281,6 +286,8 @@ impl ControlStore for FakeStore {
 /// Everything a reconciler scenario needs.
 pub struct World {
     pub api: FakeApi,
+    /// The node watch's stand-in: refreshed from the fake API before each pass.
+    pub nodes: Arc<Mutex<Writer<Node>>>,
     pub datanodes: FakeDatanodes,
     pub store: FakeStore,
     pub ctx: Arc<Context>,
@@ -319,6 +326,8 @@ impl World {
         let datanodes = FakeDatanodes::default();
         let store = FakeStore::default();
         let reporter = Reporter { controller: "nimbus-operator".into(), instance: Some("test".into()) };
+        let writer = Writer::<Node>::default();
+        let reader = writer.as_reader();
         let ctx = Arc::new(Context {
             client: client.clone(),
             settings: Settings::default(),
@@ -329,8 +338,21 @@ impl World {
             reports: Default::default(),
             backoff: Default::default(),
             failover: Failover { period: FAILURE_PERIOD, clock: Clock::fixed(start()) },
+            nodes: reader,
         });
-        World { api, datanodes, store, ctx }
+        let w = World { api, nodes: Arc::new(Mutex::new(writer)), datanodes, store, ctx };
+        w.sync_nodes();
+        w
+    }
+
+    /// The node watch catches up with the API (a relist): what a reconcile reads.
+    pub fn sync_nodes(&self) {
+        let mut writer = self.nodes.lock().unwrap();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for n in self.api.list(NODES) {
+            writer.apply_watcher_event(&watcher::Event::InitApply(serde_json::from_value(n).unwrap()));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
     }
 
     pub fn add_instance(&self, name: &str, spec: Value, finalized: bool) {
@@ -370,6 +392,7 @@ impl World {
     /// One reconcile of a replica set (its Service), if it exists.
     pub async fn reconcile_replica_set(&self, rs: &str) -> Result<(), super::Error> {
         let Some(svc) = self.api.get(SERVICES, rs) else { return Ok(()) };
+        self.sync_nodes();
         let mut svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(svc).unwrap();
         svc.metadata.namespace.get_or_insert_with(|| NS.to_owned());
         super::replicaset::reconcile(Arc::new(svc), self.ctx.clone()).await.map(|_| ())
@@ -398,6 +421,7 @@ impl World {
             reports: self.ctx.reports.clone(),
             backoff: self.ctx.backoff.clone(),
             failover: self.ctx.failover.clone(),
+            nodes: self.ctx.nodes.clone(),
         });
         World { ctx, ..self }
     }

@@ -49,6 +49,9 @@ pub struct Context {
     pub backoff: Backoff,
     /// When an unhealthy member is declared lost (`k8s::failure`).
     pub failover: super::failure::Failover,
+    /// The cluster's nodes, from one shared watch (`run`): a replica-set pass reads their
+    /// health here rather than listing them.
+    pub nodes: kube::runtime::reflector::Store<Node>,
 }
 
 pub async fn reconcile(dbi: Arc<DatabaseInstance>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -471,6 +471,7 @@ async fn a_refused_finalizer_is_reported_too() {
 const NOT_EXERCISED: &[(&str, &str, &str)] = &[
     ("", "configmaps", "create"),
     ("", "configmaps", "patch"),
+    ("", "nodes", "watch"),
     ("", "pods", "watch"),
     ("", "services", "watch"),
     ("coordination.k8s.io", "leases", "create"),

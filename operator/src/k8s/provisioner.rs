@@ -16,11 +16,11 @@ use tracing::warn;
 
 use super::Error;
 use super::api::Objects;
-use super::failure::{self, ANNOTATION_UNHEALTHY_SINCE};
+use super::failure::{self, ANNOTATION_SELECTED_NODE, ANNOTATION_UNHEALTHY_POD, ANNOTATION_UNHEALTHY_SINCE, Verdict};
 use super::instance::Context;
 use super::objects::{self, ReplicaSetShape};
 use crate::controlplane::driver::{Events, Provisioner, Severity};
-use crate::controlplane::members::MemberView;
+use crate::controlplane::members::{MemberView, RaftView};
 
 /// The members of one replica set as Pods and PVCs in its namespace.
 pub struct PodProvisioner<'a> {
@@ -33,7 +33,9 @@ pub struct PodProvisioner<'a> {
     bootstrapped: bool,
     /// The member Pods last observed, by member id.
     pods: BTreeMap<u64, Pod>,
-    /// The cluster's nodes last observed, by name.
+    /// The member PVCs last observed (not terminating).
+    volumes: Vec<PersistentVolumeClaim>,
+    /// The cluster's nodes last observed (the operator's watch cache), by name.
     nodes: BTreeMap<String, Node>,
     /// The members declared lost at the last observation, and why.
     lost: BTreeMap<u64, String>,
@@ -47,6 +49,7 @@ impl<'a> PodProvisioner<'a> {
             zones,
             bootstrapped,
             pods: BTreeMap::new(),
+            volumes: Vec::new(),
             nodes: BTreeMap::new(),
             lost: BTreeMap::new(),
         }
@@ -73,43 +76,43 @@ impl<'a> PodProvisioner<'a> {
         Ok(())
     }
 
-    /// Keeps the time each member with a volume was first seen unhealthy on its PVC (set
-    /// once, cleared when healthy again), and marks the members unhealthy for longer than
-    /// the failure period as lost (`k8s::failure`).
-    async fn track_failures(
-        &mut self,
-        pvcs: &[PersistentVolumeClaim],
-        views: &mut BTreeMap<u64, MemberView>,
-    ) -> Result<(), Error> {
+    /// Keeps the time each member with a volume was first seen unhealthy on its PVC, with
+    /// its Pod then, and marks the members unhealthy for longer than the failure period as
+    /// lost (`k8s::failure`: time counts only while the replica set has a leader, and from
+    /// the member's latest Pod). A lost member whose Pod is gone and whose volume's node is
+    /// Ready again is marked as returned: it may start again on its data.
+    async fn track_failures(&mut self, views: &mut [MemberView], view: &RaftView) -> Result<(), Error> {
         let (failover, now) = (&self.ctx.failover, self.ctx.failover.clock.now());
+        let leaderless = matches!(view, RaftView::NoLeader);
         self.lost.clear();
-        for pvc in pvcs {
+        for pvc in &self.volumes {
             let Some(id) = pvc.labels().get(objects::LABEL_MEMBER).and_then(|i| i.parse::<u64>().ok()) else {
                 continue;
             };
-            let since = pvc.annotations().get(ANNOTATION_UNHEALTHY_SINCE);
-            let unhealthy = failure::unhealthy(self.pods.get(&id), &self.nodes).filter(|_| self.bootstrapped);
-            let set = |value: Option<String>| json!({"metadata": {"annotations": {ANNOTATION_UNHEALTHY_SINCE: value}}});
-            match (unhealthy, since) {
-                (None, None) => {}
-                (None, Some(_)) => {
-                    self.pvcs().merge(&pvc.name_any(), &set(None)).await?;
+            let pod = self.pods.get(&id);
+            let uid = pod.and_then(|p| p.metadata.uid.as_deref());
+            let unhealthy = failure::unhealthy(pod, &self.nodes).filter(|_| self.bootstrapped);
+            let annotations = pvc.annotations();
+            let record = failure::Record {
+                since: annotations.get(ANNOTATION_UNHEALTHY_SINCE).map(String::as_str),
+                pod: annotations.get(ANNOTATION_UNHEALTHY_POD).map(String::as_str),
+            };
+            let set = |since: Option<String>, pod: Option<&str>| json!({"metadata": {"annotations": {ANNOTATION_UNHEALTHY_SINCE: since, ANNOTATION_UNHEALTHY_POD: pod}}});
+            match failover.judge(unhealthy.is_some(), leaderless, record, uid, now) {
+                Verdict::Keep => {}
+                Verdict::Clear => {
+                    self.pvcs().merge(&pvc.name_any(), &set(None, None)).await?;
                 }
-                (Some(_), None) => {
-                    self.pvcs().merge(&pvc.name_any(), &set(Some(now.to_string()))).await?;
+                Verdict::Start => {
+                    self.pvcs().merge(&pvc.name_any(), &set(Some(now.to_string()), Some(uid.unwrap_or("")))).await?;
                 }
-                (Some(why), Some(since)) => {
-                    // An unreadable time (edited by hand) counts from now: never shorter.
-                    let Ok(since) = since.parse::<jiff::Timestamp>() else {
-                        self.pvcs().merge(&pvc.name_any(), &set(Some(now.to_string()))).await?;
-                        continue;
-                    };
-                    if failover.lost(since, now)
-                        && let Some(v) = views.get_mut(&id)
-                    {
-                        v.failed = true;
-                        self.lost.insert(id, format!("{why} since {since}"));
-                    }
+                Verdict::Lost(since) => {
+                    let Some(v) = views.iter_mut().find(|v| v.id == id) else { continue };
+                    v.failed = true;
+                    let selected = annotations.get(ANNOTATION_SELECTED_NODE).map(String::as_str);
+                    v.returned = pod.is_none() && failure::volume_node_ready(selected, &self.nodes, &v.zone);
+                    let why = unhealthy.unwrap_or_default();
+                    self.lost.insert(id, format!("{why} since {since}"));
                 }
             }
         }
@@ -161,11 +164,13 @@ impl Provisioner for PodProvisioner<'_> {
                     ready: false,
                     outdated: false,
                     failed: false,
+                    returned: false,
                 };
                 views.insert(id, view);
             }
             live.push(pvc);
         }
+        self.volumes = live;
         self.pods.clear();
         for pod in self.pods().list(&selector).await? {
             let Some((id, zone)) = member_of(pod.labels()) else { continue };
@@ -179,16 +184,19 @@ impl Provisioner for PodProvisioner<'_> {
                 ready: false,
                 outdated: false,
                 failed: false,
+                returned: false,
             });
             v.running = running;
             v.ready = running && pod_ready(&pod);
             v.outdated = pod.annotations().get(objects::ANNOTATION_SPEC_HASH) != Some(&want_hash);
             self.pods.insert(id, pod);
         }
-        let nodes = Objects::<Node>::all(self.ctx.client.clone()).list(&ListParams::default()).await?;
-        self.nodes = nodes.into_iter().map(|n| (n.name_any(), n)).collect();
-        self.track_failures(&live, &mut views).await?;
+        self.nodes = self.ctx.nodes.state().iter().map(|n| (n.name_any(), Node::clone(n))).collect();
         Ok(views.into_values().collect())
+    }
+
+    async fn judge(&mut self, members: &mut [MemberView], view: &RaftView) -> Result<(), Error> {
+        self.track_failures(members, view).await
     }
 
     fn admin_addr(&self, id: u64) -> Option<String> {
@@ -249,24 +257,38 @@ impl Provisioner for PodProvisioner<'_> {
             .then(|| format!("waiting for Pod {} to terminate", objects::member_pod_name(&self.rs.name, id)))
     }
 
+    /// A removed member's Pod terminating on a Ready node within its grace period: its
+    /// volume waits for it (the next pass force-deletes it if it overruns).
+    fn delete_blocked(&self, id: u64) -> Option<String> {
+        let pod = self.pods.get(&id)?;
+        let now = self.ctx.failover.clock.now();
+        (pod.metadata.deletion_timestamp.is_some() && !failure::force_delete(pod, &self.nodes, now))
+            .then(|| format!("waiting for Pod {} to terminate", objects::member_pod_name(&self.rs.name, id)))
+    }
+
     async fn restart(&mut self, id: u64) -> Result<(), Error> {
         self.pods().delete(&objects::member_pod_name(&self.rs.name, id)).await
     }
 
     async fn delete(&mut self, id: u64) -> Result<(), Error> {
-        // Best effort: the member is out of Raft already, and the next pass sees what is left.
-        // A lost member's Pod is deleted at once: its node will never confirm it stopped.
+        // The member is out of Raft already. Its Pod first, decided from the Pod itself: at
+        // once if its node is lost (no kubelet will confirm) or it overran its grace
+        // period, else gracefully. Its volume only once the Pod is gone (this pass, after a
+        // forced delete; else a later one): a volume deleted under a Pod stays Terminating,
+        // and the member would look like one whose data is gone while its Pod lingers.
         let pod = objects::member_pod_name(&self.rs.name, id);
-        let deleted = if self.lost.contains_key(&id) {
-            self.pods().delete_now(&pod).await
-        } else {
-            self.pods().delete(&pod).await
-        };
-        if let Err(e) = deleted {
-            warn!(replica_set = %self.rs.name, member = id, error = %e, "failed to delete a removed member's Pod");
+        if let Some(p) = self.pods.get(&id) {
+            if !failure::force_delete(p, &self.nodes, self.ctx.failover.clock.now()) {
+                if p.metadata.deletion_timestamp.is_none() {
+                    already_gone(self.pods().delete(&pod).await)?;
+                }
+                return Ok(());
+            }
+            already_gone(self.pods().delete_now(&pod).await)?;
         }
-        if let Err(e) = self.pvcs().delete(&objects::member_pvc_name(&self.rs.name, id)).await {
-            warn!(replica_set = %self.rs.name, member = id, error = %e, "failed to delete a removed member's PVC");
+        let has_volume = self.volumes.iter().any(|v| v.labels().get(objects::LABEL_MEMBER) == Some(&id.to_string()));
+        if has_volume {
+            already_gone(self.pvcs().delete(&objects::member_pvc_name(&self.rs.name, id)).await)?;
         }
         Ok(())
     }
@@ -276,6 +298,14 @@ impl Provisioner for PodProvisioner<'_> {
         let record = ReplicaSetRecord { pool: self.rs.pool.clone(), zones: self.zones.clone(), bootstrapped_ms };
         self.ctx.store.record_replica_set(&self.rs.namespace, &self.rs.name, &record).await?;
         Ok(())
+    }
+}
+
+/// A delete answered 404 did what it was asked: the object is gone.
+fn already_gone(r: Result<(), Error>) -> Result<(), Error> {
+    match r {
+        Err(Error::Call(c)) if c.status().is_some_and(|s| s.code == 404) => Ok(()),
+        other => other,
     }
 }
 

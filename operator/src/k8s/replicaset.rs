@@ -32,6 +32,8 @@ use crate::crd::v1alpha1::DatabaseInstance;
 /// Requeue while a step is under way, and when all is steady (a health check), before jitter.
 pub const REQUEUE_BUSY: Duration = Duration::from_secs(5);
 pub const REQUEUE_STEADY: Duration = Duration::from_secs(60);
+/// How long a pass waits for the node watch's first list before it requeues.
+const NODES_WAIT: Duration = Duration::from_millis(200);
 
 /// What a replica set's last pass saw and did, for the instances placed on it.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +128,10 @@ async fn drive(svc: &Service, ctx: &Context) -> Result<Action, Error> {
         .map(|o| o.name.clone());
     let dedicated = match owner_instance {
         Some(name) => match Objects::<DatabaseInstance>::namespaced(ctx.client.clone(), &ns).get_opt(&name).await? {
+            // Being deleted: its finalizer deletes the replica set's volumes one by one, and
+            // a pass in between would replace the member whose volume just went (a PVC
+            // nobody deletes). Nothing is stepped any more.
+            Some(dbi) if dbi.metadata.deletion_timestamp.is_some() => return Ok(Action::await_change()),
             Some(dbi) => Some(dbi),
             // Deleted: its replica set goes with it (owner references).
             None => return Ok(Action::await_change()),
@@ -133,6 +139,12 @@ async fn drive(svc: &Service, ctx: &Context) -> Result<Action, Error> {
         None => None,
     };
     let rs = replica_set_shape(&rs_name, &ns, &pool_name, &pool, pool_owner, dedicated.as_ref());
+
+    // Node health comes from the shared watch: until its first list is in, every node
+    // would look gone (and every member unhealthy), so the pass waits for it.
+    if tokio::time::timeout(NODES_WAIT, ctx.nodes.wait_until_ready()).await.map_or(true, |r| r.is_err()) {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
 
     // Observe; bootstrapped is the record in etcd (it outlives the Service), or the
     // Service's annotation (replica sets bootstrapped before the record).

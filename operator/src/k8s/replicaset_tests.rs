@@ -323,3 +323,124 @@ async fn member_pods_carry_their_role_and_it_follows_the_leader() {
     w.reconcile_replica_set("default-rs0").await.unwrap();
     assert_eq!(roles(), expect(["follower", "follower", "leader"]));
 }
+
+/// The node of a lost member comes back after the failure period, before its replacement
+/// joined Raft (its zone had no other node): the kubelet removes the evicted Pod, and the
+/// member starts again on its volume, with its data, instead of a full copy; the volume
+/// is kept and nothing changes in Raft.
+#[tokio::test]
+async fn a_node_back_after_the_failure_period_brings_its_member_back_before_a_replacement_joins() {
+    let w = World::new();
+    w.add_instance("shop", json!({}), true);
+    w.reconcile_until_phase("shop", "Ready", 12).await;
+    let before = w.raft_log();
+    w.lose_node("node-1", true);
+    w.reconcile("shop").await.unwrap();
+    w.wait(FAILURE_PERIOD * 2);
+    for _ in 0..3 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert_eq!(event_notes(&w, "MemberLost").len(), 1, "declared lost");
+    w.api.put(NODES, node("node-1", "zone-b"));
+    for _ in 0..8 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert_eq!(w.raft_log(), before, "the member was replaced though its node came back");
+    assert!(w.api.get(PVCS, "default-rs0-m2-data").is_some(), "its volume was deleted");
+    assert_eq!(w.api.get(PODS, "default-rs0-m2").unwrap()["status"]["phase"], "Running");
+    assert!(w.api.get(PVCS, "default-rs0-m4-data").is_none(), "a replacement left behind");
+    assert_eq!(w.api.get(INSTANCES, "shop").unwrap()["status"]["phase"], "Ready");
+}
+
+/// The force delete of a lost member's Pod fails once: its volume is not deleted under it,
+/// and the next pass, deciding from the Pod (its node is NotReady), force-deletes it
+/// again and then the volume, rather than fall back to a graceful delete that a lost node
+/// never completes.
+#[tokio::test]
+async fn a_failed_force_delete_is_retried_and_the_volume_goes_only_after_the_pod() {
+    let w = World::new();
+    w.api.put(NODES, node("node-3", "zone-b"));
+    w.add_instance("shop", json!({}), true);
+    w.reconcile_until_phase("shop", "Ready", 12).await;
+    w.lose_node("node-1", true);
+    w.reconcile("shop").await.unwrap();
+    w.wait(FAILURE_PERIOD * 2);
+    for _ in 0..12 {
+        if w.raft_log().iter().any(|l| l == "remove_member 2") {
+            break;
+        }
+        w.reconcile("shop").await.unwrap();
+    }
+    assert!(w.raft_log().iter().any(|l| l == "remove_member 2"), "{:?}", w.raft_log());
+    w.api.fail_next("DELETE", "/pods/default-rs0-m2", 500);
+    let _ = w.reconcile("shop").await;
+    assert!(w.api.get(PODS, "default-rs0-m2").is_some());
+    assert!(w.api.get(PVCS, "default-rs0-m2-data").is_some(), "the volume was deleted under its Pod");
+    for _ in 0..4 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert!(w.api.get(PODS, "default-rs0-m2").is_none(), "the lost Pod is never force-deleted");
+    assert!(w.api.get(PVCS, "default-rs0-m2-data").is_none());
+    let deletes = w.api.calls().iter().filter(|c| c.method == "DELETE" && c.path.ends_with("/default-rs0-m2")).count();
+    assert_eq!(deletes, 2, "the failed force delete and its retry");
+    let deleted = event_notes(&w, "MemberDeleted");
+    assert!(deleted.len() <= 2, "{deleted:?}");
+}
+
+/// After a leaderless outage longer than the failure period (every member not Ready: a
+/// datanode is Ready only with a leader), two members come back and elect a leader while
+/// the third is one probe behind: it is not declared lost there and then, but given a
+/// whole period; time counts only while the replica set has a leader.
+#[tokio::test]
+async fn no_member_is_declared_lost_the_moment_a_leaderless_outage_ends() {
+    let w = World::new();
+    w.add_instance("shop", json!({}), true);
+    w.reconcile_until_phase("shop", "Ready", 12).await;
+    let set_ready = |pod: &str, ready: bool| {
+        let mut p = w.api.get(PODS, pod).unwrap();
+        p["status"]["conditions"] = json!([{"type": "Ready", "status": if ready { "True" } else { "False" }}]);
+        w.api.put(PODS, p);
+    };
+    w.datanodes.0.lock().unwrap().leaderless = true;
+    for m in 1..=3 {
+        set_ready(&format!("default-rs0-m{m}"), false);
+    }
+    for _ in 0..8 {
+        w.reconcile_replica_set("default-rs0").await.unwrap();
+        w.wait(FAILURE_PERIOD / 4);
+    }
+    w.datanodes.0.lock().unwrap().leaderless = false;
+    set_ready("default-rs0-m1", true);
+    set_ready("default-rs0-m2", true);
+    for _ in 0..3 {
+        w.reconcile_replica_set("default-rs0").await.unwrap();
+    }
+    assert!(event_notes(&w, "MemberLost").is_empty(), "{:?}", event_notes(&w, "MemberLost"));
+    assert!(w.api.get(PODS, "default-rs0-m4").is_none(), "a replacement at the end of the outage");
+    // Still down a whole period later: now it is lost.
+    w.wait(FAILURE_PERIOD);
+    w.reconcile_replica_set("default-rs0").await.unwrap();
+    assert_eq!(event_notes(&w, "MemberLost").len(), 1);
+}
+
+/// A dedicated instance being deleted: its finalizer deletes the volumes one by one, and
+/// a replica-set pass in between must not replace the member whose volume just went (its
+/// new volume would never be deleted).
+#[tokio::test]
+async fn a_dedicated_replica_set_is_not_stepped_while_its_instance_is_deleted() {
+    let w = World::new();
+    w.add_instance("orders", json!({"tier": "dedicated"}), true);
+    w.reconcile_until_phase("orders", "Ready", 12).await;
+    let rs = w.api.get(INSTANCES, "orders").unwrap()["status"]["placement"]["replicaSet"].as_str().unwrap().to_owned();
+    w.api.delete(INSTANCES, "orders");
+    // Mid-cleanup: one volume deleted, its Pod still there.
+    let first = w.api.list(PVCS)[0]["metadata"]["name"].as_str().unwrap().to_owned();
+    w.api.remove(PVCS, &first);
+    let (pvcs, pods) = (w.api.list(PVCS).len(), w.api.list(PODS).len());
+    for _ in 0..3 {
+        w.reconcile_replica_set(&rs).await.unwrap();
+        w.api.kubelet(NS);
+    }
+    assert_eq!(w.api.list(PVCS).len(), pvcs, "a volume was created while the instance is deleted");
+    assert_eq!(w.api.list(PODS).len(), pods, "a Pod was created while the instance is deleted");
+}

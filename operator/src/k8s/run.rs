@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use thiserror::Error;
@@ -89,6 +89,25 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
 
     let store = Coordinator::connect(&cfg.etcd).await?;
     let reporter = Reporter { controller: "nimbus-operator".into(), instance: Some(cfg.identity.clone()) };
+    // One watch of the nodes for every replica-set pass (their health decides the failure
+    // period, force deletes and where a replacement can go), rather than a list per pass.
+    // Kept lean: a node's image list and managed fields are large and never read.
+    let (nodes, writer) = reflector::store::<Node>();
+    let node_watch = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|n: &mut Node| {
+            n.metadata.managed_fields = None;
+            if let Some(s) = n.status.as_mut() {
+                s.images = None;
+            }
+        })
+        .reflect(writer)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "node watch");
+            }
+        });
+    tokio::spawn(node_watch);
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings: cfg.settings.clone(),
@@ -99,6 +118,7 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         reports: Default::default(),
         backoff: Default::default(),
         failover: Failover { period: cfg.member_failure_period, clock: Clock::default() },
+        nodes,
     });
 
     health.leading(&WATCHES);

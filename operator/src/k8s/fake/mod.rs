@@ -374,7 +374,8 @@ impl FakeApi {
         }
     }
 
-    /// The scheduler and the kubelets: every Terminating Pod with no finalizers left stops
+    /// The scheduler and the kubelets: a Pod bound to a node marks its volume's claim with
+    /// the node (`volume.kubernetes.io/selected-node`), as the scheduler does; every Terminating Pod with no finalizers left stops
     /// and goes, unless its node is NotReady or gone (no kubelet there to stop it); every
     /// Pod not yet started is bound to the first Ready, schedulable node of its zone
     /// (label `nimbus.io/zone`) and starts, gets an IP (10.1.0.<member id>) and turns
@@ -407,6 +408,7 @@ impl FakeApi {
             st.objects.get_mut(&coll).unwrap().remove(&n);
             st.managed.remove(&(coll.clone(), n));
         }
+        let mut bound: Vec<(String, String)> = Vec::new();
         for pod in st.objects.entry(coll).or_default().values_mut() {
             let unstarted = pod["status"]["phase"].is_null() || pod["status"]["phase"] == "Pending";
             if !unstarted || !pod["metadata"]["deletionTimestamp"].is_null() {
@@ -420,7 +422,14 @@ impl FakeApi {
                         && zone.as_deref().is_none_or(|z| n["metadata"]["labels"]["topology.kubernetes.io/zone"] == z)
                 };
                 match nodes.iter().find(|(_, n)| fits(n)) {
-                    Some((name, _)) => pod["spec"]["nodeName"] = json!(name),
+                    Some((name, _)) => {
+                        pod["spec"]["nodeName"] = json!(name);
+                        for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+                            if let Some(claim) = v["persistentVolumeClaim"]["claimName"].as_str() {
+                                bound.push((claim.to_owned(), name.clone()));
+                            }
+                        }
+                    }
                     None => {
                         pod["status"] = json!({"phase": "Pending",
                             "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]});
@@ -434,6 +443,16 @@ impl FakeApi {
             let id = pod["metadata"]["labels"]["nimbus.io/member-id"].as_str().unwrap_or("0").to_string();
             pod["status"] = json!({"phase": "Running", "podIP": format!("10.1.0.{id}"),
                 "conditions": [{"type": "Ready", "status": "True"}]});
+        }
+        // The scheduler records the node a volume is bound to on its claim, the first time
+        // (WaitForFirstConsumer: local volumes always).
+        let claims = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims");
+        for (claim, node) in bound {
+            if let Some(pvc) = st.objects.get_mut(&claims).and_then(|c| c.get_mut(&claim))
+                && pvc["metadata"]["annotations"]["volume.kubernetes.io/selected-node"].is_null()
+            {
+                pvc["metadata"]["annotations"]["volume.kubernetes.io/selected-node"] = json!(node);
+            }
         }
     }
 }

@@ -207,7 +207,8 @@ mod tests {
         assert!(rbac.allows(&attrs("patch", "", "services", Some("apps"), Some("x"))));
         assert!(!rbac.allows(&attrs("delete", "", "services", Some("apps"), Some("x"))));
         assert!(!rbac.allows(&attrs("list", "", "secrets", None, None)), "no cluster-wide Secret list");
-        assert!(!rbac.allows(&attrs("watch", "", "nodes", None, None)), "no node watch");
+        assert!(rbac.allows(&attrs("watch", "", "nodes", None, None)), "the node watch cache");
+        assert!(!rbac.allows(&attrs("patch", "", "nodes", None, None)), "nodes are never written");
     }
 
     #[test]
