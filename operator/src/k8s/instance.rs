@@ -305,11 +305,18 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     }
     let deployments: Objects<Deployment> = Objects::namespaced(ctx.client.clone(), &ns);
     // The namespace's gateways serve its instances: owned by every one of them (none the
-    // controller), they are garbage-collected with the last.
-    let owners = namespace_owners(ctx, &ns).await?;
-    let gateway = with_owners(objects::gateway_deployment(&ctx.settings, &ns, None), &owners);
+    // controller), they are garbage-collected with the last. Each instance adds itself to
+    // the owners it finds (no list of the namespace's instances at every pass); a deleted
+    // instance's reference dangles until the last owner goes, which garbage collection
+    // allows for.
+    let me = dbi.owner_ref(&()).map(|o| OwnerReference { controller: Some(false), block_owner_deletion: None, ..o });
+    let current = deployments.get_opt(objects::GATEWAY_NAME).await?;
+    let gateway =
+        with_owners(objects::gateway_deployment(&ctx.settings, &ns, None), &owners_with(current.as_ref(), &me));
     deployments.apply(objects::GATEWAY_NAME, &gateway).await?;
-    services.apply(objects::GATEWAY_NAME, &with_owners(objects::gateway_service(&ns, None), &owners)).await?;
+    let current = services.get_opt(objects::GATEWAY_NAME).await?;
+    let service = with_owners(objects::gateway_service(&ns, None), &owners_with(current.as_ref(), &me));
+    services.apply(objects::GATEWAY_NAME, &service).await?;
 
     // What the replica set's reconciler last saw and did.
     let Some(report) = ctx.reports.get(&ns, &rs_name) else {
@@ -557,19 +564,16 @@ async fn report_deletion_blocked(ctx: &Context, dbi: &DatabaseInstance, msg: &st
 /// deletion goes on without dropping the database's data.
 pub const ANNOTATION_ABANDON_DATA: &str = "nimbus.io/abandon-data";
 
-/// Every instance of the namespace not being deleted, as a non-controlling owner.
-async fn namespace_owners(ctx: &Context, ns: &str) -> Result<Vec<OwnerReference>, Error> {
-    let api: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
-    let mut owners: Vec<OwnerReference> = api
-        .list(&ListParams::default())
-        .await?
-        .iter()
-        .filter(|i| i.metadata.deletion_timestamp.is_none())
-        .filter_map(|i| i.owner_ref(&()))
-        .map(|o| OwnerReference { controller: Some(false), block_owner_deletion: None, ..o })
-        .collect();
+/// The owners `object` has, with `me` among them (sorted by uid: a stable apply).
+fn owners_with<K: Resource>(object: Option<&K>, me: &Option<OwnerReference>) -> Vec<OwnerReference> {
+    let mut owners: Vec<OwnerReference> = object.map(|o| o.owner_references().to_vec()).unwrap_or_default();
+    if let Some(me) = me
+        && !owners.iter().any(|o| o.uid == me.uid)
+    {
+        owners.push(me.clone());
+    }
     owners.sort_by(|a, b| a.uid.cmp(&b.uid));
-    Ok(owners)
+    owners
 }
 
 fn with_owners<K: Resource>(mut object: K, owners: &[OwnerReference]) -> K {
