@@ -116,24 +116,31 @@ async fn drive(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     // What the replica set is made as: its pool's shape, or its dedicated instance's.
     let pool_name = svc.labels().get(LABEL_POOL).cloned().unwrap_or_else(|| "default".into());
     let (pool, pool_owner) = pool_of(ctx, &ns, &pool_name).await?;
-    if pool_owner.is_none() && svc.owner_references().iter().any(|o| o.kind == "ResourcePool") {
-        // Its pool was deleted: Kubernetes is collecting its Pods and this Service. Never
-        // start members again without an owner; the volumes stay for the pool's return.
+    if let Some(o) = svc.owner_references().iter().find(|o| o.kind == "ResourcePool")
+        && pool_owner.as_ref().is_none_or(|p| p.uid != o.uid)
+    {
+        // Its pool was deleted (Kubernetes is collecting its Pods and this Service), or the
+        // Service names a pool it was not made by. Never start members for it; volumes stay.
         return Ok(Action::await_change());
     }
     let owner_instance = svc
         .owner_references()
         .iter()
         .find(|o| o.controller == Some(true) && o.kind == "DatabaseInstance")
-        .map(|o| o.name.clone());
+        .map(|o| (o.name.clone(), o.uid.clone()));
     let dedicated = match owner_instance {
-        Some(name) => match Objects::<DatabaseInstance>::namespaced(ctx.client.clone(), &ns).get_opt(&name).await? {
+        Some((name, uid)) => match Objects::<DatabaseInstance>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&name)
+            .await?
+            .filter(|dbi| dbi.metadata.uid.as_deref() == Some(uid.as_str()))
+        {
             // Being deleted: its finalizer deletes the replica set's volumes one by one, and
             // a pass in between would replace the member whose volume just went (a PVC
             // nobody deletes). Nothing is stepped any more.
             Some(dbi) if dbi.metadata.deletion_timestamp.is_some() => return Ok(Action::await_change()),
             Some(dbi) => Some(dbi),
-            // Deleted: its replica set goes with it (owner references).
+            // Deleted (its replica set goes with it, by owner references), or not the
+            // instance the Service claims to be owned by.
             None => return Ok(Action::await_change()),
         },
         None => None,

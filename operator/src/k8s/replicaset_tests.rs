@@ -444,3 +444,32 @@ async fn a_dedicated_replica_set_is_not_stepped_while_its_instance_is_deleted() 
     assert_eq!(w.api.list(PVCS).len(), pvcs, "a volume was created while the instance is deleted");
     assert_eq!(w.api.list(PODS).len(), pods, "a Pod was created while the instance is deleted");
 }
+
+/// A Service made to look like a dedicated replica set's, owned by an instance that is not
+/// the one named (another uid), is not driven: no member is made for it.
+#[tokio::test]
+async fn a_service_claiming_an_owner_it_was_not_made_by_is_not_driven() {
+    let w = World::new();
+    w.add_instance("orders", json!({"tier": "dedicated"}), true);
+    w.api.put(
+        SERVICES,
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "default-forged", "namespace": NS,
+                "labels": {"nimbus.io/replica-set": "default-forged", "nimbus.io/pool": "default"},
+                "annotations": {"nimbus.io/zones": "zone-a,zone-b,zone-c"},
+                "ownerReferences": [{"apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseInstance",
+                    "name": "orders", "uid": "not-the-uid-of-orders", "controller": true}]},
+            "spec": {"clusterIP": "None"}}),
+    );
+    for _ in 0..3 {
+        w.reconcile_replica_set("default-forged").await.unwrap();
+    }
+    let made: Vec<_> = w
+        .api
+        .list(PODS)
+        .into_iter()
+        .filter(|p| p["metadata"]["name"].as_str().unwrap().starts_with("default-forged"))
+        .collect();
+    assert!(made.is_empty(), "{made:?}");
+    assert!(w.api.list(PVCS).iter().all(|p| !p["metadata"]["name"].as_str().unwrap().starts_with("default-forged")));
+}
