@@ -75,23 +75,6 @@ fn status(code: u16, reason: &str, message: &str) -> Response {
     (StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body)).into_response()
 }
 
-/// JSON merge of `patch` into `target` (what a strategic merge or an apply does to a Lease,
-/// whose fields are all scalars).
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
-}
-
 async fn handle(
     State(api): State<Api>,
     method: Method,
@@ -154,7 +137,7 @@ fn lease(api: &Api, method: Method, ns: &str, name: Option<&str>, body: &[u8]) -
                 json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                        "metadata": {"name": name, "namespace": ns}, "spec": {}})
             });
-            merge(l, &patch);
+            json_patch::merge(l, &patch);
             *revision += 1;
             l["metadata"]["resourceVersion"] = json!(revision.to_string());
             axum::Json(l.clone()).into_response()

@@ -54,7 +54,9 @@ impl Coordinator {
     /// another replica set, gets an epoch above any the database ever had: etcd's revision
     /// (it only grows, and a route's epoch was at most the revision when it was written),
     /// so a database dropped and created again never starts over below an epoch a replica
-    /// set still remembers.
+    /// set still remembers. The reconcilers never call it (placement creates a route once,
+    /// `create_route`; a replica set updates its members, `update_route_members`): it is
+    /// the move a migration's switch makes, and how the tests set a route.
     pub async fn put_route(&self, db: &str, replica_set: &str, members: Vec<RouteMember>) -> Result<bool, CoordError> {
         let (current, revision) = self.route_at(db).await?;
         let fresh_epoch = revision + 1;
@@ -215,8 +217,6 @@ impl Coordinator {
         Ok(removed)
     }
 
-    /// Claims `db` for `claim`'s instance unless another instance holds it: `Ok(())` when
-    /// the claim is (now) this instance's, `Err(owner)` otherwise.
     /// Claims `db` for `claim`'s instance unless another instance holds it: `Ok(())` when
     /// the claim is (now) this instance's, `Err(owner)` otherwise. An instance not yet
     /// placed cannot claim a name that already has a route but no claim (its tenant's

@@ -139,21 +139,6 @@ fn ok(v: &Value) -> Response<Body> {
     Response::builder().status(200).body(Body::from(serde_json::to_vec(v).unwrap())).unwrap()
 }
 
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
-}
-
 fn matches_selector(obj: &Value, selector: &str) -> bool {
     selector.split(',').filter(|s| !s.is_empty()).all(|term| {
         let labels = &obj["metadata"]["labels"];
@@ -536,9 +521,9 @@ impl ApiState {
                         return Err(status_body(422, "Invalid", &e.to_string()));
                     }
                 } else if t.subresource.as_deref() == Some("status") {
-                    merge(&mut obj, &json!({"status": patch["status"]}));
+                    json_patch::merge(&mut obj, &json!({"status": patch["status"]}));
                 } else {
-                    merge(&mut obj, &patch);
+                    json_patch::merge(&mut obj, &patch);
                 }
                 let before = existing.clone().unwrap_or_else(|| json!({}));
                 if !is_apply {
