@@ -24,6 +24,9 @@ pub enum ErrorCode {
     /// Internal API only: the request carried a route epoch older than the one this replica
     /// set knows for the database (it moved, or is moving): the gateway re-reads the route.
     StaleRoute,
+    /// Internal API only: an oplog read from a position older than the retained oplog (a
+    /// migration's tail must start again from an export).
+    OplogTruncated,
     /// A bug or an I/O failure; the message says which without leaking internals.
     Internal,
 }
@@ -43,6 +46,8 @@ impl ErrorCode {
             // 422 Unprocessable Content, as the IETF's Idempotency-Key draft answers a key
             // reused with a different payload.
             ErrorCode::IdempotencyKeyReused => 422,
+            // 410 Gone: what was asked for existed and was removed for good.
+            ErrorCode::OplogTruncated => 410,
             ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
             ErrorCode::Unavailable => 503,

@@ -7,6 +7,7 @@ pub mod data;
 pub mod error;
 pub mod etcd;
 pub mod limits;
+pub mod migration;
 pub mod path;
 pub mod token;
 

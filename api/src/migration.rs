@@ -1,0 +1,186 @@
+//! Hot migration's datanode calls (`docs/design/migration.md`): the source exports a
+//! database and its oplog, the target imports them through its own Raft log, and neither
+//! serves the database's clients while it is not the one the route names.
+//!
+//! Every call here is on the admin port, needs the cluster secret, and (except `GET
+//! /v1/admin/oplog`, which any member answers from its own applied state) is answered by
+//! the replica set's leader only (`NotLeader` otherwise, with the leader's hint).
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::admin::OplogEntry;
+
+/// A place in the oplog: every change at `(index, seq)` or before it is behind it. Changes
+/// of one Raft entry (a multi-update) share the index and differ by `seq`, so a reader
+/// that stopped in the middle of an entry continues with the rest of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OplogPosition {
+    pub index: u64,
+    pub seq: u32,
+}
+
+impl OplogPosition {
+    /// Everything of Raft entry `index` and before it.
+    pub fn end_of(index: u64) -> OplogPosition {
+        OplogPosition { index, seq: u32::MAX }
+    }
+}
+
+/// `GET /v1/admin/oplog?db=DB&afterIndex=I&afterSeq=S&limit=N`: the database's oplog
+/// changes after the position, oldest first, at most `limit` (default 1,000, at most
+/// 10,000). A page scans a bounded number of entries of other databases too, so it can be
+/// empty with `next` moved on. A position older than the retained oplog is refused with
+/// `OplogTruncated` (HTTP 410): the reader must start again from an export.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DbOplogPage {
+    pub entries: Vec<OplogEntry>,
+    /// Where the next page starts: after the last change returned or scanned.
+    pub next: OplogPosition,
+    /// This member's applied index when it read the page: `next.index` reaching it means
+    /// the reader is caught up with this member.
+    pub applied_index: u64,
+}
+
+/// `POST /v1/admin/export` (leader): one page of a database, read from one RocksDB
+/// snapshot. Pages continue from `after` (the previous page's `next`), each from a new
+/// snapshot, so a copy that lost its leader continues on the new one. The target reaches
+/// the source's state by applying the oplog from the *first* page's `index` on: every
+/// oplog change is an idempotent after-image, so documents copied later are only rewritten
+/// with what they already were.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportRequest {
+    pub db: String,
+    pub part: ExportPart,
+    /// The previous page's `next`; absent for the first page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Stop adding documents once the page holds this many bytes of them (at least one
+    /// document is always sent).
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExportPart {
+    /// Collections (names and index specifications) and documents.
+    Documents,
+    /// Idempotency records still within their lifetime (read after the fence, when no
+    /// write can add one).
+    Idempotency,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportPage {
+    /// The applied index of the snapshot the page was read from.
+    pub index: u64,
+    /// Every collection of the database with its index specifications (JSON as the
+    /// catalog stores them), on every page of `Documents`.
+    pub collections: Vec<ExportedCollection>,
+    pub docs: Vec<ExportedDoc>,
+    pub idempotency: Vec<ExportedIdempotency>,
+    /// Where the next page starts; absent when this page was the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportedCollection {
+    pub name: String,
+    /// Index specifications other than `_id`'s.
+    pub indexes: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportedDoc {
+    pub coll: String,
+    pub doc: Box<RawValue>,
+}
+
+/// An idempotency record as stored (its JSON) with the time its lifetime counts from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportedIdempotency {
+    pub key: String,
+    pub ts_ms: u64,
+    pub record: Box<RawValue>,
+}
+
+/// `POST /v1/admin/import` (leader): one step of importing database `db` as migration
+/// `migration`, each one Raft entry on the target. Answers [`ImportAnswer`].
+///
+/// `Begin` drops whatever the replica set holds of `db` (an earlier aborted attempt) and
+/// marks it incoming for `migration`: from then on, and until `Finish`, every client
+/// request for `db` is refused with `StaleRoute` (the gateway re-reads the route, which
+/// does not name this replica set yet). Every other step is refused (409 `BadRequest`)
+/// unless `db` is incoming for the same `migration`; `Finish` and `Abort` repeated after
+/// they took effect answer as the first time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportRequest {
+    pub db: String,
+    pub migration: String,
+    pub step: ImportStep,
+}
+
+// One per request, moved: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ImportStep {
+    Begin,
+    /// Creates the collections and indexes not there yet (unique ones included: imports
+    /// do not check uniqueness, since a copy in progress can hold two versions of the
+    /// source; the state the target serves is verified equal to the source's, whose
+    /// indexes held).
+    Collections { collections: Vec<ExportedCollection> },
+    /// Puts each document (replacing one with the same `_id`), with its index entries.
+    Docs { docs: Vec<ExportedDoc> },
+    /// Applies the source's oplog changes of `db` in order, idempotently (a change already
+    /// applied, a collection already created, an index already gone change nothing).
+    Ops { entries: Vec<OplogEntry> },
+    Idempotency { records: Vec<ExportedIdempotency> },
+    /// The database is served here from now on, at route epoch `epoch`.
+    Finish { epoch: u64 },
+    /// Drops what was imported and the incoming mark.
+    Abort,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportAnswer {
+    /// Log index of the step's entry on the target.
+    pub index: u64,
+}
+
+/// `POST /v1/admin/oplog/pin` (leader, through Raft): keep the oplog from `from_index` on
+/// against retention until `expires_ms` (replica-set clock) or an unpin, under `name` (a
+/// migration's id; pinning the same name again moves it). `POST /v1/admin/oplog/unpin`
+/// takes `{"name"}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PinOplogRequest {
+    pub name: String,
+    pub from_index: u64,
+    pub expires_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnpinOplogRequest {
+    pub name: String,
+}
+
+/// `POST /v1/admin/drop-database` (leader, through Raft): drops every document, index and
+/// idempotency record of `db` on this replica set (a migration's clean-up of its source).
+/// The database's route epoch stays, so a sender with an old route is still refused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DropDatabaseRequest {
+    pub db: String,
+}
