@@ -97,17 +97,39 @@ pub struct TransferLeaderRequest {
 
 /// `POST /v1/admin/route-epoch`: raise a database's route epoch on this replica set
 /// (through Raft). Requests carrying an older epoch are refused from then on. Answers
-/// `{"epoch": n}`, the epoch now in force (never lower than before).
+/// [`RouteEpochAnswer`]: the epoch now in force (never lower than before) and its index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SetRouteEpochRequest {
     pub db: String,
     pub epoch: u64,
 }
 
+/// Answer of `POST /v1/admin/route-epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteEpochAnswer {
+    /// The epoch now in force.
+    pub epoch: u64,
+    /// Log index of the epoch's entry: every change made under an older epoch is at or
+    /// before it (a hot migration's fence, its final index). Absent from older datanodes.
+    #[serde(default)]
+    pub index: u64,
+}
+
+/// Answer of `POST /v1/admin/drop-database` (`nimbus_api::migration::DropDatabaseRequest`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroppedDatabase {
+    /// False when the replica set held nothing of the database.
+    pub found: bool,
+    /// Log index of the drop's entry.
+    pub index: u64,
+}
+
 /// `POST /v1/admin/checksum` (leader only): a checksum marker through Raft. Every member
 /// records the database's order-independent checksum at the marker's log index; the leader
-/// answers its own `{"index", "checksum", "documents"}`, and `GET /v1/admin/checksum?db=`
-/// on each member answers what it recorded.
+/// answers its own `{"index", "checksum", "documents", "catalog"}`, and `GET
+/// /v1/admin/checksum?db=` on each member answers what it recorded. `catalog` is a SHA-256
+/// (hex) of the collections' names and their indexes' names, fields and uniqueness (empty
+/// in markers recorded by older datanodes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChecksumRequest {
     pub db: String,

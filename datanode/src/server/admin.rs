@@ -6,11 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use nimbus_api::admin::*;
+use nimbus_api::migration::{
+    DropDatabaseRequest, ExportRequest, ImportAnswer, ImportRequest, OplogPosition, PinOplogRequest, UnpinOplogRequest,
+};
 use nimbus_api::{ApiError, ErrorCode};
 use openraft::ChangeMembers;
 use openraft::ServerState;
@@ -37,6 +40,12 @@ pub fn router(ctx: Arc<NodeCtx>, secret: nimbus_net::ClusterSecret) -> Router {
         .route("/v1/admin/snapshot", post(snapshot))
         .route("/v1/admin/route-epoch", post(set_route_epoch))
         .route("/v1/admin/oplog", get(oplog))
+        .route("/v1/admin/oplog/pin", post(pin_oplog))
+        .route("/v1/admin/oplog/unpin", post(unpin_oplog))
+        .route("/v1/admin/export", post(export))
+        // An import page is one Raft entry of up to a whole request body.
+        .route("/v1/admin/import", post(import).layer(DefaultBodyLimit::max(ctx.max_body_bytes)))
+        .route("/v1/admin/drop-database", post(drop_database))
         .route("/v1/admin/checksum", post(checksum_marker).get(checksum_recorded))
         .route("/v1/admin/checksum/verify", get(checksum_verify))
         .route("/v1/admin/query-stats", get(query_stats))
@@ -245,12 +254,83 @@ async fn checksum_verify(State(ctx): Ctx, Query(q): Query<DbQuery>) -> Result<Re
     Ok(axum::Json(v).into_response())
 }
 
+/// Raises the database's route epoch; answers the epoch in force and the entry's log index
+/// (a migration's fence: every change of the old route is at or before it).
 async fn set_route_epoch(State(ctx): Ctx, JsonBody(req): JsonBody<SetRouteEpochRequest>) -> Result<Response> {
     let db = nimbus_api::path::DbName::new(&req.db)?;
     let op = crate::store::WriteOp::SetRouteEpoch { epoch: req.epoch };
-    match ctx.propose_internal(db.into_string(), op).await? {
-        crate::store::WriteAnswer::RouteEpoch { epoch } => {
-            Ok(axum::Json(serde_json::json!({ "epoch": epoch })).into_response())
+    match ctx.propose_internal_at(db.into_string(), op).await? {
+        (crate::store::WriteAnswer::RouteEpoch { epoch }, index) => {
+            Ok(axum::Json(RouteEpochAnswer { epoch, index }).into_response())
+        }
+        _ => Err(ApiError::internal("unexpected answer from the state machine").into()),
+    }
+}
+
+/// Refuses a call only the leader answers, naming the leader it knows.
+async fn require_leader(ctx: &NodeCtx) -> Result<()> {
+    if !ctx.raft.is_leader() || ctx.is_draining() {
+        return Err(ctx.not_leader().await.into());
+    }
+    Ok(())
+}
+
+/// Most bytes of documents one export page holds, whatever the caller asks: a page becomes
+/// one Raft entry on the target, which must stay well below the append bound (8 MiB).
+const MAX_EXPORT_PAGE_BYTES: u64 = 4 << 20;
+
+/// One page of a database for a hot migration (`nimbus_api::migration::ExportRequest`).
+async fn export(State(ctx): Ctx, JsonBody(req): JsonBody<ExportRequest>) -> Result<Response> {
+    let db = nimbus_api::path::DbName::new(&req.db)?.into_string();
+    require_leader(&ctx).await?;
+    let engine = ctx.sm.engine();
+    let max_bytes = req.max_bytes.clamp(1, MAX_EXPORT_PAGE_BYTES);
+    let page = tokio::task::spawn_blocking(move || engine.export_page(&db, req.part, req.after.as_deref(), max_bytes))
+        .await
+        .map_err(|_| ApiError::internal("export read failed"))??;
+    Ok(axum::Json(page).into_response())
+}
+
+/// One step of a hot migration's import, as one Raft entry (`ImportRequest`).
+async fn import(State(ctx): Ctx, JsonBody(req): JsonBody<ImportRequest>) -> Result<Response> {
+    let db = nimbus_api::path::DbName::new(&req.db)?.into_string();
+    if req.migration.is_empty() {
+        return Err(ApiError::bad_request("migration (the migration's id) must not be empty").into());
+    }
+    require_leader(&ctx).await?;
+    let op = crate::store::WriteOp::Import { migration: req.migration, step: req.step };
+    match ctx.propose_internal_at(db, op).await? {
+        (crate::store::WriteAnswer::Done, index) => Ok(axum::Json(ImportAnswer { index }).into_response()),
+        _ => Err(ApiError::internal("unexpected answer from the state machine").into()),
+    }
+}
+
+/// Pins the oplog against retention (`PinOplogRequest`); answers `{"index"}`.
+async fn pin_oplog(State(ctx): Ctx, JsonBody(req): JsonBody<PinOplogRequest>) -> Result<Response> {
+    if req.name.is_empty() {
+        return Err(ApiError::bad_request("name must not be empty").into());
+    }
+    let op = crate::store::WriteOp::PinOplog { name: req.name, from_index: req.from_index, expires_ms: req.expires_ms };
+    let (_, index) = ctx.propose_internal_at(String::new(), op).await?;
+    Ok(axum::Json(ImportAnswer { index }).into_response())
+}
+
+/// Removes an oplog pin (`UnpinOplogRequest`); answers `{"index"}`.
+async fn unpin_oplog(State(ctx): Ctx, JsonBody(req): JsonBody<UnpinOplogRequest>) -> Result<Response> {
+    if req.name.is_empty() {
+        return Err(ApiError::bad_request("name must not be empty").into());
+    }
+    let (_, index) = ctx.propose_internal_at(String::new(), crate::store::WriteOp::UnpinOplog { name: req.name }).await?;
+    Ok(axum::Json(ImportAnswer { index }).into_response())
+}
+
+/// Drops a database's data on this replica set, its route epoch kept (`DropDatabaseRequest`);
+/// answers `{"found", "index"}`.
+async fn drop_database(State(ctx): Ctx, JsonBody(req): JsonBody<DropDatabaseRequest>) -> Result<Response> {
+    let db = nimbus_api::path::DbName::new(&req.db)?.into_string();
+    match ctx.propose_internal_at(db, crate::store::WriteOp::DropDatabase).await? {
+        (crate::store::WriteAnswer::Dropped { found }, index) => {
+            Ok(axum::Json(DroppedDatabase { found, index }).into_response())
         }
         _ => Err(ApiError::internal("unexpected answer from the state machine").into()),
     }
@@ -262,17 +342,34 @@ async fn snapshot(State(ctx): Ctx) -> Result<Response> {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct OplogQuery {
     #[serde(default)]
     from: u64,
     #[serde(default)]
     limit: Option<usize>,
+    /// With `db`: the database's changes after (`afterIndex`, `afterSeq`).
+    #[serde(default)]
+    db: Option<String>,
+    #[serde(default)]
+    after_index: u64,
+    #[serde(default)]
+    after_seq: u32,
 }
 
-/// A page of the oplog from Raft index `from`: the stream is read by paging with `next`.
+/// A page of the oplog. With `db`, that database's changes after a position
+/// (`DbOplogPage`); without, every change from Raft index `from` (`OplogPage`).
 async fn oplog(State(ctx): Ctx, Query(q): Query<OplogQuery>) -> Result<Response> {
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let engine = ctx.sm.engine();
+    if let Some(db) = q.db {
+        let db = nimbus_api::path::DbName::new(&db)?.into_string();
+        let after = OplogPosition { index: q.after_index, seq: q.after_seq };
+        let page = tokio::task::spawn_blocking(move || engine.read_db_oplog(&db, after, limit))
+            .await
+            .map_err(|_| ApiError::internal("oplog read failed"))??;
+        return Ok(axum::Json(page).into_response());
+    }
     let from = q.from;
     let entries = tokio::task::spawn_blocking(move || engine.read_oplog(from, limit))
         .await

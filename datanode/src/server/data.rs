@@ -65,6 +65,9 @@ async fn handle(ctx: &NodeCtx, req: axum::extract::Request) -> Result<Response> 
     let request_hash = (path.access() != Access::Read && parts.headers.contains_key(IDEMPOTENCY_KEY_HEADER))
         .then(|| request_digest(&path, &body));
     let DataPath { db, op } = path;
+    // Refused before anything else: an outdated route, or a database this replica set is
+    // still importing (every operation, reads included; checked again where it is served).
+    ctx.sm.engine().check_route_epoch(&db, epoch)?;
     let env = Envelope { db, epoch, headers: parts.headers, request_hash };
     match op {
         Op::Insert(coll) => insert(ctx, &env, coll, parse_json(&body)?).await,
@@ -169,11 +172,11 @@ impl NodeCtx {
     /// this member still leads the answer has no hint, so the gateway tries the others
     /// (with its back-off) rather than coming back here; once another member leads, the
     /// hint names it.
-    fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    async fn not_leader(&self) -> ApiError {
+    pub(crate) async fn not_leader(&self) -> ApiError {
         let leader = self.raft.metrics().borrow_watched().current_leader;
         ApiError::not_leader(self.leader_hint(leader.filter(|l| *l != self.id)).await)
     }
@@ -207,6 +210,15 @@ impl NodeCtx {
     /// Replicates an operation of the control plane or of the datanode itself (no client
     /// idempotency key, no route epoch), stamped with the replica set's time.
     pub(crate) async fn propose_internal(&self, db: String, op: WriteOp) -> std::result::Result<WriteAnswer, ApiError> {
+        Ok(self.propose_internal_at(db, op).await?.0)
+    }
+
+    /// [`NodeCtx::propose_internal`], answering also the entry's log index.
+    pub(crate) async fn propose_internal_at(
+        &self,
+        db: String,
+        op: WriteOp,
+    ) -> std::result::Result<(WriteAnswer, u64), ApiError> {
         let cmd = Command {
             db,
             op,
@@ -215,11 +227,16 @@ impl NodeCtx {
             route_epoch: None,
             request_hash: None,
         };
-        self.propose(cmd).await
+        self.propose_at(cmd).await
     }
 
     /// Replicates a write and answers once a majority has it and it is applied here.
     pub(crate) async fn propose(&self, cmd: Command) -> std::result::Result<WriteAnswer, ApiError> {
+        Ok(self.propose_at(cmd).await?.0)
+    }
+
+    /// [`NodeCtx::propose`], answering also the entry's log index.
+    async fn propose_at(&self, cmd: Command) -> std::result::Result<(WriteAnswer, u64), ApiError> {
         if !self.raft.is_leader() || self.is_draining() {
             return Err(self.not_leader().await);
         }
@@ -239,7 +256,7 @@ impl NodeCtx {
             Err(_) => Err(ApiError::unavailable(
                 "the write was not committed within the deadline; retry with the same Idempotency-Key",
             )),
-            Ok(Ok(resp)) => resp.data,
+            Ok(Ok(resp)) => resp.data.map(|answer| (answer, resp.log_id.index())),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 Err(ApiError::not_leader(self.leader_hint(f.leader_id.filter(|l| *l != self.id)).await))
             }

@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use super::catalog::CollectionMeta;
 use super::checksum::{ChecksumAt, DocSum, checksum_key};
 use super::command::{Command, WriteAnswer, WriteOp, WriteResult};
-use super::engine::{Engine, StoreError, decode, encode, stale_route};
+use super::engine::{Engine, StoreError, decode, encode, importing, stale_route};
 use super::gc::GC_EVERY;
 use super::index::{encode_id, index_keys};
 use super::keys::{self, CF_CATALOG, CF_DOCS, CF_IDEM, CF_IDEM_TTL, CF_IDX, CF_OPLOG};
@@ -41,8 +41,10 @@ pub(crate) struct IdemRecord {
 #[derive(Debug, Default)]
 pub struct CatalogDelta {
     changes: Vec<(String, String, Option<CollectionMeta>)>,
-    drop_db: Option<String>,
-    route_epoch: Option<(String, u64)>,
+    pub(crate) drop_db: Option<String>,
+    pub(crate) route_epoch: Option<(String, u64)>,
+    /// The database's incoming mark set (`Some(migration)`) or cleared (`None`).
+    pub(crate) incoming: Option<(String, Option<String>)>,
 }
 
 /// Tracks what the command being applied has already changed, so later steps of the same
@@ -54,18 +56,49 @@ pub(crate) struct Pending {
     pub(crate) unique_added: HashMap<Vec<u8>, Vec<u8>>,
     /// full index entry keys deleted by this command
     pub(crate) idx_removed: HashSet<Vec<u8>>,
+    /// Documents an import step wrote or removed so far (storage key → the document now,
+    /// `None` when removed): a step applies many changes in one batch, and a change must
+    /// see the ones before it, which RocksDB shows only once the batch is written.
+    pub(crate) overlay: HashMap<Vec<u8>, Option<Value>>,
+    /// Collections dropped by this command: what storage still holds of them is gone.
+    pub(crate) cleared: HashSet<String>,
+    /// The whole database was dropped by this command.
+    pub(crate) db_cleared: bool,
+}
+
+impl Pending {
+    /// Forgets what this command wrote in collection `coll` (all of the database when
+    /// `None`) and records it as dropped.
+    pub(crate) fn clear(&mut self, coll: Option<&str>, coll_prefix: &[u8]) {
+        match coll {
+            Some(c) => {
+                self.overlay.retain(|k, _| !k.starts_with(coll_prefix));
+                self.cleared.insert(c.to_owned());
+            }
+            None => {
+                self.overlay.clear();
+                self.db_cleared = true;
+            }
+        }
+    }
 }
 
 /// The command being applied: its batch, and what it changed so far.
 pub(crate) struct Ctx<'a> {
     pub(crate) batch: &'a mut WriteBatch,
-    index: u64,
-    ts_ms: u64,
+    pub(crate) index: u64,
+    pub(crate) ts_ms: u64,
     seq: u32,
+    /// Writes no oplog entries: an import step, or any command on a database being
+    /// imported (its changes are the source's, not this replica set's).
+    pub(crate) quiet: bool,
+    /// Checks no unique index: an import holds the source's documents, possibly two
+    /// versions of them while the copy is in progress (see `store::import`).
+    pub(crate) unchecked: bool,
     pub(crate) db: &'a str,
     pub(crate) pending: Pending,
     pub(crate) metas: HashMap<String, CollectionMeta>,
-    delta: CatalogDelta,
+    pub(crate) delta: CatalogDelta,
 }
 
 impl Engine {
@@ -80,10 +113,16 @@ impl Engine {
     ) -> Result<(WriteResult, CatalogDelta), StoreError> {
         // A sender with an outdated route is refused before anything else, the answer of an
         // earlier idempotent write included: the database has moved on.
+        let incoming = self.catalog_read().incoming.contains_key(&cmd.db);
         if let Some(epoch) = cmd.route_epoch {
             let known = self.catalog_read().route_epoch(&cmd.db);
             if epoch < known {
                 return Ok((Err(stale_route(&cmd.db, epoch, known)), CatalogDelta::default()));
+            }
+            // A client's write (it carries a route epoch) reached a database being imported
+            // here: checked when it was proposed, but the import began in between.
+            if incoming {
+                return Ok((Err(importing(&cmd.db)), CatalogDelta::default()));
             }
         }
         let ts_ms = self.command_time(cmd.ts_ms);
@@ -116,6 +155,8 @@ impl Engine {
             index,
             ts_ms,
             seq: 0,
+            quiet: incoming || matches!(cmd.op, WriteOp::Import { .. }),
+            unchecked: incoming || matches!(cmd.op, WriteOp::Import { .. }),
             db: &cmd.db,
             pending: Pending::default(),
             metas: HashMap::new(),
@@ -167,6 +208,15 @@ impl Engine {
     fn install(catalog: &mut super::catalog::Catalog, delta: CatalogDelta) {
         if let Some((db, epoch)) = delta.route_epoch {
             catalog.route_epochs.insert(db, epoch);
+        }
+        match delta.incoming {
+            Some((db, Some(migration))) => {
+                catalog.incoming.insert(db, migration);
+            }
+            Some((db, None)) => {
+                catalog.incoming.remove(&db);
+            }
+            None => {}
         }
         if let Some(db) = delta.drop_db {
             catalog.dbs.remove(&db);
@@ -256,6 +306,7 @@ impl Engine {
                 ctx.batch.delete_range_cf(self.cf(CF_DOCS), &prefix, &end);
                 ctx.batch.delete_range_cf(self.cf(CF_IDX), &prefix, &end);
                 ctx.batch.delete_cf(self.cf(CF_CATALOG), &prefix);
+                ctx.pending.clear(Some(coll), &prefix);
                 ctx.metas.remove(coll);
                 ctx.delta.changes.push((ctx.db.to_owned(), coll.clone(), None));
                 self.oplog(ctx, Some(coll), OplogOp::DropCollection);
@@ -286,6 +337,7 @@ impl Engine {
                     ctx.batch.delete_range_cf(self.cf(cf), &prefix, &end);
                 }
                 ctx.metas.clear();
+                ctx.pending.clear(None, &prefix);
                 ctx.delta.drop_db = Some(ctx.db.to_owned());
                 self.oplog(ctx, None, OplogOp::DropDatabase);
                 Ok(WriteAnswer::Dropped { found })
@@ -298,8 +350,14 @@ impl Engine {
                 }
                 Ok(WriteAnswer::RouteEpoch { epoch: (*epoch).max(known) })
             }
+            WriteOp::Import { migration, step } => self.apply_import(ctx, migration, step),
+            WriteOp::PinOplog { name, from_index, expires_ms } => self.pin_oplog(ctx, name, *from_index, *expires_ms),
+            WriteOp::UnpinOplog { name } => {
+                ctx.batch.delete_cf(self.cf(keys::CF_META), keys::meta_key(keys::META_OPLOG_PIN, name));
+                Ok(WriteAnswer::Done)
+            }
             WriteOp::Checksum => {
-                let at = ChecksumAt { index: ctx.index, sum: self.db_sum(ctx.db) };
+                let at = ChecksumAt { index: ctx.index, sum: self.db_sum(ctx.db), catalog: self.catalog_digest(ctx.db) };
                 ctx.batch.put_cf(self.cf(keys::CF_META), checksum_key(ctx.db), encode(&at));
                 Ok(WriteAnswer::Checksum(at))
             }
@@ -328,7 +386,18 @@ impl Engine {
 
     /// The collection's metadata as this command sees it.
     pub(crate) fn meta(&self, ctx: &Ctx<'_>, coll: &str) -> Option<CollectionMeta> {
-        ctx.metas.get(coll).cloned().or_else(|| self.catalog_read().get(ctx.db, coll).cloned())
+        if let Some(m) = ctx.metas.get(coll) {
+            return Some(m.clone());
+        }
+        if ctx.pending.db_cleared || ctx.pending.cleared.contains(coll) {
+            return None;
+        }
+        self.catalog_read().get(ctx.db, coll).cloned()
+    }
+
+    /// Applies one op of the command (import steps apply oplog changes through it).
+    pub(crate) fn apply_one(&self, ctx: &mut Ctx<'_>, op: &WriteOp) -> Result<WriteAnswer, Refusal> {
+        self.apply_op(ctx, op)
     }
 
     pub(crate) fn ensure_collection(&self, ctx: &mut Ctx<'_>, coll: &str) -> CollectionMeta {
@@ -342,6 +411,9 @@ impl Engine {
     }
 
     pub(crate) fn oplog(&self, ctx: &mut Ctx<'_>, coll: Option<&str>, op: OplogOp) {
+        if ctx.quiet {
+            return;
+        }
         let entry = OplogEntry {
             index: ctx.index,
             seq: ctx.seq,
@@ -357,6 +429,9 @@ impl Engine {
     /// An oplog `put` with the document's JSON text copied as is (it reads back as
     /// [`OplogOp::Put`]).
     fn oplog_put(&self, ctx: &mut Ctx<'_>, coll: &str, id: &Value, doc: &RawValue) {
+        if ctx.quiet {
+            return;
+        }
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]
         struct Entry<'a> {
@@ -463,7 +538,7 @@ fn batch_catalog(engine: &Engine, batch: &mut WriteBatch, db: &str, coll: &str, 
 /// storage failure (the member cannot go on).
 /// Refuses a write whose batch outgrew [`MAX_WRITE_PRODUCED_BYTES`] (nothing of it is
 /// written: the caller clears the batch).
-fn check_produced(ctx: &Ctx<'_>) -> Result<(), Refusal> {
+pub(crate) fn check_produced(ctx: &Ctx<'_>) -> Result<(), Refusal> {
     if ctx.batch.size_in_bytes() > MAX_WRITE_PRODUCED_BYTES {
         return Err(ApiError::bad_request(format!(
             "the write would produce more than {} MiB of documents and oplog: change fewer or smaller documents at once",

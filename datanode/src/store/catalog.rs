@@ -153,6 +153,9 @@ impl CollectionMeta {
 pub struct Catalog {
     pub dbs: BTreeMap<String, BTreeMap<String, CollectionMeta>>,
     pub route_epochs: BTreeMap<String, u64>,
+    /// Databases being imported by a hot migration, with the migration's id: no client
+    /// request for them is served until the import finishes (`store::import`).
+    pub incoming: BTreeMap<String, String>,
 }
 
 impl Catalog {

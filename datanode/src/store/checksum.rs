@@ -85,13 +85,18 @@ pub struct DbSum {
 }
 
 /// What a member recorded for a database at a checksum marker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChecksumAt {
     /// The marker's Raft log index: every member records its sum at this same point.
     pub index: u64,
     #[serde(flatten)]
     pub sum: DbSum,
+    /// SHA-256 (hex) of the database's catalog: its collections' names and their indexes'
+    /// names, fields and uniqueness, so a copy whose indexes differ does not compare equal
+    /// ([`Engine::catalog_digest`]). Empty in markers recorded before it existed.
+    #[serde(default)]
+    pub catalog: String,
 }
 
 /// A scan of a database's stored documents against its recorded sums.
@@ -142,6 +147,30 @@ impl Engine {
             sum.documents += meta.documents;
         }
         sum
+    }
+
+    /// SHA-256 (hex) over the database's collections, sorted by name, each with its
+    /// indexes sorted by name (name, fields with directions, uniqueness). A build's
+    /// progress, `multikey` and `auto` are left out: they describe how an index came about,
+    /// not what it is, and a migrated copy builds its indexes anew.
+    pub fn catalog_digest(&self, db: &str) -> String {
+        let catalog = self.catalog_read();
+        let described: Vec<Value> = catalog
+            .dbs
+            .get(db)
+            .into_iter()
+            .flat_map(|colls| colls.iter())
+            .map(|(coll, meta)| {
+                let mut indexes: Vec<Value> = meta
+                    .indexes
+                    .iter()
+                    .map(|ix| serde_json::json!([ix.name, ix.fields, ix.unique]))
+                    .collect();
+                indexes.sort_by(|a, b| a[0].as_str().cmp(&b[0].as_str()));
+                serde_json::json!([coll, indexes])
+            })
+            .collect();
+        hex::encode(Sha256::digest(serde_json::to_vec(&described).unwrap_or_default()))
     }
 
     /// The sum this member recorded at the last checksum marker of `db`.

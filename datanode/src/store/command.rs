@@ -93,6 +93,25 @@ pub enum WriteOp {
     /// A checksum marker: every member records the database's sum as of this entry (see
     /// `store::checksum`), so replicas are compared at the same log index.
     Checksum,
+    /// One step of importing the database as hot migration `migration` (see
+    /// `store::import`): copied documents and oplog changes written as they are, with no
+    /// uniqueness check and no oplog entries of their own.
+    Import {
+        migration: String,
+        step: nimbus_api::migration::ImportStep,
+    },
+    /// Keeps the oplog from Raft index `from_index` on against retention until the replica
+    /// set's clock passes `expires_ms` (or an unpin), under `name`; pinning a name again
+    /// moves its pin. The command's database is not used.
+    PinOplog {
+        name: String,
+        from_index: u64,
+        expires_ms: u64,
+    },
+    /// Removes the pin `name` (nothing when there is none).
+    UnpinOplog {
+        name: String,
+    },
 }
 
 impl WriteOp {
@@ -110,6 +129,9 @@ impl WriteOp {
             WriteOp::DropDatabase => "drop_database",
             WriteOp::SetRouteEpoch { .. } => "set_route_epoch",
             WriteOp::Checksum => "checksum",
+            WriteOp::Import { .. } => "import",
+            WriteOp::PinOplog { .. } => "pin_oplog",
+            WriteOp::UnpinOplog { .. } => "unpin_oplog",
         }
     }
 }
@@ -156,6 +178,8 @@ pub enum WriteAnswer {
     },
     /// The database's sum at a checksum marker.
     Checksum(super::checksum::ChecksumAt),
+    /// An import step, an oplog pin or unpin took effect (or had already).
+    Done,
     /// A membership change or blank entry: no answer for a client.
     None,
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::catalog::{Catalog, CollectionMeta};
-use super::keys::{self, ALL_CFS, CF_CATALOG, CF_META, CF_OPLOG, META_CLOCK, META_ROUTE_EPOCH};
+use super::keys::{self, ALL_CFS, CF_CATALOG, CF_META, CF_OPLOG, META_CLOCK, META_INCOMING, META_ROUTE_EPOCH};
 use super::stats::QueryStats;
 
 /// Failures of the storage layer. All are I/O or corruption: not the client's fault, and
@@ -150,17 +150,35 @@ impl Engine {
             let Some(db) = k.strip_prefix(META_ROUTE_EPOCH) else { break };
             catalog.route_epochs.insert(String::from_utf8_lossy(db).into_owned(), decode("route epoch", &v)?);
         }
+        let from = IteratorMode::From(META_INCOMING, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_META), from) {
+            let (k, v) = item?;
+            let Some(db) = k.strip_prefix(META_INCOMING) else { break };
+            let mark: super::import::IncomingMark = decode("incoming mark", &v)?;
+            catalog.incoming.insert(String::from_utf8_lossy(db).into_owned(), mark.migration);
+        }
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
         Ok(())
     }
 
-    /// Refuses a request whose route epoch is older than the database's (`StaleRoute`).
+    /// Refuses a client request whose route epoch is older than the database's, or for a
+    /// database this replica set is still importing (`StaleRoute` both: the route the
+    /// sender used does not name this replica set, or no longer does).
     pub fn check_route_epoch(&self, db: &str, epoch: u64) -> Result<(), nimbus_api::ApiError> {
-        let known = self.catalog.read().unwrap_or_else(|p| p.into_inner()).route_epoch(db);
+        let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+        let known = catalog.route_epoch(db);
         if epoch < known {
             return Err(stale_route(db, epoch, known));
         }
+        if catalog.incoming.contains_key(db) {
+            return Err(importing(db));
+        }
         Ok(())
+    }
+
+    /// The hot migration importing `db` here, if one is.
+    pub fn incoming_migration(&self, db: &str) -> Option<String> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner()).incoming.get(db).cloned()
     }
 
     /// The time a command applies at: its leader's time, but never earlier than a command
@@ -264,6 +282,12 @@ impl Engine {
 pub(crate) fn stale_route(db: &str, epoch: u64, known: u64) -> nimbus_api::ApiError {
     nimbus_api::ApiError::stale_route(format!(
         "route epoch {epoch} of database {db} is stale: this replica set is at epoch {known}; re-read the route"
+    ))
+}
+
+pub(crate) fn importing(db: &str) -> nimbus_api::ApiError {
+    nimbus_api::ApiError::stale_route(format!(
+        "database {db} is being migrated to this replica set and is not served here yet; re-read the route"
     ))
 }
 

@@ -101,7 +101,7 @@ impl Engine {
         for k in ix_keys {
             let mut entry_prefix = prefix.clone();
             entry_prefix.extend_from_slice(&k);
-            if ix.unique {
+            if ix.unique && !ctx.unchecked {
                 self.check_unique(ctx, ix, &entry_prefix, id_enc)?;
                 ctx.pending.unique_added.insert(entry_prefix.clone(), id_enc.to_vec());
             }

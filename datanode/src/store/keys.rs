@@ -31,6 +31,25 @@ pub const META_CLOCK: &[u8] = b"clock";
 /// `route_epoch 00 db`: a database's route epoch (a JSON number).
 pub const META_ROUTE_EPOCH: &[u8] = b"route_epoch\0";
 
+/// `incoming 00 db`: the database is being imported by a hot migration (`store::import`):
+/// `{"migration": id}`.
+pub const META_INCOMING: &[u8] = b"incoming\0";
+/// `migrated 00 db`: how the database's last import ended (`store::import`), so a repeated
+/// `Finish` or `Abort` answers as the first one did.
+pub const META_MIGRATED: &[u8] = b"migrated\0";
+/// `oplog_pin 00 name`: an oplog pin (`store::gc`).
+pub const META_OPLOG_PIN: &[u8] = b"oplog_pin\0";
+/// The last Raft index whose oplog entries retention removed (a JSON number): a reader
+/// positioned before its end has lost changes (`OplogTruncated`).
+pub const META_OPLOG_GC_THROUGH: &[u8] = b"oplog_gc_through";
+
+/// `prefix name`: a `meta` key of one of the named families above.
+pub fn meta_key(prefix: &[u8], name: &str) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
 pub fn route_epoch_key(db: &str) -> Vec<u8> {
     let mut k = META_ROUTE_EPOCH.to_vec();
     k.extend_from_slice(db.as_bytes());
@@ -76,6 +95,11 @@ pub fn oplog_key(index: u64, seq: u32) -> [u8; 12] {
 
 pub fn oplog_key_index(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.get(..8)?.try_into().ok()?))
+}
+
+/// The Raft index and sequence number an oplog key names.
+pub fn oplog_key_position(key: &[u8]) -> Option<(u64, u32)> {
+    Some((oplog_key_index(key)?, u32::from_be_bytes(key.get(8..12)?.try_into().ok()?)))
 }
 
 pub fn idem_key(db: &str, key: &str) -> Vec<u8> {
