@@ -308,4 +308,13 @@ impl Engine {
         #[allow(clippy::expect_used)]
         self.commit(batch, Some(delta)).expect("write batch");
     }
+
+    /// [`Engine::commit_for_tests`], recording `index` as the applied index as the state
+    /// machine does.
+    #[doc(hidden)]
+    pub fn commit_applied_for_tests(&self, mut batch: WriteBatch, delta: super::apply::CatalogDelta, index: u64) {
+        let log_id = crate::raft::types::LogId::new(openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 }, index);
+        self.put_meta(&mut batch, keys::META_APPLIED, &Some(log_id));
+        self.commit_for_tests(batch, delta);
+    }
 }

@@ -1,0 +1,355 @@
+//! Hot migration's storage side driven directly (no Raft): exports and imports converging
+//! on the same checksum, the oplog of one database by position, oplog pins against
+//! retention, and the incoming mark.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use std::time::Duration;
+
+use nimbus_api::ErrorCode;
+use nimbus_api::admin::OplogEntry;
+use nimbus_api::migration::{ExportPart, ImportStep, OplogPosition};
+use nimbus_datanode::store::catalog::IndexSpec;
+use nimbus_datanode::store::engine::EngineOptions;
+use nimbus_datanode::store::read::QueryError;
+use nimbus_datanode::store::{Command, Engine, WriteAnswer, WriteOp, WriteResult};
+use serde_json::{Value, json};
+
+struct Node {
+    engine: Engine,
+    index: u64,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new(options: EngineOptions) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        Node { engine: Engine::open(dir.path(), options).unwrap(), index: 0, _dir: dir }
+    }
+
+    fn apply_at(&mut self, index: u64, ts_ms: u64, db: &str, key: Option<&str>, op: WriteOp) -> WriteResult {
+        self.index = index;
+        let cmd = Command {
+            db: db.into(),
+            op,
+            idempotency_key: key.map(str::to_owned),
+            ts_ms,
+            route_epoch: None,
+            request_hash: key.map(|_| "h".to_owned()),
+        };
+        let mut batch = rocksdb::WriteBatch::default();
+        let (result, delta) = self.engine.apply_command(&mut batch, &cmd, index).unwrap();
+        self.engine.commit_applied_for_tests(batch, delta, index);
+        result
+    }
+
+    fn apply(&mut self, db: &str, op: WriteOp) -> WriteResult {
+        self.apply_at(self.index + 1, 1_000, db, None, op)
+    }
+
+    fn import(&mut self, migration: &str, step: ImportStep) -> WriteResult {
+        self.apply("d", WriteOp::Import { migration: migration.into(), step })
+    }
+
+    fn checksum(&mut self, db: &str) -> Value {
+        match self.apply(db, WriteOp::Checksum).unwrap() {
+            WriteAnswer::Checksum(at) => {
+                let mut v = serde_json::to_value(at).unwrap();
+                v.as_object_mut().unwrap().remove("index");
+                v
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn insert(coll: &str, docs: Vec<Value>) -> WriteOp {
+    WriteOp::Insert { coll: coll.into(), docs: docs.iter().map(|d| serde_json::value::to_raw_value(d).unwrap()).collect() }
+}
+
+fn index(keys: Value, unique: bool) -> IndexSpec {
+    IndexSpec::from_request(&keys, unique, None).unwrap()
+}
+
+fn update_all(coll: &str, filter: Value, update: Value) -> WriteOp {
+    WriteOp::Update {
+        coll: coll.into(),
+        filter,
+        update,
+        multi: true,
+        upsert: false,
+        upsert_id: json!("unused"),
+        array_filters: None,
+    }
+}
+
+/// A source with several collections, nested documents, a unique and a compound index.
+fn source() -> Node {
+    let mut s = Node::new(EngineOptions::default());
+    s.apply("d", WriteOp::CreateIndex { coll: "users".into(), spec: index(json!({"email": 1}), true) }).unwrap();
+    s.apply("d", WriteOp::CreateIndex { coll: "users".into(), spec: index(json!({"a.b": 1, "n": -1}), false) })
+        .unwrap();
+    for i in 0..40 {
+        let doc = json!({"_id": i, "email": format!("u{i}@x"), "n": i % 7, "a": {"b": [i, {"c": "deep"}]}});
+        s.apply("d", insert("users", vec![doc])).unwrap();
+    }
+    s.apply("d", insert("orders", vec![json!({"_id": "o1", "items": [{"sku": 1}]}), json!({"_id": "o2"})])).unwrap();
+    s.apply("d", WriteOp::CreateCollection { coll: "empty".into() }).unwrap();
+    // Another database, whose changes the oplog of `d` leaves out.
+    s.apply("other", insert("x", vec![json!({"_id": 1})])).unwrap();
+    s
+}
+
+/// Exports every page of `d` from `s` into `t` (after `Begin`), `between` running between
+/// pages; answers the first page's index.
+fn copy(s: &mut Node, t: &mut Node, migration: &str, mut between: impl FnMut(&mut Node)) -> u64 {
+    t.import(migration, ImportStep::Begin).unwrap();
+    let mut after: Option<String> = None;
+    let mut first = None;
+    loop {
+        let page = s.engine.export_page("d", ExportPart::Documents, after.as_deref(), 300).unwrap();
+        first.get_or_insert(page.index);
+        assert!(!page.docs.is_empty());
+        t.import(migration, ImportStep::Collections { collections: page.collections.clone() }).unwrap();
+        t.import(migration, ImportStep::Docs { docs: page.docs.clone() }).unwrap();
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+        between(s);
+    }
+    first.unwrap()
+}
+
+/// Replays `d`'s oplog from `s` after `from` into `t`, in pages of `limit`.
+fn replay(s: &Node, t: &mut Node, migration: &str, from: OplogPosition, limit: usize) -> Vec<OplogEntry> {
+    let mut pos = from;
+    let mut all = Vec::new();
+    loop {
+        let page = s.engine.read_db_oplog("d", pos, limit).unwrap();
+        assert!(page.next >= pos);
+        if !page.entries.is_empty() {
+            t.import(migration, ImportStep::Ops { entries: page.entries.clone() }).unwrap();
+        }
+        all.extend(page.entries);
+        if page.next.index >= page.applied_index {
+            return all;
+        }
+        pos = page.next;
+    }
+}
+
+#[test]
+fn an_export_imported_elsewhere_has_the_same_documents_checksum_and_catalog() {
+    let mut s = source();
+    let mut t = Node::new(EngineOptions::default());
+    copy(&mut s, &mut t, "m1", |_| {});
+    t.import("m1", ImportStep::Finish { epoch: 3 }).unwrap();
+    assert_eq!(s.checksum("d"), t.checksum("d"));
+    assert_ne!(s.checksum("d"), t.checksum("other"), "the other database was not copied");
+    // The indexes work on the target: the unique one refuses a duplicate once it serves.
+    let dup = t.apply("d", insert("users", vec![json!({"_id": 99, "email": "u1@x"})])).unwrap_err();
+    assert_eq!(dup.code, ErrorCode::DuplicateKey);
+    assert_eq!(t.engine.list_indexes("d", "users").unwrap().len(), 2);
+    assert!(t.engine.incoming_migration("d").is_none());
+    // The import wrote no oplog entries on the target.
+    assert!(t.engine.read_oplog(0, 10).unwrap().is_empty());
+}
+
+#[test]
+fn pages_copied_while_the_source_changes_converge_once_the_oplog_is_replayed_even_twice() {
+    let mut s = source();
+    let mut t = Node::new(EngineOptions::default());
+    let mut round = 0;
+    let first = copy(&mut s, &mut t, "m1", |s| {
+        round += 1;
+        // Changes between pages: before and after the cursor, a delete, a new index, a
+        // dropped and re-created collection, a multi-update.
+        s.apply("d", update_all("users", json!({"n": round % 7}), json!({"$inc": {"v": 1}}))).unwrap();
+        s.apply("d", WriteOp::Delete { coll: "users".into(), filter: json!({"_id": 39 - round}), multi: false })
+            .unwrap();
+        s.apply("d", insert("users", vec![json!({"_id": 100 + round, "email": format!("new{round}")})])).unwrap();
+        if round == 2 {
+            s.apply("d", WriteOp::DropCollection { coll: "orders".into() }).unwrap();
+            s.apply("d", insert("orders", vec![json!({"_id": "o9"})])).unwrap();
+            s.apply("d", WriteOp::CreateIndex { coll: "orders".into(), spec: index(json!({"sku": 1}), false) })
+                .unwrap();
+            s.apply("d", WriteOp::DropIndex { coll: "users".into(), name: "a.b_1_n_-1".into() }).unwrap();
+        }
+    });
+    assert!(round >= 3, "the copy took {round} pages");
+    let ops = replay(&s, &mut t, "m1", OplogPosition::end_of(first), 7);
+    assert!(!ops.is_empty());
+    // Replayed again: the same state (every change is an idempotent after-image).
+    t.import("m1", ImportStep::Ops { entries: ops.clone() }).unwrap();
+    // Builds the target's new indexes (the leader's builder does this on a replica set).
+    for (db, coll, name) in t.engine.building_indexes() {
+        loop {
+            match t.apply(&db, WriteOp::BuildIndex { coll: coll.clone(), name: name.clone() }).unwrap() {
+                WriteAnswer::IndexBuildStep { done: true, failed: None } => break,
+                WriteAnswer::IndexBuildStep { done: false, .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(s.checksum("d"), t.checksum("d"));
+    let verified = t.engine.verify_checksum("d").unwrap();
+    assert!(verified.mismatched.is_empty() && verified.recorded == verified.scanned, "{verified:?}");
+}
+
+#[test]
+fn a_page_of_the_oplog_stops_inside_a_multi_update_and_the_next_continues_there() {
+    let mut s = Node::new(EngineOptions::default());
+    s.apply("d", insert("c", (0..25).map(|i| json!({"_id": i, "v": 0})).collect())).unwrap();
+    s.apply("other", insert("c", vec![json!({"_id": 1})])).unwrap();
+    let before = s.index;
+    s.apply("d", update_all("c", json!({}), json!({"$set": {"v": 1}}))).unwrap();
+    let multi = s.index;
+    let mut pos = OplogPosition::end_of(before);
+    let mut seen = Vec::new();
+    loop {
+        let page = s.engine.read_db_oplog("d", pos, 10).unwrap();
+        assert!(page.entries.len() <= 10);
+        seen.extend(page.entries.iter().map(|e| (e.index, e.seq)));
+        if page.next == pos {
+            break;
+        }
+        pos = page.next;
+    }
+    let expected: Vec<(u64, u32)> = (0..25).map(|s| (multi, s)).collect();
+    assert_eq!(seen, expected, "every change of the multi-update exactly once, in order");
+    assert_eq!(pos, OplogPosition::end_of(multi));
+}
+
+#[test]
+fn a_page_of_a_quiet_database_among_busy_ones_still_moves_on() {
+    let mut s = Node::new(EngineOptions::default());
+    for i in 0..100 {
+        s.apply("busy", insert("c", vec![json!({"_id": i})])).unwrap();
+    }
+    let page = s.engine.read_db_oplog("quiet", OplogPosition::default(), 2).unwrap();
+    assert!(page.entries.is_empty());
+    // The first insert made two changes (the collection, the document): 20 entries scanned.
+    assert_eq!(page.next, OplogPosition { index: 19, seq: 0 }, "a page scans ten entries per change asked for");
+    let page = s.engine.read_db_oplog("quiet", OplogPosition::end_of(95), 2).unwrap();
+    assert_eq!(page.next, OplogPosition::end_of(page.applied_index), "the end reached: caught up");
+}
+
+/// Writes at time 0 up to index 5119, then one at 120 s: the garbage collection at 5120
+/// finds the old entries past a 60 s retention.
+fn aged(pin: Option<(u64, u64)>) -> Node {
+    let options = EngineOptions { oplog_retention: Duration::from_secs(60), ..Default::default() };
+    let mut s = Node::new(options);
+    for i in 1..5120 {
+        if i == 2
+            && let Some((from, expires)) = pin
+        {
+            s.apply_at(i, 0, "", None, WriteOp::PinOplog { name: "m1".into(), from_index: from, expires_ms: expires })
+                .unwrap();
+            continue;
+        }
+        s.apply_at(i, 0, "d", None, insert("c", vec![json!({"_id": i})])).unwrap();
+    }
+    s.apply_at(5120, 120_000, "d", None, insert("c", vec![json!({"_id": 5120})])).unwrap();
+    s
+}
+
+#[test]
+fn a_position_retention_removed_is_refused_as_truncated() {
+    let s = aged(None);
+    assert_eq!(s.engine.oplog_first_index().unwrap(), Some(1024));
+    match s.engine.read_db_oplog("d", OplogPosition { index: 500, seq: 0 }, 10) {
+        Err(QueryError::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::OplogTruncated);
+            assert_eq!(e.code.status(), 410);
+            assert!(e.message.contains("start again from an export"), "{}", e.message);
+        }
+        other => panic!("expected OplogTruncated, got {other:?}"),
+    }
+    let page = s.engine.read_db_oplog("d", OplogPosition::end_of(1023), 10).unwrap();
+    assert_eq!(page.entries[0].index, 1024);
+}
+
+#[test]
+fn a_pin_holds_the_oplog_against_retention_until_it_expires_or_is_removed() {
+    let s = aged(Some((100, u64::MAX)));
+    assert_eq!(s.engine.oplog_first_index().unwrap(), Some(100), "the pin kept the oplog from its index");
+    let page = s.engine.read_db_oplog("d", OplogPosition::end_of(99), 10).unwrap();
+    assert_eq!(page.entries[0].index, 100);
+    // An expired pin holds nothing, and the collection removes it.
+    let s = aged(Some((100, 60_000)));
+    assert_eq!(s.engine.oplog_first_index().unwrap(), Some(1024));
+    assert!(s.engine.oplog_pins().unwrap().is_empty());
+    // Unpinned, the next collection removes what the pin held.
+    let mut s = aged(Some((100, u64::MAX)));
+    s.apply_at(5121, 120_000, "", None, WriteOp::UnpinOplog { name: "m1".into() }).unwrap();
+    for i in 5122..=6144 {
+        s.apply_at(i, 120_000, "d", None, insert("c", vec![json!({"_id": i})])).unwrap();
+    }
+    assert_eq!(s.engine.oplog_first_index().unwrap(), Some(2048));
+    // A pin from a position retention already removed cannot be kept.
+    let e = s
+        .apply_at(6145, 120_000, "", None, WriteOp::PinOplog { name: "m2".into(), from_index: 5, expires_ms: u64::MAX })
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::OplogTruncated);
+}
+
+#[test]
+fn only_the_migration_that_began_may_import_and_finish_and_abort_answer_again() {
+    let mut t = Node::new(EngineOptions::default());
+    let docs = ImportStep::Docs {
+        docs: vec![nimbus_api::migration::ExportedDoc {
+            coll: "c".into(),
+            doc: serde_json::value::to_raw_value(&json!({"_id": 1})).unwrap(),
+        }],
+    };
+    let e = t.import("m1", docs.clone()).unwrap_err();
+    assert!(e.message.contains("send Begin first"), "{}", e.message);
+    assert!(t.engine.list_collections("d").is_empty());
+    t.import("m1", ImportStep::Begin).unwrap();
+    assert_eq!(t.engine.check_route_epoch("d", 0).unwrap_err().code, ErrorCode::StaleRoute);
+    assert!(t.import("m2", docs.clone()).unwrap_err().message.contains("incoming for migration m1"));
+    t.import("m1", docs.clone()).unwrap();
+    t.import("m1", ImportStep::Finish { epoch: 4 }).unwrap();
+    t.import("m1", ImportStep::Finish { epoch: 4 }).unwrap();
+    t.engine.check_route_epoch("d", 4).unwrap();
+    assert_eq!(t.engine.check_route_epoch("d", 3).unwrap_err().code, ErrorCode::StaleRoute);
+    assert!(t.import("m1", ImportStep::Abort).unwrap_err().message.contains("cannot be aborted"));
+    assert_eq!(t.engine.list_collections("d")[0].documents, 1);
+    // A second migration begins, then aborts: its data and mark are gone, twice over.
+    t.import("m2", ImportStep::Begin).unwrap();
+    t.import("m2", docs).unwrap();
+    t.import("m2", ImportStep::Abort).unwrap();
+    t.import("m2", ImportStep::Abort).unwrap();
+    assert!(t.engine.list_collections("d").is_empty());
+    assert!(t.engine.incoming_migration("d").is_none());
+    t.engine.check_route_epoch("d", 4).unwrap();
+}
+
+#[test]
+fn an_incoming_mark_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut n = Node { engine: Engine::open(dir.path(), EngineOptions::default()).unwrap(), index: 0, _dir: tempfile::tempdir().unwrap() };
+        n.import("m1", ImportStep::Begin).unwrap();
+    }
+    let engine = Engine::open(dir.path(), EngineOptions::default()).unwrap();
+    assert_eq!(engine.incoming_migration("d").as_deref(), Some("m1"));
+}
+
+#[test]
+fn an_idempotency_record_moved_answers_the_retry_without_applying_it_twice() {
+    let mut s = Node::new(EngineOptions::default());
+    s.apply("d", insert("c", vec![json!({"_id": 1, "v": 0})])).unwrap();
+    let inc = || update_all("c", json!({"_id": 1}), json!({"$inc": {"v": 1}}));
+    let first = s.apply_at(2, 1_000, "d", Some("k1"), inc()).unwrap();
+    let mut t = Node::new(EngineOptions::default());
+    copy(&mut s, &mut t, "m1", |_| {});
+    let page = s.engine.export_page("d", ExportPart::Idempotency, None, 1 << 20).unwrap();
+    assert_eq!(page.idempotency.len(), 1);
+    t.import("m1", ImportStep::Idempotency { records: page.idempotency }).unwrap();
+    t.import("m1", ImportStep::Finish { epoch: 1 }).unwrap();
+    let retry = t.apply_at(t.index + 1, 2_000, "d", Some("k1"), inc()).unwrap();
+    assert_eq!(retry, first);
+    assert_eq!(t.engine.get("d", "c", &json!(1)).unwrap().unwrap()["v"], 1);
+}
