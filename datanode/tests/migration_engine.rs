@@ -64,7 +64,10 @@ impl Node {
 }
 
 fn insert(coll: &str, docs: Vec<Value>) -> WriteOp {
-    WriteOp::Insert { coll: coll.into(), docs: docs.iter().map(|d| serde_json::value::to_raw_value(d).unwrap()).collect() }
+    WriteOp::Insert {
+        coll: coll.into(),
+        docs: docs.iter().map(|d| serde_json::value::to_raw_value(d).unwrap()).collect(),
+    }
 }
 
 fn index(keys: Value, unique: bool) -> IndexSpec {
@@ -330,7 +333,11 @@ fn only_the_migration_that_began_may_import_and_finish_and_abort_answer_again() 
 fn an_incoming_mark_survives_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let mut n = Node { engine: Engine::open(dir.path(), EngineOptions::default()).unwrap(), index: 0, _dir: tempfile::tempdir().unwrap() };
+        let mut n = Node {
+            engine: Engine::open(dir.path(), EngineOptions::default()).unwrap(),
+            index: 0,
+            _dir: tempfile::tempdir().unwrap(),
+        };
         n.import("m1", ImportStep::Begin).unwrap();
     }
     let engine = Engine::open(dir.path(), EngineOptions::default()).unwrap();

@@ -67,16 +67,34 @@ async fn a_database_moved_between_replica_sets_is_equal_and_served_at_the_new_ep
     // The source: two collections, nested documents, a unique and a compound index, and a
     // write made with an idempotency key.
     for (keys, unique) in [(json!({"email": 1}), true), (json!({"addr.city": 1, "age": -1}), false)] {
-        let (st, b) =
-            data(&src, sl, Method::POST, &format!("{users}/indexes"), Some(&json!({"keys": keys, "unique": unique})), "0", &[]).await;
+        let (st, b) = data(
+            &src,
+            sl,
+            Method::POST,
+            &format!("{users}/indexes"),
+            Some(&json!({"keys": keys, "unique": unique})),
+            "0",
+            &[],
+        )
+        .await;
         assert!(st == 200 || st == 201, "{b}");
     }
     let docs: Vec<Value> = (0..60)
         .map(|i| json!({"_id": i, "email": format!("u{i}@x"), "age": i % 9, "addr": {"city": format!("c{}", i % 4), "tags": [i, {"deep": [1, 2]}]}}))
         .collect();
-    let (st, b) = data(&src, sl, Method::POST, &format!("{users}/documents"), Some(&json!({"documents": docs})), "0", &[]).await;
+    let (st, b) =
+        data(&src, sl, Method::POST, &format!("{users}/documents"), Some(&json!({"documents": docs})), "0", &[]).await;
     assert_eq!(st, 201, "{b}");
-    let (st, b) = data(&src, sl, Method::POST, &format!("{orders}/documents"), Some(&json!({"documents": [{"_id": "o1", "n": 0}]})), "0", &[]).await;
+    let (st, b) = data(
+        &src,
+        sl,
+        Method::POST,
+        &format!("{orders}/documents"),
+        Some(&json!({"documents": [{"_id": "o1", "n": 0}]})),
+        "0",
+        &[],
+    )
+    .await;
     assert_eq!(st, 201, "{b}");
     let bump = json!({"filter": {"_id": "o1"}, "update": {"$inc": {"n": 1}}});
     let (st, first_answer) =
@@ -87,7 +105,10 @@ async fn a_database_moved_between_replica_sets_is_equal_and_served_at_the_new_ep
     let follower = (sl + 1) % 3;
     let (st, b) = src
         .client
-        .post(&format!("{}/v1/admin/export", src.nodes[follower].admin), &json!({"db": "shop", "part": "documents", "maxBytes": 1000}))
+        .post(
+            &format!("{}/v1/admin/export", src.nodes[follower].admin),
+            &json!({"db": "shop", "part": "documents", "maxBytes": 1000}),
+        )
         .await;
     assert_eq!((st, b["error"]["code"].as_str()), (421, Some("NotLeader")), "{b}");
 
@@ -114,16 +135,39 @@ async fn a_database_moved_between_replica_sets_is_equal_and_served_at_the_new_ep
         if first_index.is_none() {
             let index = page["index"].as_u64().unwrap();
             first_index = Some(index);
-            post_ok(&src.client, &format!("{src_admin}/v1/admin/oplog/pin"), &json!({"name": "m1", "fromIndex": index, "expiresMs": u64::MAX / 2})).await;
+            post_ok(
+                &src.client,
+                &format!("{src_admin}/v1/admin/oplog/pin"),
+                &json!({"name": "m1", "fromIndex": index, "expiresMs": u64::MAX / 2}),
+            )
+            .await;
         }
         pages += 1;
         assert_eq!(page["collections"].as_array().unwrap().len(), 2, "{page}");
         import_ok(&dst, json!({"collections": {"collections": page["collections"]}})).await;
         import_ok(&dst, json!({"docs": {"docs": page["docs"]}})).await;
         // Changes behind and ahead of the cursor, a delete and a multi-update.
-        let (st, _) = data(&src, sl, Method::POST, &format!("{users}/update"), Some(&json!({"filter": {"age": pages % 9}, "update": {"$set": {"page": pages}}, "multi": true})), "0", &[]).await;
+        let (st, _) = data(
+            &src,
+            sl,
+            Method::POST,
+            &format!("{users}/update"),
+            Some(&json!({"filter": {"age": pages % 9}, "update": {"$set": {"page": pages}}, "multi": true})),
+            "0",
+            &[],
+        )
+        .await;
         assert_eq!(st, 200);
-        let (st, _) = data(&src, sl, Method::POST, &format!("{users}/delete"), Some(&json!({"filter": {"_id": 59 - pages}})), "0", &[]).await;
+        let (st, _) = data(
+            &src,
+            sl,
+            Method::POST,
+            &format!("{users}/delete"),
+            Some(&json!({"filter": {"_id": 59 - pages}})),
+            "0",
+            &[],
+        )
+        .await;
         assert_eq!(st, 200);
         match page["next"].as_str() {
             Some(n) => after = Some(n.to_owned()),
@@ -144,13 +188,25 @@ async fn a_database_moved_between_replica_sets_is_equal_and_served_at_the_new_ep
             ("GET", format!("{users}/indexes"), None),
             ("GET", "/v1/databases/shop/collections".to_owned(), None),
         ] {
-            let a = send(&addr_of(&n.data), method, target.as_bytes(), &[("authorization", &auth), ("x-nimbus-route-epoch", "0")], body);
-            assert_eq!((a.status, a.json()["error"]["code"].as_str()), (421, Some("StaleRoute")), "{method} {target}: {}", a.text());
+            let a = send(
+                &addr_of(&n.data),
+                method,
+                target.as_bytes(),
+                &[("authorization", &auth), ("x-nimbus-route-epoch", "0")],
+                body,
+            );
+            assert_eq!(
+                (a.status, a.json()["error"]["code"].as_str()),
+                (421, Some("StaleRoute")),
+                "{method} {target}: {}",
+                a.text()
+            );
         }
     }
 
     // The fence, then the oplog from the first page's index through it, twice over.
-    let fence = post_ok(&src.client, &format!("{src_admin}/v1/admin/route-epoch"), &json!({"db": "shop", "epoch": 1})).await;
+    let fence =
+        post_ok(&src.client, &format!("{src_admin}/v1/admin/route-epoch"), &json!({"db": "shop", "epoch": 1})).await;
     let final_index = fence["index"].as_u64().unwrap();
     assert_eq!(fence["epoch"], 1);
     let (st, b) = data(&src, sl, Method::POST, &format!("{users}/find"), Some(&json!({})), "0", &[]).await;
@@ -171,7 +227,12 @@ async fn a_database_moved_between_replica_sets_is_equal_and_served_at_the_new_ep
             }
         }
     }
-    let idem = post_ok(&src.client, &format!("{src_admin}/v1/admin/export"), &json!({"db": "shop", "part": "idempotency", "maxBytes": 100000})).await;
+    let idem = post_ok(
+        &src.client,
+        &format!("{src_admin}/v1/admin/export"),
+        &json!({"db": "shop", "part": "idempotency", "maxBytes": 100000}),
+    )
+    .await;
     assert_eq!(idem["idempotency"].as_array().unwrap().len(), 1, "{idem}");
     import_ok(&dst, json!({"idempotency": {"records": idem["idempotency"]}})).await;
 
@@ -190,7 +251,16 @@ async fn a_database_moved_between_replica_sets_is_equal_and_served_at_the_new_ep
     let (st, b) = data(&dst, dl, Method::POST, &format!("{users}/count"), Some(&json!({})), "0", &[]).await;
     assert_eq!((st, b["error"]["code"].as_str()), (421, Some("StaleRoute")), "{b}");
     // The unique index holds on the target.
-    let (st, b) = data(&dst, dl, Method::POST, &format!("{users}/documents"), Some(&json!({"documents": [{"email": "u1@x"}]})), "1", &[]).await;
+    let (st, b) = data(
+        &dst,
+        dl,
+        Method::POST,
+        &format!("{users}/documents"),
+        Some(&json!({"documents": [{"email": "u1@x"}]})),
+        "1",
+        &[],
+    )
+    .await;
     assert_eq!((st, b["error"]["code"].as_str()), (409, Some("DuplicateKey")), "{b}");
     // The idempotent write retried after the switch gets its first answer, not applied again.
     let (st, retry) =

@@ -320,7 +320,8 @@ async fn unpin_oplog(State(ctx): Ctx, JsonBody(req): JsonBody<UnpinOplogRequest>
     if req.name.is_empty() {
         return Err(ApiError::bad_request("name must not be empty").into());
     }
-    let (_, index) = ctx.propose_internal_at(String::new(), crate::store::WriteOp::UnpinOplog { name: req.name }).await?;
+    let (_, index) =
+        ctx.propose_internal_at(String::new(), crate::store::WriteOp::UnpinOplog { name: req.name }).await?;
     Ok(axum::Json(ImportAnswer { index }).into_response())
 }
 

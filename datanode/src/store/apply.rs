@@ -357,7 +357,8 @@ impl Engine {
                 Ok(WriteAnswer::Done)
             }
             WriteOp::Checksum => {
-                let at = ChecksumAt { index: ctx.index, sum: self.db_sum(ctx.db), catalog: self.catalog_digest(ctx.db) };
+                let at =
+                    ChecksumAt { index: ctx.index, sum: self.db_sum(ctx.db), catalog: self.catalog_digest(ctx.db) };
                 ctx.batch.put_cf(self.cf(keys::CF_META), checksum_key(ctx.db), encode(&at));
                 Ok(WriteAnswer::Checksum(at))
             }

@@ -313,7 +313,8 @@ impl Engine {
     /// machine does.
     #[doc(hidden)]
     pub fn commit_applied_for_tests(&self, mut batch: WriteBatch, delta: super::apply::CatalogDelta, index: u64) {
-        let log_id = crate::raft::types::LogId::new(openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 }, index);
+        let log_id =
+            crate::raft::types::LogId::new(openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 }, index);
         self.put_meta(&mut batch, keys::META_APPLIED, &Some(log_id));
         self.commit_for_tests(batch, delta);
     }

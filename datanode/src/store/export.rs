@@ -82,9 +82,12 @@ impl Engine {
                     let rest = &key[prefix.len()..];
                     let coll_len = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
                     let coll = String::from_utf8_lossy(&rest[..coll_len]).into_owned();
-                    let text = String::from_utf8(value.to_vec())
-                        .map_err(|_| StoreError::Decode { what: "document", source: serde::de::Error::custom("not UTF-8") })?;
-                    let doc = RawValue::from_string(text).map_err(|source| StoreError::Decode { what: "document", source })?;
+                    let text = String::from_utf8(value.to_vec()).map_err(|_| StoreError::Decode {
+                        what: "document",
+                        source: serde::de::Error::custom("not UTF-8"),
+                    })?;
+                    let doc = RawValue::from_string(text)
+                        .map_err(|source| StoreError::Decode { what: "document", source })?;
                     page.docs.push(ExportedDoc { coll, doc });
                     Ok(())
                 })?;
@@ -189,17 +192,16 @@ impl Engine {
         };
         let mut entries = Vec::new();
         let mut next = after;
-        let mut scanned = 0usize;
         let mut exhausted = true;
         let scan_limit = limit.saturating_mul(OPLOG_SCAN_PER_CHANGE);
         let ro = snapshot_options(&snap);
-        for item in self.db.iterator_cf_opt(self.cf(CF_OPLOG), ro, IteratorMode::From(&start, Direction::Forward)) {
+        let it = self.db.iterator_cf_opt(self.cf(CF_OPLOG), ro, IteratorMode::From(&start, Direction::Forward));
+        for (scanned, item) in it.enumerate() {
             if entries.len() >= limit || scanned >= scan_limit {
                 exhausted = false;
                 break;
             }
             let (k, v) = item?;
-            scanned += 1;
             if let Some((index, seq)) = keys::oplog_key_position(&k) {
                 next = OplogPosition { index, seq };
             }

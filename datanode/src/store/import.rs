@@ -297,7 +297,10 @@ impl Engine {
             OplogOp::CreateIndex { spec } => {
                 let coll = checked_coll(coll()?)?;
                 let spec: IndexSpec = serde_json::from_value(spec.clone()).map_err(|err| {
-                    ApiError::bad_request(format!("oplog change {}:{}: invalid index specification: {err}", e.index, e.seq))
+                    ApiError::bad_request(format!(
+                        "oplog change {}:{}: invalid index specification: {err}",
+                        e.index, e.seq
+                    ))
                 })?;
                 self.import_index(ctx, coll, spec)
             }
