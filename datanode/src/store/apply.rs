@@ -238,7 +238,9 @@ impl Engine {
         }
     }
 
-    fn apply_op(&self, ctx: &mut Ctx<'_>, op: &WriteOp) -> Result<WriteAnswer, Refusal> {
+    /// Applies one operation into the command's batch (import steps apply the source's
+    /// oplog changes through it too).
+    pub(crate) fn apply_op(&self, ctx: &mut Ctx<'_>, op: &WriteOp) -> Result<WriteAnswer, Refusal> {
         match op {
             WriteOp::Insert { coll, docs } => {
                 let mut ids = Vec::with_capacity(docs.len());
@@ -394,11 +396,6 @@ impl Engine {
             return None;
         }
         self.catalog_read().get(ctx.db, coll).cloned()
-    }
-
-    /// Applies one op of the command (import steps apply oplog changes through it).
-    pub(crate) fn apply_one(&self, ctx: &mut Ctx<'_>, op: &WriteOp) -> Result<WriteAnswer, Refusal> {
-        self.apply_op(ctx, op)
     }
 
     pub(crate) fn ensure_collection(&self, ctx: &mut Ctx<'_>, coll: &str) -> CollectionMeta {

@@ -136,7 +136,7 @@ impl Engine {
     /// Drops the database's documents, indexes, catalog, idempotency records and its last
     /// checksum marker; its route epoch stays.
     fn drop_imported(&self, ctx: &mut Ctx<'_>) -> Result<(), Refusal> {
-        self.apply_one(ctx, &WriteOp::DropDatabase)?;
+        self.apply_op(ctx, &WriteOp::DropDatabase)?;
         ctx.batch.delete_cf(self.cf(CF_META), checksum_key(ctx.db));
         Ok(())
     }
@@ -291,7 +291,7 @@ impl Engine {
                 Ok(())
             }
             OplogOp::DropCollection => {
-                self.apply_one(ctx, &WriteOp::DropCollection { coll: checked_coll(coll()?)?.to_owned() })?;
+                self.apply_op(ctx, &WriteOp::DropCollection { coll: checked_coll(coll()?)?.to_owned() })?;
                 Ok(())
             }
             OplogOp::CreateIndex { spec } => {
@@ -306,11 +306,11 @@ impl Engine {
             }
             OplogOp::DropIndex { name } => {
                 let op = WriteOp::DropIndex { coll: checked_coll(coll()?)?.to_owned(), name: name.clone() };
-                self.apply_one(ctx, &op)?;
+                self.apply_op(ctx, &op)?;
                 Ok(())
             }
             OplogOp::DropDatabase => {
-                self.apply_one(ctx, &WriteOp::DropDatabase)?;
+                self.apply_op(ctx, &WriteOp::DropDatabase)?;
                 Ok(())
             }
         }
