@@ -316,7 +316,8 @@ async fn checksum(t: &Tenant, coll: &str) -> anyhow::Result<(u64, u64)> {
             n += 1;
         }
     }
-    let (st, count) = t.call(Method::POST, &format!("collections/{coll}/count"), Some(&json!({"filter": {}})), None).await;
+    let (st, count) =
+        t.call(Method::POST, &format!("collections/{coll}/count"), Some(&json!({"filter": {}})), None).await;
     if st != 200 || count["count"] != n {
         bail!("{coll}: {n} documents read, but count answers {st} {count}");
     }
@@ -471,7 +472,8 @@ impl Reader {
                     report.errors.push(format!("acknowledged {id} then read {st} {doc}"));
                     continue;
                 }
-                let (st, c) = t.call(Method::GET, &format!("collections/{COLLECTION}/documents/{COUNTER_ID}"), None, None).await;
+                let (st, c) =
+                    t.call(Method::GET, &format!("collections/{COLLECTION}/documents/{COUNTER_ID}"), None, None).await;
                 match c["n"].as_u64() {
                     Some(now) if st == 200 && now >= counter => counter = now,
                     _ => {
@@ -555,7 +557,9 @@ impl Registers {
                             let (st, answer) = t.call(Method::POST, &rest, Some(&body), Some(&idem)).await;
                             let ret = epoch.elapsed().as_nanos() as u64;
                             match st {
-                                200 if answer["matched"] == 1 => Some(Event { op: Op::Write(value), call, ret: Some(ret) }),
+                                200 if answer["matched"] == 1 => {
+                                    Some(Event { op: Op::Write(value), call, ret: Some(ret) })
+                                }
                                 0 | 503 => Some(Event { op: Op::Write(value), call, ret: None }),
                                 _ => {
                                     errors.push(format!("write of {key}: {st} {answer}"));

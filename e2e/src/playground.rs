@@ -75,7 +75,8 @@ impl Playground {
     pub fn gateway_pid(&self) -> anyhow::Result<u32> {
         let gw = self.gateway()?;
         let addr = gw.trim_start_matches("http://");
-        child_with_arg(self.control_plane_pid()?, "--listen", addr).with_context(|| format!("no gateway process listening on {addr}"))
+        child_with_arg(self.control_plane_pid()?, "--listen", addr)
+            .with_context(|| format!("no gateway process listening on {addr}"))
     }
 
     /// etcd's pid: the control plane's child started with `--listen-client-urls` at the
@@ -227,7 +228,9 @@ pub fn parent_of(pid: u32) -> Option<u32> {
 /// The arguments of process `pid` (empty when it is gone).
 pub fn command_line(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| b.split(|c| *c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+        .map(|b| {
+            b.split(|c| *c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+        })
         .unwrap_or_default()
 }
 

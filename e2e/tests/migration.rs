@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use nimbus_e2e::DataClient;
 use nimbus_e2e::linearizability;
 use nimbus_e2e::migration::{
-    ANCHOR, Contents, PRELOAD, Reader, Registers, RetryingWriters, SOURCE_POOL, SWITCHED, Stopped, TARGET_POOL,
-    Tenant, TwoPools, in_phase, kill_gateway, leader_of, migration_of, preload, settled_in, wait_instance,
+    ANCHOR, Contents, PRELOAD, Reader, Registers, RetryingWriters, SOURCE_POOL, SWITCHED, Stopped, TARGET_POOL, Tenant,
+    TwoPools, in_phase, kill_gateway, leader_of, migration_of, preload, settled_in, wait_instance,
 };
 use nimbus_e2e::playground::kill9;
 use nimbus_e2e::workload::{self, Writers};
@@ -153,7 +153,7 @@ async fn the_source_leader_killed_during_the_copy_and_the_target_leader_during_c
     let shop = Tenant::of(pg, &client, TENANT).unwrap();
     let v = pg.json().unwrap();
     let (source, target) = (replica_set(&v, TENANT), replica_set(&v, ANCHOR));
-    let docs = preload(&shop, COPY_BYTES, DOC_BYTES, 4).await.unwrap();
+    let docs = preload(&shop, COPY_BYTES, DOC_BYTES, 8).await.unwrap();
     let before = Contents::read(&shop, &[PRELOAD]).await.unwrap();
     workload::prepare(&client, &shop.gateway, &shop.db, &shop.token).await.unwrap();
     let writers = RetryingWriters::start(&shop, 8);
@@ -182,7 +182,8 @@ async fn the_source_leader_killed_during_the_copy_and_the_target_leader_during_c
     eprintln!("killing the target leader {} during catch-up: {}", leader["id"], i["migration"]);
     kill9(leader["pid"].as_u64().unwrap() as u32).unwrap();
 
-    let v = wait_instance(pg, TENANT, "the migration completed", MIGRATION, |i| settled_in(i, TARGET_POOL)).await.unwrap();
+    let v =
+        wait_instance(pg, TENANT, "the migration completed", MIGRATION, |i| settled_in(i, TARGET_POOL)).await.unwrap();
     let m = assert_completed(&v, TARGET_POOL, &source, &target);
     eprintln!("migration: {m}");
     writers.wait_for(100, WRITES).await.unwrap();

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use nimbus_bench::{Report, http_outcome, run_load};
-use nimbus_e2e::migration::{PRELOAD, RUNNING, SWITCHED, Tenant, TwoPools, in_phase, migration_of, preload};
+use nimbus_bench::{LeaderChanges, Report, http_outcome, run_load};
+use nimbus_e2e::migration::{ANCHOR, PRELOAD, RUNNING, SWITCHED, Tenant, TwoPools, in_phase, migration_of, preload};
 use nimbus_e2e::workload::quantile;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -250,6 +250,18 @@ async fn main() -> anyhow::Result<()> {
     }
     let write_rate = sustained * args.load_fraction;
 
+    // Elections of either replica set from here on are unprovoked: nothing is killed.
+    let v = two.pg.json()?;
+    let (source_rs, target_rs) =
+        (v["instances"][TENANT]["replicaSet"].clone(), v["instances"][ANCHOR]["replicaSet"].clone());
+    let members = |rs: &Value| -> Vec<String> {
+        let ds = v["datanodes"].as_array().into_iter().flatten().filter(|d| &d["replicaSet"] == rs);
+        ds.filter_map(|d| d["admin"].as_str().map(str::to_owned)).collect()
+    };
+    let (source_admins, target_admins) = (members(&source_rs), members(&target_rs));
+    let mut source_elections = LeaderChanges::start(&source_admins).await?;
+    let mut target_elections = LeaderChanges::start(&target_admins).await?;
+
     // 2. The load: the tenant's writes and reads, the other tenant's.
     let t0 = Instant::now();
     let writes = {
@@ -308,6 +320,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    source_elections.sample(&source_admins, 0).await?;
+    target_elections.sample(&target_admins, 0).await?;
     let v = two.pg.json()?;
     let i = &v["instances"][TENANT];
     let m = migration_of(&v, TENANT);
@@ -330,7 +344,11 @@ async fn main() -> anyhow::Result<()> {
         ["CatchingUp", "Holding", "Switching"].iter().find_map(|p| phases.get(*p).copied()).unwrap_or(migration_end);
     let bytes_copied = m["bytesCopied"].as_u64().unwrap_or(0) as f64;
     out.add("documents_copied", m["documentsCopied"].as_u64().unwrap_or(0) as f64, "documents");
-    out.add("copy_mb_per_sec", bytes_copied / 1e6 / copy_end.saturating_sub(copy_start).as_secs_f64().max(1e-3), "MB/s");
+    out.add(
+        "copy_mb_per_sec",
+        bytes_copied / 1e6 / copy_end.saturating_sub(copy_start).as_secs_f64().max(1e-3),
+        "MB/s",
+    );
 
     let before = Duration::from_secs(1);
     let cut = phases.get("Holding").or(phases.get("Switching")).copied().unwrap_or(migration_end);
@@ -355,6 +373,9 @@ async fn main() -> anyhow::Result<()> {
     out.add("other_failed_requests", others.iter().filter(|s| !s.ok).count() as f64, "requests");
     out.add("hold_ms", m["holdMs"].as_f64().unwrap_or(f64::NAN), "ms");
     out.add("migration_attempts", m["attempt"].as_f64().unwrap_or(f64::NAN), "attempts");
+
+    let unprovoked = source_elections.unprovoked() + target_elections.unprovoked();
+    out.add("unprovoked_leader_changes", unprovoked as f64, "count");
 
     let acked: Vec<u64> = writes.iter().filter(|s| s.ok).map(|s| s.seq).collect();
     let lost = lost_writes(&tenant, &acked).await?;
