@@ -98,11 +98,14 @@ pub struct TwoPools {
     pub pg: Playground,
     pub to_target: PathBuf,
     pub to_source: PathBuf,
+    /// Holds the manifests; removed when dropped.
+    _manifests: tempfile::TempDir,
 }
 
 impl TwoPools {
     pub fn up(tenant: &str, others: &[&str], env: &[(&str, &str)]) -> anyhow::Result<TwoPools> {
-        let files = tempfile::Builder::new().prefix("nimbus-manifests-").tempdir()?.keep();
+        let manifests = tempfile::Builder::new().prefix("nimbus-manifests-").tempdir()?;
+        let files = manifests.path().to_path_buf();
         let mut docs = vec![pools_yaml(), instance_yaml(tenant, SOURCE_POOL)];
         docs.extend(others.iter().map(|o| instance_yaml(o, SOURCE_POOL)));
         docs.push(instance_yaml(ANCHOR, TARGET_POOL));
@@ -111,7 +114,7 @@ impl TwoPools {
         let to_source = write_manifest(&files, "to-source.yaml", &[instance_yaml(tenant, SOURCE_POOL)])?;
         let up = up.to_str().context("a temporary path that is not UTF-8")?.to_owned();
         let pg = Playground::up_with_env(&["--instances", &up], env)?;
-        Ok(TwoPools { pg, to_target, to_source })
+        Ok(TwoPools { pg, to_target, to_source, _manifests: manifests })
     }
 }
 
