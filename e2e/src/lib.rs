@@ -9,6 +9,7 @@ pub mod etcd;
 pub mod fake_kube;
 pub mod gateway;
 pub mod linearizability;
+pub mod migration;
 pub mod pki;
 pub mod playground;
 pub mod probes;

@@ -18,17 +18,84 @@ pub struct Playground {
 impl Playground {
     /// `nimbus playground up` in a new temporary directory, with `args` added.
     pub fn up(args: &[&str]) -> anyhow::Result<Playground> {
+        Self::up_with_env(args, &[])
+    }
+
+    /// `nimbus playground up` in a new temporary directory, with `args` added and `env` set
+    /// for the command and so for the control plane it starts (`FAILPOINTS`, log levels).
+    pub fn up_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Playground> {
         let dir = tempfile::Builder::new().prefix("nimbus-pg-").tempdir()?;
         let pg = Playground { dir };
-        pg.nimbus(&[&["up"], args].concat())?;
+        let out = pg.command(&[&["up"], args].concat())?.envs(env.iter().copied()).output()?;
+        pg.check(&["up"], &out)?;
         Ok(pg)
+    }
+
+    /// `nimbus playground CMD... --dir DIR`, not yet run.
+    fn command(&self, args: &[&str]) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(binary("nimbus")?);
+        cmd.arg("playground").args(args).arg("--dir").arg(self.dir.path());
+        Ok(cmd)
+    }
+
+    /// Runs `nimbus playground CMD... --dir DIR` and returns what it did, success or not
+    /// (for the commands whose failure a test expects, such as `apply --wait` of a
+    /// migration that aborts).
+    pub fn try_nimbus(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Ok(self.command(args)?.output()?)
+    }
+
+    /// `nimbus playground apply FILE... [--wait]`: the manifests applied to the running
+    /// playground; with `wait`, returns once every instance in them is Ready with no
+    /// migration running (fails when one was aborted).
+    pub fn apply(&self, files: &[&Path], wait: bool) -> anyhow::Result<()> {
+        let mut args: Vec<&str> = vec!["apply"];
+        for f in files {
+            args.push(f.to_str().context("a manifest path that is not UTF-8")?);
+        }
+        if wait {
+            args.push("--wait");
+        }
+        self.nimbus(&args)
+    }
+
+    /// Instance `name` as `playground.json` shows it now (`Null` if absent).
+    pub fn instance(&self, name: &str) -> anyhow::Result<Value> {
+        Ok(self.json()?["instances"][name].clone())
+    }
+
+    /// The pid of the control plane (`nimbus playground serve`), from its pid file.
+    pub fn control_plane_pid(&self) -> anyhow::Result<u32> {
+        let text = std::fs::read_to_string(self.dir.path().join(nimbus_playground::state::PID_FILE))?;
+        text.trim().parse().context("a control-plane pid file that holds no pid")
+    }
+
+    /// The gateway's pid: `playground.json` does not list it, so it is the control plane's
+    /// child started with `--listen` at the gateway's address.
+    pub fn gateway_pid(&self) -> anyhow::Result<u32> {
+        let gw = self.gateway()?;
+        let addr = gw.trim_start_matches("http://");
+        child_with_arg(self.control_plane_pid()?, "--listen", addr)
+            .with_context(|| format!("no gateway process listening on {addr}"))
+    }
+
+    /// etcd's pid: the control plane's child started with `--listen-client-urls` at the
+    /// address `playground.json` shows.
+    pub fn etcd_pid(&self) -> anyhow::Result<u32> {
+        let etcd = self.json()?["etcd"].as_str().context("no etcd in playground.json")?.to_owned();
+        child_with_arg(self.control_plane_pid()?, "--listen-client-urls", &etcd)
+            .with_context(|| format!("no etcd process listening on {etcd}"))
     }
 
     /// Runs `nimbus playground CMD... --dir DIR`; fails with its output and the control
     /// plane's log.
     pub fn nimbus(&self, args: &[&str]) -> anyhow::Result<()> {
-        let out =
-            Command::new(binary("nimbus")?).arg("playground").args(args).arg("--dir").arg(self.dir.path()).output()?;
+        let out = self.command(args)?.output()?;
+        self.check(args, &out)
+    }
+
+    /// Fails with the command's output and the control plane's log unless it succeeded.
+    fn check(&self, args: &[&str], out: &std::process::Output) -> anyhow::Result<()> {
         if !out.status.success() {
             bail!(
                 "playground {args:?} failed: {}\n{}\ncontrol plane log:\n{}",
@@ -136,6 +203,42 @@ pub fn kill9(pid: u32) -> anyhow::Result<()> {
     let st = Command::new("kill").args(["-9", &pid.to_string()]).status()?;
     if !st.success() {
         bail!("kill -9 {pid} failed");
+    }
+    Ok(())
+}
+
+/// The child of `parent` whose command line has `value` right after `flag`.
+pub fn child_with_arg(parent: u32, flag: &str, value: &str) -> Option<u32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).find(|&pid| {
+        parent_of(pid) == Some(parent) && {
+            let args = command_line(pid);
+            args.windows(2).any(|w| w[0] == flag && w[1] == value)
+        }
+    })
+}
+
+/// The parent pid of `pid`, from `/proc/PID/stat`.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: the fields after it start past ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The arguments of process `pid` (empty when it is gone).
+pub fn command_line(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`, `-9`) to `pid`.
+pub fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let st = Command::new("kill").args([signal, &pid.to_string()]).status()?;
+    if !st.success() {
+        bail!("kill {signal} {pid} failed");
     }
     Ok(())
 }

@@ -1,0 +1,433 @@
+//! `bench/hot-migration`: one tenant's database moved to another pool while it serves
+//! (issue 14). The playground with two pools; the tenant (`tenant`, pool `default`, limits
+//! far above the load) preloaded with `--size` of documents (512 MiB by default) and
+//! sharing its replica set with a second tenant (`other`); the target pool's replica set
+//! already running (an `anchor` instance in it).
+//!
+//! 1. The write rate the gateway sustains for the tenant without a migration, measured
+//!    (closed loop, `--baseline-concurrency` clients, `--baseline-seconds`).
+//! 2. Open loops (requests at a fixed rate whatever the answers, latency counted from when
+//!    each was due): the tenant's inserts at `--load-fraction` of that rate, each with
+//!    its own `Idempotency-Key` and sent once; the tenant's reads of preloaded documents;
+//!    the other tenant's writes and reads.
+//! 3. `--before-seconds` of that, then `nimbus playground apply --wait` of the tenant's
+//!    manifest with `spec.pool: paid`, the phases watched in `playground.json`, then
+//!    `--after-seconds` more.
+//!
+//! Prints the offered and served write rates (measured), the migration's time and copy
+//! throughput, the tenant's latency before, during and at the cutover (requests due within
+//! a second of the hold), the other tenant's p99 before and during, `hold_ms` (from
+//! `playground.json`), `acknowledged_writes_lost` (inserts acknowledged, then not found) and
+//! last `migration_failed_requests`: the tenant's requests that failed from the start of
+//! the migration to the end of the load. Goals: 0 failed, 0 lost, `hold_ms` < 300,
+//! `served_vs_offered_write_rate` 1.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use nimbus_bench::{LeaderChanges, Report, http_outcome, run_load};
+use nimbus_e2e::migration::{ANCHOR, PRELOAD, RUNNING, SWITCHED, Tenant, TwoPools, in_phase, migration_of, preload};
+use nimbus_e2e::workload::quantile;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+struct Args {
+    /// The tenant's data before the migration: bytes, or with KiB, MiB, GiB (or kB, MB, GB).
+    #[arg(long, default_value = "512MiB", value_parser = parse_size)]
+    size: u64,
+    /// Bytes per preloaded document.
+    #[arg(long, default_value_t = 4096)]
+    doc_size: usize,
+    /// Preload requests in flight at once (each about 1 MiB of documents).
+    #[arg(long, default_value_t = 8)]
+    preload_concurrency: usize,
+    /// Clients of the closed loop that measures the rate the gateway sustains.
+    #[arg(long, default_value_t = 64)]
+    baseline_concurrency: usize,
+    #[arg(long, default_value_t = 10)]
+    baseline_seconds: u64,
+    /// The offered write rate, as a fraction of the measured sustained rate.
+    #[arg(long, default_value_t = 0.7)]
+    load_fraction: f64,
+    /// The tenant's reads per second, as a fraction of its offered write rate.
+    #[arg(long, default_value_t = 0.3)]
+    read_fraction: f64,
+    /// The other tenant's requests per second (half writes, half reads).
+    #[arg(long, default_value_t = 200.0)]
+    other_rate: f64,
+    /// Seconds of load before the migration starts.
+    #[arg(long, default_value_t = 10)]
+    before_seconds: u64,
+    /// Seconds of load after it completed.
+    #[arg(long, default_value_t = 5)]
+    after_seconds: u64,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const TENANT: &str = "tenant";
+const OTHER: &str = "other";
+/// The collection of the tenant's measured inserts.
+const LOAD: &str = "load";
+/// Requests one loop may have unanswered before a due request counts as an `overload`
+/// failure instead of being sent: far above what the loops send.
+const MAX_IN_FLIGHT: usize = 20_000;
+/// The half-width of the cutover window around the hold.
+const CUTOVER: Duration = Duration::from_secs(1);
+/// The collection of the baseline's inserts (kept apart from the measured ones).
+const BASELINE: &str = "baseline";
+
+/// `512MiB`, `64MB`, `1GiB`, `1048576`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size such as 512MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => return Err(format!("unknown size unit {other:?}: use KiB, MiB, GiB, kB, MB or GB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s} is too large"))
+}
+
+/// One request of an open loop: when it was due (since the run's start), how long until
+/// its answer, and whether it succeeded.
+#[derive(Clone, Copy)]
+struct Sample {
+    seq: u64,
+    due: Duration,
+    latency_us: u64,
+    ok: bool,
+}
+
+/// An open loop running until [`OpenLoop::stop`]: `op(seq)` due every `1/rate` seconds.
+struct OpenLoop {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(Vec<Sample>, BTreeMap<String, u64>)>,
+}
+
+impl OpenLoop {
+    fn start<F, Fut>(t0: Instant, rate: f64, op: F) -> OpenLoop
+    where
+        F: Fn(u64) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let op = Arc::new(op);
+        let task = tokio::spawn(async move {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Sample, Option<String>)>();
+            let in_flight = Arc::new(AtomicUsize::new(0));
+            let start = tokio::time::Instant::now();
+            let period = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+            let mut seq = 0u64;
+            while !stop2.load(Ordering::Relaxed) {
+                let due = start + period.mul_f64(seq as f64);
+                tokio::time::sleep_until(due).await;
+                let due_since_t0 = due.into_std().saturating_duration_since(t0);
+                if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+                    let s = Sample { seq, due: due_since_t0, latency_us: 0, ok: false };
+                    let _ = tx.send((s, Some("overload".into())));
+                } else {
+                    in_flight.fetch_add(1, Ordering::Relaxed);
+                    let (op, in_flight, tx) = (op.clone(), in_flight.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let r = op(seq).await;
+                        in_flight.fetch_sub(1, Ordering::Relaxed);
+                        let latency_us = due.elapsed().as_micros().max(1) as u64;
+                        let s = Sample { seq, due: due_since_t0, latency_us, ok: r.is_ok() };
+                        let _ = tx.send((s, r.err()));
+                    });
+                }
+                seq += 1;
+            }
+            drop(tx);
+            let (mut samples, mut kinds) = (Vec::new(), BTreeMap::new());
+            while let Some((s, kind)) = rx.recv().await {
+                samples.push(s);
+                if let Some(k) = kind {
+                    *kinds.entry(k).or_insert(0u64) += 1;
+                }
+            }
+            samples.sort_by_key(|s| s.seq);
+            (samples, kinds)
+        });
+        OpenLoop { stop, task }
+    }
+
+    /// Stops sending and waits for every answer.
+    async fn stop(self) -> anyhow::Result<(Vec<Sample>, BTreeMap<String, u64>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.context("a load loop panicked")
+    }
+}
+
+/// Samples due in `[from, to)`.
+fn window(samples: &[Sample], from: Duration, to: Duration) -> Vec<Sample> {
+    samples.iter().filter(|s| s.due >= from && s.due < to).copied().collect()
+}
+
+/// p50, p99 and max latency (ms) of the successful samples.
+fn latency_ms(samples: &[Sample]) -> (f64, f64, f64) {
+    let l: Vec<u64> = samples.iter().filter(|s| s.ok).map(|s| s.latency_us).collect();
+    let ms = |q| quantile(&l, q) as f64 / 1000.0;
+    (ms(0.5), ms(0.99), ms(1.0))
+}
+
+/// When each migration phase was first seen in `playground.json`, since the run's start.
+type Phases = BTreeMap<String, Duration>;
+
+/// Polls `playground.json` every 10 ms until `done`, noting when each phase of the
+/// tenant's migration was first seen; returns those and the last migration object seen.
+async fn watch(two: Arc<TwoPools>, t0: Instant, done: Arc<AtomicBool>) -> (Phases, Value) {
+    let mut phases = Phases::new();
+    let mut last = Value::Null;
+    while !done.load(Ordering::Relaxed) {
+        if let Ok(v) = two.pg.json() {
+            let m = migration_of(&v, TENANT);
+            if let Some(p) = m["phase"].as_str() {
+                phases.entry(p.to_owned()).or_insert_with(|| t0.elapsed());
+            }
+            if !m.is_null() {
+                last = m;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (phases, last)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // `nimbus playground down` runs when `two` is dropped, also when a step below fails.
+    let two = Arc::new(tokio::task::spawn_blocking(|| TwoPools::up(TENANT, &[OTHER], &[])).await??);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let client = nimbus_e2e::DataClient { http: http.clone() };
+    let tenant = Tenant::of(&two.pg, &client, TENANT)?;
+    let other = Tenant::of(&two.pg, &client, OTHER)?;
+    let mut out = Report::default();
+
+    let started = Instant::now();
+    let docs = preload(&tenant, args.size, args.doc_size, args.preload_concurrency).await?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!("preloaded {docs} documents ({} MiB) in {secs:.1} s", args.size >> 20);
+    out.add("preloaded_documents", docs as f64, "documents");
+    out.add("preload_mb_per_sec", args.size as f64 / 1e6 / secs, "MB/s");
+
+    // 1. What the gateway sustains for the tenant, no migration running.
+    let baseline = {
+        let t = tenant.clone();
+        run_load(args.baseline_concurrency, Duration::from_secs(args.baseline_seconds), move |task, seq| {
+            let t = t.clone();
+            async move { insert(&t, BASELINE, &format!("b{task}-{seq}")).await }
+        })
+        .await
+    };
+    baseline.warn_errors("baseline");
+    let sustained = baseline.ops_per_sec();
+    out.add("baseline_write_rate", sustained.round(), "writes/s");
+    out.add("baseline_write_p99_ms", baseline.p99_ms(), "ms");
+    if sustained < 3_000.0 {
+        eprintln!("warning: the gateway sustains {sustained:.0} writes/s for the tenant, under the 3,000/s goal");
+    }
+    let write_rate = sustained * args.load_fraction;
+
+    // Elections of either replica set from here on are unprovoked: nothing is killed.
+    let v = two.pg.json()?;
+    let (source_rs, target_rs) =
+        (v["instances"][TENANT]["replicaSet"].clone(), v["instances"][ANCHOR]["replicaSet"].clone());
+    let members = |rs: &Value| -> Vec<String> {
+        let ds = v["datanodes"].as_array().into_iter().flatten().filter(|d| &d["replicaSet"] == rs);
+        ds.filter_map(|d| d["admin"].as_str().map(str::to_owned)).collect()
+    };
+    let (source_admins, target_admins) = (members(&source_rs), members(&target_rs));
+    let mut source_elections = LeaderChanges::start(&source_admins).await?;
+    let mut target_elections = LeaderChanges::start(&target_admins).await?;
+
+    // 2. The load: the tenant's writes and reads, the other tenant's.
+    let t0 = Instant::now();
+    let writes = {
+        let t = tenant.clone();
+        OpenLoop::start(t0, write_rate, move |seq| {
+            let t = t.clone();
+            async move { insert(&t, LOAD, &format!("w{seq}")).await }
+        })
+    };
+    let reads = {
+        let t = tenant.clone();
+        OpenLoop::start(t0, (write_rate * args.read_fraction).max(1.0), move |seq| {
+            let t = t.clone();
+            // Spread over the preloaded documents (a multiplicative hash of seq).
+            let n = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) % docs;
+            async move { get(&t, &format!("collections/{PRELOAD}/documents/p{n:09}")).await }
+        })
+    };
+    let others = {
+        let t = other.clone();
+        OpenLoop::start(t0, args.other_rate, move |seq| {
+            let t = t.clone();
+            async move {
+                if seq.is_multiple_of(2) {
+                    insert(&t, LOAD, &format!("o{seq}")).await
+                } else {
+                    get(&t, &format!("collections/{LOAD}/documents/o{}", seq - 1)).await
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(args.before_seconds)).await;
+
+    // 3. The migration.
+    let migration_start = t0.elapsed();
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(watch(two.clone(), t0, done.clone()));
+    let applied = {
+        let two = two.clone();
+        tokio::task::spawn_blocking(move || two.pg.apply(&[&two.to_target], true)).await?
+    };
+    let migration_end = t0.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let (phases, _) = watcher.await?;
+    if let Err(e) = applied {
+        bail!("the migration failed: {e:#}");
+    }
+    tokio::time::sleep(Duration::from_secs(args.after_seconds)).await;
+    let load_end = t0.elapsed();
+    let (writes, write_errors) = writes.stop().await?;
+    let (reads, read_errors) = reads.stop().await?;
+    let (others, other_errors) = others.stop().await?;
+    for (who, kinds) in [("tenant writes", &write_errors), ("tenant reads", &read_errors), ("other", &other_errors)] {
+        if !kinds.is_empty() {
+            eprintln!("warning: failures of the {who}: {kinds:?}");
+        }
+    }
+
+    source_elections.sample(&source_admins, 0).await?;
+    target_elections.sample(&target_admins, 0).await?;
+    let v = two.pg.json()?;
+    let i = &v["instances"][TENANT];
+    let m = migration_of(&v, TENANT);
+    if i["pool"] != "paid" || !in_phase(i, SWITCHED) || in_phase(i, RUNNING) {
+        bail!("apply --wait returned, but the tenant is not settled in pool paid: {i}");
+    }
+    eprintln!("migration: {m}");
+    eprintln!("phases first seen (s since the load started): {phases:?}");
+
+    // Rates over the migration's window, measured: due requests sent, and answered.
+    let during = window(&writes, migration_start, migration_end);
+    let span = (migration_end - migration_start).as_secs_f64();
+    let offered = during.len() as f64 / span;
+    let served = during.iter().filter(|s| s.ok).count() as f64 / span;
+    out.add("offered_write_rate", offered.round(), "writes/s");
+    out.add("served_write_rate", served.round(), "writes/s");
+    out.add("migration_seconds", span, "s");
+    let copy_start = phases.get("Copying").copied().unwrap_or(migration_start);
+    let copy_end =
+        ["CatchingUp", "Holding", "Switching"].iter().find_map(|p| phases.get(*p).copied()).unwrap_or(migration_end);
+    let bytes_copied = m["bytesCopied"].as_u64().unwrap_or(0) as f64;
+    out.add("documents_copied", m["documentsCopied"].as_u64().unwrap_or(0) as f64, "documents");
+    out.add(
+        "copy_mb_per_sec",
+        bytes_copied / 1e6 / copy_end.saturating_sub(copy_start).as_secs_f64().max(1e-3),
+        "MB/s",
+    );
+
+    let before = Duration::from_secs(1);
+    let cut = phases.get("Holding").or(phases.get("Switching")).copied().unwrap_or(migration_end);
+    for (name, from, to) in [
+        ("before", before, migration_start),
+        ("during", migration_start, migration_end),
+        ("cutover", cut.saturating_sub(CUTOVER), cut + CUTOVER),
+    ] {
+        let (p50, p99, max) = latency_ms(&window(&writes, from, to));
+        out.add(format!("write_p50_ms_{name}"), p50, "ms");
+        out.add(format!("write_p99_ms_{name}"), p99, "ms");
+        out.add(format!("write_max_ms_{name}"), max, "ms");
+        let (_, p99, max) = latency_ms(&window(&reads, from, to));
+        out.add(format!("read_p99_ms_{name}"), p99, "ms");
+        out.add(format!("read_max_ms_{name}"), max, "ms");
+    }
+    let (_, other_before, _) = latency_ms(&window(&others, before, migration_start));
+    let (_, other_during, _) = latency_ms(&window(&others, migration_start, migration_end));
+    out.add("other_p99_ms_before", other_before, "ms");
+    out.add("other_p99_ms_during", other_during, "ms");
+    out.add("other_p99_ratio", other_during / other_before.max(1e-3), "ratio");
+    out.add("other_failed_requests", others.iter().filter(|s| !s.ok).count() as f64, "requests");
+    out.add("hold_ms", m["holdMs"].as_f64().unwrap_or(f64::NAN), "ms");
+    out.add("migration_attempts", m["attempt"].as_f64().unwrap_or(f64::NAN), "attempts");
+
+    let unprovoked = source_elections.unprovoked() + target_elections.unprovoked();
+    out.add("unprovoked_leader_changes", unprovoked as f64, "count");
+
+    let acked: Vec<u64> = writes.iter().filter(|s| s.ok).map(|s| s.seq).collect();
+    let lost = lost_writes(&tenant, &acked).await?;
+    out.add("acknowledged_writes", acked.len() as f64, "writes");
+    out.add("acknowledged_writes_lost", lost as f64, "writes");
+    out.add("served_vs_offered_write_rate", served / offered.max(1e-9), "ratio");
+    let failed = window(&writes, migration_start, load_end).iter().filter(|s| !s.ok).count()
+        + window(&reads, migration_start, load_end).iter().filter(|s| !s.ok).count();
+    out.add("migration_failed_requests", failed as f64, "requests");
+    out.write_json(&args.json)?;
+    Ok(())
+}
+
+/// Inserts `{_id: id}` into `coll`, with `id` as its idempotency key.
+async fn insert(t: &Tenant, coll: &str, id: &str) -> Result<(), String> {
+    let req = t
+        .client
+        .http
+        .request(Method::POST, t.url(&format!("collections/{coll}/documents")))
+        .bearer_auth(&t.token)
+        .header("idempotency-key", id)
+        .json(&json!({"documents": [{"_id": id, "v": 1}]}));
+    http_outcome(req.send().await).await
+}
+
+async fn get(t: &Tenant, rest: &str) -> Result<(), String> {
+    http_outcome(t.client.http.get(t.url(rest)).bearer_auth(&t.token).send().await).await
+}
+
+/// How many of the acknowledged inserts `w{seq}` are missing from [`LOAD`], read in pages
+/// of `_id`s through the gateway.
+async fn lost_writes(t: &Tenant, acked: &[u64]) -> anyhow::Result<usize> {
+    let mut found = std::collections::HashSet::new();
+    let mut last: Option<String> = None;
+    loop {
+        let filter = match &last {
+            Some(id) => json!({"_id": {"$gt": id}}),
+            None => json!({}),
+        };
+        let body = json!({"filter": filter, "projection": {"_id": 1}, "sort": {"_id": 1},
+                          "limit": nimbus_api::limits::MAX_FIND_LIMIT});
+        let (st, answer) = t.call(Method::POST, &format!("collections/{LOAD}/find"), Some(&body), None).await;
+        if st != 200 {
+            bail!("reading back the inserts failed: {st} {answer}");
+        }
+        let page = answer["documents"].as_array().context("no documents in the answer")?;
+        let Some(tail) = page.last() else { break };
+        last = tail["_id"].as_str().map(str::to_owned);
+        found.extend(page.iter().filter_map(|d| d["_id"].as_str().map(str::to_owned)));
+        if last.is_none() {
+            bail!("an insert with a non-string _id in {LOAD}: {tail}");
+        }
+    }
+    Ok(acked.iter().filter(|seq| !found.contains(&format!("w{seq}"))).count())
+}

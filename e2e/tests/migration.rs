@@ -1,0 +1,310 @@
+//! Hot migration through the playground, as a user drives it (`API.md` section 3): an
+//! instance's `spec.pool` changed with `nimbus playground apply`, its database moved to a
+//! replica set of the other pool while clients use it, the migration watched in
+//! `playground.json`. Checked: no client-visible error, every acknowledged write present
+//! once, reads that find what was acknowledged, the same data and indexes before and
+//! after, a neighbour on the source replica set undisturbed; the same with faults at each
+//! step (then a retry or completion with nothing lost); a register that stays
+//! linearizable across the cutover.
+//!
+//! The hold is short (well under a second): the tests that act during it make it last with
+//! a failpoint of the control plane (`FAILPOINTS`, the `fail` crate) and need binaries
+//! built with the failpoints feature: `cargo build -p nimbus-playground --features
+//! failpoints`, then `cargo nextest run -p nimbus-e2e --features failpoints --test migration`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nimbus_e2e::DataClient;
+use nimbus_e2e::linearizability;
+use nimbus_e2e::migration::{
+    ANCHOR, Contents, PRELOAD, Reader, Registers, RetryingWriters, SOURCE_POOL, SWITCHED, Stopped, TARGET_POOL, Tenant,
+    TwoPools, in_phase, kill_gateway, leader_of, migration_of, preload, settled_in, wait_instance,
+};
+use nimbus_e2e::playground::kill9;
+use nimbus_e2e::workload::{self, Writers};
+use serde_json::Value;
+
+const TENANT: &str = "shop";
+const NEIGHBOUR: &str = "neighbour";
+/// A whole migration of the tests' few MiB, debug build, two cores shared.
+const MIGRATION: Duration = Duration::from_secs(120);
+const WRITES: Duration = Duration::from_secs(30);
+/// Documents of 1 KiB: the copy moves many of them.
+const DOC_BYTES: usize = 1024;
+/// Enough that the copy takes seconds (killing the source leader "during the copy"
+/// needs the copy to be seen running).
+const COPY_BYTES: u64 = 24 * 1024 * 1024;
+/// The other tests: enough to have a copy at all, little enough to be quick.
+const SMALL_BYTES: u64 = 2 * 1024 * 1024;
+
+/// A failpoint that makes every hold last 2.5 s (under its 5 s deadline), so a test can act
+/// while it lasts.
+const LONG_HOLD: &str = "migration-hold=sleep(2500)";
+/// A failpoint that makes the first hold outlast its 5 s deadline, and no other.
+const HOLD_PAST_DEADLINE: &str = "migration-hold=1*sleep(6000)";
+
+/// `f` off the async workers (the `nimbus` command and `playground.json` are blocking).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+async fn two_pools(others: &'static [&'static str], env: &'static [(&'static str, &'static str)]) -> Arc<TwoPools> {
+    Arc::new(blocking(move || TwoPools::up(TENANT, others, env)).await.unwrap())
+}
+
+/// `nimbus playground apply` of the manifest moving the tenant to the target pool (or back).
+async fn apply(two: &Arc<TwoPools>, to_target: bool, wait: bool) {
+    let two = two.clone();
+    blocking(move || {
+        let file = if to_target { &two.to_target } else { &two.to_source };
+        two.pg.apply(&[file], wait)
+    })
+    .await
+    .unwrap();
+}
+
+/// The replica set instance `name` is on now.
+fn replica_set(v: &Value, name: &str) -> String {
+    v["instances"][name]["replicaSet"].as_str().unwrap().to_owned()
+}
+
+/// Asserts the migration shown for the tenant completed from `from` to `to`.
+fn assert_completed(v: &Value, pool: &str, from: &str, to: &str) -> Value {
+    let i = &v["instances"][TENANT];
+    assert!(settled_in(i, pool), "the tenant is not settled in pool {pool}: {i}");
+    assert_eq!(i["replicaSet"], to, "the route did not move: {i}");
+    let m = migration_of(v, TENANT);
+    assert!(in_phase(i, SWITCHED), "migration not completed: {m}");
+    assert_eq!((m["fromReplicaSet"].as_str(), m["toReplicaSet"].as_str()), (Some(from), Some(to)), "{m}");
+    assert!(m["error"].is_null(), "a completed migration with an error: {m}");
+    assert!(m["startedAt"].is_string(), "{m}");
+    let hold = m["holdMs"].as_u64().unwrap_or_else(|| panic!("no holdMs after the switch: {m}"));
+    assert!(hold < 5_000, "a hold of {hold} ms passed its 5 s deadline and still switched: {m}");
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_moved_under_writers_and_a_reader_loses_nothing_and_its_neighbour_sees_no_error() {
+    let two = two_pools(&[NEIGHBOUR], &[]).await;
+    let pg = &two.pg;
+    let client = DataClient::new();
+    let (shop, neighbour) = (Tenant::of(pg, &client, TENANT).unwrap(), Tenant::of(pg, &client, NEIGHBOUR).unwrap());
+    let v = pg.json().unwrap();
+    let (source, target) = (replica_set(&v, TENANT), replica_set(&v, ANCHOR));
+    assert_eq!(v["instances"][TENANT]["pool"], SOURCE_POOL, "{}", v["instances"][TENANT]);
+    assert_eq!(replica_set(&v, NEIGHBOUR), source, "the neighbour shares the tenant's replica set");
+    assert_ne!(source, target, "each pool has its own replica sets");
+    assert!(migration_of(&v, TENANT).is_null(), "a migration before any was asked for");
+
+    let docs = preload(&shop, SMALL_BYTES, DOC_BYTES, 4).await.unwrap();
+    let before = Contents::read(&shop, &[PRELOAD]).await.unwrap();
+    workload::prepare(&client, &shop.gateway, &shop.db, &shop.token).await.unwrap();
+    workload::prepare(&client, &neighbour.gateway, &neighbour.db, &neighbour.token).await.unwrap();
+    let writers = Writers::start(&client, &shop.gateway, &shop.db, &shop.token, 8);
+    let reader = Reader::start(&shop);
+    let neighbours = Writers::start(&client, &neighbour.gateway, &neighbour.db, &neighbour.token, 2);
+    writers.wait_for(200, WRITES).await.unwrap();
+
+    let started = Instant::now();
+    apply(&two, true, true).await;
+    eprintln!("migrated in {:?}", started.elapsed());
+    let v = pg.json().unwrap();
+    let m = assert_completed(&v, TARGET_POOL, &source, &target);
+    assert_eq!(m["attempt"], 1, "no fault, yet a retry: {m}");
+    assert!(m["documentsCopied"].as_u64().unwrap() >= docs, "fewer documents copied than preloaded: {m}");
+    assert!(m["bytesCopied"].as_u64().unwrap() > 0, "{m}");
+    eprintln!("migration: {m}");
+
+    // The writes and reads go on, now served by the target.
+    writers.wait_for(200, WRITES).await.unwrap();
+    let reads = reader.reads();
+    nimbus_e2e::poll("the reader to go on", WRITES, || async { (reader.reads() >= reads + 20).then_some(()) })
+        .await
+        .unwrap();
+    let report = writers.stop().await.unwrap();
+    let read_report = reader.stop().await.unwrap();
+    let neighbour_report = neighbours.stop().await.unwrap();
+    let first = |e: &[String]| e.iter().take(10).cloned().collect::<Vec<_>>();
+    assert!(report.errors.is_empty(), "client-visible write errors: {:?}", first(&report.errors));
+    assert!(read_report.errors.is_empty(), "reader errors: {:?}", first(&read_report.errors));
+    assert!(neighbour_report.errors.is_empty(), "the neighbour saw errors: {:?}", first(&neighbour_report.errors));
+    eprintln!(
+        "{} inserts, {} increments, {} reads; longest write {} ms",
+        report.inserted.len(),
+        report.increments,
+        read_report.reads,
+        workload::quantile(&report.latencies_us, 1.0) / 1000
+    );
+    workload::verify(&client, &shop.gateway, &shop.db, &shop.token, &report).await.unwrap();
+    workload::verify(&client, &neighbour.gateway, &neighbour.db, &neighbour.token, &neighbour_report).await.unwrap();
+    assert_eq!(Contents::read(&shop, &[PRELOAD]).await.unwrap(), before, "the data or indexes changed in the move");
+    let v = pg.json().unwrap();
+    assert_eq!(replica_set(&v, NEIGHBOUR), source, "the neighbour moved too");
+    assert!(migration_of(&v, NEIGHBOUR).is_null(), "{}", v["instances"][NEIGHBOUR]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_source_leader_killed_during_the_copy_and_the_target_leader_during_catch_up_lose_nothing() {
+    let two = two_pools(&[], &[]).await;
+    let pg = &two.pg;
+    let client = DataClient::new();
+    let shop = Tenant::of(pg, &client, TENANT).unwrap();
+    let v = pg.json().unwrap();
+    let (source, target) = (replica_set(&v, TENANT), replica_set(&v, ANCHOR));
+    let docs = preload(&shop, COPY_BYTES, DOC_BYTES, 8).await.unwrap();
+    let before = Contents::read(&shop, &[PRELOAD]).await.unwrap();
+    workload::prepare(&client, &shop.gateway, &shop.db, &shop.token).await.unwrap();
+    let writers = RetryingWriters::start(&shop, 8);
+    writers.wait_for(100, WRITES).await.unwrap();
+
+    apply(&two, true, false).await;
+    let v = wait_instance(pg, TENANT, "copying", MIGRATION, |i| {
+        in_phase(i, &["Copying"]) && i["migration"]["documentsCopied"].as_u64().is_some_and(|n| n > 0)
+    })
+    .await
+    .unwrap();
+    let copied = migration_of(&v, TENANT)["documentsCopied"].as_u64().unwrap();
+    assert!(copied < docs, "the copy was over before it was seen running: make COPY_BYTES larger");
+    let (leader, _) = leader_of(pg, &client.http, &source).await.expect("a source leader");
+    eprintln!("killing the source leader {} after {copied} of {docs} documents copied", leader["id"]);
+    kill9(leader["pid"].as_u64().unwrap() as u32).unwrap();
+
+    let v = wait_instance(pg, TENANT, "catching up", MIGRATION, |i| !in_phase(i, &["Copying"])).await.unwrap();
+    let i = &v["instances"][TENANT];
+    assert!(
+        in_phase(i, &["CatchingUp"]),
+        "the migration left Copying for {}, not CatchingUp (or went through CatchingUp between two polls)",
+        i["migration"]
+    );
+    let (leader, _) = leader_of(pg, &client.http, &target).await.expect("a target leader");
+    eprintln!("killing the target leader {} during catch-up: {}", leader["id"], i["migration"]);
+    kill9(leader["pid"].as_u64().unwrap() as u32).unwrap();
+
+    let v =
+        wait_instance(pg, TENANT, "the migration completed", MIGRATION, |i| settled_in(i, TARGET_POOL)).await.unwrap();
+    let m = assert_completed(&v, TARGET_POOL, &source, &target);
+    eprintln!("migration: {m}");
+    writers.wait_for(100, WRITES).await.unwrap();
+    let retries = writers.retries();
+    let report = writers.stop().await.unwrap();
+    eprintln!("{} inserts, {} increments, {retries} requests retried", report.inserted.len(), report.increments);
+    assert!(report.errors.is_empty(), "writes failed for good: {:?}", &report.errors[..report.errors.len().min(10)]);
+    workload::verify(&client, &shop.gateway, &shop.db, &shop.token, &report).await.unwrap();
+    assert_eq!(Contents::read(&shop, &[PRELOAD]).await.unwrap(), before, "the data or indexes changed in the move");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs the failpoints feature (see the file's comment)")]
+async fn the_gateway_killed_and_etcd_stopped_during_the_hold_lose_nothing() {
+    let two = two_pools(&[], &[("FAILPOINTS", LONG_HOLD)]).await;
+    let pg = &two.pg;
+    let client = DataClient::new();
+    let shop = Tenant::of(pg, &client, TENANT).unwrap();
+    let v = pg.json().unwrap();
+    let (source, target) = (replica_set(&v, TENANT), replica_set(&v, ANCHOR));
+    preload(&shop, SMALL_BYTES, DOC_BYTES, 4).await.unwrap();
+    let before = Contents::read(&shop, &[PRELOAD]).await.unwrap();
+    workload::prepare(&client, &shop.gateway, &shop.db, &shop.token).await.unwrap();
+    let writers = RetryingWriters::start(&shop, 8);
+    writers.wait_for(100, WRITES).await.unwrap();
+
+    // The gateway killed while it holds the database's requests: clients retry, the
+    // gateway comes back (the playground's, or started again here as a supervisor would).
+    apply(&two, true, false).await;
+    wait_instance(pg, TENANT, "holding", MIGRATION, |i| in_phase(i, &["Holding"])).await.unwrap();
+    let _restarted = kill_gateway(pg).await.unwrap();
+    let v = wait_instance(pg, TENANT, "moved to the target", MIGRATION, |i| settled_in(i, TARGET_POOL)).await.unwrap();
+    eprintln!("after the gateway was killed: {}", migration_of(&v, TENANT));
+    assert_completed(&v, TARGET_POOL, &source, &target);
+    writers.wait_for(100, WRITES).await.unwrap();
+
+    // etcd stopped while the way back holds, for longer than a gateway's lease (3 s).
+    apply(&two, false, false).await;
+    wait_instance(pg, TENANT, "holding", MIGRATION, |i| in_phase(i, &["Holding"])).await.unwrap();
+    let etcd = Stopped::stop(pg.etcd_pid().unwrap()).unwrap();
+    // The fault's length, not a decision: etcd unreachable for 4 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    etcd.resume().unwrap();
+    let v = wait_instance(pg, TENANT, "moved back", MIGRATION, |i| settled_in(i, SOURCE_POOL)).await.unwrap();
+    eprintln!("after etcd was stopped: {}", migration_of(&v, TENANT));
+    assert_completed(&v, SOURCE_POOL, &target, &source);
+
+    writers.wait_for(100, WRITES).await.unwrap();
+    let retries = writers.retries();
+    let report = writers.stop().await.unwrap();
+    eprintln!("{} inserts, {} increments, {retries} requests retried", report.inserted.len(), report.increments);
+    assert!(report.errors.is_empty(), "writes failed for good: {:?}", &report.errors[..report.errors.len().min(10)]);
+    workload::verify(&client, &shop.gateway, &shop.db, &shop.token, &report).await.unwrap();
+    assert_eq!(Contents::read(&shop, &[PRELOAD]).await.unwrap(), before, "the data or indexes changed in the moves");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs the failpoints feature (see the file's comment)")]
+async fn a_hold_past_its_deadline_aborts_with_nothing_lost_and_the_retry_completes() {
+    let two = two_pools(&[], &[("FAILPOINTS", HOLD_PAST_DEADLINE)]).await;
+    let pg = &two.pg;
+    let client = DataClient::new();
+    let shop = Tenant::of(pg, &client, TENANT).unwrap();
+    let v = pg.json().unwrap();
+    let (source, target) = (replica_set(&v, TENANT), replica_set(&v, ANCHOR));
+    preload(&shop, SMALL_BYTES, DOC_BYTES, 4).await.unwrap();
+    let before = Contents::read(&shop, &[PRELOAD]).await.unwrap();
+    workload::prepare(&client, &shop.gateway, &shop.db, &shop.token).await.unwrap();
+    // Requests held past their own deadline get 503, which a client retries.
+    let writers = RetryingWriters::start(&shop, 8);
+    writers.wait_for(100, WRITES).await.unwrap();
+
+    apply(&two, true, false).await;
+    let v = wait_instance(pg, TENANT, "aborted", MIGRATION, |i| {
+        in_phase(i, &["Aborted"]) || i["migration"]["attempt"].as_u64().is_some_and(|a| a >= 2)
+    })
+    .await
+    .unwrap();
+    let i = &v["instances"][TENANT];
+    assert!(in_phase(i, &["Aborted"]), "the abort of attempt 1 was never shown: {}", i["migration"]);
+    assert_eq!(i["migration"]["attempt"], 1, "{}", i["migration"]);
+    assert!(i["migration"]["error"].is_string(), "an abort that does not say why: {}", i["migration"]);
+    assert_eq!(i["replicaSet"], source.as_str(), "an aborted migration left the route on the target: {i}");
+    eprintln!("aborted: {}", i["migration"]);
+    // Writes go on, served by the source.
+    writers.wait_for(100, WRITES).await.unwrap();
+
+    let v = wait_instance(pg, TENANT, "the retry completed", MIGRATION, |i| settled_in(i, TARGET_POOL)).await.unwrap();
+    let m = assert_completed(&v, TARGET_POOL, &source, &target);
+    assert_eq!(m["attempt"], 2, "{m}");
+    writers.wait_for(100, WRITES).await.unwrap();
+    let report = writers.stop().await.unwrap();
+    assert!(report.errors.is_empty(), "writes failed for good: {:?}", &report.errors[..report.errors.len().min(10)]);
+    workload::verify(&client, &shop.gateway, &shop.db, &shop.token, &report).await.unwrap();
+    assert_eq!(Contents::read(&shop, &[PRELOAD]).await.unwrap(), before, "the data or indexes changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registers_read_and_written_across_two_cutovers_stay_linearizable() {
+    let two = two_pools(&[], &[]).await;
+    let pg = &two.pg;
+    let client = DataClient::new();
+    let shop = Tenant::of(pg, &client, TENANT).unwrap();
+    let v = pg.json().unwrap();
+    let (source, target) = (replica_set(&v, TENANT), replica_set(&v, ANCHOR));
+    let keys: Vec<String> = (0..3).map(|k| format!("r{k}")).collect();
+    let registers = Registers::start(&shop, &keys, 3).await.unwrap();
+    registers.wait_for(200, WRITES).await.unwrap();
+    apply(&two, true, true).await;
+    assert_completed(&pg.json().unwrap(), TARGET_POOL, &source, &target);
+    registers.wait_for(200, WRITES).await.unwrap();
+    apply(&two, false, true).await;
+    assert_completed(&pg.json().unwrap(), SOURCE_POOL, &target, &source);
+    registers.wait_for(200, WRITES).await.unwrap();
+
+    let h = registers.stop().await.unwrap();
+    assert!(h.errors.is_empty(), "unexpected answers: {:?}", &h.errors[..h.errors.len().min(10)]);
+    for (key, events) in &h.history {
+        let verdict = linearizability::check(Some(0), events);
+        eprintln!("{key}: {} operations", events.len());
+        assert!(verdict.is_ok(), "register {key}: {}", verdict.unwrap_err());
+    }
+    eprintln!("writes of unknown outcome: {}", h.unknown);
+}
