@@ -59,11 +59,9 @@ async fn status(http: &reqwest::Client, url: &str, token: &str, body: Option<&Va
 
 /// Polls until a request with `token` answers `want`.
 async fn answers(http: &reqwest::Client, what: &str, url: &str, token: &str, want: u16) {
-    nimbus_e2e::poll(what, PROPAGATE, || async {
-        (status(http, url, token, None).await == want).then_some(())
-    })
-    .await
-    .unwrap();
+    nimbus_e2e::poll(what, PROPAGATE, || async { (status(http, url, token, None).await == want).then_some(()) })
+        .await
+        .unwrap();
 }
 
 fn state_bytes(pg: &Playground) -> Vec<u8> {

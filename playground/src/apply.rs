@@ -72,7 +72,8 @@ pub fn plan(st: &State, m: &Manifests) -> Result<Outcome, ManifestError> {
     }
     for (src, dbi) in &m.instances {
         let name = dbi.metadata.name.clone().unwrap_or_default();
-        let refuse = |field: &str, message: String| ManifestError { location: src.clone(), field: field.into(), message };
+        let refuse =
+            |field: &str, message: String| ManifestError { location: src.clone(), field: field.into(), message };
         let change = match next.instances.get(&name).cloned() {
             None => {
                 let inst = admit(&mut next, dbi).map_err(|e| refuse("spec.replicas", e))?;
@@ -87,8 +88,10 @@ pub fn plan(st: &State, m: &Manifests) -> Result<Outcome, ManifestError> {
                 }
                 let change = if inst == have { Change::Unchanged } else { Change::Configured };
                 if change == Change::Configured {
-                    out.republish
-                        .push(Republish { instance: name.clone(), users: dbi.users().into_iter().map(|u| u.name).collect() });
+                    out.republish.push(Republish {
+                        instance: name.clone(),
+                        users: dbi.users().into_iter().map(|u| u.name).collect(),
+                    });
                 }
                 next.instances.insert(name.clone(), inst);
                 change
@@ -216,9 +219,7 @@ fn pool_change(
     match &have.wanted_pool {
         Some(w) if w == wanted => return Ok(None),
         Some(w) => {
-            return Err(format!(
-                "a migration to pool {w} is running: spec.pool can change again once it has ended"
-            ));
+            return Err(format!("a migration to pool {w} is running: spec.pool can change again once it has ended"));
         }
         None if wanted == &have.pool => return Ok(None),
         None => {}
@@ -245,7 +246,9 @@ mod tests {
     }
 
     fn instance(name: &str, spec: &str) -> String {
-        format!("apiVersion: nimbus.io/v1alpha1\nkind: DatabaseInstance\nmetadata: {{name: {name}}}\nspec: {spec}\n---\n")
+        format!(
+            "apiVersion: nimbus.io/v1alpha1\nkind: DatabaseInstance\nmetadata: {{name: {name}}}\nspec: {spec}\n---\n"
+        )
     }
 
     fn pool(name: &str, spec: &str) -> String {
@@ -309,7 +312,10 @@ mod tests {
         let roles: Vec<_> = ["app", "reader", "analyst", "batch"].iter().map(|u| inst.role(u)).collect();
         assert_eq!(roles, vec![ReadWrite, Read, Read, ReadWrite]);
         assert_eq!(inst.limits.as_ref().unwrap().qps, 7);
-        assert_eq!((inst.token.clone(), inst.read_only_token.clone()), (inst.tokens["app"].clone(), inst.tokens["reader"].clone()));
+        assert_eq!(
+            (inst.token.clone(), inst.read_only_token.clone()),
+            (inst.tokens["app"].clone(), inst.tokens["reader"].clone())
+        );
     }
 
     #[test]

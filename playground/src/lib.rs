@@ -118,12 +118,7 @@ pub async fn down(dir: &Path) -> anyhow::Result<bool> {
 /// Asks the running control plane to bring `zone` to `state`, and waits until
 /// `playground.json` shows it applied (for `down`: every process of the zone gone).
 pub async fn set_zone(dir: &Path, zone: &str, state: netns::ZoneState) -> anyhow::Result<Playground> {
-    let dir = dir.canonicalize().with_context(|| format!("no playground in {}", dir.display()))?;
-    if running_pid(&dir).is_none() {
-        bail!("no playground running in {}", dir.display());
-    }
-    let pg: Playground = serde_json::from_slice(&std::fs::read(dir.join(PLAYGROUND_FILE))?)?;
-    let secret = secrets::Secrets::of(&dir).cluster_secret()?;
+    let (dir, pg, secret) = control_plane(dir)?;
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/zones/{zone}", pg.control_plane))
         .header(reqwest::header::AUTHORIZATION, secret.authorization().clone())
@@ -175,7 +170,12 @@ fn control_plane(dir: &Path) -> anyhow::Result<(PathBuf, Playground, nimbus_net:
 }
 
 /// POSTs `body` to the control plane's `path`; the changes it made, or its refusal.
-async fn call(pg: &Playground, secret: &nimbus_net::ClusterSecret, path: &str, body: &impl serde::Serialize) -> anyhow::Result<Vec<String>> {
+async fn call(
+    pg: &Playground,
+    secret: &nimbus_net::ClusterSecret,
+    path: &str,
+    body: &impl serde::Serialize,
+) -> anyhow::Result<Vec<String>> {
     let resp = reqwest::Client::new()
         .post(format!("{}{path}", pg.control_plane))
         .header(reqwest::header::AUTHORIZATION, secret.authorization().clone())

@@ -132,7 +132,8 @@ pub fn parse(documents: &[Document]) -> Result<Manifests, ManifestError> {
 /// The typed value of a document, refusing fields the type does not have (the API server
 /// prunes or refuses them; here a typo would otherwise be ignored silently).
 fn typed<T: serde::de::DeserializeOwned + Serialize>(src: &str, doc: &Value) -> Result<T, ManifestError> {
-    let value: T = serde_json::from_value(doc.clone()).map_err(|e| ManifestError::new(src, "(document)", e.to_string()))?;
+    let value: T =
+        serde_json::from_value(doc.clone()).map_err(|e| ManifestError::new(src, "(document)", e.to_string()))?;
     let back = serde_json::to_value(&value).map_err(|e| ManifestError::new(src, "(document)", e.to_string()))?;
     if let Some(field) = unknown_field(doc, &back, "") {
         return Err(ManifestError::new(src, field, "unknown field"));
@@ -220,9 +221,11 @@ fn check_instance(src: &str, dbi: &DatabaseInstance) -> Result<(), ManifestError
         return err("spec.storage.size", "a quantity of 1 to 32 characters".into());
     }
     let l = &s.limits;
-    for (field, v) in
-        [("spec.limits.qps", l.qps), ("spec.limits.maxConnections", l.max_connections), ("spec.limits.maxInFlight", l.max_in_flight)]
-    {
+    for (field, v) in [
+        ("spec.limits.qps", l.qps),
+        ("spec.limits.maxConnections", l.max_connections),
+        ("spec.limits.maxInFlight", l.max_in_flight),
+    ] {
         if v == Some(0) {
             return err(field, "must be at least 1".into());
         }
@@ -264,7 +267,11 @@ pub fn check_against(st: &State, m: &Manifests) -> Result<(), ManifestError> {
         let name = p.metadata.name.as_deref().unwrap_or_default();
         let Some(have) = st.pool(name) else { continue };
         if have.mode != p.spec.mode {
-            return Err(ManifestError::new(src, "spec.mode", format!("spec.mode cannot change (pool {name} is {:?})", have.mode)));
+            return Err(ManifestError::new(
+                src,
+                "spec.mode",
+                format!("spec.mode cannot change (pool {name} is {:?})", have.mode),
+            ));
         }
         if have.replicas_per_set != p.spec.replicas_per_set {
             return Err(ManifestError::new(
@@ -316,7 +323,10 @@ pub fn check_against(st: &State, m: &Manifests) -> Result<(), ManifestError> {
             return Err(ManifestError::new(
                 src,
                 "spec.replicas",
-                format!("spec.replicas cannot change: the replica set keeps the size it was made with ({})", old.replicas),
+                format!(
+                    "spec.replicas cannot change: the replica set keeps the size it was made with ({})",
+                    old.replicas
+                ),
             ));
         }
         if old.storage != s.storage {
@@ -368,14 +378,41 @@ mod tests {
         assert_eq!(field(&format!("{SHOP}spec: {{users: [{{name: a}}, {{name: a}}]}}\n")), "spec.users[1].name");
         assert_eq!(field(&format!("{SHOP}spec: {{users: [{{name: a, rol: read}}]}}\n")), "spec.users[0].rol");
         assert_eq!(field(&format!("{SHOP}spec: {{limits: {{qps: 0}}}}\n")), "spec.limits.qps");
-        assert_eq!(field("apiVersion: nimbus.io/v1alpha1\nkind: DatabaseInstance\nmetadata: {name: Shop}\nspec: {}\n"), "metadata.name");
+        assert_eq!(
+            field("apiVersion: nimbus.io/v1alpha1\nkind: DatabaseInstance\nmetadata: {name: Shop}\nspec: {}\n"),
+            "metadata.name"
+        );
         assert_eq!(field(&format!("{SHOP}spec: {{}}\n---\n{SHOP}spec: {{}}\n")), "metadata.name");
         assert_eq!(
-            field("apiVersion: nimbus.io/v1alpha1\nkind: ResourcePool\nmetadata: {name: p}\nspec: {replicasPerSet: 4}\n"),
+            field(
+                "apiVersion: nimbus.io/v1alpha1\nkind: ResourcePool\nmetadata: {name: p}\nspec: {replicasPerSet: 4}\n"
+            ),
             "spec.replicasPerSet"
         );
         let e = refused(&format!("{SHOP}spec: {{replicas: 4}}\n"));
         assert_eq!(e.to_string(), "f.yaml document 1: spec.replicas: 4: replicas is 3 or 5");
+    }
+
+    /// The examples are what a user applies first: each parses, and each applies to a new
+    /// playground together with the pools they name.
+    #[test]
+    fn every_example_parses_and_applies_to_a_new_playground() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let docs = split_yaml(&std::fs::read_to_string(&path).unwrap(), &path.display().to_string()).unwrap();
+                parse(&docs).unwrap_or_else(|e| panic!("{e}"));
+                all.extend(docs);
+            }
+        }
+        // Examples name the same instance in several files (shop): one file at a time.
+        let pools: Vec<Document> = all.iter().filter(|d| d.document["kind"] == "ResourcePool").cloned().collect();
+        for d in all.iter().filter(|d| d.document["kind"] == "DatabaseInstance") {
+            let docs: Vec<Document> = pools.iter().cloned().chain([d.clone()]).collect();
+            check_against(&State::default(), &parse(&docs).unwrap()).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 
     fn state_with_shop() -> State {
@@ -411,7 +448,8 @@ mod tests {
         assert_eq!(check(&format!("{SHOP}spec: {{storage: {{size: 1Gi}}}}\n")), Err("spec.storage".into()));
         assert_eq!(check(&format!("{SHOP}spec: {{database: other}}\n")), Err("spec.database".into()));
         // Another instance may not take shop's database name.
-        let other = "apiVersion: nimbus.io/v1alpha1\nkind: DatabaseInstance\nmetadata: {name: other}\nspec: {database: shop}\n";
+        let other =
+            "apiVersion: nimbus.io/v1alpha1\nkind: DatabaseInstance\nmetadata: {name: other}\nspec: {database: shop}\n";
         assert_eq!(check(other), Err("spec.database".into()));
         // Free to standard is a limits change; a pool in the same apply is known.
         assert_eq!(check(&format!("{SHOP}spec: {{tier: free, limits: {{qps: 5}}}}\n")), Ok(()));

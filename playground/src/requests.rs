@@ -102,24 +102,26 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Refusal {
 /// Applies `documents` to the state: checked again here (against this state), planned on
 /// a copy, migrations started, then committed and the changed instances' users and limits
 /// rewritten in etcd.
-pub async fn apply(st: &mut State, dir: &Path, store: &Coordinator, documents: &[Document]) -> Result<Vec<String>, Refusal> {
+pub async fn apply(
+    st: &mut State,
+    dir: &Path,
+    store: &Coordinator,
+    documents: &[Document],
+) -> Result<Vec<String>, Refusal> {
     let bad = |e: crate::manifest::ManifestError| Refusal::new(StatusCode::BAD_REQUEST, e.to_string());
     let manifests = crate::manifest::parse(documents).map_err(bad)?;
     let outcome = crate::apply::plan(st, &manifests).map_err(bad)?;
     for req in &outcome.migrations {
         // The hook of the migration driver (see `migrate`): refused today.
-        crate::migrate::start_migration(st, req).map_err(|e| {
-            Refusal::new(StatusCode::CONFLICT, format!("instance {}: spec.pool: {e}", req.instance))
-        })?;
+        crate::migrate::start_migration(st, req)
+            .map_err(|e| Refusal::new(StatusCode::CONFLICT, format!("instance {}: spec.pool: {e}", req.instance)))?;
     }
     *st = outcome.state;
     st.save(dir).map_err(|e| internal("save the state", e))?;
     for r in &outcome.republish {
         let Some(inst) = st.instances.get(&r.instance) else { continue };
-        let removed = store
-            .retain_users(&inst.database, &r.users)
-            .await
-            .map_err(|e| internal("remove users from etcd", e))?;
+        let removed =
+            store.retain_users(&inst.database, &r.users).await.map_err(|e| internal("remove users from etcd", e))?;
         if !removed.is_empty() {
             info!(instance = %r.instance, users = ?removed, "users removed: their tokens no longer work");
         }

@@ -19,8 +19,8 @@ use crate::binaries::{GATEWAY_BIN, etcd_binary, sibling_binary};
 use crate::local::tick;
 use crate::netns::{Network, ZoneState};
 use crate::procs::Procs;
-use crate::secrets::Secrets;
 use crate::requests;
+use crate::secrets::Secrets;
 use crate::state::{self, Playground, PlaygroundDatanode, PlaygroundInstance, State};
 
 /// How often the control loop looks at every replica set.
