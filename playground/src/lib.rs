@@ -42,7 +42,8 @@ fn running_pid(dir: &Path) -> Option<u32> {
     procs::alive(pid).then_some(pid)
 }
 
-/// Starts the playground in the background and waits until every instance is Ready.
+/// Starts the playground in the background (or, when it runs, applies `instances` to it) and
+/// waits until every instance is Ready.
 pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize, isolate_zones: bool) -> anyhow::Result<Playground> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -53,6 +54,10 @@ pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize, isolate_zones: 
     let manifests = manifest::parse(&read_documents(instances)?)?;
     if let Some(st) = state::State::load(&dir)? {
         manifest::check_against(&st, &manifests)?;
+    }
+    if running_pid(&dir).is_some() && !instances.is_empty() {
+        // Already running: the manifests are applied to it.
+        apply(&dir, instances, Some(UP_TIMEOUT)).await?;
     }
     if running_pid(&dir).is_none() {
         let _ = std::fs::remove_file(dir.join(PLAYGROUND_FILE));
@@ -81,7 +86,7 @@ pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize, isolate_zones: 
     loop {
         if let Ok(bytes) = std::fs::read(dir.join(PLAYGROUND_FILE))
             && let Ok(pg) = serde_json::from_slice::<Playground>(&bytes)
-            && !pg.instances.is_empty()
+            // Written once the manifests are applied (none left is possible after `delete`).
             && pg.instances.values().all(|i| i.phase == "Ready")
         {
             return Ok(pg);

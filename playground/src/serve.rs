@@ -144,7 +144,8 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
 
     // Instances: the manifests given (applied as `apply` would), else the example on a
     // new playground.
-    let files = match (opts.instances.is_empty(), st.instances.is_empty()) {
+    let new_playground = st.instances.is_empty() && st.replica_sets.is_empty();
+    let files = match (opts.instances.is_empty(), new_playground) {
         (false, _) => opts.instances.clone(),
         (true, true) => vec![default_instance()?],
         (true, false) => Vec::new(),
