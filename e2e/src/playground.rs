@@ -242,3 +242,53 @@ pub fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// What a `nimbus` command did: its exit status and output.
+pub struct Ran {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Playground {
+    /// Runs `nimbus playground CMD... --dir DIR` and returns what it did, failed or not.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<Ran> {
+        let out =
+            Command::new(binary("nimbus")?).arg("playground").args(args).arg("--dir").arg(self.dir.path()).output()?;
+        Ok(Ran {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Writes a manifest file in the playground's directory and returns its path.
+    pub fn manifest(&self, name: &str, yaml: &str) -> anyhow::Result<std::path::PathBuf> {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, yaml)?;
+        Ok(path)
+    }
+
+    /// `nimbus playground apply FILE --wait`; its output lines, or an error with them.
+    pub fn apply_wait(&self, file: &Path) -> anyhow::Result<String> {
+        let file = file.to_str().context("a manifest path that is not UTF-8")?;
+        let ran = self.run(&["apply", file, "--wait", "--timeout", "120s"])?;
+        if !ran.ok {
+            bail!("apply {file} failed: {}\n{}", ran.stdout, ran.stderr);
+        }
+        Ok(ran.stdout)
+    }
+
+    /// The value of `key` in the playground's etcd (read as its root user).
+    pub async fn etcd_get(&self, key: &str) -> anyhow::Result<Option<Value>> {
+        let endpoint = self.json()?["etcd"].as_str().context("no etcd")?.to_owned();
+        let password = std::fs::read_to_string(self.dir.path().join("secrets/etcd-root.password"))?;
+        let opts = etcd_client::ConnectOptions::new().with_user("root", password.trim());
+        let mut client = etcd_client::Client::connect([endpoint], Some(opts)).await?;
+        let resp = client.get(key, None).await?;
+        Ok(match resp.kvs().first() {
+            Some(kv) => Some(serde_json::from_slice(kv.value())?),
+            None => None,
+        })
+    }
+}

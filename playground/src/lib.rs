@@ -8,11 +8,19 @@
 //! owns etcd, the gateway and the datanodes, and returns once every instance is Ready.
 //! `down` stops it; it stops everything it started. The directory keeps the data, so the
 //! next `up` with it finds the databases again.
+//!
+//! `apply` and `delete` change a running playground as `kubectl apply|delete` change a
+//! cluster: the manifests are checked here first, then sent to the control plane, which
+//! checks them again against its state and carries them out (see [`requests`]).
 
+pub mod apply;
 pub mod binaries;
 pub mod local;
+pub mod manifest;
+pub mod migrate;
 pub mod netns;
 pub mod procs;
+pub mod requests;
 pub mod secrets;
 pub mod serve;
 pub mod state;
@@ -34,13 +42,23 @@ fn running_pid(dir: &Path) -> Option<u32> {
     procs::alive(pid).then_some(pid)
 }
 
-/// Starts the playground in the background and waits until every instance is Ready.
+/// Starts the playground in the background (or, when it runs, applies `instances` to it) and
+/// waits until every instance is Ready.
 pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize, isolate_zones: bool) -> anyhow::Result<Playground> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     binaries::etcd_binary()?;
     binaries::sibling_binary(binaries::DATANODE_BIN)?;
     binaries::sibling_binary(binaries::GATEWAY_BIN)?;
+    // A mistake in a manifest is shown here, not in the control plane's log.
+    let manifests = manifest::parse(&read_documents(instances)?)?;
+    if let Some(st) = state::State::load(&dir)? {
+        manifest::check_against(&st, &manifests)?;
+    }
+    if running_pid(&dir).is_some() && !instances.is_empty() {
+        // Already running: the manifests are applied to it.
+        apply(&dir, instances, Some(UP_TIMEOUT)).await?;
+    }
     if running_pid(&dir).is_none() {
         let _ = std::fs::remove_file(dir.join(PLAYGROUND_FILE));
         std::fs::create_dir_all(dir.join("logs"))?;
@@ -68,7 +86,7 @@ pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize, isolate_zones: 
     loop {
         if let Ok(bytes) = std::fs::read(dir.join(PLAYGROUND_FILE))
             && let Ok(pg) = serde_json::from_slice::<Playground>(&bytes)
-            && !pg.instances.is_empty()
+            // Written once the manifests are applied (none left is possible after `delete`).
             && pg.instances.values().all(|i| i.phase == "Ready")
         {
             return Ok(pg);
@@ -105,12 +123,7 @@ pub async fn down(dir: &Path) -> anyhow::Result<bool> {
 /// Asks the running control plane to bring `zone` to `state`, and waits until
 /// `playground.json` shows it applied (for `down`: every process of the zone gone).
 pub async fn set_zone(dir: &Path, zone: &str, state: netns::ZoneState) -> anyhow::Result<Playground> {
-    let dir = dir.canonicalize().with_context(|| format!("no playground in {}", dir.display()))?;
-    if running_pid(&dir).is_none() {
-        bail!("no playground running in {}", dir.display());
-    }
-    let pg: Playground = serde_json::from_slice(&std::fs::read(dir.join(PLAYGROUND_FILE))?)?;
-    let secret = secrets::Secrets::of(&dir).cluster_secret()?;
+    let (dir, pg, secret) = control_plane(dir)?;
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/zones/{zone}", pg.control_plane))
         .header(reqwest::header::AUTHORIZATION, secret.authorization().clone())
@@ -135,4 +148,130 @@ pub async fn set_zone(dir: &Path, zone: &str, state: netns::ZoneState) -> anyhow
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// How long `apply --wait` waits by default.
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Every YAML document of `files`, in order.
+pub fn read_documents(files: &[PathBuf]) -> anyhow::Result<Vec<manifest::Document>> {
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("failed to read {}", f.display()))?;
+        out.extend(manifest::split_yaml(&text, &f.display().to_string())?);
+    }
+    Ok(out)
+}
+
+/// The running playground's `playground.json` and cluster secret, to call its control plane.
+fn control_plane(dir: &Path) -> anyhow::Result<(PathBuf, Playground, nimbus_net::ClusterSecret)> {
+    let dir = dir.canonicalize().with_context(|| format!("no playground in {}", dir.display()))?;
+    if running_pid(&dir).is_none() {
+        bail!("no playground running in {}", dir.display());
+    }
+    let pg: Playground = serde_json::from_slice(&std::fs::read(dir.join(PLAYGROUND_FILE))?)?;
+    let secret = secrets::Secrets::of(&dir).cluster_secret()?;
+    Ok((dir, pg, secret))
+}
+
+/// POSTs `body` to the control plane's `path`; the changes it made, or its refusal.
+async fn call(
+    pg: &Playground,
+    secret: &nimbus_net::ClusterSecret,
+    path: &str,
+    body: &impl serde::Serialize,
+) -> anyhow::Result<Vec<String>> {
+    let resp = reqwest::Client::new()
+        .post(format!("{}{path}", pg.control_plane))
+        .header(reqwest::header::AUTHORIZATION, secret.authorization().clone())
+        .json(body)
+        .send()
+        .await
+        .context("the control plane did not answer")?;
+    let ok = resp.status().is_success();
+    let body: serde_json::Value = resp.json().await.context("the control plane's answer is not JSON")?;
+    if !ok {
+        bail!("{}", body["error"].as_str().unwrap_or("the control plane refused without saying why"));
+    }
+    let changes: requests::Changes = serde_json::from_value(body).context("the control plane's answer")?;
+    Ok(changes.changes)
+}
+
+/// `nimbus playground apply`: checks every document of `files` (nothing is sent if one is
+/// wrong), has the control plane apply them all, and returns what changed, one line per
+/// object. With `wait`, then waits until each instance of the files is Ready on the pool
+/// its manifest names, with no migration running.
+pub async fn apply(dir: &Path, files: &[PathBuf], wait: Option<Duration>) -> anyhow::Result<Vec<String>> {
+    let documents = read_documents(files)?;
+    let manifests = manifest::parse(&documents)?;
+    let (dir, pg, secret) = control_plane(dir)?;
+    if let Some(st) = state::State::load(&dir)? {
+        manifest::check_against(&st, &manifests)?;
+    }
+    let lines = call(&pg, &secret, "/v1/apply", &requests::ApplyRequest { documents }).await?;
+    if let Some(timeout) = wait {
+        let wanted: Vec<(String, String)> = manifests
+            .instances
+            .iter()
+            .map(|(_, i)| (i.metadata.name.clone().unwrap_or_default(), i.spec.pool.clone()))
+            .collect();
+        wait_applied(&dir, &wanted, timeout).await?;
+    }
+    Ok(lines)
+}
+
+/// Whether an instance is where its manifest wants it: `Ok(true)` Ready on `pool` with no
+/// migration running, `Ok(false)` not yet, `Err` when it cannot get there by waiting.
+fn settled(name: &str, pool: &str, i: &state::PlaygroundInstance) -> anyhow::Result<bool> {
+    use state::MigrationPhase::{Aborted, Completed};
+    if let Some(m) = &i.migration
+        && m.phase == Aborted
+    {
+        bail!(
+            "instance {name}: the migration from {} to {} was aborted: {}",
+            m.from_replica_set,
+            m.to_replica_set,
+            m.error.as_deref().unwrap_or("no reason given")
+        );
+    }
+    if i.phase == "Failed" {
+        bail!("instance {name} failed: see the control plane's log");
+    }
+    let migrating = i.migration.as_ref().is_some_and(|m| m.phase != Completed);
+    Ok(i.phase == "Ready" && i.pool == pool && !migrating)
+}
+
+async fn wait_applied(dir: &Path, wanted: &[(String, String)], timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let mut waiting_for = Vec::new();
+        if let Ok(bytes) = std::fs::read(dir.join(PLAYGROUND_FILE))
+            && let Ok(pg) = serde_json::from_slice::<Playground>(&bytes)
+        {
+            for (name, pool) in wanted {
+                match pg.instances.get(name) {
+                    Some(i) if settled(name, pool, i)? => {}
+                    Some(i) => waiting_for.push(format!("{name} ({}, pool {})", i.phase, i.pool)),
+                    None => waiting_for.push(format!("{name} (not shown yet)")),
+                }
+            }
+            if waiting_for.is_empty() {
+                return Ok(());
+            }
+        }
+        if running_pid(dir).is_none() {
+            bail!("the control plane stopped: see {}", dir.join("logs/control-plane.log").display());
+        }
+        if started.elapsed() > timeout {
+            bail!("not Ready within {timeout:?}: {}", waiting_for.join(", "));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `nimbus playground delete`: deletes the instances named (their data, route, users and
+/// limits), all or none; an unknown name deletes nothing.
+pub async fn delete(dir: &Path, names: &[String]) -> anyhow::Result<Vec<String>> {
+    let (_, pg, secret) = control_plane(dir)?;
+    call(&pg, &secret, "/v1/delete", &requests::DeleteRequest { instances: names.to_vec() }).await
 }

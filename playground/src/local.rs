@@ -158,6 +158,15 @@ impl Events for LogEvents {
     }
 }
 
+/// The claim of a playground instance on its database name.
+pub fn claim(instance: &str) -> nimbus_api::etcd::TenantClaim {
+    nimbus_api::etcd::TenantClaim {
+        namespace: "playground".into(),
+        instance: instance.to_owned(),
+        uid: format!("playground/{instance}"),
+    }
+}
+
 /// One look at a replica set and at most one step (the operator's driver); then, with a
 /// leader, its databases' routes, users and limits. Returns (has a leader, steady).
 pub async fn tick(
@@ -185,11 +194,7 @@ pub async fn tick(
         // As on Kubernetes: the instance claims its database name, its route is created
         // once and then only its members follow the replica set's, a compare-and-swap
         // that never moves a route another decision (a migration) put elsewhere.
-        let claim = nimbus_api::etcd::TenantClaim {
-            namespace: "playground".into(),
-            instance: name.clone(),
-            uid: format!("playground/{name}"),
-        };
+        let claim = claim(name);
         if let Err(owner) = store.claim_database(&inst.database, &claim, true).await? {
             tracing::warn!(instance = %name, owner = %owner.instance, "database name claimed by another instance");
             continue;

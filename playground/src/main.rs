@@ -1,6 +1,8 @@
-//! The `nimbus` command: `nimbus playground up|down` (all of Nimbus on one machine).
+//! The `nimbus` command: `nimbus playground up|apply|delete|zone|down` (all of Nimbus on
+//! one machine).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nimbus_playground as playground;
@@ -35,6 +37,31 @@ enum PlaygroundCommand {
         zone: String,
         /// up, down, partition or isolate.
         state: playground::netns::ZoneState,
+    },
+    /// `kubectl apply` for a running playground: DatabaseInstance and ResourcePool
+    /// manifests (multi-document YAML). New instances are provisioned, changed ones
+    /// reconciled, new pools created; an invalid manifest changes nothing.
+    Apply {
+        #[arg(long, default_value = ".playground")]
+        dir: PathBuf,
+        /// Manifest files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Return once every instance of the files is Ready on its pool, with no migration
+        /// running; fail when a migration was aborted or an instance failed.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits: seconds, or a number with s, m or h.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Delete instances: their data, route, users and limits. An unknown name deletes nothing.
+    Delete {
+        #[arg(long, default_value = ".playground")]
+        dir: PathBuf,
+        /// Instance names.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
     /// Stop everything `up` started (the data stays in the directory).
     Down {
@@ -96,6 +123,18 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        PlaygroundCommand::Apply { dir, files, wait, timeout } => {
+            for line in playground::apply(&dir, &files, wait.then_some(timeout)).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        PlaygroundCommand::Delete { dir, names } => {
+            for line in playground::delete(&dir, &names).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
         PlaygroundCommand::Zone { dir, zone, state } => {
             playground::set_zone(&dir, &zone, state).await?;
             println!("zone {zone}: {state:?}");
@@ -106,5 +145,20 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
             playground::serve::serve(playground::serve::Options { dir, instances, zones, isolate_zones }).await
         }
+    }
+}
+
+/// `600`, `600s`, `10m` or `1h`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("{s:?}: a number of seconds, or with s, m or h"))?;
+    match unit {
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: the unit is s, m or h")),
     }
 }

@@ -12,8 +12,6 @@ use anyhow::{Context as _, bail};
 use nimbus_operator::controlplane::admin::AdminClient;
 use nimbus_operator::controlplane::coord::Coordinator;
 use nimbus_operator::controlplane::etcd_access::{self, GATEWAY_USER, OPERATOR_USER, ROOT_USER, User};
-use nimbus_operator::controlplane::placement::{self, PoolMode, ReplicaSetLoad};
-use nimbus_operator::crd::v1alpha1::{DatabaseInstance, Tier, UserRole};
 use tokio::process::Command;
 use tracing::{info, warn};
 
@@ -21,8 +19,9 @@ use crate::binaries::{GATEWAY_BIN, etcd_binary, sibling_binary};
 use crate::local::tick;
 use crate::netns::{Network, ZoneState};
 use crate::procs::Procs;
+use crate::requests;
 use crate::secrets::Secrets;
-use crate::state::{self, InstanceState, Playground, PlaygroundDatanode, PlaygroundInstance, State};
+use crate::state::{self, Playground, PlaygroundDatanode, PlaygroundInstance, State};
 
 /// How often the control loop looks at every replica set.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -143,15 +142,17 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
         .context("failed to start the gateway")?;
     procs.others.push(gw);
 
-    // Instances: the ones given, else the example.
-    let files = if opts.instances.is_empty() { vec![default_instance()?] } else { opts.instances.clone() };
-    for f in files {
-        let text = std::fs::read_to_string(&f).with_context(|| format!("failed to read {}", f.display()))?;
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let dbi: DatabaseInstance = serde::Deserialize::deserialize(doc)
-                .with_context(|| format!("failed to parse a DatabaseInstance in {}", f.display()))?;
-            admit(st, &dbi)?;
-        }
+    // Instances: the manifests given (applied as `apply` would), else the example on a
+    // new playground.
+    let new_playground = st.instances.is_empty() && st.replica_sets.is_empty();
+    let files = match (opts.instances.is_empty(), new_playground) {
+        (false, _) => opts.instances.clone(),
+        (true, true) => vec![default_instance()?],
+        (true, false) => Vec::new(),
+    };
+    let documents = crate::read_documents(&files)?;
+    if !documents.is_empty() {
+        requests::apply(st, dir, &store, &documents).await.map_err(|r| anyhow::anyhow!("{}", r.message))?;
     }
     st.save(dir)?;
 
@@ -160,6 +161,7 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
     let cp_listener = tokio::net::TcpListener::bind(("127.0.0.1", st.control_plane_port)).await?;
     let cp_url = format!("http://127.0.0.1:{}", st.control_plane_port);
     let shown_http = shown.clone();
+    let (loop_tx, mut loop_rx) = tokio::sync::mpsc::channel::<requests::Request>(8);
     let wanted: Wanted = Arc::new(Mutex::new(st.zones.iter().map(|z| (z.clone(), ZoneState::Up)).collect()));
     let app = axum::Router::new()
         .route(
@@ -171,6 +173,7 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
         )
         .route("/v1/zones/{zone}", axum::routing::post(set_zone))
         .with_state(ZonesApi { wanted: wanted.clone(), isolated: st.network.is_some() })
+        .merge(requests::routes(loop_tx))
         // The state shown holds every token, and zones can be taken down: components only.
         .route_layer(axum::middleware::from_fn_with_state(secret.clone(), nimbus_net::cluster::require))
         .route("/healthz", axum::routing::get(|| async { "ok" }));
@@ -217,19 +220,54 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
             }
             phases.insert(name.clone(), phase.to_string());
         }
-        let mut pg = playground_view(st, procs, dir, &phases, &gateway_url, &cp_url, &etcd_url);
-        pg.zones = zones.clone();
-        pg.cluster_secret_file = secrets.cluster_secret_file();
-        if let Ok(mut g) = shown.lock() {
-            *g = pg.clone();
-        }
-        state::write_atomically(&dir.join(state::PLAYGROUND_FILE), &serde_json::to_vec_pretty(&pg)?)?;
+        let view = View { gateway: &gateway_url, control_plane: &cp_url, etcd: &etcd_url, zones: &zones, secrets };
+        publish(&view, st, procs, dir, &phases, &shown)?;
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
+            Some(req) = loop_rx.recv() => {
+                let (result, reply) = match req {
+                    requests::Request::Apply(r, reply) => (requests::apply(st, dir, &store, &r.documents).await, reply),
+                    requests::Request::Delete(r, reply) => {
+                        (requests::delete(st, dir, &admin, &store, &r.instances).await, reply)
+                    }
+                };
+                phases.retain(|name, _| st.instances.contains_key(name));
+                // What the request changed is in playground.json before its answer.
+                publish(&view, st, procs, dir, &phases, &shown)?;
+                let _ = reply.send(result);
+            }
             _ = term.recv() => return Ok(()),
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+/// Where the playground's parts answer, for `playground.json`.
+struct View<'a> {
+    gateway: &'a str,
+    control_plane: &'a str,
+    etcd: &'a str,
+    zones: &'a BTreeMap<String, ZoneState>,
+    secrets: &'a Secrets,
+}
+
+/// Writes `playground.json` and what `/v1/status` answers.
+fn publish(
+    view: &View<'_>,
+    st: &State,
+    procs: &Procs,
+    dir: &Path,
+    phases: &BTreeMap<String, String>,
+    shown: &Mutex<Playground>,
+) -> anyhow::Result<()> {
+    let mut pg = playground_view(st, procs, dir, phases, view.gateway, view.control_plane, view.etcd);
+    pg.zones = view.zones.clone();
+    pg.cluster_secret_file = view.secrets.cluster_secret_file();
+    state::write_atomically(&dir.join(state::PLAYGROUND_FILE), &serde_json::to_vec_pretty(&pg)?)?;
+    if let Ok(mut g) = shown.lock() {
+        *g = pg;
+    }
+    Ok(())
 }
 
 /// The zone states asked for through the control plane's API.
@@ -302,50 +340,6 @@ fn default_instance() -> anyhow::Result<PathBuf> {
         .ok_or_else(|| anyhow::anyhow!("examples/database-instance.yaml not found: pass --instances FILE"))
 }
 
-/// Places a new instance (or keeps an existing one's placement) and makes its tokens.
-fn admit(st: &mut State, dbi: &DatabaseInstance) -> anyhow::Result<()> {
-    let name = dbi.metadata.name.clone().context("an instance has no metadata.name")?;
-    if st.instances.contains_key(&name) {
-        return Ok(());
-    }
-    let db = dbi.database();
-    nimbus_api::limits::validate_name("database", &db).map_err(|e| anyhow::anyhow!("{name}: {}", e.message))?;
-    let dedicated = dbi.spec.tier == Tier::Dedicated;
-    let mode = if dedicated { PoolMode::Dedicated } else { PoolMode::Shared { capacity: 200 } };
-    let mut counts: BTreeMap<String, u32> = st.replica_sets.keys().map(|k| (k.clone(), 0)).collect();
-    for i in st.instances.values() {
-        *counts.entry(i.replica_set.clone()).or_default() += 1;
-    }
-    let loads: Vec<ReplicaSetLoad> =
-        counts.into_iter().map(|(name, databases)| ReplicaSetLoad { name, databases }).collect();
-    let chosen = placement::choose_replica_set(&dbi.spec.pool, mode, &loads, &name).name().to_string();
-    if !st.replica_sets.contains_key(&chosen) {
-        // The playground's zones are its own (a, b, c): an instance's zone names are for
-        // a cluster's nodes.
-        let zones = placement::member_zones(&st.zones, &[], dbi.spec.replicas.max(0) as u32)?;
-        st.replica_sets.insert(chosen.clone(), state::ReplicaSetState { zones, ..Default::default() });
-    }
-    let mut tokens = BTreeMap::new();
-    let mut roles = BTreeMap::new();
-    let (mut token, mut read_only) = (String::new(), String::new());
-    for u in dbi.users() {
-        roles.insert(u.name.clone(), u.role.into());
-        let t = nimbus_api::token::new_token(&db, &u.name, u.role.into()).0;
-        match u.role {
-            UserRole::ReadWrite if token.is_empty() => token = t.clone(),
-            UserRole::Read if read_only.is_empty() => read_only = t.clone(),
-            _ => {}
-        }
-        tokens.insert(u.name.clone(), t);
-    }
-    info!(instance = %name, replica_set = %chosen, "admitted");
-    let limits = Some(dbi.spec.limits.resolve(dbi.spec.tier));
-    let inst =
-        InstanceState { database: db, replica_set: chosen, tokens, token, read_only_token: read_only, roles, limits };
-    st.instances.insert(name, inst);
-    Ok(())
-}
-
 fn playground_view(
     st: &State,
     procs: &Procs,
@@ -363,6 +357,8 @@ fn playground_view(
                 name.clone(),
                 PlaygroundInstance {
                     database: i.database.clone(),
+                    pool: i.pool.clone(),
+                    migration: i.migration.clone(),
                     token: i.token.clone(),
                     read_only_token: i.read_only_token.clone(),
                     replica_set: i.replica_set.clone(),
@@ -410,39 +406,4 @@ async fn setup_etcd_auth(etcd_url: &str, secrets: &Secrets) -> anyhow::Result<()
     etcd_access::ensure(&mut client, &users).await?;
     info!("etcd authentication enabled: one role per component");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    /// Every `read` user is read-only and every `readWrite` user may write, not only the
-    /// first of each; and the instance's limits are kept for etcd.
-    #[test]
-    fn each_user_keeps_its_own_role_and_the_limits_are_kept() {
-        let dbi: DatabaseInstance = serde_json::from_value(serde_json::json!({
-            "apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseInstance", "metadata": {"name": "shop"},
-            "spec": {"tier": "free", "limits": {"qps": 7}, "users": [
-                {"name": "app", "role": "readWrite"}, {"name": "reader", "role": "read"},
-                {"name": "analyst", "role": "read"}, {"name": "batch", "role": "readWrite"}]}
-        }))
-        .unwrap();
-        let mut st: State = serde_json::from_value(serde_json::json!({
-            "etcdClientPort": 1, "etcdPeerPort": 2, "gatewayPort": 3, "gatewayAdminPort": 4,
-            "controlPlanePort": 5, "zones": ["a", "b", "c"], "replicaSets": {}, "instances": {}
-        }))
-        .unwrap();
-        admit(&mut st, &dbi).unwrap();
-        let inst = &st.instances["shop"];
-        use nimbus_api::etcd::UserRole::{Read, ReadWrite};
-        let roles: Vec<_> = ["app", "reader", "analyst", "batch"].iter().map(|u| inst.role(u)).collect();
-        assert_eq!(roles, vec![ReadWrite, Read, Read, ReadWrite]);
-        assert_eq!(inst.limits.as_ref().unwrap().qps, 7);
-        // A state written before roles were kept: least privilege but for the main token.
-        let mut legacy = inst.clone();
-        legacy.roles.clear();
-        let roles: Vec<_> = ["app", "reader", "analyst", "batch"].iter().map(|u| legacy.role(u)).collect();
-        assert_eq!(roles, vec![ReadWrite, Read, Read, Read]);
-    }
 }

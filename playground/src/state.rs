@@ -25,6 +25,10 @@ pub struct State {
     pub zones: Vec<String>,
     pub replica_sets: BTreeMap<String, ReplicaSetState>,
     pub instances: BTreeMap<String, InstanceState>,
+    /// The pools applied (`ResourcePool` documents), by name. `default` is there
+    /// implicitly (see [`State::pool`]) until a `default` pool is applied.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolState>,
     /// Zones in network namespaces (`--isolate-zones`): fixed once the directory has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
@@ -36,6 +40,12 @@ pub struct State {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaSetState {
+    /// The pool the replica set belongs to (`default` in a state written before pools).
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    /// Made for one dedicated instance: never given to another.
+    #[serde(default)]
+    pub dedicated: bool,
     /// The zone of each member slot.
     pub zones: Vec<String>,
     /// Raft was initialised once: never again.
@@ -55,10 +65,18 @@ pub struct MemberState {
     pub raft_port: u16,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InstanceState {
     pub database: String,
+    /// The pool of the replica set the database is on now (`default` in a state written
+    /// before pools).
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    /// The pool the instance's last applied spec asks for, while it differs from `pool`:
+    /// a hot migration's goal (`crate::migrate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wanted_pool: Option<String>,
     pub replica_set: String,
     /// Token by user name.
     pub tokens: BTreeMap<String, String>,
@@ -71,6 +89,55 @@ pub struct InstanceState {
     /// The limits the gateways enforce (the instance's over its tier's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<nimbus_api::etcd::Limits>,
+    /// The spec last applied (`kubectl`'s last-applied configuration): what the next apply
+    /// compares with, for its immutable fields and to say `unchanged`. Absent in a state
+    /// written before `apply`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<nimbus_operator::crd::v1alpha1::DatabaseInstanceSpec>,
+    /// The latest migration of the database, kept after it ends until the next one starts
+    /// (`playground.json` shows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<PlaygroundMigration>,
+}
+
+/// What the playground keeps of a `ResourcePool`: what placement needs. Scheduling fields
+/// (`nodeSelector`, `tolerations`, `resources`, `storage`) mean nothing on one machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolState {
+    pub mode: nimbus_operator::crd::v1alpha1::PoolMode,
+    /// Shared pools: databases a replica set takes before a new one is made.
+    pub databases_per_replica_set: u32,
+    /// Members of each replica set (dedicated instances use their own `spec.replicas`).
+    pub replicas_per_set: i32,
+}
+
+/// The pool every instance names unless it says otherwise.
+pub const DEFAULT_POOL: &str = "default";
+
+fn default_pool() -> String {
+    DEFAULT_POOL.to_owned()
+}
+
+impl PoolState {
+    /// The implicit `default` pool: shared, as `ResourcePoolSpec`'s defaults.
+    pub fn implicit_default() -> PoolState {
+        let spec = nimbus_operator::crd::v1alpha1::ResourcePoolSpec {
+            mode: nimbus_operator::crd::v1alpha1::PoolMode::Shared,
+            replicas_per_set: 3,
+            databases_per_replica_set: 200,
+            ..Default::default()
+        };
+        PoolState::of(&spec)
+    }
+
+    pub fn of(spec: &nimbus_operator::crd::v1alpha1::ResourcePoolSpec) -> PoolState {
+        PoolState {
+            mode: spec.mode,
+            databases_per_replica_set: spec.databases_per_replica_set,
+            replicas_per_set: spec.replicas_per_set,
+        }
+    }
 }
 
 impl InstanceState {
@@ -85,6 +152,15 @@ impl InstanceState {
 }
 
 impl State {
+    /// A pool by name: an applied one, or the implicit `default`.
+    pub fn pool(&self, name: &str) -> Option<PoolState> {
+        match self.pools.get(name) {
+            Some(p) => Some(p.clone()),
+            None if name == DEFAULT_POOL => Some(PoolState::implicit_default()),
+            None => None,
+        }
+    }
+
     /// The address a zone's datanodes listen on and are reached at.
     pub fn host(&self, zone: &str) -> String {
         self.network.as_ref().and_then(|n| n.hosts.get(zone).cloned()).unwrap_or_else(|| "127.0.0.1".to_owned())
@@ -125,10 +201,48 @@ pub struct Playground {
 #[serde(rename_all = "camelCase")]
 pub struct PlaygroundInstance {
     pub database: String,
+    /// The pool of the replica set serving the database now.
+    #[serde(default = "default_pool")]
+    pub pool: String,
     pub token: String,
     pub read_only_token: String,
     pub replica_set: String,
     pub phase: String,
+    /// The latest migration (null before the first): kept after it ends until the next.
+    #[serde(default)]
+    pub migration: Option<PlaygroundMigration>,
+}
+
+/// A migration as `playground.json` shows it (`API.md` section 3; on Kubernetes the same
+/// object is `status.migration`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlaygroundMigration {
+    pub phase: MigrationPhase,
+    pub from_replica_set: String,
+    pub to_replica_set: String,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339, null while it runs.
+    pub finished_at: Option<String>,
+    pub documents_copied: u64,
+    pub bytes_copied: u64,
+    pub lag_ops: u64,
+    /// How long the gateway held the database's requests at the cutover (null before the hold).
+    pub hold_ms: Option<u64>,
+    pub attempt: u32,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationPhase {
+    Copying,
+    CatchingUp,
+    Holding,
+    Switching,
+    CleaningUp,
+    Completed,
+    Aborted,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,207 @@
+//! The control plane's `apply` and `delete` (`nimbus playground apply|delete`).
+//!
+//! The HTTP handlers only pass a request to the control loop, which owns the state: a
+//! request is carried out between two ticks, never while a replica set is being driven,
+//! and `playground.json` shows its outcome before the answer goes back.
+//!
+//! `POST /v1/apply` `{"documents": [{"source", "document"}]}` → `{"changes": [...]}`;
+//! `POST /v1/delete` `{"instances": [NAME...]}` → `{"changes": [...]}`. Refusals are
+//! `{"error": "..."}` with 400 (invalid manifest), 404 (unknown instance), 409 (cannot be
+//! done now) or 500; a refused request changed nothing.
+
+use std::path::Path;
+
+use axum::http::StatusCode;
+use nimbus_operator::controlplane::admin::AdminClient;
+use nimbus_operator::controlplane::coord::Coordinator;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::info;
+
+use crate::manifest::Document;
+use crate::state::State;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    pub documents: Vec<Document>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    pub instances: Vec<String>,
+}
+
+/// What a request changed, one line per object (`instance shop created`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Changes {
+    pub changes: Vec<String>,
+}
+
+/// A request refused, with the status it is answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+        Refusal { status, message: message.into() }
+    }
+}
+
+impl axum::response::IntoResponse for Refusal {
+    fn into_response(self) -> axum::response::Response {
+        (self.status, axum::Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+type Reply = oneshot::Sender<Result<Vec<String>, Refusal>>;
+
+/// A request for the control loop, with where to send its answer.
+pub enum Request {
+    Apply(ApplyRequest, Reply),
+    Delete(DeleteRequest, Reply),
+}
+
+/// The routes, to be put behind the cluster-secret check.
+pub fn routes(loop_tx: mpsc::Sender<Request>) -> axum::Router {
+    let apply_tx = loop_tx.clone();
+    axum::Router::new()
+        .route(
+            "/v1/apply",
+            axum::routing::post(move |axum::Json(req): axum::Json<ApplyRequest>| {
+                let tx = apply_tx.clone();
+                async move { ask(&tx, |reply| Request::Apply(req, reply)).await }
+            }),
+        )
+        .route(
+            "/v1/delete",
+            axum::routing::post(move |axum::Json(req): axum::Json<DeleteRequest>| {
+                let tx = loop_tx.clone();
+                async move { ask(&tx, |reply| Request::Delete(req, reply)).await }
+            }),
+        )
+}
+
+async fn ask(
+    tx: &mpsc::Sender<Request>,
+    request: impl FnOnce(Reply) -> Request,
+) -> Result<axum::Json<Changes>, Refusal> {
+    let (reply, answer) = oneshot::channel();
+    let stopping = || Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "the control plane is stopping");
+    tx.send(request(reply)).await.map_err(|_| stopping())?;
+    let changes = answer.await.map_err(|_| stopping())??;
+    Ok(axum::Json(Changes { changes }))
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Refusal {
+    Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, format!("failed to {what}: {e}"))
+}
+
+/// Applies `documents` to the state: checked again here (against this state), planned on
+/// a copy, migrations started, then committed and the changed instances' users and limits
+/// rewritten in etcd.
+pub async fn apply(
+    st: &mut State,
+    dir: &Path,
+    store: &Coordinator,
+    documents: &[Document],
+) -> Result<Vec<String>, Refusal> {
+    let bad = |e: crate::manifest::ManifestError| Refusal::new(StatusCode::BAD_REQUEST, e.to_string());
+    let manifests = crate::manifest::parse(documents).map_err(bad)?;
+    let outcome = crate::apply::plan(st, &manifests).map_err(bad)?;
+    for req in &outcome.migrations {
+        // The hook of the migration driver (see `migrate`): refused today.
+        crate::migrate::start_migration(st, req)
+            .map_err(|e| Refusal::new(StatusCode::CONFLICT, format!("instance {}: spec.pool: {e}", req.instance)))?;
+    }
+    *st = outcome.state;
+    st.save(dir).map_err(|e| internal("save the state", e))?;
+    for r in &outcome.republish {
+        let Some(inst) = st.instances.get(&r.instance) else { continue };
+        let removed =
+            store.retain_users(&inst.database, &r.users).await.map_err(|e| internal("remove users from etcd", e))?;
+        if !removed.is_empty() {
+            info!(instance = %r.instance, users = ?removed, "users removed: their tokens no longer work");
+        }
+        for (user, token) in &inst.tokens {
+            let Some(record) = nimbus_api::token::record_of(token, inst.role(user)) else { continue };
+            store.put_user(&inst.database, user, &record).await.map_err(|e| internal("write a user to etcd", e))?;
+        }
+        if let Some(limits) = &inst.limits {
+            store.put_limits(&inst.database, limits).await.map_err(|e| internal("write limits to etcd", e))?;
+        }
+    }
+    for line in &outcome.lines {
+        info!("{line}");
+    }
+    Ok(outcome.lines)
+}
+
+/// The data address of the member leading `rs`, if one does.
+async fn leader_data(st: &State, admin: &AdminClient, rs: &str) -> Option<String> {
+    let set = st.replica_sets.get(rs)?;
+    for m in set.members.values() {
+        let host = st.host(&m.zone);
+        if let Ok(s) = admin.status(&format!("http://{host}:{}", m.admin_port)).await
+            && s.leader_id == Some(s.id)
+        {
+            return Some(format!("http://{host}:{}", m.data_port));
+        }
+    }
+    None
+}
+
+/// Deletes instances: every name must be known and its replica set led (else nothing
+/// changes); then each database's data is dropped on its replica set, its records (route,
+/// users, limits, claim) deleted from etcd and the instance forgotten. Replica sets left
+/// empty stay (a shared one takes the next database; a dedicated one its instance again).
+pub async fn delete(
+    st: &mut State,
+    dir: &Path,
+    admin: &AdminClient,
+    store: &Coordinator,
+    names: &[String],
+) -> Result<Vec<String>, Refusal> {
+    if names.is_empty() {
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, "name at least one instance to delete"));
+    }
+    if let Some(unknown) = names.iter().find(|n| !st.instances.contains_key(*n)) {
+        return Err(Refusal::new(StatusCode::NOT_FOUND, format!("no instance {unknown:?}: nothing deleted")));
+    }
+    let mut leaders = Vec::new();
+    for name in names {
+        let inst = &st.instances[name];
+        match leader_data(st, admin, &inst.replica_set).await {
+            Some(addr) => leaders.push(addr),
+            None => {
+                return Err(Refusal::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "instance {name}: replica set {} has no leader, so its data cannot be dropped now; nothing \
+                         deleted, try again",
+                        inst.replica_set
+                    ),
+                ));
+            }
+        }
+    }
+    let mut lines = Vec::new();
+    for (name, leader) in names.iter().zip(leaders) {
+        let Some(inst) = st.instances.get(name).cloned() else { continue };
+        // Through the leader's data API (`DropDatabase`, replicated). The admin call
+        // `POST /v1/admin/drop-database` (`nimbus_api::migration`) does the same once every
+        // datanode has it.
+        admin.drop_database(&leader, &inst.database).await.map_err(|e| internal("drop the database's data", e))?;
+        store
+            .delete_database(&inst.database, &crate::local::claim(name), true)
+            .await
+            .map_err(|e| internal("delete the database's records from etcd", e))?;
+        st.instances.remove(name);
+        st.save(dir).map_err(|e| internal("save the state", e))?;
+        info!(instance = %name, database = %inst.database, "deleted");
+        lines.push(format!("instance {name} deleted"));
+    }
+    Ok(lines)
+}
