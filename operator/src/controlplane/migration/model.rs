@@ -100,7 +100,8 @@ impl Model {
     pub fn new() -> Arc<Model> {
         let mut s = State::default();
         let mut a = ReplicaSet { epoch: 5, serving: true, ..Default::default() };
-        a.collections = vec![ExportedCollection { name: "c".into(), indexes: vec![serde_json::json!({"key": {"v": 1}})] }];
+        a.collections =
+            vec![ExportedCollection { name: "c".into(), indexes: vec![serde_json::json!({"key": {"v": 1}})] }];
         s.sets.insert("a".into(), a);
         s.sets.insert("b".into(), ReplicaSet::default());
         s.revision = 10;
@@ -478,7 +479,8 @@ impl MigrationWorld for Model {
                 s.violations.push(format!("the route names {}, which has not finished its import", route.replica_set));
             }
             if named.is_some_and(|rs| route.state == RouteState::Serving && route.epoch < rs.epoch) {
-                s.violations.push(format!("the route serves {} at a stale epoch: every request is refused", route.replica_set));
+                s.violations
+                    .push(format!("the route serves {} at a stale epoch: every request is refused", route.replica_set));
             }
             s.revision += 1;
             s.route = Some((route.clone(), s.revision));

@@ -87,7 +87,8 @@ pub fn should_hold(lag: u64, rate_per_sec: f64, under: Duration) -> bool {
     if lag == 0 {
         return true;
     }
-    if !(rate_per_sec > 0.0) {
+    // NaN, zero or negative: no rate measured.
+    if rate_per_sec.is_nan() || rate_per_sec <= 0.0 {
         return false;
     }
     (lag as f64 / rate_per_sec) < under.as_secs_f64()
@@ -201,7 +202,9 @@ pub fn on_resume(record: &MigrationRecord, now_ms: u64) -> Resume {
     }
     match record.step {
         Step::Hold | Step::Fence | Step::Verify => match record.hold_deadline_ms {
-            Some(d) if now_ms >= d => Resume::Abort(format!("the hold's deadline passed at the {} step", record.step.name())),
+            Some(d) if now_ms >= d => {
+                Resume::Abort(format!("the hold's deadline passed at the {} step", record.step.name()))
+            }
             _ => Resume::Continue,
         },
         _ => Resume::Continue,
