@@ -10,6 +10,7 @@
 //! | `/nimbus/holds/{db}/{gateway}` | a gateway's acknowledgement that it holds `db` (cutover) |
 //! | `/nimbus/tenants/{db}` | [`TenantClaim`]: the one instance the database name belongs to |
 //! | `/nimbus/replicasets/{namespace}/{name}` | [`ReplicaSetRecord`]: a replica set was bootstrapped |
+//! | `/nimbus/migrations/{db}` | the database's hot migration, running or last finished (the operator's `MigrationRecord`) |
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +22,7 @@ pub const GATEWAYS: &str = "/nimbus/gateways/";
 pub const HOLDS: &str = "/nimbus/holds/";
 pub const TENANTS: &str = "/nimbus/tenants/";
 pub const REPLICA_SETS: &str = "/nimbus/replicasets/";
+pub const MIGRATIONS: &str = "/nimbus/migrations/";
 
 pub fn route_key(db: &str) -> String {
     format!("{ROUTES}{db}")
@@ -44,6 +46,10 @@ pub fn hold_key(db: &str, gateway: &str) -> String {
 
 pub fn tenant_key(db: &str) -> String {
     format!("{TENANTS}{db}")
+}
+
+pub fn migration_key(db: &str) -> String {
+    format!("{MIGRATIONS}{db}")
 }
 
 pub fn replica_set_key(namespace: &str, replica_set: &str) -> String {

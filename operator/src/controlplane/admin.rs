@@ -112,6 +112,66 @@ impl AdminClient {
         Err(AdminError::Refused { addr: leader_data.to_string(), what: "drop database", status, body })
     }
 
+    /// A POST whose JSON answer matters (the migration calls of `nimbus_api::migration`).
+    pub async fn call<T: Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        admin: &str,
+        path: &str,
+        what: &'static str,
+        body: &T,
+    ) -> Result<R, AdminError> {
+        let resp = self
+            .http
+            .post(format!("{admin}{path}"))
+            .header(reqwest::header::AUTHORIZATION, self.secret.authorization().clone())
+            .json(body)
+            .send()
+            .await
+            .map_err(|source| AdminError::Unreachable { addr: admin.to_string(), source })?;
+        Self::answer(admin, what, resp).await
+    }
+
+    /// `GET /v1/admin/oplog?db=&afterIndex=&afterSeq=&limit=`: a database's oplog page.
+    pub async fn db_oplog(
+        &self,
+        admin: &str,
+        db: &str,
+        after: nimbus_api::migration::OplogPosition,
+        limit: u32,
+    ) -> Result<nimbus_api::migration::DbOplogPage, AdminError> {
+        let query = [
+            ("db", db.to_owned()),
+            ("afterIndex", after.index.to_string()),
+            ("afterSeq", after.seq.to_string()),
+            ("limit", limit.to_string()),
+        ];
+        let bad_url =
+            |e: String| AdminError::Refused { addr: admin.to_string(), what: "read oplog", status: 0, body: e };
+        let url = reqwest::Url::parse_with_params(&format!("{admin}/v1/admin/oplog"), &query)
+            .map_err(|e| bad_url(e.to_string()))?;
+        let resp = self
+            .http
+            .get(url)
+            .header(reqwest::header::AUTHORIZATION, self.secret.authorization().clone())
+            .send()
+            .await
+            .map_err(|source| AdminError::Unreachable { addr: admin.to_string(), source })?;
+        Self::answer(admin, "read oplog", resp).await
+    }
+
+    async fn answer<R: serde::de::DeserializeOwned>(
+        admin: &str,
+        what: &'static str,
+        resp: reqwest::Response,
+    ) -> Result<R, AdminError> {
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(AdminError::Refused { addr: admin.to_string(), what, status, body });
+        }
+        resp.json().await.map_err(|source| AdminError::Unreachable { addr: admin.to_string(), source })
+    }
+
     async fn post<T: Serialize>(
         &self,
         admin: &str,

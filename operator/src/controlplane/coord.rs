@@ -159,6 +159,119 @@ impl Coordinator {
         Ok(written)
     }
 
+    /// The route of `db` with its `mod_revision` (the guard of [`Coordinator::swap_route`]).
+    pub async fn route_revision(&self, db: &str) -> Result<Option<(Route, u64)>, CoordError> {
+        let key = etcd::route_key(db);
+        self.get_json_revision(&key).await
+    }
+
+    /// A migration's route change (hold, switch, roll back): writes `route` only if `db`'s
+    /// route is unchanged since it was read at `mod_revision`, so no decision is made on a
+    /// route someone else moved (a reconciler's member update in between makes it read
+    /// again). With `clear_holds`, the gateways' hold acknowledgements of `db` go in the same
+    /// transaction: an acknowledgement of an earlier hold never counts for the next one.
+    /// `false` when the route changed (nothing written).
+    pub async fn swap_route(
+        &self,
+        db: &str,
+        mod_revision: u64,
+        route: &Route,
+        clear_holds: bool,
+    ) -> Result<bool, CoordError> {
+        let key = etcd::route_key(db);
+        let value = serde_json::to_vec(route).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
+        let mut ops = vec![TxnOp::put(key.as_str(), value, None)];
+        if clear_holds {
+            let holds = format!("{}{db}/", etcd::HOLDS);
+            ops.push(TxnOp::delete(holds, Some(DeleteOptions::new().with_prefix())));
+        }
+        let guard = Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision as i64);
+        let written = self.client.kv_client().txn(Txn::new().when([guard]).and_then(ops)).await?.succeeded();
+        if written {
+            metrics::counter!("nimbus_operator_etcd_writes_total").increment(1);
+        }
+        Ok(written)
+    }
+
+    /// The gateways registered now (their ids) and the hold acknowledgements of `db` (by
+    /// gateway id, each with its value as written), read at one revision.
+    pub async fn hold_view(&self, db: &str) -> Result<(Vec<String>, Vec<(String, Vec<u8>)>), CoordError> {
+        let mut kv = self.client.kv_client();
+        let gateways =
+            kv.get(etcd::GATEWAYS, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await?;
+        let revision = gateways.header().map_or(0, |h| h.revision());
+        let holds_prefix = format!("{}{db}/", etcd::HOLDS);
+        let holds = kv
+            .get(holds_prefix.as_str(), Some(etcd_client::GetOptions::new().with_prefix().with_revision(revision)))
+            .await?;
+        let ids = gateways
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).trim_start_matches(etcd::GATEWAYS).to_owned())
+            .collect();
+        let acks = holds
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let id = String::from_utf8_lossy(kv.key()).trim_start_matches(holds_prefix.as_str()).to_owned();
+                (id, kv.value().to_vec())
+            })
+            .collect();
+        Ok((ids, acks))
+    }
+
+    /// `key`'s JSON value and its `mod_revision`.
+    pub async fn get_json_revision<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<(T, u64)>, CoordError> {
+        match self.client.kv_client().get(key, None).await?.kvs().first() {
+            None => Ok(None),
+            Some(kv) => serde_json::from_slice(kv.value())
+                .map(|v| Some((v, kv.mod_revision().max(0) as u64)))
+                .map_err(|source| CoordError::Decode { key: key.into(), source }),
+        }
+    }
+
+    /// Every JSON value under `prefix` with its `mod_revision`.
+    pub async fn list_json_revision<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(T, u64)>, CoordError> {
+        let resp = self.client.kv_client().get(prefix, Some(etcd_client::GetOptions::new().with_prefix())).await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice(kv.value()).map(|v| (v, kv.mod_revision().max(0) as u64)).map_err(|source| {
+                    CoordError::Decode { key: String::from_utf8_lossy(kv.key()).into_owned(), source }
+                })
+            })
+            .collect()
+    }
+
+    /// Writes `value` at `key` if its `mod_revision` is still `expected` (`None`: only if the
+    /// key does not exist). The new `mod_revision`, or `None` when the key changed.
+    pub async fn put_json_if<T: serde::Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, CoordError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| CoordError::Decode { key: key.into(), source })?;
+        let guard = match expected {
+            None => Compare::create_revision(key, CompareOp::Equal, 0),
+            Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev as i64),
+        };
+        let resp =
+            self.client.kv_client().txn(Txn::new().when([guard]).and_then([TxnOp::put(key, bytes, None)])).await?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        metrics::counter!("nimbus_operator_etcd_writes_total").increment(1);
+        // The transaction's revision is the put's mod_revision.
+        Ok(Some(resp.header().map_or(0, |h| h.revision().max(0) as u64)))
+    }
+
     pub async fn put_user(&self, db: &str, user: &str, record: &UserRecord) -> Result<(), CoordError> {
         self.put_json(&etcd::user_key(db, user), record).await
     }
@@ -305,3 +418,7 @@ impl Coordinator {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "coord_tests.rs"]
+mod tests;

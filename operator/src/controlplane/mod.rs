@@ -9,6 +9,7 @@ pub mod coord;
 pub mod driver;
 pub mod etcd_access;
 pub mod members;
+pub mod migration;
 pub mod placement;
 
 use std::collections::BTreeSet;

@@ -1,0 +1,214 @@
+//! The migration's decisions as data.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::*;
+
+const MS: u64 = 1;
+const S: u64 = 1_000;
+
+#[test]
+fn the_hold_starts_only_when_the_estimated_catch_up_is_under_half_a_second() {
+    let under = Duration::from_millis(500);
+    // (lag, measured rate per second, hold?)
+    let cases: &[(u64, f64, bool)] = &[
+        (0, 0.0, true),        // caught up: hold, whatever the rate
+        (0, 1_000.0, true),    //
+        (1, 0.0, false),       // behind with no measured rate: never
+        (1, f64::NAN, false),  //
+        (1, -5.0, false),      //
+        (499, 1_000.0, true),  // 0.499 s
+        (500, 1_000.0, false), // 0.5 s exactly is not under
+        (1_240, 1_000.0, false),
+        (10, 100.0, true),   // 0.1 s
+        (100, 100.0, false), // 1 s
+        (u64::MAX, 1e6, false),
+    ];
+    for &(lag, rate, hold) in cases {
+        assert_eq!(should_hold(lag, rate, under), hold, "lag {lag} at {rate}/s");
+    }
+}
+
+#[test]
+fn retries_wait_ten_seconds_doubling_up_to_five_minutes() {
+    let (first, max) = (Duration::from_secs(10), Duration::from_secs(300));
+    let waits: Vec<u64> = (1..=8).map(|a| retry_delay(a, first, max).as_secs()).collect();
+    assert_eq!(waits, [10, 20, 40, 80, 160, 300, 300, 300]);
+    assert_eq!(retry_delay(0, first, max), first);
+    assert_eq!(retry_delay(u32::MAX, first, max), max);
+}
+
+#[test]
+fn an_abort_schedules_the_next_attempt_until_attempts_run_out() {
+    let t = Tuning { max_attempts: 3, ..Tuning::default() };
+    assert_eq!(after_abort(1, 1_000, &t), AfterAbort::RetryAt(11_000));
+    assert_eq!(after_abort(2, 1_000, &t), AfterAbort::RetryAt(21_000));
+    assert_eq!(after_abort(3, 1_000, &t), AfterAbort::GiveUp);
+    assert_eq!(after_abort(9, 1_000, &t), AfterAbort::GiveUp);
+}
+
+fn transient() -> Failure {
+    Failure::Transient("datanode unreachable".into())
+}
+
+#[test]
+fn failures_before_the_hold_retry_until_the_step_timeout_then_abort() {
+    let t = Tuning::default();
+    let since = 1_000 * S;
+    for step in [Step::Copy, Step::CatchUp] {
+        assert_eq!(on_failure(step, &transient(), since, None, since, &t), Reaction::Retry(t.step_retry));
+        assert_eq!(on_failure(step, &transient(), since, None, since + 119 * S, &t), Reaction::Retry(t.step_retry));
+        assert!(matches!(on_failure(step, &transient(), since, None, since + 120 * S, &t), Reaction::Abort(_)));
+        assert_eq!(on_failure(step, &Failure::OplogTruncated, since, None, since, &t), Reaction::RestartCopy);
+        for f in [Failure::Gone("target rs-b is gone".into()), Failure::Refused("409".into())] {
+            assert_eq!(on_failure(step, &f, since, None, since, &t), Reaction::Abort(f.to_string()), "{step:?} {f:?}");
+        }
+    }
+}
+
+#[test]
+fn failures_in_the_hold_retry_quickly_until_the_deadline_and_anything_else_aborts() {
+    let t = Tuning::default();
+    let deadline = Some(5 * S);
+    for step in [Step::Hold, Step::Fence, Step::Verify] {
+        assert_eq!(on_failure(step, &transient(), 0, deadline, 4_999 * MS, &t), Reaction::Retry(HOLD_RETRY));
+        let at_deadline = on_failure(step, &transient(), 0, deadline, 5 * S, &t);
+        assert!(matches!(&at_deadline, Reaction::Abort(m) if m.contains("deadline")), "{at_deadline:?}");
+        for f in [
+            Failure::OplogTruncated,
+            Failure::Mismatch("documents 10 != 9".into()),
+            Failure::HoldTimedOut("gateway g2 did not acknowledge".into()),
+            Failure::Gone("source".into()),
+            Failure::Refused("400".into()),
+        ] {
+            assert!(matches!(on_failure(step, &f, 0, deadline, 0, &t), Reaction::Abort(_)), "{step:?} {f:?}");
+        }
+    }
+}
+
+#[test]
+fn after_the_switch_started_nothing_aborts() {
+    let t = Tuning::default();
+    let all = [
+        transient(),
+        Failure::OplogTruncated,
+        Failure::Mismatch("x".into()),
+        Failure::HoldTimedOut("x".into()),
+        Failure::Gone("x".into()),
+        Failure::Refused("x".into()),
+    ];
+    for step in [Step::Switch, Step::CleanUp, Step::Abort] {
+        for f in &all {
+            // Long past the deadline and the step timeout.
+            let r = on_failure(step, f, 0, Some(1), 10_000 * S, &t);
+            assert!(matches!(r, Reaction::Retry(_)), "{step:?} {f:?}: {r:?}");
+        }
+    }
+}
+
+fn record_at(step: Step, deadline: Option<u64>, retry: Option<u64>) -> MigrationRecord {
+    let mut r = MigrationRecord::new("m".into(), "shop", "", "a", "b", 3, 0);
+    r.hold_deadline_ms = deadline;
+    r.next_retry_ms = retry;
+    r.set_step(step);
+    r
+}
+
+#[test]
+fn a_restarted_control_plane_resumes_rolls_back_or_goes_forward_by_step() {
+    let now = 100 * S;
+    let (past, future) = (Some(now - 1), Some(now + 1));
+    // (step, hold deadline, next retry, what to do)
+    let cases: Vec<(Step, Option<u64>, Option<u64>, Resume)> = vec![
+        (Step::Copy, None, None, Resume::Continue),
+        (Step::Copy, None, Some(now + 5), Resume::WaitUntil(now + 5)),
+        (Step::Copy, None, Some(now), Resume::Continue),
+        (Step::CatchUp, None, None, Resume::Continue),
+        (Step::Hold, future, None, Resume::Continue),
+        (Step::Hold, None, None, Resume::Continue),
+        (Step::Fence, future, None, Resume::Continue),
+        (Step::Verify, future, None, Resume::Continue),
+        (Step::Switch, past, None, Resume::Continue),
+        (Step::CleanUp, past, Some(now + 9), Resume::WaitUntil(now + 9)),
+        (Step::CleanUp, past, Some(now - 9), Resume::Continue),
+        (Step::Abort, past, None, Resume::Continue),
+        (Step::Done, None, None, Resume::Finished),
+        (Step::Aborted, None, None, Resume::Finished),
+    ];
+    for (step, deadline, retry, want) in cases {
+        assert_eq!(on_resume(&record_at(step, deadline, retry), now), want, "{step:?} {deadline:?} {retry:?}");
+    }
+    for step in [Step::Hold, Step::Fence, Step::Verify] {
+        let r = on_resume(&record_at(step, past, None), now);
+        assert!(matches!(r, Resume::Abort(_)), "{step:?} past its deadline: {r:?}");
+    }
+}
+
+#[test]
+fn the_phase_follows_the_step() {
+    let cases = [
+        (Step::Copy, false, Phase::Copying),
+        (Step::Copy, true, Phase::Aborted),
+        (Step::CatchUp, false, Phase::CatchingUp),
+        (Step::Hold, false, Phase::Holding),
+        (Step::Fence, false, Phase::Holding),
+        (Step::Verify, false, Phase::Holding),
+        (Step::Switch, false, Phase::Switching),
+        (Step::CleanUp, true, Phase::CleaningUp),
+        (Step::Done, false, Phase::Completed),
+        (Step::Abort, false, Phase::Aborted),
+        (Step::Aborted, false, Phase::Aborted),
+    ];
+    for (step, retry, phase) in cases {
+        assert_eq!(phase_of(step, retry), phase, "{step:?}");
+    }
+}
+
+#[test]
+fn the_copy_pauses_to_keep_its_byte_rate() {
+    let mib = 1 << 20;
+    assert_eq!(copy_pause(10 * mib, Duration::from_secs(1), 10 * mib), Duration::ZERO);
+    assert_eq!(copy_pause(20 * mib, Duration::from_secs(1), 10 * mib), Duration::from_secs(1));
+    assert_eq!(copy_pause(5 * mib, Duration::from_secs(1), 10 * mib), Duration::ZERO);
+    assert_eq!(copy_pause(u64::MAX, Duration::ZERO, 0), Duration::ZERO, "0 is unthrottled");
+    assert_eq!(copy_pause(mib, Duration::ZERO, 2 * mib), Duration::from_millis(500));
+}
+
+fn gateways(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn acks(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
+    pairs.iter().map(|(g, v)| (g.to_string(), v.as_bytes().to_vec())).collect()
+}
+
+#[test]
+fn the_hold_counts_every_registered_gateway_at_the_held_epoch() {
+    let two = gateways(&["g1", "g2"]);
+    assert_eq!(hold_acknowledged(&two, &acks(&[("g1", "1"), ("g2", "")]), 7), Ok(()));
+    assert_eq!(hold_acknowledged(&two, &acks(&[("g1", "1")]), 7), Err(vec!["g2".into()]));
+    assert_eq!(hold_acknowledged(&two, &acks(&[]), 7), Err(vec!["g1".into(), "g2".into()]));
+    // The epoch in a JSON value must be the held route's.
+    assert_eq!(hold_acknowledged(&two, &acks(&[("g1", r#"{"epoch":7}"#), ("g2", r#"{"epoch":7,"at":1}"#)]), 7), Ok(()));
+    assert_eq!(
+        hold_acknowledged(&two, &acks(&[("g1", r#"{"epoch":6}"#), ("g2", r#"{"epoch":"7"}"#)]), 7),
+        Err(vec!["g1".into(), "g2".into()])
+    );
+    // JSON without an epoch, or not an object: presence counts.
+    assert_eq!(hold_acknowledged(&two, &acks(&[("g1", r#"{"held":true}"#), ("g2", "7")]), 7), Ok(()));
+    // Unregistered gateways' acknowledgements do not matter; no gateway: nothing to wait for.
+    assert_eq!(hold_acknowledged(&gateways(&["g1"]), &acks(&[("g1", "x"), ("gone", "x")]), 7), Ok(()));
+    assert_eq!(hold_acknowledged(&gateways(&[]), &acks(&[]), 7), Ok(()));
+}
+
+#[test]
+fn at_most_max_migrations_run_the_oldest_first() {
+    let waiting = vec![("c".to_string(), 30), ("a".to_string(), 10), ("b".to_string(), 20), ("a2".to_string(), 10)];
+    assert_eq!(admit(&waiting, 0, 2), ["a", "a2"]);
+    assert_eq!(admit(&waiting, 1, 2), ["a"]);
+    assert_eq!(admit(&waiting, 2, 2), Vec::<String>::new());
+    assert_eq!(admit(&waiting, 5, 2), Vec::<String>::new());
+    assert_eq!(admit(&waiting, 0, 10), ["a", "a2", "b", "c"]);
+    assert_eq!(admit(&[], 0, 2), Vec::<String>::new());
+}

@@ -1,0 +1,275 @@
+//! The driver against the model world ([`super::model`]): complete migrations, aborts and
+//! retries, and a crash at every call and every failpoint, each checked for the protocol's
+//! invariants and its outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nimbus_api::etcd::RouteState;
+
+use super::driver::{self, MigrationError, Outcome, StartError, StartRequest};
+use super::model::{Crash, DB, Model};
+use super::plan::Tuning;
+use super::record::{Phase, Step};
+
+/// Quick: no throttle, no grace, retries within milliseconds.
+fn tuning() -> Tuning {
+    Tuning {
+        retry_first: Duration::from_millis(1),
+        retry_max: Duration::from_millis(5),
+        step_retry: Duration::from_millis(1),
+        cleanup_grace: Duration::ZERO,
+        copy_bytes_per_sec: 0,
+        oplog_page: 5,
+        poll: Duration::from_millis(1),
+        ..Tuning::default()
+    }
+}
+
+fn to_b() -> StartRequest {
+    StartRequest { db: DB.into(), namespace: String::new(), to_replica_set: "b".into() }
+}
+
+/// Drives until the migration completes or aborts for good, starting a new driver from the
+/// persisted record whenever one crashed (or was dropped by an injected crash). Returns the
+/// outcome and the failpoints that crashed it.
+async fn run_to_end(model: &Arc<Model>, tuning: &Tuning) -> (Outcome, Vec<&'static str>) {
+    let mut crashed_at = Vec::new();
+    for _ in 0..10_000 {
+        let result = tokio::select! {
+            r = driver::drive(model.as_ref(), tuning, DB) => Some(r),
+            () = model.crashed.notified() => None,
+        };
+        match result {
+            // The driver was dropped in the middle of a call: a new one takes over.
+            None => {}
+            Some(Err(MigrationError::Crashed(at))) => {
+                crashed_at.push(at);
+                #[cfg(feature = "failpoints")]
+                fail::remove(at);
+            }
+            Some(Ok(Outcome::WaitUntil(at))) => {
+                tokio::time::sleep(Duration::from_millis(at.saturating_sub(driver::now_ms()))).await;
+            }
+            Some(Ok(Outcome::Superseded)) => panic!("superseded with a single driver"),
+            Some(Ok(outcome)) => return (outcome, crashed_at),
+            Some(Err(e)) => panic!("the driver failed: {e}"),
+        }
+    }
+    panic!("the migration never ended");
+}
+
+/// The invariants after a completed migration: the route on `b` at an epoch above the
+/// start, `Serving`; `b` holds every acknowledged write's last value; the source dropped;
+/// nothing the model flagged.
+fn assert_completed(model: &Model, first_epoch: u64) {
+    let s = model.lock();
+    assert_eq!(s.violations, Vec::<String>::new());
+    let (route, _) = s.route.clone().unwrap();
+    assert_eq!((route.replica_set.as_str(), route.state), ("b", RouteState::Serving));
+    assert!(route.epoch > first_epoch, "the switch raised the epoch");
+    assert_eq!(s.sets["b"].docs, s.expected(), "an acknowledged write is missing on the target");
+    assert!(s.sets["a"].docs.is_empty(), "the source was not cleaned up");
+    assert!(s.sets["a"].pins.is_empty(), "the source's oplog is still pinned");
+    let (record, _) = s.record.clone().unwrap();
+    assert_eq!((record.step, record.phase), (Step::Done, Phase::Completed));
+    assert!(record.finished_at_ms.is_some() && record.hold_ms.is_some());
+    assert!(s.acked.len() > 30, "the client kept writing during the migration");
+}
+
+#[tokio::test]
+async fn a_migration_copies_catches_up_holds_fences_verifies_and_switches() {
+    let model = Model::new();
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    let (outcome, _) = run_to_end(&model, &tuning()).await;
+    assert_eq!(outcome, Outcome::Completed);
+    assert_completed(&model, 5);
+    let s = model.lock();
+    let (route, _) = s.route.clone().unwrap();
+    assert_eq!(route.epoch, 6);
+    let record = &s.record.as_ref().unwrap().0;
+    assert_eq!(record.attempt, 1);
+    assert!(record.documents_copied >= 25 && record.bytes_copied > 0);
+    assert!(s.held > 0, "the client's writes were held at the cutover");
+    assert!(s.sets["b"].idempotency.len() >= s.acked.len(), "the idempotency records moved");
+}
+
+#[tokio::test]
+async fn a_second_migration_of_the_same_database_or_to_its_own_replica_set_is_refused() {
+    let model = Model::new();
+    let same = StartRequest { to_replica_set: "a".into(), ..to_b() };
+    let e = driver::start(model.as_ref(), &same).await.unwrap_err();
+    assert!(matches!(e, StartError::AlreadyThere { .. }), "{e}");
+    assert_eq!(e.to_string(), "database shop is already on replica set a: nothing to migrate");
+    let nowhere = StartRequest { to_replica_set: "z".into(), ..to_b() };
+    assert!(matches!(driver::start(model.as_ref(), &nowhere).await, Err(StartError::UnknownReplicaSet(_))));
+
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    let e = driver::start(model.as_ref(), &to_b()).await.unwrap_err();
+    assert!(matches!(e, StartError::AlreadyMigrating { .. }), "{e}");
+    assert!(e.to_string().contains("already migrating from a to b"), "{e}");
+
+    // Once finished, the database can move again (back).
+    run_to_end(&model, &tuning()).await;
+    let back = StartRequest { to_replica_set: "a".into(), ..to_b() };
+    let again = driver::start(model.as_ref(), &back).await.unwrap();
+    assert_eq!((again.from_replica_set.as_str(), again.from_epoch), ("b", 6));
+}
+
+#[tokio::test]
+async fn a_gateway_that_does_not_acknowledge_aborts_the_hold_and_the_retry_succeeds() {
+    let model = Model::new();
+    model.lock().silent.insert("g2".into());
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    let t = Tuning { hold_timeout: Duration::from_millis(100), ..tuning() };
+    let (outcome, _) = run_to_end(&model, &t).await;
+    assert_eq!(outcome, Outcome::Completed);
+    assert_completed(&model, 5);
+    let s = model.lock();
+    let record = &s.record.as_ref().unwrap().0;
+    assert_eq!(record.attempt, 2);
+    assert!(record.error.as_deref().unwrap().contains("g2"), "{:?}", record.error);
+    // Aborted before the fence: the retry started at the same epoch.
+    assert_eq!(s.route.as_ref().unwrap().0.epoch, 6);
+}
+
+#[tokio::test]
+async fn a_mismatch_after_the_fence_rolls_back_at_the_next_epoch_and_the_retry_succeeds() {
+    let model = Model::new();
+    model.lock().corrupt_once = true;
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    let (outcome, _) = run_to_end(&model, &tuning()).await;
+    assert_eq!(outcome, Outcome::Completed);
+    assert_completed(&model, 5);
+    let s = model.lock();
+    let record = &s.record.as_ref().unwrap().0;
+    assert_eq!(record.attempt, 2);
+    assert!(record.error.as_deref().unwrap().contains("checksum"), "{:?}", record.error);
+    // Fenced at 6, rolled back to the source at 6, switched at 7.
+    assert_eq!(s.route.as_ref().unwrap().0.epoch, 7);
+}
+
+#[tokio::test]
+async fn an_oplog_truncated_under_the_catch_up_restarts_the_copy_in_the_same_attempt() {
+    let model = Model::new();
+    model.lock().truncate_once = true;
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    let (outcome, _) = run_to_end(&model, &tuning()).await;
+    assert_eq!(outcome, Outcome::Completed);
+    assert_completed(&model, 5);
+    assert_eq!(model.lock().record.as_ref().unwrap().0.attempt, 1);
+}
+
+#[tokio::test]
+async fn a_target_gone_aborts_and_with_no_attempts_left_the_source_keeps_serving() {
+    let model = Model::new();
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    model.lock().set("b").gone = true;
+    let t = Tuning { max_attempts: 1, ..tuning() };
+    let (outcome, _) = run_to_end(&model, &t).await;
+    assert_eq!(outcome, Outcome::Aborted);
+    let s = model.lock();
+    assert_eq!(s.violations, Vec::<String>::new());
+    let (route, _) = s.route.clone().unwrap();
+    assert_eq!((route.replica_set.as_str(), route.state, route.epoch), ("a", RouteState::Serving, 5));
+    assert_eq!(s.sets["a"].docs, s.expected());
+    let record = &s.record.as_ref().unwrap().0;
+    assert_eq!((record.step, record.phase), (Step::Aborted, Phase::Aborted));
+    assert!(record.error.as_deref().unwrap().contains("replica set b no longer exists"), "{:?}", record.error);
+}
+
+#[tokio::test]
+async fn a_cancelled_migration_rolls_back_and_is_not_retried() {
+    let model = Model::new();
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    assert!(driver::cancel(model.as_ref(), DB, "spec.pool changed back").await.unwrap());
+    let (outcome, _) = run_to_end(&model, &tuning()).await;
+    assert_eq!(outcome, Outcome::Aborted);
+    let s = model.lock();
+    assert_eq!(s.route.as_ref().unwrap().0.replica_set, "a");
+    assert!(s.sets["b"].docs.is_empty() && s.sets["b"].incoming.is_none(), "the target's import was dropped");
+}
+
+/// A control plane dropped in the middle of each call of a migration (before or after the
+/// call took effect), then started again from the persisted record: each run ends
+/// completed with nothing lost, never with the route on an unfinished target.
+#[tokio::test]
+async fn a_crash_at_every_call_resumes_or_rolls_back_and_completes() {
+    let clean = Model::new();
+    clean.lock().quiet = true;
+    driver::start(clean.as_ref(), &to_b()).await.unwrap();
+    clean.lock().calls = 0;
+    let (outcome, _) = run_to_end(&clean, &tuning()).await;
+    assert_eq!(outcome, Outcome::Completed);
+    let calls = clean.lock().calls;
+    assert!(calls > 30, "{calls} calls");
+    for n in 1..=calls {
+        for crash in [Crash::Before(n), Crash::After(n)] {
+            let model = Model::new();
+            driver::start(model.as_ref(), &to_b()).await.unwrap();
+            {
+                let mut s = model.lock();
+                s.quiet = true;
+                s.calls = 0;
+                s.crash = Some(crash);
+            }
+            let (outcome, _) = run_to_end(&model, &tuning()).await;
+            assert_eq!(outcome, Outcome::Completed, "{crash:?}");
+            assert!(model.lock().crash.is_none(), "{crash:?} was never reached");
+            let s = model.lock();
+            assert_eq!(s.violations, Vec::<String>::new(), "{crash:?}");
+            assert_eq!(s.sets["b"].docs, s.expected(), "{crash:?}");
+            assert_eq!(s.route.as_ref().unwrap().0.replica_set, "b", "{crash:?}");
+        }
+    }
+}
+
+/// The same with the client writing throughout (each call lets it write once).
+#[tokio::test]
+async fn a_crash_at_every_call_under_writes_loses_nothing() {
+    let clean = Model::new();
+    driver::start(clean.as_ref(), &to_b()).await.unwrap();
+    clean.lock().calls = 0;
+    run_to_end(&clean, &tuning()).await;
+    let calls = clean.lock().calls;
+    for n in (1..=calls).step_by(3) {
+        for crash in [Crash::Before(n), Crash::After(n)] {
+            let model = Model::new();
+            driver::start(model.as_ref(), &to_b()).await.unwrap();
+            model.lock().calls = 0;
+            model.lock().crash = Some(crash);
+            let (outcome, _) = run_to_end(&model, &tuning()).await;
+            assert_eq!(outcome, Outcome::Completed, "{crash:?}");
+            let s = model.lock();
+            assert_eq!(s.violations, Vec::<String>::new(), "{crash:?}");
+            let serving = &s.route.as_ref().unwrap().0.replica_set;
+            assert_eq!(&s.sets[serving].docs, &s.expected(), "{crash:?}: an acknowledged write was lost");
+        }
+    }
+}
+
+/// Every named failpoint, configured to crash the driver there, then a new driver from the
+/// persisted record (`--features failpoints`).
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_crash_at_every_failpoint_resumes_or_rolls_back_and_completes() {
+    let scenario = fail::FailScenario::setup();
+    for &point in driver::FAILPOINTS {
+        let model = Model::new();
+        // The abort's failpoints are on its path only: a mismatch after the fence takes it.
+        if point.starts_with("migration-abort") {
+            model.lock().corrupt_once = true;
+        }
+        driver::start(model.as_ref(), &to_b()).await.unwrap();
+        fail::cfg(point, "return").unwrap();
+        let (outcome, crashed_at) = run_to_end(&model, &tuning()).await;
+        fail::remove(point);
+        assert_eq!(crashed_at, [point], "{point} was not reached once");
+        assert_eq!(outcome, Outcome::Completed, "{point}");
+        let s = model.lock();
+        assert_eq!(s.violations, Vec::<String>::new(), "{point}");
+        assert_eq!(s.sets["b"].docs, s.expected(), "{point}: an acknowledged write was lost");
+        assert_eq!(s.route.as_ref().unwrap().0.replica_set, "b", "{point}");
+    }
+    scenario.teardown();
+}
