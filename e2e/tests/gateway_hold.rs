@@ -374,8 +374,8 @@ async fn the_lease_is_renewed_while_an_acknowledgement_waits() {
     in_flight_at(&e.source, "slow-1").await;
     let holding = e.hold(1, now_ms() + 60_000).await;
     let held = e.spawn("held-1", false);
-    e.wait_held(1.0).await;
 
+    // Three TTLs from the hold on (the gateway sees it within milliseconds).
     let until = tokio::time::Instant::now() + Duration::from_secs(3);
     while tokio::time::Instant::now() < until {
         assert!(e.registered().await, "the gateway's lease lapsed while a hold was pending");
@@ -384,6 +384,7 @@ async fn the_lease_is_renewed_while_an_acknowledgement_waits() {
         assert!(e.ack().await.is_none());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(e.metric("nimbus_gateway_held_requests").await, 1.0);
     e.source.let_go();
     assert_eq!(slow.await.unwrap().0, 200);
     e.wait_ack_of(&holding).await;
