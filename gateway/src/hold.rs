@@ -35,8 +35,10 @@ pub const HOLD_QUEUE_FULL: &str = "nimbus_gateway_hold_queue_full_total";
 #[derive(Debug, Default)]
 pub struct Traffic {
     in_flight: AtomicUsize,
-    /// Woken each time `in_flight` falls to zero.
+    /// Woken when `in_flight` falls to zero while someone waits for it (`watchers`): the
+    /// requests of a database nobody holds never touch its lock.
     idle: Notify,
+    watchers: AtomicUsize,
     held: AtomicUsize,
 }
 
@@ -46,9 +48,9 @@ impl Traffic {
     /// yet) was counted before the update, so whoever reads the count after the update
     /// (the acknowledgement) sees it; a request that sees `Holding` drops the guard and
     /// never sends.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub fn begin(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(self.clone())
+        InFlight(self)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -57,6 +59,10 @@ impl Traffic {
 
     /// Returns once no request is in flight (at once when none is).
     pub async fn wait_idle(&self) {
+        // Counted before the count is read: a request that then brings it to zero sees a
+        // watcher, and wakes it.
+        self.watchers.fetch_add(1, Ordering::SeqCst);
+        let _watching = Watching(&self.watchers);
         loop {
             let notified = self.idle.notified();
             tokio::pin!(notified);
@@ -84,13 +90,22 @@ impl Traffic {
 
 /// A request counted in flight to a datanode.
 #[derive(Debug)]
-pub struct InFlight(Arc<Traffic>);
+pub struct InFlight<'a>(&'a Traffic);
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.watchers.load(Ordering::SeqCst) > 0 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+/// A waiter for idleness, uncounted however the wait ends.
+struct Watching<'a>(&'a AtomicUsize);
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -119,13 +119,13 @@ impl Gateway {
     /// request counted in flight for the database. While the database is held, the request
     /// waits in its hold queue without its in-flight slot, and takes a slot again before it
     /// is sent. `Err` says why not (nothing was sent).
-    async fn route_to_send(
+    async fn route_to_send<'a>(
         &self,
-        db: &DbState,
+        db: &'a DbState,
         min_epoch: u64,
         deadline: Instant,
         admission: &mut Admission,
-    ) -> Result<(Arc<RouteEntry>, InFlight), String> {
+    ) -> Result<(Arc<RouteEntry>, InFlight<'a>), String> {
         let mut held: Option<Held> = None;
         let mut changes: Option<tokio::sync::watch::Receiver<u64>> = None;
         loop {
