@@ -7,7 +7,7 @@
 //! | `/nimbus/users/{db}/{user}` | [`UserRecord`]: role and the SHA-256 of the user's token secret |
 //! | `/nimbus/limits/{db}` | [`Limits`]: the database's limits (absent: the defaults of its tier) |
 //! | `/nimbus/gateways/{id}` | [`GatewayRegistration`], bound to the gateway's lease |
-//! | `/nimbus/holds/{db}/{gateway}` | a gateway's acknowledgement that it holds `db` (cutover) |
+//! | `/nimbus/holds/{db}/{gateway}` | [`HoldAck`]: gateway `{gateway}` holds `db` and has none of its requests in flight (cutover), bound to the gateway's lease |
 //! | `/nimbus/tenants/{db}` | [`TenantClaim`]: the one instance the database name belongs to |
 //! | `/nimbus/replicasets/{namespace}/{name}` | [`ReplicaSetRecord`]: a replica set was bootstrapped |
 //! | `/nimbus/migrations/{db}` | the database's hot migration, running or last finished (the operator's `MigrationRecord`) |
@@ -113,6 +113,36 @@ pub struct Route {
     pub hold_deadline_ms: Option<u64>,
 }
 
+/// A gateway's acknowledgement of one hold (`/nimbus/holds/{db}/{gateway}`): it forwards
+/// none of the database's requests any more and none is in flight to a datanode. Written
+/// with the gateway's lease, so a gateway that dies takes its acknowledgements with it.
+///
+/// A hold is the route as written with `Holding`: the acknowledgement names its `epoch` and
+/// `hold_deadline_ms`, and counts for a hold only when both equal the route's. An
+/// acknowledgement of an earlier hold of the same epoch (an aborted attempt that was never
+/// fenced) has another deadline, and never passes for the new one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldAck {
+    /// The route's epoch when it was held.
+    pub epoch: u64,
+    /// The held route's `hold_deadline_ms` (`None` when it had none).
+    #[serde(default)]
+    pub hold_deadline_ms: Option<u64>,
+    /// When the gateway found the database idle and wrote this (ms since the Unix epoch).
+    pub acked_ms: u64,
+}
+
+impl HoldAck {
+    /// Whether this acknowledges the hold that `route` is (same epoch, same deadline, and
+    /// the route still `Holding`).
+    pub fn acknowledges(&self, route: &Route) -> bool {
+        route.state == RouteState::Holding
+            && self.epoch == route.epoch
+            && self.hold_deadline_ms == route.hold_deadline_ms
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum UserRole {
@@ -199,6 +229,25 @@ mod tests {
         assert_eq!(parse_token("nmb_shop.app.short"), None);
         assert_eq!(parse_token("shop.app.abcdefghijklmnopqrstuvwxyz"), None);
         assert_eq!(parse_token("nmb_.app.abcdefghijklmnopqrstuvwxyz"), None);
+    }
+
+    #[test]
+    fn a_hold_ack_counts_only_for_the_hold_it_names() {
+        let held = Route {
+            replica_set: "rs0".into(),
+            members: vec![],
+            epoch: 3,
+            state: RouteState::Holding,
+            hold_deadline_ms: Some(1_000),
+        };
+        let ack = HoldAck { epoch: 3, hold_deadline_ms: Some(1_000), acked_ms: 900 };
+        assert!(ack.acknowledges(&held));
+        // The same epoch held again (a retry after an unfenced abort): another deadline.
+        assert!(!ack.acknowledges(&Route { hold_deadline_ms: Some(9_000), ..held.clone() }));
+        assert!(!ack.acknowledges(&Route { epoch: 4, ..held.clone() }));
+        assert!(!ack.acknowledges(&Route { state: RouteState::Serving, ..held.clone() }));
+        let v = serde_json::to_value(&ack).unwrap();
+        assert_eq!(v, serde_json::json!({"epoch": 3, "holdDeadlineMs": 1000, "ackedMs": 900}));
     }
 
     #[test]

@@ -84,6 +84,7 @@ mod tests {
             users: [(user.to_owned(), stored)].into_iter().collect(),
             route: None,
             limiter: Arc::new(crate::limits::TenantLimiter::new(limits, 1 << 20, 1 << 20)),
+            traffic: Arc::default(),
         })
     }
 

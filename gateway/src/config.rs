@@ -41,6 +41,12 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
 pub const DEFAULT_H2_MAX_STREAMS: u32 = 128;
 /// Largest request head (request line and headers), HTTP/1.1 and HTTP/2.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Requests of one database a gateway holds at once during a migration cutover; beyond
+/// it 503 `Unavailable`. Two seconds of a standard tenant's full rate (2,000/s) at one
+/// gateway, or 200 ms of a dedicated one's (20,000/s, spread over several gateways): the
+/// cutover's hold lasts well under a second, and each held request keeps a task, a client
+/// stream and its body (the body also counted in the tenant's memory budget).
+pub const DEFAULT_HOLD_QUEUE_MAX: usize = 4_096;
 /// Databases with their own series in the admin port's metrics (the busiest ones).
 pub const DEFAULT_METRICS_TENANT_SERIES: usize = 100;
 
@@ -105,6 +111,9 @@ pub struct Config {
     /// Largest request head in bytes (request line and headers).
     #[arg(long, env = "NIMBUS_MAX_HEADER_BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES)]
     pub max_header_bytes: usize,
+    /// Requests of one database held at once during a migration cutover (beyond: 503).
+    #[arg(long, env = "NIMBUS_HOLD_QUEUE_MAX", default_value_t = DEFAULT_HOLD_QUEUE_MAX)]
+    pub hold_queue_max: usize,
     /// Databases with their own series in the admin port's `/metrics` (the busiest of the
     /// last minute; the rest are summed in `nimbus_gateway_other_tenants_last_60s`).
     #[arg(long, env = "NIMBUS_METRICS_TENANT_SERIES", default_value_t = DEFAULT_METRICS_TENANT_SERIES)]

@@ -6,10 +6,12 @@
 //! A data request is a pipeline of named steps (`request`): typed path, authentication,
 //! authorisation, limits, body, idempotency key, forwarding (`upstream`), counting.
 
+pub mod ack;
 pub mod auth;
 pub mod body;
 pub mod budget;
 pub mod config;
+pub mod hold;
 pub mod limits;
 pub mod request;
 pub mod server;

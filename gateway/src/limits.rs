@@ -31,9 +31,48 @@ pub struct TenantLimiter {
 }
 
 /// A request's right to run; dropping it frees the in-flight slot.
+///
+/// A request held for a migration cutover gives its slot back ([`Admission::release`]) and
+/// takes one again when the hold ends ([`Admission::reacquire`]): a held request is not at
+/// a datanode, and a tenant's held requests must not block the tenant's other requests
+/// from being admitted (and held in turn, or answered once the hold ends).
 #[derive(Debug)]
 pub struct Admission {
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
+    slots: Arc<Semaphore>,
+}
+
+impl Admission {
+    /// Whether the request holds its in-flight slot.
+    pub fn holds_slot(&self) -> bool {
+        self.permit.is_some()
+    }
+
+    /// Gives the in-flight slot back while the request waits.
+    pub fn release(&mut self) {
+        self.permit = None;
+    }
+
+    /// Takes an in-flight slot again, waiting until `deadline` at most; false if none came.
+    ///
+    /// The slots are handed out first come, first served (tokio's semaphore is fair): the
+    /// requests released by a hold queue up behind requests already waiting and ahead of
+    /// those arriving later, and never more than `max_in_flight` of the tenant's requests
+    /// are at datanodes at once, however many were held. They do not pay the rate limit a
+    /// second time: they were admitted by it when they arrived, so what a hold releases at
+    /// once is at most what the tenant's rate admitted during it.
+    pub async fn reacquire(&mut self, deadline: tokio::time::Instant) -> bool {
+        if self.permit.is_some() {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => {
+                self.permit = Some(p);
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A place in a database's rate queue, given back on drop.
@@ -96,7 +135,7 @@ impl TenantLimiter {
             }
         }
         match tokio::time::timeout(max_wait, self.in_flight.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Admission { _permit: permit }),
+            Ok(Ok(permit)) => Ok(Admission { permit: Some(permit), slots: self.in_flight.clone() }),
             _ => Err(ApiError::new(ErrorCode::RateLimited, "too many requests in flight for this database")),
         }
     }
@@ -109,11 +148,6 @@ impl TenantLimiter {
 
     pub fn disconnect(&self) {
         let _ = self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_sub(1)));
-    }
-
-    /// No request of this database is in flight.
-    pub fn is_idle(&self) -> bool {
-        self.in_flight.available_permits() == self.limits.max_in_flight.max(1) as usize
     }
 
     pub fn connections(&self) -> u32 {
@@ -152,6 +186,22 @@ mod tests {
         assert!(l.admit(Duration::from_millis(10)).await.is_err());
         drop(a);
         assert!(l.admit(Duration::from_millis(10)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_released_slot_serves_another_request_and_is_taken_back_in_turn() {
+        let l = TenantLimiter::new(limits(1000, 1000, 1, 10), 1 << 20, 1 << 20);
+        let mut held = l.admit(Duration::ZERO).await.unwrap();
+        held.release();
+        assert!(!held.holds_slot());
+        // While it is held, another request of the tenant is admitted.
+        let other = l.admit(Duration::ZERO).await.unwrap();
+        let soon = tokio::time::Instant::now() + Duration::from_millis(20);
+        assert!(!held.reacquire(soon).await, "the only slot is taken");
+        drop(other);
+        assert!(held.reacquire(tokio::time::Instant::now() + Duration::from_secs(1)).await);
+        assert!(held.holds_slot());
+        assert!(l.admit(Duration::from_millis(10)).await.is_err());
     }
 
     #[tokio::test]

@@ -84,14 +84,14 @@ where
     let path = parsed.map_err(|e| refuse_unparsed(&db, parts, e))?;
     authorize(&who, &db.name, &path)?;
     trace.counted_as = Some((db.clone(), path.access()));
-    let _admission = admit(gw, &db, conn).await?;
+    let mut admission = admit(gw, &db, conn).await?;
     let (body, _held) = read_body(gw, &db, &path, &parts.headers, body).await?;
     trace.bytes_in = body.as_ref().map_or(0, |b| b.len() as u64);
     let (key, made) = idempotency_key(&path, &parts.headers)?;
     if made {
         trace.made_key.clone_from(&key);
     }
-    gw.forward(&db, &Outgoing::new(&path, body, key)).await
+    gw.forward(&db, &Outgoing::new(&path, body, key), &mut admission).await
 }
 
 /// Step 1: the request's method and path as a typed request. The query string is ignored

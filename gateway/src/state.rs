@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 
 use crate::budget::Budget;
 use crate::config::Config;
+use crate::hold::Traffic;
 use crate::limits::TenantLimiter;
 use crate::upstream::UpstreamClient;
 use crate::usage::Usage;
@@ -118,6 +119,8 @@ pub struct DbState {
     pub users: HashMap<String, StoredUser>,
     pub route: Option<Arc<RouteEntry>>,
     pub limiter: Arc<TenantLimiter>,
+    /// Its requests in flight and held here (kept across rebuilds, whatever changed).
+    pub traffic: Arc<Traffic>,
 }
 
 pub struct Gateway {
@@ -229,12 +232,14 @@ impl Gateway {
 
     fn build(&self, db: &str, tables: &Tables) -> DbState {
         let limits = tables.limits.get(db).cloned().unwrap_or_else(|| Limits::for_tier(self.default_tier));
-        let limiter = match self.db(db) {
+        let old = self.db(db);
+        let limiter = match &old {
             Some(old) if old.limiter.limits == limits => old.limiter.clone(),
             _ => {
                 Arc::new(TenantLimiter::new(limits, self.config.tenant_memory_budget_bytes, self.tenant_answers_bytes))
             }
         };
+        let traffic = old.map(|o| o.traffic.clone()).unwrap_or_default();
         DbState {
             name: db.to_owned(),
             users: tables
@@ -244,6 +249,7 @@ impl Gateway {
                 .unwrap_or_default(),
             route: tables.routes.get(db).map(|r| Arc::new(self.route_entry(r))),
             limiter,
+            traffic,
         }
     }
 

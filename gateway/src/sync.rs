@@ -5,13 +5,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use std::collections::HashSet;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions};
+use etcd_client::{ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions};
 use nimbus_api::etcd::{self as keys, GatewayRegistration, Limits, Route, UserRecord};
 
+use crate::ack;
 use crate::state::{Gateway, Tables, now_ms};
 
 /// Runs for the life of the gateway.
@@ -47,20 +48,22 @@ async fn session(gw: &Arc<Gateway>, public_addr: &str) -> anyhow::Result<()> {
         apply_put(&mut tables, kv);
     }
     gw.rebuild(&tables, None);
-    gw.routes_version.send_modify(|v| *v += 1);
     let mut events =
         client.watch(keys::PREFIX, Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1))).await?;
     let (mut keeper, mut acks) = client.lease_keep_alive(lease).await?;
     gw.synced.store(true, Ordering::Release);
+    // Requests waiting for a route this gateway can trust look again now.
+    gw.routes_version.send_modify(|v| *v += 1);
     tracing::info!(revision, "in sync with etcd");
+    // Acknowledgements wait for requests in flight: never in this loop, which renews the
+    // lease. The task ends with the session (and its acknowledgements with the lease).
+    let _acks = ack::Task::spawn(ack::run(gw.clone(), client.clone(), lease));
 
     let mut tick = tokio::time::interval(Duration::from_millis((ttl as u64 * 1000 / 3).max(100)));
-    let mut sent_at = Instant::now();
     let mut sent_ms = now_ms();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                sent_at = Instant::now();
                 sent_ms = now_ms();
                 tokio::time::timeout(Duration::from_secs(1), keeper.keep_alive()).await.map_err(|_| anyhow::anyhow!("lease keep-alive stalled"))??;
             }
@@ -68,7 +71,6 @@ async fn session(gw: &Arc<Gateway>, public_addr: &str) -> anyhow::Result<()> {
                 Some(r) if r.ttl() > 0 => {
                     // Valid for the TTL counted from when the renewal was sent.
                     gw.lease_valid_until_ms.store(sent_ms + r.ttl() as u64 * 1000, Ordering::Release);
-                    let _ = sent_at;
                 }
                 Some(_) => anyhow::bail!("the gateway's lease expired"),
                 None => anyhow::bail!("lease keep-alive stream closed"),
@@ -92,25 +94,8 @@ async fn session(gw: &Arc<Gateway>, public_addr: &str) -> anyhow::Result<()> {
                 gw.rebuild(&tables, Some(&changed));
                 if routes_changed {
                     gw.routes_version.send_modify(|v| *v += 1);
-                    acknowledge_holds(gw, &mut client, lease).await;
                 }
             }
-        }
-    }
-}
-
-/// For each route in `Holding`, records in etcd that this gateway holds it, once its
-/// requests in flight for that database have finished (the cutover waits for every live
-/// gateway's acknowledgement).
-async fn acknowledge_holds(gw: &Arc<Gateway>, client: &mut Client, lease: i64) {
-    for db in gw.holding() {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !db.limiter.is_idle() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let key = keys::hold_key(&db.name, &gw.config.id);
-        if let Err(e) = client.put(key, b"held".to_vec(), Some(PutOptions::new().with_lease(lease))).await {
-            tracing::warn!(db = %db.name, error = %e, "failed to acknowledge a hold");
         }
     }
 }

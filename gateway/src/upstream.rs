@@ -7,6 +7,7 @@
 //! authority, parsed once when the route was loaded, and [`DataPath::encode`]'s path. No
 //! URL is parsed or joined here.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,13 +18,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use nimbus_api::data::{IDEMPOTENCY_KEY_HEADER, RETURNED_HEADER, ROUTE_EPOCH_HEADER};
-use nimbus_api::etcd::RouteState;
 use nimbus_api::path::DataPath;
 use nimbus_api::{ApiError, ErrorCode};
 use nimbus_net::ClusterSecret;
 
 use crate::body::{self, BodyError, Chunks, ChunksBody};
 use crate::budget::Reservation;
+use crate::hold::{Await, HOLD_QUEUE_FULL, HOLD_TIMEOUTS, Held, InFlight, Step, next_step};
+use crate::limits::Admission;
 use crate::state::{DbState, Gateway, Member, RouteEntry, now_ms};
 
 /// The pooled HTTP client to datanodes.
@@ -104,56 +106,98 @@ enum Attempt {
     Lost(String),
 }
 
+/// How often a request waiting for this gateway to regain etcd looks again.
+const NOT_SERVING_POLL: Duration = Duration::from_millis(50);
+
 fn unavailable(why: &str) -> ApiError {
     ApiError::new(ErrorCode::Unavailable, format!("{why}; safe to retry"))
 }
 
 impl Gateway {
-    /// Waits while the database is held for a cutover (until the route changes or the hold's
-    /// deadline or ours passes) and returns the route to use, one with an epoch of at least
-    /// `min_epoch`.
-    async fn serving_route(
+    /// Waits until the database's route may be sent to (not held for a cutover, of epoch
+    /// `min_epoch` at least, this gateway in step with etcd) and returns it, with the
+    /// request counted in flight for the database. While the database is held, the request
+    /// waits in its hold queue without its in-flight slot, and takes a slot again before it
+    /// is sent. `Err` says why not (nothing was sent).
+    async fn route_to_send<'a>(
         &self,
-        db: &DbState,
+        db: &'a DbState,
         min_epoch: u64,
         deadline: Instant,
-    ) -> Result<std::sync::Arc<RouteEntry>, ApiError> {
-        // The database's route as of now (the request may have waited for a rate slot or
-        // its body since it was authenticated), used at once when it serves (nearly
-        // always): no subscription on the way of every request.
-        if let Some(route) = self.db(&db.name).and_then(|d| d.route.clone())
-            && route.state == RouteState::Serving
-            && route.epoch >= min_epoch
-        {
-            return Ok(route);
-        }
-        let mut changes = self.routes_version.subscribe();
+        admission: &mut Admission,
+    ) -> Result<(Arc<RouteEntry>, InFlight<'a>), String> {
+        let mut held: Option<Held> = None;
+        let mut changes: Option<tokio::sync::watch::Receiver<u64>> = None;
         loop {
-            // The database's state is rebuilt on every change: look it up anew.
+            // Counted before the route is read (see `Traffic::begin`); the database's state
+            // is rebuilt on every change, so it is looked up anew each time.
+            let in_flight = db.traffic.begin();
             let route = self.db(&db.name).and_then(|d| d.route.clone());
-            let route = route.ok_or_else(|| unavailable(&format!("database {} has no route", db.name)))?;
-            let held = route.state == RouteState::Holding && route.hold_deadline_ms.is_none_or(|d| now_ms() < d);
-            if !held && route.epoch >= min_epoch {
-                return Ok(route);
+            let now = now_ms();
+            let step = next_step(self.is_serving(), route.as_deref(), min_epoch, now);
+            match (step, route) {
+                (Step::Send, Some(route)) if admission.holds_slot() => return Ok((route, in_flight)),
+                (Step::Send, _) => {
+                    // The hold is over: its place in the queue goes back, then a slot.
+                    drop(in_flight);
+                    held = None;
+                    if !admission.reacquire(deadline.into()).await {
+                        return Err("no in-flight slot of the database came free before the request's deadline \
+                                    after a migration cutover held it"
+                            .into());
+                    }
+                    continue;
+                }
+                (Step::NoRoute, _) => return Err(format!("database {} has no route", db.name)),
+                _ => drop(in_flight),
             }
+            if !matches!(step, Step::Hold { .. }) {
+                held = None;
+            } else if held.is_none() {
+                let Some(place) = db.traffic.hold(self.config.hold_queue_max) else {
+                    metrics::counter!(HOLD_QUEUE_FULL).increment(1);
+                    return Err(format!(
+                        "the database is being moved to another replica set and this gateway already holds {} \
+                         of its requests",
+                        self.config.hold_queue_max
+                    ));
+                };
+                held = Some(place);
+                admission.release();
+            }
+            // Subscribed before the route is read again: no change can slip between.
+            let Some(changes) = changes.as_mut() else {
+                changes = Some(self.routes_version.subscribe());
+                continue;
+            };
             let ours_left = deadline.saturating_duration_since(Instant::now());
             if ours_left.is_zero() {
-                return Err(if held {
-                    unavailable("the database is being moved")
-                } else {
-                    unavailable("the database's route changed and this gateway has not seen the new one yet")
+                return Err(match step {
+                    Step::Hold { .. } => {
+                        metrics::counter!(HOLD_TIMEOUTS).increment(1);
+                        "the database is being moved to another replica set and the cutover outlasted the request's \
+                         deadline; nothing was sent"
+                            .into()
+                    }
+                    Step::Await(Await::NotServing) => "this gateway is not in sync with the control plane".into(),
+                    _ => "the database's route changed and this gateway has not seen the new one yet".into(),
                 });
             }
-            let hold_left = held
-                .then(|| route.hold_deadline_ms.map(|d| Duration::from_millis(d.saturating_sub(now_ms()))))
-                .flatten();
-            let wait = hold_left.map_or(ours_left, |h| h.min(ours_left));
+            let wait = match step {
+                Step::Hold { until_ms: Some(until) } => ours_left.min(Duration::from_millis(until.saturating_sub(now))),
+                // Regaining etcd is no route change: look again now and then.
+                Step::Await(Await::NotServing) => ours_left.min(NOT_SERVING_POLL),
+                _ => ours_left,
+            };
             let _ = tokio::time::timeout(wait, changes.changed()).await;
         }
     }
 
     /// Sends `req` for database `db` until some member answers it or the deadline passes.
-    pub async fn forward(&self, db: &DbState, req: &Outgoing) -> Result<Answer, Failure> {
+    ///
+    /// `admission` is the request's in-flight slot: given back while the request is held
+    /// for a migration cutover, taken again before it is sent.
+    pub async fn forward(&self, db: &DbState, req: &Outgoing, admission: &mut Admission) -> Result<Answer, Failure> {
         let deadline = Instant::now() + self.config.deadline();
         let mut backoff = Duration::from_millis(5);
         let mut rotation = 0usize;
@@ -174,9 +218,9 @@ impl Gateway {
             }
         };
         loop {
-            let route = match self.serving_route(db, min_epoch, deadline).await {
+            let (route, in_flight) = match self.route_to_send(db, min_epoch, deadline, admission).await {
                 Ok(r) => r,
-                Err(e) => return Err(give_up(sent, &e.message)),
+                Err(why) => return Err(give_up(sent, &why)),
             };
             if route.members.is_empty() {
                 return Err(give_up(sent, "the database's replica set has no members"));
@@ -191,7 +235,10 @@ impl Gateway {
                 return Err(give_up(sent, "no leader answered within the request deadline"));
             }
             let attempt = left.min(self.config.attempt_timeout());
-            match self.send(member, req, &route.epoch_header, attempt, db).await {
+            let result = self.send(member, req, &route.epoch_header, attempt, db).await;
+            // The attempt is over: whatever it sent has been answered or given up on.
+            drop(in_flight);
+            match result {
                 Ok(Attempt::Answered(a)) if a.status == StatusCode::MISDIRECTED_REQUEST => {
                     let err = serde_json::from_slice::<serde_json::Value>(&a.body.to_bytes()).unwrap_or_default();
                     if err["error"]["code"] == "StaleRoute" {
