@@ -84,6 +84,7 @@ pub fn plan(st: &State, m: &Manifests) -> Result<Outcome, ManifestError> {
                 let mut inst = reconfigure(&have, dbi);
                 if let Some(req) = pool_change(&mut next, &name, &have, dbi).map_err(|e| refuse("spec.pool", e))? {
                     inst.wanted_pool = Some(req.to_pool.clone());
+                    inst.wanted_replica_set = Some(req.to_replica_set.clone());
                     out.migrations.push(req);
                 }
                 let change = if inst == have { Change::Unchanged } else { Change::Configured };
@@ -164,6 +165,7 @@ fn admit(st: &mut State, dbi: &DatabaseInstance) -> Result<InstanceState, String
         database: dbi.database(),
         pool: dbi.spec.pool.clone(),
         wanted_pool: None,
+        wanted_replica_set: None,
         replica_set,
         tokens: BTreeMap::new(),
         token: String::new(),

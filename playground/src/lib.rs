@@ -223,7 +223,7 @@ pub async fn apply(dir: &Path, files: &[PathBuf], wait: Option<Duration>) -> any
 /// Whether an instance is where its manifest wants it: `Ok(true)` Ready on `pool` with no
 /// migration running, `Ok(false)` not yet, `Err` when it cannot get there by waiting.
 fn settled(name: &str, pool: &str, i: &state::PlaygroundInstance) -> anyhow::Result<bool> {
-    use state::MigrationPhase::{Aborted, Completed};
+    use nimbus_operator::controlplane::migration::Phase::{Aborted, CleaningUp, Completed};
     if let Some(m) = &i.migration
         && m.phase == Aborted
     {
@@ -237,7 +237,9 @@ fn settled(name: &str, pool: &str, i: &state::PlaygroundInstance) -> anyhow::Res
     if i.phase == "Failed" {
         bail!("instance {name} failed: see the control plane's log");
     }
-    let migrating = i.migration.as_ref().is_some_and(|m| m.phase != Completed);
+    // From `CleaningUp` on the database is served by the target; only the source's copy
+    // is left to drop, after a grace period.
+    let migrating = i.migration.as_ref().is_some_and(|m| !matches!(m.phase, Completed | CleaningUp));
     Ok(i.phase == "Ready" && i.pool == pool && !migrating)
 }
 

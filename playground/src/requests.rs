@@ -100,7 +100,7 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Refusal {
 }
 
 /// Applies `documents` to the state: checked again here (against this state), planned on
-/// a copy, migrations started, then committed and the changed instances' users and limits
+/// a copy, then committed (migrations are started by the control loop) and the changed instances' users and limits
 /// rewritten in etcd.
 pub async fn apply(
     st: &mut State,
@@ -112,9 +112,12 @@ pub async fn apply(
     let manifests = crate::manifest::parse(documents).map_err(bad)?;
     let outcome = crate::apply::plan(st, &manifests).map_err(bad)?;
     for req in &outcome.migrations {
-        // The hook of the migration driver (see `migrate`): refused today.
-        crate::migrate::start_migration(st, req)
-            .map_err(|e| Refusal::new(StatusCode::CONFLICT, format!("instance {}: spec.pool: {e}", req.instance)))?;
+        // Started by the control loop once the target replica set has a leader
+        // (`migrate::start_wanted`).
+        info!(
+            instance = %req.instance, from = %req.from_replica_set, to = %req.to_replica_set,
+            "migration to pool {} requested", req.to_pool
+        );
     }
     *st = outcome.state;
     st.save(dir).map_err(|e| internal("save the state", e))?;
@@ -169,6 +172,17 @@ pub async fn delete(
     }
     if let Some(unknown) = names.iter().find(|n| !st.instances.contains_key(*n)) {
         return Err(Refusal::new(StatusCode::NOT_FOUND, format!("no instance {unknown:?}: nothing deleted")));
+    }
+    if let Some((name, inst)) =
+        names.iter().filter_map(|n| Some((n, st.instances.get(n)?))).find(|(_, i)| i.wanted_pool.is_some())
+    {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            format!(
+                "instance {name}: a migration to pool {} is running; nothing deleted, delete it once the migration has ended",
+                inst.wanted_pool.as_deref().unwrap_or_default()
+            ),
+        ));
     }
     let mut leaders = Vec::new();
     for name in names {

@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 use nimbus_operator::controlplane::admin::AdminClient;
 use nimbus_operator::controlplane::coord::Coordinator;
 use nimbus_operator::controlplane::etcd_access::{self, GATEWAY_USER, OPERATOR_USER, ROOT_USER, User};
+use nimbus_operator::controlplane::migration::{LiveWorld, Migrator, Tuning};
 use tokio::process::Command;
 use tracing::{info, warn};
 
@@ -180,6 +181,22 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
     tokio::spawn(async move { axum::serve(cp_listener, app).await });
 
     let admin = AdminClient::new(&secret);
+    // Hot migrations: the operator's driver, in the background; the loop below starts the
+    // ones applies asked for and shows their progress (`migrate`).
+    let directory = Arc::new(crate::migrate::Directory::default());
+    directory.refresh(st);
+    let world = LiveWorld {
+        admin: admin.clone(),
+        coord: Arc::new(Coordinator::connect(&secrets.etcd(&etcd_url, OPERATOR_USER)).await?),
+        directory: directory.clone(),
+    };
+    let migrator = Arc::new(Migrator::new(Arc::new(world), Tuning::default()));
+    // Dropped when this function returns: the driver stops with the control plane (a
+    // migration stopped mid-step resumes from its record at the next start).
+    let (_stop_migrations, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(migrator.clone().run(async move {
+        let _ = stopped.await;
+    }));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut phases: BTreeMap<String, String> = BTreeMap::new();
     let mut zones: BTreeMap<String, ZoneState> = st.zones.iter().map(|z| (z.clone(), ZoneState::Up)).collect();
@@ -205,6 +222,9 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
                 Err(e) => warn!(replica_set = %rs, error = %format!("{e:#}"), "control-plane step failed"),
             }
         }
+        directory.refresh(st);
+        crate::migrate::start_wanted(&migrator, st, &led).await;
+        crate::migrate::observe(&migrator, st).await;
         st.save(dir)?;
         for (name, inst) in &st.instances {
             let is_led = led.get(&inst.replica_set).copied().unwrap_or(false);

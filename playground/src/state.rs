@@ -77,6 +77,10 @@ pub struct InstanceState {
     /// a hot migration's goal (`crate::migrate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wanted_pool: Option<String>,
+    /// The replica set of `wanted_pool` placement chose: the migration's target, started
+    /// once that replica set has a leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wanted_replica_set: Option<String>,
     pub replica_set: String,
     /// Token by user name.
     pub tokens: BTreeMap<String, String>,
@@ -213,37 +217,9 @@ pub struct PlaygroundInstance {
     pub migration: Option<PlaygroundMigration>,
 }
 
-/// A migration as `playground.json` shows it (`API.md` section 3; on Kubernetes the same
-/// object is `status.migration`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PlaygroundMigration {
-    pub phase: MigrationPhase,
-    pub from_replica_set: String,
-    pub to_replica_set: String,
-    /// RFC 3339.
-    pub started_at: String,
-    /// RFC 3339, null while it runs.
-    pub finished_at: Option<String>,
-    pub documents_copied: u64,
-    pub bytes_copied: u64,
-    pub lag_ops: u64,
-    /// How long the gateway held the database's requests at the cutover (null before the hold).
-    pub hold_ms: Option<u64>,
-    pub attempt: u32,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MigrationPhase {
-    Copying,
-    CatchingUp,
-    Holding,
-    Switching,
-    CleaningUp,
-    Completed,
-    Aborted,
-}
+/// A migration as `playground.json` shows it (`API.md` section 3): the migration driver's
+/// own status view, the same object Kubernetes shows as `status.migration`.
+pub type PlaygroundMigration = nimbus_operator::controlplane::migration::MigrationStatus;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
