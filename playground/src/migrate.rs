@@ -20,8 +20,10 @@ use tracing::{info, warn};
 
 use crate::state::State;
 
-/// The namespace of the playground's replica sets and tenant claims (`local::claim`).
-pub const NAMESPACE: &str = "playground";
+/// The namespace the playground's migrations name: none. The playground's datanodes hold
+/// the cluster secret itself, not a namespace's derived one (`LiveWorld` uses the cluster
+/// secret for the empty namespace).
+pub const NAMESPACE: &str = "";
 
 /// A database to move: from its replica set to one of another pool, while it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
