@@ -138,15 +138,25 @@ pub enum ImportStep {
     /// do not check uniqueness, since a copy in progress can hold two versions of the
     /// source; the state the target serves is verified equal to the source's, whose
     /// indexes held).
-    Collections { collections: Vec<ExportedCollection> },
+    Collections {
+        collections: Vec<ExportedCollection>,
+    },
     /// Puts each document (replacing one with the same `_id`), with its index entries.
-    Docs { docs: Vec<ExportedDoc> },
+    Docs {
+        docs: Vec<ExportedDoc>,
+    },
     /// Applies the source's oplog changes of `db` in order, idempotently (a change already
     /// applied, a collection already created, an index already gone change nothing).
-    Ops { entries: Vec<OplogEntry> },
-    Idempotency { records: Vec<ExportedIdempotency> },
+    Ops {
+        entries: Vec<OplogEntry>,
+    },
+    Idempotency {
+        records: Vec<ExportedIdempotency>,
+    },
     /// The database is served here from now on, at route epoch `epoch`.
-    Finish { epoch: u64 },
+    Finish {
+        epoch: u64,
+    },
     /// Drops what was imported and the incoming mark.
     Abort,
 }

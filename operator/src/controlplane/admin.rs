@@ -145,7 +145,8 @@ impl AdminClient {
             ("afterSeq", after.seq.to_string()),
             ("limit", limit.to_string()),
         ];
-        let bad_url = |e: String| AdminError::Refused { addr: admin.to_string(), what: "read oplog", status: 0, body: e };
+        let bad_url =
+            |e: String| AdminError::Refused { addr: admin.to_string(), what: "read oplog", status: 0, body: e };
         let url = reqwest::Url::parse_with_params(&format!("{admin}/v1/admin/oplog"), &query)
             .map_err(|e| bad_url(e.to_string()))?;
         let resp = self

@@ -197,7 +197,8 @@ impl Coordinator {
     /// gateway id, each with its value as written), read at one revision.
     pub async fn hold_view(&self, db: &str) -> Result<(Vec<String>, Vec<(String, Vec<u8>)>), CoordError> {
         let mut kv = self.client.kv_client();
-        let gateways = kv.get(etcd::GATEWAYS, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await?;
+        let gateways =
+            kv.get(etcd::GATEWAYS, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await?;
         let revision = gateways.header().map_or(0, |h| h.revision());
         let holds_prefix = format!("{}{db}/", etcd::HOLDS);
         let holds = kv
@@ -261,7 +262,8 @@ impl Coordinator {
             None => Compare::create_revision(key, CompareOp::Equal, 0),
             Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev as i64),
         };
-        let resp = self.client.kv_client().txn(Txn::new().when([guard]).and_then([TxnOp::put(key, bytes, None)])).await?;
+        let resp =
+            self.client.kv_client().txn(Txn::new().when([guard]).and_then([TxnOp::put(key, bytes, None)])).await?;
         if !resp.succeeded() {
             return Ok(None);
         }

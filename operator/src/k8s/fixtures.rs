@@ -536,7 +536,11 @@ impl FakeMigrationWorld {
     pub fn put_record(&self, record: &crate::controlplane::migration::MigrationRecord) {
         let mut m = self.model.lock().unwrap();
         *m.revisions.entry(record.db.clone()).or_default() += 1;
-        self.store.0.lock().unwrap().insert(nimbus_api::etcd::migration_key(&record.db), serde_json::to_value(record).unwrap());
+        self.store
+            .0
+            .lock()
+            .unwrap()
+            .insert(nimbus_api::etcd::migration_key(&record.db), serde_json::to_value(record).unwrap());
     }
 }
 
@@ -577,7 +581,11 @@ impl crate::controlplane::migration::MigrationWorld for FakeMigrationWorld {
                 let docs = (from..to)
                     .map(|i| ExportedDoc {
                         coll: "orders".into(),
-                        doc: serde_json::value::RawValue::from_string(format!("{{\"_id\":{i},\"pad\":\"{}\"}}", "x".repeat(480))).unwrap(),
+                        doc: serde_json::value::RawValue::from_string(format!(
+                            "{{\"_id\":{i},\"pad\":\"{}\"}}",
+                            "x".repeat(480)
+                        ))
+                        .unwrap(),
                     })
                     .collect();
                 (docs, (to < total).then(|| to.to_string()))
@@ -624,7 +632,11 @@ impl crate::controlplane::migration::MigrationWorld for FakeMigrationWorld {
         self.call(format!("pin {}", rs.name));
         Ok(())
     }
-    async fn unpin_oplog(&self, rs: &crate::controlplane::migration::ReplicaSetAccess, _name: &str) -> MigrationResult<()> {
+    async fn unpin_oplog(
+        &self,
+        rs: &crate::controlplane::migration::ReplicaSetAccess,
+        _name: &str,
+    ) -> MigrationResult<()> {
         self.call(format!("unpin {}", rs.name));
         Ok(())
     }
@@ -655,7 +667,11 @@ impl crate::controlplane::migration::MigrationWorld for FakeMigrationWorld {
             catalog: None,
         })
     }
-    async fn drop_database(&self, rs: &crate::controlplane::migration::ReplicaSetAccess, db: &str) -> MigrationResult<()> {
+    async fn drop_database(
+        &self,
+        rs: &crate::controlplane::migration::ReplicaSetAccess,
+        db: &str,
+    ) -> MigrationResult<()> {
         self.call(format!("drop {} {db}", rs.name));
         Ok(())
     }
@@ -681,7 +697,10 @@ impl crate::controlplane::migration::MigrationWorld for FakeMigrationWorld {
     async fn hold_view(&self, _db: &str) -> MigrationResult<crate::controlplane::migration::HoldView> {
         Ok(Default::default())
     }
-    async fn record(&self, db: &str) -> MigrationResult<Option<(crate::controlplane::migration::MigrationRecord, u64)>> {
+    async fn record(
+        &self,
+        db: &str,
+    ) -> MigrationResult<Option<(crate::controlplane::migration::MigrationRecord, u64)>> {
         let revision = self.model.lock().unwrap().revisions.get(db).copied().unwrap_or(0);
         Ok(self.record_of(db).map(|r| (r, revision)))
     }
@@ -723,7 +742,11 @@ impl crate::controlplane::migration::MigrationWorld for FakeMigrationWorld {
         *revision += 1;
         let revision = *revision;
         drop(m);
-        self.store.0.lock().unwrap().insert(nimbus_api::etcd::migration_key(&record.db), serde_json::to_value(record).unwrap());
+        self.store
+            .0
+            .lock()
+            .unwrap()
+            .insert(nimbus_api::etcd::migration_key(&record.db), serde_json::to_value(record).unwrap());
         Ok(Some(revision))
     }
 }

@@ -828,7 +828,14 @@ async fn patch_status(ctx: &Context, dbi: &DatabaseInstance, status: DatabaseIns
     api.patch_status(&dbi.name_any(), &json!({"status": status})).await
 }
 
-pub(super) async fn event(ctx: &Context, dbi: &DatabaseInstance, type_: EventType, reason: &str, action: &str, note: &str) {
+pub(super) async fn event(
+    ctx: &Context,
+    dbi: &DatabaseInstance,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
     let ev =
         KubeEvent { type_, reason: reason.into(), note: Some(note.into()), action: action.into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&ev, &dbi.object_ref(&())).await {

@@ -89,9 +89,9 @@ impl ReplicaSetDirectory for PodDirectory {
         let pods: Objects<Pod> = Objects::namespaced(self.client.clone(), namespace);
         let selector = ListParams::default().labels(&format!("{LABEL_REPLICA_SET}={name}"));
         match pods.list(&selector).await {
-            Ok(pods) => Some(
-                pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).filter_map(pod_admin).collect(),
-            ),
+            Ok(pods) => {
+                Some(pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).filter_map(pod_admin).collect())
+            }
             Err(e) => {
                 warn!(replica_set = name, error = %e, "failed to list a replica set's members for a migration");
                 Some(Vec::new())
@@ -148,7 +148,7 @@ pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -218,7 +218,9 @@ pub fn condition(record: &MigrationRecord, tuning: &Tuning, now: u64) -> (&'stat
             "holding the database's requests{attempt}: waiting for every gateway to acknowledge{}",
             deadline(record.hold_deadline_ms, now)
         ),
-        Step::Fence => format!("holding{attempt}: fencing the database on {from}{}", deadline(record.hold_deadline_ms, now)),
+        Step::Fence => {
+            format!("holding{attempt}: fencing the database on {from}{}", deadline(record.hold_deadline_ms, now))
+        }
         Step::Verify => format!(
             "holding{attempt}: applying the last changes on {to} and comparing checksums{}",
             deadline(record.hold_deadline_ms, now)
@@ -272,7 +274,10 @@ pub fn events(old: Option<&MigrationStatus>, new: &MigrationStatus) -> Vec<(Even
         out.push((
             EventType::Normal,
             "MigrationRetrying".to_owned(),
-            format!("attempt {} of the move from {} to {} started", new.attempt, new.from_replica_set, new.to_replica_set),
+            format!(
+                "attempt {} of the move from {} to {} started",
+                new.attempt, new.from_replica_set, new.to_replica_set
+            ),
         ));
     }
     let changed = old.is_none_or(|o| o.phase != new.phase || o.finished_at.is_some() != new.finished_at.is_some());
@@ -283,9 +288,10 @@ pub fn events(old: Option<&MigrationStatus>, new: &MigrationStatus) -> Vec<(Even
     let error = new.error.as_deref().unwrap_or("no reason recorded");
     let (type_, note) = match new.phase {
         MigrationPhase::Copying => (EventType::Normal, format!("copying the database from {from} to {to}")),
-        MigrationPhase::CatchingUp => {
-            (EventType::Normal, format!("copy done ({}): applying the source's changes on {to}", size(new.bytes_copied)))
-        }
+        MigrationPhase::CatchingUp => (
+            EventType::Normal,
+            format!("copy done ({}): applying the source's changes on {to}", size(new.bytes_copied)),
+        ),
         MigrationPhase::Holding => (EventType::Normal, format!("holding the database's requests to switch to {to}")),
         MigrationPhase::Switching => (EventType::Normal, format!("switching the route to {to}")),
         MigrationPhase::CleaningUp => (EventType::Normal, format!("served from {to}; {from}'s copy is dropped later")),
@@ -294,10 +300,9 @@ pub fn events(old: Option<&MigrationStatus>, new: &MigrationStatus) -> Vec<(Even
             EventType::Warning,
             format!("attempt {} aborted, nothing lost, served from {from}; retried later: {error}", new.attempt),
         ),
-        MigrationPhase::Aborted => (
-            EventType::Warning,
-            format!("given up after {} attempts, served from {from}: {error}", new.attempt),
-        ),
+        MigrationPhase::Aborted => {
+            (EventType::Warning, format!("given up after {} attempts, served from {from}: {error}", new.attempt))
+        }
     };
     out.push((type_, format!("Migration{}", new.phase), note));
     out
@@ -356,7 +361,8 @@ pub(super) async fn reconcile(
         // The race the CRD's rule cannot see: a second pool change before the operator
         // wrote the first one's status. It waits for this one.
         let target_pool = status.migration_target.as_ref().filter(|t| t.replica_set == r).map(|t| t.pool.clone());
-        if target_pool.is_some_and(|p| p != dbi.spec.pool) && dbi.spec.pool != placement.pool
+        if target_pool.is_some_and(|p| p != dbi.spec.pool)
+            && dbi.spec.pool != placement.pool
             && let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == CONDITION)
             && !c.message.contains("queued")
         {
@@ -452,8 +458,7 @@ async fn start_move(
                 return Ok(Move::Active);
             }
         };
-        let shape =
-            replica_set_shape(&target.replica_set, ns, &pool_name, &pool, pool_owner, dedicated.then_some(dbi));
+        let shape = replica_set_shape(&target.replica_set, ns, &pool_name, &pool, pool_owner, dedicated.then_some(dbi));
         let bootstrapped = ctx.store.replica_set(ns, &target.replica_set).await?.is_some();
         services.apply(&target.replica_set, &objects::replica_set_service(&shape, &zones, bootstrapped)).await?;
         let note = format!(

@@ -156,7 +156,8 @@ pub async fn start(world: &dyn MigrationWorld, req: &StartRequest) -> Result<Mig
     }
     let now = now_ms();
     let id = format!("{db}-{now:x}-{:08x}", rand::random::<u32>());
-    let record = MigrationRecord::new(id, db, &req.namespace, &route.replica_set, &req.to_replica_set, route.epoch, now);
+    let record =
+        MigrationRecord::new(id, db, &req.namespace, &route.replica_set, &req.to_replica_set, route.epoch, now);
     match world.save_record(&record, existing.map(|(_, rev)| rev)).await.map_err(failed)? {
         Some(_) => {
             tracing::info!(db, from = %record.from_replica_set, to = %record.to_replica_set, id = %record.id, "migration started");
@@ -342,7 +343,10 @@ impl Run<'_> {
 
     /// The route of the database, which a migration cannot go on without.
     async fn route(&self) -> Result<(Route, u64), Failure> {
-        self.world.route(&self.rec.db).await?.ok_or_else(|| Failure::Gone(format!("database {} has no route", self.rec.db)))
+        self.world
+            .route(&self.rec.db)
+            .await?
+            .ok_or_else(|| Failure::Gone(format!("database {} has no route", self.rec.db)))
     }
 
     /// Renews the source's oplog pin once half its lifetime is gone.
@@ -531,7 +535,9 @@ impl Run<'_> {
         let answer = self.world.fence(&src, &self.rec.db, self.rec.from_epoch + 1).await?;
         failpoint!("migration-fence-after");
         let index = answer.index.ok_or_else(|| {
-            Failure::Refused("the source's datanode did not answer the fence's log index (too old for migrations)".into())
+            Failure::Refused(
+                "the source's datanode did not answer the fence's log index (too old for migrations)".into(),
+            )
         })?;
         self.rec.fence_index = Some(index);
         self.rec.set_step(Step::Verify);
@@ -587,7 +593,8 @@ impl Run<'_> {
         let target = self.world.checksum(&dst, &self.rec.db).await?;
         let mut differences = Vec::new();
         if source.documents != target.documents {
-            differences.push(format!("documents {} on the source, {} on the target", source.documents, target.documents));
+            differences
+                .push(format!("documents {} on the source, {} on the target", source.documents, target.documents));
         }
         if source.checksum != target.checksum {
             differences.push(format!("checksum {} on the source, {} on the target", source.checksum, target.checksum));

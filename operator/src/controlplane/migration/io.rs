@@ -138,7 +138,9 @@ impl LiveWorld {
         if namespace.is_empty() {
             return Ok(self.admin.clone());
         }
-        self.admin.scoped(namespace).map_err(|e| Failure::Refused(format!("failed to derive the secret of {namespace}: {e}")))
+        self.admin
+            .scoped(namespace)
+            .map_err(|e| Failure::Refused(format!("failed to derive the secret of {namespace}: {e}")))
     }
 
     async fn call<T: Serialize + Sync, R: serde::de::DeserializeOwned>(

@@ -201,7 +201,9 @@ pub fn on_resume(record: &MigrationRecord, now_ms: u64) -> Resume {
     }
     match record.step {
         Step::Hold | Step::Fence | Step::Verify => match record.hold_deadline_ms {
-            Some(d) if now_ms >= d => Resume::Abort(format!("the hold's deadline passed at the {} step", record.step.name())),
+            Some(d) if now_ms >= d => {
+                Resume::Abort(format!("the hold's deadline passed at the {} step", record.step.name()))
+            }
             _ => Resume::Continue,
         },
         _ => Resume::Continue,

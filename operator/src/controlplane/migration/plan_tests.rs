@@ -13,12 +13,12 @@ fn the_hold_starts_only_when_the_estimated_catch_up_is_under_half_a_second() {
     let under = Duration::from_millis(500);
     // (lag, measured rate per second, hold?)
     let cases: &[(u64, f64, bool)] = &[
-        (0, 0.0, true),       // caught up: hold, whatever the rate
-        (0, 1_000.0, true),   //
-        (1, 0.0, false),      // behind with no measured rate: never
-        (1, f64::NAN, false), //
-        (1, -5.0, false),     //
-        (499, 1_000.0, true), // 0.499 s
+        (0, 0.0, true),        // caught up: hold, whatever the rate
+        (0, 1_000.0, true),    //
+        (1, 0.0, false),       // behind with no measured rate: never
+        (1, f64::NAN, false),  //
+        (1, -5.0, false),      //
+        (499, 1_000.0, true),  // 0.499 s
         (500, 1_000.0, false), // 0.5 s exactly is not under
         (1_240, 1_000.0, false),
         (10, 100.0, true),   // 0.1 s
