@@ -290,7 +290,6 @@ fn fields_that_would_move_or_resize_a_replica_set_cannot_change() {
         instance(spec)
     };
     let refused = [
-        (with("pool", serde_json::json!("big")), "spec.pool cannot change"),
         (with("tier", serde_json::json!("dedicated")), "spec.tier cannot change"),
         (with("replicas", serde_json::json!(5)), "spec.replicas cannot change"),
         (with("storage", serde_json::json!({"size": "20Gi"})), "spec.storage cannot change"),
@@ -306,6 +305,8 @@ fn fields_that_would_move_or_resize_a_replica_set_cannot_change() {
         assert!(errors.contains(expect), "{}: expected {expect:?}, got {errors:?}", new["spec"]);
     }
     let allowed = [
+        // A pool change is a hot migration.
+        with("pool", serde_json::json!("big")),
         with("tier", serde_json::json!("free")),
         // Naming the database it already has is no rename.
         with("database", serde_json::json!("shop")),
@@ -315,6 +316,45 @@ fn fields_that_would_move_or_resize_a_replica_set_cannot_change() {
         let errors = validate("DatabaseInstance", &new, Some(&old));
         assert!(errors.is_empty(), "{}: {errors:?}", new["spec"]);
     }
+}
+
+/// A pool change starts a migration; another one while it runs is refused by the API server
+/// (the stored status is visible to the root rule), and allowed again once it finished.
+#[test]
+fn the_pool_cannot_change_again_while_a_migration_runs() {
+    let with_migration = |pool: &str, finished: Option<&str>| {
+        let mut doc = instance(serde_json::json!({"pool": pool}));
+        let mut migration = serde_json::json!({"phase": "Copying", "fromReplicaSet": "default-rs0",
+            "toReplicaSet": "big-rs0", "startedAt": "2026-01-01T00:00:00Z", "documentsCopied": 0,
+            "bytesCopied": 0, "lagOps": 0, "attempt": 1});
+        if let Some(at) = finished {
+            migration["phase"] = serde_json::json!("Completed");
+            migration["finishedAt"] = serde_json::json!(at);
+        }
+        doc["status"] = serde_json::json!({"migration": migration});
+        doc
+    };
+    let running = with_migration("big", None);
+    let errors = validate("DatabaseInstance", &with_migration("other", None), Some(&running)).join("; ");
+    assert!(errors.contains("spec.pool cannot change while a migration runs"), "{errors}");
+    // Setting it back is a change too: refused while it runs.
+    let errors = validate("DatabaseInstance", &with_migration("default", None), Some(&running)).join("; ");
+    assert!(errors.contains("spec.pool cannot change while a migration runs"), "{errors}");
+    // The operator's status writes keep the spec: they pass.
+    let progressed = {
+        let mut d = running.clone();
+        d["status"]["migration"]["phase"] = serde_json::json!("CatchingUp");
+        d
+    };
+    assert!(validate("DatabaseInstance", &progressed, Some(&running)).is_empty());
+    let finished = with_migration("big", Some("2026-01-01T00:05:00Z"));
+    let errors = validate("DatabaseInstance", &with_migration("other", None), Some(&finished));
+    assert!(errors.is_empty(), "{errors:?}");
+    // Into or out of dedicated stays refused, saying what to do instead.
+    let old = instance(serde_json::json!({"tier": "standard"}));
+    let errors =
+        validate("DatabaseInstance", &instance(serde_json::json!({"tier": "dedicated"})), Some(&old)).join("; ");
+    assert!(errors.contains("change spec.pool to a pool of mode Dedicated"), "{errors}");
 }
 
 #[test]

@@ -425,6 +425,7 @@ mod tests {
                 database: "shop".into(),
                 pool: "default".into(),
                 wanted_pool: None,
+                wanted_replica_set: None,
                 replica_set: "default-rs0".into(),
                 tokens: BTreeMap::new(),
                 token: String::new(),

@@ -23,6 +23,7 @@ pub use super::fake::rbac::Rbac;
 pub use super::fake::{DELETION_TIME, FakeApi};
 use super::instance::Context;
 use super::metrics::Metrics;
+use super::migration::Migrations;
 use super::objects::Settings;
 use crate::controlplane::{AdminError, ControlStore, CoordError, Datanodes};
 
@@ -184,8 +185,14 @@ impl ControlStore for FakeStore {
         if self.0.lock().unwrap().contains_key(&key) || !self.holds(db, claim) {
             return Ok(false);
         }
-        let epoch = self.writes() + 1;
-        Ok(self.put(key, json!({"replicaSet": replica_set, "members": members, "epoch": epoch, "state": "serving"})))
+        let route = nimbus_api::etcd::Route {
+            replica_set: replica_set.to_owned(),
+            members,
+            epoch: self.writes() + 1,
+            state: nimbus_api::etcd::RouteState::Serving,
+            hold_deadline_ms: None,
+        };
+        Ok(self.put(key, serde_json::to_value(route).unwrap()))
     }
     async fn update_route_members(
         &self,
@@ -291,6 +298,9 @@ pub struct World {
     pub datanodes: FakeDatanodes,
     pub store: FakeStore,
     pub ctx: Arc<Context>,
+    /// The migrations' world: routes and records in [`FakeStore`], replica sets from the
+    /// fake API's Services, the datanode calls modelled.
+    pub migration: FakeMigrationWorld,
 }
 
 pub const NS: &str = "apps";
@@ -325,6 +335,7 @@ impl World {
         let client = api.client();
         let datanodes = FakeDatanodes::default();
         let store = FakeStore::default();
+        let migration_world = FakeMigrationWorld::new(store.clone(), api.clone());
         let reporter = Reporter { controller: "nimbus-operator".into(), instance: Some("test".into()) };
         let writer = Writer::<Node>::default();
         let reader = writer.as_reader();
@@ -339,8 +350,9 @@ impl World {
             backoff: Default::default(),
             failover: Failover { period: FAILURE_PERIOD, clock: Clock::fixed(start()) },
             nodes: reader,
+            migrations: Migrations::new(Arc::new(migration_world.clone()), migration_tuning()),
         });
-        let w = World { api, nodes: Arc::new(Mutex::new(writer)), datanodes, store, ctx };
+        let w = World { api, nodes: Arc::new(Mutex::new(writer)), datanodes, store, ctx, migration: migration_world };
         w.sync_nodes();
         w
     }
@@ -422,6 +434,7 @@ impl World {
             backoff: self.ctx.backoff.clone(),
             failover: self.ctx.failover.clone(),
             nodes: self.ctx.nodes.clone(),
+            migrations: self.ctx.migrations.clone(),
         });
         World { ctx, ..self }
     }
@@ -450,5 +463,290 @@ impl World {
 
     pub fn raft_log(&self) -> Vec<String> {
         self.datanodes.0.lock().unwrap().log.clone()
+    }
+}
+
+/// The tuning of the scenarios' migrations: no pause between steps, a retry only when the
+/// scenario moves the record's time (`next_retry_ms`), clean-up at once.
+pub fn migration_tuning() -> crate::controlplane::migration::Tuning {
+    crate::controlplane::migration::Tuning {
+        retry_first: Duration::from_secs(3_600),
+        retry_max: Duration::from_secs(3_600),
+        step_retry: Duration::from_millis(1),
+        cleanup_grace: Duration::ZERO,
+        poll: Duration::from_millis(1),
+        copy_bytes_per_sec: u64::MAX,
+        ..Default::default()
+    }
+}
+
+/// What the modelled datanodes of a migration hold and did.
+#[derive(Debug, Default)]
+pub struct MigrationModel {
+    /// Documents the source exports, two per page.
+    pub documents: u64,
+    /// Attempts whose checksums differ (the first ones): each aborts.
+    pub mismatches: u32,
+    /// Every datanode call, in order: `export default-rs0`, `import big-rs0 Begin`, ...
+    pub calls: Vec<String>,
+    /// Record revisions, by database.
+    pub revisions: BTreeMap<String, u64>,
+    /// After this many more record writes, every write is refused (as if another control
+    /// plane took the record over): the driver stops there, as a crashed one would.
+    pub saves_left: Option<u32>,
+}
+
+/// The migration's world for the scenarios: routes and migration records in the
+/// [`FakeStore`] (the keys the real coordinator uses), a replica set exists while its
+/// Service does in the fake API, and the datanode calls answer from [`MigrationModel`].
+#[derive(Clone)]
+pub struct FakeMigrationWorld {
+    pub store: FakeStore,
+    pub api: FakeApi,
+    pub model: Arc<Mutex<MigrationModel>>,
+}
+
+fn revision_of(v: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    h.finish()
+}
+
+impl FakeMigrationWorld {
+    pub fn new(store: FakeStore, api: FakeApi) -> FakeMigrationWorld {
+        FakeMigrationWorld { store, api, model: Default::default() }
+    }
+
+    fn call(&self, what: String) {
+        self.model.lock().unwrap().calls.push(what);
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.model.lock().unwrap().calls.clone()
+    }
+
+    /// The record of `db`'s migration, as persisted.
+    pub fn record_of(&self, db: &str) -> Option<crate::controlplane::migration::MigrationRecord> {
+        let v = self.store.0.lock().unwrap().get(&nimbus_api::etcd::migration_key(db)).cloned()?;
+        Some(serde_json::from_value(v).unwrap())
+    }
+
+    /// Writes `db`'s record as a driver would (a step the scenario sets up).
+    pub fn put_record(&self, record: &crate::controlplane::migration::MigrationRecord) {
+        let mut m = self.model.lock().unwrap();
+        *m.revisions.entry(record.db.clone()).or_default() += 1;
+        self.store
+            .0
+            .lock()
+            .unwrap()
+            .insert(nimbus_api::etcd::migration_key(&record.db), serde_json::to_value(record).unwrap());
+    }
+}
+
+type MigrationResult<T> = Result<T, crate::controlplane::migration::Failure>;
+
+#[async_trait]
+impl crate::controlplane::migration::MigrationWorld for FakeMigrationWorld {
+    async fn replica_set(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> MigrationResult<Option<crate::controlplane::migration::ReplicaSetAccess>> {
+        if self.api.get(&format!("/api/v1/namespaces/{namespace}/services"), name).is_none() {
+            return Ok(None);
+        }
+        let members = (1..=3)
+            .map(|id| RouteMember { id, data_addr: format!("http://{name}-m{id}:8080"), zone: format!("zone-{id}") })
+            .collect();
+        Ok(Some(crate::controlplane::migration::ReplicaSetAccess {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            leader_admin: format!("http://{name}-m1:8081"),
+            members,
+        }))
+    }
+    async fn export(
+        &self,
+        rs: &crate::controlplane::migration::ReplicaSetAccess,
+        req: &nimbus_api::migration::ExportRequest,
+    ) -> MigrationResult<nimbus_api::migration::ExportPage> {
+        use nimbus_api::migration::{ExportPage, ExportPart, ExportedCollection, ExportedDoc};
+        self.call(format!("export {} {:?}", rs.name, req.part));
+        let total = self.model.lock().unwrap().documents;
+        let from: u64 = req.after.as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
+        let (docs, next) = match req.part {
+            ExportPart::Documents => {
+                let to = (from + 2).min(total);
+                let docs = (from..to)
+                    .map(|i| ExportedDoc {
+                        coll: "orders".into(),
+                        doc: serde_json::value::RawValue::from_string(format!(
+                            "{{\"_id\":{i},\"pad\":\"{}\"}}",
+                            "x".repeat(480)
+                        ))
+                        .unwrap(),
+                    })
+                    .collect();
+                (docs, (to < total).then(|| to.to_string()))
+            }
+            ExportPart::Idempotency => (Vec::new(), None),
+        };
+        Ok(ExportPage {
+            index: 100,
+            collections: vec![ExportedCollection { name: "orders".into(), indexes: Vec::new() }],
+            docs,
+            idempotency: Vec::new(),
+            next,
+        })
+    }
+    async fn import(
+        &self,
+        rs: &crate::controlplane::migration::ReplicaSetAccess,
+        req: &nimbus_api::migration::ImportRequest,
+    ) -> MigrationResult<nimbus_api::migration::ImportAnswer> {
+        let step = serde_json::to_value(&req.step).unwrap();
+        let name = match &step {
+            Value::String(s) => s.clone(),
+            Value::Object(o) => o.keys().next().cloned().unwrap_or_default(),
+            _ => String::new(),
+        };
+        self.call(format!("import {} {name}", rs.name));
+        Ok(nimbus_api::migration::ImportAnswer { index: 1 })
+    }
+    async fn oplog(
+        &self,
+        rs: &crate::controlplane::migration::ReplicaSetAccess,
+        _db: &str,
+        after: nimbus_api::migration::OplogPosition,
+        _limit: u32,
+    ) -> MigrationResult<nimbus_api::migration::DbOplogPage> {
+        self.call(format!("oplog {}", rs.name));
+        Ok(nimbus_api::migration::DbOplogPage { entries: Vec::new(), next: after, applied_index: after.index })
+    }
+    async fn pin_oplog(
+        &self,
+        rs: &crate::controlplane::migration::ReplicaSetAccess,
+        _req: &nimbus_api::migration::PinOplogRequest,
+    ) -> MigrationResult<()> {
+        self.call(format!("pin {}", rs.name));
+        Ok(())
+    }
+    async fn unpin_oplog(
+        &self,
+        rs: &crate::controlplane::migration::ReplicaSetAccess,
+        _name: &str,
+    ) -> MigrationResult<()> {
+        self.call(format!("unpin {}", rs.name));
+        Ok(())
+    }
+    async fn fence(
+        &self,
+        rs: &crate::controlplane::migration::ReplicaSetAccess,
+        _db: &str,
+        epoch: u64,
+    ) -> MigrationResult<crate::controlplane::migration::FenceAnswer> {
+        self.call(format!("fence {} {epoch}", rs.name));
+        Ok(crate::controlplane::migration::FenceAnswer { epoch, index: Some(100) })
+    }
+    async fn checksum(
+        &self,
+        rs: &crate::controlplane::migration::ReplicaSetAccess,
+        _db: &str,
+    ) -> MigrationResult<crate::controlplane::migration::ChecksumMarker> {
+        self.call(format!("checksum {}", rs.name));
+        let mut m = self.model.lock().unwrap();
+        let differs = m.mismatches > 0 && !rs.name.starts_with("default");
+        if differs {
+            m.mismatches -= 1;
+        }
+        Ok(crate::controlplane::migration::ChecksumMarker {
+            index: 100,
+            checksum: if differs { "bad".into() } else { "sum".into() },
+            documents: m.documents,
+            catalog: None,
+        })
+    }
+    async fn drop_database(
+        &self,
+        rs: &crate::controlplane::migration::ReplicaSetAccess,
+        db: &str,
+    ) -> MigrationResult<()> {
+        self.call(format!("drop {} {db}", rs.name));
+        Ok(())
+    }
+    async fn route(&self, db: &str) -> MigrationResult<Option<(nimbus_api::etcd::Route, u64)>> {
+        let v = self.store.0.lock().unwrap().get(&nimbus_api::etcd::route_key(db)).cloned();
+        Ok(v.map(|v| (serde_json::from_value(v.clone()).unwrap(), revision_of(&v))))
+    }
+    async fn swap_route(
+        &self,
+        db: &str,
+        revision: u64,
+        route: &nimbus_api::etcd::Route,
+        _clear_holds: bool,
+    ) -> MigrationResult<bool> {
+        let key = nimbus_api::etcd::route_key(db);
+        let current = self.store.0.lock().unwrap().get(&key).cloned();
+        if current.as_ref().map(revision_of) != Some(revision) {
+            return Ok(false);
+        }
+        self.store.put(key, serde_json::to_value(route).unwrap());
+        Ok(true)
+    }
+    async fn hold_view(&self, _db: &str) -> MigrationResult<crate::controlplane::migration::HoldView> {
+        Ok(Default::default())
+    }
+    async fn record(
+        &self,
+        db: &str,
+    ) -> MigrationResult<Option<(crate::controlplane::migration::MigrationRecord, u64)>> {
+        let revision = self.model.lock().unwrap().revisions.get(db).copied().unwrap_or(0);
+        Ok(self.record_of(db).map(|r| (r, revision)))
+    }
+    async fn records(&self) -> MigrationResult<Vec<(crate::controlplane::migration::MigrationRecord, u64)>> {
+        let keys: Vec<String> = self
+            .store
+            .0
+            .lock()
+            .unwrap()
+            .keys()
+            .filter_map(|k| k.strip_prefix(nimbus_api::etcd::MIGRATIONS).map(str::to_owned))
+            .collect();
+        let mut out = Vec::new();
+        for db in keys {
+            if let Some(r) = self.record(&db).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+    async fn save_record(
+        &self,
+        record: &crate::controlplane::migration::MigrationRecord,
+        expected: Option<u64>,
+    ) -> MigrationResult<Option<u64>> {
+        let mut m = self.model.lock().unwrap();
+        let exists = self.store.0.lock().unwrap().contains_key(&nimbus_api::etcd::migration_key(&record.db));
+        let current = exists.then(|| m.revisions.get(&record.db).copied().unwrap_or(0));
+        if current != expected {
+            return Ok(None);
+        }
+        if let Some(left) = m.saves_left.as_mut() {
+            if *left == 0 {
+                return Ok(None);
+            }
+            *left -= 1;
+        }
+        let revision = m.revisions.entry(record.db.clone()).or_default();
+        *revision += 1;
+        let revision = *revision;
+        drop(m);
+        self.store
+            .0
+            .lock()
+            .unwrap()
+            .insert(nimbus_api::etcd::migration_key(&record.db), serde_json::to_value(record).unwrap());
+        Ok(Some(revision))
     }
 }

@@ -52,6 +52,9 @@ pub struct Context {
     /// The cluster's nodes, from one shared watch (`run`): a replica-set pass reads their
     /// health here rather than listing them.
     pub nodes: kube::runtime::reflector::Store<Node>,
+    /// Hot migrations: started when `spec.pool` changes, mirrored into the status
+    /// ([`super::migration`]).
+    pub migrations: super::migration::Migrations,
 }
 
 pub async fn reconcile(dbi: Arc<DatabaseInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -221,8 +224,13 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     // leader, a failed API call, a lost pool): revoking needs only etcd.
     revoke_removed_users(ctx, dbi, &db).await?;
 
-    // Placement: sticky once recorded in the status.
-    let pool_name = dbi.spec.pool.clone();
+    // Placement: sticky once recorded in the status. The pool is the one of the replica set
+    // the database is on: spec.pool until placed; a changed spec.pool is a migration's
+    // (`k8s::migration`), which moves the placement at its switch.
+    let pool_name = match dbi.status.as_ref().and_then(|s| s.placement.as_ref()) {
+        Some(p) => p.pool.clone(),
+        None => dbi.spec.pool.clone(),
+    };
     let (pool, pool_owner) = match pool_of(ctx, &ns, &pool_name).await {
         Ok(p) => p,
         Err(Error::PoolNotFound(p)) => {
@@ -345,17 +353,24 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
         published = true;
     }
 
-    let status = status_of(dbi, &rs, &zones, &report, published);
+    let mut status = status_of(dbi, &rs, &zones, &report, published);
+    let moving = super::migration::reconcile(ctx, dbi, &ns, published, &mut status).await?;
     let steady = report.step == Step::Steady && report.error.is_none() && published;
-    Ok(Provisioned::Reconciled {
-        status: Box::new(status),
-        step_error: None,
-        requeue: if steady { Action::requeue(replicaset::jittered(REQUEUE_STEADY)) } else { busy() },
-    })
+    let requeue = match super::migration::requeue(&moving) {
+        Some(soon) => soon,
+        None if steady => Action::requeue(replicaset::jittered(REQUEUE_STEADY)),
+        None => busy(),
+    };
+    Ok(Provisioned::Reconciled { status: Box::new(status), step_error: None, requeue })
 }
 
 fn busy() -> Action {
     Action::requeue(replicaset::jittered(REQUEUE_BUSY))
+}
+
+/// The requeue of a pass with something under way.
+pub(super) fn busy_requeue() -> Action {
+    busy()
 }
 
 /// The shape of a replica set: a dedicated instance's own, or its pool's.
@@ -474,6 +489,7 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
     if ctx.store.claim_database(&db, &claim, placement.is_some()).await?.is_err() {
         return Ok(Action::await_change());
     }
+    super::migration::cancel_for_deletion(ctx, &db).await;
     let abandon = dbi.annotations().get(ANNOTATION_ABANDON_DATA).is_some_and(|v| v == "true");
     let mut abandoned = false;
     // Drop the data through the leader, if the database was ever placed.
@@ -602,7 +618,9 @@ async fn delete_dedicated_volumes(ctx: &Context, ns: &str, rs: &str, uid: &str) 
     Ok(())
 }
 
-async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<ReplicaSetLoad>, Error> {
+/// The databases on each replica set of `pool`: the instances placed there, and those a
+/// migration is moving there (they will be).
+pub(super) async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<ReplicaSetLoad>, Error> {
     let api: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     for i in api.list(&ListParams::default()).await? {
@@ -611,11 +629,16 @@ async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<Re
         {
             *counts.entry(p.replica_set.clone()).or_default() += 1;
         }
+        if let Some(t) = i.status.as_ref().and_then(|s| s.migration_target.as_ref())
+            && t.pool == pool
+        {
+            *counts.entry(t.replica_set.clone()).or_default() += 1;
+        }
     }
     Ok(counts.into_iter().map(|(name, databases)| ReplicaSetLoad { name, databases }).collect())
 }
 
-async fn node_zones(ctx: &Context) -> Result<Vec<String>, Error> {
+pub(super) async fn node_zones(ctx: &Context) -> Result<Vec<String>, Error> {
     let nodes: Objects<Node> = Objects::all(ctx.client.clone());
     let mut zones: BTreeSet<String> = BTreeSet::new();
     for n in nodes.list(&ListParams::default()).await? {
@@ -709,6 +732,8 @@ fn status_of(
             max_in_flight: limits.max_in_flight,
         }),
         migration: old.migration,
+        migration_summary: old.migration_summary,
+        migration_target: old.migration_target,
         backup: old.backup,
         not_yet_active: dbi.not_yet_active(),
         ready_members: Some(format!("{}/{}", report.members.iter().filter(|m| m.ready).count(), report.members.len())),
@@ -803,7 +828,14 @@ async fn patch_status(ctx: &Context, dbi: &DatabaseInstance, status: DatabaseIns
     api.patch_status(&dbi.name_any(), &json!({"status": status})).await
 }
 
-async fn event(ctx: &Context, dbi: &DatabaseInstance, type_: EventType, reason: &str, action: &str, note: &str) {
+pub(super) async fn event(
+    ctx: &Context,
+    dbi: &DatabaseInstance,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
     let ev =
         KubeEvent { type_, reason: reason.into(), note: Some(note.into()), action: action.into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&ev, &dbi.object_ref(&())).await {

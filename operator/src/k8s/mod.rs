@@ -13,6 +13,9 @@ pub mod instance;
 #[cfg(test)]
 mod instance_tests;
 pub mod metrics;
+pub mod migration;
+#[cfg(test)]
+mod migration_tests;
 pub mod objects;
 pub mod pool;
 mod provisioner;

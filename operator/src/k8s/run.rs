@@ -1,4 +1,5 @@
-//! The operator process: Lease-based leader election, then the two controllers.
+//! The operator process: Lease-based leader election, then the controllers and the
+//! migrations' driver ([`Migrator`], which stops with them).
 //!
 //! Only the replica holding the Lease reconciles; one that loses the Lease exits, and
 //! Kubernetes restarts it as a follower (the way controller-runtime handles a lost lease:
@@ -22,10 +23,12 @@ use super::failure::{Clock, Failover};
 use super::health::Health;
 use super::instance::{self, Context};
 use super::metrics::Metrics;
+use super::migration::{Migrations, PodDirectory};
 use super::objects::{LABEL_REPLICA_SET, Settings};
 use super::{pool, replicaset};
 use crate::controlplane::admin::AdminClient;
 use crate::controlplane::coord::Coordinator;
+use crate::controlplane::migration::{LiveWorld, Migrator, Tuning};
 use crate::crd::v1alpha1::{DatabaseInstance, ResourcePool};
 
 /// The Lease the operator replicas compete for.
@@ -87,7 +90,15 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
     }
     info!(identity = %cfg.identity, "leading: starting the controllers");
 
-    let store = Coordinator::connect(&cfg.etcd).await?;
+    let store = Arc::new(Coordinator::connect(&cfg.etcd).await?);
+    // Hot migrations: datanodes through the admin client, etcd through the coordinator,
+    // members found from the Pods the replica-set reconciler manages.
+    let world = Arc::new(LiveWorld {
+        admin: AdminClient::new(&cfg.secret),
+        coord: store.clone(),
+        directory: Arc::new(PodDirectory { client: client.clone() }),
+    });
+    let migrations = Migrations::new(world, Tuning::default());
     let reporter = Reporter { controller: "nimbus-operator".into(), instance: Some(cfg.identity.clone()) };
     // One watch of the nodes for every replica-set pass (their health decides the failure
     // period, force deletes and where a replacement can go), rather than a list per pass.
@@ -112,14 +123,23 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         client: client.clone(),
         settings: cfg.settings.clone(),
         datanodes: Arc::new(AdminClient::new(&cfg.secret)),
-        store: Arc::new(store),
+        store: store.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         metrics: Metrics,
         reports: Default::default(),
         backoff: Default::default(),
         failover: Failover { period: cfg.member_failure_period, clock: Clock::default() },
         nodes,
+        migrations: migrations.clone(),
     });
+    // The migrations run on the leader only, and stop with the controllers (a signal) or
+    // with the lease: dropping `stop` ends the run, whose drivers stop at once (every
+    // step is idempotent; the next leader resumes from the records).
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let migrator: Arc<Migrator> = migrations.migrator.clone();
+    let migrator_task = tokio::spawn(migrator.run(async move {
+        let _ = stopped.await;
+    }));
 
     health.leading(&WATCHES);
     // Replica sets, by their Service: the only reconciler that steps members. Woken by
@@ -178,14 +198,21 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
             }
         }
     };
-    tokio::select! {
+    let result = tokio::select! {
         _ = futures::future::join3(replica_sets, instances, pools) => Ok(()),
         _ = lost => {
             error!("lost the leader-election lease: exiting so a restart begins as a follower");
-            tokio::time::sleep(Duration::from_millis(100)).await;
             Err(RunError::LostLease)
         }
+    };
+    drop(stop);
+    if tokio::time::timeout(Duration::from_secs(5), migrator_task).await.is_err() {
+        warn!("the migrations did not stop within 5 s");
     }
+    if result.is_err() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    result
 }
 
 /// Tells `health` once the watch behind `store` has listed its objects.

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Members", type_ = "string", json_path = ".status.readyMembers"),
     printcolumn(name = "Zones", type_ = "string", json_path = ".status.zonesSummary"),
     printcolumn(name = "Leader", type_ = "string", json_path = ".status.placement.leader"),
+    printcolumn(name = "Migration", type_ = "string", json_path = ".status.migrationSummary"),
     printcolumn(name = "QPS", type_ = "integer", json_path = ".status.limits.qps", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 50").message("the name must be at most 50 characters"),
@@ -42,11 +43,18 @@ use serde::{Deserialize, Serialize};
     // not even by setting `spec.database` later to another name.
     validation = Rule::new("!has(oldSelf.spec) || (has(self.spec) && has(self.spec.database) ? self.spec.database : self.metadata.name) == (has(oldSelf.spec.database) ? oldSelf.spec.database : oldSelf.metadata.name)")
         .message("the database name (spec.database, else the instance's name) cannot change: move data with a migration instead"),
+    // A pool change starts a hot migration; another while one runs is refused here. The
+    // stored status is visible to a rule on the root for a spec update (the API server puts
+    // the old status into the new object before validating), and a status update keeps the
+    // spec, so the operator's own writes always pass. A migration runs while
+    // `status.migration` has no `finishedAt` (the operator clears it with a merge patch's
+    // `null`, which removes the key). The race this cannot see (a second change before
+    // the operator wrote the first one's status) is queued by the reconciler.
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.migration) || has(oldSelf.status.migration.finishedAt) || !has(oldSelf.spec) || !has(self.spec) || self.spec.pool == oldSelf.spec.pool")
+        .message("spec.pool cannot change while a migration runs: wait until status.migration.phase is Completed or Aborted (kubectl get dbi shows it in the MIGRATION column), then change it again"),
 )]
-#[x_kube(validation = Rule::new("self.pool == oldSelf.pool")
-    .message("spec.pool cannot change yet: moving a database to another pool is a hot migration, not yet available"))]
 #[x_kube(validation = Rule::new("self.tier == oldSelf.tier || (self.tier != 'dedicated' && oldSelf.tier != 'dedicated')")
-    .message("spec.tier cannot change between shared (free, standard) and dedicated: that moves the database to another replica set, a hot migration not yet available"))]
+    .message("spec.tier cannot change between shared (free, standard) and dedicated: a dedicated instance has a replica set of its own. To move a database to a replica set of its own, change spec.pool to a pool of mode Dedicated (a hot migration); to share again, change spec.pool to a shared pool"))]
 #[x_kube(validation = Rule::new("self.replicas == oldSelf.replicas")
     .message("spec.replicas cannot change yet: a replica set keeps the size it was made with"))]
 #[x_kube(validation = Rule::new("self.storage.size == oldSelf.storage.size && (has(self.storage.storageClassName) == has(oldSelf.storage.storageClassName)) && (!has(self.storage.storageClassName) || self.storage.storageClassName == oldSelf.storage.storageClassName)")
@@ -69,7 +77,9 @@ pub struct DatabaseInstanceSpec {
     #[serde(default)]
     pub tier: Tier,
 
-    /// The ResourcePool (same namespace) whose replica sets hold this database.
+    /// The ResourcePool (same namespace) whose replica sets hold this database. Changing it
+    /// moves the database to a replica set of the new pool while it serves (a hot
+    /// migration, shown in `status.migration`); refused while a migration runs.
     #[serde(default = "default_pool")]
     #[schemars(length(min = 1, max = 40))]
     pub pool: String,
@@ -382,9 +392,20 @@ pub struct DatabaseInstanceStatus {
     /// The limits in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsStatus>,
-    /// A migration between replica sets, while one runs.
+    /// The running migration between replica sets, or the last one (kept until the next
+    /// one starts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationStatus>,
+    /// The migration's phase and progress in a few words (for `kubectl get`), e.g.
+    /// `Copying 41 MB`, `CatchingUp 1,240 ops behind`, `Completed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub migration_summary: Option<String>,
+    /// Where a pool change moves the database: chosen once, kept until the migration
+    /// completes (or spec.pool goes back to the pool the database is on).
+    // Written as `null` to clear it: the status is a merge patch, which keeps a key left out.
+    #[serde(default)]
+    pub migration_target: Option<MigrationTarget>,
     /// Backups and the restorable window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupStatus>,
@@ -451,21 +472,77 @@ pub struct LimitsStatus {
     pub max_in_flight: u32,
 }
 
+/// A migration as `API.md` section 3 shows it (the playground's `migration` of an
+/// instance has the same fields).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationStatus {
-    /// `Sync`, `Prepare`, `Fence`, `CatchUp`, `Switch`, `Done` or `Aborted`.
-    pub step: String,
-    /// Replica set the database moves from.
-    pub source: String,
-    /// Replica set the database moves to.
-    pub target: String,
-    /// Oplog entries the target is behind.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lag: Option<u64>,
-    /// Extra detail (the reason of an abort).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
+    /// `Copying`, `CatchingUp`, `Holding`, `Switching`, `CleaningUp`, `Completed` or
+    /// `Aborted` (also while the next attempt waits: `finishedAt` is unset then).
+    pub phase: MigrationPhase,
+    /// The replica set the database moves from.
+    #[schemars(length(max = 63))]
+    pub from_replica_set: String,
+    /// The replica set the database moves to.
+    #[schemars(length(max = 63))]
+    pub to_replica_set: String,
+    /// When the migration started (RFC 3339).
+    #[schemars(length(max = 40))]
+    pub started_at: String,
+    /// When it completed or was given up (RFC 3339); null while it runs.
+    // Written as `null` (a merge patch then removes the key): the CRD's rule refusing a
+    // pool change while a migration runs reads its absence.
+    #[schemars(length(max = 40))]
+    pub finished_at: Option<String>,
+    /// Documents copied by this attempt.
+    pub documents_copied: u64,
+    /// Bytes of documents copied by this attempt.
+    pub bytes_copied: u64,
+    /// Oplog changes the target is behind the source (an estimate).
+    pub lag_ops: u64,
+    /// How long gateways held the database's requests at the cutover; null before.
+    pub hold_ms: Option<u64>,
+    /// Starts at 1; each retry after an abort adds one.
+    pub attempt: u32,
+    /// Why the last attempt aborted, or what the current step keeps failing on.
+    #[schemars(length(max = 1024))]
+    pub error: Option<String>,
+}
+
+/// The public phase of a migration (`API.md` section 3).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum MigrationPhase {
+    #[default]
+    Copying,
+    CatchingUp,
+    Holding,
+    Switching,
+    CleaningUp,
+    Completed,
+    Aborted,
+}
+
+impl std::fmt::Display for MigrationPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The replica set a pool change moves the database to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationTarget {
+    /// The replica set chosen in the new pool.
+    #[schemars(length(max = 63))]
+    pub replica_set: String,
+    /// The pool it belongs to (spec.pool when it was chosen).
+    #[schemars(length(max = 40))]
+    pub pool: String,
+    /// The migration started for it (its id), once started: an attempt given up is not
+    /// started again by itself.
+    #[serde(default)]
+    #[schemars(length(max = 128))]
+    pub migration: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
