@@ -113,7 +113,9 @@ impl TwoPools {
         let to_target = write_manifest(&files, "to-target.yaml", &[instance_yaml(tenant, TARGET_POOL)])?;
         let to_source = write_manifest(&files, "to-source.yaml", &[instance_yaml(tenant, SOURCE_POOL)])?;
         let up = up.to_str().context("a temporary path that is not UTF-8")?.to_owned();
-        let pg = Playground::up_with_env(&["--instances", &up], env)?;
+        // The source's copy is dropped 2 s after the switch, so a test can move the
+        // database back soon after (a new migration waits for the last one's clean-up).
+        let pg = Playground::up_with_env(&["--instances", &up, "--migration-cleanup-grace", "2s"], env)?;
         Ok(TwoPools { pg, to_target, to_source, _manifests: manifests })
     }
 }

@@ -8,9 +8,8 @@
 //! linearizable across the cutover.
 //!
 //! The hold is short (well under a second): the tests that act during it make it last with
-//! a failpoint of the control plane (`FAILPOINTS`, the `fail` crate) and need binaries
-//! built with the failpoints feature: `cargo build -p nimbus-playground --features
-//! failpoints`, then `cargo nextest run -p nimbus-e2e --features failpoints --test migration`.
+//! a failpoint of the control plane (`FAILPOINTS`, the `fail` crate; the playground is
+//! always built with the migration driver's failpoints).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -41,9 +40,9 @@ const SMALL_BYTES: u64 = 2 * 1024 * 1024;
 
 /// A failpoint that makes every hold last 2.5 s (under its 5 s deadline), so a test can act
 /// while it lasts.
-const LONG_HOLD: &str = "migration-hold=sleep(2500)";
+const LONG_HOLD: &str = "migration-hold-after=sleep(2500)";
 /// A failpoint that makes the first hold outlast its 5 s deadline, and no other.
-const HOLD_PAST_DEADLINE: &str = "migration-hold=1*sleep(6000)";
+const HOLD_PAST_DEADLINE: &str = "migration-hold-after=1*sleep(6000)";
 
 /// `f` off the async workers (the `nimbus` command and `playground.json` are blocking).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -196,7 +195,6 @@ async fn the_source_leader_killed_during_the_copy_and_the_target_leader_during_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs the failpoints feature (see the file's comment)")]
 async fn the_gateway_killed_and_etcd_stopped_during_the_hold_lose_nothing() {
     let two = two_pools(&[], &[("FAILPOINTS", LONG_HOLD)]).await;
     let pg = &two.pg;
@@ -241,7 +239,6 @@ async fn the_gateway_killed_and_etcd_stopped_during_the_hold_lose_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs the failpoints feature (see the file's comment)")]
 async fn a_hold_past_its_deadline_aborts_with_nothing_lost_and_the_retry_completes() {
     let two = two_pools(&[], &[("FAILPOINTS", HOLD_PAST_DEADLINE)]).await;
     let pg = &two.pg;

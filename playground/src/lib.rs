@@ -44,7 +44,13 @@ fn running_pid(dir: &Path) -> Option<u32> {
 
 /// Starts the playground in the background (or, when it runs, applies `instances` to it) and
 /// waits until every instance is Ready.
-pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize, isolate_zones: bool) -> anyhow::Result<Playground> {
+pub async fn up(
+    dir: &Path,
+    instances: &[PathBuf],
+    zones: usize,
+    isolate_zones: bool,
+    migration_cleanup_grace: Duration,
+) -> anyhow::Result<Playground> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     binaries::etcd_binary()?;
@@ -68,6 +74,7 @@ pub async fn up(dir: &Path, instances: &[PathBuf], zones: usize, isolate_zones: 
         if isolate_zones {
             cmd.arg("--isolate-zones");
         }
+        cmd.arg("--migration-cleanup-grace").arg(format!("{}s", migration_cleanup_grace.as_secs()));
         for f in instances {
             cmd.arg("--instances").arg(f.canonicalize().with_context(|| format!("no file {}", f.display()))?);
         }

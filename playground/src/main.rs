@@ -90,17 +90,21 @@ struct PlaygroundArgs {
     /// and iptables). Kept for the directory's life.
     #[arg(long)]
     isolate_zones: bool,
+    /// After a migration's switch, how long the source keeps its copy of the database
+    /// before dropping it: seconds, or a number with s, m or h.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    migration_cleanup_grace: Duration,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Command::Playground { command } = Cli::parse().command;
     match command {
-        PlaygroundCommand::Up(PlaygroundArgs { dir, instances, zones, isolate_zones }) => {
+        PlaygroundCommand::Up(PlaygroundArgs { dir, instances, zones, isolate_zones, migration_cleanup_grace }) => {
             if zones < 3 {
                 anyhow::bail!("--zones must be at least 3: a replica set needs three zones");
             }
-            let pg = playground::up(&dir, &instances, zones, isolate_zones).await?;
+            let pg = playground::up(&dir, &instances, zones, isolate_zones, migration_cleanup_grace).await?;
             println!("playground is up: {}", dir.join(playground::state::PLAYGROUND_FILE).display());
             println!("gateway: {}", pg.gateway);
             for (name, i) in &pg.instances {
@@ -140,10 +144,11 @@ async fn main() -> anyhow::Result<()> {
             println!("zone {zone}: {state:?}");
             Ok(())
         }
-        PlaygroundCommand::Serve(PlaygroundArgs { dir, instances, zones, isolate_zones }) => {
+        PlaygroundCommand::Serve(PlaygroundArgs { dir, instances, zones, isolate_zones, migration_cleanup_grace }) => {
             let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-            playground::serve::serve(playground::serve::Options { dir, instances, zones, isolate_zones }).await
+            let opts = playground::serve::Options { dir, instances, zones, isolate_zones, migration_cleanup_grace };
+            playground::serve::serve(opts).await
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct Options {
     pub zones: usize,
     /// Each zone in its own network namespace (see `netns`).
     pub isolate_zones: bool,
+    /// How long a migration's source keeps its copy after the switch.
+    pub migration_cleanup_grace: Duration,
 }
 
 async fn wait_http(url: &str, deadline: Duration) -> anyhow::Result<()> {
@@ -53,6 +55,9 @@ async fn wait_http(url: &str, deadline: Duration) -> anyhow::Result<()> {
 
 /// Runs the playground until SIGTERM/SIGINT.
 pub async fn serve(opts: Options) -> anyhow::Result<()> {
+    // `FAILPOINTS=name=action;...` from the environment (the migration driver's named
+    // failpoints, for the end-to-end tests), for the control plane's whole life.
+    let _failpoints = fail::FailScenario::setup();
     std::fs::create_dir_all(&opts.dir)?;
     let dir = opts.dir.canonicalize()?;
     let mut st = match State::load(&dir)? {
@@ -190,7 +195,8 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
         coord: Arc::new(Coordinator::connect(&secrets.etcd(&etcd_url, OPERATOR_USER)).await?),
         directory: directory.clone(),
     };
-    let migrator = Arc::new(Migrator::new(Arc::new(world), Tuning::default()));
+    let tuning = Tuning { cleanup_grace: opts.migration_cleanup_grace, ..Tuning::default() };
+    let migrator = Arc::new(Migrator::new(Arc::new(world), tuning));
     // Dropped when this function returns: the driver stops with the control plane (a
     // migration stopped mid-step resumes from its record at the next start).
     let (_stop_migrations, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -644,6 +644,9 @@ impl Run<'_> {
         let now = now_ms();
         self.rec.hold_ms = self.rec.hold_started_ms.map(|s| now.saturating_sub(s));
         self.rec.next_retry_ms = Some(now + self.tuning.cleanup_grace.as_millis() as u64);
+        // Switched: what went wrong on the way (an earlier attempt's abort, a member that
+        // did not answer for a while) is no longer the migration's state.
+        self.rec.error = None;
         self.rec.set_step(Step::CleanUp);
         self.save().await
     }
