@@ -135,6 +135,20 @@ struct RunArgs {
     /// zone: `5m`, `90s`, `1h`.
     #[arg(long, env = "NIMBUS_MEMBER_FAILURE_PERIOD", default_value = failure::DEFAULT_FAILURE_PERIOD_FLAG)]
     member_failure_period: jiff::SignedDuration,
+    /// Hot migration: how long gateways hold a moving database's requests at the cutover
+    /// before the attempt aborts (and is retried): `5s`.
+    #[arg(long, env = "NIMBUS_MIGRATION_HOLD_TIMEOUT", default_value = "5s")]
+    migration_hold_timeout: jiff::SignedDuration,
+    /// Hot migration: bytes per second a copy reads from its source (its other tenants keep
+    /// their latency), in MiB.
+    #[arg(long, env = "NIMBUS_MIGRATION_COPY_MIB_PER_SEC", default_value_t = 64)]
+    migration_copy_mib_per_sec: u64,
+    /// Hot migration: migrations run at once.
+    #[arg(long, env = "NIMBUS_MIGRATION_CONCURRENCY", default_value_t = 2)]
+    migration_concurrency: usize,
+    /// Hot migration: how long the source keeps its copy after the switch: `5m`.
+    #[arg(long, env = "NIMBUS_MIGRATION_CLEANUP_GRACE", default_value = "5m")]
+    migration_cleanup_grace: jiff::SignedDuration,
 }
 
 #[tokio::main]
@@ -209,6 +223,16 @@ async fn main() -> anyhow::Result<()> {
             let settings = args.settings.settings(args.etcd.endpoints.clone(), internal_files)?;
             let member_failure_period = std::time::Duration::try_from(args.member_failure_period.abs())
                 .context("the member failure period is out of range")?;
+            let duration = |d: jiff::SignedDuration, what: &str| {
+                std::time::Duration::try_from(d.abs()).with_context(|| format!("{what} is out of range"))
+            };
+            let migration = nimbus_operator::controlplane::migration::Tuning {
+                hold_timeout: duration(args.migration_hold_timeout, "the migration hold timeout")?,
+                copy_bytes_per_sec: args.migration_copy_mib_per_sec.max(1) << 20,
+                max_concurrent: args.migration_concurrency.max(1),
+                cleanup_grace: duration(args.migration_cleanup_grace, "the migration clean-up grace")?,
+                ..Default::default()
+            };
             let cfg = RunConfig {
                 settings,
                 etcd: args.etcd,
@@ -216,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
                 lease_namespace,
                 identity: args.identity,
                 member_failure_period,
+                migration,
             };
             run(cfg, health).await?;
             Ok(())

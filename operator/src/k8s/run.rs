@@ -52,6 +52,8 @@ pub struct RunConfig {
     pub identity: String,
     /// How long a member may be down before it is declared lost and replaced.
     pub member_failure_period: Duration,
+    /// Hot migration's knobs (hold timeout, copy rate, concurrency, clean-up grace).
+    pub migration: Tuning,
 }
 
 #[derive(Debug, Error)]
@@ -98,7 +100,7 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         coord: store.clone(),
         directory: Arc::new(PodDirectory { client: client.clone() }),
     });
-    let migrations = Migrations::new(world, Tuning::default());
+    let migrations = Migrations::new(world, cfg.migration.clone());
     let reporter = Reporter { controller: "nimbus-operator".into(), instance: Some(cfg.identity.clone()) };
     // One watch of the nodes for every replica-set pass (their health decides the failure
     // period, force deletes and where a replacement can go), rather than a list per pass.
