@@ -1,4 +1,4 @@
-//! Hot migration's datanode calls (`docs/design/migration.md`): the source exports a
+//! Hot migration's datanode calls (`docs/design/0003-hot-migration.md`): the source exports a
 //! database and its oplog, the target imports them through its own Raft log, and neither
 //! serves the database's clients while it is not the one the route names.
 //!
@@ -29,7 +29,8 @@ impl OplogPosition {
 
 /// `GET /v1/admin/oplog?db=DB&afterIndex=I&afterSeq=S&limit=N`: the database's oplog
 /// changes after the position, oldest first, at most `limit` (default 1,000, at most
-/// 10,000). A page scans a bounded number of entries of other databases too, so it can be
+/// 10,000) and about 1 MiB of changes (at least one), so a page always fits one import
+/// entry. A page scans a bounded number of entries of other databases too, so it can be
 /// empty with `next` moved on. A position older than the retained oplog is refused with
 /// `OplogTruncated` (HTTP 410): the reader must start again from an export.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +61,12 @@ pub struct ExportRequest {
     /// Stop adding documents once the page holds this many bytes of them (at least one
     /// document is always sent).
     pub max_bytes: u64,
+    /// `Idempotency` only: just the records written at or after this replica-set clock
+    /// time (ms), read in time order (the records of the last seconds, found without
+    /// reading the older ones). A copy made before the hold, from the first page's
+    /// `clock_ms` on, is completed after the fence with the records written since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +84,10 @@ pub enum ExportPart {
 pub struct ExportPage {
     /// The applied index of the snapshot the page was read from.
     pub index: u64,
+    /// The replica set's clock (the largest command time applied, ms) in that snapshot:
+    /// every record written after the snapshot has a time at or after it.
+    #[serde(default)]
+    pub clock_ms: u64,
     /// Every collection of the database with its index specifications (JSON as the
     /// catalog stores them), on every page of `Documents`.
     pub collections: Vec<ExportedCollection>,
@@ -115,7 +126,9 @@ pub struct ExportedIdempotency {
 /// `migration`, each one Raft entry on the target. Answers [`ImportAnswer`].
 ///
 /// `Begin` drops whatever the replica set holds of `db` (an earlier aborted attempt) and
-/// marks it incoming for `migration`: from then on, and until `Finish`, every client
+/// marks it incoming for `migration`; it is refused (400) when the replica set serves
+/// `db` (collections of it here and no incoming mark), so a stale or misdirected `Begin`
+/// can never drop a live database: from then on, and until `Finish`, every client
 /// request for `db` is refused with `StaleRoute` (the gateway re-reads the route, which
 /// does not name this replica set yet). Every other step is refused (409 `BadRequest`)
 /// unless `db` is incoming for the same `migration`; `Finish` and `Abort` repeated after

@@ -71,6 +71,13 @@ fn replica_set(v: &Value, name: &str) -> String {
 
 /// Asserts the migration shown for the tenant completed from `from` to `to`.
 fn assert_completed(v: &Value, pool: &str, from: &str, to: &str) -> Value {
+    assert_completed_within(v, pool, from, to, 5_000)
+}
+
+/// [`assert_completed`], the hold shorter than `max_hold_ms`: the 5 s deadline, plus the
+/// length of a fault that stopped the control plane's etcd in the middle of the switch
+/// (the switch, once begun, only goes forward and needs etcd for its last write).
+fn assert_completed_within(v: &Value, pool: &str, from: &str, to: &str, max_hold_ms: u64) -> Value {
     let i = &v["instances"][TENANT];
     assert!(settled_in(i, pool), "the tenant is not settled in pool {pool}: {i}");
     assert_eq!(i["replicaSet"], to, "the route did not move: {i}");
@@ -80,7 +87,7 @@ fn assert_completed(v: &Value, pool: &str, from: &str, to: &str) -> Value {
     assert!(m["error"].is_null(), "a completed migration with an error: {m}");
     assert!(m["startedAt"].is_string(), "{m}");
     let hold = m["holdMs"].as_u64().unwrap_or_else(|| panic!("no holdMs after the switch: {m}"));
-    assert!(hold < 5_000, "a hold of {hold} ms passed its 5 s deadline and still switched: {m}");
+    assert!(hold < max_hold_ms, "a hold of {hold} ms, longer than {max_hold_ms} ms: {m}");
     m
 }
 
@@ -227,7 +234,7 @@ async fn the_gateway_killed_and_etcd_stopped_during_the_hold_lose_nothing() {
     etcd.resume().unwrap();
     let v = wait_instance(pg, TENANT, "moved back", MIGRATION, |i| settled_in(i, SOURCE_POOL)).await.unwrap();
     eprintln!("after etcd was stopped: {}", migration_of(&v, TENANT));
-    assert_completed(&v, SOURCE_POOL, &target, &source);
+    assert_completed_within(&v, SOURCE_POOL, &target, &source, 5_000 + 4_000 + 2_000);
 
     writers.wait_for(100, WRITES).await.unwrap();
     let retries = writers.retries();

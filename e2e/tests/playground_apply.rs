@@ -134,9 +134,12 @@ fn apply_provisions_reconfigures_refuses_and_delete_removes_instances() {
     refused(&pg, "no-pool.yaml", &SHOP.replace("tier: free", "tier: free\n  pool: nowhere"), "spec.pool");
     refused(&pg, "storage.yaml", &SHOP.replace("tier: free", "tier: free\n  storage: {size: 1Gi}"), "spec.storage");
     refused(&pg, "kind.yaml", &SHOP.replace("DatabaseInstance", "Database"), "kind");
-    refused(&pg, "move.yaml", &orders(SECOND_USERS, 123).replace("pool: small", "pool: default"), "spec.pool");
-    let ran = pg.run(&["apply", pg.dir.path().join("move.yaml").to_str().unwrap()]).unwrap();
-    assert!(ran.stderr.contains("hot migration is not wired into the playground yet"), "{}", ran.stderr);
+    // A changed pool moves the database there while it serves (hot migration).
+    let moved = pg.manifest("move.yaml", &orders(SECOND_USERS, 123).replace("pool: small", "pool: default")).unwrap();
+    pg.apply_wait(&moved).unwrap();
+    let v = pg.json().unwrap();
+    assert_eq!(v["instances"]["orders"]["pool"], "default", "{}", v["instances"]["orders"]);
+    assert!(v["instances"]["orders"]["replicaSet"].as_str().unwrap().starts_with("default-"), "{v}");
     // A good document beside a bad one: neither is applied.
     let extra = SHOP.replace("name: shop", "name: extra");
     refused(&pg, "half.yaml", &format!("{extra}---\n{}", SHOP.replace("tier: free", "tier: gold")), "document 2");

@@ -71,6 +71,8 @@ pub struct State {
     pub held: u64,
     pub refused: u64,
     pub violations: Vec<String>,
+    /// Every error the records showed, in order (a completed migration clears its own).
+    pub errors: Vec<String>,
     pub calls: usize,
     pub crash: Option<Crash>,
     /// The next oplog read answers `OplogTruncated`.
@@ -510,6 +512,11 @@ impl MigrationWorld for Model {
                 return Ok(None);
             }
             s.revision += 1;
+            if let Some(e) = &record.error
+                && s.errors.last() != Some(e)
+            {
+                s.errors.push(e.clone());
+            }
             s.record = Some((record.clone(), s.revision));
             Ok(Some(s.revision))
         })
