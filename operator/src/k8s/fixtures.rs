@@ -593,6 +593,7 @@ impl crate::controlplane::migration::MigrationWorld for FakeMigrationWorld {
             ExportPart::Idempotency => (Vec::new(), None),
         };
         Ok(ExportPage {
+            clock_ms: 0,
             index: 100,
             collections: vec![ExportedCollection { name: "orders".into(), indexes: Vec::new() }],
             docs,

@@ -390,13 +390,16 @@ impl Run<'_> {
                 part: ExportPart::Documents,
                 after: self.rec.copy_cursor.clone(),
                 max_bytes: self.tuning.page_bytes,
+                since_ms: None,
             };
             let page = self.world.export(&src, &req).await?;
             if self.rec.first_page_index.is_none() {
                 self.rec.first_page_index = Some(page.index);
                 self.rec.oplog_position = Some(OplogPosition::end_of(page.index));
-                self.renew_pin(&src).await?;
             }
+            // Renewed while the copy runs: a copy longer than the pin's lifetime keeps the
+            // oplog it will read.
+            self.renew_pin(&src).await?;
             if self.collections.as_ref() != Some(&page.collections) {
                 let step = ImportStep::Collections { collections: page.collections.clone() };
                 self.world.import(&dst, &self.import(step)).await?;
@@ -432,6 +435,12 @@ impl Run<'_> {
         let dst = self.replica_set(&self.rec.to_replica_set).await?;
         // No position: a record from before the copy finished; start over.
         let mut pos = self.rec.oplog_position.ok_or(Failure::OplogTruncated)?;
+        if self.rec.idempotency_since_ms.is_none() {
+            // All of them once, throttled like the copy (the last ten minutes of keyed
+            // writes: too many to move inside the hold).
+            self.rec.idempotency_since_ms = Some(self.copy_idempotency(&src, &dst, None, None).await?);
+            self.save().await?;
+        }
         let mut saved = Instant::now();
         loop {
             self.renew_pin(&src).await?;
@@ -448,6 +457,10 @@ impl Run<'_> {
             self.rec.oplog_position = Some(pos);
             self.rec.lag_ops = page.applied_index.saturating_sub(pos.index);
             if plan::should_hold(self.rec.lag_ops, self.rate, self.tuning.hold_under) {
+                // The records written since the last pass, so the hold moves only the
+                // last moments' (the fence closes the set).
+                let since = self.rec.idempotency_since_ms;
+                self.rec.idempotency_since_ms = Some(self.copy_idempotency(&src, &dst, since, None).await?);
                 failpoint!("migration-catchup-after");
                 self.rec.set_step(Step::Hold);
                 return self.save().await;
@@ -458,6 +471,56 @@ impl Run<'_> {
             }
             if changes == 0 {
                 tokio::time::sleep(self.tuning.poll).await;
+            }
+        }
+    }
+
+    /// Copies the source's idempotency records written from `since` (replica-set clock,
+    /// ms; all of them without it) to the target, page by page, throttled like the copy.
+    /// With `at_least`, every page must come from a snapshot that has applied that index
+    /// (the fence: a source leader that has not applied it yet could miss the last
+    /// records). Returns the first page's clock: every record written after the pass began
+    /// has a time at or after it.
+    async fn copy_idempotency(
+        &mut self,
+        src: &ReplicaSetAccess,
+        dst: &ReplicaSetAccess,
+        since: Option<u64>,
+        at_least: Option<u64>,
+    ) -> Result<u64, StepError> {
+        let started = Instant::now();
+        let (mut after, mut sent, mut first_clock) = (None, 0u64, None);
+        loop {
+            let req = ExportRequest {
+                db: self.rec.db.clone(),
+                part: ExportPart::Idempotency,
+                after: after.clone(),
+                max_bytes: self.tuning.page_bytes,
+                since_ms: since,
+            };
+            let page = self.world.export(src, &req).await?;
+            if let Some(index) = at_least
+                && page.index < index
+            {
+                return Err(Failure::Transient(format!(
+                    "the source's leader has applied up to {} only, not the fence at {index} yet",
+                    page.index
+                ))
+                .into());
+            }
+            first_clock.get_or_insert(page.clock_ms);
+            let bytes: u64 = page.idempotency.iter().map(|r| r.record.get().len() as u64 + r.key.len() as u64).sum();
+            if !page.idempotency.is_empty() {
+                let step = ImportStep::Idempotency { records: page.idempotency };
+                self.world.import(dst, &self.import(step)).await?;
+            }
+            after = page.next;
+            if after.is_none() {
+                return Ok(first_clock.unwrap_or_default());
+            }
+            sent += bytes;
+            if at_least.is_none() {
+                tokio::time::sleep(plan::copy_pause(sent, started.elapsed(), self.tuning.copy_bytes_per_sec)).await;
             }
         }
     }
@@ -497,9 +560,13 @@ impl Run<'_> {
                 }
             }
         }
+        // The hold as written (its deadline is what tells this attempt's acknowledgements
+        // from an earlier one's at the same epoch).
+        let (held, _) = self.route().await?;
+        self.check_route_is_ours(&held)?;
         loop {
             let view = self.world.hold_view(&self.rec.db).await?;
-            let Err(missing) = plan::hold_acknowledged(&view.gateways, &view.acks, self.rec.from_epoch) else { break };
+            let Err(missing) = plan::hold_acknowledged(&view.gateways, &view.acks, &held) else { break };
             if !plan::within_hold(self.rec.hold_deadline_ms, now_ms()) {
                 let message = format!("gateways {} did not acknowledge the hold", missing.join(", "));
                 return Err(Failure::HoldTimedOut(message).into());
@@ -571,25 +638,10 @@ impl Run<'_> {
         self.rec.oplog_position = Some(pos);
         self.rec.lag_ops = 0;
         failpoint!("migration-verify-caughtup");
-        let mut after = None;
-        loop {
-            self.check_hold("moving the idempotency records")?;
-            let req = ExportRequest {
-                db: self.rec.db.clone(),
-                part: ExportPart::Idempotency,
-                after,
-                max_bytes: self.tuning.page_bytes,
-            };
-            let page = self.world.export(&src, &req).await?;
-            if !page.idempotency.is_empty() {
-                let step = ImportStep::Idempotency { records: page.idempotency };
-                self.world.import(&dst, &self.import(step)).await?;
-            }
-            after = page.next;
-            if after.is_none() {
-                break;
-            }
-        }
+        self.check_hold("moving the idempotency records")?;
+        let since = self.rec.idempotency_since_ms;
+        self.copy_idempotency(&src, &dst, since, Some(fence_index)).await?;
+        self.check_hold("moving the idempotency records")?;
         failpoint!("migration-verify-idempotency");
         let source = self.world.checksum(&src, &self.rec.db).await?;
         let target = self.world.checksum(&dst, &self.rec.db).await?;
@@ -601,7 +653,10 @@ impl Run<'_> {
         if source.checksum != target.checksum {
             differences.push(format!("checksum {} on the source, {} on the target", source.checksum, target.checksum));
         }
-        if let (Some(a), Some(b)) = (&source.catalog, &target.catalog)
+        // A datanode from before catalog digests answers none (or `""`): compared only
+        // when both sides have one.
+        let known = |c: &Option<serde_json::Value>| c.clone().filter(|v| !v.is_null() && v.as_str() != Some(""));
+        if let (Some(a), Some(b)) = (known(&source.catalog), known(&target.catalog))
             && a != b
         {
             differences.push(format!("catalog {a} on the source, {b} on the target"));
@@ -624,7 +679,15 @@ impl Run<'_> {
         failpoint!("migration-switch-before");
         self.world.import(&dst, &self.import(ImportStep::Finish { epoch })).await?;
         failpoint!("migration-switch-finished");
-        let (route, revision) = self.route().await?;
+        let Some((route, revision)) = self.world.route(&self.rec.db).await? else {
+            // The database was deleted meanwhile (its instance with it): nothing to switch
+            // to, and the target's copy is no one's. The deletion drops the source's.
+            self.world.drop_database(&dst, &self.rec.db).await?;
+            self.rec.error = Some("the database was deleted during the switch: its copy on the target dropped".into());
+            self.rec.finished_at_ms = Some(now_ms());
+            self.rec.set_step(Step::Aborted);
+            return self.save().await;
+        };
         let switched = route.replica_set == self.rec.to_replica_set && route.epoch >= epoch;
         if !switched {
             self.check_route_is_ours(&route)
@@ -660,7 +723,14 @@ impl Run<'_> {
             None => {}
             Some(src) => {
                 failpoint!("migration-cleanup-before");
-                self.world.drop_database(&src, &self.rec.db).await?;
+                // A database that lives on the source again (moved back, or a new instance
+                // of the name placed there) is not this migration's to drop.
+                let back = self.world.route(&self.rec.db).await?.is_some_and(|(r, _)| r.replica_set == src.name);
+                if back {
+                    tracing::info!(db = %self.rec.db, replica_set = %src.name, "the database is served by the source again: its data kept");
+                } else {
+                    self.world.drop_database(&src, &self.rec.db).await?;
+                }
                 self.world.unpin_oplog(&src, &self.rec.id).await?;
                 failpoint!("migration-cleanup-after");
             }

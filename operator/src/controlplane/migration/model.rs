@@ -42,6 +42,8 @@ pub enum Crash {
 pub struct ReplicaSet {
     pub docs: BTreeMap<u64, String>,
     pub idempotency: BTreeMap<String, String>,
+    /// Each idempotency record's time: the model's clock is its applied index.
+    pub idempotency_ts: BTreeMap<String, u64>,
     pub collections: Vec<ExportedCollection>,
     pub applied: u64,
     pub oplog: Vec<OplogEntry>,
@@ -79,6 +81,9 @@ pub struct State {
     pub truncate_once: bool,
     /// The next checksum of the target differs.
     pub corrupt_once: bool,
+    /// The route deleted right after the target's `Finish` (the database deleted while
+    /// the migration switches).
+    pub delete_route_at_finish: bool,
     /// Client writes stop (a quiet database).
     pub quiet: bool,
 }
@@ -175,7 +180,9 @@ impl State {
         if route.state != RouteState::Holding {
             return;
         }
-        let ack = format!(r#"{{"epoch":{}}}"#, route.epoch).into_bytes();
+        let ack =
+            nimbus_api::etcd::HoldAck { epoch: route.epoch, hold_deadline_ms: route.hold_deadline_ms, acked_ms: 0 };
+        let ack = serde_json::to_vec(&ack).unwrap();
         for g in self.gateways.clone() {
             if !self.silent.contains(&g) {
                 self.holds.insert(g, ack.clone());
@@ -204,6 +211,7 @@ impl State {
         rs.applied += 1;
         rs.docs.insert(id, doc.clone());
         rs.idempotency.insert(format!("k{n}"), doc.clone());
+        rs.idempotency_ts.insert(format!("k{n}"), rs.applied);
         let entry = OplogEntry {
             index: rs.applied,
             seq: 0,
@@ -255,6 +263,7 @@ impl MigrationWorld for Model {
             let set = s.set(&rs.name);
             let mut page = ExportPage {
                 index: set.applied,
+                clock_ms: set.applied,
                 collections: set.collections.clone(),
                 docs: Vec::new(),
                 idempotency: Vec::new(),
@@ -273,10 +282,12 @@ impl MigrationWorld for Model {
                     }
                 }
                 ExportPart::Idempotency => {
+                    let ts = |k: &String| set.idempotency_ts.get(k).copied().unwrap_or(0);
                     page.idempotency = set
                         .idempotency
                         .iter()
-                        .map(|(k, v)| ExportedIdempotency { key: k.clone(), ts_ms: 0, record: raw(v) })
+                        .filter(|(k, _)| req.since_ms.is_none_or(|since| ts(k) >= since))
+                        .map(|(k, v)| ExportedIdempotency { key: k.clone(), ts_ms: ts(k), record: raw(v) })
                         .collect();
                 }
             }
@@ -341,6 +352,10 @@ impl MigrationWorld for Model {
                     }
                 }
                 ImportStep::Finish { epoch } => {
+                    if std::mem::take(&mut s.delete_route_at_finish) {
+                        s.route = None;
+                    }
+                    let set = s.set(&rs.name);
                     let mut problems = Vec::new();
                     if set.docs != source_docs {
                         problems.push("the target differs from the source at Finish".to_string());

@@ -249,24 +249,23 @@ pub fn copy_pause(bytes: u64, elapsed: Duration, rate: u64) -> Duration {
     due.saturating_sub(elapsed)
 }
 
-/// Whether every registered gateway acknowledged holding the route at `epoch`; the ids of
-/// those that have not when not. An acknowledgement's value, when it is JSON with an
-/// `epoch`, must name the held route's epoch (an acknowledgement of another hold is none);
-/// any other value counts as it is (gateways that only mark their acknowledgement).
-/// Acknowledgements of gateways no longer registered are ignored.
+/// Whether every registered gateway acknowledged the hold `held` (the route as the
+/// migration wrote it: `Holding`, its epoch and deadline), and which did not. An
+/// acknowledgement counts only if it is a gateway's `HoldAck` for exactly that hold (same
+/// epoch and deadline): a late write of an earlier attempt's, at the same epoch, does not.
+/// Acknowledgements of gateways no longer registered do not matter.
 pub fn hold_acknowledged(
     gateways: &BTreeSet<String>,
     acks: &BTreeMap<String, Vec<u8>>,
-    epoch: u64,
+    held: &nimbus_api::etcd::Route,
 ) -> Result<(), Vec<String>> {
     let missing: Vec<String> = gateways
         .iter()
-        .filter(|g| match acks.get(*g) {
-            None => true,
-            Some(value) => match serde_json::from_slice::<serde_json::Value>(value) {
-                Ok(serde_json::Value::Object(o)) => o.get("epoch").is_some_and(|e| e.as_u64() != Some(epoch)),
-                _ => false,
-            },
+        .filter(|g| {
+            !acks
+                .get(*g)
+                .and_then(|v| serde_json::from_slice::<nimbus_api::etcd::HoldAck>(v).ok())
+                .is_some_and(|ack| ack.acknowledges(held))
         })
         .cloned()
         .collect();

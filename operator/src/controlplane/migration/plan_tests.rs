@@ -184,22 +184,39 @@ fn acks(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
 }
 
 #[test]
-fn the_hold_counts_every_registered_gateway_at_the_held_epoch() {
+fn the_hold_counts_every_registered_gateway_acknowledging_exactly_this_hold() {
+    let held = nimbus_api::etcd::Route {
+        replica_set: "rs-a".into(),
+        members: Vec::new(),
+        epoch: 7,
+        state: nimbus_api::etcd::RouteState::Holding,
+        hold_deadline_ms: Some(5_000),
+    };
+    let ack = |epoch: u64, deadline: Option<u64>| {
+        serde_json::to_string(&nimbus_api::etcd::HoldAck { epoch, hold_deadline_ms: deadline, acked_ms: 1 }).unwrap()
+    };
     let two = gateways(&["g1", "g2"]);
-    assert_eq!(hold_acknowledged(&two, &acks(&[("g1", "1"), ("g2", "")]), 7), Ok(()));
-    assert_eq!(hold_acknowledged(&two, &acks(&[("g1", "1")]), 7), Err(vec!["g2".into()]));
-    assert_eq!(hold_acknowledged(&two, &acks(&[]), 7), Err(vec!["g1".into(), "g2".into()]));
-    // The epoch in a JSON value must be the held route's.
-    assert_eq!(hold_acknowledged(&two, &acks(&[("g1", r#"{"epoch":7}"#), ("g2", r#"{"epoch":7,"at":1}"#)]), 7), Ok(()));
+    let (a, b) = (ack(7, Some(5_000)), ack(7, Some(5_000)));
+    assert_eq!(hold_acknowledged(&two, &acks(&[("g1", &a), ("g2", &b)]), &held), Ok(()));
+    assert_eq!(hold_acknowledged(&two, &acks(&[("g1", &a)]), &held), Err(vec!["g2".into()]));
+    assert_eq!(hold_acknowledged(&two, &acks(&[]), &held), Err(vec!["g1".into(), "g2".into()]));
+    // Another epoch, or an earlier attempt's hold at this epoch (another deadline): no.
+    let (old_epoch, old_attempt) = (ack(6, Some(5_000)), ack(7, Some(4_000)));
     assert_eq!(
-        hold_acknowledged(&two, &acks(&[("g1", r#"{"epoch":6}"#), ("g2", r#"{"epoch":"7"}"#)]), 7),
+        hold_acknowledged(&two, &acks(&[("g1", &old_epoch), ("g2", &old_attempt)]), &held),
         Err(vec!["g1".into(), "g2".into()])
     );
-    // JSON without an epoch, or not an object: presence counts.
-    assert_eq!(hold_acknowledged(&two, &acks(&[("g1", r#"{"held":true}"#), ("g2", "7")]), 7), Ok(()));
+    // Anything that is not a gateway's acknowledgement: no.
+    assert_eq!(
+        hold_acknowledged(&two, &acks(&[("g1", r#"{"epoch":7}"#), ("g2", "7")]), &held),
+        Err(vec!["g1".into(), "g2".into()])
+    );
+    // A route no longer holding is acknowledged by nobody.
+    let serving = nimbus_api::etcd::Route { state: nimbus_api::etcd::RouteState::Serving, ..held.clone() };
+    assert_eq!(hold_acknowledged(&gateways(&["g1"]), &acks(&[("g1", &a)]), &serving), Err(vec!["g1".into()]));
     // Unregistered gateways' acknowledgements do not matter; no gateway: nothing to wait for.
-    assert_eq!(hold_acknowledged(&gateways(&["g1"]), &acks(&[("g1", "x"), ("gone", "x")]), 7), Ok(()));
-    assert_eq!(hold_acknowledged(&gateways(&[]), &acks(&[]), 7), Ok(()));
+    assert_eq!(hold_acknowledged(&gateways(&["g1"]), &acks(&[("g1", &a), ("gone", "x")]), &held), Ok(()));
+    assert_eq!(hold_acknowledged(&gateways(&[]), &acks(&[]), &held), Ok(()));
 }
 
 #[test]

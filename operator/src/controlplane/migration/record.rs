@@ -122,6 +122,11 @@ pub struct MigrationRecord {
     /// The fence entry's index on the source: the final index.
     #[serde(default)]
     pub fence_index: Option<u64>,
+    /// Idempotency records: every one written before this replica-set clock time (ms) is
+    /// on the target already; the ones from it on are copied again at the next pass (and
+    /// last after the fence). `None` before the first pass.
+    #[serde(default)]
+    pub idempotency_since_ms: Option<u64>,
     #[serde(default)]
     pub hold_started_ms: Option<u64>,
     /// The route's hold deadline: past it, the migration aborts unless it reached `Switch`.
@@ -172,6 +177,7 @@ impl MigrationRecord {
             oplog_position: None,
             pin_expires_ms: None,
             fence_index: None,
+            idempotency_since_ms: None,
             hold_started_ms: None,
             hold_deadline_ms: None,
             aborted_from: None,
@@ -193,6 +199,7 @@ impl MigrationRecord {
         self.first_page_index = None;
         self.oplog_position = None;
         self.fence_index = None;
+        self.idempotency_since_ms = None;
         self.hold_started_ms = None;
         self.hold_deadline_ms = None;
         self.documents_copied = 0;

@@ -276,3 +276,47 @@ async fn a_crash_at_every_failpoint_resumes_or_rolls_back_and_completes() {
     }
     scenario.teardown();
 }
+
+#[tokio::test]
+async fn the_clean_up_keeps_the_source_copy_of_a_database_served_there_again() {
+    let model = Model::new();
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    // Switched, the clean-up an hour away: the driver stops at it.
+    let t = Tuning { cleanup_grace: Duration::from_secs(3_600), ..tuning() };
+    let outcome = driver::drive(model.as_ref(), &t, DB).await.unwrap();
+    assert!(matches!(outcome, Outcome::WaitUntil(_)), "{outcome:?}");
+    {
+        // Meanwhile a new instance of the name is placed on the old source: the route
+        // names it again, with data of its own.
+        let mut s = model.lock();
+        let (route, rev) = s.route.clone().unwrap();
+        assert_eq!(route.replica_set, "b");
+        let back = nimbus_api::etcd::Route { replica_set: "a".into(), epoch: route.epoch + 1, ..route };
+        s.route = Some((back, rev + 1));
+        s.sets.get_mut("a").unwrap().docs.insert(999_999, "{\"_id\":999999}".into());
+        let record = &mut s.record.as_mut().unwrap().0;
+        record.next_retry_ms = Some(0);
+    }
+    let outcome = driver::drive(model.as_ref(), &tuning(), DB).await.unwrap();
+    assert_eq!(outcome, Outcome::Completed);
+    let s = model.lock();
+    assert_eq!(s.violations, Vec::<String>::new());
+    assert!(s.sets["a"].docs.contains_key(&999_999), "the clean-up dropped the database now served by the source");
+    assert!(s.sets["a"].pins.is_empty(), "the source's oplog is still pinned");
+}
+
+#[tokio::test]
+async fn a_database_deleted_during_the_switch_ends_the_migration_and_drops_the_target_copy() {
+    let model = Model::new();
+    model.lock().delete_route_at_finish = true;
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    let (outcome, _) = run_to_end(&model, &tuning()).await;
+    assert_eq!(outcome, Outcome::Aborted);
+    let s = model.lock();
+    assert!(s.route.is_none());
+    assert!(s.sets["b"].docs.is_empty(), "the deleted database's copy stayed on the target");
+    let record = &s.record.as_ref().unwrap().0;
+    assert_eq!(record.phase, Phase::Aborted);
+    assert!(record.finished_at_ms.is_some());
+    assert!(record.error.as_deref().unwrap().contains("deleted during the switch"), "{:?}", record.error);
+}
