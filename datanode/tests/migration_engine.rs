@@ -500,7 +500,10 @@ fn build_all(n: &mut Node) {
 #[test]
 fn begin_never_drops_a_served_database_but_restarts_an_earlier_attempt() {
     let doc = |id: i64| ImportStep::Docs {
-        docs: vec![ExportedDoc { coll: "c".into(), doc: serde_json::value::to_raw_value(&json!({"_id": id})).unwrap() }],
+        docs: vec![ExportedDoc {
+            coll: "c".into(),
+            doc: serde_json::value::to_raw_value(&json!({"_id": id})).unwrap(),
+        }],
     };
     // Served here: its collections and no incoming mark. Begin is refused and drops nothing.
     let mut t = Node::new(EngineOptions::default());

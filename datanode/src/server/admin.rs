@@ -289,7 +289,7 @@ async fn export(State(ctx): Ctx, JsonBody(req): JsonBody<ExportRequest>) -> Resu
         engine.export_page(&db, req.part, req.after.as_deref(), max_bytes, req.since_ms)
     })
     .await
-        .map_err(|_| ApiError::internal("export read failed"))??;
+    .map_err(|_| ApiError::internal("export read failed"))??;
     Ok(axum::Json(page).into_response())
 }
 

@@ -163,8 +163,11 @@ impl Engine {
             .into_iter()
             .flat_map(|colls| colls.iter())
             .map(|(coll, meta)| {
-                let mut indexes: Vec<Value> =
-                    meta.indexes.iter().map(|ix| serde_json::json!([ix.name, ix.fields, ix.unique, ix.is_ready()])).collect();
+                let mut indexes: Vec<Value> = meta
+                    .indexes
+                    .iter()
+                    .map(|ix| serde_json::json!([ix.name, ix.fields, ix.unique, ix.is_ready()]))
+                    .collect();
                 indexes.sort_by(|a, b| a[0].as_str().cmp(&b[0].as_str()));
                 serde_json::json!([coll, indexes])
             })
