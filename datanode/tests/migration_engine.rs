@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use nimbus_api::ErrorCode;
 use nimbus_api::admin::OplogEntry;
-use nimbus_api::migration::{ExportPart, ImportStep, OplogPosition};
+use nimbus_api::migration::{ExportPart, ExportedDoc, ImportStep, OplogPosition};
 use nimbus_datanode::store::catalog::IndexSpec;
 use nimbus_datanode::store::engine::EngineOptions;
+use nimbus_datanode::store::export::OPLOG_PAGE_BYTES;
 use nimbus_datanode::store::read::QueryError;
 use nimbus_datanode::store::{Command, Engine, WriteAnswer, WriteOp, WriteResult};
 use serde_json::{Value, json};
@@ -110,7 +111,7 @@ fn copy(s: &mut Node, t: &mut Node, migration: &str, mut between: impl FnMut(&mu
     let mut after: Option<String> = None;
     let mut first = None;
     loop {
-        let page = s.engine.export_page("d", ExportPart::Documents, after.as_deref(), 300).unwrap();
+        let page = s.engine.export_page("d", ExportPart::Documents, after.as_deref(), 300, None).unwrap();
         first.get_or_insert(page.index);
         assert!(!page.docs.is_empty());
         t.import(migration, ImportStep::Collections { collections: page.collections.clone() }).unwrap();
@@ -319,7 +320,12 @@ fn only_the_migration_that_began_may_import_and_finish_and_abort_answer_again() 
     assert_eq!(t.engine.check_route_epoch("d", 3).unwrap_err().code, ErrorCode::StaleRoute);
     assert!(t.import("m1", ImportStep::Abort).unwrap_err().message.contains("cannot be aborted"));
     assert_eq!(t.engine.list_collections("d")[0].documents, 1);
-    // A second migration begins, then aborts: its data and mark are gone, twice over.
+    // The database is served here now: a second migration's Begin may not drop it.
+    let e = t.import("m2", ImportStep::Begin).unwrap_err();
+    assert!(e.message.contains("database d is served by this replica set"), "{}", e.message);
+    // Once it is dropped (a migration away from here cleaned it up), a second migration
+    // begins, then aborts: its data and mark are gone, twice over.
+    t.apply("d", WriteOp::DropDatabase).unwrap();
     t.import("m2", ImportStep::Begin).unwrap();
     t.import("m2", docs).unwrap();
     t.import("m2", ImportStep::Abort).unwrap();
@@ -352,11 +358,176 @@ fn an_idempotency_record_moved_answers_the_retry_without_applying_it_twice() {
     let first = s.apply_at(2, 1_000, "d", Some("k1"), inc()).unwrap();
     let mut t = Node::new(EngineOptions::default());
     copy(&mut s, &mut t, "m1", |_| {});
-    let page = s.engine.export_page("d", ExportPart::Idempotency, None, 1 << 20).unwrap();
+    let page = s.engine.export_page("d", ExportPart::Idempotency, None, 1 << 20, None).unwrap();
     assert_eq!(page.idempotency.len(), 1);
     t.import("m1", ImportStep::Idempotency { records: page.idempotency }).unwrap();
     t.import("m1", ImportStep::Finish { epoch: 1 }).unwrap();
     let retry = t.apply_at(t.index + 1, 2_000, "d", Some("k1"), inc()).unwrap();
     assert_eq!(retry, first);
     assert_eq!(t.engine.get("d", "c", &json!(1)).unwrap().unwrap()["v"], 1);
+}
+
+#[test]
+fn every_page_carries_the_clock_and_since_ms_reads_only_the_records_written_after_a_copy() {
+    let mut s = Node::new(EngineOptions::default());
+    s.apply_at(1, 1_000, "d", None, insert("c", vec![json!({"_id": 0, "v": 0})])).unwrap();
+    let inc = || update_all("c", json!({"_id": 0}), json!({"$inc": {"v": 1}}));
+    for (i, key) in ["k1", "k2", "k3"].iter().enumerate() {
+        s.apply_at(2 + i as u64, 2_000 + 1_000 * i as u64, "d", Some(key), inc()).unwrap();
+    }
+    s.apply_at(5, 4_500, "d", None, inc()).unwrap();
+    let docs = s.engine.export_page("d", ExportPart::Documents, None, 1 << 20, None).unwrap();
+    assert_eq!(docs.clock_ms, 4_500, "the replica set's clock of the page's snapshot");
+    // The full copy before the hold: the three records, and the clock to continue from.
+    let full = s.engine.export_page("d", ExportPart::Idempotency, None, 1 << 20, None).unwrap();
+    assert_eq!(full.idempotency.len(), 3);
+    assert_eq!(full.clock_ms, 4_500);
+    // Written after it: two records of `d` (one at the clock's very time), one of another
+    // database.
+    s.apply_at(6, 4_500, "d", Some("k4"), inc()).unwrap();
+    s.apply_at(7, 6_000, "other", Some("k5"), insert("c", vec![json!({"_id": 1})])).unwrap();
+    s.apply_at(8, 7_000, "d", Some("k6"), inc()).unwrap();
+    // Read one record per page: time order, each once, only these, the older ones unread.
+    let mut after: Option<String> = None;
+    let mut found = Vec::new();
+    loop {
+        let page =
+            s.engine.export_page("d", ExportPart::Idempotency, after.as_deref(), 1, Some(full.clock_ms)).unwrap();
+        assert_eq!(page.clock_ms, 7_000);
+        assert!(page.idempotency.len() <= 1, "one record per page at max_bytes 1");
+        found.extend(page.idempotency.iter().map(|r| (r.key.clone(), r.ts_ms)));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(found, vec![("k4".to_owned(), 4_500), ("k6".to_owned(), 7_000)]);
+    // Nothing written since the last record: nothing to read.
+    let page = s.engine.export_page("d", ExportPart::Idempotency, None, 1 << 20, Some(7_001)).unwrap();
+    assert!(page.idempotency.is_empty() && page.next.is_none());
+    // A cursor of another database is refused.
+    let other = s.engine.export_page("other", ExportPart::Idempotency, None, 1, Some(0)).unwrap();
+    assert_eq!(other.idempotency.len(), 1);
+    match s.engine.export_page("d", ExportPart::Idempotency, Some(&hex_key(7_000, "other\0k5")), 1, Some(0)) {
+        Err(QueryError::Refused(e)) => assert!(e.message.contains("cursor"), "{}", e.message),
+        other => panic!("expected a refused cursor, got {other:?}"),
+    }
+}
+
+/// An `idem_ttl` key, hex: the time then the record's key.
+fn hex_key(ts_ms: u64, idem_key: &str) -> String {
+    let mut k = ts_ms.to_be_bytes().to_vec();
+    k.extend_from_slice(idem_key.as_bytes());
+    k.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_multi_update_of_large_documents_is_split_across_oplog_pages_by_bytes() {
+    let mut s = Node::new(EngineOptions::default());
+    let big = "x".repeat(200_000);
+    for i in 0..12 {
+        s.apply("d", insert("c", vec![json!({"_id": i, "big": big})])).unwrap();
+    }
+    let before = s.index;
+    s.apply("d", update_all("c", json!({}), json!({"$set": {"v": 1}}))).unwrap();
+    let multi = s.index;
+    let mut pos = OplogPosition::end_of(before);
+    let (mut seen, mut pages) = (Vec::new(), 0);
+    loop {
+        let page = s.engine.read_db_oplog("d", pos, 1000).unwrap();
+        if page.entries.is_empty() {
+            break;
+        }
+        pages += 1;
+        let bytes: usize = page.entries.iter().map(|e| serde_json::to_vec(e).unwrap().len()).sum();
+        assert!(bytes <= OPLOG_PAGE_BYTES, "a page of {bytes} bytes");
+        let last = page.entries.last().unwrap();
+        if page.next != OplogPosition::end_of(page.applied_index) {
+            assert_eq!(page.next, OplogPosition { index: last.index, seq: last.seq }, "next is the last change");
+        }
+        seen.extend(page.entries.iter().map(|e| (e.index, e.seq)));
+        pos = page.next;
+    }
+    assert!(pages >= 3, "12 changes of 200 kB in {pages} pages");
+    let expected: Vec<(u64, u32)> = (0..12).map(|s| (multi, s)).collect();
+    assert_eq!(seen, expected, "every change of the multi-update exactly once, in order");
+}
+
+#[test]
+fn a_copy_still_building_an_index_its_source_has_ready_does_not_verify_equal() {
+    let mut s = Node::new(EngineOptions::default());
+    // More documents than one build step indexes: the target's build takes two steps.
+    s.apply("d", insert("c", (0..300).map(|i| json!({"_id": i, "v": [i, i + 1]})).collect())).unwrap();
+    s.apply("d", WriteOp::CreateIndex { coll: "c".into(), spec: index(json!({"v": 1}), false) }).unwrap();
+    build_all(&mut s);
+    let mut t = Node::new(EngineOptions::default());
+    t.import("m1", ImportStep::Begin).unwrap();
+    let mut after: Option<String> = None;
+    let mut collections = vec![];
+    loop {
+        let page = s.engine.export_page("d", ExportPart::Documents, after.as_deref(), 1 << 20, None).unwrap();
+        t.import("m1", ImportStep::Docs { docs: page.docs }).unwrap();
+        collections = page.collections;
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    // The index comes after the documents: its first build step indexes only some.
+    t.import("m1", ImportStep::Collections { collections }).unwrap();
+    assert_eq!(t.engine.building_indexes().len(), 1);
+    let (sc, tc) = (s.checksum("d"), t.checksum("d"));
+    assert_eq!((sc["checksum"].clone(), sc["documents"].clone()), (tc["checksum"].clone(), tc["documents"].clone()));
+    assert_ne!(sc["catalog"], tc["catalog"], "an index still building is not the source's ready one");
+    build_all(&mut t);
+    // Built, the catalogs agree (whether the index is multikey is left out).
+    assert_eq!(s.checksum("d"), t.checksum("d"));
+}
+
+/// Runs the build steps of every index still building (the leader's builder on a replica set).
+fn build_all(n: &mut Node) {
+    for (db, coll, name) in n.engine.building_indexes() {
+        loop {
+            match n.apply(&db, WriteOp::BuildIndex { coll: coll.clone(), name: name.clone() }).unwrap() {
+                WriteAnswer::IndexBuildStep { done: true, failed: None } => break,
+                WriteAnswer::IndexBuildStep { done: false, .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn begin_never_drops_a_served_database_but_restarts_an_earlier_attempt() {
+    let doc = |id: i64| ImportStep::Docs {
+        docs: vec![ExportedDoc {
+            coll: "c".into(),
+            doc: serde_json::value::to_raw_value(&json!({"_id": id})).unwrap(),
+        }],
+    };
+    // Served here: its collections and no incoming mark. Begin is refused and drops nothing.
+    let mut t = Node::new(EngineOptions::default());
+    t.apply("d", insert("c", vec![json!({"_id": 1}), json!({"_id": 2})])).unwrap();
+    let e = t.import("m1", ImportStep::Begin).unwrap_err();
+    assert_eq!((e.code, e.code.status()), (ErrorCode::BadRequest, 400));
+    assert!(e.message.contains("database d is served by this replica set"), "{}", e.message);
+    assert_eq!(t.engine.list_collections("d")[0].documents, 2);
+    assert!(t.engine.incoming_migration("d").is_none());
+    t.engine.check_route_epoch("d", 0).unwrap();
+    // An empty database (nothing of it here) may be imported.
+    t.apply("e", WriteOp::Import { migration: "m1".into(), step: ImportStep::Begin }).unwrap();
+    // An earlier attempt's import, of this migration or another, is dropped and restarted.
+    let mut u = Node::new(EngineOptions::default());
+    u.import("m1", ImportStep::Begin).unwrap();
+    u.import("m1", doc(1)).unwrap();
+    u.import("m1", ImportStep::Begin).unwrap();
+    assert!(u.engine.list_collections("d").is_empty(), "Begin again restarts the same migration");
+    u.import("m1", doc(1)).unwrap();
+    u.import("m2", ImportStep::Begin).unwrap();
+    assert!(u.engine.list_collections("d").is_empty(), "another migration's Begin drops the earlier attempt");
+    assert_eq!(u.engine.incoming_migration("d").as_deref(), Some("m2"));
+    u.import("m2", doc(2)).unwrap();
+    u.import("m2", ImportStep::Finish { epoch: 1 }).unwrap();
+    assert!(u.import("m3", ImportStep::Begin).unwrap_err().message.contains("served"));
+    assert_eq!(u.engine.list_collections("d")[0].documents, 1);
 }

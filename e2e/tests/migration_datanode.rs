@@ -317,5 +317,17 @@ async fn bad_migration_calls_are_refused_clearly_and_change_nothing() -> anyhow:
     let (st, page) = c.client.get(&format!("{admin}/v1/admin/oplog?db=shop&afterIndex=0&afterSeq=0&limit=5")).await;
     assert_eq!(st, 200, "{page}");
     assert_eq!(page["next"]["index"], page["appliedIndex"], "{page}");
+    // A Begin for a database this replica set serves (a stale driver, a wrong target) is
+    // refused, naming it, and drops nothing.
+    let docs = "/v1/databases/shop/collections/users/documents";
+    let (st, b) =
+        data(&c, 0, Method::POST, docs, Some(&json!({"documents": [{"_id": 1}, {"_id": 2}]})), "0", &[]).await;
+    assert_eq!(st, 201, "{b}");
+    let a = post("/v1/admin/import", br#"{"db":"shop","migration":"m9","step":"begin"}"#, Some(&auth));
+    assert_eq!((a.status, a.json()["error"]["code"].as_str()), (400, Some("BadRequest")), "{}", a.text());
+    assert!(a.text().contains("database shop is served by this replica set"), "{}", a.text());
+    let (st, b) =
+        data(&c, 0, Method::POST, "/v1/databases/shop/collections/users/count", Some(&json!({})), "0", &[]).await;
+    assert_eq!((st, b["count"].as_u64()), (200, Some(2)), "{b}");
     Ok(())
 }

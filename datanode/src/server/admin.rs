@@ -285,9 +285,11 @@ async fn export(State(ctx): Ctx, JsonBody(req): JsonBody<ExportRequest>) -> Resu
     require_leader(&ctx).await?;
     let engine = ctx.sm.engine();
     let max_bytes = req.max_bytes.clamp(1, MAX_EXPORT_PAGE_BYTES);
-    let page = tokio::task::spawn_blocking(move || engine.export_page(&db, req.part, req.after.as_deref(), max_bytes))
-        .await
-        .map_err(|_| ApiError::internal("export read failed"))??;
+    let page = tokio::task::spawn_blocking(move || {
+        engine.export_page(&db, req.part, req.after.as_deref(), max_bytes, req.since_ms)
+    })
+    .await
+    .map_err(|_| ApiError::internal("export read failed"))??;
     Ok(axum::Json(page).into_response())
 }
 

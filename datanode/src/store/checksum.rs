@@ -93,7 +93,7 @@ pub struct ChecksumAt {
     #[serde(flatten)]
     pub sum: DbSum,
     /// SHA-256 (hex) of the database's catalog: its collections' names and their indexes'
-    /// names, fields and uniqueness, so a copy whose indexes differ does not compare equal
+    /// names, fields, uniqueness and readiness, so a copy whose indexes differ does not compare equal
     /// ([`Engine::catalog_digest`]). Empty in markers recorded before it existed.
     #[serde(default)]
     pub catalog: String,
@@ -150,9 +150,11 @@ impl Engine {
     }
 
     /// SHA-256 (hex) over the database's collections, sorted by name, each with its
-    /// indexes sorted by name (name, fields with directions, uniqueness). A build's
-    /// progress, `multikey` and `auto` are left out: they describe how an index came about,
-    /// not what it is, and a migrated copy builds its indexes anew.
+    /// indexes sorted by name (name, fields with directions, uniqueness, and whether it is
+    /// ready: a copy still building an index its source has ready cannot serve the same
+    /// queries yet, so it does not compare equal). A build's progress, `multikey` and
+    /// `auto` are left out: they describe how an index came about, not what it is, and a
+    /// migrated copy builds its indexes anew.
     pub fn catalog_digest(&self, db: &str) -> String {
         let catalog = self.catalog_read();
         let described: Vec<Value> = catalog
@@ -161,8 +163,11 @@ impl Engine {
             .into_iter()
             .flat_map(|colls| colls.iter())
             .map(|(coll, meta)| {
-                let mut indexes: Vec<Value> =
-                    meta.indexes.iter().map(|ix| serde_json::json!([ix.name, ix.fields, ix.unique])).collect();
+                let mut indexes: Vec<Value> = meta
+                    .indexes
+                    .iter()
+                    .map(|ix| serde_json::json!([ix.name, ix.fields, ix.unique, ix.is_ready()]))
+                    .collect();
                 indexes.sort_by(|a, b| a[0].as_str().cmp(&b[0].as_str()));
                 serde_json::json!([coll, indexes])
             })

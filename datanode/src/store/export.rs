@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use super::apply::IdemRecord;
 use super::catalog::CollectionMeta;
 use super::engine::{Engine, StoreError, decode};
-use super::keys::{self, CF_CATALOG, CF_DOCS, CF_IDEM, CF_META, CF_OPLOG, META_APPLIED, META_CLOCK};
+use super::keys::{self, CF_CATALOG, CF_DOCS, CF_IDEM, CF_IDEM_TTL, CF_META, CF_OPLOG, META_APPLIED, META_CLOCK};
 use super::read::QueryError;
 use crate::doc::keycode::prefix_end;
 
@@ -21,6 +21,12 @@ use crate::doc::keycode::prefix_end;
 /// it may return: a page of a quiet database among busy ones ends early, with `next`
 /// moved on, rather than reading the whole oplog.
 pub const OPLOG_SCAN_PER_CHANGE: usize = 10;
+
+/// About the most bytes of changes (their stored JSON) one page of a database's oplog
+/// holds: a page is proposed on the target as one import entry, which must stay well below
+/// the append bound (8 MiB) whatever the changes' sizes. A single larger change is still
+/// sent, alone.
+pub const OPLOG_PAGE_BYTES: usize = 1 << 20;
 
 fn snapshot_options(snap: &SnapshotWithThreadMode<'_, DB>) -> ReadOptions {
     let mut ro = ReadOptions::default();
@@ -53,28 +59,36 @@ impl Engine {
 
     /// One page of database `db` (see `nimbus_api::migration::ExportRequest`), from one
     /// snapshot. `after` is the previous page's `next`: the storage key of the last item it
-    /// held, hex.
+    /// held, hex (with `since_ms`, the key of its `idem_ttl` entry).
     pub fn export_page(
         &self,
         db: &str,
         part: ExportPart,
         after: Option<&str>,
         max_bytes: u64,
+        since_ms: Option<u64>,
     ) -> Result<ExportPage, QueryError> {
         let snap = self.db.snapshot();
         let index = self.snapshot_applied(&snap)?;
+        // The clock of the same snapshot: a record written after it has a time at or after
+        // this (the caller's `since_ms` for the records written after this copy).
+        let clock_ms: u64 = self.snapshot_meta(&snap, META_CLOCK)?.unwrap_or(0);
         let prefix = keys::db_prefix(db);
+        let since_ms = since_ms.filter(|_| part == ExportPart::Idempotency);
         let after = match after {
             None => None,
             Some(h) => {
                 let key = hex::decode(h).map_err(|_| bad_cursor("not hex"))?;
-                if !key.starts_with(&prefix) {
+                // With `since_ms` the cursor is an `idem_ttl` key: a time, then the record's key.
+                let own = if since_ms.is_some() { key.get(8..).unwrap_or_default() } else { &key[..] };
+                if !own.starts_with(&prefix) {
                     return Err(bad_cursor("not a position in this database"));
                 }
                 Some(key)
             }
         };
-        let mut page = ExportPage { index, collections: vec![], docs: vec![], idempotency: vec![], next: None };
+        let mut page =
+            ExportPage { index, clock_ms, collections: vec![], docs: vec![], idempotency: vec![], next: None };
         match part {
             ExportPart::Documents => {
                 page.collections = self.export_collections(&snap, &prefix)?;
@@ -93,23 +107,79 @@ impl Engine {
                 })?;
             }
             ExportPart::Idempotency => {
-                let clock: u64 = self.snapshot_meta(&snap, META_CLOCK)?.unwrap_or(0);
                 let ttl = self.options.idempotency_ttl.as_millis() as u64;
-                page.next = self.scan_page(&snap, CF_IDEM, &prefix, after, max_bytes, |key, value| {
+                let mut take = |key: &[u8], value: &[u8]| -> Result<bool, StoreError> {
                     let rec: IdemRecord = decode("idempotency record", value)?;
-                    if rec.ts_ms.saturating_add(ttl) <= clock {
-                        return Ok(());
+                    if rec.ts_ms.saturating_add(ttl) <= clock_ms {
+                        return Ok(false);
                     }
                     let text = String::from_utf8_lossy(value).into_owned();
                     let record = RawValue::from_string(text)
                         .map_err(|source| StoreError::Decode { what: "idempotency record", source })?;
                     let key = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
                     page.idempotency.push(ExportedIdempotency { key, ts_ms: rec.ts_ms, record });
-                    Ok(())
-                })?;
+                    Ok(true)
+                };
+                page.next = match since_ms {
+                    None => self.scan_page(&snap, CF_IDEM, &prefix, after, max_bytes, |k, v| take(k, v).map(|_| ()))?,
+                    Some(since) => self.scan_idem_since(&snap, &prefix, since, after, max_bytes, take)?,
+                };
             }
         }
         Ok(page)
+    }
+
+    /// Feeds `take` the database's idempotency records written at or after `since_ms`, in
+    /// time order, through the `idem_ttl` column family (time first), so the records of the
+    /// last seconds are found without reading the older ones. Stops once `max_bytes` of
+    /// records were taken (at least one); answers the cursor of the next page (the last
+    /// `idem_ttl` key taken, hex), `None` when none is left. `take` answers whether it kept
+    /// the record (an expired one it leaves out).
+    fn scan_idem_since(
+        &self,
+        snap: &SnapshotWithThreadMode<'_, DB>,
+        prefix: &[u8],
+        since_ms: u64,
+        after: Option<Vec<u8>>,
+        max_bytes: u64,
+        mut take: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<Option<String>, StoreError> {
+        let start = after.clone().unwrap_or_else(|| since_ms.to_be_bytes().to_vec());
+        let (mut bytes, mut taken) = (0u64, 0u64);
+        let mut last: Option<Vec<u8>> = None;
+        let ttl_keys = self.db.iterator_cf_opt(
+            self.cf(CF_IDEM_TTL),
+            snapshot_options(snap),
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in ttl_keys {
+            let (k, _) = item?;
+            if after.as_deref() == Some(&k[..]) {
+                continue;
+            }
+            let (Some(ts), Some(idem_key)) = (keys::idem_ttl_key_time(&k), k.get(8..)) else { continue };
+            if ts < since_ms || !idem_key.starts_with(prefix) {
+                continue;
+            }
+            if taken > 0 && bytes >= max_bytes {
+                return Ok(last.map(hex::encode));
+            }
+            // Gone (expired and collected), or rewritten later: then its own, later
+            // `idem_ttl` entry brings it, once.
+            let Some(value) = self.db.get_cf_opt(self.cf(CF_IDEM), idem_key, &snapshot_options(snap))? else {
+                continue;
+            };
+            let rec: IdemRecord = decode("idempotency record", &value)?;
+            if rec.ts_ms != ts {
+                continue;
+            }
+            if take(idem_key, &value)? {
+                bytes += (idem_key.len() + value.len()) as u64;
+                taken += 1;
+                last = Some(k.to_vec());
+            }
+        }
+        Ok(None)
     }
 
     /// Every collection of the database (under `prefix`) with its index specifications.
@@ -169,9 +239,10 @@ impl Engine {
         Ok(None)
     }
 
-    /// The changes of database `db` after `after`, oldest first, at most `limit`; scans at
-    /// most [`OPLOG_SCAN_PER_CHANGE`] × `limit` entries. Refused with `OplogTruncated` when
-    /// retention removed changes after `after`.
+    /// The changes of database `db` after `after`, oldest first, at most `limit` and about
+    /// [`OPLOG_PAGE_BYTES`] of them (at least one); scans at most [`OPLOG_SCAN_PER_CHANGE`] ×
+    /// `limit` entries. Refused with `OplogTruncated` when retention removed changes after
+    /// `after`.
     pub fn read_db_oplog(&self, db: &str, after: OplogPosition, limit: usize) -> Result<DbOplogPage, QueryError> {
         let snap = self.db.snapshot();
         let applied_index = self.snapshot_applied(&snap)?;
@@ -191,6 +262,7 @@ impl Engine {
             keys::oplog_key(after.index, after.seq + 1)
         };
         let mut entries = Vec::new();
+        let mut bytes = 0usize;
         let mut next = after;
         let mut exhausted = true;
         let scan_limit = limit.saturating_mul(OPLOG_SCAN_PER_CHANGE);
@@ -202,12 +274,19 @@ impl Engine {
                 break;
             }
             let (k, v) = item?;
-            if let Some((index, seq)) = keys::oplog_key_position(&k) {
-                next = OplogPosition { index, seq };
-            }
             let e: OplogEntry = decode("oplog entry", &v)?;
             if e.db == db {
+                // Full: this change starts the next page (`next` stays on the last one
+                // returned, possibly in the middle of an entry's changes).
+                if !entries.is_empty() && bytes + v.len() > OPLOG_PAGE_BYTES {
+                    exhausted = false;
+                    break;
+                }
+                bytes += v.len();
                 entries.push(e);
+            }
+            if let Some((index, seq)) = keys::oplog_key_position(&k) {
+                next = OplogPosition { index, seq };
             }
         }
         if exhausted {

@@ -1,16 +1,17 @@
 //! Hot migration's target side: applying the steps of an import (`WriteOp::Import`,
 //! `nimbus_api::migration::ImportStep`), each one Raft entry, identically on every member.
 //!
-//! `Begin` drops what the replica set holds of the database and marks it *incoming* for
-//! the migration (`META_INCOMING`, persisted with the data, so a restart or a snapshot
+//! `Begin` drops what an earlier attempt imported of the database and marks it *incoming*
+//! for the migration (`META_INCOMING`, persisted with the data, so a restart or a snapshot
 //! keeps it); while it is, no client request for the database is served (`StaleRoute`) and
-//! every command on it writes no oplog entries and checks no unique index. The other steps
-//! need the mark of the same migration. Documents are put as they are (replacing the one
-//! with the same `_id`), with their index entries, collection counts and checksum sums;
-//! oplog changes are after-images applied idempotently, so applying a change twice, or to a
-//! document the copy already brought to that state, changes nothing. `Finish` clears the
-//! mark and raises the route epoch; `Abort` drops the import. Both are recorded
-//! (`META_MIGRATED`), so a repeated one answers as the first did.
+//! every command on it writes no oplog entries and checks no unique index. A database served
+//! here (collections and no incoming mark) is never dropped: its `Begin` is refused. The
+//! other steps need the mark of the same migration. Documents are put as they are
+//! (replacing the one with the same `_id`), with their index entries, collection counts and
+//! checksum sums; oplog changes are after-images applied idempotently, so applying a change
+//! twice, or to a document the copy already brought to that state, changes nothing.
+//! `Finish` clears the mark and raises the route epoch; `Abort` drops the import. Both are
+//! recorded (`META_MIGRATED`), so a repeated one answers as the first did.
 
 use nimbus_api::admin::{OplogEntry, OplogOp};
 use nimbus_api::migration::{ExportedCollection, ExportedDoc, ExportedIdempotency, ImportStep};
@@ -55,6 +56,17 @@ impl Engine {
         let ours = incoming.as_deref() == Some(migration);
         match step {
             ImportStep::Begin => {
+                // Only what an earlier attempt imported may be dropped: a database served
+                // here (its collections, no incoming mark) is not this migration's to take,
+                // whatever sent the `Begin` (a stale driver, a wrong replica set). Decided
+                // from replicated state, so every member refuses alike.
+                if incoming.is_none() && self.catalog_read().dbs.get(ctx.db).is_some_and(|c| !c.is_empty()) {
+                    return Err(ApiError::bad_request(format!(
+                        "database {} is served by this replica set (it has collections and no migration is importing it): Begin of migration {migration} would drop it; check the migration's target",
+                        ctx.db
+                    ))
+                    .into());
+                }
                 self.drop_imported(ctx)?;
                 let mark = IncomingMark { migration: migration.to_owned() };
                 ctx.batch.put_cf(self.cf(CF_META), keys::meta_key(META_INCOMING, ctx.db), encode(&mark));

@@ -113,3 +113,8 @@ pub fn idem_ttl_key(ts_ms: u64, idem_key: &[u8]) -> Vec<u8> {
     k.extend_from_slice(idem_key);
     k
 }
+
+/// The time (ms) an `idem_ttl` key starts with.
+pub fn idem_ttl_key_time(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(..8)?.try_into().ok()?))
+}
