@@ -30,11 +30,26 @@ use crate::query::{Filter, SortSpec, Update};
 /// The remembered answer of an idempotent write.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct IdemRecord {
+    /// The command's own time: the record's lifetime counts from it.
     pub(crate) ts_ms: u64,
+    /// The time the command applied at (`Engine::command_time`: never earlier than a
+    /// command applied before it), the time of its `idem_ttl` entry: every record applied
+    /// after a snapshot is there at or after the snapshot's clock, which a migration reads
+    /// the last records by (`ExportRequest::since_ms`). Absent in older records (their
+    /// entry has `ts_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) applied_ms: Option<u64>,
     result: WriteResult,
     /// The request's digest (see `Command::request_hash`); absent in older records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     request_hash: Option<String>,
+}
+
+impl IdemRecord {
+    /// The time of the record's `idem_ttl` entry.
+    pub(crate) fn entry_ms(&self) -> u64 {
+        self.applied_ms.unwrap_or(self.ts_ms)
+    }
 }
 
 /// Catalog changes of one command, installed in memory once its batch is written.
@@ -179,9 +194,16 @@ impl Engine {
             Err(Refusal::Store(e)) => return Err(e),
         };
         if let Some(ik) = idem {
-            let rec = IdemRecord { ts_ms: cmd.ts_ms, result: result.clone(), request_hash: cmd.request_hash.clone() };
+            let rec = IdemRecord {
+                ts_ms: cmd.ts_ms,
+                applied_ms: Some(ts_ms),
+                result: result.clone(),
+                request_hash: cmd.request_hash.clone(),
+            };
             ctx.batch.put_cf(self.cf(CF_IDEM), &ik, encode(&rec));
-            ctx.batch.put_cf(self.cf(CF_IDEM_TTL), keys::idem_ttl_key(cmd.ts_ms, &ik), b"");
+            // At the applied time, never earlier than the entries before it (the window
+            // itself goes by `ts_ms`; collection checks the record before removing it).
+            ctx.batch.put_cf(self.cf(CF_IDEM_TTL), keys::idem_ttl_key(ts_ms, &ik), b"");
         }
         if index.is_multiple_of(GC_EVERY) {
             // Retention too goes by the command's own time (see above), so a time far ahead

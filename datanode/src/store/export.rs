@@ -117,7 +117,8 @@ impl Engine {
                     let record = RawValue::from_string(text)
                         .map_err(|source| StoreError::Decode { what: "idempotency record", source })?;
                     let key = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-                    page.idempotency.push(ExportedIdempotency { key, ts_ms: rec.ts_ms, record });
+                    // The time of its `idem_ttl` entry, which the target keeps.
+                    page.idempotency.push(ExportedIdempotency { key, ts_ms: rec.entry_ms(), record });
                     Ok(true)
                 };
                 page.next = match since_ms {
@@ -170,7 +171,7 @@ impl Engine {
                 continue;
             };
             let rec: IdemRecord = decode("idempotency record", &value)?;
-            if rec.ts_ms != ts {
+            if rec.entry_ms() != ts {
                 continue;
             }
             if take(idem_key, &value)? {
