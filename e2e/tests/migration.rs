@@ -38,6 +38,8 @@ const COPY_BYTES: u64 = 24 * 1024 * 1024;
 /// The other tests: enough to have a copy at all, little enough to be quick.
 const SMALL_BYTES: u64 = 2 * 1024 * 1024;
 
+/// The first ten catch-up pages each 400 ms late.
+const SLOW_CATCH_UP: &str = "migration-catchup-page=10*sleep(400)";
 /// A failpoint that makes every hold last 2.5 s (under its 5 s deadline), so a test can act
 /// while it lasts.
 const LONG_HOLD: &str = "migration-hold-after=sleep(2500)";
@@ -153,7 +155,9 @@ async fn a_database_moved_under_writers_and_a_reader_loses_nothing_and_its_neigh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_source_leader_killed_during_the_copy_and_the_target_leader_during_catch_up_lose_nothing() {
-    let two = two_pools(&[], &[]).await;
+    // The catch-up made to last a few seconds (its first pages slowed), so that it is seen
+    // and its target leader killed in it.
+    let two = two_pools(&[], &[("FAILPOINTS", SLOW_CATCH_UP)]).await;
     let pg = &two.pg;
     let client = DataClient::new();
     let shop = Tenant::of(pg, &client, TENANT).unwrap();

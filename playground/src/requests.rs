@@ -142,15 +142,15 @@ pub async fn apply(
     Ok(outcome.lines)
 }
 
-/// The data address of the member leading `rs`, if one does.
-async fn leader_data(st: &State, admin: &AdminClient, rs: &str) -> Option<String> {
+/// The admin address of the member leading `rs`, if one does.
+async fn leader_admin(st: &State, admin: &AdminClient, rs: &str) -> Option<String> {
     let set = st.replica_sets.get(rs)?;
     for m in set.members.values() {
-        let host = st.host(&m.zone);
-        if let Ok(s) = admin.status(&format!("http://{host}:{}", m.admin_port)).await
+        let addr = format!("http://{}:{}", st.host(&m.zone), m.admin_port);
+        if let Ok(s) = admin.status(&addr).await
             && s.leader_id == Some(s.id)
         {
-            return Some(format!("http://{host}:{}", m.data_port));
+            return Some(addr);
         }
     }
     None
@@ -184,30 +184,48 @@ pub async fn delete(
             ),
         ));
     }
-    let mut leaders = Vec::new();
+    // Every replica set holding a copy: the one serving it, and the source of a migration
+    // whose clean-up is still pending (a new instance of the name placed there must not
+    // find the old data).
+    let mut leaders: Vec<Vec<String>> = Vec::new();
     for name in names {
         let inst = &st.instances[name];
-        match leader_data(st, admin, &inst.replica_set).await {
-            Some(addr) => leaders.push(addr),
-            None => {
-                return Err(Refusal::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "instance {name}: replica set {} has no leader, so its data cannot be dropped now; nothing \
-                         deleted, try again",
-                        inst.replica_set
-                    ),
-                ));
+        let mut sets = vec![inst.replica_set.clone()];
+        if let Some(m) = &inst.migration
+            && m.phase == nimbus_operator::controlplane::migration::Phase::CleaningUp
+            && m.from_replica_set != inst.replica_set
+        {
+            sets.push(m.from_replica_set.clone());
+        }
+        let mut found = Vec::new();
+        for rs in sets {
+            match leader_admin(st, admin, &rs).await {
+                Some(addr) => found.push(addr),
+                None => {
+                    return Err(Refusal::new(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "instance {name}: replica set {rs} has no leader, so its data cannot be dropped now; \
+                             nothing deleted, try again"
+                        ),
+                    ));
+                }
             }
         }
+        leaders.push(found);
     }
     let mut lines = Vec::new();
-    for (name, leader) in names.iter().zip(leaders) {
+    for (name, leaders) in names.iter().zip(leaders) {
         let Some(inst) = st.instances.get(name).cloned() else { continue };
-        // Through the leader's data API (`DropDatabase`, replicated). The admin call
-        // `POST /v1/admin/drop-database` (`nimbus_api::migration`) does the same once every
-        // datanode has it.
-        admin.drop_database(&leader, &inst.database).await.map_err(|e| internal("drop the database's data", e))?;
+        for leader in leaders {
+            // Through Raft; the database's route epoch stays on the replica set, so a
+            // sender with the old route is still refused.
+            let req = nimbus_api::migration::DropDatabaseRequest { db: inst.database.clone() };
+            admin
+                .call::<_, serde_json::Value>(&leader, "/v1/admin/drop-database", "drop database", &req)
+                .await
+                .map_err(|e| internal("drop the database's data", e))?;
+        }
         store
             .delete_database(&inst.database, &crate::local::claim(name), true)
             .await
