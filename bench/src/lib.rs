@@ -254,7 +254,12 @@ pub async fn http_outcome(r: Result<reqwest::Response, reqwest::Error>) -> Resul
         } else if e.is_connect() {
             "connect".into()
         } else {
-            "request".into()
+            // The innermost cause (a connection closed under a request, say).
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            format!("request: {}", cause.to_string().chars().take(60).collect::<String>())
         }),
     }
 }
