@@ -643,8 +643,10 @@ impl Run<'_> {
         self.copy_idempotency(&src, &dst, since, Some(fence_index)).await?;
         self.check_hold("moving the idempotency records")?;
         failpoint!("migration-verify-idempotency");
-        let source = self.world.checksum(&src, &self.rec.db).await?;
-        let target = self.world.checksum(&dst, &self.rec.db).await?;
+        // Both markers at once: each is a Raft round on its own replica set, and the hold
+        // waits for them.
+        let (source, target) =
+            tokio::try_join!(self.world.checksum(&src, &self.rec.db), self.world.checksum(&dst, &self.rec.db))?;
         let mut differences = Vec::new();
         if source.documents != target.documents {
             differences
