@@ -242,9 +242,17 @@ pub async fn preload(t: &Tenant, bytes: u64, doc_bytes: usize, concurrency: usiz
                 let key = format!("preload-{first}");
                 let body = json!({ "documents": batch });
                 let rest = format!("collections/{PRELOAD}/documents");
-                let (st, answer) = t.call(Method::POST, &rest, Some(&body), Some(&key)).await;
-                if st != 201 {
-                    bail!("preloading documents from p{first:09} failed: {st} {answer}");
+                // A connection lost under the request (0) or a 503 is retried with the same
+                // idempotency key, as a client does: applied once whatever happened.
+                let mut tries = 0;
+                loop {
+                    let (st, answer) = t.call(Method::POST, &rest, Some(&body), Some(&key)).await;
+                    tries += 1;
+                    match st {
+                        201 => break,
+                        0 | 503 if tries < 5 => tokio::time::sleep(Duration::from_millis(100 * tries)).await,
+                        _ => bail!("preloading documents from p{first:09} failed: {st} {answer}"),
+                    }
                 }
             }
         }));
