@@ -13,7 +13,7 @@
 //! failpoint makes the driver stop as if the control plane crashed there.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nimbus_api::etcd::{Route, RouteState};
@@ -204,7 +204,19 @@ pub async fn cancel(world: &dyn MigrationWorld, db: &str, reason: &str) -> Resul
 pub async fn drive(world: &dyn MigrationWorld, tuning: &Tuning, db: &str) -> Result<Outcome, MigrationError> {
     let loaded = world.record(db).await.map_err(|failure| MigrationError::Record { db: db.to_owned(), failure })?;
     let Some((record, revision)) = loaded else { return Err(MigrationError::NotFound(db.to_owned())) };
-    Run { world, tuning, rec: record, revision, failing_since: None, rate: 0.0, collections: None }.run().await
+    Run {
+        world,
+        tuning,
+        rec: record,
+        revision,
+        failing_since: None,
+        rate: 0.0,
+        collections: None,
+        leaders: Mutex::new(BTreeMap::new()),
+        hold_marks: Vec::new(),
+    }
+    .run()
+    .await
 }
 
 /// One driver's pass over one migration.
@@ -219,6 +231,13 @@ struct Run<'a> {
     rate: f64,
     /// The collections the target was last sent.
     collections: Option<Vec<ExportedCollection>>,
+    /// Each replica set's leader as last found: finding it asks every member for its
+    /// status, a round trip the hold should not pay at each step. Forgotten when a step
+    /// fails (a leader change shows as a failure).
+    leaders: Mutex<BTreeMap<String, ReplicaSetAccess>>,
+    /// When each part of the hold ended (this driver's own hold only): logged at the
+    /// switch, to see where a long hold went.
+    hold_marks: Vec<(&'static str, Instant)>,
 }
 
 impl Run<'_> {
@@ -261,6 +280,7 @@ impl Run<'_> {
                 Err(StepError::Crashed(at)) => return Err(MigrationError::Crashed(at)),
                 Err(StepError::Superseded) => return Ok(Outcome::Superseded),
                 Err(StepError::Failed(failure)) => {
+                    self.forget_leaders();
                     if let Err(StepError::Superseded) = self.react(failure).await {
                         return Ok(Outcome::Superseded);
                     }
@@ -332,11 +352,50 @@ impl Run<'_> {
         }
     }
 
+    /// Replica set `name` with its leader (as last found: see [`Run::leaders`]).
     async fn replica_set(&self, name: &str) -> Result<ReplicaSetAccess, Failure> {
-        self.world
+        if let Some(known) = self.leaders.lock().ok().and_then(|l| l.get(name).cloned()) {
+            return Ok(known);
+        }
+        let found = self
+            .world
             .replica_set(&self.rec.namespace, name)
             .await?
-            .ok_or_else(|| Failure::Gone(format!("replica set {name} no longer exists")))
+            .ok_or_else(|| Failure::Gone(format!("replica set {name} no longer exists")))?;
+        if let Ok(mut leaders) = self.leaders.lock() {
+            leaders.insert(name.to_owned(), found.clone());
+        }
+        Ok(found)
+    }
+
+    fn forget_leaders(&self) {
+        if let Ok(mut leaders) = self.leaders.lock() {
+            leaders.clear();
+        }
+    }
+
+    /// Logs how long each part of this driver's hold took (nothing after a restart in the
+    /// hold: its first parts are not known).
+    fn log_hold_timeline(&self) {
+        let Some(first) = self.hold_marks.first() else { return };
+        let mut last = first.1;
+        let parts: Vec<String> = self.hold_marks[1..]
+            .iter()
+            .map(|(part, at)| {
+                let took = at.duration_since(last);
+                last = *at;
+                format!("{part} +{} ms", took.as_millis())
+            })
+            .collect();
+        tracing::info!(db = %self.rec.db, total_ms = last.duration_since(first.1).as_millis() as u64,
+            "hold timeline (from the route held): {}", parts.join(", "));
+    }
+
+    /// Marks the end of a part of the hold (see [`Run::hold_marks`]).
+    fn hold_mark(&mut self, part: &'static str) {
+        if self.rec.hold_started_ms.is_some() {
+            self.hold_marks.push((part, Instant::now()));
+        }
     }
 
     fn import(&self, step: ImportStep) -> ImportRequest {
@@ -482,7 +541,7 @@ impl Run<'_> {
     /// records). Returns the first page's clock: every record written after the pass began
     /// has a time at or after it.
     async fn copy_idempotency(
-        &mut self,
+        &self,
         src: &ReplicaSetAccess,
         dst: &ReplicaSetAccess,
         since: Option<u64>,
@@ -538,9 +597,15 @@ impl Run<'_> {
     /// the same transaction), then every registered gateway's acknowledgement. The
     /// deadline is persisted before the route says it.
     async fn hold(&mut self) -> StepResult {
+        // Found again for the hold: the route the switch writes names the target's members
+        // as they are now, not as they were when the copy started.
+        self.forget_leaders();
+        self.hold_marks.clear();
         let (route, revision) = self.route().await?;
         self.check_route_is_ours(&route)?;
-        match route.state {
+        // The hold as written (its deadline is what tells this attempt's acknowledgements
+        // from an earlier one's at the same epoch).
+        let held = match route.state {
             RouteState::Serving => {
                 let now = now_ms();
                 let deadline = now + self.tuning.hold_timeout.as_millis() as u64;
@@ -553,17 +618,16 @@ impl Run<'_> {
                     return Err(Failure::Transient("the route changed while the hold was written".into()).into());
                 }
                 failpoint!("migration-hold-after");
+                self.hold_mark("route held");
+                held
             }
             RouteState::Holding => {
                 if self.rec.hold_deadline_ms.is_none() {
                     self.rec.hold_deadline_ms = route.hold_deadline_ms;
                 }
+                route
             }
-        }
-        // The hold as written (its deadline is what tells this attempt's acknowledgements
-        // from an earlier one's at the same epoch).
-        let (held, _) = self.route().await?;
-        self.check_route_is_ours(&held)?;
+        };
         loop {
             let view = self.world.hold_view(&self.rec.db).await?;
             let Err(missing) = plan::hold_acknowledged(&view.gateways, &view.acks, &held) else { break };
@@ -571,8 +635,11 @@ impl Run<'_> {
                 let message = format!("gateways {} did not acknowledge the hold", missing.join(", "));
                 return Err(Failure::HoldTimedOut(message).into());
             }
-            tokio::time::sleep(self.tuning.poll).await;
+            // Every moment here is a moment the tenant's requests wait: looked at often (an
+            // etcd read of a few keys).
+            tokio::time::sleep(self.tuning.poll.min(HOLD_POLL)).await;
         }
+        self.hold_mark("gateways acknowledged");
         // Written before the fence is sent: an abort from here on assumes it may be in force.
         self.rec.set_step(Step::Fence);
         self.save().await
@@ -596,7 +663,9 @@ impl Run<'_> {
     }
 
     /// Fence: the source's route epoch raised to `from_epoch + 1` through its Raft log;
-    /// the entry's index is the final index.
+    /// the entry's index is the final index. Not persisted on its own (the hold waits on
+    /// every etcd round): a driver that resumes at `Fence` fences again, which only adds an
+    /// entry at a later index; the switch's record carries the index.
     async fn fence(&mut self) -> StepResult {
         self.check_hold("before the fence")?;
         let src = self.replica_set(&self.rec.from_replica_set).await?;
@@ -608,45 +677,41 @@ impl Run<'_> {
                 "the source's datanode did not answer the fence's log index (too old for migrations)".into(),
             )
         })?;
+        self.hold_mark("fenced");
         self.rec.fence_index = Some(index);
         self.rec.set_step(Step::Verify);
-        self.save().await
+        Ok(())
     }
 
-    /// Verify: the oplog applied through the fence index, the idempotency records moved,
-    /// then a checksum marker on each side: documents, checksum and catalog must agree.
-    /// Its last act, while the deadline has not passed, is the record saying `Switch`:
-    /// from then on the migration only goes forward.
+    /// Verify: the oplog applied through the fence index and the idempotency records
+    /// moved (at once: neither needs the other), then a checksum marker on each side:
+    /// documents, checksum and catalog must agree. The source's marker is sent with the
+    /// catch-up: fenced, its copy of the database no longer changes. Its last act, while
+    /// the deadline has not passed, is the record saying `Switch`: from then on the
+    /// migration only goes forward.
     async fn verify(&mut self) -> StepResult {
         let fence_index =
             self.rec.fence_index.ok_or_else(|| Failure::Refused("verify without a fence index".into()))?;
         let src = self.replica_set(&self.rec.from_replica_set).await?;
         let dst = self.replica_set(&self.rec.to_replica_set).await?;
-        let mut pos = self.rec.oplog_position.ok_or(Failure::OplogTruncated)?;
-        while pos.index < fence_index {
-            self.check_hold("catching up to the fence")?;
-            let page = self.world.oplog(&src, &self.rec.db, pos, self.tuning.oplog_page).await?;
-            let empty = page.entries.is_empty();
-            if !empty {
-                self.world.import(&dst, &self.import(ImportStep::Ops { entries: page.entries })).await?;
-            }
-            if empty && page.next <= pos {
-                tokio::time::sleep(self.tuning.poll).await;
-            }
-            pos = page.next.max(pos);
-        }
+        let start = self.rec.oplog_position.ok_or(Failure::OplogTruncated)?;
+        let since = self.rec.idempotency_since_ms;
+        let target = async {
+            let (pos, _) = tokio::try_join!(
+                self.catch_up_to(&src, &dst, start, fence_index),
+                self.copy_idempotency(&src, &dst, since, Some(fence_index)),
+            )?;
+            self.check_hold("after the catch-up to the fence")?;
+            let marker = self.world.checksum(&dst, &self.rec.db).await?;
+            Ok::<_, StepError>((pos, marker))
+        };
+        let (source, (pos, target)) =
+            tokio::try_join!(async { Ok(self.world.checksum(&src, &self.rec.db).await?) }, target)?;
         self.rec.oplog_position = Some(pos);
         self.rec.lag_ops = 0;
+        self.hold_mark("caught up and checksummed");
         failpoint!("migration-verify-caughtup");
-        self.check_hold("moving the idempotency records")?;
-        let since = self.rec.idempotency_since_ms;
-        self.copy_idempotency(&src, &dst, since, Some(fence_index)).await?;
-        self.check_hold("moving the idempotency records")?;
         failpoint!("migration-verify-idempotency");
-        // Both markers at once: each is a Raft round on its own replica set, and the hold
-        // waits for them.
-        let (source, target) =
-            tokio::try_join!(self.world.checksum(&src, &self.rec.db), self.world.checksum(&dst, &self.rec.db))?;
         let mut differences = Vec::new();
         if source.documents != target.documents {
             differences
@@ -669,7 +734,33 @@ impl Run<'_> {
         self.check_hold("after the verification")?;
         failpoint!("migration-verify-after");
         self.rec.set_step(Step::Switch);
-        self.save().await
+        self.save().await?;
+        self.hold_mark("switch recorded");
+        Ok(())
+    }
+
+    /// The source's oplog of the database from `pos` applied on the target up to the
+    /// fence at `fence_index`, within the hold's deadline; returns the position reached.
+    async fn catch_up_to(
+        &self,
+        src: &ReplicaSetAccess,
+        dst: &ReplicaSetAccess,
+        mut pos: OplogPosition,
+        fence_index: u64,
+    ) -> Result<OplogPosition, StepError> {
+        while pos.index < fence_index {
+            self.check_hold("catching up to the fence")?;
+            let page = self.world.oplog(src, &self.rec.db, pos, self.tuning.oplog_page).await?;
+            let empty = page.entries.is_empty();
+            if !empty {
+                self.world.import(dst, &self.import(ImportStep::Ops { entries: page.entries })).await?;
+            }
+            if empty && page.next <= pos {
+                tokio::time::sleep(self.tuning.poll.min(HOLD_POLL)).await;
+            }
+            pos = page.next.max(pos);
+        }
+        Ok(pos)
     }
 
     /// Switch: `Finish{from_epoch + 1}` on the target (it serves the database from then
@@ -679,9 +770,12 @@ impl Run<'_> {
         let epoch = self.rec.from_epoch + 1;
         let dst = self.replica_set(&self.rec.to_replica_set).await?;
         failpoint!("migration-switch-before");
-        self.world.import(&dst, &self.import(ImportStep::Finish { epoch })).await?;
+        // The route read with the `Finish` (the swap compares its revision anyway).
+        let finish = self.import(ImportStep::Finish { epoch });
+        let (_, route) = tokio::try_join!(self.world.import(&dst, &finish), self.world.route(&self.rec.db))?;
         failpoint!("migration-switch-finished");
-        let Some((route, revision)) = self.world.route(&self.rec.db).await? else {
+        self.hold_mark("target finished");
+        let Some((route, revision)) = route else {
             // The database was deleted meanwhile (its instance with it): nothing to switch
             // to, and the target's copy is no one's. The deletion drops the source's.
             self.world.drop_database(&dst, &self.rec.db).await?;
@@ -706,6 +800,8 @@ impl Run<'_> {
             }
         }
         failpoint!("migration-switch-after");
+        self.hold_mark("route switched");
+        self.log_hold_timeline();
         let now = now_ms();
         self.rec.hold_ms = self.rec.hold_started_ms.map(|s| now.saturating_sub(s));
         self.rec.next_retry_ms = Some(now + self.tuning.cleanup_grace.as_millis() as u64);
@@ -810,6 +906,9 @@ pub struct Migrator {
     world: Arc<dyn MigrationWorld>,
     tuning: Tuning,
 }
+
+/// How often the hold looks for the gateways' acknowledgements, at most.
+const HOLD_POLL: Duration = Duration::from_millis(5);
 
 /// How often the migrator looks for migrations to run.
 pub const MIGRATOR_TICK: Duration = Duration::from_secs(1);
