@@ -840,8 +840,8 @@ impl Run<'_> {
 
     /// Abort: the route back to the source, `Serving`, at `from_epoch + 1` if the fence may
     /// have been committed (the fence is the new epoch), else as it was; then the target's
-    /// import dropped and the pin removed (both best effort: the next `Begin` drops the
-    /// import anyway, and a pin expires); then the next attempt is scheduled, or none.
+    /// import dropped (tried until the target answers) and the pin removed (best effort: a
+    /// pin expires); then the next attempt is scheduled, or none.
     async fn abort(&mut self) -> StepResult {
         let fenced = self.rec.aborted_from.is_some_and(|s| s >= Step::Fence);
         let epoch = if fenced { self.rec.from_epoch + 1 } else { self.rec.from_epoch };
@@ -860,14 +860,19 @@ impl Run<'_> {
             }
         }
         failpoint!("migration-abort-routed");
-        match self.world.replica_set(&self.rec.namespace, &self.rec.to_replica_set).await {
-            Ok(Some(dst)) => {
-                if let Err(e) = self.world.import(&dst, &self.import(ImportStep::Abort)).await {
-                    tracing::warn!(db = %self.rec.db, error = %e, "failed to drop the target's import; the next attempt's Begin drops it");
+        // The target's partial copy is dropped before the abort is over: a migration given
+        // up for good has no next `Begin` to drop it. Tried again (each second, the error
+        // in the status) while the target cannot be reached; the tenant is served by the
+        // source meanwhile. A refusal other than unreachability is not retried (an import
+        // already finished there only goes forward; nothing to drop).
+        if let Some(dst) = self.world.replica_set(&self.rec.namespace, &self.rec.to_replica_set).await? {
+            match self.world.import(&dst, &self.import(ImportStep::Abort)).await {
+                Ok(_) => {}
+                Err(e @ Failure::Transient(_)) => {
+                    return Err(Failure::Transient(format!("failed to drop the target's partial copy: {e}")).into());
                 }
+                Err(e) => tracing::warn!(db = %self.rec.db, error = %e, "the target refused to drop its import"),
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(db = %self.rec.db, error = %e, "failed to reach the target to drop its import"),
         }
         if let Ok(Some(src)) = self.world.replica_set(&self.rec.namespace, &self.rec.from_replica_set).await
             && let Err(e) = self.world.unpin_oplog(&src, &self.rec.id).await
