@@ -415,7 +415,6 @@ impl Run<'_> {
                 self.world.import(&dst, &self.import(ImportStep::Docs { docs: page.docs })).await?;
                 took += importing.elapsed();
             }
-            let pause = self.pace(&mut pacer, started, took, bytes);
             failpoint!("migration-copy-page");
             self.rec.documents_copied += documents;
             self.rec.bytes_copied += bytes;
@@ -429,7 +428,7 @@ impl Run<'_> {
             if done {
                 return Ok(());
             }
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(self.pace(&mut pacer, started, took, bytes)).await;
         }
     }
 

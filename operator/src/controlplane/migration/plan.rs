@@ -294,10 +294,11 @@ const PACER_BUCKETS: u32 = 6;
 /// - Otherwise it grows by `copy_rate_step` per second of copying.
 /// - Always within [`copy_min_bytes_per_sec`, `copy_bytes_per_sec`].
 ///
-/// Pages under half a full page (`page_bytes`: the last one, a small idempotency pass) are
-/// paced at the current rate but judge nothing: their fixed costs dominate. A page over a
-/// full page (one large document) is judged per byte. No clock is read here: `now` is any
-/// monotonic time (the driver's: since the copy began).
+/// Fed only pages the source cut at `page_bytes` (every page of a pass but its last, which
+/// no pause follows): each was about the same work, whatever the bytes the driver counts
+/// of it (documents without their keys, idempotency records not expired). A page over
+/// `page_bytes` (one large document) is judged per full page. No clock is read here: `now`
+/// is any monotonic time (the driver's: since the pass began).
 #[derive(Debug, Clone)]
 pub struct CopyPacer {
     /// Bytes per second; 0 when unthrottled.
@@ -340,29 +341,29 @@ impl CopyPacer {
         }
     }
 
-    /// A page of `bytes` took `took` (export plus import), seen at `now`: the pause before
-    /// the next page, so that this one's share of time is `bytes` at the new rate.
+    /// A page of `bytes` (cut by the source at `page_bytes`) took `took` (export plus
+    /// import), seen at `now`: the pause before the next page, so that this one's share of
+    /// time is `bytes` at the new rate.
     pub fn page(&mut self, now: Duration, took: Duration, bytes: u64) -> Duration {
         if self.rate <= 0.0 {
             return Duration::ZERO;
         }
         let before = self.rate;
-        if let Some(latency) = self.judged(took, bytes) {
-            self.learn_base(now, latency);
-            self.recent.push_back(latency);
-            while self.recent.len() > PACER_FILTER {
-                self.recent.pop_front();
-            }
-            if self.slow() {
-                self.rate = (self.rate * self.backoff).max(self.floor);
-                self.slow_start = false;
-            } else if self.slow_start {
-                self.rate = (self.rate * 2.0).min(self.ceiling);
-            } else {
-                // The time this page occupied at the rate it was sent at.
-                let slot = took.as_secs_f64().max(bytes as f64 / before);
-                self.rate = (self.rate + self.step * slot).min(self.ceiling);
-            }
+        let latency = self.per_full_page(took, bytes);
+        self.learn_base(now, latency);
+        self.recent.push_back(latency);
+        while self.recent.len() > PACER_FILTER {
+            self.recent.pop_front();
+        }
+        if self.slow() {
+            self.rate = (self.rate * self.backoff).max(self.floor);
+            self.slow_start = false;
+        } else if self.slow_start {
+            self.rate = (self.rate * 2.0).min(self.ceiling);
+        } else {
+            // The time this page occupied at the rate it was sent at.
+            let slot = took.as_secs_f64().max(bytes as f64 / before);
+            self.rate = (self.rate + self.step * slot).min(self.ceiling);
         }
         secs(bytes as f64 / self.rate).saturating_sub(took)
     }
@@ -377,16 +378,13 @@ impl CopyPacer {
         self.buckets.iter().map(|&(_, fastest)| fastest).min()
     }
 
-    /// The latency a page is judged by: none under half a full page, per full page over one.
-    fn judged(&self, took: Duration, bytes: u64) -> Option<Duration> {
-        if bytes < self.full_page / 2 {
-            return None;
-        }
+    /// The latency a page is judged by: as it is, or per full page for a larger one.
+    fn per_full_page(&self, took: Duration, bytes: u64) -> Duration {
         if bytes <= self.full_page {
-            return Some(took);
+            return took;
         }
         let nanos = took.as_nanos().saturating_mul(u128::from(self.full_page)) / u128::from(bytes);
-        Some(Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)).min(took))
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)).min(took)
     }
 
     fn learn_base(&mut self, now: Duration, latency: Duration) {

@@ -289,30 +289,32 @@ fn the_window_forgets_an_old_minimum() {
 }
 
 #[test]
-fn small_pages_judge_nothing_and_large_ones_are_judged_per_byte() {
+fn a_page_over_a_full_one_is_judged_per_full_page_and_a_smaller_one_as_it_is() {
     let t = Tuning::default();
     let mut pacer = CopyPacer::new(&t);
     let mut now = Duration::ZERO;
     pace(&mut pacer, &mut now, &[10; 7]);
     assert_eq!(pacer.rate(), 64 * MIB);
-    // The last page of a pass (a few KiB, slow for its size): paced, but no judgement.
-    for _ in 0..5 {
-        assert_eq!(pacer.page(now, ms(30), 4 << 10), Duration::ZERO);
-    }
-    assert_eq!(pacer.rate(), 64 * MIB);
-    assert_eq!(pacer.base(), Some(ms(10)));
     // One 4 MiB document in 36 ms: 9 ms per full page, a new base and not slow.
     pacer.page(now, ms(36), 4 * MIB);
     assert_eq!(pacer.base(), Some(ms(9)));
     assert_eq!(pacer.rate(), 64 * MIB);
+    // Pages of tiny documents (their keys, which the source counts, as long as they are):
+    // the source cut them at a full page, so they are judged as such, and paced by their
+    // bytes at the rate.
+    assert_eq!(pacer.page(now, ms(10), 64 << 10), Duration::ZERO);
+    assert_eq!(pacer.page(now, ms(30), 64 << 10), Duration::ZERO);
+    assert_eq!(pacer.rate(), 64 * MIB);
+    assert_eq!(pacer.page(now, ms(30), 64 << 10), Duration::ZERO);
+    assert_eq!(pacer.rate(), 32 * MIB, "slow twice: halved");
 }
 
 #[test]
 fn the_pacer_survives_zero_and_huge_values() {
     let mut pacer = CopyPacer::new(&Tuning::default());
     assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, 0), Duration::ZERO);
-    assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, MIB), Duration::from_secs(1) / 2);
     assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, MIB), Duration::from_secs(1) / 4);
+    assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, MIB), Duration::from_secs(1) / 8);
     pacer.page(Duration::MAX, Duration::MAX, u64::MAX);
     pacer.page(Duration::MAX, Duration::MAX, u64::MAX);
     assert!(pacer.rate() >= MIB);
@@ -338,7 +340,7 @@ fn the_pacer_survives_zero_and_huge_values() {
     assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, MIB), Duration::from_secs(1));
     let mut pacer = CopyPacer::new(&Tuning { copy_min_bytes_per_sec: 0, ..Tuning::default() });
     assert_eq!(pacer.rate(), 1);
-    assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, 1), Duration::from_secs(1));
+    assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, 1), ms(500));
     // A backoff out of 0..=1 is brought into it: a slow page cuts to the floor, no lower.
     let mut pacer = CopyPacer::new(&Tuning { copy_backoff: -3.0, ..Tuning::default() });
     let mut now = Duration::ZERO;
