@@ -139,8 +139,8 @@ struct RunArgs {
     /// before the attempt aborts (and is retried): `5s`.
     #[arg(long, env = "NIMBUS_MIGRATION_HOLD_TIMEOUT", default_value = "5s")]
     migration_hold_timeout: jiff::SignedDuration,
-    /// Hot migration: bytes per second a copy reads from its source (its other tenants keep
-    /// their latency), in MiB.
+    /// Hot migration: the most a copy reads from its source per second, in MiB; below it
+    /// the copy slows down by itself when its pages queue behind the tenants' requests.
     #[arg(long, env = "NIMBUS_MIGRATION_COPY_MIB_PER_SEC", default_value_t = 64)]
     migration_copy_mib_per_sec: u64,
     /// Hot migration: migrations run at once.

@@ -42,6 +42,15 @@ fn running_pid(dir: &Path) -> Option<u32> {
     procs::alive(pid).then_some(pid)
 }
 
+/// The hot-migration knobs `up` passes on to the control plane.
+#[derive(Debug, Clone, Copy)]
+pub struct MigrationFlags {
+    /// How long a migration's source keeps its copy after the switch.
+    pub cleanup_grace: Duration,
+    /// The copy's ceiling, MiB read from the source per second (`Tuning::copy_bytes_per_sec`).
+    pub copy_mib_per_sec: u64,
+}
+
 /// Starts the playground in the background (or, when it runs, applies `instances` to it) and
 /// waits until every instance is Ready.
 pub async fn up(
@@ -49,7 +58,7 @@ pub async fn up(
     instances: &[PathBuf],
     zones: usize,
     isolate_zones: bool,
-    migration_cleanup_grace: Duration,
+    migration: MigrationFlags,
 ) -> anyhow::Result<Playground> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -74,7 +83,8 @@ pub async fn up(
         if isolate_zones {
             cmd.arg("--isolate-zones");
         }
-        cmd.arg("--migration-cleanup-grace").arg(format!("{}s", migration_cleanup_grace.as_secs()));
+        cmd.arg("--migration-cleanup-grace").arg(format!("{}s", migration.cleanup_grace.as_secs()));
+        cmd.arg("--migration-copy-mib-per-sec").arg(migration.copy_mib_per_sec.to_string());
         for f in instances {
             cmd.arg("--instances").arg(f.canonicalize().with_context(|| format!("no file {}", f.display()))?);
         }

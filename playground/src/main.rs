@@ -94,17 +94,32 @@ struct PlaygroundArgs {
     /// before dropping it: seconds, or a number with s, m or h.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     migration_cleanup_grace: Duration,
+    /// The most a migration's copy reads from its source, in MiB per second (below it
+    /// the copy slows down by itself when the source's or the target's requests queue).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    migration_copy_mib_per_sec: u64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Command::Playground { command } = Cli::parse().command;
     match command {
-        PlaygroundCommand::Up(PlaygroundArgs { dir, instances, zones, isolate_zones, migration_cleanup_grace }) => {
+        PlaygroundCommand::Up(PlaygroundArgs {
+            dir,
+            instances,
+            zones,
+            isolate_zones,
+            migration_cleanup_grace,
+            migration_copy_mib_per_sec,
+        }) => {
             if zones < 3 {
                 anyhow::bail!("--zones must be at least 3: a replica set needs three zones");
             }
-            let pg = playground::up(&dir, &instances, zones, isolate_zones, migration_cleanup_grace).await?;
+            let migration = playground::MigrationFlags {
+                cleanup_grace: migration_cleanup_grace,
+                copy_mib_per_sec: migration_copy_mib_per_sec,
+            };
+            let pg = playground::up(&dir, &instances, zones, isolate_zones, migration).await?;
             println!("playground is up: {}", dir.join(playground::state::PLAYGROUND_FILE).display());
             println!("gateway: {}", pg.gateway);
             for (name, i) in &pg.instances {
@@ -144,10 +159,24 @@ async fn main() -> anyhow::Result<()> {
             println!("zone {zone}: {state:?}");
             Ok(())
         }
-        PlaygroundCommand::Serve(PlaygroundArgs { dir, instances, zones, isolate_zones, migration_cleanup_grace }) => {
+        PlaygroundCommand::Serve(PlaygroundArgs {
+            dir,
+            instances,
+            zones,
+            isolate_zones,
+            migration_cleanup_grace,
+            migration_copy_mib_per_sec,
+        }) => {
             let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-            let opts = playground::serve::Options { dir, instances, zones, isolate_zones, migration_cleanup_grace };
+            let opts = playground::serve::Options {
+                dir,
+                instances,
+                zones,
+                isolate_zones,
+                migration_cleanup_grace,
+                migration_copy_mib_per_sec,
+            };
             playground::serve::serve(opts).await
         }
     }
@@ -165,5 +194,29 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
         _ => Err(format!("{s:?}: the unit is s, m or h")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up_args(extra: &[&str]) -> Result<PlaygroundArgs, clap::Error> {
+        let argv = ["nimbus", "playground", "up"].iter().chain(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Playground { command: PlaygroundCommand::Up(args) } => Ok(args),
+            Command::Playground { .. } => panic!("not `up`"),
+        }
+    }
+
+    #[test]
+    fn the_copy_ceiling_defaults_to_64_mib_per_second_and_is_at_least_one() {
+        assert_eq!(up_args(&[]).unwrap().migration_copy_mib_per_sec, 64);
+        assert_eq!(up_args(&["--migration-copy-mib-per-sec", "8"]).unwrap().migration_copy_mib_per_sec, 8);
+        for bad in ["0", "-1", "fast", "1048577"] {
+            let flag = format!("--migration-copy-mib-per-sec={bad}");
+            let err = up_args(&[&flag]).err().expect("refused");
+            assert!(err.to_string().contains("--migration-copy-mib-per-sec"), "{err}");
+        }
     }
 }

@@ -35,6 +35,8 @@ pub struct Options {
     pub isolate_zones: bool,
     /// How long a migration's source keeps its copy after the switch.
     pub migration_cleanup_grace: Duration,
+    /// The most a migration's copy reads from its source, MiB per second.
+    pub migration_copy_mib_per_sec: u64,
 }
 
 async fn wait_http(url: &str, deadline: Duration) -> anyhow::Result<()> {
@@ -195,7 +197,11 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
         coord: Arc::new(Coordinator::connect(&secrets.etcd(&etcd_url, OPERATOR_USER)).await?),
         directory: directory.clone(),
     };
-    let tuning = Tuning { cleanup_grace: opts.migration_cleanup_grace, ..Tuning::default() };
+    let tuning = Tuning {
+        cleanup_grace: opts.migration_cleanup_grace,
+        copy_bytes_per_sec: opts.migration_copy_mib_per_sec.max(1).saturating_mul(1 << 20),
+        ..Tuning::default()
+    };
     let migrator = Arc::new(Migrator::new(Arc::new(world), tuning));
     // Dropped when this function returns: the driver stops with the control plane (a
     // migration stopped mid-step resumes from its record at the next start).

@@ -427,7 +427,8 @@ impl Run<'_> {
     /// Copy: `Begin` on the target (dropping an earlier attempt), then the source's
     /// export page by page, each page's collections and documents imported. The cursor is
     /// persisted after each page; the first page's index is where the catch-up starts and
-    /// what the source's oplog is pinned from.
+    /// what the source's oplog is pinned from. Paced by `plan::CopyPacer` on each page's
+    /// export and import times: the copy yields to the tenants of both replica sets.
     async fn copy(&mut self) -> StepResult {
         if self.rec.next_retry_ms.take().is_some() {
             // The next attempt's time has come.
@@ -442,7 +443,7 @@ impl Run<'_> {
             failpoint!("migration-copy-begun");
         }
         let started = Instant::now();
-        let mut sent = 0u64;
+        let mut pacer = plan::CopyPacer::new(self.tuning);
         loop {
             let req = ExportRequest {
                 db: self.rec.db.clone(),
@@ -451,7 +452,9 @@ impl Run<'_> {
                 max_bytes: self.tuning.page_bytes,
                 since_ms: None,
             };
+            let exporting = Instant::now();
             let page = self.world.export(&src, &req).await?;
+            let mut took = exporting.elapsed();
             if self.rec.first_page_index.is_none() {
                 self.rec.first_page_index = Some(page.index);
                 self.rec.oplog_position = Some(OplogPosition::end_of(page.index));
@@ -467,7 +470,9 @@ impl Run<'_> {
             let documents = page.docs.len() as u64;
             let bytes: u64 = page.docs.iter().map(|d| d.doc.get().len() as u64).sum();
             if !page.docs.is_empty() {
+                let importing = Instant::now();
                 self.world.import(&dst, &self.import(ImportStep::Docs { docs: page.docs })).await?;
+                took += importing.elapsed();
             }
             failpoint!("migration-copy-page");
             self.rec.documents_copied += documents;
@@ -482,13 +487,29 @@ impl Run<'_> {
             if done {
                 return Ok(());
             }
-            sent += bytes;
-            tokio::time::sleep(plan::copy_pause(sent, started.elapsed(), self.tuning.copy_bytes_per_sec)).await;
+            tokio::time::sleep(self.pace(&mut pacer, started, took, bytes)).await;
         }
     }
 
+    /// The pause after a page of `bytes` that took `took`, from the copy's `pacer`
+    /// (`started`: when the pass began); the rate it copies at now is logged (debug).
+    fn pace(&self, pacer: &mut plan::CopyPacer, started: Instant, took: Duration, bytes: u64) -> Duration {
+        let pause = pacer.page(started.elapsed(), took, bytes);
+        tracing::debug!(
+            db = %self.rec.db,
+            rate_bytes_per_sec = pacer.rate(),
+            page_ms = took.as_millis() as u64,
+            base_ms = pacer.base().map(|b| b.as_millis() as u64),
+            pause_ms = pause.as_millis() as u64,
+            "migration copy paced"
+        );
+        pause
+    }
+
     /// Catch-up: the source's oplog of the database from the persisted position, applied
-    /// on the target, until `plan::should_hold` says the rest fits in the hold.
+    /// on the target, until `plan::should_hold` says the rest fits in the hold. Not paced
+    /// (only its idempotency passes are): it must outpace the tenant's writes, or the hold
+    /// never comes; it reads what the tenant wrote, a load the tenant itself sets.
     async fn catch_up(&mut self) -> StepResult {
         let src = self.replica_set(&self.rec.from_replica_set).await?;
         let dst = self.replica_set(&self.rec.to_replica_set).await?;
@@ -535,11 +556,12 @@ impl Run<'_> {
     }
 
     /// Copies the source's idempotency records written from `since` (replica-set clock,
-    /// ms; all of them without it) to the target, page by page, throttled like the copy.
-    /// With `at_least`, every page must come from a snapshot that has applied that index
-    /// (the fence: a source leader that has not applied it yet could miss the last
-    /// records). Returns the first page's clock: every record written after the pass began
-    /// has a time at or after it.
+    /// ms; all of them without it) to the target, page by page, paced like the copy (a
+    /// pacer of its own: these pages cost otherwise than documents). With `at_least`, every
+    /// page must come from a snapshot that has applied that index (the fence: a source
+    /// leader that has not applied it yet could miss the last records), and nothing is
+    /// paced: the hold waits for it. Returns the first page's clock: every record written
+    /// after the pass began has a time at or after it.
     async fn copy_idempotency(
         &self,
         src: &ReplicaSetAccess,
@@ -548,7 +570,8 @@ impl Run<'_> {
         at_least: Option<u64>,
     ) -> Result<u64, StepError> {
         let started = Instant::now();
-        let (mut after, mut sent, mut first_clock) = (None, 0u64, None);
+        let mut pacer = plan::CopyPacer::new(self.tuning);
+        let (mut after, mut first_clock) = (None, None);
         loop {
             let req = ExportRequest {
                 db: self.rec.db.clone(),
@@ -557,7 +580,9 @@ impl Run<'_> {
                 max_bytes: self.tuning.page_bytes,
                 since_ms: since,
             };
+            let exporting = Instant::now();
             let page = self.world.export(src, &req).await?;
+            let mut took = exporting.elapsed();
             if let Some(index) = at_least
                 && page.index < index
             {
@@ -571,15 +596,16 @@ impl Run<'_> {
             let bytes: u64 = page.idempotency.iter().map(|r| r.record.get().len() as u64 + r.key.len() as u64).sum();
             if !page.idempotency.is_empty() {
                 let step = ImportStep::Idempotency { records: page.idempotency };
+                let importing = Instant::now();
                 self.world.import(dst, &self.import(step)).await?;
+                took += importing.elapsed();
             }
             after = page.next;
             if after.is_none() {
                 return Ok(first_clock.unwrap_or_default());
             }
-            sent += bytes;
             if at_least.is_none() {
-                tokio::time::sleep(plan::copy_pause(sent, started.elapsed(), self.tuning.copy_bytes_per_sec)).await;
+                tokio::time::sleep(self.pace(&mut pacer, started, took, bytes)).await;
             }
         }
     }

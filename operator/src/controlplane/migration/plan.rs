@@ -1,9 +1,9 @@
 //! The migration's decisions, pure: when to hold, what a failure leads to (retry the
 //! step, restart the copy, abort), how long to wait before the next attempt, what a
-//! control plane that restarted does at each step, how fast to copy, which migrations
-//! run. The driver observes, asks here, and acts; these are tested as data.
+//! control plane that restarted does at each step, how fast to copy ([`CopyPacer`]), which
+//! migrations run. The driver observes, asks here, and acts; these are tested as data.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use super::record::{MigrationRecord, Phase, Step};
@@ -27,9 +27,34 @@ pub struct Tuning {
     pub step_timeout: Duration,
     /// Pause between two tries of a failing step before the hold.
     pub step_retry: Duration,
-    /// The copy reads at most this many bytes per second from the source (its other
-    /// tenants keep their latency).
+    /// The copy's ceiling: it reads at most this many bytes per second from the source,
+    /// however idle the machines are (0: no pacing at all, for tests). Below it the copy is
+    /// paced by the latency of its own pages ([`CopyPacer`]).
     pub copy_bytes_per_sec: u64,
+    /// The copy's floor: however busy the source and the target, the copy goes on at least
+    /// this fast, so that it ends (and the oplog it pins is released). 1 MiB/s: one full page
+    /// a second, a small share of one core.
+    pub copy_min_bytes_per_sec: u64,
+    /// A page is slow, a sign that the copy competes with the tenants' requests, when its
+    /// round trip exceeds the base latency (the fastest page of the window) by more than
+    /// this fraction of the base... (0.5: slow past 1.5 times the base, the bound the
+    /// source's other tenants' p99 must keep; a ratio rather than a fixed delay because a
+    /// page's cost depends on the machine, its disks and the page size, which a fixed
+    /// target cannot know.)
+    pub copy_queuing_ratio: f64,
+    /// ...and by more than this (a page of a few milliseconds jitters by that much on an
+    /// idle machine: scheduling, an fsync).
+    pub copy_queuing_min: Duration,
+    /// A slow page multiplies the copy's rate by this (0.5: halved, as TCP does on a loss).
+    pub copy_backoff: f64,
+    /// Otherwise the rate grows by this many bytes per second for each second the copy
+    /// runs (after its slow start: doubled each page until the first slow one).
+    pub copy_rate_step: u64,
+    /// The base latency is the fastest page of this window: long enough to span the
+    /// copy's pauses after a cut (the pages that show the source without the copy's load),
+    /// short enough to follow a change of the baseline (another leader, collections whose
+    /// documents cost more to import, a tenant's lasting load).
+    pub copy_base_window: Duration,
     /// Bytes of documents per exported page (below the Raft entry bound).
     pub page_bytes: u64,
     /// Oplog changes per catch-up read.
@@ -55,6 +80,12 @@ impl Default for Tuning {
             step_timeout: Duration::from_secs(120),
             step_retry: Duration::from_secs(1),
             copy_bytes_per_sec: 64 << 20,
+            copy_min_bytes_per_sec: 1 << 20,
+            copy_queuing_ratio: 0.5,
+            copy_queuing_min: Duration::from_millis(5),
+            copy_backoff: 0.5,
+            copy_rate_step: 4 << 20,
+            copy_base_window: Duration::from_secs(30),
             page_bytes: 1 << 20,
             oplog_page: 1_000,
             max_concurrent: 2,
@@ -239,14 +270,150 @@ pub fn after_abort(attempt: u32, now_ms: u64, tuning: &Tuning) -> AfterAbort {
     AfterAbort::RetryAt(now_ms + retry_delay(attempt, tuning.retry_first, tuning.retry_max).as_millis() as u64)
 }
 
-/// The pause the copy takes after sending `bytes` in `elapsed` so that it stays at `rate`
-/// bytes per second on average (0: unthrottled).
-pub fn copy_pause(bytes: u64, elapsed: Duration, rate: u64) -> Duration {
-    if rate == 0 {
+/// How many of the latest pages the slowness test looks at: the copy is slowed only when
+/// all of them were slow (LEDBAT filters its current delay the same way), so that one slow
+/// fsync or compaction does not halve the rate.
+const PACER_FILTER: usize = 2;
+/// The base latency's window is kept as this many buckets, each with its fastest page:
+/// memory stays bounded, and an old minimum is forgotten a bucket at a time.
+const PACER_BUCKETS: u32 = 6;
+
+/// The copy's pace, a scavenger (like LEDBAT or TCP Vegas under background transfers): it
+/// takes what the source and the target leave idle and yields to their tenants' requests.
+///
+/// Fed with each page's round trip (the export read on the source plus the import on the
+/// target) and size, it keeps a base latency (the fastest full page of a sliding window)
+/// and a rate, and answers the pause before the next page:
+///
+/// - Starts at the floor and doubles the rate at each page (a slow start) until the first
+///   slow one.
+/// - A page is slow when it (and the one before it) took longer than the base plus the
+///   larger of `copy_queuing_ratio` × base and `copy_queuing_min`: the pages then wait
+///   behind other work, and so do the tenants' requests (a core, a disk, a Raft log
+///   shared with the copy). The rate is multiplied by `copy_backoff`.
+/// - Otherwise it grows by `copy_rate_step` per second of copying.
+/// - Always within [`copy_min_bytes_per_sec`, `copy_bytes_per_sec`].
+///
+/// Fed only pages the source cut at `page_bytes` (every page of a pass but its last, which
+/// no pause follows): each was about the same work, whatever the bytes the driver counts
+/// of it (documents without their keys, idempotency records not expired). A page over
+/// `page_bytes` (one large document) is judged per full page. No clock is read here: `now`
+/// is any monotonic time (the driver's: since the pass began).
+#[derive(Debug, Clone)]
+pub struct CopyPacer {
+    /// Bytes per second; 0 when unthrottled.
+    rate: f64,
+    floor: f64,
+    ceiling: f64,
+    full_page: u64,
+    ratio: f64,
+    queuing_min: Duration,
+    backoff: f64,
+    step: f64,
+    window: Duration,
+    /// `(start, fastest page)` of each bucket of the window, oldest first.
+    buckets: VecDeque<(Duration, Duration)>,
+    /// The latest judged pages' latencies, at most [`PACER_FILTER`].
+    recent: VecDeque<Duration>,
+    slow_start: bool,
+}
+
+impl CopyPacer {
+    /// A pacer at its floor, in slow start. Knobs out of range are brought into it (a
+    /// floor of at least 1 byte/s and at most the ceiling, fractions within 0..=1).
+    pub fn new(tuning: &Tuning) -> CopyPacer {
+        let ceiling = tuning.copy_bytes_per_sec as f64;
+        let floor = (tuning.copy_min_bytes_per_sec.max(1) as f64).min(ceiling);
+        let fraction = |x: f64, default: f64| if x.is_nan() { default } else { x.clamp(0.0, 1.0) };
+        CopyPacer {
+            rate: floor,
+            floor,
+            ceiling,
+            full_page: tuning.page_bytes.max(1),
+            ratio: if tuning.copy_queuing_ratio.is_nan() { 0.0 } else { tuning.copy_queuing_ratio.max(0.0) },
+            queuing_min: tuning.copy_queuing_min,
+            backoff: fraction(tuning.copy_backoff, 0.5),
+            step: tuning.copy_rate_step as f64,
+            window: tuning.copy_base_window,
+            buckets: VecDeque::new(),
+            recent: VecDeque::new(),
+            slow_start: true,
+        }
+    }
+
+    /// A page of `bytes` (cut by the source at `page_bytes`) took `took` (export plus
+    /// import), seen at `now`: the pause before the next page, so that this one's share of
+    /// time is `bytes` at the new rate.
+    pub fn page(&mut self, now: Duration, took: Duration, bytes: u64) -> Duration {
+        if self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        let before = self.rate;
+        let latency = self.per_full_page(took, bytes);
+        self.learn_base(now, latency);
+        self.recent.push_back(latency);
+        while self.recent.len() > PACER_FILTER {
+            self.recent.pop_front();
+        }
+        if self.slow() {
+            self.rate = (self.rate * self.backoff).max(self.floor);
+            self.slow_start = false;
+        } else if self.slow_start {
+            self.rate = (self.rate * 2.0).min(self.ceiling);
+        } else {
+            // The time this page occupied at the rate it was sent at.
+            let slot = took.as_secs_f64().max(bytes as f64 / before);
+            self.rate = (self.rate + self.step * slot).min(self.ceiling);
+        }
+        secs(bytes as f64 / self.rate).saturating_sub(took)
+    }
+
+    /// Bytes per second now (0: unthrottled), for the logs.
+    pub fn rate(&self) -> u64 {
+        self.rate as u64
+    }
+
+    /// The fastest full page of the window, if any was seen.
+    pub fn base(&self) -> Option<Duration> {
+        self.buckets.iter().map(|&(_, fastest)| fastest).min()
+    }
+
+    /// The latency a page is judged by: as it is, or per full page for a larger one.
+    fn per_full_page(&self, took: Duration, bytes: u64) -> Duration {
+        if bytes <= self.full_page {
+            return took;
+        }
+        let nanos = took.as_nanos().saturating_mul(u128::from(self.full_page)) / u128::from(bytes);
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)).min(took)
+    }
+
+    fn learn_base(&mut self, now: Duration, latency: Duration) {
+        let bucket = self.window / PACER_BUCKETS;
+        while let Some(&(start, _)) = self.buckets.front()
+            && (now.saturating_sub(start) >= self.window || self.buckets.len() > PACER_BUCKETS as usize)
+        {
+            self.buckets.pop_front();
+        }
+        match self.buckets.back_mut() {
+            Some((start, fastest)) if now.saturating_sub(*start) < bucket => *fastest = (*fastest).min(latency),
+            _ => self.buckets.push_back((now, latency)),
+        }
+    }
+
+    /// Whether the latest pages were all slow.
+    fn slow(&self) -> bool {
+        let (Some(base), Some(&current)) = (self.base(), self.recent.iter().min()) else { return false };
+        let queuing = secs(base.as_secs_f64() * self.ratio).max(self.queuing_min);
+        current > base.saturating_add(queuing)
+    }
+}
+
+/// Seconds as a duration: `Duration::MAX` past its range, zero for NaN or negative ones.
+fn secs(s: f64) -> Duration {
+    if s.is_nan() || s <= 0.0 {
         return Duration::ZERO;
     }
-    let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
-    due.saturating_sub(elapsed)
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
 }
 
 /// Whether every registered gateway acknowledged the hold `held` (the route as the

@@ -165,14 +165,187 @@ fn the_phase_follows_the_step() {
     }
 }
 
+const MIB: u64 = 1 << 20;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Feeds full pages (1 MiB) that each take `took`, `now` moving on by each page and its
+/// pause; returns the rates after each page (MiB/s).
+fn pace(pacer: &mut CopyPacer, now: &mut Duration, took: &[u64]) -> Vec<f64> {
+    took.iter()
+        .map(|&t| {
+            let pause = pacer.page(*now + ms(t), ms(t), MIB);
+            *now += ms(t) + pause;
+            pacer.rate() as f64 / MIB as f64
+        })
+        .collect()
+}
+
 #[test]
-fn the_copy_pauses_to_keep_its_byte_rate() {
-    let mib = 1 << 20;
-    assert_eq!(copy_pause(10 * mib, Duration::from_secs(1), 10 * mib), Duration::ZERO);
-    assert_eq!(copy_pause(20 * mib, Duration::from_secs(1), 10 * mib), Duration::from_secs(1));
-    assert_eq!(copy_pause(5 * mib, Duration::from_secs(1), 10 * mib), Duration::ZERO);
-    assert_eq!(copy_pause(u64::MAX, Duration::ZERO, 0), Duration::ZERO, "0 is unthrottled");
-    assert_eq!(copy_pause(mib, Duration::ZERO, 2 * mib), Duration::from_millis(500));
+fn a_quiet_copy_starts_at_the_floor_and_doubles_up_to_the_ceiling() {
+    let t = Tuning::default();
+    let mut pacer = CopyPacer::new(&t);
+    assert_eq!(pacer.rate(), MIB, "starts at the floor");
+    assert_eq!(pacer.base(), None);
+    let mut now = Duration::ZERO;
+    // The first page (10 ms) at 1 MiB/s: a pause of the rest of the second at the next rate.
+    assert_eq!(pacer.page(ms(10), ms(10), MIB), ms(500 - 10));
+    now += Duration::from_secs(1);
+    assert_eq!(pace(&mut pacer, &mut now, &[10; 7]), [4.0, 8.0, 16.0, 32.0, 64.0, 64.0, 64.0]);
+    assert_eq!(pacer.base(), Some(ms(10)));
+    // At the ceiling (64 MiB/s: 15.625 ms a page), a 10 ms page waits the rest.
+    assert_eq!(pacer.page(now, ms(10), MIB), Duration::from_micros(5_625));
+    assert_eq!(pacer.page(now, ms(14), MIB), Duration::from_micros(1_625));
+    // A page slower than the ceiling's share (but not slow): no pause.
+    assert_eq!(pacer.page(now, ms(20), MIB), Duration::ZERO);
+}
+
+#[test]
+fn pages_slower_than_half_again_the_base_halve_the_rate_and_quiet_ones_add_to_it() {
+    let t = Tuning::default();
+    let mut pacer = CopyPacer::new(&t);
+    let mut now = Duration::ZERO;
+    pace(&mut pacer, &mut now, &[10; 7]);
+    assert_eq!(pacer.rate(), 64 * MIB);
+    // One slow page is not enough (a compaction, an fsync); two are.
+    assert_eq!(pace(&mut pacer, &mut now, &[20]), [64.0]);
+    assert_eq!(pace(&mut pacer, &mut now, &[20, 20, 20]), [32.0, 16.0, 8.0]);
+    // Quiet again: 4 MiB/s more per second of copying (a page at 8 MiB/s takes 1/8 s).
+    assert_eq!(pace(&mut pacer, &mut now, &[10]), [8.5]);
+    let rates = pace(&mut pacer, &mut now, &[10; 40]);
+    assert!(rates.windows(2).all(|w| w[1] > w[0]), "grows additively: {rates:?}");
+    assert!(rates[39] < 64.0, "no slow start after the first slow page: {rates:?}");
+    // Within the queuing allowance (10 ms base: slow past 15 ms): not slow.
+    let before = pacer.rate();
+    pace(&mut pacer, &mut now, &[15, 15, 15]);
+    assert!(pacer.rate() > before);
+}
+
+#[test]
+fn the_allowance_is_a_fraction_of_the_base_but_never_under_the_minimum() {
+    // A 2 ms page: 5 ms of jitter is not queuing.
+    let mut pacer = CopyPacer::new(&Tuning::default());
+    let mut now = Duration::ZERO;
+    pace(&mut pacer, &mut now, &[2, 7, 7]);
+    assert_eq!(pacer.rate(), 8 * MIB, "still in slow start");
+    assert_eq!(pace(&mut pacer, &mut now, &[8, 8]), [16.0, 8.0], "8 ms is past 2 + 5 ms: halved at the second");
+    // A 100 ms page: slow past 150 ms.
+    let mut pacer = CopyPacer::new(&Tuning::default());
+    let mut now = Duration::ZERO;
+    pace(&mut pacer, &mut now, &[100, 150, 150]);
+    assert_eq!(pacer.rate(), 8 * MIB);
+    assert_eq!(pace(&mut pacer, &mut now, &[151, 151]), [16.0, 8.0], "halved at the second");
+}
+
+#[test]
+fn the_floor_holds_however_slow_the_pages() {
+    let t = Tuning::default();
+    let mut pacer = CopyPacer::new(&t);
+    let mut now = Duration::ZERO;
+    pace(&mut pacer, &mut now, &[10; 7]);
+    let rates = pace(&mut pacer, &mut now, &[500; 20]);
+    assert!(rates.iter().all(|&r| r >= 1.0), "{rates:?}");
+    assert_eq!(pacer.rate(), MIB);
+    // At the floor a 1 MiB page takes its second: 500 ms of work, 500 ms of pause.
+    assert_eq!(pacer.page(now, ms(500), MIB), ms(500));
+    // A page slower than the floor's share is not paused further: the copy goes on.
+    assert_eq!(pacer.page(now, Duration::from_secs(3), MIB), Duration::ZERO);
+}
+
+#[test]
+fn the_window_forgets_an_old_minimum() {
+    let t = Tuning::default();
+    let mut pacer = CopyPacer::new(&t);
+    let mut now = Duration::ZERO;
+    pace(&mut pacer, &mut now, &[10; 7]);
+    assert_eq!(pacer.base(), Some(ms(10)));
+    // The baseline moves to 40 ms (another leader): slow at first, down to the floor...
+    pace(&mut pacer, &mut now, &[40; 10]);
+    assert_eq!(pacer.rate(), MIB);
+    assert_eq!(pacer.base(), Some(ms(10)));
+    // ...until the 10 ms pages are out of the window (30 s); then the copy speeds up again.
+    let started = now;
+    while now < started + t.copy_base_window {
+        pace(&mut pacer, &mut now, &[40]);
+    }
+    assert_eq!(pacer.base(), Some(ms(40)));
+    let rates = pace(&mut pacer, &mut now, &[40; 10]);
+    assert!(rates.windows(2).all(|w| w[1] > w[0]), "{rates:?}");
+    // Pages far apart: the window is time, not a number of pages.
+    let mut pacer = CopyPacer::new(&t);
+    pacer.page(Duration::ZERO, ms(10), MIB);
+    pacer.page(Duration::from_secs(29), ms(40), MIB);
+    assert_eq!(pacer.base(), Some(ms(10)));
+    pacer.page(Duration::from_secs(31), ms(40), MIB);
+    assert_eq!(pacer.base(), Some(ms(40)));
+    // The window bounds its memory: a bucket per sixth of it.
+    for _ in 0..10_000 {
+        pacer.page(now, ms(40), MIB);
+        now += ms(1);
+    }
+    assert!(pacer.buckets.len() <= 7, "{}", pacer.buckets.len());
+}
+
+#[test]
+fn a_page_over_a_full_one_is_judged_per_full_page_and_a_smaller_one_as_it_is() {
+    let t = Tuning::default();
+    let mut pacer = CopyPacer::new(&t);
+    let mut now = Duration::ZERO;
+    pace(&mut pacer, &mut now, &[10; 7]);
+    assert_eq!(pacer.rate(), 64 * MIB);
+    // One 4 MiB document in 36 ms: 9 ms per full page, a new base and not slow.
+    pacer.page(now, ms(36), 4 * MIB);
+    assert_eq!(pacer.base(), Some(ms(9)));
+    assert_eq!(pacer.rate(), 64 * MIB);
+    // Pages of tiny documents (their keys, which the source counts, as long as they are):
+    // the source cut them at a full page, so they are judged as such, and paced by their
+    // bytes at the rate.
+    assert_eq!(pacer.page(now, ms(10), 64 << 10), Duration::ZERO);
+    assert_eq!(pacer.page(now, ms(30), 64 << 10), Duration::ZERO);
+    assert_eq!(pacer.rate(), 64 * MIB);
+    assert_eq!(pacer.page(now, ms(30), 64 << 10), Duration::ZERO);
+    assert_eq!(pacer.rate(), 32 * MIB, "slow twice: halved");
+}
+
+#[test]
+fn the_pacer_survives_zero_and_huge_values() {
+    let mut pacer = CopyPacer::new(&Tuning::default());
+    assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, 0), Duration::ZERO);
+    assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, MIB), Duration::from_secs(1) / 4);
+    assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, MIB), Duration::from_secs(1) / 8);
+    pacer.page(Duration::MAX, Duration::MAX, u64::MAX);
+    pacer.page(Duration::MAX, Duration::MAX, u64::MAX);
+    assert!(pacer.rate() >= MIB);
+    pacer.page(Duration::ZERO, Duration::MAX, MIB);
+    assert!(pacer.page(Duration::ZERO, Duration::ZERO, u64::MAX) > Duration::from_secs(1_000_000));
+    // 0 is unthrottled: never a pause.
+    let mut off = CopyPacer::new(&Tuning { copy_bytes_per_sec: 0, ..Tuning::default() });
+    assert_eq!(off.page(Duration::ZERO, Duration::ZERO, u64::MAX), Duration::ZERO);
+    assert_eq!(off.rate(), 0);
+    // Knobs out of range: a floor over the ceiling is the ceiling, a floor of 0 is 1 byte/s,
+    // no page size, NaN fractions.
+    let odd = Tuning {
+        copy_bytes_per_sec: MIB,
+        copy_min_bytes_per_sec: 8 * MIB,
+        copy_queuing_ratio: f64::NAN,
+        copy_backoff: f64::NAN,
+        page_bytes: 0,
+        copy_base_window: Duration::ZERO,
+        ..Tuning::default()
+    };
+    let mut pacer = CopyPacer::new(&odd);
+    assert_eq!(pacer.rate(), MIB);
+    assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, MIB), Duration::from_secs(1));
+    let mut pacer = CopyPacer::new(&Tuning { copy_min_bytes_per_sec: 0, ..Tuning::default() });
+    assert_eq!(pacer.rate(), 1);
+    assert_eq!(pacer.page(Duration::ZERO, Duration::ZERO, 1), ms(500));
+    // A backoff out of 0..=1 is brought into it: a slow page cuts to the floor, no lower.
+    let mut pacer = CopyPacer::new(&Tuning { copy_backoff: -3.0, ..Tuning::default() });
+    let mut now = Duration::ZERO;
+    pace(&mut pacer, &mut now, &[10, 10, 10]);
+    assert_eq!(pace(&mut pacer, &mut now, &[50, 50]), [16.0, 1.0]);
 }
 
 fn gateways(ids: &[&str]) -> BTreeSet<String> {
