@@ -179,6 +179,11 @@ impl Drop for Playground {
         if let Ok(bin) = binary("nimbus") {
             let _ = Command::new(bin).args(["playground", "down", "--dir"]).arg(self.dir.path()).status();
         }
+        // `NIMBUS_KEEP_PLAYGROUND=1`: the directory (logs, data) kept for a look afterwards.
+        if std::env::var_os("NIMBUS_KEEP_PLAYGROUND").is_some_and(|v| v == "1") {
+            self.dir.disable_cleanup(true);
+            eprintln!("playground directory kept: {}", self.dir.path().display());
+        }
     }
 }
 
