@@ -35,13 +35,12 @@ use super::instance::{
 use super::objects::{self, LABEL_POOL, LABEL_REPLICA_SET};
 use super::provisioner::pod_admin;
 use crate::controlplane::migration::{
-    MigrationRecord, MigrationWorld, Migrator, Phase as RecordPhase, ReplicaSetDirectory, StartError, StartRequest,
-    Step, Tuning, now_ms,
+    MigrationRecord, MigrationStatus, MigrationWorld, Migrator, Phase as MigrationPhase, ReplicaSetDirectory,
+    StartError, StartRequest, Step, Tuning, now_ms,
 };
 use crate::controlplane::placement::{self, PoolMode};
 use crate::crd::v1alpha1::{
-    DatabaseInstance, DatabaseInstanceStatus, MigrationPhase, MigrationStatus, MigrationTarget, PlacementStatus,
-    PoolMode as CrdPoolMode, Tier,
+    DatabaseInstance, DatabaseInstanceStatus, MigrationTarget, PlacementStatus, PoolMode as CrdPoolMode, Tier,
 };
 
 /// The condition that explains a migration.
@@ -100,49 +99,6 @@ impl ReplicaSetDirectory for PodDirectory {
     }
 }
 
-/// The migration's status as `status.migration` shows it, its strings held to the CRD's
-/// bounds.
-pub fn status_of(record: &MigrationRecord) -> MigrationStatus {
-    let s = record.status();
-    MigrationStatus {
-        phase: phase_of(s.phase),
-        from_replica_set: bounded(&s.from_replica_set, 63),
-        to_replica_set: bounded(&s.to_replica_set, 63),
-        started_at: bounded(&s.started_at, 40),
-        finished_at: s.finished_at.as_deref().map(|t| bounded(t, 40)),
-        documents_copied: s.documents_copied,
-        bytes_copied: s.bytes_copied,
-        lag_ops: s.lag_ops,
-        hold_ms: s.hold_ms,
-        attempt: s.attempt,
-        error: s.error.as_deref().map(|e| bounded(e, 1024)),
-    }
-}
-
-fn phase_of(p: RecordPhase) -> MigrationPhase {
-    match p {
-        RecordPhase::Copying => MigrationPhase::Copying,
-        RecordPhase::CatchingUp => MigrationPhase::CatchingUp,
-        RecordPhase::Holding => MigrationPhase::Holding,
-        RecordPhase::Switching => MigrationPhase::Switching,
-        RecordPhase::CleaningUp => MigrationPhase::CleaningUp,
-        RecordPhase::Completed => MigrationPhase::Completed,
-        RecordPhase::Aborted => MigrationPhase::Aborted,
-    }
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary (with `…` when cut).
-fn bounded(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
 /// `1240` as `1,240`.
 pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
@@ -191,7 +147,7 @@ pub fn summary(s: &MigrationStatus) -> String {
 /// message saying what it does now and what it waits for.
 pub fn condition(record: &MigrationRecord, tuning: &Tuning, now: u64) -> (&'static str, String, String) {
     let (from, to) = (&record.from_replica_set, &record.to_replica_set);
-    let reason = phase_of(record.phase).to_string();
+    let reason = record.phase.to_string();
     let attempt = if record.attempt > 1 { format!(" (attempt {})", record.attempt) } else { String::new() };
     let in_secs = |at: u64| at.saturating_sub(now).div_ceil(1000);
     let mut message = match record.step {
@@ -507,7 +463,7 @@ async fn start_move(
 /// `status.migration`, its summary and the condition from the record; an Event for each
 /// change a person should see.
 async fn mirror(ctx: &Context, dbi: &DatabaseInstance, record: &MigrationRecord, status: &mut DatabaseInstanceStatus) {
-    let new = status_of(record);
+    let new = record.status();
     let old = dbi.status.as_ref().and_then(|s| s.migration.as_ref());
     for (type_, reason, note) in events(old, &new) {
         event(ctx, dbi, type_, &reason, "Migrate", &note).await;
@@ -598,8 +554,6 @@ mod tests {
         assert_eq!(size(812), "812 B");
         assert_eq!(size(41_000_000), "41 MB");
         assert_eq!(size(1_200_000_000), "1.2 GB");
-        assert_eq!(bounded("abcdef", 4), "a…");
-        assert_eq!(bounded("abc", 4), "abc");
     }
 
     fn record(step: Step) -> MigrationRecord {
@@ -612,15 +566,15 @@ mod tests {
     fn the_summary_shows_the_phase_and_its_progress() {
         let mut r = record(Step::Copy);
         r.bytes_copied = 41_000_000;
-        assert_eq!(summary(&status_of(&r)), "Copying 41 MB");
+        assert_eq!(summary(&r.status()), "Copying 41 MB");
         let mut r = record(Step::CatchUp);
         r.lag_ops = 1240;
-        assert_eq!(summary(&status_of(&r)), "CatchingUp 1,240 ops behind");
+        assert_eq!(summary(&r.status()), "CatchingUp 1,240 ops behind");
         r.attempt = 2;
-        assert_eq!(summary(&status_of(&r)), "CatchingUp 1,240 ops behind (attempt 2)");
+        assert_eq!(summary(&r.status()), "CatchingUp 1,240 ops behind (attempt 2)");
         let mut r = record(Step::Done);
         r.finished_at_ms = Some(2_000);
-        assert_eq!(summary(&status_of(&r)), "Completed");
+        assert_eq!(summary(&r.status()), "Completed");
     }
 
     #[test]
@@ -635,11 +589,11 @@ mod tests {
     #[test]
     fn an_abort_then_a_retry_are_each_an_event() {
         let mut r = record(Step::Verify);
-        let before = status_of(&r);
+        let before = r.status();
         r.error = Some("checksum differs".into());
         r.next_retry_ms = Some(50_000);
         r.set_step(Step::Copy);
-        let aborted = status_of(&r);
+        let aborted = r.status();
         let ev = events(Some(&before), &aborted);
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].1, "MigrationAborted");
@@ -647,9 +601,9 @@ mod tests {
         r.next_retry_ms = None;
         r.attempt = 2;
         r.set_step(Step::Copy);
-        let retried = events(Some(&aborted), &status_of(&r));
+        let retried = events(Some(&aborted), &r.status());
         let reasons: Vec<&str> = retried.iter().map(|e| e.1.as_str()).collect();
         assert_eq!(reasons, ["MigrationRetrying", "MigrationCopying"]);
-        assert!(events(Some(&status_of(&r)), &status_of(&r)).is_empty(), "no change, no Event");
+        assert!(events(Some(&r.status()), &r.status()).is_empty(), "no change, no Event");
     }
 }
