@@ -537,6 +537,55 @@ pub(super) async fn cancel_for_deletion(ctx: &Context, db: &str) {
     }
 }
 
+/// The replica sets that hold a copy of `db` as its deletion must find them, the one it
+/// lives on first: where the route says it lives (or, without a route, where a switched
+/// migration moved it, else the instance's placement), then the source of a switched
+/// migration whose clean-up has not dropped its copy yet, then the placement. The placement
+/// alone is not enough: it follows the route only at the instance's next pass after the
+/// switch, so until then it names the source while the database lives on the target.
+///
+/// A migration not switched holds no copy of its own to drop here: its cancellation rolls
+/// it back, and the rollback drops the target's import.
+pub(super) fn replica_sets_holding(
+    placement: Option<&str>,
+    route: Option<&str>,
+    record: Option<&MigrationRecord>,
+) -> Vec<String> {
+    let switched = record.filter(|r| (Step::Switch..=Step::Done).contains(&r.step));
+    let lives = route.or(switched.map(|r| r.to_replica_set.as_str())).or(placement);
+    // A completed migration's clean-up dropped the source's copy: the placement still
+    // naming it is only behind.
+    let cleaned = switched.filter(|r| r.step == Step::Done).map(|r| r.from_replica_set.as_str());
+    let source = switched.filter(|r| r.step < Step::Done).map(|r| r.from_replica_set.as_str());
+    let mut out: Vec<String> = Vec::new();
+    for rs in [lives, source, placement.filter(|p| Some(*p) != cleaned)].into_iter().flatten() {
+        if !out.iter().any(|o| o == rs) {
+            out.push(rs.to_owned());
+        }
+    }
+    out
+}
+
+/// [`replica_sets_holding`] for an instance being deleted in `ns`, from etcd's route and
+/// migration record of `db` (a record of another namespace's database of that name is
+/// not this one's).
+pub(super) async fn replica_sets_to_drop(
+    ctx: &Context,
+    ns: &str,
+    db: &str,
+    placement: Option<&str>,
+) -> Result<Vec<String>, Error> {
+    let unreadable = |what: &str, e: crate::controlplane::migration::Failure| Error::Locate {
+        database: db.to_owned(),
+        reason: format!("failed to read its {what} from etcd: {e}"),
+    };
+    let world = &ctx.migrations.world;
+    let route = world.route(db).await.map_err(|e| unreadable("route", e))?.map(|(r, _)| r.replica_set);
+    let record = world.record(db).await.map_err(|e| unreadable("migration record", e))?.map(|(r, _)| r);
+    let record = record.filter(|r| r.namespace == ns);
+    Ok(replica_sets_holding(placement, route.as_deref(), record.as_ref()))
+}
+
 /// Requeue for an active migration.
 pub(super) fn requeue(m: &Move) -> Option<kube::runtime::controller::Action> {
     matches!(m, Move::Active).then(busy_requeue)
@@ -584,6 +633,32 @@ mod tests {
         let (status, reason, message) = condition(&r, &Tuning::default(), 0);
         assert_eq!((status, reason.as_str()), ("True", "CatchingUp"));
         assert!(message.contains("waiting for lag under 0.5 s: 1,240 ops behind"), "{message}");
+    }
+
+    #[test]
+    fn a_deletion_drops_the_database_where_it_lives_and_wherever_a_copy_remains() {
+        let holding = |placement, route, step: Option<Step>| {
+            let r = step.map(record);
+            replica_sets_holding(placement, route, r.as_ref())
+        };
+        // No migration: the route's replica set (the placement's, normally).
+        assert_eq!(holding(Some("default-rs0"), Some("default-rs0"), None), ["default-rs0"]);
+        assert_eq!(holding(Some("default-rs0"), None, None), ["default-rs0"]);
+        assert_eq!(holding(None, None, None), Vec::<String>::new());
+        // Not switched: the database lives on the source; the rollback drops the import.
+        for step in [Step::Copy, Step::CatchUp, Step::Hold, Step::Fence, Step::Verify, Step::Abort, Step::Aborted] {
+            assert_eq!(holding(Some("default-rs0"), Some("default-rs0"), Some(step)), ["default-rs0"], "{step:?}");
+        }
+        // Switched, the placement not yet following: the target first, and the source's
+        // copy until the clean-up dropped it.
+        for step in [Step::Switch, Step::CleanUp] {
+            assert_eq!(holding(Some("default-rs0"), Some("big-rs0"), Some(step)), ["big-rs0", "default-rs0"]);
+            assert_eq!(holding(Some("default-rs0"), None, Some(step)), ["big-rs0", "default-rs0"], "route gone");
+        }
+        assert_eq!(holding(Some("default-rs0"), Some("big-rs0"), Some(Step::Done)), ["big-rs0"]);
+        // The placement followed: the same.
+        assert_eq!(holding(Some("big-rs0"), Some("big-rs0"), Some(Step::CleanUp)), ["big-rs0", "default-rs0"]);
+        assert_eq!(holding(Some("big-rs0"), Some("big-rs0"), Some(Step::Done)), ["big-rs0"]);
     }
 
     #[test]
