@@ -108,9 +108,17 @@ pub struct Route {
     /// Increases by one each time the database moves; stale senders are refused.
     pub epoch: u64,
     pub state: RouteState,
-    /// With `Holding`: when the hold ends by itself (ms since the Unix epoch).
+    /// With `Holding`: when the hold ends by itself (ms since the Unix epoch), by the
+    /// control plane's clock. It also names the hold (with `epoch`: see [`HoldAck`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_deadline_ms: Option<u64>,
+    /// With `Holding`: how long the hold lasts (ms). A gateway holds for this long from
+    /// when it first saw the hold, by its own clock: comparing `hold_deadline_ms` with its
+    /// own clock would hold too long on a gateway whose clock is behind the control
+    /// plane's, and not at all on one ahead by more than the hold's length. Absent from
+    /// routes written before it existed (a gateway then goes by the deadline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_timeout_ms: Option<u64>,
 }
 
 /// A gateway's acknowledgement of one hold (`/nimbus/holds/{db}/{gateway}`): it forwards
@@ -239,6 +247,7 @@ mod tests {
             epoch: 3,
             state: RouteState::Holding,
             hold_deadline_ms: Some(1_000),
+            hold_timeout_ms: Some(5_000),
         };
         let ack = HoldAck { epoch: 3, hold_deadline_ms: Some(1_000), acked_ms: 900 };
         assert!(ack.acknowledges(&held));
@@ -258,10 +267,20 @@ mod tests {
             epoch: 3,
             state: RouteState::Serving,
             hold_deadline_ms: None,
+            hold_timeout_ms: None,
         };
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["replicaSet"], "rs0");
         assert_eq!(v["state"], "Serving");
+        assert!(v.get("holdDeadlineMs").is_none() && v.get("holdTimeoutMs").is_none(), "{v}");
         assert_eq!(serde_json::from_value::<Route>(v).unwrap(), r);
+        let held = Route { state: RouteState::Holding, hold_deadline_ms: Some(9), hold_timeout_ms: Some(5_000), ..r };
+        let v = serde_json::to_value(&held).unwrap();
+        assert_eq!((v["holdDeadlineMs"].as_u64(), v["holdTimeoutMs"].as_u64()), (Some(9), Some(5_000)));
+        assert_eq!(serde_json::from_value::<Route>(v).unwrap(), held);
+        // A route written before the hold's length was: none.
+        let old = serde_json::json!({"replicaSet": "rs0", "members": [], "epoch": 3, "state": "Holding",
+            "holdDeadlineMs": 9});
+        assert_eq!(serde_json::from_value::<Route>(old).unwrap().hold_timeout_ms, None);
     }
 }

@@ -84,6 +84,7 @@ impl Control {
             epoch,
             state,
             hold_deadline_ms: None,
+            hold_timeout_ms: None,
         };
         self.etcd.put(keys::route_key(db), serde_json::to_vec(&route)?, None).await?;
         Ok(())

@@ -1,10 +1,10 @@
 //! Hot migration as a user drives it (`API.md` section 3): manifests with two pools,
 //! `nimbus playground apply` of an instance whose `spec.pool` changed, the migration
 //! watched in `playground.json`; and what the tests and `bench/hot-migration` check around
-//! it: a database's contents before and after, writers that retry with their idempotency
-//! key through a fault, a reader that reads its own writes, registers for the
-//! linearizability checker, and the faults themselves (a gateway killed and started
-//! again, etcd stopped).
+//! it: a database's contents before and after, a reader that reads its own writes,
+//! registers for the linearizability checker, and the faults themselves (a gateway killed
+//! and started again, etcd stopped). The writers that retry through a fault are
+//! `workload::Writers` with [`crate::workload::Delivery::Retried`] for [`RETRY_FOR`].
 
 use std::collections::BTreeMap;
 use std::hash::{Hash as _, Hasher as _};
@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::linearizability::{Event, Op};
 use crate::playground::{Playground, command_line, signal};
-use crate::workload::{COLLECTION, COUNTER_ID, WriterReport};
+use crate::workload::{COLLECTION, COUNTER_ID};
 use crate::{DataClient, poll};
 
 /// The pool every instance starts in.
@@ -337,101 +337,9 @@ async fn checksum(t: &Tenant, coll: &str) -> anyhow::Result<(u64, u64)> {
     Ok((n, sum))
 }
 
-/// How long a retrying writer keeps retrying one write.
+/// How long a retrying writer keeps retrying one write
+/// ([`crate::workload::Delivery::Retried`]).
 pub const RETRY_FOR: Duration = Duration::from_secs(60);
-
-/// Writers as an application that retries does it: like `workload::Writers` (half inserts
-/// with known `_id`s, half `$inc`s of the shared counter, each with its own
-/// `Idempotency-Key`), but a write that got no answer or `503`/`502` is sent again with the
-/// same key until acknowledged (for [`RETRY_FOR`]). The faults that kill the gateway or
-/// stop etcd make some requests fail, which a client must retry; the idempotency key makes
-/// the retry safe, so afterwards each acknowledged write must be there exactly once.
-pub struct RetryingWriters {
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicU64>,
-    retries: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<WriterReport>>,
-}
-
-impl RetryingWriters {
-    pub fn start(t: &Tenant, concurrency: usize) -> RetryingWriters {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicU64::new(0));
-        let retries = Arc::new(AtomicU64::new(0));
-        let run = unique_run();
-        let tasks = (0..concurrency)
-            .map(|w| {
-                let (t, stop, answered, retries, run) =
-                    (t.clone(), stop.clone(), answered.clone(), retries.clone(), run.clone());
-                tokio::spawn(async move {
-                    let mut report = WriterReport::default();
-                    let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        let id = format!("{w}-{n}");
-                        let key = format!("{run}-{id}");
-                        let insert = n.is_multiple_of(2);
-                        let (rest, body) = if insert {
-                            (format!("collections/{COLLECTION}/documents"), json!({"documents": [{"_id": id, "w": w}]}))
-                        } else {
-                            (
-                                format!("collections/{COLLECTION}/update"),
-                                json!({"filter": {"_id": COUNTER_ID}, "update": {"$inc": {"n": 1}}}),
-                            )
-                        };
-                        let started = Instant::now();
-                        let (st, answer) = loop {
-                            let (st, answer) = t.call(Method::POST, &rest, Some(&body), Some(&key)).await;
-                            if matches!(st, 0 | 502 | 503) && started.elapsed() < RETRY_FOR {
-                                retries.fetch_add(1, Ordering::Relaxed);
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                continue;
-                            }
-                            break (st, answer);
-                        };
-                        report.latencies_us.push(started.elapsed().as_micros() as u64);
-                        match (insert, st) {
-                            (true, 201) => report.inserted.push(id),
-                            (false, 200) if answer["modified"] == 1 => report.increments += 1,
-                            _ => report.errors.push(format!("write {id}: {st} {answer}")),
-                        }
-                        answered.fetch_add(1, Ordering::Relaxed);
-                        n += 1;
-                    }
-                    report
-                })
-            })
-            .collect();
-        RetryingWriters { stop, answered, retries, tasks }
-    }
-
-    pub fn answered(&self) -> u64 {
-        self.answered.load(Ordering::Relaxed)
-    }
-
-    /// Requests sent again so far (each a failure a client saw and retried).
-    pub fn retries(&self) -> u64 {
-        self.retries.load(Ordering::Relaxed)
-    }
-
-    /// Waits until `more` further writes have been acknowledged or given up on.
-    pub async fn wait_for(&self, more: u64, timeout: Duration) -> anyhow::Result<()> {
-        let target = self.answered() + more;
-        poll(&format!("{more} more writes"), timeout, || async { (self.answered() >= target).then_some(()) }).await
-    }
-
-    pub async fn stop(self) -> anyhow::Result<WriterReport> {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = WriterReport::default();
-        for t in self.tasks {
-            let r = t.await.context("a writer panicked")?;
-            all.inserted.extend(r.inserted);
-            all.increments += r.increments;
-            all.errors.extend(r.errors);
-            all.latencies_us.extend(r.latencies_us);
-        }
-        Ok(all)
-    }
-}
 
 fn unique_run() -> String {
     format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos())

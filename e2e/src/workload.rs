@@ -1,8 +1,9 @@
 //! A steady stream of writes through the gateway, as an application would send them: each
 //! write carries its own `Idempotency-Key` and is sent once (the gateway must hide
-//! failovers). Half the writes insert a document with a known `_id`, half `$inc` a shared
-//! counter, so that afterwards "every acknowledged write present" and "none applied twice"
-//! can both be checked exactly.
+//! failovers), or is sent again with that key after a failure a client retries
+//! ([`Delivery`]). Half the writes insert a document with a known `_id`, half `$inc` a
+//! shared counter, so that afterwards "every acknowledged write present" and "none applied
+//! twice" can both be checked exactly.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,9 +31,28 @@ pub struct WriterReport {
     pub latencies_us: Vec<u64>,
 }
 
+/// How a writer sends each write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Once, with an `Idempotency-Key` of its own: the gateway must hide failovers.
+    Once,
+    /// Once, without a key: only the one the gateway makes protects its own retries.
+    OnceWithoutKey,
+    /// With a key of its own, and sent again with the same key after no answer, a `502` or
+    /// a `503` (failures a client retries: a gateway killed, etcd unreachable, a request
+    /// held past its deadline) until it gets another answer, for at most this long. The key
+    /// makes the retry safe: each acknowledged write must still be there exactly once.
+    Retried(Duration),
+}
+
+/// How long a retried write waits before it is sent again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 pub struct Writers {
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
+    /// Requests sent again ([`Delivery::Retried`]).
+    retries: Arc<AtomicU64>,
     /// Longest write latency (µs) since the last [`Writers::take_max_latency`].
     max_latency_us: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<WriterReport>>,
@@ -56,9 +76,10 @@ pub async fn prepare(client: &DataClient, gateway: &str, db: &str, token: &str) 
 }
 
 impl Writers {
-    /// Starts `concurrency` writers against database `db` through `gateway`.
+    /// Starts `concurrency` writers against database `db` through `gateway`, each write
+    /// sent once with its own key.
     pub fn start(client: &DataClient, gateway: &str, db: &str, token: &str, concurrency: usize) -> Writers {
-        Self::spawn(client, gateway, db, token, concurrency, true)
+        Self::start_with(client, gateway, db, token, concurrency, Delivery::Once)
     }
 
     /// Like [`Writers::start`], but the writes carry no `Idempotency-Key`: only the one the
@@ -70,19 +91,21 @@ impl Writers {
         token: &str,
         concurrency: usize,
     ) -> Writers {
-        Self::spawn(client, gateway, db, token, concurrency, false)
+        Self::start_with(client, gateway, db, token, concurrency, Delivery::OnceWithoutKey)
     }
 
-    fn spawn(
+    /// Starts `concurrency` writers sending their writes as `delivery` says.
+    pub fn start_with(
         client: &DataClient,
         gateway: &str,
         db: &str,
         token: &str,
         concurrency: usize,
-        client_keys: bool,
+        delivery: Delivery,
     ) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
+        let retries = Arc::new(AtomicU64::new(0));
         let max_latency_us = Arc::new(AtomicU64::new(0));
         let base = format!("{gateway}/v1/databases/{db}/collections/{COLLECTION}");
         let run = format!(
@@ -93,7 +116,7 @@ impl Writers {
             .map(|w| {
                 let (client, base, stop, acked, run) =
                     (client.clone(), base.clone(), stop.clone(), acked.clone(), run.clone());
-                let max_latency_us = max_latency_us.clone();
+                let (retries, max_latency_us) = (retries.clone(), max_latency_us.clone());
                 let auth = format!("Bearer {token}");
                 tokio::spawn(async move {
                     let mut report = WriterReport::default();
@@ -111,12 +134,23 @@ impl Writers {
                             )
                         };
                         let started = Instant::now();
-                        let headers: &[(&str, &str)] = if client_keys {
-                            &[("authorization", &auth), ("idempotency-key", &key)]
-                        } else {
+                        let headers: &[(&str, &str)] = if delivery == Delivery::OnceWithoutKey {
                             &[("authorization", &auth)]
+                        } else {
+                            &[("authorization", &auth), ("idempotency-key", &key)]
                         };
-                        let (st, answer) = client.call(Method::POST, &url, Some(&body), headers).await;
+                        let (st, answer) = loop {
+                            let (st, answer) = client.call(Method::POST, &url, Some(&body), headers).await;
+                            match delivery {
+                                Delivery::Retried(limit)
+                                    if matches!(st, 0 | 502 | 503) && started.elapsed() < limit =>
+                                {
+                                    retries.fetch_add(1, Ordering::Relaxed);
+                                    tokio::time::sleep(RETRY_PAUSE).await;
+                                }
+                                _ => break (st, answer),
+                            }
+                        };
                         let latency = started.elapsed().as_micros() as u64;
                         report.latencies_us.push(latency);
                         max_latency_us.fetch_max(latency, Ordering::Relaxed);
@@ -132,12 +166,17 @@ impl Writers {
                 })
             })
             .collect();
-        Writers { stop, acked, max_latency_us, tasks }
+        Writers { stop, acked, retries, max_latency_us, tasks }
     }
 
     /// Writes answered so far (acknowledged or not).
     pub fn answered(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent again so far (each a failure a client saw and retried).
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 
     /// The longest latency of a write answered since the last call, in microseconds.

@@ -118,6 +118,8 @@ fn route(stub: &Stub, replica_set: &str, epoch: u64, state: RouteState, hold_dea
         epoch,
         state,
         hold_deadline_ms,
+        // As the control plane writes it: the hold's length with its deadline.
+        hold_timeout_ms: hold_deadline_ms.map(|d| d.saturating_sub(now_ms())),
     }
 }
 

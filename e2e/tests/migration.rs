@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use nimbus_e2e::DataClient;
 use nimbus_e2e::linearizability;
 use nimbus_e2e::migration::{
-    ANCHOR, Contents, PRELOAD, Reader, Registers, RetryingWriters, SOURCE_POOL, SWITCHED, Stopped, TARGET_POOL, Tenant,
+    ANCHOR, Contents, PRELOAD, RETRY_FOR, Reader, Registers, SOURCE_POOL, SWITCHED, Stopped, TARGET_POOL, Tenant,
     TwoPools, in_phase, kill_gateway, leader_of, migration_of, preload, settled_in, wait_instance,
 };
 use nimbus_e2e::playground::kill9;
-use nimbus_e2e::workload::{self, Writers};
+use nimbus_e2e::workload::{self, Delivery, Writers};
 use serde_json::Value;
 
 const TENANT: &str = "shop";
@@ -109,6 +109,57 @@ fn assert_completed_within(v: &Value, pool: &str, from: &str, to: &str, max_hold
     m
 }
 
+/// What a fault test starts from: a playground with both pools, started with the
+/// failpoints `failpoints`; the tenant preloaded with `bytes` of documents (its contents
+/// read as they are before any move) and written to by writers that retry what a fault
+/// makes fail, with their idempotency key, as a client does.
+struct UnderFaults {
+    two: Arc<TwoPools>,
+    client: DataClient,
+    shop: Tenant,
+    source: String,
+    target: String,
+    /// Documents preloaded.
+    docs: u64,
+    before: Contents,
+    writers: Writers,
+}
+
+async fn under_faults(failpoints: &'static str, bytes: u64) -> UnderFaults {
+    let env = [("FAILPOINTS", failpoints)];
+    let two = Arc::new(blocking(move || TwoPools::up(TENANT, &[], &env)).await.unwrap());
+    let client = DataClient::new();
+    let shop = Tenant::of(&two.pg, &client, TENANT).unwrap();
+    let v = two.pg.json().unwrap();
+    let (source, target) = (replica_set(&v, TENANT), replica_set(&v, ANCHOR));
+    let docs = preload(&shop, bytes, DOC_BYTES, 8).await.unwrap();
+    let before = Contents::read(&shop, &[PRELOAD]).await.unwrap();
+    workload::prepare(&client, &shop.gateway, &shop.db, &shop.token).await.unwrap();
+    let writers = Writers::start_with(&client, &shop.gateway, &shop.db, &shop.token, 8, Delivery::Retried(RETRY_FOR));
+    writers.wait_for(100, WRITES).await.unwrap();
+    UnderFaults { two, client, shop, source, target, docs, before, writers }
+}
+
+impl UnderFaults {
+    /// The writes go on (100 more), then stop: none failed for good (a retry through the
+    /// fault got its answer), every acknowledged one is there once, and the preloaded
+    /// data and indexes are as they were.
+    async fn verify(self) {
+        let UnderFaults { client, shop, before, writers, .. } = self;
+        writers.wait_for(100, WRITES).await.unwrap();
+        let retries = writers.retries();
+        let report = writers.stop().await.unwrap();
+        eprintln!("{} inserts, {} increments, {retries} requests retried", report.inserted.len(), report.increments);
+        assert!(
+            report.errors.is_empty(),
+            "writes failed for good: {:?}",
+            &report.errors[..report.errors.len().min(10)]
+        );
+        workload::verify(&client, &shop.gateway, &shop.db, &shop.token, &report).await.unwrap();
+        assert_eq!(Contents::read(&shop, &[PRELOAD]).await.unwrap(), before, "the data or indexes changed");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_moved_under_writers_and_a_reader_loses_nothing_and_its_neighbour_sees_no_error() {
     let two = two_pools(&[NEIGHBOUR], &[]).await;
@@ -173,19 +224,11 @@ async fn a_database_moved_under_writers_and_a_reader_loses_nothing_and_its_neigh
 async fn the_source_leader_killed_during_the_copy_and_the_target_leader_during_catch_up_lose_nothing() {
     // The catch-up made to last a few seconds (its first pages slowed), so that it is seen
     // and its target leader killed in it.
-    let two = two_pools(&[], &[("FAILPOINTS", SLOW_CATCH_UP)]).await;
-    let pg = &two.pg;
-    let client = DataClient::new();
-    let shop = Tenant::of(pg, &client, TENANT).unwrap();
-    let v = pg.json().unwrap();
-    let (source, target) = (replica_set(&v, TENANT), replica_set(&v, ANCHOR));
-    let docs = preload(&shop, COPY_BYTES, DOC_BYTES, 8).await.unwrap();
-    let before = Contents::read(&shop, &[PRELOAD]).await.unwrap();
-    workload::prepare(&client, &shop.gateway, &shop.db, &shop.token).await.unwrap();
-    let writers = RetryingWriters::start(&shop, 8);
-    writers.wait_for(100, WRITES).await.unwrap();
+    let f = under_faults(SLOW_CATCH_UP, COPY_BYTES).await;
+    let (two, pg, client) = (&f.two, &f.two.pg, &f.client);
+    let (source, target, docs) = (&f.source, &f.target, f.docs);
 
-    apply(&two, true, false).await;
+    apply(two, true, false).await;
     let v = wait_instance(pg, TENANT, "copying", MIGRATION, |i| {
         in_phase(i, &["Copying"]) && i["migration"]["documentsCopied"].as_u64().is_some_and(|n| n > 0)
     })
@@ -193,7 +236,7 @@ async fn the_source_leader_killed_during_the_copy_and_the_target_leader_during_c
     .unwrap();
     let copied = migration_of(&v, TENANT)["documentsCopied"].as_u64().unwrap();
     assert!(copied < docs, "the copy was over before it was seen running: make COPY_BYTES larger");
-    let (leader, _) = leader_of(pg, &client.http, &source).await.expect("a source leader");
+    let (leader, _) = leader_of(pg, &client.http, source).await.expect("a source leader");
     eprintln!("killing the source leader {} after {copied} of {docs} documents copied", leader["id"]);
     kill9(leader["pid"].as_u64().unwrap() as u32).unwrap();
 
@@ -204,49 +247,34 @@ async fn the_source_leader_killed_during_the_copy_and_the_target_leader_during_c
         "the migration left Copying for {}, not CatchingUp (or went through CatchingUp between two polls)",
         i["migration"]
     );
-    let (leader, _) = leader_of(pg, &client.http, &target).await.expect("a target leader");
+    let (leader, _) = leader_of(pg, &client.http, target).await.expect("a target leader");
     eprintln!("killing the target leader {} during catch-up: {}", leader["id"], i["migration"]);
     kill9(leader["pid"].as_u64().unwrap() as u32).unwrap();
 
     let v =
         wait_instance(pg, TENANT, "the migration completed", MIGRATION, |i| settled_in(i, TARGET_POOL)).await.unwrap();
-    let m = assert_completed(&v, TARGET_POOL, &source, &target);
+    let m = assert_completed(&v, TARGET_POOL, source, target);
     eprintln!("migration: {m}");
-    writers.wait_for(100, WRITES).await.unwrap();
-    let retries = writers.retries();
-    let report = writers.stop().await.unwrap();
-    eprintln!("{} inserts, {} increments, {retries} requests retried", report.inserted.len(), report.increments);
-    assert!(report.errors.is_empty(), "writes failed for good: {:?}", &report.errors[..report.errors.len().min(10)]);
-    workload::verify(&client, &shop.gateway, &shop.db, &shop.token, &report).await.unwrap();
-    assert_eq!(Contents::read(&shop, &[PRELOAD]).await.unwrap(), before, "the data or indexes changed in the move");
+    f.verify().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_gateway_killed_and_etcd_stopped_during_the_hold_lose_nothing() {
-    let two = two_pools(&[], &[("FAILPOINTS", LONG_HOLD)]).await;
-    let pg = &two.pg;
-    let client = DataClient::new();
-    let shop = Tenant::of(pg, &client, TENANT).unwrap();
-    let v = pg.json().unwrap();
-    let (source, target) = (replica_set(&v, TENANT), replica_set(&v, ANCHOR));
-    preload(&shop, SMALL_BYTES, DOC_BYTES, 4).await.unwrap();
-    let before = Contents::read(&shop, &[PRELOAD]).await.unwrap();
-    workload::prepare(&client, &shop.gateway, &shop.db, &shop.token).await.unwrap();
-    let writers = RetryingWriters::start(&shop, 8);
-    writers.wait_for(100, WRITES).await.unwrap();
+    let f = under_faults(LONG_HOLD, SMALL_BYTES).await;
+    let (two, pg, source, target) = (&f.two, &f.two.pg, &f.source, &f.target);
 
     // The gateway killed while it holds the database's requests: clients retry, the
     // gateway comes back (the playground's, or started again here as a supervisor would).
-    apply(&two, true, false).await;
+    apply(two, true, false).await;
     route_holding(pg).await;
     let _restarted = kill_gateway(pg).await.unwrap();
     let v = wait_instance(pg, TENANT, "moved to the target", MIGRATION, |i| settled_in(i, TARGET_POOL)).await.unwrap();
     eprintln!("after the gateway was killed: {}", migration_of(&v, TENANT));
-    assert_completed(&v, TARGET_POOL, &source, &target);
-    writers.wait_for(100, WRITES).await.unwrap();
+    assert_completed(&v, TARGET_POOL, source, target);
+    f.writers.wait_for(100, WRITES).await.unwrap();
 
     // etcd stopped while the way back holds, for longer than a gateway's lease (3 s).
-    apply(&two, false, false).await;
+    apply(two, false, false).await;
     route_holding(pg).await;
     let etcd = Stopped::stop(pg.etcd_pid().unwrap()).unwrap();
     // The fault's length, not a decision: etcd unreachable for 4 s.
@@ -254,33 +282,17 @@ async fn the_gateway_killed_and_etcd_stopped_during_the_hold_lose_nothing() {
     etcd.resume().unwrap();
     let v = wait_instance(pg, TENANT, "moved back", MIGRATION, |i| settled_in(i, SOURCE_POOL)).await.unwrap();
     eprintln!("after etcd was stopped: {}", migration_of(&v, TENANT));
-    assert_completed_within(&v, SOURCE_POOL, &target, &source, 5_000 + 4_000 + 2_000);
-
-    writers.wait_for(100, WRITES).await.unwrap();
-    let retries = writers.retries();
-    let report = writers.stop().await.unwrap();
-    eprintln!("{} inserts, {} increments, {retries} requests retried", report.inserted.len(), report.increments);
-    assert!(report.errors.is_empty(), "writes failed for good: {:?}", &report.errors[..report.errors.len().min(10)]);
-    workload::verify(&client, &shop.gateway, &shop.db, &shop.token, &report).await.unwrap();
-    assert_eq!(Contents::read(&shop, &[PRELOAD]).await.unwrap(), before, "the data or indexes changed in the moves");
+    assert_completed_within(&v, SOURCE_POOL, target, source, 5_000 + 4_000 + 2_000);
+    f.verify().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hold_past_its_deadline_aborts_with_nothing_lost_and_the_retry_completes() {
-    let two = two_pools(&[], &[("FAILPOINTS", HOLD_PAST_DEADLINE)]).await;
-    let pg = &two.pg;
-    let client = DataClient::new();
-    let shop = Tenant::of(pg, &client, TENANT).unwrap();
-    let v = pg.json().unwrap();
-    let (source, target) = (replica_set(&v, TENANT), replica_set(&v, ANCHOR));
-    preload(&shop, SMALL_BYTES, DOC_BYTES, 4).await.unwrap();
-    let before = Contents::read(&shop, &[PRELOAD]).await.unwrap();
-    workload::prepare(&client, &shop.gateway, &shop.db, &shop.token).await.unwrap();
     // Requests held past their own deadline get 503, which a client retries.
-    let writers = RetryingWriters::start(&shop, 8);
-    writers.wait_for(100, WRITES).await.unwrap();
+    let f = under_faults(HOLD_PAST_DEADLINE, SMALL_BYTES).await;
+    let (two, pg, source, target) = (&f.two, &f.two.pg, &f.source, &f.target);
 
-    apply(&two, true, false).await;
+    apply(two, true, false).await;
     let v = wait_instance(pg, TENANT, "aborted", MIGRATION, |i| {
         in_phase(i, &["Aborted"]) || i["migration"]["attempt"].as_u64().is_some_and(|a| a >= 2)
     })
@@ -293,16 +305,12 @@ async fn a_hold_past_its_deadline_aborts_with_nothing_lost_and_the_retry_complet
     assert_eq!(i["replicaSet"], source.as_str(), "an aborted migration left the route on the target: {i}");
     eprintln!("aborted: {}", i["migration"]);
     // Writes go on, served by the source.
-    writers.wait_for(100, WRITES).await.unwrap();
+    f.writers.wait_for(100, WRITES).await.unwrap();
 
     let v = wait_instance(pg, TENANT, "the retry completed", MIGRATION, |i| settled_in(i, TARGET_POOL)).await.unwrap();
-    let m = assert_completed(&v, TARGET_POOL, &source, &target);
+    let m = assert_completed(&v, TARGET_POOL, source, target);
     assert_eq!(m["attempt"], 2, "{m}");
-    writers.wait_for(100, WRITES).await.unwrap();
-    let report = writers.stop().await.unwrap();
-    assert!(report.errors.is_empty(), "writes failed for good: {:?}", &report.errors[..report.errors.len().min(10)]);
-    workload::verify(&client, &shop.gateway, &shop.db, &shop.token, &report).await.unwrap();
-    assert_eq!(Contents::read(&shop, &[PRELOAD]).await.unwrap(), before, "the data or indexes changed");
+    f.verify().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -43,16 +43,23 @@ impl<T> Drop for Task<T> {
     }
 }
 
-/// One hold: the route as written with `Holding`, named by its epoch and deadline.
+/// One hold: the route as written with `Holding`, named by its epoch and deadline; and
+/// when this gateway stops holding it, by its own clock (`RouteEntry::hold_until_ms`: the
+/// same for every entry of the same hold).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Hold {
     epoch: u64,
     deadline_ms: Option<u64>,
+    until_ms: Option<u64>,
 }
 
 impl Hold {
     fn of(route: &RouteEntry) -> Option<Hold> {
-        (route.state == RouteState::Holding).then_some(Hold { epoch: route.epoch, deadline_ms: route.hold_deadline_ms })
+        (route.state == RouteState::Holding).then_some(Hold {
+            epoch: route.epoch,
+            deadline_ms: route.hold_deadline_ms,
+            until_ms: route.hold_until_ms,
+        })
     }
 }
 
@@ -89,12 +96,13 @@ pub async fn run(gw: Arc<Gateway>, client: Client, lease: i64) {
 }
 
 /// Waits until none of `db`'s requests is in flight, then writes the acknowledgement of
-/// `hold`; returns the value written (`None` when the hold's deadline passed first: the
-/// control plane aborts then, and an acknowledgement would only mislead).
+/// `hold`; returns the value written (`None` when the hold ended first, by this gateway's
+/// clock: the control plane aborts at its deadline, and an acknowledgement would only
+/// mislead).
 async fn acknowledge(gw: Arc<Gateway>, mut client: Client, lease: i64, db: String, hold: Hold) -> Option<Vec<u8>> {
     let traffic = gw.db(&db)?.traffic.clone();
     let expires = async {
-        match hold.deadline_ms {
+        match hold.until_ms {
             Some(d) => tokio::time::sleep(Duration::from_millis(d.saturating_sub(now_ms()))).await,
             None => std::future::pending().await,
         }
@@ -102,7 +110,7 @@ async fn acknowledge(gw: Arc<Gateway>, mut client: Client, lease: i64, db: Strin
     tokio::select! {
         _ = traffic.wait_idle() => {}
         _ = expires => {
-            tracing::warn!(db, epoch = hold.epoch, "the hold's deadline passed with requests still in flight; not acknowledged");
+            tracing::warn!(db, epoch = hold.epoch, "the hold ended with requests still in flight; not acknowledged");
             return None;
         }
     }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use nimbus_api::etcd::RouteState;
+use nimbus_api::etcd::{Route, RouteState};
 use tokio::sync::Notify;
 
 use crate::state::RouteEntry;
@@ -147,16 +147,41 @@ pub enum Await {
     NewerRoute,
 }
 
+/// When this gateway stops holding `route` by its own clock (ms since the Unix epoch), for
+/// a route first seen now (`now_ms`) or, as `earlier`, before: `None` when it is not
+/// `Holding`, or when its hold has no end (it lasts until the route changes).
+///
+/// The hold lasts its length (`hold_timeout_ms`) from when this gateway first saw it: a
+/// hold is named by its epoch and deadline, so a rebuilt route entry of the same hold keeps
+/// its end, and another hold (the same epoch held again after an abort has another
+/// deadline) starts anew. The deadline itself is the control plane's clock and is compared
+/// with this gateway's only for a route that gives no length (written before there was
+/// one): clocks differ, and a gateway ahead by more than the length would never hold, one
+/// behind would hold too long.
+pub fn hold_until(route: &Route, earlier: Option<&RouteEntry>, now_ms: u64) -> Option<u64> {
+    if route.state != RouteState::Holding {
+        return None;
+    }
+    let Some(length) = route.hold_timeout_ms else { return route.hold_deadline_ms };
+    let same_hold = earlier.filter(|e| {
+        e.state == RouteState::Holding && e.epoch == route.epoch && e.hold_deadline_ms == route.hold_deadline_ms
+    });
+    match same_hold {
+        Some(e) => e.hold_until_ms,
+        None => Some(now_ms.saturating_add(length)),
+    }
+}
+
 /// The next step of a request that needs a route of epoch `min_epoch` at least. A hold
-/// whose deadline has passed no longer holds: the control plane aborts at that deadline,
-/// and should it not, the fenced source answers `StaleRoute` and nothing is lost.
+/// whose end has passed ([`hold_until`]) no longer holds: the control plane aborts at its
+/// deadline, and should it not, the fenced source answers `StaleRoute` and nothing is lost.
 pub fn next_step(serving: bool, route: Option<&RouteEntry>, min_epoch: u64, now_ms: u64) -> Step {
     if !serving {
         return Step::Await(Await::NotServing);
     }
     let Some(route) = route else { return Step::NoRoute };
-    if route.state == RouteState::Holding && route.hold_deadline_ms.is_none_or(|d| now_ms < d) {
-        return Step::Hold { until_ms: route.hold_deadline_ms };
+    if route.state == RouteState::Holding && route.hold_until_ms.is_none_or(|until| now_ms < until) {
+        return Step::Hold { until_ms: route.hold_until_ms };
     }
     if route.epoch < min_epoch {
         return Step::Await(Await::NewerRoute);
@@ -169,16 +194,79 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn route(epoch: u64, state: RouteState, hold_deadline_ms: Option<u64>) -> RouteEntry {
+    fn route(epoch: u64, state: RouteState, hold_until_ms: Option<u64>) -> RouteEntry {
         RouteEntry {
             replica_set: "rs0".into(),
             epoch,
             epoch_header: http::HeaderValue::from(epoch),
             state,
-            hold_deadline_ms,
+            hold_deadline_ms: hold_until_ms,
+            hold_until_ms,
             members: vec![],
             leader: Arc::default(),
         }
+    }
+
+    /// A route as the control plane writes it, held with `deadline` (its clock) and `length`.
+    fn written(epoch: u64, deadline: Option<u64>, length: Option<u64>) -> Route {
+        Route {
+            replica_set: "rs0".into(),
+            members: vec![],
+            epoch,
+            state: RouteState::Holding,
+            hold_deadline_ms: deadline,
+            hold_timeout_ms: length,
+        }
+    }
+
+    /// The entry this gateway makes of `r` at `now` (its clock), after `earlier`.
+    fn seen(r: &Route, earlier: Option<&RouteEntry>, now: u64) -> RouteEntry {
+        RouteEntry { hold_deadline_ms: r.hold_deadline_ms, ..route(r.epoch, r.state, hold_until(r, earlier, now)) }
+    }
+
+    #[test]
+    fn a_hold_lasts_its_length_from_when_this_gateway_saw_it_whatever_the_clocks_say() {
+        // The control plane's clock at 100 s writes a 5 s hold (deadline 105 s).
+        let held = written(3, Some(105_000), Some(5_000));
+        // This gateway's clock a minute ahead (160 s): the deadline is long past by it.
+        let ahead = seen(&held, None, 160_000);
+        assert_eq!(next_step(true, Some(&ahead), 0, 160_000), Step::Hold { until_ms: Some(165_000) });
+        assert_eq!(next_step(true, Some(&ahead), 0, 164_999), Step::Hold { until_ms: Some(165_000) });
+        assert_eq!(next_step(true, Some(&ahead), 0, 165_000), Step::Send);
+        // A minute behind (40 s): the deadline is 65 s away by it; held 5 s, not 65.
+        let behind = seen(&held, None, 40_000);
+        assert_eq!(next_step(true, Some(&behind), 0, 40_000), Step::Hold { until_ms: Some(45_000) });
+        assert_eq!(next_step(true, Some(&behind), 0, 45_000), Step::Send);
+    }
+
+    #[test]
+    fn a_hold_is_timed_from_its_first_sight_and_another_hold_anew() {
+        let held = written(3, Some(105_000), Some(5_000));
+        let first = seen(&held, None, 200_000);
+        // The same hold seen again later (the entry rebuilt): the same end.
+        let again = seen(&held, Some(&first), 203_000);
+        assert_eq!(again.hold_until_ms, Some(205_000));
+        // The same epoch held again after an abort: another deadline, another hold.
+        let retry = written(3, Some(120_000), Some(5_000));
+        assert_eq!(seen(&retry, Some(&first), 203_000).hold_until_ms, Some(208_000));
+        // A new epoch, or a route that was serving before: timed from now.
+        assert_eq!(seen(&written(4, Some(105_000), Some(5_000)), Some(&first), 203_000).hold_until_ms, Some(208_000));
+        let serving = route(3, RouteState::Serving, None);
+        assert_eq!(seen(&held, Some(&serving), 203_000).hold_until_ms, Some(208_000));
+    }
+
+    #[test]
+    fn a_route_without_the_holds_length_is_held_until_its_deadline_and_one_without_either_until_it_changes() {
+        // Written by a control plane older than the length: the deadline, as before.
+        let old = seen(&written(3, Some(105_000), None), None, 100_000);
+        assert_eq!(next_step(true, Some(&old), 0, 104_999), Step::Hold { until_ms: Some(105_000) });
+        assert_eq!(next_step(true, Some(&old), 0, 105_000), Step::Send);
+        let endless = seen(&written(3, None, None), None, 100_000);
+        assert_eq!(next_step(true, Some(&endless), 0, u64::MAX), Step::Hold { until_ms: None });
+        // Serving: nothing to hold, whatever the route still carries.
+        let mut serving = written(3, None, Some(5_000));
+        serving.state = RouteState::Serving;
+        assert_eq!(hold_until(&serving, None, 100_000), None);
     }
 
     #[test]

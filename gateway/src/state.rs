@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 
 use crate::budget::Budget;
 use crate::config::Config;
-use crate::hold::Traffic;
+use crate::hold::{Traffic, hold_until};
 use crate::limits::TenantLimiter;
 use crate::upstream::UpstreamClient;
 use crate::usage::Usage;
@@ -80,7 +80,12 @@ pub struct RouteEntry {
     /// `epoch` as the header every request to a datanode carries (made once).
     pub epoch_header: http::HeaderValue,
     pub state: RouteState,
+    /// With `Holding`: the control plane's deadline, by its clock. It names the hold (the
+    /// acknowledgement repeats it), and is not compared with this gateway's clock.
     pub hold_deadline_ms: Option<u64>,
+    /// With `Holding`: when this gateway stops holding, by its own clock
+    /// ([`crate::hold::hold_until`]); `None` while serving, or for a hold without an end.
+    pub hold_until_ms: Option<u64>,
     pub members: Vec<Member>,
     pub leader: Arc<LeaderCell>,
 }
@@ -208,17 +213,29 @@ impl Gateway {
     }
 
     /// Rebuilds the state of the databases in `changed` (every database when `None`) from
-    /// `tables`; a database's limiter survives unless its limits changed.
+    /// `tables`; a database's limiter survives unless its limits changed, and a hold it
+    /// already saw keeps its end.
     pub fn rebuild(&self, tables: &Tables, changed: Option<&HashSet<String>>) {
+        self.rebuild_at(tables, changed, now_ms());
+    }
+
+    /// [`Gateway::rebuild`], with this gateway's clock reading `now_ms` (when a hold first
+    /// seen now starts).
+    pub fn rebuild_at(&self, tables: &Tables, changed: Option<&HashSet<String>>, now_ms: u64) {
         match changed {
             None => {
-                let all: HashMap<String, Arc<DbState>> =
-                    tables.databases().into_iter().map(|db| (db.clone(), Arc::new(self.build(&db, tables)))).collect();
+                let all: HashMap<String, Arc<DbState>> = tables
+                    .databases()
+                    .into_iter()
+                    .map(|db| (db.clone(), Arc::new(self.build(&db, tables, now_ms))))
+                    .collect();
                 *self.dbs.write().unwrap_or_else(|p| p.into_inner()) = all;
             }
             Some(changed) => {
-                let built: Vec<(&String, Option<Arc<DbState>>)> =
-                    changed.iter().map(|db| (db, tables.knows(db).then(|| Arc::new(self.build(db, tables))))).collect();
+                let built: Vec<(&String, Option<Arc<DbState>>)> = changed
+                    .iter()
+                    .map(|db| (db, tables.knows(db).then(|| Arc::new(self.build(db, tables, now_ms)))))
+                    .collect();
                 let mut dbs = self.dbs.write().unwrap_or_else(|p| p.into_inner());
                 for (db, state) in built {
                     match state {
@@ -230,7 +247,7 @@ impl Gateway {
         }
     }
 
-    fn build(&self, db: &str, tables: &Tables) -> DbState {
+    fn build(&self, db: &str, tables: &Tables, now_ms: u64) -> DbState {
         let limits = tables.limits.get(db).cloned().unwrap_or_else(|| Limits::for_tier(self.default_tier));
         let old = self.db(db);
         let limiter = match &old {
@@ -239,7 +256,7 @@ impl Gateway {
                 Arc::new(TenantLimiter::new(limits, self.config.tenant_memory_budget_bytes, self.tenant_answers_bytes))
             }
         };
-        let traffic = old.map(|o| o.traffic.clone()).unwrap_or_default();
+        let traffic = old.as_ref().map(|o| o.traffic.clone()).unwrap_or_default();
         DbState {
             name: db.to_owned(),
             users: tables
@@ -247,13 +264,16 @@ impl Gateway {
                 .get(db)
                 .map(|us| us.iter().filter_map(|(n, r)| Some((n.clone(), StoredUser::from_record(r)?))).collect())
                 .unwrap_or_default(),
-            route: tables.routes.get(db).map(|r| Arc::new(self.route_entry(r))),
+            route: tables.routes.get(db).map(|r| {
+                let earlier = old.as_ref().and_then(|o| o.route.as_deref());
+                Arc::new(self.route_entry(r, hold_until(r, earlier, now_ms)))
+            }),
             limiter,
             traffic,
         }
     }
 
-    fn route_entry(&self, r: &Route) -> RouteEntry {
+    fn route_entry(&self, r: &Route, hold_until_ms: Option<u64>) -> RouteEntry {
         let leader =
             self.leaders.lock().unwrap_or_else(|p| p.into_inner()).entry(r.replica_set.clone()).or_default().clone();
         let members = r
@@ -280,6 +300,7 @@ impl Gateway {
             epoch_header: http::HeaderValue::from(r.epoch),
             state: r.state,
             hold_deadline_ms: r.hold_deadline_ms,
+            hold_until_ms,
             members,
             leader,
         }
@@ -298,6 +319,90 @@ impl Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hold::{Step, next_step};
+    use clap::Parser as _;
+
+    fn gateway() -> Gateway {
+        let config = Config::try_parse_from([
+            "nimbus-gateway",
+            "--id",
+            "gw-test",
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--cluster-secret-file",
+            "/nonexistent",
+        ])
+        .unwrap();
+        Gateway::new(config, ClusterSecret::parse(&"s".repeat(40)).unwrap()).unwrap()
+    }
+
+    /// `shop`'s route held by a control plane whose clock reads `control_plane_ms`: a
+    /// deadline 5 s ahead of that, and the hold's length.
+    fn held_at(control_plane_ms: u64, epoch: u64) -> Tables {
+        let route = serde_json::json!({"replicaSet": "rs0", "members": [], "epoch": epoch, "state": "Holding",
+            "holdDeadlineMs": control_plane_ms + HOLD_MS, "holdTimeoutMs": HOLD_MS});
+        Tables {
+            routes: HashMap::from([("shop".to_owned(), serde_json::from_value(route).unwrap())]),
+            ..Default::default()
+        }
+    }
+
+    const HOLD_MS: u64 = 5_000;
+    /// How far the control plane's clock is from the gateway's in these tests.
+    const SKEW_MS: u64 = 60_000;
+
+    /// Where a request of `shop` goes at `now` (the gateway's clock).
+    fn step_at(gw: &Gateway, now: u64) -> Step {
+        next_step(true, gw.db("shop").unwrap().route.as_deref(), 0, now)
+    }
+
+    /// Builds the tables seen at once (the gateway's clock read between `before` and the return).
+    fn seen(gw: &Gateway, tables: &Tables) -> (u64, u64) {
+        let before = now_ms();
+        gw.rebuild(tables, None);
+        (before, now_ms())
+    }
+
+    #[test]
+    fn a_gateway_whose_clock_is_ahead_of_the_control_planes_still_holds_for_the_holds_length() {
+        let gw = gateway();
+        let (seen_from, seen_to) = seen(&gw, &held_at(now_ms() - SKEW_MS, 4));
+        // By its own clock the control plane's deadline passed a minute ago.
+        let Step::Hold { until_ms: Some(until) } = step_at(&gw, seen_to) else {
+            panic!("not held: {:?}", step_at(&gw, seen_to));
+        };
+        assert!((seen_from + HOLD_MS..=seen_to + HOLD_MS).contains(&until), "held until {until}, seen at {seen_to}");
+        assert_eq!(step_at(&gw, until - 1), Step::Hold { until_ms: Some(until) });
+        assert_eq!(step_at(&gw, until), Step::Send, "the hold's length passed");
+    }
+
+    #[test]
+    fn a_gateway_whose_clock_is_behind_the_control_planes_holds_no_longer_than_the_holds_length() {
+        let gw = gateway();
+        let (seen_from, seen_to) = seen(&gw, &held_at(now_ms() + SKEW_MS, 4));
+        // By its own clock the control plane's deadline is a minute and 5 s away.
+        let Step::Hold { until_ms: Some(until) } = step_at(&gw, seen_to) else {
+            panic!("not held: {:?}", step_at(&gw, seen_to));
+        };
+        assert!((seen_from + HOLD_MS..=seen_to + HOLD_MS).contains(&until), "held until {until}, seen at {seen_to}");
+        assert_eq!(step_at(&gw, until), Step::Send, "held past the hold's length");
+    }
+
+    #[test]
+    fn a_hold_is_timed_from_when_this_gateway_first_saw_it_across_rebuilds_and_a_new_hold_anew() {
+        let gw = gateway();
+        let first = held_at(1_000_000, 4);
+        gw.rebuild_at(&first, None, 2_000_000);
+        assert_eq!(step_at(&gw, 2_000_000), Step::Hold { until_ms: Some(2_000_000 + HOLD_MS) });
+        // Rebuilt (a resync, or another record of the database changed) with the same
+        // hold: the same end.
+        gw.rebuild_at(&first, None, 2_003_000);
+        gw.rebuild_at(&first, Some(&HashSet::from(["shop".to_owned()])), 2_003_000);
+        assert_eq!(step_at(&gw, 2_003_000), Step::Hold { until_ms: Some(2_000_000 + HOLD_MS) });
+        // Another hold (the same epoch held again after an abort: another deadline) starts anew.
+        gw.rebuild_at(&held_at(1_010_000, 4), None, 2_003_000);
+        assert_eq!(step_at(&gw, 2_003_000), Step::Hold { until_ms: Some(2_003_000 + HOLD_MS) });
+    }
 
     #[test]
     fn a_late_failure_does_not_forget_a_newer_leader() {

@@ -71,6 +71,7 @@ impl Coordinator {
                 epoch: fresh_epoch,
                 state: RouteState::Serving,
                 hold_deadline_ms: None,
+                hold_timeout_ms: None,
             },
         };
         if current.as_ref() == Some(&route) {
@@ -113,6 +114,7 @@ impl Coordinator {
             epoch: revision + 1,
             state: RouteState::Serving,
             hold_deadline_ms: None,
+            hold_timeout_ms: None,
         };
         let key = etcd::route_key(db);
         let value = serde_json::to_vec(&route).map_err(|source| CoordError::Decode { key: key.clone(), source })?;

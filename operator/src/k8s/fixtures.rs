@@ -191,6 +191,7 @@ impl ControlStore for FakeStore {
             epoch: self.writes() + 1,
             state: nimbus_api::etcd::RouteState::Serving,
             hold_deadline_ms: None,
+            hold_timeout_ms: None,
         };
         Ok(self.put(key, serde_json::to_value(route).unwrap()))
     }

@@ -491,24 +491,29 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
     }
     super::migration::cancel_for_deletion(ctx, &db).await;
     let abandon = dbi.annotations().get(ANNOTATION_ABANDON_DATA).is_some_and(|v| v == "true");
-    let mut abandoned = false;
-    // Drop the data through the leader, if the database was ever placed.
-    if let Some(p) = &placement {
-        match drop_data(ctx, &ns, &p.replica_set, &db).await? {
+    // Dropped wherever a copy is, if the database was ever placed: where its route says it
+    // lives (a migration's switch moves it before the placement follows), and the source
+    // of a switch not yet cleaned up.
+    let holders = match &placement {
+        Some(p) => super::migration::replica_sets_to_drop(ctx, &ns, &db, Some(&p.replica_set)).await?,
+        None => Vec::new(),
+    };
+    let mut abandoned = Vec::new();
+    for rs in &holders {
+        match drop_data(ctx, &ns, rs, &db).await? {
             Dropped::Done => {}
             // The way out when the replica set cannot get a leader back: the data stays on
             // its volumes, the instance and its records go (docs/operator.md).
             Dropped::NoLeader if abandon => {
                 let msg = format!(
-                    "replica set {} has no leader: database {db} is NOT dropped (its data stays on the \
-                     replica set's volumes, which are kept), as {ANNOTATION_ABANDON_DATA} asks",
-                    p.replica_set
+                    "replica set {rs} has no leader: database {db} is NOT dropped (its data stays on the replica \
+                     set's volumes, which are kept), as {ANNOTATION_ABANDON_DATA} asks"
                 );
                 event(ctx, dbi, EventType::Warning, "DataAbandoned", "Delete", &msg).await;
-                abandoned = true;
+                abandoned.push(rs);
             }
             Dropped::NoLeader => {
-                let err = Error::NoLeaderToDrop { database: db.clone(), replica_set: p.replica_set.clone() };
+                let err = Error::NoLeaderToDrop { database: db.clone(), replica_set: rs.clone() };
                 report_deletion_blocked(ctx, dbi, &err.to_string()).await?;
                 // An error keeps the finalizer (an `Ok` would release it) and retries.
                 return Err(err);
@@ -516,10 +521,8 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
         }
     }
     // Volumes before records: a cleanup retried after this point still holds the claim.
-    if let Some(p) = &placement
-        && !abandoned
-    {
-        delete_dedicated_volumes(ctx, &ns, &p.replica_set, &claim.uid).await?;
+    for rs in holders.iter().filter(|rs| !abandoned.contains(rs)) {
+        delete_dedicated_volumes(ctx, &ns, rs, &claim.uid).await?;
     }
     if !ctx.store.delete_database(&db, &claim, placement.is_some()).await? {
         return Ok(Action::await_change());

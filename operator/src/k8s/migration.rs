@@ -35,13 +35,12 @@ use super::instance::{
 use super::objects::{self, LABEL_POOL, LABEL_REPLICA_SET};
 use super::provisioner::pod_admin;
 use crate::controlplane::migration::{
-    MigrationRecord, MigrationWorld, Migrator, Phase as RecordPhase, ReplicaSetDirectory, StartError, StartRequest,
-    Step, Tuning, now_ms,
+    MigrationRecord, MigrationStatus, MigrationWorld, Migrator, Phase as MigrationPhase, ReplicaSetDirectory,
+    StartError, StartRequest, Step, Tuning, now_ms,
 };
 use crate::controlplane::placement::{self, PoolMode};
 use crate::crd::v1alpha1::{
-    DatabaseInstance, DatabaseInstanceStatus, MigrationPhase, MigrationStatus, MigrationTarget, PlacementStatus,
-    PoolMode as CrdPoolMode, Tier,
+    DatabaseInstance, DatabaseInstanceStatus, MigrationTarget, PlacementStatus, PoolMode as CrdPoolMode, Tier,
 };
 
 /// The condition that explains a migration.
@@ -100,49 +99,6 @@ impl ReplicaSetDirectory for PodDirectory {
     }
 }
 
-/// The migration's status as `status.migration` shows it, its strings held to the CRD's
-/// bounds.
-pub fn status_of(record: &MigrationRecord) -> MigrationStatus {
-    let s = record.status();
-    MigrationStatus {
-        phase: phase_of(s.phase),
-        from_replica_set: bounded(&s.from_replica_set, 63),
-        to_replica_set: bounded(&s.to_replica_set, 63),
-        started_at: bounded(&s.started_at, 40),
-        finished_at: s.finished_at.as_deref().map(|t| bounded(t, 40)),
-        documents_copied: s.documents_copied,
-        bytes_copied: s.bytes_copied,
-        lag_ops: s.lag_ops,
-        hold_ms: s.hold_ms,
-        attempt: s.attempt,
-        error: s.error.as_deref().map(|e| bounded(e, 1024)),
-    }
-}
-
-fn phase_of(p: RecordPhase) -> MigrationPhase {
-    match p {
-        RecordPhase::Copying => MigrationPhase::Copying,
-        RecordPhase::CatchingUp => MigrationPhase::CatchingUp,
-        RecordPhase::Holding => MigrationPhase::Holding,
-        RecordPhase::Switching => MigrationPhase::Switching,
-        RecordPhase::CleaningUp => MigrationPhase::CleaningUp,
-        RecordPhase::Completed => MigrationPhase::Completed,
-        RecordPhase::Aborted => MigrationPhase::Aborted,
-    }
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary (with `…` when cut).
-fn bounded(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
 /// `1240` as `1,240`.
 pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
@@ -191,7 +147,7 @@ pub fn summary(s: &MigrationStatus) -> String {
 /// message saying what it does now and what it waits for.
 pub fn condition(record: &MigrationRecord, tuning: &Tuning, now: u64) -> (&'static str, String, String) {
     let (from, to) = (&record.from_replica_set, &record.to_replica_set);
-    let reason = phase_of(record.phase).to_string();
+    let reason = record.phase.to_string();
     let attempt = if record.attempt > 1 { format!(" (attempt {})", record.attempt) } else { String::new() };
     let in_secs = |at: u64| at.saturating_sub(now).div_ceil(1000);
     let mut message = match record.step {
@@ -507,7 +463,7 @@ async fn start_move(
 /// `status.migration`, its summary and the condition from the record; an Event for each
 /// change a person should see.
 async fn mirror(ctx: &Context, dbi: &DatabaseInstance, record: &MigrationRecord, status: &mut DatabaseInstanceStatus) {
-    let new = status_of(record);
+    let new = record.status();
     let old = dbi.status.as_ref().and_then(|s| s.migration.as_ref());
     for (type_, reason, note) in events(old, &new) {
         event(ctx, dbi, type_, &reason, "Migrate", &note).await;
@@ -581,6 +537,55 @@ pub(super) async fn cancel_for_deletion(ctx: &Context, db: &str) {
     }
 }
 
+/// The replica sets that hold a copy of `db` as its deletion must find them, the one it
+/// lives on first: where the route says it lives (or, without a route, where a switched
+/// migration moved it, else the instance's placement), then the source of a switched
+/// migration whose clean-up has not dropped its copy yet, then the placement. The placement
+/// alone is not enough: it follows the route only at the instance's next pass after the
+/// switch, so until then it names the source while the database lives on the target.
+///
+/// A migration not switched holds no copy of its own to drop here: its cancellation rolls
+/// it back, and the rollback drops the target's import.
+pub(super) fn replica_sets_holding(
+    placement: Option<&str>,
+    route: Option<&str>,
+    record: Option<&MigrationRecord>,
+) -> Vec<String> {
+    let switched = record.filter(|r| (Step::Switch..=Step::Done).contains(&r.step));
+    let lives = route.or(switched.map(|r| r.to_replica_set.as_str())).or(placement);
+    // A completed migration's clean-up dropped the source's copy: the placement still
+    // naming it is only behind.
+    let cleaned = switched.filter(|r| r.step == Step::Done).map(|r| r.from_replica_set.as_str());
+    let source = switched.filter(|r| r.step < Step::Done).map(|r| r.from_replica_set.as_str());
+    let mut out: Vec<String> = Vec::new();
+    for rs in [lives, source, placement.filter(|p| Some(*p) != cleaned)].into_iter().flatten() {
+        if !out.iter().any(|o| o == rs) {
+            out.push(rs.to_owned());
+        }
+    }
+    out
+}
+
+/// [`replica_sets_holding`] for an instance being deleted in `ns`, from etcd's route and
+/// migration record of `db` (a record of another namespace's database of that name is
+/// not this one's).
+pub(super) async fn replica_sets_to_drop(
+    ctx: &Context,
+    ns: &str,
+    db: &str,
+    placement: Option<&str>,
+) -> Result<Vec<String>, Error> {
+    let unreadable = |what: &str, e: crate::controlplane::migration::Failure| Error::Locate {
+        database: db.to_owned(),
+        reason: format!("failed to read its {what} from etcd: {e}"),
+    };
+    let world = &ctx.migrations.world;
+    let route = world.route(db).await.map_err(|e| unreadable("route", e))?.map(|(r, _)| r.replica_set);
+    let record = world.record(db).await.map_err(|e| unreadable("migration record", e))?.map(|(r, _)| r);
+    let record = record.filter(|r| r.namespace == ns);
+    Ok(replica_sets_holding(placement, route.as_deref(), record.as_ref()))
+}
+
 /// Requeue for an active migration.
 pub(super) fn requeue(m: &Move) -> Option<kube::runtime::controller::Action> {
     matches!(m, Move::Active).then(busy_requeue)
@@ -598,8 +603,6 @@ mod tests {
         assert_eq!(size(812), "812 B");
         assert_eq!(size(41_000_000), "41 MB");
         assert_eq!(size(1_200_000_000), "1.2 GB");
-        assert_eq!(bounded("abcdef", 4), "a…");
-        assert_eq!(bounded("abc", 4), "abc");
     }
 
     fn record(step: Step) -> MigrationRecord {
@@ -612,15 +615,15 @@ mod tests {
     fn the_summary_shows_the_phase_and_its_progress() {
         let mut r = record(Step::Copy);
         r.bytes_copied = 41_000_000;
-        assert_eq!(summary(&status_of(&r)), "Copying 41 MB");
+        assert_eq!(summary(&r.status()), "Copying 41 MB");
         let mut r = record(Step::CatchUp);
         r.lag_ops = 1240;
-        assert_eq!(summary(&status_of(&r)), "CatchingUp 1,240 ops behind");
+        assert_eq!(summary(&r.status()), "CatchingUp 1,240 ops behind");
         r.attempt = 2;
-        assert_eq!(summary(&status_of(&r)), "CatchingUp 1,240 ops behind (attempt 2)");
+        assert_eq!(summary(&r.status()), "CatchingUp 1,240 ops behind (attempt 2)");
         let mut r = record(Step::Done);
         r.finished_at_ms = Some(2_000);
-        assert_eq!(summary(&status_of(&r)), "Completed");
+        assert_eq!(summary(&r.status()), "Completed");
     }
 
     #[test]
@@ -633,13 +636,39 @@ mod tests {
     }
 
     #[test]
+    fn a_deletion_drops_the_database_where_it_lives_and_wherever_a_copy_remains() {
+        let holding = |placement, route, step: Option<Step>| {
+            let r = step.map(record);
+            replica_sets_holding(placement, route, r.as_ref())
+        };
+        // No migration: the route's replica set (the placement's, normally).
+        assert_eq!(holding(Some("default-rs0"), Some("default-rs0"), None), ["default-rs0"]);
+        assert_eq!(holding(Some("default-rs0"), None, None), ["default-rs0"]);
+        assert_eq!(holding(None, None, None), Vec::<String>::new());
+        // Not switched: the database lives on the source; the rollback drops the import.
+        for step in [Step::Copy, Step::CatchUp, Step::Hold, Step::Fence, Step::Verify, Step::Abort, Step::Aborted] {
+            assert_eq!(holding(Some("default-rs0"), Some("default-rs0"), Some(step)), ["default-rs0"], "{step:?}");
+        }
+        // Switched, the placement not yet following: the target first, and the source's
+        // copy until the clean-up dropped it.
+        for step in [Step::Switch, Step::CleanUp] {
+            assert_eq!(holding(Some("default-rs0"), Some("big-rs0"), Some(step)), ["big-rs0", "default-rs0"]);
+            assert_eq!(holding(Some("default-rs0"), None, Some(step)), ["big-rs0", "default-rs0"], "route gone");
+        }
+        assert_eq!(holding(Some("default-rs0"), Some("big-rs0"), Some(Step::Done)), ["big-rs0"]);
+        // The placement followed: the same.
+        assert_eq!(holding(Some("big-rs0"), Some("big-rs0"), Some(Step::CleanUp)), ["big-rs0", "default-rs0"]);
+        assert_eq!(holding(Some("big-rs0"), Some("big-rs0"), Some(Step::Done)), ["big-rs0"]);
+    }
+
+    #[test]
     fn an_abort_then_a_retry_are_each_an_event() {
         let mut r = record(Step::Verify);
-        let before = status_of(&r);
+        let before = r.status();
         r.error = Some("checksum differs".into());
         r.next_retry_ms = Some(50_000);
         r.set_step(Step::Copy);
-        let aborted = status_of(&r);
+        let aborted = r.status();
         let ev = events(Some(&before), &aborted);
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].1, "MigrationAborted");
@@ -647,9 +676,9 @@ mod tests {
         r.next_retry_ms = None;
         r.attempt = 2;
         r.set_step(Step::Copy);
-        let retried = events(Some(&aborted), &status_of(&r));
+        let retried = events(Some(&aborted), &r.status());
         let reasons: Vec<&str> = retried.iter().map(|e| e.1.as_str()).collect();
         assert_eq!(reasons, ["MigrationRetrying", "MigrationCopying"]);
-        assert!(events(Some(&status_of(&r)), &status_of(&r)).is_empty(), "no change, no Event");
+        assert!(events(Some(&r.status()), &r.status()).is_empty(), "no change, no Event");
     }
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::fixtures::*;
 use super::instance::Context;
 use super::migration::Migrations;
-use crate::controlplane::migration::{self, MigrationRecord, Outcome, Step};
+use crate::controlplane::migration::{self, MigrationRecord, Outcome, Step, Tuning};
 
 const POOLS: &str = "/apis/nimbus.io/v1alpha1/namespaces/apps/resourcepools";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/apps/events";
@@ -372,6 +372,64 @@ async fn deleting_an_instance_mid_migration_cancels_it() {
     assert!(r.cancelled || r.step == Step::Aborted, "{r:?}");
     assert_eq!(drive(&w).await, Outcome::Aborted);
     assert!(w.migration.calls().contains(&"import big-rs0 abort".to_owned()), "{:?}", w.migration.calls());
+}
+
+/// The target's members at addresses of their own (the fake kubelet gives every replica
+/// set's member `id` the same one), so a call to them is told from a call to the source's.
+fn readdress_target(w: &World) {
+    let target = w.api.list(PODS).into_iter().filter(|p| p["metadata"]["labels"]["nimbus.io/replica-set"] == "big-rs0");
+    let mut readdressed = 0;
+    for mut pod in target {
+        let ip = pod["status"]["podIP"].as_str().unwrap().replace("10.1.", "10.2.");
+        pod["status"]["podIP"] = json!(ip);
+        w.api.put(PODS, pod);
+        readdressed += 1;
+    }
+    assert!(readdressed > 0, "the target has members");
+}
+
+/// The replica sets the deletion dropped `shop` through (their leader's data address).
+fn drops(w: &World) -> Vec<String> {
+    w.raft_log().into_iter().filter_map(|l| l.strip_prefix("drop_database shop via ").map(str::to_owned)).collect()
+}
+
+#[tokio::test]
+async fn an_instance_deleted_after_the_switch_before_its_placement_follows_is_dropped_on_the_target_and_the_source() {
+    let w = started().await;
+    // Switched, the source's clean-up waiting for its grace period; the instance not
+    // reconciled since, so its placement still names the source.
+    let tuning = Tuning { cleanup_grace: Duration::from_secs(3_600), ..migration_tuning() };
+    assert!(matches!(migration::drive(&w.migration, &tuning, "shop").await.unwrap(), Outcome::WaitUntil(_)));
+    assert_eq!(w.migration.record_of("shop").unwrap().step, Step::CleanUp);
+    assert_eq!(route(&w)["replicaSet"], "big-rs0");
+    assert_eq!(status(&w)["placement"]["replicaSet"], "default-rs0");
+    readdress_target(&w);
+
+    w.api.delete(INSTANCES, "shop");
+    w.reconcile("shop").await.unwrap();
+    let port = super::objects::DATA_PORT;
+    let target = format!("http://10.2.0.1:{port}");
+    let source = format!("http://10.1.0.1:{port}");
+    assert_eq!(drops(&w), [target, source], "where it lives first, then the source's copy");
+    assert!(w.api.get(INSTANCES, "shop").is_none(), "gone once its data is dropped");
+    assert!(!w.store.0.lock().unwrap().contains_key("/nimbus/routes/shop"), "its route removed");
+}
+
+#[tokio::test]
+async fn an_instance_deleted_after_a_completed_migration_before_its_placement_follows_is_dropped_on_the_target() {
+    let w = started().await;
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    assert!(
+        w.migration.calls().contains(&"drop default-rs0 shop".to_owned()),
+        "the clean-up dropped the source's copy"
+    );
+    assert_eq!(status(&w)["placement"]["replicaSet"], "default-rs0", "not reconciled since");
+    readdress_target(&w);
+
+    w.api.delete(INSTANCES, "shop");
+    w.reconcile("shop").await.unwrap();
+    assert_eq!(drops(&w), [format!("http://10.2.0.1:{}", super::objects::DATA_PORT)]);
+    assert!(w.api.get(INSTANCES, "shop").is_none());
 }
 
 #[tokio::test]

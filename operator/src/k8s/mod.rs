@@ -47,6 +47,10 @@ pub enum Error {
          instance without dropping its data, annotate it nimbus.io/abandon-data=true"
     )]
     NoLeaderToDrop { database: String, replica_set: String },
+    /// Where a database lives could not be read: its deletion waits (dropping only where
+    /// the placement says could leave its data on the replica set it moved to).
+    #[error("failed to find the replica sets holding database {database}: {reason}")]
+    Locate { database: String, reason: String },
     #[error("failed to read credentials: {0}")]
     BadSecret(String),
     #[error(transparent)]

@@ -639,7 +639,12 @@ impl Run<'_> {
                 self.rec.hold_deadline_ms = Some(deadline);
                 self.save().await?;
                 failpoint!("migration-hold-before");
-                let held = Route { state: RouteState::Holding, hold_deadline_ms: Some(deadline), ..route };
+                let held = Route {
+                    state: RouteState::Holding,
+                    hold_deadline_ms: Some(deadline),
+                    hold_timeout_ms: Some(self.tuning.hold_timeout.as_millis() as u64),
+                    ..route
+                };
                 if !self.world.swap_route(&self.rec.db, revision, &held, true).await? {
                     return Err(Failure::Transient("the route changed while the hold was written".into()).into());
                 }
@@ -820,6 +825,7 @@ impl Run<'_> {
                 epoch,
                 state: RouteState::Serving,
                 hold_deadline_ms: None,
+                hold_timeout_ms: None,
             };
             if !self.world.swap_route(&self.rec.db, revision, &new, true).await? {
                 return Err(Failure::Transient("the route changed while it was switched".into()).into());

@@ -119,6 +119,7 @@ impl Model {
                 epoch: 5,
                 state: RouteState::Serving,
                 hold_deadline_ms: None,
+                hold_timeout_ms: None,
             },
             10,
         ));

@@ -364,6 +364,7 @@ fn the_hold_counts_every_registered_gateway_acknowledging_exactly_this_hold() {
         epoch: 7,
         state: nimbus_api::etcd::RouteState::Holding,
         hold_deadline_ms: Some(5_000),
+        hold_timeout_ms: Some(5_000),
     };
     let ack = |epoch: u64, deadline: Option<u64>| {
         serde_json::to_string(&nimbus_api::etcd::HoldAck { epoch, hold_deadline_ms: deadline, acked_ms: 1 }).unwrap()

@@ -59,7 +59,7 @@ impl Step {
     }
 }
 
-/// The public phase (`API.md` section 3).
+/// The public phase of a migration (`API.md` section 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Phase {
     Copying,
@@ -69,6 +69,12 @@ pub enum Phase {
     CleaningUp,
     Completed,
     Aborted,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
 }
 
 /// One database's migration as persisted in etcd. Every step is idempotent and the record
@@ -208,44 +214,82 @@ impl MigrationRecord {
         self.set_step(Step::Copy);
     }
 
-    /// The view `playground.json` and `status.migration` show.
+    /// The view `playground.json` and `status.migration` show, its strings held to the
+    /// bounds its schema declares (the CRD's CEL cost estimate relies on them, so the API
+    /// server must never be sent a longer one).
     pub fn status(&self) -> MigrationStatus {
         MigrationStatus {
             phase: self.phase,
-            from_replica_set: self.from_replica_set.clone(),
-            to_replica_set: self.to_replica_set.clone(),
-            started_at: rfc3339(self.started_at_ms),
-            finished_at: self.finished_at_ms.map(rfc3339),
+            from_replica_set: bounded(&self.from_replica_set, MAX_REPLICA_SET_NAME),
+            to_replica_set: bounded(&self.to_replica_set, MAX_REPLICA_SET_NAME),
+            started_at: bounded(&rfc3339(self.started_at_ms), MAX_TIMESTAMP),
+            finished_at: self.finished_at_ms.map(|ms| bounded(&rfc3339(ms), MAX_TIMESTAMP)),
             documents_copied: self.documents_copied,
             bytes_copied: self.bytes_copied,
             lag_ops: self.lag_ops,
             hold_ms: self.hold_ms,
             attempt: self.attempt,
-            error: self.error.clone(),
+            error: self.error.as_deref().map(|e| bounded(e, MAX_ERROR)),
         }
     }
 }
 
+/// Longest replica-set name a status shows (a DNS label).
+pub const MAX_REPLICA_SET_NAME: u32 = 63;
+/// Longest RFC 3339 time a status shows.
+pub const MAX_TIMESTAMP: u32 = 40;
+/// Longest error a status shows (a longer one is cut, ending in `…`).
+pub const MAX_ERROR: u32 = 1024;
+
 /// A migration as `API.md` section 3 shows it: `playground.json`'s `migration` of an
-/// instance, and `status.migration` of a `DatabaseInstance`.
+/// instance, and `status.migration` of a `DatabaseInstance` (its schema, bounds included,
+/// is the CRD's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationStatus {
+    /// `Copying`, `CatchingUp`, `Holding`, `Switching`, `CleaningUp`, `Completed` or
+    /// `Aborted` (also while the next attempt waits: `finishedAt` is unset then).
     pub phase: Phase,
+    /// The replica set the database moves from.
+    #[schemars(length(max = MAX_REPLICA_SET_NAME))]
     pub from_replica_set: String,
+    /// The replica set the database moves to.
+    #[schemars(length(max = MAX_REPLICA_SET_NAME))]
     pub to_replica_set: String,
-    /// RFC 3339.
+    /// When the migration started (RFC 3339).
+    #[schemars(length(max = MAX_TIMESTAMP))]
     pub started_at: String,
-    /// RFC 3339; null while it runs.
+    /// When it completed or was given up (RFC 3339); null while it runs.
+    // Written as `null` (a merge patch then removes the key): the CRD's rule refusing a
+    // pool change while a migration runs reads its absence.
+    #[schemars(length(max = MAX_TIMESTAMP))]
     pub finished_at: Option<String>,
+    /// Documents copied by this attempt.
     pub documents_copied: u64,
+    /// Bytes of documents copied by this attempt.
     pub bytes_copied: u64,
-    /// Oplog changes the target is behind the source (estimate).
+    /// Oplog changes the target is behind the source (an estimate).
     pub lag_ops: u64,
     /// How long gateways held the database's requests at the cutover; null before.
     pub hold_ms: Option<u64>,
+    /// Starts at 1; each retry after an abort adds one.
     pub attempt: u32,
+    /// Why the last attempt aborted, or what the current step keeps failing on.
+    #[schemars(length(max = MAX_ERROR))]
     pub error: Option<String>,
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary (ending in `…` when cut).
+fn bounded(s: &str, max: u32) -> String {
+    let max = max as usize;
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -283,6 +327,21 @@ mod tests {
         assert_eq!(v["startedAt"], "2023-11-14T22:13:20Z");
         assert_eq!(v["finishedAt"], serde_json::Value::Null);
         assert_eq!(v["holdMs"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn the_status_holds_its_strings_to_the_schema_bounds() {
+        let long = "r".repeat(100);
+        let mut r = MigrationRecord::new("m1".into(), "shop", "", &long, "rs-b", 7, 5);
+        r.error = Some("é".repeat(2000));
+        let s = r.status();
+        assert_eq!(s.from_replica_set.len(), MAX_REPLICA_SET_NAME as usize, "60 bytes kept, then `…`");
+        assert!(s.from_replica_set.ends_with('…'));
+        assert_eq!(s.to_replica_set, "rs-b", "a short one is kept whole");
+        let error = s.error.unwrap();
+        assert!(error.len() <= MAX_ERROR as usize && error.ends_with('…'), "{}", error.len());
+        assert_eq!(bounded("abcdef", 4), "a…");
+        assert_eq!(bounded("abc", 4), "abc");
     }
 
     #[test]

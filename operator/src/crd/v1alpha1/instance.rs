@@ -8,6 +8,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+// `status.migration` is the migration record's own status view: one type for the CRD,
+// `playground.json` and the control plane, its schema bounds declared there.
+use crate::controlplane::migration::MigrationStatus;
+
 /// A tenant database. Apply one and the operator places it in a pool's replica set (three
 /// members in three zones), writes its route and users, and reports it `Ready` with the
 /// endpoint and a credentials Secret.
@@ -470,62 +474,6 @@ pub struct LimitsStatus {
     pub burst: u32,
     pub max_connections: u32,
     pub max_in_flight: u32,
-}
-
-/// A migration as `API.md` section 3 shows it (the playground's `migration` of an
-/// instance has the same fields).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct MigrationStatus {
-    /// `Copying`, `CatchingUp`, `Holding`, `Switching`, `CleaningUp`, `Completed` or
-    /// `Aborted` (also while the next attempt waits: `finishedAt` is unset then).
-    pub phase: MigrationPhase,
-    /// The replica set the database moves from.
-    #[schemars(length(max = 63))]
-    pub from_replica_set: String,
-    /// The replica set the database moves to.
-    #[schemars(length(max = 63))]
-    pub to_replica_set: String,
-    /// When the migration started (RFC 3339).
-    #[schemars(length(max = 40))]
-    pub started_at: String,
-    /// When it completed or was given up (RFC 3339); null while it runs.
-    // Written as `null` (a merge patch then removes the key): the CRD's rule refusing a
-    // pool change while a migration runs reads its absence.
-    #[schemars(length(max = 40))]
-    pub finished_at: Option<String>,
-    /// Documents copied by this attempt.
-    pub documents_copied: u64,
-    /// Bytes of documents copied by this attempt.
-    pub bytes_copied: u64,
-    /// Oplog changes the target is behind the source (an estimate).
-    pub lag_ops: u64,
-    /// How long gateways held the database's requests at the cutover; null before.
-    pub hold_ms: Option<u64>,
-    /// Starts at 1; each retry after an abort adds one.
-    pub attempt: u32,
-    /// Why the last attempt aborted, or what the current step keeps failing on.
-    #[schemars(length(max = 1024))]
-    pub error: Option<String>,
-}
-
-/// The public phase of a migration (`API.md` section 3).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-pub enum MigrationPhase {
-    #[default]
-    Copying,
-    CatchingUp,
-    Holding,
-    Switching,
-    CleaningUp,
-    Completed,
-    Aborted,
-}
-
-impl std::fmt::Display for MigrationPhase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self, f)
-    }
 }
 
 /// The replica set a pool change moves the database to.
