@@ -880,7 +880,13 @@ impl Run<'_> {
         if let Some((route, revision)) = self.world.route(&self.rec.db).await? {
             let ours = route.replica_set == self.rec.from_replica_set
                 && (route.epoch == self.rec.from_epoch || route.epoch == epoch);
-            let back = Route { epoch, state: RouteState::Serving, hold_deadline_ms: None, ..route.clone() };
+            let back = Route {
+                epoch,
+                state: RouteState::Serving,
+                hold_deadline_ms: None,
+                hold_timeout_ms: None,
+                ..route.clone()
+            };
             if ours && route != back {
                 failpoint!("migration-abort-before");
                 if !self.world.swap_route(&self.rec.db, revision, &back, true).await? {
