@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use nimbus_api::etcd::{Route, RouteState};
 use nimbus_api::migration::{
-    ExportPart, ExportRequest, ExportedCollection, ImportRequest, ImportStep, OplogPosition, PinOplogRequest,
+    DbOplogPage, ExportPart, ExportRequest, ExportedCollection, ImportRequest, ImportStep, OplogPosition, PinOplogRequest,
 };
 use thiserror::Error;
 
@@ -521,29 +521,48 @@ impl Run<'_> {
             self.rec.idempotency_since_ms = Some(self.copy_idempotency(&src, &dst, None, None).await?);
             self.save().await?;
         }
-        let mut saved = Instant::now();
+        let (mut saved, mut passed) = (Instant::now(), Instant::now());
+        // The page after the one being imported, read while it is.
+        let mut ahead: Option<DbOplogPage> = None;
         loop {
             self.renew_pin(&src).await?;
-            let read = Instant::now();
-            let page = self.world.oplog(&src, &self.rec.db, pos, self.tuning.oplog_page).await?;
+            let round = Instant::now();
+            let page = match ahead.take() {
+                Some(page) => page,
+                None => self.world.oplog(&src, &self.rec.db, pos, self.tuning.oplog_page).await?,
+            };
             let changes = page.entries.len();
+            let next = page.next.max(pos);
+            let mut applied = page.applied_index;
             if changes > 0 {
-                self.world.import(&dst, &self.import(ImportStep::Ops { entries: page.entries })).await?;
+                let ops = self.import(ImportStep::Ops { entries: page.entries });
+                let (_, following) = tokio::try_join!(
+                    self.world.import(&dst, &ops),
+                    self.world.oplog(&src, &self.rec.db, next, self.tuning.oplog_page),
+                )?;
+                applied = applied.max(following.applied_index);
+                ahead = Some(following);
             }
             failpoint!("migration-catchup-page");
-            let next = page.next.max(pos);
-            self.observe_rate(next.index - pos.index, read.elapsed());
+            self.observe_rate(next.index - pos.index, round.elapsed());
             pos = next;
             self.rec.oplog_position = Some(pos);
-            self.rec.lag_ops = page.applied_index.saturating_sub(pos.index);
-            if plan::should_hold(self.rec.lag_ops, self.rate, self.tuning.hold_under) {
+            self.rec.lag_ops = applied.saturating_sub(pos.index);
+            let ready = plan::should_hold(self.rec.lag_ops, self.rate, self.tuning.hold_under);
+            if ready || passed.elapsed() >= IDEMPOTENCY_PASS_EVERY {
                 // The records written since the last pass, so the hold moves only the
-                // last moments' (the fence closes the set).
+                // last moments' (the fence closes the set). Passes keep coming while the
+                // catch-up runs, so none is long.
+                let pass = Instant::now();
                 let since = self.rec.idempotency_since_ms;
                 self.rec.idempotency_since_ms = Some(self.copy_idempotency(&src, &dst, since, None).await?);
-                failpoint!("migration-catchup-after");
-                self.rec.set_step(Step::Hold);
-                return self.save().await;
+                passed = Instant::now();
+                // A pass long enough for the oplog to fall behind again: caught up first.
+                if ready && pass.elapsed() < self.tuning.hold_under / 4 {
+                    failpoint!("migration-catchup-after");
+                    self.rec.set_step(Step::Hold);
+                    return self.save().await;
+                }
             }
             if saved.elapsed() >= Duration::from_secs(1) {
                 self.save().await?;
@@ -952,6 +971,10 @@ pub struct Migrator {
 
 /// How often the hold looks for the gateways' acknowledgements, at most.
 const HOLD_POLL: Duration = Duration::from_millis(5);
+
+/// How often the catch-up moves the idempotency records written since its last pass (the
+/// pass before the hold then holds only the last moments').
+const IDEMPOTENCY_PASS_EVERY: Duration = Duration::from_secs(2);
 
 /// How often the migrator looks for migrations to run.
 pub const MIGRATOR_TICK: Duration = Duration::from_secs(1);
