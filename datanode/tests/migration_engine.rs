@@ -312,6 +312,9 @@ fn only_the_migration_that_began_may_import_and_finish_and_abort_answer_again() 
     assert!(t.engine.list_collections("d").is_empty());
     t.import("m1", ImportStep::Begin).unwrap();
     assert_eq!(t.engine.check_route_epoch("d", 0).unwrap_err().code, ErrorCode::StaleRoute);
+    // A route newer than any epoch applied here names this replica set already (switched,
+    // `Finish` not applied on this member yet): try the members again, not a newer route.
+    assert_eq!(t.engine.check_route_epoch("d", 4).unwrap_err().code, ErrorCode::NotLeader);
     assert!(t.import("m2", docs.clone()).unwrap_err().message.contains("incoming for migration m1"));
     t.import("m1", docs.clone()).unwrap();
     t.import("m1", ImportStep::Finish { epoch: 4 }).unwrap();
@@ -548,4 +551,27 @@ fn begin_never_drops_a_served_database_but_restarts_an_earlier_attempt() {
     u.import("m2", ImportStep::Finish { epoch: 1 }).unwrap();
     assert!(u.import("m3", ImportStep::Begin).unwrap_err().message.contains("served"));
     assert_eq!(u.engine.list_collections("d")[0].documents, 1);
+}
+
+/// A client's drop of the database, replayed on the target after an idempotency pass moved
+/// records written after it: the records stay (the passes own them), so a retry after the
+/// switch is answered from its record, not applied twice.
+#[test]
+fn a_replayed_drop_of_the_database_keeps_the_idempotency_records_a_pass_moved() {
+    let mut s = Node::new(EngineOptions::default());
+    s.apply("d", insert("c", vec![json!({"_id": 1, "v": 0})])).unwrap();
+    let mut t = Node::new(EngineOptions::default());
+    let first_index = copy(&mut s, &mut t, "m1", |_| {});
+    // After the copy: the tenant drops its database, then writes with a key.
+    s.apply("d", WriteOp::DropDatabase).unwrap();
+    let first = s.apply_at(s.index + 1, 2_000, "d", Some("k2"), insert("c", vec![json!({"_id": 2})])).unwrap();
+    // A pass runs ahead of the oplog's replay: it moves k2's record first.
+    let page = s.engine.export_page("d", ExportPart::Idempotency, None, 1 << 20, None).unwrap();
+    assert_eq!(page.idempotency.len(), 1);
+    t.import("m1", ImportStep::Idempotency { records: page.idempotency }).unwrap();
+    replay(&s, &mut t, "m1", OplogPosition::end_of(first_index), 100);
+    t.import("m1", ImportStep::Finish { epoch: 1 }).unwrap();
+    assert_eq!(t.checksum("d"), s.checksum("d"));
+    let retry = t.apply_at(t.index + 1, 3_000, "d", Some("k2"), insert("c", vec![json!({"_id": 2})])).unwrap();
+    assert_eq!(retry, first, "the retry was applied again instead of answered from its record");
 }

@@ -312,10 +312,25 @@ async fn pin_oplog(State(ctx): Ctx, JsonBody(req): JsonBody<PinOplogRequest>) ->
     if req.name.is_empty() {
         return Err(ApiError::bad_request("name must not be empty").into());
     }
+    // A pin holds the oplog against retention: one that never lapses would let the oplog
+    // grow without bound after its migration died. Renewed while it is needed.
+    let latest = super::data::now_ms().saturating_add(MAX_PIN_MS);
+    if req.expires_ms > latest {
+        return Err(ApiError::bad_request(format!(
+            "expiresMs {} is more than {} hours from now: renew a pin instead",
+            req.expires_ms,
+            MAX_PIN_MS / 3_600_000
+        ))
+        .into());
+    }
     let op = crate::store::WriteOp::PinOplog { name: req.name, from_index: req.from_index, expires_ms: req.expires_ms };
     let (_, index) = ctx.propose_internal_at(String::new(), op).await?;
     Ok(axum::Json(ImportAnswer { index }).into_response())
 }
+
+/// The furthest an oplog pin may expire from now (a migration renews its pin every half
+/// hour; see the control plane's `pin_ttl`).
+const MAX_PIN_MS: u64 = 24 * 3_600_000;
 
 /// Removes an oplog pin (`UnpinOplogRequest`); answers `{"index"}`.
 async fn unpin_oplog(State(ctx): Ctx, JsonBody(req): JsonBody<UnpinOplogRequest>) -> Result<Response> {

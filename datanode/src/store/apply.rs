@@ -137,7 +137,7 @@ impl Engine {
             // A client's write (it carries a route epoch) reached a database being imported
             // here: checked when it was proposed, but the import began in between.
             if incoming {
-                return Ok((Err(importing(&cmd.db)), CatalogDelta::default()));
+                return Ok((Err(importing(&cmd.db, epoch, known)), CatalogDelta::default()));
             }
         }
         let ts_ms = self.command_time(cmd.ts_ms);
@@ -357,7 +357,15 @@ impl Engine {
                 let found = self.catalog_read().dbs.contains_key(ctx.db);
                 let prefix = keys::db_prefix(ctx.db);
                 let end = prefix_end(&prefix).unwrap_or_default();
-                for cf in [CF_DOCS, CF_IDX, CF_CATALOG, CF_IDEM] {
+                // Replayed by a migration's import (`unchecked`), the idempotency records
+                // stay: the migration's passes own them, and one may already have moved
+                // records the source wrote after the drop.
+                let cfs: &[&str] = if ctx.unchecked {
+                    &[CF_DOCS, CF_IDX, CF_CATALOG]
+                } else {
+                    &[CF_DOCS, CF_IDX, CF_CATALOG, CF_IDEM]
+                };
+                for cf in cfs {
                     ctx.batch.delete_range_cf(self.cf(cf), &prefix, &end);
                 }
                 ctx.metas.clear();

@@ -171,7 +171,7 @@ impl Engine {
             return Err(stale_route(db, epoch, known));
         }
         if catalog.incoming.contains_key(db) {
-            return Err(importing(db));
+            return Err(importing(db, epoch, known));
         }
         Ok(())
     }
@@ -285,7 +285,23 @@ pub(crate) fn stale_route(db: &str, epoch: u64, known: u64) -> nimbus_api::ApiEr
     ))
 }
 
-pub(crate) fn importing(db: &str) -> nimbus_api::ApiError {
+/// A client request (route epoch `epoch`) for database `db`, which this member still
+/// imports (its newest route epoch applied here: `known`).
+///
+/// - An epoch newer than any applied here: the route already names this replica set (the
+///   migration switched), and this member has not applied the `Finish` yet (a follower a
+///   heartbeat behind, or a new leader still applying). `NotLeader` without a hint: the
+///   gateway tries the members again shortly; nothing was applied, and no client sees it.
+/// - Else the sender's route does not name this replica set: `StaleRoute`.
+pub(crate) fn importing(db: &str, epoch: u64, known: u64) -> nimbus_api::ApiError {
+    if epoch > known {
+        return nimbus_api::ApiError {
+            message: format!(
+                "database {db} is switching to this replica set and this member has not applied the switch yet"
+            ),
+            ..nimbus_api::ApiError::not_leader(None)
+        };
+    }
     nimbus_api::ApiError::stale_route(format!(
         "database {db} is being migrated to this replica set and is not served here yet; re-read the route"
     ))

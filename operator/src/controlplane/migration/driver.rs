@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use nimbus_api::etcd::{Route, RouteState};
 use nimbus_api::migration::{
-    DbOplogPage, ExportPart, ExportRequest, ExportedCollection, ImportRequest, ImportStep, OplogPosition, PinOplogRequest,
+    DbOplogPage, ExportPart, ExportRequest, ExportedCollection, ImportRequest, ImportStep, OplogPosition,
+    PinOplogRequest,
 };
 use thiserror::Error;
 
@@ -207,6 +208,7 @@ pub async fn drive(world: &dyn MigrationWorld, tuning: &Tuning, db: &str) -> Res
     Run {
         world,
         tuning,
+        persisted_step: record.step,
         rec: record,
         revision,
         failing_since: None,
@@ -231,6 +233,8 @@ struct Run<'a> {
     rate: f64,
     /// The collections the target was last sent.
     collections: Option<Vec<ExportedCollection>>,
+    /// The step of the record as etcd has it (see [`Run::save`]).
+    persisted_step: Step,
     /// Each replica set's leader as last found: finding it asks every member for its
     /// status, a round trip the hold should not pay at each step. Forgotten when a step
     /// fails (a leader change shows as a failure).
@@ -332,9 +336,24 @@ impl Run<'_> {
 
     /// Persists the record if no other driver changed it since this one last did.
     async fn save(&mut self) -> StepResult {
-        match self.world.save_record(&self.rec, Some(self.revision)).await? {
+        let saved = self.world.save_record(&self.rec, Some(self.revision)).await;
+        let saved = match saved {
+            Ok(saved) => saved,
+            Err(failure) => {
+                // `Fence` and `Switch` are entered only once etcd says so: an abort after a
+                // restart reads the record to know whether the fence may be in force, and
+                // nothing may abort once the target serves. Not persisted, the step is the
+                // one etcd has, so its side effect does not run ahead of the record.
+                if matches!(self.rec.step, Step::Fence | Step::Switch) && self.persisted_step != self.rec.step {
+                    self.rec.set_step(self.persisted_step);
+                }
+                return Err(failure.into());
+            }
+        };
+        match saved {
             Some(revision) => {
                 self.revision = revision;
+                self.persisted_step = self.rec.step;
                 Ok(())
             }
             None => {
@@ -575,12 +594,14 @@ impl Run<'_> {
     }
 
     /// Copies the source's idempotency records written from `since` (replica-set clock,
-    /// ms; all of them without it) to the target, page by page, paced like the copy (a
-    /// pacer of its own: these pages cost otherwise than documents). With `at_least`, every
-    /// page must come from a snapshot that has applied that index (the fence: a source
-    /// leader that has not applied it yet could miss the last records), and nothing is
-    /// paced: the hold waits for it. Returns the first page's clock: every record written
-    /// after the pass began has a time at or after it.
+    /// ms; all of them without it) to the target, page by page. The first pass (all of
+    /// them: up to the idempotency window's worth) is paced like the copy, with a pacer of
+    /// its own (these pages cost otherwise than documents); the later ones move what a
+    /// couple of seconds of writes left, unpaced, or the hold would wait for them. With
+    /// `at_least`, every page must come from a snapshot that has applied that index (the
+    /// fence: a source leader that has not applied it yet could miss the last records).
+    /// Returns the first page's clock: every record written after the pass began has a
+    /// time at or after it.
     async fn copy_idempotency(
         &self,
         src: &ReplicaSetAccess,
@@ -623,7 +644,7 @@ impl Run<'_> {
             if after.is_none() {
                 return Ok(first_clock.unwrap_or_default());
             }
-            if at_least.is_none() {
+            if since.is_none() {
                 tokio::time::sleep(self.pace(&mut pacer, started, took, bytes)).await;
             }
         }
@@ -668,6 +689,13 @@ impl Run<'_> {
                     return Err(Failure::Transient("the route changed while the hold was written".into()).into());
                 }
                 failpoint!("migration-hold-after");
+                // The route's swap compares the route, not the record: a cancel (or another
+                // driver) that changed the record meanwhile and found the route still
+                // serving would leave this hold with no one to end it. Saved again to know.
+                if let Err(StepError::Superseded) = self.save().await {
+                    self.release_hold(&held).await;
+                    return Err(StepError::Superseded);
+                }
                 self.hold_mark("route held");
                 held
             }
@@ -693,6 +721,24 @@ impl Run<'_> {
         // Written before the fence is sent: an abort from here on assumes it may be in force.
         self.rec.set_step(Step::Fence);
         self.save().await
+    }
+
+    /// Puts the route back to `Serving` if it is still the hold `held` this driver wrote
+    /// (best effort: the driver that superseded this one, or the gateways' bound on a
+    /// hold's length, ends it otherwise).
+    async fn release_hold(&self, held: &Route) {
+        let Ok(Some((route, revision))) = self.world.route(&self.rec.db).await else { return };
+        if &route != held {
+            return;
+        }
+        let back = Route { state: RouteState::Serving, hold_deadline_ms: None, hold_timeout_ms: None, ..route.clone() };
+        match self.world.swap_route(&self.rec.db, revision, &back, true).await {
+            Ok(true) => tracing::info!(db = %self.rec.db, "superseded while holding: the hold released"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(db = %self.rec.db, error = %e, "superseded while holding; failed to release the hold")
+            }
+        }
     }
 
     fn check_route_is_ours(&self, route: &Route) -> Result<(), Failure> {
@@ -894,6 +940,7 @@ impl Run<'_> {
     /// import dropped (tried until the target answers) and the pin removed (best effort: a
     /// pin expires); then the next attempt is scheduled, or none.
     async fn abort(&mut self) -> StepResult {
+        // The fence is sent only once the record says `Fence` (see `Run::save`).
         let fenced = self.rec.aborted_from.is_some_and(|s| s >= Step::Fence);
         let epoch = if fenced { self.rec.from_epoch + 1 } else { self.rec.from_epoch };
         if let Some((route, revision)) = self.world.route(&self.rec.db).await? {

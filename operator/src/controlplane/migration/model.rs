@@ -86,6 +86,12 @@ pub struct State {
     pub delete_route_at_finish: bool,
     /// Client writes stop (a quiet database).
     pub quiet: bool,
+    /// The first save of a record at this step fails, and so does every save after it
+    /// until the driver changes a datanode (a fence, an import step): that call takes
+    /// effect, then the driver crashes (etcd unreachable for a moment, then the control
+    /// plane lost).
+    pub fail_save_at: Option<super::record::Step>,
+    pub etcd_down: bool,
 }
 
 pub struct Model {
@@ -146,6 +152,16 @@ impl Model {
         match s.crash {
             Some(Crash::Before(n)) | Some(Crash::After(n)) if n == s.calls => s.crash.take(),
             _ => None,
+        }
+    }
+
+    /// With etcd down (`State::fail_save_at`), the datanode call about to be made takes
+    /// effect and crashes the driver.
+    fn crash_if_etcd_down(&self) {
+        let mut s = self.lock();
+        if s.etcd_down {
+            s.etcd_down = false;
+            s.crash = Some(Crash::After(s.calls + 1));
         }
     }
 
@@ -298,6 +314,7 @@ impl MigrationWorld for Model {
     }
 
     async fn import(&self, rs: &ReplicaSetAccess, req: &ImportRequest) -> Result<ImportAnswer, Failure> {
+        self.crash_if_etcd_down();
         self.call(|s| {
             let source = s.source_name();
             let (source_docs, source_idem, source_epoch) = {
@@ -436,6 +453,7 @@ impl MigrationWorld for Model {
     }
 
     async fn fence(&self, rs: &ReplicaSetAccess, _db: &str, epoch: u64) -> Result<FenceAnswer, Failure> {
+        self.crash_if_etcd_down();
         self.call(|s| {
             let set = s.set(&rs.name);
             set.epoch = set.epoch.max(epoch);
@@ -523,6 +541,16 @@ impl MigrationWorld for Model {
     }
 
     async fn save_record(&self, record: &MigrationRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
+        {
+            let mut s = self.lock();
+            if s.fail_save_at == Some(record.step) {
+                s.fail_save_at = None;
+                s.etcd_down = true;
+            }
+            if s.etcd_down {
+                return Err(Failure::Transient("etcd did not answer".into()));
+            }
+        }
         self.call(|s| {
             if s.record.as_ref().map(|(_, rev)| *rev) != expected {
                 return Ok(None);

@@ -320,3 +320,38 @@ async fn a_database_deleted_during_the_switch_ends_the_migration_and_drops_the_t
     assert!(record.finished_at_ms.is_some());
     assert!(record.error.as_deref().unwrap().contains("deleted during the switch"), "{:?}", record.error);
 }
+
+/// A record's save that fails on the way into `Fence` or `Switch`, then a crash at the next
+/// call, then a restart after the hold's deadline: the step's side effect must not have run
+/// ahead of the record (the fence sent while etcd says `Hold` made the rollback serve the
+/// source at an epoch it refuses; `Finish` while it says `Fence` left the target serving a
+/// database no route names, and every retry's `Begin` refused). Rolled back cleanly, then
+/// the retry completes.
+#[tokio::test]
+async fn a_failed_save_into_the_fence_or_the_switch_then_a_crash_after_the_deadline_rolls_back_cleanly() {
+    for step in [Step::Fence, Step::Switch] {
+        let model = Model::new();
+        driver::start(model.as_ref(), &to_b()).await.unwrap();
+        model.lock().fail_save_at = Some(step);
+        let tuning = tuning();
+        tokio::select! {
+            r = driver::drive(model.as_ref(), &tuning, DB) => panic!("{step:?}: the driver ended without the crash: {r:?}"),
+            () = model.crashed.notified() => {}
+        }
+        {
+            // The restart comes after the hold's deadline.
+            let mut s = model.lock();
+            assert!(s.fail_save_at.is_none(), "{step:?}: the save never failed");
+            let (record, _) = s.record.as_mut().unwrap();
+            assert!(record.hold_deadline_ms.is_some(), "{step:?}: crashed before the hold");
+            record.hold_deadline_ms = Some(1);
+        }
+        let (outcome, _) = run_to_end(&model, &tuning).await;
+        assert_eq!(outcome, Outcome::Completed, "{step:?}");
+        let s = model.lock();
+        assert_eq!(s.violations, Vec::<String>::new(), "{step:?}");
+        assert_eq!(s.sets["b"].docs, s.expected(), "{step:?}");
+        let (record, _) = s.record.clone().unwrap();
+        assert_eq!(record.attempt, 2, "{step:?}: the first attempt was rolled back");
+    }
+}

@@ -55,7 +55,7 @@ use crate::controlplane::migration::MigrationStatus;
     // `null`, which removes the key). The race this cannot see (a second change before
     // the operator wrote the first one's status) is queued by the reconciler.
     validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.migration) || has(oldSelf.status.migration.finishedAt) || !has(oldSelf.spec) || !has(self.spec) || self.spec.pool == oldSelf.spec.pool")
-        .message("spec.pool cannot change while a migration runs: wait until status.migration.phase is Completed or Aborted (kubectl get dbi shows it in the MIGRATION column), then change it again"),
+        .message("spec.pool cannot change while a migration runs (retries between attempts included): wait until status.migration.finishedAt is set, phase Completed or Aborted for good (kubectl get dbi shows it in the MIGRATION column), then change it again"),
 )]
 #[x_kube(validation = Rule::new("self.tier == oldSelf.tier || (self.tier != 'dedicated' && oldSelf.tier != 'dedicated')")
     .message("spec.tier cannot change between shared (free, standard) and dedicated: a dedicated instance has a replica set of its own. To move a database to a replica set of its own, change spec.pool to a pool of mode Dedicated (a hot migration); to share again, change spec.pool to a shared pool"))]
