@@ -135,12 +135,14 @@ async fn a_database_moved_between_replica_sets_is_equal_and_served_at_the_new_ep
         if first_index.is_none() {
             let index = page["index"].as_u64().unwrap();
             first_index = Some(index);
-            post_ok(
-                &src.client,
-                &format!("{src_admin}/v1/admin/oplog/pin"),
-                &json!({"name": "m1", "fromIndex": index, "expiresMs": u64::MAX / 2}),
-            )
-            .await;
+            let pin = format!("{src_admin}/v1/admin/oplog/pin");
+            // A pin that would never lapse is refused (at most a day ahead), and changes nothing.
+            let forever = json!({"name": "m1", "fromIndex": index, "expiresMs": u64::MAX / 2});
+            let (st, resp) = src.client.post(&pin, &forever).await;
+            assert_eq!((st, resp["error"]["code"].as_str()), (400, Some("BadRequest")), "{resp}");
+            let hour = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+                + 3_600_000;
+            post_ok(&src.client, &pin, &json!({"name": "m1", "fromIndex": index, "expiresMs": hour})).await;
         }
         pages += 1;
         assert_eq!(page["collections"].as_array().unwrap().len(), 2, "{page}");
