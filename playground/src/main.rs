@@ -100,26 +100,25 @@ struct PlaygroundArgs {
     migration_copy_mib_per_sec: u64,
 }
 
+impl PlaygroundArgs {
+    fn migration(&self) -> playground::MigrationFlags {
+        playground::MigrationFlags {
+            cleanup_grace: self.migration_cleanup_grace,
+            copy_mib_per_sec: self.migration_copy_mib_per_sec,
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Command::Playground { command } = Cli::parse().command;
     match command {
-        PlaygroundCommand::Up(PlaygroundArgs {
-            dir,
-            instances,
-            zones,
-            isolate_zones,
-            migration_cleanup_grace,
-            migration_copy_mib_per_sec,
-        }) => {
-            if zones < 3 {
+        PlaygroundCommand::Up(args) => {
+            if args.zones < 3 {
                 anyhow::bail!("--zones must be at least 3: a replica set needs three zones");
             }
-            let migration = playground::MigrationFlags {
-                cleanup_grace: migration_cleanup_grace,
-                copy_mib_per_sec: migration_copy_mib_per_sec,
-            };
-            let pg = playground::up(&dir, &instances, zones, isolate_zones, migration).await?;
+            let PlaygroundArgs { ref dir, ref instances, zones, isolate_zones, .. } = args;
+            let pg = playground::up(dir, instances, zones, isolate_zones, args.migration()).await?;
             println!("playground is up: {}", dir.join(playground::state::PLAYGROUND_FILE).display());
             println!("gateway: {}", pg.gateway);
             for (name, i) in &pg.instances {
@@ -159,24 +158,12 @@ async fn main() -> anyhow::Result<()> {
             println!("zone {zone}: {state:?}");
             Ok(())
         }
-        PlaygroundCommand::Serve(PlaygroundArgs {
-            dir,
-            instances,
-            zones,
-            isolate_zones,
-            migration_cleanup_grace,
-            migration_copy_mib_per_sec,
-        }) => {
+        PlaygroundCommand::Serve(args) => {
             let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-            let opts = playground::serve::Options {
-                dir,
-                instances,
-                zones,
-                isolate_zones,
-                migration_cleanup_grace,
-                migration_copy_mib_per_sec,
-            };
+            let migration = args.migration();
+            let PlaygroundArgs { dir, instances, zones, isolate_zones, .. } = args;
+            let opts = playground::serve::Options { dir, instances, zones, isolate_zones, migration };
             playground::serve::serve(opts).await
         }
     }

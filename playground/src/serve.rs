@@ -33,10 +33,8 @@ pub struct Options {
     pub zones: usize,
     /// Each zone in its own network namespace (see `netns`).
     pub isolate_zones: bool,
-    /// How long a migration's source keeps its copy after the switch.
-    pub migration_cleanup_grace: Duration,
-    /// The most a migration's copy reads from its source, MiB per second.
-    pub migration_copy_mib_per_sec: u64,
+    /// The hot-migration knobs.
+    pub migration: crate::MigrationFlags,
 }
 
 async fn wait_http(url: &str, deadline: Duration) -> anyhow::Result<()> {
@@ -198,8 +196,8 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
         directory: directory.clone(),
     };
     let tuning = Tuning {
-        cleanup_grace: opts.migration_cleanup_grace,
-        copy_bytes_per_sec: opts.migration_copy_mib_per_sec.max(1).saturating_mul(1 << 20),
+        cleanup_grace: opts.migration.cleanup_grace,
+        copy_bytes_per_sec: opts.migration.copy_mib_per_sec.max(1).saturating_mul(1 << 20),
         ..Tuning::default()
     };
     let migrator = Arc::new(Migrator::new(Arc::new(world), tuning));
