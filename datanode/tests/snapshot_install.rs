@@ -204,3 +204,36 @@ fn leftovers_of_an_interrupted_transfer_and_install_are_removed_at_startup() {
     assert_eq!(names(&dir.join("snapshots")), Vec::<String>::new());
     assert_eq!(state(&sm.shared()), (vec![], None));
 }
+
+/// A snapshot is built beside the applying (its memtable flush no longer pauses every write
+/// of the replica set): whatever entries are applied meanwhile, the checkpoint holds exactly
+/// the entries up to the index its metadata names, no fewer, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_built_while_entries_are_applied_holds_exactly_the_entries_up_to_its_index() {
+    const BEFORE: u64 = 2_000;
+    const DURING: u64 = 3_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::open(&dir.path().join("member"), EngineOptions::default()).unwrap();
+    apply(&mut sm, 1, BEFORE).await;
+    let mut builder = sm.get_snapshot_builder().await;
+    let building = tokio::spawn(async move { builder.build_snapshot().await });
+    // One entry at a time, as a busy leader applies them, until the snapshot is done.
+    let mut next = BEFORE + 1;
+    while !building.is_finished() && next <= BEFORE + DURING {
+        apply(&mut sm, next, next).await;
+        next += 1;
+    }
+    let snapshot = building.await.unwrap().unwrap();
+    let at = snapshot.meta.last_log_id.expect("a snapshot of applied entries").index();
+    assert!((BEFORE..next).contains(&at), "snapshot at {at}, entries applied up to {}", next - 1);
+
+    // The checkpoint, opened as a member restoring it would: documents 0..at, applied at.
+    let restored = dir.path().join("restored");
+    nimbus_datanode::raft::snapshot::materialize(&snapshot.snapshot.dir, &restored).unwrap();
+    let engine = nimbus_datanode::store::Engine::open(&restored, EngineOptions::default()).unwrap();
+    let applied: Option<openraft::type_config::alias::LogIdOf<TypeConfig>> =
+        engine.get_meta(nimbus_datanode::store::keys::META_APPLIED).unwrap();
+    assert_eq!(applied.map(|l| l.index()), Some(at), "the checkpoint's applied index");
+    let present: Vec<u64> = (0..next).filter(|id| engine.get("app", "items", &json!(id)).unwrap().is_some()).collect();
+    assert_eq!(present, (0..at).collect::<Vec<u64>>(), "the checkpoint's documents");
+}

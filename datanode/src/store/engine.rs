@@ -231,6 +231,15 @@ impl Engine {
         Ok(())
     }
 
+    /// Flushes every column family's memtables to table files (together: `atomic_flush`),
+    /// waiting for the flush. Writes go on into fresh memtables meanwhile: run before a
+    /// checkpoint, it leaves the checkpoint's own flush little to do.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|n| self.cf(n)).collect();
+        self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
+        Ok(())
+    }
+
     /// Makes a RocksDB checkpoint (hard links, after a flush) of the whole state machine.
     pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
         self.db.flush_wal(true)?;
