@@ -84,6 +84,12 @@ impl RunResult {
     pub fn p99_ms(&self) -> f64 {
         self.latency_us.value_at_quantile(0.99) as f64 / 1000.0
     }
+    pub fn p999_ms(&self) -> f64 {
+        self.latency_us.value_at_quantile(0.999) as f64 / 1000.0
+    }
+    pub fn max_ms(&self) -> f64 {
+        self.latency_us.max() as f64 / 1000.0
+    }
 }
 
 /// Runs `concurrency` tasks, each calling `op(task, seq)` in a loop for `duration`, and
@@ -318,8 +324,10 @@ pub struct Summary {
     pub p99_ms: f64,
 }
 
-/// Reports `{prefix}_ops_per_sec` (median, min, max), `{prefix}_p50_ms` and
-/// `{prefix}_p99_ms` (medians) of `runs`, and returns the medians.
+/// Reports `{prefix}_ops_per_sec` (median, min, max), `{prefix}_p50_ms`, `{prefix}_p99_ms`
+/// and `{prefix}_p999_ms` (medians) and `{prefix}_max_ms` (the slowest answer of all runs:
+/// a stall shorter than a thousandth of a run shows only there) of `runs`, and returns the
+/// medians.
 pub fn summarize(report: &mut Report, prefix: &str, runs: &[RunResult]) -> Summary {
     let ops: Vec<f64> = runs.iter().map(RunResult::ops_per_sec).collect();
     let s = Summary {
@@ -332,6 +340,8 @@ pub fn summarize(report: &mut Report, prefix: &str, runs: &[RunResult]) -> Summa
     report.add(format!("{prefix}_ops_per_sec_max"), ops.iter().copied().fold(0.0, f64::max).round(), "ops/s");
     report.add(format!("{prefix}_p50_ms"), s.p50_ms, "ms");
     report.add(format!("{prefix}_p99_ms"), s.p99_ms, "ms");
+    report.add(format!("{prefix}_p999_ms"), median(&runs.iter().map(RunResult::p999_ms).collect::<Vec<_>>()), "ms");
+    report.add(format!("{prefix}_max_ms"), runs.iter().map(RunResult::max_ms).fold(0.0, f64::max), "ms");
     s
 }
 
