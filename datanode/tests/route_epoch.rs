@@ -25,7 +25,8 @@ impl Node {
     /// (a client's command has one, the control plane's none).
     fn apply(&mut self, epoch: Option<u64>, op: WriteOp) -> WriteResult {
         self.index += 1;
-        let cmd = Command { db: "d".into(), op, idempotency_key: None, ts_ms: 1_000, route_epoch: epoch, request_hash: None };
+        let cmd =
+            Command { db: "d".into(), op, idempotency_key: None, ts_ms: 1_000, route_epoch: epoch, request_hash: None };
         let mut batch = rocksdb::WriteBatch::default();
         let (result, delta) = self.engine.apply_command(&mut batch, &cmd, self.index).unwrap();
         self.engine.commit_applied_for_tests(batch, delta, self.index);
@@ -110,18 +111,20 @@ fn a_drop_bounded_at_or_above_the_known_epoch_drops_and_one_without_a_bound_too(
     let dir = tempfile::tempdir().unwrap();
     let mut n = Node::open(dir.path());
     n.apply(Some(3), insert(1)).unwrap();
-    assert_eq!(n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 3 }).unwrap(), WriteAnswer::Dropped {
-        found: true
-    });
+    assert_eq!(
+        n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 3 }).unwrap(),
+        WriteAnswer::Dropped { found: true }
+    );
     assert_eq!(n.get(1), None);
     assert!(n.engine.list_collections("d").is_empty());
     // The epoch stays: a sender with an older route is still refused.
     assert_eq!(n.known_epoch(), 3);
 
     n.apply(Some(5), insert(2)).unwrap();
-    assert_eq!(n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 9 }).unwrap(), WriteAnswer::Dropped {
-        found: true
-    });
+    assert_eq!(
+        n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 9 }).unwrap(),
+        WriteAnswer::Dropped { found: true }
+    );
     assert_eq!(n.get(2), None);
 
     // Without a bound (a client's own `DELETE`, an instance's deletion): whatever the epoch.
@@ -130,11 +133,12 @@ fn a_drop_bounded_at_or_above_the_known_epoch_drops_and_one_without_a_bound_too(
     assert_eq!(n.get(3), None);
     assert_eq!(n.known_epoch(), 7);
     // Nothing left: a bounded drop answers not found either way.
-    assert_eq!(n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 7 }).unwrap(), WriteAnswer::Dropped {
-        found: false
-    });
-    assert_eq!(n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 1 }).unwrap(), WriteAnswer::DatabaseKept {
-        found: false,
-        epoch: 7
-    });
+    assert_eq!(
+        n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 7 }).unwrap(),
+        WriteAnswer::Dropped { found: false }
+    );
+    assert_eq!(
+        n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 1 }).unwrap(),
+        WriteAnswer::DatabaseKept { found: false, epoch: 7 }
+    );
 }

@@ -352,7 +352,8 @@ async fn a_drop_bounded_by_an_older_epoch_keeps_what_a_newer_route_wrote() -> an
             .await;
     assert_eq!(st, 201, "{b}");
     // The clean-up: kept, saying so.
-    let kept = post_ok(&c.client, &format!("{admin}/v1/admin/drop-database"), &json!({"db": "shop", "maxEpoch": 3})).await;
+    let kept =
+        post_ok(&c.client, &format!("{admin}/v1/admin/drop-database"), &json!({"db": "shop", "maxEpoch": 3})).await;
     assert_eq!((&kept["kept"], &kept["epoch"], &kept["found"]), (&json!(true), &json!(8), &json!(true)), "{kept}");
     let (st, b) = data(&c, l, Method::POST, &format!("{users}/count"), Some(&json!({})), "8", &[]).await;
     assert_eq!((st, b["count"].as_u64()), (200, Some(1)), "{b}");

@@ -98,8 +98,12 @@ pub trait MigrationWorld: Send + Sync {
     /// Drops `db`'s data on the replica set, only if the route epoch it knows for `db` is
     /// at most `max_epoch` when given (decided in its Raft log: a client write of a newer
     /// route raises that epoch, so a newer instance's first writes are never dropped).
-    async fn drop_database(&self, rs: &ReplicaSetAccess, db: &str, max_epoch: Option<u64>)
-    -> Result<DropOutcome, Failure>;
+    async fn drop_database(
+        &self,
+        rs: &ReplicaSetAccess,
+        db: &str,
+        max_epoch: Option<u64>,
+    ) -> Result<DropOutcome, Failure>;
     /// `db`'s route and its revision (the guard of [`MigrationWorld::swap_route`]).
     async fn route(&self, db: &str) -> Result<Option<(Route, u64)>, Failure>;
     /// Writes `route` if `db`'s route is still at `revision` (clearing the database's hold

@@ -40,6 +40,9 @@ mod tests;
 pub use driver::{
     FAILPOINTS, MigrationError, Migrator, Outcome, StartError, StartRequest, cancel, drive, now_ms, start,
 };
-pub use io::{ChecksumMarker, DropOutcome, FenceAnswer, HoldView, LiveWorld, MigrationWorld, ReplicaSetAccess, ReplicaSetDirectory};
+pub use io::{
+    ChecksumMarker, DropOutcome, FenceAnswer, HoldView, LiveWorld, MigrationWorld, ReplicaSetAccess,
+    ReplicaSetDirectory,
+};
 pub use plan::{Failure, Tuning};
 pub use record::{MigrationRecord, MigrationStatus, Phase, Step};
