@@ -115,13 +115,24 @@ pub struct RouteEpochAnswer {
     pub index: u64,
 }
 
-/// Answer of `POST /v1/admin/drop-database` (`nimbus_api::migration::DropDatabaseRequest`).
+/// Answer of `POST /v1/admin/drop-database` (`nimbus_api::migration::DropDatabaseRequest`):
+/// `{"found", "index"}`, and `"kept": true, "epoch": E` when the request's `maxEpoch` was
+/// below the epoch `E` the replica set knows for the database, so nothing was dropped.
+/// Answers without `kept` (older datanodes, drops without `maxEpoch`) dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DroppedDatabase {
-    /// False when the replica set held nothing of the database.
+    /// False when the replica set held nothing of the database (with `kept`: holds
+    /// nothing of it now).
     pub found: bool,
     /// Log index of the drop's entry.
     pub index: u64,
+    /// Nothing was dropped: the database's route epoch here is above `maxEpoch` (its data
+    /// belongs to a newer route: a new instance of the name, or the database moved back).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
+    /// With `kept`: the route epoch the replica set knows for the database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// `POST /v1/admin/checksum` (leader only): a checksum marker through Raft. Every member

@@ -202,8 +202,18 @@ pub struct UnpinOplogRequest {
 /// `POST /v1/admin/drop-database` (leader, through Raft): drops every document, index and
 /// idempotency record of `db` on this replica set (a migration's clean-up of its source).
 /// The database's route epoch stays, so a sender with an old route is still refused.
+/// Answers [`crate::admin::DroppedDatabase`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DropDatabaseRequest {
     pub db: String,
+    /// `maxEpoch`: drop only if the route epoch this replica set knows for `db` is at most
+    /// this, decided where the drop applies in the Raft log. A client write raises the
+    /// known epoch to its route's, so a new instance of the name placed here (its route
+    /// has a newer epoch than any the name had) keeps its first writes against a
+    /// migration's clean-up bounded by the fence's epoch: the answer then says `"kept":
+    /// true` and nothing is dropped. Absent: dropped whatever the epoch (an instance's
+    /// deletion). A datanode older than this field ignores it and drops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_epoch: Option<u64>,
 }

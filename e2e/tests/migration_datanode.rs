@@ -333,3 +333,58 @@ async fn bad_migration_calls_are_refused_clearly_and_change_nothing() -> anyhow:
     assert_eq!((st, b["count"].as_u64()), (200, Some(2)), "{b}");
     Ok(())
 }
+
+/// A migration's clean-up arriving after a new instance of the name wrote to the source:
+/// the drop, bounded by the fence's epoch (`maxEpoch`), keeps what a client wrote at a
+/// newer route's epoch; bounded at that epoch, or without a bound, it drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_bounded_by_an_older_epoch_keeps_what_a_newer_route_wrote() -> anyhow::Result<()> {
+    let c = Cluster::start(1, &[]).await?;
+    let admin = leader_admin(&c).await;
+    let l = c.wait_leader(Duration::from_secs(20)).await?;
+    let users = "/v1/databases/shop/collections/users";
+    // The fence of a migration away from here, at epoch 3.
+    let fenced = post_ok(&c.client, &format!("{admin}/v1/admin/route-epoch"), &json!({"db": "shop", "epoch": 3})).await;
+    assert_eq!(fenced["epoch"], 3, "{fenced}");
+    // A new instance of the name, its route at epoch 8 (3 + 5), writes here.
+    let (st, b) =
+        data(&c, l, Method::POST, &format!("{users}/documents"), Some(&json!({"documents": [{"_id": 1}]})), "8", &[])
+            .await;
+    assert_eq!(st, 201, "{b}");
+    // The clean-up: kept, saying so.
+    let kept =
+        post_ok(&c.client, &format!("{admin}/v1/admin/drop-database"), &json!({"db": "shop", "maxEpoch": 3})).await;
+    assert_eq!((&kept["kept"], &kept["epoch"], &kept["found"]), (&json!(true), &json!(8), &json!(true)), "{kept}");
+    let (st, b) = data(&c, l, Method::POST, &format!("{users}/count"), Some(&json!({})), "8", &[]).await;
+    assert_eq!((st, b["count"].as_u64()), (200, Some(1)), "{b}");
+    // The first write raised the epoch: the old route is refused now.
+    let (st, b) = data(&c, l, Method::POST, &format!("{users}/count"), Some(&json!({})), "3", &[]).await;
+    assert_eq!((st, b["error"]["code"].as_str()), (421, Some("StaleRoute")), "{b}");
+
+    // A bound that is not a number is refused, and drops nothing.
+    let auth = c.secret.authorization().to_str().unwrap().to_owned();
+    for body in [&br#"{"db":"shop","maxEpoch":"3"}"#[..], br#"{"db":"shop","maxEpoch":-1}"#] {
+        let a = send(&addr_of(&admin), "POST", b"/v1/admin/drop-database", &[("authorization", &auth)], Some(body));
+        assert_eq!((a.status, a.json()["error"]["code"].as_str()), (400, Some("BadRequest")), "{}", a.text());
+    }
+    let (st, b) = data(&c, l, Method::POST, &format!("{users}/count"), Some(&json!({})), "8", &[]).await;
+    assert_eq!((st, b["count"].as_u64()), (200, Some(1)), "{b}");
+
+    // Bounded at the epoch known here: dropped, answered as before (no `kept`).
+    let dropped =
+        post_ok(&c.client, &format!("{admin}/v1/admin/drop-database"), &json!({"db": "shop", "maxEpoch": 8})).await;
+    assert_eq!(dropped["found"], true, "{dropped}");
+    assert!(dropped.get("kept").is_none() && dropped["index"].as_u64().is_some(), "{dropped}");
+    let (st, b) = data(&c, l, Method::POST, &format!("{users}/count"), Some(&json!({})), "8", &[]).await;
+    assert_eq!((st, b["count"].as_u64()), (200, Some(0)), "{b}");
+    // Without a bound: dropped whatever the epoch.
+    let (st, b) =
+        data(&c, l, Method::POST, &format!("{users}/documents"), Some(&json!({"documents": [{"_id": 2}]})), "9", &[])
+            .await;
+    assert_eq!(st, 201, "{b}");
+    let dropped = post_ok(&c.client, &format!("{admin}/v1/admin/drop-database"), &json!({"db": "shop"})).await;
+    assert_eq!(dropped["found"], true, "{dropped}");
+    let (st, b) = data(&c, l, Method::POST, &format!("{users}/count"), Some(&json!({})), "9", &[]).await;
+    assert_eq!((st, b["count"].as_u64()), (200, Some(0)), "{b}");
+    Ok(())
+}

@@ -343,15 +343,24 @@ async fn unpin_oplog(State(ctx): Ctx, JsonBody(req): JsonBody<UnpinOplogRequest>
 }
 
 /// Drops a database's data on this replica set, its route epoch kept (`DropDatabaseRequest`);
-/// answers `{"found", "index"}`.
+/// answers `{"found", "index"}`, with `"kept": true, "epoch"` when `maxEpoch` kept it.
 async fn drop_database(State(ctx): Ctx, JsonBody(req): JsonBody<DropDatabaseRequest>) -> Result<Response> {
     let db = nimbus_api::path::DbName::new(&req.db)?.into_string();
-    match ctx.propose_internal_at(db, crate::store::WriteOp::DropDatabase).await? {
+    // Unbounded drops keep the entry older members decode.
+    let op = match req.max_epoch {
+        None => crate::store::WriteOp::DropDatabase,
+        Some(max_epoch) => crate::store::WriteOp::DropDatabaseUpTo { max_epoch },
+    };
+    let answer = match ctx.propose_internal_at(db, op).await? {
         (crate::store::WriteAnswer::Dropped { found }, index) => {
-            Ok(axum::Json(DroppedDatabase { found, index }).into_response())
+            DroppedDatabase { found, index, kept: false, epoch: None }
         }
-        _ => Err(ApiError::internal("unexpected answer from the state machine").into()),
-    }
+        (crate::store::WriteAnswer::DatabaseKept { found, epoch }, index) => {
+            DroppedDatabase { found, index, kept: true, epoch: Some(epoch) }
+        }
+        _ => return Err(ApiError::internal("unexpected answer from the state machine").into()),
+    };
+    Ok(axum::Json(answer).into_response())
 }
 
 async fn snapshot(State(ctx): Ctx) -> Result<Response> {

@@ -183,6 +183,13 @@ impl Engine {
                     batch_catalog(self, ctx.batch, &cmd.db, &coll, Some(&meta));
                     ctx.delta.changes.push((cmd.db.clone(), coll, Some(meta)));
                 }
+                // A sender with a newer route than any this replica set knew: from now on
+                // its epoch is the database's here, decided in the log like the data, so a
+                // drop bounded by an older route (a migration's late clean-up) keeps what
+                // this command wrote. A refused command wrote nothing and raises nothing.
+                if let Some(epoch) = cmd.route_epoch {
+                    self.raise_route_epoch(&mut ctx, epoch);
+                }
                 Ok(answer)
             }
             Err(Refusal::Client(e)) => {
@@ -353,6 +360,14 @@ impl Engine {
                 self.oplog(ctx, Some(coll), OplogOp::DropIndex { name: name.clone() });
                 Ok(WriteAnswer::Dropped { found: true })
             }
+            WriteOp::DropDatabaseUpTo { max_epoch } => {
+                let known = self.known_route_epoch(ctx);
+                if known > *max_epoch {
+                    let found = self.catalog_read().dbs.contains_key(ctx.db);
+                    return Ok(WriteAnswer::DatabaseKept { found, epoch: known });
+                }
+                self.apply_op(ctx, &WriteOp::DropDatabase)
+            }
             WriteOp::DropDatabase => {
                 let found = self.catalog_read().dbs.contains_key(ctx.db);
                 let prefix = keys::db_prefix(ctx.db);
@@ -375,12 +390,8 @@ impl Engine {
                 Ok(WriteAnswer::Dropped { found })
             }
             WriteOp::SetRouteEpoch { epoch } => {
-                let known = self.catalog_read().route_epoch(ctx.db);
-                if *epoch > known {
-                    ctx.batch.put_cf(self.cf(keys::CF_META), keys::route_epoch_key(ctx.db), encode(epoch));
-                    ctx.delta.route_epoch = Some((ctx.db.to_owned(), *epoch));
-                }
-                Ok(WriteAnswer::RouteEpoch { epoch: (*epoch).max(known) })
+                self.raise_route_epoch(ctx, *epoch);
+                Ok(WriteAnswer::RouteEpoch { epoch: self.known_route_epoch(ctx) })
             }
             WriteOp::Import { migration, step } => self.apply_import(ctx, migration, step),
             WriteOp::PinOplog { name, from_index, expires_ms } => self.pin_oplog(ctx, name, *from_index, *expires_ms),
@@ -394,6 +405,24 @@ impl Engine {
                 ctx.batch.put_cf(self.cf(keys::CF_META), checksum_key(ctx.db), encode(&at));
                 Ok(WriteAnswer::Checksum(at))
             }
+        }
+    }
+
+    /// The database's route epoch as this command sees it (raised by it, or as applied).
+    fn known_route_epoch(&self, ctx: &Ctx<'_>) -> u64 {
+        let known = self.catalog_read().route_epoch(ctx.db);
+        match &ctx.delta.route_epoch {
+            Some((_, raised)) => known.max(*raised),
+            None => known,
+        }
+    }
+
+    /// Makes `epoch` the database's route epoch if it is above the one known (epochs only
+    /// rise), in CF_META and, once the batch is written, in the catalog.
+    fn raise_route_epoch(&self, ctx: &mut Ctx<'_>, epoch: u64) {
+        if epoch > self.known_route_epoch(ctx) {
+            ctx.batch.put_cf(self.cf(keys::CF_META), keys::route_epoch_key(ctx.db), encode(&epoch));
+            ctx.delta.route_epoch = Some((ctx.db.to_owned(), epoch));
         }
     }
 

@@ -24,7 +24,9 @@ pub struct Command {
     /// The leader's wall clock when it proposed the command, ms since the Unix epoch.
     pub ts_ms: u64,
     /// The database's route epoch the sender used: a member refuses the command when it
-    /// knows a newer one for the database (the database moved; see `SetRouteEpoch`).
+    /// knows a newer one for the database (the database moved; see `SetRouteEpoch`), and
+    /// raises the one it knows to it when it is newer and the command applies (the first
+    /// writes of a new route: a `DropDatabaseUpTo` of an older route then keeps them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_epoch: Option<u64>,
     /// With an idempotency key: a digest of the client's request, so the key reused for a
@@ -83,7 +85,18 @@ pub enum WriteOp {
         coll: String,
         name: String,
     },
+    /// Drops every document, index and idempotency record of the database (its route
+    /// epoch stays). A client's `DELETE` of its database, and a drop without a bound.
     DropDatabase,
+    /// `DropDatabase`, applied only while the route epoch this replica set knows for the
+    /// database is at most `max_epoch` (a hot migration's clean-up of its source, bounded
+    /// by the fence's epoch); otherwise nothing changes and the answer is
+    /// [`WriteAnswer::DatabaseKept`]. A variant of its own rather than a field of
+    /// `DropDatabase`: that one is serialised as the bare string `"dropDatabase"`, which
+    /// entries already in Raft logs hold and a struct variant would not decode.
+    DropDatabaseUpTo {
+        max_epoch: u64,
+    },
     /// The database's route epoch is now `epoch` (it only ever rises): from this entry on,
     /// commands and reads with an older epoch are refused with `StaleRoute`. The control
     /// plane sets it when a database's route changes (hot migration's switch and fence).
@@ -126,7 +139,7 @@ impl WriteOp {
             WriteOp::CreateIndex { .. } => "create_index",
             WriteOp::DropIndex { .. } => "drop_index",
             WriteOp::BuildIndex { .. } => "build_index",
-            WriteOp::DropDatabase => "drop_database",
+            WriteOp::DropDatabase | WriteOp::DropDatabaseUpTo { .. } => "drop_database",
             WriteOp::SetRouteEpoch { .. } => "set_route_epoch",
             WriteOp::Checksum => "checksum",
             WriteOp::Import { .. } => "import",
@@ -172,6 +185,13 @@ pub enum WriteAnswer {
     Dropped {
         found: bool,
     },
+    /// A `DropDatabaseUpTo` that dropped nothing: the replica set knows route epoch
+    /// `epoch` for the database, above the drop's bound (a newer instance of the name, or
+    /// the database moved back, writes here now).
+    DatabaseKept {
+        found: bool,
+        epoch: u64,
+    },
     /// The database's route epoch after a `SetRouteEpoch`.
     RouteEpoch {
         epoch: u64,
@@ -206,5 +226,18 @@ mod tests {
         assert_eq!(v, json!({"db": "d", "op": {"insert": {"coll": "c", "docs": [{"_id": 1}]}}, "tsMs": 5}));
         let back: Command = serde_json::from_str(&v.to_string()).unwrap();
         assert_eq!(serde_json::to_value(&back).unwrap(), v);
+    }
+
+    #[test]
+    fn a_drop_of_an_older_log_still_decodes_and_a_bounded_drop_has_its_own_variant() {
+        // As the releases before the bound wrote it.
+        let old: Command = serde_json::from_str(r#"{"db":"d","op":"dropDatabase","tsMs":5}"#).unwrap();
+        assert!(matches!(old.op, WriteOp::DropDatabase));
+        let v = serde_json::to_value(WriteOp::DropDatabase).unwrap();
+        assert_eq!(v, json!("dropDatabase"));
+        let v = serde_json::to_value(WriteOp::DropDatabaseUpTo { max_epoch: 7 }).unwrap();
+        assert_eq!(v, json!({"dropDatabaseUpTo": {"max_epoch": 7}}));
+        let back: WriteOp = serde_json::from_value(v).unwrap();
+        assert!(matches!(back, WriteOp::DropDatabaseUpTo { max_epoch: 7 }));
     }
 }

@@ -673,9 +673,10 @@ impl crate::controlplane::migration::MigrationWorld for FakeMigrationWorld {
         &self,
         rs: &crate::controlplane::migration::ReplicaSetAccess,
         db: &str,
-    ) -> MigrationResult<()> {
+        _max_epoch: Option<u64>,
+    ) -> MigrationResult<crate::controlplane::migration::DropOutcome> {
         self.call(format!("drop {} {db}", rs.name));
-        Ok(())
+        Ok(crate::controlplane::migration::DropOutcome::Dropped)
     }
     async fn route(&self, db: &str) -> MigrationResult<Option<(nimbus_api::etcd::Route, u64)>> {
         let v = self.store.0.lock().unwrap().get(&nimbus_api::etcd::route_key(db)).cloned();

@@ -23,7 +23,7 @@ use nimbus_api::migration::{
 };
 use thiserror::Error;
 
-use super::io::{MigrationWorld, ReplicaSetAccess};
+use super::io::{DropOutcome, MigrationWorld, ReplicaSetAccess};
 use super::plan::{self, Failure, Reaction, Resume, Tuning};
 use super::record::{MigrationRecord, MigrationStatus, Phase, Step};
 
@@ -873,8 +873,15 @@ impl Run<'_> {
         self.hold_mark("target finished");
         let Some((route, revision)) = route else {
             // The database was deleted meanwhile (its instance with it): nothing to switch
-            // to, and the target's copy is no one's. The deletion drops the source's.
-            self.world.drop_database(&dst, &self.rec.db).await?;
+            // to, and the target's copy is no one's. The deletion drops the source's. Bounded
+            // by the epoch `Finish` set: a new instance of the name placed on the target
+            // since then raised it with its first write, and keeps its data.
+            if let DropOutcome::Kept { epoch: known } =
+                self.world.drop_database(&dst, &self.rec.db, Some(epoch)).await?
+            {
+                tracing::info!(db = %self.rec.db, replica_set = %dst.name, epoch = ?known,
+                    "the target serves a newer route of the database: its data kept");
+            }
             self.rec.error = Some("the database was deleted during the switch: its copy on the target dropped".into());
             self.rec.finished_at_ms = Some(now_ms());
             self.rec.set_step(Step::Aborted);
@@ -910,7 +917,10 @@ impl Run<'_> {
     }
 
     /// Clean-up, after the grace period: the source's copy dropped (its route epoch stays,
-    /// so a gateway with an old route is still refused), its oplog unpinned.
+    /// so a gateway with an old route is still refused), its oplog unpinned. The drop is
+    /// bounded by the fence's epoch and decided in the source's Raft log: a new instance of
+    /// the name placed on the source after the route was read here raised the epoch the
+    /// source knows with its first write, and its data is kept.
     async fn clean_up(&mut self) -> StepResult {
         self.rec.next_retry_ms = None;
         match self.world.replica_set(&self.rec.namespace, &self.rec.from_replica_set).await? {
@@ -924,7 +934,15 @@ impl Run<'_> {
                 if back {
                     tracing::info!(db = %self.rec.db, replica_set = %src.name, "the database is served by the source again: its data kept");
                 } else {
-                    self.world.drop_database(&src, &self.rec.db).await?;
+                    // The epoch the source was fenced at (`fence`): every write of this
+                    // instance there was made at or below it.
+                    let fence_epoch = self.rec.from_epoch + 1;
+                    if let DropOutcome::Kept { epoch } =
+                        self.world.drop_database(&src, &self.rec.db, Some(fence_epoch)).await?
+                    {
+                        tracing::info!(db = %self.rec.db, replica_set = %src.name, epoch = ?epoch, fence_epoch,
+                            "the source serves a newer route of the database: its data kept");
+                    }
                 }
                 self.world.unpin_oplog(&src, &self.rec.id).await?;
                 failpoint!("migration-cleanup-after");

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nimbus_api::admin::{Role, SetRouteEpochRequest};
+use nimbus_api::admin::{DroppedDatabase, Role, SetRouteEpochRequest};
 use nimbus_api::etcd::{self, Route, RouteMember};
 use nimbus_api::migration::{
     DbOplogPage, DropDatabaseRequest, ExportPage, ExportRequest, ImportAnswer, ImportRequest, OplogPosition,
@@ -39,6 +39,18 @@ pub struct FenceAnswer {
     /// Absent from datanodes that predate migrations: the fence cannot be used then.
     #[serde(default)]
     pub index: Option<u64>,
+}
+
+/// What `POST /v1/admin/drop-database` did with a database's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropOutcome {
+    /// Dropped (or there was nothing to drop).
+    Dropped,
+    /// Kept: the replica set knows route epoch `epoch` for the database, above the drop's
+    /// bound, so its data is a newer route's (a new instance of the name placed there, or
+    /// the database moved back), not the migration's to drop. (`epoch` is always there in
+    /// the datanode's answer; optional so a malformed one still counts as kept.)
+    Kept { epoch: Option<u64> },
 }
 
 /// The answer of `POST /v1/admin/checksum`: a database's sum at a marker's index.
@@ -83,7 +95,15 @@ pub trait MigrationWorld: Send + Sync {
     /// Raises `db`'s route epoch on the replica set to `epoch` (never lowers it).
     async fn fence(&self, rs: &ReplicaSetAccess, db: &str, epoch: u64) -> Result<FenceAnswer, Failure>;
     async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure>;
-    async fn drop_database(&self, rs: &ReplicaSetAccess, db: &str) -> Result<(), Failure>;
+    /// Drops `db`'s data on the replica set, only if the route epoch it knows for `db` is
+    /// at most `max_epoch` when given (decided in its Raft log: a client write of a newer
+    /// route raises that epoch, so a newer instance's first writes are never dropped).
+    async fn drop_database(
+        &self,
+        rs: &ReplicaSetAccess,
+        db: &str,
+        max_epoch: Option<u64>,
+    ) -> Result<DropOutcome, Failure>;
     /// `db`'s route and its revision (the guard of [`MigrationWorld::swap_route`]).
     async fn route(&self, db: &str) -> Result<Option<(Route, u64)>, Failure>;
     /// Writes `route` if `db`'s route is still at `revision` (clearing the database's hold
@@ -221,9 +241,15 @@ impl MigrationWorld for LiveWorld {
         self.call(rs, "/v1/admin/checksum", "checksum marker", &req).await
     }
 
-    async fn drop_database(&self, rs: &ReplicaSetAccess, db: &str) -> Result<(), Failure> {
-        let req = DropDatabaseRequest { db: db.to_owned() };
-        self.call::<_, Ignored>(rs, "/v1/admin/drop-database", "drop database", &req).await.map(|_| ())
+    async fn drop_database(
+        &self,
+        rs: &ReplicaSetAccess,
+        db: &str,
+        max_epoch: Option<u64>,
+    ) -> Result<DropOutcome, Failure> {
+        let req = DropDatabaseRequest { db: db.to_owned(), max_epoch };
+        let answer: DroppedDatabase = self.call(rs, "/v1/admin/drop-database", "drop database", &req).await?;
+        Ok(if answer.kept { DropOutcome::Kept { epoch: answer.epoch } } else { DropOutcome::Dropped })
     }
 
     async fn route(&self, db: &str) -> Result<Option<(Route, u64)>, Failure> {

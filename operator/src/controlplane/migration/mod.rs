@@ -20,7 +20,7 @@
 //! | `Fence` | the source's route epoch raised to `epoch + 1`: its index is the final index | sends it again (idempotent) until the deadline, aborts after it |
 //! | `Verify` | the oplog through the final index, the idempotency records moved, checksum markers compared | redoes it until the deadline, aborts after it |
 //! | `Switch` | `Finish{epoch + 1}` on the target, then one guarded etcd transaction: route = target, `epoch + 1`, `Serving` | goes forward, never back |
-//! | `CleanUp` | after the grace period: the source's copy dropped, its oplog unpinned | goes forward |
+//! | `CleanUp` | after the grace period: the source's copy dropped unless the source knows an epoch above the fence's (a newer instance of the name writes there), its oplog unpinned | goes forward |
 //! | `Abort` | route back to the source `Serving` (`epoch + 1` if the fence may be in force), the target's import dropped, unpinned; then the next attempt after a back-off | finishes rolling back |
 //!
 //! An oplog truncated under the catch-up restarts the copy; a failure that does not go away
@@ -40,6 +40,9 @@ mod tests;
 pub use driver::{
     FAILPOINTS, MigrationError, Migrator, Outcome, StartError, StartRequest, cancel, drive, now_ms, start,
 };
-pub use io::{ChecksumMarker, FenceAnswer, HoldView, LiveWorld, MigrationWorld, ReplicaSetAccess, ReplicaSetDirectory};
+pub use io::{
+    ChecksumMarker, DropOutcome, FenceAnswer, HoldView, LiveWorld, MigrationWorld, ReplicaSetAccess,
+    ReplicaSetDirectory,
+};
 pub use plan::{Failure, Tuning};
 pub use record::{MigrationRecord, MigrationStatus, Phase, Step};

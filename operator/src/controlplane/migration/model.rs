@@ -20,7 +20,7 @@ use nimbus_api::migration::{
 };
 use serde_json::value::RawValue;
 
-use super::io::{ChecksumMarker, FenceAnswer, HoldView, MigrationWorld, ReplicaSetAccess};
+use super::io::{ChecksumMarker, DropOutcome, FenceAnswer, HoldView, MigrationWorld, ReplicaSetAccess};
 use super::plan::Failure;
 use super::record::MigrationRecord;
 
@@ -86,6 +86,10 @@ pub struct State {
     pub delete_route_at_finish: bool,
     /// Client writes stop (a quiet database).
     pub quiet: bool,
+    /// Right after the clean-up reads the route, the instance is deleted and a new one of
+    /// the same name placed on `a` at a fresh epoch (its first write lands there before
+    /// the clean-up's drop).
+    pub new_instance_on_a_after_cleanup_read: bool,
     /// The first save of a record at this step fails, and so does every save after it
     /// until the driver changes a datanode (a fence, an import step): that call takes
     /// effect, then the driver crashes (etcd unreachable for a moment, then the control
@@ -482,8 +486,18 @@ impl MigrationWorld for Model {
         .await
     }
 
-    async fn drop_database(&self, rs: &ReplicaSetAccess, _db: &str) -> Result<(), Failure> {
+    async fn drop_database(
+        &self,
+        rs: &ReplicaSetAccess,
+        _db: &str,
+        max_epoch: Option<u64>,
+    ) -> Result<DropOutcome, Failure> {
         self.call(|s| {
+            // As the datanode decides it in its log: a client write raised the epoch.
+            let known = s.set(&rs.name).epoch;
+            if max_epoch.is_some_and(|max| known > max) {
+                return Ok(DropOutcome::Kept { epoch: Some(known) });
+            }
             if s.route.as_ref().is_some_and(|(r, _)| r.replica_set == rs.name) {
                 s.violations.push(format!("dropped the database on {}, which the route names", rs.name));
             }
@@ -492,13 +506,31 @@ impl MigrationWorld for Model {
             set.idempotency.clear();
             set.collections.clear();
             set.serving = false;
-            Ok(())
+            Ok(DropOutcome::Dropped)
         })
         .await
     }
 
     async fn route(&self, _db: &str) -> Result<Option<(Route, u64)>, Failure> {
-        self.call(|s| Ok(s.route.clone())).await
+        self.call(|s| {
+            let read = s.route.clone();
+            let cleaning = s.record.as_ref().is_some_and(|(r, _)| r.step == super::record::Step::CleanUp);
+            if cleaning && std::mem::take(&mut s.new_instance_on_a_after_cleanup_read) {
+                // A new route's epoch is the revision that writes it, above any the name had.
+                s.revision += 1;
+                let route = Route {
+                    replica_set: "a".into(),
+                    members: vec![member("a")],
+                    epoch: s.revision,
+                    state: RouteState::Serving,
+                    hold_deadline_ms: None,
+                    hold_timeout_ms: None,
+                };
+                s.route = Some((route, s.revision));
+            }
+            Ok(read)
+        })
+        .await
     }
 
     async fn swap_route(&self, _db: &str, revision: u64, route: &Route, clear_holds: bool) -> Result<bool, Failure> {

@@ -305,6 +305,30 @@ async fn the_clean_up_keeps_the_source_copy_of_a_database_served_there_again() {
     assert!(s.sets["a"].pins.is_empty(), "the source's oplog is still pinned");
 }
 
+/// The race the route read cannot close: between the clean-up's read and its drop, the
+/// instance is deleted and a new one of the name placed on the source, which writes there
+/// first. The drop is bounded by the fence's epoch and the source knows the new route's,
+/// so the new instance's data stays.
+#[tokio::test]
+async fn the_clean_up_keeps_what_a_new_instance_placed_on_the_source_after_the_route_read_wrote() {
+    let model = Model::new();
+    model.lock().new_instance_on_a_after_cleanup_read = true;
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    let (outcome, _) = run_to_end(&model, &tuning()).await;
+    assert_eq!(outcome, Outcome::Completed);
+    let s = model.lock();
+    assert!(!s.new_instance_on_a_after_cleanup_read, "the clean-up never read the route");
+    assert_eq!(s.violations, Vec::<String>::new());
+    let (route, _) = s.route.clone().unwrap();
+    assert_eq!(route.replica_set, "a");
+    let a = &s.sets["a"];
+    assert!(a.epoch == route.epoch, "the new instance's write did not reach the source");
+    let &(id, v) = s.acked.last().unwrap();
+    assert_eq!(a.docs.get(&id), Some(&format!(r#"{{"_id":{id},"v":{v}}}"#)), "the new instance's write was dropped");
+    let record = &s.record.as_ref().unwrap().0;
+    assert_eq!((record.step, record.phase), (Step::Done, Phase::Completed));
+}
+
 #[tokio::test]
 async fn a_database_deleted_during_the_switch_ends_the_migration_and_drops_the_target_copy() {
     let model = Model::new();

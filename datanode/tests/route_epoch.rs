@@ -1,0 +1,144 @@
+//! The route epoch a replica set knows for a database, driven directly (no Raft): raised
+//! by the first command of a newer route, never by a refused one, and the bound of a drop
+//! (`DropDatabaseUpTo`), so a migration's late clean-up of its source never drops what a
+//! newer instance of the same name wrote there.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+use nimbus_api::ErrorCode;
+use nimbus_api::migration::ImportStep;
+use nimbus_datanode::store::engine::EngineOptions;
+use nimbus_datanode::store::{Command, Engine, WriteAnswer, WriteOp, WriteResult};
+use serde_json::{Value, json};
+
+struct Node {
+    engine: Engine,
+    index: u64,
+}
+
+impl Node {
+    fn open(dir: &std::path::Path) -> Node {
+        Node { engine: Engine::open(dir, EngineOptions::default()).unwrap(), index: 0 }
+    }
+
+    /// Applies `op` on database `d` as the next entry; `epoch` is the sender's route epoch
+    /// (a client's command has one, the control plane's none).
+    fn apply(&mut self, epoch: Option<u64>, op: WriteOp) -> WriteResult {
+        self.index += 1;
+        let cmd =
+            Command { db: "d".into(), op, idempotency_key: None, ts_ms: 1_000, route_epoch: epoch, request_hash: None };
+        let mut batch = rocksdb::WriteBatch::default();
+        let (result, delta) = self.engine.apply_command(&mut batch, &cmd, self.index).unwrap();
+        self.engine.commit_applied_for_tests(batch, delta, self.index);
+        result
+    }
+
+    /// The known epoch, probed: the lowest epoch not refused as stale.
+    fn known_epoch(&self) -> u64 {
+        (0..100).find(|e| self.engine.check_route_epoch("d", *e).is_ok()).unwrap()
+    }
+
+    fn get(&self, id: u64) -> Option<Value> {
+        self.engine.get("d", "c", &json!(id)).unwrap()
+    }
+}
+
+fn insert(id: u64) -> WriteOp {
+    WriteOp::Insert { coll: "c".into(), docs: vec![serde_json::value::to_raw_value(&json!({"_id": id})).unwrap()] }
+}
+
+#[test]
+fn a_client_write_with_a_newer_route_raises_the_known_epoch_and_it_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut n = Node::open(dir.path());
+        n.apply(None, WriteOp::SetRouteEpoch { epoch: 3 }).unwrap();
+        n.apply(Some(3), insert(1)).unwrap();
+        assert_eq!(n.known_epoch(), 3, "a write at the known epoch changes nothing");
+        n.apply(Some(8), insert(2)).unwrap();
+        assert_eq!(n.known_epoch(), 8);
+        // The older route is stale now, for writes and reads alike.
+        let e = n.apply(Some(3), insert(3)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::StaleRoute, "{e:?}");
+        assert_eq!(n.engine.check_route_epoch("d", 7).unwrap_err().code, ErrorCode::StaleRoute);
+        // The fence's `SetRouteEpoch` answers the epoch in force, never lowering it.
+        assert_eq!(n.apply(None, WriteOp::SetRouteEpoch { epoch: 5 }).unwrap(), WriteAnswer::RouteEpoch { epoch: 8 });
+    }
+    let n = Node::open(dir.path());
+    assert_eq!(n.known_epoch(), 8, "the raised epoch was not persisted");
+}
+
+#[test]
+fn a_refused_command_raises_no_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = Node::open(dir.path());
+    n.apply(Some(2), insert(1)).unwrap();
+    assert_eq!(n.known_epoch(), 2);
+    // Refused by the data (a duplicate `_id`): nothing written, the epoch as it was.
+    let e = n.apply(Some(9), insert(1)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::DuplicateKey, "{e:?}");
+    assert_eq!(n.known_epoch(), 2);
+    // Refused because the database is being imported here: the import's `Finish` sets it.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut t = Node::open(dir2.path());
+    let begin = WriteOp::Import { migration: "m1".into(), step: ImportStep::Begin };
+    t.apply(None, begin).unwrap();
+    // (A newer route names this replica set already: retry on the members, `NotLeader`.)
+    let e = t.apply(Some(9), insert(1)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotLeader, "{e:?}");
+    t.apply(None, WriteOp::Import { migration: "m1".into(), step: ImportStep::Finish { epoch: 4 } }).unwrap();
+    assert_eq!(t.known_epoch(), 4, "the refused write raised the epoch");
+    assert_eq!(t.get(1), None);
+}
+
+#[test]
+fn a_drop_bounded_below_the_known_epoch_keeps_every_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = Node::open(dir.path());
+    // The source fenced at 3 by a migration; then a new instance of the name, placed here
+    // at epoch 8, writes; then the migration's clean-up arrives, bounded by its fence.
+    n.apply(None, WriteOp::SetRouteEpoch { epoch: 3 }).unwrap();
+    n.apply(Some(8), insert(1)).unwrap();
+    let answer = n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 3 }).unwrap();
+    assert_eq!(answer, WriteAnswer::DatabaseKept { found: true, epoch: 8 });
+    assert_eq!(n.get(1), Some(json!({"_id": 1})));
+    assert_eq!(n.engine.list_collections("d")[0].documents, 1);
+    assert_eq!(n.known_epoch(), 8);
+}
+
+#[test]
+fn a_drop_bounded_at_or_above_the_known_epoch_drops_and_one_without_a_bound_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = Node::open(dir.path());
+    n.apply(Some(3), insert(1)).unwrap();
+    assert_eq!(
+        n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 3 }).unwrap(),
+        WriteAnswer::Dropped { found: true }
+    );
+    assert_eq!(n.get(1), None);
+    assert!(n.engine.list_collections("d").is_empty());
+    // The epoch stays: a sender with an older route is still refused.
+    assert_eq!(n.known_epoch(), 3);
+
+    n.apply(Some(5), insert(2)).unwrap();
+    assert_eq!(
+        n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 9 }).unwrap(),
+        WriteAnswer::Dropped { found: true }
+    );
+    assert_eq!(n.get(2), None);
+
+    // Without a bound (a client's own `DELETE`, an instance's deletion): whatever the epoch.
+    n.apply(Some(7), insert(3)).unwrap();
+    assert_eq!(n.apply(None, WriteOp::DropDatabase).unwrap(), WriteAnswer::Dropped { found: true });
+    assert_eq!(n.get(3), None);
+    assert_eq!(n.known_epoch(), 7);
+    // Nothing left: a bounded drop answers not found either way.
+    assert_eq!(
+        n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 7 }).unwrap(),
+        WriteAnswer::Dropped { found: false }
+    );
+    assert_eq!(
+        n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 1 }).unwrap(),
+        WriteAnswer::DatabaseKept { found: false, epoch: 7 }
+    );
+}
