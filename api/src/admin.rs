@@ -117,7 +117,7 @@ pub struct RouteEpochAnswer {
 
 /// Answer of `POST /v1/admin/drop-database` (`nimbus_api::migration::DropDatabaseRequest`):
 /// `{"found", "index"}`, and `"kept": true, "epoch": E` when the request's `maxEpoch` was
-/// below the epoch `E` the replica set knows for the database, so nothing was dropped.
+/// below the newest epoch `E` of the database on the replica set, so nothing was dropped.
 /// Answers without `kept` (older datanodes, drops without `maxEpoch`) dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DroppedDatabase {
@@ -126,11 +126,12 @@ pub struct DroppedDatabase {
     pub found: bool,
     /// Log index of the drop's entry.
     pub index: u64,
-    /// Nothing was dropped: the database's route epoch here is above `maxEpoch` (its data
-    /// belongs to a newer route: a new instance of the name, or the database moved back).
+    /// Nothing was dropped: the database's newest epoch here (its route epoch, or that of
+    /// a write applied with a newer one) is above `maxEpoch`: its data belongs to a newer
+    /// route (a new instance of the name, or the database moved back).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kept: bool,
-    /// With `kept`: the route epoch the replica set knows for the database.
+    /// With `kept`: the database's newest epoch on the replica set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
 }

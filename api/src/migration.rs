@@ -207,10 +207,10 @@ pub struct UnpinOplogRequest {
 #[serde(rename_all = "camelCase")]
 pub struct DropDatabaseRequest {
     pub db: String,
-    /// `maxEpoch`: drop only if the route epoch this replica set knows for `db` is at most
-    /// this, decided where the drop applies in the Raft log. A client write raises the
-    /// known epoch to its route's, so a new instance of the name placed here (its route
-    /// has a newer epoch than any the name had) keeps its first writes against a
+    /// `maxEpoch`: drop only if `db`'s newest epoch on this replica set (its route epoch,
+    /// or the newest a write applied here carried) is at most this, decided where the drop
+    /// applies in the Raft log. A new instance of the name placed here (its route has a
+    /// newer epoch than any the name had) thus keeps its first writes against a
     /// migration's clean-up bounded by the fence's epoch: the answer then says `"kept":
     /// true` and nothing is dropped. Absent: dropped whatever the epoch (an instance's
     /// deletion). A datanode older than this field ignores it and drops.

@@ -1,7 +1,8 @@
-//! The route epoch a replica set knows for a database, driven directly (no Raft): raised
-//! by the first command of a newer route, never by a refused one, and the bound of a drop
-//! (`DropDatabaseUpTo`), so a migration's late clean-up of its source never drops what a
-//! newer instance of the same name wrote there.
+//! The newest route epoch a write to a database carried, driven directly (no Raft):
+//! recorded by the first write of a newer route, never by a refused one, and the bound of a
+//! drop (`DropDatabaseUpTo`), so a migration's late clean-up of its source never drops what
+//! a newer instance of the same name wrote there. Unlike the route epoch the control plane
+//! sets, it refuses no sender.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
@@ -33,9 +34,23 @@ impl Node {
         result
     }
 
-    /// The known epoch, probed: the lowest epoch not refused as stale.
+    /// The route epoch senders are held to, probed: the lowest epoch not refused as stale.
     fn known_epoch(&self) -> u64 {
         (0..100).find(|e| self.engine.check_route_epoch("d", *e).is_ok()).unwrap()
+    }
+
+    /// Whether a drop bounded by `max_epoch` would keep the database, without dropping it:
+    /// probed on a copy of the state (a checkpoint), so the node is left as it was.
+    fn kept_by(&self, max_epoch: u64) -> Option<u64> {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("copy");
+        self.engine.checkpoint(&copy).unwrap();
+        let mut c = Node { engine: Engine::open(&copy, EngineOptions::default()).unwrap(), index: self.index };
+        match c.apply(None, WriteOp::DropDatabaseUpTo { max_epoch }).unwrap() {
+            WriteAnswer::DatabaseKept { epoch, .. } => Some(epoch),
+            WriteAnswer::Dropped { .. } => None,
+            other => panic!("a drop answered {other:?}"),
+        }
     }
 
     fn get(&self, id: u64) -> Option<Value> {
@@ -48,36 +63,35 @@ fn insert(id: u64) -> WriteOp {
 }
 
 #[test]
-fn a_client_write_with_a_newer_route_raises_the_known_epoch_and_it_survives_a_reopen() {
+fn a_write_with_a_newer_route_bounds_a_drop_even_after_a_reopen_and_refuses_no_sender() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut n = Node::open(dir.path());
         n.apply(None, WriteOp::SetRouteEpoch { epoch: 3 }).unwrap();
         n.apply(Some(3), insert(1)).unwrap();
-        assert_eq!(n.known_epoch(), 3, "a write at the known epoch changes nothing");
+        assert_eq!(n.kept_by(3), None, "a write at the route's epoch is no newer route");
         n.apply(Some(8), insert(2)).unwrap();
-        assert_eq!(n.known_epoch(), 8);
-        // The older route is stale now, for writes and reads alike.
-        let e = n.apply(Some(3), insert(3)).unwrap_err();
-        assert_eq!(e.code, ErrorCode::StaleRoute, "{e:?}");
-        assert_eq!(n.engine.check_route_epoch("d", 7).unwrap_err().code, ErrorCode::StaleRoute);
-        // The fence's `SetRouteEpoch` answers the epoch in force, never lowering it.
-        assert_eq!(n.apply(None, WriteOp::SetRouteEpoch { epoch: 5 }).unwrap(), WriteAnswer::RouteEpoch { epoch: 8 });
+        assert_eq!(n.kept_by(7), Some(8));
+        assert_eq!(n.kept_by(8), None);
+        // Senders are still held to the route epoch the control plane set, not to it.
+        assert_eq!(n.known_epoch(), 3);
+        n.apply(Some(3), insert(3)).unwrap();
+        assert_eq!(n.kept_by(7), Some(8), "an older write lowers nothing");
     }
     let n = Node::open(dir.path());
-    assert_eq!(n.known_epoch(), 8, "the raised epoch was not persisted");
+    assert_eq!(n.kept_by(7), Some(8), "the written epoch was not persisted");
+    assert_eq!(n.known_epoch(), 3);
 }
 
 #[test]
-fn a_refused_command_raises_no_epoch() {
+fn a_refused_command_records_no_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let mut n = Node::open(dir.path());
     n.apply(Some(2), insert(1)).unwrap();
-    assert_eq!(n.known_epoch(), 2);
-    // Refused by the data (a duplicate `_id`): nothing written, the epoch as it was.
+    // Refused by the data (a duplicate `_id`): nothing written, nothing recorded.
     let e = n.apply(Some(9), insert(1)).unwrap_err();
     assert_eq!(e.code, ErrorCode::DuplicateKey, "{e:?}");
-    assert_eq!(n.known_epoch(), 2);
+    assert_eq!(n.kept_by(2), None);
     // Refused because the database is being imported here: the import's `Finish` sets it.
     let dir2 = tempfile::tempdir().unwrap();
     let mut t = Node::open(dir2.path());
@@ -87,12 +101,13 @@ fn a_refused_command_raises_no_epoch() {
     let e = t.apply(Some(9), insert(1)).unwrap_err();
     assert_eq!(e.code, ErrorCode::NotLeader, "{e:?}");
     t.apply(None, WriteOp::Import { migration: "m1".into(), step: ImportStep::Finish { epoch: 4 } }).unwrap();
-    assert_eq!(t.known_epoch(), 4, "the refused write raised the epoch");
+    assert_eq!(t.known_epoch(), 4);
+    assert_eq!(t.kept_by(4), None, "the refused write was recorded");
     assert_eq!(t.get(1), None);
 }
 
 #[test]
-fn a_drop_bounded_below_the_known_epoch_keeps_every_document() {
+fn a_drop_bounded_below_a_newer_write_keeps_every_document() {
     let dir = tempfile::tempdir().unwrap();
     let mut n = Node::open(dir.path());
     // The source fenced at 3 by a migration; then a new instance of the name, placed here
@@ -103,13 +118,13 @@ fn a_drop_bounded_below_the_known_epoch_keeps_every_document() {
     assert_eq!(answer, WriteAnswer::DatabaseKept { found: true, epoch: 8 });
     assert_eq!(n.get(1), Some(json!({"_id": 1})));
     assert_eq!(n.engine.list_collections("d")[0].documents, 1);
-    assert_eq!(n.known_epoch(), 8);
 }
 
 #[test]
-fn a_drop_bounded_at_or_above_the_known_epoch_drops_and_one_without_a_bound_too() {
+fn a_drop_bounded_at_or_above_the_newest_epoch_drops_and_one_without_a_bound_too() {
     let dir = tempfile::tempdir().unwrap();
     let mut n = Node::open(dir.path());
+    n.apply(None, WriteOp::SetRouteEpoch { epoch: 3 }).unwrap();
     n.apply(Some(3), insert(1)).unwrap();
     assert_eq!(
         n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 3 }).unwrap(),
@@ -117,8 +132,13 @@ fn a_drop_bounded_at_or_above_the_known_epoch_drops_and_one_without_a_bound_too(
     );
     assert_eq!(n.get(1), None);
     assert!(n.engine.list_collections("d").is_empty());
-    // The epoch stays: a sender with an older route is still refused.
+    // The route epoch stays: a sender with an older route is still refused.
     assert_eq!(n.known_epoch(), 3);
+    // A drop bounded below the route epoch keeps the database too.
+    assert_eq!(
+        n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 2 }).unwrap(),
+        WriteAnswer::DatabaseKept { found: false, epoch: 3 }
+    );
 
     n.apply(Some(5), insert(2)).unwrap();
     assert_eq!(
@@ -131,7 +151,6 @@ fn a_drop_bounded_at_or_above_the_known_epoch_drops_and_one_without_a_bound_too(
     n.apply(Some(7), insert(3)).unwrap();
     assert_eq!(n.apply(None, WriteOp::DropDatabase).unwrap(), WriteAnswer::Dropped { found: true });
     assert_eq!(n.get(3), None);
-    assert_eq!(n.known_epoch(), 7);
     // Nothing left: a bounded drop answers not found either way.
     assert_eq!(
         n.apply(None, WriteOp::DropDatabaseUpTo { max_epoch: 7 }).unwrap(),

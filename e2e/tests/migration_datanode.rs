@@ -357,8 +357,11 @@ async fn a_drop_bounded_by_an_older_epoch_keeps_what_a_newer_route_wrote() -> an
     assert_eq!((&kept["kept"], &kept["epoch"], &kept["found"]), (&json!(true), &json!(8), &json!(true)), "{kept}");
     let (st, b) = data(&c, l, Method::POST, &format!("{users}/count"), Some(&json!({})), "8", &[]).await;
     assert_eq!((st, b["count"].as_u64()), (200, Some(1)), "{b}");
-    // The first write raised the epoch: the old route is refused now.
+    // The write recorded its epoch for bounded drops; senders are still held to the
+    // route epoch the control plane set (3), not to it.
     let (st, b) = data(&c, l, Method::POST, &format!("{users}/count"), Some(&json!({})), "3", &[]).await;
+    assert_eq!((st, b["count"].as_u64()), (200, Some(1)), "{b}");
+    let (st, b) = data(&c, l, Method::POST, &format!("{users}/count"), Some(&json!({})), "2", &[]).await;
     assert_eq!((st, b["error"]["code"].as_str()), (421, Some("StaleRoute")), "{b}");
 
     // A bound that is not a number is refused, and drops nothing.

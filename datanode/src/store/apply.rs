@@ -58,6 +58,7 @@ pub struct CatalogDelta {
     changes: Vec<(String, String, Option<CollectionMeta>)>,
     pub(crate) drop_db: Option<String>,
     pub(crate) route_epoch: Option<(String, u64)>,
+    pub(crate) epoch_written: Option<(String, u64)>,
     /// The database's incoming mark set (`Some(migration)`) or cleared (`None`).
     pub(crate) incoming: Option<(String, Option<String>)>,
 }
@@ -183,12 +184,17 @@ impl Engine {
                     batch_catalog(self, ctx.batch, &cmd.db, &coll, Some(&meta));
                     ctx.delta.changes.push((cmd.db.clone(), coll, Some(meta)));
                 }
-                // A sender with a newer route than any this replica set knew: from now on
-                // its epoch is the database's here, decided in the log like the data, so a
-                // drop bounded by an older route (a migration's late clean-up) keeps what
-                // this command wrote. A refused command wrote nothing and raises nothing.
+                // A write with a newer route than any that wrote here before: recorded,
+                // decided in the log like the data, so a drop bounded by an older route (a
+                // migration's late clean-up) keeps what it wrote. Senders are not bounded
+                // by it (only the control plane's `SetRouteEpoch` does that). A refused
+                // command wrote nothing and records nothing.
                 if let Some(epoch) = cmd.route_epoch {
-                    self.raise_route_epoch(&mut ctx, epoch);
+                    let written = self.catalog_read().epochs_written.get(&cmd.db).copied().unwrap_or(0);
+                    if epoch > written {
+                        ctx.batch.put_cf(self.cf(keys::CF_META), keys::epoch_written_key(&cmd.db), encode(&epoch));
+                        ctx.delta.epoch_written = Some((cmd.db.clone(), epoch));
+                    }
                 }
                 Ok(answer)
             }
@@ -237,6 +243,9 @@ impl Engine {
     fn install(catalog: &mut super::catalog::Catalog, delta: CatalogDelta) {
         if let Some((db, epoch)) = delta.route_epoch {
             catalog.route_epochs.insert(db, epoch);
+        }
+        if let Some((db, epoch)) = delta.epoch_written {
+            catalog.epochs_written.insert(db, epoch);
         }
         match delta.incoming {
             Some((db, Some(migration))) => {
@@ -361,7 +370,7 @@ impl Engine {
                 Ok(WriteAnswer::Dropped { found: true })
             }
             WriteOp::DropDatabaseUpTo { max_epoch } => {
-                let known = self.known_route_epoch(ctx);
+                let known = self.catalog_read().newest_epoch(ctx.db);
                 if known > *max_epoch {
                     let found = self.catalog_read().dbs.contains_key(ctx.db);
                     return Ok(WriteAnswer::DatabaseKept { found, epoch: known });

@@ -153,6 +153,10 @@ impl CollectionMeta {
 pub struct Catalog {
     pub dbs: BTreeMap<String, BTreeMap<String, CollectionMeta>>,
     pub route_epochs: BTreeMap<String, u64>,
+    /// The newest route epoch a write applied to each database carried. Not a bound on
+    /// senders (that is `route_epochs`, which only the control plane raises): it tells a
+    /// bounded drop whether a newer route wrote here (`WriteOp::DropDatabaseUpTo`).
+    pub epochs_written: BTreeMap<String, u64>,
     /// Databases being imported by a hot migration, with the migration's id: no client
     /// request for them is served until the import finishes (`store::import`).
     pub incoming: BTreeMap<String, String>,
@@ -166,5 +170,11 @@ impl Catalog {
     /// The database's route epoch: 0 until the control plane sets one.
     pub fn route_epoch(&self, db: &str) -> u64 {
         self.route_epochs.get(db).copied().unwrap_or(0)
+    }
+
+    /// The newest route epoch of the database here: its route epoch, or that of a write
+    /// applied with a newer one.
+    pub fn newest_epoch(&self, db: &str) -> u64 {
+        self.route_epoch(db).max(self.epochs_written.get(db).copied().unwrap_or(0))
     }
 }

@@ -24,9 +24,9 @@ pub struct Command {
     /// The leader's wall clock when it proposed the command, ms since the Unix epoch.
     pub ts_ms: u64,
     /// The database's route epoch the sender used: a member refuses the command when it
-    /// knows a newer one for the database (the database moved; see `SetRouteEpoch`), and
-    /// raises the one it knows to it when it is newer and the command applies (the first
-    /// writes of a new route: a `DropDatabaseUpTo` of an older route then keeps them).
+    /// knows a newer one for the database (the database moved; see `SetRouteEpoch`). A
+    /// write that applies records it when it is the newest a write carried, so a
+    /// `DropDatabaseUpTo` of an older route keeps what a newer route wrote.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_epoch: Option<u64>,
     /// With an idempotency key: a digest of the client's request, so the key reused for a
@@ -88,9 +88,9 @@ pub enum WriteOp {
     /// Drops every document, index and idempotency record of the database (its route
     /// epoch stays). A client's `DELETE` of its database, and a drop without a bound.
     DropDatabase,
-    /// `DropDatabase`, applied only while the route epoch this replica set knows for the
-    /// database is at most `max_epoch` (a hot migration's clean-up of its source, bounded
-    /// by the fence's epoch); otherwise nothing changes and the answer is
+    /// `DropDatabase`, applied only while the database's newest epoch here (its route
+    /// epoch, or the newest a write carried) is at most `max_epoch` (a hot migration's
+    /// clean-up of its source, bounded by the fence's epoch); otherwise nothing changes and the answer is
     /// [`WriteAnswer::DatabaseKept`]. A variant of its own rather than a field of
     /// `DropDatabase`: that one is serialised as the bare string `"dropDatabase"`, which
     /// entries already in Raft logs hold and a struct variant would not decode.

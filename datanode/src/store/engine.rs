@@ -150,6 +150,12 @@ impl Engine {
             let Some(db) = k.strip_prefix(META_ROUTE_EPOCH) else { break };
             catalog.route_epochs.insert(String::from_utf8_lossy(db).into_owned(), decode("route epoch", &v)?);
         }
+        let from = IteratorMode::From(keys::META_EPOCH_WRITTEN, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_META), from) {
+            let (k, v) = item?;
+            let Some(db) = k.strip_prefix(keys::META_EPOCH_WRITTEN) else { break };
+            catalog.epochs_written.insert(String::from_utf8_lossy(db).into_owned(), decode("written epoch", &v)?);
+        }
         let from = IteratorMode::From(META_INCOMING, Direction::Forward);
         for item in self.db.iterator_cf(self.cf(CF_META), from) {
             let (k, v) = item?;

@@ -30,6 +30,9 @@ pub const META_MEMBERSHIP: &[u8] = b"membership";
 pub const META_CLOCK: &[u8] = b"clock";
 /// `route_epoch 00 db`: a database's route epoch (a JSON number).
 pub const META_ROUTE_EPOCH: &[u8] = b"route_epoch\0";
+/// `epoch_written 00 db`: the newest route epoch a write applied to the database here
+/// carried (a JSON number): what a bounded drop (`WriteOp::DropDatabaseUpTo`) compares.
+pub const META_EPOCH_WRITTEN: &[u8] = b"epoch_written\0";
 
 /// `incoming 00 db`: the database is being imported by a hot migration (`store::import`):
 /// `{"migration": id}`.
@@ -52,6 +55,12 @@ pub fn meta_key(prefix: &[u8], name: &str) -> Vec<u8> {
 
 pub fn route_epoch_key(db: &str) -> Vec<u8> {
     let mut k = META_ROUTE_EPOCH.to_vec();
+    k.extend_from_slice(db.as_bytes());
+    k
+}
+
+pub fn epoch_written_key(db: &str) -> Vec<u8> {
+    let mut k = META_EPOCH_WRITTEN.to_vec();
     k.extend_from_slice(db.as_bytes());
     k
 }

@@ -92,24 +92,14 @@ impl AdminClient {
             .await
     }
 
-    /// `DELETE /v1/databases/{db}` on the leader's data port (404: already gone).
-    pub async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError> {
-        let resp = self
-            .http
-            .delete(format!("{leader_data}{}", drop_path(db)?))
-            .header(reqwest::header::AUTHORIZATION, self.secret.authorization().clone())
-            // The control plane's own epoch: never stale (epochs only guard against
-            // gateways with an outdated route).
-            .header(nimbus_api::data::ROUTE_EPOCH_HEADER, u64::MAX)
-            .send()
-            .await
-            .map_err(|source| AdminError::Unreachable { addr: leader_data.to_string(), source })?;
-        if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(());
-        }
-        let status = resp.status().as_u16();
-        let body = resp.text().await.unwrap_or_default();
-        Err(AdminError::Refused { addr: leader_data.to_string(), what: "drop database", status, body })
+    /// `POST /v1/admin/drop-database` on the leader: drops `db`'s data whatever its route
+    /// epoch (the instance is being deleted). Through the admin API, not the data API: a
+    /// data request carries a route epoch, and one the control plane made up would be
+    /// recorded by the replica set as the database's epoch, refusing a later instance of
+    /// the same name as stale.
+    pub async fn drop_database(&self, leader: &str, db: &str) -> Result<(), AdminError> {
+        let req = nimbus_api::migration::DropDatabaseRequest { db: db.to_owned(), max_epoch: None };
+        self.call::<_, serde_json::Value>(leader, "/v1/admin/drop-database", "drop database", &req).await.map(|_| ())
     }
 
     /// A POST whose JSON answer matters (the migration calls of `nimbus_api::migration`).
@@ -196,17 +186,6 @@ impl AdminClient {
         let body = resp.text().await.unwrap_or_default();
         Err(AdminError::Refused { addr: admin.to_string(), what, status, body })
     }
-}
-
-/// The data API path that drops database `db` (every segment encoded, never joined).
-fn drop_path(db: &str) -> Result<String, AdminError> {
-    let db = nimbus_api::path::DbName::new(db).map_err(|e| AdminError::Refused {
-        addr: String::new(),
-        what: "drop database",
-        status: 400,
-        body: e.message,
-    })?;
-    Ok(nimbus_api::path::DataPath { db, op: nimbus_api::path::Op::DropDatabase }.encode())
 }
 
 /// The Raft view of a replica set from the statuses of the members that answered: the

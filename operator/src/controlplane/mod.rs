@@ -35,8 +35,8 @@ pub trait Datanodes: Send + Sync {
     async fn change_voters(&self, leader: &str, voters: &BTreeSet<u64>) -> Result<(), AdminError>;
     async fn remove_member(&self, leader: &str, id: u64) -> Result<(), AdminError>;
     async fn transfer_leader(&self, leader: &str, to: u64) -> Result<(), AdminError>;
-    /// Drops every collection of `db` through the leader's data API.
-    async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError>;
+    /// Drops every collection of `db`, whatever its route epoch, through the leader's admin API.
+    async fn drop_database(&self, leader: &str, db: &str) -> Result<(), AdminError>;
 }
 
 /// The control plane's records in etcd.
@@ -112,8 +112,8 @@ impl Datanodes for admin::AdminClient {
     async fn transfer_leader(&self, leader: &str, to: u64) -> Result<(), AdminError> {
         admin::AdminClient::transfer_leader(self, leader, to).await
     }
-    async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError> {
-        admin::AdminClient::drop_database(self, leader_data, db).await
+    async fn drop_database(&self, leader: &str, db: &str) -> Result<(), AdminError> {
+        admin::AdminClient::drop_database(self, leader, db).await
     }
 }
 
@@ -143,8 +143,8 @@ impl Datanodes for Refusing {
     async fn transfer_leader(&self, leader: &str, _to: u64) -> Result<(), AdminError> {
         Err(self.refused(leader))
     }
-    async fn drop_database(&self, leader_data: &str, _db: &str) -> Result<(), AdminError> {
-        Err(self.refused(leader_data))
+    async fn drop_database(&self, leader: &str, _db: &str) -> Result<(), AdminError> {
+        Err(self.refused(leader))
     }
 }
 

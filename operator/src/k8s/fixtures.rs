@@ -135,8 +135,8 @@ impl Datanodes for FakeDatanodes {
         m.leader = to;
         Ok(())
     }
-    async fn drop_database(&self, leader_data: &str, db: &str) -> Result<(), AdminError> {
-        self.model().log.push(format!("drop_database {db} via {leader_data}"));
+    async fn drop_database(&self, leader: &str, db: &str) -> Result<(), AdminError> {
+        self.model().log.push(format!("drop_database {db} via {leader}"));
         Ok(())
     }
 }

@@ -553,8 +553,8 @@ async fn drop_data(ctx: &Context, ns: &str, rs: &str, db: &str) -> Result<Droppe
     }
     match statuses.iter().find(|(s, _)| s.leader_id == Some(s.id)) {
         Some((_, pod)) => {
-            let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
-            ctx.datanodes.in_namespace(ns).drop_database(&format!("http://{ip}:{}", objects::DATA_PORT), db).await?;
+            let admin = pod_admin(pod).unwrap_or_default();
+            ctx.datanodes.in_namespace(ns).drop_database(&admin, db).await?;
             Ok(Dropped::Done)
         }
         // A replica set with no Pods left (a dedicated one being deleted with the instance)

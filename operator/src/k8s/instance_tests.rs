@@ -225,7 +225,8 @@ async fn deleting_an_instance_drops_its_data_route_and_users_then_releases_the_f
     w.api.delete(INSTANCES, "shop");
     assert_eq!(w.api.get(INSTANCES, "shop").unwrap()["metadata"]["deletionTimestamp"], DELETION_TIME, "Terminating");
     w.reconcile("shop").await.unwrap();
-    assert!(w.raft_log().contains(&"drop_database shop via http://10.1.0.1:7000".to_string()), "{:?}", w.raft_log());
+    let dropped = format!("drop_database shop via http://10.1.0.1:{}", super::objects::ADMIN_PORT);
+    assert!(w.raft_log().contains(&dropped), "{:?}", w.raft_log());
     assert!(w.store.0.lock().unwrap().keys().all(|k| !k.contains("/shop")), "etcd keys of shop remain");
     assert!(w.api.get(INSTANCES, "shop").is_none(), "gone once its finalizer is released");
     // The shared replica set stays for the other databases.

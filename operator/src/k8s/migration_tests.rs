@@ -407,7 +407,7 @@ async fn an_instance_deleted_after_the_switch_before_its_placement_follows_is_dr
 
     w.api.delete(INSTANCES, "shop");
     w.reconcile("shop").await.unwrap();
-    let port = super::objects::DATA_PORT;
+    let port = super::objects::ADMIN_PORT;
     let target = format!("http://10.2.0.1:{port}");
     let source = format!("http://10.1.0.1:{port}");
     assert_eq!(drops(&w), [target, source], "where it lives first, then the source's copy");
@@ -428,7 +428,7 @@ async fn an_instance_deleted_after_a_completed_migration_before_its_placement_fo
 
     w.api.delete(INSTANCES, "shop");
     w.reconcile("shop").await.unwrap();
-    assert_eq!(drops(&w), [format!("http://10.2.0.1:{}", super::objects::DATA_PORT)]);
+    assert_eq!(drops(&w), [format!("http://10.2.0.1:{}", super::objects::ADMIN_PORT)]);
     assert!(w.api.get(INSTANCES, "shop").is_none());
 }
 

@@ -919,8 +919,8 @@ impl Run<'_> {
     /// Clean-up, after the grace period: the source's copy dropped (its route epoch stays,
     /// so a gateway with an old route is still refused), its oplog unpinned. The drop is
     /// bounded by the fence's epoch and decided in the source's Raft log: a new instance of
-    /// the name placed on the source after the route was read here raised the epoch the
-    /// source knows with its first write, and its data is kept.
+    /// the name placed on the source after the route was read here wrote at a newer
+    /// epoch, and its data is kept.
     async fn clean_up(&mut self) -> StepResult {
         self.rec.next_retry_ms = None;
         match self.world.replica_set(&self.rec.namespace, &self.rec.from_replica_set).await? {

@@ -493,7 +493,7 @@ impl MigrationWorld for Model {
         max_epoch: Option<u64>,
     ) -> Result<DropOutcome, Failure> {
         self.call(|s| {
-            // As the datanode decides it in its log: a client write raised the epoch.
+            // As the datanode decides it in its log: the newest epoch a write carried there.
             let known = s.set(&rs.name).epoch;
             if max_epoch.is_some_and(|max| known > max) {
                 return Ok(DropOutcome::Kept { epoch: Some(known) });
