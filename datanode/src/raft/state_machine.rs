@@ -91,9 +91,10 @@ impl SmShared {
 
     /// Builds a snapshot of the applied state, beside the applying. The memtables are
     /// flushed first while entries go on being applied; applying then pauses only for the
-    /// checkpoint, whose own flush is left with what arrived since (a few milliseconds
-    /// instead of the whole memtables': that pause once stalled every write of the replica
-    /// set for about half a second at each snapshot). Blocking: run it off the runtime.
+    /// checkpoint (links, and a copy of the WAL written since the flush: see
+    /// [`Engine::checkpoint`]). A checkpoint that flushed the whole memtables itself once
+    /// stalled every write of the replica set for about half a second at each snapshot.
+    /// Blocking: run it off the runtime.
     fn build_snapshot(&self) -> io::Result<Snapshot> {
         let started = Instant::now();
         let engine = self.engine();
