@@ -23,7 +23,7 @@ impl Nginx {
     /// Proxies everything to `upstream` (`host:port`), adding `headers` to each request.
     pub async fn start(upstream: &str, headers: &[(&str, &str)]) -> anyhow::Result<Nginx> {
         let dir = tempfile::Builder::new().prefix("nimbus-nginx-").tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = nimbus_net::ports::free_port()?;
         let d = dir.path().display();
         let set: String = headers.iter().map(|(k, v)| format!("      proxy_set_header {k} \"{v}\";\n")).collect();
         let conf = format!(

@@ -1,7 +1,6 @@
 //! A real etcd cluster (Debian's `etcd` binary from PATH) on 127.0.0.1, for tests and
 //! benchmarks. Killed on drop.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -17,9 +16,9 @@ pub struct EtcdCluster {
     commands: Vec<Vec<String>>,
 }
 
-/// A port that was free a moment ago (etcd cannot be told to pick its own).
+/// A port free now, outside the ephemeral range (etcd cannot be told to pick its own).
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(nimbus_net::ports::free_port()?)
 }
 
 /// The etcd server binary (Debian installs it as `etcd`, 3.4), as the playground finds it.

@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    nimbus_net::ports::free_port().unwrap()
 }
 
 struct Member {

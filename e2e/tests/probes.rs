@@ -61,7 +61,7 @@ fn is_readiness(p: &Probe) -> bool {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(nimbus_net::ports::free_port()?)
 }
 
 /// The probes of `objects`, with the failures found reading them.

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod ports;
 
 pub use cluster::ClusterSecret;
 pub use etcd::EtcdArgs;

@@ -32,8 +32,10 @@ use anyhow::{Context as _, bail};
 
 use state::{PID_FILE, PLAYGROUND_FILE, Playground};
 
-/// How long `up` waits for every instance to be Ready.
-pub const UP_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long `up` waits for every instance to be Ready (a few seconds, usually), then stops
+/// the playground. Below the test harness's three minutes, so a test's playground that
+/// never gets ready is stopped, not killed with its processes left running.
+pub const UP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long `down` waits for the control plane to stop its processes.
 pub const DOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -112,7 +114,13 @@ pub async fn up(
             bail!("the control plane stopped: see {}", dir.join("logs/control-plane.log").display());
         }
         if started.elapsed() > UP_TIMEOUT {
-            bail!("instances not Ready within {UP_TIMEOUT:?}: see {}", dir.join("logs").display());
+            // Nothing left running that no one waits for: the logs and data stay.
+            let stopped = down(&dir).await;
+            bail!(
+                "instances not Ready within {UP_TIMEOUT:?}, so the playground was stopped{}: see {}",
+                stopped.err().map(|e| format!(" (failed: {e:#})")).unwrap_or_default(),
+                dir.join("logs").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -249,7 +249,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// A free port on 127.0.0.1 (the OS picks one; it is remembered in the state).
+/// A free port for one of the playground's servers (see [`nimbus_net::ports::free_port`]);
+/// it is remembered in the state and bound later by the process it is for.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    nimbus_net::ports::free_port()
 }

@@ -22,7 +22,7 @@ impl Drop for Etcd {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    nimbus_net::ports::free_port().unwrap()
 }
 
 async fn etcd() -> (Etcd, Coordinator) {
