@@ -323,7 +323,9 @@ pub(super) async fn reconcile(
                 let from = &r.from_replica_set;
                 warn!(instance = %dbi.name_any(), replica_set = %from, error = %e, "failed to remove the replica set the instance moved from");
                 if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == CONDITION) {
-                    c.message.push_str(&format!("; removing replica set {from}, emptied by the move, failed (retried): {e}"));
+                    c.message.push_str(&format!(
+                        "; removing replica set {from}, emptied by the move, failed (retried): {e}"
+                    ));
                 }
                 return Ok(Move::Active);
             }
