@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{Api, ListParams};
@@ -24,6 +24,7 @@ use super::api::Objects;
 use super::objects::{self, Credentials, ReplicaSetShape, Settings};
 use super::provisioner::pod_admin;
 use super::replicaset::{self, Backoff, Report, Reports};
+use super::retire::delete_dedicated_volumes;
 use crate::controlplane::members::Action as Step;
 use crate::controlplane::placement::{self, Placement, PoolMode, ReplicaSetLoad};
 use crate::controlplane::{ControlStore, Datanodes};
@@ -524,6 +525,11 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
     for rs in holders.iter().filter(|rs| !abandoned.contains(rs)) {
         delete_dedicated_volumes(ctx, &ns, rs, &claim.uid).await?;
     }
+    // A dedicated replica set a completed migration emptied, not removed yet (the instance
+    // was deleted before its pass did it): its volumes go as well.
+    if let Some(rs) = super::retire::vacated_source(ctx, &ns, &db).await? {
+        delete_dedicated_volumes(ctx, &ns, &rs, &claim.uid).await?;
+    }
     if !ctx.store.delete_database(&db, &claim, placement.is_some()).await? {
         return Ok(Action::await_change());
     }
@@ -598,27 +604,6 @@ fn owners_with<K: Resource>(object: Option<&K>, me: &Option<OwnerReference>) -> 
 fn with_owners<K: Resource>(mut object: K, owners: &[OwnerReference]) -> K {
     object.meta_mut().owner_references = Some(owners.to_vec());
     object
-}
-
-/// A dedicated replica set (its Service owned by the instance) goes with its instance,
-/// volumes included: they hold no one else's data. A shared replica set's volumes are
-/// never deleted by the operator (docs/operator.md, "Uninstall").
-async fn delete_dedicated_volumes(ctx: &Context, ns: &str, rs: &str, uid: &str) -> Result<(), Error> {
-    let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);
-    let dedicated = match services.get_opt(rs).await? {
-        Some(svc) => svc.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)),
-        None => false,
-    };
-    if !dedicated {
-        return Ok(());
-    }
-    let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), ns);
-    let selector = ListParams::default().labels(&format!("{}={rs}", objects::LABEL_REPLICA_SET));
-    for pvc in pvcs.list(&selector).await? {
-        pvcs.delete(&pvc.name_any()).await?;
-    }
-    ctx.store.forget_replica_set(ns, rs).await?;
-    Ok(())
 }
 
 /// The databases on each replica set of `pool`: the instances placed there, and those a

@@ -34,6 +34,7 @@ use super::instance::{
 };
 use super::objects::{self, LABEL_POOL, LABEL_REPLICA_SET};
 use super::provisioner::pod_admin;
+use super::retire::Vacated;
 use crate::controlplane::migration::{
     MigrationRecord, MigrationStatus, MigrationWorld, Migrator, Phase as MigrationPhase, ReplicaSetDirectory,
     StartError, StartRequest, Step, Tuning, now_ms,
@@ -310,6 +311,25 @@ pub(super) async fn reconcile(
     let placement = status.placement.clone().unwrap_or(placement);
     if let Some(r) = &record {
         mirror(ctx, dbi, r, status).await;
+    }
+    // Completed: a dedicated replica set it emptied goes (`k8s::retire`), before any next
+    // move (which may choose a replica set of that name again).
+    if let Some(r) = record.as_ref().filter(|r| r.step == Step::Done) {
+        match super::retire::remove_vacated(ctx, dbi, ns, r, status).await {
+            Ok(Vacated::Kept | Vacated::Removed) => {}
+            Ok(Vacated::Removing) => return Ok(Move::Active),
+            // The database is served all the same: said in the condition, retried soon.
+            Err(e) => {
+                let from = &r.from_replica_set;
+                warn!(instance = %dbi.name_any(), replica_set = %from, error = %e, "failed to remove the replica set the instance moved from");
+                if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == CONDITION) {
+                    c.message.push_str(&format!(
+                        "; removing replica set {from}, emptied by the move, failed (retried): {e}"
+                    ));
+                }
+                return Ok(Move::Active);
+            }
+        }
     }
     let running = record.as_ref().is_some_and(|r| !r.step.is_final());
     if running {

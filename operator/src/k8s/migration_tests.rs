@@ -18,16 +18,21 @@ const POOLS: &str = "/apis/nimbus.io/v1alpha1/namespaces/apps/resourcepools";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/apps/events";
 
 fn add_pool(w: &World, name: &str) {
+    add_pool_of_mode(w, name, "shared");
+}
+
+/// A pool whose mode is `shared` or `dedicated`.
+pub(super) fn add_pool_of_mode(w: &World, name: &str, mode: &str) {
     w.api.put(
         POOLS,
         json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "ResourcePool",
         "metadata": {"name": name, "namespace": NS, "uid": format!("uid-pool-{name}"), "generation": 1},
-        "spec": {"mode": "shared", "replicasPerSet": 3, "databasesPerReplicaSet": 10}}),
+        "spec": {"mode": mode, "replicasPerSet": 3, "databasesPerReplicaSet": 10}}),
     );
 }
 
 /// `kubectl patch dbi shop --type merge -p '{"spec":{"pool":"..."}}'`.
-fn change_pool(w: &World, name: &str, pool: &str) {
+pub(super) fn change_pool(w: &World, name: &str, pool: &str) {
     let mut dbi = w.api.get(INSTANCES, name).unwrap();
     dbi["spec"]["pool"] = json!(pool);
     let generation = dbi["metadata"]["generation"].as_i64().unwrap_or(1);
@@ -35,15 +40,15 @@ fn change_pool(w: &World, name: &str, pool: &str) {
     w.api.put(INSTANCES, dbi);
 }
 
-fn status(w: &World) -> Value {
+pub(super) fn status(w: &World) -> Value {
     w.api.get(INSTANCES, "shop").unwrap()["status"].clone()
 }
 
-fn condition(w: &World, type_: &str) -> Value {
+pub(super) fn condition(w: &World, type_: &str) -> Value {
     status(w)["conditions"].as_array().unwrap().iter().find(|c| c["type"] == type_).cloned().unwrap_or(Value::Null)
 }
 
-fn events(w: &World) -> Vec<(String, String)> {
+pub(super) fn events(w: &World) -> Vec<(String, String)> {
     w.api
         .list(EVENTS)
         .iter()
@@ -51,11 +56,11 @@ fn events(w: &World) -> Vec<(String, String)> {
         .collect()
 }
 
-fn reasons(w: &World) -> Vec<String> {
+pub(super) fn reasons(w: &World) -> Vec<String> {
     events(w).into_iter().map(|(r, _)| r).collect()
 }
 
-fn route(w: &World) -> Value {
+pub(super) fn route(w: &World) -> Value {
     w.store.0.lock().unwrap()["/nimbus/routes/shop"].clone()
 }
 
@@ -70,7 +75,7 @@ async fn ready_with_pool() -> World {
 }
 
 /// Reconciles the replica set `rs` (and runs the kubelet) until it reports a leader.
-async fn until_led(w: &World, rs: &str) {
+pub(super) async fn until_led(w: &World, rs: &str) {
     for _ in 0..20 {
         w.reconcile_replica_set(rs).await.unwrap();
         w.api.kubelet(NS);
@@ -91,7 +96,7 @@ async fn started() -> World {
     w
 }
 
-async fn drive(w: &World) -> Outcome {
+pub(super) async fn drive(w: &World) -> Outcome {
     migration::drive(&w.migration, &migration_tuning(), "shop").await.unwrap()
 }
 
@@ -251,7 +256,7 @@ async fn an_aborted_attempt_is_shown_then_the_retry_as_attempt_two() {
 }
 
 /// A new operator (its own reconciler state and Migrator) over the same API and etcd.
-fn restarted(w: World) -> World {
+pub(super) fn restarted(w: World) -> World {
     let world = FakeMigrationWorld { model: w.migration.model.clone(), ..w.migration.clone() };
     let old = &w.ctx;
     let ctx = Arc::new(Context {

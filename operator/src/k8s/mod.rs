@@ -22,6 +22,9 @@ mod provisioner;
 pub mod replicaset;
 #[cfg(test)]
 mod replicaset_tests;
+mod retire;
+#[cfg(test)]
+mod retire_tests;
 mod run;
 
 pub use run::{RunConfig, WATCHES, run};

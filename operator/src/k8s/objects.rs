@@ -33,6 +33,10 @@ pub const ANNOTATION_SPEC_HASH: &str = "nimbus.io/spec-hash";
 pub const ANNOTATION_ZONES: &str = "nimbus.io/zones";
 /// On a replica set's Service: present once its Raft membership was initialised.
 pub const ANNOTATION_BOOTSTRAPPED: &str = "nimbus.io/bootstrapped";
+/// On a dedicated replica set's Service while the operator removes the replica set (its
+/// instance moved away: `k8s::retire`), saying why: its reconciler steps it no more, so no
+/// pass replaces the members being deleted.
+pub const ANNOTATION_REMOVING: &str = "nimbus.io/removing";
 
 pub const DATA_PORT: u16 = 7000;
 pub const ADMIN_PORT: u16 = 7100;

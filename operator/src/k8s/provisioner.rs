@@ -302,7 +302,7 @@ impl Provisioner for PodProvisioner<'_> {
 }
 
 /// A delete answered 404 did what it was asked: the object is gone.
-fn already_gone(r: Result<(), Error>) -> Result<(), Error> {
+pub(super) fn already_gone(r: Result<(), Error>) -> Result<(), Error> {
     match r {
         Err(Error::Call(c)) if c.status().is_some_and(|s| s.code == 404) => Ok(()),
         other => other,

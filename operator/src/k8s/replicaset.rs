@@ -23,7 +23,7 @@ use tracing::warn;
 use super::Error;
 use super::api::Objects;
 use super::instance::{Context, pool_of, replica_set_shape};
-use super::objects::{self, ANNOTATION_BOOTSTRAPPED, ANNOTATION_ZONES, LABEL_POOL};
+use super::objects::{self, ANNOTATION_BOOTSTRAPPED, ANNOTATION_REMOVING, ANNOTATION_ZONES, LABEL_POOL};
 use super::provisioner::{ObjectEvents, PodProvisioner};
 use crate::controlplane::driver::{self, Events, Provisioner, Severity};
 use crate::controlplane::members::{Action as Step, Desired, MemberView, RaftView};
@@ -77,7 +77,7 @@ impl Reports {
         map.insert((ns.to_owned(), rs.to_owned()), (report, published));
     }
 
-    fn forget(&self, ns: &str, rs: &str) {
+    pub(super) fn forget(&self, ns: &str, rs: &str) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&(ns.to_owned(), rs.to_owned()));
     }
 }
@@ -103,7 +103,9 @@ pub fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action
 async fn drive(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     let ns = svc.namespace().ok_or(Error::MissingNamespace)?;
     let rs_name = svc.name_any();
-    if svc.metadata.deletion_timestamp.is_some() {
+    // Going: deleted, or being removed by the operator (a dedicated replica set its instance
+    // moved away from, `k8s::retire`), whose members must not be replaced as they go.
+    if svc.metadata.deletion_timestamp.is_some() || svc.annotations().contains_key(ANNOTATION_REMOVING) {
         ctx.reports.forget(&ns, &rs_name);
         return Ok(Action::await_change());
     }

@@ -205,7 +205,7 @@ mod tests {
     fn the_chart_renders_to_rules_bound_to_the_operator() {
         let rbac = Rbac::chart();
         assert!(rbac.allows(&attrs("patch", "", "services", Some("apps"), Some("x"))));
-        assert!(!rbac.allows(&attrs("delete", "", "services", Some("apps"), Some("x"))));
+        assert!(!rbac.allows(&attrs("delete", "", "secrets", Some("apps"), Some("x"))), "Secrets are never deleted");
         assert!(!rbac.allows(&attrs("list", "", "secrets", None, None)), "no cluster-wide Secret list");
         assert!(rbac.allows(&attrs("watch", "", "nodes", None, None)), "the node watch cache");
         assert!(!rbac.allows(&attrs("patch", "", "nodes", None, None)), "nodes are never written");

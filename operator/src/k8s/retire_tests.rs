@@ -1,0 +1,219 @@
+//! The dedicated replica set a completed migration emptied, scenario by scenario
+//! (`k8s::retire`): removed once the move is done and nothing else needs it; never a shared
+//! one, never before the migration is `Done`, finished by an operator restarted half-way.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::fixtures::*;
+use super::migration_tests::{
+    add_pool_of_mode, change_pool, condition, drive, events, reasons, restarted, route, status, until_led,
+};
+use crate::controlplane::migration::{self, Outcome, Step, Tuning};
+
+const PDBS: &str = "/apis/policy/v1/namespaces/apps/poddisruptionbudgets";
+/// `shop`'s replica set in the dedicated pool `solo`.
+const SOLO: &str = "solo-shop";
+
+/// The objects of replica set `rs` by kind: (Service, Pods, PVCs, PDB, etcd record).
+fn left_of(w: &World, rs: &str) -> (bool, usize, usize, bool, bool) {
+    let of_rs = |objects: Vec<Value>| {
+        objects.into_iter().filter(|o| o["metadata"]["labels"]["nimbus.io/replica-set"] == rs).count()
+    };
+    let record = w.store.0.lock().unwrap().contains_key(&format!("/nimbus/replicasets/{NS}/{rs}"));
+    (
+        w.api.get(SERVICES, rs).is_some(),
+        of_rs(w.api.list(PODS)),
+        of_rs(w.api.list(PVCS)),
+        w.api.get(PDBS, rs).is_some(),
+        record,
+    )
+}
+
+const WHOLE: (bool, usize, usize, bool, bool) = (true, 3, 3, true, true);
+const GONE: (bool, usize, usize, bool, bool) = (false, 0, 0, false, false);
+
+/// Pools `solo` (dedicated) and `big` (shared); `shop` Ready in `pool`.
+async fn shop_in(pool: &str) -> World {
+    let w = World::new();
+    add_pool_of_mode(&w, "solo", "dedicated");
+    add_pool_of_mode(&w, "big", "shared");
+    w.add_instance("shop", json!({"pool": pool}), true);
+    w.reconcile_until_phase("shop", "Ready", 12).await;
+    w.migration.model.lock().unwrap().documents = 5;
+    w
+}
+
+/// `spec.pool` changed to `pool`, its replica set `rs` led, the migration started.
+async fn start_move(w: &World, pool: &str, rs: &str) {
+    change_pool(w, "shop", pool);
+    w.reconcile("shop").await.unwrap();
+    until_led(w, rs).await;
+    w.reconcile("shop").await.unwrap();
+    assert_eq!(w.migration.record_of("shop").unwrap().to_replica_set, rs, "the migration started");
+}
+
+/// Reconciles `shop` until `rs` is gone, at most `max` times.
+async fn reconcile_until_removed(w: &World, rs: &str, max: usize) {
+    for _ in 0..max {
+        w.reconcile("shop").await.unwrap();
+        if left_of(w, rs) == GONE {
+            return;
+        }
+    }
+    panic!("replica set {rs} was not removed: {:?}", left_of(w, rs));
+}
+
+fn removed_events(w: &World) -> Vec<String> {
+    events(w).into_iter().filter(|(r, _)| r == "ReplicaSetRemoved").map(|(_, n)| n).collect()
+}
+
+/// A dedicated → shared move, completed and reconciled until the emptied replica set is
+/// gone (the chart's RBAC test counts what it calls).
+pub(super) async fn moved_out_of_a_dedicated_pool() -> World {
+    let w = shop_in("solo").await;
+    assert_eq!(status(&w)["placement"]["replicaSet"], SOLO);
+    start_move(&w, "big", "big-rs0").await;
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    reconcile_until_removed(&w, SOLO, 4).await;
+    w
+}
+
+#[tokio::test]
+async fn a_completed_move_out_of_a_dedicated_pool_removes_the_emptied_replica_set() {
+    let w = moved_out_of_a_dedicated_pool().await;
+    assert_eq!(left_of(&w, SOLO), GONE, "Service, members, volumes, PDB and etcd record");
+    assert_eq!(left_of(&w, "big-rs0").1, 3, "the replica set it moved to keeps its members");
+    let notes = removed_events(&w);
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("replica set solo-shop removed") && notes[0].contains("moved to big-rs0"), "{notes:?}");
+    let s = status(&w);
+    assert_eq!(
+        (s["placement"]["replicaSet"].as_str(), s["migration"]["phase"].as_str()),
+        (Some("big-rs0"), Some("Completed"))
+    );
+    w.reconcile_until_phase("shop", "Ready", 5).await;
+    // Nothing more happens at later passes.
+    let calls = w.api.calls().len();
+    w.reconcile("shop").await.unwrap();
+    let deletes = w.api.calls()[calls..].iter().filter(|c| c.method == "DELETE").count();
+    assert_eq!(deletes, 0, "{:?}", &w.api.calls()[calls..]);
+    assert_eq!(removed_events(&w).len(), 1);
+}
+
+#[tokio::test]
+async fn a_move_back_into_the_dedicated_pool_makes_its_replica_set_anew_and_keeps_it() {
+    let w = moved_out_of_a_dedicated_pool().await;
+    start_move(&w, "solo", SOLO).await;
+    let svc = w.api.get(SERVICES, SOLO).unwrap();
+    assert!(svc["metadata"]["annotations"].get("nimbus.io/removing").is_none(), "made anew: {svc}");
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    for _ in 0..3 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert_eq!(status(&w)["placement"]["replicaSet"], SOLO);
+    assert_eq!(left_of(&w, SOLO), WHOLE, "the instance lives there");
+    assert!(left_of(&w, "big-rs0").0, "a shared replica set stays");
+    assert_eq!(removed_events(&w).len(), 1, "only the first move removed one");
+}
+
+#[tokio::test]
+async fn a_shared_replica_set_emptied_by_a_move_is_kept() {
+    let w = shop_in("big").await;
+    start_move(&w, "solo", SOLO).await;
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    for _ in 0..4 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert_eq!(status(&w)["placement"]["replicaSet"], SOLO);
+    assert_eq!(left_of(&w, "big-rs0"), WHOLE, "no one is on it any more, and it stays with its volumes");
+    assert!(removed_events(&w).is_empty());
+    // Moved on again, the dedicated one it leaves goes.
+    add_pool_of_mode(&w, "other", "shared");
+    start_move(&w, "other", "other-rs0").await;
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    reconcile_until_removed(&w, SOLO, 4).await;
+    assert_eq!(left_of(&w, "big-rs0"), WHOLE);
+}
+
+#[tokio::test]
+async fn a_dedicated_replica_set_stays_until_its_migration_is_done() {
+    let w = shop_in("solo").await;
+    start_move(&w, "big", "big-rs0").await;
+    // Aborted (the checksums differ): rolled back, the database served there again.
+    w.migration.model.lock().unwrap().mismatches = 1;
+    assert!(matches!(drive(&w).await, Outcome::WaitUntil(_)));
+    assert_eq!(route(&w)["replicaSet"], SOLO);
+    for _ in 0..3 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert_eq!(status(&w)["migration"]["phase"], "Aborted");
+    assert_eq!(left_of(&w, SOLO), WHOLE);
+
+    // Retried and switched; the source's copy waits for the grace period (CleanUp).
+    let mut r = w.migration.record_of("shop").unwrap();
+    r.next_retry_ms = Some(migration::now_ms().saturating_sub(1));
+    w.migration.put_record(&r);
+    let tuning = Tuning { cleanup_grace: Duration::from_secs(3_600), ..migration_tuning() };
+    assert!(matches!(migration::drive(&w.migration, &tuning, "shop").await.unwrap(), Outcome::WaitUntil(_)));
+    assert_eq!(w.migration.record_of("shop").unwrap().step, Step::CleanUp);
+    for _ in 0..3 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert_eq!(status(&w)["placement"]["replicaSet"], "big-rs0", "served from the target");
+    assert_eq!(left_of(&w, SOLO), WHOLE, "the source holds the copy until its clean-up");
+    let svc = w.api.get(SERVICES, SOLO).unwrap();
+    assert!(svc["metadata"]["annotations"].get("nimbus.io/removing").is_none(), "{svc}");
+    assert!(removed_events(&w).is_empty());
+
+    // The clean-up done: now it goes.
+    let mut r = w.migration.record_of("shop").unwrap();
+    r.next_retry_ms = Some(migration::now_ms().saturating_sub(1));
+    w.migration.put_record(&r);
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    reconcile_until_removed(&w, SOLO, 4).await;
+}
+
+#[tokio::test]
+async fn an_operator_restarted_mid_removal_finishes_it() {
+    let w = shop_in("solo").await;
+    start_move(&w, "big", "big-rs0").await;
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    // The removal begins; a volume's deletion fails half-way, and the operator stops.
+    w.api.fail_next("DELETE", "persistentvolumeclaims/solo-shop-m2-data", 500);
+    w.reconcile("shop").await.unwrap();
+    let (service, _, volumes, _, record) = left_of(&w, SOLO);
+    assert!(service && record && volumes > 0, "{:?}", left_of(&w, SOLO));
+    let svc = w.api.get(SERVICES, SOLO).unwrap();
+    assert!(svc["metadata"]["annotations"]["nimbus.io/removing"].as_str().unwrap().contains("moved to big-rs0"));
+    let c = condition(&w, "Migrating");
+    assert!(c["message"].as_str().unwrap().contains("removing replica set solo-shop"), "{c}");
+    assert_eq!(status(&w)["phase"], "Ready", "served all the same");
+
+    // The marked replica set is not stepped: its deleted members are not replaced.
+    for _ in 0..3 {
+        w.reconcile_replica_set(SOLO).await.unwrap();
+        w.api.kubelet(NS);
+    }
+    assert_eq!(left_of(&w, SOLO).1, 0, "a member was made again");
+
+    let w = restarted(w);
+    reconcile_until_removed(&w, SOLO, 4).await;
+    assert_eq!(reasons(&w).iter().filter(|r| *r == "ReplicaSetRemoved").count(), 1);
+}
+
+#[tokio::test]
+async fn an_instance_deleted_before_its_emptied_replica_set_was_removed_deletes_its_volumes() {
+    let w = shop_in("solo").await;
+    start_move(&w, "big", "big-rs0").await;
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    // Deleted before a pass saw the migration completed.
+    w.api.delete(INSTANCES, "shop");
+    w.reconcile("shop").await.unwrap();
+    assert!(w.api.get(INSTANCES, "shop").is_none());
+    let (_, _, volumes, _, record) = left_of(&w, SOLO);
+    assert_eq!((volumes, record), (0, false), "its Pods, PDB and Service go with the instance (garbage collection)");
+}
