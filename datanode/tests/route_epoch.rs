@@ -161,3 +161,13 @@ fn a_drop_bounded_at_or_above_the_newest_epoch_drops_and_one_without_a_bound_too
         WriteAnswer::DatabaseKept { found: false, epoch: 7 }
     );
 }
+
+#[test]
+fn the_control_planes_old_made_up_epoch_is_not_a_route_and_is_not_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = Node::open(dir.path());
+    n.apply(Some(3), insert(1)).unwrap();
+    // As entries of the control plane's old drop through the data API carried it.
+    n.apply(Some(u64::MAX), insert(2)).unwrap();
+    assert_eq!(n.kept_by(3), None, "a made-up epoch would keep every later bounded drop");
+}

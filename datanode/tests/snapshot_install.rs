@@ -237,3 +237,24 @@ async fn a_snapshot_built_while_entries_are_applied_holds_exactly_the_entries_up
     let present: Vec<u64> = (0..next).filter(|id| engine.get("app", "items", &json!(id)).unwrap().is_some()).collect();
     assert_eq!(present, (0..at).collect::<Vec<u64>>(), "the checkpoint's documents");
 }
+
+/// A build that fails (a full disk, say) is not openraft's failure, which would stop Raft
+/// on the member for good: the newest snapshot there is stands; with none at all, the
+/// failure is reported.
+#[tokio::test]
+async fn a_failed_snapshot_build_answers_the_newest_snapshot_there_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::open(&dir.path().join("member"), EngineOptions::default()).unwrap();
+    apply(&mut sm, 1, OLD).await;
+    let shared = sm.shared();
+    shared.fail_builds_for_tests(true);
+    assert!(sm.get_snapshot_builder().await.build_snapshot().await.is_err(), "no snapshot to fall back on");
+
+    shared.fail_builds_for_tests(false);
+    let first = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    apply(&mut sm, OLD + 1, NEW).await;
+    shared.fail_builds_for_tests(true);
+    let answered = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(answered.meta, first.meta, "the newest snapshot, as it was");
+    assert_eq!(answered.snapshot, first.snapshot);
+}

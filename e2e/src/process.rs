@@ -59,7 +59,9 @@ fn port_of(url: &str) -> u16 {
 }
 
 impl Datanode {
-    /// Starts a datanode on free ports.
+    /// Starts a datanode on free ports, chosen outside the ephemeral range
+    /// (`nimbus_net::ports`): a restart binds them again, and a port the kernel handed out
+    /// could meanwhile be an outgoing connection's.
     pub async fn start(
         id: u64,
         zone: &str,
@@ -76,9 +78,9 @@ impl Datanode {
             admin: String::new(),
             raft: String::new(),
             extra_args: extra_args.to_vec(),
-            data_port: 0,
-            admin_port: 0,
-            raft_port: 0,
+            data_port: nimbus_net::ports::free_port()?,
+            admin_port: nimbus_net::ports::free_port()?,
+            raft_port: nimbus_net::ports::free_port()?,
             child: None,
         };
         d.spawn().await?;

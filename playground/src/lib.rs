@@ -76,7 +76,8 @@ pub async fn up(
         // Already running: the manifests are applied to it.
         apply(&dir, instances, Some(UP_TIMEOUT)).await?;
     }
-    if running_pid(&dir).is_none() {
+    let starting = running_pid(&dir).is_none();
+    if starting {
         let _ = std::fs::remove_file(dir.join(PLAYGROUND_FILE));
         std::fs::create_dir_all(dir.join("logs"))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("logs/control-plane.log"))?;
@@ -114,7 +115,11 @@ pub async fn up(
             bail!("the control plane stopped: see {}", dir.join("logs/control-plane.log").display());
         }
         if started.elapsed() > UP_TIMEOUT {
-            // Nothing left running that no one waits for: the logs and data stay.
+            if !starting {
+                bail!("instances not Ready within {UP_TIMEOUT:?}: see {}", dir.join("logs").display());
+            }
+            // Nothing this command started left running with no one waiting for it: the
+            // logs and data stay. A playground that ran before is left as it was.
             let stopped = down(&dir).await;
             bail!(
                 "instances not Ready within {UP_TIMEOUT:?}, so the playground was stopped{}: see {}",

@@ -1,5 +1,6 @@
-//! Snapshots are RocksDB checkpoints of the state machine (hard links after a flush: no
-//! copy of the data, no serialisation into memory), kept under `DIR/snapshots/<id>/` with a
+//! Snapshots are RocksDB checkpoints of the state machine (table files hard-linked, and the
+//! WAL written since a flush just before copied: no copy of the data, no serialisation into
+//! memory; see `state_machine::SmShared::build_snapshot`), kept under `DIR/snapshots/<id>/` with a
 //! [`META_FILE`]. They travel to a lagging member file by file in bounded chunks
 //! ([`super::network`], [`super::transfer`]).
 //!
@@ -101,11 +102,17 @@ impl SnapshotDir {
         Ok(dirs)
     }
 
+    /// Removes all but the [`KEEP`] newest snapshots. A build and an install may prune at
+    /// once (a build runs beside the state machine): what the other removed first is gone
+    /// already, not an error.
     fn prune(&self) -> io::Result<()> {
         let dirs = self.list()?;
         if dirs.len() > KEEP {
             for d in &dirs[..dirs.len() - KEEP] {
-                std::fs::remove_dir_all(d)?;
+                match std::fs::remove_dir_all(d) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
             }
         }
         Ok(())

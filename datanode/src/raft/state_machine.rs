@@ -68,6 +68,8 @@ pub struct SmShared {
     /// Held while one entry is applied, and by a snapshot while it makes its checkpoint:
     /// the checkpoint and the applied log id it is published with are then of one state.
     apply: Mutex<()>,
+    /// Tests: every snapshot build fails, as on a full disk.
+    failing_builds: std::sync::atomic::AtomicBool,
 }
 
 impl SmShared {
@@ -85,6 +87,12 @@ impl SmShared {
         &self.incoming
     }
 
+    /// Tests: makes every snapshot build fail (or work again).
+    #[doc(hidden)]
+    pub fn fail_builds_for_tests(&self, fail: bool) {
+        self.failing_builds.store(fail, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn pause_applying(&self) -> std::sync::MutexGuard<'_, ()> {
         self.apply.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -96,6 +104,9 @@ impl SmShared {
     /// stalled every write of the replica set for about half a second at each snapshot.
     /// Blocking: run it off the runtime.
     fn build_snapshot(&self) -> io::Result<Snapshot> {
+        if self.failing_builds.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io_err("snapshot builds fail (a test says so)"));
+        }
         let started = Instant::now();
         let engine = self.engine();
         engine.flush().map_err(io_err)?;
@@ -192,6 +203,7 @@ impl StateMachine {
                 // Transfers in progress when the member stopped are abandoned.
                 incoming: Incoming::open(root.join("incoming"))?,
                 apply: Mutex::new(()),
+                failing_builds: std::sync::atomic::AtomicBool::new(false),
             }),
             install_hook: None,
         })
@@ -230,11 +242,26 @@ pub struct Builder {
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
     type SnapshotData = SnapshotData;
 
+    /// A failed build (a full disk, say) answers the newest snapshot there is, which
+    /// openraft keeps as it was: it tries again after `--snapshot-every` more entries. Only
+    /// with no snapshot at all is the failure openraft's, which stops Raft on this member.
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let shared = self.shared.clone();
-        match tokio::task::spawn_blocking(move || shared.build_snapshot()).await {
-            Ok(built) => built.inspect_err(|e| tracing::error!(error = %e, "failed to build a snapshot")),
-            Err(e) => Err(io_err(format!("the snapshot build stopped: {e}"))),
+        let failed = match tokio::task::spawn_blocking(move || shared.build_snapshot()).await {
+            Ok(Ok(built)) => return Ok(built),
+            Ok(Err(e)) => e,
+            Err(e) => io_err(format!("the snapshot build stopped: {e}")),
+        };
+        metrics::counter!("nimbus_snapshot_build_failures_total").increment(1);
+        match self.shared.snapshots.current() {
+            Ok(Some((meta, snapshot))) => {
+                tracing::error!(error = %failed, kept = ?meta.last_log_id, "failed to build a snapshot; the newest one stays");
+                Ok(Snapshot { meta, snapshot })
+            }
+            _ => {
+                tracing::error!(error = %failed, "failed to build a snapshot, and there is none");
+                Err(failed)
+            }
         }
     }
 }

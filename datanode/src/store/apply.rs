@@ -189,7 +189,9 @@ impl Engine {
                 // migration's late clean-up) keeps what it wrote. Senders are not bounded
                 // by it (only the control plane's `SetRouteEpoch` does that). A refused
                 // command wrote nothing and records nothing.
-                if let Some(epoch) = cmd.route_epoch {
+                // `u64::MAX` is no route's: the control plane's own drop sent it through the
+                // data API before it used the admin API, and such an entry may be replayed.
+                if let Some(epoch) = cmd.route_epoch.filter(|e| *e != u64::MAX) {
                     let written = self.catalog_read().epochs_written.get(&cmd.db).copied().unwrap_or(0);
                     if epoch > written {
                         ctx.batch.put_cf(self.cf(keys::CF_META), keys::epoch_written_key(&cmd.db), encode(&epoch));

@@ -203,8 +203,13 @@ pub fn condition(record: &MigrationRecord, tuning: &Tuning, now: u64) -> (&'stat
             record.error.as_deref().unwrap_or("no reason recorded")
         ),
     };
-    // A step that keeps failing says on what (an abort's reason is already said).
+    // A step that keeps failing says on what (an abort's reason is already said); a
+    // completed one, what its clean-up left.
     if let Some(error) = &record.error
+        && record.step == Step::Done
+    {
+        message.push_str(&format!("; {error}"));
+    } else if let Some(error) = &record.error
         && !matches!(record.step, Step::Abort | Step::Aborted | Step::Done)
         && !(record.step == Step::Copy && record.next_retry_ms.is_some())
     {

@@ -940,8 +940,17 @@ impl Run<'_> {
                     if let DropOutcome::Kept { epoch } =
                         self.world.drop_database(&src, &self.rec.db, Some(fence_epoch)).await?
                     {
-                        tracing::info!(db = %self.rec.db, replica_set = %src.name, epoch = ?epoch, fence_epoch,
-                            "the source serves a newer route of the database: its data kept");
+                        // A new instance of the name placed there, most likely; a write made
+                        // up with a far epoch otherwise: said where a person looks, since
+                        // the copy then stays.
+                        tracing::warn!(db = %self.rec.db, replica_set = %src.name, epoch = ?epoch, fence_epoch,
+                            "a newer route of the database wrote on the source: its data there kept");
+                        self.rec.error = Some(format!(
+                            "the data on {} was kept, not dropped: a write of a newer route (epoch {}) applied \
+                             there after the switch; drop it by hand if no instance of the name lives there",
+                            src.name,
+                            epoch.map(|e| e.to_string()).unwrap_or_else(|| "unknown".into())
+                        ));
                     }
                 }
                 self.world.unpin_oplog(&src, &self.rec.id).await?;

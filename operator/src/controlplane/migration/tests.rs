@@ -327,6 +327,8 @@ async fn the_clean_up_keeps_what_a_new_instance_placed_on_the_source_after_the_r
     assert_eq!(a.docs.get(&id), Some(&format!(r#"{{"_id":{id},"v":{v}}}"#)), "the new instance's write was dropped");
     let record = &s.record.as_ref().unwrap().0;
     assert_eq!((record.step, record.phase), (Step::Done, Phase::Completed));
+    let said = record.error.as_deref().unwrap_or_default();
+    assert!(said.contains("was kept, not dropped"), "a kept copy not said in the status: {said:?}");
 }
 
 #[tokio::test]
