@@ -797,15 +797,21 @@ impl Run<'_> {
                 self.catch_up_to(&src, &dst, start, fence_index),
                 self.copy_idempotency(&src, &dst, since, Some(fence_index)),
             )?;
+            let caught_up = Instant::now();
             self.check_hold("after the catch-up to the fence")?;
             let marker = self.world.checksum(&dst, &self.rec.db).await?;
-            Ok::<_, StepError>((pos, marker))
+            Ok::<_, StepError>((pos, marker, caught_up))
         };
-        let (source, (pos, target)) =
+        let (source, (pos, target, caught_up)) =
             tokio::try_join!(async { Ok(self.world.checksum(&src, &self.rec.db).await?) }, target)?;
+        tracing::debug!(db = %self.rec.db, positions = fence_index.saturating_sub(start.index),
+            "oplog positions caught up to the fence in the hold");
         self.rec.oplog_position = Some(pos);
         self.rec.lag_ops = 0;
-        self.hold_mark("caught up and checksummed");
+        if self.rec.hold_started_ms.is_some() {
+            self.hold_marks.push(("caught up to the fence", caught_up));
+        }
+        self.hold_mark("checksummed");
         failpoint!("migration-verify-caughtup");
         failpoint!("migration-verify-idempotency");
         let mut differences = Vec::new();
