@@ -214,6 +214,7 @@ async fn an_instance_deleted_before_its_emptied_replica_set_was_removed_deletes_
     w.api.delete(INSTANCES, "shop");
     w.reconcile("shop").await.unwrap();
     assert!(w.api.get(INSTANCES, "shop").is_none());
+    w.collect_garbage();
     let (_, _, volumes, _, record) = left_of(&w, SOLO);
     assert_eq!((volumes, record), (0, false), "its Pods, PDB and Service go with the instance (garbage collection)");
 }
