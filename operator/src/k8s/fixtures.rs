@@ -291,9 +291,8 @@ impl ControlStore for FakeStore {
     }
     async fn databases_on(&self, namespace: &str, replica_set: &str) -> Result<Vec<String>, CoordError> {
         let kv = self.0.lock().unwrap();
-        let claimed_here = |db: &str| {
-            kv.get(&nimbus_api::etcd::tenant_key(db)).is_none_or(|c| c["namespace"] == namespace)
-        };
+        let claimed_here =
+            |db: &str| kv.get(&nimbus_api::etcd::tenant_key(db)).is_none_or(|c| c["namespace"] == namespace);
         Ok(kv
             .iter()
             .filter_map(|(k, route)| Some((k.strip_prefix(nimbus_api::etcd::ROUTES)?, route)))
@@ -476,7 +475,8 @@ impl World {
         let pools = format!("/apis/nimbus.io/v1alpha1/namespaces/{NS}/resourcepools");
         let pdbs = format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets");
         let uid = |o: &Value| o["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
-        let alive: BTreeSet<String> = [INSTANCES, pools.as_str()].iter().flat_map(|c| self.api.list(c)).map(|o| uid(&o)).collect();
+        let alive: BTreeSet<String> =
+            [INSTANCES, pools.as_str()].iter().flat_map(|c| self.api.list(c)).map(|o| uid(&o)).collect();
         for collection in [SERVICES, PODS, pdbs.as_str()] {
             for o in self.api.list(collection) {
                 let owners = o["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();

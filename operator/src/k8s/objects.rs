@@ -320,11 +320,7 @@ pub fn member_pvc(rs: &ReplicaSetShape, id: u64, zone: &str) -> PersistentVolume
 /// tier, and a replica set keeps what it was made as). A shared one is owned by its pool,
 /// or by no one.
 pub fn dedicated_owner(svc: &Service) -> Option<&OwnerReference> {
-    svc.metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.controller == Some(true) && o.kind == "DatabaseInstance")
+    svc.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true) && o.kind == "DatabaseInstance")
 }
 
 /// The headless Service giving each member a stable DNS name; Raft addresses must resolve

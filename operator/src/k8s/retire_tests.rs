@@ -257,7 +257,9 @@ fn live_volumes(w: &World, rs: &str) -> usize {
     w.api
         .list(PVCS)
         .iter()
-        .filter(|v| v["metadata"]["labels"]["nimbus.io/replica-set"] == rs && v["metadata"]["deletionTimestamp"].is_null())
+        .filter(|v| {
+            v["metadata"]["labels"]["nimbus.io/replica-set"] == rs && v["metadata"]["deletionTimestamp"].is_null()
+        })
         .count()
 }
 

@@ -702,6 +702,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_deleted_volume_stays_terminating_while_a_pod_uses_it() {
+        const PVCS: &str = "/api/v1/namespaces/apps/persistentvolumeclaims";
+        let api = FakeApi::unrestricted();
+        let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = Api::namespaced(api.client(), "apps");
+        let pvc = |name: &str| {
+            json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": "apps"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+        };
+        let ssa = PatchParams::apply("nimbus-operator");
+        for name in ["used", "unused"] {
+            pvcs.patch(name, &ssa, &Patch::Apply(pvc(name))).await.unwrap();
+            assert_eq!(api.get(PVCS, name).unwrap()["metadata"]["finalizers"], json!([PVC_PROTECTION]));
+        }
+        api.put(
+            PODS,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "apps"},
+            "spec": {"containers": [], "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "used"}}]}}),
+        );
+        pvcs.delete("unused", &DeleteParams::default()).await.unwrap();
+        assert!(api.get(PVCS, "unused").is_none(), "no Pod uses it: gone at once");
+        pvcs.delete("used", &DeleteParams::default()).await.unwrap();
+        assert_eq!(api.get(PVCS, "used").unwrap()["metadata"]["deletionTimestamp"], DELETION_TIME);
+        // Its Pod deleted is Terminating, and still uses it; stopped by the kubelet, it does not.
+        api.delete(PODS, "p");
+        assert!(api.get(PVCS, "used").is_some());
+        api.kubelet("apps");
+        assert!(api.get(PODS, "p").is_none() && api.get(PVCS, "used").is_none());
+    }
+
+    #[tokio::test]
     async fn a_deleted_pod_is_terminating_until_the_kubelet_stops_it() {
         let api = FakeApi::default();
         api.put(
