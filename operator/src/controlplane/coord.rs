@@ -392,6 +392,29 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The databases of `namespace` whose route names `replica_set`: where the control plane
+    /// serves each database, written when it is placed and moved by a migration's switch.
+    /// Replica-set names are a namespace's, so the database's claim says whose it is; a route
+    /// with no claim (written before claims existed) counts.
+    pub async fn databases_on(&self, namespace: &str, replica_set: &str) -> Result<Vec<String>, CoordError> {
+        let opts = etcd_client::GetOptions::new().with_prefix();
+        let resp = self.client.kv_client().get(etcd::ROUTES, Some(opts)).await?;
+        let mut on = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let route: Route =
+                serde_json::from_slice(kv.value()).map_err(|source| CoordError::Decode { key: key.clone(), source })?;
+            let Some(db) = key.strip_prefix(etcd::ROUTES).filter(|_| route.replica_set == replica_set) else {
+                continue;
+            };
+            let claim: Option<TenantClaim> = self.get_json(&etcd::tenant_key(db)).await?;
+            if claim.is_none_or(|c| c.namespace == namespace) {
+                on.push(db.to_owned());
+            }
+        }
+        Ok(on)
+    }
+
     /// Forgets a replica set whose members and volumes were deleted on purpose.
     pub async fn forget_replica_set(&self, namespace: &str, name: &str) -> Result<(), CoordError> {
         self.client.kv_client().delete(etcd::replica_set_key(namespace, name), None).await?;

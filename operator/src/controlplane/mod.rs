@@ -83,6 +83,9 @@ pub trait ControlStore: Send + Sync {
         record: &ReplicaSetRecord,
     ) -> Result<(), CoordError>;
     async fn forget_replica_set(&self, namespace: &str, name: &str) -> Result<(), CoordError>;
+    /// The databases of `namespace` whose route names `replica_set` (the control plane's
+    /// own record of where each is served).
+    async fn databases_on(&self, namespace: &str, replica_set: &str) -> Result<Vec<String>, CoordError>;
 }
 
 #[async_trait]
@@ -207,5 +210,8 @@ impl ControlStore for coord::Coordinator {
     }
     async fn forget_replica_set(&self, namespace: &str, name: &str) -> Result<(), CoordError> {
         coord::Coordinator::forget_replica_set(self, namespace, name).await
+    }
+    async fn databases_on(&self, namespace: &str, replica_set: &str) -> Result<Vec<String>, CoordError> {
+        coord::Coordinator::databases_on(self, namespace, replica_set).await
     }
 }

@@ -289,6 +289,17 @@ impl ControlStore for FakeStore {
         self.0.lock().unwrap().remove(&nimbus_api::etcd::replica_set_key(namespace, name));
         Ok(())
     }
+    async fn databases_on(&self, namespace: &str, replica_set: &str) -> Result<Vec<String>, CoordError> {
+        let kv = self.0.lock().unwrap();
+        let claimed_here =
+            |db: &str| kv.get(&nimbus_api::etcd::tenant_key(db)).is_none_or(|c| c["namespace"] == namespace);
+        Ok(kv
+            .iter()
+            .filter_map(|(k, route)| Some((k.strip_prefix(nimbus_api::etcd::ROUTES)?, route)))
+            .filter(|(db, route)| route["replicaSet"] == replica_set && claimed_here(db))
+            .map(|(db, _)| db.to_owned())
+            .collect())
+    }
 }
 
 /// Everything a reconciler scenario needs.
@@ -455,6 +466,26 @@ impl World {
                 self.api.delete(PODS, &pod_name);
             }
         }
+    }
+
+    /// Garbage collection, which the fake API does not model: a Service, Pod or PDB whose
+    /// owners (instances, pools) are all gone is deleted; then the kubelet, so its Pods go
+    /// and the volumes they held are released (pvc-protection).
+    pub fn collect_garbage(&self) {
+        let pools = format!("/apis/nimbus.io/v1alpha1/namespaces/{NS}/resourcepools");
+        let pdbs = format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets");
+        let uid = |o: &Value| o["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+        let alive: BTreeSet<String> =
+            [INSTANCES, pools.as_str()].iter().flat_map(|c| self.api.list(c)).map(|o| uid(&o)).collect();
+        for collection in [SERVICES, PODS, pdbs.as_str()] {
+            for o in self.api.list(collection) {
+                let owners = o["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();
+                if !owners.is_empty() && owners.iter().all(|r| r["uid"].as_str().is_none_or(|u| !alive.contains(u))) {
+                    self.api.delete(collection, o["metadata"]["name"].as_str().unwrap());
+                }
+            }
+        }
+        self.api.kubelet(NS);
     }
 
     /// How long the scenario's clock has moved on.

@@ -260,7 +260,7 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), &ns);
     let existing = services.get_opt(&rs_name).await?;
     let dedicated = match &existing {
-        Some(svc) => svc.owner_references().iter().any(|o| o.controller == Some(true) && o.kind == "DatabaseInstance"),
+        Some(svc) => objects::dedicated_owner(svc).is_some(),
         None => dedicated,
     };
     // The implicit `default` pool serves only replica sets made without a pool object. A
@@ -523,12 +523,12 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
     }
     // Volumes before records: a cleanup retried after this point still holds the claim.
     for rs in holders.iter().filter(|rs| !abandoned.contains(rs)) {
-        delete_dedicated_volumes(ctx, &ns, rs, &claim.uid).await?;
+        delete_dedicated_volumes(ctx, dbi, &ns, rs).await?;
     }
     // A dedicated replica set a completed migration emptied, not removed yet (the instance
     // was deleted before its pass did it): its volumes go as well.
     if let Some(rs) = super::retire::vacated_source(ctx, &ns, &db).await? {
-        delete_dedicated_volumes(ctx, &ns, &rs, &claim.uid).await?;
+        delete_dedicated_volumes(ctx, dbi, &ns, &rs).await?;
     }
     if !ctx.store.delete_database(&db, &claim, placement.is_some()).await? {
         return Ok(Action::await_change());
@@ -607,7 +607,9 @@ fn with_owners<K: Resource>(mut object: K, owners: &[OwnerReference]) -> K {
 }
 
 /// The databases on each replica set of `pool`: the instances placed there, and those a
-/// migration is moving there (they will be).
+/// migration is moving there (they will be). A replica set dedicated to an instance (the
+/// `dedicated` tier in a shared pool has one) counts as full: shared placement never puts
+/// another tenant there, and never reuses its name.
 pub(super) async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<ReplicaSetLoad>, Error> {
     let api: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
@@ -621,6 +623,13 @@ pub(super) async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Re
             && t.pool == pool
         {
             *counts.entry(t.replica_set.clone()).or_default() += 1;
+        }
+    }
+    let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);
+    let of_pool = ListParams::default().labels(&format!("{}={pool}", objects::LABEL_POOL));
+    for svc in services.list(&of_pool).await? {
+        if objects::dedicated_owner(&svc).is_some() {
+            counts.insert(svc.name_any(), u32::MAX);
         }
     }
     Ok(counts.into_iter().map(|(name, databases)| ReplicaSetLoad { name, databases }).collect())

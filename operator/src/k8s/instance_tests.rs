@@ -372,6 +372,9 @@ async fn deleting_a_dedicated_instance_deletes_its_volumes_and_a_shared_ones_kee
     assert_eq!(w.api.list(PVCS).len(), 3);
     w.api.delete(INSTANCES, "orders");
     w.reconcile("orders").await.unwrap();
+    // Deleted while its Pods used them: Terminating until garbage collection takes the Pods.
+    assert!(w.api.list(PVCS).iter().all(|v| !v["metadata"]["deletionTimestamp"].is_null()));
+    w.collect_garbage();
     assert!(w.api.list(PVCS).is_empty(), "{:?}", w.api.list(PVCS));
     assert!(!w.store.0.lock().unwrap().keys().any(|k| k.starts_with("/nimbus/replicasets/")));
 

@@ -315,6 +315,14 @@ pub fn member_pvc(rs: &ReplicaSetShape, id: u64, zone: &str) -> PersistentVolume
     }))
 }
 
+/// The instance a replica set is dedicated to, if it is: its Service is controller-owned
+/// by a DatabaseInstance (placement makes it so for a dedicated pool or the `dedicated`
+/// tier, and a replica set keeps what it was made as). A shared one is owned by its pool,
+/// or by no one.
+pub fn dedicated_owner(svc: &Service) -> Option<&OwnerReference> {
+    svc.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true) && o.kind == "DatabaseInstance")
+}
+
 /// The headless Service giving each member a stable DNS name; Raft addresses must resolve
 /// before the members are ready, hence `publishNotReadyAddresses`.
 pub fn replica_set_service(rs: &ReplicaSetShape, zones: &[String], bootstrapped: bool) -> Service {

@@ -12,7 +12,9 @@
 //!   routes the database back to.
 //!
 //! A shared replica set (its Service owned by its pool, or by no one) is never removed
-//! here, nor are its volumes (docs/operator.md, "Uninstall").
+//! here, nor are its volumes (docs/operator.md, "Uninstall"). Nor is a dedicated one that
+//! another tenant is on after all ([`other_tenant_on`]): placement never puts one there,
+//! and the removal checks again rather than trust that.
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -20,32 +22,81 @@ use kube::ResourceExt;
 use kube::api::ListParams;
 use kube::runtime::events::EventType;
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::Error;
 use super::api::Objects;
 use super::instance::{Context, event};
-use super::objects::{ANNOTATION_REMOVING, LABEL_REPLICA_SET};
+use super::objects::{ANNOTATION_REMOVING, LABEL_REPLICA_SET, dedicated_owner};
 use super::provisioner::already_gone;
 use crate::controlplane::migration::{MigrationRecord, Step};
 use crate::crd::v1alpha1::{DatabaseInstance, DatabaseInstanceStatus};
 
 /// The Service of replica set `rs` if the replica set is dedicated to the instance with
-/// `uid`: controller-owned by it (the test placement made it with).
+/// `uid` ([`dedicated_owner`]).
 async fn dedicated_service(ctx: &Context, ns: &str, rs: &str, uid: &str) -> Result<Option<Service>, Error> {
     let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);
-    let owned = |svc: &Service| svc.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true));
-    Ok(services.get_opt(rs).await?.filter(owned))
+    Ok(services.get_opt(rs).await?.filter(|svc| dedicated_owner(svc).is_some_and(|o| o.uid == uid)))
 }
 
-/// An instance's deletion: the volumes of a replica set dedicated to it (they hold no one
-/// else's data) and its record in etcd. Its Pods, PDB and Service are the instance's, and
-/// garbage collection takes them with it.
-pub(super) async fn delete_dedicated_volumes(ctx: &Context, ns: &str, rs: &str, uid: &str) -> Result<(), Error> {
-    if dedicated_service(ctx, ns, rs, uid).await?.is_some() {
-        delete_members(ctx, ns, rs, Members::Volumes).await?;
-        ctx.store.forget_replica_set(ns, rs).await?;
+/// Another tenant with data on replica set `rs` of `ns`, or about to have some, than
+/// `dbi`: a database whose route names it (etcd, the control plane's own record, written
+/// as soon as a database is served, before its instance's status), one a migration still
+/// running moves from or to it, or an instance whose status places it there or moves it
+/// there. Its name: a dedicated replica set with another tenant on it keeps its volumes.
+pub(super) async fn other_tenant_on(
+    ctx: &Context,
+    ns: &str,
+    rs: &str,
+    dbi: &DatabaseInstance,
+) -> Result<Option<String>, Error> {
+    let (db, me) = (dbi.database(), dbi.name_any());
+    if let Some(other) = ctx.store.databases_on(ns, rs).await?.into_iter().find(|d| *d != db) {
+        return Ok(Some(format!("database {other}")));
     }
+    let records = ctx.migrations.world.records().await.map_err(|e| Error::Locate {
+        database: db.clone(),
+        reason: format!("failed to read the migration records from etcd: {e}"),
+    })?;
+    let running = |r: &MigrationRecord| !matches!(r.step, Step::Done | Step::Aborted);
+    let moving = records.into_iter().map(|(r, _)| r).find(|r| {
+        r.db != db && r.namespace == ns && running(r) && (r.from_replica_set == rs || r.to_replica_set == rs)
+    });
+    if let Some(r) = moving {
+        return Ok(Some(format!("database {} (migration {})", r.db, r.id)));
+    }
+    let instances: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
+    let on = |i: &DatabaseInstance| {
+        let s = i.status.as_ref();
+        s.and_then(|s| s.placement.as_ref()).is_some_and(|p| p.replica_set == rs)
+            || s.and_then(|s| s.migration_target.as_ref()).is_some_and(|t| t.replica_set == rs)
+    };
+    let list = instances.list(&ListParams::default()).await?;
+    Ok(list.iter().filter(|i| i.name_any() != me).find(|i| on(i)).map(|i| format!("instance {}", i.name_any())))
+}
+
+/// An instance's deletion: the volumes of a replica set dedicated to it and its record in
+/// etcd, unless another tenant is on it after all ([`other_tenant_on`]: then its data is
+/// there). Its Pods, PDB and Service are the instance's, and garbage collection takes them
+/// with it.
+pub(super) async fn delete_dedicated_volumes(
+    ctx: &Context,
+    dbi: &DatabaseInstance,
+    ns: &str,
+    rs: &str,
+) -> Result<(), Error> {
+    let uid = dbi.uid().unwrap_or_default();
+    if uid.is_empty() || dedicated_service(ctx, ns, rs, &uid).await?.is_none() {
+        return Ok(());
+    }
+    if let Some(other) = other_tenant_on(ctx, ns, rs, dbi).await? {
+        let note = format!("the volumes of replica set {rs} are kept: {other} is on it");
+        warn!(replica_set = rs, instance = %dbi.name_any(), tenant = %other, "{note}");
+        event(ctx, dbi, EventType::Warning, "VolumesKept", "Delete", &note).await;
+        return Ok(());
+    }
+    delete_members(ctx, ns, rs, Members::Volumes).await?;
+    ctx.store.forget_replica_set(ns, rs).await?;
     Ok(())
 }
 
@@ -57,32 +108,36 @@ enum Members {
 }
 
 /// Deletes the replica set's member Pods (with [`Members::PodsAndVolumes`]) and volumes
-/// that are not going already; whether there were any.
+/// that are not going already; whether any was listed, Terminating ones included: a Pod
+/// within its grace period, a volume the `kubernetes.io/pvc-protection` finalizer holds
+/// until no Pod uses it. Until none is, the names are taken, and the replica set made anew
+/// by a move back would meet them.
 async fn delete_members(ctx: &Context, ns: &str, rs: &str, what: Members) -> Result<bool, Error> {
     let selector = ListParams::default().labels(&format!("{LABEL_REPLICA_SET}={rs}"));
-    let mut found = false;
+    let mut left = false;
     if what == Members::PodsAndVolumes {
         let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), ns);
-        for pod in pods.list(&selector).await?.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+        let listed = pods.list(&selector).await?;
+        for pod in listed.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
             already_gone(pods.delete(&pod.name_any()).await)?;
-            found = true;
         }
+        left |= !listed.is_empty();
     }
     let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), ns);
-    for pvc in pvcs.list(&selector).await?.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+    let listed = pvcs.list(&selector).await?;
+    for pvc in listed.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
         already_gone(pvcs.delete(&pvc.name_any()).await)?;
-        found = true;
     }
-    Ok(found)
+    Ok(left || !listed.is_empty())
 }
 
 /// What became of the replica set a completed migration moved an instance from.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Vacated {
-    /// Not this instance's to remove: a shared one, one already gone, one another instance
-    /// is on or moving to, or a migration not completed.
+    /// Not this instance's to remove: a shared one, one already gone, one another tenant
+    /// is on or moving to, or a migration not completed. Unmarked if a pass had marked it.
     Kept,
-    /// Its members are going; a later pass removes the rest.
+    /// Its members are going (or still Terminating); a later pass removes the rest.
     Removing,
     /// Removed: its Service, members, volumes and record are gone.
     Removed,
@@ -90,14 +145,15 @@ pub(super) enum Vacated {
 
 /// Removes the dedicated replica set that `record`, a completed migration, moved `dbi`
 /// from, once nothing needs it: `status` (this pass's) places the instance elsewhere and
-/// no other instance is placed there or moving there.
+/// no other tenant is on it or moving to it ([`other_tenant_on`]).
 ///
 /// In steps, each repeated harmlessly by a later pass (after a crash, or a failed call):
 /// the Service is marked [`ANNOTATION_REMOVING`] (its reconciler stops stepping it); its
-/// PDB, member Pods and volumes are deleted; then, in a pass that finds no member left
-/// to delete (one made by a replica-set pass that began before the mark is deleted by
-/// the next), its record in etcd is forgotten and its Service deleted last. The Service
-/// is what later passes find the replica set by, and who it is dedicated to.
+/// PDB, member Pods and volumes are deleted; then, in a pass that lists no member Pod or
+/// volume at all, Terminating ones included (one made by a replica-set pass that began
+/// before the mark is deleted by the next), its record in etcd is forgotten and its
+/// Service deleted last. The Service is what later passes find the replica set by, and
+/// who it is dedicated to. A pass that keeps it after all removes the mark.
 pub(super) async fn remove_vacated(
     ctx: &Context,
     dbi: &DatabaseInstance,
@@ -106,21 +162,29 @@ pub(super) async fn remove_vacated(
     status: &DatabaseInstanceStatus,
 ) -> Result<Vacated, Error> {
     let rs = record.from_replica_set.as_str();
-    let elsewhere = status.placement.as_ref().is_some_and(|p| p.replica_set != rs)
-        && status.migration_target.as_ref().is_none_or(|t| t.replica_set != rs);
     let uid = dbi.uid().unwrap_or_default();
-    if record.step != Step::Done || !elsewhere || uid.is_empty() {
+    if record.step != Step::Done || uid.is_empty() {
         return Ok(Vacated::Kept);
     }
     let Some(svc) = dedicated_service(ctx, ns, rs, &uid).await? else { return Ok(Vacated::Kept) };
-    if let Some(other) = instance_on(ctx, ns, rs, &dbi.name_any()).await? {
-        info!(replica_set = rs, instance = %other, "a vacated dedicated replica set is kept: another instance is on it");
+    let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);
+    let marked = svc.annotations().contains_key(ANNOTATION_REMOVING);
+    let elsewhere = status.placement.as_ref().is_some_and(|p| p.replica_set != rs)
+        && status.migration_target.as_ref().is_none_or(|t| t.replica_set != rs);
+    let other = if elsewhere { other_tenant_on(ctx, ns, rs, dbi).await? } else { None };
+    if !elsewhere || other.is_some() {
+        if let Some(other) = &other {
+            info!(replica_set = rs, tenant = %other, "a vacated dedicated replica set is kept: another tenant is on it");
+        }
+        // Kept after all: its reconciler steps it again (the mark would stop it for good).
+        if marked {
+            services.merge(rs, &json!({"metadata": {"annotations": {ANNOTATION_REMOVING: null}}})).await?;
+        }
         return Ok(Vacated::Kept);
     }
     let (db, to) = (dbi.database(), &record.to_replica_set);
     let why = format!("database {db} moved to {to} (migration {}) and no other database is on it", record.id);
-    let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);
-    if !svc.annotations().contains_key(ANNOTATION_REMOVING) {
+    if !marked {
         services.merge(rs, &json!({"metadata": {"annotations": {ANNOTATION_REMOVING: why}}})).await?;
     }
     let pdbs: Objects<PodDisruptionBudget> = Objects::namespaced(ctx.client.clone(), ns);
@@ -135,18 +199,6 @@ pub(super) async fn remove_vacated(
     let note = format!("replica set {rs} removed (its members, volumes and record): {why}");
     event(ctx, dbi, EventType::Normal, "ReplicaSetRemoved", "Migrate", &note).await;
     Ok(Vacated::Removed)
-}
-
-/// Another instance of the namespace placed on replica set `rs`, or moving to it.
-async fn instance_on(ctx: &Context, ns: &str, rs: &str, me: &str) -> Result<Option<String>, Error> {
-    let instances: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
-    let on = |i: &DatabaseInstance| {
-        let s = i.status.as_ref();
-        s.and_then(|s| s.placement.as_ref()).is_some_and(|p| p.replica_set == rs)
-            || s.and_then(|s| s.migration_target.as_ref()).is_some_and(|t| t.replica_set == rs)
-    };
-    let list = instances.list(&ListParams::default()).await?;
-    Ok(list.iter().filter(|i| i.name_any() != me).find(|i| on(i)).map(|i| i.name_any()))
 }
 
 /// The dedicated replica set a completed migration of `db` moved it from, if the record

@@ -214,6 +214,143 @@ async fn an_instance_deleted_before_its_emptied_replica_set_was_removed_deletes_
     w.api.delete(INSTANCES, "shop");
     w.reconcile("shop").await.unwrap();
     assert!(w.api.get(INSTANCES, "shop").is_none());
+    w.collect_garbage();
     let (_, _, volumes, _, record) = left_of(&w, SOLO);
     assert_eq!((volumes, record), (0, false), "its Pods, PDB and Service go with the instance (garbage collection)");
+}
+
+/// `shop`'s replica set in the shared pool `big`, of tier `dedicated`.
+const BIG_SHOP: &str = "big-shop";
+
+/// `shop` of tier `dedicated` Ready in the shared pool `big`, on a replica set of its own.
+async fn dedicated_shop_in_a_shared_pool() -> World {
+    let w = World::new();
+    add_pool_of_mode(&w, "solo", "dedicated");
+    add_pool_of_mode(&w, "big", "shared");
+    add_pool_of_mode(&w, "other", "shared");
+    w.add_instance("shop", json!({"pool": "big", "tier": "dedicated"}), true);
+    w.reconcile_until_phase("shop", "Ready", 12).await;
+    w.migration.model.lock().unwrap().documents = 5;
+    assert_eq!(status(&w)["placement"]["replicaSet"], BIG_SHOP);
+    w
+}
+
+/// Database `db` of another instance served from `rs` as etcd says (its route and claim),
+/// whatever placement would have done; no status says so.
+fn route_another_database_to(w: &World, db: &str, rs: &str) {
+    let route = nimbus_api::etcd::Route {
+        replica_set: rs.into(),
+        members: Vec::new(),
+        epoch: 1,
+        state: nimbus_api::etcd::RouteState::Serving,
+        hold_deadline_ms: None,
+        hold_timeout_ms: None,
+    };
+    let claim = json!({"namespace": NS, "instance": db, "uid": format!("uid-{db}")});
+    let mut kv = w.store.0.lock().unwrap();
+    kv.insert(nimbus_api::etcd::route_key(db), serde_json::to_value(route).unwrap());
+    kv.insert(nimbus_api::etcd::tenant_key(db), claim);
+}
+
+/// Volumes of `rs` not being deleted.
+fn live_volumes(w: &World, rs: &str) -> usize {
+    w.api
+        .list(PVCS)
+        .iter()
+        .filter(|v| {
+            v["metadata"]["labels"]["nimbus.io/replica-set"] == rs && v["metadata"]["deletionTimestamp"].is_null()
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_standard_instance_is_never_placed_on_a_dedicated_tiers_replica_set_of_a_shared_pool() {
+    let w = dedicated_shop_in_a_shared_pool().await;
+    w.add_instance("cart", json!({"pool": "big"}), true);
+    w.reconcile("cart").await.unwrap();
+    let placed = w.api.get(INSTANCES, "cart").unwrap()["status"]["placement"]["replicaSet"].clone();
+    assert_eq!(placed, "big-rs0", "a shared replica set of its own pool");
+    let svc = w.api.get(SERVICES, "big-rs0").unwrap();
+    assert_eq!(svc["metadata"]["ownerReferences"][0]["kind"], "ResourcePool", "{svc}");
+}
+
+#[tokio::test]
+async fn deleting_a_dedicated_instance_keeps_its_replica_sets_volumes_while_another_database_is_routed_there() {
+    let w = dedicated_shop_in_a_shared_pool().await;
+    route_another_database_to(&w, "cart", BIG_SHOP);
+    w.api.delete(INSTANCES, "shop");
+    w.reconcile("shop").await.unwrap();
+    assert!(w.api.get(INSTANCES, "shop").is_none(), "the deletion goes on");
+    assert_eq!(live_volumes(&w, BIG_SHOP), 3, "cart's data is on them");
+    assert!(left_of(&w, BIG_SHOP).4, "the replica set's record stays");
+    let kept = events(&w).into_iter().find(|(r, _)| r == "VolumesKept").expect("a Warning Event says why");
+    assert!(kept.1.contains("database cart"), "{kept:?}");
+}
+
+#[tokio::test]
+async fn a_completed_move_away_keeps_a_dedicated_replica_set_another_database_is_routed_to() {
+    let w = dedicated_shop_in_a_shared_pool().await;
+    start_move(&w, "other", "other-shop").await;
+    route_another_database_to(&w, "cart", BIG_SHOP);
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    for _ in 0..4 {
+        w.reconcile("shop").await.unwrap();
+    }
+    assert_eq!(status(&w)["placement"]["replicaSet"], "other-shop");
+    assert_eq!(left_of(&w, BIG_SHOP), WHOLE, "cart's data is there");
+    let svc = w.api.get(SERVICES, BIG_SHOP).unwrap();
+    assert!(svc["metadata"]["annotations"].get("nimbus.io/removing").is_none(), "{svc}");
+    assert!(removed_events(&w).is_empty());
+}
+
+#[tokio::test]
+async fn a_replica_set_kept_after_its_removal_began_is_unmarked_and_stepped_again() {
+    let w = shop_in("solo").await;
+    start_move(&w, "big", "big-rs0").await;
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    // The removal begins (a volume's deletion fails, so it stops half-way).
+    w.api.fail_next("DELETE", "persistentvolumeclaims/solo-shop-m2-data", 500);
+    w.reconcile("shop").await.unwrap();
+    assert!(w.api.get(SERVICES, SOLO).unwrap()["metadata"]["annotations"]["nimbus.io/removing"].is_string());
+    // Then another database turns out to be there: the replica set is kept.
+    route_another_database_to(&w, "cart", SOLO);
+    w.reconcile("shop").await.unwrap();
+    let svc = w.api.get(SERVICES, SOLO).unwrap();
+    assert!(svc["metadata"]["annotations"].get("nimbus.io/removing").is_none(), "{svc}");
+    assert!(left_of(&w, SOLO).4, "its record stays");
+    // Its reconciler steps it again: the members deleted are made anew.
+    for _ in 0..6 {
+        w.reconcile_replica_set(SOLO).await.unwrap();
+        w.api.kubelet(NS);
+    }
+    assert!(left_of(&w, SOLO).1 > 0, "no member was made again: {:?}", left_of(&w, SOLO));
+}
+
+#[tokio::test]
+async fn the_service_and_record_go_only_once_no_member_pod_or_volume_is_listed_terminating_or_not() {
+    let w = shop_in("solo").await;
+    start_move(&w, "big", "big-rs0").await;
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    // A member's Pod that takes its time to stop (a finalizer of someone else's holds it):
+    // its volume stays too, held by pvc-protection while the Pod uses it.
+    let mut pod = w.api.get(PODS, "solo-shop-m1").unwrap();
+    pod["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    w.api.put(PODS, pod);
+    for _ in 0..4 {
+        w.reconcile("shop").await.unwrap();
+    }
+    let pod = w.api.get(PODS, "solo-shop-m1").expect("still Terminating");
+    assert!(!pod["metadata"]["deletionTimestamp"].is_null());
+    let volume = w.api.get(PVCS, "solo-shop-m1-data").expect("held by pvc-protection");
+    assert!(!volume["metadata"]["deletionTimestamp"].is_null());
+    let (service, pods, volumes, _, record) = left_of(&w, SOLO);
+    assert_eq!((service, pods, volumes, record), (true, 1, 1, true), "nothing forgotten while members terminate");
+    assert!(removed_events(&w).is_empty());
+
+    // The Pod stops: its volume is released, and the next pass removes the rest.
+    let mut pod = w.api.get(PODS, "solo-shop-m1").unwrap();
+    pod["metadata"]["finalizers"] = json!([]);
+    w.api.put(PODS, pod);
+    w.api.kubelet(NS);
+    reconcile_until_removed(&w, SOLO, 2).await;
 }

@@ -18,6 +18,10 @@
 //!   stays (Terminating) until its last finalizer is removed, and then goes; no finalizer
 //!   may be added to it meanwhile. A Pod stays Terminating until the kubelet
 //!   ([`FakeApi::kubelet`]) has stopped it.
+//! - protects volumes in use: a PersistentVolumeClaim is created with the finalizer
+//!   [`PVC_PROTECTION`] (admission plugin `StorageObjectInUseProtection`), and a deleted one
+//!   stays Terminating while a Pod, Terminating or not, still uses it (the pvc-protection
+//!   controller, modelled at each deletion and kubelet step).
 //!
 //! Not modelled: owner-reference garbage collection, admission defaults, immutable fields,
 //! watches, resource-version preconditions.
@@ -43,6 +47,18 @@ type Objects = BTreeMap<String, BTreeMap<String, Value>>;
 
 /// The time the fake stamps on deletions.
 pub const DELETION_TIME: &str = "2026-01-01T00:00:00Z";
+
+/// The finalizer the API server puts on every PersistentVolumeClaim; the pvc-protection
+/// controller removes it from a deleted claim once no Pod uses the claim.
+pub const PVC_PROTECTION: &str = "kubernetes.io/pvc-protection";
+
+/// The claims' collection of the namespace of a Pod or claim collection.
+fn claims_beside(collection: &str) -> Option<String> {
+    if collection.ends_with("/persistentvolumeclaims") {
+        return Some(collection.to_owned());
+    }
+    collection.strip_suffix("/pods").map(|ns| format!("{ns}/persistentvolumeclaims"))
+}
 
 /// A request the fake API answered: method, path, and query.
 #[derive(Debug, Clone)]
@@ -212,8 +228,55 @@ impl ApiState {
     }
 
     /// Deletes as the API server does: at once, or Terminating while finalizers (or, for a
-    /// Pod, the kubelet) hold it.
+    /// Pod, the kubelet) hold it; then the pvc-protection controller looks again.
     fn delete(&mut self, collection: &str, name: &str, grace: Option<i64>) -> Option<Value> {
+        let deleted = self.delete_object(collection, name, grace);
+        if let Some(claims) = claims_beside(collection) {
+            self.release_unused_claims(&claims);
+        }
+        deleted
+    }
+
+    /// Admission: a new claim is protected while in use ([`PVC_PROTECTION`]).
+    fn admit(collection: &str, obj: &mut Value) {
+        if collection.ends_with("/persistentvolumeclaims") && !finalizers(obj).contains(PVC_PROTECTION) {
+            let mut f: Vec<Value> = obj["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
+            f.push(json!(PVC_PROTECTION));
+            obj["metadata"]["finalizers"] = json!(f);
+        }
+    }
+
+    /// The pvc-protection controller: a Terminating claim of `claims` that no Pod of its
+    /// namespace uses any more (a Terminating Pod still does) loses [`PVC_PROTECTION`], and
+    /// goes with its last finalizer.
+    fn release_unused_claims(&mut self, claims: &str) {
+        let pods = claims.replace("/persistentvolumeclaims", "/pods");
+        let used: BTreeSet<String> = self
+            .objects
+            .get(&pods)
+            .into_iter()
+            .flat_map(|c| c.values())
+            .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
+            .flat_map(|p| p["spec"]["volumes"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v["persistentVolumeClaim"]["claimName"].as_str().map(str::to_owned))
+            .collect();
+        let Some(objects) = self.objects.get_mut(claims) else { return };
+        let released: Vec<String> = objects
+            .iter_mut()
+            .filter(|(n, c)| !c["metadata"]["deletionTimestamp"].is_null() && !used.contains(*n))
+            .filter(|(_, c)| finalizers(c).contains(PVC_PROTECTION))
+            .map(|(n, c)| {
+                let rest: Vec<String> = finalizers(c).into_iter().filter(|f| f != PVC_PROTECTION).collect();
+                c["metadata"]["finalizers"] = json!(rest);
+                n.clone()
+            })
+            .collect();
+        for n in released {
+            self.finish_deletion(claims, &n);
+        }
+    }
+
+    fn delete_object(&mut self, collection: &str, name: &str, grace: Option<i64>) -> Option<Value> {
         let objects = self.objects.get_mut(collection)?;
         let obj = objects.get_mut(name)?;
         let is_pod = obj["kind"] == "Pod" || collection.ends_with("/pods");
@@ -299,6 +362,9 @@ impl FakeApi {
             c.remove(name);
         }
         st.managed.remove(&(collection.to_string(), name.to_string()));
+        if let Some(claims) = claims_beside(collection) {
+            st.release_unused_claims(&claims);
+        }
     }
 
     /// `kubectl delete` by an administrator: the API server's deletion, bypassing RBAC.
@@ -393,6 +459,7 @@ impl FakeApi {
             st.objects.get_mut(&coll).unwrap().remove(&n);
             st.managed.remove(&(coll.clone(), n));
         }
+        st.release_unused_claims(&format!("/api/v1/namespaces/{ns}/persistentvolumeclaims"));
         let mut bound: Vec<(String, String)> = Vec::new();
         for pod in st.objects.entry(coll).or_default().values_mut() {
             let unstarted = pod["status"]["phase"].is_null() || pod["status"]["phase"] == "Pending";
@@ -481,6 +548,7 @@ impl ApiState {
                 obj["metadata"]["name"] = json!(n);
                 obj["metadata"]["uid"] = json!(format!("uid-{uid}"));
                 obj["metadata"]["resourceVersion"] = json!(uid.to_string());
+                Self::admit(&t.collection, &mut obj);
                 let managed = self.managed.entry((t.collection.clone(), n.clone())).or_default();
                 managed.update(&json!({}), &obj, &manager);
                 self.objects.entry(t.collection.clone()).or_default().insert(n, obj.clone());
@@ -540,6 +608,9 @@ impl ApiState {
                     return Err(status_body(422, "Invalid", &msg));
                 }
                 self.authorize_owners(existing.as_ref(), &obj, t)?;
+                if existing.is_none() {
+                    Self::admit(&t.collection, &mut obj);
+                }
                 obj["metadata"]["resourceVersion"] = json!(uid.to_string());
                 self.objects.entry(t.collection.clone()).or_default().insert(n.clone(), obj.clone());
                 self.managed.insert(key, managed);
@@ -628,6 +699,36 @@ mod tests {
         // Forced: the operator owns `mine` now, and `a`, which it omitted, is gone.
         assert_eq!(api.get(CMS, "c").unwrap()["data"], json!({"mine": "y"}));
         assert!(api.managed_fields(CMS, "c", "kubectl").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_deleted_volume_stays_terminating_while_a_pod_uses_it() {
+        const PVCS: &str = "/api/v1/namespaces/apps/persistentvolumeclaims";
+        let api = FakeApi::unrestricted();
+        let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = Api::namespaced(api.client(), "apps");
+        let pvc = |name: &str| {
+            json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": "apps"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+        };
+        let ssa = PatchParams::apply("nimbus-operator");
+        for name in ["used", "unused"] {
+            pvcs.patch(name, &ssa, &Patch::Apply(pvc(name))).await.unwrap();
+            assert_eq!(api.get(PVCS, name).unwrap()["metadata"]["finalizers"], json!([PVC_PROTECTION]));
+        }
+        api.put(
+            PODS,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "apps"},
+            "spec": {"containers": [], "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "used"}}]}}),
+        );
+        pvcs.delete("unused", &DeleteParams::default()).await.unwrap();
+        assert!(api.get(PVCS, "unused").is_none(), "no Pod uses it: gone at once");
+        pvcs.delete("used", &DeleteParams::default()).await.unwrap();
+        assert_eq!(api.get(PVCS, "used").unwrap()["metadata"]["deletionTimestamp"], DELETION_TIME);
+        // Its Pod deleted is Terminating, and still uses it; stopped by the kubelet, it does not.
+        api.delete(PODS, "p");
+        assert!(api.get(PVCS, "used").is_some());
+        api.kubelet("apps");
+        assert!(api.get(PODS, "p").is_none() && api.get(PVCS, "used").is_none());
     }
 
     #[tokio::test]
