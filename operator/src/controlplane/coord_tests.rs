@@ -137,3 +137,24 @@ async fn a_record_is_written_only_at_the_revision_its_writer_read() {
     let all = coord.list_json_revision::<serde_json::Value>(etcd::MIGRATIONS).await.unwrap();
     assert_eq!(all, [(value, second)]);
 }
+
+/// Who is on a replica set, as the removal of a dedicated one asks etcd: the databases
+/// whose routes name it, of this namespace (by their claims), whatever other namespaces
+/// route to a replica set of the same name.
+#[tokio::test]
+async fn the_databases_on_a_replica_set_are_those_its_namespaces_routes_name() {
+    let (_etcd, coord) = etcd().await;
+    assert_eq!(coord.databases_on("ns", "a").await.unwrap(), Vec::<String>::new());
+    placed(&coord, "shop").await;
+    let other = TenantClaim { namespace: "elsewhere".into(), instance: "blog".into(), uid: "u2".into() };
+    assert_eq!(coord.claim_database("blog", &other, false).await.unwrap(), Ok(()));
+    assert!(coord.create_route("blog", &other, "a", members("a", 3)).await.unwrap());
+    let third = TenantClaim { namespace: "ns".into(), instance: "wiki".into(), uid: "u3".into() };
+    assert_eq!(coord.claim_database("wiki", &third, false).await.unwrap(), Ok(()));
+    assert!(coord.create_route("wiki", &third, "b", members("b", 3)).await.unwrap());
+
+    assert_eq!(coord.databases_on("ns", "a").await.unwrap(), vec!["shop".to_owned()]);
+    assert_eq!(coord.databases_on("elsewhere", "a").await.unwrap(), vec!["blog".to_owned()]);
+    assert_eq!(coord.databases_on("ns", "b").await.unwrap(), vec!["wiki".to_owned()]);
+    assert_eq!(coord.databases_on("ns", "c").await.unwrap(), Vec::<String>::new());
+}
