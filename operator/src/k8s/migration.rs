@@ -657,7 +657,7 @@ mod tests {
         r.lag_ops = 1240;
         let (status, reason, message) = condition(&r, &Tuning::default(), 0);
         assert_eq!((status, reason.as_str()), ("True", "CatchingUp"));
-        assert!(message.contains("waiting for lag under 0.5 s: 1,240 ops behind"), "{message}");
+        assert!(message.contains("waiting for lag under 0.2 s: 1,240 ops behind"), "{message}");
     }
 
     #[test]

@@ -157,7 +157,7 @@ async fn the_status_mirrors_each_phase_and_explains_each_wait() {
     assert_eq!(s["migrationSummary"], "CatchingUp 1,240 ops behind");
     let c = condition(&w, "Migrating");
     assert_eq!(c["reason"], "CatchingUp");
-    assert!(c["message"].as_str().unwrap().contains("waiting for lag under 0.5 s: 1,240 ops behind"), "{c}");
+    assert!(c["message"].as_str().unwrap().contains("waiting for lag under 0.2 s: 1,240 ops behind"), "{c}");
 
     r.set_step(Step::Hold);
     r.hold_deadline_ms = Some(migration::now_ms() + 5_000);

@@ -804,7 +804,7 @@ impl Run<'_> {
         };
         let (source, (pos, target, caught_up)) =
             tokio::try_join!(async { Ok(self.world.checksum(&src, &self.rec.db).await?) }, target)?;
-        tracing::debug!(db = %self.rec.db, positions = fence_index.saturating_sub(start.index),
+        tracing::info!(db = %self.rec.db, positions = fence_index.saturating_sub(start.index),
             "oplog positions caught up to the fence in the hold");
         self.rec.oplog_position = Some(pos);
         self.rec.lag_ops = 0;

@@ -72,7 +72,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Tuning {
         Tuning {
-            hold_under: Duration::from_millis(500),
+            hold_under: Duration::from_millis(200),
             hold_timeout: Duration::from_secs(5),
             retry_first: Duration::from_secs(10),
             retry_max: Duration::from_secs(300),
