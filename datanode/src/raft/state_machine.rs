@@ -112,14 +112,23 @@ impl SmShared {
         engine.flush().map_err(io_err)?;
         let tmp = self.snapshots.temp_dir();
         let paused = Instant::now();
-        let (last_log_id, last_membership) = {
-            let _paused = self.pause_applying();
-            engine.checkpoint(&tmp).map_err(io_err)?;
-            StateMachine::applied(&engine)?
-        };
-        let paused = paused.elapsed();
-        let meta = SnapshotMeta { last_log_id, last_membership };
-        let data = self.snapshots.publish(&tmp, &meta)?;
+        let made = (|| {
+            let (last_log_id, last_membership) = {
+                let _paused = self.pause_applying();
+                engine.checkpoint(&tmp).map_err(io_err)?;
+                StateMachine::applied(&engine)?
+            };
+            let paused = paused.elapsed();
+            let meta = SnapshotMeta { last_log_id, last_membership };
+            let data = self.snapshots.publish(&tmp, &meta)?;
+            Ok::<_, io::Error>((meta, data, paused))
+        })();
+        // A failed build leaves no checkpoint behind: its hard links would keep compacted
+        // table files on a disk that may be full already, build after build.
+        let (meta, data, paused) = made.inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&tmp);
+        })?;
+        let last_log_id = meta.last_log_id;
         metrics::counter!("nimbus_snapshots_built_total").increment(1);
         metrics::histogram!("nimbus_snapshot_build_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("nimbus_snapshot_apply_pause_seconds").record(paused.as_secs_f64());

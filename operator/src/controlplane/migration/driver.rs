@@ -577,7 +577,7 @@ impl Run<'_> {
                 self.rec.idempotency_since_ms = Some(self.copy_idempotency(&src, &dst, since, None).await?);
                 passed = Instant::now();
                 // A pass long enough for the oplog to fall behind again: caught up first.
-                if ready && pass.elapsed() < self.tuning.hold_under / 4 {
+                if ready && pass.elapsed() < HOLD_AFTER_A_PASS_UNDER {
                     failpoint!("migration-catchup-after");
                     self.rec.set_step(Step::Hold);
                     return self.save().await;
@@ -1055,6 +1055,11 @@ const HOLD_POLL: Duration = Duration::from_millis(5);
 /// How often the catch-up moves the idempotency records written since its last pass (the
 /// pass before the hold then holds only the last moments').
 const IDEMPOTENCY_PASS_EVERY: Duration = Duration::from_secs(2);
+
+/// The hold starts after an idempotency pass shorter than this (the hold's own pass moves
+/// what was written since, so about as much). Not tied to `hold_under`: a busy target's
+/// pass takes tens of milliseconds whatever the lag.
+const HOLD_AFTER_A_PASS_UNDER: Duration = Duration::from_millis(125);
 
 /// How often the migrator looks for migrations to run.
 pub const MIGRATOR_TICK: Duration = Duration::from_secs(1);
