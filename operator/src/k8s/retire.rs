@@ -177,8 +177,15 @@ pub(super) async fn remove_vacated(
             info!(replica_set = rs, tenant = %other, "a vacated dedicated replica set is kept: another tenant is on it");
         }
         // Kept after all: its reconciler steps it again (the mark would stop it for good).
+        // Some of its members or volumes may be gone already: said where a person looks.
         if marked {
             services.merge(rs, &json!({"metadata": {"annotations": {ANNOTATION_REMOVING: null}}})).await?;
+            let note = format!(
+                "replica set {rs} was being removed, emptied by a move, when {} was found on it: the removal \
+                 stopped, but members or volumes deleted by then are gone; check its databases",
+                other.as_deref().unwrap_or("a database")
+            );
+            event(ctx, dbi, EventType::Warning, "ReplicaSetRemovalStopped", "Migrate", &note).await;
         }
         return Ok(Vacated::Kept);
     }

@@ -318,6 +318,10 @@ async fn a_replica_set_kept_after_its_removal_began_is_unmarked_and_stepped_agai
     let svc = w.api.get(SERVICES, SOLO).unwrap();
     assert!(svc["metadata"]["annotations"].get("nimbus.io/removing").is_none(), "{svc}");
     assert!(left_of(&w, SOLO).4, "its record stays");
+    let stopped: Vec<String> =
+        events(&w).into_iter().filter(|(r, _)| r == "ReplicaSetRemovalStopped").map(|(_, n)| n).collect();
+    assert_eq!(stopped.len(), 1, "a removal stopped half-way is said once: {stopped:?}");
+    assert!(stopped[0].contains("cart") && stopped[0].contains("gone"), "{stopped:?}");
     // Its reconciler steps it again: the members deleted are made anew.
     for _ in 0..6 {
         w.reconcile_replica_set(SOLO).await.unwrap();
