@@ -322,7 +322,18 @@ pub(super) async fn reconcile(
     if let Some(r) = record.as_ref().filter(|r| r.step == Step::Done) {
         match super::retire::remove_vacated(ctx, dbi, ns, r, status).await {
             Ok(Vacated::Kept | Vacated::Removed) => {}
-            Ok(Vacated::Removing) => return Ok(Move::Active),
+            // Said in the condition: a Pod on a lost node stays Terminating until a person
+            // (or the node's removal) deletes it, and the next move waits for this one.
+            Ok(Vacated::Removing(left)) => {
+                if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == CONDITION) {
+                    c.message.push_str(&format!(
+                        "; removing replica set {}, emptied by the move: waiting for {} member Pods and {} volumes \
+                         to go (one on a lost node stays Terminating until it is deleted)",
+                        r.from_replica_set, left.pods, left.volumes
+                    ));
+                }
+                return Ok(Move::Active);
+            }
             // The database is served all the same: said in the condition, retried soon.
             Err(e) => {
                 let from = &r.from_replica_set;

@@ -112,23 +112,37 @@ enum Members {
 /// within its grace period, a volume the `kubernetes.io/pvc-protection` finalizer holds
 /// until no Pod uses it. Until none is, the names are taken, and the replica set made anew
 /// by a move back would meet them.
-async fn delete_members(ctx: &Context, ns: &str, rs: &str, what: Members) -> Result<bool, Error> {
+async fn delete_members(ctx: &Context, ns: &str, rs: &str, what: Members) -> Result<Left, Error> {
     let selector = ListParams::default().labels(&format!("{LABEL_REPLICA_SET}={rs}"));
-    let mut left = false;
+    let mut left = Left::default();
     if what == Members::PodsAndVolumes {
         let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), ns);
         let listed = pods.list(&selector).await?;
         for pod in listed.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
             already_gone(pods.delete(&pod.name_any()).await)?;
         }
-        left |= !listed.is_empty();
+        left.pods = listed.len();
     }
     let pvcs: Objects<PersistentVolumeClaim> = Objects::namespaced(ctx.client.clone(), ns);
     let listed = pvcs.list(&selector).await?;
     for pvc in listed.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
         already_gone(pvcs.delete(&pvc.name_any()).await)?;
     }
-    Ok(left || !listed.is_empty())
+    left.volumes = listed.len();
+    Ok(left)
+}
+
+/// The member Pods and volumes a replica set still lists (Terminating ones included).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Left {
+    pub pods: usize,
+    pub volumes: usize,
+}
+
+impl Left {
+    fn any(self) -> bool {
+        self.pods + self.volumes > 0
+    }
 }
 
 /// What became of the replica set a completed migration moved an instance from.
@@ -137,8 +151,9 @@ pub(super) enum Vacated {
     /// Not this instance's to remove: a shared one, one already gone, one another tenant
     /// is on or moving to, or a migration not completed. Unmarked if a pass had marked it.
     Kept,
-    /// Its members are going (or still Terminating); a later pass removes the rest.
-    Removing,
+    /// Its members are going (or still Terminating: `Left` lists them); a later pass
+    /// removes the rest.
+    Removing(Left),
     /// Removed: its Service, members, volumes and record are gone.
     Removed,
 }
@@ -196,8 +211,9 @@ pub(super) async fn remove_vacated(
     }
     let pdbs: Objects<PodDisruptionBudget> = Objects::namespaced(ctx.client.clone(), ns);
     already_gone(pdbs.delete(rs).await)?;
-    if delete_members(ctx, ns, rs, Members::PodsAndVolumes).await? {
-        return Ok(Vacated::Removing);
+    let left = delete_members(ctx, ns, rs, Members::PodsAndVolumes).await?;
+    if left.any() {
+        return Ok(Vacated::Removing(left));
     }
     ctx.store.forget_replica_set(ns, rs).await?;
     already_gone(services.delete(rs).await)?;

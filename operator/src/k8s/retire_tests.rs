@@ -350,6 +350,8 @@ async fn the_service_and_record_go_only_once_no_member_pod_or_volume_is_listed_t
     let (service, pods, volumes, _, record) = left_of(&w, SOLO);
     assert_eq!((service, pods, volumes, record), (true, 1, 1, true), "nothing forgotten while members terminate");
     assert!(removed_events(&w).is_empty());
+    let said = condition(&w, "Migrating")["message"].as_str().unwrap_or_default().to_owned();
+    assert!(said.contains("waiting for 1 member Pods and 1 volumes to go"), "the wait not said: {said}");
 
     // The Pod stops: its volume is released, and the next pass removes the rest.
     let mut pod = w.api.get(PODS, "solo-shop-m1").unwrap();
