@@ -609,20 +609,18 @@ fn with_owners<K: Resource>(mut object: K, owners: &[OwnerReference]) -> K {
 /// The databases on each replica set of `pool`: the instances placed there, and those a
 /// migration is moving there (they will be). A replica set dedicated to an instance (the
 /// `dedicated` tier in a shared pool has one) counts as full: shared placement never puts
-/// another tenant there, and never reuses its name.
+/// another tenant there, and never reuses its name. It is known by its Service's owner,
+/// and before that Service exists by the dedicated-tier instance placed or moving there.
 pub(super) async fn replica_set_loads(ctx: &Context, ns: &str, pool: &str) -> Result<Vec<ReplicaSetLoad>, Error> {
     let api: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     for i in api.list(&ListParams::default()).await? {
-        if let Some(p) = i.status.as_ref().and_then(|s| s.placement.as_ref())
-            && p.pool == pool
-        {
-            *counts.entry(p.replica_set.clone()).or_default() += 1;
-        }
-        if let Some(t) = i.status.as_ref().and_then(|s| s.migration_target.as_ref())
-            && t.pool == pool
-        {
-            *counts.entry(t.replica_set.clone()).or_default() += 1;
+        let status = i.status.as_ref();
+        let placed = status.and_then(|s| s.placement.as_ref()).map(|p| (&p.pool, &p.replica_set));
+        let moving = status.and_then(|s| s.migration_target.as_ref()).map(|t| (&t.pool, &t.replica_set));
+        for (_, rs) in [placed, moving].into_iter().flatten().filter(|(p, _)| *p == pool) {
+            let count = counts.entry(rs.clone()).or_default();
+            *count = if i.spec.tier == Tier::Dedicated { u32::MAX } else { count.saturating_add(1) };
         }
     }
     let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);

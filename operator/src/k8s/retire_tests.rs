@@ -274,6 +274,23 @@ async fn a_standard_instance_is_never_placed_on_a_dedicated_tiers_replica_set_of
     assert_eq!(svc["metadata"]["ownerReferences"][0]["kind"], "ResourcePool", "{svc}");
 }
 
+/// A dedicated-tier instance's replica set is full from the moment placement names it,
+/// before its Service (the owner reference) exists: a move's target recorded while its
+/// members' zones could not be chosen yet, say.
+#[tokio::test]
+async fn a_dedicated_tiers_replica_set_named_before_its_service_exists_is_never_shared() {
+    let w = dedicated_shop_in_a_shared_pool().await;
+    w.add_instance("solo2", json!({"pool": "other", "tier": "dedicated"}), true);
+    let mut solo2 = w.api.get(INSTANCES, "solo2").unwrap();
+    solo2["status"] = json!({"migrationTarget": {"replicaSet": "big-solo2", "pool": "big"}});
+    w.api.put(INSTANCES, solo2);
+    assert!(w.api.get(SERVICES, "big-solo2").is_none());
+    w.add_instance("cart", json!({"pool": "big"}), true);
+    w.reconcile("cart").await.unwrap();
+    let placed = w.api.get(INSTANCES, "cart").unwrap()["status"]["placement"]["replicaSet"].clone();
+    assert_eq!(placed, "big-rs0", "a shared replica set, not solo2's dedicated target");
+}
+
 #[tokio::test]
 async fn deleting_a_dedicated_instance_keeps_its_replica_sets_volumes_while_another_database_is_routed_there() {
     let w = dedicated_shop_in_a_shared_pool().await;
