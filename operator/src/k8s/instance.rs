@@ -259,6 +259,19 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     // CRD (without its immutability rules) never re-owns a shared replica set to one tenant.
     let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), &ns);
     let existing = services.get_opt(&rs_name).await?;
+    // Another instance's dedicated replica set of the same name (pool `a` with instance
+    // `b-c`, pool `a-b` with instance `c`): never joined, whatever placement chose.
+    if let Some(owner) = existing.as_ref().and_then(objects::dedicated_owner)
+        && Some(owner.uid.as_str()) != dbi.metadata.uid.as_deref()
+    {
+        let msg = format!(
+            "replica set {rs_name} is dedicated to instance {}, and its name is this instance's replica set's too; \
+             give this instance (or its pool) another name",
+            owner.name
+        );
+        patch_status(ctx, dbi, failed_status(dbi, "PlacementConflict", &msg)).await?;
+        return Ok(Provisioned::Done(Action::requeue(Duration::from_secs(30))));
+    }
     let dedicated = match &existing {
         Some(svc) => objects::dedicated_owner(svc).is_some(),
         None => dedicated,

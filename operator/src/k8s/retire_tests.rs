@@ -291,6 +291,27 @@ async fn a_dedicated_tiers_replica_set_named_before_its_service_exists_is_never_
     assert_eq!(placed, "big-rs0", "a shared replica set, not solo2's dedicated target");
 }
 
+/// Two dedicated replica sets whose names meet (pool `a` with instance `b-c`, pool `a-b`
+/// with instance `c`: both `a-b-c`): the second instance never joins the first's.
+#[tokio::test]
+async fn an_instance_never_joins_another_instances_dedicated_replica_set_of_the_same_name() {
+    let w = World::new();
+    add_pool_of_mode(&w, "a", "dedicated");
+    add_pool_of_mode(&w, "a-b", "dedicated");
+    w.add_instance("b-c", json!({"pool": "a"}), true);
+    w.reconcile_until_phase("b-c", "Ready", 12).await;
+    assert_eq!(w.api.get(INSTANCES, "b-c").unwrap()["status"]["placement"]["replicaSet"], "a-b-c");
+    w.add_instance("c", json!({"pool": "a-b"}), true);
+    w.reconcile("c").await.unwrap();
+    let c = w.api.get(INSTANCES, "c").unwrap();
+    assert_eq!(c["status"]["phase"], "Failed", "{c}");
+    let ready = c["status"]["conditions"].as_array().unwrap().iter().find(|x| x["type"] == "Ready").unwrap().clone();
+    assert_eq!(ready["reason"], "PlacementConflict", "{ready}");
+    assert!(ready["message"].as_str().unwrap().contains("dedicated to instance b-c"), "{ready}");
+    let svc = w.api.get(SERVICES, "a-b-c").unwrap();
+    assert_eq!(svc["metadata"]["ownerReferences"][0]["uid"], "uid-b-c", "the Service is still b-c's: {svc}");
+}
+
 #[tokio::test]
 async fn deleting_a_dedicated_instance_keeps_its_replica_sets_volumes_while_another_database_is_routed_there() {
     let w = dedicated_shop_in_a_shared_pool().await;
