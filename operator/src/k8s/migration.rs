@@ -439,7 +439,21 @@ async fn start_move(
     // The target replica set: its Service (placement's record) made here, its members by
     // the replica-set reconciler; started from once it leads.
     let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);
-    if services.get_opt(&target.replica_set).await?.is_none() {
+    let existing = services.get_opt(&target.replica_set).await?;
+    // Another instance's dedicated replica set of the same name (see `instance::provision`):
+    // never moved onto.
+    if let Some(owner) = existing.as_ref().and_then(objects::dedicated_owner)
+        && Some(owner.uid.as_str()) != dbi.metadata.uid.as_deref()
+    {
+        let msg = format!(
+            "cannot move to pool {pool_name}: replica set {} is dedicated to instance {}, and its name is this \
+             instance's replica set's too; give this instance (or the pool) another name",
+            target.replica_set, owner.name
+        );
+        set_condition(&mut status.conditions, CONDITION, "False", "PlacementConflict", &msg, generation);
+        return Ok(Move::Active);
+    }
+    if existing.is_none() {
         let replicas = if dedicated { dbi.spec.replicas } else { pool.replicas_per_set };
         let requested = dbi.spec.zones.clone().unwrap_or_default();
         let zones = match placement::member_zones(&node_zones(ctx).await?, &requested, replicas.max(0) as u32) {

@@ -312,6 +312,28 @@ async fn an_instance_never_joins_another_instances_dedicated_replica_set_of_the_
     assert_eq!(svc["metadata"]["ownerReferences"][0]["uid"], "uid-b-c", "the Service is still b-c's: {svc}");
 }
 
+/// Nor moves onto it: `c`, placed in another pool, asks for pool `a-b`.
+#[tokio::test]
+async fn an_instance_never_moves_onto_another_instances_dedicated_replica_set_of_the_same_name() {
+    let w = World::new();
+    add_pool_of_mode(&w, "a", "dedicated");
+    add_pool_of_mode(&w, "a-b", "dedicated");
+    add_pool_of_mode(&w, "other", "shared");
+    w.add_instance("b-c", json!({"pool": "a"}), true);
+    w.reconcile_until_phase("b-c", "Ready", 12).await;
+    w.add_instance("c", json!({"pool": "other"}), true);
+    w.reconcile_until_phase("c", "Ready", 12).await;
+    change_pool(&w, "c", "a-b");
+    for _ in 0..3 {
+        w.reconcile("c").await.unwrap();
+    }
+    let c = w.api.get(INSTANCES, "c").unwrap();
+    let m = c["status"]["conditions"].as_array().unwrap().iter().find(|x| x["type"] == "Migrating").unwrap().clone();
+    assert_eq!(m["reason"], "PlacementConflict", "{m}");
+    assert!(w.migration.record_of("c").is_none(), "no migration started onto b-c's replica set");
+    assert_eq!(w.api.get(SERVICES, "a-b-c").unwrap()["metadata"]["ownerReferences"][0]["uid"], "uid-b-c");
+}
+
 #[tokio::test]
 async fn deleting_a_dedicated_instance_keeps_its_replica_sets_volumes_while_another_database_is_routed_there() {
     let w = dedicated_shop_in_a_shared_pool().await;
