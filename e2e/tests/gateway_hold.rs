@@ -165,9 +165,17 @@ impl Env {
         self.etcd.put(keys::route_key(db), serde_json::to_vec(r).unwrap(), None).await.unwrap();
     }
 
+    /// Puts `shop`'s route `Holding` and waits until the gateway holds it: a request sent
+    /// before its watch delivered the change would go to the source (on a busy machine the
+    /// watch can lag behind a request sent right after the write).
     async fn hold(&mut self, epoch: u64, deadline_ms: u64) -> Route {
         let r = route(&self.source, "rs-src", epoch, RouteState::Holding, Some(deadline_ms));
         self.put_route("shop", &r).await;
+        poll("the gateway to see the hold", Duration::from_secs(10), || async {
+            (self.metric("nimbus_gateway_routes_holding").await >= 1.0).then_some(())
+        })
+        .await
+        .unwrap();
         r
     }
 

@@ -222,6 +222,7 @@ impl Gateway {
     /// [`Gateway::rebuild`], with this gateway's clock reading `now_ms` (when a hold first
     /// seen now starts).
     pub fn rebuild_at(&self, tables: &Tables, changed: Option<&HashSet<String>>, now_ms: u64) {
+        let holding = |d: &DbState| d.route.as_ref().is_some_and(|r| r.state == RouteState::Holding);
         match changed {
             None => {
                 let all: HashMap<String, Arc<DbState>> = tables
@@ -229,7 +230,9 @@ impl Gateway {
                     .into_iter()
                     .map(|db| (db.clone(), Arc::new(self.build(&db, tables, now_ms))))
                     .collect();
+                let held = all.values().filter(|d| holding(d)).count();
                 *self.dbs.write().unwrap_or_else(|p| p.into_inner()) = all;
+                metrics::gauge!("nimbus_gateway_routes_holding").set(held as f64);
             }
             Some(changed) => {
                 let built: Vec<(&String, Option<Arc<DbState>>)> = changed
@@ -237,11 +240,20 @@ impl Gateway {
                     .map(|db| (db, tables.knows(db).then(|| Arc::new(self.build(db, tables, now_ms)))))
                     .collect();
                 let mut dbs = self.dbs.write().unwrap_or_else(|p| p.into_inner());
+                // Kept as the changes come (a full count would read every database).
+                let mut delta = 0.0;
                 for (db, state) in built {
-                    match state {
+                    let now_holding = state.as_deref().is_some_and(holding);
+                    let old = match state {
                         Some(s) => dbs.insert(db.clone(), s),
                         None => dbs.remove(db),
                     };
+                    let was_holding = old.as_deref().is_some_and(holding);
+                    delta += f64::from(u8::from(now_holding)) - f64::from(u8::from(was_holding));
+                }
+                drop(dbs);
+                if delta != 0.0 {
+                    metrics::gauge!("nimbus_gateway_routes_holding").increment(delta);
                 }
             }
         }
