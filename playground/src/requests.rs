@@ -220,11 +220,7 @@ pub async fn delete(
         for leader in leaders {
             // Through Raft; the database's route epoch stays on the replica set, so a
             // sender with the old route is still refused.
-            let req = nimbus_api::migration::DropDatabaseRequest { db: inst.database.clone(), max_epoch: None };
-            admin
-                .call::<_, serde_json::Value>(&leader, "/v1/admin/drop-database", "drop database", &req)
-                .await
-                .map_err(|e| internal("drop the database's data", e))?;
+            admin.drop_database(&leader, &inst.database).await.map_err(|e| internal("drop the database's data", e))?;
         }
         store
             .delete_database(&inst.database, &crate::local::claim(name), true)

@@ -430,7 +430,7 @@ impl Engine {
 
     /// Makes `epoch` the database's route epoch if it is above the one known (epochs only
     /// rise), in CF_META and, once the batch is written, in the catalog.
-    fn raise_route_epoch(&self, ctx: &mut Ctx<'_>, epoch: u64) {
+    pub(super) fn raise_route_epoch(&self, ctx: &mut Ctx<'_>, epoch: u64) {
         if epoch > self.known_route_epoch(ctx) {
             ctx.batch.put_cf(self.cf(keys::CF_META), keys::route_epoch_key(ctx.db), encode(&epoch));
             ctx.delta.route_epoch = Some((ctx.db.to_owned(), epoch));

@@ -1,5 +1,6 @@
 //! The RocksDB instance of a state machine and its in-memory catalog.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -144,27 +145,27 @@ impl Engine {
                 .or_default()
                 .insert(String::from_utf8_lossy(coll).into_owned(), meta);
         }
-        let from = IteratorMode::From(META_ROUTE_EPOCH, Direction::Forward);
-        for item in self.db.iterator_cf(self.cf(CF_META), from) {
-            let (k, v) = item?;
-            let Some(db) = k.strip_prefix(META_ROUTE_EPOCH) else { break };
-            catalog.route_epochs.insert(String::from_utf8_lossy(db).into_owned(), decode("route epoch", &v)?);
-        }
-        let from = IteratorMode::From(keys::META_EPOCH_WRITTEN, Direction::Forward);
-        for item in self.db.iterator_cf(self.cf(CF_META), from) {
-            let (k, v) = item?;
-            let Some(db) = k.strip_prefix(keys::META_EPOCH_WRITTEN) else { break };
-            catalog.epochs_written.insert(String::from_utf8_lossy(db).into_owned(), decode("written epoch", &v)?);
-        }
-        let from = IteratorMode::From(META_INCOMING, Direction::Forward);
-        for item in self.db.iterator_cf(self.cf(CF_META), from) {
-            let (k, v) = item?;
-            let Some(db) = k.strip_prefix(META_INCOMING) else { break };
-            let mark: super::import::IncomingMark = decode("incoming mark", &v)?;
-            catalog.incoming.insert(String::from_utf8_lossy(db).into_owned(), mark.migration);
-        }
+        catalog.route_epochs = self.meta_by_db(META_ROUTE_EPOCH, "route epoch")?;
+        catalog.epochs_written = self.meta_by_db(keys::META_EPOCH_WRITTEN, "written epoch")?;
+        let marks = self.meta_by_db::<super::import::IncomingMark>(META_INCOMING, "incoming mark")?;
+        catalog.incoming = marks.into_iter().map(|(db, mark)| (db, mark.migration)).collect();
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
         Ok(())
+    }
+
+    /// The CF_META records under `prefix` (`prefix` then a database name), by database.
+    fn meta_by_db<T: DeserializeOwned>(
+        &self,
+        prefix: &[u8],
+        what: &'static str,
+    ) -> Result<BTreeMap<String, T>, StoreError> {
+        let mut out = BTreeMap::new();
+        for item in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(prefix, Direction::Forward)) {
+            let (k, v) = item?;
+            let Some(db) = k.strip_prefix(prefix) else { break };
+            out.insert(String::from_utf8_lossy(db).into_owned(), decode(what, &v)?);
+        }
+        Ok(out)
     }
 
     /// Refuses a client request whose route epoch is older than the database's, or for a

@@ -81,11 +81,7 @@ impl Engine {
                     };
                 }
                 self.end_import(ctx, migration, true);
-                let known = self.catalog_read().route_epoch(ctx.db);
-                if *epoch > known {
-                    ctx.batch.put_cf(self.cf(CF_META), keys::route_epoch_key(ctx.db), encode(epoch));
-                    ctx.delta.route_epoch = Some((ctx.db.to_owned(), *epoch));
-                }
+                self.raise_route_epoch(ctx, *epoch);
                 Ok(WriteAnswer::Done)
             }
             ImportStep::Abort => {

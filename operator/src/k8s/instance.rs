@@ -259,10 +259,10 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
     // CRD (without its immutability rules) never re-owns a shared replica set to one tenant.
     let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), &ns);
     let existing = services.get_opt(&rs_name).await?;
-    // Another instance's dedicated replica set of the same name (pool `a` with instance
-    // `b-c`, pool `a-b` with instance `c`): never joined, whatever placement chose.
-    if let Some(owner) = existing.as_ref().and_then(objects::dedicated_owner)
-        && Some(owner.uid.as_str()) != dbi.metadata.uid.as_deref()
+    // Another instance's dedicated replica set of the same name: never joined, whatever
+    // placement chose.
+    if let Some(owner) =
+        existing.as_ref().and_then(|svc| objects::dedicated_to_another(svc, dbi.metadata.uid.as_deref()))
     {
         let msg = format!(
             "replica set {rs_name} is dedicated to instance {}, and its name is this instance's replica set's too; \

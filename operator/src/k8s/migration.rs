@@ -440,10 +440,9 @@ async fn start_move(
     // the replica-set reconciler; started from once it leads.
     let services: Objects<Service> = Objects::namespaced(ctx.client.clone(), ns);
     let existing = services.get_opt(&target.replica_set).await?;
-    // Another instance's dedicated replica set of the same name (see `instance::provision`):
-    // never moved onto.
-    if let Some(owner) = existing.as_ref().and_then(objects::dedicated_owner)
-        && Some(owner.uid.as_str()) != dbi.metadata.uid.as_deref()
+    // Another instance's dedicated replica set of the same name: never moved onto.
+    if let Some(owner) =
+        existing.as_ref().and_then(|svc| objects::dedicated_to_another(svc, dbi.metadata.uid.as_deref()))
     {
         let msg = format!(
             "cannot move to pool {pool_name}: replica set {} is dedicated to instance {}, and its name is this \

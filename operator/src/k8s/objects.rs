@@ -323,6 +323,13 @@ pub fn dedicated_owner(svc: &Service) -> Option<&OwnerReference> {
     svc.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true) && o.kind == "DatabaseInstance")
 }
 
+/// The other instance a replica set is dedicated to, when it is not `uid`'s: a dedicated
+/// name can be another's (pool `a` with instance `b-c`, pool `a-b` with instance `c`), and
+/// such a replica set is never joined nor moved onto.
+pub fn dedicated_to_another<'s>(svc: &'s Service, uid: Option<&str>) -> Option<&'s OwnerReference> {
+    dedicated_owner(svc).filter(|o| Some(o.uid.as_str()) != uid)
+}
+
 /// The headless Service giving each member a stable DNS name; Raft addresses must resolve
 /// before the members are ready, hence `publishNotReadyAddresses`.
 pub fn replica_set_service(rs: &ReplicaSetShape, zones: &[String], bootstrapped: bool) -> Service {

@@ -412,8 +412,13 @@ impl Run<'_> {
 
     /// Marks the end of a part of the hold (see [`Run::hold_marks`]).
     fn hold_mark(&mut self, part: &'static str) {
+        self.hold_mark_at(part, Instant::now());
+    }
+
+    /// [`Run::hold_mark`], for a part that ended at `at`.
+    fn hold_mark_at(&mut self, part: &'static str, at: Instant) {
         if self.rec.hold_started_ms.is_some() {
-            self.hold_marks.push((part, Instant::now()));
+            self.hold_marks.push((part, at));
         }
     }
 
@@ -808,9 +813,7 @@ impl Run<'_> {
             "oplog positions caught up to the fence in the hold");
         self.rec.oplog_position = Some(pos);
         self.rec.lag_ops = 0;
-        if self.rec.hold_started_ms.is_some() {
-            self.hold_marks.push(("caught up to the fence", caught_up));
-        }
+        self.hold_mark_at("caught up to the fence", caught_up);
         self.hold_mark("checksummed");
         failpoint!("migration-verify-caughtup");
         failpoint!("migration-verify-idempotency");
@@ -881,7 +884,7 @@ impl Run<'_> {
             // The database was deleted meanwhile (its instance with it): nothing to switch
             // to, and the target's copy is no one's. The deletion drops the source's. Bounded
             // by the epoch `Finish` set: a new instance of the name placed on the target
-            // since then raised it with its first write, and keeps its data.
+            // since then wrote there at a newer epoch, and keeps its data.
             if let DropOutcome::Kept { epoch: known } =
                 self.world.drop_database(&dst, &self.rec.db, Some(epoch)).await?
             {

@@ -46,8 +46,8 @@ pub struct FenceAnswer {
 pub enum DropOutcome {
     /// Dropped (or there was nothing to drop).
     Dropped,
-    /// Kept: the replica set knows route epoch `epoch` for the database, above the drop's
-    /// bound, so its data is a newer route's (a new instance of the name placed there, or
+    /// Kept: the database's newest epoch on the replica set (its route epoch, or the newest
+    /// a write there carried) is `epoch`, above the drop's bound, so its data is a newer route's (a new instance of the name placed there, or
     /// the database moved back), not the migration's to drop. (`epoch` is always there in
     /// the datanode's answer; optional so a malformed one still counts as kept.)
     Kept { epoch: Option<u64> },
@@ -95,9 +95,9 @@ pub trait MigrationWorld: Send + Sync {
     /// Raises `db`'s route epoch on the replica set to `epoch` (never lowers it).
     async fn fence(&self, rs: &ReplicaSetAccess, db: &str, epoch: u64) -> Result<FenceAnswer, Failure>;
     async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure>;
-    /// Drops `db`'s data on the replica set, only if the route epoch it knows for `db` is
-    /// at most `max_epoch` when given (decided in its Raft log: a client write of a newer
-    /// route raises that epoch, so a newer instance's first writes are never dropped).
+    /// Drops `db`'s data on the replica set, only if `db`'s newest epoch there is at most
+    /// `max_epoch` when given (decided in its Raft log, where each write records its
+    /// route's epoch, so a newer instance's first writes are never dropped).
     async fn drop_database(
         &self,
         rs: &ReplicaSetAccess,
