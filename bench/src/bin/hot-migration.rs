@@ -375,11 +375,18 @@ async fn main() -> anyhow::Result<()> {
 
     let before = Duration::from_secs(1);
     let cut = phases.get("Holding").or(phases.get("Switching")).copied().unwrap_or(migration_end);
-    for (name, from, to) in [
+    let catch_up_start = phases.get("CatchingUp").copied().unwrap_or(copy_end);
+    // The phases apart too: what the copy costs the tenants, what the catch-up (the target
+    // applying the tenant's writes as well) does, and whether they are back after it.
+    let windows = [
         ("before", before, migration_start),
         ("during", migration_start, migration_end),
+        ("copy", copy_start, copy_end),
+        ("catchup", catch_up_start, cut),
         ("cutover", cut.saturating_sub(CUTOVER), cut + CUTOVER),
-    ] {
+        ("after", migration_end, load_end),
+    ];
+    for (name, from, to) in windows {
         let (p50, p99, max) = latency_ms(&window(&writes, from, to));
         out.add(format!("write_p50_ms_{name}"), p50, "ms");
         out.add(format!("write_p99_ms_{name}"), p99, "ms");
@@ -390,8 +397,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let (_, other_before, _) = latency_ms(&window(&others, before, migration_start));
     let (_, other_during, _) = latency_ms(&window(&others, migration_start, migration_end));
-    out.add("other_p99_ms_before", other_before, "ms");
-    out.add("other_p99_ms_during", other_during, "ms");
+    for (name, from, to) in windows {
+        let (_, p99, _) = latency_ms(&window(&others, from, to));
+        out.add(format!("other_p99_ms_{name}"), p99, "ms");
+    }
     out.add("other_p99_ratio", other_during / other_before.max(1e-3), "ratio");
     out.add("other_failed_requests", others.iter().filter(|s| !s.ok).count() as f64, "requests");
     out.add("hold_ms", m["holdMs"].as_f64().unwrap_or(f64::NAN), "ms");

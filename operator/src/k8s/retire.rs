@@ -16,7 +16,9 @@
 //! another tenant is on after all ([`other_tenant_on`]): placement never puts one there,
 //! and the removal checks again rather than trust that.
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
 use kube::api::ListParams;
@@ -26,6 +28,7 @@ use tracing::{info, warn};
 
 use super::Error;
 use super::api::Objects;
+use super::failure;
 use super::instance::{Context, event};
 use super::objects::{ANNOTATION_REMOVING, LABEL_REPLICA_SET, dedicated_owner};
 use super::provisioner::already_gone;
@@ -112,14 +115,27 @@ enum Members {
 /// within its grace period, a volume the `kubernetes.io/pvc-protection` finalizer holds
 /// until no Pod uses it. Until none is, the names are taken, and the replica set made anew
 /// by a move back would meet them.
+///
+/// A Pod no kubelet will stop (its node NotReady or gone, or Terminating past its grace
+/// period: [`failure::force_delete`], the members' rule) is deleted at once, without a
+/// grace period; else it would hold the removal, and its volume, for as long as its node
+/// stays lost. Nothing on it is needed: the database it held was verified on the target
+/// and dropped here by the clean-up before the migration was `Done`.
 async fn delete_members(ctx: &Context, ns: &str, rs: &str, what: Members) -> Result<Left, Error> {
     let selector = ListParams::default().labels(&format!("{LABEL_REPLICA_SET}={rs}"));
     let mut left = Left::default();
     if what == Members::PodsAndVolumes {
         let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), ns);
         let listed = pods.list(&selector).await?;
-        for pod in listed.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
-            already_gone(pods.delete(&pod.name_any()).await)?;
+        let nodes: BTreeMap<String, Node> = ctx.nodes.state().iter().map(|n| (n.name_any(), Node::clone(n))).collect();
+        let now = ctx.failover.clock.now();
+        for pod in &listed {
+            if failure::force_delete(pod, &nodes, now) {
+                info!(replica_set = rs, pod = %pod.name_any(), "deleting a member Pod no kubelet will stop, without a grace period");
+                already_gone(pods.delete_now(&pod.name_any()).await)?;
+            } else if pod.metadata.deletion_timestamp.is_none() {
+                already_gone(pods.delete(&pod.name_any()).await)?;
+            }
         }
         left.pods = listed.len();
     }

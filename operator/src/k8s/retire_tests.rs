@@ -420,3 +420,26 @@ async fn the_service_and_record_go_only_once_no_member_pod_or_volume_is_listed_t
     w.api.kubelet(NS);
     reconcile_until_removed(&w, SOLO, 2).await;
 }
+
+#[tokio::test]
+async fn a_member_pod_on_a_lost_node_does_not_hold_the_removal() {
+    let w = shop_in("solo").await;
+    start_move(&w, "big", "big-rs0").await;
+    assert_eq!(drive(&w).await, Outcome::Completed);
+    // The node of one of `solo-shop`'s members stops answering, its Pods evicted: they stay
+    // Terminating, no kubelet is left to stop them (nor `big-rs0`'s member there).
+    let node = w.api.get(PODS, "solo-shop-m1").unwrap()["spec"]["nodeName"].as_str().unwrap().to_owned();
+    w.lose_node(&node, true);
+    w.sync_nodes();
+    let stuck = w.api.get(PODS, "solo-shop-m1").expect("Terminating on its lost node");
+    assert!(!stuck["metadata"]["deletionTimestamp"].is_null());
+    for _ in 0..6 {
+        w.reconcile("shop").await.unwrap();
+        w.api.kubelet(NS);
+        if left_of(&w, SOLO) == GONE {
+            break;
+        }
+    }
+    assert_eq!(left_of(&w, SOLO), GONE, "the lost node's member Pod held the removal");
+    assert_eq!(removed_events(&w).len(), 1);
+}
