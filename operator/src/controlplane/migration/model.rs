@@ -86,6 +86,9 @@ pub struct State {
     pub delete_route_at_finish: bool,
     /// Client writes stop (a quiet database).
     pub quiet: bool,
+    /// Extra client writes per call (a tenant writing faster than the catch-up applies:
+    /// each oplog read returns at most `oplog_page` changes).
+    pub flood: u64,
     /// Right after the clean-up reads the route, the instance is deleted and a new one of
     /// the same name placed on `a` at a fresh epoch (its first write lands there before
     /// the clean-up's drop).
@@ -151,7 +154,9 @@ impl Model {
         s.calls += 1;
         s.gateways_acknowledge();
         if !s.quiet {
-            s.client_write();
+            for _ in 0..=s.flood {
+                s.client_write();
+            }
         }
         match s.crash {
             Some(Crash::Before(n)) | Some(Crash::After(n)) if n == s.calls => s.crash.take(),
