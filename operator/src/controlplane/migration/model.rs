@@ -99,6 +99,8 @@ pub struct State {
     /// plane lost).
     pub fail_save_at: Option<super::record::Step>,
     pub etcd_down: bool,
+    /// The driver crashes right after it saved a record at this step (once).
+    pub crash_after_saving: Option<super::record::Step>,
 }
 
 pub struct Model {
@@ -176,6 +178,9 @@ impl Model {
 
     /// Runs one call of the world with the crash injection around it.
     async fn call<T>(&self, effect: impl FnOnce(&mut State) -> Result<T, Failure>) -> Result<T, Failure> {
+        // A datanode or etcd answers later, as a real one would: a driver that never waits
+        // otherwise (a catch-up always finding changes) still lets a test's timeout fire.
+        tokio::task::yield_now().await;
         let crash = self.enter();
         if crash.is_some_and(|c| matches!(c, Crash::Before(_))) {
             self.crashed.notify_one();
@@ -588,7 +593,7 @@ impl MigrationWorld for Model {
                 return Err(Failure::Transient("etcd did not answer".into()));
             }
         }
-        self.call(|s| {
+        let saved = self.call(|s| {
             if s.record.as_ref().map(|(_, rev)| *rev) != expected {
                 return Ok(None);
             }
@@ -601,6 +606,19 @@ impl MigrationWorld for Model {
             s.record = Some((record.clone(), s.revision));
             Ok(Some(s.revision))
         })
-        .await
+        .await;
+        let crash = {
+            let mut s = self.lock();
+            let at = s.crash_after_saving.is_some_and(|step| saved.is_ok() && step == record.step);
+            if at {
+                s.crash_after_saving = None;
+            }
+            at
+        };
+        if crash {
+            self.crashed.notify_one();
+            std::future::pending::<()>().await;
+        }
+        saved
     }
 }

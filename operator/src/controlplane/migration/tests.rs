@@ -203,7 +203,7 @@ async fn a_catch_up_that_never_gets_close_enough_aborts_when_its_budget_is_spent
         ..tuning()
     };
     let began = std::time::Instant::now();
-    let outcome = tokio::time::timeout(Duration::from_secs(30), driver::drive(model.as_ref(), &t, DB))
+    let outcome = tokio::time::timeout(Duration::from_secs(10), driver::drive(model.as_ref(), &t, DB))
         .await
         .expect("the catch-up never gave up")
         .unwrap();
@@ -239,6 +239,44 @@ async fn a_catch_up_that_never_gets_close_enough_aborts_when_its_budget_is_spent
     assert_eq!(outcome, Outcome::Completed);
     assert_completed(&model, 5);
     assert_eq!(model.lock().record.as_ref().unwrap().0.attempt, 2);
+}
+
+/// The budget is persisted: a control plane that restarts in the catch-up does not start
+/// it over. A driver crashes once the record says `CatchUp`; the record's start is then
+/// moved back past the budget (the restart came late): the next driver gives up at its
+/// first round.
+#[tokio::test]
+async fn a_control_plane_restarted_in_the_catch_up_keeps_its_budget() {
+    let model = Model::new();
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    model.lock().flood = 3;
+    let t = Tuning {
+        hold_under: Duration::ZERO,
+        catch_up_timeout: Duration::from_secs(3_600),
+        retry_first: Duration::from_secs(3_600),
+        ..tuning()
+    };
+    model.lock().crash_after_saving = Some(Step::CatchUp);
+    tokio::select! {
+        r = driver::drive(model.as_ref(), &t, DB) => panic!("the driver ended before the catch-up: {r:?}"),
+        () = model.crashed.notified() => {}
+    }
+    {
+        let mut s = model.lock();
+        let record = &mut s.record.as_mut().unwrap().0;
+        let started = record.catch_up_started_ms.expect("the catch-up's start is recorded with its step");
+        assert!(started > driver::now_ms() - 60_000, "{started}");
+        record.catch_up_started_ms = Some(started - 3_600_000);
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(10), driver::drive(model.as_ref(), &t, DB))
+        .await
+        .expect("the resumed catch-up did not give up")
+        .unwrap();
+    assert!(matches!(outcome, Outcome::WaitUntil(_)), "{outcome:?}");
+    let s = model.lock();
+    let record = &s.record.as_ref().unwrap().0;
+    assert!(record.error.as_deref().unwrap_or_default().contains("behind in 1 h: "), "{:?}", record.error);
+    assert_eq!(s.route.as_ref().unwrap().0.replica_set, "a");
 }
 
 #[tokio::test]
