@@ -593,20 +593,21 @@ impl MigrationWorld for Model {
                 return Err(Failure::Transient("etcd did not answer".into()));
             }
         }
-        let saved = self.call(|s| {
-            if s.record.as_ref().map(|(_, rev)| *rev) != expected {
-                return Ok(None);
-            }
-            s.revision += 1;
-            if let Some(e) = &record.error
-                && s.errors.last() != Some(e)
-            {
-                s.errors.push(e.clone());
-            }
-            s.record = Some((record.clone(), s.revision));
-            Ok(Some(s.revision))
-        })
-        .await;
+        let saved = self
+            .call(|s| {
+                if s.record.as_ref().map(|(_, rev)| *rev) != expected {
+                    return Ok(None);
+                }
+                s.revision += 1;
+                if let Some(e) = &record.error
+                    && s.errors.last() != Some(e)
+                {
+                    s.errors.push(e.clone());
+                }
+                s.record = Some((record.clone(), s.revision));
+                Ok(Some(s.revision))
+            })
+            .await;
         let crash = {
             let mut s = self.lock();
             let at = s.crash_after_saving.is_some_and(|step| saved.is_ok() && step == record.step);
