@@ -139,6 +139,10 @@ struct RunArgs {
     /// before the attempt aborts (and is retried): `5s`.
     #[arg(long, env = "NIMBUS_MIGRATION_HOLD_TIMEOUT", default_value = "5s")]
     migration_hold_timeout: jiff::SignedDuration,
+    /// Hot migration: how long the catch-up after the copy may take to get close enough to
+    /// hold before the attempt aborts (nothing lost) and is retried: `10m`; `0s`: no limit.
+    #[arg(long, env = "NIMBUS_MIGRATION_CATCH_UP_TIMEOUT", default_value = "10m")]
+    migration_catch_up_timeout: jiff::SignedDuration,
     /// Hot migration: the most a copy reads from its source per second, in MiB; below it
     /// the copy slows down by itself when its pages queue behind the tenants' requests.
     #[arg(long, env = "NIMBUS_MIGRATION_COPY_MIB_PER_SEC", default_value_t = 64)]
@@ -228,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let migration = nimbus_operator::controlplane::migration::Tuning {
                 hold_timeout: duration(args.migration_hold_timeout, "the migration hold timeout")?,
+                catch_up_timeout: duration(args.migration_catch_up_timeout, "the migration catch-up timeout")?,
                 copy_bytes_per_sec: args.migration_copy_mib_per_sec.max(1) << 20,
                 max_concurrent: args.migration_concurrency.max(1),
                 cleanup_grace: duration(args.migration_cleanup_grace, "the migration clean-up grace")?,

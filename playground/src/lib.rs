@@ -51,6 +51,9 @@ pub struct MigrationFlags {
     pub cleanup_grace: Duration,
     /// The copy's ceiling, MiB read from the source per second (`Tuning::copy_bytes_per_sec`).
     pub copy_mib_per_sec: u64,
+    /// How long an attempt's catch-up may take to get close enough to hold
+    /// (`Tuning::catch_up_timeout`; zero: no limit).
+    pub catch_up_timeout: Duration,
 }
 
 /// Starts the playground in the background (or, when it runs, applies `instances` to it) and
@@ -88,6 +91,7 @@ pub async fn up(
         }
         cmd.arg("--migration-cleanup-grace").arg(format!("{}s", migration.cleanup_grace.as_secs()));
         cmd.arg("--migration-copy-mib-per-sec").arg(migration.copy_mib_per_sec.to_string());
+        cmd.arg("--migration-catch-up-timeout").arg(format!("{}s", migration.catch_up_timeout.as_secs()));
         for f in instances {
             cmd.arg("--instances").arg(f.canonicalize().with_context(|| format!("no file {}", f.display()))?);
         }

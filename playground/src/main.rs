@@ -98,6 +98,11 @@ struct PlaygroundArgs {
     /// the copy slows down by itself when the source's or the target's requests queue).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     migration_copy_mib_per_sec: u64,
+    /// How long a migration's catch-up (after its copy) may take to get close enough to
+    /// hold before the attempt aborts (nothing lost) and is retried later: seconds, or a
+    /// number with s, m or h; 0: no limit.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    migration_catch_up_timeout: Duration,
 }
 
 impl PlaygroundArgs {
@@ -105,6 +110,7 @@ impl PlaygroundArgs {
         playground::MigrationFlags {
             cleanup_grace: self.migration_cleanup_grace,
             copy_mib_per_sec: self.migration_copy_mib_per_sec,
+            catch_up_timeout: self.migration_catch_up_timeout,
         }
     }
 }
@@ -205,5 +211,23 @@ mod tests {
             let err = up_args(&[&flag]).err().expect("refused");
             assert!(err.to_string().contains("--migration-copy-mib-per-sec"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_catch_up_budget_defaults_to_ten_minutes_and_reaches_the_control_plane() {
+        assert_eq!(up_args(&[]).unwrap().migration_catch_up_timeout, Duration::from_secs(600));
+        let args = up_args(&["--migration-catch-up-timeout", "90s"]).unwrap();
+        assert_eq!(args.migration().catch_up_timeout, Duration::from_secs(90));
+        assert_eq!(up_args(&["--migration-catch-up-timeout=0"]).unwrap().migration_catch_up_timeout, Duration::ZERO);
+        let err = up_args(&["--migration-catch-up-timeout=soon"]).err().expect("refused");
+        assert!(err.to_string().contains("--migration-catch-up-timeout"), "{err}");
+        // `up` passes it on to `serve` as whole seconds, which `serve` reads back.
+        let argv = ["nimbus", "playground", "serve", "--migration-catch-up-timeout", "90s"];
+        let Command::Playground { command: PlaygroundCommand::Serve(args) } =
+            Cli::try_parse_from(argv).unwrap().command
+        else {
+            panic!("not `serve`")
+        };
+        assert_eq!(args.migration().catch_up_timeout, Duration::from_secs(90));
     }
 }

@@ -198,6 +198,7 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
     let tuning = Tuning {
         cleanup_grace: opts.migration.cleanup_grace,
         copy_bytes_per_sec: opts.migration.copy_mib_per_sec.max(1).saturating_mul(1 << 20),
+        catch_up_timeout: opts.migration.catch_up_timeout,
         ..Tuning::default()
     };
     let migrator = Arc::new(Migrator::new(Arc::new(world), tuning));

@@ -100,18 +100,8 @@ impl ReplicaSetDirectory for PodDirectory {
     }
 }
 
-/// `1240` as `1,240`.
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+/// `1240` as `1,240` (the migration's own messages use it too).
+pub use crate::controlplane::migration::plan::thousands;
 
 /// Bytes in the unit a person reads them in: `812 B`, `41 MB`, `1.2 GB` (powers of 1000).
 pub fn size(bytes: u64) -> String {
@@ -167,9 +157,10 @@ pub fn condition(record: &MigrationRecord, tuning: &Tuning, now: u64) -> (&'stat
             ),
         },
         Step::CatchUp => format!(
-            "applying the source's changes on {to}{attempt}; waiting for lag under {} s: {} ops behind",
+            "applying the source's changes on {to}{attempt}; waiting for lag under {} s: {} ops behind{}",
             tuning.hold_under.as_secs_f64(),
-            thousands(record.lag_ops)
+            thousands(record.lag_ops),
+            catch_up_budget(record.catch_up_started_ms, tuning.catch_up_timeout, now)
         ),
         Step::Hold => format!(
             "holding the database's requests{attempt}: waiting for every gateway to acknowledge{}",
@@ -217,6 +208,23 @@ pub fn condition(record: &MigrationRecord, tuning: &Tuning, now: u64) -> (&'stat
     }
     let status = if record.step.is_final() { "False" } else { "True" };
     (status, reason, message)
+}
+
+/// What is left of the catch-up's budget (`Tuning::catch_up_timeout`), in whole seconds
+/// rounded up: ` (gives up in 6 min 52 s)`; nothing without a budget or a recorded start.
+/// The driver gives up at its next round once it is spent.
+fn catch_up_budget(started_ms: Option<u64>, budget: std::time::Duration, now: u64) -> String {
+    let Some(started) = started_ms.filter(|_| !budget.is_zero()) else { return String::new() };
+    let end = started.saturating_add(budget.as_millis() as u64);
+    match end.saturating_sub(now).div_ceil(1000) {
+        0 => " (its budget spent: giving up)".to_owned(),
+        left => {
+            format!(
+                " (gives up in {})",
+                crate::controlplane::migration::plan::human(std::time::Duration::from_secs(left))
+            )
+        }
+    }
 }
 
 fn deadline(at: Option<u64>, now: u64) -> String {
@@ -682,6 +690,19 @@ mod tests {
         let (status, reason, message) = condition(&r, &Tuning::default(), 0);
         assert_eq!((status, reason.as_str()), ("True", "CatchingUp"));
         assert!(message.contains("waiting for lag under 0.2 s: 1,240 ops behind"), "{message}");
+        assert!(!message.contains("gives up"), "no recorded start, no time left shown: {message}");
+        // With the start recorded: what is left of the 10 min budget, in whole seconds.
+        r.catch_up_started_ms = Some(1_000);
+        let (_, _, message) = condition(&r, &Tuning::default(), 1_000 + 187_300);
+        assert!(
+            message.ends_with("waiting for lag under 0.2 s: 1,240 ops behind (gives up in 6 min 53 s)"),
+            "{message}"
+        );
+        let (_, _, message) = condition(&r, &Tuning::default(), 1_000 + 600_000);
+        assert!(message.ends_with("1,240 ops behind (its budget spent: giving up)"), "{message}");
+        let unbounded = Tuning { catch_up_timeout: std::time::Duration::ZERO, ..Tuning::default() };
+        let (_, _, message) = condition(&r, &unbounded, 5_000);
+        assert!(message.ends_with("1,240 ops behind"), "no budget, none shown: {message}");
     }
 
     #[test]

@@ -505,6 +505,8 @@ impl Run<'_> {
             let done = self.rec.copy_cursor.is_none();
             if done {
                 failpoint!("migration-copy-after");
+                // The catch-up's budget counts from here, saved with the step.
+                self.rec.catch_up_started_ms = Some(now_ms());
                 self.rec.set_step(Step::CatchUp);
             }
             self.save().await?;
@@ -531,14 +533,21 @@ impl Run<'_> {
     }
 
     /// Catch-up: the source's oplog of the database from the persisted position, applied
-    /// on the target, until `plan::should_hold` says the rest fits in the hold. Not paced
-    /// (only its idempotency passes are): it must outpace the tenant's writes, or the hold
-    /// never comes; it reads what the tenant wrote, a load the tenant itself sets.
+    /// on the target, until `plan::catch_up_next` says the rest fits in the hold, or that
+    /// the attempt's budget (`Tuning::catch_up_timeout`, counted from the persisted
+    /// `catch_up_started_ms`: a restarted control plane does not start it over) is spent:
+    /// then the attempt aborts ([`Failure::CatchUpTooSlow`]). Not paced (only its
+    /// idempotency passes are): it must outpace the tenant's writes, or the hold never
+    /// comes; it reads what the tenant wrote, a load the tenant itself sets.
     async fn catch_up(&mut self) -> StepResult {
         let src = self.replica_set(&self.rec.from_replica_set).await?;
         let dst = self.replica_set(&self.rec.to_replica_set).await?;
         // No position: a record from before the copy finished; start over.
         let mut pos = self.rec.oplog_position.ok_or(Failure::OplogTruncated)?;
+        // A record from before the budget existed: counted from now.
+        let began = *self.rec.catch_up_started_ms.get_or_insert_with(now_ms);
+        // The first lag this driver saw, for the trend a give-up reports.
+        let mut first_lag: Option<(u64, Instant)> = None;
         if self.rec.idempotency_since_ms.is_none() {
             // All of them once, throttled like the copy (the last ten minutes of keyed
             // writes: too many to move inside the hold).
@@ -572,7 +581,18 @@ impl Run<'_> {
             pos = next;
             self.rec.oplog_position = Some(pos);
             self.rec.lag_ops = applied.saturating_sub(pos.index);
-            let ready = plan::should_hold(self.rec.lag_ops, self.rate, self.tuning.hold_under);
+            let first = *first_lag.get_or_insert((self.rec.lag_ops, Instant::now()));
+            let view = plan::CatchUpView {
+                lag: self.rec.lag_ops,
+                rate_per_sec: self.rate,
+                elapsed: Duration::from_millis(now_ms().saturating_sub(began)),
+                first_lag: Some((first.0, first.1.elapsed())),
+            };
+            let ready = match plan::catch_up_next(&view, self.tuning) {
+                plan::CatchUpNext::Hold => true,
+                plan::CatchUpNext::Continue => false,
+                plan::CatchUpNext::GiveUp(reason) => return Err(Failure::CatchUpTooSlow(reason).into()),
+            };
             if ready || passed.elapsed() >= IDEMPOTENCY_PASS_EVERY {
                 // The records written since the last pass, so the hold moves only the
                 // last moments' (the fence closes the set). Passes keep coming while the

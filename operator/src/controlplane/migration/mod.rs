@@ -15,7 +15,7 @@
 //! | step | what it does | a control plane restarted here |
 //! | --- | --- | --- |
 //! | `Copy` | `Begin` on the target, then the source's export page by page, imported (throttled) | continues from the persisted cursor (`Begin` again if no page was recorded) |
-//! | `CatchUp` | the source's oplog after the first page's index, applied on the target; the source's oplog pinned | continues from the persisted position |
+//! | `CatchUp` | the source's oplog after the first page's index, applied on the target; the source's oplog pinned; aborts when not close enough to hold within its budget (10 min) | continues from the persisted position, its budget counted from the persisted start |
 //! | `Hold` | route `Holding` with a deadline (5 s), then every registered gateway's acknowledgement | continues until the deadline, aborts after it |
 //! | `Fence` | the source's route epoch raised to `epoch + 1`: its index is the final index | sends it again (idempotent) until the deadline, aborts after it |
 //! | `Verify` | the oplog through the final index, the idempotency records moved, checksum markers compared | redoes it until the deadline, aborts after it |
@@ -24,8 +24,8 @@
 //! | `Abort` | route back to the source `Serving` (`epoch + 1` if the fence may be in force), the target's import dropped, unpinned; then the next attempt after a back-off | finishes rolling back |
 //!
 //! An oplog truncated under the catch-up restarts the copy; a failure that does not go away
-//! before the hold, a hold past its deadline, a mismatch, a replica set gone, abort the
-//! attempt. Attempts are retried 10 s, 20 s, ... up to 5 min apart, 10 at most.
+//! before the hold, a catch-up past its budget, a hold past its deadline, a mismatch, a
+//! replica set gone, abort the attempt. Attempts are retried 10 s, 20 s, ... up to 5 min apart, 10 at most.
 
 pub mod driver;
 pub mod io;

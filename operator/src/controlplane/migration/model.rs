@@ -86,6 +86,9 @@ pub struct State {
     pub delete_route_at_finish: bool,
     /// Client writes stop (a quiet database).
     pub quiet: bool,
+    /// Extra client writes per call (a tenant writing faster than the catch-up applies:
+    /// each oplog read returns at most `oplog_page` changes).
+    pub flood: u64,
     /// Right after the clean-up reads the route, the instance is deleted and a new one of
     /// the same name placed on `a` at a fresh epoch (its first write lands there before
     /// the clean-up's drop).
@@ -96,6 +99,8 @@ pub struct State {
     /// plane lost).
     pub fail_save_at: Option<super::record::Step>,
     pub etcd_down: bool,
+    /// The driver crashes right after it saved a record at this step (once).
+    pub crash_after_saving: Option<super::record::Step>,
 }
 
 pub struct Model {
@@ -151,7 +156,9 @@ impl Model {
         s.calls += 1;
         s.gateways_acknowledge();
         if !s.quiet {
-            s.client_write();
+            for _ in 0..=s.flood {
+                s.client_write();
+            }
         }
         match s.crash {
             Some(Crash::Before(n)) | Some(Crash::After(n)) if n == s.calls => s.crash.take(),
@@ -171,6 +178,9 @@ impl Model {
 
     /// Runs one call of the world with the crash injection around it.
     async fn call<T>(&self, effect: impl FnOnce(&mut State) -> Result<T, Failure>) -> Result<T, Failure> {
+        // A datanode or etcd answers later, as a real one would: a driver that never waits
+        // otherwise (a catch-up always finding changes) still lets a test's timeout fire.
+        tokio::task::yield_now().await;
         let crash = self.enter();
         if crash.is_some_and(|c| matches!(c, Crash::Before(_))) {
             self.crashed.notify_one();
@@ -583,19 +593,33 @@ impl MigrationWorld for Model {
                 return Err(Failure::Transient("etcd did not answer".into()));
             }
         }
-        self.call(|s| {
-            if s.record.as_ref().map(|(_, rev)| *rev) != expected {
-                return Ok(None);
+        let saved = self
+            .call(|s| {
+                if s.record.as_ref().map(|(_, rev)| *rev) != expected {
+                    return Ok(None);
+                }
+                s.revision += 1;
+                if let Some(e) = &record.error
+                    && s.errors.last() != Some(e)
+                {
+                    s.errors.push(e.clone());
+                }
+                s.record = Some((record.clone(), s.revision));
+                Ok(Some(s.revision))
+            })
+            .await;
+        let crash = {
+            let mut s = self.lock();
+            let at = s.crash_after_saving.is_some_and(|step| saved.is_ok() && step == record.step);
+            if at {
+                s.crash_after_saving = None;
             }
-            s.revision += 1;
-            if let Some(e) = &record.error
-                && s.errors.last() != Some(e)
-            {
-                s.errors.push(e.clone());
-            }
-            s.record = Some((record.clone(), s.revision));
-            Ok(Some(s.revision))
-        })
-        .await
+            at
+        };
+        if crash {
+            self.crashed.notify_one();
+            std::future::pending::<()>().await;
+        }
+        saved
     }
 }

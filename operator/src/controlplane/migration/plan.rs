@@ -13,6 +13,18 @@ use super::record::{MigrationRecord, Phase, Step};
 pub struct Tuning {
     /// Hold only when the estimated catch-up is shorter than this.
     pub hold_under: Duration,
+    /// The catch-up of one attempt (from the end of its copy) gives up after this long
+    /// without getting under `hold_under`: the attempt aborts (nothing lost, the source
+    /// keeps serving) and is retried after the back-off, when the tenant may write less.
+    /// Without it a tenant writing faster than the target applies keeps the migration in
+    /// `CatchingUp` for ever, its source's oplog pinned. 10 min: a catch-up that can
+    /// succeed drains the lag a copy left (copy time × write rate) at the apply rate minus
+    /// the write rate, so after a one-minute copy it needs 10 min only when the target
+    /// applies barely 10% faster than the tenant writes; slower than that, a retry at a
+    /// quieter moment is the better bet. Persisted with the record (`catchUpStartedMs`):
+    /// a control plane that restarts does not start it over. Zero: no budget (waits as
+    /// long as it takes).
+    pub catch_up_timeout: Duration,
     /// The route's hold deadline: gateways hold the database's requests at most this long,
     /// and the migration aborts when it has not reached the switch by then.
     pub hold_timeout: Duration,
@@ -73,6 +85,7 @@ impl Default for Tuning {
     fn default() -> Tuning {
         Tuning {
             hold_under: Duration::from_millis(200),
+            catch_up_timeout: Duration::from_secs(600),
             hold_timeout: Duration::from_secs(5),
             retry_first: Duration::from_secs(10),
             retry_max: Duration::from_secs(300),
@@ -125,6 +138,110 @@ pub fn should_hold(lag: u64, rate_per_sec: f64, under: Duration) -> bool {
     (lag as f64 / rate_per_sec) < under.as_secs_f64()
 }
 
+/// Where the catch-up stands after a round, as [`catch_up_next`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CatchUpView {
+    /// Oplog positions the target is behind the source.
+    pub lag: u64,
+    /// Positions per second the catch-up advances (measured; 0 or NaN: not yet).
+    pub rate_per_sec: f64,
+    /// Since the catch-up of this attempt began.
+    pub elapsed: Duration,
+    /// The lag this driver first saw in the catch-up, and how long ago: the trend the
+    /// give-up's message reports (the source gaining or losing). `None`: not known.
+    pub first_lag: Option<(u64, Duration)>,
+}
+
+/// What the catch-up does after a round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatchUpNext {
+    /// Close enough: hold (after a last idempotency pass, see the driver).
+    Hold,
+    /// Keep applying the source's oplog.
+    Continue,
+    /// The budget is spent without getting close enough: abort the attempt, for this
+    /// reason.
+    GiveUp(String),
+}
+
+/// The catch-up's decision after a round: hold when [`should_hold`] says so (checked
+/// first, so a caught-up target holds even at the budget's edge), give up once
+/// `tuning.catch_up_timeout` has been spent (never with a zero timeout), continue
+/// otherwise. The reason names the lag, the applying rate and the lag's trend.
+///
+/// No give-up on a lag that merely stops shrinking: the lag counts the source replica
+/// set's log entries (every tenant's) and moves with its other tenants' writes and the
+/// catch-up's page rhythm, so a flat but noisy lag can still dip under the bound; the
+/// budget alone bounds the hopeless case.
+pub fn catch_up_next(view: &CatchUpView, tuning: &Tuning) -> CatchUpNext {
+    if should_hold(view.lag, view.rate_per_sec, tuning.hold_under) {
+        return CatchUpNext::Hold;
+    }
+    let budget = tuning.catch_up_timeout;
+    if budget.is_zero() || view.elapsed < budget {
+        return CatchUpNext::Continue;
+    }
+    let applying = if view.rate_per_sec.is_nan() || view.rate_per_sec <= 0.0 {
+        "no applying rate measured".to_owned()
+    } else {
+        format!("applying {} ops/s", thousands(view.rate_per_sec.round() as u64))
+    };
+    let trend = match view.first_lag {
+        Some((first, ago)) if ago.as_secs_f64() > 0.0 => {
+            let per_sec = (view.lag as f64 - first as f64) / ago.as_secs_f64();
+            let by = thousands(per_sec.abs().round() as u64);
+            if per_sec >= 0.5 {
+                format!(", the lag growing by {by} ops/s: the tenant writes faster than the target applies")
+            } else if per_sec <= -0.5 {
+                format!(", the lag shrinking by only {by} ops/s")
+            } else {
+                ", the lag not shrinking".to_owned()
+            }
+        }
+        _ => String::new(),
+    };
+    CatchUpNext::GiveUp(format!(
+        "the catch-up did not get under {} behind in {}: {} ops behind, {applying}{trend}",
+        human(tuning.hold_under),
+        human(budget),
+        thousands(view.lag),
+    ))
+}
+
+/// `1240` as `1,240`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A duration as a person writes it: `10 min`, `6 min 52 s`, `1 h 30 min`, `0.2 s`, `40 ms`
+/// (from a minute on, whole seconds are shown as hours, minutes and seconds).
+pub fn human(d: Duration) -> String {
+    if d >= Duration::from_secs(60) {
+        let secs = d.as_secs();
+        let parts = [(secs / 3600, "h"), (secs % 3600 / 60, "min"), (secs % 60, "s")];
+        let shown: Vec<String> = parts.iter().filter(|(n, _)| *n > 0).map(|(n, unit)| format!("{n} {unit}")).collect();
+        return shown.join(" ");
+    }
+    if d >= Duration::from_millis(100) {
+        // At most one decimal, none when whole.
+        let tenths = (d.as_millis() + 50) / 100;
+        return if tenths.is_multiple_of(10) {
+            format!("{} s", tenths / 10)
+        } else {
+            format!("{}.{} s", tenths / 10, tenths % 10)
+        };
+    }
+    format!("{} ms", d.as_millis())
+}
+
 /// What went wrong with a step, as the driver classifies it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
@@ -141,12 +258,17 @@ pub enum Failure {
     HoldTimedOut(String),
     /// A datanode refused the call for good (a bad request, a conflict).
     Refused(String),
+    /// The catch-up's budget was spent before it got close enough to hold
+    /// ([`catch_up_next`]'s reason).
+    CatchUpTooSlow(String),
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Transient(m) | Failure::Gone(m) | Failure::Refused(m) => f.write_str(m),
+            Failure::Transient(m) | Failure::Gone(m) | Failure::Refused(m) | Failure::CatchUpTooSlow(m) => {
+                f.write_str(m)
+            }
             Failure::OplogTruncated => f.write_str("the source's oplog no longer holds what the catch-up needs"),
             Failure::Mismatch(m) => write!(f, "source and target differ at the fence: {m}"),
             Failure::HoldTimedOut(m) => write!(f, "the hold's deadline passed: {m}"),

@@ -30,6 +30,109 @@ fn the_hold_starts_only_when_the_estimated_catch_up_is_under_half_a_second() {
     }
 }
 
+fn view(lag: u64, rate_per_sec: f64, elapsed_secs: u64) -> CatchUpView {
+    CatchUpView { lag, rate_per_sec, elapsed: Duration::from_secs(elapsed_secs), first_lag: None }
+}
+
+#[test]
+fn the_catch_up_continues_within_its_budget_holds_when_close_and_gives_up_once_spent() {
+    let t = Tuning::default();
+    assert_eq!(t.catch_up_timeout, Duration::from_secs(600));
+    assert_eq!(t.hold_under, Duration::from_millis(200));
+    let give_up = |v: &CatchUpView| matches!(catch_up_next(v, &t), CatchUpNext::GiveUp(_));
+    // (view, what to do), with 0.2 s to hold under and 10 min of budget.
+    let cases: &[(CatchUpView, &str)] = &[
+        (view(41_200, 5_000.0, 0), "continue"),   // 8 s behind, just started
+        (view(41_200, 5_000.0, 599), "continue"), // a second of budget left
+        (view(41_200, 5_000.0, 600), "give up"),  // spent exactly
+        (view(41_200, 5_000.0, 10_000), "give up"),
+        (view(999, 5_000.0, 0), "hold"),        // 0.1998 s
+        (view(999, 5_000.0, 600), "hold"),      // close enough at the budget's edge: holds
+        (view(1_000, 5_000.0, 600), "give up"), // 0.2 s exactly is not under
+        // Caught up holds even with the budget long spent and no rate measured.
+        (view(0, 0.0, 600), "hold"),
+        (view(0, f64::NAN, 100_000), "hold"),
+        // Behind with no rate measured (NaN, zero, negative): never a hold; continues
+        // within the budget, gives up after it.
+        (view(1, f64::NAN, 0), "continue"),
+        (view(1, 0.0, 599), "continue"),
+        (view(1, -3.0, 599), "continue"),
+        (view(1, f64::NAN, 600), "give up"),
+        (view(1, 0.0, 600), "give up"),
+        (view(u64::MAX, f64::INFINITY, 600), "hold"), // an infinite rate: any lag is 0 s away
+        (view(u64::MAX, 1e-300, 600), "give up"),
+    ];
+    for (v, want) in cases {
+        let got = match catch_up_next(v, &t) {
+            CatchUpNext::Hold => "hold",
+            CatchUpNext::Continue => "continue",
+            CatchUpNext::GiveUp(_) => "give up",
+        };
+        assert_eq!(got, *want, "{v:?}");
+    }
+    // No budget (zero): never gives up.
+    let unbounded = Tuning { catch_up_timeout: Duration::ZERO, ..Tuning::default() };
+    assert_eq!(catch_up_next(&view(41_200, 5_000.0, 1_000_000), &unbounded), CatchUpNext::Continue);
+    assert!(!give_up(&view(41_200, 5_000.0, 1)));
+}
+
+#[test]
+fn a_spent_catch_up_budget_says_how_far_behind_at_what_rate_and_which_way_the_lag_goes() {
+    let t = Tuning::default();
+    let reason = |v: CatchUpView| match catch_up_next(&v, &t) {
+        CatchUpNext::GiveUp(reason) => reason,
+        other => panic!("{v:?}: {other:?}"),
+    };
+    let growing = CatchUpView { first_lag: Some((5_200, Duration::from_secs(300))), ..view(41_200, 5_000.4, 600) };
+    assert_eq!(
+        reason(growing),
+        "the catch-up did not get under 0.2 s behind in 10 min: 41,200 ops behind, applying 5,000 ops/s, \
+         the lag growing by 120 ops/s: the tenant writes faster than the target applies"
+    );
+    let shrinking = CatchUpView { first_lag: Some((50_200, Duration::from_secs(300))), ..view(41_200, 5_000.0, 600) };
+    assert!(reason(shrinking).ends_with("41,200 ops behind, applying 5,000 ops/s, the lag shrinking by only 30 ops/s"));
+    let flat = CatchUpView { first_lag: Some((41_200, Duration::from_secs(300))), ..view(41_200, 5_000.0, 600) };
+    assert!(reason(flat).ends_with(", the lag not shrinking"));
+    // No trend known (first seen just now, or not at all), no rate measured: said as such.
+    let unknown = CatchUpView { first_lag: Some((41_200, Duration::ZERO)), ..view(41_200, f64::NAN, 600) };
+    assert!(reason(unknown).ends_with("41,200 ops behind, no applying rate measured"));
+    let quick = Tuning { catch_up_timeout: Duration::from_millis(50), hold_under: Duration::ZERO, ..t.clone() };
+    let CatchUpNext::GiveUp(r) = catch_up_next(&view(7, 1.0, 1), &quick) else { panic!() };
+    assert!(r.starts_with("the catch-up did not get under 0 ms behind in 50 ms: 7 ops behind"), "{r}");
+}
+
+#[test]
+fn a_spent_catch_up_budget_aborts_the_attempt() {
+    let t = Tuning::default();
+    let f = Failure::CatchUpTooSlow("the catch-up did not get under 0.2 s behind in 10 min".into());
+    assert_eq!(on_failure(Step::CatchUp, &f, 0, None, 0, &t), Reaction::Abort(f.to_string()));
+    assert_eq!(f.to_string(), "the catch-up did not get under 0.2 s behind in 10 min");
+}
+
+#[test]
+fn durations_and_counts_read_as_a_person_writes_them() {
+    let cases: &[(Duration, &str)] = &[
+        (Duration::from_secs(600), "10 min"),
+        (Duration::from_secs(5_400), "1 h 30 min"),
+        (Duration::from_secs(7_200), "2 h"),
+        (Duration::from_secs(90), "1 min 30 s"),
+        (Duration::from_millis(412_700), "6 min 52 s"),
+        (Duration::from_secs(3_601), "1 h 1 s"),
+        (Duration::from_millis(59_960), "60 s"),
+        (Duration::from_millis(200), "0.2 s"),
+        (Duration::from_millis(1_500), "1.5 s"),
+        (Duration::from_secs(5), "5 s"),
+        (Duration::from_millis(40), "40 ms"),
+        (Duration::ZERO, "0 ms"),
+    ];
+    for (d, want) in cases {
+        assert_eq!(human(*d), *want, "{d:?}");
+    }
+    assert_eq!(thousands(1_240), "1,240");
+    assert_eq!(thousands(999), "999");
+    assert_eq!(thousands(1_000_000), "1,000,000");
+}
+
 #[test]
 fn retries_wait_ten_seconds_doubling_up_to_five_minutes() {
     let (first, max) = (Duration::from_secs(10), Duration::from_secs(300));

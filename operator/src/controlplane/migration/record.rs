@@ -122,6 +122,11 @@ pub struct MigrationRecord {
     /// How far the target has applied the source's oplog.
     #[serde(default)]
     pub oplog_position: Option<OplogPosition>,
+    /// When this attempt's catch-up began (the control plane's clock, ms): its budget
+    /// (`Tuning::catch_up_timeout`) counts from here, across control-plane restarts. A
+    /// record from before the budget has none: its catch-up counts from its next round.
+    #[serde(default)]
+    pub catch_up_started_ms: Option<u64>,
     /// When the source's oplog pin lapses unless renewed (the source's clock).
     #[serde(default)]
     pub pin_expires_ms: Option<u64>,
@@ -181,6 +186,7 @@ impl MigrationRecord {
             copy_cursor: None,
             first_page_index: None,
             oplog_position: None,
+            catch_up_started_ms: None,
             pin_expires_ms: None,
             fence_index: None,
             idempotency_since_ms: None,
@@ -204,6 +210,7 @@ impl MigrationRecord {
         self.copy_cursor = None;
         self.first_page_index = None;
         self.oplog_position = None;
+        self.catch_up_started_ms = None;
         self.fence_index = None;
         self.idempotency_since_ms = None;
         self.hold_started_ms = None;
@@ -353,5 +360,16 @@ mod tests {
             "step":"Hold","phase":"Holding","attempt":2,"startedAtMs":9}"#;
         let m: MigrationRecord = serde_json::from_str(minimal).unwrap();
         assert_eq!((m.step, m.attempt, m.hold_deadline_ms), (Step::Hold, 2, None));
+        // A catch-up recorded before its budget existed: no start, counted from now on.
+        let older = r#"{"id":"m","db":"d","fromReplicaSet":"a","toReplicaSet":"b","fromEpoch":1,
+            "step":"CatchUp","phase":"CatchingUp","attempt":1,"startedAtMs":9,"lagOps":12}"#;
+        let m: MigrationRecord = serde_json::from_str(older).unwrap();
+        assert_eq!((m.step, m.lag_ops, m.catch_up_started_ms), (Step::CatchUp, 12, None));
+        let mut started = r.clone();
+        started.catch_up_started_ms = Some(42);
+        let v = serde_json::to_value(&started).unwrap();
+        assert_eq!(v["catchUpStartedMs"], 42);
+        started.restart_copy();
+        assert_eq!(started.catch_up_started_ms, None, "a new copy gets a new catch-up budget");
     }
 }

@@ -181,6 +181,104 @@ async fn a_target_gone_aborts_and_with_no_attempts_left_the_source_keeps_serving
     assert!(record.error.as_deref().unwrap().contains("replica set b no longer exists"), "{:?}", record.error);
 }
 
+/// A tenant writing faster than the catch-up applies (each round reads at most
+/// `oplog_page` changes while more are written): the lag never reaches 0, and with
+/// `hold_under` zero only a lag of 0 would hold (in the model a round takes microseconds,
+/// so any measured rate would call a large lag close). The budget spent, the attempt
+/// aborts the usual way: the route still on the source, the target's copy dropped, the
+/// reason in the record, the next attempt scheduled; once the tenant writes less, that
+/// attempt (the second) completes.
+#[tokio::test]
+async fn a_catch_up_that_never_gets_close_enough_aborts_when_its_budget_is_spent_and_is_retried() {
+    let model = Model::new();
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    model.lock().flood = 3;
+    let budget = Duration::from_millis(50);
+    let t = Tuning {
+        hold_under: Duration::ZERO,
+        catch_up_timeout: budget,
+        // The next attempt an hour away: the driver stops at it, so the test sees it.
+        retry_first: Duration::from_secs(3_600),
+        retry_max: Duration::from_secs(3_600),
+        ..tuning()
+    };
+    let began = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), driver::drive(model.as_ref(), &t, DB))
+        .await
+        .expect("the catch-up never gave up")
+        .unwrap();
+    let Outcome::WaitUntil(next) = outcome else { panic!("{outcome:?}: no retry scheduled") };
+    assert!(began.elapsed() >= budget, "gave up before its budget was spent");
+    {
+        let s = model.lock();
+        assert_eq!(s.violations, Vec::<String>::new());
+        let (route, _) = s.route.clone().unwrap();
+        assert_eq!((route.replica_set.as_str(), route.state, route.epoch), ("a", RouteState::Serving, 5));
+        assert_eq!(s.sets["a"].docs, s.expected(), "an acknowledged write is missing on the source");
+        assert!(s.sets["b"].docs.is_empty() && s.sets["b"].incoming.is_none(), "the target's copy was not dropped");
+        assert!(s.sets["a"].pins.is_empty(), "the source's oplog is still pinned");
+        let (record, _) = s.record.clone().unwrap();
+        assert_eq!((record.step, record.phase, record.attempt), (Step::Copy, Phase::Aborted, 1));
+        assert_eq!(record.next_retry_ms, Some(next));
+        assert_eq!(record.catch_up_started_ms, None, "the next attempt's catch-up gets a budget of its own");
+        let error = record.error.unwrap_or_default();
+        assert!(
+            error.starts_with("the catch-up did not get under 0 ms behind in 50 ms: ") && error.contains(" ops behind"),
+            "{error}"
+        );
+        assert!(error.contains("the lag growing by"), "the source outpaced the catch-up: {error}");
+        assert!(s.errors.iter().filter(|e| e.starts_with("the catch-up did not")).count() == 1, "{:?}", s.errors);
+    }
+    // The tenant writes less, and the retry's time comes: attempt 2 completes.
+    {
+        let mut s = model.lock();
+        s.flood = 0;
+        s.record.as_mut().unwrap().0.next_retry_ms = Some(0);
+    }
+    let (outcome, _) = run_to_end(&model, &tuning()).await;
+    assert_eq!(outcome, Outcome::Completed);
+    assert_completed(&model, 5);
+    assert_eq!(model.lock().record.as_ref().unwrap().0.attempt, 2);
+}
+
+/// The budget is persisted: a control plane that restarts in the catch-up does not start
+/// it over. A driver crashes once the record says `CatchUp`; the record's start is then
+/// moved back past the budget (the restart came late): the next driver gives up at its
+/// first round.
+#[tokio::test]
+async fn a_control_plane_restarted_in_the_catch_up_keeps_its_budget() {
+    let model = Model::new();
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    model.lock().flood = 3;
+    let t = Tuning {
+        hold_under: Duration::ZERO,
+        catch_up_timeout: Duration::from_secs(3_600),
+        retry_first: Duration::from_secs(3_600),
+        ..tuning()
+    };
+    model.lock().crash_after_saving = Some(Step::CatchUp);
+    tokio::select! {
+        r = driver::drive(model.as_ref(), &t, DB) => panic!("the driver ended before the catch-up: {r:?}"),
+        () = model.crashed.notified() => {}
+    }
+    {
+        let mut s = model.lock();
+        let record = &mut s.record.as_mut().unwrap().0;
+        let started = record.catch_up_started_ms.expect("the catch-up's start is recorded with its step");
+        assert!(started > driver::now_ms() - 60_000, "{started}");
+        record.catch_up_started_ms = Some(started - 3_600_000);
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(10), driver::drive(model.as_ref(), &t, DB))
+        .await
+        .expect("the resumed catch-up did not give up")
+        .unwrap();
+    assert!(matches!(outcome, Outcome::WaitUntil(_)), "{outcome:?}");
+    let s = model.lock();
+    let record = &s.record.as_ref().unwrap().0;
+    assert!(record.error.as_deref().unwrap_or_default().contains("behind in 1 h: "), "{:?}", record.error);
+    assert_eq!(s.route.as_ref().unwrap().0.replica_set, "a");
+}
+
 #[tokio::test]
 async fn a_cancelled_migration_rolls_back_and_is_not_retried() {
     let model = Model::new();
