@@ -1,6 +1,6 @@
 //! A replica set of datanode processes in a temporary directory.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nimbus_api::admin::{Role, Status};
@@ -12,6 +12,10 @@ use crate::poll;
 use crate::process::Datanode;
 
 pub const ZONES: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+/// How long [`Cluster::leader_post`] keeps sending a request again that no leader served:
+/// an election, on two busy cores, well within it.
+pub const LEADER_POST_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct Cluster {
     pub nodes: Vec<Datanode>,
@@ -88,6 +92,43 @@ impl Cluster {
             agreed.then_some(*leader)
         })
         .await
+    }
+
+    /// Sends a request only the leader serves, as a client does: to the member that is
+    /// leader now and, while the answer says it was not served there, again to whichever
+    /// member is leader next, for up to [`LEADER_POST_TIMEOUT`]. Leadership can move at any
+    /// time, even right after the replica set's first election when the machine is loaded;
+    /// a test that reads the leader once and asserts on its answer fails then for nothing.
+    ///
+    /// Not served: `NotLeader` (nothing was proposed), `503` (the leader lost its majority,
+    /// or the write did not commit in time: it may still commit) and no answer. A request
+    /// sent again must therefore be safe to repeat: data API writes carry
+    /// `idempotency_key`, so a resend of one that did commit is answered its first
+    /// outcome. Any other answer (a success, or an error such as `StaleRoute`) is the
+    /// caller's to assert, with the index of the member that gave it. `url` is the
+    /// request's URL on member `i`.
+    pub async fn leader_post(
+        &self,
+        url: impl Fn(usize) -> String,
+        body: &Value,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<(usize, u16, Value)> {
+        let deadline = Instant::now() + LEADER_POST_TIMEOUT;
+        let headers: Vec<(&str, &str)> =
+            idempotency_key.map(|k| (nimbus_api::data::IDEMPOTENCY_KEY_HEADER, k)).into_iter().collect();
+        loop {
+            let leader = self.wait_leader(deadline.saturating_duration_since(Instant::now())).await?;
+            let target = url(leader);
+            let (st, resp) = self.client.call(reqwest::Method::POST, &target, Some(body), &headers).await;
+            let not_served = st == 0 || st == 503 || (st == 421 && resp["error"]["code"] == "NotLeader");
+            if !not_served {
+                return Ok((leader, st, resp));
+            }
+            if Instant::now() >= deadline {
+                bail!("no leader served POST {target} within {LEADER_POST_TIMEOUT:?}; the last answer: {st} {resp}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Data API base URL of collection `coll` in database `db` on member `i`.
