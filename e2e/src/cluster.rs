@@ -1,5 +1,6 @@
 //! A replica set of datanode processes in a temporary directory.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -27,6 +28,9 @@ pub struct Cluster {
     pub secret: nimbus_net::ClusterSecret,
     pub secret_file: std::path::PathBuf,
     pub tmp: TempDir,
+    /// The member that served the last [`Cluster::leader_post`], tried first by the next
+    /// (as a client keeps the leader it found): `usize::MAX` before any.
+    last_leader: AtomicUsize,
 }
 
 impl Cluster {
@@ -51,6 +55,7 @@ impl Cluster {
             secret,
             secret_file,
             tmp,
+            last_leader: AtomicUsize::new(usize::MAX),
         };
         let members: Vec<_> = cluster.nodes.iter().map(|d| d.member()).collect();
         let (st, body) = cluster
@@ -94,11 +99,12 @@ impl Cluster {
         .await
     }
 
-    /// Sends a request only the leader serves, as a client does: to the member that is
-    /// leader now and, while the answer says it was not served there, again to whichever
-    /// member is leader next, for up to [`LEADER_POST_TIMEOUT`]. Leadership can move at any
-    /// time, even right after the replica set's first election when the machine is loaded;
-    /// a test that reads the leader once and asserts on its answer fails then for nothing.
+    /// Sends a request only the leader serves, as a client does: to the member that served
+    /// the last one (or, the first time, the member that is leader now) and, while the
+    /// answer says it was not served there, again to whichever member is leader then, for
+    /// up to [`LEADER_POST_TIMEOUT`]. Leadership can move at any time, even right after
+    /// the replica set's first election when the machine is loaded; a test that reads the
+    /// leader once and asserts on its answer fails then for nothing.
     ///
     /// Not served: `NotLeader` (nothing was proposed), `503` (the leader lost its majority,
     /// or the write did not commit in time: it may still commit) and no answer. A request
@@ -116,12 +122,18 @@ impl Cluster {
         let deadline = Instant::now() + LEADER_POST_TIMEOUT;
         let headers: Vec<(&str, &str)> =
             idempotency_key.map(|k| (nimbus_api::data::IDEMPOTENCY_KEY_HEADER, k)).into_iter().collect();
+        let mut known = Some(self.last_leader.load(Ordering::Relaxed))
+            .filter(|i| self.nodes.get(*i).is_some_and(|n| n.is_running()));
         loop {
-            let leader = self.wait_leader(deadline.saturating_duration_since(Instant::now())).await?;
+            let leader = match known.take() {
+                Some(leader) => leader,
+                None => self.wait_leader(deadline.saturating_duration_since(Instant::now())).await?,
+            };
             let target = url(leader);
             let (st, resp) = self.client.call(reqwest::Method::POST, &target, Some(body), &headers).await;
             let not_served = st == 0 || st == 503 || (st == 421 && resp["error"]["code"] == "NotLeader");
             if !not_served {
+                self.last_leader.store(leader, Ordering::Relaxed);
                 return Ok((leader, st, resp));
             }
             if Instant::now() >= deadline {
