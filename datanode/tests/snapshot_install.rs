@@ -15,7 +15,7 @@ use futures::stream;
 use nimbus_datanode::clock::ReplicaClock;
 use nimbus_datanode::raft::log_store::LogStore;
 use nimbus_datanode::raft::network::Network;
-use nimbus_datanode::raft::snapshot::{SnapshotData, data_files};
+use nimbus_datanode::raft::snapshot::{META_FILE, SnapshotData, data_files};
 use nimbus_datanode::raft::state_machine::{InstallStep, SmShared, StateMachine};
 use nimbus_datanode::raft::types::Entry;
 use nimbus_datanode::raft::{Raft, TypeConfig};
@@ -257,4 +257,109 @@ async fn a_failed_snapshot_build_answers_the_newest_snapshot_there_is() {
     let answered = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
     assert_eq!(answered.meta, first.meta, "the newest snapshot, as it was");
     assert_eq!(answered.snapshot, first.snapshot);
+}
+
+/// How many names each table file of the live state has: 1 when no snapshot holds it.
+fn table_file_links(sm: &SmShared, dir: &Path) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    sm.engine().flush().unwrap();
+    let live = dir.join("sm").join("0");
+    let tables: Vec<u64> = std::fs::read_dir(&live)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".sst"))
+        .map(|e| e.metadata().unwrap().nlink())
+        .collect();
+    assert!(!tables.is_empty(), "no table files in {}", live.display());
+    tables
+}
+
+/// A build that fails once its checkpoint is made (the disk filling up as the metadata is
+/// written, say) removes that checkpoint: its hard links would otherwise keep table files,
+/// compacted away since, on a disk that is full already, one more at each failed build.
+#[tokio::test]
+async fn a_failed_snapshot_build_leaves_no_checkpoint_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("member");
+    let mut sm = StateMachine::open(&dir, EngineOptions::default()).unwrap();
+    apply(&mut sm, 1, OLD).await;
+    let shared = sm.shared();
+    shared.fail_builds_for_tests(true);
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap_err();
+    assert_eq!(names(&dir.join("snapshots")), Vec::<String>::new(), "what the failed build left");
+    assert!(table_file_links(&shared, &dir).iter().all(|&n| n == 1), "a table file still linked elsewhere");
+
+    // With a snapshot to fall back on: only that one stays.
+    shared.fail_builds_for_tests(false);
+    let first = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let first_name = first.snapshot.dir.file_name().unwrap().to_string_lossy().into_owned();
+    apply(&mut sm, OLD + 1, NEW).await;
+    shared.fail_builds_for_tests(true);
+    let answered = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(answered.snapshot, first.snapshot);
+    assert_eq!(names(&dir.join("snapshots")), vec![first_name], "what the failed build left");
+}
+
+/// Makes a checkpoint of the live state where a build would, as a build that has not been
+/// published yet leaves it: with metadata (`meta_from`'s) when `meta_from` is given.
+fn unfinished_build(sm: &SmShared, meta_from: Option<&Path>) -> PathBuf {
+    let tmp = sm.snapshots().temp_dir();
+    sm.engine().checkpoint(&tmp).unwrap();
+    if let Some(from) = meta_from {
+        std::fs::copy(from.join(META_FILE), tmp.join(META_FILE)).unwrap();
+    }
+    tmp
+}
+
+/// A process killed mid-build leaves the build's checkpoint under its temporary name; the
+/// next start removes it (with or without its metadata) and keeps the published snapshot.
+#[tokio::test]
+async fn a_snapshot_build_cut_off_by_a_crash_is_removed_at_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("member");
+    let mut sm = StateMachine::open(&dir, EngineOptions::default()).unwrap();
+    apply(&mut sm, 1, OLD).await;
+    let published = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let published_name = published.snapshot.dir.file_name().unwrap().to_string_lossy().into_owned();
+    apply(&mut sm, OLD + 1, NEW).await;
+    let shared = sm.shared();
+    let cut_off = [unfinished_build(&shared, None), unfinished_build(&shared, Some(&published.snapshot.dir))];
+    drop((sm, shared));
+    assert!(cut_off.iter().all(|d| d.is_dir()));
+
+    let sm = StateMachine::open(&dir, EngineOptions::default()).unwrap();
+    assert_eq!(names(&dir.join("snapshots")), vec![published_name], "after the restart");
+    let shared = sm.shared();
+    assert_eq!(shared.snapshots().current().unwrap().map(|(meta, _)| meta), Some(published.meta));
+    assert!(table_file_links(&shared, &dir).iter().all(|&n| n <= 2), "a table file linked by a leftover checkpoint");
+    assert_eq!(state(&shared), ((0..NEW).collect(), Some(NEW)));
+}
+
+/// A build or an adoption in progress (here, one whose metadata is written and which is
+/// about to be renamed) is not a snapshot yet: the newest snapshot is not it, and pruning
+/// the old ones leaves it be.
+#[tokio::test]
+async fn a_snapshot_in_the_making_is_neither_answered_nor_pruned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("member");
+    let mut sm = StateMachine::open(&dir, EngineOptions::default()).unwrap();
+    apply(&mut sm, 1, 1).await;
+    let first = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let shared = sm.shared();
+    let in_making = unfinished_build(&shared, Some(&first.snapshot.dir));
+    let mut built = Vec::new();
+    for i in 2..=4 {
+        apply(&mut sm, i, i).await;
+        built.push(sm.get_snapshot_builder().await.build_snapshot().await.unwrap());
+    }
+    let newest = built.last().unwrap();
+    assert_eq!(shared.snapshots().current().unwrap().map(|(meta, _)| meta), Some(newest.meta.clone()));
+    let mut expected: Vec<String> = built[1..]
+        .iter()
+        .map(|s| &s.snapshot.dir)
+        .chain([&in_making])
+        .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    expected.sort();
+    assert_eq!(names(&dir.join("snapshots")), expected, "the two newest, and the one in the making");
 }

@@ -1,6 +1,7 @@
 //! A replica set of datanode processes in a temporary directory.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nimbus_api::admin::{Role, Status};
@@ -13,6 +14,10 @@ use crate::process::Datanode;
 
 pub const ZONES: [&str; 5] = ["a", "b", "c", "d", "e"];
 
+/// How long [`Cluster::leader_post`] keeps sending a request again that no leader served:
+/// an election, on two busy cores, well within it.
+pub const LEADER_POST_TIMEOUT: Duration = Duration::from_secs(20);
+
 pub struct Cluster {
     pub nodes: Vec<Datanode>,
     /// Talks to the members as a Nimbus component does (with the cluster secret).
@@ -23,6 +28,9 @@ pub struct Cluster {
     pub secret: nimbus_net::ClusterSecret,
     pub secret_file: std::path::PathBuf,
     pub tmp: TempDir,
+    /// The member that served the last [`Cluster::leader_post`], tried first by the next
+    /// (as a client keeps the leader it found): `usize::MAX` before any.
+    last_leader: AtomicUsize,
 }
 
 impl Cluster {
@@ -47,6 +55,7 @@ impl Cluster {
             secret,
             secret_file,
             tmp,
+            last_leader: AtomicUsize::new(usize::MAX),
         };
         let members: Vec<_> = cluster.nodes.iter().map(|d| d.member()).collect();
         let (st, body) = cluster
@@ -88,6 +97,50 @@ impl Cluster {
             agreed.then_some(*leader)
         })
         .await
+    }
+
+    /// Sends a request only the leader serves, as a client does: to the member that served
+    /// the last one (or, the first time, the member that is leader now) and, while the
+    /// answer says it was not served there, again to whichever member is leader then, for
+    /// up to [`LEADER_POST_TIMEOUT`]. Leadership can move at any time, even right after
+    /// the replica set's first election when the machine is loaded; a test that reads the
+    /// leader once and asserts on its answer fails then for nothing.
+    ///
+    /// Not served: `NotLeader` (nothing was proposed), `503` (the leader lost its majority,
+    /// or the write did not commit in time: it may still commit) and no answer. A request
+    /// sent again must therefore be safe to repeat: data API writes carry
+    /// `idempotency_key`, so a resend of one that did commit is answered its first
+    /// outcome. Any other answer (a success, or an error such as `StaleRoute`) is the
+    /// caller's to assert, with the index of the member that gave it. `url` is the
+    /// request's URL on member `i`.
+    pub async fn leader_post(
+        &self,
+        url: impl Fn(usize) -> String,
+        body: &Value,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<(usize, u16, Value)> {
+        let deadline = Instant::now() + LEADER_POST_TIMEOUT;
+        let headers: Vec<(&str, &str)> =
+            idempotency_key.map(|k| (nimbus_api::data::IDEMPOTENCY_KEY_HEADER, k)).into_iter().collect();
+        let mut known = Some(self.last_leader.load(Ordering::Relaxed))
+            .filter(|i| self.nodes.get(*i).is_some_and(|n| n.is_running()));
+        loop {
+            let leader = match known.take() {
+                Some(leader) => leader,
+                None => self.wait_leader(deadline.saturating_duration_since(Instant::now())).await?,
+            };
+            let target = url(leader);
+            let (st, resp) = self.client.call(reqwest::Method::POST, &target, Some(body), &headers).await;
+            let not_served = st == 0 || st == 503 || (st == 421 && resp["error"]["code"] == "NotLeader");
+            if !not_served {
+                self.last_leader.store(leader, Ordering::Relaxed);
+                return Ok((leader, st, resp));
+            }
+            if Instant::now() >= deadline {
+                bail!("no leader served POST {target} within {LEADER_POST_TIMEOUT:?}; the last answer: {st} {resp}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Data API base URL of collection `coll` in database `db` on member `i`.

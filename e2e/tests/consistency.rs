@@ -13,11 +13,23 @@ use serde_json::{Value, json};
 /// Long enough that a starved process on two busy cores does not trigger an election.
 const STABLE_ELECTION_MS: &str = "1000";
 
-async fn marker(cluster: &Cluster, leader: usize, db: &str) -> Value {
-    let (st, body) =
-        cluster.client.post(&format!("{}/v1/admin/checksum", cluster.nodes[leader].admin), &json!({"db": db})).await;
+/// Writes a checksum marker through the leader. Sent again when leadership moved: a second
+/// marker only records the sums once more, at a later index, and every member then holds
+/// the one answered.
+async fn marker(cluster: &Cluster, db: &str) -> Value {
+    let (_, st, body) = cluster
+        .leader_post(|i| format!("{}/v1/admin/checksum", cluster.nodes[i].admin), &json!({"db": db}), None)
+        .await
+        .unwrap();
     assert_eq!(st, 200, "{body}");
     body
+}
+
+/// POSTs `body` to `path` of collection `db.coll` through the leader, under the
+/// idempotency key `key` (the write is applied once however often it is sent); answers
+/// the member that served it and its answer.
+async fn write(cluster: &Cluster, db: &str, coll: &str, path: &str, body: &Value, key: &str) -> (usize, u16, Value) {
+    cluster.leader_post(|i| format!("{}/{path}", cluster.coll_url(i, db, coll)), body, Some(key)).await.unwrap()
 }
 
 /// Waits until every running member recorded the marker at `at["index"]`, and returns what
@@ -49,26 +61,27 @@ async fn verify(cluster: &Cluster, i: usize) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_record_the_same_checksum_and_a_changed_byte_is_found() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3, &["--election-timeout-ms", STABLE_ELECTION_MS]).await?;
-    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
-    let app = |coll: &str| cluster.coll_url(leader, "app", coll);
     let docs: Vec<Value> = (0..40).map(|i| json!({"_id": i, "n": i, "tags": [i % 3, {"k": i % 5}]})).collect();
-    let (st, body) = cluster.client.post(&format!("{}/documents", app("a")), &json!({"documents": docs})).await;
+    let (_, st, body) = write(&cluster, "app", "a", "documents", &json!({"documents": docs}), "insert-a").await;
     assert_eq!(st, 201, "{body}");
-    let (st, body) = cluster.client.post(&format!("{}/documents", app("b")), &json!({"documents": [{"x": 1}]})).await;
+    let (_, st, body) = write(&cluster, "app", "b", "documents", &json!({"documents": [{"x": 1}]}), "insert-b").await;
     assert_eq!(st, 201, "{body}");
-    for (path, body) in [
+    for (step, (path, body)) in [
         (
             "update",
             json!({"filter": {"n": {"$lt": 10}}, "update": {"$inc": {"n": 100}, "$push": {"tags": 9}}, "multi": true}),
         ),
         ("update", json!({"filter": {"_id": "new"}, "update": {"$set": {"v": 1}}, "upsert": true})),
         ("delete", json!({"filter": {"n": {"$gte": 30}}, "multi": true})),
-    ] {
-        let (st, resp) = cluster.client.post(&format!("{}/{path}", app("a")), &body).await;
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (_, st, resp) = write(&cluster, "app", "a", path, &body, &format!("change-{step}")).await;
         assert_eq!(st, 200, "{resp}");
     }
 
-    let at = marker(&cluster, leader, "app").await;
+    let at = marker(&cluster, "app").await;
     // 40, less 30..39 and the ten raised past 100, plus the upsert and b's document.
     assert_eq!(at["documents"], json!(40 - 20 + 1 + 1), "{at}");
     for r in recorded(&cluster, &at).await {
@@ -81,24 +94,24 @@ async fn replicas_record_the_same_checksum_and_a_changed_byte_is_found() -> anyh
     }
 
     // Another database's writes leave the checksum as it was; a change of one field does not.
-    let other = cluster.coll_url(leader, "other", "a");
-    let (st, _) = cluster.client.post(&format!("{other}/documents"), &json!({"documents": [{"_id": 1}]})).await;
-    assert_eq!(st, 201);
-    let again = marker(&cluster, leader, "app").await;
+    let (_, st, body) =
+        write(&cluster, "other", "a", "documents", &json!({"documents": [{"_id": 1}]}), "insert-other").await;
+    assert_eq!(st, 201, "{body}");
+    let again = marker(&cluster, "app").await;
     assert_eq!((&again["checksum"], &again["documents"]), (&at["checksum"], &at["documents"]));
     assert!(again["index"].as_u64() > at["index"].as_u64());
     let body = json!({"filter": {"_id": 12}, "update": {"$set": {"n": 13}}});
-    let (st, _) = cluster.client.post(&format!("{}/update", app("a")), &body).await;
-    assert_eq!(st, 200);
-    let changed = marker(&cluster, leader, "app").await;
+    let (_, st, resp) = write(&cluster, "app", "a", "update", &body, "change-12").await;
+    assert_eq!(st, 200, "{resp}");
+    let changed = marker(&cluster, "app").await;
     assert_ne!(changed["checksum"], at["checksum"]);
     assert_eq!(changed["documents"], at["documents"]);
 
-    // A byte changed under a stopped follower: the apply loop's sums cannot see it, the
-    // scan does.
-    let follower = (leader + 1) % 3;
-    cluster.nodes[follower].kill().await;
-    let sm = cluster.nodes[follower].dir.join("sm");
+    // A byte changed under a stopped member: the apply loop's sums cannot see it, the scan
+    // does. Any member will do, the leader too (no write follows).
+    let stopped = 1;
+    cluster.nodes[stopped].kill().await;
+    let sm = cluster.nodes[stopped].dir.join("sm");
     let live = std::fs::read_dir(&sm)?
         .filter_map(|e| e.ok())
         .find(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
@@ -113,15 +126,17 @@ async fn replicas_record_the_same_checksum_and_a_changed_byte_is_found() -> anyh
         doc["n"] = json!(16);
         db.put_cf(cf, &key, serde_json::to_vec(&doc)?)?;
     }
-    cluster.nodes[follower].restart().await?;
+    cluster.nodes[stopped].restart().await?;
     let v = poll("the restarted member to answer", Duration::from_secs(20), || async {
         let (st, body) =
-            cluster.client.get(&format!("{}/v1/admin/checksum/verify?db=app", cluster.nodes[follower].admin)).await;
+            cluster.client.get(&format!("{}/v1/admin/checksum/verify?db=app", cluster.nodes[stopped].admin)).await;
         (st == 200).then_some(body)
     })
     .await?;
     assert_eq!(v["mismatched"], json!(["a"]), "{v}");
     assert_ne!(v["recorded"]["checksum"], v["scanned"]["checksum"]);
-    assert_eq!(verify(&cluster, leader).await["mismatched"], json!([]));
+    for i in (0..3).filter(|i| *i != stopped) {
+        assert_eq!(verify(&cluster, i).await["mismatched"], json!([]), "member {i}");
+    }
     Ok(())
 }

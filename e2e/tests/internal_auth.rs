@@ -25,11 +25,14 @@ async fn state(c: &Cluster) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_datanode_port_refuses_a_caller_without_the_cluster_secret() {
     let c = Cluster::start(3, &[]).await.unwrap();
-    let leader = c.wait_leader(Duration::from_secs(10)).await.unwrap();
-    let (st, body) = c
-        .client
-        .post(&format!("{}/documents", c.coll_url(leader, "d", "c")), &json!({"documents": [{"_id": 1}]}))
-        .await;
+    let (leader, st, body) = c
+        .leader_post(
+            |i| format!("{}/documents", c.coll_url(i, "d", "c")),
+            &json!({"documents": [{"_id": 1}]}),
+            Some("d1"),
+        )
+        .await
+        .unwrap();
     assert_eq!(st, 201, "{body}");
     let before = state(&c).await;
     let strangers = [

@@ -148,6 +148,11 @@ async fn killing_the_leader_under_write_load_loses_no_acknowledged_write_and_app
     Ok(())
 }
 
+/// Where documents are inserted into `app.items` on member `i`.
+fn items(cluster: &Cluster, i: usize) -> String {
+    format!("{}/documents", cluster.coll_url(i, "app", "items"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_behind_log_compaction_catches_up_through_a_snapshot() -> anyhow::Result<()> {
     let mut cluster =
@@ -156,11 +161,10 @@ async fn a_member_behind_log_compaction_catches_up_through_a_snapshot() -> anyho
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     let lagging = (leader + 1) % 3;
     cluster.nodes[lagging].kill().await;
-    let base = cluster.coll_url(leader, "app", "items");
     // One entry per document: enough entries for several snapshots and purges.
     for i in 0..300 {
         let doc = json!({"documents": [{"_id": i, "v": "x".repeat(100)}]});
-        let (st, body) = cluster.client.post(&format!("{base}/documents"), &doc).await;
+        let (_, st, body) = cluster.leader_post(|i| items(&cluster, i), &doc, Some(&format!("item-{i}"))).await?;
         assert_eq!(st, 201, "{body}");
     }
     let leader_status =
@@ -178,8 +182,9 @@ async fn a_member_behind_log_compaction_catches_up_through_a_snapshot() -> anyho
     let s = cluster.status(lagging).await.expect("lagging member answers");
     assert!(s.snapshot_index.is_some(), "the member caught up without a snapshot: {s:?}");
     // It keeps up with new writes after the snapshot too.
-    let (st, _) = cluster.client.post(&format!("{base}/documents"), &json!({"documents": [{"_id": "after"}]})).await;
-    assert_eq!(st, 201);
+    let (_, st, body) =
+        cluster.leader_post(|i| items(&cluster, i), &json!({"documents": [{"_id": "after"}]}), Some("after")).await?;
+    assert_eq!(st, 201, "{body}");
     // The leader's status can trail its acknowledgements by a moment, so wait for the
     // document itself rather than for an applied index read from it.
     poll("the new document on the caught-up member", Duration::from_secs(10), || async {
@@ -193,10 +198,10 @@ async fn a_member_behind_log_compaction_catches_up_through_a_snapshot() -> anyho
 async fn a_learner_is_added_promoted_and_an_old_member_removed() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3, &["--election-timeout-ms", STABLE_ELECTION_MS]).await?;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
-    let base = cluster.coll_url(leader, "app", "items");
-    let (st, _) =
-        cluster.client.post(&format!("{base}/documents"), &json!({"documents": [{"_id": 1}, {"_id": 2}]})).await;
-    assert_eq!(st, 201);
+    let (_, st, body) = cluster
+        .leader_post(|i| items(&cluster, i), &json!({"documents": [{"_id": 1}, {"_id": 2}]}), Some("items-1-2"))
+        .await?;
+    assert_eq!(st, 201, "{body}");
 
     let dir = cluster.tmp.path().join("n4");
     let newcomer = Datanode::start(4, "a", "rs0", &dir, &cluster.extra_args).await?;
@@ -229,8 +234,9 @@ async fn a_learner_is_added_promoted_and_an_old_member_removed() -> anyhow::Resu
     cluster.nodes[old].kill().await;
 
     // The new member has the data and the set still commits writes.
-    let (st, _) = cluster.client.post(&format!("{base}/documents"), &json!({"documents": [{"_id": 3}]})).await;
-    assert_eq!(st, 201);
+    let (_, st, body) =
+        cluster.leader_post(|i| items(&cluster, i), &json!({"documents": [{"_id": 3}]}), Some("item-3")).await?;
+    assert_eq!(st, 201, "{body}");
     poll("every document on the new member", Duration::from_secs(10), || async {
         (cluster.local_docs(3, "app", "items").await.ok()?.len() == 3).then_some(())
     })

@@ -30,6 +30,9 @@ struct MetaFile {
     meta: SnapshotMeta,
 }
 
+/// The name prefix of a snapshot directory in the making, renamed once it is complete.
+pub const TMP_PREFIX: &str = "tmp-";
+
 /// How many snapshots to keep: the newest, and the one before it in case it is still being
 /// sent to a member.
 const KEEP: usize = 2;
@@ -43,11 +46,14 @@ pub struct SnapshotDir {
 impl SnapshotDir {
     pub fn new(root: PathBuf) -> io::Result<SnapshotDir> {
         std::fs::create_dir_all(&root)?;
-        // Leftovers of an interrupted build or adoption are not snapshots.
+        // Leftovers of a build or adoption interrupted by a crash are not snapshots, and
+        // their hard links would keep compacted table files on the disk for good. No build
+        // runs yet: this is called once, when the state machine opens.
         for e in std::fs::read_dir(&root)? {
             let e = e?;
-            if e.file_name().to_string_lossy().starts_with("tmp-") {
+            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
                 std::fs::remove_dir_all(e.path())?;
+                tracing::info!(dir = %e.path().display(), "removed an unfinished snapshot left by a crash");
             }
         }
         Ok(SnapshotDir { root })
@@ -55,7 +61,7 @@ impl SnapshotDir {
 
     /// A fresh directory for a checkpoint in the making.
     pub fn temp_dir(&self) -> PathBuf {
-        self.root.join(format!("tmp-{}", uuid::Uuid::new_v4().simple()))
+        self.root.join(format!("{TMP_PREFIX}{}", uuid::Uuid::new_v4().simple()))
     }
 
     /// Publishes a checkpoint made in `tmp` as the snapshot `meta` describes. The
@@ -94,7 +100,9 @@ impl SnapshotDir {
     fn list(&self) -> io::Result<Vec<PathBuf>> {
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(&self.root)?
             .filter_map(|e| e.ok())
-            .filter(|e| !e.file_name().to_string_lossy().starts_with("tmp-"))
+            // A snapshot being built or adopted beside this call (its metadata may be
+            // written already) is neither the newest snapshot nor one to prune.
+            .filter(|e| !e.file_name().to_string_lossy().starts_with(TMP_PREFIX))
             .map(|e| e.path())
             .filter(|p| p.join(META_FILE).exists())
             .collect();

@@ -68,7 +68,8 @@ pub struct SmShared {
     /// Held while one entry is applied, and by a snapshot while it makes its checkpoint:
     /// the checkpoint and the applied log id it is published with are then of one state.
     apply: Mutex<()>,
-    /// Tests: every snapshot build fails, as on a full disk.
+    /// Tests: every snapshot build fails once its checkpoint is made, as on a disk that
+    /// fills up while the metadata is written.
     failing_builds: std::sync::atomic::AtomicBool,
 }
 
@@ -87,7 +88,8 @@ impl SmShared {
         &self.incoming
     }
 
-    /// Tests: makes every snapshot build fail (or work again).
+    /// Tests: makes every snapshot build fail (or work again), after its checkpoint is made
+    /// and before it is published: the failure leaves a checkpoint on disk to be removed.
     #[doc(hidden)]
     pub fn fail_builds_for_tests(&self, fail: bool) {
         self.failing_builds.store(fail, std::sync::atomic::Ordering::Relaxed);
@@ -104,9 +106,6 @@ impl SmShared {
     /// stalled every write of the replica set for about half a second at each snapshot.
     /// Blocking: run it off the runtime.
     fn build_snapshot(&self) -> io::Result<Snapshot> {
-        if self.failing_builds.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(io_err("snapshot builds fail (a test says so)"));
-        }
         let started = Instant::now();
         let engine = self.engine();
         engine.flush().map_err(io_err)?;
@@ -119,6 +118,9 @@ impl SmShared {
                 StateMachine::applied(&engine)?
             };
             let paused = paused.elapsed();
+            if self.failing_builds.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(io_err("failed to publish the snapshot (a test says so)"));
+            }
             let meta = SnapshotMeta { last_log_id, last_membership };
             let data = self.snapshots.publish(&tmp, &meta)?;
             Ok::<_, io::Error>((meta, data, paused))
