@@ -167,12 +167,12 @@ fn retention_keeps_the_newest_full_before_the_window_and_the_segments_after_its_
     let segments: Vec<SegmentName> = (0..240u64).map(|h| seg("l", h, h + 1, h * HOUR, (h + 1) * HOUR)).collect();
     let listing = FullListing {
         complete: fulls.clone(),
-        incomplete: vec![FullId::new(9 * day, 99), FullId::new(9 * day + 23 * HOUR, 98)],
+        incomplete: vec![FullId::new(8 * day, 99), FullId::new(9 * day + 23 * HOUR, 98)],
     };
     let now = 10 * day;
     let d = retention(&listing, &segments, now, &RetentionPolicy::default());
     // Window start: day 3. The full ending at day 2 + 1 h is the newest before it.
-    let deleted: Vec<FullId> = fulls[..2].iter().map(|f| f.id.clone()).chain([FullId::new(9 * day, 99)]).collect();
+    let deleted: Vec<FullId> = fulls[..2].iter().map(|f| f.id.clone()).chain([FullId::new(8 * day, 99)]).collect();
     assert_eq!(d.fulls, deleted);
     // Segments wholly before that full's start (48) are deleted, the rest kept.
     assert_eq!(d.segments, segments[..48].to_vec());
