@@ -6,8 +6,8 @@ use std::io::Read;
 
 use nimbus_api::admin::OplogEntry;
 use nimbus_api::migration::{ExportPage, OplogPosition};
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::BackupError;
@@ -101,23 +101,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// JSON, then one zstd frame.
 pub(crate) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, BackupError> {
-    let json = serde_json::to_vec(value).map_err(|e| BackupError::Encode {
-        what,
-        message: e.to_string(),
-    })?;
-    zstd::bulk::compress(&json, ZSTD_LEVEL).map_err(|e| BackupError::Encode {
-        what,
-        message: e.to_string(),
-    })
+    let json = serde_json::to_vec(value).map_err(|e| BackupError::Encode { what, message: e.to_string() })?;
+    zstd::bulk::compress(&json, ZSTD_LEVEL).map_err(|e| BackupError::Encode { what, message: e.to_string() })
 }
 
 /// The inverse of [`encode`], bounded by [`MAX_DECODED_BYTES`]. `object` names the object
 /// in the error.
 pub(crate) fn decode<T: DeserializeOwned>(object: &str, bytes: &[u8]) -> Result<T, BackupError> {
-    let damaged = |message: String| BackupError::Undecodable {
-        object: object.to_string(),
-        message,
-    };
+    let damaged = |message: String| BackupError::Undecodable { object: object.to_string(), message };
     let decoder = zstd::stream::read::Decoder::new(bytes).map_err(|e| damaged(e.to_string()))?;
     let mut json = Vec::new();
     decoder

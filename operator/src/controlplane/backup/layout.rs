@@ -38,14 +38,7 @@ fn check_segment(what: &'static str, value: &str) -> Result<(), BackupError> {
         && value != "."
         && value != ".."
         && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(BackupError::InvalidName {
-            what,
-            value: value.to_string(),
-        })
-    }
+    if ok { Ok(()) } else { Err(BackupError::InvalidName { what, value: value.to_string() }) }
 }
 
 /// The backups of one database: `{prefix}/{scope}/{db}`. `scope` keeps tenants of different
@@ -68,10 +61,7 @@ impl BackupLocation {
         }
         check_segment("backup scope", scope)?;
         check_segment("database name", db)?;
-        Ok(BackupLocation {
-            root: root.join(scope).join(db),
-            db: db.to_string(),
-        })
+        Ok(BackupLocation { root: root.join(scope).join(db), db: db.to_string() })
     }
 
     pub fn db(&self) -> &str {
@@ -146,10 +136,7 @@ impl FromStr for FullId {
     type Err = BackupError;
 
     fn from_str(s: &str) -> Result<FullId, BackupError> {
-        let invalid = || BackupError::InvalidName {
-            what: "full backup id",
-            value: s.to_string(),
-        };
+        let invalid = || BackupError::InvalidName { what: "full backup id", value: s.to_string() };
         let (ms, nonce) = s.split_once('-').ok_or_else(invalid)?;
         let digits = |t: &str, n: usize, radix: u32| t.len() == n && t.chars().all(|c| c.is_digit(radix));
         if !digits(ms, 13, 10) || !digits(nonce, 8, 16) || nonce.chars().any(|c| c.is_ascii_uppercase()) {
@@ -236,7 +223,13 @@ impl SegmentName {
     pub fn file_name(&self) -> String {
         format!(
             "{:020}-{:010}_{:020}-{:010}_{:013}_{:013}_{}{SEGMENT_SUFFIX}",
-            self.after.index, self.after.seq, self.through.index, self.through.seq, self.min_ts, self.max_ts, self.sha256
+            self.after.index,
+            self.after.seq,
+            self.through.index,
+            self.through.seq,
+            self.min_ts,
+            self.max_ts,
+            self.sha256
         )
     }
 
@@ -260,14 +253,7 @@ impl SegmentName {
         if fields.next().is_some() || !is_sha256_hex(sha256) || after > through || min_ts > max_ts {
             return None;
         }
-        Some(SegmentName {
-            lineage,
-            after,
-            through,
-            min_ts,
-            max_ts,
-            sha256: sha256.to_string(),
-        })
+        Some(SegmentName { lineage, after, through, min_ts, max_ts, sha256: sha256.to_string() })
     }
 }
 
@@ -285,10 +271,7 @@ pub(crate) fn parse_full_object(location: &BackupLocation, path: &Path) -> Optio
 
 fn parse_position(s: &str) -> Option<OplogPosition> {
     let (index, seq) = s.split_once('-')?;
-    Some(OplogPosition {
-        index: parse_fixed(index, 20)?,
-        seq: u32::try_from(parse_fixed(seq, 10)?).ok()?,
-    })
+    Some(OplogPosition { index: parse_fixed(index, 20)?, seq: u32::try_from(parse_fixed(seq, 10)?).ok()? })
 }
 
 fn parse_fixed(s: &str, width: usize) -> Option<u64> {

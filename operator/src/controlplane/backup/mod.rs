@@ -54,11 +54,7 @@ pub enum BackupError {
     Missing { object: String },
     /// The bytes read are not the bytes written.
     #[error("backup object {object} is damaged: SHA-256 {actual}, expected {expected}")]
-    Damaged {
-        object: String,
-        actual: String,
-        expected: String,
-    },
+    Damaged { object: String, actual: String, expected: String },
     /// The digest matched (or there is none, for a manifest) but the content is not what
     /// this code writes.
     #[error("backup object {object} is damaged: {message}")]

@@ -147,11 +147,7 @@ fn by_lineage(segments: &[SegmentName]) -> ByLineage<'_> {
 /// full is consistent and `until_ms` is covered. Segments ending at or before the full's
 /// start hold nothing to replay but their covered time counts; they are not listed.
 fn chain<'a>(full: &FullManifest, lineage: &[&'a SegmentName], until_ms: Option<u64>) -> Chain<'a> {
-    let mut c = Chain {
-        segments: Vec::new(),
-        reached: full.start,
-        covered_ms: 0,
-    };
+    let mut c = Chain { segments: Vec::new(), reached: full.start, covered_ms: 0 };
     let done = |c: &Chain<'_>| until_ms.is_some_and(|t| c.reached >= full.end && c.covered_ms >= t);
     for s in lineage {
         if done(&c) || s.after > c.reached {
@@ -170,10 +166,8 @@ fn chain<'a>(full: &FullManifest, lineage: &[&'a SegmentName], until_ms: Option<
 fn range_of(full: &FullManifest, lineages: &ByLineage<'_>) -> Option<TimeRange> {
     let lineage = lineages.get(&full.lineage).map(Vec::as_slice).unwrap_or(&[]);
     let c = chain(full, lineage, None);
-    (c.reached >= full.end && c.covered_ms >= full.end_ms).then_some(TimeRange {
-        from_ms: full.end_ms,
-        to_ms: c.covered_ms,
-    })
+    (c.reached >= full.end && c.covered_ms >= full.end_ms)
+        .then_some(TimeRange { from_ms: full.end_ms, to_ms: c.covered_ms })
 }
 
 fn window_of(fulls: &[FullManifest], lineages: &ByLineage<'_>) -> RecoverableWindow {
@@ -235,10 +229,7 @@ pub fn plan_restore(
     let inside = window.earliest_ms().is_some_and(|e| e <= t) && window.latest_ms().is_some_and(|l| t <= l);
     match candidates.first() {
         Some(newest) if inside => Err(gap_error(newest, &lineages, t, window)),
-        _ => Err(RestoreError::OutsideWindow {
-            requested_ms: t,
-            window,
-        }),
+        _ => Err(RestoreError::OutsideWindow { requested_ms: t, window }),
     }
 }
 
@@ -266,10 +257,7 @@ pub struct RetentionPolicy {
 
 impl Default for RetentionPolicy {
     fn default() -> RetentionPolicy {
-        RetentionPolicy {
-            window_ms: 7 * 24 * 3_600_000,
-            incomplete_grace_ms: 24 * 3_600_000,
-        }
+        RetentionPolicy { window_ms: 7 * 24 * 3_600_000, incomplete_grace_ms: 24 * 3_600_000 }
     }
 }
 
@@ -287,19 +275,16 @@ pub struct Deletions {
 /// start, the newest one (whatever its chain) and each one a restore to some time in the
 /// window could pick (its chain covers a time no newer such full's covers); every segment of
 /// a kept full's lineage after the oldest kept start, and every segment covering a time in
-/// the window. Incomplete fulls are deleted once their grace period is over.
+/// the window. Incomplete fulls are deleted once their grace period is over, damaged ones
+/// once they started before the window.
 pub fn retention(listing: &FullListing, segments: &[SegmentName], now_ms: u64, policy: &RetentionPolicy) -> Deletions {
     let window_start = now_ms.saturating_sub(policy.window_ms);
     let lineages = by_lineage(segments);
 
     let mut old: Vec<&FullManifest> = listing.complete.iter().filter(|f| f.end_ms <= window_start).collect();
     old.sort_by(|a, b| (b.end_ms, &b.id).cmp(&(a.end_ms, &a.id)));
-    let mut kept: BTreeSet<&FullId> = listing
-        .complete
-        .iter()
-        .filter(|f| f.end_ms > window_start)
-        .map(|f| &f.id)
-        .collect();
+    let mut kept: BTreeSet<&FullId> =
+        listing.complete.iter().filter(|f| f.end_ms > window_start).map(|f| &f.id).collect();
     // Newest first: a restore to T >= window start picks the newest old full covering T,
     // so an older one is needed only where it covers past every newer one.
     let mut newer_reach: Option<u64> = None;
@@ -320,6 +305,13 @@ pub fn retention(listing: &FullListing, segments: &[SegmentName], now_ms: u64, p
     }
     for id in &listing.incomplete {
         if id.started_ms().saturating_add(policy.incomplete_grace_ms) < now_ms {
+            deletions.fulls.push(id.clone());
+        }
+    }
+    // Damaged fulls restore nothing; kept for a person to look at until they would have
+    // aged out of the window anyway.
+    for (id, _) in &listing.damaged {
+        if id.started_ms() < window_start {
             deletions.fulls.push(id.clone());
         }
     }

@@ -25,13 +25,7 @@ fn full(n: u32, lineage: &str, start: u64, end: u64, start_ms: u64, end_ms: u64)
         end_ms,
         docs: 1,
         bytes: 1,
-        pages: vec![PageEntry {
-            n: 0,
-            bytes: 1,
-            sha256: "0".repeat(64),
-            docs: 1,
-            index: start,
-        }],
+        pages: vec![PageEntry { n: 0, bytes: 1, sha256: "0".repeat(64), docs: 1, index: start }],
         checksum: None,
     }
 }
@@ -83,13 +77,7 @@ fn restore_outside_the_window_is_refused_saying_the_window() {
     assert_eq!(window.ranges, vec![TimeRange { from_ms: 112, to_ms: 160 }]);
     for t in [111, 161, 0] {
         let err = plan_restore(&fulls, &segments, RestoreTarget::Time(t)).unwrap_err();
-        assert_eq!(
-            err,
-            RestoreError::OutsideWindow {
-                requested_ms: t,
-                window: window.clone()
-            }
-        );
+        assert_eq!(err, RestoreError::OutsideWindow { requested_ms: t, window: window.clone() });
     }
     let message = plan_restore(&fulls, &segments, RestoreTarget::Time(161)).unwrap_err().to_string();
     assert_eq!(
@@ -105,10 +93,7 @@ fn restore_across_a_gap_in_the_segments_is_refused_naming_where_it_is() {
     // Positions (20, 25] were never archived.
     let segments = vec![seg("l", 0, 20, 100, 120), seg("l", 25, 40, 126, 140), seg("l", 40, 60, 141, 160)];
     let window = recoverable_window(&fulls, &segments);
-    assert_eq!(
-        window.ranges,
-        vec![TimeRange { from_ms: 112, to_ms: 120 }, TimeRange { from_ms: 135, to_ms: 160 }]
-    );
+    assert_eq!(window.ranges, vec![TimeRange { from_ms: 112, to_ms: 120 }, TimeRange { from_ms: 135, to_ms: 160 }]);
     assert!(plan_restore(&fulls, &segments, RestoreTarget::Time(120)).is_ok());
     assert!(plan_restore(&fulls, &segments, RestoreTarget::Time(135)).is_ok());
     let err = plan_restore(&fulls, &segments, RestoreTarget::Time(125)).unwrap_err();
@@ -126,10 +111,7 @@ fn restore_without_a_full_or_with_only_another_lineages_segments_is_refused() {
     // The database moved: the new lineage's full has no segment yet.
     let fulls = vec![full(1, "moved", 10, 12, 110, 112)];
     assert!(recoverable_window(&fulls, &segments).ranges.is_empty());
-    assert!(matches!(
-        plan_restore(&fulls, &segments, RestoreTarget::Latest),
-        Err(RestoreError::Gap { .. })
-    ));
+    assert!(matches!(plan_restore(&fulls, &segments, RestoreTarget::Latest), Err(RestoreError::Gap { .. })));
     assert!(matches!(
         plan_restore(&fulls, &segments, RestoreTarget::Time(150)),
         Err(RestoreError::OutsideWindow { .. })
@@ -168,11 +150,13 @@ fn retention_keeps_the_newest_full_before_the_window_and_the_segments_after_its_
     let listing = FullListing {
         complete: fulls.clone(),
         incomplete: vec![FullId::new(8 * day, 99), FullId::new(9 * day + 23 * HOUR, 98)],
+        damaged: vec![(FullId::new(day, 97), "bad".to_string()), (FullId::new(9 * day, 96), "bad".to_string())],
     };
     let now = 10 * day;
     let d = retention(&listing, &segments, now, &RetentionPolicy::default());
     // Window start: day 3. The full ending at day 2 + 1 h is the newest before it.
-    let deleted: Vec<FullId> = fulls[..2].iter().map(|f| f.id.clone()).chain([FullId::new(8 * day, 99)]).collect();
+    let deleted: Vec<FullId> =
+        fulls[..2].iter().map(|f| f.id.clone()).chain([FullId::new(8 * day, 99), FullId::new(day, 97)]).collect();
     assert_eq!(d.fulls, deleted);
     // Segments wholly before that full's start (48) are deleted, the rest kept.
     assert_eq!(d.segments, segments[..48].to_vec());
@@ -187,10 +171,7 @@ fn retention_keeps_the_newest_full_before_the_window_and_the_segments_after_its_
 fn retention_never_deletes_the_only_full_even_when_its_archive_is_broken() {
     let fulls = vec![full(1, "l", 10, 12, 110, 112)];
     let segments = vec![seg("l", 50, 60, 150, 160)];
-    let listing = FullListing {
-        complete: fulls,
-        incomplete: vec![],
-    };
+    let listing = FullListing { complete: fulls, incomplete: vec![], damaged: vec![] };
     let d = retention(&listing, &segments, 100 * HOUR, &RetentionPolicy::default());
     assert!(d.fulls.is_empty());
     assert!(d.segments.is_empty(), "segments after the kept full's start are kept: {d:?}");
@@ -245,12 +226,7 @@ fn lineage_model(k: usize, base: u64) -> impl Strategy<Value = LineageModel> {
     (cuts, extras, fulls).prop_map(move |(cuts, extras, fulls)| {
         let name = format!("l{k}");
         let cuts: Vec<u64> = cuts.into_iter().collect();
-        let mut m = LineageModel {
-            name: name.clone(),
-            base,
-            segments: Vec::new(),
-            fulls: Vec::new(),
-        };
+        let mut m = LineageModel { name: name.clone(), base, segments: Vec::new(), fulls: Vec::new() };
         for (j, w) in cuts.windows(2).enumerate() {
             let (lost, overlap, slack) = extras[j % extras.len()];
             let (after, through) = (w[0], w[1]);
@@ -293,7 +269,8 @@ fn covers(spans: &[(u64, u64)], from: u64, through: u64) -> bool {
 
 /// The plan, checked against the model: it replays exactly what the state at `t` needs.
 fn check_plan(models: &[LineageModel], plan: &RestorePlan, t: u64) -> Result<(), TestCaseError> {
-    let m = models.iter().find(|m| m.name == plan.full.lineage.as_str()).ok_or_else(|| TestCaseError::fail("lineage"))?;
+    let m =
+        models.iter().find(|m| m.name == plan.full.lineage.as_str()).ok_or_else(|| TestCaseError::fail("lineage"))?;
     prop_assert!(plan.full.end_ms <= t, "a full is restorable only from its end on");
     prop_assert!(plan.segments.iter().all(|s| s.lineage == plan.full.lineage));
     let start = plan.full.start.index;
@@ -348,7 +325,7 @@ proptest! {
         ts in proptest::collection::vec(0u64..4_200, 20),
     ) {
         let (fulls, segments) = flatten(&models);
-        let listing = FullListing { complete: fulls.clone(), incomplete: vec![] };
+        let listing = FullListing { complete: fulls.clone(), incomplete: vec![], damaged: vec![] };
         let policy = RetentionPolicy { window_ms, incomplete_grace_ms: 0 };
         let d = retention(&listing, &segments, now, &policy);
         let kept_fulls: Vec<FullManifest> = fulls.iter().filter(|f| !d.fulls.contains(&f.id)).cloned().collect();

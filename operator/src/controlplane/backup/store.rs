@@ -29,6 +29,9 @@ pub struct FullListing {
     pub complete: Vec<FullManifest>,
     /// Fulls with pages but no manifest: being written, or abandoned by a writer that died.
     pub incomplete: Vec<FullId>,
+    /// Fulls whose manifest cannot be read or trusted, with why: never restored from, shown
+    /// to a person (status, an Event) rather than failing every restore of the database.
+    pub damaged: Vec<(FullId, String)>,
 }
 
 /// A segment to archive: the database's changes in `(after, through]` of `lineage`, in
@@ -80,20 +83,15 @@ impl BackupStore {
     /// hole, positions and times in order), so a wrong one is never published.
     pub async fn put_manifest(&self, manifest: &FullManifest) -> Result<(), BackupError> {
         check_manifest(&self.location, manifest)?;
-        let bytes = serde_json::to_vec_pretty(manifest).map_err(|e| BackupError::Encode {
-            what: "backup manifest",
-            message: e.to_string(),
-        })?;
+        let bytes = serde_json::to_vec_pretty(manifest)
+            .map_err(|e| BackupError::Encode { what: "backup manifest", message: e.to_string() })?;
         self.put(&self.location.manifest(&manifest.id), bytes).await
     }
 
     /// Archives one segment of the oplog. Its name (positions, times, digest) is derived from
     /// it, so what the planner reads from listings is what the object holds.
     pub async fn put_segment(&self, segment: &NewSegment) -> Result<SegmentName, BackupError> {
-        let invalid = |message: String| BackupError::InvalidSegment {
-            db: self.location.db().to_string(),
-            message,
-        };
+        let invalid = |message: String| BackupError::InvalidSegment { db: self.location.db().to_string(), message };
         if segment.after > segment.through {
             return Err(invalid(format!("it ends ({:?}) before it starts ({:?})", segment.through, segment.after)));
         }
@@ -141,7 +139,9 @@ impl BackupStore {
         Ok(name)
     }
 
-    /// Every full of the database: complete ones (manifest read) and incomplete ones.
+    /// Every full of the database: complete ones (manifest read), incomplete ones, and
+    /// damaged ones (a manifest that does not decode or check). Fails only when the store
+    /// does.
     pub async fn list_fulls(&self) -> Result<FullListing, BackupError> {
         let prefix = self.location.fulls();
         let objects = self.list(&prefix).await?;
@@ -155,10 +155,18 @@ impl BackupStore {
         }
         let mut listing = FullListing::default();
         for (id, has_manifest) in fulls {
-            if has_manifest {
-                listing.complete.push(self.read_manifest(&id).await?);
-            } else {
+            if !has_manifest {
                 listing.incomplete.push(id);
+                continue;
+            }
+            match self.read_manifest(&id).await {
+                Ok(manifest) => listing.complete.push(manifest),
+                // Deleted since it was listed (retention running meanwhile).
+                Err(BackupError::Missing { .. }) => {}
+                Err(e @ (BackupError::Undecodable { .. } | BackupError::UnsupportedFormat { .. })) => {
+                    listing.damaged.push((id, e.to_string()))
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(listing)
@@ -168,20 +176,16 @@ impl BackupStore {
     pub async fn read_manifest(&self, id: &FullId) -> Result<FullManifest, BackupError> {
         let path = self.location.manifest(id);
         let bytes = self.get(&path).await?;
-        let manifest: FullManifest = serde_json::from_slice(&bytes).map_err(|e| BackupError::Undecodable {
-            object: path.to_string(),
-            message: e.to_string(),
-        })?;
+        let manifest: FullManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| BackupError::Undecodable { object: path.to_string(), message: e.to_string() })?;
         if &manifest.id != id {
             return Err(BackupError::Undecodable {
                 object: path.to_string(),
                 message: format!("it names full {}", manifest.id),
             });
         }
-        check_manifest(&self.location, &manifest).map_err(|e| BackupError::Undecodable {
-            object: path.to_string(),
-            message: e.to_string(),
-        })?;
+        check_manifest(&self.location, &manifest)
+            .map_err(|e| BackupError::Undecodable { object: path.to_string(), message: e.to_string() })?;
         Ok(manifest)
     }
 
@@ -210,10 +214,7 @@ impl BackupStore {
         verify(&path, &bytes, &name.sha256)?;
         let body: SegmentBody = format::decode(path.as_ref(), &bytes)?;
         if body.format > FORMAT_VERSION {
-            return Err(BackupError::UnsupportedFormat {
-                object: path.to_string(),
-                format: body.format,
-            });
+            return Err(BackupError::UnsupportedFormat { object: path.to_string(), format: body.format });
         }
         let matches = body.db == self.location.db()
             && body.lineage == name.lineage
@@ -259,27 +260,17 @@ impl BackupStore {
     }
 
     async fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<(), BackupError> {
-        self.store
-            .put(path, PutPayload::from(bytes))
-            .await
-            .map(|_| ())
-            .map_err(|source| BackupError::Store {
-                op: "write",
-                object: path.to_string(),
-                source,
-            })
+        self.store.put(path, PutPayload::from(bytes)).await.map(|_| ()).map_err(|source| BackupError::Store {
+            op: "write",
+            object: path.to_string(),
+            source,
+        })
     }
 
     async fn get(&self, path: &Path) -> Result<bytes::Bytes, BackupError> {
         let store_error = |source: object_store::Error| match source {
-            object_store::Error::NotFound { .. } => BackupError::Missing {
-                object: path.to_string(),
-            },
-            source => BackupError::Store {
-                op: "read",
-                object: path.to_string(),
-                source,
-            },
+            object_store::Error::NotFound { .. } => BackupError::Missing { object: path.to_string() },
+            source => BackupError::Store { op: "read", object: path.to_string(), source },
         };
         let got = self.store.get(path).await.map_err(store_error)?;
         got.bytes().await.map_err(store_error)
@@ -291,21 +282,13 @@ impl BackupStore {
             .map_ok(|meta| meta.location)
             .try_collect()
             .await
-            .map_err(|source| BackupError::Store {
-                op: "list",
-                object: prefix.to_string(),
-                source,
-            })
+            .map_err(|source| BackupError::Store { op: "list", object: prefix.to_string(), source })
     }
 
     async fn delete(&self, path: &Path) -> Result<(), BackupError> {
         match self.store.delete(path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(source) => Err(BackupError::Store {
-                op: "delete",
-                object: path.to_string(),
-                source,
-            }),
+            Err(source) => Err(BackupError::Store { op: "delete", object: path.to_string(), source }),
         }
     }
 }
@@ -315,19 +298,12 @@ fn verify(path: &Path, bytes: &[u8], expected: &str) -> Result<(), BackupError> 
     if actual == expected {
         Ok(())
     } else {
-        Err(BackupError::Damaged {
-            object: path.to_string(),
-            actual,
-            expected: expected.to_string(),
-        })
+        Err(BackupError::Damaged { object: path.to_string(), actual, expected: expected.to_string() })
     }
 }
 
 fn check_manifest(location: &BackupLocation, m: &FullManifest) -> Result<(), BackupError> {
-    let invalid = |message: String| BackupError::InvalidManifest {
-        id: m.id.to_string(),
-        message,
-    };
+    let invalid = |message: String| BackupError::InvalidManifest { id: m.id.to_string(), message };
     if m.format > FORMAT_VERSION {
         return Err(invalid(format!("format {} is newer than this code's {FORMAT_VERSION}", m.format)));
     }

@@ -20,10 +20,7 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let fs = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
     let location = BackupLocation::new("backups", "playground", "shop").unwrap();
-    Fixture {
-        store: BackupStore::new(Arc::new(fs), location),
-        dir,
-    }
+    Fixture { store: BackupStore::new(Arc::new(fs), location), dir }
 }
 
 fn lineage() -> Lineage {
@@ -47,10 +44,7 @@ fn entry(index: u64, ts_ms: u64) -> OplogEntry {
         ts_ms,
         db: "shop".to_string(),
         coll: Some("orders".to_string()),
-        op: OplogOp::Put {
-            id: json!(index),
-            doc: json!({"_id": index}),
-        },
+        op: OplogOp::Put { id: json!(index), doc: json!({"_id": index}) },
     }
 }
 
@@ -146,7 +140,8 @@ async fn backup_page_with_a_flipped_byte_is_refused_naming_the_object() {
     let message = err.to_string();
     assert!(matches!(err, BackupError::Damaged { .. }), "{err:?}");
     assert!(
-        message.starts_with(&format!("backup object backups/playground/shop/full/{id}/000001.page is damaged: SHA-256 ")),
+        message
+            .starts_with(&format!("backup object backups/playground/shop/full/{id}/000001.page is damaged: SHA-256 ")),
         "{message}"
     );
     assert!(message.contains(&format!("expected {}", manifest.pages[1].sha256)), "{message}");
@@ -196,10 +191,7 @@ async fn backup_full_without_a_manifest_is_incomplete_and_never_restorable() {
     assert_eq!(listing.incomplete, vec![unfinished.clone()]);
 
     // Retention deletes it once its grace is over, and never the complete one (the newest).
-    let policy = RetentionPolicy {
-        window_ms: 10_000,
-        incomplete_grace_ms: 5_000,
-    };
+    let policy = RetentionPolicy { window_ms: 10_000, incomplete_grace_ms: 5_000 };
     let segments = f.store.list_segments().await.unwrap();
     assert!(retention(&listing, &segments, 6_000, &policy).fulls.is_empty());
     let deletions = retention(&listing, &segments, 8_000, &policy);
@@ -255,23 +247,25 @@ async fn backup_refuses_wrong_manifests_and_segments_before_writing() {
     assert!(f.store.put_segment(&segment(vec![other_db], 10)).await.is_err());
     assert!(f.store.list_segments().await.unwrap().is_empty());
     // An idle segment (no change) only moves the covered time.
-    let idle = NewSegment {
-        through: OplogPosition::end_of(10),
-        ..segment(vec![], 99)
-    };
+    let idle = NewSegment { through: OplogPosition::end_of(10), ..segment(vec![], 99) };
     let name = f.store.put_segment(&idle).await.unwrap();
     assert_eq!((name.min_ts, name.max_ts), (99, 99));
     assert!(f.store.read_segment(&name).await.unwrap().is_empty());
 }
 
 #[tokio::test]
-async fn backup_manifest_of_another_database_is_refused_when_read() {
+async fn backup_manifest_damaged_is_listed_as_damaged_not_restorable() {
     let f = fixture();
     let id = FullId::new(1_000, 1);
     write_full(&f.store, &id, true).await;
     let file = file_ending(f.dir.path(), "manifest.json");
     let text = std::fs::read_to_string(&file).unwrap().replace("\"shop\"", "\"other\"");
     std::fs::write(&file, text).unwrap();
-    let err = f.store.list_fulls().await.unwrap_err();
-    assert!(err.to_string().contains("manifest.json is damaged"), "{err}");
+    let listing = f.store.list_fulls().await.unwrap();
+    assert!(listing.complete.is_empty() && listing.incomplete.is_empty(), "{listing:?}");
+    assert_eq!(listing.damaged.len(), 1);
+    assert_eq!(listing.damaged[0].0, id);
+    assert!(listing.damaged[0].1.contains("manifest.json is damaged"), "{listing:?}");
+    let err = f.store.read_manifest(&id).await.unwrap_err();
+    assert!(err.to_string().contains("of database \"other\""), "{err}");
 }
