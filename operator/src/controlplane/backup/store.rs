@@ -310,14 +310,25 @@ fn check_manifest(location: &BackupLocation, m: &FullManifest) -> Result<(), Bac
     if m.db != location.db() {
         return Err(invalid(format!("it is of database {:?}, not {:?}", m.db, location.db())));
     }
-    if m.pages.is_empty() {
+    let (Some(first), Some(last)) = (m.pages.first(), m.pages.last()) else {
         return Err(invalid("it lists no page".to_string()));
-    }
+    };
+    let (first, last) = (first.index, last.index);
     if let Some((i, p)) = m.pages.iter().enumerate().find(|(i, p)| p.n as usize != *i) {
         return Err(invalid(format!("page {} is listed at place {i}: pages are numbered from 0 without a hole", p.n)));
     }
     if m.start > m.end || m.start_ms > m.end_ms {
         return Err(invalid("it ends before it starts".to_string()));
+    }
+    if m.pages.windows(2).any(|w| w[0].index > w[1].index) {
+        return Err(invalid("its pages' snapshot indexes go backwards".to_string()));
+    }
+    // The replay starts after the first page's snapshot and is consistent after the last's
+    // (see `FullManifest`): anything else would restore a state no time had.
+    if m.start != OplogPosition::end_of(first) || m.end != OplogPosition::end_of(last) {
+        return Err(invalid(format!(
+            "start and end must be the ends of the first and last pages' snapshot indexes ({first}, {last})"
+        )));
     }
     if let Some(p) = m.pages.iter().find(|p| !super::layout::is_sha256_hex(&p.sha256)) {
         return Err(invalid(format!("page {} has no valid SHA-256", p.n)));

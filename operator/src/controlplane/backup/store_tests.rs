@@ -222,6 +222,10 @@ async fn backup_refuses_wrong_manifests_and_segments_before_writing() {
     manifest.pages.remove(0);
     let err = f.store.put_manifest(&manifest).await.unwrap_err();
     assert!(err.to_string().contains("without a hole"), "{err}");
+    let mut late_start = write_full(&f.store, &id, false).await;
+    late_start.start = OplogPosition::end_of(11);
+    let err = f.store.put_manifest(&late_start).await.unwrap_err();
+    assert!(err.to_string().contains("snapshot indexes (10, 12)"), "{err}");
     manifest.pages.clear();
     assert!(f.store.put_manifest(&manifest).await.is_err());
     assert!(f.store.list_fulls().await.unwrap().complete.is_empty());
