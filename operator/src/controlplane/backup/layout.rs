@@ -334,4 +334,36 @@ mod tests {
         let tmp = Path::from(format!("{}#1", path.as_ref()));
         assert_eq!(SegmentName::parse(&loc, &tmp), None);
     }
+
+    proptest::proptest! {
+        /// Any segment's name reads back as itself, and names sort as positions do (what a
+        /// listing's order relies on).
+        #[test]
+        fn segment_names_read_back_and_sort_by_position(
+            a in (proptest::prelude::any::<u64>(), proptest::prelude::any::<u32>()),
+            b in (proptest::prelude::any::<u64>(), proptest::prelude::any::<u32>()),
+            ts in (0u64..10_000_000_000_000, 0u64..10_000_000_000_000),
+        ) {
+            let loc = location();
+            let (after, through) = {
+                let (x, y) = (OplogPosition { index: a.0, seq: a.1 }, OplogPosition { index: b.0, seq: b.1 });
+                (x.min(y), x.max(y))
+            };
+            let name = SegmentName {
+                lineage: Lineage::new("l").unwrap(),
+                after,
+                through,
+                min_ts: ts.0.min(ts.1),
+                max_ts: ts.0.max(ts.1),
+                sha256: "0f".repeat(32),
+            };
+            let path = loc.segment(&name);
+            proptest::prop_assert_eq!(SegmentName::parse(&loc, &path), Some(name.clone()));
+            let other = SegmentName { after: through, through, ..name.clone() };
+            proptest::prop_assert_eq!(
+                path.as_ref().cmp(loc.segment(&other).as_ref()),
+                (after, through).cmp(&(through, through))
+            );
+        }
+    }
 }
