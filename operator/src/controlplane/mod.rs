@@ -5,6 +5,7 @@
 //! [`admin::AdminClient`] and [`coord::Coordinator`].
 
 pub mod admin;
+pub mod backup;
 pub mod coord;
 pub mod driver;
 pub mod etcd_access;

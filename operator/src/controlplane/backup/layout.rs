@@ -1,0 +1,369 @@
+//! Where a backup's objects live, and what their names say (`docs/design/0004-backup.md`,
+//! "Object layout").
+//!
+//! ```text
+//! {prefix}/{scope}/{db}/full/{id}/manifest.json          written last: the full exists once it is there
+//! {prefix}/{scope}/{db}/full/{id}/{n:06}.page             zstd JSON of one export page
+//! {prefix}/{scope}/{db}/oplog/{lineage}/{after}_{through}_{min_ts:013}_{max_ts:013}_{sha256}.seg
+//!     after, through = {index:020}-{seq:010}
+//! ```
+//!
+//! Names sort in the order a restore reads them (zero-padded numbers), and a segment's
+//! name holds everything the restore planner needs (positions, times, digest), so planning
+//! a restore lists the archive without reading a segment. Every name is built here from
+//! typed values ([`BackupLocation`], [`FullId`], [`SegmentName`]) and parsed back here:
+//! nowhere else assembles a path from strings.
+
+use std::fmt;
+use std::str::FromStr;
+
+use nimbus_api::migration::OplogPosition;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+
+use super::BackupError;
+
+/// The file name of a full's manifest.
+pub const MANIFEST_NAME: &str = "manifest.json";
+const PAGE_SUFFIX: &str = ".page";
+const SEGMENT_SUFFIX: &str = ".seg";
+
+/// Checks one path segment chosen by a person or a tenant (a scope, a database, a lineage):
+/// ASCII letters, digits, `_`, `-`, `.`, not empty, not `.` or `..`, at most 128 bytes. A
+/// narrower alphabet than the object stores allow, so a name means the same on S3 and on a
+/// filesystem and can never climb out of its prefix.
+fn check_segment(what: &'static str, value: &str) -> Result<(), BackupError> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value != "."
+        && value != ".."
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if ok { Ok(()) } else { Err(BackupError::InvalidName { what, value: value.to_string() }) }
+}
+
+/// The backups of one database: `{prefix}/{scope}/{db}`. `scope` keeps tenants of different
+/// clusters or namespaces that share a bucket apart (the Kubernetes namespace, or the
+/// playground's name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupLocation {
+    root: Path,
+    db: String,
+}
+
+impl BackupLocation {
+    /// `prefix` may be empty (the bucket's root) or several segments (`a/b`); `scope` and
+    /// `db` are one segment each.
+    pub fn new(prefix: &str, scope: &str, db: &str) -> Result<BackupLocation, BackupError> {
+        let mut root = Path::default();
+        for part in prefix.split('/').filter(|p| !p.is_empty()) {
+            check_segment("backup prefix segment", part)?;
+            root = root.join(part);
+        }
+        check_segment("backup scope", scope)?;
+        check_segment("database name", db)?;
+        Ok(BackupLocation { root: root.join(scope).join(db), db: db.to_string() })
+    }
+
+    pub fn db(&self) -> &str {
+        &self.db
+    }
+
+    /// `{prefix}/{scope}/{db}`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Every full backup of the database lives under this.
+    pub fn fulls(&self) -> Path {
+        self.root.clone().join("full")
+    }
+
+    pub fn full(&self, id: &FullId) -> Path {
+        self.fulls().join(id.as_str())
+    }
+
+    pub fn manifest(&self, id: &FullId) -> Path {
+        self.full(id).join(MANIFEST_NAME)
+    }
+
+    /// Page `n` (from 0) of full `id`.
+    pub fn page(&self, id: &FullId, n: u32) -> Path {
+        self.full(id).join(format!("{n:06}{PAGE_SUFFIX}"))
+    }
+
+    /// Every oplog segment of every lineage lives under this.
+    pub fn oplog(&self) -> Path {
+        self.root.clone().join("oplog")
+    }
+
+    pub fn segment(&self, name: &SegmentName) -> Path {
+        self.oplog().join(name.lineage.as_str()).join(name.file_name())
+    }
+}
+
+/// A full backup's id: `{started_ms:013}-{nonce:08x}`. Sorts by the time the backup started;
+/// the nonce (chosen by the caller, at random) keeps two attempts started in the same
+/// millisecond (a retry on a new leader) apart, so an abandoned attempt's pages are never
+/// mixed with a completed one's.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FullId(String);
+
+impl FullId {
+    pub fn new(started_ms: u64, nonce: u32) -> FullId {
+        FullId(format!("{started_ms:013}-{nonce:08x}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// When the backup started (ms since the Unix epoch), read from the id: how retention
+    /// ages an incomplete full, which has no manifest to say.
+    pub fn started_ms(&self) -> u64 {
+        // The id was checked on construction: 13 digits, then the nonce.
+        self.0.get(..13).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for FullId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for FullId {
+    type Err = BackupError;
+
+    fn from_str(s: &str) -> Result<FullId, BackupError> {
+        let invalid = || BackupError::InvalidName { what: "full backup id", value: s.to_string() };
+        let (ms, nonce) = s.split_once('-').ok_or_else(invalid)?;
+        let digits = |t: &str, n: usize, radix: u32| t.len() == n && t.chars().all(|c| c.is_digit(radix));
+        if !digits(ms, 13, 10) || !digits(nonce, 8, 16) || nonce.chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(invalid());
+        }
+        Ok(FullId(s.to_string()))
+    }
+}
+
+// Read back from manifests: checked as when built.
+impl TryFrom<String> for FullId {
+    type Error = BackupError;
+
+    fn try_from(s: String) -> Result<FullId, BackupError> {
+        s.parse()
+    }
+}
+
+impl From<FullId> for String {
+    fn from(id: FullId) -> String {
+        id.0
+    }
+}
+
+/// An oplog lineage: the run of one database's oplog on one replica set. Oplog positions
+/// are Raft log positions of a replica set, so a database that moved (hot migration) starts
+/// a new lineage whose positions have nothing to do with the old one's; a full and the
+/// segments replayed on it must be of the same lineage. The caller names it (for example
+/// `{replica_set}.e{route_epoch}` at the time the database started being served there).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Lineage(String);
+
+impl Lineage {
+    pub fn new(name: &str) -> Result<Lineage, BackupError> {
+        check_segment("oplog lineage", name)?;
+        Ok(Lineage(name.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Lineage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Lineage {
+    type Error = BackupError;
+
+    fn try_from(s: String) -> Result<Lineage, BackupError> {
+        Lineage::new(&s)
+    }
+}
+
+impl From<Lineage> for String {
+    fn from(l: Lineage) -> String {
+        l.0
+    }
+}
+
+/// What an oplog segment's name says: it holds every change of the database in the
+/// positions `(after, through]` of `lineage`, their times are in `[min_ts, max_ts]`, and
+/// every change with a time at or before `max_ts` is at or before `through` (the archiver
+/// reads the oplog in order and the leader's times only grow, so the segment covers the
+/// database's history up to `max_ts`). A segment with no change (`after == through`, an idle
+/// database) still moves the covered time on. `sha256` is the stored object's digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SegmentName {
+    pub lineage: Lineage,
+    pub after: OplogPosition,
+    pub through: OplogPosition,
+    pub min_ts: u64,
+    pub max_ts: u64,
+    /// Lowercase hex SHA-256 of the object's bytes.
+    pub sha256: String,
+}
+
+impl SegmentName {
+    /// `{after}_{through}_{min_ts:013}_{max_ts:013}_{sha256}.seg`.
+    pub fn file_name(&self) -> String {
+        format!(
+            "{:020}-{:010}_{:020}-{:010}_{:013}_{:013}_{}{SEGMENT_SUFFIX}",
+            self.after.index,
+            self.after.seq,
+            self.through.index,
+            self.through.seq,
+            self.min_ts,
+            self.max_ts,
+            self.sha256
+        )
+    }
+
+    /// Reads a segment's name back from its path (`.../oplog/{lineage}/{file}`); `None` for
+    /// anything that is not a segment (a temporary file of an upload, a stray object), which
+    /// the listing skips.
+    pub fn parse(location: &BackupLocation, path: &Path) -> Option<SegmentName> {
+        let mut rest = path.prefix_match(&location.oplog())?;
+        let lineage = Lineage::new(rest.next()?.as_ref()).ok()?;
+        let file = rest.next()?;
+        if rest.next().is_some() {
+            return None;
+        }
+        let stem = file.as_ref().strip_suffix(SEGMENT_SUFFIX)?;
+        let mut fields = stem.split('_');
+        let after = parse_position(fields.next()?)?;
+        let through = parse_position(fields.next()?)?;
+        let min_ts = parse_fixed(fields.next()?, 13)?;
+        let max_ts = parse_fixed(fields.next()?, 13)?;
+        let sha256 = fields.next()?;
+        if fields.next().is_some() || !is_sha256_hex(sha256) || after > through || min_ts > max_ts {
+            return None;
+        }
+        Some(SegmentName { lineage, after, through, min_ts, max_ts, sha256: sha256.to_string() })
+    }
+}
+
+/// Which page of which full a path names: `(id, n)` for `.../full/{id}/{n:06}.page`,
+/// `(id, None)` for the manifest or any other object of the full.
+pub(crate) fn parse_full_object(location: &BackupLocation, path: &Path) -> Option<(FullId, Option<u32>)> {
+    let mut rest = path.prefix_match(&location.fulls())?;
+    let id: FullId = rest.next()?.as_ref().parse().ok()?;
+    let page = rest
+        .next()
+        .and_then(|file| file.as_ref().strip_suffix(PAGE_SUFFIX).and_then(|n| parse_fixed(n, 6)))
+        .and_then(|n| u32::try_from(n).ok());
+    Some((id, page))
+}
+
+fn parse_position(s: &str) -> Option<OplogPosition> {
+    let (index, seq) = s.split_once('-')?;
+    Some(OplogPosition { index: parse_fixed(index, 20)?, seq: u32::try_from(parse_fixed(seq, 10)?).ok()? })
+}
+
+fn parse_fixed(s: &str, width: usize) -> Option<u64> {
+    if s.len() != width || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+pub(crate) fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn location() -> BackupLocation {
+        BackupLocation::new("backups/v1", "team-a", "orders").unwrap()
+    }
+
+    #[test]
+    fn backup_paths_are_built_from_checked_names() {
+        let loc = location();
+        let id = FullId::new(1_700_000_000_000, 0xab);
+        assert_eq!(loc.manifest(&id).as_ref(), "backups/v1/team-a/orders/full/1700000000000-000000ab/manifest.json");
+        assert_eq!(loc.page(&id, 7).as_ref(), "backups/v1/team-a/orders/full/1700000000000-000000ab/000007.page");
+        assert_eq!(id.started_ms(), 1_700_000_000_000);
+        assert_eq!("1700000000000-000000ab".parse::<FullId>().unwrap(), id);
+        for bad in ["", "..", "a/b", "x y", "é"] {
+            assert!(BackupLocation::new("", "s", bad).is_err(), "{bad:?} accepted as a database name");
+        }
+        assert!(BackupLocation::new("../up", "s", "db").is_err());
+        for bad in ["1700000000000", "170000000000-000000ab", "1700000000000-000000AB", "1700000000000-0000zzab"] {
+            assert!(bad.parse::<FullId>().is_err(), "{bad:?} accepted as a full id");
+        }
+    }
+
+    #[test]
+    fn segment_names_round_trip_and_sort_by_position() {
+        let loc = location();
+        let name = |index: u64, seq: u32| SegmentName {
+            lineage: Lineage::new("rs-1.e3").unwrap(),
+            after: OplogPosition { index, seq },
+            through: OplogPosition { index: index + 10, seq: u32::MAX },
+            min_ts: 5,
+            max_ts: 1_700_000_000_123,
+            sha256: "ab".repeat(32),
+        };
+        let a = name(9, 2);
+        let path = loc.segment(&a);
+        assert_eq!(SegmentName::parse(&loc, &path), Some(a.clone()));
+        assert!(loc.segment(&name(9, 2)).as_ref() < loc.segment(&name(10, 0)).as_ref());
+        assert!(loc.segment(&name(99, 0)).as_ref() < loc.segment(&name(100, 0)).as_ref());
+        // Not segments: another db's, a bad digest, a temporary upload.
+        let other = BackupLocation::new("backups/v1", "team-a", "orders2").unwrap();
+        assert_eq!(SegmentName::parse(&other, &path), None);
+        let bad = Path::from(path.as_ref().replace(&"ab".repeat(32), &"zz".repeat(32)));
+        assert_eq!(SegmentName::parse(&loc, &bad), None);
+        let tmp = Path::from(format!("{}#1", path.as_ref()));
+        assert_eq!(SegmentName::parse(&loc, &tmp), None);
+    }
+
+    proptest::proptest! {
+        /// Any segment's name reads back as itself, and names sort as positions do (what a
+        /// listing's order relies on).
+        #[test]
+        fn segment_names_read_back_and_sort_by_position(
+            a in (proptest::prelude::any::<u64>(), proptest::prelude::any::<u32>()),
+            b in (proptest::prelude::any::<u64>(), proptest::prelude::any::<u32>()),
+            ts in (0u64..10_000_000_000_000, 0u64..10_000_000_000_000),
+        ) {
+            let loc = location();
+            let (after, through) = {
+                let (x, y) = (OplogPosition { index: a.0, seq: a.1 }, OplogPosition { index: b.0, seq: b.1 });
+                (x.min(y), x.max(y))
+            };
+            let name = SegmentName {
+                lineage: Lineage::new("l").unwrap(),
+                after,
+                through,
+                min_ts: ts.0.min(ts.1),
+                max_ts: ts.0.max(ts.1),
+                sha256: "0f".repeat(32),
+            };
+            let path = loc.segment(&name);
+            proptest::prop_assert_eq!(SegmentName::parse(&loc, &path), Some(name.clone()));
+            let other = SegmentName { after: through, through, ..name.clone() };
+            proptest::prop_assert_eq!(
+                path.as_ref().cmp(loc.segment(&other).as_ref()),
+                (after, through).cmp(&(through, through))
+            );
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Backup's decisions as data: restore plans, the recoverable window, retention and the
+//! adaptive full schedule; then properties over random archives (gaps, overlaps, idle
+//! segments, a database that moved to another lineage).
+
+use nimbus_api::migration::OplogPosition;
+use proptest::prelude::*;
+
+use super::*;
+
+const HOUR: u64 = 3_600_000;
+
+fn lin(name: &str) -> Lineage {
+    Lineage::new(name).unwrap()
+}
+
+fn full(n: u32, lineage: &str, start: u64, end: u64, start_ms: u64, end_ms: u64) -> FullManifest {
+    FullManifest {
+        format: FORMAT_VERSION,
+        id: FullId::new(start_ms, n),
+        db: "shop".to_string(),
+        lineage: lin(lineage),
+        start: OplogPosition::end_of(start),
+        end: OplogPosition::end_of(end),
+        start_ms,
+        end_ms,
+        docs: 1,
+        bytes: 1,
+        pages: vec![PageEntry { n: 0, bytes: 1, sha256: "0".repeat(64), docs: 1, index: start }],
+        checksum: None,
+    }
+}
+
+fn seg(lineage: &str, after: u64, through: u64, min_ts: u64, max_ts: u64) -> SegmentName {
+    SegmentName {
+        lineage: lin(lineage),
+        after: OplogPosition::end_of(after),
+        through: OplogPosition::end_of(through),
+        min_ts,
+        max_ts,
+        sha256: "0".repeat(64),
+    }
+}
+
+fn spans(plan: &RestorePlan) -> Vec<(u64, u64)> {
+    plan.segments.iter().map(|s| (s.after.index, s.through.index)).collect()
+}
+
+/// Full A (replay after 10, consistent at 12, time 112) and B (30, 35, 135); three
+/// segments covering positions (0, 60] and times through 160.
+fn archive() -> (Vec<FullManifest>, Vec<SegmentName>) {
+    let fulls = vec![full(1, "l", 10, 12, 110, 112), full(2, "l", 30, 35, 130, 135)];
+    let segments = vec![seg("l", 0, 20, 100, 120), seg("l", 20, 40, 121, 140), seg("l", 40, 60, 141, 160)];
+    (fulls, segments)
+}
+
+#[test]
+fn restore_uses_the_newest_full_ending_at_or_before_the_time_and_the_segments_through_it() {
+    let (fulls, segments) = archive();
+    let at = |t| plan_restore(&fulls, &segments, RestoreTarget::Time(t)).unwrap();
+    let p = at(150);
+    assert_eq!((p.full.id.clone(), spans(&p), p.to_ms), (fulls[1].id.clone(), vec![(20, 40), (40, 60)], 150));
+    // The segment ending before B's start holds nothing B needs, and the time is covered by
+    // the second segment: the third is not read.
+    assert_eq!(spans(&at(140)), vec![(20, 40)]);
+    // Before B's end, A.
+    let p = at(130);
+    assert_eq!((p.full.id.clone(), spans(&p)), (fulls[0].id.clone(), vec![(0, 20), (20, 40)]));
+    assert_eq!(spans(&at(112)), vec![(0, 20)]);
+    let latest = plan_restore(&fulls, &segments, RestoreTarget::Latest).unwrap();
+    assert_eq!((latest.full.id, latest.to_ms), (fulls[1].id.clone(), 160));
+}
+
+#[test]
+fn restore_outside_the_window_is_refused_saying_the_window() {
+    let (fulls, segments) = archive();
+    let window = recoverable_window(&fulls, &segments);
+    assert_eq!(window.ranges, vec![TimeRange { from_ms: 112, to_ms: 160 }]);
+    for t in [111, 161, 0] {
+        let err = plan_restore(&fulls, &segments, RestoreTarget::Time(t)).unwrap_err();
+        assert_eq!(err, RestoreError::OutsideWindow { requested_ms: t, window: window.clone() });
+    }
+    let message = plan_restore(&fulls, &segments, RestoreTarget::Time(161)).unwrap_err().to_string();
+    assert_eq!(
+        message,
+        "failed to plan the restore to 1970-01-01T00:00:00.161Z: outside the recoverable window \
+         (1970-01-01T00:00:00.112Z to 1970-01-01T00:00:00.16Z)"
+    );
+}
+
+#[test]
+fn restore_across_a_gap_in_the_segments_is_refused_naming_where_it_is() {
+    let fulls = vec![full(1, "l", 10, 12, 110, 112), full(2, "l", 30, 35, 130, 135)];
+    // Positions (20, 25] were never archived.
+    let segments = vec![seg("l", 0, 20, 100, 120), seg("l", 25, 40, 126, 140), seg("l", 40, 60, 141, 160)];
+    let window = recoverable_window(&fulls, &segments);
+    assert_eq!(window.ranges, vec![TimeRange { from_ms: 112, to_ms: 120 }, TimeRange { from_ms: 135, to_ms: 160 }]);
+    assert!(plan_restore(&fulls, &segments, RestoreTarget::Time(120)).is_ok());
+    assert!(plan_restore(&fulls, &segments, RestoreTarget::Time(135)).is_ok());
+    let err = plan_restore(&fulls, &segments, RestoreTarget::Time(125)).unwrap_err();
+    let RestoreError::Gap { full, after, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!((full, after.index), (&fulls[0].id, 20));
+    assert!(err.to_string().contains("has a gap after index 20"), "{err}");
+}
+
+#[test]
+fn restore_without_a_full_or_with_only_another_lineages_segments_is_refused() {
+    let (_, segments) = archive();
+    assert_eq!(plan_restore(&[], &segments, RestoreTarget::Latest), Err(RestoreError::NoFull));
+    // The database moved: the new lineage's full has no segment yet.
+    let fulls = vec![full(1, "moved", 10, 12, 110, 112)];
+    assert!(recoverable_window(&fulls, &segments).ranges.is_empty());
+    assert!(matches!(plan_restore(&fulls, &segments, RestoreTarget::Latest), Err(RestoreError::Gap { .. })));
+    assert!(matches!(
+        plan_restore(&fulls, &segments, RestoreTarget::Time(150)),
+        Err(RestoreError::OutsideWindow { .. })
+    ));
+}
+
+#[test]
+fn restore_falls_back_to_an_older_full_when_the_newer_ones_chain_is_broken() {
+    // Lineage "a" ran until 200 with its archive intact; the database moved to "b" at 150,
+    // whose full ended at 160 but whose archive lost (5, 8].
+    let fulls = vec![full(1, "a", 10, 12, 110, 112), full(2, "b", 3, 4, 155, 160)];
+    let segments = vec![seg("a", 0, 50, 100, 200), seg("b", 0, 5, 150, 170), seg("b", 8, 9, 180, 190)];
+    let p = plan_restore(&fulls, &segments, RestoreTarget::Time(180)).unwrap();
+    assert_eq!(p.full.id, fulls[0].id);
+    assert_eq!(spans(&p), vec![(0, 50)]);
+}
+
+#[test]
+fn restore_of_an_idle_database_needs_only_the_time_an_idle_segment_covers() {
+    // One page (start = end) and no change since: an empty segment moved the covered time.
+    let fulls = vec![full(1, "l", 10, 10, 110, 110)];
+    let segments = vec![seg("l", 10, 10, 500, 500)];
+    let p = plan_restore(&fulls, &segments, RestoreTarget::Time(400)).unwrap();
+    assert!(p.segments.is_empty());
+    assert_eq!(recoverable_window(&fulls, &segments).latest_ms(), Some(500));
+    assert!(plan_restore(&fulls, &segments, RestoreTarget::Time(501)).is_err());
+}
+
+#[test]
+fn retention_keeps_the_newest_full_before_the_window_and_the_segments_after_its_start() {
+    // A full a day (each 1 h long), segments every hour, for ten days; a seven-day window.
+    let day = 24 * HOUR;
+    let fulls: Vec<FullManifest> =
+        (0..10u64).map(|d| full(d as u32, "l", d * 24, d * 24 + 1, d * day, d * day + HOUR)).collect();
+    let segments: Vec<SegmentName> = (0..240u64).map(|h| seg("l", h, h + 1, h * HOUR, (h + 1) * HOUR)).collect();
+    let listing = FullListing {
+        complete: fulls.clone(),
+        incomplete: vec![FullId::new(8 * day, 99), FullId::new(9 * day + 23 * HOUR, 98)],
+        damaged: vec![(FullId::new(day, 97), "bad".to_string()), (FullId::new(9 * day, 96), "bad".to_string())],
+    };
+    let now = 10 * day;
+    let d = retention(&listing, &segments, now, &RetentionPolicy::default());
+    // Window start: day 3. The full ending at day 2 + 1 h is the newest before it.
+    let deleted: Vec<FullId> =
+        fulls[..2].iter().map(|f| f.id.clone()).chain([FullId::new(8 * day, 99), FullId::new(day, 97)]).collect();
+    assert_eq!(d.fulls, deleted);
+    // Segments wholly before that full's start (48) are deleted, the rest kept.
+    assert_eq!(d.segments, segments[..48].to_vec());
+    let kept_fulls: Vec<FullManifest> = fulls[2..].to_vec();
+    let kept_segments = segments[48..].to_vec();
+    let window = recoverable_window(&kept_fulls, &kept_segments);
+    assert_eq!(window.earliest_ms(), Some(2 * day + HOUR));
+    assert!(plan_restore(&kept_fulls, &kept_segments, RestoreTarget::Time(now - 7 * day)).is_ok());
+}
+
+#[test]
+fn retention_never_deletes_the_only_full_even_when_its_archive_is_broken() {
+    let fulls = vec![full(1, "l", 10, 12, 110, 112)];
+    let segments = vec![seg("l", 50, 60, 150, 160)];
+    let listing = FullListing { complete: fulls, incomplete: vec![], damaged: vec![] };
+    let d = retention(&listing, &segments, 100 * HOUR, &RetentionPolicy::default());
+    assert!(d.fulls.is_empty());
+    assert!(d.segments.is_empty(), "segments after the kept full's start are kept: {d:?}");
+}
+
+#[test]
+fn full_backups_are_due_more_often_when_more_is_written() {
+    let policy = FullPolicy::default();
+    let gib = 1u64 << 30;
+    let t0 = 1_000 * HOUR;
+    // No full of this lineage yet: due at once.
+    assert!(full_due(None, 0, gib, t0, &policy));
+    // Quiet: only after the max interval.
+    assert!(!full_due(Some(t0), 0, gib, t0 + 23 * HOUR, &policy));
+    assert!(full_due(Some(t0), 0, gib, t0 + 24 * HOUR, &policy));
+    // Busy: once the oplog since the last full reaches half the database...
+    assert!(!full_due(Some(t0), gib / 2 - 1, gib, t0 + HOUR, &policy));
+    assert!(full_due(Some(t0), gib / 2, gib, t0 + HOUR, &policy));
+    // ...but never within the minimum interval...
+    assert!(!full_due(Some(t0), 10 * gib, gib, t0 + 60_000, &policy));
+    // ...and a small database needs at least the minimum oplog.
+    assert!(!full_due(Some(t0), 1 << 20, 1 << 20, t0 + HOUR, &policy));
+    assert!(full_due(Some(t0), 64 << 20, 1 << 20, t0 + HOUR, &policy));
+}
+
+// Properties over random archives.
+//
+// Model: lineage `k` has Raft indexes 1..=n; index `i` was written at `base_k + 10 i` ms. Its
+// archive is cut at boundaries `b_0 < ... < b_m`; segment `j` holds `(b_j, b_{j+1}]` and
+// covers up to `time(b_{j+1}) + slack` (slack < 10: before the next write). Some segments
+// are lost (gaps), some repeated as a larger overlapping one. Fulls start and end at random
+// indexes of the archived range.
+
+#[derive(Debug, Clone)]
+struct LineageModel {
+    name: String,
+    base: u64,
+    segments: Vec<SegmentName>,
+    fulls: Vec<FullManifest>,
+}
+
+impl LineageModel {
+    fn time(&self, index: u64) -> u64 {
+        self.base + 10 * index
+    }
+}
+
+fn lineage_model(k: usize, base: u64) -> impl Strategy<Value = LineageModel> {
+    let cuts = proptest::collection::btree_set(0u64..200, 2..30);
+    let extras = proptest::collection::vec((any::<bool>(), any::<bool>(), 0u64..10), 30);
+    let fulls = proptest::collection::vec((0u64..200, 0u64..20), 0..6);
+    (cuts, extras, fulls).prop_map(move |(cuts, extras, fulls)| {
+        let name = format!("l{k}");
+        let cuts: Vec<u64> = cuts.into_iter().collect();
+        let mut m = LineageModel { name: name.clone(), base, segments: Vec::new(), fulls: Vec::new() };
+        for (j, w) in cuts.windows(2).enumerate() {
+            let (lost, overlap, slack) = extras[j % extras.len()];
+            let (after, through) = (w[0], w[1]);
+            let time = |i: u64| base + 10 * i;
+            if !(lost && j % 4 == 1) {
+                m.segments.push(seg(&name, after, through, time(after + 1), time(through) + slack));
+            }
+            if overlap && j + 2 < cuts.len() {
+                let further = cuts[j + 2];
+                m.segments.push(seg(&name, after, further, time(after + 1), time(further) + slack));
+            }
+        }
+        let (lo, hi) = (cuts[0], cuts[cuts.len() - 1]);
+        for (n, (start, len)) in fulls.into_iter().enumerate() {
+            let start = lo + start % (hi - lo + 1);
+            let end = (start + len).min(hi);
+            let f = full(n as u32 + 100 * k as u32, &name, start, end, m.time(start), m.time(end));
+            m.fulls.push(f);
+        }
+        m
+    })
+}
+
+/// One or two lineages (the second after a move, later in time).
+fn archive_model() -> impl Strategy<Value = Vec<LineageModel>> {
+    (lineage_model(0, 0), lineage_model(1, 2_100), any::<bool>())
+        .prop_map(|(a, b, moved)| if moved { vec![a, b] } else { vec![a] })
+}
+
+fn flatten(models: &[LineageModel]) -> (Vec<FullManifest>, Vec<SegmentName>) {
+    let fulls = models.iter().flat_map(|m| m.fulls.clone()).collect();
+    let segments = models.iter().flat_map(|m| m.segments.clone()).collect();
+    (fulls, segments)
+}
+
+/// Every index of `(from, through]` is inside one of the spans.
+fn covers(spans: &[(u64, u64)], from: u64, through: u64) -> bool {
+    (from + 1..=through).all(|i| spans.iter().any(|&(a, b)| a < i && i <= b))
+}
+
+/// The plan, checked against the model: it replays exactly what the state at `t` needs.
+fn check_plan(models: &[LineageModel], plan: &RestorePlan, t: u64) -> Result<(), TestCaseError> {
+    let m =
+        models.iter().find(|m| m.name == plan.full.lineage.as_str()).ok_or_else(|| TestCaseError::fail("lineage"))?;
+    prop_assert!(plan.full.end_ms <= t, "a full is restorable only from its end on");
+    prop_assert!(plan.segments.iter().all(|s| s.lineage == plan.full.lineage));
+    let start = plan.full.start.index;
+    // The last index written at or before `t` (the model's lineage may have ended before).
+    let at_t = (t.saturating_sub(m.base) / 10).min(200);
+    let needed = at_t.max(plan.full.end.index);
+    let spans = spans(plan);
+    prop_assert!(covers(&spans, start, needed), "plan {spans:?} misses changes in ({start}, {needed}]");
+    // Contiguous from the start: each segment begins where the ones before reached.
+    let mut reached = start;
+    for &(a, b) in &spans {
+        prop_assert!(a <= reached, "segment ({a}, {b}] after a hole at {reached}");
+        reached = reached.max(b);
+    }
+    // Nothing read past what is needed: without the last segment, not enough.
+    if let Some((_, rest)) = spans.split_last() {
+        let short = rest.iter().map(|&(_, b)| b).max().unwrap_or(start).max(start);
+        let (_, rest_segments) = plan.segments.split_last().ok_or_else(|| TestCaseError::fail("no last"))?;
+        let rest_covered = rest_segments.iter().map(|s| s.max_ts).max().unwrap_or(0);
+        prop_assert!(short < needed || rest_covered < t, "the last segment was not needed");
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn restore_plans_replay_exactly_from_the_full_to_the_time(models in archive_model(), ts in proptest::collection::vec(0u64..4_200, 20)) {
+        let (fulls, segments) = flatten(&models);
+        let window = recoverable_window(&fulls, &segments);
+        for t in ts.into_iter().chain(window.ranges.iter().flat_map(|r| [r.from_ms, r.to_ms, r.to_ms + 1])) {
+            match plan_restore(&fulls, &segments, RestoreTarget::Time(t)) {
+                Ok(plan) => {
+                    prop_assert!(window.contains(t), "planned {t} outside {window:?}");
+                    check_plan(&models, &plan, t)?;
+                }
+                Err(e) => prop_assert!(!window.contains(t), "{t} in {window:?} refused: {e}"),
+            }
+        }
+        if let Ok(plan) = plan_restore(&fulls, &segments, RestoreTarget::Latest) {
+            prop_assert_eq!(Some(plan.to_ms), window.latest_ms());
+            check_plan(&models, &plan, plan.to_ms)?;
+        }
+    }
+
+    #[test]
+    fn retention_never_deletes_what_a_restore_in_the_window_needs(
+        models in archive_model(),
+        now in 0u64..4_200,
+        window_ms in 0u64..3_000,
+        ts in proptest::collection::vec(0u64..4_200, 20),
+    ) {
+        let (fulls, segments) = flatten(&models);
+        let listing = FullListing { complete: fulls.clone(), incomplete: vec![], damaged: vec![] };
+        let policy = RetentionPolicy { window_ms, incomplete_grace_ms: 0 };
+        let d = retention(&listing, &segments, now, &policy);
+        let kept_fulls: Vec<FullManifest> = fulls.iter().filter(|f| !d.fulls.contains(&f.id)).cloned().collect();
+        let kept_segments: Vec<SegmentName> = segments.iter().filter(|s| !d.segments.contains(s)).cloned().collect();
+        prop_assert!(fulls.is_empty() || !kept_fulls.is_empty(), "every full deleted");
+        let window_start = now.saturating_sub(window_ms);
+        let before = recoverable_window(&fulls, &segments);
+        let times = ts.into_iter().map(|t| window_start + t % (window_ms + 1))
+            .chain([window_start, now])
+            .chain(before.ranges.iter().flat_map(|r| [r.from_ms, r.to_ms]))
+            .filter(|t| *t >= window_start);
+        for t in times {
+            let a = plan_restore(&fulls, &segments, RestoreTarget::Time(t));
+            let b = plan_restore(&kept_fulls, &kept_segments, RestoreTarget::Time(t));
+            match (a, b) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "at {}: before {:?}, after {:?}", t, a.map(|p| p.full.id), b.map(|p| p.full.id)),
+            }
+        }
+        if before.latest_ms().is_some_and(|l| l >= window_start) {
+            let after = recoverable_window(&kept_fulls, &kept_segments);
+            prop_assert_eq!(before.latest_ms(), after.latest_ms());
+        }
+    }
+}
