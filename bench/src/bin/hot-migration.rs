@@ -68,8 +68,18 @@ struct Args {
     /// Seconds of load after it completed.
     #[arg(long, default_value_t = 5)]
     after_seconds: u64,
+    /// The niceness (0-19) given to the target replica set's datanodes, every thread:
+    /// with 19 they take only the CPU the source's leave idle, as if on machines of their
+    /// own (on a cluster the target replica set runs on other nodes). 0, the default:
+    /// both replica sets share this machine's cores equally.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
+    target_nice: u8,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Writes a second-by-second timeline here (TSV: second, phase, then p50/p99/max ms of
+    /// the tenant's writes and of the other tenant's requests): where the latency went.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
 }
 
 const TENANT: &str = "tenant";
@@ -265,6 +275,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("warning: the gateway sustains {sustained:.0} writes/s for the tenant, under the 3,000/s goal");
     }
     let write_rate = sustained * args.load_fraction;
+    out.add("target_nice", f64::from(args.target_nice), "nice");
 
     // Elections of either replica set from here on are unprovoked: nothing is killed.
     let v = two.pg.json()?;
@@ -275,6 +286,21 @@ async fn main() -> anyhow::Result<()> {
         ds.filter_map(|d| d["admin"].as_str().map(str::to_owned)).collect()
     };
     let (source_admins, target_admins) = (members(&source_rs), members(&target_rs));
+    let target_pids: Vec<u32> = v["datanodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["replicaSet"] == target_rs)
+        .filter_map(|d| d["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
+        .collect();
+    if args.target_nice > 0 {
+        let threads = renice(&target_pids, args.target_nice)?;
+        eprintln!(
+            "target replica set {target_rs}: {threads} threads of {} datanodes at nice {}",
+            target_pids.len(),
+            args.target_nice
+        );
+    }
     let mut source_elections = LeaderChanges::start(&source_admins).await?;
     let mut target_elections = LeaderChanges::start(&target_admins).await?;
 
@@ -315,6 +341,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.before_seconds)).await;
 
     // 3. The migration.
+    if args.target_nice > 0 {
+        // Threads started since (a runtime's blocking pool) inherit it, but not all.
+        renice(&target_pids, args.target_nice)?;
+    }
     let migration_start = t0.elapsed();
     let done = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch(two.clone(), t0, done.clone()));
@@ -395,6 +425,9 @@ async fn main() -> anyhow::Result<()> {
         out.add(format!("read_p99_ms_{name}"), p99, "ms");
         out.add(format!("read_max_ms_{name}"), max, "ms");
     }
+    if let Some(path) = &args.timeline {
+        write_timeline(path, &phases, &writes, &others, load_end)?;
+    }
     let (_, other_before, _) = latency_ms(&window(&others, before, migration_start));
     let (_, other_during, _) = latency_ms(&window(&others, migration_start, migration_end));
     for (name, from, to) in windows {
@@ -419,6 +452,52 @@ async fn main() -> anyhow::Result<()> {
     out.add("migration_failed_requests", failed as f64, "requests");
     out.write_json(&args.json)?;
     Ok(())
+}
+
+/// The `--timeline` file: for each second of the load, the latest migration phase seen by
+/// then and the latency of the tenant's writes and of the other tenant's requests due in
+/// that second.
+fn write_timeline(
+    path: &PathBuf,
+    phases: &Phases,
+    writes: &[Sample],
+    others: &[Sample],
+    end: Duration,
+) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let mut tsv = String::from(
+        "second\tphase\twrite_p50_ms\twrite_p99_ms\twrite_max_ms\tother_p50_ms\tother_p99_ms\tother_max_ms\n",
+    );
+    for sec in 0..end.as_secs() {
+        let (from, to) = (Duration::from_secs(sec), Duration::from_secs(sec + 1));
+        let phase =
+            phases.iter().filter(|(_, at)| **at < to).max_by_key(|(_, at)| **at).map_or("-", |(p, _)| p.as_str());
+        let (w50, w99, wmax) = latency_ms(&window(writes, from, to));
+        let (o50, o99, omax) = latency_ms(&window(others, from, to));
+        let _ = writeln!(tsv, "{sec}\t{phase}\t{w50:.1}\t{w99:.1}\t{wmax:.1}\t{o50:.1}\t{o99:.1}\t{omax:.1}");
+    }
+    std::fs::write(path, tsv).with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// Gives every thread of the processes `pids` the niceness `nice` (`renice`, util-linux:
+/// on Linux a niceness belongs to a thread, and `renice -p` sets one thread's); returns
+/// how many threads.
+fn renice(pids: &[u32], nice: u8) -> anyhow::Result<usize> {
+    let mut threads = Vec::new();
+    for pid in pids {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("datanode {pid}"))?;
+        threads.extend(tasks.filter_map(|t| t.ok()).map(|t| t.file_name().to_string_lossy().into_owned()));
+    }
+    let status = std::process::Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p"])
+        .args(&threads)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("failed to run renice (util-linux)")?;
+    if !status.success() {
+        bail!("renice -n {nice} of the target replica set's threads failed: {status}");
+    }
+    Ok(threads.len())
 }
 
 /// Inserts `{_id: id}` into `coll`, with `id` as its idempotency key.

@@ -83,6 +83,9 @@ impl LogStore {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(4);
+        // The log's own flushes and compactions written out as they go (as the state
+        // machine's: `store::engine::db_options`), so they do not stall its synced writes.
+        opts.set_bytes_per_sync(1 << 20);
         let cfs = [CF_LOGS, CF_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(io_err)?;
         let vote = match db.get_cf(cf(&db, CF_META), KEY_VOTE).map_err(io_err)? {

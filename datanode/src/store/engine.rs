@@ -80,6 +80,11 @@ pub(crate) fn db_options() -> Options {
     // state (documents, index entries and applied index of the same entries), even if
     // the unsynced WAL tail is lost in a machine crash.
     o.set_atomic_flush(true);
+    // Table files written out 1 MiB at a time as they are built, not all at their end: a
+    // flush (a snapshot flushes every column family at once) or a compaction then never
+    // leaves tens of MiB of dirty pages for one writeback, which the Raft log's fsyncs on
+    // the same disk would wait behind (RocksDB's tuning guide suggests 1 MiB).
+    o.set_bytes_per_sync(1 << 20);
     o
 }
 
