@@ -106,11 +106,11 @@ impl Cluster {
     /// the replica set's first election when the machine is loaded; a test that reads the
     /// leader once and asserts on its answer fails then for nothing.
     ///
-    /// Not served: `NotLeader` (nothing was proposed), `503` (the leader lost its majority,
-    /// or the write did not commit in time: it may still commit) and no answer. A request
-    /// sent again must therefore be safe to repeat: data API writes carry
-    /// `idempotency_key`, so a resend of one that did commit is answered its first
-    /// outcome. Any other answer (a success, or an error such as `StaleRoute`) is the
+    /// Not served: `NotLeader` (nothing was proposed); with `idempotency_key` also `503`
+    /// (the leader lost its majority, or the write did not commit in time: it may still
+    /// commit) and no answer, since a resend of a keyed write that did commit is answered
+    /// its first outcome. Without a key only `NotLeader` is sent again: anything else
+    /// may have been applied, and is the caller's to judge. Any other answer (a success, or an error such as `StaleRoute`) is the
     /// caller's to assert, with the index of the member that gave it. `url` is the
     /// request's URL on member `i`.
     pub async fn leader_post(
@@ -131,7 +131,8 @@ impl Cluster {
             };
             let target = url(leader);
             let (st, resp) = self.client.call(reqwest::Method::POST, &target, Some(body), &headers).await;
-            let not_served = st == 0 || st == 503 || (st == 421 && resp["error"]["code"] == "NotLeader");
+            let not_leader = st == 421 && resp["error"]["code"] == "NotLeader";
+            let not_served = not_leader || (idempotency_key.is_some() && (st == 0 || st == 503));
             if !not_served {
                 self.last_leader.store(leader, Ordering::Relaxed);
                 return Ok((leader, st, resp));

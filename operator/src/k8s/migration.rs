@@ -330,13 +330,15 @@ pub(super) async fn reconcile(
     if let Some(r) = record.as_ref().filter(|r| r.step == Step::Done) {
         match super::retire::remove_vacated(ctx, dbi, ns, r, status).await {
             Ok(Vacated::Kept | Vacated::Removed) => {}
-            // Said in the condition: a Pod on a lost node stays Terminating until a person
-            // (or the node's removal) deletes it, and the next move waits for this one.
+            // Said in the condition: a Pod on a lost node stays Terminating until its Node is
+            // deleted or tainted out-of-service (`retire::machine_off`), and the next move
+            // waits for this one.
             Ok(Vacated::Removing(left)) => {
                 if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == CONDITION) {
                     c.message.push_str(&format!(
                         "; removing replica set {}, emptied by the move: waiting for {} member Pods and {} volumes \
-                         to go (one on a lost node stays Terminating until it is deleted)",
+                         to go (a Pod on a lost node goes once its Node is deleted, or tainted \
+                         node.kubernetes.io/out-of-service when its machine is known to be off)",
                         r.from_replica_set, left.pods, left.volumes
                     ));
                 }

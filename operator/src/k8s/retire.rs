@@ -28,7 +28,6 @@ use tracing::{info, warn};
 
 use super::Error;
 use super::api::Objects;
-use super::failure;
 use super::instance::{Context, event};
 use super::objects::{ANNOTATION_REMOVING, LABEL_REPLICA_SET, dedicated_owner};
 use super::provisioner::already_gone;
@@ -116,10 +115,9 @@ enum Members {
 /// until no Pod uses it. Until none is, the names are taken, and the replica set made anew
 /// by a move back would meet them.
 ///
-/// A Pod no kubelet will stop (its node NotReady or gone, or Terminating past its grace
-/// period: [`failure::force_delete`], the members' rule) is deleted at once, without a
-/// grace period; else it would hold the removal, and its volume, for as long as its node
-/// stays lost. Nothing on it is needed: the database it held was verified on the target
+/// A Pod whose machine is known to be off ([`machine_off`]) is deleted at once, without a
+/// grace period; else it would hold the removal, and its volume, for as long as its Node
+/// object stays. Nothing on it is needed: the database it held was verified on the target
 /// and dropped here by the clean-up before the migration was `Done`.
 async fn delete_members(ctx: &Context, ns: &str, rs: &str, what: Members) -> Result<Left, Error> {
     let selector = ListParams::default().labels(&format!("{LABEL_REPLICA_SET}={rs}"));
@@ -128,9 +126,8 @@ async fn delete_members(ctx: &Context, ns: &str, rs: &str, what: Members) -> Res
         let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), ns);
         let listed = pods.list(&selector).await?;
         let nodes: BTreeMap<String, Node> = ctx.nodes.state().iter().map(|n| (n.name_any(), Node::clone(n))).collect();
-        let now = ctx.failover.clock.now();
         for pod in &listed {
-            if failure::force_delete(pod, &nodes, now) {
+            if machine_off(pod, &nodes) {
                 info!(replica_set = rs, pod = %pod.name_any(), "deleting a member Pod no kubelet will stop, without a grace period");
                 already_gone(pods.delete_now(&pod.name_any()).await)?;
             } else if pod.metadata.deletion_timestamp.is_none() {
@@ -146,6 +143,32 @@ async fn delete_members(ctx: &Context, ns: &str, rs: &str, what: Members) -> Res
     }
     left.volumes = listed.len();
     Ok(left)
+}
+
+/// The taint of Kubernetes' non-graceful node shutdown: a person (or a controller that
+/// knows) says the node's machine is off.
+const TAINT_OUT_OF_SERVICE: &str = "node.kubernetes.io/out-of-service";
+
+/// Whether `pod`'s machine is known to be off, so that no process of it can still run: its
+/// Node is gone from a node list that has loaded (a cloud's node controller deletes the
+/// Node of a deleted machine), or tainted [`TAINT_OUT_OF_SERVICE`]. Not merely NotReady,
+/// as the members' rule has it ([`super::failure::force_delete`]): a kubelet that stopped
+/// reporting may leave its datanode running, and a move back remakes this replica set
+/// under the same member names, whose Raft group an old process must never reach.
+fn machine_off(pod: &Pod, nodes: &BTreeMap<String, Node>) -> bool {
+    let Some(name) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else { return false };
+    if nodes.is_empty() {
+        // The watch has not listed the nodes yet (an operator just started): no verdict.
+        return false;
+    }
+    match nodes.get(name) {
+        None => true,
+        Some(node) => node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|t| t.key == TAINT_OUT_OF_SERVICE)),
+    }
 }
 
 /// The member Pods and volumes a replica set still lists (Terminating ones included).

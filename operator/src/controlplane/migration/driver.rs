@@ -548,6 +548,8 @@ impl Run<'_> {
         let began = *self.rec.catch_up_started_ms.get_or_insert_with(now_ms);
         // The first lag this driver saw, for the trend a give-up reports.
         let mut first_lag: Option<(u64, Instant)> = None;
+        // A round was close enough, but its idempotency pass too long to hold after.
+        let mut pass_too_slow = false;
         if self.rec.idempotency_since_ms.is_none() {
             // All of them once, throttled like the copy (the last ten minutes of keyed
             // writes: too many to move inside the hold).
@@ -587,6 +589,7 @@ impl Run<'_> {
                 rate_per_sec: self.rate,
                 elapsed: Duration::from_millis(now_ms().saturating_sub(began)),
                 first_lag: Some((first.0, first.1.elapsed())),
+                pass_too_slow,
             };
             let ready = match plan::catch_up_next(&view, self.tuning) {
                 plan::CatchUpNext::Hold => true,
@@ -602,11 +605,12 @@ impl Run<'_> {
                 self.rec.idempotency_since_ms = Some(self.copy_idempotency(&src, &dst, since, None).await?);
                 passed = Instant::now();
                 // A pass long enough for the oplog to fall behind again: caught up first.
-                if ready && pass.elapsed() < HOLD_AFTER_A_PASS_UNDER {
+                if ready && pass.elapsed() < plan::HOLD_AFTER_A_PASS_UNDER {
                     failpoint!("migration-catchup-after");
                     self.rec.set_step(Step::Hold);
                     return self.save().await;
                 }
+                pass_too_slow |= ready;
             }
             if saved.elapsed() >= Duration::from_secs(1) {
                 self.save().await?;
@@ -1078,11 +1082,6 @@ const HOLD_POLL: Duration = Duration::from_millis(5);
 /// How often the catch-up moves the idempotency records written since its last pass (the
 /// pass before the hold then holds only the last moments').
 const IDEMPOTENCY_PASS_EVERY: Duration = Duration::from_secs(2);
-
-/// The hold starts after an idempotency pass shorter than this (the hold's own pass moves
-/// what was written since, so about as much). Not tied to `hold_under`: a busy target's
-/// pass takes tens of milliseconds whatever the lag.
-const HOLD_AFTER_A_PASS_UNDER: Duration = Duration::from_millis(125);
 
 /// How often the migrator looks for migrations to run.
 pub const MIGRATOR_TICK: Duration = Duration::from_secs(1);

@@ -138,6 +138,11 @@ pub fn should_hold(lag: u64, rate_per_sec: f64, under: Duration) -> bool {
     (lag as f64 / rate_per_sec) < under.as_secs_f64()
 }
 
+/// The hold starts after an idempotency pass shorter than this (the hold's own pass moves
+/// what was written since, so about as much). Not tied to `hold_under`: a busy target's
+/// pass takes tens of milliseconds whatever the lag.
+pub const HOLD_AFTER_A_PASS_UNDER: Duration = Duration::from_millis(125);
+
 /// Where the catch-up stands after a round, as [`catch_up_next`] reads it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CatchUpView {
@@ -150,6 +155,11 @@ pub struct CatchUpView {
     /// The lag this driver first saw in the catch-up, and how long ago: the trend the
     /// give-up's message reports (the source gaining or losing). `None`: not known.
     pub first_lag: Option<(u64, Duration)>,
+    /// A round before this one was close enough to hold, but the idempotency pass that
+    /// must precede the hold took too long (the driver then goes round again): once the
+    /// budget is spent, that is a give-up too, or a target whose passes are always slow
+    /// would keep the source's oplog pinned for ever.
+    pub pass_too_slow: bool,
 }
 
 /// What the catch-up does after a round.
@@ -174,12 +184,23 @@ pub enum CatchUpNext {
 /// catch-up's page rhythm, so a flat but noisy lag can still dip under the bound; the
 /// budget alone bounds the hopeless case.
 pub fn catch_up_next(view: &CatchUpView, tuning: &Tuning) -> CatchUpNext {
-    if should_hold(view.lag, view.rate_per_sec, tuning.hold_under) {
+    let budget = tuning.catch_up_timeout;
+    let spent = !budget.is_zero() && view.elapsed >= budget;
+    let close = should_hold(view.lag, view.rate_per_sec, tuning.hold_under);
+    if close && !(spent && view.pass_too_slow) {
         return CatchUpNext::Hold;
     }
-    let budget = tuning.catch_up_timeout;
-    if budget.is_zero() || view.elapsed < budget {
+    if !spent {
         return CatchUpNext::Continue;
+    }
+    if close {
+        return CatchUpNext::GiveUp(format!(
+            "the catch-up got under {} behind, but the idempotency records' pass before the hold never took \
+             under {} ms in {}: the target applies them too slowly",
+            human(tuning.hold_under),
+            HOLD_AFTER_A_PASS_UNDER.as_millis(),
+            human(budget),
+        ));
     }
     let applying = if view.rate_per_sec.is_nan() || view.rate_per_sec <= 0.0 {
         "no applying rate measured".to_owned()

@@ -31,7 +31,7 @@ fn the_hold_starts_only_when_the_estimated_catch_up_is_under_half_a_second() {
 }
 
 fn view(lag: u64, rate_per_sec: f64, elapsed_secs: u64) -> CatchUpView {
-    CatchUpView { lag, rate_per_sec, elapsed: Duration::from_secs(elapsed_secs), first_lag: None }
+    CatchUpView { lag, rate_per_sec, elapsed: Duration::from_secs(elapsed_secs), first_lag: None, pass_too_slow: false }
 }
 
 #[test]
@@ -70,6 +70,20 @@ fn the_catch_up_continues_within_its_budget_holds_when_close_and_gives_up_once_s
         };
         assert_eq!(got, *want, "{v:?}");
     }
+    // Close enough before, but each idempotency pass too long to hold after: still a hold
+    // within the budget, a give-up (saying why) once it is spent.
+    let slow_passes = |elapsed| CatchUpView { pass_too_slow: true, ..view(999, 5_000.0, elapsed) };
+    assert_eq!(catch_up_next(&slow_passes(599), &t), CatchUpNext::Hold);
+    match catch_up_next(&slow_passes(600), &t) {
+        CatchUpNext::GiveUp(reason) => assert_eq!(
+            reason,
+            "the catch-up got under 0.2 s behind, but the idempotency records' pass before the hold never took \
+             under 125 ms in 10 min: the target applies them too slowly"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // A lag of 0 is no exception: the pass must still be short.
+    assert!(give_up(&CatchUpView { pass_too_slow: true, ..view(0, 0.0, 600) }));
     // No budget (zero): never gives up.
     let unbounded = Tuning { catch_up_timeout: Duration::ZERO, ..Tuning::default() };
     assert_eq!(catch_up_next(&view(41_200, 5_000.0, 1_000_000), &unbounded), CatchUpNext::Continue);
