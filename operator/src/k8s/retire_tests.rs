@@ -452,14 +452,7 @@ async fn a_member_pod_on_a_lost_node_goes_once_its_machine_is_known_to_be_off() 
         json!([{"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}]);
     w.api.put(NODES, n);
     w.sync_nodes();
-    for _ in 0..6 {
-        w.reconcile("shop").await.unwrap();
-        w.api.kubelet(NS);
-        if left_of(&w, SOLO) == GONE {
-            break;
-        }
-    }
-    assert_eq!(left_of(&w, SOLO), GONE, "the lost node's member Pod held the removal");
+    reconcile_until_removed_with_kubelet(&w, SOLO, 6).await;
     assert_eq!(removed_events(&w).len(), 1);
     // Only the emptied replica set's Pods: `big-rs0`'s member on that node is its own
     // replica set's business (the members' rule), untouched here.
