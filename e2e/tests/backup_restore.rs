@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use async_trait::async_trait;
 use nimbus_api::admin::{OplogEntry, OplogOp};
-use nimbus_api::migration::{ExportPage, ImportAnswer, ImportRequest, OplogPosition};
+use nimbus_api::migration::{ExportPage, ImportAnswer, ImportRequest, ImportStep, OplogPosition};
 use nimbus_e2e::{Cluster, poll};
 use nimbus_operator::controlplane::admin::AdminClient;
 use nimbus_operator::controlplane::backup::restore::{RestoreCause, RestoreInto, RestoreWorld, restore};
@@ -35,7 +35,7 @@ const COLLS: [&str; 3] = ["c0", "c1", "c2"];
 const EPOCH: u64 = 1;
 /// Small export pages: a full of a few pages, each from its own snapshot, with writes
 /// between them.
-const PAGE_BYTES: u64 = 200;
+const PAGE_BYTES: u64 = 48;
 /// Changes per archived segment: several segments per history.
 const SEGMENT_CHANGES: usize = 5;
 
@@ -117,8 +117,7 @@ async fn write(c: &Cluster, db: &str, model: &mut Model, w: &Write, n: usize) ->
         (_, false) => ("documents", json!({"documents": [{"_id": w.id, "v": value}]}), true),
     };
     let idem = format!("{db}-{n}");
-    let (_, st, resp) =
-        c.leader_post(|i| format!("{}/{path}", c.coll_url(i, db, coll)), &body, Some(&idem)).await?;
+    let (_, st, resp) = c.leader_post(|i| format!("{}/{path}", c.coll_url(i, db, coll)), &body, Some(&idem)).await?;
     ensure!((200..300).contains(&st), "write {n} ({path} {body}) on {db}: {st} {resp}");
     if put {
         model.state.insert(key, json!({"_id": w.id, "v": value}));
@@ -216,7 +215,13 @@ async fn archive(c: &Cluster, store: &BackupStore, db: &str) -> anyhow::Result<V
 }
 
 /// A data API request to the leader at route epoch `epoch`, tried until a leader answers.
-async fn data(c: &Cluster, method: Method, path: &str, body: Option<&Value>, epoch: u64) -> anyhow::Result<(u16, Value)> {
+async fn data(
+    c: &Cluster,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    epoch: u64,
+) -> anyhow::Result<(u16, Value)> {
     let epoch = epoch.to_string();
     poll(&format!("a leader to answer {path}"), Duration::from_secs(20), || async {
         let leader = c.wait_leader(Duration::from_secs(5)).await.ok()?;
@@ -232,8 +237,12 @@ async fn data(c: &Cluster, method: Method, path: &str, body: Option<&Value>, epo
 async fn contents(c: &Cluster, db: &str, epoch: u64) -> anyhow::Result<(BTreeSet<String>, Docs)> {
     let (st, b) = data(c, Method::GET, &format!("/v1/databases/{db}/collections"), None, epoch).await?;
     ensure!(st == 200, "collections of {db}: {st} {b}");
-    let names: BTreeSet<String> =
-        b["collections"].as_array().context("no collections")?.iter().map(|c| c["name"].as_str().unwrap().to_string()).collect();
+    let names: BTreeSet<String> = b["collections"]
+        .as_array()
+        .context("no collections")?
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
     let mut docs = Docs::new();
     for coll in &names {
         let path = format!("/v1/databases/{db}/collections/{coll}/find");
@@ -250,7 +259,12 @@ async fn contents(c: &Cluster, db: &str, epoch: u64) -> anyhow::Result<(BTreeSet
 fn times(model: &Model, db: &str, oplog: &[OplogEntry]) -> anyhow::Result<Vec<u64>> {
     let changes: Vec<&OplogEntry> =
         oplog.iter().filter(|e| matches!(e.op, OplogOp::Put { .. } | OplogOp::Delete { .. })).collect();
-    ensure!(changes.len() == model.made.len(), "{} writes but {} changes in {db}'s oplog", model.made.len(), changes.len());
+    ensure!(
+        changes.len() == model.made.len(),
+        "{} writes but {} changes in {db}'s oplog",
+        model.made.len(),
+        changes.len()
+    );
     for (e, (coll, id, put)) in changes.iter().zip(&model.made) {
         let (eid, eput) = match &e.op {
             OplogOp::Put { id, .. } => (id, true),
@@ -277,9 +291,9 @@ struct History {
 }
 
 fn history() -> impl Strategy<Value = History> {
-    let w = (0..COLLS.len(), 0u64..6, prop::bool::weighted(0.25))
-        .prop_map(|(coll, id, delete)| Write { coll, id, delete });
-    (prop::collection::vec(w, 12..36), 1usize..8, any::<prop::sample::Index>())
+    let w =
+        (0..COLLS.len(), 0u64..6, prop::bool::weighted(0.25)).prop_map(|(coll, id, delete)| Write { coll, id, delete });
+    (prop::collection::vec(w, 12..36), 2usize..14, any::<prop::sample::Index>())
         .prop_map(|(writes, before, pick)| History { writes, before, pick })
 }
 
@@ -320,10 +334,25 @@ async fn case(c: &Cluster, dir: &std::path::Path, n: usize, h: History) -> anyho
 
     // The whole database.
     let whole = format!("r{n}");
-    let outcome = restore(&world, &store, &plan, &RestoreInto::new(access(), &whole, &format!("restore-{whole}"), Some(EPOCH)))
-        .await?;
+    let outcome =
+        restore(&world, &store, &plan, &RestoreInto::new(access(), &whole, &format!("restore-{whole}"), Some(EPOCH)))
+            .await?;
     let (names, docs) = contents(c, &whole, EPOCH).await?;
-    ensure!(&docs == expected, "{whole} restored to {t} (full ends at {}):\n got {docs:?}\nwant {expected:?}", full.end_ms);
+    eprintln!(
+        "case {n}: {} writes, full of {} pages ends at {}, t = {t} (last {}), {} docs, {} changes applied, {} segments",
+        model.made.len(),
+        full.pages.len(),
+        full.end_ms,
+        times.last().unwrap(),
+        docs.len(),
+        outcome.changes_applied,
+        plan.segments.len()
+    );
+    ensure!(
+        &docs == expected,
+        "{whole} restored to {t} (full ends at {}):\n got {docs:?}\nwant {expected:?}",
+        full.end_ms
+    );
     ensure!(names.iter().all(|n| COLLS.contains(&n.as_str())), "{whole} has collections {names:?}");
     ensure!(outcome.documents == expected.len() as u64 && outcome.reached_ms <= t, "{outcome:?}");
 
@@ -423,9 +452,21 @@ async fn a_damaged_page_or_a_time_outside_the_window_restores_nothing() -> anyho
         assert!(names.is_empty() && docs.is_empty(), "{names:?} {docs:?}");
     }
 
-    // The same restore from an intact backup works, so the refusal was the damage's.
+    // The same restore from an intact backup works, so the refusal was the damage's. Left
+    // incoming (no `Finish`), the database is refused to clients until the caller finishes
+    // it.
     flip(dir.path(), page.as_ref());
+    let into = RestoreInto::new(access(), "shop-back", "restore-2", None);
     let outcome = restore(&world, &store, &plan, &into).await?;
+    assert!(!outcome.finished);
+    let (st, b) = data(&c, Method::GET, "/v1/databases/shop-back/collections", None, 0).await?;
+    assert_eq!((st, b["error"]["code"].as_str()), (421, Some("StaleRoute")), "{b}");
+    let finish = ImportRequest {
+        db: "shop-back".into(),
+        migration: "restore-2".into(),
+        step: ImportStep::Finish { epoch: EPOCH },
+    };
+    world.import(&access(), &finish).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let (_, docs) = contents(&c, "shop-back", EPOCH).await?;
     assert_eq!(docs.len(), 13, "{docs:?}");
     assert_eq!(outcome.documents, 13);

@@ -253,7 +253,8 @@ impl Names {
             nimbus_api::path::CollName::new(new)
                 .map_err(|e| invalid(format!("collection name {new:?}: {}", e.message)))?;
         }
-        let mut names = Names { only: into.collections.clone(), renames: into.renames.clone(), claimed: BTreeMap::new() };
+        let mut names =
+            Names { only: into.collections.clone(), renames: into.renames.clone(), claimed: BTreeMap::new() };
         // Collisions among the names known now; the others when met.
         let known: Vec<String> = names.only.iter().flatten().chain(names.renames.keys()).cloned().collect();
         for c in known {
@@ -269,9 +270,9 @@ impl Names {
         }
         let new = self.renames.get(coll).cloned().unwrap_or_else(|| coll.to_owned());
         match self.claimed.get(&new) {
-            Some(other) if other != coll => Err(RestoreCause::Invalid(format!(
-                "collections {other} and {coll} would both be restored as {new}"
-            ))),
+            Some(other) if other != coll => {
+                Err(RestoreCause::Invalid(format!("collections {other} and {coll} would both be restored as {new}")))
+            }
             Some(_) => Ok(Some(new)),
             None => {
                 self.claimed.insert(new.clone(), coll.to_owned());

@@ -169,7 +169,10 @@ async fn fixture(checksum: Option<String>) -> Fixture {
     let store = BackupStore::new(Arc::new(fs), BackupLocation::new("b", "s", DB).unwrap());
     let lineage = Lineage::new("rs-1.e1").unwrap();
     let pages = vec![
-        page(10, (0..6).map(|i| json!({"coll": "orders", "doc": {"_id": i, "total": i, "pad": "x".repeat(40)}})).collect()),
+        page(
+            10,
+            (0..6).map(|i| json!({"coll": "orders", "doc": {"_id": i, "total": i, "pad": "x".repeat(40)}})).collect(),
+        ),
         page(12, (0..3).map(|i| json!({"coll": "users", "doc": {"_id": i, "name": format!("u{i}")}})).collect()),
     ];
     let id = FullId::new(1_000, 1);
@@ -241,7 +244,8 @@ impl Fixture {
 }
 
 fn into() -> RestoreInto {
-    let rs = ReplicaSetAccess { namespace: String::new(), name: "rs-2".into(), leader_admin: "x".into(), members: vec![] };
+    let rs =
+        ReplicaSetAccess { namespace: String::new(), name: "rs-2".into(), leader_admin: "x".into(), members: vec![] };
     RestoreInto::new(rs, INTO, "restore-1", Some(7))
 }
 
