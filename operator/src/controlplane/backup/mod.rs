@@ -18,10 +18,13 @@
 pub mod format;
 pub mod layout;
 pub mod plan;
+pub mod restore;
 pub mod store;
 
 #[cfg(test)]
 mod plan_tests;
+#[cfg(test)]
+mod restore_tests;
 #[cfg(test)]
 mod store_tests;
 
