@@ -41,8 +41,8 @@ pub struct Archived {
 /// was nothing to store (no change and no time newer than the archive already covers).
 ///
 /// The covered time (`maxTs`): the newest change's time, and when a read found the reader
-/// caught up with the leader's applied index, the time the read was sent minus
-/// `tuning.cover_margin` (a change applied after the read was proposed no earlier than
+/// caught up with the leader's applied index, the millisecond before the read was sent,
+/// minus `tuning.cover_margin` (a change applied after the read was proposed no earlier than
 /// that, as long as the control plane's clock is within the margin of the leader's and a
 /// proposal applies within it). That is how the covered time moves on for a database
 /// nobody writes to (idle segments, `after == through`).
@@ -82,7 +82,10 @@ pub async fn archive_segment(
         pos = pos.max(page.next);
         let caught_up = page.next >= OplogPosition::end_of(page.applied_index);
         if caught_up {
-            covered = covered.max(sent_ms.saturating_sub(tuning.cover_margin.as_millis() as u64));
+            // Strictly before the read was sent: a change proposed in that very
+            // millisecond may be applied after the read.
+            let margin = tuning.cover_margin.as_millis() as u64 + 1;
+            covered = covered.max(sent_ms.saturating_sub(margin));
         }
         let now = Instant::now();
         if bytes >= tuning.segment_bytes || now >= deadline {
