@@ -69,7 +69,11 @@ fn a_backup_on_request_then_the_archive_keeps_the_window_within_seconds_of_the_l
     })
     .unwrap();
     let lag = Duration::from_millis((now_ms() - last).max(0) as u64);
-    assert!(lag <= RPO, "the last write became restorable {lag:?} after it (RPO {RPO:?}; waited {:?})", waited.elapsed());
+    assert!(
+        lag <= RPO,
+        "the last write became restorable {lag:?} after it (RPO {RPO:?}; waited {:?})",
+        waited.elapsed()
+    );
 
     // An unknown instance: refused, nothing taken.
     let out = pg.try_nimbus(&["backup", "nope"]).unwrap();

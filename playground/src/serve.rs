@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use nimbus_operator::controlplane::admin::AdminClient;
+use nimbus_operator::controlplane::backup::agent::{AgentTuning, BackupAgent};
 use nimbus_operator::controlplane::coord::Coordinator;
 use nimbus_operator::controlplane::etcd_access::{self, GATEWAY_USER, OPERATOR_USER, ROOT_USER, User};
-use nimbus_operator::controlplane::backup::agent::{AgentTuning, BackupAgent};
 use nimbus_operator::controlplane::migration::{LiveWorld, Migrator, Tuning};
 use tokio::process::Command;
 use tracing::{info, warn};

@@ -375,6 +375,8 @@ async fn full_now(
             cache.fulls.push(taken.manifest.clone());
             cache.full_taken = Some(taken.doc_bytes);
             cache.full_error = None;
+            // The archiver restarts from this full (`archive_start`).
+            cache.broken = false;
             Ok(taken.manifest)
         }
         Err(e) => {

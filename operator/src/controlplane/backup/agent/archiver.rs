@@ -98,13 +98,8 @@ pub async fn archive_segment(
     if entries.is_empty() && pos == after && covered <= state.record.covered_ms {
         return Ok(None);
     }
-    let segment = NewSegment {
-        lineage: state.record.lineage.clone(),
-        after,
-        through: pos,
-        covered_through_ms: covered,
-        entries,
-    };
+    let segment =
+        NewSegment { lineage: state.record.lineage.clone(), after, through: pos, covered_through_ms: covered, entries };
     let name = store.put_segment(&segment).await?;
     state.record.position = pos;
     state.record.covered_ms = covered;

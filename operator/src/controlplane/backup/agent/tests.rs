@@ -96,7 +96,12 @@ impl Model {
 }
 
 fn access(s: &State) -> ReplicaSetAccess {
-    ReplicaSetAccess { namespace: String::new(), name: s.replica_set.clone(), leader_admin: "leader".into(), members: vec![] }
+    ReplicaSetAccess {
+        namespace: String::new(),
+        name: s.replica_set.clone(),
+        leader_admin: "leader".into(),
+        members: vec![],
+    }
 }
 
 #[async_trait]
@@ -184,11 +189,7 @@ impl BackupWorld for Model {
         Ok(self.state().record.clone())
     }
 
-    async fn save_archive_record(
-        &self,
-        record: &ArchiveRecord,
-        expected: Option<u64>,
-    ) -> Result<Option<u64>, Failure> {
+    async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
         let mut s = self.state();
         if std::mem::take(&mut s.fail_save) {
             return Err(Failure::Transient("etcd went away".into()));

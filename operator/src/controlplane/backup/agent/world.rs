@@ -53,16 +53,20 @@ pub trait BackupWorld: Send + Sync {
     /// The replica set's leader and voters; `None` when the replica set does not exist.
     async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure>;
     async fn export(&self, rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure>;
-    async fn oplog(&self, rs: &ReplicaSetAccess, db: &str, after: OplogPosition, limit: u32)
-    -> Result<DbOplogPage, Failure>;
+    async fn oplog(
+        &self,
+        rs: &ReplicaSetAccess,
+        db: &str,
+        after: OplogPosition,
+        limit: u32,
+    ) -> Result<DbOplogPage, Failure>;
     async fn pin_oplog(&self, rs: &ReplicaSetAccess, req: &PinOplogRequest) -> Result<(), Failure>;
     async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure>;
     /// The archiver's record and its revision.
     async fn archive_record(&self, db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure>;
     /// Writes the record if its revision is still `expected` (`None`: if there is none);
     /// the new revision, or `None` when another writer changed it.
-    async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>)
-    -> Result<Option<u64>, Failure>;
+    async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure>;
 }
 
 fn from_coord(e: crate::controlplane::CoordError) -> Failure {
@@ -110,11 +114,7 @@ impl BackupWorld for LiveWorld {
         self.coord.get_json_revision(&backup_key(db)).await.map_err(from_coord)
     }
 
-    async fn save_archive_record(
-        &self,
-        record: &ArchiveRecord,
-        expected: Option<u64>,
-    ) -> Result<Option<u64>, Failure> {
+    async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
         self.coord.put_json_if(&backup_key(&record.db), record, expected).await.map_err(from_coord)
     }
 }
