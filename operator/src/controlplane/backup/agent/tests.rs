@@ -65,7 +65,7 @@ impl Model {
     fn write(&self) -> u64 {
         let mut s = self.state();
         s.next_id += 1;
-        let id = if s.next_id % 3 == 0 { s.next_id / 3 } else { s.next_id };
+        let id = if s.next_id.is_multiple_of(3) { s.next_id / 3 } else { s.next_id };
         s.applied += 1;
         let ts = now_ms().max(s.last_ts + 1);
         s.last_ts = ts;
