@@ -14,6 +14,7 @@
 //! checks them again against its state and carries them out (see [`requests`]).
 
 pub mod apply;
+pub mod backup;
 pub mod binaries;
 pub mod local;
 pub mod manifest;
@@ -310,4 +311,11 @@ async fn wait_applied(dir: &Path, wanted: &[(String, String)], timeout: Duration
 pub async fn delete(dir: &Path, names: &[String]) -> anyhow::Result<Vec<String>> {
     let (_, pg, secret) = control_plane(dir)?;
     call(&pg, &secret, "/v1/delete", &requests::DeleteRequest { instances: names.to_vec() }).await
+}
+
+/// `nimbus playground backup`: a full backup of instance `name` now; the line to print
+/// (`backup: ID at RFC3339`, the time the full restores from).
+pub async fn backup(dir: &Path, name: &str) -> anyhow::Result<Vec<String>> {
+    let (_, pg, secret) = control_plane(dir)?;
+    call(&pg, &secret, "/v1/backup", &backup::BackupRequest { instance: name.to_owned() }).await
 }

@@ -1,4 +1,4 @@
-//! The `nimbus` command: `nimbus playground up|apply|delete|zone|down` (all of Nimbus on
+//! The `nimbus` command: `nimbus playground up|apply|delete|backup|zone|down` (all of Nimbus on
 //! one machine).
 
 use std::path::PathBuf;
@@ -62,6 +62,13 @@ enum PlaygroundCommand {
         /// Instance names.
         #[arg(required = true)]
         names: Vec<String>,
+    },
+    /// Take a full backup of an instance now; prints `backup: ID at RFC3339`.
+    Backup {
+        #[arg(long, default_value = ".playground")]
+        dir: PathBuf,
+        /// Instance name.
+        name: String,
     },
     /// Stop everything `up` started (the data stays in the directory).
     Down {
@@ -155,6 +162,12 @@ async fn main() -> anyhow::Result<()> {
         }
         PlaygroundCommand::Delete { dir, names } => {
             for line in playground::delete(&dir, &names).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        PlaygroundCommand::Backup { dir, name } => {
+            for line in playground::backup(&dir, &name).await? {
                 println!("{line}");
             }
             Ok(())

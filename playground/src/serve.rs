@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use nimbus_operator::controlplane::admin::AdminClient;
+use nimbus_operator::controlplane::backup::agent::{AgentTuning, BackupAgent};
 use nimbus_operator::controlplane::coord::Coordinator;
 use nimbus_operator::controlplane::etcd_access::{self, GATEWAY_USER, OPERATOR_USER, ROOT_USER, User};
 use nimbus_operator::controlplane::migration::{LiveWorld, Migrator, Tuning};
@@ -168,7 +169,33 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
     let cp_url = format!("http://127.0.0.1:{}", st.control_plane_port);
     let shown_http = shown.clone();
     let (loop_tx, mut loop_rx) = tokio::sync::mpsc::channel::<requests::Request>(8);
+    let backup_names: crate::backup::Names = Arc::default();
     let wanted: Wanted = Arc::new(Mutex::new(st.zones.iter().map(|z| (z.clone(), ZoneState::Up)).collect()));
+    let admin = AdminClient::new(&secret);
+    let directory = Arc::new(crate::migrate::Directory::default());
+    directory.refresh(st);
+    // Backups: the operator's agent, in the background; the loop below tells it which
+    // databases to back up, and `playground.json` shows what it has (`backup`).
+    let backup_world = LiveWorld {
+        admin: admin.clone(),
+        coord: Arc::new(Coordinator::connect(&secrets.etcd(&etcd_url, OPERATOR_USER)).await?),
+        directory: directory.clone(),
+    };
+    let backups = Arc::new(
+        BackupAgent::new(
+            Arc::new(backup_world),
+            crate::backup::object_store(dir)?,
+            "",
+            crate::backup::SCOPE,
+            AgentTuning::default(),
+        )
+        .context("failed to start the backup agent")?,
+    );
+    crate::backup::refresh(&backups, &backup_names, st);
+    let (_stop_backups, backups_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(backups.clone().run(async move {
+        let _ = backups_stopped.await;
+    }));
     let app = axum::Router::new()
         .route(
             "/v1/status",
@@ -180,16 +207,14 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
         .route("/v1/zones/{zone}", axum::routing::post(set_zone))
         .with_state(ZonesApi { wanted: wanted.clone(), isolated: st.network.is_some() })
         .merge(requests::routes(loop_tx))
+        .merge(crate::backup::routes(backups.clone(), backup_names.clone()))
         // The state shown holds every token, and zones can be taken down: components only.
         .route_layer(axum::middleware::from_fn_with_state(secret.clone(), nimbus_net::cluster::require))
         .route("/healthz", axum::routing::get(|| async { "ok" }));
     tokio::spawn(async move { axum::serve(cp_listener, app).await });
 
-    let admin = AdminClient::new(&secret);
     // Hot migrations: the operator's driver, in the background; the loop below starts the
     // ones applies asked for and shows their progress (`migrate`).
-    let directory = Arc::new(crate::migrate::Directory::default());
-    directory.refresh(st);
     let world = LiveWorld {
         admin: admin.clone(),
         coord: Arc::new(Coordinator::connect(&secrets.etcd(&etcd_url, OPERATOR_USER)).await?),
@@ -236,6 +261,7 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
         directory.refresh(st);
         crate::migrate::start_wanted(&migrator, st, &led).await;
         crate::migrate::observe(&migrator, st).await;
+        crate::backup::refresh(&backups, &backup_names, st);
         st.save(dir)?;
         for (name, inst) in &st.instances {
             let is_led = led.get(&inst.replica_set).copied().unwrap_or(false);
@@ -251,7 +277,14 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
             }
             phases.insert(name.clone(), phase.to_string());
         }
-        let view = View { gateway: &gateway_url, control_plane: &cp_url, etcd: &etcd_url, zones: &zones, secrets };
+        let view = View {
+            gateway: &gateway_url,
+            control_plane: &cp_url,
+            etcd: &etcd_url,
+            zones: &zones,
+            secrets,
+            backups: &backups,
+        };
         publish(&view, st, procs, dir, &phases, &shown)?;
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -280,6 +313,7 @@ struct View<'a> {
     etcd: &'a str,
     zones: &'a BTreeMap<String, ZoneState>,
     secrets: &'a Secrets,
+    backups: &'a BackupAgent,
 }
 
 /// Writes `playground.json` and what `/v1/status` answers.
@@ -292,6 +326,11 @@ fn publish(
     shown: &Mutex<Playground>,
 ) -> anyhow::Result<()> {
     let mut pg = playground_view(st, procs, dir, phases, view.gateway, view.control_plane, view.etcd);
+    let backups = view.backups.statuses();
+    for inst in pg.instances.values_mut() {
+        // Off (or not started yet): null; on: the object, its times null until there are some.
+        inst.backup = backups.get(&inst.database).map(crate::backup::PlaygroundBackup::of);
+    }
     pg.zones = view.zones.clone();
     pg.cluster_secret_file = view.secrets.cluster_secret_file();
     state::write_atomically(&dir.join(state::PLAYGROUND_FILE), &serde_json::to_vec_pretty(&pg)?)?;
@@ -390,6 +429,7 @@ fn playground_view(
                     database: i.database.clone(),
                     pool: i.pool.clone(),
                     migration: i.migration.clone(),
+                    backup: None,
                     token: i.token.clone(),
                     read_only_token: i.read_only_token.clone(),
                     replica_set: i.replica_set.clone(),

@@ -215,6 +215,9 @@ pub struct PlaygroundInstance {
     /// The latest migration (null before the first): kept after it ends until the next.
     #[serde(default)]
     pub migration: Option<PlaygroundMigration>,
+    /// The last full backup and the recoverable window (null when backups are off).
+    #[serde(default)]
+    pub backup: Option<crate::backup::PlaygroundBackup>,
 }
 
 /// A migration as `playground.json` shows it (`API.md` section 3): the migration driver's

@@ -15,6 +15,7 @@
 //! Not here yet: taking a full from a datanode, the archiver tailing the oplog, the restore
 //! through the import protocol, the S3 client, the CRDs and the playground verbs.
 
+pub mod agent;
 pub mod format;
 pub mod layout;
 pub mod plan;

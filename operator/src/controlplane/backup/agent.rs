@@ -1,0 +1,549 @@
+//! The control plane's backup work (`docs/design/0004-backup.md`): for every database with
+//! backups on, an oplog archiver that never stops ([`archiver`]), full backups when
+//! [`full_due`](super::full_due) says so ([`full`]), retention every few minutes, and the
+//! status the instance shows (`status.backup`, `playground.json`'s `backup`).
+//!
+//! [`BackupAgent`] runs it with bounded concurrency of fulls; the playground's control
+//! plane (and later the operator) tells it which databases to back up
+//! ([`BackupAgent::set_targets`]) and asks for a full now ([`BackupAgent::backup_now`]).
+//! Everything outside goes through [`BackupWorld`], implemented for the migration's
+//! `LiveWorld`; the tests run the same code on a model (`agent/tests.rs`).
+
+pub mod archiver;
+pub mod full;
+pub mod world;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nimbus_api::migration::OplogPosition;
+use object_store::ObjectStore;
+use tokio::task::JoinHandle;
+
+pub use archiver::{ArchiveState, Archived, archive_pin_name, archive_segment};
+pub use full::{TakenFull, full_pin_name, take_full};
+pub use world::{ArchiveRecord, BACKUPS, BackupWorld, backup_key};
+
+use super::{
+    BackupError, BackupLocation, BackupStore, FullManifest, FullPolicy, Lineage, RetentionPolicy, SegmentName,
+    full_due, recoverable_window, retention,
+};
+use crate::controlplane::migration::{Failure, ReplicaSetAccess};
+
+/// The agent's knobs (`docs/backup.md`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentTuning {
+    /// Bytes of documents per exported page.
+    pub page_bytes: u64,
+    /// A full reads at most this many bytes per second from its source (0: unpaced); below
+    /// it, it slows down by itself when its pages queue behind the tenant's requests (the
+    /// migration's `CopyPacer`).
+    pub read_bytes_per_sec: u64,
+    /// ...and at least this fast, so it ends.
+    pub read_min_bytes_per_sec: u64,
+    /// A segment is closed this long after it started...
+    pub segment_time: Duration,
+    /// ...or once it holds this many bytes of changes, whichever comes first.
+    pub segment_bytes: u64,
+    /// Oplog changes per read.
+    pub oplog_page: u32,
+    /// How far behind the control plane's clock an idle segment's covered time stays (see
+    /// [`archive_segment`]).
+    pub cover_margin: Duration,
+    /// Pins on the source's oplog lapse this long after their last renewal.
+    pub pin_ttl: Duration,
+    /// How often a caught-up archiver reads again, and the scheduler looks at its targets.
+    pub poll: Duration,
+    /// The pause after a failure before trying again.
+    pub retry: Duration,
+    /// How often retention runs for each database.
+    pub retention_every: Duration,
+    /// Fulls taken at once over all databases.
+    pub max_concurrent_fulls: usize,
+    pub full_policy: FullPolicy,
+}
+
+impl Default for AgentTuning {
+    fn default() -> AgentTuning {
+        AgentTuning {
+            page_bytes: 1 << 20,
+            read_bytes_per_sec: 32 << 20,
+            read_min_bytes_per_sec: 1 << 20,
+            segment_time: Duration::from_secs(2),
+            segment_bytes: 4 << 20,
+            oplog_page: 1_000,
+            cover_margin: Duration::from_secs(1),
+            pin_ttl: Duration::from_secs(600),
+            poll: Duration::from_millis(250),
+            retry: Duration::from_secs(2),
+            retention_every: Duration::from_secs(300),
+            max_concurrent_fulls: 2,
+            full_policy: FullPolicy::default(),
+        }
+    }
+}
+
+/// Why a backup step failed. Every one is retried by the agent; [`backup_now`] returns it.
+///
+/// [`backup_now`]: BackupAgent::backup_now
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("failed to back up database {db}: it has no route (deleted, or not placed yet)")]
+    NoRoute { db: String },
+    #[error("failed to back up database {db}: replica set {replica_set} does not exist")]
+    NoReplicaSet { db: String, replica_set: String },
+    #[error("failed to back up database {db}: backups are not enabled for it")]
+    NotBackedUp { db: String },
+    #[error("failed to back up database {db}: it has more pages than a full can number")]
+    TooLarge { db: String },
+    #[error(
+        "failed to archive the oplog of database {db}: the source no longer holds it after index {} seq {}; a new full backup restarts the archive",
+        .after.index, .after.seq
+    )]
+    ArchiveBroken { db: String, after: OplogPosition },
+    #[error("failed to archive the oplog of database {db}: another archiver changed its record")]
+    Conflict { db: String },
+    #[error("failed to back up: {0}")]
+    World(Failure),
+    #[error(transparent)]
+    Store(#[from] BackupError),
+}
+
+impl From<Failure> for AgentError {
+    fn from(f: Failure) -> AgentError {
+        AgentError::World(f)
+    }
+}
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub fn now_ms() -> u64 {
+    crate::controlplane::migration::now_ms()
+}
+
+/// Where a database's backups are read from now: the leader of the replica set its route
+/// names, and the lineage of its oplog there.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub rs: ReplicaSetAccess,
+    pub lineage: Lineage,
+}
+
+/// The lineage of a route: `{replica_set}.e{epoch}` (a move raises the epoch).
+pub fn lineage_of(route: &nimbus_api::etcd::Route) -> Result<Lineage, BackupError> {
+    Lineage::new(&format!("{}.e{}", route.replica_set, route.epoch))
+}
+
+/// `db`'s source now.
+pub async fn source(world: &dyn BackupWorld, namespace: &str, db: &str) -> Result<Source, AgentError> {
+    let route = world.route(db).await?.ok_or_else(|| AgentError::NoRoute { db: db.to_owned() })?;
+    let lineage = lineage_of(&route)?;
+    let rs = world
+        .replica_set(namespace, &route.replica_set)
+        .await?
+        .ok_or_else(|| AgentError::NoReplicaSet { db: db.to_owned(), replica_set: route.replica_set.clone() })?;
+    Ok(Source { rs, lineage })
+}
+
+/// A database to back up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupTarget {
+    pub db: String,
+    /// Its replica sets' namespace (the secret the admin calls carry); empty in the
+    /// playground.
+    pub namespace: String,
+    pub retention: RetentionPolicy,
+}
+
+/// What an instance shows of its backups (times in ms since the Unix epoch).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupStatus {
+    /// When the newest complete full ended (its consistent point).
+    pub last_full_ms: Option<u64>,
+    pub earliest_restorable_ms: Option<u64>,
+    pub latest_restorable_ms: Option<u64>,
+    /// The latest failure, until the next success.
+    pub error: Option<String>,
+}
+
+/// What the agent knows of one database's backups: the store's listing, kept current by its
+/// own writes (the store is listed again at start and after retention).
+#[derive(Debug, Default)]
+struct Cache {
+    loaded: bool,
+    fulls: Vec<FullManifest>,
+    segments: Vec<SegmentName>,
+    /// From the archiver's record: for `full_due`.
+    oplog_bytes_since_full: u64,
+    db_bytes: u64,
+    /// The archive cannot go on without a new full.
+    broken: bool,
+    /// A full completed: the archiver resets its byte count and takes this size.
+    full_taken: Option<u64>,
+    archive_error: Option<String>,
+    full_error: Option<String>,
+}
+
+impl Cache {
+    fn status(&self) -> BackupStatus {
+        let window = recoverable_window(&self.fulls, &self.segments);
+        BackupStatus {
+            last_full_ms: self.fulls.iter().map(|f| f.end_ms).max(),
+            earliest_restorable_ms: window.earliest_ms(),
+            latest_restorable_ms: window.latest_ms(),
+            error: self.full_error.clone().or_else(|| self.archive_error.clone()),
+        }
+    }
+
+    fn newest_full_of(&self, lineage: &Lineage) -> Option<&FullManifest> {
+        self.fulls.iter().filter(|f| &f.lineage == lineage).max_by_key(|f| (f.end_ms, f.id.clone()))
+    }
+}
+
+/// One database's backups: its store, what is known of it, and its tasks.
+struct DbBackups {
+    target: BackupTarget,
+    store: BackupStore,
+    cache: Mutex<Cache>,
+    /// One full at a time per database (the scheduler's and `backup_now`'s).
+    full_lock: tokio::sync::Mutex<()>,
+}
+
+impl DbBackups {
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        // A poisoned lock only means a task panicked between two consistent states.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn load(&self) -> Result<(), BackupError> {
+        if self.cache().loaded {
+            return Ok(());
+        }
+        self.reload().await
+    }
+
+    async fn reload(&self) -> Result<(), BackupError> {
+        let listing = self.store.list_fulls().await?;
+        let segments = self.store.list_segments().await?;
+        let mut cache = self.cache();
+        cache.fulls = listing.complete;
+        cache.segments = segments;
+        cache.loaded = true;
+        Ok(())
+    }
+}
+
+/// A database's running tasks; aborted when dropped.
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// The backup agent: the archivers, fulls and retention of every database it is given.
+pub struct BackupAgent {
+    world: Arc<dyn BackupWorld>,
+    objects: Arc<dyn ObjectStore>,
+    /// `{prefix}` and `{scope}` of every database's location.
+    prefix: String,
+    scope: String,
+    tuning: AgentTuning,
+    fulls: Arc<tokio::sync::Semaphore>,
+    dbs: Mutex<BTreeMap<String, Arc<DbBackups>>>,
+    tasks: Mutex<BTreeMap<String, Tasks>>,
+}
+
+impl BackupAgent {
+    pub fn new(
+        world: Arc<dyn BackupWorld>,
+        objects: Arc<dyn ObjectStore>,
+        prefix: &str,
+        scope: &str,
+        tuning: AgentTuning,
+    ) -> Result<BackupAgent, BackupError> {
+        // Checked once here: every database's location is built from them.
+        BackupLocation::new(prefix, scope, "check")?;
+        Ok(BackupAgent {
+            world,
+            objects,
+            prefix: prefix.to_owned(),
+            scope: scope.to_owned(),
+            fulls: Arc::new(tokio::sync::Semaphore::new(tuning.max_concurrent_fulls.max(1))),
+            tuning,
+            dbs: Mutex::new(BTreeMap::new()),
+            tasks: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn dbs(&self) -> MutexGuard<'_, BTreeMap<String, Arc<DbBackups>>> {
+        self.dbs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The databases to back up, all of them each time: new ones start (their archiver
+    /// waits for their first full, which is due at once), removed ones stop (what was
+    /// stored stays). A database whose name is not a valid backup path is refused.
+    pub fn set_targets(&self, targets: Vec<BackupTarget>) -> Result<(), BackupError> {
+        let mut dbs = self.dbs();
+        let mut next = BTreeMap::new();
+        for target in targets {
+            let entry = match dbs.remove(&target.db) {
+                Some(existing) if existing.target == target => existing,
+                _ => Arc::new(DbBackups {
+                    store: BackupStore::new(
+                        self.objects.clone(),
+                        BackupLocation::new(&self.prefix, &self.scope, &target.db)?,
+                    ),
+                    target,
+                    cache: Mutex::new(Cache::default()),
+                    full_lock: tokio::sync::Mutex::new(()),
+                }),
+            };
+            next.insert(entry.target.db.clone(), entry);
+        }
+        *dbs = next;
+        Ok(())
+    }
+
+    /// Each backed-up database's status.
+    pub fn statuses(&self) -> BTreeMap<String, BackupStatus> {
+        self.dbs().iter().map(|(db, b)| (db.clone(), b.cache().status())).collect()
+    }
+
+    /// Takes a full backup of `db` now (after any full of it already running).
+    pub async fn backup_now(&self, db: &str) -> Result<FullManifest, AgentError> {
+        let entry = self.dbs().get(db).cloned().ok_or_else(|| AgentError::NotBackedUp { db: db.to_owned() })?;
+        full_now(&*self.world, &entry, &self.fulls, &self.tuning).await
+    }
+
+    /// Runs until `shutdown` completes: keeps one archiver and one scheduler of fulls and
+    /// retention going for every target, and stops those of databases no longer targets.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            self.reconcile();
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(self.tuning.poll) => {}
+            }
+        }
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn reconcile(&self) {
+        let dbs = self.dbs().clone();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|db, _| dbs.contains_key(db));
+        for (db, entry) in dbs {
+            if tasks.contains_key(&db) {
+                continue;
+            }
+            let archive = tokio::spawn(archive_loop(self.world.clone(), entry.clone(), self.tuning.clone()));
+            let schedule =
+                tokio::spawn(schedule_loop(self.world.clone(), entry, self.fulls.clone(), self.tuning.clone()));
+            tasks.insert(db, Tasks(vec![archive, schedule]));
+        }
+    }
+}
+
+/// One full of `entry`'s database, through the agent's concurrency bound; the cache and
+/// the archiver learn of it.
+async fn full_now(
+    world: &dyn BackupWorld,
+    entry: &DbBackups,
+    fulls: &tokio::sync::Semaphore,
+    tuning: &AgentTuning,
+) -> Result<FullManifest, AgentError> {
+    let _one = entry.full_lock.lock().await;
+    let _permit = fulls.acquire().await.map_err(|_| Failure::Transient("the backup agent is stopping".into()))?;
+    let result = async {
+        entry.load().await?;
+        let src = source(world, &entry.target.namespace, &entry.target.db).await?;
+        take_full(world, &entry.store, &src, tuning).await
+    }
+    .await;
+    let mut cache = entry.cache();
+    match result {
+        Ok(taken) => {
+            cache.fulls.push(taken.manifest.clone());
+            cache.full_taken = Some(taken.doc_bytes);
+            cache.full_error = None;
+            // The archiver restarts from this full (`archive_start`).
+            cache.broken = false;
+            Ok(taken.manifest)
+        }
+        Err(e) => {
+            cache.full_error = Some(e.to_string());
+            Err(e)
+        }
+    }
+}
+
+/// Fulls when due (retried under a new id when one fails) and retention, for ever.
+async fn schedule_loop(
+    world: Arc<dyn BackupWorld>,
+    entry: Arc<DbBackups>,
+    fulls: Arc<tokio::sync::Semaphore>,
+    tuning: AgentTuning,
+) {
+    let db = entry.target.db.clone();
+    let mut last_retention: Option<Instant> = None;
+    loop {
+        if let Err(e) = entry.load().await {
+            tracing::warn!(db = %db, error = %e, "failed to list the backups");
+        }
+        let due = match route_lineage(&*world, &db).await {
+            Ok(lineage) => {
+                let cache = entry.cache();
+                cache.loaded
+                    && (cache.broken
+                        || full_due(
+                            cache.newest_full_of(&lineage).map(|f| f.end_ms),
+                            cache.oplog_bytes_since_full,
+                            cache.db_bytes,
+                            now_ms(),
+                            &tuning.full_policy,
+                        ))
+            }
+            Err(e) => {
+                tracing::debug!(db = %db, error = %e, "no full backup now");
+                false
+            }
+        };
+        if due && let Err(e) = full_now(&*world, &entry, &fulls, &tuning).await {
+            tracing::warn!(db = %db, error = %e, "full backup failed; retried under a new id");
+            tokio::time::sleep(tuning.retry).await;
+            continue;
+        }
+        if last_retention.is_none_or(|t| t.elapsed() >= tuning.retention_every) && entry.cache().loaded {
+            match run_retention(&entry).await {
+                Ok(()) => last_retention = Some(Instant::now()),
+                Err(e) => tracing::warn!(db = %db, error = %e, "backup retention failed"),
+            }
+        }
+        tokio::time::sleep(tuning.poll.max(Duration::from_millis(100)) * 4).await;
+    }
+}
+
+async fn route_lineage(world: &dyn BackupWorld, db: &str) -> Result<Lineage, AgentError> {
+    let route = world.route(db).await?.ok_or_else(|| AgentError::NoRoute { db: db.to_owned() })?;
+    Ok(lineage_of(&route)?)
+}
+
+/// Deletes what the retention policy no longer needs, then lists the store again.
+async fn run_retention(entry: &DbBackups) -> Result<(), BackupError> {
+    let listing = entry.store.list_fulls().await?;
+    let segments = entry.store.list_segments().await?;
+    let deletions = retention(&listing, &segments, now_ms(), &entry.target.retention);
+    if !deletions.fulls.is_empty() || !deletions.segments.is_empty() {
+        tracing::info!(
+            db = %entry.target.db, fulls = deletions.fulls.len(), segments = deletions.segments.len(),
+            "backup retention deletes"
+        );
+        entry.store.apply(&deletions).await?;
+    }
+    entry.reload().await
+}
+
+/// The archiver of one database, for ever: a failure waits `retry` and starts a new round
+/// (the record read again, the leader found again).
+async fn archive_loop(world: Arc<dyn BackupWorld>, entry: Arc<DbBackups>, tuning: AgentTuning) {
+    loop {
+        match archive_round(&*world, &entry, &tuning).await {
+            Ok(()) => entry.cache().archive_error = None,
+            Err(e) => {
+                tracing::warn!(db = %entry.target.db, error = %e, "oplog archive interrupted");
+                entry.cache().archive_error = Some(e.to_string());
+                tokio::time::sleep(tuning.retry).await;
+            }
+        }
+    }
+}
+
+/// Archives segments while the database stays on its lineage; returns when it moved (the
+/// next round starts the new lineage) or when it waits for a first full.
+async fn archive_round(world: &dyn BackupWorld, entry: &DbBackups, tuning: &AgentTuning) -> Result<(), AgentError> {
+    let db = &entry.target.db;
+    entry.load().await?;
+    let src = source(world, &entry.target.namespace, db).await?;
+    let Some(mut state) = archive_start(world, entry, &src).await? else {
+        // No full of this lineage yet: the scheduler takes one at once.
+        tokio::time::sleep(tuning.poll).await;
+        return Ok(());
+    };
+    {
+        let mut cache = entry.cache();
+        cache.broken = state.record.broken;
+        cache.oplog_bytes_since_full = state.record.oplog_bytes_since_full;
+        cache.db_bytes = state.record.db_bytes;
+    }
+    loop {
+        if let Some(db_bytes) = entry.cache().full_taken.take() {
+            state.record.db_bytes = db_bytes;
+            state.record.oplog_bytes_since_full = 0;
+        }
+        if let Some(archived) = archive_segment(world, &entry.store, &src, &mut state, tuning).await? {
+            let mut cache = entry.cache();
+            cache.segments.push(archived.name);
+            cache.oplog_bytes_since_full = state.record.oplog_bytes_since_full;
+            cache.db_bytes = state.record.db_bytes;
+            cache.archive_error = None;
+        }
+        if route_lineage(world, db).await? != src.lineage {
+            tracing::info!(db = %db, from = %src.lineage, "database moved: a new oplog lineage starts");
+            return Ok(());
+        }
+    }
+}
+
+/// The archiver's state on `src`'s lineage: its record when it is of this lineage and
+/// whole; else a new record from the newest full of the lineage taken after the break (its
+/// start: everything after it is what the chain needs), or `None` when there is none yet.
+async fn archive_start(
+    world: &dyn BackupWorld,
+    entry: &DbBackups,
+    src: &Source,
+) -> Result<Option<ArchiveState>, AgentError> {
+    let db = &entry.target.db;
+    let existing = world.archive_record(db).await?;
+    if let Some((record, revision)) = &existing
+        && record.lineage == src.lineage
+        && !record.broken
+    {
+        return Ok(Some(ArchiveState { record: record.clone(), revision: Some(*revision), pin_expires_ms: 0 }));
+    }
+    let broken_at = existing.as_ref().filter(|(r, _)| r.lineage == src.lineage).map(|(r, _)| r.position);
+    let start = {
+        let cache = entry.cache();
+        cache
+            .fulls
+            .iter()
+            .filter(|f| f.lineage == src.lineage && broken_at.is_none_or(|p| f.start > p))
+            .max_by_key(|f| (f.end_ms, f.id.clone()))
+            .map(|f| f.start)
+    };
+    let Some(position) = start else {
+        entry.cache().broken = broken_at.is_some();
+        return Ok(None);
+    };
+    let record = ArchiveRecord {
+        db: db.clone(),
+        lineage: src.lineage.clone(),
+        position,
+        covered_ms: 0,
+        oplog_bytes_since_full: 0,
+        db_bytes: existing.as_ref().map(|(r, _)| r.db_bytes).unwrap_or(0),
+        broken: false,
+    };
+    let mut state = ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0 };
+    archiver::save(world, &mut state).await?;
+    tracing::info!(db = %db, lineage = %src.lineage, index = position.index, "oplog archive starts");
+    Ok(Some(state))
+}

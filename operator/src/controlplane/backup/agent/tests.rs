@@ -1,0 +1,409 @@
+//! The agent against a model of the world (one database on a replica set whose writes are
+//! the model's oplog, the route, the archiver's record) and a real `LocalFileSystem` in a
+//! temporary directory: what it stores must restore, through `plan_restore`, to exactly
+//! the model's state at the time asked.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nimbus_api::admin::{OplogEntry, OplogOp};
+use nimbus_api::etcd::{Route, RouteState};
+use nimbus_api::migration::{
+    DbOplogPage, ExportPage, ExportRequest, ExportedCollection, ExportedDoc, OplogPosition, PinOplogRequest,
+};
+use object_store::local::LocalFileSystem;
+use serde_json::value::RawValue;
+
+use super::*;
+use crate::controlplane::backup::{RestorePlan, RestoreTarget, plan_restore};
+use crate::controlplane::migration::ChecksumMarker;
+
+const DB: &str = "shop";
+/// Documents per exported page: several pages per full.
+const PAGE_DOCS: usize = 4;
+
+#[derive(Default)]
+struct State {
+    replica_set: String,
+    epoch: u64,
+    applied: u64,
+    last_ts: u64,
+    docs: BTreeMap<u64, String>,
+    oplog: Vec<OplogEntry>,
+    record: Option<(ArchiveRecord, u64)>,
+    revision: u64,
+    /// Exports so far; the export with this number (1-based) fails as a leader change would.
+    exports: usize,
+    fail_export: Option<usize>,
+    /// The next save of the archiver's record fails (after the segment was stored).
+    fail_save: bool,
+    /// Each export writes one document first: the full is taken while the tenant writes.
+    write_on_export: bool,
+    pins: BTreeMap<String, u64>,
+    next_id: u64,
+}
+
+#[derive(Clone, Default)]
+struct Model(Arc<Mutex<State>>);
+
+impl Model {
+    fn new() -> Model {
+        let m = Model::default();
+        m.state().replica_set = "rs-a".into();
+        m.state().epoch = 1;
+        m
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.0.lock().unwrap()
+    }
+
+    /// One write through the leader: a new document or a change of an existing one (every
+    /// third), stamped with the leader's clock (real time, strictly growing).
+    fn write(&self) -> u64 {
+        let mut s = self.state();
+        s.next_id += 1;
+        let id = if s.next_id.is_multiple_of(3) { s.next_id / 3 } else { s.next_id };
+        s.applied += 1;
+        let ts = now_ms().max(s.last_ts + 1);
+        s.last_ts = ts;
+        let doc = format!(r#"{{"_id":{id},"v":{}}}"#, s.applied);
+        s.docs.insert(id, doc.clone());
+        let entry = OplogEntry {
+            index: s.applied,
+            seq: 0,
+            ts_ms: ts,
+            db: DB.into(),
+            coll: Some("c".into()),
+            op: OplogOp::Put { id: id.into(), doc: serde_json::from_str(&doc).unwrap() },
+        };
+        s.oplog.push(entry);
+        ts
+    }
+
+    /// The documents as they were at `t`: every change stamped at or before it.
+    fn state_at(&self, t: u64) -> BTreeMap<u64, String> {
+        let mut docs = BTreeMap::new();
+        for e in self.state().oplog.iter().filter(|e| e.ts_ms <= t) {
+            if let OplogOp::Put { id, doc } = &e.op {
+                docs.insert(id.as_u64().unwrap(), doc.to_string());
+            }
+        }
+        docs
+    }
+}
+
+fn access(s: &State) -> ReplicaSetAccess {
+    ReplicaSetAccess {
+        namespace: String::new(),
+        name: s.replica_set.clone(),
+        leader_admin: "leader".into(),
+        members: vec![],
+    }
+}
+
+#[async_trait]
+impl BackupWorld for Model {
+    async fn route(&self, db: &str) -> Result<Option<Route>, Failure> {
+        let s = self.state();
+        Ok((db == DB).then(|| Route {
+            replica_set: s.replica_set.clone(),
+            members: vec![],
+            epoch: s.epoch,
+            state: RouteState::Serving,
+            hold_deadline_ms: None,
+            hold_timeout_ms: None,
+        }))
+    }
+
+    async fn replica_set(&self, _namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure> {
+        let s = self.state();
+        Ok((name == s.replica_set).then(|| access(&s)))
+    }
+
+    async fn export(&self, _rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure> {
+        let write = {
+            let mut s = self.state();
+            s.exports += 1;
+            if s.fail_export == Some(s.exports) {
+                return Err(Failure::Transient("not the leader any more".into()));
+            }
+            s.write_on_export
+        };
+        if write {
+            self.write();
+        }
+        let s = self.state();
+        let after: u64 = req.after.as_deref().map_or(0, |a| a.parse().unwrap());
+        let docs: Vec<(u64, String)> =
+            s.docs.range(after + 1..).take(PAGE_DOCS).map(|(id, d)| (*id, d.clone())).collect();
+        let next = docs.last().map(|(id, _)| *id).filter(|id| s.docs.range(id + 1..).next().is_some());
+        Ok(ExportPage {
+            index: s.applied,
+            clock_ms: s.last_ts,
+            collections: vec![ExportedCollection { name: "c".into(), indexes: vec![] }],
+            docs: docs
+                .into_iter()
+                .map(|(_, d)| ExportedDoc { coll: "c".into(), doc: RawValue::from_string(d).unwrap() })
+                .collect(),
+            idempotency: vec![],
+            next: next.map(|n| n.to_string()),
+        })
+    }
+
+    async fn oplog(
+        &self,
+        _rs: &ReplicaSetAccess,
+        _db: &str,
+        after: OplogPosition,
+        limit: u32,
+    ) -> Result<DbOplogPage, Failure> {
+        let s = self.state();
+        let entries: Vec<OplogEntry> = s
+            .oplog
+            .iter()
+            .filter(|e| OplogPosition { index: e.index, seq: e.seq } > after)
+            .take(limit as usize)
+            .cloned()
+            .collect();
+        let exhausted = entries.len() < limit as usize;
+        let next = match entries.last() {
+            Some(e) if !exhausted => OplogPosition { index: e.index, seq: e.seq },
+            _ => after.max(OplogPosition::end_of(s.applied)),
+        };
+        Ok(DbOplogPage { entries, next, applied_index: s.applied })
+    }
+
+    async fn pin_oplog(&self, _rs: &ReplicaSetAccess, req: &PinOplogRequest) -> Result<(), Failure> {
+        self.state().pins.insert(req.name.clone(), req.from_index);
+        Ok(())
+    }
+
+    async fn checksum(&self, _rs: &ReplicaSetAccess, _db: &str) -> Result<ChecksumMarker, Failure> {
+        Err(Failure::Refused("no checksums in the model".into()))
+    }
+
+    async fn archive_record(&self, _db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
+        Ok(self.state().record.clone())
+    }
+
+    async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
+        let mut s = self.state();
+        if std::mem::take(&mut s.fail_save) {
+            return Err(Failure::Transient("etcd went away".into()));
+        }
+        if s.record.as_ref().map(|(_, r)| *r) != expected {
+            return Ok(None);
+        }
+        s.revision += 1;
+        let revision = s.revision;
+        s.record = Some((record.clone(), revision));
+        Ok(Some(revision))
+    }
+}
+
+fn tuning() -> AgentTuning {
+    AgentTuning {
+        read_bytes_per_sec: 0,
+        segment_time: Duration::from_millis(30),
+        cover_margin: Duration::ZERO,
+        poll: Duration::from_millis(5),
+        retry: Duration::from_millis(20),
+        ..AgentTuning::default()
+    }
+}
+
+fn entry(dir: &tempfile::TempDir) -> DbBackups {
+    let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    DbBackups {
+        target: BackupTarget { db: DB.into(), namespace: String::new(), retention: RetentionPolicy::default() },
+        store: BackupStore::new(fs, BackupLocation::new("", "test", DB).unwrap()),
+        cache: Mutex::new(Cache::default()),
+        full_lock: tokio::sync::Mutex::new(()),
+    }
+}
+
+/// What a restore following `plan` builds: the full's pages, then the segments' changes
+/// after the full's start (each position once) stamped at or before the plan's time.
+async fn restore(store: &BackupStore, plan: &RestorePlan) -> BTreeMap<u64, String> {
+    let mut docs = BTreeMap::new();
+    for page in &plan.full.pages {
+        for d in store.read_page(&plan.full.id, page).await.unwrap().docs {
+            let v: serde_json::Value = serde_json::from_str(d.doc.get()).unwrap();
+            docs.insert(v["_id"].as_u64().unwrap(), v.to_string());
+        }
+    }
+    let mut applied = plan.full.start;
+    for name in &plan.segments {
+        for e in store.read_segment(name).await.unwrap() {
+            let at = OplogPosition { index: e.index, seq: e.seq };
+            if at <= applied || e.ts_ms > plan.to_ms {
+                continue;
+            }
+            applied = at;
+            if let OplogOp::Put { id, doc } = e.op {
+                docs.insert(id.as_u64().unwrap(), doc.to_string());
+            }
+        }
+    }
+    docs
+}
+
+async fn plan_at(store: &BackupStore, t: u64) -> Result<RestorePlan, crate::controlplane::backup::RestoreError> {
+    let fulls = store.list_fulls().await.unwrap().complete;
+    let segments = store.list_segments().await.unwrap();
+    plan_restore(&fulls, &segments, RestoreTarget::Time(t))
+}
+
+#[tokio::test]
+async fn a_full_then_segments_restore_to_the_state_at_any_time_after_the_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    for _ in 0..10 {
+        model.write();
+    }
+    model.state().write_on_export = true;
+    let src = source(&model, "", DB).await.unwrap();
+    let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
+    assert!(full.pages.len() >= 3, "several pages: {}", full.pages.len());
+    assert!(full.start < full.end, "the tenant wrote during the full");
+    assert_eq!(model.state().pins.get(&full_pin_name(DB)), Some(&full.start.index));
+    entry.reload().await.unwrap();
+
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().expect("a full of the lineage");
+    assert_eq!(state.record.position, full.start, "the archive starts where the full's replay does");
+    let mut times = vec![full.end_ms];
+    for _ in 0..4 {
+        for _ in 0..3 {
+            times.push(model.write());
+        }
+        archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap().expect("a segment");
+    }
+    // Pinned from an archived position (renewed, and moved on, at half its lifetime).
+    let pinned = model.state().pins.get(&archive_pin_name(DB)).copied();
+    assert!(pinned.is_some_and(|p| p >= full.start.index && p <= state.record.position.index), "{pinned:?}");
+    for &t in &times {
+        let plan = plan_at(&entry.store, t).await.unwrap_or_else(|e| panic!("no restore to {t}: {e}"));
+        assert_eq!(restore(&entry.store, &plan).await, model.state_at(t), "restore to {t}");
+    }
+    // Before the full's end nothing restores.
+    assert!(plan_at(&entry.store, full.end_ms - 1).await.is_err());
+}
+
+#[tokio::test]
+async fn a_restarted_archiver_resumes_from_its_persisted_position_without_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    for _ in 0..6 {
+        model.write();
+    }
+    let src = source(&model, "", DB).await.unwrap();
+    let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    model.write();
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap();
+    let persisted = state.record.position;
+
+    // Crash after a segment is stored but before its position is: the next archiver
+    // archives it again from the persisted position.
+    model.write();
+    model.state().fail_save = true;
+    assert!(archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.is_err());
+    drop(state);
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    assert_eq!(state.record.position, persisted, "resumed from the persisted position");
+    let mut last = 0;
+    for _ in 0..3 {
+        last = model.write();
+        archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap();
+    }
+
+    let segments = entry.store.list_segments().await.unwrap();
+    let mut reached = full.start;
+    for s in &segments {
+        assert!(s.after <= reached, "gap before {s:?}");
+        reached = reached.max(s.through);
+    }
+    assert_eq!(reached, OplogPosition::end_of(model.state().applied));
+    let plan = plan_at(&entry.store, last).await.unwrap();
+    assert_eq!(restore(&entry.store, &plan).await, model.state_at(last));
+}
+
+#[tokio::test]
+async fn a_leader_change_mid_full_retries_it_under_a_new_id_and_the_broken_one_is_never_restorable() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::new();
+    for _ in 0..12 {
+        model.write();
+    }
+    // The second page's export meets a leader that is no longer one.
+    model.state().fail_export = Some(2);
+    let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    let agent = Arc::new(BackupAgent::new(Arc::new(model.clone()), fs.clone(), "", "test", tuning()).unwrap());
+    let target = BackupTarget { db: DB.into(), namespace: String::new(), retention: RetentionPolicy::default() };
+    agent.set_targets(vec![target]).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(agent.clone().run(async move {
+        let _ = stopped.await;
+    }));
+
+    let store = BackupStore::new(fs, BackupLocation::new("", "test", DB).unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = agent.statuses().remove(DB).unwrap();
+        if status.latest_restorable_ms.is_some() {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no recoverable window: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let listing = store.list_fulls().await.unwrap();
+    assert_eq!(listing.incomplete.len(), 1, "the interrupted full stays incomplete: {listing:?}");
+    assert_eq!(listing.complete.len(), 1);
+    assert_ne!(listing.complete[0].id, listing.incomplete[0]);
+    assert_eq!(status.last_full_ms, Some(listing.complete[0].end_ms));
+    assert!(status.earliest_restorable_ms >= Some(listing.complete[0].end_ms));
+
+    // The archive goes on: a write is soon restorable.
+    let t = model.write();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while agent.statuses()[DB].latest_restorable_ms < Some(t) {
+        assert!(tokio::time::Instant::now() < deadline, "the write at {t} never became restorable");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let plan = plan_at(&store, t).await.unwrap();
+    assert_eq!(plan.full.id, listing.complete[0].id);
+    assert_eq!(restore(&store, &plan).await, model.state_at(t));
+
+    // `backup_now` takes another full at once.
+    let now = agent.backup_now(DB).await.unwrap();
+    assert!(now.id > listing.complete[0].id);
+    assert!(agent.backup_now("other").await.is_err());
+    let _ = stop.send(());
+    running.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_database_that_moved_starts_a_new_lineage_and_needs_a_new_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    model.write();
+    let src = source(&model, "", DB).await.unwrap();
+    take_full(&model, &entry.store, &src, &tuning).await.unwrap();
+    entry.reload().await.unwrap();
+    assert!(archive_start(&model, &entry, &src).await.unwrap().is_some());
+    {
+        let mut s = model.state();
+        s.replica_set = "rs-b".into();
+        s.epoch = 2;
+    }
+    let moved = source(&model, "", DB).await.unwrap();
+    assert_eq!(moved.lineage.as_str(), "rs-b.e2");
+    assert!(archive_start(&model, &entry, &moved).await.unwrap().is_none(), "no full of rs-b.e2 yet");
+    let cache = entry.cache();
+    assert!(cache.newest_full_of(&moved.lineage).is_none());
+    assert!(full_due(None, 0, 0, now_ms(), &FullPolicy::default()));
+}

@@ -1,0 +1,120 @@
+//! What the backup agent needs from the world ([`BackupWorld`]): the database's route and
+//! the leader of its replica set, the datanode calls it shares with hot migration (export,
+//! oplog, pins, checksum markers), and its own persisted record ([`ArchiveRecord`],
+//! `/nimbus/backups/{db}` in etcd). [`LiveWorld`], the migration's real world, is the real
+//! one; the tests use a model.
+
+use async_trait::async_trait;
+use nimbus_api::etcd::Route;
+use nimbus_api::migration::{DbOplogPage, ExportPage, ExportRequest, OplogPosition, PinOplogRequest};
+use serde::{Deserialize, Serialize};
+
+use crate::controlplane::backup::Lineage;
+use crate::controlplane::migration::{ChecksumMarker, Failure, LiveWorld, MigrationWorld, ReplicaSetAccess};
+
+/// Where the agent's records live in etcd: one per database.
+pub const BACKUPS: &str = "/nimbus/backups/";
+
+pub fn backup_key(db: &str) -> String {
+    format!("{BACKUPS}{db}")
+}
+
+/// The oplog archiver's progress for one database, persisted after each segment is stored
+/// (never before: a crash re-archives a segment rather than skipping one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ArchiveRecord {
+    pub db: String,
+    /// The lineage being archived (`{replica_set}.e{epoch}` of the route it started on).
+    pub lineage: Lineage,
+    /// Every change of the lineage at or before this is archived.
+    pub position: OplogPosition,
+    /// Every change with a time at or before this is at or before `position` (ms).
+    pub covered_ms: u64,
+    /// Bytes of oplog changes (their JSON) archived since the newest full of the lineage:
+    /// what `full_due` weighs against the database's size.
+    #[serde(default)]
+    pub oplog_bytes_since_full: u64,
+    /// The database's size as the newest full read it (bytes of documents' JSON).
+    #[serde(default)]
+    pub db_bytes: u64,
+    /// The archive cannot go on from `position` (the oplog there was truncated): a new full
+    /// must be taken and the archive restarts from its start.
+    #[serde(default)]
+    pub broken: bool,
+}
+
+/// Everything the agent does outside itself. Errors are the migration's [`Failure`]s (the
+/// same datanode calls fail the same ways).
+#[async_trait]
+pub trait BackupWorld: Send + Sync {
+    /// `db`'s route; `None` when the database has none (deleted, not placed yet).
+    async fn route(&self, db: &str) -> Result<Option<Route>, Failure>;
+    /// The replica set's leader and voters; `None` when the replica set does not exist.
+    async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure>;
+    async fn export(&self, rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure>;
+    async fn oplog(
+        &self,
+        rs: &ReplicaSetAccess,
+        db: &str,
+        after: OplogPosition,
+        limit: u32,
+    ) -> Result<DbOplogPage, Failure>;
+    async fn pin_oplog(&self, rs: &ReplicaSetAccess, req: &PinOplogRequest) -> Result<(), Failure>;
+    async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure>;
+    /// The archiver's record and its revision.
+    async fn archive_record(&self, db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure>;
+    /// Writes the record if its revision is still `expected` (`None`: if there is none);
+    /// the new revision, or `None` when another writer changed it.
+    async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure>;
+}
+
+fn from_coord(e: crate::controlplane::CoordError) -> Failure {
+    use crate::controlplane::CoordError;
+    match e {
+        // A record this code cannot read stays so: not worth retrying.
+        CoordError::Decode { .. } | CoordError::Config(_) => Failure::Refused(e.to_string()),
+        CoordError::Etcd(_) => Failure::Transient(e.to_string()),
+    }
+}
+
+#[async_trait]
+impl BackupWorld for LiveWorld {
+    async fn route(&self, db: &str) -> Result<Option<Route>, Failure> {
+        Ok(MigrationWorld::route(self, db).await?.map(|(route, _)| route))
+    }
+
+    async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure> {
+        MigrationWorld::replica_set(self, namespace, name).await
+    }
+
+    async fn export(&self, rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure> {
+        MigrationWorld::export(self, rs, req).await
+    }
+
+    async fn oplog(
+        &self,
+        rs: &ReplicaSetAccess,
+        db: &str,
+        after: OplogPosition,
+        limit: u32,
+    ) -> Result<DbOplogPage, Failure> {
+        MigrationWorld::oplog(self, rs, db, after, limit).await
+    }
+
+    async fn pin_oplog(&self, rs: &ReplicaSetAccess, req: &PinOplogRequest) -> Result<(), Failure> {
+        MigrationWorld::pin_oplog(self, rs, req).await
+    }
+
+    async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure> {
+        MigrationWorld::checksum(self, rs, db).await
+    }
+
+    async fn archive_record(&self, db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
+        self.coord.get_json_revision(&backup_key(db)).await.map_err(from_coord)
+    }
+
+    async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
+        self.coord.put_json_if(&backup_key(&record.db), record, expected).await.map_err(from_coord)
+    }
+}
