@@ -42,6 +42,12 @@ pub struct DbOplogPage {
     /// This member's applied index when it read the page: `next.index` reaching it means
     /// the reader is caught up with this member.
     pub applied_index: u64,
+    /// The replica set's clock (the largest command time applied, ms) in the snapshot the
+    /// page was read from: every change applied after it has a time at or after it, so a
+    /// reader caught up has every change stamped before it (the covered time of a backup's
+    /// oplog archive). 0 from a datanode that predates it.
+    #[serde(default)]
+    pub clock_ms: u64,
 }
 
 /// `POST /v1/admin/export` (leader): one page of a database, read from one RocksDB

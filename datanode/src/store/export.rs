@@ -295,6 +295,7 @@ impl Engine {
             // (markers, route epochs) are behind the reader too.
             next = next.max(OplogPosition::end_of(applied_index));
         }
-        Ok(DbOplogPage { entries, next, applied_index })
+        let clock_ms: u64 = self.snapshot_meta(&snap, META_CLOCK)?.unwrap_or(0);
+        Ok(DbOplogPage { entries, next, applied_index, clock_ms })
     }
 }

@@ -655,7 +655,12 @@ impl crate::controlplane::migration::MigrationWorld for FakeMigrationWorld {
         _limit: u32,
     ) -> MigrationResult<nimbus_api::migration::DbOplogPage> {
         self.call(format!("oplog {}", rs.name));
-        Ok(nimbus_api::migration::DbOplogPage { entries: Vec::new(), next: after, applied_index: after.index })
+        Ok(nimbus_api::migration::DbOplogPage {
+            entries: Vec::new(),
+            next: after,
+            applied_index: after.index,
+            clock_ms: 0,
+        })
     }
     async fn pin_oplog(
         &self,

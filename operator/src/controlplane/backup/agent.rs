@@ -52,9 +52,11 @@ pub struct AgentTuning {
     pub segment_bytes: u64,
     /// Oplog changes per read.
     pub oplog_page: u32,
-    /// How far behind the control plane's clock an idle segment's covered time stays (see
-    /// [`archive_segment`]).
-    pub cover_margin: Duration,
+    /// A caught-up archiver whose replica set's clock is this far behind the control
+    /// plane's renews its oplog pin at once: a Raft entry, applied at the leader's time,
+    /// which moves the replica set's clock, and so the covered time (see
+    /// [`archive_segment`]), on while nobody writes.
+    pub idle_tick: Duration,
     /// Pins on the source's oplog lapse this long after their last renewal.
     pub pin_ttl: Duration,
     /// How often a caught-up archiver reads again, and the scheduler looks at its targets.
@@ -77,7 +79,7 @@ impl Default for AgentTuning {
             segment_time: Duration::from_secs(2),
             segment_bytes: 4 << 20,
             oplog_page: 1_000,
-            cover_margin: Duration::from_secs(1),
+            idle_tick: Duration::from_millis(500),
             pin_ttl: Duration::from_secs(600),
             poll: Duration::from_millis(250),
             retry: Duration::from_secs(2),

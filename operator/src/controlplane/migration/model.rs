@@ -445,7 +445,7 @@ impl MigrationWorld for Model {
             } else {
                 OplogPosition::end_of(set.applied)
             };
-            Ok(DbOplogPage { entries, next: next.max(after), applied_index: set.applied })
+            Ok(DbOplogPage { entries, next: next.max(after), applied_index: set.applied, clock_ms: 0 })
         })
         .await
     }

@@ -40,12 +40,17 @@ pub struct Archived {
 /// due (its age or its size), stores it and persists the new position. `None` when there
 /// was nothing to store (no change and no time newer than the archive already covers).
 ///
-/// The covered time (`maxTs`): the newest change's time, and when a read found the reader
-/// caught up with the leader's applied index, the millisecond before the read was sent,
-/// minus `tuning.cover_margin` (a change applied after the read was proposed no earlier than
-/// that, as long as the control plane's clock is within the margin of the leader's and a
-/// proposal applies within it). That is how the covered time moves on for a database
-/// nobody writes to (idle segments, `after == through`).
+/// The covered time (`maxTs`) rests on one fact of the datanode, not on any clock agreeing:
+/// commands apply at times that never go backwards in the log (`Engine::command_time`), so
+/// every change applied after one stamped `t`, or after a snapshot whose replica-set clock
+/// is `t`, is stamped `t` or later. Hence the millisecond before the newest change read,
+/// and, when a read found the reader caught up with the answering member's applied index,
+/// the millisecond before that snapshot's clock (`DbOplogPage::clock_ms`). A member that
+/// lost its leadership without knowing, or lags, answers an older clock: the covered time
+/// then stays behind, never claims a change it did not see. For a replica set nobody
+/// writes to, the archiver renews its pin early once the clock is `tuning.idle_tick`
+/// behind its own ([`AgentTuning::idle_tick`]): a Raft entry that moves the clock on
+/// (idle segments, `after == through`).
 pub async fn archive_segment(
     world: &dyn BackupWorld,
     store: &BackupStore,
@@ -76,22 +81,29 @@ pub async fn archive_segment(
         };
         for e in &page.entries {
             bytes += serde_json::to_vec(e).map(|v| v.len() as u64).unwrap_or(0);
-            covered = covered.max(e.ts_ms);
+            // A later change may carry the same millisecond.
+            covered = covered.max(e.ts_ms.saturating_sub(1));
         }
         entries.extend(page.entries);
         pos = pos.max(page.next);
         let caught_up = page.next >= OplogPosition::end_of(page.applied_index);
+        let mut ticked = false;
         if caught_up {
-            // Strictly before the read was sent: a change proposed in that very
-            // millisecond may be applied after the read.
-            let margin = tuning.cover_margin.as_millis() as u64 + 1;
-            covered = covered.max(sent_ms.saturating_sub(margin));
+            covered = covered.max(page.clock_ms.saturating_sub(1));
+            if sent_ms.saturating_sub(page.clock_ms) > tuning.idle_tick.as_millis() as u64 {
+                // Nobody writes to the replica set: an early pin renewal moves its clock.
+                state.pin_expires_ms = 0;
+                renew_pin(world, rs, &archive_pin_name(&db), after.index, tuning.pin_ttl, &mut state.pin_expires_ms)
+                    .await?;
+                // Read again at once: the new clock covers up to now.
+                ticked = true;
+            }
         }
         let now = Instant::now();
         if bytes >= tuning.segment_bytes || now >= deadline {
             break;
         }
-        if caught_up {
+        if caught_up && !ticked {
             tokio::time::sleep(tuning.poll.min(deadline - now)).await;
         }
     }

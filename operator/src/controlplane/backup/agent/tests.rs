@@ -173,11 +173,15 @@ impl BackupWorld for Model {
             Some(e) if !exhausted => OplogPosition { index: e.index, seq: e.seq },
             _ => after.max(OplogPosition::end_of(s.applied)),
         };
-        Ok(DbOplogPage { entries, next, applied_index: s.applied })
+        Ok(DbOplogPage { entries, next, applied_index: s.applied, clock_ms: s.last_ts })
     }
 
     async fn pin_oplog(&self, _rs: &ReplicaSetAccess, req: &PinOplogRequest) -> Result<(), Failure> {
-        self.state().pins.insert(req.name.clone(), req.from_index);
+        // A pin is a Raft entry, applied at the leader's time: it moves the clock on.
+        let mut s = self.state();
+        s.pins.insert(req.name.clone(), req.from_index);
+        s.applied += 1;
+        s.last_ts = now_ms().max(s.last_ts);
         Ok(())
     }
 
@@ -208,7 +212,7 @@ fn tuning() -> AgentTuning {
     AgentTuning {
         read_bytes_per_sec: 0,
         segment_time: Duration::from_millis(30),
-        cover_margin: Duration::ZERO,
+        idle_tick: Duration::from_millis(10),
         poll: Duration::from_millis(5),
         retry: Duration::from_millis(20),
         ..AgentTuning::default()
