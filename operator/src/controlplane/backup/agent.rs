@@ -260,7 +260,9 @@ pub struct BackupAgent {
     tuning: AgentTuning,
     fulls: Arc<tokio::sync::Semaphore>,
     dbs: Mutex<BTreeMap<String, Arc<DbBackups>>>,
-    tasks: Mutex<BTreeMap<String, Tasks>>,
+    /// Each database's tasks, with the entry they run on: a changed target (its retention,
+    /// say) is a new entry, and its tasks are started anew on it.
+    tasks: Mutex<BTreeMap<String, (Arc<DbBackups>, Tasks)>>,
 }
 
 impl BackupAgent {
@@ -342,15 +344,18 @@ impl BackupAgent {
     fn reconcile(&self) {
         let dbs = self.dbs().clone();
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.retain(|db, _| dbs.contains_key(db));
+        // Dropped (their tasks aborted): databases no longer targets, and those whose
+        // entry was replaced, whose tasks would go on with the old policy, cache and lock.
+        tasks.retain(|db, (running, _)| dbs.get(db).is_some_and(|entry| Arc::ptr_eq(entry, running)));
         for (db, entry) in dbs {
             if tasks.contains_key(&db) {
                 continue;
             }
             let archive = tokio::spawn(archive_loop(self.world.clone(), entry.clone(), self.tuning.clone()));
+            let entry_for_tasks = entry.clone();
             let schedule =
                 tokio::spawn(schedule_loop(self.world.clone(), entry, self.fulls.clone(), self.tuning.clone()));
-            tasks.insert(db, Tasks(vec![archive, schedule]));
+            tasks.insert(db, (entry_for_tasks, Tasks(vec![archive, schedule])));
         }
     }
 }

@@ -386,6 +386,20 @@ async fn a_leader_change_mid_full_retries_it_under_a_new_id_and_the_broken_one_i
     let now = agent.backup_now(DB).await.unwrap();
     assert!(now.id > listing.complete[0].id);
     assert!(agent.backup_now("other").await.is_err());
+
+    // The spec changes (a longer retention): the database's tasks start anew on its new
+    // entry, and its status follows them (not an entry no task fills).
+    let longer = RetentionPolicy { window_ms: 14 * 24 * 3_600_000, ..RetentionPolicy::default() };
+    agent.set_targets(vec![BackupTarget { db: DB.into(), namespace: String::new(), retention: longer }]).unwrap();
+    let t = model.write();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while agent.statuses()[DB].latest_restorable_ms < Some(t) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after a spec change, the write at {t} never became restorable"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = stop.send(());
     running.await.unwrap();
 }
