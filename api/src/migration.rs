@@ -180,6 +180,21 @@ pub enum ImportStep {
     Abort,
 }
 
+impl ImportStep {
+    /// The step's name, for messages and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ImportStep::Begin => "Begin",
+            ImportStep::Collections { .. } => "Collections",
+            ImportStep::Docs { .. } => "Docs",
+            ImportStep::Ops { .. } => "Ops",
+            ImportStep::Idempotency { .. } => "Idempotency",
+            ImportStep::Finish { .. } => "Finish",
+            ImportStep::Abort => "Abort",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ImportAnswer {

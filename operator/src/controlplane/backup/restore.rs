@@ -308,7 +308,7 @@ impl<W: RestoreWorld + ?Sized> Run<'_, W> {
     }
 
     async fn import(&self, step: ImportStep) -> Result<(), RestoreCause> {
-        let name = step_name(&step);
+        let name = step.kind();
         self.world.import(&self.into.replica_set, &self.request(step)).await.map(|_| ()).map_err(|failure| {
             RestoreCause::Target { replica_set: self.into.replica_set.name.clone(), step: name, failure }
         })
@@ -474,17 +474,5 @@ impl<W: RestoreWorld + ?Sized> Run<'_, W> {
         }
         self.outcome.changes_applied += entries.len() as u64;
         self.import(ImportStep::Ops { entries }).await
-    }
-}
-
-fn step_name(step: &ImportStep) -> &'static str {
-    match step {
-        ImportStep::Begin => "Begin",
-        ImportStep::Collections { .. } => "Collections",
-        ImportStep::Docs { .. } => "Docs",
-        ImportStep::Ops { .. } => "Ops",
-        ImportStep::Idempotency { .. } => "Idempotency",
-        ImportStep::Finish { .. } => "Finish",
-        ImportStep::Abort => "Abort",
     }
 }

@@ -38,18 +38,6 @@ struct Fake {
     target: Mutex<Target>,
 }
 
-fn name(step: &ImportStep) -> &'static str {
-    match step {
-        ImportStep::Begin => "Begin",
-        ImportStep::Collections { .. } => "Collections",
-        ImportStep::Docs { .. } => "Docs",
-        ImportStep::Ops { .. } => "Ops",
-        ImportStep::Idempotency { .. } => "Idempotency",
-        ImportStep::Finish { .. } => "Finish",
-        ImportStep::Abort => "Abort",
-    }
-}
-
 /// The order-independent sum the fake reports (any function of the contents will do).
 fn sum(docs: &BTreeMap<(String, String), String>) -> String {
     sha256_hex(format!("{docs:?}").as_bytes())
@@ -63,7 +51,7 @@ fn refused(m: &str) -> Failure {
 impl RestoreWorld for Fake {
     async fn import(&self, _rs: &ReplicaSetAccess, req: &ImportRequest) -> Result<ImportAnswer, Failure> {
         let mut t = self.target.lock().unwrap();
-        let step = name(&req.step);
+        let step = req.step.kind();
         t.steps.push((step, serde_json::to_vec(&req.step).unwrap().len()));
         if t.fail.as_ref().is_some_and(|(s, _)| *s == step) {
             return Err(t.fail.take().unwrap().1);
@@ -319,24 +307,12 @@ async fn a_restore_to_the_full_end_is_checked_against_the_manifest_checksum() {
 
 /// Flips a byte in the middle of the one stored file whose name ends with `suffix`.
 fn damage(dir: &std::path::Path, suffix: &str) -> String {
-    let mut stack = vec![dir.to_path_buf()];
-    let mut found = Vec::new();
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.to_string_lossy().ends_with(suffix) {
-                found.push(p);
-            }
-        }
-    }
-    assert_eq!(found.len(), 1, "{found:?}");
-    let mut bytes = std::fs::read(&found[0]).unwrap();
+    let path = super::store_tests::file_ending(dir, suffix);
+    let mut bytes = std::fs::read(&path).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
-    std::fs::write(&found[0], bytes).unwrap();
-    found[0].file_name().unwrap().to_string_lossy().into_owned()
+    std::fs::write(&path, bytes).unwrap();
+    path.file_name().unwrap().to_string_lossy().into_owned()
 }
 
 #[tokio::test]

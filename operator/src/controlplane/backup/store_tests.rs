@@ -73,7 +73,7 @@ async fn write_full(store: &BackupStore, id: &FullId, with_manifest: bool) -> Fu
 }
 
 /// The one file under the fixture's directory whose name ends with `suffix`.
-fn file_ending(dir: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+pub(super) fn file_ending(dir: &std::path::Path, suffix: &str) -> std::path::PathBuf {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
