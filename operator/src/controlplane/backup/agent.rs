@@ -122,10 +122,7 @@ impl From<Failure> for AgentError {
     }
 }
 
-/// Milliseconds since the Unix epoch, by this machine's clock.
-pub fn now_ms() -> u64 {
-    crate::controlplane::migration::now_ms()
-}
+pub use crate::controlplane::migration::now_ms;
 
 /// Where a database's backups are read from now: the leader of the replica set its route
 /// names, and the lineage of its oplog there.

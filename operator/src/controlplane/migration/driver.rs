@@ -436,13 +436,11 @@ impl Run<'_> {
 
     /// Renews the source's oplog pin once half its lifetime is gone.
     async fn renew_pin(&mut self, src: &ReplicaSetAccess) -> StepResult {
-        let now = now_ms();
-        let ttl = self.tuning.pin_ttl.as_millis() as u64;
-        if self.rec.pin_expires_ms.is_some_and(|e| e > now + ttl / 2) {
+        let Some(expires_ms) = plan::pin_renewal(self.rec.pin_expires_ms, now_ms(), self.tuning.pin_ttl) else {
             return Ok(());
-        }
+        };
         let Some(from_index) = self.rec.first_page_index else { return Ok(()) };
-        let req = PinOplogRequest { name: self.rec.id.clone(), from_index, expires_ms: now + ttl };
+        let req = PinOplogRequest { name: self.rec.id.clone(), from_index, expires_ms };
         self.world.pin_oplog(src, &req).await?;
         self.rec.pin_expires_ms = Some(req.expires_ms);
         Ok(())

@@ -138,6 +138,18 @@ pub fn should_hold(lag: u64, rate_per_sec: f64, under: Duration) -> bool {
     (lag as f64 / rate_per_sec) < under.as_secs_f64()
 }
 
+/// When an oplog pin (`PinOplogRequest`) expiring at `expires_ms` (none: not pinned yet)
+/// is renewed, at `now_ms`, for `ttl`: the new expiry once half its lifetime is gone, so a
+/// holder renews well before it lapses without a Raft entry per call; `None` while it
+/// need not be.
+pub fn pin_renewal(expires_ms: Option<u64>, now_ms: u64, ttl: Duration) -> Option<u64> {
+    let ttl = ttl.as_millis() as u64;
+    match expires_ms {
+        Some(e) if e > now_ms.saturating_add(ttl / 2) => None,
+        _ => Some(now_ms.saturating_add(ttl)),
+    }
+}
+
 /// The hold starts after an idempotency pass shorter than this (the hold's own pass moves
 /// what was written since, so about as much). Not tied to `hold_under`: a busy target's
 /// pass takes tens of milliseconds whatever the lag.

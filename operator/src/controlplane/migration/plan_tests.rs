@@ -520,3 +520,12 @@ fn at_most_max_migrations_run_the_oldest_first() {
     assert_eq!(admit(&waiting, 0, 10), ["a", "a2", "b", "c"]);
     assert_eq!(admit(&[], 0, 2), Vec::<String>::new());
 }
+
+#[test]
+fn a_pin_is_renewed_once_half_its_lifetime_is_gone() {
+    let ttl = Duration::from_secs(600);
+    assert_eq!(pin_renewal(None, 1_000, ttl), Some(601_000), "not pinned yet");
+    assert_eq!(pin_renewal(Some(0), 1_000, ttl), Some(601_000), "lapsed");
+    assert_eq!(pin_renewal(Some(301_001), 1_000, ttl), None, "more than half left");
+    assert_eq!(pin_renewal(Some(301_000), 1_000, ttl), Some(601_000), "half left");
+}

@@ -8,7 +8,7 @@ use nimbus_api::migration::{ExportPart, ExportRequest, OplogPosition, PinOplogRe
 
 use super::{AgentError, AgentTuning, Source, now_ms};
 use crate::controlplane::backup::{BackupStore, FORMAT_VERSION, FullId, FullManifest};
-use crate::controlplane::migration::plan::CopyPacer;
+use crate::controlplane::migration::plan::{CopyPacer, pin_renewal};
 use crate::controlplane::migration::{ReplicaSetAccess, Tuning};
 
 use super::world::BackupWorld;
@@ -131,12 +131,8 @@ pub(super) async fn renew_pin(
     ttl: Duration,
     expires_ms: &mut u64,
 ) -> Result<(), AgentError> {
-    let now = now_ms();
-    let ttl = ttl.as_millis() as u64;
-    if *expires_ms > now + ttl / 2 {
-        return Ok(());
-    }
-    let req = PinOplogRequest { name: name.to_owned(), from_index, expires_ms: now + ttl };
+    let Some(expiry) = pin_renewal(Some(*expires_ms), now_ms(), ttl) else { return Ok(()) };
+    let req = PinOplogRequest { name: name.to_owned(), from_index, expires_ms: expiry };
     world.pin_oplog(rs, &req).await?;
     *expires_ms = req.expires_ms;
     Ok(())
