@@ -178,6 +178,59 @@ pub enum ImportStep {
     },
     /// Drops what was imported and the incoming mark.
     Abort,
+    /// A restore's switch (`docs/design/0004-backup.md`, "Restore in place"): the import,
+    /// a staging database ([`restore_staging_db`]), is published into the database `into`
+    /// served by the same replica set, in this one entry, so a client sees the collections
+    /// before or after, never half restored. With `whole`, `into` becomes exactly the
+    /// import (its other collections dropped; `collections` empty); otherwise each
+    /// `from → to` of `collections` replaces collection `to` of `into` (or creates it)
+    /// with the import's `from`, and `into`'s other collections are untouched. Unless
+    /// `replace`, a `to` that exists in `into` is refused and nothing changes. The changes
+    /// are written to `into`'s oplog as ordinary changes (drops, collections, indexes,
+    /// documents), so migrations and the backup archive see them; the staging database is
+    /// dropped and the outcome recorded, so a repeated `Publish` answers as the first did.
+    /// Refused when the import holds more than [`MAX_PUBLISH_BYTES`] of documents, when an
+    /// index of it is still building (retry), or when `into` is itself incoming.
+    Publish {
+        into: String,
+        #[serde(default)]
+        whole: bool,
+        #[serde(default)]
+        collections: Vec<PublishedCollection>,
+        #[serde(default)]
+        replace: bool,
+    },
+}
+
+/// One collection of a [`ImportStep::Publish`]: the import's `from` becomes `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedCollection {
+    pub from: String,
+    pub to: String,
+}
+
+/// The most documents' bytes one [`ImportStep::Publish`] moves: it is one Raft entry,
+/// applied in one write batch on every member (its documents, index entries and oplog
+/// changes in memory at once), which stalls the replica set's other tenants while it
+/// applies. Larger restores go into a new instance.
+pub const MAX_PUBLISH_BYTES: u64 = 256 << 20;
+
+/// The suffix of a restore's staging database: `~` is in no client's database name
+/// ([`crate::limits::validate_name`]), so no client can address one, and no tenant's
+/// database can be one.
+pub const STAGING_SUFFIX: &str = "~restore";
+
+/// The staging database a restore into `into` imports into before it publishes: one per
+/// database, so a new restore's `Begin` drops what an abandoned one left.
+pub fn restore_staging_db(into: &str) -> String {
+    format!("{into}{STAGING_SUFFIX}")
+}
+
+/// A database name the admin API's import, checksum and export accept: a client's
+/// ([`crate::path::DbName`]) or a restore's staging database of one.
+pub fn validate_admin_db(db: &str) -> Result<(), crate::ApiError> {
+    let name = db.strip_suffix(STAGING_SUFFIX).unwrap_or(db);
+    crate::limits::validate_name("database", name)
 }
 
 impl ImportStep {
@@ -191,6 +244,7 @@ impl ImportStep {
             ImportStep::Idempotency { .. } => "Idempotency",
             ImportStep::Finish { .. } => "Finish",
             ImportStep::Abort => "Abort",
+            ImportStep::Publish { .. } => "Publish",
         }
     }
 }
