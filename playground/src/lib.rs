@@ -22,6 +22,7 @@ pub mod migrate;
 pub mod netns;
 pub mod procs;
 pub mod requests;
+pub mod restore;
 pub mod secrets;
 pub mod serve;
 pub mod state;
@@ -318,4 +319,20 @@ pub async fn delete(dir: &Path, names: &[String]) -> anyhow::Result<Vec<String>>
 pub async fn backup(dir: &Path, name: &str) -> anyhow::Result<Vec<String>> {
     let (_, pg, secret) = control_plane(dir)?;
     call(&pg, &secret, "/v1/backup", &backup::BackupRequest { instance: name.to_owned() }).await
+}
+
+/// `nimbus playground restore`: restores instance `name` (or the collections named) to
+/// `to_time` (RFC 3339 or `latest`), in place or into the new instance `into`; the line to
+/// print (`restored to: RFC3339`). Returns when done.
+pub async fn restore(
+    dir: &Path,
+    name: &str,
+    to_time: &str,
+    collections: Option<Vec<String>>,
+    into: Option<String>,
+) -> anyhow::Result<Vec<String>> {
+    restore::parse_time(to_time).map_err(anyhow::Error::msg)?;
+    let (_, pg, secret) = control_plane(dir)?;
+    let req = restore::RestoreRequest { instance: name.to_owned(), to_time: to_time.to_owned(), collections, into };
+    call(&pg, &secret, "/v1/restore", &req).await
 }

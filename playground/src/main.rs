@@ -1,4 +1,4 @@
-//! The `nimbus` command: `nimbus playground up|apply|delete|backup|zone|down` (all of Nimbus on
+//! The `nimbus` command: `nimbus playground up|apply|delete|backup|restore|zone|down` (all of Nimbus on
 //! one machine).
 
 use std::path::PathBuf;
@@ -69,6 +69,24 @@ enum PlaygroundCommand {
         dir: PathBuf,
         /// Instance name.
         name: String,
+    },
+    /// Restore an instance (or some of its collections) to a moment of its recoverable
+    /// window, in place or into a new instance; prints `restored to: RFC3339`.
+    Restore {
+        #[arg(long, default_value = ".playground")]
+        dir: PathBuf,
+        /// Instance name.
+        name: String,
+        /// RFC 3339 (`2026-11-28T10:00:00Z`), or `latest`.
+        #[arg(long)]
+        to_time: String,
+        /// Only these collections (comma-separated); the others stay as they are.
+        #[arg(long, value_delimiter = ',')]
+        collections: Option<Vec<String>>,
+        /// Restore into this new instance (created with the source's spec) instead of in
+        /// place.
+        #[arg(long)]
+        into: Option<String>,
     },
     /// Stop everything `up` started (the data stays in the directory).
     Down {
@@ -168,6 +186,12 @@ async fn main() -> anyhow::Result<()> {
         }
         PlaygroundCommand::Backup { dir, name } => {
             for line in playground::backup(&dir, &name).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        PlaygroundCommand::Restore { dir, name, to_time, collections, into } => {
+            for line in playground::restore(&dir, &name, &to_time, collections, into).await? {
                 println!("{line}");
             }
             Ok(())

@@ -176,20 +176,22 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
     directory.refresh(st);
     // Backups: the operator's agent, in the background; the loop below tells it which
     // databases to back up, and `playground.json` shows what it has (`backup`).
-    let backup_world = LiveWorld {
+    let backup_world = Arc::new(LiveWorld {
         admin: admin.clone(),
         coord: Arc::new(Coordinator::connect(&secrets.etcd(&etcd_url, OPERATOR_USER)).await?),
         directory: directory.clone(),
+    });
+    let backup_store = crate::backup::object_store(dir)?;
+    let restorer = crate::restore::Restorer {
+        world: backup_world.clone(),
+        store: backup_store.clone(),
+        dir: dir.to_path_buf(),
+        loop_tx: loop_tx.clone(),
+        busy: Arc::default(),
     };
     let backups = Arc::new(
-        BackupAgent::new(
-            Arc::new(backup_world),
-            crate::backup::object_store(dir)?,
-            "",
-            crate::backup::SCOPE,
-            AgentTuning::default(),
-        )
-        .context("failed to start the backup agent")?,
+        BackupAgent::new(backup_world, backup_store, "", crate::backup::SCOPE, AgentTuning::default())
+            .context("failed to start the backup agent")?,
     );
     crate::backup::refresh(&backups, &backup_names, st);
     let (_stop_backups, backups_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -208,6 +210,7 @@ async fn run(opts: &Options, dir: &Path, st: &mut State, procs: &mut Procs, secr
         .with_state(ZonesApi { wanted: wanted.clone(), isolated: st.network.is_some() })
         .merge(requests::routes(loop_tx))
         .merge(crate::backup::routes(backups.clone(), backup_names.clone()))
+        .merge(crate::restore::routes(restorer))
         // The state shown holds every token, and zones can be taken down: components only.
         .route_layer(axum::middleware::from_fn_with_state(secret.clone(), nimbus_net::cluster::require))
         .route("/healthz", axum::routing::get(|| async { "ok" }));

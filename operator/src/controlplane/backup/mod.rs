@@ -20,6 +20,7 @@ pub mod format;
 pub mod layout;
 pub mod plan;
 pub mod restore;
+pub mod restore_job;
 pub mod store;
 
 #[cfg(test)]

@@ -1,0 +1,280 @@
+//! A restore from request to result (`docs/design/0004-backup.md`, "Restore in place"):
+//! plan from the store, import into the target database's staging database on the replica
+//! set serving it (`nimbus_api::migration::restore_staging_db`), then one `Publish` entry
+//! switches the collections in. Clients see the collections as they were, then as
+//! restored; never half restored, and nothing at all when the restore fails before
+//! `Publish` (a staging database is invisible to clients and dropped by the next `Begin`).
+//!
+//! The playground's `restore` verb and the operator's `DatabaseRestore` both run
+//! [`run`]. One restore per target database at a time is the caller's to ensure: a second
+//! one's `Begin` would drop the first's staging database (which then fails, having changed
+//! nothing).
+//!
+//! Retries: a passing failure (a leader change, a datanode restarting, the object store
+//! briefly unreachable) restarts the attempt from `Begin` with the leader looked up again,
+//! until [`RestoreJob::deadline`]; a failure of `Publish` itself is retried with the same
+//! import id first, since a `Publish` that took effect answers the same again.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use nimbus_api::etcd::RouteState;
+use nimbus_api::migration::{ImportRequest, ImportStep, PublishedCollection, restore_staging_db};
+
+use super::agent::BackupWorld;
+use super::layout::FullId;
+use super::plan::{RestoreError, RestorePlan, RestoreTarget, plan_restore};
+use super::restore::{RestoreFailure, RestoreInto, RestoreOutcome, RestoreWorld, restore};
+use super::{BackupError, BackupStore};
+use crate::controlplane::migration::{Failure, ReplicaSetAccess};
+
+/// Where the restored collections go in the target database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// In place: the whole database becomes the backup's at the time (its collections
+    /// created since dropped), or, with collections named, each of them replaces its
+    /// current self.
+    Replace,
+    /// Beside: each restored collection (all, or those named) is created as
+    /// `{name}{suffix}`; a name that exists is refused and nothing changes.
+    Beside { suffix: String },
+}
+
+/// One restore.
+#[derive(Debug, Clone)]
+pub struct RestoreJob {
+    /// The database whose backups are restored (`store` is its location).
+    pub source_db: String,
+    /// The namespace of the replica sets (the secret of the admin calls; empty in the
+    /// playground).
+    pub namespace: String,
+    pub to: RestoreTarget,
+    /// Only these collections (names in the backup); `None`: the whole database.
+    pub collections: Option<BTreeSet<String>>,
+    /// The database restored into: `source_db` itself (in place) or another instance's.
+    pub into_db: String,
+    pub mode: RestoreMode,
+    /// Unique per job: the import ids of its attempts are `{id}-{attempt}`.
+    pub id: String,
+    /// How long passing failures are retried (from the start).
+    pub deadline: Duration,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreReport {
+    /// The time restored to (ms since the Unix epoch): every change at or before it is in,
+    /// none after it.
+    pub restored_to_ms: u64,
+    pub full: FullId,
+    /// The collections published (their names in the target).
+    pub collections: Vec<String>,
+    /// Documents of the restored collections.
+    pub documents: u64,
+    /// JSON bytes of documents and changes imported.
+    pub bytes: u64,
+    pub changes_applied: u64,
+    pub checksum_verified: bool,
+    pub attempts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Refused before anything was done: the time is outside the window, there is no
+    /// backup, the request is invalid.
+    #[error(transparent)]
+    Plan(#[from] RestoreError),
+    #[error("invalid restore request: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    /// The import into the staging database failed (nothing was published).
+    #[error(transparent)]
+    Restore(#[from] RestoreFailure),
+    /// The database cannot be restored into now (no route, a migration running, no leader).
+    #[error("cannot restore into database {db} now: {why}")]
+    Target { db: String, why: String },
+    /// `Publish` was refused: nothing was published.
+    #[error("the restore into database {db} was not published: {failure}")]
+    Publish { db: String, failure: Failure },
+    #[error("the restore into database {db} gave up after {attempts} attempts in {elapsed:?}: {last}")]
+    GaveUp { db: String, attempts: u32, elapsed: Duration, last: String },
+}
+
+impl JobError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            JobError::Restore(f) => f.is_retryable(),
+            JobError::Backup(e) => e.is_retryable(),
+            JobError::Target { .. } => true,
+            JobError::Publish { failure: Failure::Transient(_), .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// The plan for `job` from what `store` holds now: refused (nothing done) when the time is
+/// outside the recoverable window or there is no full backup.
+pub async fn plan(store: &BackupStore, to: RestoreTarget) -> Result<RestorePlan, JobError> {
+    let fulls = store.list_fulls().await?.complete;
+    let segments = store.list_segments().await?;
+    Ok(plan_restore(&fulls, &segments, to)?)
+}
+
+/// Runs `job` from `store`: plans once, then imports and publishes, retrying passing
+/// failures until the job's deadline.
+pub async fn run<W: BackupWorld + RestoreWorld + ?Sized>(
+    world: &W,
+    store: &BackupStore,
+    job: &RestoreJob,
+) -> Result<RestoreReport, JobError> {
+    check(job)?;
+    let started = Instant::now();
+    let plan = plan(store, job.to).await?;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let last = match attempt_once(world, store, job, &plan, attempt).await {
+            Ok(outcome) => {
+                return Ok(RestoreReport {
+                    restored_to_ms: plan.to_ms,
+                    full: outcome.0.full.clone(),
+                    collections: outcome.1,
+                    documents: outcome.0.documents,
+                    bytes: outcome.0.bytes,
+                    changes_applied: outcome.0.changes_applied,
+                    checksum_verified: outcome.0.checksum_verified,
+                    attempts: attempt,
+                });
+            }
+            Err(e) if e.is_retryable() => e,
+            Err(e) => return Err(e),
+        };
+        if started.elapsed() >= job.deadline {
+            return Err(JobError::GaveUp {
+                db: job.into_db.clone(),
+                attempts: attempt,
+                elapsed: started.elapsed(),
+                last: last.to_string(),
+            });
+        }
+        tracing::warn!(db = %job.into_db, attempt, error = %last, "restore attempt failed; retrying");
+        tokio::time::sleep(backoff(attempt)).await;
+    }
+}
+
+fn check(job: &RestoreJob) -> Result<(), JobError> {
+    let invalid = |e: nimbus_api::ApiError| JobError::Invalid(e.message);
+    nimbus_api::limits::validate_name("database", &job.into_db).map_err(invalid)?;
+    if let Some(names) = &job.collections {
+        if names.is_empty() {
+            return Err(JobError::Invalid("name at least one collection, or none for the whole database".into()));
+        }
+        for c in names {
+            nimbus_api::limits::validate_name("collection", c).map_err(invalid)?;
+        }
+    }
+    if let RestoreMode::Beside { suffix } = &job.mode {
+        if suffix.is_empty() {
+            return Err(JobError::Invalid("a restore beside the collections needs a suffix for their names".into()));
+        }
+        for c in job.collections.iter().flatten() {
+            nimbus_api::limits::validate_name("collection", &format!("{c}{suffix}")).map_err(invalid)?;
+        }
+    }
+    Ok(())
+}
+
+/// 0.2 s, doubling, at most 5 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(200u64.saturating_mul(1 << attempt.min(5)).min(5_000))
+}
+
+/// The leader of the replica set serving `db`, refused while a migration holds or moves
+/// it (a `Publish` on the source after the fence would be left behind by the move).
+async fn target<W: BackupWorld + ?Sized>(world: &W, namespace: &str, db: &str) -> Result<ReplicaSetAccess, JobError> {
+    let why = |why: String| JobError::Target { db: db.to_owned(), why };
+    let route = world.route(db).await.map_err(|f| why(f.to_string()))?.ok_or_else(|| why("it has no route".into()))?;
+    if route.state != RouteState::Serving {
+        return Err(why(format!("its route is {:?} (a migration is switching it)", route.state)));
+    }
+    world
+        .replica_set(namespace, &route.replica_set)
+        .await
+        .map_err(|f| why(f.to_string()))?
+        .ok_or_else(|| why(format!("replica set {} does not exist", route.replica_set)))
+}
+
+async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
+    world: &W,
+    store: &BackupStore,
+    job: &RestoreJob,
+    plan: &RestorePlan,
+    attempt: u32,
+) -> Result<(RestoreOutcome, Vec<String>), JobError> {
+    let rs = target(world, &job.namespace, &job.into_db).await?;
+    let staging = restore_staging_db(&job.into_db);
+    let import_id = format!("{}-{attempt}", job.id);
+    let mut into = RestoreInto::new(rs, &staging, &import_id, None);
+    into.collections = job.collections.clone();
+    let outcome = restore(world, store, plan, &into).await?;
+    let (step, published) = publish_step(job, &outcome);
+    publish(world, job, &staging, &import_id, step).await?;
+    Ok((outcome, published))
+}
+
+/// The `Publish` of `outcome` for `job`, and the collections it publishes (target names).
+fn publish_step(job: &RestoreJob, outcome: &RestoreOutcome) -> (ImportStep, Vec<String>) {
+    let pairs = |suffix: &str| -> Vec<PublishedCollection> {
+        outcome
+            .collections
+            .iter()
+            .map(|c| PublishedCollection { from: c.clone(), to: format!("{c}{suffix}") })
+            .collect()
+    };
+    let (whole, collections, replace) = match (&job.mode, &job.collections) {
+        (RestoreMode::Replace, None) => (true, Vec::new(), true),
+        (RestoreMode::Replace, Some(_)) => (false, pairs(""), true),
+        (RestoreMode::Beside { suffix }, _) => (false, pairs(suffix), false),
+    };
+    let published =
+        if whole { outcome.collections.clone() } else { collections.iter().map(|p| p.to.clone()).collect() };
+    (ImportStep::Publish { into: job.into_db.clone(), whole, collections, replace }, published)
+}
+
+/// Sends `Publish`, retrying passing failures with the same import id (one that took
+/// effect answers alike) against the leader looked up again; a refusal drops the staging
+/// database (`Abort`) and fails the job.
+async fn publish<W: BackupWorld + RestoreWorld + ?Sized>(
+    world: &W,
+    job: &RestoreJob,
+    staging: &str,
+    import_id: &str,
+    step: ImportStep,
+) -> Result<(), JobError> {
+    let req = ImportRequest { db: staging.to_owned(), migration: import_id.to_owned(), step };
+    let started = Instant::now();
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let failure = match target(world, &job.namespace, &job.into_db).await {
+            Ok(rs) => match RestoreWorld::import(world, &rs, &req).await {
+                Ok(_) => return Ok(()),
+                Err(f) => f,
+            },
+            Err(e) => Failure::Transient(e.to_string()),
+        };
+        let passing = matches!(failure, Failure::Transient(_));
+        if !passing || started.elapsed() >= job.deadline {
+            if !passing && let Ok(rs) = target(world, &job.namespace, &job.into_db).await {
+                let abort =
+                    ImportRequest { db: staging.to_owned(), migration: import_id.to_owned(), step: ImportStep::Abort };
+                if let Err(e) = RestoreWorld::import(world, &rs, &abort).await {
+                    tracing::warn!(db = %staging, error = %e, "failed to drop a restore's staging database; the next restore drops it");
+                }
+            }
+            return Err(JobError::Publish { db: job.into_db.clone(), failure });
+        }
+        tokio::time::sleep(backoff(tries)).await;
+    }
+}
