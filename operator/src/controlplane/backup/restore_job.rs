@@ -218,9 +218,27 @@ async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
     let mut into = RestoreInto::new(rs, &staging, &import_id, None);
     into.collections = job.collections.clone();
     let outcome = restore(world, store, plan, &into).await?;
+    tracing::info!(db = %job.into_db, attempt, documents = outcome.documents, "restore imported into {staging}; publishing");
+    pause_at_failpoint().await;
     let (step, published) = publish_step(job, &outcome);
     publish(world, job, &staging, &import_id, step).await?;
     Ok((outcome, published))
+}
+
+/// The failpoint `restore-before-publish`: `return(MS)` pauses the restore that long
+/// between its import and its `Publish` (tests kill the leader there). Nothing without the
+/// `failpoints` feature.
+async fn pause_at_failpoint() {
+    #[cfg(feature = "failpoints")]
+    {
+        let pause = (|| {
+            fail::fail_point!("restore-before-publish", |ms| ms.and_then(|ms| ms.parse::<u64>().ok()));
+            None
+        })();
+        if let Some(ms) = pause {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
 }
 
 /// The `Publish` of `outcome` for `job`, and the collections it publishes (target names).
