@@ -58,7 +58,8 @@ impl Node {
     }
 
     fn publish(&mut self, migration: &str, whole: bool, colls: &[(&str, &str)], replace: bool) -> WriteResult {
-        let collections = colls.iter().map(|(f, t)| PublishedCollection { from: (*f).into(), to: (*t).into() }).collect();
+        let collections =
+            colls.iter().map(|(f, t)| PublishedCollection { from: (*f).into(), to: (*t).into() }).collect();
         self.import(STAGING, migration, ImportStep::Publish { into: INTO.into(), whole, collections, replace })
     }
 
@@ -79,13 +80,8 @@ impl Node {
     fn dump(&self, db: &str) -> BTreeMap<String, (Vec<Value>, Value, Vec<IndexSpec>)> {
         let mut out = BTreeMap::new();
         for info in self.engine.list_collections(db) {
-            let q = FindQuery {
-                filter: Filter::all(),
-                sort: SortSpec::default(),
-                projection: None,
-                skip: 0,
-                limit: None,
-            };
+            let q =
+                FindQuery { filter: Filter::all(), sort: SortSpec::default(), projection: None, skip: 0, limit: None };
             let docs = self.engine.find(db, &info.name, &q).unwrap();
             let indexes = self.engine.list_indexes(db, &info.name).unwrap();
             out.insert(info.name.clone(), (docs, serde_json::to_value(&info).unwrap(), indexes));
@@ -256,7 +252,7 @@ fn a_whole_publish_makes_the_database_exactly_the_import_with_usable_indexes() {
     assert!(n.engine.check_route_epoch(INTO, 5).is_ok());
     let again = n.run(INTO, Some("k1"), insert("extra", &[json!({"_id": "e"})])).unwrap();
     assert_eq!(again, WriteAnswer::Inserted { ids: vec![json!("e")] });
-    assert!(n.dump(INTO).get("extra").is_none(), "the retried write applied again");
+    assert!(!n.dump(INTO).contains_key("extra"), "the retried write applied again");
 }
 
 #[test]
@@ -306,7 +302,7 @@ fn a_publish_onto_an_existing_collection_is_refused_unless_it_replaces() {
     assert_eq!(after["users"].2.len(), 2, "the import's indexes replace the served ones");
     assert_eq!(after["orders"], shop["orders"]);
     assert_eq!(after["extra"], shop["extra"]);
-    assert!(after.get("archive").is_none());
+    assert!(!after.contains_key("archive"));
     let v = n.engine.verify_checksum(INTO).unwrap();
     assert!(v.mismatched.is_empty() && v.recorded == v.scanned, "{v:?}");
 }
@@ -342,7 +338,8 @@ fn a_publish_without_its_import_or_to_the_wrong_database_is_refused_and_changes_
         assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
         e.message
     };
-    let whole = |into: &str| ImportStep::Publish { into: into.into(), whole: true, collections: vec![], replace: false };
+    let whole =
+        |into: &str| ImportStep::Publish { into: into.into(), whole: true, collections: vec![], replace: false };
     // Another import's id.
     assert!(refused(&mut n, STAGING, "r2", whole(INTO)).contains("incoming for migration r1"));
     // Sent to the database itself, or to another database's staging.

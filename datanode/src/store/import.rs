@@ -159,8 +159,7 @@ impl Engine {
     /// Clears the incoming mark and records how the import ended.
     fn end_import(&self, ctx: &mut Ctx<'_>, migration: &str, finished: bool, published: Option<&str>) {
         ctx.batch.delete_cf(self.cf(CF_META), keys::meta_key(META_INCOMING, ctx.db));
-        let outcome =
-            Outcome { migration: migration.to_owned(), finished, published: published.map(str::to_owned) };
+        let outcome = Outcome { migration: migration.to_owned(), finished, published: published.map(str::to_owned) };
         ctx.batch.put_cf(self.cf(CF_META), keys::meta_key(META_MIGRATED, ctx.db), encode(&outcome));
         ctx.delta.incoming = Some((ctx.db.to_owned(), None));
     }
