@@ -49,7 +49,9 @@ pub enum StorageError {
 #[derive(Clone, PartialEq, Eq)]
 pub enum BackupStorage {
     /// A directory of the local filesystem (the playground, tests, a mounted volume).
-    Local { root: PathBuf },
+    Local {
+        root: PathBuf,
+    },
     S3(S3Storage),
 }
 
@@ -268,12 +270,12 @@ fn credentials(
             match (get(ENV_ACCESS_KEY_ID), get(ENV_SECRET_ACCESS_KEY)) {
                 (Some(id), Some(secret)) => Ok(Some((id, secret, get(ENV_SESSION_TOKEN)))),
                 (None, None) => Ok(None),
-                (Some(_), None) => {
-                    Err(StorageError::Credentials(format!("{ENV_ACCESS_KEY_ID} is set but {ENV_SECRET_ACCESS_KEY} is not")))
-                }
-                (None, Some(_)) => {
-                    Err(StorageError::Credentials(format!("{ENV_SECRET_ACCESS_KEY} is set but {ENV_ACCESS_KEY_ID} is not")))
-                }
+                (Some(_), None) => Err(StorageError::Credentials(format!(
+                    "{ENV_ACCESS_KEY_ID} is set but {ENV_SECRET_ACCESS_KEY} is not"
+                ))),
+                (None, Some(_)) => Err(StorageError::Credentials(format!(
+                    "{ENV_SECRET_ACCESS_KEY} is set but {ENV_ACCESS_KEY_ID} is not"
+                ))),
             }
         }
     }
@@ -363,7 +365,10 @@ mod tests {
     fn backup_location_s3_urls_give_the_bucket_and_the_prefix() {
         assert_eq!(s3_parts(s3("s3://backups").unwrap()), ("backups".into(), "".into()));
         assert_eq!(s3_parts(s3("s3://backups/").unwrap()), ("backups".into(), "".into()));
-        assert_eq!(s3_parts(s3("s3://my.bucket-1/nimbus/prod/").unwrap()), ("my.bucket-1".into(), "nimbus/prod".into()));
+        assert_eq!(
+            s3_parts(s3("s3://my.bucket-1/nimbus/prod/").unwrap()),
+            ("my.bucket-1".into(), "nimbus/prod".into())
+        );
         assert_eq!(s3("s3://b-1/p").unwrap().to_string(), "s3://b-1/p");
         assert_eq!(s3("s3://b-1").unwrap().to_string(), "s3://b-1");
     }
@@ -444,14 +449,14 @@ mod tests {
             Some(("AK".into(), "SK".into(), Some("T".into())))
         );
         let err = credentials(&from_env, env(&[(ENV_ACCESS_KEY_ID, "AK")])).unwrap_err();
-        assert_eq!(err.to_string(), "incomplete S3 credentials: AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not");
+        assert_eq!(
+            err.to_string(),
+            "incomplete S3 credentials: AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not"
+        );
         let err = credentials(&from_env, env(&[(ENV_ACCESS_KEY_ID, ""), (ENV_SECRET_ACCESS_KEY, "SK")])).unwrap_err();
         assert!(err.to_string().contains("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not"), "{err}");
-        let half = S3Credentials::Static {
-            access_key_id: "AK".into(),
-            secret_access_key: String::new(),
-            session_token: None,
-        };
+        let half =
+            S3Credentials::Static { access_key_id: "AK".into(), secret_access_key: String::new(), session_token: None };
         assert!(credentials(&half, env(&[])).is_err());
     }
 
