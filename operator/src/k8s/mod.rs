@@ -4,6 +4,8 @@
 
 pub mod api;
 pub mod backup;
+#[cfg(test)]
+mod backup_tests;
 pub mod failure;
 #[cfg(test)]
 mod fake;
