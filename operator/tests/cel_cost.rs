@@ -319,16 +319,13 @@ fn a_rule_under_a_list_costs_once_per_item() {
 fn the_restores_immutable_spec_is_bounded_and_cheap() {
     let schema = crd_schema("DatabaseRestore");
     let spec = &schema["properties"]["spec"];
-    let rules: Vec<&str> = spec["x-kubernetes-validations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["rule"].as_str().unwrap())
-        .collect();
+    let rules: Vec<&str> =
+        spec["x-kubernetes-validations"].as_array().unwrap().iter().map(|r| r["rule"].as_str().unwrap()).collect();
     assert!(rules.contains(&"self == oldSelf"), "{rules:?}");
     // Every string and list under the spec has a bound (or is an enum).
     fn unbounded(node: &Value, path: &str, out: &mut Vec<String>) {
-        if matches!(node.get("type").and_then(Value::as_str), Some("string" | "array")) && declared_size(node).is_none() {
+        if matches!(node.get("type").and_then(Value::as_str), Some("string" | "array")) && declared_size(node).is_none()
+        {
             out.push(path.to_owned());
         }
         for (k, v) in node.get("properties").and_then(Value::as_object).into_iter().flatten() {

@@ -399,7 +399,10 @@ fn a_restore_is_refused_when_its_target_does_not_fit_its_mode_or_its_spec_change
         assert!(errors.is_empty(), "{spec}: {errors:?}");
     }
     let bad = [
-        (serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance"}}), "target.instance"),
+        (
+            serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance"}}),
+            "target.instance",
+        ),
         (
             serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "InPlace", "instance": "x"}}),
             "target.instance",
@@ -440,7 +443,9 @@ fn a_restore_is_refused_when_its_target_does_not_fit_its_mode_or_its_spec_change
     for changed in [
         restore(serde_json::json!({"source": "shop", "toTime": "2026-01-01T00:00:00Z", "target": {"mode": "InPlace"}})),
         restore(serde_json::json!({"source": "other", "toTime": "latest", "target": {"mode": "InPlace"}})),
-        restore(serde_json::json!({"source": "shop", "toTime": "latest", "collections": ["a"], "target": {"mode": "InPlace"}})),
+        restore(
+            serde_json::json!({"source": "shop", "toTime": "latest", "collections": ["a"], "target": {"mode": "InPlace"}}),
+        ),
     ] {
         let errors = validate("DatabaseRestore", &changed, Some(&old)).join("; ");
         assert!(errors.contains("spec cannot change"), "{}: {errors}", changed["spec"]);
@@ -485,7 +490,10 @@ fn the_printer_columns_tell_the_backup_and_restore_story() {
             }
             let mut node = &schema;
             for part in path.trim_start_matches('.').split('.') {
-                node = node.get("properties").and_then(|p| p.get(part)).unwrap_or_else(|| panic!("{kind}: {name}: {path}"));
+                node = node
+                    .get("properties")
+                    .and_then(|p| p.get(part))
+                    .unwrap_or_else(|| panic!("{kind}: {name}: {path}"));
             }
         }
     }

@@ -238,7 +238,11 @@ pub async fn write_statuses(backups: &Backups, client: &kube::Client, instances:
 
 /// Keeps the agents' targets and the instances' `status.backup` current, every
 /// [`STATUS_EVERY`], from the instance controller's cache. Runs until dropped.
-pub async fn run(backups: Arc<Backups>, client: kube::Client, instances: kube::runtime::reflector::Store<DatabaseInstance>) {
+pub async fn run(
+    backups: Arc<Backups>,
+    client: kube::Client,
+    instances: kube::runtime::reflector::Store<DatabaseInstance>,
+) {
     if instances.wait_until_ready().await.is_err() {
         return;
     }
@@ -253,7 +257,11 @@ pub async fn run(backups: Arc<Backups>, client: kube::Client, instances: kube::r
 
 /// Writes the instance's `status.backup` into `status` as the instance reconciler builds
 /// it: the agent's view when it has one, else what was shown.
-pub(super) fn reconciled_status(backups: &Backups, dbi: &DatabaseInstance, old: Option<BackupStatus>) -> Option<BackupStatus> {
+pub(super) fn reconciled_status(
+    backups: &Backups,
+    dbi: &DatabaseInstance,
+    old: Option<BackupStatus>,
+) -> Option<BackupStatus> {
     match status_change(backups, dbi) {
         Some(wanted) => wanted,
         None => old,

@@ -15,7 +15,9 @@ use serde_json::json;
 use super::backup::{self, Backups};
 use super::fixtures::{FakeApi, INSTANCES, NS};
 use crate::controlplane::backup::agent::{AgentTuning, ArchiveRecord, BackupWorld};
-use crate::controlplane::backup::{BackupLocation, BackupStore, FORMAT_VERSION, FullId, FullManifest, Lineage, PageEntry};
+use crate::controlplane::backup::{
+    BackupLocation, BackupStore, FORMAT_VERSION, FullId, FullManifest, Lineage, PageEntry,
+};
 use crate::controlplane::migration::{ChecksumMarker, Failure, ReplicaSetAccess};
 use crate::crd::v1alpha1::DatabaseInstance;
 
@@ -85,9 +87,8 @@ fn every_instance_with_backups_on_is_a_target_of_its_namespaces_agent() {
     let on = parsed(instance("shop", json!({"retentionDays": 3})));
     let off = parsed(instance("logs", json!({"enabled": false})));
     let mut deleting = parsed(instance("old", json!({})));
-    deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        "2026-01-01T00:00:00Z".parse().unwrap(),
-    ));
+    deleting.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-01-01T00:00:00Z".parse().unwrap()));
     let mut elsewhere = parsed(instance("blog", json!({})));
     elsewhere.metadata.namespace = Some("other".into());
     let targets = backup::targets_by_namespace([&on, &off, &deleting, &elsewhere]);

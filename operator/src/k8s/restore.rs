@@ -29,9 +29,7 @@ use super::api::Objects;
 use super::backup::rfc3339;
 use super::instance::set_condition;
 use crate::controlplane::backup::RestoreTarget;
-use crate::crd::v1alpha1::{
-    DatabaseInstance, DatabaseRestore, DatabaseRestoreStatus, RestoreMode, RestorePhase,
-};
+use crate::crd::v1alpha1::{DatabaseInstance, DatabaseRestore, DatabaseRestoreStatus, RestoreMode, RestorePhase};
 
 /// On an instance made by a restore (mode `NewInstance`): `<restore name>/<restore uid>`.
 /// A restore retried finds its own instance by it, and never takes over another's.
@@ -79,10 +77,9 @@ impl RestoreJob {
     /// Mode `Beside`: the name `collection` is restored under.
     pub fn beside_name(&self, collection: &str) -> Option<String> {
         match &self.destination {
-            RestoreDestination::Beside { suffix, renames } => renames
-                .get(collection)
-                .cloned()
-                .or_else(|| suffix.as_ref().map(|s| format!("{collection}{s}"))),
+            RestoreDestination::Beside { suffix, renames } => {
+                renames.get(collection).cloned().or_else(|| suffix.as_ref().map(|s| format!("{collection}{s}")))
+            }
             _ => None,
         }
     }
@@ -247,8 +244,9 @@ pub async fn reconcile(dbr: Arc<DatabaseRestore>, ctx: Arc<RestoreContext>) -> R
         Err((other, instance)) => {
             let other = other.rsplit('/').next().unwrap_or_default();
             let instance = instance.rsplit('/').next().unwrap_or_default();
-            let message =
-                format!("waiting for restore {other} of instance {instance} to finish: one restore of an instance at a time");
+            let message = format!(
+                "waiting for restore {other} of instance {instance} to finish: one restore of an instance at a time"
+            );
             pending(&ctx, &dbr, &message).await?;
             return Ok(Action::requeue(ctx.poll));
         }
@@ -512,7 +510,11 @@ fn now() -> String {
     format!("{:.0}", jiff::Timestamp::now())
 }
 
-async fn patch_status(ctx: &RestoreContext, dbr: &DatabaseRestore, status: &DatabaseRestoreStatus) -> Result<(), Error> {
+async fn patch_status(
+    ctx: &RestoreContext,
+    dbr: &DatabaseRestore,
+    status: &DatabaseRestoreStatus,
+) -> Result<(), Error> {
     let ns = dbr.namespace().ok_or(Error::MissingNamespace)?;
     let api: Objects<DatabaseRestore> = Objects::namespaced(ctx.client.clone(), &ns);
     api.patch_status(&dbr.name_any(), &json!({"status": status})).await

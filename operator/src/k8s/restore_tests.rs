@@ -104,7 +104,11 @@ impl Scene {
 
     /// The same API, reconciled by a new operator (nothing of the old one's runs known).
     fn restarted(&self) -> Scene {
-        Scene { api: self.api.clone(), runner: self.runner.clone(), ctx: Scene::context(&self.api, Some(self.runner.clone())) }
+        Scene {
+            api: self.api.clone(),
+            runner: self.runner.clone(),
+            ctx: Scene::context(&self.api, Some(self.runner.clone())),
+        }
     }
 
     fn add(&self, name: &str, spec: Value) {
@@ -160,8 +164,11 @@ fn in_place() -> Value {
 #[tokio::test]
 async fn a_restore_runs_through_the_runner_and_its_status_says_what_was_restored() {
     let s = Scene::new(FakeRunner::default());
-    s.add("undo", json!({"source": "shop", "toTime": "2026-01-01T00:00:00Z", "collections": ["orders"],
-        "target": {"mode": "InPlace"}}));
+    s.add(
+        "undo",
+        json!({"source": "shop", "toTime": "2026-01-01T00:00:00Z", "collections": ["orders"],
+        "target": {"mode": "InPlace"}}),
+    );
     s.reconcile("undo").await;
     assert_eq!(s.status("undo")["phase"], "Restoring");
     let status = s.until("undo", "Succeeded").await;
@@ -252,7 +259,10 @@ async fn two_restores_of_one_instance_run_one_after_the_other() {
 #[tokio::test]
 async fn a_restore_into_a_new_instance_creates_it_from_the_sources_spec_first() {
     let s = Scene::new(FakeRunner::default());
-    s.add("copy", json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}}));
+    s.add(
+        "copy",
+        json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}}),
+    );
     s.until("copy", "Succeeded").await;
     let made = s.api.get(INSTANCES, "shop-copy").expect("the new instance is made");
     assert_eq!(made["metadata"]["annotations"][ANNOTATION_RESTORED_BY], "copy/uid-copy");
@@ -267,7 +277,10 @@ async fn a_restore_into_a_new_instance_creates_it_from_the_sources_spec_first() 
     assert!(s.events("copy").iter().any(|(_, r, _)| r == "InstanceCreated"));
 
     // A name taken by an instance of someone else's is refused, and nothing runs.
-    s.add("clash", json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}}));
+    s.add(
+        "clash",
+        json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}}),
+    );
     let status = s.until("clash", "Failed").await;
     assert!(status["message"].as_str().unwrap().contains("instance shop-copy already exists"), "{status:#}");
     assert_eq!(s.runner.jobs().len(), 1);
@@ -277,7 +290,10 @@ async fn a_restore_into_a_new_instance_creates_it_from_the_sources_spec_first() 
 async fn a_restore_that_cannot_be_done_fails_at_once_with_a_sentence() {
     let s = Scene::new(FakeRunner::default());
     let cases = [
-        (json!({"source": "gone", "toTime": "latest", "target": {"mode": "InPlace"}}), "source instance gone does not exist"),
+        (
+            json!({"source": "gone", "toTime": "latest", "target": {"mode": "InPlace"}}),
+            "source instance gone does not exist",
+        ),
         (json!({"source": "shop", "toTime": "yesterday", "target": {"mode": "InPlace"}}), "neither an RFC 3339 time"),
         (json!({"source": "shop", "toTime": "2999-01-01T00:00:00Z", "target": {"mode": "InPlace"}}), "in the future"),
         (
@@ -345,7 +361,10 @@ pub(super) async fn restore_lifecycle_used() -> BTreeSet<(String, String, String
     s.runner.outcomes.lock().unwrap().push_back(Err(RestoreFailure { message: "damaged".into(), retryable: false }));
     s.add("failed", in_place());
     s.until("failed", "Failed").await;
-    s.add("copy", json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}}));
+    s.add(
+        "copy",
+        json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}}),
+    );
     s.until("copy", "Succeeded").await;
     s.api.used()
 }

@@ -19,19 +19,19 @@ use kube_lease_manager::LeaseManagerBuilder;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
+use super::backup::Backups;
 use super::failure::{Clock, Failover};
 use super::health::Health;
 use super::instance::{self, Context};
-use super::backup::Backups;
 use super::metrics::Metrics;
 use super::migration::{Migrations, PodDirectory};
 use super::objects::{LABEL_REPLICA_SET, Settings};
 use super::restore::{self, RestoreContext, RestoreRunner};
 use super::{pool, replicaset};
 use crate::controlplane::admin::AdminClient;
+use crate::controlplane::backup::agent::AgentTuning;
 use crate::controlplane::coord::Coordinator;
 use crate::controlplane::migration::{LiveWorld, Migrator, Tuning};
-use crate::controlplane::backup::agent::AgentTuning;
 use crate::crd::v1alpha1::{DatabaseInstance, DatabaseRestore, ResourcePool};
 
 /// The Lease the operator replicas compete for.
@@ -215,14 +215,13 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
     });
     let restores = Controller::new(Api::<DatabaseRestore>::all(client.clone()), watcher::Config::default());
     report_synced(&health, WATCHES[2], restores.store());
-    let restores = restores
-        .shutdown_on_signal()
-        .run(restore::reconcile, restore::error_policy, restore_ctx)
-        .for_each(|r| async move {
+    let restores = restores.shutdown_on_signal().run(restore::reconcile, restore::error_policy, restore_ctx).for_each(
+        |r| async move {
             if let Err(e) = r {
                 warn!(error = %e, "restore controller");
             }
-        });
+        },
+    );
     let pools = Controller::new(Api::<ResourcePool>::all(client.clone()), watcher::Config::default());
     report_synced(&health, WATCHES[1], pools.store());
     let pools = pools.shutdown_on_signal().run(pool::reconcile, pool::error_policy, ctx).for_each(|_| async {});

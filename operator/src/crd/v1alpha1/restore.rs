@@ -30,7 +30,7 @@ pub const MAX_RESTORE_COLLECTIONS: u32 = 64;
     printcolumn(name = "Restored To", type_ = "string", json_path = ".status.restoredTo"),
     printcolumn(name = "Documents", type_ = "integer", json_path = ".status.documents", priority = 1),
     printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 // A restore is one request: changing it half-way would leave a person unable to tell what
 // was restored. Every string and list below is bounded, so the API server's cost estimate
