@@ -26,6 +26,7 @@ pub mod replicaset;
 #[cfg(test)]
 mod replicaset_tests;
 pub mod restore;
+pub mod restore_runner;
 #[cfg(test)]
 mod restore_tests;
 mod retire;

@@ -112,6 +112,13 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         Some(objects) => Backups::new(world.clone(), objects.clone(), AgentTuning::default()),
         None => Backups::off(),
     });
+    // Restores: the same world again, and the store the agents write (a test's runner, if
+    // given, instead).
+    let restore_runner = cfg.restore_runner.clone().or_else(|| {
+        let store = cfg.backup_store.clone()?;
+        Some(Arc::new(super::restore_runner::LiveRestoreRunner { world: world.clone(), store })
+            as Arc<dyn RestoreRunner>)
+    });
     let migrations = Migrations::new(world, cfg.migration.clone());
     let reporter = Reporter { controller: "nimbus-operator".into(), instance: Some(cfg.identity.clone()) };
     // One watch of the nodes for every replica-set pass (their health decides the failure
@@ -209,7 +216,7 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
     let restore_ctx = Arc::new(RestoreContext {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), restore_reporter),
-        runner: cfg.restore_runner.clone(),
+        runner: restore_runner,
         jobs: Default::default(),
         poll: restore::POLL,
     });
