@@ -101,7 +101,9 @@ impl Engine {
                 self.end_import(ctx, migration, false);
                 Ok(WriteAnswer::Done)
             }
-            ImportStep::Publish { .. } => Err(ApiError::bad_request("Publish is not supported by this datanode yet").into()),
+            ImportStep::Publish { .. } => {
+                Err(ApiError::bad_request("Publish is not supported by this datanode yet").into())
+            }
             _ if !ours => Err(not_incoming(ctx.db, migration, incoming.as_deref()).into()),
             ImportStep::Collections { collections } => {
                 for c in collections {

@@ -16,7 +16,7 @@ pub mod world;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -30,8 +30,8 @@ pub use full::{TakenFull, full_pin_name, take_full};
 pub use world::{ArchiveRecord, BACKUPS, BackupWorld, backup_key};
 
 use super::{
-    BackupError, BackupLocation, BackupStore, FullManifest, FullPolicy, Lineage, RetentionPolicy, SegmentName,
-    full_due, recoverable_window, retention,
+    BackupError, BackupLocation, BackupStore, FullId, FullManifest, FullPolicy, Incarnation, Lineage, RetentionPolicy,
+    SegmentName, full_due, recoverable_window, retention,
 };
 use crate::controlplane::migration::{Failure, ReplicaSetAccess};
 
@@ -68,6 +68,11 @@ pub struct AgentTuning {
     /// Fulls taken at once over all databases.
     pub max_concurrent_fulls: usize,
     pub full_policy: FullPolicy,
+    /// How long the backups of an incarnation that is no longer a target (a deleted
+    /// instance, or one whose backups were turned off) are kept after the newest time they
+    /// hold; then [`BackupAgent::sweep`] deletes them whole. The instance's own window is
+    /// gone with its spec, so this is the agent's (7 days, the default window).
+    pub orphan_retention: Duration,
 }
 
 impl Default for AgentTuning {
@@ -86,6 +91,7 @@ impl Default for AgentTuning {
             retention_every: Duration::from_secs(300),
             max_concurrent_fulls: 2,
             full_policy: FullPolicy::default(),
+            orphan_retention: Duration::from_millis(RetentionPolicy::default().window_ms),
         }
     }
 }
@@ -152,6 +158,9 @@ pub async fn source(world: &dyn BackupWorld, namespace: &str, db: &str) -> Resul
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupTarget {
     pub db: String,
+    /// The instance's incarnation (its Kubernetes UID; the playground's id): its backups
+    /// and archive record are its own, never those of a deleted instance of the same name.
+    pub incarnation: Incarnation,
     /// Its replica sets' namespace (the secret the admin calls carry); empty in the
     /// playground.
     pub namespace: String,
@@ -260,6 +269,8 @@ pub struct BackupAgent {
     /// Each database's tasks, with the entry they run on: a changed target (its retention,
     /// say) is a new entry, and its tasks are started anew on it.
     tasks: Mutex<BTreeMap<String, (Arc<DbBackups>, Tasks)>>,
+    /// `set_targets` was called: before, every incarnation would look like a former one.
+    targets_known: std::sync::atomic::AtomicBool,
 }
 
 impl BackupAgent {
@@ -271,7 +282,7 @@ impl BackupAgent {
         tuning: AgentTuning,
     ) -> Result<BackupAgent, BackupError> {
         // Checked once here: every database's location is built from them.
-        BackupLocation::new(prefix, scope, "check")?;
+        super::scope_root(prefix, scope)?;
         Ok(BackupAgent {
             world,
             objects,
@@ -281,6 +292,7 @@ impl BackupAgent {
             tuning,
             dbs: Mutex::new(BTreeMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
+            targets_known: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -300,7 +312,7 @@ impl BackupAgent {
                 _ => Arc::new(DbBackups {
                     store: BackupStore::new(
                         self.objects.clone(),
-                        BackupLocation::new(&self.prefix, &self.scope, &target.db)?,
+                        BackupLocation::new(&self.prefix, &self.scope, &target.db, &target.incarnation)?,
                     ),
                     target,
                     cache: Mutex::new(Cache::default()),
@@ -310,6 +322,7 @@ impl BackupAgent {
             next.insert(entry.target.db.clone(), entry);
         }
         *dbs = next;
+        self.targets_known.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -324,12 +337,52 @@ impl BackupAgent {
         full_now(&*self.world, &entry, &self.fulls, &self.tuning).await
     }
 
+    /// Deletes whole the backups of every incarnation in the agent's scope that is not a
+    /// target (a deleted instance, an older instance of a reused name, backups turned off)
+    /// once the newest time they hold is more than `orphan_retention` old: they stay
+    /// restorable by their own incarnation for that long, and are never found by another.
+    /// Returns the locations deleted.
+    pub async fn sweep(&self) -> Result<Vec<BackupLocation>, BackupError> {
+        if !self.targets_known.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(Vec::new());
+        }
+        let live: BTreeSet<(String, Incarnation)> =
+            self.dbs().values().map(|b| (b.target.db.clone(), b.target.incarnation.clone())).collect();
+        let expired_before = now_ms().saturating_sub(self.tuning.orphan_retention.as_millis() as u64);
+        let mut deleted = Vec::new();
+        for location in super::store::list_incarnations(&*self.objects, &self.prefix, &self.scope).await? {
+            if live.contains(&(location.db().to_owned(), location.incarnation().clone())) {
+                continue;
+            }
+            let store = BackupStore::new(self.objects.clone(), location.clone());
+            if store.newest_ms().await?.is_some_and(|newest| newest >= expired_before) {
+                continue;
+            }
+            tracing::info!(
+                db = %location.db(), incarnation = %location.incarnation(),
+                "deleting the backups of an instance no longer backed up, past its retention"
+            );
+            store.delete_all().await?;
+            deleted.push(location);
+        }
+        Ok(deleted)
+    }
+
     /// Runs until `shutdown` completes: keeps one archiver and one scheduler of fulls and
-    /// retention going for every target, and stops those of databases no longer targets.
+    /// retention going for every target, stops those of databases no longer targets, and
+    /// sweeps the backups of former incarnations every `retention_every`.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut last_sweep: Option<Instant> = None;
         loop {
             self.reconcile();
+            let sweep_due = last_sweep.is_none_or(|t| t.elapsed() >= self.tuning.retention_every);
+            if sweep_due && self.targets_known.load(std::sync::atomic::Ordering::Acquire) {
+                last_sweep = Some(Instant::now());
+                if let Err(e) = self.sweep().await {
+                    tracing::warn!(error = %e, "failed to sweep the backups of former instances");
+                }
+            }
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(self.tuning.poll) => {}
@@ -441,19 +494,30 @@ async fn route_lineage(world: &dyn BackupWorld, db: &str) -> Result<Lineage, Age
     Ok(lineage_of(&route)?)
 }
 
-/// Deletes what the retention policy no longer needs, then lists the store again.
+/// Deletes what the retention policy no longer needs, and takes exactly that out of the
+/// cache. Not a new listing put in the cache's place: a segment or full stored by this
+/// agent between that listing and the replacement would drop out of the cache (the
+/// window's end stalling, a full taken again) until the next listing.
 async fn run_retention(entry: &DbBackups) -> Result<(), BackupError> {
     let listing = entry.store.list_fulls().await?;
     let segments = entry.store.list_segments().await?;
     let deletions = retention(&listing, &segments, now_ms(), &entry.target.retention);
-    if !deletions.fulls.is_empty() || !deletions.segments.is_empty() {
-        tracing::info!(
-            db = %entry.target.db, fulls = deletions.fulls.len(), segments = deletions.segments.len(),
-            "backup retention deletes"
-        );
-        entry.store.apply(&deletions).await?;
+    if deletions.fulls.is_empty() && deletions.segments.is_empty() {
+        return Ok(());
     }
-    entry.reload().await
+    tracing::info!(
+        db = %entry.target.db, fulls = deletions.fulls.len(), segments = deletions.segments.len(),
+        "backup retention deletes"
+    );
+    let applied = entry.store.apply(&deletions).await;
+    // Also after a partial failure: what is gone from the cache is at worst re-listed later,
+    // never restored from.
+    let fulls: BTreeSet<&FullId> = deletions.fulls.iter().collect();
+    let segments: std::collections::HashSet<&SegmentName> = deletions.segments.iter().collect();
+    let mut cache = entry.cache();
+    cache.fulls.retain(|f| !fulls.contains(&f.id));
+    cache.segments.retain(|s| !segments.contains(s));
+    applied
 }
 
 /// The archiver of one database, for ever: a failure waits `retry` and starts a new round
@@ -516,7 +580,7 @@ async fn archive_start(
     src: &Source,
 ) -> Result<Option<ArchiveState>, AgentError> {
     let db = &entry.target.db;
-    let existing = world.archive_record(db).await?;
+    let existing = world.archive_record(db, &entry.target.incarnation).await?;
     if let Some((record, revision)) = &existing
         && record.lineage == src.lineage
         && !record.broken
@@ -539,6 +603,7 @@ async fn archive_start(
     };
     let record = ArchiveRecord {
         db: db.clone(),
+        incarnation: entry.target.incarnation.clone(),
         lineage: src.lineage.clone(),
         position,
         covered_ms: 0,

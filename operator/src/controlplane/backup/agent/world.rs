@@ -9,14 +9,16 @@ use nimbus_api::etcd::Route;
 use nimbus_api::migration::{DbOplogPage, ExportPage, ExportRequest, OplogPosition, PinOplogRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::controlplane::backup::Lineage;
+use crate::controlplane::backup::{Incarnation, Lineage};
 use crate::controlplane::migration::{ChecksumMarker, Failure, LiveWorld, MigrationWorld, ReplicaSetAccess};
 
-/// Where the agent's records live in etcd: one per database.
+/// Where the agent's records live in etcd: one per incarnation of a database.
 pub const BACKUPS: &str = "/nimbus/backups/";
 
-pub fn backup_key(db: &str) -> String {
-    format!("{BACKUPS}{db}")
+/// `/nimbus/backups/{db}/{incarnation}`: a new instance with a deleted one's database name
+/// starts a record of its own.
+pub fn backup_key(db: &str, incarnation: &Incarnation) -> String {
+    format!("{BACKUPS}{db}/{incarnation}")
 }
 
 /// The oplog archiver's progress for one database, persisted after each segment is stored
@@ -25,6 +27,8 @@ pub fn backup_key(db: &str) -> String {
 #[serde(rename_all = "camelCase")]
 pub struct ArchiveRecord {
     pub db: String,
+    /// The instance's incarnation (the record's key names it too).
+    pub incarnation: Incarnation,
     /// The lineage being archived (`{replica_set}.e{epoch}` of the route it started on).
     pub lineage: Lineage,
     /// Every change of the lineage at or before this is archived.
@@ -62,8 +66,12 @@ pub trait BackupWorld: Send + Sync {
     ) -> Result<DbOplogPage, Failure>;
     async fn pin_oplog(&self, rs: &ReplicaSetAccess, req: &PinOplogRequest) -> Result<(), Failure>;
     async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure>;
-    /// The archiver's record and its revision.
-    async fn archive_record(&self, db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure>;
+    /// The archiver's record of this incarnation of `db`, and its revision.
+    async fn archive_record(
+        &self,
+        db: &str,
+        incarnation: &Incarnation,
+    ) -> Result<Option<(ArchiveRecord, u64)>, Failure>;
     /// Writes the record if its revision is still `expected` (`None`: if there is none);
     /// the new revision, or `None` when another writer changed it.
     async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure>;
@@ -110,11 +118,15 @@ impl BackupWorld for LiveWorld {
         MigrationWorld::checksum(self, rs, db).await
     }
 
-    async fn archive_record(&self, db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
-        self.coord.get_json_revision(&backup_key(db)).await.map_err(from_coord)
+    async fn archive_record(
+        &self,
+        db: &str,
+        incarnation: &Incarnation,
+    ) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
+        self.coord.get_json_revision(&backup_key(db, incarnation)).await.map_err(from_coord)
     }
 
     async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
-        self.coord.put_json_if(&backup_key(&record.db), record, expected).await.map_err(from_coord)
+        self.coord.put_json_if(&backup_key(&record.db, &record.incarnation), record, expected).await.map_err(from_coord)
     }
 }
