@@ -25,7 +25,7 @@ use nimbus_api::migration::OplogPosition;
 use object_store::ObjectStore;
 use tokio::task::JoinHandle;
 
-pub use archiver::{ArchiveState, Archived, archive_pin_name, archive_segment};
+pub use archiver::{ArchiveState, Archived, IdleTicks, archive_pin_name, archive_segment};
 pub use full::{TakenFull, full_pin_name, take_full};
 pub use world::{ArchiveRecord, BACKUPS, BackupWorld, backup_key};
 
@@ -48,6 +48,10 @@ pub struct AgentTuning {
     pub read_min_bytes_per_sec: u64,
     /// A segment is closed this long after it started...
     pub segment_time: Duration,
+    /// ...but one without a change is stored only this often: in between, an idle
+    /// database's covered time is kept in its archive record (one etcd write per
+    /// `segment_time`), not in an object (about 2,000 per 7-day window instead of 300,000).
+    pub idle_segment_every: Duration,
     /// ...or once it holds this many bytes of changes, whichever comes first.
     pub segment_bytes: u64,
     /// Oplog changes per read.
@@ -55,7 +59,8 @@ pub struct AgentTuning {
     /// A caught-up archiver whose replica set's clock is this far behind the control
     /// plane's renews its oplog pin at once: a Raft entry, applied at the leader's time,
     /// which moves the replica set's clock, and so the covered time (see
-    /// [`archive_segment`]), on while nobody writes.
+    /// [`archive_segment`]), on while nobody writes. One archiver per replica set per
+    /// `idle_tick` does ([`IdleTicks`]).
     pub idle_tick: Duration,
     /// Pins on the source's oplog lapse this long after their last renewal.
     pub pin_ttl: Duration,
@@ -82,6 +87,7 @@ impl Default for AgentTuning {
             read_bytes_per_sec: 32 << 20,
             read_min_bytes_per_sec: 1 << 20,
             segment_time: Duration::from_secs(2),
+            idle_segment_every: Duration::from_secs(300),
             segment_bytes: 4 << 20,
             oplog_page: 1_000,
             idle_tick: Duration::from_millis(500),
@@ -185,6 +191,9 @@ struct Cache {
     loaded: bool,
     fulls: Vec<FullManifest>,
     segments: Vec<SegmentName>,
+    /// The archive record's idle progress past the stored segments
+    /// ([`ArchiveRecord::idle_tip`]): the window's end for an idle database.
+    tip: Option<SegmentName>,
     /// From the archiver's record: for `full_due`.
     oplog_bytes_since_full: u64,
     db_bytes: u64,
@@ -198,7 +207,14 @@ struct Cache {
 
 impl Cache {
     fn status(&self) -> BackupStatus {
-        let window = recoverable_window(&self.fulls, &self.segments);
+        let window = match &self.tip {
+            Some(tip) => {
+                let mut segments = self.segments.clone();
+                segments.push(tip.clone());
+                recoverable_window(&self.fulls, &segments)
+            }
+            None => recoverable_window(&self.fulls, &self.segments),
+        };
         BackupStatus {
             last_full_ms: self.fulls.iter().map(|f| f.end_ms).max(),
             earliest_restorable_ms: window.earliest_ms(),
@@ -265,6 +281,8 @@ pub struct BackupAgent {
     scope: String,
     tuning: AgentTuning,
     fulls: Arc<tokio::sync::Semaphore>,
+    /// The archivers' early pin renewals, per replica set.
+    ticks: Arc<IdleTicks>,
     dbs: Mutex<BTreeMap<String, Arc<DbBackups>>>,
     /// Each database's tasks, with the entry they run on: a changed target (its retention,
     /// say) is a new entry, and its tasks are started anew on it.
@@ -289,6 +307,7 @@ impl BackupAgent {
             prefix: prefix.to_owned(),
             scope: scope.to_owned(),
             fulls: Arc::new(tokio::sync::Semaphore::new(tuning.max_concurrent_fulls.max(1))),
+            ticks: Arc::new(IdleTicks::default()),
             tuning,
             dbs: Mutex::new(BTreeMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
@@ -401,7 +420,8 @@ impl BackupAgent {
             if tasks.contains_key(&db) {
                 continue;
             }
-            let archive = tokio::spawn(archive_loop(self.world.clone(), entry.clone(), self.tuning.clone()));
+            let archive =
+                tokio::spawn(archive_loop(self.world.clone(), entry.clone(), self.tuning.clone(), self.ticks.clone()));
             let entry_for_tasks = entry.clone();
             let schedule =
                 tokio::spawn(schedule_loop(self.world.clone(), entry, self.fulls.clone(), self.tuning.clone()));
@@ -522,9 +542,9 @@ async fn run_retention(entry: &DbBackups) -> Result<(), BackupError> {
 
 /// The archiver of one database, for ever: a failure waits `retry` and starts a new round
 /// (the record read again, the leader found again).
-async fn archive_loop(world: Arc<dyn BackupWorld>, entry: Arc<DbBackups>, tuning: AgentTuning) {
+async fn archive_loop(world: Arc<dyn BackupWorld>, entry: Arc<DbBackups>, tuning: AgentTuning, ticks: Arc<IdleTicks>) {
     loop {
-        match archive_round(&*world, &entry, &tuning).await {
+        match archive_round(&*world, &entry, &tuning, &ticks).await {
             Ok(()) => entry.cache().archive_error = None,
             Err(e) => {
                 tracing::warn!(db = %entry.target.db, error = %e, "oplog archive interrupted");
@@ -537,7 +557,12 @@ async fn archive_loop(world: Arc<dyn BackupWorld>, entry: Arc<DbBackups>, tuning
 
 /// Archives segments while the database stays on its lineage; returns when it moved (the
 /// next round starts the new lineage) or when it waits for a first full.
-async fn archive_round(world: &dyn BackupWorld, entry: &DbBackups, tuning: &AgentTuning) -> Result<(), AgentError> {
+async fn archive_round(
+    world: &dyn BackupWorld,
+    entry: &DbBackups,
+    tuning: &AgentTuning,
+    ticks: &IdleTicks,
+) -> Result<(), AgentError> {
     let db = &entry.target.db;
     entry.load().await?;
     let src = source(world, &entry.target.namespace, db).await?;
@@ -549,6 +574,7 @@ async fn archive_round(world: &dyn BackupWorld, entry: &DbBackups, tuning: &Agen
     {
         let mut cache = entry.cache();
         cache.broken = state.record.broken;
+        cache.tip = state.record.idle_tip();
         cache.oplog_bytes_since_full = state.record.oplog_bytes_since_full;
         cache.db_bytes = state.record.db_bytes;
     }
@@ -557,9 +583,15 @@ async fn archive_round(world: &dyn BackupWorld, entry: &DbBackups, tuning: &Agen
             state.record.db_bytes = db_bytes;
             state.record.oplog_bytes_since_full = 0;
         }
-        if let Some(archived) = archive_segment(world, &entry.store, &src, &mut state, tuning).await? {
+        if let Some(archived) = archive_segment(world, &entry.store, &src, &mut state, tuning, ticks).await? {
             let mut cache = entry.cache();
-            cache.segments.push(archived.name);
+            match archived {
+                Archived::Stored { name, .. } => {
+                    cache.segments.push(name);
+                    cache.tip = None;
+                }
+                Archived::Idle { tip } => cache.tip = Some(tip),
+            }
             cache.oplog_bytes_since_full = state.record.oplog_bytes_since_full;
             cache.db_bytes = state.record.db_bytes;
             cache.archive_error = None;
@@ -585,7 +617,12 @@ async fn archive_start(
         && record.lineage == src.lineage
         && !record.broken
     {
-        return Ok(Some(ArchiveState { record: record.clone(), revision: Some(*revision), pin_expires_ms: 0 }));
+        return Ok(Some(ArchiveState {
+            record: record.clone(),
+            revision: Some(*revision),
+            pin_expires_ms: 0,
+            last_stored_ms: 0,
+        }));
     }
     let broken_at = existing.as_ref().filter(|(r, _)| r.lineage == src.lineage).map(|(r, _)| r.position);
     let start = {
@@ -610,8 +647,11 @@ async fn archive_start(
         oplog_bytes_since_full: 0,
         db_bytes: existing.as_ref().map(|(r, _)| r.db_bytes).unwrap_or(0),
         broken: false,
+        idle_position: None,
+        idle_covered_ms: 0,
     };
-    let mut state = ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0 };
+    let mut state =
+        ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0, last_stored_ms: 0 };
     archiver::save(world, &mut state).await?;
     tracing::info!(db = %db, lineage = %src.lineage, index = position.index, "oplog archive starts");
     Ok(Some(state))

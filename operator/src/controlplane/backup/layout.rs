@@ -279,7 +279,32 @@ pub struct SegmentName {
     pub sha256: String,
 }
 
+/// The digest field of a record-only segment name (see [`SegmentName::record_only`]): not
+/// a SHA-256, so no listed segment ([`SegmentName::parse`] requires one) can have it.
+const RECORD_ONLY_SHA256: &str = "record-only";
+
 impl SegmentName {
+    /// The archive record's idle progress as a segment name: no change of the database in
+    /// `(after, through]`, every change at or before `covered_ms` at or before `through`.
+    /// It has no object (the archiver keeps an idle database's covered time in its etcd
+    /// record rather than writing an empty segment every few seconds); a restore plan
+    /// counts its covered time and never lists it for reading. Its `sha256` is `record-only`, which no listed name has.
+    pub fn record_only(lineage: Lineage, after: OplogPosition, through: OplogPosition, covered_ms: u64) -> SegmentName {
+        SegmentName {
+            lineage,
+            after,
+            through,
+            min_ts: covered_ms,
+            max_ts: covered_ms,
+            sha256: RECORD_ONLY_SHA256.into(),
+        }
+    }
+
+    /// Whether this name stands for the archive record's idle progress, not an object.
+    pub fn is_record_only(&self) -> bool {
+        self.sha256 == RECORD_ONLY_SHA256
+    }
+
     /// `{after}_{through}_{min_ts:013}_{max_ts:013}_{sha256}.seg`.
     pub fn file_name(&self) -> String {
         format!(

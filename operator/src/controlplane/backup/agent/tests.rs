@@ -301,7 +301,10 @@ async fn a_full_then_segments_restore_to_the_state_at_any_time_after_the_full() 
         for _ in 0..3 {
             times.push(model.write());
         }
-        archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap().expect("a segment");
+        archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default())
+            .await
+            .unwrap()
+            .expect("a segment");
     }
     // Pinned from an archived position (renewed, and moved on, at half its lifetime).
     let pinned = model.state().pins.get(&archive_pin_name(DB)).copied();
@@ -326,21 +329,21 @@ async fn a_restarted_archiver_resumes_from_its_persisted_position_without_a_gap(
     entry.reload().await.unwrap();
     let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
     model.write();
-    archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap();
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
     let persisted = state.record.position;
 
     // Crash after a segment is stored but before its position is: the next archiver
     // archives it again from the persisted position.
     model.write();
     model.state().fail_save = true;
-    assert!(archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.is_err());
+    assert!(archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.is_err());
     drop(state);
     let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
     assert_eq!(state.record.position, persisted, "resumed from the persisted position");
     let mut last = 0;
     for _ in 0..3 {
         last = model.write();
-        archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap();
+        archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
     }
 
     let segments = entry.store.list_segments().await.unwrap();
@@ -453,7 +456,10 @@ async fn a_new_instance_with_a_deleted_ones_database_name_finds_none_of_its_back
     old.reload().await.unwrap();
     let mut state = archive_start(&model, &old, &src).await.unwrap().unwrap();
     model.write();
-    archive_segment(&model, &old.store, &src, &mut state, &tuning).await.unwrap().expect("a segment");
+    archive_segment(&model, &old.store, &src, &mut state, &tuning, &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("a segment");
     old.reload().await.unwrap();
     assert!(old.cache().status().latest_restorable_ms.is_some());
 
@@ -553,4 +559,77 @@ async fn retention_keeps_in_the_cache_what_was_stored_after_its_listing() {
     let cache = entry.cache();
     assert!(cache.segments.contains(&late), "a segment stored after retention's listing dropped out of the cache");
     assert_eq!(cache.fulls.len(), 1);
+}
+
+#[tokio::test]
+async fn an_idle_database_moves_its_covered_time_in_its_record_not_in_new_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    let ticks = IdleTicks::default();
+    model.write();
+    let src = source(&model, "", DB).await.unwrap();
+    take_full(&model, &entry.store, &src, &tuning).await.unwrap();
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let last = model.write();
+    let stored = archive_segment(&model, &entry.store, &src, &mut state, &tuning, &ticks).await.unwrap();
+    assert!(matches!(stored, Some(Archived::Stored { .. })), "{stored:?}");
+    let objects = entry.store.list_segments().await.unwrap().len();
+
+    // Nobody writes: the covered time moves on, in the record only.
+    let mut tip = None;
+    for _ in 0..3 {
+        match archive_segment(&model, &entry.store, &src, &mut state, &tuning, &ticks).await.unwrap() {
+            Some(Archived::Idle { tip: t }) => tip = Some(t),
+            other => panic!("an idle round stored or did nothing: {other:?}"),
+        }
+    }
+    let tip = tip.unwrap();
+    assert!(tip.max_ts > last, "the idle time after the last write is covered: {tip:?}");
+    assert_eq!(entry.store.list_segments().await.unwrap().len(), objects, "no object for an idle round");
+    let (record, _) = model.state().records.values().next().cloned().unwrap();
+    assert_eq!(record.idle_tip(), Some(tip.clone()));
+    // A restore to a time only the record covers: planned with the record's tip, which
+    // it never lists for reading.
+    let fulls = entry.store.list_fulls().await.unwrap().complete;
+    let mut segments = entry.store.list_segments().await.unwrap();
+    let t = tip.max_ts;
+    assert!(plan_restore(&fulls, &segments, RestoreTarget::Time(t)).is_err(), "the store alone does not cover {t}");
+    segments.push(tip.clone());
+    let plan = plan_restore(&fulls, &segments, RestoreTarget::Time(t)).unwrap();
+    assert!(plan.segments.iter().all(|s| !s.is_record_only()), "{plan:?}");
+    assert_eq!(restore(&entry.store, &plan).await, model.state_at(t));
+
+    // A write: one segment from the stored position spans the idle stretch.
+    let before = state.record.position;
+    let t = model.write();
+    let Some(Archived::Stored { name, .. }) =
+        archive_segment(&model, &entry.store, &src, &mut state, &tuning, &ticks).await.unwrap()
+    else {
+        panic!("a write was not stored");
+    };
+    assert_eq!(name.after, before);
+    assert_eq!(state.record.idle_position, None);
+    assert!(plan_at(&entry.store, t).await.is_ok());
+
+    // An idle stretch older than idle_segment_every is stored as an empty segment.
+    let eager = AgentTuning { idle_segment_every: Duration::ZERO, ..tuning.clone() };
+    let stored = archive_segment(&model, &entry.store, &src, &mut state, &eager, &ticks).await.unwrap();
+    assert!(matches!(stored, Some(Archived::Stored { bytes: 0, .. })), "{stored:?}");
+}
+
+#[test]
+fn one_archiver_per_replica_set_renews_its_pin_early_per_idle_tick() {
+    let ticks = IdleTicks::default();
+    let rs = |name: &str| ReplicaSetAccess {
+        namespace: String::new(),
+        name: name.into(),
+        leader_admin: String::new(),
+        members: vec![],
+    };
+    let every = Duration::from_millis(500);
+    assert!(ticks.claim(&rs("a"), 10_000, every));
+    assert!(!ticks.claim(&rs("a"), 10_100, every), "a second database of rs a in the same tick");
+    assert!(ticks.claim(&rs("b"), 10_100, every), "another replica set ticks on its own");
+    assert!(ticks.claim(&rs("a"), 10_500, every), "the next tick of rs a");
 }

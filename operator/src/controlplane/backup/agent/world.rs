@@ -9,7 +9,7 @@ use nimbus_api::etcd::Route;
 use nimbus_api::migration::{DbOplogPage, ExportPage, ExportRequest, OplogPosition, PinOplogRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::controlplane::backup::{Incarnation, Lineage};
+use crate::controlplane::backup::{Incarnation, Lineage, SegmentName};
 use crate::controlplane::migration::{ChecksumMarker, Failure, LiveWorld, MigrationWorld, ReplicaSetAccess};
 
 /// Where the agent's records live in etcd: one per incarnation of a database.
@@ -46,6 +46,26 @@ pub struct ArchiveRecord {
     /// must be taken and the archive restarts from its start.
     #[serde(default)]
     pub broken: bool,
+    /// Idle progress kept here rather than in an empty segment: the database has no change
+    /// in `(position, idle_position]`, and every change with a time at or before
+    /// `idle_covered_ms` is at or before `idle_position`. The next segment stored starts at
+    /// `position` and spans it; an empty one is stored only every
+    /// [`super::AgentTuning::idle_segment_every`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_position: Option<OplogPosition>,
+    #[serde(default)]
+    pub idle_covered_ms: u64,
+}
+
+impl ArchiveRecord {
+    /// The record's idle progress as a segment name without an object
+    /// ([`SegmentName::record_only`]): a listing with it appended covers the time the
+    /// record does (`recoverable_window`, `plan_restore`).
+    pub fn idle_tip(&self) -> Option<SegmentName> {
+        let through = self.idle_position?;
+        (!self.broken)
+            .then(|| SegmentName::record_only(self.lineage.clone(), self.position, through, self.idle_covered_ms))
+    }
 }
 
 /// Everything the agent does outside itself. Errors are the migration's [`Failure`]s (the
