@@ -106,6 +106,7 @@ impl RestoreWorld for Fake {
                 }
             }
             ImportStep::Idempotency { .. } => panic!("a restore moves no idempotency record"),
+            ImportStep::Publish { .. } => panic!("a restore into a new database publishes nothing"),
         }
         Ok(ImportAnswer { index: t.steps.len() as u64 })
     }
@@ -155,7 +156,8 @@ fn change(index: u64, coll: &str, id: u64, doc: Option<Value>) -> OplogEntry {
 async fn fixture(checksum: Option<String>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let fs = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
-    let store = BackupStore::new(Arc::new(fs), BackupLocation::new("b", "s", DB).unwrap());
+    let store =
+        BackupStore::new(Arc::new(fs), BackupLocation::new("b", "s", DB, &Incarnation::new("inc-1").unwrap()).unwrap());
     let lineage = Lineage::new("rs-1.e1").unwrap();
     let pages = vec![
         page(
