@@ -115,11 +115,26 @@ impl JobError {
     }
 }
 
-/// The plan for `job` from what `store` holds now: refused (nothing done) when the time is
-/// outside the recoverable window or there is no full backup.
-pub async fn plan(store: &BackupStore, to: RestoreTarget) -> Result<RestorePlan, JobError> {
+/// The plan for a restore to `to` from what `store` holds now, and the time the archiver's
+/// record covers beyond it (an idle database's newest time: `ArchiveRecord::idle_tip`):
+/// refused (nothing done) when the time is outside the recoverable window or there is no
+/// full backup.
+pub async fn plan<W: BackupWorld + ?Sized>(
+    world: &W,
+    store: &BackupStore,
+    to: RestoreTarget,
+) -> Result<RestorePlan, JobError> {
     let fulls = store.list_fulls().await?.complete;
-    let segments = store.list_segments().await?;
+    let mut segments = store.list_segments().await?;
+    let location = store.location();
+    match world.archive_record(location.db(), location.incarnation()).await {
+        Ok(Some((record, _))) => segments.extend(record.idle_tip()),
+        Ok(None) => {}
+        // Without the record the window ends at the newest segment stored: still a plan.
+        Err(e) => {
+            tracing::warn!(db = %location.db(), error = %e, "failed to read the archive record; planning from the store alone")
+        }
+    }
     Ok(plan_restore(&fulls, &segments, to)?)
 }
 
@@ -132,7 +147,7 @@ pub async fn run<W: BackupWorld + RestoreWorld + ?Sized>(
 ) -> Result<RestoreReport, JobError> {
     check(job)?;
     let started = Instant::now();
-    let plan = plan(store, job.to).await?;
+    let plan = plan(world, store, job.to).await?;
     let mut attempt = 0u32;
     loop {
         attempt += 1;
