@@ -213,7 +213,7 @@ async fn backups_round_trip_through_s3_verified_and_damage_is_refused_naming_the
 
     // The objects are where the layout says, under the location's prefix, in the bucket.
     let page_path = store.location().page(&id, 1);
-    assert_eq!(page_path.as_ref(), format!("nimbus/prod/ns/shop/full/{id}/000001.page"));
+    assert_eq!(page_path.as_ref(), format!("nimbus/prod/ns/shop/uid-1/full/{id}/000001.page"));
     let bytes = opened.store.get(&page_path).await.unwrap().bytes().await.unwrap();
     assert_eq!(bytes.len() as u64, manifest.pages[1].bytes);
 
@@ -265,7 +265,7 @@ async fn retention_deletes_backups_from_s3_and_a_missing_bucket_is_an_error() {
     // A bucket that does not exist: an error naming what failed, not an empty listing.
     let missing = open(&moto, "no-such-bucket").backup_store("ns", "shop", &incarnation()).unwrap();
     let err = missing.list_fulls().await.unwrap_err();
-    assert!(err.to_string().starts_with("failed to list backup object nimbus/prod/ns/shop/full"), "{err}");
+    assert!(err.to_string().starts_with("failed to list backup object nimbus/prod/ns/shop/uid-1/full"), "{err}");
 }
 
 #[tokio::test]
