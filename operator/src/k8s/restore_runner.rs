@@ -1,7 +1,7 @@
 //! The operator's [`RestoreRunner`]: a `DatabaseRestore` carried out by the restore job
 //! (`controlplane::backup::restore_job`) against the cluster's datanodes and the
-//! operator's backup store, where the namespace's backup agent writes (`k8s::backup`:
-//! prefix `""`, scope = the namespace).
+//! operator's backup store, where the namespace's backup agent writes (`k8s::backup`: the
+//! store's prefix, scope = the namespace).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::restore::{RestoreDestination, RestoreFailure, RestoreJob, RestoreReport, RestoreRunner};
 use crate::controlplane::backup::restore_job::{self, RestoreMode};
-use crate::controlplane::backup::{BackupLocation, BackupStore};
+use crate::controlplane::backup::OpenedStorage;
 use crate::controlplane::migration::LiveWorld;
 
 /// How long one attempt retries passing failures (a leader change, a new instance not yet
@@ -19,15 +19,17 @@ pub const ATTEMPT_DEADLINE: Duration = Duration::from_secs(300);
 
 pub struct LiveRestoreRunner {
     pub world: Arc<LiveWorld>,
-    pub store: Arc<dyn object_store::ObjectStore>,
+    /// The store the backup agents write, and its prefix.
+    pub storage: OpenedStorage,
 }
 
 #[async_trait]
 impl RestoreRunner for LiveRestoreRunner {
     async fn run(&self, job: RestoreJob) -> Result<RestoreReport, RestoreFailure> {
-        let location = BackupLocation::new("", &job.namespace, &job.source_database)
+        let store = self
+            .storage
+            .backup_store(&job.namespace, &job.source_database)
             .map_err(|e| RestoreFailure { message: e.to_string(), retryable: false })?;
-        let store = BackupStore::new(self.store.clone(), location);
         let run = restore_job::RestoreJob {
             source_db: job.source_database.clone(),
             namespace: job.namespace.clone(),
