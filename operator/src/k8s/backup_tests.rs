@@ -16,8 +16,7 @@ use super::backup::{self, BackupArgs, Backups, SetupError};
 use super::fixtures::{FakeApi, INSTANCES, NS};
 use crate::controlplane::backup::agent::{AgentTuning, ArchiveRecord, BackupWorld};
 use crate::controlplane::backup::{
-    BackupStorage, FORMAT_VERSION, FullId, FullManifest, Lineage, OpenedStorage, PageEntry, S3Credentials,
-    StorageError,
+    BackupStorage, FORMAT_VERSION, FullId, FullManifest, Lineage, OpenedStorage, PageEntry, S3Credentials, StorageError,
 };
 use crate::controlplane::migration::{ChecksumMarker, Failure, ReplicaSetAccess};
 use crate::crd::v1alpha1::DatabaseInstance;
@@ -201,7 +200,8 @@ fn bad_backup_flags_are_refused_saying_why() {
     let err = flags(&["--backup-dir", "/b", "--backup-url", "s3://bucket"]).map(|_| ()).unwrap_err();
     assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict, "{err}");
     // ...and so does storage() for flags built by hand.
-    let both = BackupArgs { backup_dir: Some("/b".into()), backup_url: Some("s3://bucket".into()), ..BackupArgs::default() };
+    let both =
+        BackupArgs { backup_dir: Some("/b".into()), backup_url: Some("s3://bucket".into()), ..BackupArgs::default() };
     assert!(matches!(both.storage(), Err(SetupError::Both)));
     // A URL that is not one.
     let err = flags(&["--backup-url", "gs://bucket"]).unwrap().storage().unwrap_err();
@@ -231,10 +231,7 @@ fn half_an_s3_key_pair_in_the_environment_is_refused_at_start() {
     let args = flags(&["--backup-url", "s3://bucket/nimbus"]).unwrap();
     let only_id = |name: &str| (name == "AWS_ACCESS_KEY_ID").then(|| "AKID".to_string());
     let err = args.open_with(only_id).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "incomplete S3 credentials: AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not"
-    );
+    assert_eq!(err.to_string(), "incomplete S3 credentials: AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not");
     // Both halves: opened (nothing is sent until the first backup), under the URL's prefix.
     let pair = |name: &str| match name {
         "AWS_ACCESS_KEY_ID" => Some("AKID".to_string()),

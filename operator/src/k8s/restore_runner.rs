@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::restore::{RestoreDestination, RestoreFailure, RestoreJob, RestoreReport, RestoreRunner};
-use crate::controlplane::backup::restore_job::{self, RestoreMode};
 use crate::controlplane::backup::OpenedStorage;
+use crate::controlplane::backup::restore_job::{self, RestoreMode};
 use crate::controlplane::migration::LiveWorld;
 
 /// How long one attempt retries passing failures (a leader change, a new instance not yet
