@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks the Kubernetes artifacts without a cluster: `helm lint`, `helm template` (default
-# values and an external-etcd variant), and every rendered manifest, CRD and operator-built
+# values, an external-etcd variant and backups to a volume and to S3), and every rendered manifest, CRD and operator-built
 # object validated with kubernetes-validate against Kubernetes 1.33 schemas (strict: an
 # unknown field is an error). Run by scripts/test.sh; tools come from scripts/setup.sh.
 set -euo pipefail
@@ -17,6 +17,27 @@ trap 'rm -rf "$out"' EXIT
 "$helm" template nimbus charts/nimbus -n nimbus-system > "$out/default.yaml"
 "$helm" template nimbus charts/nimbus -n nimbus-system --set etcd.enabled=false \
   --set 'etcd.endpoints={http://etcd.infra:2379}' > "$out/external-etcd.yaml"
+# Backups to a volume, and to S3 (scripts/check-chart-backup.py checks what each renders).
+"$helm" template nimbus charts/nimbus -n nimbus-system --set backup.enabled=true \
+  --set backup.existingClaim=nimbus-backups > "$out/backup-dir.yaml"
+"$helm" template nimbus charts/nimbus -n nimbus-system --set backup.enabled=true \
+  --set backup.url=s3://nimbus-backups/prod --set backup.s3.endpoint=http://minio.infra:9000 \
+  --set backup.s3.region=eu-west-3 --set backup.s3.allowHttp=true \
+  --set backup.s3.credentialsSecret=nimbus-s3 > "$out/backup-s3.yaml"
+"$tools/venv/bin/python" scripts/check-chart-backup.py "$out/default.yaml" "$out/backup-dir.yaml" "$out/backup-s3.yaml"
+# A URL and a volume at once is refused, saying so.
+if "$helm" template nimbus charts/nimbus --set backup.enabled=true --set backup.url=s3://b \
+  --set backup.existingClaim=x > /dev/null 2> "$out/exclusive.err"; then
+  echo "check-chart: backup.url with backup.existingClaim rendered" >&2; exit 1
+fi
+grep -q "backup.url and backup.existingClaim are exclusive" "$out/exclusive.err" \
+  || { echo "check-chart: backup.url with backup.existingClaim: $(cat "$out/exclusive.err")" >&2; exit 1; }
+# Every backup setting the chart gives is one the operator reads (`run --help` names each
+# flag's environment variable).
+"$target/debug/nimbus-operator" run --help > "$out/run-help.txt"
+for name in $(grep -ho 'NIMBUS_BACKUP_[A-Z0-9_]*' "$out"/backup-*.yaml | sort -u); do
+  grep -q "env: $name=" "$out/run-help.txt" || { echo "check-chart: the operator reads no $name" >&2; exit 1; }
+done
 # The operator's settings as the chart gives them (its container's environment), so the
 # preview shows what that operator would build: images, pull policy, gateway replicas,
 # NetworkPolicies, etcd endpoints.
@@ -54,5 +75,7 @@ grep -q "image: $image" "$out"/preview-default-*.yaml || { echo "check-chart: th
 # TLS and its users, the operator's RBAC for server-side apply.
 "$tools/venv/bin/python" scripts/check-chart-objects.py "$out/default.yaml"
 "$tools/venv/bin/python" scripts/check-chart-objects.py "$out/external-etcd.yaml"
+"$tools/venv/bin/python" scripts/check-chart-objects.py "$out/backup-dir.yaml"
+"$tools/venv/bin/python" scripts/check-chart-objects.py "$out/backup-s3.yaml"
 "$tools/venv/bin/python" scripts/check-chart-objects.py "$out"/preview-*.yaml
 echo "check-chart: ok"

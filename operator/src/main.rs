@@ -153,11 +153,9 @@ struct RunArgs {
     /// Hot migration: how long the source keeps its copy after the switch: `5m`.
     #[arg(long, env = "NIMBUS_MIGRATION_CLEANUP_GRACE", default_value = "5m")]
     migration_cleanup_grace: jiff::SignedDuration,
-    /// Backups: the directory they are written to (a PersistentVolume mounted into the
-    /// operator's Pod; one store for every namespace, each under its own path). Unset:
-    /// backups are off, and every instance's `status.notYetActive` lists `backup`.
-    #[arg(long, env = "NIMBUS_BACKUP_DIR")]
-    backup_dir: Option<std::path::PathBuf>,
+    /// Where backups go: --backup-dir or --backup-url and its S3 settings.
+    #[command(flatten)]
+    backup: nimbus_operator::k8s::backup::BackupArgs,
 }
 
 #[tokio::main]
@@ -243,16 +241,16 @@ async fn main() -> anyhow::Result<()> {
                 cleanup_grace: duration(args.migration_cleanup_grace, "the migration clean-up grace")?,
                 ..Default::default()
             };
-            let backup_store = match &args.backup_dir {
-                Some(dir) => {
-                    let store = nimbus_operator::k8s::backup::object_store(dir)?;
-                    tracing::info!(dir = %dir.display(), "backups on: written under this directory");
-                    Some(store)
+            let backup_store = match args.backup.open().context("failed to set up the backup store")? {
+                Some((storage, opened)) => {
+                    // The URL only: credentials never reach a log line.
+                    tracing::info!(store = %storage, "backups on: written to this store");
+                    Some(opened)
                 }
                 None => {
                     tracing::info!(
-                        "backups off: no --backup-dir (NIMBUS_BACKUP_DIR) given; instances show `backup` in \
-                         status.notYetActive and DatabaseRestores wait in Pending"
+                        "backups off: neither --backup-dir (NIMBUS_BACKUP_DIR) nor --backup-url (NIMBUS_BACKUP_URL) \
+                         given; instances show `backup` in status.notYetActive and DatabaseRestores wait in Pending"
                     );
                     None
                 }
@@ -266,7 +264,7 @@ async fn main() -> anyhow::Result<()> {
                 member_failure_period,
                 migration,
                 backup_store,
-                // The restore runner (controlplane::backup) is wired here once it exists.
+                // The live runner on the backup store (`k8s::run`); a test's otherwise.
                 restore_runner: None,
             };
             run(cfg, health).await?;

@@ -6,13 +6,10 @@
 //! fail saying so.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
+mod moto;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use nimbus_api::admin::{OplogEntry, OplogOp};
@@ -26,97 +23,7 @@ use nimbus_operator::controlplane::migration::{ChecksumMarker, Failure, ReplicaS
 use object_store::{ObjectStoreExt, PutPayload};
 use serde_json::{Value, json};
 
-const BUCKET: &str = "nimbus-backups";
-/// How long moto may take to start (a cold Python import of moto is a few seconds).
-const START_DEADLINE: Duration = Duration::from_secs(60);
-
-/// moto's server, killed and reaped when dropped (a failing test included).
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `moto_server` from `scripts/setup.sh`'s virtualenv, else from `PATH`.
-fn moto_binary() -> PathBuf {
-    let tools = std::env::var_os("NIMBUS_TOOLS")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/nimbus/tools")));
-    if let Some(bin) = tools.map(|t| t.join("moto/bin/moto_server")).filter(|b| b.is_file()) {
-        return bin;
-    }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("moto_server"))
-        .find(|b| b.is_file());
-    on_path.unwrap_or_else(|| {
-        panic!("moto_server not found (in ~/.cache/nimbus/tools/moto or on PATH): run scripts/setup.sh")
-    })
-}
-
-/// Starts moto on port 0, learns the port from its "Running on" line, waits until it
-/// answers and creates [`BUCKET`].
-fn start_moto() -> Moto {
-    let bin = moto_binary();
-    let child = Command::new(&bin)
-        .args(["-H", "127.0.0.1", "-p", "0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("failed to start {} ({e}): run scripts/setup.sh", bin.display()));
-    let mut moto = Moto { child, endpoint: String::new() };
-    let stderr = moto.child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    // Reads moto's log to its end (a full pipe would block the server), sending the port
-    // once and every line before it (shown when it never comes).
-    std::thread::spawn(move || {
-        let prefix = "Running on http://127.0.0.1:";
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let port = line.split_once(prefix).and_then(|(_, rest)| rest.trim().parse::<u16>().ok());
-            let _ = tx.send((line, port));
-        }
-    });
-    let deadline = Instant::now() + START_DEADLINE;
-    let mut seen = Vec::new();
-    let port = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((_, Some(port))) => break port,
-            Ok((line, None)) => seen.push(line),
-            Err(e) => panic!("moto did not say its port ({e}); its output: {seen:#?}"),
-        }
-    };
-    moto.endpoint = format!("http://127.0.0.1:{port}");
-    // Creating the bucket is the readiness probe (moto does not check signatures).
-    loop {
-        match raw_request(port, &format!("PUT /{BUCKET} HTTP/1.1")) {
-            Ok(200) => break,
-            Ok(status) => panic!("moto answered {status} to creating the bucket"),
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("moto did not answer on port {port}: {e}"),
-        }
-    }
-    moto
-}
-
-/// One HTTP/1.1 request without a body; the status code of the answer.
-fn raw_request(port: u16, request_line: &str) -> std::io::Result<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "{request_line}\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
-    let status = answer.split(' ').nth(1).and_then(|c| c.parse().ok());
-    status.ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {answer:?}")))
-}
+use moto::{BUCKET, Moto, start_moto};
 
 /// The bucket through [`BackupStorage`], as the operator opens it.
 fn open(moto: &Moto, bucket: &str) -> OpenedStorage {

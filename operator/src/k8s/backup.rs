@@ -4,56 +4,120 @@
 //! sharing a store stay apart), fed every DatabaseInstance with `spec.backup.enabled`; and
 //! `status.backup` of each instance written from what its agent knows.
 //!
-//! Where the backups go is one object store for the whole operator, made from its flags by
-//! [`object_store`] (the seam for other stores: S3 comes through there). Without one,
-//! backups are off and each instance's `status.notYetActive` says so.
+//! Where the backups go is one store for the whole operator, made from its flags
+//! ([`BackupArgs`]: a directory or a URL, `s3://bucket/prefix` included) and opened once
+//! at start ([`OpenedStorage`]: the object store and the prefix of every backup in it).
+//! Without one, backups are off and each instance's `status.notYetActive` says so.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kube::ResourceExt;
-use object_store::ObjectStore;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::api::Objects;
 use crate::controlplane::backup::agent::{self, AgentTuning, BackupAgent, BackupTarget, BackupWorld};
-use crate::controlplane::backup::{BackupLocation, Incarnation, RetentionPolicy};
+use crate::controlplane::backup::{
+    BackupLocation, BackupStorage, Incarnation, OpenedStorage, RetentionPolicy, S3Options, StorageError,
+};
 use crate::crd::v1alpha1::{BackupStatus, DatabaseInstance};
 
-/// `{prefix}` of every backup path: the store given holds Nimbus's backups only.
-pub const BACKUP_PREFIX: &str = "";
 /// How often the agents' targets and the instances' `status.backup` are brought up to date.
 pub const STATUS_EVERY: Duration = Duration::from_secs(15);
+
+/// Where backups go, as `nimbus-operator run` is told (flags or their environment
+/// variables); nothing given: backups are off. S3 credentials are not flags: they come
+/// from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+/// the chart's `backup.s3.credentialsSecret`), so they never show in a Pod's arguments.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct BackupArgs {
+    /// Backups: the directory they are written to (a PersistentVolume mounted into the
+    /// operator's Pod; one store for every namespace, each under its own path). Neither
+    /// this nor --backup-url: backups are off, and every instance's
+    /// `status.notYetActive` lists `backup`.
+    #[arg(long, env = "NIMBUS_BACKUP_DIR", conflicts_with = "backup_url")]
+    pub backup_dir: Option<PathBuf>,
+    /// Backups: where they are written, `s3://bucket/prefix` (the bucket must exist),
+    /// `file:///path` or a path (docs/backup.md, "Storing backups in S3").
+    #[arg(long, env = "NIMBUS_BACKUP_URL")]
+    pub backup_url: Option<String>,
+    /// An S3-compatible server's `https://host[:port]` (MinIO, Ceph): for an s3://
+    /// --backup-url only; unset: AWS.
+    #[arg(long, env = "NIMBUS_BACKUP_S3_ENDPOINT")]
+    pub backup_s3_endpoint: Option<String>,
+    /// The bucket's region (default us-east-1): for an s3:// --backup-url only.
+    #[arg(long, env = "NIMBUS_BACKUP_S3_REGION")]
+    pub backup_s3_region: Option<String>,
+    /// Allow an `http://` --backup-s3-endpoint (a server inside the cluster): refused
+    /// otherwise, so credentials never cross a network in the clear by mistake.
+    #[arg(long, env = "NIMBUS_BACKUP_S3_ALLOW_HTTP")]
+    pub backup_s3_allow_http: bool,
+}
 
 /// Why the backup store could not be set up (the operator does not start: a person asked
 /// for backups and would otherwise get none).
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("failed to create the backup directory {dir}: {source}")]
-    CreateDir {
-        dir: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("failed to open the backup directory {dir} as an object store: {source}")]
-    Open {
-        dir: String,
-        #[source]
-        source: object_store::Error,
-    },
+    #[error("--backup-dir (NIMBUS_BACKUP_DIR) and --backup-url (NIMBUS_BACKUP_URL) are exclusive: give one")]
+    Both,
+    #[error("{flag} applies to an s3:// --backup-url (NIMBUS_BACKUP_URL) only{given}")]
+    S3OptionWithoutS3 { flag: &'static str, given: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
-/// The object store of `--backup-dir`: the local filesystem under `dir` (a PersistentVolume
-/// mounted into the operator's Pod). Made if missing.
-pub fn object_store(dir: &Path) -> Result<Arc<dyn ObjectStore>, SetupError> {
-    let shown = dir.display().to_string();
-    std::fs::create_dir_all(dir).map_err(|source| SetupError::CreateDir { dir: shown.clone(), source })?;
-    let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
-        .map_err(|source| SetupError::Open { dir: shown, source })?;
-    Ok(Arc::new(store))
+impl BackupArgs {
+    /// Where backups go, parsed and checked (nothing opened yet); `None`: backups are off.
+    /// An S3 setting without an `s3://` URL is an error rather than silently unused.
+    pub fn storage(&self) -> Result<Option<BackupStorage>, SetupError> {
+        let options = S3Options {
+            endpoint: self.backup_s3_endpoint.clone(),
+            region: self.backup_s3_region.clone(),
+            allow_http: self.backup_s3_allow_http,
+            ..S3Options::default()
+        };
+        let storage = match (&self.backup_dir, &self.backup_url) {
+            // clap refuses both already; checked here too for flags built by hand.
+            (Some(_), Some(_)) => return Err(SetupError::Both),
+            (Some(dir), None) => Some(BackupStorage::Local { root: dir.clone() }),
+            (None, Some(url)) => Some(BackupStorage::parse(url, options.clone())?),
+            (None, None) => None,
+        };
+        if !matches!(storage, Some(BackupStorage::S3(_))) {
+            let given = match &storage {
+                Some(s) => format!(" (backups go to {s})"),
+                None => " (no --backup-url given)".to_string(),
+            };
+            let stray = [
+                ("--backup-s3-endpoint (NIMBUS_BACKUP_S3_ENDPOINT)", options.endpoint.is_some()),
+                ("--backup-s3-region (NIMBUS_BACKUP_S3_REGION)", options.region.is_some()),
+                ("--backup-s3-allow-http (NIMBUS_BACKUP_S3_ALLOW_HTTP)", options.allow_http),
+            ];
+            if let Some((flag, _)) = stray.into_iter().find(|(_, set)| *set) {
+                return Err(SetupError::S3OptionWithoutS3 { flag, given });
+            }
+        }
+        Ok(storage)
+    }
+
+    /// [`BackupArgs::storage`], opened with the process's environment (its S3 credentials;
+    /// half a key pair is an error); `None`: backups are off.
+    pub fn open(&self) -> Result<Option<(BackupStorage, OpenedStorage)>, SetupError> {
+        self.open_with(|name| std::env::var(name).ok())
+    }
+
+    /// [`BackupArgs::open`] with the environment as a function (tests).
+    pub fn open_with(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<(BackupStorage, OpenedStorage)>, SetupError> {
+        let Some(storage) = self.storage()? else { return Ok(None) };
+        let opened = storage.open_with(env)?;
+        Ok(Some((storage, opened)))
+    }
 }
 
 /// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds), as the playground
@@ -89,8 +153,10 @@ fn truncate(s: &str, max: usize) -> String {
 
 /// What to back up, by namespace: every instance with `spec.backup.enabled` that is not
 /// being deleted, with its retention window. A database name that cannot be a backup path
-/// is left out (with a warning) rather than refusing every other target with it.
+/// (under `prefix`, the store's) is left out (with a warning) rather than refusing every
+/// other target with it.
 pub fn targets_by_namespace<'a>(
+    prefix: &str,
     instances: impl IntoIterator<Item = &'a DatabaseInstance>,
 ) -> BTreeMap<String, Vec<BackupTarget>> {
     let mut out: BTreeMap<String, Vec<BackupTarget>> = BTreeMap::new();
@@ -104,7 +170,7 @@ pub fn targets_by_namespace<'a>(
         // name) never finds the deleted one's backups.
         let incarnation = match dbi.uid().ok_or_else(|| "no uid yet".to_owned()).and_then(|u| {
             let inc = Incarnation::new(&u).map_err(|e| e.to_string())?;
-            BackupLocation::new(BACKUP_PREFIX, &ns, &db, &inc).map_err(|e| e.to_string())?;
+            BackupLocation::new(prefix, &ns, &db, &inc).map_err(|e| e.to_string())?;
             Ok(inc)
         }) {
             Ok(inc) => inc,
@@ -129,7 +195,8 @@ pub struct Backups {
 
 struct Running {
     world: Arc<dyn BackupWorld>,
-    objects: Arc<dyn ObjectStore>,
+    /// The store and the prefix every agent writes under.
+    storage: OpenedStorage,
     tuning: AgentTuning,
     agents: Mutex<BTreeMap<String, NamespaceAgent>>,
 }
@@ -146,9 +213,10 @@ impl Backups {
         Backups { running: None }
     }
 
-    /// Backups into `objects`, through `world` (the operator's datanodes and etcd).
-    pub fn new(world: Arc<dyn BackupWorld>, objects: Arc<dyn ObjectStore>, tuning: AgentTuning) -> Backups {
-        Backups { running: Some(Running { world, objects, tuning, agents: Mutex::new(BTreeMap::new()) }) }
+    /// Backups into `storage` (under its prefix), through `world` (the operator's
+    /// datanodes and etcd).
+    pub fn new(world: Arc<dyn BackupWorld>, storage: OpenedStorage, tuning: AgentTuning) -> Backups {
+        Backups { running: Some(Running { world, storage, tuning, agents: Mutex::new(BTreeMap::new()) }) }
     }
 
     /// Whether this operator takes backups.
@@ -166,7 +234,7 @@ impl Backups {
     /// stored stays in the store).
     pub fn set_instances<'a>(&self, instances: impl IntoIterator<Item = &'a DatabaseInstance>) {
         let Some(r) = &self.running else { return };
-        let mut targets = targets_by_namespace(instances);
+        let mut targets = targets_by_namespace(&r.storage.prefix, instances);
         let mut agents = Self::agents(r);
         agents.retain(|ns, _| {
             let keep = targets.contains_key(ns);
@@ -177,7 +245,13 @@ impl Backups {
         });
         for (ns, wanted) in std::mem::take(&mut targets) {
             if !agents.contains_key(&ns) {
-                match BackupAgent::new(r.world.clone(), r.objects.clone(), BACKUP_PREFIX, &ns, r.tuning.clone()) {
+                match BackupAgent::new(
+                    r.world.clone(),
+                    r.storage.store.clone(),
+                    &r.storage.prefix,
+                    &ns,
+                    r.tuning.clone(),
+                ) {
                     Ok(agent) => {
                         let agent = Arc::new(agent);
                         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -12,11 +12,12 @@ use nimbus_api::etcd::Route;
 use nimbus_api::migration::{DbOplogPage, ExportPage, ExportRequest, OplogPosition, PinOplogRequest};
 use serde_json::json;
 
-use super::backup::{self, Backups};
+use super::backup::{self, BackupArgs, Backups, SetupError};
 use super::fixtures::{FakeApi, INSTANCES, NS};
 use crate::controlplane::backup::agent::{AgentTuning, ArchiveRecord, BackupWorld};
 use crate::controlplane::backup::{
-    BackupLocation, BackupStore, FORMAT_VERSION, FullId, FullManifest, Incarnation, Lineage, PageEntry,
+    BackupStorage, FORMAT_VERSION, FullId, FullManifest, Incarnation, Lineage, OpenedStorage, PageEntry, S3Credentials,
+    StorageError,
 };
 use crate::controlplane::migration::{ChecksumMarker, Failure, ReplicaSetAccess};
 use crate::crd::v1alpha1::DatabaseInstance;
@@ -67,10 +68,10 @@ fn parsed(v: serde_json::Value) -> DatabaseInstance {
 }
 
 /// A complete full of `db` ending at `end_ms`, in namespace `NS`'s scope.
-async fn store_full(objects: Arc<dyn object_store::ObjectStore>, db: &str, end_ms: u64) {
+async fn store_full(storage: &OpenedStorage, db: &str, end_ms: u64) {
     // The instance's UID is its backups' incarnation (`instance` sets `uid-{name}`).
     let inc = Incarnation::new(&format!("uid-{db}")).unwrap();
-    let store = BackupStore::new(objects, BackupLocation::new(backup::BACKUP_PREFIX, NS, db, &inc).unwrap());
+    let store = storage.backup_store(NS, db, &inc).unwrap();
     let manifest = FullManifest {
         format: FORMAT_VERSION,
         id: FullId::new(end_ms - 1_000, 7),
@@ -97,7 +98,7 @@ fn every_instance_with_backups_on_is_a_target_of_its_namespaces_agent() {
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-01-01T00:00:00Z".parse().unwrap()));
     let mut elsewhere = parsed(instance("blog", json!({})));
     elsewhere.metadata.namespace = Some("other".into());
-    let targets = backup::targets_by_namespace([&on, &off, &deleting, &elsewhere]);
+    let targets = backup::targets_by_namespace("nimbus", [&on, &off, &deleting, &elsewhere]);
     assert_eq!(targets.keys().collect::<Vec<_>>(), ["apps", "other"]);
     let apps = &targets["apps"];
     assert_eq!(apps.len(), 1);
@@ -110,11 +111,12 @@ fn every_instance_with_backups_on_is_a_target_of_its_namespaces_agent() {
 #[tokio::test]
 async fn status_backup_is_written_from_the_agent_and_removed_when_backups_are_turned_off() {
     let dir = tempfile::tempdir().unwrap();
-    let objects = backup::object_store(dir.path()).unwrap();
+    let args = BackupArgs { backup_dir: Some(dir.path().join("backups")), ..BackupArgs::default() };
+    let (_, storage) = args.open_with(|_| None).unwrap().unwrap();
     let end_ms = 1_767_225_600_000;
-    store_full(objects.clone(), "shop", end_ms).await;
+    store_full(&storage, "shop", end_ms).await;
     let tuning = AgentTuning { poll: Duration::from_millis(10), ..AgentTuning::default() };
-    let backups = Backups::new(Arc::new(Unrouted), objects, tuning);
+    let backups = Backups::new(Arc::new(Unrouted), storage, tuning);
     let api = FakeApi::default();
     api.put(INSTANCES, instance("shop", json!({})));
     let client = api.client();
@@ -156,4 +158,94 @@ fn without_a_store_backups_are_off_and_the_instance_says_so() {
     assert_eq!(backups.status(&dbi), None);
     assert_eq!(dbi.not_yet_active(backups.running()), ["backup", "indexing"]);
     assert_eq!(dbi.not_yet_active(true), ["indexing"]);
+}
+
+/// `nimbus-operator run`'s backup flags, parsed as clap parses them.
+#[derive(clap::Parser)]
+struct Flags {
+    #[command(flatten)]
+    backup: BackupArgs,
+}
+
+fn flags(args: &[&str]) -> Result<BackupArgs, clap::Error> {
+    use clap::Parser as _;
+    Flags::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|f| f.backup)
+}
+
+#[test]
+fn the_backup_flags_name_a_directory_or_a_url_with_its_s3_settings() {
+    // Nothing given: backups are off.
+    assert_eq!(flags(&[]).unwrap().storage().unwrap(), None);
+    // --backup-dir: the filesystem.
+    let dir = flags(&["--backup-dir", "/var/lib/nimbus/backups"]).unwrap().storage().unwrap();
+    assert_eq!(dir, Some(BackupStorage::Local { root: "/var/lib/nimbus/backups".into() }));
+    // --backup-url: S3 with its settings beside; the credentials are the environment's.
+    let args = flags(&[
+        "--backup-url",
+        "s3://nimbus-backups/prod/eu",
+        "--backup-s3-endpoint",
+        "http://minio.infra:9000",
+        "--backup-s3-region",
+        "eu-west-3",
+        "--backup-s3-allow-http",
+    ])
+    .unwrap();
+    let Some(BackupStorage::S3(s3)) = args.storage().unwrap() else { panic!("not S3: {args:?}") };
+    assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("nimbus-backups", "prod/eu"));
+    assert_eq!(s3.options.endpoint.as_deref(), Some("http://minio.infra:9000"));
+    assert_eq!(s3.options.region.as_deref(), Some("eu-west-3"));
+    assert!(s3.options.allow_http);
+    assert_eq!(s3.options.credentials, S3Credentials::Environment);
+    // A path or file:// URL as --backup-url: the filesystem too.
+    let file = flags(&["--backup-url", "file:///srv/backups"]).unwrap().storage().unwrap();
+    assert_eq!(file, Some(BackupStorage::Local { root: "/srv/backups".into() }));
+}
+
+#[test]
+fn bad_backup_flags_are_refused_saying_why() {
+    // Both: clap refuses them, naming the two.
+    let err = flags(&["--backup-dir", "/b", "--backup-url", "s3://bucket"]).map(|_| ()).unwrap_err();
+    assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict, "{err}");
+    // ...and so does storage() for flags built by hand.
+    let both =
+        BackupArgs { backup_dir: Some("/b".into()), backup_url: Some("s3://bucket".into()), ..BackupArgs::default() };
+    assert!(matches!(both.storage(), Err(SetupError::Both)));
+    // A URL that is not one.
+    let err = flags(&["--backup-url", "gs://bucket"]).unwrap().storage().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"invalid backup location "gs://bucket": unknown scheme "gs": expected a path, file:// or s3://"#
+    );
+    // Plain HTTP without --backup-s3-allow-http.
+    let err = flags(&["--backup-url", "s3://bucket", "--backup-s3-endpoint", "http://minio:9000"])
+        .unwrap()
+        .storage()
+        .unwrap_err();
+    assert!(matches!(err, SetupError::Storage(StorageError::InvalidOption { option: "endpoint", .. })), "{err}");
+    // An S3 setting with no S3 URL would go unused: refused.
+    let err = flags(&["--backup-s3-region", "eu-west-3"]).unwrap().storage().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "--backup-s3-region (NIMBUS_BACKUP_S3_REGION) applies to an s3:// --backup-url (NIMBUS_BACKUP_URL) \
+         only (no --backup-url given)"
+    );
+    let err = flags(&["--backup-dir", "/b", "--backup-s3-allow-http"]).unwrap().storage().unwrap_err();
+    assert!(err.to_string().ends_with("only (backups go to /b)"), "{err}");
+}
+
+#[test]
+fn half_an_s3_key_pair_in_the_environment_is_refused_at_start() {
+    let args = flags(&["--backup-url", "s3://bucket/nimbus"]).unwrap();
+    let only_id = |name: &str| (name == "AWS_ACCESS_KEY_ID").then(|| "AKID".to_string());
+    let err = args.open_with(only_id).unwrap_err();
+    assert_eq!(err.to_string(), "incomplete S3 credentials: AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not");
+    // Both halves: opened (nothing is sent until the first backup), under the URL's prefix.
+    let pair = |name: &str| match name {
+        "AWS_ACCESS_KEY_ID" => Some("AKID".to_string()),
+        "AWS_SECRET_ACCESS_KEY" => Some("secret".to_string()),
+        _ => None,
+    };
+    let (storage, opened) = args.open_with(pair).unwrap().unwrap();
+    assert_eq!(storage.to_string(), "s3://bucket/nimbus");
+    assert_eq!(opened.prefix, "nimbus");
 }

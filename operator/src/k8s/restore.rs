@@ -235,7 +235,7 @@ pub async fn reconcile(dbr: Arc<DatabaseRestore>, ctx: Arc<RestoreContext>) -> R
     };
     let Some(runner) = ctx.runner.clone() else {
         let message = "waiting: this operator cannot run restores yet (it has no restore runner; backups need \
-                       --backup-dir); the restore starts once it can";
+                       --backup-url or --backup-dir); the restore starts once it can";
         pending(&ctx, &dbr, message).await?;
         return Ok(Action::requeue(Duration::from_secs(60)));
     };

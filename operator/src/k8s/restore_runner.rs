@@ -1,7 +1,7 @@
 //! The operator's [`RestoreRunner`]: a `DatabaseRestore` carried out by the restore job
 //! (`controlplane::backup::restore_job`) against the cluster's datanodes and the
-//! operator's backup store, where the namespace's backup agent writes (`k8s::backup`:
-//! prefix `""`, scope = the namespace).
+//! operator's backup store, where the namespace's backup agent writes (`k8s::backup`: the
+//! store's prefix, scope = the namespace).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::restore::{RestoreDestination, RestoreFailure, RestoreJob, RestoreReport, RestoreRunner};
+use crate::controlplane::backup::Incarnation;
+use crate::controlplane::backup::OpenedStorage;
 use crate::controlplane::backup::restore_job::{self, RestoreMode};
-use crate::controlplane::backup::{BackupLocation, BackupStore, Incarnation};
 use crate::controlplane::migration::LiveWorld;
 
 /// How long one attempt retries passing failures (a leader change, a new instance not yet
@@ -19,17 +20,17 @@ pub const ATTEMPT_DEADLINE: Duration = Duration::from_secs(300);
 
 pub struct LiveRestoreRunner {
     pub world: Arc<LiveWorld>,
-    pub store: Arc<dyn object_store::ObjectStore>,
+    /// The store the backup agents write, and its prefix.
+    pub storage: OpenedStorage,
 }
 
 #[async_trait]
 impl RestoreRunner for LiveRestoreRunner {
     async fn run(&self, job: RestoreJob) -> Result<RestoreReport, RestoreFailure> {
         // The source's backups: its incarnation is its UID, as the agent writes them.
-        let location = Incarnation::new(&job.source_uid)
-            .and_then(|inc| BackupLocation::new("", &job.namespace, &job.source_database, &inc))
+        let store = Incarnation::new(&job.source_uid)
+            .and_then(|inc| self.storage.backup_store(&job.namespace, &job.source_database, &inc))
             .map_err(|e| RestoreFailure { message: e.to_string(), retryable: false })?;
-        let store = BackupStore::new(self.store.clone(), location);
         let run = restore_job::RestoreJob {
             source_db: job.source_database.clone(),
             namespace: job.namespace.clone(),

@@ -29,6 +29,7 @@ use super::objects::{LABEL_REPLICA_SET, Settings};
 use super::restore::{self, RestoreContext, RestoreRunner};
 use super::{pool, replicaset};
 use crate::controlplane::admin::AdminClient;
+use crate::controlplane::backup::OpenedStorage;
 use crate::controlplane::backup::agent::AgentTuning;
 use crate::controlplane::coord::Coordinator;
 use crate::controlplane::migration::{LiveWorld, Migrator, Tuning};
@@ -57,8 +58,9 @@ pub struct RunConfig {
     pub member_failure_period: Duration,
     /// Hot migration's knobs (hold timeout, copy rate, concurrency, clean-up grace).
     pub migration: Tuning,
-    /// Where backups go ([`super::backup::object_store`]); `None`: backups are off.
-    pub backup_store: Option<Arc<dyn object_store::ObjectStore>>,
+    /// Where backups go: the opened store and the prefix every backup is under
+    /// ([`super::backup::BackupArgs::open`]); `None`: backups are off.
+    pub backup_store: Option<OpenedStorage>,
     /// What runs a DatabaseRestore; `None`: restores wait in `Pending`, saying why.
     pub restore_runner: Option<Arc<dyn RestoreRunner>>,
 }
@@ -109,14 +111,14 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
     });
     // Backups: the same world (datanodes, etcd, the members' Pods) as the migrations.
     let backups = Arc::new(match &cfg.backup_store {
-        Some(objects) => Backups::new(world.clone(), objects.clone(), AgentTuning::default()),
+        Some(storage) => Backups::new(world.clone(), storage.clone(), AgentTuning::default()),
         None => Backups::off(),
     });
     // Restores: the same world again, and the store the agents write (a test's runner, if
     // given, instead).
     let restore_runner = cfg.restore_runner.clone().or_else(|| {
-        let store = cfg.backup_store.clone()?;
-        Some(Arc::new(super::restore_runner::LiveRestoreRunner { world: world.clone(), store })
+        let storage = cfg.backup_store.clone()?;
+        Some(Arc::new(super::restore_runner::LiveRestoreRunner { world: world.clone(), storage })
             as Arc<dyn RestoreRunner>)
     });
     let migrations = Migrations::new(world, cfg.migration.clone());

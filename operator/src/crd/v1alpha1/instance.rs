@@ -124,8 +124,8 @@ pub struct DatabaseInstanceSpec {
     pub autoscaling: Option<AutoscalingSpec>,
 
     /// Backups and point-in-time restore (`docs/backup.md`): on by default. Taken by the
-    /// operator when it runs with a backup store (`--backup-dir`, the chart's `backup`
-    /// values); without one, `status.notYetActive` lists `backup`.
+    /// operator when it runs with a backup store (`--backup-url` or `--backup-dir`, the
+    /// chart's `backup` values); without one, `status.notYetActive` lists `backup`.
     #[serde(default)]
     pub backup: BackupSpec,
 
