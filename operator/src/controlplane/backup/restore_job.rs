@@ -91,7 +91,7 @@ pub enum JobError {
     Backup(#[from] BackupError),
     /// The import into the staging database failed (nothing was published).
     #[error(transparent)]
-    Restore(#[from] RestoreFailure),
+    Restore(Box<RestoreFailure>),
     /// The database cannot be restored into now (no route, a migration running, no leader).
     #[error("cannot restore into database {db} now: {why}")]
     Target { db: String, why: String },
@@ -248,7 +248,7 @@ async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
     let import_id = format!("{}-{attempt}", job.id);
     let mut into = RestoreInto::new(rs, &staging, &import_id, None);
     into.collections = job.collections.clone();
-    let outcome = restore(world, store, plan, &into).await?;
+    let outcome = restore(world, store, plan, &into).await.map_err(|f| JobError::Restore(Box::new(f)))?;
     tracing::info!(db = %job.into_db, attempt, documents = outcome.documents, "restore imported into {staging}; publishing");
     pause_at_failpoint().await;
     let (step, published) = publish_step(job, &outcome, epoch);
