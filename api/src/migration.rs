@@ -189,8 +189,11 @@ pub enum ImportStep {
     /// are written to `into`'s oplog as ordinary changes (drops, collections, indexes,
     /// documents), so migrations and the backup archive see them; the staging database is
     /// dropped and the outcome recorded, so a repeated `Publish` answers as the first did.
-    /// Refused when the import holds more than [`MAX_PUBLISH_BYTES`] of documents, when an
-    /// index of it is still building (retry), or when `into` is itself incoming.
+    /// `whole` replaces whatever `replace` says. Sent to the staging database
+    /// (`ImportRequest::db` = `restore_staging_db(into)`, else refused). Refused when the
+    /// import holds more than [`MAX_PUBLISH_BYTES`] of documents (the datanode's
+    /// `--max-publish-bytes`), when `into` is itself incoming, and, with `Unavailable`
+    /// (retryable: send it again later), while an index of the import is still building.
     Publish {
         into: String,
         #[serde(default)]

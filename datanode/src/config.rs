@@ -76,6 +76,11 @@ pub struct Config {
     /// How long oplog entries are kept, in seconds (default 7 days).
     #[arg(long, env = "NIMBUS_OPLOG_RETENTION_SECS", default_value_t = DEFAULT_OPLOG_RETENTION_SECS)]
     pub oplog_retention_secs: u64,
+    /// The most bytes of documents a restore's `Publish` (one Raft entry, one write batch)
+    /// moves into a database; a larger restore is refused and goes into a new instance.
+    /// Every member of a replica set must have the same value: the apply loop decides.
+    #[arg(long, env = "NIMBUS_MAX_PUBLISH_BYTES", default_value_t = nimbus_api::migration::MAX_PUBLISH_BYTES)]
+    pub max_publish_bytes: u64,
     /// On SIGTERM or SIGINT, how long a leader tries to hand its leadership to another
     /// voter before it stops anyway, in milliseconds (see `docs/datanode.md`, Shutdown).
     #[arg(long, env = "NIMBUS_SHUTDOWN_HANDOFF_MS", default_value_t = DEFAULT_SHUTDOWN_HANDOFF_MS)]

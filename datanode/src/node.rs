@@ -110,8 +110,11 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         .with_context(|| format!("failed to create {}", config.data_dir.display()))?;
     let secret = config.cluster.load().context("failed to load the cluster secret")?;
     let log = LogStore::open(&config.data_dir.join("raft")).context("failed to open the raft log")?;
-    let options =
-        EngineOptions { oplog_retention: Duration::from_secs(config.oplog_retention_secs), ..Default::default() };
+    let options = EngineOptions {
+        oplog_retention: Duration::from_secs(config.oplog_retention_secs),
+        max_publish_bytes: config.max_publish_bytes,
+        ..Default::default()
+    };
     let sm = StateMachine::open(&config.data_dir, options).context("failed to open the state machine")?;
     let sm_shared = sm.shared();
 

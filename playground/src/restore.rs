@@ -112,6 +112,17 @@ impl Restorer {
                 format!("instance {} has backups off (spec.backup.enabled: false): nothing to restore", req.instance),
             ));
         }
+        let migrating = source.wanted_replica_set.is_some()
+            || source.migration.as_ref().is_some_and(|m| {
+                use nimbus_operator::controlplane::migration::Phase;
+                !matches!(m.phase, Phase::Completed | Phase::CleaningUp | Phase::Aborted)
+            });
+        if migrating {
+            return Err(Refusal::new(
+                StatusCode::CONFLICT,
+                format!("instance {} is being moved to another replica set: nothing restored, try again when the migration ended", req.instance),
+            ));
+        }
         let collections = match &req.collections {
             None => None,
             Some(list) => {

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use nimbus_api::admin::*;
 use nimbus_api::migration::{
     DropDatabaseRequest, ExportRequest, ImportAnswer, ImportRequest, OplogPosition, PinOplogRequest, UnpinOplogRequest,
+    validate_admin_db,
 };
 use nimbus_api::{ApiError, ErrorCode};
 use openraft::ChangeMembers;
@@ -223,8 +224,8 @@ async fn transfer_leader(State(ctx): Ctx, JsonBody(req): JsonBody<TransferLeader
 
 /// Proposes a checksum marker for a database and answers the leader's sum at it.
 async fn checksum_marker(State(ctx): Ctx, JsonBody(req): JsonBody<ChecksumRequest>) -> Result<Response> {
-    let db = nimbus_api::path::DbName::new(&req.db)?;
-    match ctx.propose_internal(db.into_string(), crate::store::WriteOp::Checksum).await? {
+    validate_admin_db(&req.db)?;
+    match ctx.propose_internal(req.db, crate::store::WriteOp::Checksum).await? {
         crate::store::WriteAnswer::Checksum(at) => Ok(axum::Json(at).into_response()),
         other => Err(ApiError::internal(format!("unexpected answer to a checksum marker: {other:?}")).into()),
     }
@@ -237,8 +238,8 @@ struct DbQuery {
 
 /// What this member recorded at the database's last checksum marker; 404 if none.
 async fn checksum_recorded(State(ctx): Ctx, Query(q): Query<DbQuery>) -> Result<Response> {
-    let db = nimbus_api::path::DbName::new(&q.db)?;
-    match ctx.sm.engine().checksum_at(db.as_str())? {
+    validate_admin_db(&q.db)?;
+    match ctx.sm.engine().checksum_at(&q.db)? {
         Some(at) => Ok(axum::Json(at).into_response()),
         None => Err(ApiError::new(ErrorCode::NotFound, format!("no checksum marker for {:?} yet", q.db)).into()),
     }
@@ -246,7 +247,8 @@ async fn checksum_recorded(State(ctx): Ctx, Query(q): Query<DbQuery>) -> Result<
 
 /// Scans the database's stored documents against the sums the apply loop recorded.
 async fn checksum_verify(State(ctx): Ctx, Query(q): Query<DbQuery>) -> Result<Response> {
-    let db = nimbus_api::path::DbName::new(&q.db)?.into_string();
+    validate_admin_db(&q.db)?;
+    let db = q.db;
     let engine = ctx.sm.engine();
     let v = tokio::task::spawn_blocking(move || engine.verify_checksum(&db))
         .await
@@ -281,7 +283,8 @@ const MAX_EXPORT_PAGE_BYTES: u64 = 4 << 20;
 
 /// One page of a database for a hot migration (`nimbus_api::migration::ExportRequest`).
 async fn export(State(ctx): Ctx, JsonBody(req): JsonBody<ExportRequest>) -> Result<Response> {
-    let db = nimbus_api::path::DbName::new(&req.db)?.into_string();
+    validate_admin_db(&req.db)?;
+    let db = req.db.clone();
     require_leader(&ctx).await?;
     let engine = ctx.sm.engine();
     let max_bytes = req.max_bytes.clamp(1, MAX_EXPORT_PAGE_BYTES);
@@ -295,7 +298,9 @@ async fn export(State(ctx): Ctx, JsonBody(req): JsonBody<ExportRequest>) -> Resu
 
 /// One step of a hot migration's import, as one Raft entry (`ImportRequest`).
 async fn import(State(ctx): Ctx, JsonBody(req): JsonBody<ImportRequest>) -> Result<Response> {
-    let db = nimbus_api::path::DbName::new(&req.db)?.into_string();
+    // A restore imports into its staging database (`{db}~restore`), which no client names.
+    validate_admin_db(&req.db)?;
+    let db = req.db;
     if req.migration.is_empty() {
         return Err(ApiError::bad_request("migration (the migration's id) must not be empty").into());
     }

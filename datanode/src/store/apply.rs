@@ -117,6 +117,43 @@ pub(crate) struct Ctx<'a> {
     pub(crate) delta: CatalogDelta,
 }
 
+impl Ctx<'_> {
+    /// Runs `f` on database `db` within this command's batch, as an ordinary write of
+    /// `db` would apply: with oplog entries (stamped with this entry's index and time, after
+    /// those it wrote so far) and its own view of `db`'s catalog, which is written and
+    /// installed with the batch. Unique indexes are not checked (what `f` writes comes
+    /// from a database that kept them). A restore's `Publish` writes its target this way
+    /// while the entry is the staging database's.
+    pub(crate) fn in_database<T>(
+        &mut self,
+        engine: &Engine,
+        db: &str,
+        f: impl FnOnce(&mut Ctx<'_>) -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
+        let mut other = Ctx {
+            batch: &mut *self.batch,
+            index: self.index,
+            ts_ms: self.ts_ms,
+            seq: self.seq,
+            quiet: false,
+            unchecked: true,
+            db,
+            pending: Pending::default(),
+            metas: HashMap::new(),
+            delta: CatalogDelta::default(),
+        };
+        let out = f(&mut other)?;
+        let (seq, metas, changes) = (other.seq, other.metas, other.delta.changes);
+        self.seq = seq;
+        self.delta.changes.extend(changes);
+        for (coll, meta) in metas {
+            batch_catalog(engine, self.batch, db, &coll, Some(&meta));
+            self.delta.changes.push((db.to_owned(), coll, Some(meta)));
+        }
+        Ok(out)
+    }
+}
+
 impl Engine {
     /// Applies `cmd` (the entry at Raft `index`) into `batch`, which must be empty. The
     /// caller adds the applied log id to the batch, writes it, then calls
@@ -496,7 +533,7 @@ impl Engine {
 
     /// An oplog `put` with the document's JSON text copied as is (it reads back as
     /// [`OplogOp::Put`]).
-    fn oplog_put(&self, ctx: &mut Ctx<'_>, coll: &str, id: &Value, doc: &RawValue) {
+    pub(crate) fn oplog_put(&self, ctx: &mut Ctx<'_>, coll: &str, id: &Value, doc: &RawValue) {
         if ctx.quiet {
             return;
         }

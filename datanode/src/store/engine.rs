@@ -41,11 +41,20 @@ pub struct EngineOptions {
     pub oplog_retention: Duration,
     /// How long an idempotency key's answer is remembered.
     pub idempotency_ttl: Duration,
+    /// The most bytes of documents a restore's `Publish` moves in its one entry
+    /// (`nimbus_api::migration::MAX_PUBLISH_BYTES` by default). Decided in the apply loop:
+    /// every member of a replica set must have the same value, or they would disagree on
+    /// whether a `Publish` applies.
+    pub max_publish_bytes: u64,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { oplog_retention: Duration::from_secs(7 * 24 * 3600), idempotency_ttl: Duration::from_secs(600) }
+        EngineOptions {
+            oplog_retention: Duration::from_secs(7 * 24 * 3600),
+            idempotency_ttl: Duration::from_secs(600),
+            max_publish_bytes: nimbus_api::migration::MAX_PUBLISH_BYTES,
+        }
     }
 }
 

@@ -10,8 +10,10 @@
 //! (replacing the one with the same `_id`), with their index entries, collection counts and
 //! checksum sums; oplog changes are after-images applied idempotently, so applying a change
 //! twice, or to a document the copy already brought to that state, changes nothing.
-//! `Finish` clears the mark and raises the route epoch; `Abort` drops the import. Both are
-//! recorded (`META_MIGRATED`), so a repeated one answers as the first did.
+//! `Finish` clears the mark and raises the route epoch; `Abort` drops the import; a
+//! restore's `Publish` switches its staging database into the database it restores
+//! (`store::publish`) and drops it. Each is recorded (`META_MIGRATED`), so a repeated one
+//! answers as the first did.
 
 use nimbus_api::admin::{OplogEntry, OplogOp};
 use nimbus_api::migration::{ExportedCollection, ExportedDoc, ExportedIdempotency, ImportStep};
@@ -26,6 +28,7 @@ use super::command::{WriteAnswer, WriteOp};
 use super::engine::{Engine, decode, encode};
 use super::index::{encode_id, index_keys};
 use super::keys::{self, CF_DOCS, CF_IDEM, CF_IDEM_TTL, CF_META, META_INCOMING, META_MIGRATED};
+use super::publish::check_staging;
 use crate::doc::validate::check_parsed;
 
 /// `META_INCOMING`'s value: the migration importing the database.
@@ -40,6 +43,10 @@ pub struct IncomingMark {
 struct Outcome {
     migration: String,
     finished: bool,
+    /// The database a restore's staging database was published into (`Publish`), so a
+    /// repeated `Publish` answers `Done`; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    published: Option<String>,
 }
 
 impl Engine {
@@ -80,7 +87,7 @@ impl Engine {
                         _ => Err(not_incoming(ctx.db, migration, incoming.as_deref()).into()),
                     };
                 }
-                self.end_import(ctx, migration, true);
+                self.end_import(ctx, migration, true, None);
                 self.raise_route_epoch(ctx, *epoch);
                 Ok(WriteAnswer::Done)
             }
@@ -98,11 +105,24 @@ impl Engine {
                     };
                 }
                 self.drop_imported(ctx)?;
-                self.end_import(ctx, migration, false);
+                self.end_import(ctx, migration, false, None);
                 Ok(WriteAnswer::Done)
             }
-            ImportStep::Publish { .. } => {
-                Err(ApiError::bad_request("Publish is not supported by this datanode yet").into())
+            ImportStep::Publish { into, whole, collections, replace } => {
+                check_staging(ctx.db, into)?;
+                if !ours {
+                    // Published already (a retry of the same step): answered as the first.
+                    return match self.outcome(ctx.db)? {
+                        Some(o) if o.migration == migration && o.published.as_deref() == Some(into.as_str()) => {
+                            Ok(WriteAnswer::Done)
+                        }
+                        _ => Err(not_incoming(ctx.db, migration, incoming.as_deref()).into()),
+                    };
+                }
+                self.publish(ctx, into, *whole, collections, *replace)?;
+                self.drop_imported(ctx)?;
+                self.end_import(ctx, migration, true, Some(into));
+                Ok(WriteAnswer::Done)
             }
             _ if !ours => Err(not_incoming(ctx.db, migration, incoming.as_deref()).into()),
             ImportStep::Collections { collections } => {
@@ -137,9 +157,9 @@ impl Engine {
     }
 
     /// Clears the incoming mark and records how the import ended.
-    fn end_import(&self, ctx: &mut Ctx<'_>, migration: &str, finished: bool) {
+    fn end_import(&self, ctx: &mut Ctx<'_>, migration: &str, finished: bool, published: Option<&str>) {
         ctx.batch.delete_cf(self.cf(CF_META), keys::meta_key(META_INCOMING, ctx.db));
-        let outcome = Outcome { migration: migration.to_owned(), finished };
+        let outcome = Outcome { migration: migration.to_owned(), finished, published: published.map(str::to_owned) };
         ctx.batch.put_cf(self.cf(CF_META), keys::meta_key(META_MIGRATED, ctx.db), encode(&outcome));
         ctx.delta.incoming = Some((ctx.db.to_owned(), None));
     }

@@ -13,6 +13,7 @@ pub mod gc;
 pub mod import;
 pub mod index;
 pub mod keys;
+pub mod publish;
 pub mod read;
 pub mod stats;
 

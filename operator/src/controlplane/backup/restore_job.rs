@@ -296,3 +296,90 @@ async fn publish<W: BackupWorld + RestoreWorld + ?Sized>(
         tokio::time::sleep(backoff(tries)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use nimbus_api::migration::OplogPosition;
+
+    use super::*;
+    use crate::controlplane::migration::ChecksumMarker;
+
+    fn job(mode: RestoreMode, collections: Option<&[&str]>) -> RestoreJob {
+        RestoreJob {
+            source_db: "shop".into(),
+            namespace: String::new(),
+            to: RestoreTarget::Latest,
+            collections: collections.map(|c| c.iter().map(|s| (*s).to_owned()).collect()),
+            into_db: "shop".into(),
+            mode,
+            id: "r".into(),
+            deadline: Duration::from_secs(1),
+        }
+    }
+
+    fn outcome(collections: &[&str]) -> RestoreOutcome {
+        RestoreOutcome {
+            db: "shop~restore".into(),
+            full: FullId::new(1, 2),
+            collections: collections.iter().map(|s| (*s).to_owned()).collect(),
+            documents: 0,
+            documents_loaded: 0,
+            changes_applied: 0,
+            bytes: 0,
+            reached: OplogPosition { index: 1, seq: 0 },
+            reached_ms: 0,
+            checksum: ChecksumMarker { index: 1, checksum: String::new(), documents: 0, catalog: None },
+            checksum_verified: false,
+            finished: false,
+        }
+    }
+
+    fn pairs(step: &ImportStep) -> (bool, Vec<(String, String)>, bool) {
+        let ImportStep::Publish { whole, collections, replace, .. } = step else { panic!("not a Publish: {step:?}") };
+        (*whole, collections.iter().map(|p| (p.from.clone(), p.to.clone())).collect(), *replace)
+    }
+
+    #[test]
+    fn the_whole_database_in_place_is_published_whole() {
+        let (step, published) = publish_step(&job(RestoreMode::Replace, None), &outcome(&["a", "b"]));
+        assert_eq!(pairs(&step), (true, vec![], true));
+        assert_eq!(published, ["a", "b"]);
+    }
+
+    #[test]
+    fn named_collections_in_place_replace_only_themselves() {
+        let (step, published) = publish_step(&job(RestoreMode::Replace, Some(&["a"])), &outcome(&["a"]));
+        assert_eq!(pairs(&step), (false, vec![("a".into(), "a".into())], true));
+        assert_eq!(published, ["a"]);
+    }
+
+    #[test]
+    fn beside_never_replaces() {
+        let mode = RestoreMode::Beside { suffix: "_restored".into() };
+        let (step, published) = publish_step(&job(mode, None), &outcome(&["a", "b"]));
+        assert_eq!(
+            pairs(&step),
+            (false, vec![("a".into(), "a_restored".into()), ("b".into(), "b_restored".into())], false)
+        );
+        assert_eq!(published, ["a_restored", "b_restored"]);
+    }
+
+    #[test]
+    fn bad_requests_are_refused_before_anything_is_done() {
+        assert!(check(&job(RestoreMode::Replace, Some(&[]))).is_err());
+        assert!(check(&job(RestoreMode::Replace, Some(&["a/b"]))).is_err());
+        assert!(check(&job(RestoreMode::Beside { suffix: String::new() }, None)).is_err());
+        assert!(check(&job(RestoreMode::Beside { suffix: "~x".into() }, Some(&["a"]))).is_err());
+        let mut j = job(RestoreMode::Replace, None);
+        j.into_db = "shop~restore".into();
+        assert!(check(&j).is_err(), "a staging database is no target");
+        assert!(check(&job(RestoreMode::Replace, Some(&["a"]))).is_ok());
+    }
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        assert!(backoff(1) < backoff(2));
+        assert_eq!(backoff(30), Duration::from_millis(5_000).min(backoff(30)));
+        assert!(backoff(30) <= Duration::from_secs(5));
+    }
+}

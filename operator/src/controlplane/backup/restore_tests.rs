@@ -76,6 +76,7 @@ impl RestoreWorld for Fake {
                 t.incoming = None;
                 t.serving = Some(*epoch);
             }
+            ImportStep::Publish { .. } => return Err(refused("a restore engine never publishes")),
             ImportStep::Collections { collections } => {
                 t.collections.extend(collections.iter().map(|c| c.name.clone()));
             }

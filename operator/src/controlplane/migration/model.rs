@@ -352,6 +352,7 @@ impl MigrationWorld for Model {
                 ImportStep::Finish { .. } if set.serving && !ours => {} // repeated
                 ImportStep::Abort if set.incoming.is_none() && !set.serving => {} // repeated
                 _ if !ours => return Err(refused("the database is not incoming for this migration")),
+                ImportStep::Publish { .. } => return Err(refused("a migration never publishes")),
                 ImportStep::Collections { collections } => {
                     for c in collections {
                         if !set.collections.iter().any(|x| x.name == c.name) {
