@@ -120,7 +120,10 @@ impl Restorer {
         if migrating {
             return Err(Refusal::new(
                 StatusCode::CONFLICT,
-                format!("instance {} is being moved to another replica set: nothing restored, try again when the migration ended", req.instance),
+                format!(
+                    "instance {} is being moved to another replica set: nothing restored, try again when the migration ended",
+                    req.instance
+                ),
             ));
         }
         let collections = match &req.collections {
