@@ -54,4 +54,13 @@ if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
   python3 -m venv "$tools/venv"
   "$tools/venv/bin/pip" install -q kubernetes-validate
 fi
+# moto's S3-compatible server for the backup store's S3 test (operator/tests/backup_s3.rs),
+# in a virtualenv of its own (moto pins many packages); pinned so a test run is repeatable.
+moto_version=5.2.5
+if ! "$tools/moto/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('moto') != '$moto_version')" 2>/dev/null \
+  || [ ! -x "$tools/moto/bin/moto_server" ]; then
+  echo "setup: installing moto[server] $moto_version (PyPI)"
+  python3 -m venv "$tools/moto"
+  "$tools/moto/bin/pip" install -q "moto[server]==$moto_version"
+fi
 echo "setup: ok"

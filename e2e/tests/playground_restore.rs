@@ -75,7 +75,7 @@ impl Tenant {
         let mut all = BTreeMap::new();
         for c in v["collections"].as_array().unwrap() {
             let name = c["name"].as_str().unwrap().to_owned();
-            let body = json!({"filter": {}, "sort": {"_id": 1}, "limit": 100_000});
+            let body = json!({"filter": {}, "sort": {"_id": 1}, "limit": 10_000});
             let (s, docs) = self.call(reqwest::Method::POST, &format!("/collections/{name}/find"), Some(body));
             assert_eq!(s, 200, "find in {name}: {docs}");
             all.insert(name, docs["documents"].as_array().unwrap().clone());

@@ -153,6 +153,11 @@ struct RunArgs {
     /// Hot migration: how long the source keeps its copy after the switch: `5m`.
     #[arg(long, env = "NIMBUS_MIGRATION_CLEANUP_GRACE", default_value = "5m")]
     migration_cleanup_grace: jiff::SignedDuration,
+    /// Backups: the directory they are written to (a PersistentVolume mounted into the
+    /// operator's Pod; one store for every namespace, each under its own path). Unset:
+    /// backups are off, and every instance's `status.notYetActive` lists `backup`.
+    #[arg(long, env = "NIMBUS_BACKUP_DIR")]
+    backup_dir: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -238,6 +243,20 @@ async fn main() -> anyhow::Result<()> {
                 cleanup_grace: duration(args.migration_cleanup_grace, "the migration clean-up grace")?,
                 ..Default::default()
             };
+            let backup_store = match &args.backup_dir {
+                Some(dir) => {
+                    let store = nimbus_operator::k8s::backup::object_store(dir)?;
+                    tracing::info!(dir = %dir.display(), "backups on: written under this directory");
+                    Some(store)
+                }
+                None => {
+                    tracing::info!(
+                        "backups off: no --backup-dir (NIMBUS_BACKUP_DIR) given; instances show `backup` in \
+                         status.notYetActive and DatabaseRestores wait in Pending"
+                    );
+                    None
+                }
+            };
             let cfg = RunConfig {
                 settings,
                 etcd: args.etcd,
@@ -246,6 +265,9 @@ async fn main() -> anyhow::Result<()> {
                 identity: args.identity,
                 member_failure_period,
                 migration,
+                backup_store,
+                // The restore runner (controlplane::backup) is wired here once it exists.
+                restore_runner: None,
             };
             run(cfg, health).await?;
             Ok(())

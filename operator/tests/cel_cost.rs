@@ -265,7 +265,7 @@ fn check(schema: &Value) -> (f64, Vec<String>) {
 
 #[test]
 fn every_rule_is_within_the_api_servers_cost_budget() {
-    for kind in ["DatabaseInstance", "ResourcePool"] {
+    for kind in ["DatabaseInstance", "ResourcePool", "DatabaseRestore"] {
         let (total, problems) = check(&crd_schema(kind));
         assert!(problems.is_empty(), "{kind}'s CRD would be refused:\n{}", problems.join("\n"));
         eprintln!("{kind}: estimated cost of all rules {total}");
@@ -310,4 +310,40 @@ fn a_rule_under_a_list_costs_once_per_item() {
     assert_eq!(all[0].cardinality, 50.0);
     // Two selects, ⌈0.1 × min(100, 1)⌉ for the comparison with a literal.
     assert_eq!(all[0].cost, 3.0);
+}
+
+/// DatabaseRestore's spec is immutable by `self == oldSelf`: an equality over the whole
+/// spec, whose cost follows the sizes of what it holds. Every string and list in it is
+/// bounded, so the API server estimates it as cheap; an unbounded one would be refused.
+#[test]
+fn the_restores_immutable_spec_is_bounded_and_cheap() {
+    let schema = crd_schema("DatabaseRestore");
+    let spec = &schema["properties"]["spec"];
+    let rules: Vec<&str> =
+        spec["x-kubernetes-validations"].as_array().unwrap().iter().map(|r| r["rule"].as_str().unwrap()).collect();
+    assert!(rules.contains(&"self == oldSelf"), "{rules:?}");
+    // Every string and list under the spec has a bound (or is an enum).
+    fn unbounded(node: &Value, path: &str, out: &mut Vec<String>) {
+        if matches!(node.get("type").and_then(Value::as_str), Some("string" | "array")) && declared_size(node).is_none()
+        {
+            out.push(path.to_owned());
+        }
+        for (k, v) in node.get("properties").and_then(Value::as_object).into_iter().flatten() {
+            unbounded(v, &format!("{path}.{k}"), out);
+        }
+        if let Some(items) = node.get("items") {
+            unbounded(items, &format!("{path}[*]"), out);
+        }
+    }
+    let mut open = Vec::new();
+    unbounded(spec, "spec", &mut open);
+    assert!(open.is_empty(), "unbounded under spec: {open:?}");
+    let (total, problems) = check(&schema);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(total < 1e5, "{total}");
+    // The check can fail: the same rule over an unbounded string list is refused.
+    let open_spec = json!({"type": "object", "properties": {"to": {"type": "array", "items": {"type": "string"}}},
+        "x-kubernetes-validations": [{"rule": "self.to == oldSelf.to"}]});
+    let (_, problems) = check(&open_spec);
+    assert!(problems.iter().any(|p| p.contains("unbounded")), "{problems:?}");
 }

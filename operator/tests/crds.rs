@@ -376,3 +376,125 @@ fn names_that_cannot_name_services_are_refused() {
     assert!(errors.is_empty(), "{errors:?}");
     assert!(validate("ResourcePool", &pool("shared.eu"), Some(&pool("shared.eu"))).is_empty());
 }
+
+fn restore(spec: Value) -> Value {
+    serde_json::json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseRestore",
+        "metadata": {"name": "undo"}, "spec": spec})
+}
+
+/// A DatabaseRestore's target must fit its mode, its names must be names, and its spec
+/// never changes once created (its status does).
+#[test]
+fn a_restore_is_refused_when_its_target_does_not_fit_its_mode_or_its_spec_changes() {
+    let ok = [
+        serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "InPlace"}}),
+        serde_json::json!({"source": "shop", "toTime": "2026-01-01T00:00:00Z", "collections": ["orders"],
+            "target": {"mode": "Beside", "suffix": "_restored"}}),
+        serde_json::json!({"source": "shop", "toTime": "latest",
+            "target": {"mode": "Beside", "renames": [{"from": "orders", "to": "orders_old"}]}}),
+        serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}}),
+    ];
+    for spec in ok {
+        let errors = validate("DatabaseRestore", &restore(spec.clone()), None);
+        assert!(errors.is_empty(), "{spec}: {errors:?}");
+    }
+    let bad = [
+        (
+            serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance"}}),
+            "target.instance",
+        ),
+        (
+            serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "InPlace", "instance": "x"}}),
+            "target.instance",
+        ),
+        (serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "Beside"}}), "mode Beside"),
+        (
+            serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "InPlace", "suffix": "_x"}}),
+            "mode Beside",
+        ),
+        (serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "Sideways"}}), "is not one of"),
+        (
+            serde_json::json!({"source": "shop", "toTime": "latest", "collections": ["a b"], "target": {"mode": "InPlace"}}),
+            "does not match",
+        ),
+        (
+            serde_json::json!({"source": "shop", "toTime": "latest", "collections": ["a", "a"], "target": {"mode": "InPlace"}}),
+            "Duplicate value",
+        ),
+        (
+            serde_json::json!({"source": "shop", "toTime": "latest",
+                "collections": (0..65).map(|i| format!("c{i}")).collect::<Vec<_>>(), "target": {"mode": "InPlace"}}),
+            "Too many",
+        ),
+        (
+            serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "Beside",
+                "renames": [{"from": "a", "to": "b"}, {"from": "a", "to": "c"}]}}),
+            "Duplicate value",
+        ),
+        (serde_json::json!({"source": "shop", "toTime": "x".repeat(41), "target": {"mode": "InPlace"}}), "Too long"),
+        (serde_json::json!({"toTime": "latest", "target": {"mode": "InPlace"}}), "missing required field"),
+    ];
+    for (spec, expect) in bad {
+        let errors = validate("DatabaseRestore", &restore(spec.clone()), None).join("; ");
+        assert!(errors.contains(expect), "{spec}: expected an error containing {expect:?}, got {errors:?}");
+    }
+    // Immutable: any change of the spec is refused, a status change is not.
+    let old = restore(serde_json::json!({"source": "shop", "toTime": "latest", "target": {"mode": "InPlace"}}));
+    for changed in [
+        restore(serde_json::json!({"source": "shop", "toTime": "2026-01-01T00:00:00Z", "target": {"mode": "InPlace"}})),
+        restore(serde_json::json!({"source": "other", "toTime": "latest", "target": {"mode": "InPlace"}})),
+        restore(
+            serde_json::json!({"source": "shop", "toTime": "latest", "collections": ["a"], "target": {"mode": "InPlace"}}),
+        ),
+    ] {
+        let errors = validate("DatabaseRestore", &changed, Some(&old)).join("; ");
+        assert!(errors.contains("spec cannot change"), "{}: {errors}", changed["spec"]);
+    }
+    let mut progressed = old.clone();
+    progressed["status"] = serde_json::json!({"phase": "Restoring", "attempts": 1});
+    assert!(validate("DatabaseRestore", &progressed, Some(&old)).is_empty());
+}
+
+/// `kubectl get dbi` shows the last backup and the recoverable window, `kubectl get dbr`
+/// each restore's phase and the point it reached.
+#[test]
+fn the_printer_columns_tell_the_backup_and_restore_story() {
+    let columns = |kind: &str| -> Vec<(String, String)> {
+        let crd = crds().into_iter().find(|c| c.spec.names.kind == kind).unwrap();
+        let v = &crd.spec.versions[0];
+        v.additional_printer_columns.iter().flatten().map(|c| (c.name.clone(), c.json_path.clone())).collect()
+    };
+    let dbi = columns("DatabaseInstance");
+    for (name, path) in [
+        ("Last Backup", ".status.backup.lastFull"),
+        ("Restorable From", ".status.backup.earliestRestorable"),
+        ("Restorable To", ".status.backup.latestRestorable"),
+    ] {
+        assert!(dbi.contains(&(name.into(), path.into())), "{name} in {dbi:?}");
+    }
+    let dbr = columns("DatabaseRestore");
+    for (name, path) in
+        [("Phase", ".status.phase"), ("Restored To", ".status.restoredTo"), ("Age", ".metadata.creationTimestamp")]
+    {
+        assert!(dbr.contains(&(name.into(), path.into())), "{name} in {dbr:?}");
+    }
+    let crd = crds().into_iter().find(|c| c.spec.names.kind == "DatabaseRestore").unwrap();
+    assert_eq!(crd.spec.names.short_names, Some(vec!["dbr".to_string()]));
+    assert_eq!(crd.spec.scope, "Namespaced");
+    // Every column's path is a field of the schema (a typo shows an empty column forever).
+    for kind in ["DatabaseInstance", "DatabaseRestore"] {
+        let schema = schema_of(kind);
+        for (name, path) in columns(kind) {
+            if path.starts_with(".metadata.") {
+                continue;
+            }
+            let mut node = &schema;
+            for part in path.trim_start_matches('.').split('.') {
+                node = node
+                    .get("properties")
+                    .and_then(|p| p.get(part))
+                    .unwrap_or_else(|| panic!("{kind}: {name}: {path}"));
+            }
+        }
+    }
+}

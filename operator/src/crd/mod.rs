@@ -12,7 +12,7 @@ pub const GROUP: &str = "nimbus.io";
 
 /// Every CRD.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![v1alpha1::DatabaseInstance::crd(), v1alpha1::ResourcePool::crd()]
+    vec![v1alpha1::DatabaseInstance::crd(), v1alpha1::ResourcePool::crd(), v1alpha1::DatabaseRestore::crd()]
 }
 
 /// Each CRD as `(file name, YAML)`, the file named after the CRD (`<plural>.<group>.yaml`).

@@ -363,6 +363,7 @@ impl World {
             failover: Failover { period: FAILURE_PERIOD, clock: Clock::fixed(start()) },
             nodes: reader,
             migrations: Migrations::new(Arc::new(migration_world.clone()), migration_tuning()),
+            backups: Arc::new(super::backup::Backups::off()),
         });
         let w = World { api, nodes: Arc::new(Mutex::new(writer)), datanodes, store, ctx, migration: migration_world };
         w.sync_nodes();
@@ -447,6 +448,7 @@ impl World {
             failover: self.ctx.failover.clone(),
             nodes: self.ctx.nodes.clone(),
             migrations: self.ctx.migrations.clone(),
+            backups: self.ctx.backups.clone(),
         });
         World { ctx, ..self }
     }

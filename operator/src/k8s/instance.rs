@@ -56,6 +56,9 @@ pub struct Context {
     /// Hot migrations: started when `spec.pool` changes, mirrored into the status
     /// ([`super::migration`]).
     pub migrations: super::migration::Migrations,
+    /// Backups (`k8s::backup`): whether they run, and what each instance's agent knows
+    /// (`status.backup`).
+    pub backups: Arc<super::backup::Backups>,
 }
 
 pub async fn reconcile(dbi: Arc<DatabaseInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -367,7 +370,7 @@ async fn provision(dbi: &DatabaseInstance, ctx: &Context) -> Result<Provisioned,
         published = true;
     }
 
-    let mut status = status_of(dbi, &rs, &zones, &report, published);
+    let mut status = status_of(&ctx.backups, dbi, &rs, &zones, &report, published);
     let moving = super::migration::reconcile(ctx, dbi, &ns, published, &mut status).await?;
     let steady = report.step == Step::Steady && report.error.is_none() && published;
     let requeue = match super::migration::requeue(&moving) {
@@ -664,6 +667,7 @@ fn zones_of(svc: &Service) -> Option<Vec<String>> {
 
 #[allow(clippy::too_many_arguments)]
 fn status_of(
+    backups: &super::backup::Backups,
     dbi: &DatabaseInstance,
     rs: &ReplicaSetShape,
     zones: &[String],
@@ -742,8 +746,8 @@ fn status_of(
         migration: old.migration,
         migration_summary: old.migration_summary,
         migration_target: old.migration_target,
-        backup: old.backup,
-        not_yet_active: dbi.not_yet_active(),
+        backup: super::backup::reconciled_status(backups, dbi, old.backup),
+        not_yet_active: dbi.not_yet_active(backups.running()),
         ready_members: Some(format!("{}/{}", report.members.iter().filter(|m| m.ready).count(), report.members.len())),
     }
 }

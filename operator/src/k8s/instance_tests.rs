@@ -482,6 +482,8 @@ const NOT_EXERCISED: &[(&str, &str, &str)] = &[
     ("coordination.k8s.io", "leases", "get"),
     ("coordination.k8s.io", "leases", "patch"),
     ("nimbus.io", "databaseinstances", "watch"),
+    ("nimbus.io", "databaserestores", "list"),
+    ("nimbus.io", "databaserestores", "watch"),
     ("nimbus.io", "resourcepools", "list"),
     ("nimbus.io", "resourcepools", "watch"),
 ];
@@ -530,7 +532,9 @@ async fn the_chart_grants_what_a_whole_lifecycle_uses_and_nothing_more() {
 
     // And a move out of a dedicated pool, whose emptied replica set the operator removes.
     let moved = super::retire_tests::moved_out_of_a_dedicated_pool().await;
-    let used: std::collections::BTreeSet<_> = w.api.used().union(&moved.api.used()).cloned().collect();
+    let mut used: std::collections::BTreeSet<_> = w.api.used().union(&moved.api.used()).cloned().collect();
+    // Restores: their status, Events, a restore into a new instance.
+    used.extend(super::restore_tests::restore_lifecycle_used().await);
     let granted = Rbac::chart().grants();
     let unused: Vec<_> = granted.difference(&used).collect();
     let expected: Vec<(String, String, String)> =

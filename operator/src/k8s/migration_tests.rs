@@ -271,6 +271,7 @@ pub(super) fn restarted(w: World) -> World {
         failover: old.failover.clone(),
         nodes: old.nodes.clone(),
         migrations: Migrations::new(Arc::new(world.clone()), migration_tuning()),
+        backups: old.backups.clone(),
     });
     World { ctx, migration: world, ..w }
 }

@@ -3,6 +3,9 @@
 //! with leader election ([`run`]).
 
 pub mod api;
+pub mod backup;
+#[cfg(test)]
+mod backup_tests;
 pub mod failure;
 #[cfg(test)]
 mod fake;
@@ -22,6 +25,10 @@ mod provisioner;
 pub mod replicaset;
 #[cfg(test)]
 mod replicaset_tests;
+pub mod restore;
+pub mod restore_runner;
+#[cfg(test)]
+mod restore_tests;
 mod retire;
 #[cfg(test)]
 mod retire_tests;

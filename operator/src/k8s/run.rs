@@ -19,17 +19,20 @@ use kube_lease_manager::LeaseManagerBuilder;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
+use super::backup::Backups;
 use super::failure::{Clock, Failover};
 use super::health::Health;
 use super::instance::{self, Context};
 use super::metrics::Metrics;
 use super::migration::{Migrations, PodDirectory};
 use super::objects::{LABEL_REPLICA_SET, Settings};
+use super::restore::{self, RestoreContext, RestoreRunner};
 use super::{pool, replicaset};
 use crate::controlplane::admin::AdminClient;
+use crate::controlplane::backup::agent::AgentTuning;
 use crate::controlplane::coord::Coordinator;
 use crate::controlplane::migration::{LiveWorld, Migrator, Tuning};
-use crate::crd::v1alpha1::{DatabaseInstance, ResourcePool};
+use crate::crd::v1alpha1::{DatabaseInstance, DatabaseRestore, ResourcePool};
 
 /// The Lease the operator replicas compete for.
 pub const LEASE_NAME: &str = "nimbus-operator";
@@ -39,7 +42,7 @@ pub const LEASE_GRACE_SECONDS: u64 = 5;
 pub const REPLICA_SET_CONCURRENCY: u16 = 4;
 pub const INSTANCE_CONCURRENCY: u16 = 8;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunConfig {
     pub settings: Settings,
     /// The operator's own etcd connection (its client certificate or user).
@@ -54,6 +57,10 @@ pub struct RunConfig {
     pub member_failure_period: Duration,
     /// Hot migration's knobs (hold timeout, copy rate, concurrency, clean-up grace).
     pub migration: Tuning,
+    /// Where backups go ([`super::backup::object_store`]); `None`: backups are off.
+    pub backup_store: Option<Arc<dyn object_store::ObjectStore>>,
+    /// What runs a DatabaseRestore; `None`: restores wait in `Pending`, saying why.
+    pub restore_runner: Option<Arc<dyn RestoreRunner>>,
 }
 
 #[derive(Debug, Error)]
@@ -69,7 +76,7 @@ pub enum RunError {
 }
 
 /// The resources the leader's controllers watch, as `/readyz` names them.
-pub const WATCHES: [&str; 2] = ["databaseinstances", "resourcepools"];
+pub const WATCHES: [&str; 3] = ["databaseinstances", "resourcepools", "databaserestores"];
 
 /// Runs the controllers once this replica holds the Lease, telling `health` how far it got.
 pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
@@ -99,6 +106,18 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         admin: AdminClient::new(&cfg.secret),
         coord: store.clone(),
         directory: Arc::new(PodDirectory { client: client.clone() }),
+    });
+    // Backups: the same world (datanodes, etcd, the members' Pods) as the migrations.
+    let backups = Arc::new(match &cfg.backup_store {
+        Some(objects) => Backups::new(world.clone(), objects.clone(), AgentTuning::default()),
+        None => Backups::off(),
+    });
+    // Restores: the same world again, and the store the agents write (a test's runner, if
+    // given, instead).
+    let restore_runner = cfg.restore_runner.clone().or_else(|| {
+        let store = cfg.backup_store.clone()?;
+        Some(Arc::new(super::restore_runner::LiveRestoreRunner { world: world.clone(), store })
+            as Arc<dyn RestoreRunner>)
     });
     let migrations = Migrations::new(world, cfg.migration.clone());
     let reporter = Reporter { controller: "nimbus-operator".into(), instance: Some(cfg.identity.clone()) };
@@ -133,6 +152,7 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         failover: Failover { period: cfg.member_failure_period, clock: Clock::default() },
         nodes,
         migrations: migrations.clone(),
+        backups: backups.clone(),
     });
     // The migrations run on the leader only, and stop with the controllers (a signal) or
     // with the lease: dropping `stop` ends the run, whose drivers stop at once (every
@@ -166,6 +186,9 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         .with_config(controller::Config::default().concurrency(INSTANCE_CONCURRENCY));
     let reader = instances.store();
     report_synced(&health, WATCHES[0], reader.clone());
+    // The agents' targets and `status.backup`, from the instance controller's cache; it
+    // ends with this task (dropped with the runtime when the process exits).
+    let backup_status = tokio::spawn(super::backup::run(backups.clone(), client.clone(), reader.clone()));
     // A member Pod changing (gone, ready, failed) wakes every instance on its replica set.
     let pods = watcher::Config::default().labels(LABEL_REPLICA_SET);
     let instances = instances
@@ -189,6 +212,23 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
                 warn!(error = %e, "instance controller");
             }
         });
+    let restore_reporter = Reporter { controller: "nimbus-operator".into(), instance: Some(cfg.identity.clone()) };
+    let restore_ctx = Arc::new(RestoreContext {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), restore_reporter),
+        runner: restore_runner,
+        jobs: Default::default(),
+        poll: restore::POLL,
+    });
+    let restores = Controller::new(Api::<DatabaseRestore>::all(client.clone()), watcher::Config::default());
+    report_synced(&health, WATCHES[2], restores.store());
+    let restores = restores.shutdown_on_signal().run(restore::reconcile, restore::error_policy, restore_ctx).for_each(
+        |r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "restore controller");
+            }
+        },
+    );
     let pools = Controller::new(Api::<ResourcePool>::all(client.clone()), watcher::Config::default());
     report_synced(&health, WATCHES[1], pools.store());
     let pools = pools.shutdown_on_signal().run(pool::reconcile, pool::error_policy, ctx).for_each(|_| async {});
@@ -201,13 +241,14 @@ pub async fn run(cfg: RunConfig, health: Arc<Health>) -> Result<(), RunError> {
         }
     };
     let result = tokio::select! {
-        _ = futures::future::join3(replica_sets, instances, pools) => Ok(()),
+        _ = futures::future::join4(replica_sets, instances, pools, restores) => Ok(()),
         _ = lost => {
             error!("lost the leader-election lease: exiting so a restart begins as a follower");
             Err(RunError::LostLease)
         }
     };
     drop(stop);
+    backup_status.abort();
     if tokio::time::timeout(Duration::from_secs(5), migrator_task).await.is_err() {
         warn!("the migrations did not stop within 5 s");
     }

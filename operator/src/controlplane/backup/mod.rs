@@ -9,18 +9,22 @@
 //!   SHA-256 digests).
 //! - [`store`]: writing and reading them over any `object_store` ([`BackupStore`]), every
 //!   read verified against its digest.
+//! - [`location`]: where backups go, a local directory or an S3 bucket
+//!   ([`BackupStorage`]), opened as an `object_store`; [`s3_client`] is S3's HTTP transport.
 //! - [`plan`]: the decisions, pure: [`plan_restore`], [`recoverable_window`],
 //!   [`retention`], [`full_due`].
 //!
 //! Not here yet: taking a full from a datanode, the archiver tailing the oplog, the restore
-//! through the import protocol, the S3 client, the CRDs and the playground verbs.
+//! through the import protocol, the CRDs and the playground verbs.
 
 pub mod agent;
 pub mod format;
 pub mod layout;
+pub mod location;
 pub mod plan;
 pub mod restore;
 pub mod restore_job;
+pub mod s3_client;
 pub mod store;
 
 #[cfg(test)]
@@ -32,6 +36,7 @@ mod store_tests;
 
 pub use format::{FORMAT_VERSION, FullManifest, PageEntry, sha256_hex};
 pub use layout::{BackupLocation, FullId, Lineage, SegmentName};
+pub use location::{BackupStorage, OpenedStorage, S3Credentials, S3Options, StorageError};
 pub use plan::{
     Deletions, FullPolicy, RecoverableWindow, RestoreError, RestorePlan, RestoreTarget, RetentionPolicy, TimeRange,
     full_due, plan_restore, recoverable_window, retention,

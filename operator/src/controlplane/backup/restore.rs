@@ -237,7 +237,8 @@ struct Names {
 impl Names {
     fn new(into: &RestoreInto) -> Result<Names, RestoreCause> {
         let invalid = |m: String| RestoreCause::Invalid(m);
-        nimbus_api::path::DbName::new(&into.db).map_err(|e| invalid(format!("database name: {}", e.message)))?;
+        nimbus_api::migration::validate_admin_db(&into.db)
+            .map_err(|e| invalid(format!("database name: {}", e.message)))?;
         if into.import_id.is_empty() {
             return Err(invalid("the import id is empty".into()));
         }

@@ -15,7 +15,7 @@
 //! until [`RestoreJob::deadline`]; a failure of `Publish` itself is retried with the same
 //! import id first, since a `Publish` that took effect answers the same again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use nimbus_api::etcd::RouteState;
@@ -35,9 +35,10 @@ pub enum RestoreMode {
     /// created since dropped), or, with collections named, each of them replaces its
     /// current self.
     Replace,
-    /// Beside: each restored collection (all, or those named) is created as
-    /// `{name}{suffix}`; a name that exists is refused and nothing changes.
-    Beside { suffix: String },
+    /// Beside: each restored collection (all, or those named) is created under the name
+    /// `renames` gives it, else `{name}{suffix}`; a name that exists is refused and nothing
+    /// changes.
+    Beside { suffix: Option<String>, renames: BTreeMap<String, String> },
 }
 
 /// One restore.
@@ -102,7 +103,8 @@ pub enum JobError {
 }
 
 impl JobError {
-    fn is_retryable(&self) -> bool {
+    /// Whether running the job again may succeed (passing failures only).
+    pub fn is_retryable(&self) -> bool {
         match self {
             JobError::Restore(f) => f.is_retryable(),
             JobError::Backup(e) => e.is_retryable(),
@@ -174,12 +176,20 @@ fn check(job: &RestoreJob) -> Result<(), JobError> {
             nimbus_api::limits::validate_name("collection", c).map_err(invalid)?;
         }
     }
-    if let RestoreMode::Beside { suffix } = &job.mode {
-        if suffix.is_empty() {
-            return Err(JobError::Invalid("a restore beside the collections needs a suffix for their names".into()));
+    if let RestoreMode::Beside { suffix, renames } = &job.mode {
+        if suffix.as_deref().is_none_or(str::is_empty) && renames.is_empty() {
+            return Err(JobError::Invalid(
+                "a restore beside the collections needs a suffix or renames for their names".into(),
+            ));
+        }
+        for to in renames.values() {
+            nimbus_api::limits::validate_name("collection", to).map_err(invalid)?;
         }
         for c in job.collections.iter().flatten() {
-            nimbus_api::limits::validate_name("collection", &format!("{c}{suffix}")).map_err(invalid)?;
+            let to = beside_name(c, suffix.as_deref(), renames).ok_or_else(|| {
+                JobError::Invalid(format!("collection {c} has no new name: give a suffix or rename it"))
+            })?;
+            nimbus_api::limits::validate_name("collection", &to).map_err(invalid)?;
         }
     }
     Ok(())
@@ -241,19 +251,27 @@ async fn pause_at_failpoint() {
     }
 }
 
+/// A collection's name beside its original: its rename, else the name with the suffix.
+fn beside_name(coll: &str, suffix: Option<&str>, renames: &BTreeMap<String, String>) -> Option<String> {
+    renames.get(coll).cloned().or_else(|| suffix.filter(|s| !s.is_empty()).map(|s| format!("{coll}{s}")))
+}
+
 /// The `Publish` of `outcome` for `job`, and the collections it publishes (target names).
+/// Beside, a restored collection with no new name (the whole database restored with
+/// renames only) is not published.
 fn publish_step(job: &RestoreJob, outcome: &RestoreOutcome) -> (ImportStep, Vec<String>) {
-    let pairs = |suffix: &str| -> Vec<PublishedCollection> {
-        outcome
-            .collections
-            .iter()
-            .map(|c| PublishedCollection { from: c.clone(), to: format!("{c}{suffix}") })
-            .collect()
-    };
     let (whole, collections, replace) = match (&job.mode, &job.collections) {
         (RestoreMode::Replace, None) => (true, Vec::new(), true),
-        (RestoreMode::Replace, Some(_)) => (false, pairs(""), true),
-        (RestoreMode::Beside { suffix }, _) => (false, pairs(suffix), false),
+        (RestoreMode::Replace, Some(_)) => {
+            let same = outcome.collections.iter().map(|c| PublishedCollection { from: c.clone(), to: c.clone() });
+            (false, same.collect(), true)
+        }
+        (RestoreMode::Beside { suffix, renames }, _) => {
+            let pairs = outcome.collections.iter().filter_map(|c| {
+                Some(PublishedCollection { from: c.clone(), to: beside_name(c, suffix.as_deref(), renames)? })
+            });
+            (false, pairs.collect(), false)
+        }
     };
     let published =
         if whole { outcome.collections.clone() } else { collections.iter().map(|p| p.to.clone()).collect() };
@@ -355,7 +373,7 @@ mod tests {
 
     #[test]
     fn beside_never_replaces() {
-        let mode = RestoreMode::Beside { suffix: "_restored".into() };
+        let mode = RestoreMode::Beside { suffix: Some("_restored".into()), renames: BTreeMap::new() };
         let (step, published) = publish_step(&job(mode, None), &outcome(&["a", "b"]));
         assert_eq!(
             pairs(&step),
@@ -368,8 +386,12 @@ mod tests {
     fn bad_requests_are_refused_before_anything_is_done() {
         assert!(check(&job(RestoreMode::Replace, Some(&[]))).is_err());
         assert!(check(&job(RestoreMode::Replace, Some(&["a/b"]))).is_err());
-        assert!(check(&job(RestoreMode::Beside { suffix: String::new() }, None)).is_err());
-        assert!(check(&job(RestoreMode::Beside { suffix: "~x".into() }, Some(&["a"]))).is_err());
+        assert!(check(&job(RestoreMode::Beside { suffix: None, renames: BTreeMap::new() }, None)).is_err());
+        let beside = |suffix: &str| RestoreMode::Beside { suffix: Some(suffix.into()), renames: BTreeMap::new() };
+        assert!(check(&job(beside("~x"), Some(&["a"]))).is_err());
+        let only_b = RestoreMode::Beside { suffix: None, renames: [("b".to_owned(), "b2".to_owned())].into() };
+        assert!(check(&job(only_b.clone(), Some(&["a"]))).is_err(), "a has no new name");
+        assert!(check(&job(only_b, Some(&["b"]))).is_ok());
         let mut j = job(RestoreMode::Replace, None);
         j.into_db = "shop~restore".into();
         assert!(check(&j).is_err(), "a staging database is no target");

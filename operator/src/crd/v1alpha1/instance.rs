@@ -34,6 +34,10 @@ use crate::controlplane::migration::MigrationStatus;
     printcolumn(name = "Zones", type_ = "string", json_path = ".status.zonesSummary"),
     printcolumn(name = "Leader", type_ = "string", json_path = ".status.placement.leader"),
     printcolumn(name = "Migration", type_ = "string", json_path = ".status.migrationSummary"),
+    printcolumn(name = "Last Backup", type_ = "date", json_path = ".status.backup.lastFull"),
+    // A date column shows an age: how far back a point-in-time restore can go.
+    printcolumn(name = "Restorable From", type_ = "date", json_path = ".status.backup.earliestRestorable"),
+    printcolumn(name = "Restorable To", type_ = "string", json_path = ".status.backup.latestRestorable", priority = 1),
     printcolumn(name = "QPS", type_ = "integer", json_path = ".status.limits.qps", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 50").message("the name must be at most 50 characters"),
@@ -119,8 +123,9 @@ pub struct DatabaseInstanceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
 
-    /// Backups and point-in-time restore. NOT YET ACTIVE: no backup is taken yet, whatever
-    /// this says; `status.notYetActive` lists it while that is so.
+    /// Backups and point-in-time restore (`docs/backup.md`): on by default. Taken by the
+    /// operator when it runs with a backup store (`--backup-dir`, the chart's `backup`
+    /// values); without one, `status.notYetActive` lists `backup`.
     #[serde(default)]
     pub backup: BackupSpec,
 
@@ -271,11 +276,14 @@ fn default_cooldown() -> u32 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupSpec {
-    /// Take scheduled backups and keep the oplog for point-in-time restore.
+    /// Take full backups and archive the oplog continuously for point-in-time restore.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Cron schedule of full backups (UTC).
+    /// Kept for manifests written for the first CRD; not used. Full backups are taken
+    /// when the written data makes one worthwhile (more writes, more fulls; at least one a
+    /// day), and the oplog is archived every few seconds (`docs/backup.md`).
     #[serde(default = "default_schedule")]
+    #[schemars(length(max = 128))]
     pub schedule: String,
     /// How far back a point-in-time restore can go, in days (at most 35).
     #[serde(default = "default_retention_days")]
@@ -493,25 +501,40 @@ pub struct MigrationTarget {
     pub migration: Option<String>,
 }
 
+/// An instance's backups: the newest full and the window a point-in-time restore can
+/// reach (times in RFC 3339, UTC), as the playground's `backup` object shows them
+/// (`API.md` section 3).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupStatus {
-    /// When the newest full backup finished (RFC 3339).
+    /// When the newest complete full backup ended (its consistent point).
+    #[serde(default)]
+    #[schemars(length(max = 40))]
+    pub last_full: Option<String>,
+    /// The earliest moment a `DatabaseRestore` can return to.
+    #[serde(default)]
+    #[schemars(length(max = 40))]
+    pub earliest_restorable: Option<String>,
+    /// The latest moment a `DatabaseRestore` can return to (seconds behind now while the
+    /// oplog archive keeps up).
+    #[serde(default)]
+    #[schemars(length(max = 40))]
+    pub latest_restorable: Option<String>,
+    /// The backups' latest failure, until the next success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_backup_time: Option<String>,
-    /// The earliest moment a point-in-time restore can return to (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub earliest_restorable_time: Option<String>,
+    #[schemars(length(max = 1024))]
+    pub error: Option<String>,
 }
 
 impl DatabaseInstance {
-    /// The spec sections that ask for what the operator does not do yet.
-    pub fn not_yet_active(&self) -> Vec<String> {
+    /// The spec sections that ask for what the operator does not do yet; `backups_running`:
+    /// whether this operator takes backups (it has a backup store).
+    pub fn not_yet_active(&self, backups_running: bool) -> Vec<String> {
         let mut out = Vec::new();
         if self.spec.autoscaling.as_ref().is_some_and(|a| a.enabled) {
             out.push("autoscaling".to_string());
         }
-        if self.spec.backup.enabled {
+        if self.spec.backup.enabled && !backups_running {
             out.push("backup".to_string());
         }
         if self.spec.indexing.automatic {

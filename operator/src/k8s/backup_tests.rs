@@ -1,0 +1,153 @@
+//! Backups on Kubernetes: which instances are backed up, and `status.backup` written from a
+//! real backup agent (a filesystem store holding one full) through the in-memory API server
+//! with the chart's RBAC.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nimbus_api::etcd::Route;
+use nimbus_api::migration::{DbOplogPage, ExportPage, ExportRequest, OplogPosition, PinOplogRequest};
+use serde_json::json;
+
+use super::backup::{self, Backups};
+use super::fixtures::{FakeApi, INSTANCES, NS};
+use crate::controlplane::backup::agent::{AgentTuning, ArchiveRecord, BackupWorld};
+use crate::controlplane::backup::{
+    BackupLocation, BackupStore, FORMAT_VERSION, FullId, FullManifest, Lineage, PageEntry,
+};
+use crate::controlplane::migration::{ChecksumMarker, Failure, ReplicaSetAccess};
+use crate::crd::v1alpha1::DatabaseInstance;
+
+/// A world where no database has a route yet: the agent lists its store and takes nothing.
+struct Unrouted;
+
+#[async_trait]
+impl BackupWorld for Unrouted {
+    async fn route(&self, _db: &str) -> Result<Option<Route>, Failure> {
+        Ok(None)
+    }
+    async fn replica_set(&self, _ns: &str, _name: &str) -> Result<Option<ReplicaSetAccess>, Failure> {
+        Ok(None)
+    }
+    async fn export(&self, _rs: &ReplicaSetAccess, _req: &ExportRequest) -> Result<ExportPage, Failure> {
+        Err(Failure::Gone("no replica set".into()))
+    }
+    async fn oplog(&self, _: &ReplicaSetAccess, _: &str, _: OplogPosition, _: u32) -> Result<DbOplogPage, Failure> {
+        Err(Failure::Gone("no replica set".into()))
+    }
+    async fn pin_oplog(&self, _rs: &ReplicaSetAccess, _req: &PinOplogRequest) -> Result<(), Failure> {
+        Err(Failure::Gone("no replica set".into()))
+    }
+    async fn checksum(&self, _rs: &ReplicaSetAccess, _db: &str) -> Result<ChecksumMarker, Failure> {
+        Err(Failure::Gone("no replica set".into()))
+    }
+    async fn archive_record(&self, _db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
+        Ok(None)
+    }
+    async fn save_archive_record(&self, _: &ArchiveRecord, _: Option<u64>) -> Result<Option<u64>, Failure> {
+        Ok(Some(1))
+    }
+}
+
+fn instance(name: &str, backup: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseInstance",
+        "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
+        "spec": {"backup": backup}, "status": {"phase": "Ready"}})
+}
+
+fn parsed(v: serde_json::Value) -> DatabaseInstance {
+    serde_json::from_value(v).unwrap()
+}
+
+/// A complete full of `db` ending at `end_ms`, in namespace `NS`'s scope.
+async fn store_full(objects: Arc<dyn object_store::ObjectStore>, db: &str, end_ms: u64) {
+    let store = BackupStore::new(objects, BackupLocation::new(backup::BACKUP_PREFIX, NS, db).unwrap());
+    let manifest = FullManifest {
+        format: FORMAT_VERSION,
+        id: FullId::new(end_ms - 1_000, 7),
+        db: db.into(),
+        lineage: Lineage::new("default-rs0.e1").unwrap(),
+        start: OplogPosition::end_of(10),
+        end: OplogPosition::end_of(10),
+        start_ms: end_ms - 1_000,
+        end_ms,
+        docs: 3,
+        bytes: 100,
+        pages: vec![PageEntry { n: 0, bytes: 100, sha256: "0".repeat(64), docs: 3, index: 10 }],
+        checksum: None,
+    };
+    store.put_manifest(&manifest).await.unwrap();
+}
+
+#[test]
+fn every_instance_with_backups_on_is_a_target_of_its_namespaces_agent() {
+    let on = parsed(instance("shop", json!({"retentionDays": 3})));
+    let off = parsed(instance("logs", json!({"enabled": false})));
+    let mut deleting = parsed(instance("old", json!({})));
+    deleting.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-01-01T00:00:00Z".parse().unwrap()));
+    let mut elsewhere = parsed(instance("blog", json!({})));
+    elsewhere.metadata.namespace = Some("other".into());
+    let targets = backup::targets_by_namespace([&on, &off, &deleting, &elsewhere]);
+    assert_eq!(targets.keys().collect::<Vec<_>>(), ["apps", "other"]);
+    let apps = &targets["apps"];
+    assert_eq!(apps.len(), 1);
+    assert_eq!((apps[0].db.as_str(), apps[0].namespace.as_str()), ("shop", "apps"));
+    assert_eq!(apps[0].retention.window_ms, 3 * 24 * 3_600_000);
+    // The default: 7 days.
+    assert_eq!(targets["other"][0].retention.window_ms, 7 * 24 * 3_600_000);
+}
+
+#[tokio::test]
+async fn status_backup_is_written_from_the_agent_and_removed_when_backups_are_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = backup::object_store(dir.path()).unwrap();
+    let end_ms = 1_767_225_600_000;
+    store_full(objects.clone(), "shop", end_ms).await;
+    let tuning = AgentTuning { poll: Duration::from_millis(10), ..AgentTuning::default() };
+    let backups = Backups::new(Arc::new(Unrouted), objects, tuning);
+    let api = FakeApi::default();
+    api.put(INSTANCES, instance("shop", json!({})));
+    let client = api.client();
+    let shop = || Arc::new(parsed(api.get(INSTANCES, "shop").unwrap()));
+    backups.set_instances([shop().as_ref()]);
+    // The agent lists its store in the background: poll until the instance shows the full.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        backup::write_statuses(&backups, &client, &[shop()]).await;
+        if api.get(INSTANCES, "shop").unwrap()["status"]["backup"]["lastFull"].is_string() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{:#}", api.get(INSTANCES, "shop").unwrap()["status"]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = api.get(INSTANCES, "shop").unwrap()["status"].clone();
+    assert_eq!(status["backup"]["lastFull"], "2026-01-01T00:00:00.000Z");
+    assert_eq!(status["phase"], "Ready", "only status.backup is written: {status:#}");
+    // Unchanged: nothing more is written.
+    let calls = api.calls().len();
+    backup::write_statuses(&backups, &client, &[shop()]).await;
+    assert_eq!(api.calls().len(), calls);
+
+    // Turned off for the instance: its agent lets it go and the window goes from the status.
+    let mut off = api.get(INSTANCES, "shop").unwrap();
+    off["spec"]["backup"] = json!({"enabled": false});
+    api.put(INSTANCES, off);
+    backups.set_instances([shop().as_ref()]);
+    assert_eq!(backup::write_statuses(&backups, &client, &[shop()]).await, 1);
+    let status = api.get(INSTANCES, "shop").unwrap()["status"].clone();
+    assert!(status.get("backup").is_none_or(|b| b.is_null()), "{status:#}");
+}
+
+#[test]
+fn without_a_store_backups_are_off_and_the_instance_says_so() {
+    let backups = Backups::off();
+    let dbi = parsed(instance("shop", json!({})));
+    assert!(!backups.running());
+    assert_eq!(backups.status(&dbi), None);
+    assert_eq!(dbi.not_yet_active(backups.running()), ["backup", "indexing"]);
+    assert_eq!(dbi.not_yet_active(true), ["indexing"]);
+}

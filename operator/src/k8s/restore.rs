@@ -1,0 +1,538 @@
+//! The DatabaseRestore reconciler: gather (the source instance, the target's name) →
+//! validate → wait for any other restore of the same instances → make the new instance
+//! (mode `NewInstance`) → run the restore through a [`RestoreRunner`] → record its report.
+//!
+//! The restore itself is the runner's (`controlplane::backup`: planning from the backups,
+//! the import into a replica set, the switch); this reconciler decides when one runs, keeps
+//! two restores of one instance from running at once, and tells a person what happened
+//! (phase, status, Events `RestoreStarted`, `RestoreSucceeded`, `RestoreFailed`).
+//!
+//! Runs are tasks of the leading operator, known to it only ([`Jobs`]): a restore found
+//! `Restoring` with no run here (the operator restarted, or lost its lease) is started
+//! again, which the runner does safely (a restore builds into a fresh import and switches
+//! only at its end; a new attempt starts over).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::Error;
+use super::api::Objects;
+use super::backup::rfc3339;
+use super::instance::set_condition;
+use crate::controlplane::backup::RestoreTarget;
+use crate::crd::v1alpha1::{DatabaseInstance, DatabaseRestore, DatabaseRestoreStatus, RestoreMode, RestorePhase};
+
+/// On an instance made by a restore (mode `NewInstance`): `<restore name>/<restore uid>`.
+/// A restore retried finds its own instance by it, and never takes over another's.
+pub const ANNOTATION_RESTORED_BY: &str = "nimbus.io/restored-by";
+/// Starts of a restore whose runs failed with a passing failure, before it fails for good.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// How often a running restore is looked at.
+pub const POLL: Duration = Duration::from_secs(2);
+
+/// Where a restore writes, resolved from the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreDestination {
+    /// The source's collections are replaced by their restored state.
+    InPlace,
+    /// Restored in the source's database under new names: `renames` where given, else
+    /// `<name><suffix>` (see [`RestoreJob::beside_name`]).
+    Beside { suffix: Option<String>, renames: BTreeMap<String, String> },
+    /// Into the database of a new instance, which exists (made by the reconciler with the
+    /// source's spec) when the runner is called; its database is not served until the
+    /// instance is placed and reconciled.
+    NewInstance { instance: String, database: String },
+}
+
+/// One run of a restore, as the runner gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreJob {
+    pub namespace: String,
+    /// The DatabaseRestore's name and uid: the restore's identity across attempts (an
+    /// import id can be made of the uid and the attempt).
+    pub restore: String,
+    pub restore_uid: String,
+    /// 1 for the first run; a retry or an operator restart runs it again with the next.
+    pub attempt: u32,
+    pub source_instance: String,
+    pub source_database: String,
+    /// The source instance's uid (its backups' incarnation).
+    pub source_uid: String,
+    pub to: RestoreTarget,
+    /// Only these collections; all when `None`.
+    pub collections: Option<Vec<String>>,
+    pub destination: RestoreDestination,
+}
+
+impl RestoreJob {
+    /// Mode `Beside`: the name `collection` is restored under.
+    pub fn beside_name(&self, collection: &str) -> Option<String> {
+        match &self.destination {
+            RestoreDestination::Beside { suffix, renames } => {
+                renames.get(collection).cloned().or_else(|| suffix.as_ref().map(|s| format!("{collection}{s}")))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What a finished restore did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RestoreReport {
+    /// The exact point restored to (ms since the Unix epoch): the last change replayed,
+    /// or the full backup's end.
+    pub restored_to_ms: u64,
+    /// Documents in the restored data.
+    pub documents: u64,
+    /// Bytes restored.
+    pub bytes: u64,
+}
+
+/// Why a run failed: a sentence for the status and Events, and whether running it again
+/// may succeed (the store or a datanode failing for a while) or not (a time outside the
+/// window, a damaged backup, an unknown collection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreFailure {
+    pub message: String,
+    pub retryable: bool,
+}
+
+/// Runs one restore to its end. Called once per attempt; an attempt may be a retry of one
+/// that was cut off (an operator restart), so a run must start over safely.
+#[async_trait]
+pub trait RestoreRunner: Send + Sync {
+    async fn run(&self, job: RestoreJob) -> Result<RestoreReport, RestoreFailure>;
+}
+
+/// What the restore reconciler needs.
+pub struct RestoreContext {
+    pub client: kube::Client,
+    pub recorder: Recorder,
+    /// `None` while this operator cannot restore: restores wait in `Pending`, saying so.
+    pub runner: Option<Arc<dyn RestoreRunner>>,
+    pub jobs: Jobs,
+    pub poll: Duration,
+}
+
+type Outcome = Result<RestoreReport, RestoreFailure>;
+
+/// The runs of this operator, by `namespace/name` of their DatabaseRestore.
+#[derive(Clone, Default)]
+pub struct Jobs(Arc<Mutex<BTreeMap<String, Job>>>);
+
+struct Job {
+    uid: String,
+    /// `namespace/instance` of each instance the run reads or writes.
+    instances: BTreeSet<String>,
+    outcome: Arc<Mutex<Option<Outcome>>>,
+}
+
+impl Job {
+    fn finished(&self) -> bool {
+        lock(&self.outcome).is_some()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means a panic between two consistent states.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Jobs {
+    /// The run of `key` (of this uid): `None` when there is none, `Some(None)` while it
+    /// runs.
+    fn outcome(&self, key: &str, uid: &str) -> Option<Option<Outcome>> {
+        let jobs = lock(&self.0);
+        let job = jobs.get(key).filter(|j| j.uid == uid)?;
+        Some(lock(&job.outcome).clone())
+    }
+
+    fn forget(&self, key: &str) {
+        lock(&self.0).remove(key);
+    }
+
+    /// Claims `instances` for `key`'s run, or names the restore running on one of them.
+    fn claim(
+        &self,
+        key: &str,
+        uid: &str,
+        instances: BTreeSet<String>,
+    ) -> Result<Arc<Mutex<Option<Outcome>>>, (String, String)> {
+        let mut jobs = lock(&self.0);
+        for (other, job) in jobs.iter() {
+            if other == key || job.finished() {
+                continue;
+            }
+            if let Some(shared) = job.instances.intersection(&instances).next() {
+                return Err((other.clone(), shared.clone()));
+            }
+        }
+        let outcome = Arc::new(Mutex::new(None));
+        jobs.insert(key.to_owned(), Job { uid: uid.to_owned(), instances, outcome: outcome.clone() });
+        Ok(outcome)
+    }
+
+    /// Restores running now (for tests and metrics).
+    pub fn running(&self) -> usize {
+        lock(&self.0).values().filter(|j| !j.finished()).count()
+    }
+}
+
+/// A valid restore, ready to run.
+struct Plan {
+    job: RestoreJob,
+    instances: BTreeSet<String>,
+    /// Mode `NewInstance`: the instance to make, when it does not exist yet.
+    create: Option<DatabaseInstance>,
+}
+
+pub async fn reconcile(dbr: Arc<DatabaseRestore>, ctx: Arc<RestoreContext>) -> Result<Action, Error> {
+    let ns = dbr.namespace().ok_or(Error::MissingNamespace)?;
+    let key = format!("{ns}/{}", dbr.name_any());
+    let uid = dbr.uid().unwrap_or_default();
+    let status = dbr.status.clone().unwrap_or_default();
+    if matches!(status.phase, Some(RestorePhase::Succeeded | RestorePhase::Failed)) {
+        ctx.jobs.forget(&key);
+        return Ok(Action::await_change());
+    }
+    // A run of this operator: still going, or finished and to be recorded.
+    let mut retry_of = None;
+    match ctx.jobs.outcome(&key, &uid) {
+        Some(None) => return Ok(Action::requeue(ctx.poll)),
+        Some(Some(Ok(report))) => {
+            succeed(&ctx, &dbr, &report).await?;
+            ctx.jobs.forget(&key);
+            return Ok(Action::await_change());
+        }
+        Some(Some(Err(f))) if f.retryable && status.attempts < MAX_ATTEMPTS => {
+            ctx.jobs.forget(&key);
+            retry_of = Some(f.message);
+        }
+        Some(Some(Err(f))) => {
+            let message = format!("restore failed: {}", f.message);
+            fail(&ctx, &dbr, &message).await?;
+            ctx.jobs.forget(&key);
+            return Ok(Action::await_change());
+        }
+        None => {}
+    }
+
+    let plan = match validate(&ctx, &dbr, &ns).await? {
+        Ok(plan) => plan,
+        Err(message) => {
+            fail(&ctx, &dbr, &message).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let Some(runner) = ctx.runner.clone() else {
+        let message = "waiting: this operator cannot run restores yet (it has no restore runner; backups need \
+                       --backup-dir); the restore starts once it can";
+        pending(&ctx, &dbr, message).await?;
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    };
+    let outcome = match ctx.jobs.claim(&key, &uid, plan.instances.clone()) {
+        Ok(outcome) => outcome,
+        Err((other, instance)) => {
+            let other = other.rsplit('/').next().unwrap_or_default();
+            let instance = instance.rsplit('/').next().unwrap_or_default();
+            let message = format!(
+                "waiting for restore {other} of instance {instance} to finish: one restore of an instance at a time"
+            );
+            pending(&ctx, &dbr, &message).await?;
+            return Ok(Action::requeue(ctx.poll));
+        }
+    };
+    match start(&ctx, &dbr, &plan, &status, retry_of).await {
+        Ok(()) => {}
+        Err(e) => {
+            ctx.jobs.forget(&key);
+            return Err(e);
+        }
+    }
+    let job = RestoreJob { attempt: status.attempts + 1, ..plan.job };
+    info!(restore = %key, attempt = job.attempt, source = %job.source_instance, "restore started");
+    tokio::spawn(async move {
+        let result = runner.run(job).await;
+        *lock(&outcome) = Some(result);
+    });
+    Ok(Action::requeue(ctx.poll))
+}
+
+/// Requeue after a failed call: a conflict soon, others after 10 s.
+pub fn error_policy(dbr: Arc<DatabaseRestore>, err: &Error, _ctx: Arc<RestoreContext>) -> Action {
+    warn!(restore = %dbr.name_any(), error = %err, "restore reconcile failed; requeueing");
+    Action::requeue(if err.is_conflict() { Duration::from_millis(500) } else { Duration::from_secs(10) })
+}
+
+/// The checks a person can act on, each failing the restore with a sentence; `Err` only
+/// when the Kubernetes API could not be read.
+async fn validate(ctx: &RestoreContext, dbr: &DatabaseRestore, ns: &str) -> Result<Result<Plan, String>, Error> {
+    let spec = &dbr.spec;
+    let instances: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), ns);
+    let Some(source) = instances.get_opt(&spec.source).await? else {
+        return Ok(Err(format!("source instance {} does not exist in namespace {ns}", spec.source)));
+    };
+    if source.metadata.deletion_timestamp.is_some() {
+        return Ok(Err(format!("source instance {} is being deleted", spec.source)));
+    }
+    let to = match parse_time(&spec.to_time) {
+        Ok(t) => t,
+        Err(message) => return Ok(Err(message)),
+    };
+    let mut names = BTreeSet::new();
+    for c in spec.collections.iter().flatten() {
+        if let Err(e) = nimbus_api::limits::validate_name("collection", c) {
+            return Ok(Err(format!("spec.collections: {}", e.message)));
+        }
+        if !names.insert(c.clone()) {
+            return Ok(Err(format!("spec.collections names {c} twice")));
+        }
+    }
+    let qualified = |name: &str| format!("{ns}/{name}");
+    let mut touched = BTreeSet::from([qualified(&spec.source)]);
+    let mut create = None;
+    let target = &spec.target;
+    let destination = match target.mode {
+        RestoreMode::InPlace => RestoreDestination::InPlace,
+        RestoreMode::Beside => {
+            let mut renames = BTreeMap::new();
+            for r in target.renames.iter().flatten() {
+                if let Err(e) = nimbus_api::limits::validate_name("collection", &r.to) {
+                    return Ok(Err(format!("spec.target.renames: {}", e.message)));
+                }
+                if r.from == r.to {
+                    return Ok(Err(format!(
+                        "spec.target.renames renames {} to itself: mode Beside restores under new names (InPlace replaces)",
+                        r.from
+                    )));
+                }
+                if !names.is_empty() && !names.contains(&r.from) {
+                    return Ok(Err(format!(
+                        "spec.target.renames names {}, which spec.collections does not restore",
+                        r.from
+                    )));
+                }
+                renames.insert(r.from.clone(), r.to.clone());
+            }
+            if target.suffix.is_none() && renames.is_empty() {
+                return Ok(Err("mode Beside needs spec.target.suffix or spec.target.renames".into()));
+            }
+            // Names the suffix makes must be names too (a suffix makes them longer).
+            for c in &names {
+                if let Some(new) = spec.beside_name(c)
+                    && let Err(e) = nimbus_api::limits::validate_name("collection", &new)
+                {
+                    return Ok(Err(format!("collection {c} restored beside: {}", e.message)));
+                }
+            }
+            RestoreDestination::Beside { suffix: target.suffix.clone(), renames }
+        }
+        RestoreMode::NewInstance => {
+            let Some(name) = target.instance.clone() else {
+                return Ok(Err("mode NewInstance needs spec.target.instance".into()));
+            };
+            if name == spec.source {
+                return Ok(Err(format!(
+                    "spec.target.instance is the source {name}: name a new instance, or use mode InPlace"
+                )));
+            }
+            let mine = format!("{}/{}", dbr.name_any(), dbr.uid().unwrap_or_default());
+            match instances.get_opt(&name).await? {
+                Some(existing) if existing.annotations().get(ANNOTATION_RESTORED_BY) != Some(&mine) => {
+                    return Ok(Err(format!(
+                        "instance {name} already exists: a restore into a new instance needs a name no instance has"
+                    )));
+                }
+                // Made by this restore's earlier attempt.
+                Some(_) => {}
+                None => create = Some(new_instance(&source, &name, ns, &mine)),
+            }
+            touched.insert(qualified(&name));
+            RestoreDestination::NewInstance { database: name.clone(), instance: name }
+        }
+    };
+    let job = RestoreJob {
+        namespace: ns.to_owned(),
+        restore: dbr.name_any(),
+        restore_uid: dbr.uid().unwrap_or_default(),
+        attempt: 0,
+        source_instance: spec.source.clone(),
+        source_database: source.database(),
+        source_uid: source.uid().unwrap_or_default(),
+        to,
+        collections: spec.collections.clone(),
+        destination,
+    };
+    Ok(Ok(Plan { job, instances: touched, create }))
+}
+
+/// `latest`, or an RFC 3339 time not in the future.
+fn parse_time(text: &str) -> Result<RestoreTarget, String> {
+    if text == "latest" {
+        return Ok(RestoreTarget::Latest);
+    }
+    let t: jiff::Timestamp = text.parse().map_err(|e| {
+        format!("spec.toTime {text:?} is neither an RFC 3339 time (2026-03-01T12:30:00Z) nor \"latest\": {e}")
+    })?;
+    if t > jiff::Timestamp::now() {
+        return Err(format!("spec.toTime {text} is in the future: a restore returns to a moment that has passed"));
+    }
+    let ms = u64::try_from(t.as_millisecond())
+        .map_err(|_| format!("spec.toTime {text} is before 1970: no backup reaches it"))?;
+    Ok(RestoreTarget::Time(ms))
+}
+
+/// The instance a `NewInstance` restore makes: the source's spec under its own name and
+/// database (the instance's name), marked as this restore's.
+fn new_instance(source: &DatabaseInstance, name: &str, ns: &str, restored_by: &str) -> DatabaseInstance {
+    let mut spec = source.spec.clone();
+    // The database is the tenant's identity: the new instance's is its own name.
+    spec.database = None;
+    // Zones are the source's replica set's; the new one may be placed elsewhere.
+    spec.zones = None;
+    DatabaseInstance {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(ns.to_owned()),
+            annotations: Some(BTreeMap::from([(ANNOTATION_RESTORED_BY.to_owned(), restored_by.to_owned())])),
+            ..ObjectMeta::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// Makes the new instance (mode `NewInstance`), then records the start.
+async fn start(
+    ctx: &RestoreContext,
+    dbr: &DatabaseRestore,
+    plan: &Plan,
+    old: &DatabaseRestoreStatus,
+    retry_of: Option<String>,
+) -> Result<(), Error> {
+    if let Some(instance) = &plan.create {
+        let ns = instance.namespace().unwrap_or_default();
+        let instances: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), &ns);
+        instances.create(instance).await?;
+        let note = format!("created instance {} for the restore", instance.name_any());
+        event(ctx, dbr, EventType::Normal, "InstanceCreated", "Restore", &note).await;
+    }
+    let job = &plan.job;
+    let what = match &job.collections {
+        Some(c) => format!("collections {} of instance {}", c.join(", "), job.source_instance),
+        None => format!("instance {}", job.source_instance),
+    };
+    let to = match job.to {
+        RestoreTarget::Latest => "the latest restorable moment".to_owned(),
+        RestoreTarget::Time(ms) => rfc3339(ms),
+    };
+    let into = match &job.destination {
+        RestoreDestination::InPlace => "in place".to_owned(),
+        RestoreDestination::Beside { .. } => "beside the originals under new names".to_owned(),
+        RestoreDestination::NewInstance { instance, .. } => format!("into new instance {instance}"),
+    };
+    let mut message = format!("restoring {what} to {to}, {into}");
+    match (&retry_of, old.phase) {
+        (Some(why), _) => message.push_str(&format!(" (again, after: {why})")),
+        (None, Some(RestorePhase::Restoring)) => message.push_str(" (again: the operator restarted while it ran)"),
+        _ => {}
+    }
+    let mut status = old.clone();
+    status.phase = Some(RestorePhase::Restoring);
+    status.attempts = old.attempts + 1;
+    status.started_at = Some(old.started_at.clone().unwrap_or_else(now));
+    status.message = Some(message.clone());
+    let generation = dbr.metadata.generation;
+    set_condition(&mut status.conditions, "Progressing", "True", "Restoring", &message, generation);
+    set_condition(&mut status.conditions, "Succeeded", "Unknown", "Restoring", &message, generation);
+    patch_status(ctx, dbr, &status).await?;
+    event(ctx, dbr, EventType::Normal, "RestoreStarted", "Restore", &message).await;
+    Ok(())
+}
+
+async fn succeed(ctx: &RestoreContext, dbr: &DatabaseRestore, report: &RestoreReport) -> Result<(), Error> {
+    let mut status = dbr.status.clone().unwrap_or_default();
+    let to = rfc3339(report.restored_to_ms);
+    let message = format!("restored {} documents ({} bytes) to {to}", report.documents, report.bytes);
+    status.phase = Some(RestorePhase::Succeeded);
+    status.restored_to = Some(to);
+    status.documents = Some(report.documents);
+    status.bytes = Some(report.bytes);
+    status.finished_at = Some(now());
+    status.message = Some(message.clone());
+    let generation = dbr.metadata.generation;
+    set_condition(&mut status.conditions, "Progressing", "False", "Done", &message, generation);
+    set_condition(&mut status.conditions, "Succeeded", "True", "Restored", &message, generation);
+    patch_status(ctx, dbr, &status).await?;
+    info!(restore = %dbr.name_any(), %message, "restore succeeded");
+    event(ctx, dbr, EventType::Normal, "RestoreSucceeded", "Restore", &message).await;
+    Ok(())
+}
+
+async fn fail(ctx: &RestoreContext, dbr: &DatabaseRestore, message: &str) -> Result<(), Error> {
+    let mut status = dbr.status.clone().unwrap_or_default();
+    status.phase = Some(RestorePhase::Failed);
+    status.finished_at = Some(now());
+    status.message = Some(message.to_owned());
+    let generation = dbr.metadata.generation;
+    set_condition(&mut status.conditions, "Progressing", "False", "Done", message, generation);
+    set_condition(&mut status.conditions, "Succeeded", "False", "Failed", message, generation);
+    patch_status(ctx, dbr, &status).await?;
+    warn!(restore = %dbr.name_any(), %message, "restore failed");
+    event(ctx, dbr, EventType::Warning, "RestoreFailed", "Restore", message).await;
+    Ok(())
+}
+
+async fn pending(ctx: &RestoreContext, dbr: &DatabaseRestore, message: &str) -> Result<(), Error> {
+    let old = dbr.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    status.phase = Some(RestorePhase::Pending);
+    status.message = Some(message.to_owned());
+    let generation = dbr.metadata.generation;
+    set_condition(&mut status.conditions, "Progressing", "True", "Waiting", message, generation);
+    set_condition(&mut status.conditions, "Succeeded", "Unknown", "Waiting", message, generation);
+    if status.phase == old.phase && status.message == old.message {
+        return Ok(());
+    }
+    patch_status(ctx, dbr, &status).await
+}
+
+fn now() -> String {
+    format!("{:.0}", jiff::Timestamp::now())
+}
+
+async fn patch_status(
+    ctx: &RestoreContext,
+    dbr: &DatabaseRestore,
+    status: &DatabaseRestoreStatus,
+) -> Result<(), Error> {
+    let ns = dbr.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Objects<DatabaseRestore> = Objects::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(&dbr.name_any(), &json!({"status": status})).await
+}
+
+async fn event(ctx: &RestoreContext, dbr: &DatabaseRestore, type_: EventType, reason: &str, action: &str, note: &str) {
+    // An Event's note is at most 1 kB.
+    let note = if note.len() > 1000 {
+        let mut end = 997;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &note[..end])
+    } else {
+        note.to_owned()
+    };
+    let ev = KubeEvent { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&ev, &dbr.object_ref(&())).await {
+        warn!(error = %e, reason, "failed to publish an event");
+    }
+}
