@@ -202,6 +202,11 @@ pub enum ImportStep {
         collections: Vec<PublishedCollection>,
         #[serde(default)]
         replace: bool,
+        /// The route epoch of `into` the restore saw: refused (`StaleRoute`) when the
+        /// replica set's is newer (a migration fenced the database here: what is published
+        /// would be left behind by the move). `None`: not checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        route_epoch: Option<u64>,
     },
 }
 

@@ -60,7 +60,11 @@ impl Node {
     fn publish(&mut self, migration: &str, whole: bool, colls: &[(&str, &str)], replace: bool) -> WriteResult {
         let collections =
             colls.iter().map(|(f, t)| PublishedCollection { from: (*f).into(), to: (*t).into() }).collect();
-        self.import(STAGING, migration, ImportStep::Publish { into: INTO.into(), whole, collections, replace })
+        self.import(
+            STAGING,
+            migration,
+            ImportStep::Publish { into: INTO.into(), whole, collections, replace, route_epoch: None },
+        )
     }
 
     /// The database's checksum marker: sum, count and catalog digest (without the index).
@@ -338,8 +342,13 @@ fn a_publish_without_its_import_or_to_the_wrong_database_is_refused_and_changes_
         assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
         e.message
     };
-    let whole =
-        |into: &str| ImportStep::Publish { into: into.into(), whole: true, collections: vec![], replace: false };
+    let whole = |into: &str| ImportStep::Publish {
+        into: into.into(),
+        whole: true,
+        collections: vec![],
+        replace: false,
+        route_epoch: None,
+    };
     // Another import's id.
     assert!(refused(&mut n, STAGING, "r2", whole(INTO)).contains("incoming for migration r1"));
     // Sent to the database itself, or to another database's staging.
@@ -352,6 +361,7 @@ fn a_publish_without_its_import_or_to_the_wrong_database_is_refused_and_changes_
         whole: false,
         collections: vec![PublishedCollection { from: "nope".into(), to: "x".into() }],
         replace: true,
+        route_epoch: None,
     };
     assert!(refused(&mut n, STAGING, "r1", missing).contains("collection nope is not in the import"));
     let both = ImportStep::Publish {
@@ -359,6 +369,7 @@ fn a_publish_without_its_import_or_to_the_wrong_database_is_refused_and_changes_
         whole: true,
         collections: vec![PublishedCollection { from: "users".into(), to: "x".into() }],
         replace: true,
+        route_epoch: None,
     };
     assert!(refused(&mut n, STAGING, "r1", both).contains("names no collections"));
     assert_eq!((n.dump(INTO), n.dump(STAGING)), (shop, staging));
@@ -479,4 +490,26 @@ fn the_oplog_of_the_database_replays_to_what_was_published() {
     };
     assert_eq!(strip(replica.dump(INTO)), strip(n.dump(INTO)));
     assert_eq!(replica.checksum(INTO), n.checksum(INTO));
+}
+
+/// A migration fenced the database here (its route epoch raised past the one the restore
+/// saw): the publish is refused as a stale route and changes nothing; at the epoch in
+/// force it goes through.
+#[test]
+fn a_publish_with_an_older_route_epoch_than_the_replica_sets_is_refused() {
+    let mut n = served();
+    stage(&mut n, "r1");
+    let (shop, staging) = (n.dump(INTO), n.dump(STAGING));
+    let publish = |epoch: u64| ImportStep::Publish {
+        into: INTO.into(),
+        whole: true,
+        collections: vec![],
+        replace: true,
+        route_epoch: Some(epoch),
+    };
+    let e = n.import(STAGING, "r1", publish(4)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::StaleRoute, "{e:?}");
+    assert_eq!((n.dump(INTO), n.dump(STAGING)), (shop.clone(), staging));
+    n.import(STAGING, "r1", publish(5)).unwrap();
+    assert_ne!(n.dump(INTO), shop, "published at the epoch in force");
 }

@@ -82,7 +82,13 @@ fn a_backup_on_request_then_the_archive_keeps_the_window_within_seconds_of_the_l
     let out = pg.try_nimbus(&["backup", "nope"]).unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no instance \"nope\""), "{out:?}");
-    let fulls = std::fs::read_dir(pg.dir.path().join("backups/playground").join(&db).join("full")).unwrap().count();
+    // The instance's backups are under its incarnation: one, its own.
+    let incarnations: Vec<_> = std::fs::read_dir(pg.dir.path().join("backups/playground").join(&db))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(incarnations.len(), 1, "{incarnations:?}");
+    let fulls = std::fs::read_dir(incarnations[0].join("full")).unwrap().count();
     assert!(fulls >= 1);
 }
 

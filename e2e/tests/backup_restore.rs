@@ -20,7 +20,7 @@ use nimbus_e2e::{Cluster, poll};
 use nimbus_operator::controlplane::admin::AdminClient;
 use nimbus_operator::controlplane::backup::restore::{RestoreCause, RestoreInto, RestoreWorld, restore};
 use nimbus_operator::controlplane::backup::{
-    BackupLocation, BackupStore, FORMAT_VERSION, FullId, FullManifest, Lineage, NewSegment, RestoreError,
+    BackupLocation, BackupStore, FORMAT_VERSION, FullId, FullManifest, Incarnation, Lineage, NewSegment, RestoreError,
     RestoreTarget, plan_restore,
 };
 use nimbus_operator::controlplane::migration::{ChecksumMarker, Failure, ReplicaSetAccess};
@@ -73,7 +73,10 @@ fn access() -> ReplicaSetAccess {
 
 fn store_in(dir: &std::path::Path, db: &str) -> BackupStore {
     let fs = LocalFileSystem::new_with_prefix(dir).unwrap();
-    BackupStore::new(Arc::new(fs), BackupLocation::new("backups", "e2e", db).unwrap())
+    BackupStore::new(
+        Arc::new(fs),
+        BackupLocation::new("backups", "e2e", db, &Incarnation::new("e2e").unwrap()).unwrap(),
+    )
 }
 
 /// One client write of a history.

@@ -193,7 +193,7 @@ fn segment(after: u64, through: u64, entries: Vec<OplogEntry>) -> NewSegment {
 async fn backups_round_trip_through_s3_verified_and_damage_is_refused_naming_the_object() {
     let moto = start_moto();
     let opened = open(&moto, BUCKET);
-    let store = opened.backup_store("ns", "shop").unwrap();
+    let store = opened.backup_store("ns", "shop", &incarnation()).unwrap();
     let id = FullId::new(1_000, 7);
     let manifest = write_full(&store, &id, true).await;
     let s1 = store.put_segment(&segment(10, 14, vec![change(11, 1, None), change(13, 2, Some(7))])).await.unwrap();
@@ -238,7 +238,7 @@ async fn backups_round_trip_through_s3_verified_and_damage_is_refused_naming_the
 #[tokio::test]
 async fn retention_deletes_backups_from_s3_and_a_missing_bucket_is_an_error() {
     let moto = start_moto();
-    let store = open(&moto, BUCKET).backup_store("ns", "shop").unwrap();
+    let store = open(&moto, BUCKET).backup_store("ns", "shop", &incarnation()).unwrap();
     let old = FullId::new(1_000, 1);
     let newer = FullId::new(5_000, 2);
     let unfinished = FullId::new(9_000, 3);
@@ -263,7 +263,7 @@ async fn retention_deletes_backups_from_s3_and_a_missing_bucket_is_an_error() {
     store.apply(&deletions).await.unwrap();
 
     // A bucket that does not exist: an error naming what failed, not an empty listing.
-    let missing = open(&moto, "no-such-bucket").backup_store("ns", "shop").unwrap();
+    let missing = open(&moto, "no-such-bucket").backup_store("ns", "shop", &incarnation()).unwrap();
     let err = missing.list_fulls().await.unwrap_err();
     assert!(err.to_string().starts_with("failed to list backup object nimbus/prod/ns/shop/full"), "{err}");
 }
@@ -316,7 +316,7 @@ impl RestoreWorld for Target {
 #[tokio::test]
 async fn a_restore_reads_its_full_and_segments_from_s3() {
     let moto = start_moto();
-    let store = open(&moto, BUCKET).backup_store("ns", "shop").unwrap();
+    let store = open(&moto, BUCKET).backup_store("ns", "shop", &incarnation()).unwrap();
     let id = FullId::new(1_000, 7);
     write_full(&store, &id, true).await;
     store.put_segment(&segment(10, 14, vec![change(11, 1, None), change(13, 2, Some(7))])).await.unwrap();
@@ -337,4 +337,9 @@ async fn a_restore_reads_its_full_and_segments_from_s3() {
     assert_eq!(docs["2"], r#"{"_id":2,"total":7}"#);
     assert_eq!(docs["90"], r#"{"_id":90,"total":9}"#);
     assert_eq!((outcome.full, outcome.documents_loaded, outcome.changes_applied), (id, 80, 3));
+}
+
+/// The instance incarnation every test here writes under.
+fn incarnation() -> nimbus_operator::controlplane::backup::Incarnation {
+    nimbus_operator::controlplane::backup::Incarnation::new("uid-1").unwrap()
 }

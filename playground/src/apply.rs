@@ -163,6 +163,7 @@ fn admit(st: &mut State, dbi: &DatabaseInstance) -> Result<InstanceState, String
     let replica_set = place(st, &dbi.spec.pool, dbi, &name)?;
     let empty = InstanceState {
         database: dbi.database(),
+        incarnation: crate::state::new_incarnation(),
         pool: dbi.spec.pool.clone(),
         wanted_pool: None,
         wanted_replica_set: None,

@@ -1,6 +1,7 @@
 //! Backups in the playground (`API.md` section 3): the operator's backup agent
 //! (`controlplane::backup::agent`) runs in the control plane, its object store the local
-//! filesystem under `{dir}/backups`. Every instance whose spec has `backup.enabled` (the
+//! filesystem under `{dir}/backups` (`playground/{db}/{incarnation}/...`, the incarnation a
+//! random id the instance got at its first apply). Every instance whose spec has `backup.enabled` (the
 //! default) is backed up; `nimbus playground backup NAME` takes a full now, and each
 //! instance in `playground.json` shows its `backup` (last full, recoverable window).
 
@@ -9,8 +10,8 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use axum::http::StatusCode;
-use nimbus_operator::controlplane::backup::RetentionPolicy;
 use nimbus_operator::controlplane::backup::agent::{BackupAgent, BackupStatus, BackupTarget};
+use nimbus_operator::controlplane::backup::{Incarnation, RetentionPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::requests::{Changes, Refusal};
@@ -76,9 +77,18 @@ pub fn refresh(agent: &BackupAgent, names: &Names, st: &State) {
     for (name, inst) in &st.instances {
         let spec = inst.spec.as_ref().map(|s| s.backup.clone()).unwrap_or_default();
         let db = spec.enabled.then(|| inst.database.clone());
+        let incarnation = match Incarnation::new(&inst.incarnation) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(instance = %name, error = %e, "instance not backed up");
+                known.insert(name.clone(), None);
+                continue;
+            }
+        };
         if spec.enabled {
             targets.push(BackupTarget {
                 db: inst.database.clone(),
+                incarnation,
                 namespace: crate::migrate::NAMESPACE.into(),
                 retention: RetentionPolicy {
                     window_ms: u64::from(spec.retention_days) * 24 * 3_600_000,

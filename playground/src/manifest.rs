@@ -423,6 +423,7 @@ mod tests {
             "shop".into(),
             crate::state::InstanceState {
                 database: "shop".into(),
+                incarnation: "test".into(),
                 pool: "default".into(),
                 wanted_pool: None,
                 wanted_replica_set: None,

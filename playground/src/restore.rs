@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use nimbus_operator::controlplane::backup::restore::RestoreCause;
 use nimbus_operator::controlplane::backup::restore_job::{self, JobError, RestoreJob, RestoreMode};
-use nimbus_operator::controlplane::backup::{BackupLocation, BackupStore, RestoreTarget};
+use nimbus_operator::controlplane::backup::{BackupLocation, BackupStore, Incarnation, RestoreTarget};
 use nimbus_operator::controlplane::migration::LiveWorld;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -139,10 +139,12 @@ impl Restorer {
         };
         let store = BackupStore::new(
             self.store.clone(),
-            BackupLocation::new("", crate::backup::SCOPE, &source.database).map_err(|e| bad(e.to_string()))?,
+            Incarnation::new(&source.incarnation)
+                .and_then(|inc| BackupLocation::new("", crate::backup::SCOPE, &source.database, &inc))
+                .map_err(|e| bad(e.to_string()))?,
         );
         // Refused before anything is created or changed.
-        restore_job::plan(&store, to).await.map_err(|e| refusal(&req.instance, e))?;
+        restore_job::plan(self.world.as_ref(), &store, to).await.map_err(|e| refusal(&req.instance, e))?;
         let (into_db, created) = match &req.into {
             None => (source.database.clone(), None),
             Some(new) => {

@@ -69,6 +69,12 @@ pub struct MemberState {
 #[serde(rename_all = "camelCase")]
 pub struct InstanceState {
     pub database: String,
+    /// This instance's life under its database name, given at its first apply: a new
+    /// instance with a deleted one's name gets a new one, so it never finds the deleted
+    /// one's backups (`docs/design/0004-backup.md`). Empty in a state written before it
+    /// was kept: [`State::load`] gives each such instance one and saves it.
+    #[serde(default)]
+    pub incarnation: String,
     /// The pool of the replica set the database is on now (`default` in a state written
     /// before pools).
     #[serde(default = "default_pool")]
@@ -171,11 +177,21 @@ impl State {
     }
 
     pub fn load(dir: &Path) -> std::io::Result<Option<State>> {
-        match std::fs::read(dir.join(STATE_FILE)) {
-            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(std::io::Error::other)?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+        let mut st: State = match std::fs::read(dir.join(STATE_FILE)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // Saved at once: an incarnation must stay the same from one load to the next.
+        let mut given = false;
+        for inst in st.instances.values_mut().filter(|i| i.incarnation.is_empty()) {
+            inst.incarnation = new_incarnation();
+            given = true;
         }
+        if given {
+            st.save(dir)?;
+        }
+        Ok(Some(st))
     }
 
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
@@ -236,6 +252,12 @@ pub struct PlaygroundDatanode {
     #[serde(default)]
     pub raft: String,
     pub data_dir: PathBuf,
+}
+
+/// A new instance's incarnation: 16 random hex digits (64 bits: two instances of one name
+/// never share one).
+pub fn new_incarnation() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Write to a temporary file and rename over: readers never see half a file.

@@ -108,8 +108,14 @@ impl Engine {
                 self.end_import(ctx, migration, false, None);
                 Ok(WriteAnswer::Done)
             }
-            ImportStep::Publish { into, whole, collections, replace } => {
+            ImportStep::Publish { into, whole, collections, replace, route_epoch } => {
                 check_staging(ctx.db, into)?;
+                let known = self.catalog_read().route_epoch(into);
+                if let Some(seen) = route_epoch
+                    && known > *seen
+                {
+                    return Err(super::engine::stale_route(into, *seen, known).into());
+                }
                 if !ours {
                     // Published already (a retry of the same step): answered as the first.
                     return match self.outcome(ctx.db)? {

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::api::Objects;
 use crate::controlplane::backup::agent::{self, AgentTuning, BackupAgent, BackupTarget, BackupWorld};
-use crate::controlplane::backup::{BackupLocation, RetentionPolicy};
+use crate::controlplane::backup::{BackupLocation, Incarnation, RetentionPolicy};
 use crate::crd::v1alpha1::{BackupStatus, DatabaseInstance};
 
 /// `{prefix}` of every backup path: the store given holds Nimbus's backups only.
@@ -100,15 +100,24 @@ pub fn targets_by_namespace<'a>(
             continue;
         }
         let db = dbi.database();
-        if let Err(e) = BackupLocation::new(BACKUP_PREFIX, &ns, &db) {
-            warn!(instance = %dbi.name_any(), namespace = %ns, error = %e, "not backed up");
-            continue;
-        }
+        // The instance's UID: a new instance that takes a deleted one's name (or database
+        // name) never finds the deleted one's backups.
+        let incarnation = match dbi.uid().ok_or_else(|| "no uid yet".to_owned()).and_then(|u| {
+            let inc = Incarnation::new(&u).map_err(|e| e.to_string())?;
+            BackupLocation::new(BACKUP_PREFIX, &ns, &db, &inc).map_err(|e| e.to_string())?;
+            Ok(inc)
+        }) {
+            Ok(inc) => inc,
+            Err(e) => {
+                warn!(instance = %dbi.name_any(), namespace = %ns, error = %e, "not backed up");
+                continue;
+            }
+        };
         let retention = RetentionPolicy {
             window_ms: u64::from(dbi.spec.backup.retention_days) * 24 * 3_600_000,
             ..RetentionPolicy::default()
         };
-        out.entry(ns.clone()).or_default().push(BackupTarget { db, namespace: ns, retention });
+        out.entry(ns.clone()).or_default().push(BackupTarget { db, namespace: ns, retention, incarnation });
     }
     out
 }

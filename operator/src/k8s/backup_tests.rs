@@ -16,7 +16,7 @@ use super::backup::{self, Backups};
 use super::fixtures::{FakeApi, INSTANCES, NS};
 use crate::controlplane::backup::agent::{AgentTuning, ArchiveRecord, BackupWorld};
 use crate::controlplane::backup::{
-    BackupLocation, BackupStore, FORMAT_VERSION, FullId, FullManifest, Lineage, PageEntry,
+    BackupLocation, BackupStore, FORMAT_VERSION, FullId, FullManifest, Incarnation, Lineage, PageEntry,
 };
 use crate::controlplane::migration::{ChecksumMarker, Failure, ReplicaSetAccess};
 use crate::crd::v1alpha1::DatabaseInstance;
@@ -44,7 +44,11 @@ impl BackupWorld for Unrouted {
     async fn checksum(&self, _rs: &ReplicaSetAccess, _db: &str) -> Result<ChecksumMarker, Failure> {
         Err(Failure::Gone("no replica set".into()))
     }
-    async fn archive_record(&self, _db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
+    async fn archive_record(
+        &self,
+        _db: &str,
+        _incarnation: &Incarnation,
+    ) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
         Ok(None)
     }
     async fn save_archive_record(&self, _: &ArchiveRecord, _: Option<u64>) -> Result<Option<u64>, Failure> {
@@ -64,7 +68,9 @@ fn parsed(v: serde_json::Value) -> DatabaseInstance {
 
 /// A complete full of `db` ending at `end_ms`, in namespace `NS`'s scope.
 async fn store_full(objects: Arc<dyn object_store::ObjectStore>, db: &str, end_ms: u64) {
-    let store = BackupStore::new(objects, BackupLocation::new(backup::BACKUP_PREFIX, NS, db).unwrap());
+    // The instance's UID is its backups' incarnation (`instance` sets `uid-{name}`).
+    let inc = Incarnation::new(&format!("uid-{db}")).unwrap();
+    let store = BackupStore::new(objects, BackupLocation::new(backup::BACKUP_PREFIX, NS, db, &inc).unwrap());
     let manifest = FullManifest {
         format: FORMAT_VERSION,
         id: FullId::new(end_ms - 1_000, 7),

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::restore::{RestoreDestination, RestoreFailure, RestoreJob, RestoreReport, RestoreRunner};
 use crate::controlplane::backup::restore_job::{self, RestoreMode};
-use crate::controlplane::backup::{BackupLocation, BackupStore};
+use crate::controlplane::backup::{BackupLocation, BackupStore, Incarnation};
 use crate::controlplane::migration::LiveWorld;
 
 /// How long one attempt retries passing failures (a leader change, a new instance not yet
@@ -25,7 +25,9 @@ pub struct LiveRestoreRunner {
 #[async_trait]
 impl RestoreRunner for LiveRestoreRunner {
     async fn run(&self, job: RestoreJob) -> Result<RestoreReport, RestoreFailure> {
-        let location = BackupLocation::new("", &job.namespace, &job.source_database)
+        // The source's backups: its incarnation is its UID, as the agent writes them.
+        let location = Incarnation::new(&job.source_uid)
+            .and_then(|inc| BackupLocation::new("", &job.namespace, &job.source_database, &inc))
             .map_err(|e| RestoreFailure { message: e.to_string(), retryable: false })?;
         let store = BackupStore::new(self.store.clone(), location);
         let run = restore_job::RestoreJob {

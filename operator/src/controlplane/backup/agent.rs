@@ -16,7 +16,7 @@ pub mod world;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,13 +25,13 @@ use nimbus_api::migration::OplogPosition;
 use object_store::ObjectStore;
 use tokio::task::JoinHandle;
 
-pub use archiver::{ArchiveState, Archived, archive_pin_name, archive_segment};
+pub use archiver::{ArchiveState, Archived, IdleTicks, archive_pin_name, archive_segment};
 pub use full::{TakenFull, full_pin_name, take_full};
 pub use world::{ArchiveRecord, BACKUPS, BackupWorld, backup_key};
 
 use super::{
-    BackupError, BackupLocation, BackupStore, FullManifest, FullPolicy, Lineage, RetentionPolicy, SegmentName,
-    full_due, recoverable_window, retention,
+    BackupError, BackupLocation, BackupStore, FullId, FullManifest, FullPolicy, Incarnation, Lineage, RetentionPolicy,
+    SegmentName, full_due, recoverable_window, retention,
 };
 use crate::controlplane::migration::{Failure, ReplicaSetAccess};
 
@@ -48,6 +48,10 @@ pub struct AgentTuning {
     pub read_min_bytes_per_sec: u64,
     /// A segment is closed this long after it started...
     pub segment_time: Duration,
+    /// ...but one without a change is stored only this often: in between, an idle
+    /// database's covered time is kept in its archive record (one etcd write per
+    /// `segment_time`), not in an object (about 2,000 per 7-day window instead of 300,000).
+    pub idle_segment_every: Duration,
     /// ...or once it holds this many bytes of changes, whichever comes first.
     pub segment_bytes: u64,
     /// Oplog changes per read.
@@ -55,7 +59,8 @@ pub struct AgentTuning {
     /// A caught-up archiver whose replica set's clock is this far behind the control
     /// plane's renews its oplog pin at once: a Raft entry, applied at the leader's time,
     /// which moves the replica set's clock, and so the covered time (see
-    /// [`archive_segment`]), on while nobody writes.
+    /// [`archive_segment`]), on while nobody writes. One archiver per replica set per
+    /// `idle_tick` does ([`IdleTicks`]).
     pub idle_tick: Duration,
     /// Pins on the source's oplog lapse this long after their last renewal.
     pub pin_ttl: Duration,
@@ -68,6 +73,11 @@ pub struct AgentTuning {
     /// Fulls taken at once over all databases.
     pub max_concurrent_fulls: usize,
     pub full_policy: FullPolicy,
+    /// How long the backups of an incarnation that is no longer a target (a deleted
+    /// instance, or one whose backups were turned off) are kept after the newest time they
+    /// hold; then [`BackupAgent::sweep`] deletes them whole. The instance's own window is
+    /// gone with its spec, so this is the agent's (7 days, the default window).
+    pub orphan_retention: Duration,
 }
 
 impl Default for AgentTuning {
@@ -77,6 +87,7 @@ impl Default for AgentTuning {
             read_bytes_per_sec: 32 << 20,
             read_min_bytes_per_sec: 1 << 20,
             segment_time: Duration::from_secs(2),
+            idle_segment_every: Duration::from_secs(300),
             segment_bytes: 4 << 20,
             oplog_page: 1_000,
             idle_tick: Duration::from_millis(500),
@@ -86,6 +97,7 @@ impl Default for AgentTuning {
             retention_every: Duration::from_secs(300),
             max_concurrent_fulls: 2,
             full_policy: FullPolicy::default(),
+            orphan_retention: Duration::from_millis(RetentionPolicy::default().window_ms),
         }
     }
 }
@@ -152,6 +164,9 @@ pub async fn source(world: &dyn BackupWorld, namespace: &str, db: &str) -> Resul
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupTarget {
     pub db: String,
+    /// The instance's incarnation (its Kubernetes UID; the playground's id): its backups
+    /// and archive record are its own, never those of a deleted instance of the same name.
+    pub incarnation: Incarnation,
     /// Its replica sets' namespace (the secret the admin calls carry); empty in the
     /// playground.
     pub namespace: String,
@@ -176,6 +191,9 @@ struct Cache {
     loaded: bool,
     fulls: Vec<FullManifest>,
     segments: Vec<SegmentName>,
+    /// The archive record's idle progress past the stored segments
+    /// ([`ArchiveRecord::idle_tip`]): the window's end for an idle database.
+    tip: Option<SegmentName>,
     /// From the archiver's record: for `full_due`.
     oplog_bytes_since_full: u64,
     db_bytes: u64,
@@ -189,7 +207,14 @@ struct Cache {
 
 impl Cache {
     fn status(&self) -> BackupStatus {
-        let window = recoverable_window(&self.fulls, &self.segments);
+        let window = match &self.tip {
+            Some(tip) => {
+                let mut segments = self.segments.clone();
+                segments.push(tip.clone());
+                recoverable_window(&self.fulls, &segments)
+            }
+            None => recoverable_window(&self.fulls, &self.segments),
+        };
         BackupStatus {
             last_full_ms: self.fulls.iter().map(|f| f.end_ms).max(),
             earliest_restorable_ms: window.earliest_ms(),
@@ -256,10 +281,14 @@ pub struct BackupAgent {
     scope: String,
     tuning: AgentTuning,
     fulls: Arc<tokio::sync::Semaphore>,
+    /// The archivers' early pin renewals, per replica set.
+    ticks: Arc<IdleTicks>,
     dbs: Mutex<BTreeMap<String, Arc<DbBackups>>>,
     /// Each database's tasks, with the entry they run on: a changed target (its retention,
     /// say) is a new entry, and its tasks are started anew on it.
     tasks: Mutex<BTreeMap<String, (Arc<DbBackups>, Tasks)>>,
+    /// `set_targets` was called: before, every incarnation would look like a former one.
+    targets_known: std::sync::atomic::AtomicBool,
 }
 
 impl BackupAgent {
@@ -271,16 +300,18 @@ impl BackupAgent {
         tuning: AgentTuning,
     ) -> Result<BackupAgent, BackupError> {
         // Checked once here: every database's location is built from them.
-        BackupLocation::new(prefix, scope, "check")?;
+        super::scope_root(prefix, scope)?;
         Ok(BackupAgent {
             world,
             objects,
             prefix: prefix.to_owned(),
             scope: scope.to_owned(),
             fulls: Arc::new(tokio::sync::Semaphore::new(tuning.max_concurrent_fulls.max(1))),
+            ticks: Arc::new(IdleTicks::default()),
             tuning,
             dbs: Mutex::new(BTreeMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
+            targets_known: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -300,7 +331,7 @@ impl BackupAgent {
                 _ => Arc::new(DbBackups {
                     store: BackupStore::new(
                         self.objects.clone(),
-                        BackupLocation::new(&self.prefix, &self.scope, &target.db)?,
+                        BackupLocation::new(&self.prefix, &self.scope, &target.db, &target.incarnation)?,
                     ),
                     target,
                     cache: Mutex::new(Cache::default()),
@@ -310,6 +341,7 @@ impl BackupAgent {
             next.insert(entry.target.db.clone(), entry);
         }
         *dbs = next;
+        self.targets_known.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -324,12 +356,52 @@ impl BackupAgent {
         full_now(&*self.world, &entry, &self.fulls, &self.tuning).await
     }
 
+    /// Deletes whole the backups of every incarnation in the agent's scope that is not a
+    /// target (a deleted instance, an older instance of a reused name, backups turned off)
+    /// once the newest time they hold is more than `orphan_retention` old: they stay
+    /// restorable by their own incarnation for that long, and are never found by another.
+    /// Returns the locations deleted.
+    pub async fn sweep(&self) -> Result<Vec<BackupLocation>, BackupError> {
+        if !self.targets_known.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(Vec::new());
+        }
+        let live: BTreeSet<(String, Incarnation)> =
+            self.dbs().values().map(|b| (b.target.db.clone(), b.target.incarnation.clone())).collect();
+        let expired_before = now_ms().saturating_sub(self.tuning.orphan_retention.as_millis() as u64);
+        let mut deleted = Vec::new();
+        for location in super::store::list_incarnations(&*self.objects, &self.prefix, &self.scope).await? {
+            if live.contains(&(location.db().to_owned(), location.incarnation().clone())) {
+                continue;
+            }
+            let store = BackupStore::new(self.objects.clone(), location.clone());
+            if store.newest_ms().await?.is_some_and(|newest| newest >= expired_before) {
+                continue;
+            }
+            tracing::info!(
+                db = %location.db(), incarnation = %location.incarnation(),
+                "deleting the backups of an instance no longer backed up, past its retention"
+            );
+            store.delete_all().await?;
+            deleted.push(location);
+        }
+        Ok(deleted)
+    }
+
     /// Runs until `shutdown` completes: keeps one archiver and one scheduler of fulls and
-    /// retention going for every target, and stops those of databases no longer targets.
+    /// retention going for every target, stops those of databases no longer targets, and
+    /// sweeps the backups of former incarnations every `retention_every`.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut last_sweep: Option<Instant> = None;
         loop {
             self.reconcile();
+            let sweep_due = last_sweep.is_none_or(|t| t.elapsed() >= self.tuning.retention_every);
+            if sweep_due && self.targets_known.load(std::sync::atomic::Ordering::Acquire) {
+                last_sweep = Some(Instant::now());
+                if let Err(e) = self.sweep().await {
+                    tracing::warn!(error = %e, "failed to sweep the backups of former instances");
+                }
+            }
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(self.tuning.poll) => {}
@@ -348,7 +420,8 @@ impl BackupAgent {
             if tasks.contains_key(&db) {
                 continue;
             }
-            let archive = tokio::spawn(archive_loop(self.world.clone(), entry.clone(), self.tuning.clone()));
+            let archive =
+                tokio::spawn(archive_loop(self.world.clone(), entry.clone(), self.tuning.clone(), self.ticks.clone()));
             let entry_for_tasks = entry.clone();
             let schedule =
                 tokio::spawn(schedule_loop(self.world.clone(), entry, self.fulls.clone(), self.tuning.clone()));
@@ -441,26 +514,37 @@ async fn route_lineage(world: &dyn BackupWorld, db: &str) -> Result<Lineage, Age
     Ok(lineage_of(&route)?)
 }
 
-/// Deletes what the retention policy no longer needs, then lists the store again.
+/// Deletes what the retention policy no longer needs, and takes exactly that out of the
+/// cache. Not a new listing put in the cache's place: a segment or full stored by this
+/// agent between that listing and the replacement would drop out of the cache (the
+/// window's end stalling, a full taken again) until the next listing.
 async fn run_retention(entry: &DbBackups) -> Result<(), BackupError> {
     let listing = entry.store.list_fulls().await?;
     let segments = entry.store.list_segments().await?;
     let deletions = retention(&listing, &segments, now_ms(), &entry.target.retention);
-    if !deletions.fulls.is_empty() || !deletions.segments.is_empty() {
-        tracing::info!(
-            db = %entry.target.db, fulls = deletions.fulls.len(), segments = deletions.segments.len(),
-            "backup retention deletes"
-        );
-        entry.store.apply(&deletions).await?;
+    if deletions.fulls.is_empty() && deletions.segments.is_empty() {
+        return Ok(());
     }
-    entry.reload().await
+    tracing::info!(
+        db = %entry.target.db, fulls = deletions.fulls.len(), segments = deletions.segments.len(),
+        "backup retention deletes"
+    );
+    let applied = entry.store.apply(&deletions).await;
+    // Also after a partial failure: what is gone from the cache is at worst re-listed later,
+    // never restored from.
+    let fulls: BTreeSet<&FullId> = deletions.fulls.iter().collect();
+    let segments: std::collections::HashSet<&SegmentName> = deletions.segments.iter().collect();
+    let mut cache = entry.cache();
+    cache.fulls.retain(|f| !fulls.contains(&f.id));
+    cache.segments.retain(|s| !segments.contains(s));
+    applied
 }
 
 /// The archiver of one database, for ever: a failure waits `retry` and starts a new round
 /// (the record read again, the leader found again).
-async fn archive_loop(world: Arc<dyn BackupWorld>, entry: Arc<DbBackups>, tuning: AgentTuning) {
+async fn archive_loop(world: Arc<dyn BackupWorld>, entry: Arc<DbBackups>, tuning: AgentTuning, ticks: Arc<IdleTicks>) {
     loop {
-        match archive_round(&*world, &entry, &tuning).await {
+        match archive_round(&*world, &entry, &tuning, &ticks).await {
             Ok(()) => entry.cache().archive_error = None,
             Err(e) => {
                 tracing::warn!(db = %entry.target.db, error = %e, "oplog archive interrupted");
@@ -473,7 +557,12 @@ async fn archive_loop(world: Arc<dyn BackupWorld>, entry: Arc<DbBackups>, tuning
 
 /// Archives segments while the database stays on its lineage; returns when it moved (the
 /// next round starts the new lineage) or when it waits for a first full.
-async fn archive_round(world: &dyn BackupWorld, entry: &DbBackups, tuning: &AgentTuning) -> Result<(), AgentError> {
+async fn archive_round(
+    world: &dyn BackupWorld,
+    entry: &DbBackups,
+    tuning: &AgentTuning,
+    ticks: &IdleTicks,
+) -> Result<(), AgentError> {
     let db = &entry.target.db;
     entry.load().await?;
     let src = source(world, &entry.target.namespace, db).await?;
@@ -485,6 +574,7 @@ async fn archive_round(world: &dyn BackupWorld, entry: &DbBackups, tuning: &Agen
     {
         let mut cache = entry.cache();
         cache.broken = state.record.broken;
+        cache.tip = state.record.idle_tip();
         cache.oplog_bytes_since_full = state.record.oplog_bytes_since_full;
         cache.db_bytes = state.record.db_bytes;
     }
@@ -493,9 +583,15 @@ async fn archive_round(world: &dyn BackupWorld, entry: &DbBackups, tuning: &Agen
             state.record.db_bytes = db_bytes;
             state.record.oplog_bytes_since_full = 0;
         }
-        if let Some(archived) = archive_segment(world, &entry.store, &src, &mut state, tuning).await? {
+        if let Some(archived) = archive_segment(world, &entry.store, &src, &mut state, tuning, ticks).await? {
             let mut cache = entry.cache();
-            cache.segments.push(archived.name);
+            match archived {
+                Archived::Stored { name, .. } => {
+                    cache.segments.push(name);
+                    cache.tip = None;
+                }
+                Archived::Idle { tip } => cache.tip = Some(tip),
+            }
             cache.oplog_bytes_since_full = state.record.oplog_bytes_since_full;
             cache.db_bytes = state.record.db_bytes;
             cache.archive_error = None;
@@ -516,12 +612,17 @@ async fn archive_start(
     src: &Source,
 ) -> Result<Option<ArchiveState>, AgentError> {
     let db = &entry.target.db;
-    let existing = world.archive_record(db).await?;
+    let existing = world.archive_record(db, &entry.target.incarnation).await?;
     if let Some((record, revision)) = &existing
         && record.lineage == src.lineage
         && !record.broken
     {
-        return Ok(Some(ArchiveState { record: record.clone(), revision: Some(*revision), pin_expires_ms: 0 }));
+        return Ok(Some(ArchiveState {
+            record: record.clone(),
+            revision: Some(*revision),
+            pin_expires_ms: 0,
+            last_stored_ms: 0,
+        }));
     }
     let broken_at = existing.as_ref().filter(|(r, _)| r.lineage == src.lineage).map(|(r, _)| r.position);
     let start = {
@@ -539,14 +640,18 @@ async fn archive_start(
     };
     let record = ArchiveRecord {
         db: db.clone(),
+        incarnation: entry.target.incarnation.clone(),
         lineage: src.lineage.clone(),
         position,
         covered_ms: 0,
         oplog_bytes_since_full: 0,
         db_bytes: existing.as_ref().map(|(r, _)| r.db_bytes).unwrap_or(0),
         broken: false,
+        idle_position: None,
+        idle_covered_ms: 0,
     };
-    let mut state = ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0 };
+    let mut state =
+        ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0, last_stored_ms: 0 };
     archiver::save(world, &mut state).await?;
     tracing::info!(db = %db, lineage = %src.lineage, index = position.index, "oplog archive starts");
     Ok(Some(state))

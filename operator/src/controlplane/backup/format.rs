@@ -25,7 +25,7 @@ const ZSTD_LEVEL: i32 = 3;
 /// few MiB, so more is damage (or a decompression bomb), refused before it fills memory.
 pub const MAX_DECODED_BYTES: u64 = 256 << 20;
 
-/// A full backup's manifest, `full/{id}/manifest.json`, written after every page: its
+/// A full backup's manifest, `full/{id}/manifest_{sha256}.json`, written after every page: its
 /// presence is what makes the full exist.
 ///
 /// Consistency: page `n` was read from a snapshot at oplog index `i_n`, `i_1 <= ... <= i_k`.

@@ -2,11 +2,15 @@
 //! "Object layout").
 //!
 //! ```text
-//! {prefix}/{scope}/{db}/full/{id}/manifest.json          written last: the full exists once it is there
-//! {prefix}/{scope}/{db}/full/{id}/{n:06}.page             zstd JSON of one export page
-//! {prefix}/{scope}/{db}/oplog/{lineage}/{after}_{through}_{min_ts:013}_{max_ts:013}_{sha256}.seg
+//! {prefix}/{scope}/{db}/{incarnation}/full/{id}/manifest_{sha256}.json   written last: the full exists once it is there
+//! {prefix}/{scope}/{db}/{incarnation}/full/{id}/{n:06}.page              zstd JSON of one export page
+//! {prefix}/{scope}/{db}/{incarnation}/oplog/{lineage}/{after}_{through}_{min_ts:013}_{max_ts:013}_{sha256}.seg
 //!     after, through = {index:020}-{seq:010}
 //! ```
+//!
+//! `incarnation` tells apart two instances that had the same database name one after the
+//! other (the Kubernetes UID of the `DatabaseInstance`, a random id in the playground): a
+//! new instance never finds a deleted one's backups.
 //!
 //! Names sort in the order a restore reads them (zero-padded numbers), and a segment's
 //! name holds everything the restore planner needs (positions, times, digest), so planning
@@ -23,8 +27,10 @@ use serde::{Deserialize, Serialize};
 
 use super::BackupError;
 
-/// The file name of a full's manifest.
-pub const MANIFEST_NAME: &str = "manifest.json";
+/// A full's manifest is `{MANIFEST_PREFIX}{sha256}{MANIFEST_SUFFIX}`: its own digest in its
+/// name, so a damaged manifest is found as pages and segments are.
+const MANIFEST_PREFIX: &str = "manifest_";
+const MANIFEST_SUFFIX: &str = ".json";
 const PAGE_SUFFIX: &str = ".page";
 const SEGMENT_SUFFIX: &str = ".seg";
 
@@ -41,34 +47,88 @@ fn check_segment(what: &'static str, value: &str) -> Result<(), BackupError> {
     if ok { Ok(()) } else { Err(BackupError::InvalidName { what, value: value.to_string() }) }
 }
 
-/// The backups of one database: `{prefix}/{scope}/{db}`. `scope` keeps tenants of different
-/// clusters or namespaces that share a bucket apart (the Kubernetes namespace, or the
-/// playground's name).
+/// One instance's life under a database name: the instance's Kubernetes UID, or the
+/// playground's random id given at the instance's first apply. A database name reused by a
+/// new instance is a new incarnation, so its backups and archive record are its own, never
+/// the deleted instance's (whose history a restore would otherwise bring back).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Incarnation(String);
+
+impl Incarnation {
+    pub fn new(id: &str) -> Result<Incarnation, BackupError> {
+        check_segment("instance incarnation", id)?;
+        Ok(Incarnation(id.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Incarnation {
+    type Error = BackupError;
+
+    fn try_from(s: String) -> Result<Incarnation, BackupError> {
+        Incarnation::new(&s)
+    }
+}
+
+impl From<Incarnation> for String {
+    fn from(i: Incarnation) -> String {
+        i.0
+    }
+}
+
+/// `{prefix}/{scope}`: every database's backups in one scope, checked as a location's.
+pub fn scope_root(prefix: &str, scope: &str) -> Result<Path, BackupError> {
+    let mut root = Path::default();
+    for part in prefix.split('/').filter(|p| !p.is_empty()) {
+        check_segment("backup prefix segment", part)?;
+        root = root.join(part);
+    }
+    check_segment("backup scope", scope)?;
+    Ok(root.join(scope))
+}
+
+/// The backups of one incarnation of one database: `{prefix}/{scope}/{db}/{incarnation}`.
+/// `scope` keeps tenants of different clusters or namespaces that share a bucket apart (the
+/// Kubernetes namespace, or the playground's name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupLocation {
     root: Path,
     db: String,
+    incarnation: Incarnation,
 }
 
 impl BackupLocation {
     /// `prefix` may be empty (the bucket's root) or several segments (`a/b`); `scope` and
     /// `db` are one segment each.
-    pub fn new(prefix: &str, scope: &str, db: &str) -> Result<BackupLocation, BackupError> {
-        let mut root = Path::default();
-        for part in prefix.split('/').filter(|p| !p.is_empty()) {
-            check_segment("backup prefix segment", part)?;
-            root = root.join(part);
-        }
-        check_segment("backup scope", scope)?;
+    pub fn new(prefix: &str, scope: &str, db: &str, incarnation: &Incarnation) -> Result<BackupLocation, BackupError> {
+        let root = scope_root(prefix, scope)?;
         check_segment("database name", db)?;
-        Ok(BackupLocation { root: root.join(scope).join(db), db: db.to_string() })
+        Ok(BackupLocation {
+            root: root.join(db).join(incarnation.as_str()),
+            db: db.to_string(),
+            incarnation: incarnation.clone(),
+        })
     }
 
     pub fn db(&self) -> &str {
         &self.db
     }
 
-    /// `{prefix}/{scope}/{db}`.
+    pub fn incarnation(&self) -> &Incarnation {
+        &self.incarnation
+    }
+
+    /// `{prefix}/{scope}/{db}/{incarnation}`.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -82,8 +142,9 @@ impl BackupLocation {
         self.fulls().join(id.as_str())
     }
 
-    pub fn manifest(&self, id: &FullId) -> Path {
-        self.full(id).join(MANIFEST_NAME)
+    /// The manifest of full `id` whose bytes have digest `sha256`.
+    pub fn manifest(&self, id: &FullId, sha256: &str) -> Path {
+        self.full(id).join(format!("{MANIFEST_PREFIX}{sha256}{MANIFEST_SUFFIX}"))
     }
 
     /// Page `n` (from 0) of full `id`.
@@ -218,7 +279,32 @@ pub struct SegmentName {
     pub sha256: String,
 }
 
+/// The digest field of a record-only segment name (see [`SegmentName::record_only`]): not
+/// a SHA-256, so no listed segment ([`SegmentName::parse`] requires one) can have it.
+const RECORD_ONLY_SHA256: &str = "record-only";
+
 impl SegmentName {
+    /// The archive record's idle progress as a segment name: no change of the database in
+    /// `(after, through]`, every change at or before `covered_ms` at or before `through`.
+    /// It has no object (the archiver keeps an idle database's covered time in its etcd
+    /// record rather than writing an empty segment every few seconds); a restore plan
+    /// counts its covered time and never lists it for reading. Its `sha256` is `record-only`, which no listed name has.
+    pub fn record_only(lineage: Lineage, after: OplogPosition, through: OplogPosition, covered_ms: u64) -> SegmentName {
+        SegmentName {
+            lineage,
+            after,
+            through,
+            min_ts: covered_ms,
+            max_ts: covered_ms,
+            sha256: RECORD_ONLY_SHA256.into(),
+        }
+    }
+
+    /// Whether this name stands for the archive record's idle progress, not an object.
+    pub fn is_record_only(&self) -> bool {
+        self.sha256 == RECORD_ONLY_SHA256
+    }
+
     /// `{after}_{through}_{min_ts:013}_{max_ts:013}_{sha256}.seg`.
     pub fn file_name(&self) -> String {
         format!(
@@ -257,16 +343,34 @@ impl SegmentName {
     }
 }
 
-/// Which page of which full a path names: `(id, n)` for `.../full/{id}/{n:06}.page`,
-/// `(id, None)` for the manifest or any other object of the full.
-pub(crate) fn parse_full_object(location: &BackupLocation, path: &Path) -> Option<(FullId, Option<u32>)> {
+/// What an object under `.../full/{id}/` is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FullObject {
+    /// `{n:06}.page`.
+    Page(u32),
+    /// `manifest_{sha256}.json`: the digest its bytes must have.
+    Manifest(String),
+    /// Anything else (a temporary file of an upload, a stray object).
+    Other,
+}
+
+/// Which full a path belongs to, and what it is of it.
+pub(crate) fn parse_full_object(location: &BackupLocation, path: &Path) -> Option<(FullId, FullObject)> {
     let mut rest = path.prefix_match(&location.fulls())?;
     let id: FullId = rest.next()?.as_ref().parse().ok()?;
-    let page = rest
-        .next()
-        .and_then(|file| file.as_ref().strip_suffix(PAGE_SUFFIX).and_then(|n| parse_fixed(n, 6)))
-        .and_then(|n| u32::try_from(n).ok());
-    Some((id, page))
+    let Some(file) = rest.next() else { return Some((id, FullObject::Other)) };
+    let file = file.as_ref();
+    let what = if rest.next().is_some() {
+        FullObject::Other
+    } else if let Some(n) = file.strip_suffix(PAGE_SUFFIX).and_then(|n| parse_fixed(n, 6)) {
+        u32::try_from(n).map(FullObject::Page).unwrap_or(FullObject::Other)
+    } else {
+        match file.strip_prefix(MANIFEST_PREFIX).and_then(|f| f.strip_suffix(MANIFEST_SUFFIX)) {
+            Some(sha) if is_sha256_hex(sha) => FullObject::Manifest(sha.to_string()),
+            _ => FullObject::Other,
+        }
+    };
+    Some((id, what))
 }
 
 fn parse_position(s: &str) -> Option<OplogPosition> {
@@ -289,22 +393,36 @@ pub(crate) fn is_sha256_hex(s: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn incarnation() -> Incarnation {
+        Incarnation::new("5f0c-uid").unwrap()
+    }
+
     fn location() -> BackupLocation {
-        BackupLocation::new("backups/v1", "team-a", "orders").unwrap()
+        BackupLocation::new("backups/v1", "team-a", "orders", &incarnation()).unwrap()
     }
 
     #[test]
     fn backup_paths_are_built_from_checked_names() {
         let loc = location();
         let id = FullId::new(1_700_000_000_000, 0xab);
-        assert_eq!(loc.manifest(&id).as_ref(), "backups/v1/team-a/orders/full/1700000000000-000000ab/manifest.json");
-        assert_eq!(loc.page(&id, 7).as_ref(), "backups/v1/team-a/orders/full/1700000000000-000000ab/000007.page");
+        let sha = "ab".repeat(32);
+        assert_eq!(
+            loc.manifest(&id, &sha).as_ref(),
+            format!("backups/v1/team-a/orders/5f0c-uid/full/1700000000000-000000ab/manifest_{sha}.json")
+        );
+        assert_eq!(
+            loc.page(&id, 7).as_ref(),
+            "backups/v1/team-a/orders/5f0c-uid/full/1700000000000-000000ab/000007.page"
+        );
+        assert_eq!(parse_full_object(&loc, &loc.manifest(&id, &sha)), Some((id.clone(), FullObject::Manifest(sha))));
+        assert_eq!(parse_full_object(&loc, &loc.page(&id, 7)), Some((id.clone(), FullObject::Page(7))));
         assert_eq!(id.started_ms(), 1_700_000_000_000);
         assert_eq!("1700000000000-000000ab".parse::<FullId>().unwrap(), id);
         for bad in ["", "..", "a/b", "x y", "é"] {
-            assert!(BackupLocation::new("", "s", bad).is_err(), "{bad:?} accepted as a database name");
+            assert!(BackupLocation::new("", "s", bad, &incarnation()).is_err(), "{bad:?} accepted as a database name");
+            assert!(Incarnation::new(bad).is_err(), "{bad:?} accepted as an incarnation");
         }
-        assert!(BackupLocation::new("../up", "s", "db").is_err());
+        assert!(BackupLocation::new("../up", "s", "db", &incarnation()).is_err());
         for bad in ["1700000000000", "170000000000-000000ab", "1700000000000-000000AB", "1700000000000-0000zzab"] {
             assert!(bad.parse::<FullId>().is_err(), "{bad:?} accepted as a full id");
         }
@@ -326,9 +444,12 @@ mod tests {
         assert_eq!(SegmentName::parse(&loc, &path), Some(a.clone()));
         assert!(loc.segment(&name(9, 2)).as_ref() < loc.segment(&name(10, 0)).as_ref());
         assert!(loc.segment(&name(99, 0)).as_ref() < loc.segment(&name(100, 0)).as_ref());
-        // Not segments: another db's, a bad digest, a temporary upload.
-        let other = BackupLocation::new("backups/v1", "team-a", "orders2").unwrap();
+        // Not segments: another db's, another incarnation's, a bad digest, a temporary upload.
+        let other = BackupLocation::new("backups/v1", "team-a", "orders2", &incarnation()).unwrap();
         assert_eq!(SegmentName::parse(&other, &path), None);
+        let reused =
+            BackupLocation::new("backups/v1", "team-a", "orders", &Incarnation::new("new-uid").unwrap()).unwrap();
+        assert_eq!(SegmentName::parse(&reused, &path), None);
         let bad = Path::from(path.as_ref().replace(&"ab".repeat(32), &"zz".repeat(32)));
         assert_eq!(SegmentName::parse(&loc, &bad), None);
         let tmp = Path::from(format!("{}#1", path.as_ref()));

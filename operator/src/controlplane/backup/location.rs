@@ -22,7 +22,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 
 use super::s3_client::HyperConnector;
-use super::{BackupError, BackupLocation, BackupStore};
+use super::{BackupError, BackupLocation, BackupStore, Incarnation};
 
 /// The region when none is given: AWS's default, and what S3-compatible servers accept.
 pub const DEFAULT_REGION: &str = "us-east-1";
@@ -161,9 +161,9 @@ pub struct OpenedStorage {
 }
 
 impl OpenedStorage {
-    /// The backups of database `db` of `scope` here.
-    pub fn backup_store(&self, scope: &str, db: &str) -> Result<BackupStore, BackupError> {
-        let location = BackupLocation::new(&self.prefix, scope, db)?;
+    /// The backups of database `db` (incarnation `incarnation`) of `scope` here.
+    pub fn backup_store(&self, scope: &str, db: &str, incarnation: &Incarnation) -> Result<BackupStore, BackupError> {
+        let location = BackupLocation::new(&self.prefix, scope, db, incarnation)?;
         Ok(BackupStore::new(self.store.clone(), location))
     }
 }
@@ -204,7 +204,8 @@ impl BackupStorage {
                 // The one rule for path segments is BackupLocation's: checked here once, with
                 // placeholder names, so a bad prefix is refused when the location is read,
                 // not at the first backup.
-                BackupLocation::new(prefix, "scope", "db").map_err(|e| invalid(&e.to_string()))?;
+                let placeholder = Incarnation::new("incarnation").map_err(|e| invalid(&e.to_string()))?;
+                BackupLocation::new(prefix, "scope", "db", &placeholder).map_err(|e| invalid(&e.to_string()))?;
                 check_options(&s3)?;
                 Ok(BackupStorage::S3(S3Storage { bucket: bucket.to_string(), prefix: prefix.to_string(), options: s3 }))
             }
@@ -486,7 +487,8 @@ mod tests {
         let opened = BackupStorage::parse(root.to_str().unwrap(), S3Options::default()).unwrap().open().unwrap();
         assert!(root.is_dir());
         assert_eq!(opened.prefix, "");
-        let store = opened.backup_store("playground", "shop").unwrap();
+        let inc = Incarnation::new("i1").unwrap();
+        let store = opened.backup_store("playground", "shop", &inc).unwrap();
         assert!(store.list_fulls().await.unwrap().complete.is_empty());
 
         let s3 = BackupStorage::parse(
@@ -505,8 +507,8 @@ mod tests {
         .unwrap();
         let opened = s3.open_with(|_| None).unwrap();
         assert_eq!(opened.prefix, "nimbus");
-        assert_eq!(opened.backup_store("ns", "shop").unwrap().location().root().as_ref(), "nimbus/ns/shop");
+        assert_eq!(opened.backup_store("ns", "shop", &inc).unwrap().location().root().as_ref(), "nimbus/ns/shop/i1");
         // A bad database name is refused by the layout's rule.
-        assert!(opened.backup_store("ns", "a/b").is_err());
+        assert!(opened.backup_store("ns", "a/b", &inc).is_err());
     }
 }

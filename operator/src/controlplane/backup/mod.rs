@@ -35,13 +35,13 @@ mod restore_tests;
 mod store_tests;
 
 pub use format::{FORMAT_VERSION, FullManifest, PageEntry, sha256_hex};
-pub use layout::{BackupLocation, FullId, Lineage, SegmentName};
+pub use layout::{BackupLocation, FullId, Incarnation, Lineage, SegmentName, scope_root};
 pub use location::{BackupStorage, OpenedStorage, S3Credentials, S3Options, StorageError};
 pub use plan::{
     Deletions, FullPolicy, RecoverableWindow, RestoreError, RestorePlan, RestoreTarget, RetentionPolicy, TimeRange,
     full_due, plan_restore, recoverable_window, retention,
 };
-pub use store::{BackupStore, FullListing, NewSegment};
+pub use store::{BackupStore, FullListing, NewSegment, ObjectLimits};
 
 /// Why a backup object could not be written, listed, read or trusted.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,10 @@ pub enum BackupError {
     /// An object the manifest or the listing named is not there.
     #[error("backup object {object} is missing")]
     Missing { object: String },
+    /// An object of another size than its manifest says, or larger than its kind may be:
+    /// refused before its body is read.
+    #[error("backup object {object} is damaged: {size} bytes, expected {expected}")]
+    TooLarge { object: String, size: u64, expected: String },
     /// The bytes read are not the bytes written.
     #[error("backup object {object} is damaged: SHA-256 {actual}, expected {expected}")]
     Damaged { object: String, actual: String, expected: String },

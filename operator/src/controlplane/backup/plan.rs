@@ -145,7 +145,8 @@ fn by_lineage(segments: &[SegmentName]) -> ByLineage<'_> {
 /// Walks `full`'s chain: segments are absorbed in `after` order while each starts at or
 /// before what is reached; with `until_ms`, it stops at the first segment after which the
 /// full is consistent and `until_ms` is covered. Segments ending at or before the full's
-/// start hold nothing to replay but their covered time counts; they are not listed.
+/// start hold nothing to replay but their covered time counts; they are not listed, nor
+/// are record-only ones ([`SegmentName::record_only`]: no change, no object).
 fn chain<'a>(full: &FullManifest, lineage: &[&'a SegmentName], until_ms: Option<u64>) -> Chain<'a> {
     let mut c = Chain { segments: Vec::new(), reached: full.start, covered_ms: 0 };
     let done = |c: &Chain<'_>| until_ms.is_some_and(|t| c.reached >= full.end && c.covered_ms >= t);
@@ -153,7 +154,7 @@ fn chain<'a>(full: &FullManifest, lineage: &[&'a SegmentName], until_ms: Option<
         if done(&c) || s.after > c.reached {
             break;
         }
-        if s.through > full.start {
+        if s.through > full.start && !s.is_record_only() {
             c.segments.push(s);
         }
         c.reached = c.reached.max(s.through);

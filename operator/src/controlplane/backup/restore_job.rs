@@ -115,11 +115,26 @@ impl JobError {
     }
 }
 
-/// The plan for `job` from what `store` holds now: refused (nothing done) when the time is
-/// outside the recoverable window or there is no full backup.
-pub async fn plan(store: &BackupStore, to: RestoreTarget) -> Result<RestorePlan, JobError> {
+/// The plan for a restore to `to` from what `store` holds now, and the time the archiver's
+/// record covers beyond it (an idle database's newest time: `ArchiveRecord::idle_tip`):
+/// refused (nothing done) when the time is outside the recoverable window or there is no
+/// full backup.
+pub async fn plan<W: BackupWorld + ?Sized>(
+    world: &W,
+    store: &BackupStore,
+    to: RestoreTarget,
+) -> Result<RestorePlan, JobError> {
     let fulls = store.list_fulls().await?.complete;
-    let segments = store.list_segments().await?;
+    let mut segments = store.list_segments().await?;
+    let location = store.location();
+    match world.archive_record(location.db(), location.incarnation()).await {
+        Ok(Some((record, _))) => segments.extend(record.idle_tip()),
+        Ok(None) => {}
+        // Without the record the window ends at the newest segment stored: still a plan.
+        Err(e) => {
+            tracing::warn!(db = %location.db(), error = %e, "failed to read the archive record; planning from the store alone")
+        }
+    }
     Ok(plan_restore(&fulls, &segments, to)?)
 }
 
@@ -132,7 +147,7 @@ pub async fn run<W: BackupWorld + RestoreWorld + ?Sized>(
 ) -> Result<RestoreReport, JobError> {
     check(job)?;
     let started = Instant::now();
-    let plan = plan(store, job.to).await?;
+    let plan = plan(world, store, job.to).await?;
     let mut attempt = 0u32;
     loop {
         attempt += 1;
@@ -202,17 +217,22 @@ fn backoff(attempt: u32) -> Duration {
 
 /// The leader of the replica set serving `db`, refused while a migration holds or moves
 /// it (a `Publish` on the source after the fence would be left behind by the move).
-async fn target<W: BackupWorld + ?Sized>(world: &W, namespace: &str, db: &str) -> Result<ReplicaSetAccess, JobError> {
+async fn target<W: BackupWorld + ?Sized>(
+    world: &W,
+    namespace: &str,
+    db: &str,
+) -> Result<(ReplicaSetAccess, u64), JobError> {
     let why = |why: String| JobError::Target { db: db.to_owned(), why };
     let route = world.route(db).await.map_err(|f| why(f.to_string()))?.ok_or_else(|| why("it has no route".into()))?;
     if route.state != RouteState::Serving {
         return Err(why(format!("its route is {:?} (a migration is switching it)", route.state)));
     }
-    world
+    let rs = world
         .replica_set(namespace, &route.replica_set)
         .await
         .map_err(|f| why(f.to_string()))?
-        .ok_or_else(|| why(format!("replica set {} does not exist", route.replica_set)))
+        .ok_or_else(|| why(format!("replica set {} does not exist", route.replica_set)))?;
+    Ok((rs, route.epoch))
 }
 
 async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
@@ -222,7 +242,8 @@ async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
     plan: &RestorePlan,
     attempt: u32,
 ) -> Result<(RestoreOutcome, Vec<String>), JobError> {
-    let rs = target(world, &job.namespace, &job.into_db).await?;
+    let (rs, epoch) = target(world, &job.namespace, &job.into_db).await?;
+    let imported_on = rs.name.clone();
     let staging = restore_staging_db(&job.into_db);
     let import_id = format!("{}-{attempt}", job.id);
     let mut into = RestoreInto::new(rs, &staging, &import_id, None);
@@ -230,8 +251,8 @@ async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
     let outcome = restore(world, store, plan, &into).await?;
     tracing::info!(db = %job.into_db, attempt, documents = outcome.documents, "restore imported into {staging}; publishing");
     pause_at_failpoint().await;
-    let (step, published) = publish_step(job, &outcome);
-    publish(world, job, &staging, &import_id, step).await?;
+    let (step, published) = publish_step(job, &outcome, epoch);
+    publish(world, job, &staging, &import_id, (&imported_on, epoch), step).await?;
     Ok((outcome, published))
 }
 
@@ -259,7 +280,7 @@ fn beside_name(coll: &str, suffix: Option<&str>, renames: &BTreeMap<String, Stri
 /// The `Publish` of `outcome` for `job`, and the collections it publishes (target names).
 /// Beside, a restored collection with no new name (the whole database restored with
 /// renames only) is not published.
-fn publish_step(job: &RestoreJob, outcome: &RestoreOutcome) -> (ImportStep, Vec<String>) {
+fn publish_step(job: &RestoreJob, outcome: &RestoreOutcome, route_epoch: u64) -> (ImportStep, Vec<String>) {
     let (whole, collections, replace) = match (&job.mode, &job.collections) {
         (RestoreMode::Replace, None) => (true, Vec::new(), true),
         (RestoreMode::Replace, Some(_)) => {
@@ -275,17 +296,24 @@ fn publish_step(job: &RestoreJob, outcome: &RestoreOutcome) -> (ImportStep, Vec<
     };
     let published =
         if whole { outcome.collections.clone() } else { collections.iter().map(|p| p.to.clone()).collect() };
-    (ImportStep::Publish { into: job.into_db.clone(), whole, collections, replace }, published)
+    let step =
+        ImportStep::Publish { into: job.into_db.clone(), whole, collections, replace, route_epoch: Some(route_epoch) };
+    (step, published)
 }
 
 /// Sends `Publish`, retrying passing failures with the same import id (one that took
 /// effect answers alike) against the leader looked up again; a refusal drops the staging
-/// database (`Abort`) and fails the job.
+/// database (`Abort`) and fails the job. A database whose route changed meanwhile (another
+/// replica set or epoch than `imported_on`: a migration moved it or aborted; the datanode
+/// refuses a `Publish` with an older epoch than its own, so one sent before the change is
+/// not applied after a fence) fails the attempt retryably: the next one imports where the
+/// database is now.
 async fn publish<W: BackupWorld + RestoreWorld + ?Sized>(
     world: &W,
     job: &RestoreJob,
     staging: &str,
     import_id: &str,
+    imported_on: (&str, u64),
     step: ImportStep,
 ) -> Result<(), JobError> {
     let req = ImportRequest { db: staging.to_owned(), migration: import_id.to_owned(), step };
@@ -293,8 +321,15 @@ async fn publish<W: BackupWorld + RestoreWorld + ?Sized>(
     let mut tries = 0u32;
     loop {
         tries += 1;
+        let moved = |why: String| JobError::Target { db: job.into_db.clone(), why };
         let failure = match target(world, &job.namespace, &job.into_db).await {
-            Ok(rs) => match RestoreWorld::import(world, &rs, &req).await {
+            Ok((rs, epoch)) if rs.name != imported_on.0 || epoch != imported_on.1 => {
+                return Err(moved(format!(
+                    "its route changed during the restore (replica set {} at epoch {}, now {} at epoch {epoch})",
+                    imported_on.0, imported_on.1, rs.name
+                )));
+            }
+            Ok((rs, _)) => match RestoreWorld::import(world, &rs, &req).await {
                 Ok(_) => return Ok(()),
                 Err(f) => f,
             },
@@ -302,7 +337,7 @@ async fn publish<W: BackupWorld + RestoreWorld + ?Sized>(
         };
         let passing = matches!(failure, Failure::Transient(_));
         if !passing || started.elapsed() >= job.deadline {
-            if !passing && let Ok(rs) = target(world, &job.namespace, &job.into_db).await {
+            if !passing && let Ok((rs, _)) = target(world, &job.namespace, &job.into_db).await {
                 let abort =
                     ImportRequest { db: staging.to_owned(), migration: import_id.to_owned(), step: ImportStep::Abort };
                 if let Err(e) = RestoreWorld::import(world, &rs, &abort).await {
@@ -359,14 +394,14 @@ mod tests {
 
     #[test]
     fn the_whole_database_in_place_is_published_whole() {
-        let (step, published) = publish_step(&job(RestoreMode::Replace, None), &outcome(&["a", "b"]));
+        let (step, published) = publish_step(&job(RestoreMode::Replace, None), &outcome(&["a", "b"]), 3);
         assert_eq!(pairs(&step), (true, vec![], true));
         assert_eq!(published, ["a", "b"]);
     }
 
     #[test]
     fn named_collections_in_place_replace_only_themselves() {
-        let (step, published) = publish_step(&job(RestoreMode::Replace, Some(&["a"])), &outcome(&["a"]));
+        let (step, published) = publish_step(&job(RestoreMode::Replace, Some(&["a"])), &outcome(&["a"]), 3);
         assert_eq!(pairs(&step), (false, vec![("a".into(), "a".into())], true));
         assert_eq!(published, ["a"]);
     }
@@ -374,7 +409,7 @@ mod tests {
     #[test]
     fn beside_never_replaces() {
         let mode = RestoreMode::Beside { suffix: Some("_restored".into()), renames: BTreeMap::new() };
-        let (step, published) = publish_step(&job(mode, None), &outcome(&["a", "b"]));
+        let (step, published) = publish_step(&job(mode, None), &outcome(&["a", "b"]), 3);
         assert_eq!(
             pairs(&step),
             (false, vec![("a".into(), "a_restored".into()), ("b".into(), "b_restored".into())], false)

@@ -155,7 +155,8 @@ fn change(index: u64, coll: &str, id: u64, doc: Option<Value>) -> OplogEntry {
 async fn fixture(checksum: Option<String>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let fs = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
-    let store = BackupStore::new(Arc::new(fs), BackupLocation::new("b", "s", DB).unwrap());
+    let store =
+        BackupStore::new(Arc::new(fs), BackupLocation::new("b", "s", DB, &Incarnation::new("inc-1").unwrap()).unwrap());
     let lineage = Lineage::new("rs-1.e1").unwrap();
     let pages = vec![
         page(

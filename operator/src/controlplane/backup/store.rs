@@ -5,8 +5,10 @@
 //! everything it refers to. A full's manifest is put after its last page, so a full whose
 //! writer died is only pages without a manifest: never listed as restorable, deleted by
 //! retention after a grace period. Deleting goes the other way: the manifest first.
-//! Reads verify each object's SHA-256 against the manifest (pages) or the name (segments)
-//! before decoding it, so a damaged object is refused with its path, never half-restored.
+//! Reads verify each object's SHA-256 against the manifest (pages) or the name (segments and
+//! manifests) before decoding it, so a damaged object is refused with its path, never
+//! half-restored; and its size before reading it (a page's against the manifest, segments and
+//! manifests against a cap), so a damaged or planted object never fills memory.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,11 +17,11 @@ use futures::TryStreamExt;
 use nimbus_api::admin::OplogEntry;
 use nimbus_api::migration::{ExportPage, OplogPosition};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::BackupError;
 use super::format::{self, FORMAT_VERSION, FullManifest, PageEntry, SegmentBody, sha256_hex};
-use super::layout::{BackupLocation, FullId, Lineage, SegmentName, parse_full_object};
+use super::layout::{BackupLocation, FullId, FullObject, Lineage, SegmentName, parse_full_object};
 use super::plan::Deletions;
 
 /// The full backups found for a database.
@@ -48,16 +50,47 @@ pub struct NewSegment {
     pub entries: Vec<OplogEntry>,
 }
 
+/// The largest object of each kind a reader accepts: checked against the store's size
+/// before the body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLimits {
+    /// A manifest lists ~150 bytes per page: 64 MiB is a full of some 400,000 pages (400
+    /// GiB at the default 1 MiB pages).
+    pub manifest_bytes: u64,
+    /// The archiver closes a segment at a few MiB of changes; its stored (compressed) size
+    /// is below its decoded size, which decoding bounds anyway.
+    pub segment_bytes: u64,
+}
+
+impl Default for ObjectLimits {
+    fn default() -> ObjectLimits {
+        ObjectLimits { manifest_bytes: 64 << 20, segment_bytes: format::MAX_DECODED_BYTES }
+    }
+}
+
+/// How large an object read must be.
+#[derive(Debug, Clone, Copy)]
+enum Size {
+    Exactly(u64),
+    AtMost(u64),
+}
+
 /// One database's backups in one object store.
 #[derive(Debug, Clone)]
 pub struct BackupStore {
     store: Arc<dyn ObjectStore>,
     location: BackupLocation,
+    limits: ObjectLimits,
 }
 
 impl BackupStore {
     pub fn new(store: Arc<dyn ObjectStore>, location: BackupLocation) -> BackupStore {
-        BackupStore { store, location }
+        BackupStore { store, location, limits: ObjectLimits::default() }
+    }
+
+    /// The same store with other size caps (tests use small ones).
+    pub fn with_limits(self, limits: ObjectLimits) -> BackupStore {
+        BackupStore { limits, ..self }
     }
 
     pub fn location(&self) -> &BackupLocation {
@@ -80,12 +113,24 @@ impl BackupStore {
 
     /// Writes a full's manifest, which makes the full exist: call it after every page was
     /// put. The manifest is checked first (this database, pages numbered from 0 without a
-    /// hole, positions and times in order), so a wrong one is never published.
+    /// hole, positions and times in order), so a wrong one is never published. Its name
+    /// carries its own SHA-256 (`manifest_{sha256}.json`).
     pub async fn put_manifest(&self, manifest: &FullManifest) -> Result<(), BackupError> {
         check_manifest(&self.location, manifest)?;
         let bytes = serde_json::to_vec_pretty(manifest)
             .map_err(|e| BackupError::Encode { what: "backup manifest", message: e.to_string() })?;
-        self.put(&self.location.manifest(&manifest.id), bytes).await
+        if bytes.len() as u64 > self.limits.manifest_bytes {
+            return Err(BackupError::InvalidManifest {
+                id: manifest.id.to_string(),
+                message: format!(
+                    "it is {} bytes, more than a reader accepts ({})",
+                    bytes.len(),
+                    self.limits.manifest_bytes
+                ),
+            });
+        }
+        let path = self.location.manifest(&manifest.id, &sha256_hex(&bytes));
+        self.put(&path, bytes).await
     }
 
     /// Archives one segment of the oplog. Its name (positions, times, digest) is derived from
@@ -127,6 +172,13 @@ impl BackupStore {
             entries: segment.entries.clone(),
         };
         let bytes = format::encode("oplog segment", &body)?;
+        if bytes.len() as u64 > self.limits.segment_bytes {
+            return Err(invalid(format!(
+                "it is {} bytes, more than a reader accepts ({})",
+                bytes.len(),
+                self.limits.segment_bytes
+            )));
+        }
         let name = SegmentName {
             lineage: segment.lineage.clone(),
             after: segment.after,
@@ -140,42 +192,70 @@ impl BackupStore {
     }
 
     /// Every full of the database: complete ones (manifest read), incomplete ones, and
-    /// damaged ones (a manifest that does not decode or check). Fails only when the store
-    /// does.
+    /// damaged ones (a manifest that does not decode or check, or is larger than a manifest
+    /// may be). Fails only when the store does.
     pub async fn list_fulls(&self) -> Result<FullListing, BackupError> {
-        let prefix = self.location.fulls();
-        let objects = self.list(&prefix).await?;
-        // id → whether its manifest is there.
-        let mut fulls: BTreeMap<FullId, bool> = BTreeMap::new();
-        for path in &objects {
-            if let Some((id, _page)) = parse_full_object(&self.location, path) {
-                let manifest = path == &self.location.manifest(&id);
-                *fulls.entry(id).or_default() |= manifest;
+        let objects = self.list(&self.location.fulls()).await?;
+        // id → its manifest (digest, size), if any.
+        let mut fulls: BTreeMap<FullId, Option<(String, u64)>> = BTreeMap::new();
+        for (path, size) in &objects {
+            if let Some((id, what)) = parse_full_object(&self.location, path) {
+                let manifest = fulls.entry(id).or_default();
+                if let FullObject::Manifest(sha) = what {
+                    *manifest = Some((sha, *size));
+                }
             }
         }
         let mut listing = FullListing::default();
-        for (id, has_manifest) in fulls {
-            if !has_manifest {
+        for (id, manifest) in fulls {
+            let Some((sha, size)) = manifest else {
                 listing.incomplete.push(id);
                 continue;
-            }
-            match self.read_manifest(&id).await {
+            };
+            match self.read_manifest_at(&id, &sha, size).await {
                 Ok(manifest) => listing.complete.push(manifest),
                 // Deleted since it was listed (retention running meanwhile).
                 Err(BackupError::Missing { .. }) => {}
-                Err(e @ (BackupError::Undecodable { .. } | BackupError::UnsupportedFormat { .. })) => {
-                    listing.damaged.push((id, e.to_string()))
-                }
+                Err(
+                    e @ (BackupError::Undecodable { .. }
+                    | BackupError::Damaged { .. }
+                    | BackupError::TooLarge { .. }
+                    | BackupError::UnsupportedFormat { .. }),
+                ) => listing.damaged.push((id, e.to_string())),
                 Err(e) => return Err(e),
             }
         }
         Ok(listing)
     }
 
-    /// A full's manifest, checked as [`put_manifest`](Self::put_manifest) checks it.
+    /// A full's manifest, found by listing the full (its name carries its digest), checked
+    /// as [`put_manifest`](Self::put_manifest) checks it.
     pub async fn read_manifest(&self, id: &FullId) -> Result<FullManifest, BackupError> {
-        let path = self.location.manifest(id);
-        let bytes = self.get(&path).await?;
+        let found = self.list(&self.location.full(id)).await?.into_iter().find_map(|(path, size)| {
+            match parse_full_object(&self.location, &path) {
+                Some((_, FullObject::Manifest(sha))) => Some((sha, size)),
+                _ => None,
+            }
+        });
+        let Some((sha, size)) = found else {
+            return Err(BackupError::Missing { object: format!("{}/manifest", self.location.full(id)) });
+        };
+        self.read_manifest_at(id, &sha, size).await
+    }
+
+    /// The manifest `manifest_{sha}.json` of full `id`, listed with `listed_size` bytes.
+    async fn read_manifest_at(&self, id: &FullId, sha: &str, listed_size: u64) -> Result<FullManifest, BackupError> {
+        let path = self.location.manifest(id, sha);
+        let cap = self.limits.manifest_bytes;
+        if listed_size > cap {
+            return Err(BackupError::TooLarge {
+                object: path.to_string(),
+                size: listed_size,
+                expected: format!("at most {cap}"),
+            });
+        }
+        let bytes = self.get(&path, Size::AtMost(cap)).await?;
+        verify(&path, &bytes, sha)?;
         let manifest: FullManifest = serde_json::from_slice(&bytes)
             .map_err(|e| BackupError::Undecodable { object: path.to_string(), message: e.to_string() })?;
         if &manifest.id != id {
@@ -193,15 +273,15 @@ impl BackupStore {
     pub async fn list_segments(&self) -> Result<Vec<SegmentName>, BackupError> {
         let objects = self.list(&self.location.oplog()).await?;
         let mut segments: Vec<SegmentName> =
-            objects.iter().filter_map(|p| SegmentName::parse(&self.location, p)).collect();
+            objects.iter().filter_map(|(p, _)| SegmentName::parse(&self.location, p)).collect();
         segments.sort_by(|a, b| (&a.lineage, a.after, a.through).cmp(&(&b.lineage, b.after, b.through)));
         Ok(segments)
     }
 
-    /// Page `entry.n` of full `id`, its digest verified against the manifest's.
+    /// Page `entry.n` of full `id`, its size and digest verified against the manifest's.
     pub async fn read_page(&self, id: &FullId, entry: &PageEntry) -> Result<ExportPage, BackupError> {
         let path = self.location.page(id, entry.n);
-        let bytes = self.get(&path).await?;
+        let bytes = self.get(&path, Size::Exactly(entry.bytes)).await?;
         verify(&path, &bytes, &entry.sha256)?;
         format::decode(path.as_ref(), &bytes)
     }
@@ -210,7 +290,7 @@ impl BackupStore {
     /// the rest of the name.
     pub async fn read_segment(&self, name: &SegmentName) -> Result<Vec<OplogEntry>, BackupError> {
         let path = self.location.segment(name);
-        let bytes = self.get(&path).await?;
+        let bytes = self.get(&path, Size::AtMost(self.limits.segment_bytes)).await?;
         verify(&path, &bytes, &name.sha256)?;
         let body: SegmentBody = format::decode(path.as_ref(), &bytes)?;
         if body.format > FORMAT_VERSION {
@@ -235,8 +315,26 @@ impl BackupStore {
     /// restorable), then every other object under it. Deleting what is already gone is not
     /// an error, so an interrupted deletion is simply done again.
     pub async fn delete_full(&self, id: &FullId) -> Result<(), BackupError> {
-        self.delete(&self.location.manifest(id)).await?;
-        for path in self.list(&self.location.full(id)).await? {
+        let objects = self.list(&self.location.full(id)).await?;
+        let is_manifest = |p: &Path| matches!(parse_full_object(&self.location, p), Some((_, FullObject::Manifest(_))));
+        for (path, _) in objects.iter().filter(|(p, _)| is_manifest(p)) {
+            self.delete(path).await?;
+        }
+        for (path, _) in objects.iter().filter(|(p, _)| !is_manifest(p)) {
+            self.delete(path).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every object of this incarnation (fulls first, manifests before their pages,
+    /// then segments): how a deleted instance's backups expire.
+    pub async fn delete_all(&self) -> Result<(), BackupError> {
+        let listing = self.list_fulls().await?;
+        let ids = listing.complete.iter().map(|m| m.id.clone());
+        for id in ids.chain(listing.incomplete).chain(listing.damaged.into_iter().map(|(id, _)| id)) {
+            self.delete_full(&id).await?;
+        }
+        for (path, _) in self.list(self.location.root()).await? {
             self.delete(&path).await?;
         }
         Ok(())
@@ -267,19 +365,51 @@ impl BackupStore {
         })
     }
 
-    async fn get(&self, path: &Path) -> Result<bytes::Bytes, BackupError> {
+    /// Reads an object whose size the store reports (with the response, before its body)
+    /// as `size` allows; the body read is bounded by the same size, should the store's
+    /// figure be wrong.
+    async fn get(&self, path: &Path, size: Size) -> Result<bytes::Bytes, BackupError> {
         let store_error = |source: object_store::Error| match source {
             object_store::Error::NotFound { .. } => BackupError::Missing { object: path.to_string() },
             source => BackupError::Store { op: "read", object: path.to_string(), source },
         };
-        let got = self.store.get(path).await.map_err(store_error)?;
-        got.bytes().await.map_err(store_error)
+        let too_large = |actual: u64| {
+            let expected = match size {
+                Size::Exactly(n) => format!("{n}"),
+                Size::AtMost(n) => format!("at most {n}"),
+            };
+            BackupError::TooLarge { object: path.to_string(), size: actual, expected }
+        };
+        let fits = |n: u64| match size {
+            Size::Exactly(expected) => n == expected,
+            Size::AtMost(cap) => n <= cap,
+        };
+        let limit = match size {
+            Size::Exactly(n) | Size::AtMost(n) => n,
+        };
+        let got = self.store.get_opts(path, GetOptions::default()).await.map_err(store_error)?;
+        if !fits(got.meta.size) {
+            return Err(too_large(got.meta.size));
+        }
+        let mut body = got.into_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.try_next().await.map_err(store_error)? {
+            if (bytes.len() + chunk.len()) as u64 > limit {
+                return Err(too_large((bytes.len() + chunk.len()) as u64));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        if !fits(bytes.len() as u64) {
+            return Err(too_large(bytes.len() as u64));
+        }
+        Ok(bytes::Bytes::from(bytes))
     }
 
-    async fn list(&self, prefix: &Path) -> Result<Vec<Path>, BackupError> {
+    /// Every object under `prefix`, with its size.
+    async fn list(&self, prefix: &Path) -> Result<Vec<(Path, u64)>, BackupError> {
         self.store
             .list(Some(prefix))
-            .map_ok(|meta| meta.location)
+            .map_ok(|meta| (meta.location, meta.size))
             .try_collect()
             .await
             .map_err(|source| BackupError::Store { op: "list", object: prefix.to_string(), source })
@@ -290,6 +420,47 @@ impl BackupStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(source) => Err(BackupError::Store { op: "delete", object: path.to_string(), source }),
         }
+    }
+}
+
+/// Every incarnation of every database with objects under `{prefix}/{scope}`: what
+/// [`super::agent::BackupAgent::sweep`] looks for backups nobody backs up any more in. Names
+/// that are not a valid location (a stray object) are skipped.
+pub async fn list_incarnations(
+    objects: &dyn ObjectStore,
+    prefix: &str,
+    scope: &str,
+) -> Result<Vec<BackupLocation>, BackupError> {
+    let root = super::layout::scope_root(prefix, scope)?;
+    let list = |at: Path| async move {
+        objects.list_with_delimiter(Some(&at)).await.map(|l| l.common_prefixes).map_err(|source| BackupError::Store {
+            op: "list",
+            object: at.to_string(),
+            source,
+        })
+    };
+    let mut found = Vec::new();
+    for db_dir in list(root.clone()).await? {
+        let Some(db) = db_dir.filename().map(str::to_owned) else { continue };
+        for inc_dir in list(db_dir).await? {
+            let incarnation = inc_dir.filename().and_then(|i| super::layout::Incarnation::new(i).ok());
+            if let Some(location) = incarnation.and_then(|i| BackupLocation::new(prefix, scope, &db, &i).ok()) {
+                found.push(location);
+            }
+        }
+    }
+    Ok(found)
+}
+
+impl BackupStore {
+    /// The newest time this incarnation's objects hold (a segment's covered time, a full's
+    /// end, an unfinished full's start); `None` when it holds none of them.
+    pub async fn newest_ms(&self) -> Result<Option<u64>, BackupError> {
+        let listing = self.list_fulls().await?;
+        let segments = self.list_segments().await?;
+        let times = segments.iter().map(|s| s.max_ts).chain(listing.complete.iter().map(|f| f.end_ms));
+        let started = listing.incomplete.iter().chain(listing.damaged.iter().map(|(id, _)| id)).map(FullId::started_ms);
+        Ok(times.chain(started).max())
     }
 }
 

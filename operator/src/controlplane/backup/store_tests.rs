@@ -19,7 +19,7 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let fs = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
-    let location = BackupLocation::new("backups", "playground", "shop").unwrap();
+    let location = BackupLocation::new("backups", "playground", "shop", &Incarnation::new("inc-1").unwrap()).unwrap();
     Fixture { store: BackupStore::new(Arc::new(fs), location), dir }
 }
 
@@ -140,8 +140,9 @@ async fn backup_page_with_a_flipped_byte_is_refused_naming_the_object() {
     let message = err.to_string();
     assert!(matches!(err, BackupError::Damaged { .. }), "{err:?}");
     assert!(
-        message
-            .starts_with(&format!("backup object backups/playground/shop/full/{id}/000001.page is damaged: SHA-256 ")),
+        message.starts_with(&format!(
+            "backup object backups/playground/shop/inc-1/full/{id}/000001.page is damaged: SHA-256 "
+        )),
         "{message}"
     );
     assert!(message.contains(&format!("expected {}", manifest.pages[1].sha256)), "{message}");
@@ -262,14 +263,80 @@ async fn backup_manifest_damaged_is_listed_as_damaged_not_restorable() {
     let f = fixture();
     let id = FullId::new(1_000, 1);
     write_full(&f.store, &id, true).await;
-    let file = file_ending(f.dir.path(), "manifest.json");
+    let file = file_ending(f.dir.path(), ".json");
     let text = std::fs::read_to_string(&file).unwrap().replace("\"shop\"", "\"other\"");
-    std::fs::write(&file, text).unwrap();
+    std::fs::write(&file, &text).unwrap();
+    // Its own digest (in its name) finds the change.
     let listing = f.store.list_fulls().await.unwrap();
     assert!(listing.complete.is_empty() && listing.incomplete.is_empty(), "{listing:?}");
     assert_eq!(listing.damaged.len(), 1);
     assert_eq!(listing.damaged[0].0, id);
-    assert!(listing.damaged[0].1.contains("manifest.json is damaged"), "{listing:?}");
+    assert!(listing.damaged[0].1.contains(".json is damaged: SHA-256"), "{listing:?}");
+    let err = f.store.read_manifest(&id).await.unwrap_err();
+    assert!(matches!(err, BackupError::Damaged { .. }), "{err:?}");
+
+    // Renamed to its new digest (a writer's bug rather than damage): its content is still
+    // checked.
+    std::fs::remove_file(&file).unwrap();
+    let renamed = file.with_file_name(format!("manifest_{}.json", sha256_hex(text.as_bytes())));
+    std::fs::write(&renamed, &text).unwrap();
+    let listing = f.store.list_fulls().await.unwrap();
+    assert_eq!(listing.damaged.len(), 1, "{listing:?}");
     let err = f.store.read_manifest(&id).await.unwrap_err();
     assert!(err.to_string().contains("of database \"other\""), "{err}");
+}
+
+#[tokio::test]
+async fn backup_page_of_another_size_than_its_manifest_says_is_refused_before_reading() {
+    let f = fixture();
+    let id = FullId::new(1_000, 7);
+    let manifest = write_full(&f.store, &id, true).await;
+    let file = file_ending(f.dir.path(), "000000.page");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend(std::iter::repeat_n(0u8, 1 << 20));
+    std::fs::write(&file, &bytes).unwrap();
+    let err = f.store.read_page(&id, &manifest.pages[0]).await.unwrap_err();
+    assert!(matches!(err, BackupError::TooLarge { .. }), "{err:?}");
+    let expected = format!("000000.page is damaged: {} bytes, expected {}", bytes.len(), manifest.pages[0].bytes);
+    assert!(err.to_string().contains(&expected), "{err}");
+    assert!(!err.is_retryable());
+    bytes.truncate(manifest.pages[0].bytes as usize - 1);
+    std::fs::write(&file, &bytes).unwrap();
+    let err = f.store.read_page(&id, &manifest.pages[0]).await.unwrap_err();
+    assert!(matches!(err, BackupError::TooLarge { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn backup_segments_and_manifests_over_their_cap_are_refused() {
+    let f = fixture();
+    let id = FullId::new(1_000, 7);
+    write_full(&f.store, &id, true).await;
+    let seg = f
+        .store
+        .put_segment(&NewSegment {
+            lineage: lineage(),
+            after: OplogPosition::end_of(10),
+            through: OplogPosition::end_of(11),
+            covered_through_ms: 1_011,
+            entries: vec![entry(11, 1_011)],
+        })
+        .await
+        .unwrap();
+    let small = f.store.clone().with_limits(ObjectLimits { manifest_bytes: 64, segment_bytes: 16 });
+    // A segment past the cap: refused before its body is read, naming it.
+    let err = small.read_segment(&seg).await.unwrap_err();
+    assert!(matches!(err, BackupError::TooLarge { .. }), "{err:?}");
+    assert!(err.to_string().contains(&format!("{} is damaged", seg.file_name())), "{err}");
+    assert!(err.to_string().contains("expected at most 16"), "{err}");
+    // A manifest past the cap: listed as damaged, never read.
+    let listing = small.list_fulls().await.unwrap();
+    assert!(listing.complete.is_empty(), "{listing:?}");
+    assert_eq!(listing.damaged.len(), 1, "{listing:?}");
+    assert!(listing.damaged[0].1.contains("expected at most 64"), "{listing:?}");
+    // Nor written past it.
+    let manifest = f.store.read_manifest(&id).await.unwrap();
+    let err = small.put_manifest(&manifest).await.unwrap_err();
+    assert!(err.to_string().contains("more than a reader accepts"), "{err}");
+    // The default caps read them.
+    f.store.read_segment(&seg).await.unwrap();
 }

@@ -1,10 +1,15 @@
 //! The oplog archiver of one database: its changes read from the leader of its replica set
 //! into segments, each closed after `segment_seconds` or `segment_bytes`, stored, and only
-//! then the position persisted (`/nimbus/backups/{db}`): a crash re-archives a segment
-//! (harmless, the restore applies each position once), never skips one. The source's oplog
+//! then the position persisted (`/nimbus/backups/{db}/{incarnation}`): a crash re-archives
+//! a segment (harmless, the restore applies each position once), never skips one. A read
+//! without a change of the database stores nothing: its covered time goes into the record
+//! (`idle_position`, `idle_covered_ms`), and an empty segment is stored only every
+//! `idle_segment_every`, so the store alone proves the window up to that age. The source's oplog
 //! is pinned from the archived position under `backup:{db}`, so retention on the datanodes
 //! never removes what is not archived yet.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use nimbus_api::migration::OplogPosition;
@@ -13,7 +18,7 @@ use super::full::renew_pin;
 use super::world::{ArchiveRecord, BackupWorld};
 use super::{AgentError, AgentTuning, Source, now_ms};
 use crate::controlplane::backup::{BackupStore, NewSegment, SegmentName};
-use crate::controlplane::migration::Failure;
+use crate::controlplane::migration::{Failure, ReplicaSetAccess};
 
 /// The archiver's pin on its source's oplog.
 pub fn archive_pin_name(db: &str) -> String {
@@ -27,18 +32,46 @@ pub struct ArchiveState {
     /// The record's revision in etcd: the guard of the next save.
     pub revision: Option<u64>,
     pub pin_expires_ms: u64,
+    /// When this archiver last stored a segment (0: not yet): an idle database gets an
+    /// empty one once this is `idle_segment_every` old.
+    pub last_stored_ms: u64,
 }
 
-/// One segment archived: what was stored and the changes' bytes it added.
+/// What one call of [`archive_segment`] moved on.
 #[derive(Debug, Clone)]
-pub struct Archived {
-    pub name: SegmentName,
-    pub bytes: u64,
+pub enum Archived {
+    /// A segment was stored: its name and the changes' bytes it added.
+    Stored { name: SegmentName, bytes: u64 },
+    /// No change of the database: the covered time moved on in the record only, as this
+    /// record-only name says ([`SegmentName::record_only`]).
+    Idle { tip: SegmentName },
+}
+
+/// The last early pin renewal per replica set: one Raft entry moves the clock of every
+/// database on it, so the archivers of one replica set's idle databases take turns rather
+/// than each writing one every `idle_tick`.
+#[derive(Debug, Default)]
+pub struct IdleTicks(Mutex<HashMap<(String, String), u64>>);
+
+impl IdleTicks {
+    /// Whether this archiver renews now: no archiver of the replica set did in the last
+    /// `every` (then it is marked as done now).
+    pub fn claim(&self, rs: &ReplicaSetAccess, now_ms: u64, every: std::time::Duration) -> bool {
+        let mut ticks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let last = ticks.entry((rs.namespace.clone(), rs.name.clone())).or_insert(0);
+        if last.saturating_add(every.as_millis() as u64) > now_ms {
+            return false;
+        }
+        *last = now_ms;
+        true
+    }
 }
 
 /// Reads `source`'s oplog of the database from the archived position until the segment is
-/// due (its age or its size), stores it and persists the new position. `None` when there
-/// was nothing to store (no change and no time newer than the archive already covers).
+/// due (its age or its size); stores it when it holds changes (or when the last stored
+/// segment is `idle_segment_every` old), else keeps the covered time in the record only;
+/// then persists the record. `None` when nothing moved on (no change and no time newer than
+/// the archive already covers).
 ///
 /// The covered time (`maxTs`) rests on one fact of the datanode, not on any clock agreeing:
 /// commands apply at times that never go backwards in the log (`Engine::command_time`), so
@@ -48,22 +81,26 @@ pub struct Archived {
 /// the millisecond before that snapshot's clock (`DbOplogPage::clock_ms`). A member that
 /// lost its leadership without knowing, or lags, answers an older clock: the covered time
 /// then stays behind, never claims a change it did not see. For a replica set nobody
-/// writes to, the archiver renews its pin early once the clock is `tuning.idle_tick`
-/// behind its own ([`AgentTuning::idle_tick`]): a Raft entry that moves the clock on
-/// (idle segments, `after == through`).
+/// writes to, an archiver renews its pin early once the clock is `tuning.idle_tick` behind
+/// its own ([`AgentTuning::idle_tick`]), at most one archiver per replica set per
+/// `idle_tick` (`ticks`): a Raft entry that moves the clock on.
 pub async fn archive_segment(
     world: &dyn BackupWorld,
     store: &BackupStore,
     source: &Source,
     state: &mut ArchiveState,
     tuning: &AgentTuning,
+    ticks: &IdleTicks,
 ) -> Result<Option<Archived>, AgentError> {
     let db = state.record.db.clone();
     let rs = &source.rs;
+    // Stored through `after`; read (idle, no change since) through `from`.
     let after = state.record.position;
+    let from = state.record.idle_position.unwrap_or(after).max(after);
+    let covered_before = state.record.covered_ms.max(state.record.idle_covered_ms);
     renew_pin(world, rs, &archive_pin_name(&db), after.index, tuning.pin_ttl, &mut state.pin_expires_ms).await?;
     let deadline = Instant::now() + tuning.segment_time;
-    let (mut pos, mut covered, mut bytes) = (after, state.record.covered_ms, 0u64);
+    let (mut pos, mut covered, mut bytes) = (from, covered_before, 0u64);
     let mut entries = Vec::new();
     loop {
         let sent_ms = now_ms();
@@ -90,7 +127,8 @@ pub async fn archive_segment(
         let mut ticked = false;
         if caught_up {
             covered = covered.max(page.clock_ms.saturating_sub(1));
-            if sent_ms.saturating_sub(page.clock_ms) > tuning.idle_tick.as_millis() as u64 {
+            let behind = sent_ms.saturating_sub(page.clock_ms) > tuning.idle_tick.as_millis() as u64;
+            if behind && ticks.claim(rs, sent_ms, tuning.idle_tick) {
                 // Nobody writes to the replica set: an early pin renewal moves its clock.
                 state.pin_expires_ms = 0;
                 renew_pin(world, rs, &archive_pin_name(&db), after.index, tuning.pin_ttl, &mut state.pin_expires_ms)
@@ -115,19 +153,33 @@ pub async fn archive_segment(
         let held: Vec<_> = entries.split_off(keep);
         bytes =
             bytes.saturating_sub(held.iter().map(|e| serde_json::to_vec(e).map(|v| v.len() as u64).unwrap_or(0)).sum());
-        pos = entries.last().map_or(after, |e| OplogPosition { index: e.index, seq: e.seq });
+        pos = entries.last().map_or(from, |e| OplogPosition { index: e.index, seq: e.seq });
     }
-    if entries.is_empty() && pos == after && covered <= state.record.covered_ms {
+    if entries.is_empty() && pos == from && covered <= covered_before {
         return Ok(None);
     }
+    let now = now_ms();
+    let idle_segment_due = now.saturating_sub(state.last_stored_ms) >= tuning.idle_segment_every.as_millis() as u64;
+    if entries.is_empty() && !idle_segment_due {
+        // Idle: the record alone says how far the archive covers.
+        state.record.idle_position = Some(pos);
+        state.record.idle_covered_ms = covered;
+        save(world, state).await?;
+        let tip = SegmentName::record_only(state.record.lineage.clone(), after, pos, covered);
+        return Ok(Some(Archived::Idle { tip }));
+    }
+    // One segment from the stored position: it spans the idle stretch (no change there).
     let segment =
         NewSegment { lineage: state.record.lineage.clone(), after, through: pos, covered_through_ms: covered, entries };
     let name = store.put_segment(&segment).await?;
+    state.last_stored_ms = now;
     state.record.position = pos;
     state.record.covered_ms = covered;
+    state.record.idle_position = None;
+    state.record.idle_covered_ms = 0;
     state.record.oplog_bytes_since_full = state.record.oplog_bytes_since_full.saturating_add(bytes);
     save(world, state).await?;
-    Ok(Some(Archived { name, bytes }))
+    Ok(Some(Archived::Stored { name, bytes }))
 }
 
 /// Persists the record, guarded by its revision: another archiver of the same database

@@ -32,7 +32,8 @@ struct State {
     last_ts: u64,
     docs: BTreeMap<u64, String>,
     oplog: Vec<OplogEntry>,
-    record: Option<(ArchiveRecord, u64)>,
+    /// The archivers' records by key (`backup_key`).
+    records: BTreeMap<String, (ArchiveRecord, u64)>,
     revision: u64,
     /// Exports so far; the export with this number (1-based) fails as a leader change would.
     exports: usize,
@@ -189,8 +190,12 @@ impl BackupWorld for Model {
         Err(Failure::Refused("no checksums in the model".into()))
     }
 
-    async fn archive_record(&self, _db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
-        Ok(self.state().record.clone())
+    async fn archive_record(
+        &self,
+        db: &str,
+        incarnation: &Incarnation,
+    ) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
+        Ok(self.state().records.get(&backup_key(db, incarnation)).cloned())
     }
 
     async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
@@ -198,12 +203,13 @@ impl BackupWorld for Model {
         if std::mem::take(&mut s.fail_save) {
             return Err(Failure::Transient("etcd went away".into()));
         }
-        if s.record.as_ref().map(|(_, r)| *r) != expected {
+        let key = backup_key(&record.db, &record.incarnation);
+        if s.records.get(&key).map(|(_, r)| *r) != expected {
             return Ok(None);
         }
         s.revision += 1;
         let revision = s.revision;
-        s.record = Some((record.clone(), revision));
+        s.records.insert(key, (record.clone(), revision));
         Ok(Some(revision))
     }
 }
@@ -219,11 +225,23 @@ fn tuning() -> AgentTuning {
     }
 }
 
+fn incarnation(id: &str) -> Incarnation {
+    Incarnation::new(id).unwrap()
+}
+
+fn target(incarnation_id: &str, retention: RetentionPolicy) -> BackupTarget {
+    BackupTarget { db: DB.into(), incarnation: incarnation(incarnation_id), namespace: String::new(), retention }
+}
+
 fn entry(dir: &tempfile::TempDir) -> DbBackups {
+    entry_of(dir, "inc-1")
+}
+
+fn entry_of(dir: &tempfile::TempDir, incarnation_id: &str) -> DbBackups {
     let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
     DbBackups {
-        target: BackupTarget { db: DB.into(), namespace: String::new(), retention: RetentionPolicy::default() },
-        store: BackupStore::new(fs, BackupLocation::new("", "test", DB).unwrap()),
+        target: target(incarnation_id, RetentionPolicy::default()),
+        store: BackupStore::new(fs, BackupLocation::new("", "test", DB, &incarnation(incarnation_id)).unwrap()),
         cache: Mutex::new(Cache::default()),
         full_lock: tokio::sync::Mutex::new(()),
     }
@@ -283,7 +301,10 @@ async fn a_full_then_segments_restore_to_the_state_at_any_time_after_the_full() 
         for _ in 0..3 {
             times.push(model.write());
         }
-        archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap().expect("a segment");
+        archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default())
+            .await
+            .unwrap()
+            .expect("a segment");
     }
     // Pinned from an archived position (renewed, and moved on, at half its lifetime).
     let pinned = model.state().pins.get(&archive_pin_name(DB)).copied();
@@ -308,21 +329,21 @@ async fn a_restarted_archiver_resumes_from_its_persisted_position_without_a_gap(
     entry.reload().await.unwrap();
     let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
     model.write();
-    archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap();
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
     let persisted = state.record.position;
 
     // Crash after a segment is stored but before its position is: the next archiver
     // archives it again from the persisted position.
     model.write();
     model.state().fail_save = true;
-    assert!(archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.is_err());
+    assert!(archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.is_err());
     drop(state);
     let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
     assert_eq!(state.record.position, persisted, "resumed from the persisted position");
     let mut last = 0;
     for _ in 0..3 {
         last = model.write();
-        archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap();
+        archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
     }
 
     let segments = entry.store.list_segments().await.unwrap();
@@ -354,12 +375,18 @@ async fn changes_of_the_newest_millisecond_wait_for_the_next_segment() {
     let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
     model.write();
     let second = model.write();
-    archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap().expect("a segment");
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("a segment");
     assert_eq!(state.record.covered_ms, second - 1);
     assert!(state.record.position < OplogPosition::end_of(model.state().applied), "the newest change held back");
 
     model.write();
-    archive_segment(&model, &entry.store, &src, &mut state, &tuning).await.unwrap().expect("a segment");
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("a segment");
     let plan = plan_at(&entry.store, second).await.unwrap();
     assert_eq!(restore(&entry.store, &plan).await, model.state_at(second));
 }
@@ -375,14 +402,13 @@ async fn a_leader_change_mid_full_retries_it_under_a_new_id_and_the_broken_one_i
     model.state().fail_export = Some(2);
     let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
     let agent = Arc::new(BackupAgent::new(Arc::new(model.clone()), fs.clone(), "", "test", tuning()).unwrap());
-    let target = BackupTarget { db: DB.into(), namespace: String::new(), retention: RetentionPolicy::default() };
-    agent.set_targets(vec![target]).unwrap();
+    agent.set_targets(vec![target("inc-1", RetentionPolicy::default())]).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(agent.clone().run(async move {
         let _ = stopped.await;
     }));
 
-    let store = BackupStore::new(fs, BackupLocation::new("", "test", DB).unwrap());
+    let store = BackupStore::new(fs, BackupLocation::new("", "test", DB, &incarnation("inc-1")).unwrap());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let status = loop {
         let status = agent.statuses().remove(DB).unwrap();
@@ -418,7 +444,7 @@ async fn a_leader_change_mid_full_retries_it_under_a_new_id_and_the_broken_one_i
     // The spec changes (a longer retention): the database's tasks start anew on its new
     // entry, and its status follows them (not an entry no task fills).
     let longer = RetentionPolicy { window_ms: 14 * 24 * 3_600_000, ..RetentionPolicy::default() };
-    agent.set_targets(vec![BackupTarget { db: DB.into(), namespace: String::new(), retention: longer }]).unwrap();
+    agent.set_targets(vec![target("inc-1", longer)]).unwrap();
     let t = model.write();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while agent.statuses()[DB].latest_restorable_ms < Some(t) {
@@ -452,4 +478,192 @@ async fn a_database_that_moved_starts_a_new_lineage_and_needs_a_new_full() {
     let cache = entry.cache();
     assert!(cache.newest_full_of(&moved.lineage).is_none());
     assert!(full_due(None, 0, 0, now_ms(), &FullPolicy::default()));
+}
+
+#[tokio::test]
+async fn a_new_instance_with_a_deleted_ones_database_name_finds_none_of_its_backups() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, old, tuning) = (Model::new(), entry_of(&dir, "inc-1"), tuning());
+    model.write();
+    let src = source(&model, "", DB).await.unwrap();
+    take_full(&model, &old.store, &src, &tuning).await.unwrap();
+    old.reload().await.unwrap();
+    let mut state = archive_start(&model, &old, &src).await.unwrap().unwrap();
+    model.write();
+    archive_segment(&model, &old.store, &src, &mut state, &tuning, &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("a segment");
+    old.reload().await.unwrap();
+    assert!(old.cache().status().latest_restorable_ms.is_some());
+
+    // The same name, another instance: no full, no segment, no record of its own yet.
+    let new = entry_of(&dir, "inc-2");
+    new.reload().await.unwrap();
+    assert!(new.store.list_fulls().await.unwrap().complete.is_empty());
+    assert!(new.store.list_segments().await.unwrap().is_empty());
+    assert_eq!(new.cache().status(), BackupStatus::default());
+    assert!(archive_start(&model, &new, &src).await.unwrap().is_none(), "the old record was not inherited");
+    assert!(model.state().records.keys().all(|k| k.ends_with("/inc-1")), "{:?}", model.state().records.keys());
+    // Its own full starts its own record; the old incarnation's stays as it was.
+    take_full(&model, &new.store, &src, &tuning).await.unwrap();
+    new.reload().await.unwrap();
+    let fresh = archive_start(&model, &new, &src).await.unwrap().unwrap();
+    assert_eq!(fresh.record.incarnation.as_str(), "inc-2");
+    assert_eq!(old.store.list_fulls().await.unwrap().complete.len(), 1);
+}
+
+#[tokio::test]
+async fn a_former_incarnations_backups_are_swept_whole_once_past_their_retention_and_never_a_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, old, live, tuning) = (Model::new(), entry_of(&dir, "inc-1"), entry_of(&dir, "inc-2"), tuning());
+    model.write();
+    let src = source(&model, "", DB).await.unwrap();
+    take_full(&model, &old.store, &src, &tuning).await.unwrap();
+    take_full(&model, &live.store, &src, &tuning).await.unwrap();
+    let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    let agent_with = |orphan_retention: Duration| {
+        BackupAgent::new(
+            Arc::new(model.clone()),
+            fs.clone(),
+            "",
+            "test",
+            AgentTuning { orphan_retention, ..tuning.clone() },
+        )
+        .unwrap()
+    };
+
+    // Before it knows its targets, the agent sweeps nothing (everything would look former).
+    let agent = agent_with(Duration::ZERO);
+    assert!(agent.sweep().await.unwrap().is_empty());
+    // Within its retention, a former incarnation stays.
+    let patient = agent_with(Duration::from_secs(3_600));
+    patient.set_targets(vec![target("inc-2", RetentionPolicy::default())]).unwrap();
+    assert!(patient.sweep().await.unwrap().is_empty());
+    assert_eq!(old.store.list_fulls().await.unwrap().complete.len(), 1);
+    // Past it: deleted whole; the live incarnation untouched.
+    agent.set_targets(vec![target("inc-2", RetentionPolicy::default())]).unwrap();
+    let swept = agent.sweep().await.unwrap();
+    assert_eq!(swept.iter().map(|l| l.incarnation().as_str()).collect::<Vec<_>>(), vec!["inc-1"]);
+    let listing = old.store.list_fulls().await.unwrap();
+    assert!(listing.complete.is_empty() && listing.incomplete.is_empty() && listing.damaged.is_empty());
+    assert!(!dir.path().join("test/shop/inc-1").exists() || walk_files(&dir.path().join("test/shop/inc-1")) == 0);
+    assert_eq!(live.store.list_fulls().await.unwrap().complete.len(), 1);
+}
+
+fn walk_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.map(|e| e.unwrap().path()).map(|p| if p.is_dir() { walk_files(&p) } else { 1 }).sum())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn retention_keeps_in_the_cache_what_was_stored_after_its_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    model.write();
+    let src = source(&model, "", DB).await.unwrap();
+    take_full(&model, &entry.store, &src, &tuning).await.unwrap();
+    // An abandoned full long past its grace: retention has something to delete.
+    let abandoned = FullId::new(1, 1);
+    let req = ExportRequest {
+        db: DB.into(),
+        part: nimbus_api::migration::ExportPart::Documents,
+        after: None,
+        max_bytes: 1 << 20,
+        since_ms: None,
+    };
+    let page = model.export(&src.rs, &req).await.unwrap();
+    entry.store.put_page(&abandoned, 0, &page).await.unwrap();
+    entry.reload().await.unwrap();
+    // A segment the archiver stores while retention runs (after its listing): in the cache,
+    // not in the listing retention read.
+    let late = SegmentName {
+        lineage: src.lineage.clone(),
+        after: OplogPosition::end_of(1),
+        through: OplogPosition::end_of(2),
+        min_ts: 5,
+        max_ts: 6,
+        sha256: "0a".repeat(32),
+    };
+    entry.cache().segments.push(late.clone());
+
+    run_retention(&entry).await.unwrap();
+    assert!(entry.store.list_fulls().await.unwrap().incomplete.is_empty(), "the abandoned full was deleted");
+    let cache = entry.cache();
+    assert!(cache.segments.contains(&late), "a segment stored after retention's listing dropped out of the cache");
+    assert_eq!(cache.fulls.len(), 1);
+}
+
+#[tokio::test]
+async fn an_idle_database_moves_its_covered_time_in_its_record_not_in_new_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    let ticks = IdleTicks::default();
+    model.write();
+    let src = source(&model, "", DB).await.unwrap();
+    take_full(&model, &entry.store, &src, &tuning).await.unwrap();
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let last = model.write();
+    let stored = archive_segment(&model, &entry.store, &src, &mut state, &tuning, &ticks).await.unwrap();
+    assert!(matches!(stored, Some(Archived::Stored { .. })), "{stored:?}");
+    let objects = entry.store.list_segments().await.unwrap().len();
+
+    // Nobody writes: the covered time moves on, in the record only.
+    let mut tip = None;
+    for _ in 0..3 {
+        match archive_segment(&model, &entry.store, &src, &mut state, &tuning, &ticks).await.unwrap() {
+            Some(Archived::Idle { tip: t }) => tip = Some(t),
+            other => panic!("an idle round stored or did nothing: {other:?}"),
+        }
+    }
+    let tip = tip.unwrap();
+    assert!(tip.max_ts > last, "the idle time after the last write is covered: {tip:?}");
+    assert_eq!(entry.store.list_segments().await.unwrap().len(), objects, "no object for an idle round");
+    let (record, _) = model.state().records.values().next().cloned().unwrap();
+    assert_eq!(record.idle_tip(), Some(tip.clone()));
+    // A restore to a time only the record covers: planned with the record's tip, which
+    // it never lists for reading.
+    let fulls = entry.store.list_fulls().await.unwrap().complete;
+    let mut segments = entry.store.list_segments().await.unwrap();
+    let t = tip.max_ts;
+    assert!(plan_restore(&fulls, &segments, RestoreTarget::Time(t)).is_err(), "the store alone does not cover {t}");
+    segments.push(tip.clone());
+    let plan = plan_restore(&fulls, &segments, RestoreTarget::Time(t)).unwrap();
+    assert!(plan.segments.iter().all(|s| !s.is_record_only()), "{plan:?}");
+    assert_eq!(restore(&entry.store, &plan).await, model.state_at(t));
+
+    // A write: one segment from the stored position spans the idle stretch.
+    let before = state.record.position;
+    let t = model.write();
+    let Some(Archived::Stored { name, .. }) =
+        archive_segment(&model, &entry.store, &src, &mut state, &tuning, &ticks).await.unwrap()
+    else {
+        panic!("a write was not stored");
+    };
+    assert_eq!(name.after, before);
+    assert_eq!(state.record.idle_position, None);
+    assert!(plan_at(&entry.store, t).await.is_ok());
+
+    // An idle stretch older than idle_segment_every is stored as an empty segment.
+    let eager = AgentTuning { idle_segment_every: Duration::ZERO, ..tuning.clone() };
+    let stored = archive_segment(&model, &entry.store, &src, &mut state, &eager, &ticks).await.unwrap();
+    assert!(matches!(stored, Some(Archived::Stored { bytes: 0, .. })), "{stored:?}");
+}
+
+#[test]
+fn one_archiver_per_replica_set_renews_its_pin_early_per_idle_tick() {
+    let ticks = IdleTicks::default();
+    let rs = |name: &str| ReplicaSetAccess {
+        namespace: String::new(),
+        name: name.into(),
+        leader_admin: String::new(),
+        members: vec![],
+    };
+    let every = Duration::from_millis(500);
+    assert!(ticks.claim(&rs("a"), 10_000, every));
+    assert!(!ticks.claim(&rs("a"), 10_100, every), "a second database of rs a in the same tick");
+    assert!(ticks.claim(&rs("b"), 10_100, every), "another replica set ticks on its own");
+    assert!(ticks.claim(&rs("a"), 10_500, every), "the next tick of rs a");
 }

@@ -9,14 +9,16 @@ use nimbus_api::etcd::Route;
 use nimbus_api::migration::{DbOplogPage, ExportPage, ExportRequest, OplogPosition, PinOplogRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::controlplane::backup::Lineage;
+use crate::controlplane::backup::{Incarnation, Lineage, SegmentName};
 use crate::controlplane::migration::{ChecksumMarker, Failure, LiveWorld, MigrationWorld, ReplicaSetAccess};
 
-/// Where the agent's records live in etcd: one per database.
+/// Where the agent's records live in etcd: one per incarnation of a database.
 pub const BACKUPS: &str = "/nimbus/backups/";
 
-pub fn backup_key(db: &str) -> String {
-    format!("{BACKUPS}{db}")
+/// `/nimbus/backups/{db}/{incarnation}`: a new instance with a deleted one's database name
+/// starts a record of its own.
+pub fn backup_key(db: &str, incarnation: &Incarnation) -> String {
+    format!("{BACKUPS}{db}/{incarnation}")
 }
 
 /// The oplog archiver's progress for one database, persisted after each segment is stored
@@ -25,6 +27,8 @@ pub fn backup_key(db: &str) -> String {
 #[serde(rename_all = "camelCase")]
 pub struct ArchiveRecord {
     pub db: String,
+    /// The instance's incarnation (the record's key names it too).
+    pub incarnation: Incarnation,
     /// The lineage being archived (`{replica_set}.e{epoch}` of the route it started on).
     pub lineage: Lineage,
     /// Every change of the lineage at or before this is archived.
@@ -42,6 +46,26 @@ pub struct ArchiveRecord {
     /// must be taken and the archive restarts from its start.
     #[serde(default)]
     pub broken: bool,
+    /// Idle progress kept here rather than in an empty segment: the database has no change
+    /// in `(position, idle_position]`, and every change with a time at or before
+    /// `idle_covered_ms` is at or before `idle_position`. The next segment stored starts at
+    /// `position` and spans it; an empty one is stored only every
+    /// [`super::AgentTuning::idle_segment_every`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_position: Option<OplogPosition>,
+    #[serde(default)]
+    pub idle_covered_ms: u64,
+}
+
+impl ArchiveRecord {
+    /// The record's idle progress as a segment name without an object
+    /// ([`SegmentName::record_only`]): a listing with it appended covers the time the
+    /// record does (`recoverable_window`, `plan_restore`).
+    pub fn idle_tip(&self) -> Option<SegmentName> {
+        let through = self.idle_position?;
+        (!self.broken)
+            .then(|| SegmentName::record_only(self.lineage.clone(), self.position, through, self.idle_covered_ms))
+    }
 }
 
 /// Everything the agent does outside itself. Errors are the migration's [`Failure`]s (the
@@ -62,8 +86,12 @@ pub trait BackupWorld: Send + Sync {
     ) -> Result<DbOplogPage, Failure>;
     async fn pin_oplog(&self, rs: &ReplicaSetAccess, req: &PinOplogRequest) -> Result<(), Failure>;
     async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure>;
-    /// The archiver's record and its revision.
-    async fn archive_record(&self, db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure>;
+    /// The archiver's record of this incarnation of `db`, and its revision.
+    async fn archive_record(
+        &self,
+        db: &str,
+        incarnation: &Incarnation,
+    ) -> Result<Option<(ArchiveRecord, u64)>, Failure>;
     /// Writes the record if its revision is still `expected` (`None`: if there is none);
     /// the new revision, or `None` when another writer changed it.
     async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure>;
@@ -110,11 +138,15 @@ impl BackupWorld for LiveWorld {
         MigrationWorld::checksum(self, rs, db).await
     }
 
-    async fn archive_record(&self, db: &str) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
-        self.coord.get_json_revision(&backup_key(db)).await.map_err(from_coord)
+    async fn archive_record(
+        &self,
+        db: &str,
+        incarnation: &Incarnation,
+    ) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
+        self.coord.get_json_revision(&backup_key(db, incarnation)).await.map_err(from_coord)
     }
 
     async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
-        self.coord.put_json_if(&backup_key(&record.db), record, expected).await.map_err(from_coord)
+        self.coord.put_json_if(&backup_key(&record.db, &record.incarnation), record, expected).await.map_err(from_coord)
     }
 }
