@@ -375,16 +375,20 @@ fn nimbus(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(stdout.lines().next().unwrap_or_default().trim().to_owned())
 }
 
-/// The manifest of full `id`: `{dir}/backups/.../full/{id}/manifest.json`.
+/// The manifest of full `id`: `{dir}/backups/.../full/{id}/manifest_{sha256}.json`.
 fn full_manifest(dir: &Path, id: &str) -> anyhow::Result<Value> {
     let root = dir.join(nimbus_playground::backup::BACKUPS_DIR);
-    let tail = Path::new("full").join(id).join("manifest.json");
-    let path = find(&root, &tail).with_context(|| format!("no manifest of full {id} under {}", root.display()))?;
+    let missing = || format!("no manifest of full {id} under {}", root.display());
+    let full = find(&root, &Path::new("full").join(id)).with_context(missing)?;
+    let is_manifest = |p: &Path| {
+        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("manifest") && n.ends_with(".json"))
+    };
+    let path = std::fs::read_dir(&full)?.flatten().map(|e| e.path()).find(|p| is_manifest(p)).with_context(missing)?;
     let text = std::fs::read(&path).with_context(|| format!("failed to read {}", path.display()))?;
     serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))
 }
 
-/// The first file under `dir` whose path ends with `tail`.
+/// The first path under `dir` that ends with `tail`.
 fn find(dir: &Path, tail: &Path) -> Option<PathBuf> {
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
