@@ -1,7 +1,7 @@
 //! Shared parts of the benchmarks: the report format of `API.md` section 4, a closed-loop
 //! load generator (a number of clients, each sending its next request when the last is
 //! answered) and an open-loop one (requests at a fixed rate, whatever the answers), with
-//! latency histograms.
+//! latency histograms; an open loop that keeps every request's sample ([`open_loop`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 
 pub mod leader_changes;
 pub mod nginx;
+pub mod open_loop;
 pub use leader_changes::{LeaderChanges, admin_urls};
 use serde_json::{Map, Value};
 
@@ -350,6 +351,25 @@ fn histogram() -> Histogram<u64> {
     // The bounds are constants that hdrhistogram accepts; failure would be a bug here.
     #[allow(clippy::expect_used)]
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+/// A size given on the command line: `512MiB`, `64MB`, `1GiB`, `1048576` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size such as 512MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => return Err(format!("unknown size unit {other:?}: use KiB, MiB, GiB, kB, MB or GB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s} is too large"))
 }
 
 /// Median of a non-empty list.

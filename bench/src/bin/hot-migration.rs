@@ -23,17 +23,16 @@
 //! `served_vs_offered_write_rate` 1.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use nimbus_bench::{LeaderChanges, Report, http_outcome, run_load};
+use nimbus_bench::open_loop::{OpenLoop, Sample, get, insert, latency_ms, warn_failures, window};
+use nimbus_bench::{LeaderChanges, Report, parse_size, run_load};
 use nimbus_e2e::migration::{ANCHOR, PRELOAD, RUNNING, SWITCHED, Tenant, TwoPools, in_phase, migration_of, preload};
-use nimbus_e2e::workload::quantile;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -86,10 +85,6 @@ const TENANT: &str = "tenant";
 const OTHER: &str = "other";
 /// The collection of the tenant's measured inserts.
 const LOAD: &str = "load";
-/// Requests one loop may have unanswered before a due request counts as an `overload`
-/// failure instead of being sent: far above what the loops send.
-const MAX_IN_FLIGHT: usize = 20_000;
-
 /// Requests the tenant's loops send at once. The gateway takes at most 1,000 connections
 /// from one client address (its abuse bound, `--max-connections-per-ip`) and the load
 /// generator is one address; an HTTP/1.1 request in flight holds a connection. A request
@@ -103,112 +98,6 @@ static OTHER_SENDING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new
 const CUTOVER: Duration = Duration::from_secs(1);
 /// The collection of the baseline's inserts (kept apart from the measured ones).
 const BASELINE: &str = "baseline";
-
-/// `512MiB`, `64MB`, `1GiB`, `1048576`.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size such as 512MiB"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        other => return Err(format!("unknown size unit {other:?}: use KiB, MiB, GiB, kB, MB or GB")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s} is too large"))
-}
-
-/// One request of an open loop: when it was due (since the run's start), how long until
-/// its answer, and whether it succeeded.
-#[derive(Clone, Copy)]
-struct Sample {
-    seq: u64,
-    due: Duration,
-    latency_us: u64,
-    ok: bool,
-}
-
-/// An open loop running until [`OpenLoop::stop`]: `op(seq)` due every `1/rate` seconds.
-struct OpenLoop {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(Vec<Sample>, BTreeMap<String, u64>)>,
-}
-
-impl OpenLoop {
-    fn start<F, Fut>(t0: Instant, rate: f64, sending: &'static tokio::sync::Semaphore, op: F) -> OpenLoop
-    where
-        F: Fn(u64) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), String>> + Send + 'static,
-    {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let op = Arc::new(op);
-        let task = tokio::spawn(async move {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Sample, Option<String>)>();
-            let in_flight = Arc::new(AtomicUsize::new(0));
-            let start = tokio::time::Instant::now();
-            let period = Duration::from_secs_f64(1.0 / rate.max(1e-3));
-            let mut seq = 0u64;
-            while !stop2.load(Ordering::Relaxed) {
-                let due = start + period.mul_f64(seq as f64);
-                tokio::time::sleep_until(due).await;
-                let due_since_t0 = due.into_std().saturating_duration_since(t0);
-                if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
-                    let s = Sample { seq, due: due_since_t0, latency_us: 0, ok: false };
-                    let _ = tx.send((s, Some("overload".into())));
-                } else {
-                    in_flight.fetch_add(1, Ordering::Relaxed);
-                    let (op, in_flight, tx) = (op.clone(), in_flight.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let r = match sending.acquire().await {
-                            Ok(_sending) => op(seq).await,
-                            Err(_) => Err("the load generator stopped".to_string()),
-                        };
-                        in_flight.fetch_sub(1, Ordering::Relaxed);
-                        let latency_us = due.elapsed().as_micros().max(1) as u64;
-                        let s = Sample { seq, due: due_since_t0, latency_us, ok: r.is_ok() };
-                        let _ = tx.send((s, r.err()));
-                    });
-                }
-                seq += 1;
-            }
-            drop(tx);
-            let (mut samples, mut kinds) = (Vec::new(), BTreeMap::new());
-            while let Some((s, kind)) = rx.recv().await {
-                samples.push(s);
-                if let Some(k) = kind {
-                    *kinds.entry(k).or_insert(0u64) += 1;
-                }
-            }
-            samples.sort_by_key(|s| s.seq);
-            (samples, kinds)
-        });
-        OpenLoop { stop, task }
-    }
-
-    /// Stops sending and waits for every answer.
-    async fn stop(self) -> anyhow::Result<(Vec<Sample>, BTreeMap<String, u64>)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.context("a load loop panicked")
-    }
-}
-
-/// Samples due in `[from, to)`.
-fn window(samples: &[Sample], from: Duration, to: Duration) -> Vec<Sample> {
-    samples.iter().filter(|s| s.due >= from && s.due < to).copied().collect()
-}
-
-/// p50, p99 and max latency (ms) of the successful samples.
-fn latency_ms(samples: &[Sample]) -> (f64, f64, f64) {
-    let l: Vec<u64> = samples.iter().filter(|s| s.ok).map(|s| s.latency_us).collect();
-    let ms = |q| quantile(&l, q) as f64 / 1000.0;
-    (ms(0.5), ms(0.99), ms(1.0))
-}
 
 /// When each migration phase was first seen in `playground.json`, since the run's start.
 type Phases = BTreeMap<String, Duration>;
@@ -364,13 +253,7 @@ async fn main() -> anyhow::Result<()> {
     let (reads, read_errors) = reads.stop().await?;
     let (others, other_errors) = others.stop().await?;
     for (who, kinds) in [("tenant writes", &write_errors), ("tenant reads", &read_errors), ("other", &other_errors)] {
-        if !kinds.is_empty() {
-            // The most frequent kinds only: an error message naming ids is one kind per id.
-            let mut top: Vec<(&String, &u64)> = kinds.iter().collect();
-            top.sort_by(|a, b| b.1.cmp(a.1));
-            top.truncate(8);
-            eprintln!("warning: failures of the {who} ({} kinds), the most frequent: {top:?}", kinds.len());
-        }
+        warn_failures(who, kinds);
     }
 
     source_elections.sample(&source_admins, 0).await?;
@@ -504,22 +387,6 @@ fn renice(pids: &[u32], nice: u8) -> anyhow::Result<usize> {
         eprintln!("warning: renice -n {nice} of the target replica set's threads: {status} (a thread may have ended)");
     }
     Ok(threads.len())
-}
-
-/// Inserts `{_id: id}` into `coll`, with `id` as its idempotency key.
-async fn insert(t: &Tenant, coll: &str, id: &str) -> Result<(), String> {
-    let req = t
-        .client
-        .http
-        .request(Method::POST, t.url(&format!("collections/{coll}/documents")))
-        .bearer_auth(&t.token)
-        .header("idempotency-key", id)
-        .json(&json!({"documents": [{"_id": id, "v": 1}]}));
-    http_outcome(req.send().await).await
-}
-
-async fn get(t: &Tenant, rest: &str) -> Result<(), String> {
-    http_outcome(t.client.http.get(t.url(rest)).bearer_auth(&t.token).send().await).await
 }
 
 /// How many of the acknowledged inserts `w{seq}` are missing from [`LOAD`], read in pages

@@ -145,6 +145,16 @@ pub async fn archive_segment(
             tokio::time::sleep(tuning.poll.min(deadline - now)).await;
         }
     }
+    // The changes stamped after the covered time (the newest millisecond's: a later change
+    // may still carry it) wait for the next segment, which starts before them; times never
+    // go backwards in the log, so they are a suffix.
+    let keep = entries.partition_point(|e| e.ts_ms <= covered);
+    if keep < entries.len() {
+        let held: Vec<_> = entries.split_off(keep);
+        bytes =
+            bytes.saturating_sub(held.iter().map(|e| serde_json::to_vec(e).map(|v| v.len() as u64).unwrap_or(0)).sum());
+        pos = entries.last().map_or(from, |e| OplogPosition { index: e.index, seq: e.seq });
+    }
     if entries.is_empty() && pos == from && covered <= covered_before {
         return Ok(None);
     }

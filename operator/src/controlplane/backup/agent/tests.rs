@@ -358,6 +358,40 @@ async fn a_restarted_archiver_resumes_from_its_persisted_position_without_a_gap(
 }
 
 #[tokio::test]
+async fn changes_of_the_newest_millisecond_wait_for_the_next_segment() {
+    // Under steady writes the newest change read carries the replica set's clock, and a
+    // later change may carry the same millisecond: it is not covered yet, so it goes into
+    // the next segment (it used to make the segment invalid, and the archive stalled).
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry) = (Model::new(), entry(&dir));
+    // No idle tick: nothing moves the clock past the newest change.
+    let tuning = AgentTuning { idle_tick: Duration::from_secs(3600), ..tuning() };
+    for _ in 0..6 {
+        model.write();
+    }
+    let src = source(&model, "", DB).await.unwrap();
+    take_full(&model, &entry.store, &src, &tuning).await.unwrap();
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    model.write();
+    let second = model.write();
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("a segment");
+    assert_eq!(state.record.covered_ms, second - 1);
+    assert!(state.record.position < OplogPosition::end_of(model.state().applied), "the newest change held back");
+
+    model.write();
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("a segment");
+    let plan = plan_at(&entry.store, second).await.unwrap();
+    assert_eq!(restore(&entry.store, &plan).await, model.state_at(second));
+}
+
+#[tokio::test]
 async fn a_leader_change_mid_full_retries_it_under_a_new_id_and_the_broken_one_is_never_restorable() {
     let dir = tempfile::tempdir().unwrap();
     let model = Model::new();
