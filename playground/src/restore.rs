@@ -165,7 +165,7 @@ impl Restorer {
             to,
             collections,
             into_db: into_db.clone(),
-            mode: RestoreMode::Replace,
+            mode: if created.is_some() { RestoreMode::IntoNew } else { RestoreMode::Replace },
             id: format!("restore-{:08x}", rand::random::<u32>()),
             deadline: RETRY_FOR,
         };

@@ -44,7 +44,9 @@ impl RestoreRunner for LiveRestoreRunner {
                 RestoreDestination::Beside { suffix, renames } => {
                     RestoreMode::Beside { suffix: suffix.clone(), renames: renames.clone() }
                 }
-                RestoreDestination::InPlace | RestoreDestination::NewInstance { .. } => RestoreMode::Replace,
+                RestoreDestination::InPlace => RestoreMode::Replace,
+                // Its own new database: imported directly (no staging, no size bound).
+                RestoreDestination::NewInstance { .. } => RestoreMode::IntoNew,
             },
             // One import id per attempt of this DatabaseRestore.
             id: format!("restore-{}-{}", job.restore_uid, job.attempt),

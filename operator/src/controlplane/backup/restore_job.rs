@@ -39,6 +39,11 @@ pub enum RestoreMode {
     /// `renames` gives it, else `{name}{suffix}`; a name that exists is refused and nothing
     /// changes.
     Beside { suffix: Option<String>, renames: BTreeMap<String, String> },
+    /// Into a database that holds nothing yet (a new instance's): imported into it directly
+    /// (every client request refused until it is whole, then served at its route's epoch),
+    /// with no staging database and no `Publish`, so with no size bound. Refused, changing
+    /// nothing, when the database has collections.
+    IntoNew,
 }
 
 /// One restore.
@@ -243,9 +248,16 @@ async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
     attempt: u32,
 ) -> Result<(RestoreOutcome, Vec<String>), JobError> {
     let (rs, epoch) = target(world, &job.namespace, &job.into_db).await?;
+    let import_id = format!("{}-{attempt}", job.id);
+    if job.mode == RestoreMode::IntoNew {
+        let mut into = RestoreInto::new(rs, &job.into_db, &import_id, Some(epoch));
+        into.collections = job.collections.clone();
+        let outcome = restore(world, store, plan, &into).await.map_err(|f| JobError::Restore(Box::new(f)))?;
+        let published = outcome.collections.clone();
+        return Ok((outcome, published));
+    }
     let imported_on = rs.name.clone();
     let staging = restore_staging_db(&job.into_db);
-    let import_id = format!("{}-{attempt}", job.id);
     let mut into = RestoreInto::new(rs, &staging, &import_id, None);
     into.collections = job.collections.clone();
     let outcome = restore(world, store, plan, &into).await.map_err(|f| JobError::Restore(Box::new(f)))?;
@@ -282,8 +294,8 @@ fn beside_name(coll: &str, suffix: Option<&str>, renames: &BTreeMap<String, Stri
 /// renames only) is not published.
 fn publish_step(job: &RestoreJob, outcome: &RestoreOutcome, route_epoch: u64) -> (ImportStep, Vec<String>) {
     let (whole, collections, replace) = match (&job.mode, &job.collections) {
-        (RestoreMode::Replace, None) => (true, Vec::new(), true),
-        (RestoreMode::Replace, Some(_)) => {
+        (RestoreMode::Replace | RestoreMode::IntoNew, None) => (true, Vec::new(), true),
+        (RestoreMode::Replace | RestoreMode::IntoNew, Some(_)) => {
             let same = outcome.collections.iter().map(|c| PublishedCollection { from: c.clone(), to: c.clone() });
             (false, same.collect(), true)
         }
