@@ -88,6 +88,10 @@ fn a_backup_on_request_then_the_archive_keeps_the_window_within_seconds_of_the_l
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(incarnations.len(), 1, "{incarnations:?}");
+    // Every full compares the three members' checksums at its marker.
+    let log = std::fs::read_to_string(pg.dir.path().join("logs/control-plane.log")).unwrap();
+    assert!(log.contains("replica consistency check: 3 members agree"), "no replica check in the log");
+    assert!(v["instances"]["shop"]["backup"].get("replicaMismatch").is_none(), "{v}");
     let fulls = std::fs::read_dir(incarnations[0].join("full")).unwrap().count();
     assert!(fulls >= 1);
 }

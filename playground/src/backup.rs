@@ -36,6 +36,10 @@ pub struct PlaygroundBackup {
     pub last_full: Option<String>,
     pub earliest_restorable: Option<String>,
     pub latest_restorable: Option<String>,
+    /// The newest full's replica consistency check found members differing (absent when
+    /// they agree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_mismatch: Option<String>,
 }
 
 impl PlaygroundBackup {
@@ -44,6 +48,7 @@ impl PlaygroundBackup {
             last_full: status.last_full_ms.map(rfc3339),
             earliest_restorable: status.earliest_restorable_ms.map(rfc3339),
             latest_restorable: status.latest_restorable_ms.map(rfc3339),
+            replica_mismatch: status.replica_mismatch.clone(),
         }
     }
 }

@@ -121,6 +121,30 @@ impl AdminClient {
         Self::answer(admin, what, resp).await
     }
 
+    /// `GET /v1/admin/checksum?db=`: what the member recorded at the database's last
+    /// checksum marker; `None` when it recorded none (404).
+    pub async fn recorded_checksum<R: serde::de::DeserializeOwned>(
+        &self,
+        admin: &str,
+        db: &str,
+    ) -> Result<Option<R>, AdminError> {
+        let bad_url =
+            |e: String| AdminError::Refused { addr: admin.to_string(), what: "read checksum", status: 0, body: e };
+        let url = reqwest::Url::parse_with_params(&format!("{admin}/v1/admin/checksum"), &[("db", db)])
+            .map_err(|e| bad_url(e.to_string()))?;
+        let resp = self
+            .http
+            .get(url)
+            .header(reqwest::header::AUTHORIZATION, self.secret.authorization().clone())
+            .send()
+            .await
+            .map_err(|source| AdminError::Unreachable { addr: admin.to_string(), source })?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        Self::answer(admin, "read checksum", resp).await.map(Some)
+    }
+
     /// `GET /v1/admin/oplog?db=&afterIndex=&afterSeq=&limit=`: a database's oplog page.
     pub async fn db_oplog(
         &self,

@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use kube::ResourceExt;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
@@ -137,6 +138,7 @@ pub fn status_of(s: &agent::BackupStatus) -> BackupStatus {
         earliest_restorable: s.earliest_restorable_ms.map(rfc3339),
         latest_restorable: s.latest_restorable_ms.map(rfc3339),
         error: s.error.as_ref().map(|e| truncate(e, 1024)),
+        replica_mismatch: s.replica_mismatch.as_ref().map(|e| truncate(e, 2048)),
     }
 }
 
@@ -304,12 +306,34 @@ pub fn status_change(backups: &Backups, dbi: &DatabaseInstance) -> Option<Option
 
 /// Writes `status.backup` of each instance whose agent's view changed: a merge patch of
 /// that key alone (the instance reconciler writes the rest of the status, and keeps this
-/// key as the agent shows it). The instances written.
-pub async fn write_statuses(backups: &Backups, client: &kube::Client, instances: &[Arc<DatabaseInstance>]) -> usize {
+/// key as the agent shows it). A replica mismatch newly found is also a Warning Event
+/// `ReplicaChecksumMismatch` on the instance (with `recorder`). The instances written.
+pub async fn write_statuses(
+    backups: &Backups,
+    client: &kube::Client,
+    recorder: Option<&Recorder>,
+    instances: &[Arc<DatabaseInstance>],
+) -> usize {
     let mut written = 0;
     for dbi in instances {
         let Some(change) = status_change(backups, dbi) else { continue };
         let Some(ns) = dbi.namespace() else { continue };
+        let shown = dbi.status.as_ref().and_then(|s| s.backup.as_ref()).and_then(|b| b.replica_mismatch.clone());
+        if let (Some(recorder), Some(found)) = (recorder, change.as_ref().and_then(|c| c.replica_mismatch.clone()))
+            && shown.as_ref() != Some(&found)
+        {
+            warn!(instance = %dbi.name_any(), namespace = %ns, "replica consistency check failed: {found}");
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: "ReplicaChecksumMismatch".into(),
+                note: Some(truncate(&found, 1000)),
+                action: "Backup".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&ev, &dbi.object_ref(&())).await {
+                warn!(error = %e, "failed to publish an event");
+            }
+        }
         let api: Objects<DatabaseInstance> = Objects::namespaced(client.clone(), &ns);
         match api.patch_status(&dbi.name_any(), &json!({"status": {"backup": change}})).await {
             Ok(()) => written += 1,
@@ -329,10 +353,12 @@ pub async fn run(
     if instances.wait_until_ready().await.is_err() {
         return;
     }
+    let reporter = Reporter { controller: "nimbus-operator".into(), instance: None };
+    let recorder = Recorder::new(client.clone(), reporter);
     loop {
         let all = instances.state();
         backups.set_instances(all.iter().map(|i| i.as_ref()));
-        let written = write_statuses(&backups, &client, &all).await;
+        let written = write_statuses(&backups, &client, Some(&recorder), &all).await;
         debug!(written, "status.backup brought up to date");
         tokio::time::sleep(STATUS_EVERY).await;
     }

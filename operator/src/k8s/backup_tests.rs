@@ -125,7 +125,7 @@ async fn status_backup_is_written_from_the_agent_and_removed_when_backups_are_tu
     // The agent lists its store in the background: poll until the instance shows the full.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        backup::write_statuses(&backups, &client, &[shop()]).await;
+        backup::write_statuses(&backups, &client, None, &[shop()]).await;
         if api.get(INSTANCES, "shop").unwrap()["status"]["backup"]["lastFull"].is_string() {
             break;
         }
@@ -137,7 +137,7 @@ async fn status_backup_is_written_from_the_agent_and_removed_when_backups_are_tu
     assert_eq!(status["phase"], "Ready", "only status.backup is written: {status:#}");
     // Unchanged: nothing more is written.
     let calls = api.calls().len();
-    backup::write_statuses(&backups, &client, &[shop()]).await;
+    backup::write_statuses(&backups, &client, None, &[shop()]).await;
     assert_eq!(api.calls().len(), calls);
 
     // Turned off for the instance: its agent lets it go and the window goes from the status.
@@ -145,7 +145,7 @@ async fn status_backup_is_written_from_the_agent_and_removed_when_backups_are_tu
     off["spec"]["backup"] = json!({"enabled": false});
     api.put(INSTANCES, off);
     backups.set_instances([shop().as_ref()]);
-    assert_eq!(backup::write_statuses(&backups, &client, &[shop()]).await, 1);
+    assert_eq!(backup::write_statuses(&backups, &client, None, &[shop()]).await, 1);
     let status = api.get(INSTANCES, "shop").unwrap()["status"].clone();
     assert!(status.get("backup").is_none_or(|b| b.is_null()), "{status:#}");
 }

@@ -26,7 +26,7 @@ use object_store::ObjectStore;
 use tokio::task::JoinHandle;
 
 pub use archiver::{ArchiveState, Archived, IdleTicks, archive_pin_name, archive_segment};
-pub use full::{TakenFull, full_pin_name, take_full};
+pub use full::{ReplicaCheck, TakenFull, full_pin_name, replica_check, take_full};
 pub use world::{ArchiveRecord, BACKUPS, BackupWorld, backup_key};
 
 use super::{
@@ -182,6 +182,9 @@ pub struct BackupStatus {
     pub latest_restorable_ms: Option<u64>,
     /// The latest failure, until the next success.
     pub error: Option<String>,
+    /// The replica consistency check of the newest full: members whose checksum differed
+    /// from the leader's at the same index (kept until a full finds them agreeing).
+    pub replica_mismatch: Option<String>,
 }
 
 /// What the agent knows of one database's backups: the store's listing, kept current by its
@@ -203,6 +206,7 @@ struct Cache {
     full_taken: Option<u64>,
     archive_error: Option<String>,
     full_error: Option<String>,
+    replica_mismatch: Option<String>,
 }
 
 impl Cache {
@@ -220,6 +224,7 @@ impl Cache {
             earliest_restorable_ms: window.earliest_ms(),
             latest_restorable_ms: window.latest_ms(),
             error: self.full_error.clone().or_else(|| self.archive_error.clone()),
+            replica_mismatch: self.replica_mismatch.clone(),
         }
     }
 
@@ -449,6 +454,20 @@ async fn full_now(
     let mut cache = entry.cache();
     match result {
         Ok(taken) => {
+            match &taken.replicas {
+                Some(check @ ReplicaCheck::Mismatch { .. }) => {
+                    tracing::error!(db = %entry.target.db, "replica consistency check failed: {check}");
+                    metrics::counter!("nimbus_backup_replica_mismatches_total").increment(1);
+                    cache.replica_mismatch = Some(check.to_string());
+                }
+                Some(check @ ReplicaCheck::Agree { .. }) => {
+                    tracing::info!(db = %entry.target.db, "replica consistency check: {check}");
+                    cache.replica_mismatch = None;
+                }
+                None => {}
+            }
+            metrics::counter!("nimbus_backup_fulls_total", "result" => "ok").increment(1);
+            metrics::counter!("nimbus_backup_full_bytes_total").increment(taken.manifest.bytes);
             cache.fulls.push(taken.manifest.clone());
             cache.full_taken = Some(taken.doc_bytes);
             cache.full_error = None;
@@ -457,6 +476,7 @@ async fn full_now(
             Ok(taken.manifest)
         }
         Err(e) => {
+            metrics::counter!("nimbus_backup_fulls_total", "result" => "error").increment(1);
             cache.full_error = Some(e.to_string());
             Err(e)
         }

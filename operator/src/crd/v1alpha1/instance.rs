@@ -524,6 +524,12 @@ pub struct BackupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub error: Option<String>,
+    /// The replica consistency check of the newest full backup failed: the members whose
+    /// checksum of the database differed from the leader's at the same log index (also an
+    /// Event `ReplicaChecksumMismatch`). Cleared when a later full finds them agreeing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub replica_mismatch: Option<String>,
 }
 
 impl DatabaseInstance {

@@ -95,6 +95,16 @@ pub trait BackupWorld: Send + Sync {
     /// Writes the record if its revision is still `expected` (`None`: if there is none);
     /// the new revision, or `None` when another writer changed it.
     async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure>;
+    /// What each member of `rs` recorded at `db`'s last checksum marker, by member (its
+    /// admin address): `None` where it recorded none or did not answer. Empty when the
+    /// members cannot be asked one by one (then no replica check is made).
+    async fn recorded_checksums(
+        &self,
+        _rs: &ReplicaSetAccess,
+        _db: &str,
+    ) -> Result<Vec<(String, Option<ChecksumMarker>)>, Failure> {
+        Ok(Vec::new())
+    }
 }
 
 fn from_coord(e: crate::controlplane::CoordError) -> Failure {
@@ -144,6 +154,22 @@ impl BackupWorld for LiveWorld {
         incarnation: &Incarnation,
     ) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
         self.coord.get_json_revision(&backup_key(db, incarnation)).await.map_err(from_coord)
+    }
+
+    async fn recorded_checksums(
+        &self,
+        rs: &ReplicaSetAccess,
+        db: &str,
+    ) -> Result<Vec<(String, Option<ChecksumMarker>)>, Failure> {
+        let Some(addrs) = self.directory.admin_addrs(&rs.namespace, &rs.name).await else {
+            return Err(Failure::Gone(format!("replica set {} has no members listed", rs.name)));
+        };
+        let mut out = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let marker = self.admin.recorded_checksum(&addr, db).await.ok().flatten();
+            out.push((addr, marker));
+        }
+        Ok(out)
     }
 
     async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
