@@ -254,3 +254,45 @@ fn restore_into_a_new_instance_then_in_place_with_the_leader_killed_before_the_s
     assert_eq!(stdout, format!("restored to: {}", rfc3339(moment)));
     assert_eq!(t.snapshot(), at_t, "the database as it was at the moment, b gone");
 }
+
+#[test]
+fn a_backup_with_its_leader_killed_between_pages_is_taken_again_and_restores() {
+    let pg = Playground::up_with_env(&[], &[("FAILPOINTS", "backup-between-pages=return(3000)")]).unwrap();
+    let t = Tenant::of(&pg, "shop");
+    // About 2.4 MB: three pages of 1 MiB, so the full pauses between pages.
+    let pad = "x".repeat(8 * 1024);
+    for batch in 0..3 {
+        t.insert("a", (0..100).map(|n| json!({"_id": batch * 100 + n, "pad": pad})).collect());
+    }
+    let at_t = t.snapshot();
+    let log = pg.dir.path().join("logs/control-plane.log");
+    let pauses = || std::fs::read_to_string(&log).unwrap_or_default().matches("paused between pages").count();
+    let before = pauses();
+
+    let dir = pg.dir.path().to_owned();
+    let backing_up = std::thread::spawn(move || {
+        let bin = nimbus_e2e::binary("nimbus").unwrap();
+        std::process::Command::new(bin).args(["playground", "backup", "shop", "--dir"]).arg(&dir).output().unwrap()
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while pauses() <= before {
+        assert!(std::time::Instant::now() < deadline, "the full never paused between pages");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let http = reqwest::Client::new();
+    let (leader, _) = t.rt.block_on(pg.leader(&http)).expect("a leader");
+    nimbus_e2e::playground::kill9(leader["pid"].as_u64().unwrap() as u32).unwrap();
+
+    let out = backing_up.join().unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(out.status.success(), "backup failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(line.starts_with("backup: "), "{line}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("full backup failed; taking it again"), "the killed leader did not fail the first attempt");
+
+    // The backup taken restores the data; the abandoned attempt's pages are never used.
+    restorable(&pg, "shop", a_moment());
+    let line = restore(&pg, &["shop", "--to-time", "latest", "--into", "copy"]).unwrap();
+    assert!(line.starts_with("restored to: "), "{line}");
+    assert_eq!(Tenant::of(&pg, "copy").snapshot(), at_t);
+}

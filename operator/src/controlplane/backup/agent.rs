@@ -128,6 +128,20 @@ pub enum AgentError {
     Store(#[from] BackupError),
 }
 
+/// How long [`BackupAgent::backup_now`] starts a failed full again.
+pub const BACKUP_NOW_RETRY_FOR: Duration = Duration::from_secs(60);
+
+impl AgentError {
+    /// A failure that trying again may cure: the datanodes' or the store's passing ones.
+    pub fn is_passing(&self) -> bool {
+        match self {
+            AgentError::World(f) => matches!(f, Failure::Transient(_)),
+            AgentError::Store(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
 impl From<Failure> for AgentError {
     fn from(f: Failure) -> AgentError {
         AgentError::World(f)
@@ -355,10 +369,24 @@ impl BackupAgent {
         self.dbs().iter().map(|(db, b)| (db.clone(), b.cache().status())).collect()
     }
 
-    /// Takes a full backup of `db` now (after any full of it already running).
+    /// Takes a full backup of `db` now (after any full of it already running). A passing
+    /// failure (a leader change mid-full, the store briefly unreachable) starts the full
+    /// again under a new id, for up to [`BACKUP_NOW_RETRY_FOR`]; an abandoned attempt's
+    /// pages have no manifest, so no restore ever uses them (retention deletes them).
     pub async fn backup_now(&self, db: &str) -> Result<FullManifest, AgentError> {
         let entry = self.dbs().get(db).cloned().ok_or_else(|| AgentError::NotBackedUp { db: db.to_owned() })?;
-        full_now(&*self.world, &entry, &self.fulls, &self.tuning).await
+        let began = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match full_now(&*self.world, &entry, &self.fulls, &self.tuning).await {
+                Err(e) if e.is_passing() && began.elapsed() < BACKUP_NOW_RETRY_FOR => {
+                    tracing::warn!(db, attempt, error = %e, "full backup failed; taking it again");
+                    tokio::time::sleep(Duration::from_millis(250u64 << attempt.min(4))).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Deletes whole the backups of every incarnation in the agent's scope that is not a

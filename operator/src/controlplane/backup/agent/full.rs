@@ -169,6 +169,7 @@ pub async fn take_full(
         if after.is_none() {
             break;
         }
+        pause_at_failpoint().await;
         tokio::time::sleep(pacer.page(began.elapsed(), took, page_doc_bytes)).await;
     }
     let (last_index, last_ms) = last;
@@ -212,6 +213,23 @@ pub async fn take_full(
         "full backup taken"
     );
     Ok(TakenFull { manifest, doc_bytes, replicas })
+}
+
+/// The failpoint `backup-between-pages`: `return(MS)` pauses a full that long after each
+/// page but the last (tests kill the leader there). Nothing without the `failpoints`
+/// feature.
+async fn pause_at_failpoint() {
+    #[cfg(feature = "failpoints")]
+    {
+        let pause = (|| {
+            fail::fail_point!("backup-between-pages", |ms| ms.and_then(|ms| ms.parse::<u64>().ok()));
+            None
+        })();
+        if let Some(ms) = pause {
+            tracing::info!("full backup paused between pages for {ms} ms (failpoint)");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
 }
 
 /// Pins `name` on the source's oplog from `from_index` once half its lifetime is gone.
