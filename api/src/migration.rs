@@ -234,10 +234,23 @@ pub fn restore_staging_db(into: &str) -> String {
     format!("{into}{STAGING_SUFFIX}")
 }
 
+/// The suffix of a verification's scratch database: the background job that verifies the
+/// latest backup imports it there, compares the checksum and drops it (`Abort`); never
+/// finished, never published, never addressable by a client (`~`, as [`STAGING_SUFFIX`]).
+pub const VERIFY_SUFFIX: &str = "~verify";
+
+/// The scratch database a verification of `db`'s backup imports into: one per database, so
+/// a new verification's `Begin` drops what an abandoned one left.
+pub fn verify_scratch_db(db: &str) -> String {
+    format!("{db}{VERIFY_SUFFIX}")
+}
+
 /// A database name the admin API's import, checksum and export accept: a client's
-/// ([`crate::path::DbName`]) or a restore's staging database of one.
+/// ([`crate::path::DbName`]), a restore's staging database of one ([`restore_staging_db`])
+/// or a verification's scratch database of one ([`verify_scratch_db`]). Nothing else with
+/// a `~`: the client's name under the suffix must itself be valid.
 pub fn validate_admin_db(db: &str) -> Result<(), crate::ApiError> {
-    let name = db.strip_suffix(STAGING_SUFFIX).unwrap_or(db);
+    let name = db.strip_suffix(STAGING_SUFFIX).or_else(|| db.strip_suffix(VERIFY_SUFFIX)).unwrap_or(db);
     crate::limits::validate_name("database", name)
 }
 
@@ -299,4 +312,29 @@ pub struct DropDatabaseRequest {
     /// deletion). A datanode older than this field ignores it and drops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_epoch: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_api_takes_a_client_name_its_staging_and_its_scratch_database_and_nothing_else_with_a_tilde() {
+        for ok in ["shop", "shop~restore", "shop~verify", &restore_staging_db("a-b"), &verify_scratch_db("a_b")] {
+            assert!(validate_admin_db(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "~restore",
+            "~verify",
+            "shop~x",
+            "shop~restore~restore",
+            "shop~verify~verify",
+            "shop~restore~verify",
+            "shop~verify~restore",
+            "shop~",
+            "sh~op",
+        ] {
+            assert!(validate_admin_db(bad).is_err(), "{bad}");
+        }
+    }
 }

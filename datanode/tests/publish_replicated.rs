@@ -194,8 +194,30 @@ async fn every_member_publishes_alike_through_the_admin_api_and_no_client_reache
     let export = json!({"db": "shop~restore", "part": "documents", "maxBytes": 1000});
     let (status, page) = admin.post(leader, "/v1/admin/export", export).await;
     assert_eq!(status, 200, "{page}");
-    // Names that are neither a client's nor a staging one stay refused.
-    for bad in ["shop~x", "shop~restore~restore", "~restore"] {
+    // A verification's scratch copy (`shop~verify`): imported and summed through the admin
+    // API as a staging one is, never published, then dropped by its `Abort`.
+    assert_eq!(admin.import(leader, "shop~verify", json!("begin")).await.0, 200);
+    let collections = json!({"collections": {"collections": [{"name": "users", "indexes": []}]}});
+    assert_eq!(admin.import(leader, "shop~verify", collections).await.0, 200);
+    let docs: Vec<Value> =
+        (0..50).map(|i| json!({"coll": "users", "doc": {"_id": i, "email": format!("u{i}@x")}})).collect();
+    assert_eq!(admin.import(leader, "shop~verify", json!({"docs": {"docs": docs}})).await.0, 200);
+    let (status, scratch) = admin.post(leader, "/v1/admin/checksum", json!({"db": "shop~verify"})).await;
+    assert_eq!((status, &scratch["checksum"]), (200, &marker["checksum"]), "same documents, same sum: {scratch}");
+    assert_eq!(admin.get(leader, "/v1/admin/checksum?db=shop~verify").await.0, 200);
+    let export = json!({"db": "shop~verify", "part": "documents", "maxBytes": 1000});
+    assert_eq!(admin.post(leader, "/v1/admin/export", export).await.0, 200);
+    for into in ["shop", "shop~verify"] {
+        let publish = json!({"publish": {"into": into, "whole": true}});
+        let (status, body) = admin.import(leader, "shop~verify", publish).await;
+        assert_eq!(status, 400, "a Publish from a scratch copy into {into}: {body}");
+    }
+    assert_eq!(admin.import(leader, "shop~verify", json!("abort")).await.0, 200);
+    assert!(leader.sm.engine().list_collections("shop~verify").is_empty(), "the scratch copy is dropped");
+    assert!(!leader.sm.engine().list_collections("shop").is_empty(), "the served database is untouched");
+
+    // Names that are neither a client's nor a staging or scratch one stay refused.
+    for bad in ["shop~x", "shop~restore~restore", "~restore", "~verify", "shop~verify~verify", "shop~verify~restore"] {
         assert_eq!(admin.import(leader, bad, json!("begin")).await.0, 400, "{bad}");
         assert_eq!(admin.post(leader, "/v1/admin/checksum", json!({"db": bad})).await.0, 400, "{bad}");
     }
@@ -204,6 +226,8 @@ async fn every_member_publishes_alike_through_the_admin_api_and_no_client_reache
     let http = reqwest::Client::new();
     for path in [
         "/v1/databases/shop~restore/collections/users/find",
+        "/v1/databases/shop~verify/collections/users/find",
+        "/v1/databases/shop%7Everify/collections/users/count",
         "/v1/databases/shop%7Erestore/collections/users/find",
         "/v1/databases/shop%7erestore/collections/users/count",
     ] {

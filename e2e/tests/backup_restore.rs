@@ -4,7 +4,8 @@
 //! into segments, then restored to a random time into a fresh database on the same replica
 //! set through the import protocol and compared with a model of the history at that time:
 //! the whole database, and one collection under a new name. A damaged page and a time
-//! outside the window are refused with nothing served.
+//! outside the window are refused with nothing served. The background verification
+//! restores a full to its end in scratch space, matches its checksum and leaves nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
@@ -19,6 +20,7 @@ use nimbus_api::migration::{ExportPage, ImportAnswer, ImportRequest, ImportStep,
 use nimbus_e2e::{Cluster, poll};
 use nimbus_operator::controlplane::admin::AdminClient;
 use nimbus_operator::controlplane::backup::restore::{RestoreCause, RestoreInto, RestoreWorld, restore};
+use nimbus_operator::controlplane::backup::verify::verify_full;
 use nimbus_operator::controlplane::backup::{
     BackupLocation, BackupStore, FORMAT_VERSION, FullId, FullManifest, Incarnation, Lineage, NewSegment, RestoreError,
     RestoreTarget, plan_restore,
@@ -134,13 +136,16 @@ async fn write(c: &Cluster, db: &str, model: &mut Model, w: &Write, n: usize) ->
 
 /// Takes a full of `db` page by page (the export, as the backup agent reads it), making
 /// `between` (the next writes of the history) one after each page but the last: the pages
-/// come from different snapshots of a changing database.
+/// come from different snapshots of a changing database. With `checksum`, the manifest
+/// has the database's checksum marker taken right after the last page (no write between:
+/// the state at the full's end), as the backup agent records it.
 async fn take_full(
     c: &Cluster,
     store: &BackupStore,
     db: &str,
     model: &mut Model,
     between: &mut dyn Iterator<Item = (usize, Write)>,
+    checksum: bool,
 ) -> anyhow::Result<FullManifest> {
     let id = FullId::new(nimbus_operator::controlplane::migration::now_ms(), 1);
     let (mut pages, mut after): (Vec<ExportPage>, Option<String>) = (Vec::new(), None);
@@ -163,6 +168,16 @@ async fn take_full(
             write(c, db, model, &w, n).await?;
         }
     }
+    let checksum = match checksum {
+        true => {
+            let req = json!({ "db": db });
+            let (_, st, marker) =
+                c.leader_post(|i| format!("{}/v1/admin/checksum", c.nodes[i].admin), &req, None).await?;
+            ensure!(st == 200, "checksum of {db}: {st} {marker}");
+            Some(marker["checksum"].as_str().context("a marker without a checksum")?.to_string())
+        }
+        false => None,
+    };
     let (first, last) = (&pages[0], &pages[pages.len() - 1]);
     let manifest = FullManifest {
         format: FORMAT_VERSION,
@@ -176,7 +191,7 @@ async fn take_full(
         docs: entries.iter().map(|e| e.docs).sum(),
         bytes: entries.iter().map(|e| e.bytes).sum(),
         pages: entries,
-        checksum: None,
+        checksum,
     };
     store.put_manifest(&manifest).await?;
     Ok(manifest)
@@ -317,7 +332,7 @@ async fn case(c: &Cluster, dir: &std::path::Path, n: usize, h: History) -> anyho
     let rest: Vec<(usize, Write)> = writes.collect();
     let (during, after) = rest.split_at(rest.len().saturating_sub(3));
     let mut during = during.iter().cloned();
-    let full = take_full(c, &store, &db, &mut model, &mut during).await?;
+    let full = take_full(c, &store, &db, &mut model, &mut during, false).await?;
     for (i, w) in during.chain(after.iter().cloned()) {
         write(c, &db, &mut model, &w, i).await?;
     }
@@ -403,7 +418,7 @@ async fn backed_up(c: &Cluster, dir: &std::path::Path) -> anyhow::Result<(Backup
         let w = Write { coll: (i % 2) as usize, id: i, delete: false };
         write(c, "shop", &mut model, &w, i as usize).await?;
     }
-    let full = take_full(c, &store, "shop", &mut model, &mut std::iter::empty()).await?;
+    let full = take_full(c, &store, "shop", &mut model, &mut std::iter::empty(), false).await?;
     ensure!(full.pages.len() >= 2, "a full of {} page(s)", full.pages.len());
     write(c, "shop", &mut model, &Write { coll: 0, id: 99, delete: false }, 99).await?;
     let oplog = archive(c, &store, "shop").await?;
@@ -473,5 +488,71 @@ async fn a_damaged_page_or_a_time_outside_the_window_restores_nothing() -> anyho
     let (_, docs) = contents(&c, "shop-back", EPOCH).await?;
     assert_eq!(docs.len(), 13, "{docs:?}");
     assert_eq!(outcome.documents, 13);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_verifies_in_scratch_space_to_its_end_and_leaves_no_scratch_database() -> anyhow::Result<()> {
+    let c = Cluster::start(3, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let store = store_in(dir.path(), "shop");
+    let mut model = Model::new();
+    for i in 0..12u64 {
+        write(&c, "shop", &mut model, &Write { coll: (i % 2) as usize, id: i, delete: false }, i as usize).await?;
+    }
+    // Writes between the pages (a delete, an update, a new collection): only the replay
+    // from the first page's index makes the pages one state.
+    let mut between = [
+        Write { coll: 0, id: 0, delete: true },
+        Write { coll: 1, id: 1, delete: false },
+        Write { coll: 2, id: 50, delete: false },
+        Write { coll: 0, id: 2, delete: false },
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(k, w)| (100 + k, w));
+    let full = take_full(&c, &store, "shop", &mut model, &mut between, true).await?;
+    ensure!(
+        full.pages.len() >= 2 && model.made.len() > 12,
+        "a full of {} page(s) and no write between",
+        full.pages.len()
+    );
+    let at_end = model.state.len() as u64;
+    // Changes after the full's end: archived, not replayed by the verification.
+    for (k, w) in [Write { coll: 1, id: 3, delete: false }, Write { coll: 2, id: 51, delete: false }].iter().enumerate()
+    {
+        write(&c, "shop", &mut model, w, 200 + k).await?;
+    }
+    let oplog = archive(&c, &store, "shop").await?;
+    ensure!(oplog.iter().any(|e| OplogPosition { index: e.index, seq: e.seq } > full.end), "no change after the end");
+    let fulls = store.list_fulls().await?.complete;
+    ensure!(fulls.len() == 1 && fulls[0] == full, "{fulls:?}");
+    let segments = store.list_segments().await?;
+
+    let world = ClusterWorld(&c);
+    let v = verify_full(&world, &store, &full, &segments, access(), "verify-1").await?;
+    assert!(v.matched(), "{v:?}");
+    assert_eq!(Some(&v.checksum), full.checksum.as_ref());
+    assert_eq!(v.documents, at_end, "the state at the full's end, not after it");
+    assert!(v.scratch_dropped && v.changes_applied > 0, "{v:?}");
+
+    // No member keeps anything of the scratch copy: its checksum marker went with it, and
+    // an export of it is empty.
+    for (i, node) in c.nodes.iter().enumerate() {
+        let url = format!("{}/v1/admin/checksum?db=shop~verify", node.admin);
+        poll(&format!("member {i} to drop shop~verify"), Duration::from_secs(20), || async {
+            let (st, _) = c.client.get(&url).await;
+            (st == 404).then_some(())
+        })
+        .await?;
+    }
+    let req = json!({"db": "shop~verify", "part": "documents", "maxBytes": 100_000});
+    let (_, st, page) = c.leader_post(|i| format!("{}/v1/admin/export", c.nodes[i].admin), &req, None).await?;
+    ensure!(st == 200, "export of shop~verify: {st} {page}");
+    let page: ExportPage = serde_json::from_value(page)?;
+    assert!(page.collections.is_empty() && page.docs.is_empty(), "{page:?}");
+    // The database itself is untouched.
+    let (_, docs) = contents(&c, "shop", 0).await?;
+    assert_eq!(docs.len(), model.state.len());
     Ok(())
 }

@@ -270,5 +270,9 @@ mod tests {
         assert!(check_staging("shop", "shop").is_err());
         assert!(check_staging("other~restore", "shop").is_err());
         assert!(check_staging("shop~restore~restore", "shop~restore").is_err());
+        // A verification's scratch copy is never published, whatever `into` is named.
+        assert!(check_staging("shop~verify", "shop").is_err());
+        assert!(check_staging("shop~verify", "shop~verify").is_err());
+        assert!(check_staging("shop~verify~restore", "shop~verify").is_err());
     }
 }

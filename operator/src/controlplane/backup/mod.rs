@@ -26,6 +26,7 @@ pub mod restore;
 pub mod restore_job;
 pub mod s3_client;
 pub mod store;
+pub mod verify;
 
 #[cfg(test)]
 mod plan_tests;
@@ -33,13 +34,15 @@ mod plan_tests;
 mod restore_tests;
 #[cfg(test)]
 mod store_tests;
+#[cfg(test)]
+mod verify_tests;
 
 pub use format::{FORMAT_VERSION, FullManifest, PageEntry, sha256_hex};
 pub use layout::{BackupLocation, FullId, Incarnation, Lineage, SegmentName, scope_root};
 pub use location::{BackupStorage, OpenedStorage, S3Credentials, S3Options, StorageError};
 pub use plan::{
     Deletions, FullPolicy, RecoverableWindow, RestoreError, RestorePlan, RestoreTarget, RetentionPolicy, TimeRange,
-    full_due, plan_restore, recoverable_window, retention,
+    full_due, plan_restore, plan_to_full_end, recoverable_window, retention,
 };
 pub use store::{BackupStore, FullListing, NewSegment, ObjectLimits};
 

@@ -40,8 +40,12 @@ pub struct RestorePlan {
     /// changes after `full.start` and after the last position it already applied...
     pub segments: Vec<SegmentName>,
     /// ...and only those at or before this time: the point restored to (for
-    /// [`RestoreTarget::Latest`], the latest time covered).
+    /// [`RestoreTarget::Latest`], the latest time covered)...
     pub to_ms: u64,
+    /// ...and, when set, only those at or before this position: a verification stops
+    /// exactly at the full's `end` ([`plan_to_full_end`]), where the manifest's checksum
+    /// holds, even when later changes share `end_ms`. `None` for a restore to a time.
+    pub until: Option<OplogPosition>,
 }
 
 /// A span of restorable times, both ends included (ms).
@@ -224,6 +228,7 @@ pub fn plan_restore(
                 full: (*full).clone(),
                 segments: c.segments.into_iter().cloned().collect(),
                 to_ms: t,
+                until: None,
             });
         }
     }
@@ -232,6 +237,28 @@ pub fn plan_restore(
         Some(newest) if inside => Err(gap_error(newest, &lineages, t, window)),
         _ => Err(RestoreError::OutsideWindow { requested_ms: t, window }),
     }
+}
+
+/// What restores `full` to exactly its consistent point, its `end` (the state the
+/// manifest's checksum is of): its pages and the segments of its chain up to the first one
+/// reaching `end`, replayed through `end` and no further. Later segments are not read. Used
+/// by the background verification (`super::verify`); a gap before `end` is refused as
+/// [`plan_restore`] refuses one (`requested_ms` is the full's `end_ms`).
+pub fn plan_to_full_end(full: &FullManifest, segments: &[SegmentName]) -> Result<RestorePlan, RestoreError> {
+    let lineages = by_lineage(segments);
+    let lineage = lineages.get(&full.lineage).map(Vec::as_slice).unwrap_or(&[]);
+    // Any covered time will do (0): the walk stops at the first segment reaching the end.
+    let c = chain(full, lineage, Some(0));
+    if c.reached < full.end {
+        let window = window_of(std::slice::from_ref(full), &lineages);
+        return Err(gap_error(full, &lineages, full.end_ms, window));
+    }
+    Ok(RestorePlan {
+        full: full.clone(),
+        segments: c.segments.into_iter().cloned().collect(),
+        to_ms: full.end_ms,
+        until: Some(full.end),
+    })
 }
 
 fn gap_error(full: &FullManifest, lineages: &ByLineage<'_>, t: u64, window: RecoverableWindow) -> RestoreError {

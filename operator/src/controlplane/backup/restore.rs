@@ -13,7 +13,8 @@
 //! 3. The plan's segments ([`BackupStore::read_segment`]): every change after the full's
 //!    start, each position once (segments may overlap), in oplog order, up to the first
 //!    change past the full's end whose time is after the plan's `to_ms` (times only grow in
-//!    a replica set's oplog: the point in time is a prefix of it), sent as `Ops` in batches
+//!    a replica set's oplog: the point in time is a prefix of it), or past the plan's
+//!    `until` position when it has one, sent as `Ops` in batches
 //!    of at most [`BATCH_BYTES`] (one import entry stays far below the Raft append bound of
 //!    8 MiB, as an oplog page of `GET /v1/admin/oplog` does).
 //! 4. A checksum marker on the target ([`RestoreWorld::checksum`]), compared with the
@@ -427,6 +428,10 @@ impl<W: RestoreWorld + ?Sized> Run<'_, W> {
                 let at = OplogPosition { index: e.index, seq: e.seq };
                 if at <= applied {
                     continue;
+                }
+                // A plan bounded by position (a verification: exactly the full's end).
+                if plan.until.is_some_and(|until| at > until) {
+                    break 'segments;
                 }
                 // Past the end the full is consistent, and the first change after the time
                 // ends the replay: times only grow along the oplog.

@@ -16,30 +16,32 @@ use super::restore::{RestoreCause, RestoreInto, RestoreWorld, restore};
 use super::*;
 use crate::controlplane::migration::{ChecksumMarker, Failure, ReplicaSetAccess};
 
-const DB: &str = "shop";
+pub(super) const DB: &str = "shop";
 const INTO: &str = "shop-restored";
 
 /// The target replica set as the import protocol leaves it.
 #[derive(Debug, Default)]
-struct Target {
-    incoming: Option<String>,
-    serving: Option<u64>,
-    collections: BTreeSet<String>,
+pub(super) struct Target {
+    pub(super) incoming: Option<String>,
+    pub(super) serving: Option<u64>,
+    pub(super) collections: BTreeSet<String>,
     /// (collection, `_id` as JSON) → document JSON.
-    docs: BTreeMap<(String, String), String>,
+    pub(super) docs: BTreeMap<(String, String), String>,
     /// Every step received: its name and its JSON size.
-    steps: Vec<(&'static str, usize)>,
+    pub(super) steps: Vec<(&'static str, usize)>,
     /// The first step of this name fails so.
-    fail: Option<(&'static str, Failure)>,
+    pub(super) fail: Option<(&'static str, Failure)>,
 }
 
+/// A target importing the database `db` ([`INTO`] when empty).
 #[derive(Default)]
-struct Fake {
-    target: Mutex<Target>,
+pub(super) struct Fake {
+    pub(super) target: Mutex<Target>,
+    pub(super) db: String,
 }
 
 /// The order-independent sum the fake reports (any function of the contents will do).
-fn sum(docs: &BTreeMap<(String, String), String>) -> String {
+pub(super) fn sum(docs: &BTreeMap<(String, String), String>) -> String {
     sha256_hex(format!("{docs:?}").as_bytes())
 }
 
@@ -56,7 +58,7 @@ impl RestoreWorld for Fake {
         if t.fail.as_ref().is_some_and(|(s, _)| *s == step) {
             return Err(t.fail.take().unwrap().1);
         }
-        assert_eq!(req.db, INTO);
+        assert_eq!(req.db, self.db());
         let ours = t.incoming.as_deref() == Some(req.migration.as_str());
         match &req.step {
             ImportStep::Begin => {
@@ -111,26 +113,35 @@ impl RestoreWorld for Fake {
     }
 
     async fn checksum(&self, _rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure> {
-        assert_eq!(db, INTO);
+        assert_eq!(db, self.db());
         let t = self.target.lock().unwrap();
         Ok(ChecksumMarker { index: 0, checksum: sum(&t.docs), documents: t.docs.len() as u64, catalog: None })
     }
 }
 
 impl Fake {
-    fn steps(&self) -> Vec<&'static str> {
+    /// A target importing `db`.
+    pub(super) fn importing(db: &str) -> Fake {
+        Fake { db: db.to_owned(), ..Fake::default() }
+    }
+
+    fn db(&self) -> &str {
+        if self.db.is_empty() { INTO } else { &self.db }
+    }
+
+    pub(super) fn steps(&self) -> Vec<&'static str> {
         self.target.lock().unwrap().steps.iter().map(|s| s.0).collect()
     }
 }
 
-struct Fixture {
-    dir: tempfile::TempDir,
-    store: BackupStore,
-    pages: Vec<ExportPage>,
-    entries: Vec<OplogEntry>,
+pub(super) struct Fixture {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) store: BackupStore,
+    pub(super) pages: Vec<ExportPage>,
+    pub(super) entries: Vec<OplogEntry>,
 }
 
-fn page(index: u64, docs: Vec<Value>) -> ExportPage {
+pub(super) fn page(index: u64, docs: Vec<Value>) -> ExportPage {
     serde_json::from_value(json!({
         "index": index, "clockMs": 1_000 + index,
         "collections": [{"name": "orders", "indexes": [{"name": "by_total", "key": {"total": 1}}]}, {"name": "users", "indexes": []}],
@@ -139,7 +150,7 @@ fn page(index: u64, docs: Vec<Value>) -> ExportPage {
     .unwrap()
 }
 
-fn change(index: u64, coll: &str, id: u64, doc: Option<Value>) -> OplogEntry {
+pub(super) fn change(index: u64, coll: &str, id: u64, doc: Option<Value>) -> OplogEntry {
     let op = match doc {
         Some(mut d) => {
             d["_id"] = json!(id);
@@ -152,7 +163,7 @@ fn change(index: u64, coll: &str, id: u64, doc: Option<Value>) -> OplogEntry {
 
 /// A full of two pages (snapshots at 10 and 12, so the replay from 10 on makes them one),
 /// and two overlapping segments: changes at 9..=19, times `1000 + index`.
-async fn fixture(checksum: Option<String>) -> Fixture {
+pub(super) async fn fixture(checksum: Option<String>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let fs = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
     let store =
@@ -206,13 +217,13 @@ async fn fixture(checksum: Option<String>) -> Fixture {
 }
 
 impl Fixture {
-    async fn plan(&self, t: u64) -> RestorePlan {
+    pub(super) async fn plan(&self, t: u64) -> RestorePlan {
         let fulls = self.store.list_fulls().await.unwrap().complete;
         plan_restore(&fulls, &self.store.list_segments().await.unwrap(), RestoreTarget::Time(t)).unwrap()
     }
 
     /// The model: the pages, then every change after the full's start up to `t`.
-    fn expected(&self, t: u64, only: Option<&str>) -> BTreeMap<(String, String), String> {
+    pub(super) fn expected(&self, t: u64, only: Option<&str>) -> BTreeMap<(String, String), String> {
         let mut docs = BTreeMap::new();
         for p in &self.pages {
             for d in &p.docs {
@@ -233,7 +244,7 @@ impl Fixture {
     }
 }
 
-fn into() -> RestoreInto {
+pub(super) fn into() -> RestoreInto {
     let rs =
         ReplicaSetAccess { namespace: String::new(), name: "rs-2".into(), leader_admin: "x".into(), members: vec![] };
     RestoreInto::new(rs, INTO, "restore-1", Some(7))
@@ -308,7 +319,7 @@ async fn a_restore_to_the_full_end_is_checked_against_the_manifest_checksum() {
 }
 
 /// Flips a byte in the middle of the one stored file whose name ends with `suffix`.
-fn damage(dir: &std::path::Path, suffix: &str) -> String {
+pub(super) fn damage(dir: &std::path::Path, suffix: &str) -> String {
     let path = super::store_tests::file_ending(dir, suffix);
     let mut bytes = std::fs::read(&path).unwrap();
     let middle = bytes.len() / 2;

@@ -1,0 +1,224 @@
+//! Verification of a full backup (`docs/design/0004-backup.md`, "Verification"): the
+//! background job restores the latest full to scratch space and compares checksums, so a
+//! backup that would not restore is found before anyone needs it.
+//!
+//! [`verify_full`] restores the full to exactly its consistent point, its `end`
+//! ([`plan_to_full_end`]: the pages, then the archived changes after its start up to and
+//! including `end`, none after), through the restore engine ([`restore::restore`]: every
+//! page and segment read verified against its SHA-256) into the database's scratch copy
+//! `{db}~verify` ([`verify_scratch_db`]) on a replica set, never finished. The engine
+//! compares the copy's order-independent checksum with the manifest's (a whole-database
+//! restore to exactly `end`). Then the scratch copy is dropped (`Abort`), whatever
+//! happened: it never serves, and a copy left behind (the target unreachable) stays
+//! invisible until the next verification's `Begin` drops it.
+//!
+//! The caller (the backup agent's loop) picks the full (the newest complete one), the
+//! replica set (any with room: the scratch copy costs a full restore's space while it
+//! runs) and a fresh import id per attempt, and reports the answer in status and metrics.
+
+use nimbus_api::migration::{ImportRequest, ImportStep, OplogPosition, verify_scratch_db};
+
+use super::format::FullManifest;
+use super::layout::{FullId, SegmentName};
+use super::plan::{RestoreError, plan_to_full_end};
+use super::restore::{RestoreCause, RestoreFailure, RestoreInto, RestoreWorld, restore};
+use super::{BackupError, BackupStore};
+use crate::controlplane::migration::{Failure, ReplicaSetAccess};
+
+/// A verification that restored the full and compared (or could not compare) checksums.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    /// The full verified.
+    pub full: FullId,
+    /// Its consistent point, the state restored: its `end` and the time there (`end_ms`).
+    pub end: OplogPosition,
+    pub end_ms: u64,
+    /// Documents in the restored copy (the target's count at its checksum marker).
+    pub documents: u64,
+    /// The restored copy's checksum (hex).
+    pub checksum: String,
+    /// Archived changes replayed on the pages (from the full's start to its end).
+    pub changes_applied: u64,
+    /// JSON bytes of documents and changes sent to the scratch copy.
+    pub bytes: u64,
+    pub verdict: Verdict,
+    /// Whether the scratch copy's `Abort` was acknowledged (`false`: it stays invisible,
+    /// and the next verification's `Begin` drops it).
+    pub scratch_dropped: bool,
+}
+
+impl Verified {
+    /// Whether the restored copy's checksum equals the manifest's.
+    pub fn matched(&self) -> bool {
+        self.verdict == Verdict::Matched
+    }
+}
+
+/// What the comparison found (a difference is a [`VerifyCause::ChecksumMismatch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The restored copy's checksum equals the manifest's.
+    Matched,
+    /// The full restored (every object read and verified) but there was nothing to compare
+    /// with: why (a manifest without a checksum).
+    Unverifiable { reason: String },
+}
+
+/// A verification that failed: the backup would not restore, or restored to something else
+/// than its manifest says, or the scratch replica set failed.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to verify full {full} of database {db} (restored into {scratch}): {cause}{}",
+    if *.scratch_dropped { "" } else { " (the scratch copy could not be dropped: it stays invisible until the next verification drops it)" })]
+pub struct VerifyError {
+    pub db: String,
+    pub full: FullId,
+    /// The scratch database restored into (`{db}~verify`).
+    pub scratch: String,
+    pub cause: VerifyCause,
+    /// Whether nothing of the scratch copy is left (dropped, or never begun).
+    pub scratch_dropped: bool,
+}
+
+/// Why a verification failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyCause {
+    /// The archive does not reach the full's end (a lost or missing segment): the full
+    /// cannot be made consistent, so it restores to no time at all.
+    #[error(transparent)]
+    Plan(#[from] RestoreError),
+    /// A page or segment damaged, missing or unreadable (the message names the object).
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    /// The backup restored, but not to what its manifest recorded.
+    #[error("the restored copy's checksum {actual} differs from the manifest's {expected}")]
+    ChecksumMismatch { expected: String, actual: String },
+    /// The scratch replica set failed or refused a step.
+    #[error("the scratch replica set {replica_set} failed the import's {step} step: {failure}")]
+    Target { replica_set: String, step: &'static str, failure: Failure },
+    #[error("invalid verification request: {0}")]
+    Invalid(String),
+}
+
+impl VerifyError {
+    /// Whether the backup itself is at fault (damaged, missing, inconsistent with its
+    /// manifest, or its archive broken): what a person must be told. The others (the store
+    /// or the scratch replica set failing, a bad request) say nothing about the backup.
+    pub fn backup_is_bad(&self) -> bool {
+        match &self.cause {
+            VerifyCause::Plan(_) | VerifyCause::ChecksumMismatch { .. } => true,
+            VerifyCause::Backup(e) => !e.is_retryable(),
+            VerifyCause::Target { .. } | VerifyCause::Invalid(_) => false,
+        }
+    }
+
+    /// Whether the same verification tried again may succeed: the object store's or the
+    /// scratch replica set's passing failures.
+    pub fn is_retryable(&self) -> bool {
+        match &self.cause {
+            VerifyCause::Backup(e) => e.is_retryable(),
+            VerifyCause::Target { failure: Failure::Transient(_), .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Verifies `full` (a complete full of `store`'s database): restores it with `segments`
+/// (the store's listing of the database's segments; only those of the full's lineage up to
+/// its end are read) to exactly its end into `{db}~verify` on `rs` under import id
+/// `import_id` (fresh per attempt), compares the copy's checksum with the manifest's, and
+/// drops the copy. See the module's documentation.
+pub async fn verify_full<W: RestoreWorld + ?Sized>(
+    world: &W,
+    store: &BackupStore,
+    full: &FullManifest,
+    segments: &[SegmentName],
+    rs: ReplicaSetAccess,
+    import_id: &str,
+) -> Result<Verified, VerifyError> {
+    let db = store.location().db().to_owned();
+    let scratch = verify_scratch_db(&db);
+    let fail = |cause: VerifyCause, scratch_dropped: bool| VerifyError {
+        db: db.clone(),
+        full: full.id.clone(),
+        scratch: scratch.clone(),
+        cause,
+        scratch_dropped,
+    };
+    // Refused before anything is sent: nothing to drop.
+    if full.db != db {
+        return Err(fail(
+            VerifyCause::Invalid(format!("full {} is of database {}, the store's is {db}", full.id, full.db)),
+            true,
+        ));
+    }
+    let plan = plan_to_full_end(full, segments).map_err(|e| fail(e.into(), true))?;
+    let into = RestoreInto::new(rs, &scratch, import_id, None);
+    tracing::info!(db = %db, full = %full.id, replica_set = %into.replica_set.name, segments = plan.segments.len(),
+        "verification started");
+    let restored = restore(world, store, &plan, &into).await;
+    // The scratch copy goes whatever happened; a failed restore has sent its own `Abort`
+    // and says whether it was acknowledged (or nothing was begun).
+    let scratch_dropped = match &restored {
+        Err(f) if f.import_dropped => true,
+        _ => abort(world, &into).await,
+    };
+    let outcome = match restored {
+        Ok(outcome) => outcome,
+        Err(RestoreFailure { cause, .. }) => {
+            let cause = match cause {
+                RestoreCause::Backup(e) => VerifyCause::Backup(e),
+                RestoreCause::ChecksumMismatch { expected, actual, .. } => {
+                    VerifyCause::ChecksumMismatch { expected, actual }
+                }
+                RestoreCause::Target { replica_set, step, failure } => {
+                    VerifyCause::Target { replica_set, step, failure }
+                }
+                RestoreCause::Invalid(m) => VerifyCause::Invalid(m),
+                // A whole-database restore names no collection.
+                e @ RestoreCause::MissingCollections(_) => VerifyCause::Invalid(e.to_string()),
+            };
+            let e = fail(cause, scratch_dropped);
+            tracing::warn!(db = %db, full = %full.id, error = %e, backup_is_bad = e.backup_is_bad(),
+                "verification failed");
+            return Err(e);
+        }
+    };
+    let verdict = match (&full.checksum, outcome.checksum_verified) {
+        (Some(_), true) => Verdict::Matched,
+        (None, _) => Verdict::Unverifiable { reason: format!("the manifest of full {} has no checksum", full.id) },
+        // The plan stops at the full's end, so the engine compared: a bug if not.
+        (Some(_), false) => Verdict::Unverifiable {
+            reason: format!(
+                "the restore reached index {} seq {}, not the full's end: no comparison made",
+                outcome.reached.index, outcome.reached.seq
+            ),
+        },
+    };
+    let verified = Verified {
+        full: full.id.clone(),
+        end: full.end,
+        end_ms: full.end_ms,
+        documents: outcome.documents,
+        checksum: outcome.checksum.checksum,
+        changes_applied: outcome.changes_applied,
+        bytes: outcome.bytes,
+        verdict,
+        scratch_dropped,
+    };
+    tracing::info!(db = %db, full = %full.id, documents = verified.documents, matched = verified.matched(),
+        scratch_dropped, "verification done");
+    Ok(verified)
+}
+
+/// Drops the scratch copy; whether the target acknowledged it.
+async fn abort<W: RestoreWorld + ?Sized>(world: &W, into: &RestoreInto) -> bool {
+    let req = ImportRequest { db: into.db.clone(), migration: into.import_id.clone(), step: ImportStep::Abort };
+    match world.import(&into.replica_set, &req).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(db = %into.db, replica_set = %into.replica_set.name, error = %e,
+                "failed to drop a verification's scratch copy");
+            false
+        }
+    }
+}
