@@ -92,6 +92,13 @@ fn a_backup_on_request_then_the_archive_keeps_the_window_within_seconds_of_the_l
     let log = std::fs::read_to_string(pg.dir.path().join("logs/control-plane.log")).unwrap();
     assert!(log.contains("replica consistency check: 3 members agree"), "no replica check in the log");
     assert!(v["instances"]["shop"]["backup"].get("replicaMismatch").is_none(), "{v}");
+    // The newest full is verified by a scratch restore (right after the first one).
+    pg.wait("a verified backup", Duration::from_secs(60), |v| {
+        ms_of(&v["instances"]["shop"]["backup"]["lastVerified"]).is_some()
+    })
+    .unwrap();
+    let v = pg.json().unwrap();
+    assert!(v["instances"]["shop"]["backup"].get("verifyError").is_none(), "{v}");
     let fulls = std::fs::read_dir(incarnations[0].join("full")).unwrap().count();
     assert!(fulls >= 1);
 }

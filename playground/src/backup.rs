@@ -40,6 +40,12 @@ pub struct PlaygroundBackup {
     /// they agree).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_mismatch: Option<String>,
+    /// The end of the newest full a scratch restore verified, and the last verification's
+    /// failure (absent when none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_error: Option<String>,
 }
 
 impl PlaygroundBackup {
@@ -49,6 +55,8 @@ impl PlaygroundBackup {
             earliest_restorable: status.earliest_restorable_ms.map(rfc3339),
             latest_restorable: status.latest_restorable_ms.map(rfc3339),
             replica_mismatch: status.replica_mismatch.clone(),
+            last_verified: status.last_verified_ms.map(rfc3339),
+            verify_error: status.verify_error.clone(),
         }
     }
 }

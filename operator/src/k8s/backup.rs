@@ -139,6 +139,8 @@ pub fn status_of(s: &agent::BackupStatus) -> BackupStatus {
         latest_restorable: s.latest_restorable_ms.map(rfc3339),
         error: s.error.as_ref().map(|e| truncate(e, 1024)),
         replica_mismatch: s.replica_mismatch.as_ref().map(|e| truncate(e, 2048)),
+        last_verified: s.last_verified_ms.map(rfc3339),
+        verify_error: s.verify_error.as_ref().map(|e| truncate(e, 1024)),
     }
 }
 

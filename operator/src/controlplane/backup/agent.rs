@@ -78,6 +78,10 @@ pub struct AgentTuning {
     /// hold; then [`BackupAgent::sweep`] deletes them whole. The instance's own window is
     /// gone with its spec, so this is the agent's (7 days, the default window).
     pub orphan_retention: Duration,
+    /// How often the newest full is verified by restoring it to scratch space on its
+    /// replica set and comparing checksums (`backup::verify`): right after the first full,
+    /// then at most this often (a verification costs a restore's load). Zero: never.
+    pub verify_every: Duration,
 }
 
 impl Default for AgentTuning {
@@ -98,6 +102,7 @@ impl Default for AgentTuning {
             max_concurrent_fulls: 2,
             full_policy: FullPolicy::default(),
             orphan_retention: Duration::from_millis(RetentionPolicy::default().window_ms),
+            verify_every: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -199,6 +204,10 @@ pub struct BackupStatus {
     /// The replica consistency check of the newest full: members whose checksum differed
     /// from the leader's at the same index (kept until a full finds them agreeing).
     pub replica_mismatch: Option<String>,
+    /// The end of the newest full verified by a scratch restore (its checksum equal to the
+    /// manifest's), and the latest verification's failure until the next success.
+    pub last_verified_ms: Option<u64>,
+    pub verify_error: Option<String>,
 }
 
 /// What the agent knows of one database's backups: the store's listing, kept current by its
@@ -221,6 +230,17 @@ struct Cache {
     archive_error: Option<String>,
     full_error: Option<String>,
     replica_mismatch: Option<String>,
+    /// The newest full verified and when; the last verification's failure.
+    verified: Option<VerifiedFull>,
+    verify_error: Option<String>,
+    verify_tried: Option<(FullId, Instant)>,
+    /// After a passing failure: not before this.
+    verify_after: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+struct VerifiedFull {
+    end_ms: u64,
 }
 
 impl Cache {
@@ -239,6 +259,8 @@ impl Cache {
             latest_restorable_ms: window.latest_ms(),
             error: self.full_error.clone().or_else(|| self.archive_error.clone()),
             replica_mismatch: self.replica_mismatch.clone(),
+            last_verified_ms: self.verified.as_ref().map(|v| v.end_ms),
+            verify_error: self.verify_error.clone(),
         }
     }
 
@@ -547,6 +569,7 @@ async fn schedule_loop(
             tokio::time::sleep(tuning.retry).await;
             continue;
         }
+        verify_when_due(&*world, &entry, &fulls, &tuning).await;
         if last_retention.is_none_or(|t| t.elapsed() >= tuning.retention_every) && entry.cache().loaded {
             match run_retention(&entry).await {
                 Ok(()) => last_retention = Some(Instant::now()),
@@ -554,6 +577,76 @@ async fn schedule_loop(
             }
         }
         tokio::time::sleep(tuning.poll.max(Duration::from_millis(100)) * 4).await;
+    }
+}
+
+/// Verifies the newest full (`backup::verify`) when none was tried yet, or when
+/// `verify_every` has passed since the last try and a newer full exists; through the
+/// agent's bound on concurrent fulls (a verification is a restore's load).
+async fn verify_when_due(
+    world: &dyn BackupWorld,
+    entry: &DbBackups,
+    fulls: &tokio::sync::Semaphore,
+    tuning: &AgentTuning,
+) {
+    let Some(restorer) = world.restorer() else { return };
+    if tuning.verify_every.is_zero() {
+        return;
+    }
+    let (newest, segments) = {
+        let cache = entry.cache();
+        let Some(newest) = cache.fulls.iter().max_by_key(|f| (f.end_ms, f.id.clone())).cloned() else { return };
+        let due = match &cache.verify_tried {
+            None => true,
+            Some((id, at)) => id != &newest.id && at.elapsed() >= tuning.verify_every,
+        } && cache.verify_after.is_none_or(|t| Instant::now() >= t);
+        if !due {
+            return;
+        }
+        let mut segments = cache.segments.clone();
+        segments.extend(cache.tip.clone());
+        (newest, segments)
+    };
+    let Ok(_permit) = fulls.acquire().await else { return };
+    let db = &entry.target.db;
+    let rs = match source(world, &entry.target.namespace, db).await {
+        Ok(src) => src.rs,
+        Err(e) => {
+            tracing::debug!(db = %db, error = %e, "no verification now");
+            return;
+        }
+    };
+    let import_id = format!("verify-{}-{:08x}", newest.id, rand::random::<u32>());
+    let result =
+        crate::controlplane::backup::verify::verify_full(restorer, &entry.store, &newest, &segments, rs, &import_id)
+            .await;
+    let mut cache = entry.cache();
+    cache.verify_tried = Some((newest.id.clone(), Instant::now()));
+    match result {
+        Ok(v) if v.matched() => {
+            tracing::info!(db = %db, full = %newest.id, documents = v.documents, "backup verified: a scratch restore matches its checksum");
+            metrics::counter!("nimbus_backup_verifications_total", "result" => "matched").increment(1);
+            cache.verified = Some(VerifiedFull { end_ms: newest.end_ms });
+            cache.verify_error = None;
+        }
+        Ok(v) => {
+            tracing::info!(db = %db, full = %newest.id, verdict = ?v.verdict, "backup restored to scratch space, not comparable");
+            metrics::counter!("nimbus_backup_verifications_total", "result" => "unverifiable").increment(1);
+        }
+        Err(e) if e.backup_is_bad() => {
+            tracing::error!(db = %db, full = %newest.id, error = %e, "backup verification failed");
+            metrics::counter!("nimbus_backup_verifications_total", "result" => "bad").increment(1);
+            cache.verify_error = Some(e.to_string());
+        }
+        Err(e) => {
+            // A passing failure: tried again at the next due time, not reported as a bad backup.
+            tracing::warn!(db = %db, full = %newest.id, error = %e, "backup verification did not complete");
+            metrics::counter!("nimbus_backup_verifications_total", "result" => "error").increment(1);
+            if e.is_retryable() {
+                cache.verify_tried = None;
+                cache.verify_after = Some(Instant::now() + tuning.retry * 15);
+            }
+        }
     }
 }
 

@@ -530,6 +530,16 @@ pub struct BackupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     pub replica_mismatch: Option<String>,
+    /// The end of the newest full backup verified by restoring it to scratch space and
+    /// comparing its checksum (right after the first full, then daily).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 40))]
+    pub last_verified: Option<String>,
+    /// The latest verification's failure (a damaged object, a checksum that differs),
+    /// until one succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub verify_error: Option<String>,
 }
 
 impl DatabaseInstance {

@@ -95,6 +95,12 @@ pub trait BackupWorld: Send + Sync {
     /// Writes the record if its revision is still `expected` (`None`: if there is none);
     /// the new revision, or `None` when another writer changed it.
     async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure>;
+    /// The import calls a scratch restore needs (`backup::verify`); `None` where the agent
+    /// does not verify.
+    fn restorer(&self) -> Option<&dyn crate::controlplane::backup::restore::RestoreWorld> {
+        None
+    }
+
     /// What each member of `rs` recorded at `db`'s last checksum marker, by member (its
     /// admin address): `None` where it recorded none or did not answer. Empty when the
     /// members cannot be asked one by one (then no replica check is made).
@@ -154,6 +160,10 @@ impl BackupWorld for LiveWorld {
         incarnation: &Incarnation,
     ) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
         self.coord.get_json_revision(&backup_key(db, incarnation)).await.map_err(from_coord)
+    }
+
+    fn restorer(&self) -> Option<&dyn crate::controlplane::backup::restore::RestoreWorld> {
+        Some(self)
     }
 
     async fn recorded_checksums(
