@@ -212,24 +212,45 @@ async fn archive(c: &Cluster, store: &BackupStore, db: &str) -> anyhow::Result<V
             break;
         }
     }
-    let (mut after, mut covered) = (OplogPosition::default(), 0);
-    let chunks: Vec<&[OplogEntry]> = all.chunks(SEGMENT_CHANGES).collect();
-    for (i, chunk) in chunks.iter().enumerate() {
-        let last = chunk.last().context("an empty chunk")?;
-        let through = if i + 1 == chunks.len() { pos } else { OplogPosition { index: last.index, seq: last.seq } };
-        covered = chunk.iter().map(|e| e.ts_ms).max().unwrap_or(covered).max(covered);
-        store
-            .put_segment(&NewSegment {
-                lineage: Lineage::new("rs0.e0")?,
-                after,
-                through,
-                covered_through_ms: covered,
-                entries: chunk.to_vec(),
-            })
-            .await?;
-        after = through;
+    for segment in segments(&all, pos)? {
+        store.put_segment(&segment).await?;
     }
     Ok(all)
+}
+
+/// Cuts a database's whole oplog (`all`, read through `end`: nothing is written to the
+/// database after it) into segments of about [`SEGMENT_CHANGES`] changes each, as the
+/// archiver stores them: a segment's covered time (`maxTs`) promises that every change at
+/// or before it is in that segment or an earlier one, so a cut never falls inside a
+/// millisecond (an insert creating its collection is two changes at one time, and two
+/// writes may share one). The changes of the millisecond a cut would split wait for the
+/// next segment, as the archiver holds back its newest millisecond's; a segment all of one
+/// millisecond takes the rest of it instead.
+fn segments(all: &[OplogEntry], end: OplogPosition) -> anyhow::Result<Vec<NewSegment>> {
+    let (mut out, mut after, mut rest) = (Vec::new(), OplogPosition::default(), all);
+    while !rest.is_empty() {
+        let mut n = rest.len().min(SEGMENT_CHANGES);
+        if let Some(next) = rest.get(n) {
+            // Times never go backwards in the oplog: the split millisecond's changes are a
+            // suffix of this cut and a prefix of the rest.
+            n = match rest[..n].partition_point(|e| e.ts_ms < next.ts_ms) {
+                0 => n + rest[n..].partition_point(|e| e.ts_ms <= next.ts_ms),
+                held => held,
+            };
+        }
+        let (chunk, later) = rest.split_at(n);
+        let last = chunk.last().context("an empty chunk")?;
+        let through = if later.is_empty() { end } else { OplogPosition { index: last.index, seq: last.seq } };
+        out.push(NewSegment {
+            lineage: Lineage::new("rs0.e0")?,
+            after,
+            through,
+            covered_through_ms: last.ts_ms,
+            entries: chunk.to_vec(),
+        });
+        (after, rest) = (through, later);
+    }
+    Ok(out)
 }
 
 /// A data API request to the leader at route epoch `epoch`, tried until a leader answers.
@@ -554,5 +575,81 @@ async fn a_full_verifies_in_scratch_space_to_its_end_and_leaves_no_scratch_datab
     // The database itself is untouched.
     let (_, docs) = contents(&c, "shop", 0).await?;
     assert_eq!(docs.len(), model.state.len());
+    Ok(())
+}
+
+/// The archive's segments keep the promise of a segment's `maxTs` (every change with a time
+/// at or before it is in that segment or an earlier one) where a cut every
+/// [`SEGMENT_CHANGES`] changes would fall inside one millisecond: an insert that creates its
+/// collection is two changes of one command, at one time. A restore to that time must get
+/// both (the planner stops at the first segment covering the time).
+#[tokio::test]
+async fn the_archive_never_cuts_a_segment_inside_a_millisecond() -> anyhow::Result<()> {
+    let change = |index: u64, seq: u32, ts_ms: u64, coll: &str, op: OplogOp| OplogEntry {
+        index,
+        seq,
+        ts_ms,
+        db: "s".into(),
+        coll: Some(coll.into()),
+        op,
+    };
+    let put = |id: u64, v: u64| OplogOp::Put { id: json!(id), doc: json!({"_id": id, "v": v}) };
+    // Four changes, then an insert creating c0: its create is the fifth change, its put the
+    // sixth, both at 120.
+    let oplog = vec![
+        change(1, 0, 100, "c2", OplogOp::CreateCollection),
+        change(1, 1, 100, "c2", put(0, 0)),
+        change(2, 0, 105, "c2", put(0, 1)),
+        change(3, 0, 110, "c2", put(0, 2)),
+        change(4, 0, 120, "c0", OplogOp::CreateCollection),
+        change(4, 1, 120, "c0", put(0, 3)),
+        change(5, 0, 130, "c0", put(0, 4)),
+    ];
+    let end = OplogPosition::end_of(5);
+    let segments = segments(&oplog, end)?;
+    for (i, s) in segments.iter().enumerate() {
+        for later in segments[i + 1..].iter().flat_map(|s| &s.entries) {
+            ensure!(
+                later.ts_ms > s.covered_through_ms,
+                "change {}:{} at {} is after segment {i}, which covers through {}",
+                later.index,
+                later.seq,
+                later.ts_ms,
+                s.covered_through_ms
+            );
+        }
+    }
+    ensure!(segments.iter().map(|s| s.entries.len()).sum::<usize>() == oplog.len(), "{segments:?}");
+
+    // What a restore to 120 reads, from a full of the empty database taken before it all.
+    let dir = tempfile::tempdir()?;
+    let store = store_in(dir.path(), "s");
+    let mut stored = Vec::new();
+    for s in &segments {
+        stored.push((store.put_segment(s).await?, &s.entries));
+    }
+    let full = FullManifest {
+        format: FORMAT_VERSION,
+        id: FullId::new(90, 1),
+        db: "s".into(),
+        lineage: Lineage::new("rs0.e0")?,
+        start: OplogPosition::end_of(0),
+        end: OplogPosition::end_of(0),
+        start_ms: 90,
+        end_ms: 90,
+        docs: 0,
+        bytes: 0,
+        pages: vec![],
+        checksum: None,
+    };
+    let plan = plan_restore(&[full], &store.list_segments().await?, RestoreTarget::Time(120))?;
+    let replayed: Vec<(u64, u32)> = plan
+        .segments
+        .iter()
+        .flat_map(|s| stored.iter().filter(move |(n, _)| n == s).flat_map(|(_, e)| e.iter()))
+        .filter(|e| e.ts_ms <= 120)
+        .map(|e| (e.index, e.seq))
+        .collect();
+    ensure!(replayed == [(1, 0), (1, 1), (2, 0), (3, 0), (4, 0), (4, 1)], "a restore to 120 replays {replayed:?}");
     Ok(())
 }
