@@ -260,10 +260,20 @@ pub async fn preload(t: &Tenant, bytes: u64, doc_bytes: usize, concurrency: usiz
     for task in tasks {
         task.await.context("a preloading task panicked")??;
     }
-    for index in [json!({"keys": {"k": 1}}), json!({"keys": {"n": 1}, "unique": true})] {
-        let (st, answer) = t.call(Method::POST, &format!("collections/{PRELOAD}/indexes"), Some(&index), None).await;
-        if st != 200 && st != 201 {
-            bail!("creating index {index} failed: {st} {answer}");
+    // An index over a large preload takes its first build step past a request's deadline
+    // (503, outcome unknown): retried with the same key, as the documents are.
+    for (i, index) in [json!({"keys": {"k": 1}}), json!({"keys": {"n": 1}, "unique": true})].iter().enumerate() {
+        let key = format!("preload-index-{i}");
+        let mut tries = 0;
+        loop {
+            let (st, answer) =
+                t.call(Method::POST, &format!("collections/{PRELOAD}/indexes"), Some(index), Some(&key)).await;
+            tries += 1;
+            match st {
+                200 | 201 => break,
+                0 | 503 if tries < 20 => tokio::time::sleep(Duration::from_millis(500)).await,
+                _ => bail!("creating index {index} failed: {st} {answer}"),
+            }
         }
     }
     Ok(docs)

@@ -138,7 +138,12 @@ pub async fn archive_segment(
             }
         }
         let now = Instant::now();
-        if bytes >= tuning.segment_bytes || now >= deadline {
+        // Ends the segment only with something to store: the changes of one millisecond
+        // (one Raft entry: a restore's `Publish`, a large batch) can exceed the segment's
+        // size, and all of them wait while a later change may share their millisecond, so
+        // stopping there would read the same changes again for ever.
+        let storable = entries.first().is_none_or(|e| e.ts_ms <= covered);
+        if (bytes >= tuning.segment_bytes || now >= deadline) && storable {
             break;
         }
         if caught_up && !ticked {

@@ -84,6 +84,31 @@ impl Model {
         ts
     }
 
+    /// `n` new documents in one entry (one command: a restore's `Publish`, a large batch):
+    /// one index, one time, seqs 0..n. Returns the time.
+    fn write_batch(&self, n: u64) -> u64 {
+        let mut s = self.state();
+        s.applied += 1;
+        let ts = now_ms().max(s.last_ts + 1);
+        s.last_ts = ts;
+        for seq in 0..n {
+            s.next_id += 1;
+            let id = 1_000_000 + s.next_id;
+            let doc = format!(r#"{{"_id":{id},"v":{}}}"#, s.applied);
+            s.docs.insert(id, doc.clone());
+            let entry = OplogEntry {
+                index: s.applied,
+                seq: seq as u32,
+                ts_ms: ts,
+                db: DB.into(),
+                coll: Some("c".into()),
+                op: OplogOp::Put { id: id.into(), doc: serde_json::from_str(&doc).unwrap() },
+            };
+            s.oplog.push(entry);
+        }
+        ts
+    }
+
     /// The documents as they were at `t`: every change stamped at or before it.
     fn state_at(&self, t: u64) -> BTreeMap<u64, String> {
         let mut docs = BTreeMap::new();
@@ -389,6 +414,35 @@ async fn changes_of_the_newest_millisecond_wait_for_the_next_segment() {
         .expect("a segment");
     let plan = plan_at(&entry.store, second).await.unwrap();
     assert_eq!(restore(&entry.store, &plan).await, model.state_at(second));
+}
+
+#[tokio::test]
+async fn changes_of_one_millisecond_larger_than_a_segment_are_stored_together() {
+    // One entry's changes share a time; more of them than a segment holds must not make
+    // the archiver read them again and again (it once stopped at the segment's size with
+    // nothing it could store, and the archive stalled for good).
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry) = (Model::new(), entry(&dir));
+    let tuning = AgentTuning { idle_tick: Duration::from_secs(3600), segment_bytes: 256, oplog_page: 5, ..tuning() };
+    for _ in 0..3 {
+        model.write();
+    }
+    let src = source(&model, "", DB).await.unwrap();
+    take_full(&model, &entry.store, &src, &tuning).await.unwrap();
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let at = model.write_batch(20);
+    model.write();
+    for _ in 0..5 {
+        archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
+        if state.record.covered_ms >= at {
+            break;
+        }
+    }
+    assert!(state.record.covered_ms >= at, "the batch's millisecond never archived: {:?}", state.record);
+    entry.reload().await.unwrap();
+    let plan = plan_at(&entry.store, at).await.unwrap();
+    assert_eq!(restore(&entry.store, &plan).await, model.state_at(at));
 }
 
 #[tokio::test]
