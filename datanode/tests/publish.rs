@@ -512,4 +512,21 @@ fn a_publish_with_an_older_route_epoch_than_the_replica_sets_is_refused() {
     assert_eq!((n.dump(INTO), n.dump(STAGING)), (shop.clone(), staging));
     n.import(STAGING, "r1", publish(5)).unwrap();
     assert_ne!(n.dump(INTO), shop, "published at the epoch in force");
+    // Repeated after a fence raised the epoch: answered as done, not refused as stale (the
+    // restore would otherwise start over and publish again over newer writes).
+    n.apply(INTO, WriteOp::SetRouteEpoch { epoch: 6 }).unwrap();
+    n.import(STAGING, "r1", publish(5)).unwrap();
+}
+
+/// A database being imported is not exported (a full backup of a new instance taken while
+/// its restore imports would be partial for good); once served, it is.
+#[test]
+fn a_database_being_imported_is_not_exported_until_it_is_served() {
+    let mut n = served();
+    stage(&mut n, "r1");
+    let err =
+        n.engine.export_page(STAGING, nimbus_api::migration::ExportPart::Documents, None, 1 << 20, None).unwrap_err();
+    assert!(err.to_string().contains("is being imported"), "{err}");
+    let page = n.engine.export_page(INTO, nimbus_api::migration::ExportPart::Documents, None, 1 << 20, None).unwrap();
+    assert!(!page.docs.is_empty());
 }

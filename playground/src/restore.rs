@@ -63,7 +63,15 @@ pub fn routes(restorer: Restorer) -> axum::Router {
         "/v1/restore",
         axum::routing::post(move |axum::Json(req): axum::Json<RestoreRequest>| {
             let restorer = restorer.clone();
-            async move { restorer.restore(&req).await.map(|changes| axum::Json(Changes { changes })) }
+            async move {
+                // Run apart from the request: a client that goes away (Ctrl-C) must not cut a
+                // restore between its steps (an instance made for `--into` left unfilled).
+                let run = tokio::spawn(async move { restorer.restore(&req).await });
+                let changes = run.await.map_err(|e| {
+                    Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, format!("the restore stopped: {e}"))
+                })??;
+                Ok::<_, Refusal>(axum::Json(Changes { changes }))
+            }
         }),
     )
 }

@@ -73,6 +73,20 @@ impl Engine {
         // The clock of the same snapshot: a record written after it has a time at or after
         // this (the caller's `since_ms` for the records written after this copy).
         let clock_ms: u64 = self.snapshot_meta(&snap, META_CLOCK)?.unwrap_or(0);
+        // A database being imported (a restore into a new instance, a migration's target)
+        // is not a state of its own yet, and imports write no oplog a replay could mend
+        // a copy with: a full backup of it now would be partial for good.
+        let incoming: Option<super::import::IncomingMark> =
+            self.snapshot_meta(&snap, &keys::meta_key(keys::META_INCOMING, db))?;
+        if let Some(mark) = incoming {
+            return Err(QueryError::Refused(nimbus_api::ApiError::new(
+                nimbus_api::ErrorCode::Unavailable,
+                format!(
+                    "database {db} is being imported ({}): it cannot be exported until it is served; retry then",
+                    mark.migration
+                ),
+            )));
+        }
         let prefix = keys::db_prefix(db);
         let since_ms = since_ms.filter(|_| part == ExportPart::Idempotency);
         let after = match after {

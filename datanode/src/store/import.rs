@@ -110,20 +110,22 @@ impl Engine {
             }
             ImportStep::Publish { into, whole, collections, replace, route_epoch } => {
                 check_staging(ctx.db, into)?;
-                let known = self.catalog_read().route_epoch(into);
-                if let Some(seen) = route_epoch
-                    && known > *seen
-                {
-                    return Err(super::engine::stale_route(into, *seen, known).into());
-                }
                 if !ours {
-                    // Published already (a retry of the same step): answered as the first.
+                    // Published already (a retry of the same step): answered as the first,
+                    // whatever the route epoch is since (a retry after a migration's fence
+                    // must learn it took effect, not start the restore over).
                     return match self.outcome(ctx.db)? {
                         Some(o) if o.migration == migration && o.published.as_deref() == Some(into.as_str()) => {
                             Ok(WriteAnswer::Done)
                         }
                         _ => Err(not_incoming(ctx.db, migration, incoming.as_deref()).into()),
                     };
+                }
+                let known = self.catalog_read().route_epoch(into);
+                if let Some(seen) = route_epoch
+                    && known > *seen
+                {
+                    return Err(super::engine::stale_route(into, *seen, known).into());
                 }
                 self.publish(ctx, into, *whole, collections, *replace)?;
                 self.drop_imported(ctx)?;

@@ -144,7 +144,8 @@ pub fn status_of(s: &agent::BackupStatus) -> BackupStatus {
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// `s` cut to at most `max` bytes (on a character boundary, marked with `...`).
+pub(super) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }

@@ -517,6 +517,14 @@ async fn patch_status(
 ) -> Result<(), Error> {
     let ns = dbr.namespace().ok_or(Error::MissingNamespace)?;
     let api: Objects<DatabaseRestore> = Objects::namespaced(ctx.client.clone(), &ns);
+    // The schema bounds the message (2,048): a long failure (nested causes, a datanode's
+    // answer) would make the API server refuse the whole patch, and the restore would stay
+    // where it was.
+    let mut status = status.clone();
+    status.message = status.message.as_deref().map(|m| super::backup::truncate(m, 2048));
+    for c in &mut status.conditions {
+        c.message = super::backup::truncate(&c.message, 2048);
+    }
     api.patch_status(&dbr.name_any(), &json!({"status": status})).await
 }
 

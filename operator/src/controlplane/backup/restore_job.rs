@@ -115,6 +115,8 @@ impl JobError {
             JobError::Backup(e) => e.is_retryable(),
             JobError::Target { .. } => true,
             JobError::Publish { failure: Failure::Transient(_), .. } => true,
+            // Its last failure was a passing one: a later run may get through.
+            JobError::GaveUp { .. } => true,
             _ => false,
         }
     }
