@@ -129,7 +129,8 @@ fn shop_instance() -> DatabaseInstance {
     serde_json::from_value(json!({
         "apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseInstance",
         "metadata": {"name": DB, "namespace": NS, "uid": "uid-shop", "generation": 1},
-        "spec": {"backup": {"retentionDays": 3}}
+        "spec": {"backup": {"retentionDays": 3}},
+        "status": {"phase": "Ready", "database": DB, "placement": {"replicaSet": "default-rs0", "pool": "default"}}
     }))
     .unwrap()
 }

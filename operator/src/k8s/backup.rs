@@ -171,6 +171,14 @@ pub fn targets_by_namespace<'a>(
             continue;
         }
         let db = dbi.database();
+        // Only the instance that holds its database (placed under its claim): one whose
+        // database name is another instance's must not take over that one's backups.
+        let serves =
+            dbi.status.as_ref().is_some_and(|s| s.placement.is_some() && s.database.as_deref() == Some(db.as_str()));
+        if !serves {
+            debug!(instance = %dbi.name_any(), namespace = %ns, "not backed up yet: not placed under its database's claim");
+            continue;
+        }
         // The instance's UID: a new instance that takes a deleted one's name (or database
         // name) never finds the deleted one's backups.
         let incarnation = match dbi.uid().ok_or_else(|| "no uid yet".to_owned()).and_then(|u| {

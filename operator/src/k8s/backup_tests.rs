@@ -60,7 +60,8 @@ impl BackupWorld for Unrouted {
 fn instance(name: &str, backup: serde_json::Value) -> serde_json::Value {
     json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseInstance",
         "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
-        "spec": {"backup": backup}, "status": {"phase": "Ready"}})
+        "spec": {"backup": backup},
+        "status": {"phase": "Ready", "database": name, "placement": {"replicaSet": "default-rs0", "pool": "default"}}})
 }
 
 fn parsed(v: serde_json::Value) -> DatabaseInstance {
@@ -98,7 +99,13 @@ fn every_instance_with_backups_on_is_a_target_of_its_namespaces_agent() {
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-01-01T00:00:00Z".parse().unwrap()));
     let mut elsewhere = parsed(instance("blog", json!({})));
     elsewhere.metadata.namespace = Some("other".into());
-    let targets = backup::targets_by_namespace("nimbus", [&on, &off, &deleting, &elsewhere]);
+    // One whose database name is another's (refused its claim: never placed) is no target:
+    // it would take over that one's backups.
+    let mut usurper = instance("usurper", json!({}));
+    usurper["spec"]["database"] = json!("shop");
+    usurper["status"] = json!({"phase": "Failed"});
+    let usurper = parsed(usurper);
+    let targets = backup::targets_by_namespace("nimbus", [&on, &off, &deleting, &elsewhere, &usurper]);
     assert_eq!(targets.keys().collect::<Vec<_>>(), ["apps", "other"]);
     let apps = &targets["apps"];
     assert_eq!(apps.len(), 1);

@@ -29,7 +29,9 @@ use super::api::Objects;
 use super::backup::rfc3339;
 use super::instance::set_condition;
 use crate::controlplane::backup::RestoreTarget;
-use crate::crd::v1alpha1::{DatabaseInstance, DatabaseRestore, DatabaseRestoreStatus, RestoreMode, RestorePhase};
+use crate::crd::v1alpha1::{
+    DatabaseInstance, DatabaseRestore, DatabaseRestoreStatus, Phase, RestoreMode, RestorePhase,
+};
 
 /// On an instance made by a restore (mode `NewInstance`): `<restore name>/<restore uid>`.
 /// A restore retried finds its own instance by it, and never takes over another's.
@@ -193,6 +195,10 @@ struct Plan {
     instances: BTreeSet<String>,
     /// Mode `NewInstance`: the instance to make, when it does not exist yet.
     create: Option<DatabaseInstance>,
+    /// Mode `NewInstance`: why the restore cannot run yet (the new instance is not placed:
+    /// until it holds its database's claim and has a replica set, the database's route may
+    /// be nobody's, or another instance's).
+    wait: Option<String>,
 }
 
 pub async fn reconcile(dbr: Arc<DatabaseRestore>, ctx: Arc<RestoreContext>) -> Result<Action, Error> {
@@ -233,6 +239,19 @@ pub async fn reconcile(dbr: Arc<DatabaseRestore>, ctx: Arc<RestoreContext>) -> R
             return Ok(Action::await_change());
         }
     };
+    if let Some(instance) = &plan.create {
+        // Made first, then waited for (`Plan::wait`): the restore runs once it is placed.
+        let instances: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), &ns);
+        instances.create(instance).await?;
+        let note = format!("created instance {} for the restore; waiting until it is placed", instance.name_any());
+        event(&ctx, &dbr, EventType::Normal, "InstanceCreated", "Restore", &note).await;
+        pending(&ctx, &dbr, &note).await?;
+        return Ok(Action::requeue(ctx.poll));
+    }
+    if let Some(message) = &plan.wait {
+        pending(&ctx, &dbr, message).await?;
+        return Ok(Action::requeue(ctx.poll));
+    }
     let Some(runner) = ctx.runner.clone() else {
         let message = "waiting: this operator cannot run restores yet (it has no restore runner; backups need \
                        --backup-url or --backup-dir); the restore starts once it can";
@@ -284,6 +303,19 @@ async fn validate(ctx: &RestoreContext, dbr: &DatabaseRestore, ns: &str) -> Resu
     if source.metadata.deletion_timestamp.is_some() {
         return Ok(Err(format!("source instance {} is being deleted", spec.source)));
     }
+    // Only an instance that holds its database (placed, under its claim) has backups of
+    // its own: one whose database name is another instance's must not read that one's.
+    let serves = source
+        .status
+        .as_ref()
+        .is_some_and(|s| s.placement.is_some() && s.database.as_deref() == Some(source.database().as_str()));
+    if !serves {
+        return Ok(Err(format!(
+            "source instance {} does not serve database {} (not placed, or the name is another instance's)",
+            spec.source,
+            source.database()
+        )));
+    }
     let to = match parse_time(&spec.to_time) {
         Ok(t) => t,
         Err(message) => return Ok(Err(message)),
@@ -300,6 +332,7 @@ async fn validate(ctx: &RestoreContext, dbr: &DatabaseRestore, ns: &str) -> Resu
     let qualified = |name: &str| format!("{ns}/{name}");
     let mut touched = BTreeSet::from([qualified(&spec.source)]);
     let mut create = None;
+    let mut wait = None;
     let target = &spec.target;
     let destination = match target.mode {
         RestoreMode::InPlace => RestoreDestination::InPlace,
@@ -352,8 +385,20 @@ async fn validate(ctx: &RestoreContext, dbr: &DatabaseRestore, ns: &str) -> Resu
                         "instance {name} already exists: a restore into a new instance needs a name no instance has"
                     )));
                 }
-                // Made by this restore's earlier attempt.
-                Some(_) => {}
+                // Made by this restore: run into it once it is placed under its own claim.
+                Some(existing) => {
+                    let status = existing.status.clone().unwrap_or_default();
+                    if status.phase == Some(Phase::Failed) {
+                        let why = status.conditions.iter().find(|c| c.status == "False").map(|c| c.message.clone());
+                        return Ok(Err(format!(
+                            "new instance {name} failed: {}",
+                            why.unwrap_or_else(|| "see its conditions".into())
+                        )));
+                    }
+                    if status.placement.is_none() || status.database.as_deref() != Some(existing.database().as_str()) {
+                        wait = Some(format!("waiting until new instance {name} is placed"));
+                    }
+                }
                 None => create = Some(new_instance(&source, &name, ns, &mine)),
             }
             touched.insert(qualified(&name));
@@ -372,7 +417,7 @@ async fn validate(ctx: &RestoreContext, dbr: &DatabaseRestore, ns: &str) -> Resu
         collections: spec.collections.clone(),
         destination,
     };
-    Ok(Ok(Plan { job, instances: touched, create }))
+    Ok(Ok(Plan { job, instances: touched, create, wait }))
 }
 
 /// `latest`, or an RFC 3339 time not in the future.
@@ -419,13 +464,6 @@ async fn start(
     old: &DatabaseRestoreStatus,
     retry_of: Option<String>,
 ) -> Result<(), Error> {
-    if let Some(instance) = &plan.create {
-        let ns = instance.namespace().unwrap_or_default();
-        let instances: Objects<DatabaseInstance> = Objects::namespaced(ctx.client.clone(), &ns);
-        instances.create(instance).await?;
-        let note = format!("created instance {} for the restore", instance.name_any());
-        event(ctx, dbr, EventType::Normal, "InstanceCreated", "Restore", &note).await;
-    }
     let job = &plan.job;
     let what = match &job.collections {
         Some(c) => format!("collections {} of instance {}", c.join(", "), job.source_instance),

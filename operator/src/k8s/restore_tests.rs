@@ -69,6 +69,11 @@ impl RestoreRunner for FakeRunner {
     }
 }
 
+/// What the instance reconciler shows once an instance holds its database on a replica set.
+fn placement() -> Value {
+    json!({"replicaSet": "default-rs0", "pool": "default"})
+}
+
 struct Scene {
     api: FakeApi,
     runner: Arc<FakeRunner>,
@@ -83,7 +88,8 @@ impl Scene {
             json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseInstance",
                 "metadata": {"name": "shop", "namespace": NS, "uid": "uid-shop", "generation": 1},
                 "spec": {"database": "shopdb", "tier": "standard", "pool": "default", "zones": ["a", "b", "c"],
-                         "limits": {"qps": 50}}}),
+                         "limits": {"qps": 50}},
+                "status": {"phase": "Ready", "database": "shopdb", "placement": placement()}}),
         );
         let runner = Arc::new(runner);
         let ctx = Scene::context(&api, Some(runner.clone()));
@@ -118,6 +124,13 @@ impl Scene {
                 "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
                 "spec": spec}),
         );
+    }
+
+    /// What the instance reconciler does with a new instance: places it under its claim.
+    fn place(&self, instance: &str) {
+        let mut made = self.api.get(INSTANCES, instance).expect("the instance exists");
+        made["status"] = json!({"phase": "Provisioning", "database": instance, "placement": placement()});
+        self.api.put(INSTANCES, made);
     }
 
     async fn reconcile(&self, name: &str) {
@@ -263,8 +276,16 @@ async fn a_restore_into_a_new_instance_creates_it_from_the_sources_spec_first() 
         "copy",
         json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}}),
     );
-    s.until("copy", "Succeeded").await;
+    // Made, then waited for: nothing runs until the instance reconciler has placed it (until
+    // then its database's route may be nobody's, or another instance's).
+    s.reconcile("copy").await;
+    s.reconcile("copy").await;
     let made = s.api.get(INSTANCES, "shop-copy").expect("the new instance is made");
+    assert_eq!(s.status("copy")["phase"], "Pending");
+    assert!(s.status("copy")["message"].as_str().unwrap().contains("waiting until new instance shop-copy is placed"));
+    assert!(s.runner.jobs().is_empty(), "a restore ran into an instance not placed yet");
+    s.place("shop-copy");
+    s.until("copy", "Succeeded").await;
     assert_eq!(made["metadata"]["annotations"][ANNOTATION_RESTORED_BY], "copy/uid-copy");
     assert_eq!(made["spec"]["limits"]["qps"], 50);
     assert!(made["spec"]["database"].is_null(), "its database is its own name: {:#}", made["spec"]);
@@ -284,6 +305,36 @@ async fn a_restore_into_a_new_instance_creates_it_from_the_sources_spec_first() 
     let status = s.until("clash", "Failed").await;
     assert!(status["message"].as_str().unwrap().contains("instance shop-copy already exists"), "{status:#}");
     assert_eq!(s.runner.jobs().len(), 1);
+}
+
+#[tokio::test]
+async fn a_new_instance_that_fails_its_placement_fails_the_restore_and_nothing_runs() {
+    let s = Scene::new(FakeRunner::default());
+    s.add(
+        "copy",
+        json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "taken"}}),
+    );
+    s.reconcile("copy").await;
+    let mut made = s.api.get(INSTANCES, "taken").expect("the new instance is made");
+    made["status"] = json!({"phase": "Failed", "conditions": [{"type": "Ready", "status": "False",
+        "reason": "DatabaseNameTaken", "message": "database taken is another instance's",
+        "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+    s.api.put(INSTANCES, made);
+    let status = s.until("copy", "Failed").await;
+    assert!(status["message"].as_str().unwrap().contains("database taken is another instance's"), "{status:#}");
+    assert!(s.runner.jobs().is_empty());
+}
+
+#[tokio::test]
+async fn a_source_that_does_not_hold_its_database_is_refused() {
+    let s = Scene::new(FakeRunner::default());
+    let mut shop = s.api.get(INSTANCES, "shop").unwrap();
+    shop["status"] = json!({"phase": "Failed"});
+    s.api.put(INSTANCES, shop);
+    s.add("r", json!({"source": "shop", "toTime": "latest", "target": {"mode": "InPlace"}}));
+    let status = s.until("r", "Failed").await;
+    assert!(status["message"].as_str().unwrap().contains("does not serve database shopdb"), "{status:#}");
+    assert!(s.runner.jobs().is_empty());
 }
 
 #[tokio::test]
@@ -346,7 +397,8 @@ async fn without_a_runner_a_restore_waits_in_pending_and_says_why() {
     s.api.put(
         INSTANCES,
         json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseInstance",
-            "metadata": {"name": "shop", "namespace": NS, "uid": "uid-shop"}, "spec": {}}),
+            "metadata": {"name": "shop", "namespace": NS, "uid": "uid-shop"}, "spec": {},
+            "status": {"database": "shop", "placement": placement()}}),
     );
     s.add("undo", in_place());
     s.reconcile("undo").await;
@@ -365,6 +417,8 @@ pub(super) async fn restore_lifecycle_used() -> BTreeSet<(String, String, String
         "copy",
         json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}}),
     );
+    s.reconcile("copy").await;
+    s.place("shop-copy");
     s.until("copy", "Succeeded").await;
     s.api.used()
 }
