@@ -156,9 +156,11 @@ pub async fn run<W: BackupWorld + RestoreWorld + ?Sized>(
     let started = Instant::now();
     let plan = plan(world, store, job.to).await?;
     let mut attempt = 0u32;
+    // An attempt whose every step but the answer to its `Finish` went through.
+    let mut finish_unanswered = false;
     loop {
         attempt += 1;
-        let last = match attempt_once(world, store, job, &plan, attempt).await {
+        let last = match attempt_once(world, store, job, &plan, attempt, finish_unanswered).await {
             Ok(outcome) => {
                 return Ok(RestoreReport {
                     restored_to_ms: plan.to_ms,
@@ -174,6 +176,8 @@ pub async fn run<W: BackupWorld + RestoreWorld + ?Sized>(
             Err(e) if e.is_retryable() => e,
             Err(e) => return Err(e),
         };
+        finish_unanswered = matches!(&last, JobError::Restore(f)
+            if matches!(f.cause, super::restore::RestoreCause::Target { step: "Finish", .. }));
         if started.elapsed() >= job.deadline {
             return Err(JobError::GaveUp {
                 db: job.into_db.clone(),
@@ -248,10 +252,19 @@ async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
     job: &RestoreJob,
     plan: &RestorePlan,
     attempt: u32,
+    finish_unanswered: bool,
 ) -> Result<(RestoreOutcome, Vec<String>), JobError> {
     let (rs, epoch) = target(world, &job.namespace, &job.into_db).await?;
     let import_id = format!("{}-{attempt}", job.id);
     if job.mode == RestoreMode::IntoNew {
+        // The previous attempt imported everything and sent `Finish`, whose answer was
+        // lost: it is sent again (repeated, it answers as the first did; not applied yet,
+        // it finishes a whole import), since the database, served with collections once
+        // finished, would refuse this attempt's `Begin`.
+        if finish_unanswered && let Some(outcome) = finished_before(world, &rs, job, plan, attempt - 1, epoch).await {
+            let published = outcome.collections.clone();
+            return Ok((outcome, published));
+        }
         let mut into = RestoreInto::new(rs, &job.into_db, &import_id, Some(epoch));
         into.collections = job.collections.clone();
         let outcome = restore(world, store, plan, &into).await.map_err(|f| JobError::Restore(Box::new(f)))?;
@@ -268,6 +281,41 @@ async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
     let (step, published) = publish_step(job, &outcome, epoch);
     publish(world, job, &staging, &import_id, (&imported_on, epoch), step).await?;
     Ok((outcome, published))
+}
+
+/// Sends attempt `previous`'s `Finish` again (only for an attempt that imported
+/// everything: see the caller) and, when it is answered, what it restored, counted from a
+/// checksum marker of the database.
+async fn finished_before<W: BackupWorld + RestoreWorld + ?Sized>(
+    world: &W,
+    rs: &ReplicaSetAccess,
+    job: &RestoreJob,
+    plan: &RestorePlan,
+    previous: u32,
+    epoch: u64,
+) -> Option<RestoreOutcome> {
+    let finish = ImportRequest {
+        db: job.into_db.clone(),
+        migration: format!("{}-{previous}", job.id),
+        step: ImportStep::Finish { epoch },
+    };
+    RestoreWorld::import(world, rs, &finish).await.ok()?;
+    let checksum = RestoreWorld::checksum(world, rs, &job.into_db).await.ok()?;
+    tracing::info!(db = %job.into_db, attempt = previous, "the restore's earlier attempt had finished");
+    Some(RestoreOutcome {
+        db: job.into_db.clone(),
+        full: plan.full.id.clone(),
+        collections: Vec::new(),
+        documents: checksum.documents,
+        documents_loaded: 0,
+        changes_applied: 0,
+        bytes: 0,
+        reached: plan.full.end,
+        reached_ms: plan.to_ms,
+        checksum,
+        checksum_verified: false,
+        finished: true,
+    })
 }
 
 /// The failpoint `restore-before-publish`: `return(MS)` pauses the restore that long
