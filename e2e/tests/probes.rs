@@ -540,11 +540,14 @@ async fn operator_readyz_answers_200_only_with_watches_synced_and_etcd_reachable
     assert_eq!(status_of(&http, &format!("{}/healthz", report["metrics"])).await, Some(200), "alive at once");
     // Leading, etcd answering: only the watches are missing (the lists are held back).
     let body = poll("the operator to lead with its watches unlisted", READY_WITHIN, || {
-        let reply = answer(503, "not ready: the watches of databaseinstances, resourcepools have not listed");
+        let reply = answer(503, "not ready: the watches of ");
         async move { reply.await.filter(|body| !body.contains("etcd")) }
     })
     .await?;
     assert!(!body.contains("Lease"), "{body}");
+    for watch in nimbus_operator::k8s::WATCHES {
+        assert!(body.contains(watch), "{watch} not named among the watches waited for: {body}");
+    }
     kube.open_lists();
     let body = poll("the operator to be ready", READY_WITHIN, || answer(200, "ready: leading")).await?;
     assert!(body.contains("etcd reachable"), "{body}");

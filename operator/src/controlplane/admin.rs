@@ -128,17 +128,7 @@ impl AdminClient {
         admin: &str,
         db: &str,
     ) -> Result<Option<R>, AdminError> {
-        let bad_url =
-            |e: String| AdminError::Refused { addr: admin.to_string(), what: "read checksum", status: 0, body: e };
-        let url = reqwest::Url::parse_with_params(&format!("{admin}/v1/admin/checksum"), &[("db", db)])
-            .map_err(|e| bad_url(e.to_string()))?;
-        let resp = self
-            .http
-            .get(url)
-            .header(reqwest::header::AUTHORIZATION, self.secret.authorization().clone())
-            .send()
-            .await
-            .map_err(|source| AdminError::Unreachable { addr: admin.to_string(), source })?;
+        let resp = self.get_query(admin, "/v1/admin/checksum", &[("db", db.to_owned())], "read checksum").await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -159,18 +149,21 @@ impl AdminClient {
             ("afterSeq", after.seq.to_string()),
             ("limit", limit.to_string()),
         ];
-        let bad_url =
-            |e: String| AdminError::Refused { addr: admin.to_string(), what: "read oplog", status: 0, body: e };
-        let url = reqwest::Url::parse_with_params(&format!("{admin}/v1/admin/oplog"), &query)
-            .map_err(|e| bad_url(e.to_string()))?;
-        let resp = self
-            .http
-            .get(url)
-            .header(reqwest::header::AUTHORIZATION, self.secret.authorization().clone())
-            .send()
-            .await
-            .map_err(|source| AdminError::Unreachable { addr: admin.to_string(), source })?;
+        let resp = self.get_query(admin, "/v1/admin/oplog", &query, "read oplog").await?;
         Self::answer(admin, "read oplog", resp).await
+    }
+
+    /// A GET of `path` with `query`, authenticated; the answer as it came.
+    async fn get_query(
+        &self,
+        admin: &str,
+        path: &str,
+        query: &[(&str, String)],
+        what: &'static str,
+    ) -> Result<reqwest::Response, AdminError> {
+        let url = reqwest::Url::parse_with_params(&format!("{admin}{path}"), query)
+            .map_err(|e| AdminError::Refused { addr: admin.to_string(), what, status: 0, body: e.to_string() })?;
+        self.get(url.into()).send().await.map_err(|source| AdminError::Unreachable { addr: admin.to_string(), source })
     }
 
     async fn answer<R: serde::de::DeserializeOwned>(
