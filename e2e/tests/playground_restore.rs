@@ -265,6 +265,13 @@ fn a_backup_with_its_leader_killed_between_pages_is_taken_again_and_restores() {
         t.insert("a", (0..100).map(|n| json!({"_id": batch * 100 + n, "pad": pad})).collect());
     }
     let at_t = t.snapshot();
+    // The agent's own first full (due at once for a new database) done first: the pause
+    // watched for below is then the asked-for full's (the next one the agent takes by
+    // itself is minutes away).
+    pg.wait("the agent's first full", Duration::from_secs(120), |v| {
+        ms_of(&v["instances"]["shop"]["backup"]["lastFull"]).is_some()
+    })
+    .unwrap();
     let log = pg.dir.path().join("logs/control-plane.log");
     let pauses = || std::fs::read_to_string(&log).unwrap_or_default().matches("paused between pages").count();
     let before = pauses();
