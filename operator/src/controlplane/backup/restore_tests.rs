@@ -4,6 +4,7 @@
 //! steps; damage, refusals and bad requests abort with nothing served.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -374,19 +375,21 @@ async fn a_target_failure_aborts_and_says_whether_a_retry_may_work() {
     let world = Fake::default();
     world.target.lock().unwrap().fail = Some(("Ops", refused("bad change")));
     let plan = f.plan(1_019).await;
-    let world2 = FailingAbort(world);
+    let world2 = UnreachableAbort(world, AtomicUsize::new(0));
     let err = restore(&world2, &f.store, &plan, &into()).await.unwrap_err();
     assert!(!err.import_dropped && err.to_string().contains("could not be dropped"), "{err}");
     assert!(world2.0.target.lock().unwrap().incoming.is_some());
 }
 
-/// A target that cannot be reached for the abort.
-struct FailingAbort(Fake);
+/// A target whose `Abort` does not get through (counted); the verification tests use it
+/// too.
+pub(super) struct UnreachableAbort(pub(super) Fake, pub(super) AtomicUsize);
 
 #[async_trait]
-impl RestoreWorld for FailingAbort {
+impl RestoreWorld for UnreachableAbort {
     async fn import(&self, rs: &ReplicaSetAccess, req: &ImportRequest) -> Result<ImportAnswer, Failure> {
         if matches!(req.step, ImportStep::Abort) {
+            self.1.fetch_add(1, Ordering::SeqCst);
             return Err(Failure::Transient("unreachable".into()));
         }
         self.0.import(rs, req).await

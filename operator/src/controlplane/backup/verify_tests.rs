@@ -6,16 +6,15 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use async_trait::async_trait;
-use nimbus_api::migration::{ImportAnswer, ImportRequest, ImportStep, OplogPosition, verify_scratch_db};
+use nimbus_api::migration::{OplogPosition, verify_scratch_db};
 use object_store::local::LocalFileSystem;
 use serde_json::json;
 
 use super::restore::{RestoreWorld, restore};
-use super::restore_tests::{DB, Fake, Fixture, change, damage, fixture, into, page, sum};
+use super::restore_tests::{DB, Fake, Fixture, UnreachableAbort, change, damage, fixture, into, page, sum};
 use super::verify::{Verdict, VerifyCause, verify_full};
 use super::*;
-use crate::controlplane::migration::{ChecksumMarker, Failure, ReplicaSetAccess};
+use crate::controlplane::migration::ReplicaSetAccess;
 
 fn rs() -> ReplicaSetAccess {
     ReplicaSetAccess { namespace: String::new(), name: "rs-2".into(), leader_admin: "x".into(), members: vec![] }
@@ -217,24 +216,6 @@ async fn an_archive_that_stops_before_the_full_end_is_refused_before_anything_is
     assert!(matches!(err.cause, VerifyCause::Plan(RestoreError::Gap { .. })), "{err}");
     assert!(err.backup_is_bad() && err.scratch_dropped);
     assert!(world.steps().is_empty(), "{:?}", world.steps());
-}
-
-/// A target whose `Abort` does not get through (counted).
-struct UnreachableAbort(Fake, AtomicUsize);
-
-#[async_trait]
-impl RestoreWorld for UnreachableAbort {
-    async fn import(&self, rs: &ReplicaSetAccess, req: &ImportRequest) -> Result<ImportAnswer, Failure> {
-        if matches!(req.step, ImportStep::Abort) {
-            self.1.fetch_add(1, Ordering::SeqCst);
-            return Err(Failure::Transient("unreachable".into()));
-        }
-        self.0.import(rs, req).await
-    }
-
-    async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure> {
-        self.0.checksum(rs, db).await
-    }
 }
 
 #[tokio::test]
