@@ -10,7 +10,7 @@ use nimbus_api::migration::{OplogPosition, verify_scratch_db};
 use object_store::local::LocalFileSystem;
 use serde_json::json;
 
-use super::restore::{RestoreWorld, restore};
+use super::restore::restore;
 use super::restore_tests::{DB, Fake, Fixture, UnreachableAbort, change, damage, fixture, into, page, sum};
 use super::verify::{Verdict, VerifyCause, verify_full};
 use super::*;
