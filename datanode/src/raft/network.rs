@@ -215,16 +215,25 @@ fn entries_within(entries: &[super::types::Entry], budget: usize) -> usize {
     entries.len()
 }
 
-/// About the size of an entry's JSON: an insert's documents are counted from their text
+/// About the size of an entry's JSON: an insert's or an import's documents are counted from their text
 /// (the bulk of most entries, and no serialising on the replication path); anything else is
 /// serialised into a counter, which allocates nothing (an entry that cannot be serialised
 /// fails again, with its error, when the request is).
 fn entry_bytes(e: &super::types::Entry) -> usize {
     const ENVELOPE: usize = 256;
+    const DOC_ENVELOPE: usize = 32;
     if let openraft::EntryPayload::Normal(cmd) = &e.payload
         && let crate::store::WriteOp::Insert { docs, .. } = &cmd.op
     {
         return ENVELOPE + cmd.db.len() + docs.iter().map(|d| d.get().len() + 1).sum::<usize>();
+    }
+    // A restore's or a migration's pages of documents: each `{"coll":..,"doc":..}`.
+    if let openraft::EntryPayload::Normal(cmd) = &e.payload
+        && let crate::store::WriteOp::Import { step: nimbus_api::migration::ImportStep::Docs { docs }, .. } = &cmd.op
+    {
+        return ENVELOPE
+            + cmd.db.len()
+            + docs.iter().map(|d| DOC_ENVELOPE + d.coll.len() + d.doc.get().len()).sum::<usize>();
     }
     let mut count = ByteCount(0);
     let _ = serde_json::to_writer(&mut count, e);
@@ -402,7 +411,36 @@ impl RaftNetworkV2<TypeConfig> for Peer {
 
 #[cfg(test)]
 mod tests {
+    use nimbus_api::migration::{ExportedDoc, ImportStep};
+    use openraft::entry::RaftEntry;
+    use serde_json::value::RawValue;
+
     use super::*;
+    use crate::raft::types::{Entry, TypeConfig};
+    use crate::store::{Command, WriteOp};
+
+    fn entry(op: WriteOp) -> Entry {
+        let cmd = Command {
+            db: "shop".into(),
+            op,
+            idempotency_key: None,
+            ts_ms: 1,
+            route_epoch: Some(3),
+            request_hash: None,
+        };
+        Entry::new_normal(openraft::testing::log_id::<TypeConfig>(1, 1, 7), cmd)
+    }
+
+    #[test]
+    fn an_entrys_estimated_size_covers_its_json_closely() {
+        let doc = |i: usize| RawValue::from_string(format!(r#"{{"_id":{i},"s":"{}"}}"#, "x".repeat(1000))).unwrap();
+        let docs = (0..50).map(|i| ExportedDoc { coll: "orders".into(), doc: doc(i) }).collect();
+        let import = WriteOp::Import { migration: "restore-1".into(), step: ImportStep::Docs { docs } };
+        for e in [entry(import), entry(WriteOp::Insert { coll: "orders".into(), docs: (0..50).map(doc).collect() })] {
+            let (estimate, actual) = (entry_bytes(&e), serde_json::to_vec(&e).unwrap().len());
+            assert!(estimate >= actual && estimate < actual + actual / 20, "estimate {estimate}, actual {actual}");
+        }
+    }
 
     #[test]
     fn an_install_call_waits_longer_for_a_bigger_snapshot() {

@@ -38,12 +38,18 @@ pub struct DocSum(pub u128);
 impl DocSum {
     /// The hash of one document of collection `coll`.
     pub fn of(coll: &str, doc: &Value) -> DocSum {
+        // Canonical JSON: the parsed document serialised (field order is the document's).
+        DocSum::of_canonical(coll, &serde_json::to_vec(doc).unwrap_or_default())
+    }
+
+    /// [`DocSum::of`] from the document's canonical JSON (`serde_json`'s serialisation of
+    /// the parsed document), for a caller that has it already.
+    pub fn of_canonical(coll: &str, json: &[u8]) -> DocSum {
         let mut h = Sha256::new();
         h.update(b"nimbus-docsum-v1\0");
         h.update((coll.len() as u64).to_be_bytes());
         h.update(coll.as_bytes());
-        // Canonical JSON: the parsed document serialised (field order is the document's).
-        h.update(serde_json::to_vec(doc).unwrap_or_default());
+        h.update(json);
         let d = h.finalize();
         let mut first = [0u8; 16];
         first.copy_from_slice(&d[..16]);
@@ -246,6 +252,7 @@ mod tests {
         assert_eq!(s1, s2);
         // The same document in another collection, or with another field order, differs.
         assert_ne!(DocSum::of("c", &a), DocSum::of("d", &a));
+        assert_eq!(DocSum::of("c", &a), DocSum::of_canonical("c", serde_json::to_string(&a).unwrap().as_bytes()));
         assert_ne!(DocSum::of("c", &json!({"a": 1, "b": 2})), DocSum::of("c", &json!({"b": 2, "a": 1})));
         s1.sub(DocSum::of("c", &a));
         let mut only_b = DocSum::default();

@@ -251,7 +251,7 @@ impl Engine {
             if let Some(old) = &old {
                 sum.sub(DocSum::of(coll, old));
             }
-            sum.add(DocSum::of(coll, &doc));
+            sum.add(DocSum::of_canonical(coll, raw.as_bytes()));
         }
         if old.is_none() {
             meta.documents += 1;

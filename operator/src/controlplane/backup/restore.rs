@@ -35,6 +35,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use nimbus_api::admin::{OplogEntry, OplogOp};
 use nimbus_api::migration::{ExportedCollection, ExportedDoc, ImportAnswer, ImportRequest, ImportStep, OplogPosition};
 
@@ -48,6 +51,12 @@ use crate::controlplane::migration::{ChecksumMarker, Failure, MigrationWorld, Re
 /// below the 8 MiB Raft append bound whatever the backup's page size. A single larger
 /// document or change is still sent, alone.
 pub const BATCH_BYTES: usize = 1 << 20;
+
+/// `Docs` steps sent at once: while one is applied on the target, the next is on its way
+/// (the HTTP request, the leader's log append and fsync, the followers' copies), and the
+/// next page is read and checked. Each is one Raft entry of up to [`BATCH_BYTES`] that the
+/// replica set's other tenants wait behind, so a few, not many.
+pub const DOCS_IN_FLIGHT: usize = 2;
 
 /// At most this many changes per `Ops` step (many tiny changes: a bounded entry to apply).
 pub const BATCH_CHANGES: usize = 10_000;
@@ -92,6 +101,8 @@ pub struct RestoreInto {
     pub finish_epoch: Option<u64>,
     /// See [`BATCH_BYTES`]; smaller in tests.
     pub batch_bytes: usize,
+    /// See [`DOCS_IN_FLIGHT`]; at least 1.
+    pub docs_in_flight: usize,
 }
 
 impl RestoreInto {
@@ -105,6 +116,7 @@ impl RestoreInto {
             renames: BTreeMap::new(),
             finish_epoch,
             batch_bytes: BATCH_BYTES,
+            docs_in_flight: DOCS_IN_FLIGHT,
         }
     }
 }
@@ -295,6 +307,16 @@ struct Tally {
     bytes: u64,
 }
 
+/// One import step to the target's leader.
+async fn send<W: RestoreWorld + ?Sized>(world: &W, into: &RestoreInto, req: ImportRequest) -> Result<(), RestoreCause> {
+    let name = req.step.kind();
+    world.import(&into.replica_set, &req).await.map(|_| ()).map_err(|failure| RestoreCause::Target {
+        replica_set: into.replica_set.name.clone(),
+        step: name,
+        failure,
+    })
+}
+
 struct Run<'a, W: ?Sized> {
     world: &'a W,
     store: &'a BackupStore,
@@ -304,16 +326,13 @@ struct Run<'a, W: ?Sized> {
     outcome: Tally,
 }
 
-impl<W: RestoreWorld + ?Sized> Run<'_, W> {
+impl<'a, W: RestoreWorld + ?Sized> Run<'a, W> {
     fn request(&self, step: ImportStep) -> ImportRequest {
         ImportRequest { db: self.into.db.clone(), migration: self.into.import_id.clone(), step }
     }
 
     async fn import(&self, step: ImportStep) -> Result<(), RestoreCause> {
-        let name = step.kind();
-        self.world.import(&self.into.replica_set, &self.request(step)).await.map(|_| ()).map_err(|failure| {
-            RestoreCause::Target { replica_set: self.into.replica_set.name.clone(), step: name, failure }
-        })
+        send(self.world, self.into, self.request(step)).await
     }
 
     async fn build(&mut self) -> Result<RestoreOutcome, RestoreCause> {
@@ -371,13 +390,42 @@ impl<W: RestoreWorld + ?Sized> Run<'_, W> {
         })
     }
 
-    /// Step 2: the full's collections and documents, page by page.
+    /// Step 2: the full's collections and documents, page by page, with up to
+    /// [`RestoreInto::docs_in_flight`] `Docs` steps sent at once (see [`DOCS_IN_FLIGHT`]).
+    /// Whatever happens, no step is left in flight when this returns: a step still on its
+    /// way could otherwise reach the target after this attempt's `Abort` and the next
+    /// attempt's `Begin` under the same import id.
     async fn load_pages(&mut self, present: &mut BTreeSet<String>) -> Result<(), RestoreCause> {
+        let mut in_flight = FuturesUnordered::new();
+        let loaded = self.load_pages_into(present, &mut in_flight).await;
+        while let Some(sent) = in_flight.next().await {
+            if loaded.is_ok() {
+                sent?;
+            }
+        }
+        loaded
+    }
+
+    async fn load_pages_into(
+        &mut self,
+        present: &mut BTreeSet<String>,
+        in_flight: &mut FuturesUnordered<BoxFuture<'a, Result<(), RestoreCause>>>,
+    ) -> Result<(), RestoreCause> {
         let plan = self.plan;
         let full = &plan.full;
         let mut sent: Option<Vec<ExportedCollection>> = None;
         for entry in &full.pages {
-            let page = self.store.read_page(&full.id, entry).await?;
+            // The next page is read while the steps sent are applied.
+            let page = {
+                let read = self.store.read_page(&full.id, entry);
+                tokio::pin!(read);
+                loop {
+                    tokio::select! {
+                        page = &mut read => break page?,
+                        Some(done) = in_flight.next() => done?,
+                    }
+                }
+            };
             let mut collections = Vec::new();
             for c in page.collections {
                 present.insert(c.name.clone());
@@ -386,6 +434,10 @@ impl<W: RestoreWorld + ?Sized> Run<'_, W> {
                 }
             }
             if sent.as_ref() != Some(&collections) && !collections.is_empty() {
+                // Collections and their indexes before any later document, as sent.
+                while let Some(done) = in_flight.next().await {
+                    done?;
+                }
                 self.import(ImportStep::Collections { collections: collections.clone() }).await?;
                 sent = Some(collections);
             }
@@ -395,24 +447,41 @@ impl<W: RestoreWorld + ?Sized> Run<'_, W> {
                 let Some(coll) = self.names.map(&d.coll)? else { continue };
                 let size = d.doc.get().len();
                 if !batch.is_empty() && bytes + size > self.into.batch_bytes {
-                    self.send_docs(std::mem::take(&mut batch)).await?;
+                    self.send_docs(std::mem::take(&mut batch), in_flight).await?;
                     bytes = 0;
                 }
                 bytes += size;
                 self.outcome.bytes += size as u64;
                 batch.push(ExportedDoc { coll, doc: d.doc });
             }
-            self.send_docs(batch).await?;
+            self.send_docs(batch, in_flight).await?;
         }
         Ok(())
     }
 
-    async fn send_docs(&mut self, docs: Vec<ExportedDoc>) -> Result<(), RestoreCause> {
+    /// Sends one `Docs` step once fewer than the allowed number are in flight. `Docs` steps
+    /// commute: each puts whole documents by `_id`, and the replay that follows (every
+    /// change since the full's start, as after-images) settles any document two pages
+    /// copied at different moments, whichever of their steps was applied last.
+    async fn send_docs(
+        &mut self,
+        docs: Vec<ExportedDoc>,
+        in_flight: &mut FuturesUnordered<BoxFuture<'a, Result<(), RestoreCause>>>,
+    ) -> Result<(), RestoreCause> {
         if docs.is_empty() {
             return Ok(());
         }
+        while in_flight.len() >= self.into.docs_in_flight.max(1) {
+            if let Some(done) = in_flight.next().await {
+                done?;
+            }
+        }
         self.outcome.documents_loaded += docs.len() as u64;
-        self.import(ImportStep::Docs { docs }).await
+        let (world, into) = (self.world, self.into);
+        let req =
+            ImportRequest { db: into.db.clone(), migration: into.import_id.clone(), step: ImportStep::Docs { docs } };
+        in_flight.push(Box::pin(async move { send(world, into, req).await }));
+        Ok(())
     }
 
     /// Step 3: the archived changes after the full's start up to the plan's time. Returns

@@ -451,3 +451,97 @@ async fn a_named_collection_missing_at_the_time_or_a_bad_request_restores_nothin
         assert!(world.target.lock().unwrap().docs.is_empty());
     }
 }
+
+/// A target that holds the first `Docs` step until a second one arrives (so two must be in
+/// flight at once), then fails that second one when `fail_second`; every step's start and
+/// end is logged.
+struct Pipelined {
+    inner: Fake,
+    fail_second: bool,
+    docs: AtomicUsize,
+    second: tokio::sync::Notify,
+    log: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl RestoreWorld for Pipelined {
+    async fn import(&self, rs: &ReplicaSetAccess, req: &ImportRequest) -> Result<ImportAnswer, Failure> {
+        let step = req.step.kind();
+        if !matches!(req.step, ImportStep::Docs { .. }) {
+            self.log.lock().unwrap().push(step.to_string());
+            return self.inner.import(rs, req).await;
+        }
+        let n = self.docs.fetch_add(1, Ordering::SeqCst) + 1;
+        self.log.lock().unwrap().push(format!("start Docs {n}"));
+        match n {
+            1 => {
+                let second = self.second.notified();
+                if self.docs.load(Ordering::SeqCst) < 2 {
+                    tokio::time::timeout(std::time::Duration::from_secs(10), second)
+                        .await
+                        .expect("a second Docs step sent while the first was in flight");
+                }
+            }
+            2 => {
+                self.second.notify_waiters();
+                if self.fail_second {
+                    self.log.lock().unwrap().push("fail Docs 2".into());
+                    return Err(Failure::Transient("leader lost".into()));
+                }
+            }
+            _ => {}
+        }
+        let answer = self.inner.import(rs, req).await;
+        self.log.lock().unwrap().push(format!("end Docs {n}"));
+        answer
+    }
+
+    async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure> {
+        self.inner.checksum(rs, db).await
+    }
+}
+
+fn pipelined(fail_second: bool) -> Pipelined {
+    Pipelined {
+        inner: Fake::default(),
+        fail_second,
+        docs: AtomicUsize::new(0),
+        second: tokio::sync::Notify::new(),
+        log: Mutex::new(Vec::new()),
+    }
+}
+
+#[tokio::test]
+async fn documents_go_two_steps_at_a_time_and_restore_the_same_state() {
+    let f = fixture(None).await;
+    let world = pipelined(false);
+    let mut into = into();
+    into.batch_bytes = 150;
+    assert_eq!(into.docs_in_flight, 2);
+    restore(&world, &f.store, &f.plan(1_017).await, &into).await.unwrap();
+    // The first step ended only after the second started: both were in flight.
+    let log = world.log.lock().unwrap().clone();
+    let at = |s: &str| log.iter().position(|l| l == s).unwrap_or_else(|| panic!("{s} missing: {log:?}"));
+    assert!(at("start Docs 2") < at("end Docs 1"), "{log:?}");
+    // Every document step before the first change.
+    let last_docs_end = log.iter().rposition(|l| l.starts_with("end Docs")).unwrap();
+    assert!(last_docs_end < at("Ops"), "{log:?}");
+    assert_eq!(world.inner.target.lock().unwrap().docs, f.expected(1_017, None));
+}
+
+#[tokio::test]
+async fn a_failed_document_step_aborts_only_once_no_other_step_is_in_flight() {
+    let f = fixture(None).await;
+    let world = pipelined(true);
+    let mut into = into();
+    into.batch_bytes = 150;
+    let err = restore(&world, &f.store, &f.plan(1_017).await, &into).await.unwrap_err();
+    assert!(matches!(err.cause, RestoreCause::Target { step: "Docs", .. }) && err.import_dropped, "{err}");
+    // The first step, in flight when the second failed, was answered before the abort: no
+    // step of this attempt can reach the target after it.
+    let log = world.log.lock().unwrap().clone();
+    let at = |s: &str| log.iter().position(|l| l == s).unwrap_or_else(|| panic!("{s} missing: {log:?}"));
+    assert!(at("fail Docs 2") < at("end Docs 1") && at("end Docs 1") < at("Abort"), "{log:?}");
+    assert_eq!(log.last().map(String::as_str), Some("Abort"), "{log:?}");
+    assert!(world.inner.target.lock().unwrap().docs.is_empty());
+}
