@@ -419,6 +419,9 @@ impl BackupAgent {
     /// target (a deleted instance, an older instance of a reused name, backups turned off)
     /// once the newest time they hold is more than `orphan_retention` old: they stay
     /// restorable by their own incarnation for that long, and are never found by another.
+    /// The incarnation's archive record in etcd goes with them, first: a restore plans with
+    /// it (the time an idle database's record covers past its last segment), so it is kept
+    /// as long as the backups are, and a sweep that fails after it finds the objects again.
     /// Returns the locations deleted.
     pub async fn sweep(&self) -> Result<Vec<BackupLocation>, BackupError> {
         if !self.targets_known.load(std::sync::atomic::Ordering::Acquire) {
@@ -440,6 +443,14 @@ impl BackupAgent {
                 db = %location.db(), incarnation = %location.incarnation(),
                 "deleting the backups of an instance no longer backed up, past its retention"
             );
+            if let Err(e) = self.world.delete_archive_record(location.db(), location.incarnation()).await {
+                // Its objects stay, so the next sweep finds the incarnation and tries again.
+                tracing::warn!(
+                    db = %location.db(), incarnation = %location.incarnation(), error = %e,
+                    "failed to delete the archive record of a former incarnation; its backups are swept later"
+                );
+                continue;
+            }
             store.delete_all().await?;
             deleted.push(location);
         }
