@@ -518,7 +518,10 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
     let fence_epoch = match ctx.migrations.world.route(&db).await {
         Ok(route) => route.map(|(r, _)| r.epoch + 1),
         Err(e) => {
-            return Err(Error::Locate { database: db.clone(), reason: format!("failed to read its route from etcd: {e}") });
+            return Err(Error::Locate {
+                database: db.clone(),
+                reason: format!("failed to read its route from etcd: {e}"),
+            });
         }
     };
     let abandon = dbi.annotations().get(ANNOTATION_ABANDON_DATA).is_some_and(|v| v == "true");

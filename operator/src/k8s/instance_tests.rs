@@ -703,7 +703,8 @@ fn restore(name: &str, spec: serde_json::Value, phase: &str) -> serde_json::Valu
 async fn a_restore_writing_into_an_instance_holds_its_deletion_until_it_ended() {
     let w = ready_instance().await;
     // One that only reads shop's backups (into a new instance), one waiting: neither holds it.
-    let elsewhere = json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop2"}});
+    let elsewhere =
+        json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop2"}});
     w.api.put(RESTORES, restore("copy", elsewhere, "Restoring"));
     w.api.put(RESTORES, restore("later", json!({"source": "shop", "toTime": "latest"}), "Pending"));
     w.api.put(RESTORES, restore("now", json!({"source": "shop", "toTime": "latest"}), "Restoring"));
@@ -713,7 +714,11 @@ async fn a_restore_writing_into_an_instance_holds_its_deletion_until_it_ended() 
     let ready = ready_condition(&w, "shop");
     assert_eq!(ready["reason"], "DeletionBlocked");
     assert!(ready["message"].as_str().unwrap().contains("restore now"), "{ready}");
-    assert!(!w.raft_log().iter().any(|l| l.starts_with("drop_database") || l.starts_with("fence")), "{:?}", w.raft_log());
+    assert!(
+        !w.raft_log().iter().any(|l| l.starts_with("drop_database") || l.starts_with("fence")),
+        "{:?}",
+        w.raft_log()
+    );
     assert!(w.api.get(INSTANCES, "shop").is_some(), "kept while the restore runs");
 
     // Ended: the deletion goes on.

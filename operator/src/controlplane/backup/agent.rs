@@ -29,11 +29,11 @@ pub use archiver::{ArchiveState, Archived, IdleTicks, archive_pin_name, archive_
 pub use full::{ReplicaCheck, TakenFull, full_pin_name, replica_check, take_full};
 pub use world::{ArchiveRecord, BACKUPS, BackupWorld, backup_key};
 
+use super::verify::{ScratchCopy, drop_scratch, verify_full};
 use super::{
     BackupError, BackupLocation, BackupStore, FullId, FullManifest, FullPolicy, Incarnation, Lineage, RetentionPolicy,
     SegmentName, full_due, recoverable_window, retention,
 };
-use super::verify::{ScratchCopy, drop_scratch, verify_full};
 use crate::controlplane::migration::{Failure, ReplicaSetAccess};
 
 /// The agent's knobs (`docs/backup.md`).

@@ -753,7 +753,13 @@ impl BackupWorld for EtcdRecords {
     async fn export(&self, rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure> {
         self.model.export(rs, req).await
     }
-    async fn oplog(&self, rs: &ReplicaSetAccess, db: &str, after: OplogPosition, limit: u32) -> Result<DbOplogPage, Failure> {
+    async fn oplog(
+        &self,
+        rs: &ReplicaSetAccess,
+        db: &str,
+        after: OplogPosition,
+        limit: u32,
+    ) -> Result<DbOplogPage, Failure> {
         self.model.oplog(rs, db, after, limit).await
     }
     async fn pin_oplog(&self, rs: &ReplicaSetAccess, req: &PinOplogRequest) -> Result<(), Failure> {
@@ -811,14 +817,9 @@ async fn a_former_incarnations_archive_record_in_etcd_is_deleted_with_its_swept_
     };
     let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
     let agent_with = |orphan_retention: Duration| {
-        let agent = BackupAgent::new(
-            world.clone(),
-            fs.clone(),
-            "",
-            "test",
-            AgentTuning { orphan_retention, ..tuning.clone() },
-        )
-        .unwrap();
+        let agent =
+            BackupAgent::new(world.clone(), fs.clone(), "", "test", AgentTuning { orphan_retention, ..tuning.clone() })
+                .unwrap();
         agent.set_targets(vec![target("inc-2", RetentionPolicy::default())]).unwrap();
         agent
     };
