@@ -299,3 +299,54 @@ async fn every_member_publishes_alike_through_the_admin_api_and_no_client_reache
     assert!(applied.is_some());
     set.stop().await;
 }
+
+/// What an instance's deletion sends (`controlplane::drop_instance_data`): the route epoch
+/// raised past the route's, then the database, its restore staging copy and its
+/// verification scratch copy dropped. A restore that imported before the deletion and
+/// publishes after it carries the old route epoch, and is refused: nothing of the deleted
+/// database comes back, and no copy of it is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_fences_the_database_so_a_later_publish_is_refused_and_drops_its_staging_and_scratch_copies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = ReplicaSet(vec![Member::start(1, &tmp.path().join("n1")).await]);
+    let leader = &set.0[0];
+    leader.raft.initialize(BTreeMap::from([(1, leader.info.clone())])).await.unwrap();
+    leader.raft.wait(Some(Duration::from_secs(10))).state(openraft::ServerState::Leader, "leader").await.unwrap();
+    let admin = Admin::new();
+    // Served at route epoch 5.
+    let (status, body) = admin.post(leader, "/v1/admin/route-epoch", json!({"db": "shop", "epoch": 5})).await;
+    assert_eq!(status, 200, "{body}");
+    poll("a first write", async || leader.raft.client_write(insert("users", &[json!({"_id": 1})])).await.ok()).await;
+
+    // A restore imports into the staging copy; a verification into the scratch copy.
+    for db in ["shop~restore", "shop~verify"] {
+        assert_eq!(admin.import(leader, db, json!("begin")).await.0, 200);
+        let collections = json!({"collections": {"collections": [{"name": "users", "indexes": []}]}});
+        assert_eq!(admin.import(leader, db, collections).await.0, 200);
+        let docs = json!({"docs": {"docs": [{"coll": "users", "doc": {"_id": 2}}]}});
+        assert_eq!(admin.import(leader, db, docs).await.0, 200);
+    }
+
+    // The deletion.
+    let (status, body) = admin.post(leader, "/v1/admin/route-epoch", json!({"db": "shop", "epoch": 6})).await;
+    assert_eq!((status, &body["epoch"]), (200, &json!(6)), "{body}");
+    for db in ["shop", "shop~restore", "shop~verify"] {
+        let (status, body) = admin.post(leader, "/v1/admin/drop-database", json!({"db": db})).await;
+        assert_eq!((status, &body["found"]), (200, &json!(true)), "{db}: {body}");
+    }
+    // Names the admin API takes for nothing else stay refused.
+    for bad in ["shop~x", "~restore", "shop~verify~restore"] {
+        let (status, body) = admin.post(leader, "/v1/admin/drop-database", json!({"db": bad})).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+
+    // The restore's switch, with the route epoch it saw: refused as stale.
+    let publish = json!({"publish": {"into": "shop", "whole": true, "route_epoch": 5}});
+    let (status, body) = admin.import(leader, "shop~restore", publish).await;
+    assert!(status == 421 && body.to_string().contains("StaleRoute"), "{status} {body}");
+    let engine = leader.sm.engine();
+    for db in ["shop", "shop~restore", "shop~verify"] {
+        assert!(engine.list_collections(db).is_empty(), "{db} has collections after the deletion");
+    }
+    set.stop().await;
+}

@@ -123,6 +123,14 @@ impl BackupWorld for Shop {
         *stored = Some((record.clone(), revision));
         Ok(Some(revision))
     }
+
+    async fn delete_archive_record(&self, db: &str, incarnation: &Incarnation) -> Result<(), Failure> {
+        let mut stored = self.record.lock().unwrap();
+        if stored.as_ref().is_some_and(|(r, _)| r.db == db && &r.incarnation == incarnation) {
+            *stored = None;
+        }
+        Ok(())
+    }
 }
 
 fn shop_instance() -> DatabaseInstance {

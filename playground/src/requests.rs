@@ -217,10 +217,19 @@ pub async fn delete(
     let mut lines = Vec::new();
     for (name, leaders) in names.iter().zip(leaders) {
         let Some(inst) = st.instances.get(name).cloned() else { continue };
+        // Fenced above the route's epoch before the drop: a restore of the instance running
+        // now (`restore.rs`) publishes with the epoch it read, and is refused instead of
+        // bringing collections back after the drop. It is not waited for: the restore
+        // task's own clean-up of a failed `--into` deletes its instance while it runs.
+        let route = store.route(&inst.database).await.map_err(|e| internal("read the database's route", e))?;
+        let fence_epoch = route.map(|r| r.epoch + 1);
         for leader in leaders {
             // Through Raft; the database's route epoch stays on the replica set, so a
-            // sender with the old route is still refused.
-            admin.drop_database(&leader, &inst.database).await.map_err(|e| internal("drop the database's data", e))?;
+            // sender with the old route is still refused. Its restore staging and
+            // verification scratch copies go too.
+            nimbus_operator::controlplane::drop_instance_data(admin, &leader, &inst.database, fence_epoch)
+                .await
+                .map_err(|e| internal("drop the database's data", e))?;
         }
         store
             .delete_database(&inst.database, &crate::local::claim(name), true)

@@ -349,8 +349,13 @@ async fn unpin_oplog(State(ctx): Ctx, JsonBody(req): JsonBody<UnpinOplogRequest>
 
 /// Drops a database's data on this replica set, its route epoch kept (`DropDatabaseRequest`);
 /// answers `{"found", "index"}`, with `"kept": true, "epoch"` when `maxEpoch` kept it.
+/// Takes every name the admin API does ([`validate_admin_db`]): an instance's deletion and a
+/// migration's clean-up drop the database's restore staging (`{db}~restore`) and
+/// verification scratch (`{db}~verify`) copies with it, which no `Abort` may ever reach
+/// (their import id is lost with the job that made them).
 async fn drop_database(State(ctx): Ctx, JsonBody(req): JsonBody<DropDatabaseRequest>) -> Result<Response> {
-    let db = nimbus_api::path::DbName::new(&req.db)?.into_string();
+    validate_admin_db(&req.db)?;
+    let db = req.db;
     // Unbounded drops keep the entry older members decode.
     let op = match req.max_epoch {
         None => crate::store::WriteOp::DropDatabase,

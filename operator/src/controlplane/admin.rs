@@ -102,6 +102,12 @@ impl AdminClient {
         self.call::<_, serde_json::Value>(leader, "/v1/admin/drop-database", "drop database", &req).await.map(|_| ())
     }
 
+    /// `POST /v1/admin/route-epoch` on the leader: `db`'s route epoch raised to `epoch`.
+    pub async fn fence(&self, leader: &str, db: &str, epoch: u64) -> Result<(), AdminError> {
+        let req = nimbus_api::admin::SetRouteEpochRequest { db: db.to_owned(), epoch };
+        self.call::<_, serde_json::Value>(leader, "/v1/admin/route-epoch", "fence database", &req).await.map(|_| ())
+    }
+
     /// A POST whose JSON answer matters (the migration calls of `nimbus_api::migration`).
     pub async fn call<T: Serialize, R: serde::de::DeserializeOwned>(
         &self,

@@ -314,6 +314,15 @@ impl Coordinator {
         Ok(done)
     }
 
+    /// Deletes one key (nothing when it is absent): a record whose owner is gone for good,
+    /// such as a swept incarnation's backup record (`backup::agent`, `BackupAgent::sweep`).
+    /// Not part of [`Coordinator::delete_database`]: a deleted instance's backups stay
+    /// restorable for their orphan retention, and a restore plans with its record.
+    pub async fn delete_key(&self, key: &str) -> Result<(), CoordError> {
+        self.client.kv_client().delete(key, None).await?;
+        Ok(())
+    }
+
     /// Deletes the users of `db` not in `keep` (their tokens stop working at once); returns
     /// the names removed.
     pub async fn retain_users(&self, db: &str, keep: &[String]) -> Result<Vec<String>, CoordError> {
@@ -446,4 +455,4 @@ impl Coordinator {
 
 #[cfg(test)]
 #[path = "coord_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -8,7 +8,7 @@ use nimbus_api::etcd::{self, Route, RouteMember, RouteState, TenantClaim};
 use super::Coordinator;
 
 /// One etcd server on free ports in a temporary directory, killed on drop.
-struct Etcd {
+pub(crate) struct Etcd {
     child: std::process::Child,
     url: String,
     _dir: tempfile::TempDir,
@@ -25,7 +25,8 @@ fn free_port() -> u16 {
     nimbus_net::ports::free_port().unwrap()
 }
 
-async fn etcd() -> (Etcd, Coordinator) {
+/// A real etcd for a test (the backup agent's records use it too), and a coordinator on it.
+pub(crate) async fn etcd() -> (Etcd, Coordinator) {
     let dir = tempfile::tempdir().unwrap();
     let (client, peer) = (format!("http://127.0.0.1:{}", free_port()), format!("http://127.0.0.1:{}", free_port()));
     let child = std::process::Command::new("etcd")

@@ -426,6 +426,9 @@ mod tests {
         async fn drop_database(&self, _leader_data: &str, _db: &str) -> Result<(), AdminError> {
             Ok(())
         }
+        async fn fence(&self, _leader: &str, _db: &str, _epoch: u64) -> Result<(), AdminError> {
+            Ok(())
+        }
     }
 
     #[derive(Default)]

@@ -37,7 +37,38 @@ pub trait Datanodes: Send + Sync {
     async fn remove_member(&self, leader: &str, id: u64) -> Result<(), AdminError>;
     async fn transfer_leader(&self, leader: &str, to: u64) -> Result<(), AdminError>;
     /// Drops every collection of `db`, whatever its route epoch, through the leader's admin API.
+    /// `db` may be a client's database or its restore staging or verification scratch copy
+    /// (`nimbus_api::migration::validate_admin_db`).
     async fn drop_database(&self, leader: &str, db: &str) -> Result<(), AdminError>;
+    /// Raises `db`'s route epoch on the replica set to `epoch` (through Raft; it never
+    /// lowers): from that entry on, anything carrying an older route epoch is refused.
+    async fn fence(&self, leader: &str, db: &str, epoch: u64) -> Result<(), AdminError>;
+}
+
+/// Removes an instance's data from one replica set, through its leader: `db` fenced first at
+/// `fence_epoch` (its route's epoch + 1, when it has a route), then dropped with its restore
+/// staging copy (`{db}~restore`) and its verification scratch copy (`{db}~verify`).
+///
+/// The fence is what makes the drop final. A restore that read the route before the
+/// deletion may still `Publish` its staging copy into `db` after the drop (the deletion
+/// drops the data, then the route); its `Publish` carries the route epoch it saw, and the
+/// replica set refuses it as stale once its own epoch is newer. The fence is entered in the
+/// Raft log before the drop, so every such `Publish` is either dropped or refused. A new
+/// instance of the name gets a route epoch above the fence (etcd's revision, which the
+/// deletion itself raises: `Coordinator::put_route`), so it is not refused. The copies have
+/// no route and no client: only this drop (or their job's own `Abort`) removes them.
+pub async fn drop_instance_data(
+    datanodes: &dyn Datanodes,
+    leader: &str,
+    db: &str,
+    fence_epoch: Option<u64>,
+) -> Result<(), AdminError> {
+    if let Some(epoch) = fence_epoch {
+        datanodes.fence(leader, db, epoch).await?;
+    }
+    datanodes.drop_database(leader, db).await?;
+    datanodes.drop_database(leader, &nimbus_api::migration::restore_staging_db(db)).await?;
+    datanodes.drop_database(leader, &nimbus_api::migration::verify_scratch_db(db)).await
 }
 
 /// The control plane's records in etcd.
@@ -119,6 +150,9 @@ impl Datanodes for admin::AdminClient {
     async fn drop_database(&self, leader: &str, db: &str) -> Result<(), AdminError> {
         admin::AdminClient::drop_database(self, leader, db).await
     }
+    async fn fence(&self, leader: &str, db: &str, epoch: u64) -> Result<(), AdminError> {
+        admin::AdminClient::fence(self, leader, db, epoch).await
+    }
 }
 
 /// Datanodes that cannot be called (no secret for their namespace): every call fails.
@@ -148,6 +182,9 @@ impl Datanodes for Refusing {
         Err(self.refused(leader))
     }
     async fn drop_database(&self, leader: &str, _db: &str) -> Result<(), AdminError> {
+        Err(self.refused(leader))
+    }
+    async fn fence(&self, leader: &str, _db: &str, _epoch: u64) -> Result<(), AdminError> {
         Err(self.refused(leader))
     }
 }

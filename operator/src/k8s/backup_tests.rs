@@ -55,6 +55,9 @@ impl BackupWorld for Unrouted {
     async fn save_archive_record(&self, _: &ArchiveRecord, _: Option<u64>) -> Result<Option<u64>, Failure> {
         Ok(Some(1))
     }
+    async fn delete_archive_record(&self, _: &str, _: &Incarnation) -> Result<(), Failure> {
+        Ok(())
+    }
 }
 
 fn instance(name: &str, backup: serde_json::Value) -> serde_json::Value {

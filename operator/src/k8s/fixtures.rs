@@ -139,6 +139,10 @@ impl Datanodes for FakeDatanodes {
         self.model().log.push(format!("drop_database {db} via {leader}"));
         Ok(())
     }
+    async fn fence(&self, leader: &str, db: &str, epoch: u64) -> Result<(), AdminError> {
+        self.model().log.push(format!("fence {db} at {epoch} via {leader}"));
+        Ok(())
+    }
 }
 
 /// etcd as the operator writes it: key → JSON, and the number of writes that changed

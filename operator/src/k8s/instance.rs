@@ -29,8 +29,8 @@ use crate::controlplane::members::Action as Step;
 use crate::controlplane::placement::{self, Placement, PoolMode, ReplicaSetLoad};
 use crate::controlplane::{ControlStore, Datanodes};
 use crate::crd::v1alpha1::{
-    DatabaseInstance, DatabaseInstanceStatus, LimitsStatus, MemberStatus, Phase, PlacementStatus,
-    PoolMode as CrdPoolMode, ResourcePool, ResourcePoolSpec, Tier,
+    DatabaseInstance, DatabaseInstanceStatus, DatabaseRestore, LimitsStatus, MemberStatus, Phase, PlacementStatus,
+    PoolMode as CrdPoolMode, ResourcePool, ResourcePoolSpec, RestoreMode, RestorePhase, Tier,
 };
 
 pub const FINALIZER: &str = "nimbus.io/cleanup";
@@ -506,7 +506,24 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
     if ctx.store.claim_database(&db, &claim, placement.is_some()).await?.is_err() {
         return Ok(Action::await_change());
     }
+    if let Some(restore) = running_restore(ctx, &ns, &dbi.name_any()).await? {
+        let err = Error::RestoreRunning { database: db.clone(), restore };
+        report_deletion_blocked(ctx, dbi, &err.to_string()).await?;
+        // An error keeps the finalizer (an `Ok` would release it) and retries.
+        return Err(err);
+    }
     super::migration::cancel_for_deletion(ctx, &db).await;
+    // The fence: every replica set holding a copy refuses, from before the drop on, what
+    // carries the route epoch a restore saw (`controlplane::drop_instance_data`).
+    let fence_epoch = match ctx.migrations.world.route(&db).await {
+        Ok(route) => route.map(|(r, _)| r.epoch + 1),
+        Err(e) => {
+            return Err(Error::Locate {
+                database: db.clone(),
+                reason: format!("failed to read its route from etcd: {e}"),
+            });
+        }
+    };
     let abandon = dbi.annotations().get(ANNOTATION_ABANDON_DATA).is_some_and(|v| v == "true");
     // Dropped wherever a copy is, if the database was ever placed: where its route says it
     // lives (a migration's switch moves it before the placement follows), and the source
@@ -517,7 +534,7 @@ async fn cleanup(dbi: &DatabaseInstance, ctx: &Context) -> Result<Action, Error>
     };
     let mut abandoned = Vec::new();
     for rs in &holders {
-        match drop_data(ctx, &ns, rs, &db).await? {
+        match drop_data(ctx, &ns, rs, &db, fence_epoch).await? {
             Dropped::Done => {}
             // The way out when the replica set cannot get a leader back: the data stays on
             // its volumes, the instance and its records go (docs/operator.md).
@@ -562,7 +579,27 @@ enum Dropped {
     NoLeader,
 }
 
-async fn drop_data(ctx: &Context, ns: &str, rs: &str, db: &str) -> Result<Dropped, Error> {
+/// The restore writing into the instance `name` of `ns` now, if one does: a DatabaseRestore
+/// `Restoring` in place or beside (its source is the instance) or into it as a new instance.
+/// A restore that only reads the instance's backups (into another, new instance) does not
+/// hold its deletion, nor does one `Pending` (it fails when it finds its source deleted).
+async fn running_restore(ctx: &Context, ns: &str, name: &str) -> Result<Option<String>, Error> {
+    let restores: Objects<DatabaseRestore> = Objects::namespaced(ctx.client.clone(), ns);
+    let writing = |r: &DatabaseRestore| match r.spec.target.mode {
+        RestoreMode::InPlace | RestoreMode::Beside => r.spec.source == name,
+        RestoreMode::NewInstance => r.spec.target.instance.as_deref() == Some(name),
+    };
+    Ok(restores
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .find(|r| writing(r) && r.status.as_ref().and_then(|s| s.phase) == Some(RestorePhase::Restoring))
+        .map(|r| r.name_any()))
+}
+
+/// Drops the database and its restore and verification copies on `rs`, fenced at
+/// `fence_epoch` first (`controlplane::drop_instance_data`).
+async fn drop_data(ctx: &Context, ns: &str, rs: &str, db: &str, fence_epoch: Option<u64>) -> Result<Dropped, Error> {
     let pods: Objects<Pod> = Objects::namespaced(ctx.client.clone(), ns);
     let selector = ListParams::default().labels(&format!("{}={rs}", objects::LABEL_REPLICA_SET));
     let mut statuses = Vec::new();
@@ -576,7 +613,8 @@ async fn drop_data(ctx: &Context, ns: &str, rs: &str, db: &str) -> Result<Droppe
     match statuses.iter().find(|(s, _)| s.leader_id == Some(s.id)) {
         Some((_, pod)) => {
             let admin = pod_admin(pod).unwrap_or_default();
-            ctx.datanodes.in_namespace(ns).drop_database(&admin, db).await?;
+            let datanodes = ctx.datanodes.in_namespace(ns);
+            crate::controlplane::drop_instance_data(datanodes.as_ref(), &admin, db, fence_epoch).await?;
             Ok(Dropped::Done)
         }
         // A replica set with no Pods left (a dedicated one being deleted with the instance)

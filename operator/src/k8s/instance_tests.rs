@@ -224,9 +224,21 @@ async fn deleting_an_instance_drops_its_data_route_and_users_then_releases_the_f
     let w = ready_instance().await;
     w.api.delete(INSTANCES, "shop");
     assert_eq!(w.api.get(INSTANCES, "shop").unwrap()["metadata"]["deletionTimestamp"], DELETION_TIME, "Terminating");
+    let epoch = w.store.0.lock().unwrap()[&nimbus_api::etcd::route_key("shop")]["epoch"].as_u64().unwrap();
     w.reconcile("shop").await.unwrap();
-    let dropped = format!("drop_database shop via http://10.1.0.1:{}", super::objects::ADMIN_PORT);
-    assert!(w.raft_log().contains(&dropped), "{:?}", w.raft_log());
+    // Fenced above the route's epoch first (a restore's `Publish` carrying the old one is
+    // refused from then on), then the database and its restore and verification copies.
+    let via = format!("via http://10.1.0.1:{}", super::objects::ADMIN_PORT);
+    let expected: Vec<String> = [
+        format!("fence shop at {} {via}", epoch + 1),
+        format!("drop_database shop {via}"),
+        format!("drop_database shop~restore {via}"),
+        format!("drop_database shop~verify {via}"),
+    ]
+    .into();
+    let log: Vec<String> =
+        w.raft_log().into_iter().filter(|l| l.starts_with("fence") || l.starts_with("drop_database")).collect();
+    assert_eq!(log, expected);
     assert!(w.store.0.lock().unwrap().keys().all(|k| !k.contains("/shop")), "etcd keys of shop remain");
     assert!(w.api.get(INSTANCES, "shop").is_none(), "gone once its finalizer is released");
     // The shared replica set stays for the other databases.
@@ -482,7 +494,6 @@ const NOT_EXERCISED: &[(&str, &str, &str)] = &[
     ("coordination.k8s.io", "leases", "get"),
     ("coordination.k8s.io", "leases", "patch"),
     ("nimbus.io", "databaseinstances", "watch"),
-    ("nimbus.io", "databaserestores", "list"),
     ("nimbus.io", "databaserestores", "watch"),
     ("nimbus.io", "resourcepools", "list"),
     ("nimbus.io", "resourcepools", "watch"),
@@ -678,4 +689,41 @@ async fn abandoning_a_dedicated_instances_data_keeps_its_volumes() {
     w.reconcile("orders").await.unwrap();
     assert!(w.api.get(INSTANCES, "orders").is_none());
     assert_eq!(w.api.list(PVCS).len(), 3, "abandoned data is kept, as the Event says");
+}
+
+const RESTORES: &str = "/apis/nimbus.io/v1alpha1/namespaces/apps/databaserestores";
+
+fn restore(name: &str, spec: serde_json::Value, phase: &str) -> serde_json::Value {
+    json!({"apiVersion": "nimbus.io/v1alpha1", "kind": "DatabaseRestore",
+        "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
+        "spec": spec, "status": {"phase": phase}})
+}
+
+#[tokio::test]
+async fn a_restore_writing_into_an_instance_holds_its_deletion_until_it_ended() {
+    let w = ready_instance().await;
+    // One that only reads shop's backups (into a new instance), one waiting: neither holds it.
+    let elsewhere =
+        json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop2"}});
+    w.api.put(RESTORES, restore("copy", elsewhere, "Restoring"));
+    w.api.put(RESTORES, restore("later", json!({"source": "shop", "toTime": "latest"}), "Pending"));
+    w.api.put(RESTORES, restore("now", json!({"source": "shop", "toTime": "latest"}), "Restoring"));
+    w.api.delete(INSTANCES, "shop");
+    let err = w.reconcile("shop").await.unwrap_err().to_string();
+    assert!(err.contains("restore now writes into it"), "{err}");
+    let ready = ready_condition(&w, "shop");
+    assert_eq!(ready["reason"], "DeletionBlocked");
+    assert!(ready["message"].as_str().unwrap().contains("restore now"), "{ready}");
+    assert!(
+        !w.raft_log().iter().any(|l| l.starts_with("drop_database") || l.starts_with("fence")),
+        "{:?}",
+        w.raft_log()
+    );
+    assert!(w.api.get(INSTANCES, "shop").is_some(), "kept while the restore runs");
+
+    // Ended: the deletion goes on.
+    w.api.put(RESTORES, restore("now", json!({"source": "shop", "toTime": "latest"}), "Succeeded"));
+    w.reconcile("shop").await.unwrap();
+    assert!(w.raft_log().iter().any(|l| l.starts_with("drop_database shop~restore")), "{:?}", w.raft_log());
+    assert!(w.api.get(INSTANCES, "shop").is_none());
 }

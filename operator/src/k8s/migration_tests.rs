@@ -181,6 +181,9 @@ async fn a_completed_migration_moves_the_placement_to_the_target() {
     let calls = w.migration.calls();
     assert!(calls.contains(&"import big-rs0 finish".to_owned()), "{calls:?}");
     assert!(calls.contains(&"drop default-rs0 shop".to_owned()), "the source's copy is cleaned up: {calls:?}");
+    for copy in ["shop~restore", "shop~verify"] {
+        assert!(calls.contains(&format!("drop default-rs0 {copy}")), "the source's {copy} is cleaned up: {calls:?}");
+    }
     assert_eq!(route(&w)["replicaSet"], "big-rs0");
     assert_eq!(route(&w)["epoch"], epoch + 1);
 

@@ -57,6 +57,13 @@ pub enum Error {
          instance without dropping its data, annotate it nimbus.io/abandon-data=true"
     )]
     NoLeaderToDrop { database: String, replica_set: String },
+    /// A restore writes into the instance's database: its deletion waits until it ended, so
+    /// the drop comes after the restore's last step and finds every copy it made.
+    #[error(
+        "failed to drop database {database} yet: restore {restore} writes into it (phase Restoring); the \
+         instance is deleted once the restore has ended"
+    )]
+    RestoreRunning { database: String, restore: String },
     /// Where a database lives could not be read: its deletion waits (dropping only where
     /// the placement says could leave its data on the replica set it moved to).
     #[error("failed to find the replica sets holding database {database}: {reason}")]

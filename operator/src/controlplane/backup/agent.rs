@@ -29,6 +29,7 @@ pub use archiver::{ArchiveState, Archived, IdleTicks, archive_pin_name, archive_
 pub use full::{ReplicaCheck, TakenFull, full_pin_name, replica_check, take_full};
 pub use world::{ArchiveRecord, BACKUPS, BackupWorld, backup_key};
 
+use super::verify::{ScratchCopy, drop_scratch, verify_full};
 use super::{
     BackupError, BackupLocation, BackupStore, FullId, FullManifest, FullPolicy, Incarnation, Lineage, RetentionPolicy,
     SegmentName, full_due, recoverable_window, retention,
@@ -236,6 +237,9 @@ struct Cache {
     verify_tried: Option<(FullId, Instant)>,
     /// After a passing failure: not before this.
     verify_after: Option<Instant>,
+    /// A verification's scratch copy whose drop did not get through yet: tried again at
+    /// each pass until it does.
+    scratch_left: Option<ScratchCopy>,
 }
 
 #[derive(Debug, Clone)]
@@ -415,6 +419,9 @@ impl BackupAgent {
     /// target (a deleted instance, an older instance of a reused name, backups turned off)
     /// once the newest time they hold is more than `orphan_retention` old: they stay
     /// restorable by their own incarnation for that long, and are never found by another.
+    /// The incarnation's archive record in etcd goes with them, first: a restore plans with
+    /// it (the time an idle database's record covers past its last segment), so it is kept
+    /// as long as the backups are, and a sweep that fails after it finds the objects again.
     /// Returns the locations deleted.
     pub async fn sweep(&self) -> Result<Vec<BackupLocation>, BackupError> {
         if !self.targets_known.load(std::sync::atomic::Ordering::Acquire) {
@@ -436,6 +443,14 @@ impl BackupAgent {
                 db = %location.db(), incarnation = %location.incarnation(),
                 "deleting the backups of an instance no longer backed up, past its retention"
             );
+            if let Err(e) = self.world.delete_archive_record(location.db(), location.incarnation()).await {
+                // Its objects stay, so the next sweep finds the incarnation and tries again.
+                tracing::warn!(
+                    db = %location.db(), incarnation = %location.incarnation(), error = %e,
+                    "failed to delete the archive record of a former incarnation; its backups are swept later"
+                );
+                continue;
+            }
             store.delete_all().await?;
             deleted.push(location);
         }
@@ -580,7 +595,12 @@ async fn schedule_loop(
     }
 }
 
-/// Verifies the newest full (`backup::verify`) when none was tried yet, or when
+/// How long a verification's scratch copy whose `Abort` was lost is dropped again at once
+/// (at the replica set's leader of the moment), before it is left to the agent's next passes.
+const SCRATCH_DROP_WITHIN: Duration = Duration::from_secs(30);
+
+/// Drops a scratch copy a former verification left (tried once per pass), then verifies
+/// the newest full (`backup::verify`) when none was tried yet, or when
 /// `verify_every` has passed since the last try and a newer full exists; through the
 /// agent's bound on concurrent fulls (a verification is a restore's load).
 async fn verify_when_due(
@@ -590,6 +610,13 @@ async fn verify_when_due(
     tuning: &AgentTuning,
 ) {
     let Some(restorer) = world.restorer() else { return };
+    let left = entry.cache().scratch_left.clone();
+    if let Some(copy) = left {
+        let leader = || world.replica_set(&copy.namespace, &copy.replica_set);
+        if drop_scratch(restorer, &copy, leader, Duration::ZERO, Duration::ZERO).await {
+            entry.cache().scratch_left = None;
+        }
+    }
     if tuning.verify_every.is_zero() {
         return;
     }
@@ -617,10 +644,26 @@ async fn verify_when_due(
         }
     };
     let import_id = format!("verify-{}-{:08x}", newest.id, rand::random::<u32>());
-    let result =
-        crate::controlplane::backup::verify::verify_full(restorer, &entry.store, &newest, &segments, rs, &import_id)
-            .await;
+    let copy = ScratchCopy {
+        namespace: entry.target.namespace.clone(),
+        replica_set: rs.name.clone(),
+        db: nimbus_api::migration::verify_scratch_db(db),
+        import_id: import_id.clone(),
+    };
+    let result = verify_full(restorer, &entry.store, &newest, &segments, rs, &import_id).await;
+    let dropped = match &result {
+        Ok(v) => v.scratch_dropped,
+        Err(e) => e.scratch_dropped,
+    };
+    // The verification's own `Abort` went to the leader it started with.
+    let left = !dropped && {
+        let leader = || world.replica_set(&copy.namespace, &copy.replica_set);
+        !drop_scratch(restorer, &copy, leader, SCRATCH_DROP_WITHIN, tuning.retry).await
+    };
     let mut cache = entry.cache();
+    if left {
+        cache.scratch_left = Some(copy);
+    }
     cache.verify_tried = Some((newest.id.clone(), Instant::now()));
     match result {
         Ok(v) if v.matched() => {

@@ -9,12 +9,18 @@
 //! `{db}~verify` ([`verify_scratch_db`]) on a replica set, never finished. The engine
 //! compares the copy's order-independent checksum with the manifest's (a whole-database
 //! restore to exactly `end`). Then the scratch copy is dropped (`Abort`), whatever
-//! happened: it never serves, and a copy left behind (the target unreachable) stays
-//! invisible until the next verification's `Begin` drops it.
+//! happened: it never serves. A copy whose `Abort` did not get through (most often: the
+//! leader changed while the verification ran, and the `Abort` went to the former one) is
+//! dropped by [`drop_scratch`], which sends the `Abort` again to the replica set's leader
+//! of the moment until a deadline; the agent keeps one still left and tries again at its
+//! next passes. An instance's deletion and a migration's clean-up drop it too.
 //!
 //! The caller (the backup agent's loop) picks the full (the newest complete one), the
 //! replica set (any with room: the scratch copy costs a full restore's space while it
 //! runs) and a fresh import id per attempt, and reports the answer in status and metrics.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use nimbus_api::migration::{ImportRequest, ImportStep, OplogPosition, verify_scratch_db};
 
@@ -42,8 +48,8 @@ pub struct Verified {
     /// JSON bytes of documents and changes sent to the scratch copy.
     pub bytes: u64,
     pub verdict: Verdict,
-    /// Whether the scratch copy's `Abort` was acknowledged (`false`: it stays invisible,
-    /// and the next verification's `Begin` drops it).
+    /// Whether the scratch copy's `Abort` was acknowledged (`false`: it stays invisible
+    /// until [`drop_scratch`] gets it through).
     pub scratch_dropped: bool,
 }
 
@@ -68,7 +74,7 @@ pub enum Verdict {
 /// than its manifest says, or the scratch replica set failed.
 #[derive(Debug, thiserror::Error)]
 #[error("failed to verify full {full} of database {db} (restored into {scratch}): {cause}{}",
-    if *.scratch_dropped { "" } else { " (the scratch copy could not be dropped: it stays invisible until the next verification drops it)" })]
+    if *.scratch_dropped { "" } else { " (the scratch copy could not be dropped yet: it stays invisible, and its drop is sent again to the replica set's leader)" })]
 pub struct VerifyError {
     pub db: String,
     pub full: FullId,
@@ -220,5 +226,52 @@ async fn abort<W: RestoreWorld + ?Sized>(world: &W, into: &RestoreInto) -> bool 
                 "failed to drop a verification's scratch copy");
             false
         }
+    }
+}
+
+/// A verification's scratch copy: where it is and the import that made it (its `Abort`
+/// names the import, so it never drops a later verification's copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScratchCopy {
+    pub namespace: String,
+    pub replica_set: String,
+    /// `{db}~verify`.
+    pub db: String,
+    pub import_id: String,
+}
+
+/// Drops a scratch copy whose `Abort` did not get through: sends it again, each time to the
+/// leader `leader` finds then (a leader change is why the first is usually lost, and the
+/// leader seen when the verification started is then the wrong one to ask), until it is
+/// acknowledged or `within` has passed since the first try, `pause` apart. `leader` answers
+/// `None` when the replica set no longer exists: its copy went with it. Whether the copy is
+/// gone.
+pub async fn drop_scratch<W, L, F>(world: &W, copy: &ScratchCopy, leader: L, within: Duration, pause: Duration) -> bool
+where
+    W: RestoreWorld + ?Sized,
+    L: Fn() -> F,
+    F: Future<Output = Result<Option<ReplicaSetAccess>, Failure>>,
+{
+    let started = Instant::now();
+    let req = ImportRequest { db: copy.db.clone(), migration: copy.import_id.clone(), step: ImportStep::Abort };
+    loop {
+        let failure = match leader().await {
+            Ok(None) => return true,
+            Ok(Some(rs)) => match world.import(&rs, &req).await {
+                Ok(_) => {
+                    tracing::info!(db = %copy.db, replica_set = %copy.replica_set, import = %copy.import_id,
+                        "a verification's scratch copy dropped");
+                    return true;
+                }
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        if started.elapsed() + pause > within {
+            tracing::warn!(db = %copy.db, replica_set = %copy.replica_set, import = %copy.import_id, error = %failure,
+                "failed to drop a verification's scratch copy; tried again later");
+            return false;
+        }
+        tokio::time::sleep(pause).await;
     }
 }

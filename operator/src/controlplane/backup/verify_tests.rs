@@ -1,7 +1,8 @@
 //! The verification against `restore_tests.rs`'s fake target and a `LocalFileSystem` store:
 //! a good full matches, damage and a wrong checksum fail saying so, a manifest without a
 //! checksum is unverifiable, the replay stops exactly at the full's end, and the scratch
-//! copy is dropped whatever happened.
+//! copy is dropped whatever happened, at the replica set's leader of the moment when the
+//! one it started with is gone.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,9 +13,9 @@ use serde_json::json;
 
 use super::restore::restore;
 use super::restore_tests::{DB, Fake, Fixture, UnreachableAbort, change, damage, fixture, into, page, sum};
-use super::verify::{Verdict, VerifyCause, verify_full};
+use super::verify::{ScratchCopy, Verdict, VerifyCause, drop_scratch, verify_full};
 use super::*;
-use crate::controlplane::migration::ReplicaSetAccess;
+use crate::controlplane::migration::{ChecksumMarker, Failure, ReplicaSetAccess};
 
 fn rs() -> ReplicaSetAccess {
     ReplicaSetAccess { namespace: String::new(), name: "rs-2".into(), leader_admin: "x".into(), members: vec![] }
@@ -236,4 +237,98 @@ async fn a_scratch_copy_that_cannot_be_dropped_is_said_so_and_the_verdict_stands
     assert!(!err.scratch_dropped && err.to_string().contains("could not be dropped"), "{err}");
     // The engine's own abort and the verification's retry of it.
     assert_eq!(world.1.load(Ordering::SeqCst), 2);
+}
+
+/// The scratch target after its leader changed: what is sent to the former leader (`x`,
+/// where the verification started) is refused; the new one (`y`) answers.
+struct LeaderMoved(Fake);
+
+#[async_trait::async_trait]
+impl super::restore::RestoreWorld for LeaderMoved {
+    async fn import(
+        &self,
+        rs: &ReplicaSetAccess,
+        req: &nimbus_api::migration::ImportRequest,
+    ) -> Result<nimbus_api::migration::ImportAnswer, Failure> {
+        if matches!(req.step, nimbus_api::migration::ImportStep::Abort) && rs.leader_admin == "x" {
+            return Err(Failure::Transient("not the leader: member 2 leads".into()));
+        }
+        self.0.import(rs, req).await
+    }
+
+    async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure> {
+        self.0.checksum(rs, db).await
+    }
+}
+
+fn copy(import_id: &str) -> ScratchCopy {
+    ScratchCopy {
+        namespace: String::new(),
+        replica_set: "rs-2".into(),
+        db: verify_scratch_db(DB),
+        import_id: import_id.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_scratch_copy_whose_abort_went_to_a_former_leader_is_dropped_at_the_new_one() {
+    let model = fixture(None).await.expected(1_012, None);
+    let f = fixture(Some(sum(&model))).await;
+    let (full, segments) = listing(&f).await;
+    let world = LeaderMoved(scratch_target());
+    let v = verify_full(&world, &f.store, &full, &segments, rs(), "verify-1").await.unwrap();
+    assert!(v.matched() && !v.scratch_dropped, "{v:?}");
+    assert!(world.0.target.lock().unwrap().incoming.is_some());
+
+    // The leader found anew: `y`. A first resolution that fails is tried again.
+    let asked = AtomicUsize::new(0);
+    let leader = || async {
+        if asked.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(Failure::Transient("etcd went away".into()));
+        }
+        Ok(Some(ReplicaSetAccess { leader_admin: "y".into(), ..rs() }))
+    };
+    let dropped = drop_scratch(
+        &world,
+        &copy("verify-1"),
+        leader,
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(5),
+    )
+    .await;
+    assert!(dropped);
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    assert_dropped(&world.0);
+}
+
+#[tokio::test]
+async fn a_scratch_copy_is_dropped_again_only_until_the_deadline_and_never_another_verifications() {
+    let model = fixture(None).await.expected(1_012, None);
+    let f = fixture(Some(sum(&model))).await;
+    let (full, segments) = listing(&f).await;
+    let world = UnreachableAbort(scratch_target(), AtomicUsize::new(0));
+    let v = verify_full(&world, &f.store, &full, &segments, rs(), "verify-1").await.unwrap();
+    assert!(!v.scratch_dropped);
+    let started = std::time::Instant::now();
+    let leader = || async { Ok(Some(rs())) };
+    let within = std::time::Duration::from_millis(200);
+    assert!(!drop_scratch(&world, &copy("verify-1"), leader, within, std::time::Duration::from_millis(20)).await);
+    assert!(started.elapsed() < within * 5, "bounded: {:?}", started.elapsed());
+    assert!(world.1.load(Ordering::SeqCst) >= 3, "tried again: {}", world.1.load(Ordering::SeqCst));
+
+    // A replica set that no longer exists took its copy with it.
+    let gone = || async { Ok(None) };
+    assert!(drop_scratch(&world, &copy("verify-1"), gone, within, std::time::Duration::ZERO).await);
+
+    // A later verification's copy is not the former's to drop: its `Abort` changes nothing.
+    let world = scratch_target();
+    let begin = nimbus_api::migration::ImportRequest {
+        db: verify_scratch_db(DB),
+        migration: "verify-2".into(),
+        step: nimbus_api::migration::ImportStep::Begin,
+    };
+    super::restore::RestoreWorld::import(&world, &rs(), &begin).await.unwrap();
+    let leader = || async { Ok(Some(rs())) };
+    assert!(drop_scratch(&world, &copy("verify-1"), leader, within, std::time::Duration::ZERO).await);
+    assert!(world.target.lock().unwrap().incoming.is_some(), "verify-2's copy was dropped by verify-1's Abort");
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use nimbus_api::etcd::{Route, RouteState};
 use nimbus_api::migration::{
     DbOplogPage, ExportPart, ExportRequest, ExportedCollection, ImportRequest, ImportStep, OplogPosition,
-    PinOplogRequest,
+    PinOplogRequest, restore_staging_db, verify_scratch_db,
 };
 use thiserror::Error;
 
@@ -968,9 +968,17 @@ impl Run<'_> {
                     // The epoch the source was fenced at (`fence`): every write of this
                     // instance there was made at or below it.
                     let fence_epoch = self.rec.from_epoch + 1;
-                    if let DropOutcome::Kept { epoch } =
-                        self.world.drop_database(&src, &self.rec.db, Some(fence_epoch)).await?
-                    {
+                    let outcome = self.world.drop_database(&src, &self.rec.db, Some(fence_epoch)).await?;
+                    if outcome == DropOutcome::Dropped {
+                        // The database's restore staging and verification scratch copies on
+                        // the source: their jobs follow the route, so nothing else ever drops
+                        // them there. Only once the database itself went: while a newer
+                        // instance of the name lives there, they may be its own.
+                        for copy in [restore_staging_db(&self.rec.db), verify_scratch_db(&self.rec.db)] {
+                            self.world.drop_database(&src, &copy, Some(fence_epoch)).await?;
+                        }
+                    }
+                    if let DropOutcome::Kept { epoch } = outcome {
                         // A new instance of the name placed there, most likely; a write made
                         // up with a far epoch otherwise: said where a person looks, since
                         // the copy then stays.

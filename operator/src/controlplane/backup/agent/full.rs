@@ -327,6 +327,9 @@ mod tests {
         async fn save_archive_record(&self, _: &ArchiveRecord, _: Option<u64>) -> Result<Option<u64>, Failure> {
             none()
         }
+        async fn delete_archive_record(&self, _: &str, _: &Incarnation) -> Result<(), Failure> {
+            none()
+        }
         async fn recorded_checksums(
             &self,
             _: &ReplicaSetAccess,

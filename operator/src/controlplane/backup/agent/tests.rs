@@ -237,6 +237,11 @@ impl BackupWorld for Model {
         s.records.insert(key, (record.clone(), revision));
         Ok(Some(revision))
     }
+
+    async fn delete_archive_record(&self, db: &str, incarnation: &Incarnation) -> Result<(), Failure> {
+        self.state().records.remove(&backup_key(db, incarnation));
+        Ok(())
+    }
 }
 
 fn tuning() -> AgentTuning {
@@ -720,4 +725,111 @@ fn one_archiver_per_replica_set_renews_its_pin_early_per_idle_tick() {
     assert!(!ticks.claim(&rs("a"), 10_100, every), "a second database of rs a in the same tick");
     assert!(ticks.claim(&rs("b"), 10_100, every), "another replica set ticks on its own");
     assert!(ticks.claim(&rs("a"), 10_500, every), "the next tick of rs a");
+}
+
+/// The model, with the archive records in a real etcd through the live world's calls.
+struct EtcdRecords {
+    model: Model,
+    live: crate::controlplane::migration::LiveWorld,
+}
+
+struct NoDirectory;
+
+#[async_trait]
+impl crate::controlplane::migration::ReplicaSetDirectory for NoDirectory {
+    async fn admin_addrs(&self, _namespace: &str, _name: &str) -> Option<Vec<String>> {
+        None
+    }
+}
+
+#[async_trait]
+impl BackupWorld for EtcdRecords {
+    async fn route(&self, db: &str) -> Result<Option<Route>, Failure> {
+        self.model.route(db).await
+    }
+    async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure> {
+        self.model.replica_set(namespace, name).await
+    }
+    async fn export(&self, rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure> {
+        self.model.export(rs, req).await
+    }
+    async fn oplog(
+        &self,
+        rs: &ReplicaSetAccess,
+        db: &str,
+        after: OplogPosition,
+        limit: u32,
+    ) -> Result<DbOplogPage, Failure> {
+        self.model.oplog(rs, db, after, limit).await
+    }
+    async fn pin_oplog(&self, rs: &ReplicaSetAccess, req: &PinOplogRequest) -> Result<(), Failure> {
+        self.model.pin_oplog(rs, req).await
+    }
+    async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure> {
+        BackupWorld::checksum(&self.model, rs, db).await
+    }
+    async fn archive_record(&self, db: &str, inc: &Incarnation) -> Result<Option<(ArchiveRecord, u64)>, Failure> {
+        self.live.archive_record(db, inc).await
+    }
+    async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
+        self.live.save_archive_record(record, expected).await
+    }
+    async fn delete_archive_record(&self, db: &str, inc: &Incarnation) -> Result<(), Failure> {
+        self.live.delete_archive_record(db, inc).await
+    }
+}
+
+/// A deleted instance's archive record stays in etcd while its backups do (a restore of
+/// them plans with it), and goes when the sweep deletes them; the live incarnation's stays.
+#[tokio::test]
+async fn a_former_incarnations_archive_record_in_etcd_is_deleted_with_its_swept_backups_and_not_before() {
+    let (_etcd, coord) = crate::controlplane::coord::tests::etcd().await;
+    let secret = nimbus_net::ClusterSecret::parse("sweep-test-secret-0123456789abcdef").unwrap();
+    let live = crate::controlplane::migration::LiveWorld {
+        admin: crate::controlplane::admin::AdminClient::new(&secret),
+        coord: Arc::new(coord),
+        directory: Arc::new(NoDirectory),
+    };
+    let world = Arc::new(EtcdRecords { model: Model::new(), live });
+    let dir = tempfile::tempdir().unwrap();
+    let (old, current, tuning) = (entry_of(&dir, "inc-1"), entry_of(&dir, "inc-2"), tuning());
+    world.model.write();
+    let src = source(&world.model, "", DB).await.unwrap();
+    for entry in [&old, &current] {
+        take_full(&world.model, &entry.store, &src, &tuning).await.unwrap();
+        let record = ArchiveRecord {
+            db: DB.into(),
+            incarnation: entry.target.incarnation.clone(),
+            lineage: src.lineage.clone(),
+            position: OplogPosition::end_of(1),
+            covered_ms: 1,
+            oplog_bytes_since_full: 0,
+            db_bytes: 0,
+            broken: false,
+            idle_position: None,
+            idle_covered_ms: 0,
+        };
+        assert!(world.save_archive_record(&record, None).await.unwrap().is_some());
+    }
+    let recorded = |inc: &'static str| {
+        let world = world.clone();
+        async move { world.archive_record(DB, &incarnation(inc)).await.unwrap().is_some() }
+    };
+    let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    let agent_with = |orphan_retention: Duration| {
+        let agent =
+            BackupAgent::new(world.clone(), fs.clone(), "", "test", AgentTuning { orphan_retention, ..tuning.clone() })
+                .unwrap();
+        agent.set_targets(vec![target("inc-2", RetentionPolicy::default())]).unwrap();
+        agent
+    };
+
+    // Within its retention: the backups and the record stay.
+    assert!(agent_with(Duration::from_secs(3_600)).sweep().await.unwrap().is_empty());
+    assert!(recorded("inc-1").await, "deleted while its backups are kept");
+    // Past it: both go; the live incarnation's record stays.
+    let swept = agent_with(Duration::ZERO).sweep().await.unwrap();
+    assert_eq!(swept.iter().map(|l| l.incarnation().as_str()).collect::<Vec<_>>(), vec!["inc-1"]);
+    assert!(!recorded("inc-1").await, "the swept incarnation's record is still in etcd");
+    assert!(recorded("inc-2").await);
 }

@@ -1,7 +1,8 @@
 //! What the backup agent needs from the world ([`BackupWorld`]): the database's route and
 //! the leader of its replica set, the datanode calls it shares with hot migration (export,
 //! oplog, pins, checksum markers), and its own persisted record ([`ArchiveRecord`],
-//! `/nimbus/backups/{db}` in etcd). [`LiveWorld`], the migration's real world, is the real
+//! `/nimbus/backups/{db}/{incarnation}` in etcd; kept while the incarnation's backups are,
+//! deleted when they are swept). [`LiveWorld`], the migration's real world, is the real
 //! one; the tests use a model.
 
 use async_trait::async_trait;
@@ -95,6 +96,9 @@ pub trait BackupWorld: Send + Sync {
     /// Writes the record if its revision is still `expected` (`None`: if there is none);
     /// the new revision, or `None` when another writer changed it.
     async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure>;
+    /// Deletes the record of this incarnation of `db` (nothing when there is none): its
+    /// backups are being swept ([`super::BackupAgent::sweep`]).
+    async fn delete_archive_record(&self, db: &str, incarnation: &Incarnation) -> Result<(), Failure>;
     /// The import calls a scratch restore needs (`backup::verify`); `None` where the agent
     /// does not verify.
     fn restorer(&self) -> Option<&dyn crate::controlplane::backup::restore::RestoreWorld> {
@@ -184,5 +188,9 @@ impl BackupWorld for LiveWorld {
 
     async fn save_archive_record(&self, record: &ArchiveRecord, expected: Option<u64>) -> Result<Option<u64>, Failure> {
         self.coord.put_json_if(&backup_key(&record.db, &record.incarnation), record, expected).await.map_err(from_coord)
+    }
+
+    async fn delete_archive_record(&self, db: &str, incarnation: &Incarnation) -> Result<(), Failure> {
+        self.coord.delete_key(&backup_key(db, incarnation)).await.map_err(from_coord)
     }
 }
