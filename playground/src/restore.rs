@@ -177,7 +177,7 @@ impl Restorer {
             id: format!("restore-{:08x}", rand::random::<u32>()),
             deadline: RETRY_FOR,
         };
-        match restore_job::run(self.world.as_ref(), &store, &job).await {
+        match restore_job::run(self.world.as_ref(), &store, &job, &restore_job::Unrecorded).await {
             Ok(report) => {
                 tracing::info!(
                     instance = %req.instance, into = %into_db, full = %report.full, documents = report.documents,
