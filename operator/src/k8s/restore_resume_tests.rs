@@ -296,8 +296,7 @@ async fn restart_at_the_switch(spec: Value, cut: Cut) -> (Arc<Model>, usize, Val
     // The operator restarts: its run (stuck at the switch) and what it knew are gone.
     drop(first);
     let second = operator(&api, &world, &storage);
-    let status =
-        until(&api, &second, "ended", |s| matches!(s["phase"].as_str(), Some("Succeeded" | "Failed"))).await;
+    let status = until(&api, &second, "ended", |s| matches!(s["phase"].as_str(), Some("Succeeded" | "Failed"))).await;
     (world, before, recorded, status)
 }
 
@@ -343,7 +342,8 @@ async fn a_restart_after_a_new_instances_finish_sends_the_same_finish_again() {
     // Before the fix, the restarted operator imported again (`Begin` on the database the
     // first run finished: a datanode refuses it, so the restore failed though it had
     // succeeded; this model does not refuse it, the steps show it).
-    let spec = json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}});
+    let spec =
+        json!({"source": "shop", "toTime": "latest", "target": {"mode": "NewInstance", "instance": "shop-copy"}});
     let (world, before, recorded, status) = restart_at_the_switch(spec, Cut::After).await;
     assert_eq!((recorded["step"].as_str(), recorded["database"].as_str()), (Some("Finish"), Some("shop-copy")));
     let after: Vec<_> = world.steps()[before..].iter().map(|(db, s, _)| (db.clone(), *s)).collect();

@@ -321,8 +321,11 @@ async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
     let mut outcome = restore(world, store, plan, &into).await.map_err(|f| JobError::Restore(Box::new(f)))?;
     tracing::info!(db = %job.into_db, attempt, documents = outcome.documents, "restore imported into {import_db}; committing");
     pause_at_failpoint().await;
-    let (step, published) =
-        if into_new { (ImportStep::Finish { epoch }, outcome.collections.clone()) } else { publish_step(job, &outcome, epoch) };
+    let (step, published) = if into_new {
+        (ImportStep::Finish { epoch }, outcome.collections.clone())
+    } else {
+        publish_step(job, &outcome, epoch)
+    };
     let commit = Commit {
         replica_set: imported_on,
         request: ImportRequest { db: import_db, migration: import_id, step },

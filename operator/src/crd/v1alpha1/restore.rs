@@ -191,14 +191,16 @@ pub struct RestoreCommit {
     /// such a name is refused).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replace: bool,
-    /// `Publish` not `whole`: each restored collection (`from`) and the name it gets.
+    /// `Publish` not `whole`: each restored collection (`from`) and the name it gets
+    /// (`to`, replaced with `replace`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub collections: Vec<CollectionRename>,
-    /// What the status says once the step is answered (`restoredTo`, `documents`,
-    /// `bytes`).
+    /// The status's `restoredTo` once the step is answered.
     #[schemars(length(max = 40))]
     pub restored_to: String,
+    /// The status's `documents` once the step is answered.
     pub documents: u64,
+    /// The status's `bytes` once the step is answered.
     pub bytes: u64,
 }
 
