@@ -5,11 +5,17 @@
 //! The next state is computed on a copy: the apply is all or nothing by construction, and
 //! the caller commits it only once every step that can fail (starting a migration) has
 //! succeeded.
+//!
+//! An instance manifest annotated [`ANNOTATION_RESTORED_BY`] (the instance `restore
+//! --into` makes) only creates: an instance of that name is refused, not reconfigured.
+//! Decided here, against the state the control loop holds while it applies, so no
+//! instance can appear between the check and the creation.
 
 use std::collections::BTreeMap;
 
 use nimbus_operator::controlplane::placement::{self, ReplicaSetLoad};
 use nimbus_operator::crd::v1alpha1::{DatabaseInstance, PoolMode, Tier, UserRole};
+pub use nimbus_operator::k8s::restore::ANNOTATION_RESTORED_BY;
 
 use crate::manifest::{ManifestError, Manifests};
 use crate::migrate::MigrationRequest;
@@ -79,6 +85,15 @@ pub fn plan(st: &State, m: &Manifests) -> Result<Outcome, ManifestError> {
                 let inst = admit(&mut next, dbi).map_err(|e| refuse("spec.replicas", e))?;
                 next.instances.insert(name.clone(), inst);
                 Change::Created
+            }
+            Some(_) if dbi.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_RESTORED_BY)) => {
+                return Err(refuse(
+                    "metadata.name",
+                    format!(
+                        "instance {name} exists: a restore's new instance ({ANNOTATION_RESTORED_BY}) is only created, \
+                         never applied over an existing one"
+                    ),
+                ));
             }
             Some(have) => {
                 let mut inst = reconfigure(&have, dbi);
@@ -291,6 +306,27 @@ mod tests {
                 "instance e created"
             ]
         );
+    }
+
+    #[test]
+    fn a_restores_new_instance_is_created_but_never_applied_over_an_existing_one() {
+        let made_by_restore = |name: &str, spec: &str| {
+            format!(
+                "apiVersion: nimbus.io/v1alpha1\nkind: DatabaseInstance\nmetadata: {{name: {name}, annotations: \
+                 {{{ANNOTATION_RESTORED_BY}: restore-1}}}}\nspec: {spec}\n---\n"
+            )
+        };
+        let out = plan(&zones(), &manifests(&made_by_restore("copy", "{}"))).unwrap();
+        assert_eq!(out.lines, ["instance copy created"]);
+        // An instance of the name appeared first (applied by someone else): refused, and
+        // it stays as it was.
+        let st = plan(&zones(), &manifests(&instance("copy", "{}"))).unwrap().state;
+        let e = plan(&st, &manifests(&made_by_restore("copy", "{users: [{name: app}]}"))).unwrap_err();
+        assert_eq!(e.field, "metadata.name");
+        assert!(e.message.contains("instance copy exists"), "{e}");
+        // A plain apply of the same name still configures it.
+        let out = plan(&st, &manifests(&instance("copy", "{users: [{name: app}]}"))).unwrap();
+        assert_eq!(out.lines, ["instance copy configured"]);
     }
 
     #[test]

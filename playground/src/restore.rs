@@ -5,7 +5,10 @@
 //!
 //! In place, the whole database (or the collections named) becomes what it was at that
 //! time; with `--into`, a new instance with the source's spec is created first and the
-//! backup restored into it (on failure it is deleted again). The time is checked against
+//! backup restored into it (on failure it is deleted again). That instance is applied
+//! create-only (`apply`, [`crate::apply::ANNOTATION_RESTORED_BY`]): the control loop
+//! refuses it when the name was taken meanwhile, so the restore never reconfigures, fills
+//! or deletes an instance it did not make. The time is checked against
 //! the recoverable window before anything is done; every later failure leaves the
 //! collections as they were (the import goes to a staging database no client can address,
 //! published in one Raft entry).
@@ -153,17 +156,16 @@ impl Restorer {
         );
         // Refused before anything is created or changed.
         restore_job::plan(self.world.as_ref(), &store, to).await.map_err(|e| refusal(&req.instance, e))?;
+        let id = format!("restore-{:08x}", rand::random::<u32>());
         let (into_db, created) = match &req.into {
             None => (source.database.clone(), None),
             Some(new) => {
+                // Checked again, with the creation, by the control loop (`create_like`).
                 if st.instances.contains_key(new) {
-                    return Err(Refusal::new(
-                        StatusCode::CONFLICT,
-                        format!("instance {new} exists: --into names a new instance; nothing restored"),
-                    ));
+                    return Err(exists(new));
                 }
                 nimbus_api::limits::validate_name("instance", new).map_err(|e| bad(e.message))?;
-                (self.create_like(&st, &req.instance, new).await?, Some(new.clone()))
+                (self.create_like(&st, &req.instance, new, &id).await?, Some(new.clone()))
             }
         };
         let _busy = self.claim(&into_db)?;
@@ -174,10 +176,10 @@ impl Restorer {
             collections,
             into_db: into_db.clone(),
             mode: if created.is_some() { RestoreMode::IntoNew } else { RestoreMode::Replace },
-            id: format!("restore-{:08x}", rand::random::<u32>()),
+            id,
             deadline: RETRY_FOR,
         };
-        match restore_job::run(self.world.as_ref(), &store, &job).await {
+        match restore_job::run(self.world.as_ref(), &store, &job, &restore_job::Unrecorded).await {
             Ok(report) => {
                 tracing::info!(
                     instance = %req.instance, into = %into_db, full = %report.full, documents = report.documents,
@@ -222,19 +224,25 @@ impl Restorer {
         answer.await.map_err(|_| stopping())?
     }
 
-    /// Creates instance `new` with `source`'s spec (its own database, named `new`) and
-    /// waits until its database is served; its database.
-    async fn create_like(&self, st: &State, source: &str, new: &str) -> Result<String, Refusal> {
+    /// Creates instance `new` with `source`'s spec (its own database, named `new`), only
+    /// if no instance has the name when the control loop applies it, and waits until its
+    /// database is served; its database.
+    async fn create_like(&self, st: &State, source: &str, new: &str, restore_id: &str) -> Result<String, Refusal> {
         let mut spec = st.instances.get(source).and_then(|i| i.spec.clone()).unwrap_or_default();
         spec.database = None;
         let document = serde_json::json!({
             "apiVersion": crate::manifest::API_VERSION,
             "kind": "DatabaseInstance",
-            "metadata": {"name": new},
+            "metadata": {"name": new, "annotations": {crate::apply::ANNOTATION_RESTORED_BY: restore_id}},
             "spec": spec,
         });
         let doc = crate::manifest::Document { source: format!("restore of {source}"), document };
-        self.ask(|reply| Request::Apply(crate::requests::ApplyRequest { documents: vec![doc] }, reply)).await?;
+        let applied = self.ask(|reply| Request::Apply(crate::requests::ApplyRequest { documents: vec![doc] }, reply));
+        if let Err(refused) = applied.await {
+            // Taken since the check above: said as that check says it.
+            let taken = State::load(&self.dir).ok().flatten().is_some_and(|st| st.instances.contains_key(new));
+            return Err(if taken { exists(new) } else { refused });
+        }
         let started = Instant::now();
         loop {
             let served = match nimbus_operator::controlplane::backup::agent::BackupWorld::route(
@@ -262,6 +270,11 @@ impl Restorer {
     }
 }
 
+/// `--into` names an instance that exists.
+fn exists(new: &str) -> Refusal {
+    Refusal::new(StatusCode::CONFLICT, format!("instance {new} exists: --into names a new instance; nothing restored"))
+}
+
 /// A failed restore as the answer: what the user asked wrong is 400, what cannot be done
 /// now 409, the rest 500/503.
 fn refusal(instance: &str, e: JobError) -> Refusal {
@@ -273,7 +286,9 @@ fn refusal(instance: &str, e: JobError) -> Refusal {
             RestoreCause::Target { .. } => StatusCode::SERVICE_UNAVAILABLE,
         },
         JobError::Backup(_) => StatusCode::CONFLICT,
-        JobError::Publish { .. } => StatusCode::CONFLICT,
+        JobError::Publish { .. } | JobError::Resumed { .. } => StatusCode::CONFLICT,
+        // Not made here: the playground records nothing (`Unrecorded`).
+        JobError::Record { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         JobError::Target { .. } | JobError::GaveUp { .. } => StatusCode::SERVICE_UNAVAILABLE,
     };
     Refusal::new(status, format!("instance {instance} not restored: {e}"))

@@ -26,6 +26,8 @@ pub mod replicaset;
 #[cfg(test)]
 mod replicaset_tests;
 pub mod restore;
+#[cfg(test)]
+mod restore_resume_tests;
 pub mod restore_runner;
 #[cfg(test)]
 mod restore_tests;

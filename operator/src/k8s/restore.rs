@@ -10,7 +10,10 @@
 //! Runs are tasks of the leading operator, known to it only ([`Jobs`]): a restore found
 //! `Restoring` with no run here (the operator restarted, or lost its lease) is started
 //! again, which the runner does safely (a restore builds into a fresh import and switches
-//! only at its end; a new attempt starts over).
+//! only at its end; a new attempt starts over) up to its switch: that step is recorded in
+//! `status.commit` before it is sent ([`RecordCommit`]), and a restore found with one
+//! only sends it again ([`RestoreRunner::resume`]). Started over, an in-place restore
+//! would switch again, over what clients wrote since the first switch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +33,8 @@ use super::backup::rfc3339;
 use super::instance::set_condition;
 use crate::controlplane::backup::RestoreTarget;
 use crate::crd::v1alpha1::{
-    DatabaseInstance, DatabaseRestore, DatabaseRestoreStatus, Phase, RestoreMode, RestorePhase,
+    DatabaseInstance, DatabaseRestore, DatabaseRestoreSpec, DatabaseRestoreStatus, Phase, RestoreCommit, RestoreMode,
+    RestorePhase,
 };
 
 /// On an instance made by a restore (mode `NewInstance`): `<restore name>/<restore uid>`.
@@ -109,10 +113,42 @@ pub struct RestoreFailure {
 }
 
 /// Runs one restore to its end. Called once per attempt; an attempt may be a retry of one
-/// that was cut off (an operator restart), so a run must start over safely.
+/// that was cut off (an operator restart), so a run must start over safely until its
+/// switch, which it records first.
 #[async_trait]
 pub trait RestoreRunner: Send + Sync {
-    async fn run(&self, job: RestoreJob) -> Result<RestoreReport, RestoreFailure>;
+    /// Runs an attempt: the step that makes the restore visible goes to `record` before it
+    /// is sent, and is not sent when recording it failed.
+    async fn run(&self, job: RestoreJob, record: Arc<dyn RecordCommit>) -> Result<RestoreReport, RestoreFailure>;
+    /// Sends `commit` again, recorded by a run that was cut off (in `namespace`): `Ok` with
+    /// what it records once it took effect (now, or when first sent).
+    async fn resume(&self, namespace: &str, commit: &RestoreCommit) -> Result<RestoreReport, RestoreFailure>;
+}
+
+/// Where a run records its switch before sending it: the DatabaseRestore's
+/// `status.commit`.
+#[async_trait]
+pub trait RecordCommit: Send + Sync {
+    async fn record(&self, commit: &RestoreCommit) -> Result<(), String>;
+}
+
+/// [`RecordCommit`] into the status, remembered by this operator's [`Jobs`] too (its
+/// cached copy of the restore may not show it yet when the run ends).
+struct StatusCommit {
+    api: Objects<DatabaseRestore>,
+    name: String,
+    recorded: Arc<Mutex<Option<RestoreCommit>>>,
+}
+
+#[async_trait]
+impl RecordCommit for StatusCommit {
+    async fn record(&self, commit: &RestoreCommit) -> Result<(), String> {
+        // A merge patch of this field alone: the reconciler's own patches leave it out.
+        let patch = json!({"status": {"commit": commit}});
+        self.api.patch_status(&self.name, &patch).await.map_err(|e| e.to_string())?;
+        *lock(&self.recorded) = Some(commit.clone());
+        Ok(())
+    }
 }
 
 /// What the restore reconciler needs.
@@ -136,6 +172,14 @@ struct Job {
     /// `namespace/instance` of each instance the run reads or writes.
     instances: BTreeSet<String>,
     outcome: Arc<Mutex<Option<Outcome>>>,
+    /// The run's switch once recorded.
+    commit: Arc<Mutex<Option<RestoreCommit>>>,
+}
+
+/// A run's slots, claimed.
+struct Claimed {
+    outcome: Arc<Mutex<Option<Outcome>>>,
+    commit: Arc<Mutex<Option<RestoreCommit>>>,
 }
 
 impl Job {
@@ -158,6 +202,11 @@ impl Jobs {
         Some(lock(&job.outcome).clone())
     }
 
+    /// The switch `key`'s run recorded, if it did.
+    fn commit(&self, key: &str) -> Option<RestoreCommit> {
+        lock(&self.0).get(key).and_then(|j| lock(&j.commit).clone())
+    }
+
     fn forget(&self, key: &str) {
         lock(&self.0).remove(key);
     }
@@ -168,7 +217,8 @@ impl Jobs {
         key: &str,
         uid: &str,
         instances: BTreeSet<String>,
-    ) -> Result<Arc<Mutex<Option<Outcome>>>, (String, String)> {
+        commit: Option<RestoreCommit>,
+    ) -> Result<Claimed, (String, String)> {
         let mut jobs = lock(&self.0);
         for (other, job) in jobs.iter() {
             if other == key || job.finished() {
@@ -179,8 +229,10 @@ impl Jobs {
             }
         }
         let outcome = Arc::new(Mutex::new(None));
-        jobs.insert(key.to_owned(), Job { uid: uid.to_owned(), instances, outcome: outcome.clone() });
-        Ok(outcome)
+        let commit = Arc::new(Mutex::new(commit));
+        let job = Job { uid: uid.to_owned(), instances, outcome: outcome.clone(), commit: commit.clone() };
+        jobs.insert(key.to_owned(), job);
+        Ok(Claimed { outcome, commit })
     }
 
     /// Restores running now (for tests and metrics).
@@ -212,6 +264,7 @@ pub async fn reconcile(dbr: Arc<DatabaseRestore>, ctx: Arc<RestoreContext>) -> R
     }
     // A run of this operator: still going, or finished and to be recorded.
     let mut retry_of = None;
+    let mut recorded = status.commit.clone();
     match ctx.jobs.outcome(&key, &uid) {
         Some(None) => return Ok(Action::requeue(ctx.poll)),
         Some(Some(Ok(report))) => {
@@ -220,6 +273,7 @@ pub async fn reconcile(dbr: Arc<DatabaseRestore>, ctx: Arc<RestoreContext>) -> R
             return Ok(Action::await_change());
         }
         Some(Some(Err(f))) if f.retryable && status.attempts < MAX_ATTEMPTS => {
+            recorded = ctx.jobs.commit(&key).or(recorded);
             ctx.jobs.forget(&key);
             retry_of = Some(f.message);
         }
@@ -230,6 +284,11 @@ pub async fn reconcile(dbr: Arc<DatabaseRestore>, ctx: Arc<RestoreContext>) -> R
             return Ok(Action::await_change());
         }
         None => {}
+    }
+    if let Some(commit) = recorded {
+        // Switched, or about to: only that step is sent again, whatever became of the
+        // source or the spec's time since (both were checked before the import).
+        return resume(&ctx, &dbr, &ns, commit, retry_of).await;
     }
 
     let plan = match validate(&ctx, &dbr, &ns).await? {
@@ -252,38 +311,104 @@ pub async fn reconcile(dbr: Arc<DatabaseRestore>, ctx: Arc<RestoreContext>) -> R
         pending(&ctx, &dbr, message).await?;
         return Ok(Action::requeue(ctx.poll));
     }
+    let (runner, claimed) = match claim(&ctx, &dbr, &key, plan.instances.clone(), None).await? {
+        Ok(claimed) => claimed,
+        Err(action) => return Ok(action),
+    };
+    let message = started_message(&plan.job, &status, retry_of);
+    if let Err(e) = start(&ctx, &dbr, &status, &message).await {
+        ctx.jobs.forget(&key);
+        return Err(e);
+    }
+    let job = RestoreJob { attempt: status.attempts + 1, ..plan.job };
+    info!(restore = %key, attempt = job.attempt, source = %job.source_instance, "restore started");
+    let record = Arc::new(StatusCommit {
+        api: Objects::namespaced(ctx.client.clone(), &ns),
+        name: dbr.name_any(),
+        recorded: claimed.commit,
+    });
+    tokio::spawn(async move {
+        let result = runner.run(job, record).await;
+        *lock(&claimed.outcome) = Some(result);
+    });
+    Ok(Action::requeue(ctx.poll))
+}
+
+/// The runner and this restore's claim on `instances`; `Err` with what to do when there
+/// is no runner or another restore holds one of them (said in the status).
+async fn claim(
+    ctx: &RestoreContext,
+    dbr: &DatabaseRestore,
+    key: &str,
+    instances: BTreeSet<String>,
+    commit: Option<RestoreCommit>,
+) -> Result<Result<(Arc<dyn RestoreRunner>, Claimed), Action>, Error> {
     let Some(runner) = ctx.runner.clone() else {
         let message = "waiting: this operator cannot run restores yet (it has no restore runner; backups need \
                        --backup-url or --backup-dir); the restore starts once it can";
-        pending(&ctx, &dbr, message).await?;
-        return Ok(Action::requeue(Duration::from_secs(60)));
+        pending(ctx, dbr, message).await?;
+        return Ok(Err(Action::requeue(Duration::from_secs(60))));
     };
-    let outcome = match ctx.jobs.claim(&key, &uid, plan.instances.clone()) {
-        Ok(outcome) => outcome,
+    match ctx.jobs.claim(key, &dbr.uid().unwrap_or_default(), instances, commit) {
+        Ok(claimed) => Ok(Ok((runner, claimed))),
         Err((other, instance)) => {
             let other = other.rsplit('/').next().unwrap_or_default();
             let instance = instance.rsplit('/').next().unwrap_or_default();
             let message = format!(
                 "waiting for restore {other} of instance {instance} to finish: one restore of an instance at a time"
             );
-            pending(&ctx, &dbr, &message).await?;
-            return Ok(Action::requeue(ctx.poll));
-        }
-    };
-    match start(&ctx, &dbr, &plan, &status, retry_of).await {
-        Ok(()) => {}
-        Err(e) => {
-            ctx.jobs.forget(&key);
-            return Err(e);
+            pending(ctx, dbr, &message).await?;
+            Ok(Err(Action::requeue(ctx.poll)))
         }
     }
-    let job = RestoreJob { attempt: status.attempts + 1, ..plan.job };
-    info!(restore = %key, attempt = job.attempt, source = %job.source_instance, "restore started");
+}
+
+/// Sends the recorded switch again (the run that recorded it was cut off, or failed
+/// passingly after it) as a run of its own, under the same claim a run takes.
+async fn resume(
+    ctx: &RestoreContext,
+    dbr: &DatabaseRestore,
+    ns: &str,
+    commit: RestoreCommit,
+    retry_of: Option<String>,
+) -> Result<Action, Error> {
+    let key = format!("{ns}/{}", dbr.name_any());
+    let instances = instances_of(&dbr.spec, ns);
+    let (runner, claimed) = match claim(ctx, dbr, &key, instances, Some(commit.clone())).await? {
+        Ok(claimed) => claimed,
+        Err(action) => return Ok(action),
+    };
+    let status = dbr.status.clone().unwrap_or_default();
+    let mut message = format!(
+        "sending the restore's recorded {:?} again (import {}) instead of restoring anew",
+        commit.step, commit.import_id
+    );
+    match retry_of {
+        Some(why) => message.push_str(&format!(", after: {why}")),
+        None => message.push_str(": the operator restarted after recording it"),
+    }
+    if let Err(e) = start(ctx, dbr, &status, &message).await {
+        ctx.jobs.forget(&key);
+        return Err(e);
+    }
+    info!(restore = %key, import = %commit.import_id, "restore resumed at its recorded switch");
+    let ns = ns.to_owned();
     tokio::spawn(async move {
-        let result = runner.run(job).await;
-        *lock(&outcome) = Some(result);
+        let result = runner.resume(&ns, &commit).await;
+        *lock(&claimed.outcome) = Some(result);
     });
     Ok(Action::requeue(ctx.poll))
+}
+
+/// `namespace/instance` of each instance a restore of `spec` reads or writes.
+fn instances_of(spec: &DatabaseRestoreSpec, ns: &str) -> BTreeSet<String> {
+    let mut touched = BTreeSet::from([format!("{ns}/{}", spec.source)]);
+    if spec.target.mode == RestoreMode::NewInstance
+        && let Some(new) = &spec.target.instance
+    {
+        touched.insert(format!("{ns}/{new}"));
+    }
+    touched
 }
 
 /// Requeue after a failed call: a conflict soon, others after 10 s.
@@ -329,8 +454,6 @@ async fn validate(ctx: &RestoreContext, dbr: &DatabaseRestore, ns: &str) -> Resu
             return Ok(Err(format!("spec.collections names {c} twice")));
         }
     }
-    let qualified = |name: &str| format!("{ns}/{name}");
-    let mut touched = BTreeSet::from([qualified(&spec.source)]);
     let mut create = None;
     let mut wait = None;
     let target = &spec.target;
@@ -401,7 +524,6 @@ async fn validate(ctx: &RestoreContext, dbr: &DatabaseRestore, ns: &str) -> Resu
                 }
                 None => create = Some(new_instance(&source, &name, ns, &mine)),
             }
-            touched.insert(qualified(&name));
             RestoreDestination::NewInstance { database: name.clone(), instance: name }
         }
     };
@@ -417,7 +539,7 @@ async fn validate(ctx: &RestoreContext, dbr: &DatabaseRestore, ns: &str) -> Resu
         collections: spec.collections.clone(),
         destination,
     };
-    Ok(Ok(Plan { job, instances: touched, create, wait }))
+    Ok(Ok(Plan { job, instances: instances_of(spec, ns), create, wait }))
 }
 
 /// `latest`, or an RFC 3339 time not in the future.
@@ -456,15 +578,8 @@ fn new_instance(source: &DatabaseInstance, name: &str, ns: &str, restored_by: &s
     }
 }
 
-/// Makes the new instance (mode `NewInstance`), then records the start.
-async fn start(
-    ctx: &RestoreContext,
-    dbr: &DatabaseRestore,
-    plan: &Plan,
-    old: &DatabaseRestoreStatus,
-    retry_of: Option<String>,
-) -> Result<(), Error> {
-    let job = &plan.job;
+/// What the status says when `job` starts.
+fn started_message(job: &RestoreJob, old: &DatabaseRestoreStatus, retry_of: Option<String>) -> String {
     let what = match &job.collections {
         Some(c) => format!("collections {} of instance {}", c.join(", "), job.source_instance),
         None => format!("instance {}", job.source_instance),
@@ -484,16 +599,26 @@ async fn start(
         (None, Some(RestorePhase::Restoring)) => message.push_str(" (again: the operator restarted while it ran)"),
         _ => {}
     }
+    message
+}
+
+/// Records a start (a run, or a recorded switch sent again).
+async fn start(
+    ctx: &RestoreContext,
+    dbr: &DatabaseRestore,
+    old: &DatabaseRestoreStatus,
+    message: &str,
+) -> Result<(), Error> {
     let mut status = old.clone();
     status.phase = Some(RestorePhase::Restoring);
     status.attempts = old.attempts + 1;
     status.started_at = Some(old.started_at.clone().unwrap_or_else(now));
-    status.message = Some(message.clone());
+    status.message = Some(message.to_owned());
     let generation = dbr.metadata.generation;
-    set_condition(&mut status.conditions, "Progressing", "True", "Restoring", &message, generation);
-    set_condition(&mut status.conditions, "Succeeded", "Unknown", "Restoring", &message, generation);
+    set_condition(&mut status.conditions, "Progressing", "True", "Restoring", message, generation);
+    set_condition(&mut status.conditions, "Succeeded", "Unknown", "Restoring", message, generation);
     patch_status(ctx, dbr, &status).await?;
-    event(ctx, dbr, EventType::Normal, "RestoreStarted", "Restore", &message).await;
+    event(ctx, dbr, EventType::Normal, "RestoreStarted", "Restore", message).await;
     Ok(())
 }
 
@@ -559,6 +684,9 @@ async fn patch_status(
     // answer) would make the API server refuse the whole patch, and the restore would stay
     // where it was.
     let mut status = status.clone();
+    // Written by the run alone ([`StatusCommit`]): a copy read before it was would put an
+    // older one back. Left out, a merge patch keeps it.
+    status.commit = None;
     status.message = status.message.as_deref().map(|m| super::backup::truncate(m, 2048));
     for c in &mut status.conditions {
         c.message = super::backup::truncate(&c.message, 2048);

@@ -14,10 +14,11 @@ use serde_json::{Value, json};
 
 use super::fixtures::{FakeApi, INSTANCES, NS};
 use super::restore::{
-    self, ANNOTATION_RESTORED_BY, RestoreContext, RestoreDestination, RestoreFailure, RestoreJob, RestoreReport,
-    RestoreRunner,
+    self, ANNOTATION_RESTORED_BY, RecordCommit, RestoreContext, RestoreDestination, RestoreFailure, RestoreJob,
+    RestoreReport, RestoreRunner,
 };
 use crate::controlplane::backup::RestoreTarget;
+use crate::crd::v1alpha1::RestoreCommit;
 
 const RESTORES: &str = "/apis/nimbus.io/v1alpha1/namespaces/apps/databaserestores";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/apps/events";
@@ -54,7 +55,7 @@ fn report() -> RestoreReport {
 
 #[async_trait]
 impl RestoreRunner for FakeRunner {
-    async fn run(&self, job: RestoreJob) -> Result<RestoreReport, RestoreFailure> {
+    async fn run(&self, job: RestoreJob, _record: Arc<dyn RecordCommit>) -> Result<RestoreReport, RestoreFailure> {
         self.jobs.lock().unwrap().push(job);
         {
             let mut r = self.running.lock().unwrap();
@@ -66,6 +67,10 @@ impl RestoreRunner for FakeRunner {
         }
         self.running.lock().unwrap().0 -= 1;
         self.outcomes.lock().unwrap().pop_front().unwrap_or_else(|| Ok(report()))
+    }
+
+    async fn resume(&self, _namespace: &str, commit: &RestoreCommit) -> Result<RestoreReport, RestoreFailure> {
+        panic!("nothing recorded a switch here, yet {commit:?} was resumed")
     }
 }
 

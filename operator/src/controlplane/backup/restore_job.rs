@@ -12,12 +12,20 @@
 //!
 //! Retries: a passing failure (a leader change, a datanode restarting, the object store
 //! briefly unreachable) restarts the attempt from `Begin` with the leader looked up again,
-//! until [`RestoreJob::deadline`]; a failure of `Publish` itself is retried with the same
-//! import id first, since a `Publish` that took effect answers the same again.
+//! until [`RestoreJob::deadline`]; a failure of the step that makes the restore visible
+//! (`Publish`, or `Finish` into a new database) is retried with the same import id first,
+//! since one that took effect answers the same again.
+//!
+//! A run cut off after that step was sent (its process ended) must not start over: an
+//! in-place restore would publish again, over what clients wrote since. So the step is
+//! handed to the caller's [`CommitLog`] before it is sent, and a caller that finds one
+//! recorded sends it again with [`resume`] (answered `Done` when it took effect) instead
+//! of running the job.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use nimbus_api::etcd::RouteState;
 use nimbus_api::migration::{ImportRequest, ImportStep, PublishedCollection, restore_staging_db};
 
@@ -84,6 +92,41 @@ pub struct RestoreReport {
     pub attempts: u32,
 }
 
+/// The step that makes an attempt's restore visible, with what its report needs: `Publish`
+/// of the staging database, or (mode [`RestoreMode::IntoNew`]) `Finish` of the import.
+/// Sent again, it answers as the first time once it took effect (the datanode keeps the
+/// last import's outcome), and, not sent yet, does what the first would have.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// The replica set the import was made on: the step goes to its leader.
+    pub replica_set: String,
+    /// The step, the database it goes to and the attempt's import id.
+    pub request: ImportRequest,
+    /// What the restore restored (the report's fields of the same names).
+    pub restored_to_ms: u64,
+    pub documents: u64,
+    pub bytes: u64,
+}
+
+/// Where a run records its [`Commit`] before sending it.
+#[async_trait]
+pub trait CommitLog: Send + Sync {
+    /// Records `commit` durably; the step is sent only once this returned `Ok` (an error
+    /// fails the attempt retryably, with nothing published).
+    async fn record(&self, commit: &Commit) -> Result<(), String>;
+}
+
+/// No record: for a restore that nothing runs again once its process ended (the
+/// playground's, whose client is told it failed).
+pub struct Unrecorded;
+
+#[async_trait]
+impl CommitLog for Unrecorded {
+    async fn record(&self, _commit: &Commit) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     /// Refused before anything was done: the time is outside the window, there is no
@@ -105,6 +148,16 @@ pub enum JobError {
     Publish { db: String, failure: Failure },
     #[error("the restore into database {db} gave up after {attempts} attempts in {elapsed:?}: {last}")]
     GaveUp { db: String, attempts: u32, elapsed: Duration, last: String },
+    /// The [`CommitLog`] failed: nothing was published.
+    #[error("failed to record the restore's {step} of database {db} before sending it (nothing was published): {why}")]
+    Record { db: String, step: &'static str, why: String },
+    /// A recorded step sent again ([`resume`]) was refused: it had not taken effect (unless
+    /// another import into the same database ended since, which no restore of it does
+    /// while this one is unfinished).
+    #[error(
+        "the restore's {step} (import {import_id}), recorded before the run that sent it was cut off, was refused when sent again: {failure}"
+    )]
+    Resumed { step: &'static str, import_id: String, failure: Failure },
 }
 
 impl JobError {
@@ -117,6 +170,8 @@ impl JobError {
             JobError::Publish { failure: Failure::Transient(_), .. } => true,
             // Its last failure was a passing one: a later run may get through.
             JobError::GaveUp { .. } => true,
+            JobError::Record { .. } => true,
+            JobError::Resumed { failure: Failure::Transient(_), .. } => true,
             _ => false,
         }
     }
@@ -146,21 +201,21 @@ pub async fn plan<W: BackupWorld + ?Sized>(
 }
 
 /// Runs `job` from `store`: plans once, then imports and publishes, retrying passing
-/// failures until the job's deadline.
+/// failures until the job's deadline. Each attempt's [`Commit`] goes to `log` before it
+/// is sent.
 pub async fn run<W: BackupWorld + RestoreWorld + ?Sized>(
     world: &W,
     store: &BackupStore,
     job: &RestoreJob,
+    log: &dyn CommitLog,
 ) -> Result<RestoreReport, JobError> {
     check(job)?;
     let started = Instant::now();
     let plan = plan(world, store, job.to).await?;
     let mut attempt = 0u32;
-    // An attempt whose every step but the answer to its `Finish` went through.
-    let mut finish_unanswered = false;
     loop {
         attempt += 1;
-        let last = match attempt_once(world, store, job, &plan, attempt, finish_unanswered).await {
+        let last = match attempt_once(world, store, job, &plan, attempt, log).await {
             Ok(outcome) => {
                 return Ok(RestoreReport {
                     restored_to_ms: plan.to_ms,
@@ -176,8 +231,6 @@ pub async fn run<W: BackupWorld + RestoreWorld + ?Sized>(
             Err(e) if e.is_retryable() => e,
             Err(e) => return Err(e),
         };
-        finish_unanswered = matches!(&last, JobError::Restore(f)
-            if matches!(f.cause, super::restore::RestoreCause::Target { step: "Finish", .. }));
         if started.elapsed() >= job.deadline {
             return Err(JobError::GaveUp {
                 db: job.into_db.clone(),
@@ -252,74 +305,63 @@ async fn attempt_once<W: BackupWorld + RestoreWorld + ?Sized>(
     job: &RestoreJob,
     plan: &RestorePlan,
     attempt: u32,
-    finish_unanswered: bool,
+    log: &dyn CommitLog,
 ) -> Result<(RestoreOutcome, Vec<String>), JobError> {
     let (rs, epoch) = target(world, &job.namespace, &job.into_db).await?;
     let import_id = format!("{}-{attempt}", job.id);
-    if job.mode == RestoreMode::IntoNew {
-        // The previous attempt imported everything and sent `Finish`, whose answer was
-        // lost: it is sent again (repeated, it answers as the first did; not applied yet,
-        // it finishes a whole import), since the database, served with collections once
-        // finished, would refuse this attempt's `Begin`.
-        if finish_unanswered && let Some(outcome) = finished_before(world, &rs, job, plan, attempt - 1, epoch).await {
-            let published = outcome.collections.clone();
-            return Ok((outcome, published));
-        }
-        let mut into = RestoreInto::new(rs, &job.into_db, &import_id, Some(epoch));
-        into.collections = job.collections.clone();
-        let outcome = restore(world, store, plan, &into).await.map_err(|f| JobError::Restore(Box::new(f)))?;
-        let published = outcome.collections.clone();
-        return Ok((outcome, published));
-    }
     let imported_on = rs.name.clone();
-    let staging = restore_staging_db(&job.into_db);
-    let mut into = RestoreInto::new(rs, &staging, &import_id, None);
+    // Into a new database the import is the database itself, finished (served) at the
+    // route's epoch; else a staging database, published into the target.
+    let into_new = job.mode == RestoreMode::IntoNew;
+    let import_db = if into_new { job.into_db.clone() } else { restore_staging_db(&job.into_db) };
+    // Finished here rather than by the engine, so that `Finish` is recorded before it is
+    // sent, as `Publish` is.
+    let mut into = RestoreInto::new(rs, &import_db, &import_id, None);
     into.collections = job.collections.clone();
-    let outcome = restore(world, store, plan, &into).await.map_err(|f| JobError::Restore(Box::new(f)))?;
-    tracing::info!(db = %job.into_db, attempt, documents = outcome.documents, "restore imported into {staging}; publishing");
+    let mut outcome = restore(world, store, plan, &into).await.map_err(|f| JobError::Restore(Box::new(f)))?;
+    tracing::info!(db = %job.into_db, attempt, documents = outcome.documents, "restore imported into {import_db}; committing");
     pause_at_failpoint().await;
-    let (step, published) = publish_step(job, &outcome, epoch);
-    publish(world, job, &staging, &import_id, (&imported_on, epoch), step).await?;
+    let (step, published) = if into_new {
+        (ImportStep::Finish { epoch }, outcome.collections.clone())
+    } else {
+        publish_step(job, &outcome, epoch)
+    };
+    let commit = Commit {
+        replica_set: imported_on,
+        request: ImportRequest { db: import_db, migration: import_id, step },
+        restored_to_ms: plan.to_ms,
+        documents: outcome.documents,
+        bytes: outcome.bytes,
+    };
+    let step_name = commit.request.step.kind();
+    log.record(&commit).await.map_err(|why| JobError::Record { db: job.into_db.clone(), step: step_name, why })?;
+    send_commit(world, job, &commit, Some(epoch)).await?;
+    outcome.finished = into_new;
     Ok((outcome, published))
 }
 
-/// Sends attempt `previous`'s `Finish` again (only for an attempt that imported
-/// everything: see the caller) and, when it is answered, what it restored, counted from a
-/// checksum marker of the database.
-async fn finished_before<W: BackupWorld + RestoreWorld + ?Sized>(
+/// Sends `commit` again, recorded by a run of `job` that was cut off before it learnt the
+/// answer: `Ok` once it took effect (now, or when first sent). Only the datanode can
+/// tell, so it goes to the recorded replica set whatever the route says now (a step not
+/// yet applied is refused there after a migration's fence: it carries the route epoch it
+/// was made for). Passing failures are retried until the job's deadline.
+pub async fn resume<W: BackupWorld + RestoreWorld + ?Sized>(
     world: &W,
-    rs: &ReplicaSetAccess,
     job: &RestoreJob,
-    plan: &RestorePlan,
-    previous: u32,
-    epoch: u64,
-) -> Option<RestoreOutcome> {
-    let finish = ImportRequest {
-        db: job.into_db.clone(),
-        migration: format!("{}-{previous}", job.id),
-        step: ImportStep::Finish { epoch },
-    };
-    RestoreWorld::import(world, rs, &finish).await.ok()?;
-    let checksum = RestoreWorld::checksum(world, rs, &job.into_db).await.ok()?;
-    tracing::info!(db = %job.into_db, attempt = previous, "the restore's earlier attempt had finished");
-    Some(RestoreOutcome {
-        db: job.into_db.clone(),
-        full: plan.full.id.clone(),
-        collections: Vec::new(),
-        documents: checksum.documents,
-        documents_loaded: 0,
-        changes_applied: 0,
-        bytes: 0,
-        reached: plan.full.end,
-        reached_ms: plan.to_ms,
-        checksum,
-        checksum_verified: false,
-        finished: true,
+    commit: &Commit,
+) -> Result<(), JobError> {
+    let step = commit.request.step.kind();
+    tracing::info!(db = %job.into_db, import = %commit.request.migration, step, "sending a recorded restore step again");
+    send_commit(world, job, commit, None).await.map_err(|e| match e {
+        JobError::Publish { failure, .. } => {
+            JobError::Resumed { step, import_id: commit.request.migration.clone(), failure }
+        }
+        other => other,
     })
 }
 
 /// The failpoint `restore-before-publish`: `return(MS)` pauses the restore that long
-/// between its import and its `Publish` (tests kill the leader there). Nothing without the
+/// between its import and its `Publish` (or `Finish`) (tests kill the leader there). Nothing without the
 /// `failpoints` feature.
 async fn pause_at_failpoint() {
     #[cfg(feature = "failpoints")]
@@ -363,47 +405,62 @@ fn publish_step(job: &RestoreJob, outcome: &RestoreOutcome, route_epoch: u64) ->
     (step, published)
 }
 
-/// Sends `Publish`, retrying passing failures with the same import id (one that took
-/// effect answers alike) against the leader looked up again; a refusal drops the staging
-/// database (`Abort`) and fails the job. A database whose route changed meanwhile (another
-/// replica set or epoch than `imported_on`: a migration moved it or aborted; the datanode
-/// refuses a `Publish` with an older epoch than its own, so one sent before the change is
-/// not applied after a fence) fails the attempt retryably: the next one imports where the
-/// database is now.
-async fn publish<W: BackupWorld + RestoreWorld + ?Sized>(
+/// Sends `commit`'s step, retrying passing failures with the same import id (one that
+/// took effect answers alike) against the leader looked up again; a refusal drops the
+/// import (`Abort`) and fails the job.
+///
+/// With `route_epoch` (a run), the step goes to the replica set serving the database, and
+/// a route changed meanwhile (another replica set or epoch than the import's: a migration
+/// moved the database or aborted; the datanode refuses a `Publish` with an older epoch
+/// than its own, so one sent before the change is not applied after a fence) fails the
+/// attempt retryably: the next one imports where the database is now. Without (a resumed
+/// step), it goes to the recorded replica set.
+async fn send_commit<W: BackupWorld + RestoreWorld + ?Sized>(
     world: &W,
     job: &RestoreJob,
-    staging: &str,
-    import_id: &str,
-    imported_on: (&str, u64),
-    step: ImportStep,
+    commit: &Commit,
+    route_epoch: Option<u64>,
 ) -> Result<(), JobError> {
-    let req = ImportRequest { db: staging.to_owned(), migration: import_id.to_owned(), step };
+    let req = &commit.request;
+    let imported_on = commit.replica_set.as_str();
     let started = Instant::now();
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let moved = |why: String| JobError::Target { db: job.into_db.clone(), why };
-        let failure = match target(world, &job.namespace, &job.into_db).await {
-            Ok((rs, epoch)) if rs.name != imported_on.0 || epoch != imported_on.1 => {
-                return Err(moved(format!(
-                    "its route changed during the restore (replica set {} at epoch {}, now {} at epoch {epoch})",
-                    imported_on.0, imported_on.1, rs.name
-                )));
-            }
-            Ok((rs, _)) => match RestoreWorld::import(world, &rs, &req).await {
-                Ok(_) => return Ok(()),
-                Err(f) => f,
+        let leader = match route_epoch {
+            Some(imported_at) => match target(world, &job.namespace, &job.into_db).await {
+                Ok((rs, epoch)) if rs.name != imported_on || epoch != imported_at => {
+                    return Err(JobError::Target {
+                        db: job.into_db.clone(),
+                        why: format!(
+                            "its route changed during the restore (replica set {imported_on} at epoch {imported_at}, now {} at epoch {epoch})",
+                            rs.name
+                        ),
+                    });
+                }
+                Ok((rs, _)) => Ok(rs),
+                Err(e) => Err(e.to_string()),
             },
-            Err(e) => Failure::Transient(e.to_string()),
+            None => match world.replica_set(&job.namespace, imported_on).await {
+                Ok(Some(rs)) => Ok(rs),
+                Ok(None) => Err(format!("replica set {imported_on} of the restore's import does not exist")),
+                Err(f) => Err(f.to_string()),
+            },
+        };
+        let (failure, rs) = match leader {
+            Ok(rs) => match RestoreWorld::import(world, &rs, req).await {
+                Ok(_) => return Ok(()),
+                Err(f) => (f, Some(rs)),
+            },
+            Err(why) => (Failure::Transient(why), None),
         };
         let passing = matches!(failure, Failure::Transient(_));
         if !passing || started.elapsed() >= job.deadline {
-            if !passing && let Ok((rs, _)) = target(world, &job.namespace, &job.into_db).await {
+            if !passing && let Some(rs) = rs {
                 let abort =
-                    ImportRequest { db: staging.to_owned(), migration: import_id.to_owned(), step: ImportStep::Abort };
+                    ImportRequest { db: req.db.clone(), migration: req.migration.clone(), step: ImportStep::Abort };
                 if let Err(e) = RestoreWorld::import(world, &rs, &abort).await {
-                    tracing::warn!(db = %staging, error = %e, "failed to drop a restore's staging database; the next restore drops it");
+                    tracing::warn!(db = %req.db, error = %e, "failed to drop a restore's import; the next restore drops it");
                 }
             }
             return Err(JobError::Publish { db: job.into_db.clone(), failure });

@@ -148,13 +148,67 @@ pub struct DatabaseRestoreStatus {
     #[schemars(length(max = 40))]
     pub finished_at: Option<String>,
     /// Times the restore was started (a retry after a passing failure or an operator
-    /// restart starts it over).
+    /// restart starts it over, or sends `commit` again when it is set).
     #[serde(default)]
     pub attempts: u32,
+    /// The step that makes the restore visible, recorded before it is sent: once it is set,
+    /// a retry or an operator restart sends this step again (answered as the first time
+    /// when it took effect) rather than restoring anew, which would overwrite what clients
+    /// wrote since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<RestoreCommit>,
     /// `Progressing` and `Succeeded`, with reasons.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A restore's last step, as `status.commit` records it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreCommit {
+    /// `Publish`: the import, a staging database (`<database>~restore`), becomes the
+    /// restored collections of `database`. `Finish` (mode `NewInstance`): the import is
+    /// `database` itself, served from then on.
+    pub step: CommitStep,
+    /// The import's id: the step, sent again, names it.
+    #[schemars(length(max = 256))]
+    pub import_id: String,
+    /// The replica set holding the import.
+    #[schemars(length(max = 128))]
+    pub replica_set: String,
+    /// The database restored into.
+    #[schemars(length(max = 64))]
+    pub database: String,
+    /// The route epoch of `database` the step was made for (a datanode refuses a
+    /// `Publish` not applied yet once a migration has moved the database past it).
+    pub route_epoch: u64,
+    /// `Publish`: `database` becomes exactly the restored collections (the others
+    /// dropped).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whole: bool,
+    /// `Publish`: a collection of `collections` replaces the one of its new name (else
+    /// such a name is refused).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace: bool,
+    /// `Publish` not `whole`: each restored collection (`from`) and the name it gets
+    /// (`to`, replaced with `replace`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub collections: Vec<CollectionRename>,
+    /// The status's `restoredTo` once the step is answered.
+    #[schemars(length(max = 40))]
+    pub restored_to: String,
+    /// The status's `documents` once the step is answered.
+    pub documents: u64,
+    /// The status's `bytes` once the step is answered.
+    pub bytes: u64,
+}
+
+/// The step a [`RestoreCommit`] sends.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum CommitStep {
+    Publish,
+    Finish,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
