@@ -180,6 +180,9 @@ impl BackupWorld for Model {
     async fn save_archive_record(&self, _: &ArchiveRecord, _: Option<u64>) -> Result<Option<u64>, Failure> {
         Ok(Some(1))
     }
+    async fn delete_archive_record(&self, _: &str, _: &Incarnation) -> Result<(), Failure> {
+        Ok(())
+    }
 }
 
 /// A store holding one full of `shopdb` (the source's database, incarnation `uid-shop`)
