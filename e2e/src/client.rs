@@ -34,6 +34,7 @@ impl DataClient {
             .default_headers(headers)
             .timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(256)
+            .pool_idle_timeout(crate::POOL_IDLE_TIMEOUT)
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();

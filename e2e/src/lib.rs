@@ -25,6 +25,11 @@ pub use process::{Datanode, binary};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+/// How long a client of the gateway keeps an idle pooled connection: below the gateway's
+/// `--idle-timeout-ms` (60 s), so a request never goes out on a connection the gateway is
+/// closing (docs/gateway.md).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
 pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
 where

@@ -130,6 +130,9 @@ async fn main() -> anyhow::Result<()> {
     let client = nimbus_e2e::DataClient {
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
+            // Below the gateway's idle timeout (60 s): a connection left idle since the
+            // preload and reused as the gateway closes it fails the request (docs/gateway.md).
+            .pool_idle_timeout(nimbus_e2e::POOL_IDLE_TIMEOUT)
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(30))
             .build()?,

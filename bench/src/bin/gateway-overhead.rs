@@ -82,7 +82,11 @@ async fn main() -> anyhow::Result<()> {
     let secret = cluster.secret.authorization().to_str()?.to_owned();
     let leader_addr = cluster.nodes[leader].data.trim_start_matches("http://").to_owned();
     let nginx = Nginx::start(&leader_addr, &[("Authorization", &secret), (ROUTE_EPOCH_HEADER, "0")]).await?;
-    let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(1024).build()?;
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(nimbus_e2e::POOL_IDLE_TIMEOUT)
+        .build()?;
     let path = "/v1/databases/bench/collections/kv";
     let bases = [
         format!("{}{path}", cluster.nodes[leader].data),

@@ -130,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
     let http = || {
         reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(nimbus_e2e::POOL_IDLE_TIMEOUT)
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(30))
             .build()

@@ -70,7 +70,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     let gw = GatewayProc::start("gw-bench", &etcd.client_urls, &stack.cluster.secret_file, &[]).await?;
-    let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(1024).build()?;
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(nimbus_e2e::POOL_IDLE_TIMEOUT)
+        .build()?;
     let flood_url = format!("{}/v1/databases/flood/collections", gw.public);
     let calm_url = format!("{}/v1/databases/calm/collections", gw.public);
     let (fa, ca) = (format!("Bearer {flood_tok}"), format!("Bearer {calm_tok}"));
