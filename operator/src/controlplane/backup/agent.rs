@@ -606,9 +606,7 @@ async fn schedule_loop(
             tracing::warn!(db = %db, error = %e, "failed to list the backups");
         }
         let due = match route_lineage(&*world, &entry.target.namespace, &db).await {
-            Ok((_, lineage)) => {
-                entry.cache().full_wanted(&lineage, now_ms(), &tuning.full_policy)
-            }
+            Ok((_, lineage)) => entry.cache().full_wanted(&lineage, now_ms(), &tuning.full_policy),
             Err(e) => {
                 tracing::debug!(db = %db, error = %e, "no full backup now");
                 false

@@ -935,3 +935,33 @@ async fn a_former_incarnations_archive_record_in_etcd_is_deleted_with_its_swept_
     assert!(!recorded("inc-1").await, "the swept incarnation's record is still in etcd");
     assert!(recorded("inc-2").await);
 }
+
+/// A replica set's incarnation is its etcd record's create revision: kept while the record
+/// is (a second record is refused, an update would keep it), another one once the replica
+/// set was forgotten and made again under its name (a new Raft log: a new lineage).
+#[tokio::test]
+async fn a_replica_sets_incarnation_is_its_records_create_revision_and_changes_when_it_is_made_again() {
+    let (_etcd, coord) = crate::controlplane::coord::tests::etcd().await;
+    let secret = nimbus_net::ClusterSecret::parse("lineage-test-secret-0123456789abcdef").unwrap();
+    let live = crate::controlplane::migration::LiveWorld {
+        admin: crate::controlplane::admin::AdminClient::new(&secret),
+        coord: Arc::new(coord),
+        directory: Arc::new(NoDirectory),
+    };
+    let incarnation = || BackupWorld::replica_set_incarnation(&live, "apps", "default-rs0");
+    assert_eq!(incarnation().await.unwrap(), None, "no record: named by the replica set alone");
+    assert_eq!(lineage_of("default-rs0", None).unwrap().as_str(), "default-rs0");
+    let record =
+        nimbus_api::etcd::ReplicaSetRecord { pool: "default".into(), zones: vec!["a".into()], bootstrapped_ms: 1 };
+    live.coord.record_replica_set("apps", "default-rs0", &record).await.unwrap();
+    let first = incarnation().await.unwrap().expect("recorded");
+    // Unrelated writes move etcd's revision on, not the incarnation.
+    live.coord.record_replica_set("apps", "default-rs1", &record).await.unwrap();
+    live.coord.record_replica_set("apps", "default-rs0", &record).await.unwrap();
+    assert_eq!(incarnation().await.unwrap(), Some(first));
+    assert_eq!(lineage_of("default-rs0", Some(first)).unwrap().as_str(), format!("default-rs0.r{first}"));
+    live.coord.forget_replica_set("apps", "default-rs0").await.unwrap();
+    live.coord.record_replica_set("apps", "default-rs0", &record).await.unwrap();
+    let second = incarnation().await.unwrap().expect("recorded again");
+    assert_ne!(second, first, "made again: another Raft log, another lineage");
+}
