@@ -385,6 +385,17 @@ impl Coordinator {
         self.get_json(&etcd::replica_set_key(namespace, name)).await
     }
 
+    /// The incarnation of a replica set's Raft log: the etcd revision that created its
+    /// record (`None`: no record). The record is written once, when the replica set is
+    /// bootstrapped, and deleted only when the replica set is forgotten, so a replica set
+    /// made again under the same name (a new, empty Raft log) gets another revision; the
+    /// create revision, not the last write's, so a later update of the record keeps it. The
+    /// backup agent names an oplog lineage by it (`backup::agent::lineage_of`).
+    pub async fn replica_set_incarnation(&self, namespace: &str, name: &str) -> Result<Option<u64>, CoordError> {
+        let resp = self.client.kv_client().get(etcd::replica_set_key(namespace, name), None).await?;
+        Ok(resp.kvs().first().map(|kv| kv.create_revision().max(0) as u64))
+    }
+
     /// Records that a replica set was bootstrapped; the first record stays.
     pub async fn record_replica_set(
         &self,

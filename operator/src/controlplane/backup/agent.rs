@@ -164,15 +164,37 @@ pub struct Source {
     pub lineage: Lineage,
 }
 
-/// The lineage of a route: `{replica_set}.e{epoch}` (a move raises the epoch).
-pub fn lineage_of(route: &nimbus_api::etcd::Route) -> Result<Lineage, BackupError> {
-    Lineage::new(&format!("{}.e{}", route.replica_set, route.epoch))
+/// The lineage of a database's oplog on replica set `replica_set` whose Raft log is
+/// incarnation `incarnation` ([`BackupWorld::replica_set_incarnation`]):
+/// `{replica_set}.r{incarnation}`, or `{replica_set}` when the replica set has none (the
+/// playground). Not the route's epoch: positions are Raft positions of that one log, which
+/// an epoch raised on the same replica set (an aborted migration, a deletion's fence) does
+/// not reset, so the archive and its fulls go on; a move to another replica set, or a
+/// replica set made again under its old name (a new log), is another lineage. Lineages
+/// named `{replica_set}.e{epoch}` by earlier versions stay readable: a plan never reads
+/// meaning into a lineage's name.
+pub fn lineage_of(replica_set: &str, incarnation: Option<u64>) -> Result<Lineage, BackupError> {
+    match incarnation {
+        Some(i) => Lineage::new(&format!("{replica_set}.r{i}")),
+        None => Lineage::new(replica_set),
+    }
+}
+
+/// The lineage `db`'s route names now, and the route.
+pub async fn route_lineage(
+    world: &dyn BackupWorld,
+    namespace: &str,
+    db: &str,
+) -> Result<(nimbus_api::etcd::Route, Lineage), AgentError> {
+    let route = world.route(db).await?.ok_or_else(|| AgentError::NoRoute { db: db.to_owned() })?;
+    let incarnation = world.replica_set_incarnation(namespace, &route.replica_set).await?;
+    let lineage = lineage_of(&route.replica_set, incarnation)?;
+    Ok((route, lineage))
 }
 
 /// `db`'s source now.
 pub async fn source(world: &dyn BackupWorld, namespace: &str, db: &str) -> Result<Source, AgentError> {
-    let route = world.route(db).await?.ok_or_else(|| AgentError::NoRoute { db: db.to_owned() })?;
-    let lineage = lineage_of(&route)?;
+    let (route, lineage) = route_lineage(world, namespace, db).await?;
     let rs = world
         .replica_set(namespace, &route.replica_set)
         .await?
@@ -226,6 +248,10 @@ struct Cache {
     db_bytes: u64,
     /// The archive cannot go on without a new full.
     broken: bool,
+    /// The lineage of the archiver's record, once read: while the route names another one
+    /// (the database moved, and the archiver has not set its floor yet: `moved_in`), no
+    /// full is taken, for one taken before that floor could not start the archive.
+    archive_lineage: Option<Lineage>,
     /// A full completed: the archiver resets its byte count and takes this size.
     full_taken: Option<u64>,
     archive_error: Option<String>,
@@ -266,6 +292,24 @@ impl Cache {
             last_verified_ms: self.verified.as_ref().map(|v| v.end_ms),
             verify_error: self.verify_error.clone(),
         }
+    }
+
+    /// Whether the scheduler takes a full of `lineage` (the route's) now: the archive
+    /// waits for one (`broken`), or `full_due` says so; never while the archiver's record is
+    /// of another lineage (a move the archiver has not taken up yet: a full taken before
+    /// it sets the new lineage's floor could not start the archive there).
+    fn full_wanted(&self, lineage: &Lineage, now_ms: u64, policy: &FullPolicy) -> bool {
+        let switching = self.archive_lineage.as_ref().is_some_and(|l| l != lineage);
+        self.loaded
+            && !switching
+            && (self.broken
+                || full_due(
+                    self.newest_full_of(lineage).map(|f| f.end_ms),
+                    self.oplog_bytes_since_full,
+                    self.db_bytes,
+                    now_ms,
+                    policy,
+                ))
     }
 
     fn newest_full_of(&self, lineage: &Lineage) -> Option<&FullManifest> {
@@ -561,19 +605,8 @@ async fn schedule_loop(
         if let Err(e) = entry.load().await {
             tracing::warn!(db = %db, error = %e, "failed to list the backups");
         }
-        let due = match route_lineage(&*world, &db).await {
-            Ok(lineage) => {
-                let cache = entry.cache();
-                cache.loaded
-                    && (cache.broken
-                        || full_due(
-                            cache.newest_full_of(&lineage).map(|f| f.end_ms),
-                            cache.oplog_bytes_since_full,
-                            cache.db_bytes,
-                            now_ms(),
-                            &tuning.full_policy,
-                        ))
-            }
+        let due = match route_lineage(&*world, &entry.target.namespace, &db).await {
+            Ok((_, lineage)) => entry.cache().full_wanted(&lineage, now_ms(), &tuning.full_policy),
             Err(e) => {
                 tracing::debug!(db = %db, error = %e, "no full backup now");
                 false
@@ -693,11 +726,6 @@ async fn verify_when_due(
     }
 }
 
-async fn route_lineage(world: &dyn BackupWorld, db: &str) -> Result<Lineage, AgentError> {
-    let route = world.route(db).await?.ok_or_else(|| AgentError::NoRoute { db: db.to_owned() })?;
-    Ok(lineage_of(&route)?)
-}
-
 /// Deletes what the retention policy no longer needs, and takes exactly that out of the
 /// cache. Not a new listing put in the cache's place: a segment or full stored by this
 /// agent between that listing and the replacement would drop out of the cache (the
@@ -758,6 +786,7 @@ async fn archive_round(
     {
         let mut cache = entry.cache();
         cache.broken = state.record.broken;
+        cache.archive_lineage = Some(state.record.lineage.clone());
         cache.tip = state.record.idle_tip();
         cache.oplog_bytes_since_full = state.record.oplog_bytes_since_full;
         cache.db_bytes = state.record.db_bytes;
@@ -780,7 +809,7 @@ async fn archive_round(
             cache.db_bytes = state.record.db_bytes;
             cache.archive_error = None;
         }
-        if route_lineage(world, db).await? != src.lineage {
+        if route_lineage(world, &entry.target.namespace, db).await?.1 != src.lineage {
             tracing::info!(db = %db, from = %src.lineage, "database moved: a new oplog lineage starts");
             return Ok(());
         }
@@ -801,12 +830,16 @@ async fn archive_start(
         && record.lineage == src.lineage
         && !record.broken
     {
+        entry.cache().archive_lineage = Some(src.lineage.clone());
         return Ok(Some(ArchiveState {
             record: record.clone(),
             revision: Some(*revision),
             pin_expires_ms: 0,
             last_stored_ms: 0,
         }));
+    }
+    if existing.as_ref().is_some_and(|(r, _)| r.lineage != src.lineage) {
+        return moved_in(world, entry, src, existing).await;
     }
     let broken_at = existing.as_ref().filter(|(r, _)| r.lineage == src.lineage).map(|(r, _)| r.position);
     let start = {
@@ -819,7 +852,11 @@ async fn archive_start(
             .map(|f| f.start)
     };
     let Some(position) = start else {
-        entry.cache().broken = broken_at.is_some();
+        let mut cache = entry.cache();
+        cache.broken = broken_at.is_some();
+        if broken_at.is_some() {
+            cache.archive_lineage = Some(src.lineage.clone());
+        }
         return Ok(None);
     };
     let record = ArchiveRecord {
@@ -837,6 +874,50 @@ async fn archive_start(
     let mut state =
         ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0, last_stored_ms: 0 };
     archiver::save(world, &mut state).await?;
+    entry.cache().archive_lineage = Some(src.lineage.clone());
     tracing::info!(db = %db, lineage = %src.lineage, index = position.index, "oplog archive starts");
     Ok(Some(state))
+}
+
+/// The database moved to another replica set (its record is of another lineage). A
+/// lineage is named by the replica set's Raft log, so a database that comes back to a
+/// replica set it left finds the fulls of its earlier stay there: they must never start the
+/// archive, for the log between the two stays is not the database's history (its copy was
+/// dropped, and this stay began with a migration's import, which is no oplog change). A
+/// checksum marker, one Raft entry on the new replica set, gives a position `p` after every
+/// change of any earlier stay and before the start of any full taken from now on; the
+/// record is saved for the new lineage, broken at `p`, so only a full started after it (due
+/// at once: the scheduler waits for this record before taking one, see
+/// [`Cache::archive_lineage`]) starts the archive ([`archive_start`]'s `broken_at`).
+async fn moved_in(
+    world: &dyn BackupWorld,
+    entry: &DbBackups,
+    src: &Source,
+    existing: Option<(ArchiveRecord, u64)>,
+) -> Result<Option<ArchiveState>, AgentError> {
+    let db = &entry.target.db;
+    let marker = world.checksum(&src.rs, db).await?;
+    let floor = OplogPosition { index: marker.index, seq: 0 };
+    let record = ArchiveRecord {
+        db: db.clone(),
+        incarnation: entry.target.incarnation.clone(),
+        lineage: src.lineage.clone(),
+        position: floor,
+        covered_ms: 0,
+        oplog_bytes_since_full: 0,
+        db_bytes: existing.as_ref().map(|(r, _)| r.db_bytes).unwrap_or(0),
+        broken: true,
+        idle_position: None,
+        idle_covered_ms: 0,
+    };
+    let mut state =
+        ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0, last_stored_ms: 0 };
+    archiver::save(world, &mut state).await?;
+    {
+        let mut cache = entry.cache();
+        cache.broken = true;
+        cache.archive_lineage = Some(src.lineage.clone());
+    }
+    tracing::info!(db = %db, lineage = %src.lineage, index = marker.index, "database moved: a new oplog lineage starts with its first full");
+    Ok(None)
 }

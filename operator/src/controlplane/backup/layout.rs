@@ -222,11 +222,13 @@ impl From<FullId> for String {
     }
 }
 
-/// An oplog lineage: the run of one database's oplog on one replica set. Oplog positions
-/// are Raft log positions of a replica set, so a database that moved (hot migration) starts
-/// a new lineage whose positions have nothing to do with the old one's; a full and the
-/// segments replayed on it must be of the same lineage. The caller names it (for example
-/// `{replica_set}.e{route_epoch}` at the time the database started being served there).
+/// An oplog lineage: one replica set's Raft log, whose positions a database's oplog
+/// positions are. A database that moved (hot migration) starts a new lineage whose
+/// positions have nothing to do with the old one's; a full and the segments replayed on it
+/// must be of the same lineage. The agent names it by the replica set and its incarnation
+/// (`{replica_set}.r{n}`: `super::agent::lineage_of`), not by the route epoch, which an
+/// aborted migration raises on the same log; this type reads no meaning into the name, so
+/// names of earlier versions (`{replica_set}.e{epoch}`) stay readable.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Lineage(String);

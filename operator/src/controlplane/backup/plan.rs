@@ -390,7 +390,7 @@ impl Default for FullPolicy {
 
 /// Whether a full backup is due now. `last_full_end_ms` is the end of the newest complete
 /// full of the database's current lineage (`None`: there is none, as after a move to
-/// another replica set, and one is due at once); `oplog_bytes_since` the bytes of the
+/// another replica set, and one is due at once; an aborted migration keeps the lineage); `oplog_bytes_since` the bytes of the
 /// database's oplog changes archived since that full's start; `db_bytes` the database's
 /// size.
 pub fn full_due(

@@ -118,6 +118,26 @@ fn restore_without_a_full_or_with_only_another_lineages_segments_is_refused() {
     ));
 }
 
+/// Backups written before lineages were named by the replica set's Raft log
+/// (`{replica_set}.e{epoch}`) plan as they did: a plan reads no meaning into a lineage's
+/// name. After the upgrade the archiver starts the new lineage (`{replica_set}.r{n}`) with a
+/// new full; the times between the old archive's end and that full's end are not
+/// restorable (one hole, once), every other time is.
+#[test]
+fn restore_of_backups_under_the_former_epoch_lineage_names_plans_as_before_the_upgrade() {
+    let fulls = vec![full(1, "rs-a.e3", 10, 12, 110, 112), full(2, "rs-a.r7", 70, 72, 170, 172)];
+    let segments =
+        vec![seg("rs-a.e3", 0, 40, 100, 140), seg("rs-a.e3", 40, 60, 141, 160), seg("rs-a.r7", 60, 90, 161, 190)];
+    let at = |t| plan_restore(&fulls, &segments, RestoreTarget::Time(t));
+    let old = at(150).unwrap();
+    assert_eq!((old.full.lineage.as_str(), spans(&old)), ("rs-a.e3", vec![(0, 40), (40, 60)]));
+    let new = at(180).unwrap();
+    assert_eq!((new.full.lineage.as_str(), spans(&new)), ("rs-a.r7", vec![(60, 90)]));
+    assert!(matches!(at(165), Err(RestoreError::Gap { .. })), "{:?}", at(165));
+    let window = recoverable_window(&fulls, &segments);
+    assert_eq!(window.ranges, vec![TimeRange { from_ms: 112, to_ms: 160 }, TimeRange { from_ms: 172, to_ms: 190 }]);
+}
+
 #[test]
 fn restore_falls_back_to_an_older_full_when_the_newer_ones_chain_is_broken() {
     // Lineage "a" ran until 200 with its archive intact; the database moved to "b" at 150,

@@ -44,6 +44,10 @@ struct State {
     write_on_export: bool,
     pins: BTreeMap<String, u64>,
     next_id: u64,
+    /// Each replica set's incarnation (its etcd record's create revision); none: no record.
+    rs_incarnations: BTreeMap<String, u64>,
+    /// The replica set answers checksum markers (a Raft entry at the next index).
+    checksums: bool,
 }
 
 #[derive(Clone, Default)]
@@ -54,6 +58,7 @@ impl Model {
         let m = Model::default();
         m.state().replica_set = "rs-a".into();
         m.state().epoch = 1;
+        m.state().rs_incarnations = [("rs-a".to_string(), 7), ("rs-b".to_string(), 9)].into();
         m
     }
 
@@ -121,6 +126,15 @@ impl Model {
     }
 }
 
+impl Model {
+    /// The one archive record the model holds.
+    fn world_record(&self) -> ArchiveRecord {
+        let s = self.state();
+        assert_eq!(s.records.len(), 1, "one archive record");
+        s.records.values().next().unwrap().0.clone()
+    }
+}
+
 fn access(s: &State) -> ReplicaSetAccess {
     ReplicaSetAccess {
         namespace: String::new(),
@@ -147,6 +161,10 @@ impl BackupWorld for Model {
     async fn replica_set(&self, _namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure> {
         let s = self.state();
         Ok((name == s.replica_set).then(|| access(&s)))
+    }
+
+    async fn replica_set_incarnation(&self, _namespace: &str, name: &str) -> Result<Option<u64>, Failure> {
+        Ok(self.state().rs_incarnations.get(name).copied())
     }
 
     async fn export(&self, _rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure> {
@@ -212,7 +230,12 @@ impl BackupWorld for Model {
     }
 
     async fn checksum(&self, _rs: &ReplicaSetAccess, _db: &str) -> Result<ChecksumMarker, Failure> {
-        Err(Failure::Refused("no checksums in the model".into()))
+        let mut s = self.state();
+        if !s.checksums {
+            return Err(Failure::Refused("no checksums in the model".into()));
+        }
+        s.applied += 1;
+        Ok(ChecksumMarker { index: s.applied, checksum: String::new(), documents: 0, catalog: None })
     }
 
     async fn archive_record(
@@ -521,8 +544,10 @@ async fn a_leader_change_mid_full_retries_it_under_a_new_id_and_the_broken_one_i
 async fn a_database_that_moved_starts_a_new_lineage_and_needs_a_new_full() {
     let dir = tempfile::tempdir().unwrap();
     let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    model.state().checksums = true;
     model.write();
     let src = source(&model, "", DB).await.unwrap();
+    assert_eq!(src.lineage.as_str(), "rs-a.r7", "named by the replica set's incarnation, not the epoch");
     take_full(&model, &entry.store, &src, &tuning).await.unwrap();
     entry.reload().await.unwrap();
     assert!(archive_start(&model, &entry, &src).await.unwrap().is_some());
@@ -532,11 +557,88 @@ async fn a_database_that_moved_starts_a_new_lineage_and_needs_a_new_full() {
         s.epoch = 2;
     }
     let moved = source(&model, "", DB).await.unwrap();
-    assert_eq!(moved.lineage.as_str(), "rs-b.e2");
-    assert!(archive_start(&model, &entry, &moved).await.unwrap().is_none(), "no full of rs-b.e2 yet");
+    assert_eq!(moved.lineage.as_str(), "rs-b.r9");
+    assert!(archive_start(&model, &entry, &moved).await.unwrap().is_none(), "no full of rs-b.r9 yet");
     let cache = entry.cache();
     assert!(cache.newest_full_of(&moved.lineage).is_none());
     assert!(full_due(None, 0, 0, now_ms(), &FullPolicy::default()));
+}
+
+/// A migration that fenced the database and was aborted raised its epoch on the same
+/// replica set: the same Raft log, so the same lineage; the archive goes on from its record
+/// (no new full), and a restore's chain runs across the abort.
+#[tokio::test]
+async fn an_aborted_migration_keeps_the_lineage_and_the_archive_goes_on_without_a_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    model.write();
+    let src = source(&model, "", DB).await.unwrap();
+    let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut times = vec![model.write(), model.write()];
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
+    let before = model.world_record();
+    model.state().epoch += 2; // fenced at epoch 2, aborted at 3
+    let after = source(&model, "", DB).await.unwrap();
+    assert_eq!(after.lineage, src.lineage);
+    let mut resumed = archive_start(&model, &entry, &after).await.unwrap().expect("the record goes on");
+    assert_eq!(resumed.record, before, "resumed from the persisted record");
+    times.push(model.write());
+    archive_segment(&model, &entry.store, &after, &mut resumed, &tuning, &IdleTicks::default()).await.unwrap();
+    entry.reload().await.unwrap();
+    assert_eq!(entry.cache().newest_full_of(&after.lineage).map(|f| &f.id), Some(&full.id), "no new full needed");
+    for t in times {
+        let plan = plan_at(&entry.store, t).await.unwrap();
+        assert_eq!(plan.full.id, full.id);
+        assert_eq!(restore(&entry.store, &plan).await, model.state_at(t), "restore to {t}");
+    }
+}
+
+/// Moved away and back: the replica set's lineage is the one of the first stay, but its
+/// fulls from then must not start the archive (the oplog in between is not the database's
+/// history). On every move the archiver sets a floor (a checksum marker) before any full is
+/// taken, and a full of this stay, started after it, starts the archive.
+#[tokio::test]
+async fn a_database_back_on_a_replica_set_it_left_needs_a_full_of_this_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    model.state().checksums = true;
+    let policy = FullPolicy::default();
+    model.write();
+    let src = source(&model, "", DB).await.unwrap();
+    let first = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
+    entry.reload().await.unwrap();
+    assert!(archive_start(&model, &entry, &src).await.unwrap().is_some());
+    assert!(!entry.cache().full_wanted(&src.lineage, now_ms(), &policy), "a full was just taken");
+    let move_to = |rs: &str, epoch: u64| {
+        let mut s = model.state();
+        s.replica_set = rs.into();
+        s.epoch = epoch;
+    };
+    // Away on rs-b: no full before the archiver took up the move, then one at once.
+    move_to("rs-b", 2);
+    let away = source(&model, "", DB).await.unwrap();
+    assert!(!entry.cache().full_wanted(&away.lineage, now_ms(), &policy), "the archiver has not taken up the move");
+    assert!(archive_start(&model, &entry, &away).await.unwrap().is_none(), "no full of rs-b yet");
+    assert!(entry.cache().full_wanted(&away.lineage, now_ms(), &policy), "due once the floor is set");
+    take_full(&model, &entry.store, &away, &tuning).await.unwrap();
+    entry.reload().await.unwrap();
+    assert!(archive_start(&model, &entry, &away).await.unwrap().is_some());
+    // Back on rs-a, whose lineage has the first stay's full.
+    move_to("rs-a", 3);
+    model.write();
+    let back = source(&model, "", DB).await.unwrap();
+    assert_eq!(back.lineage, src.lineage);
+    assert!(archive_start(&model, &entry, &back).await.unwrap().is_none(), "the first stay's full must not start it");
+    assert!(entry.cache().full_wanted(&back.lineage, now_ms(), &policy), "a full is due at once");
+    let record = model.world_record();
+    assert!(record.broken && record.lineage == src.lineage && record.position > first.end, "{record:?}");
+    assert!(archive_start(&model, &entry, &back).await.unwrap().is_none(), "still waiting for a full of this stay");
+    let second = take_full(&model, &entry.store, &back, &tuning).await.unwrap().manifest;
+    entry.reload().await.unwrap();
+    let state = archive_start(&model, &entry, &back).await.unwrap().expect("this stay's full starts the archive");
+    assert_eq!(state.record.position, second.start);
 }
 
 #[tokio::test]
@@ -832,4 +934,34 @@ async fn a_former_incarnations_archive_record_in_etcd_is_deleted_with_its_swept_
     assert_eq!(swept.iter().map(|l| l.incarnation().as_str()).collect::<Vec<_>>(), vec!["inc-1"]);
     assert!(!recorded("inc-1").await, "the swept incarnation's record is still in etcd");
     assert!(recorded("inc-2").await);
+}
+
+/// A replica set's incarnation is its etcd record's create revision: kept while the record
+/// is (a second record is refused, an update would keep it), another one once the replica
+/// set was forgotten and made again under its name (a new Raft log: a new lineage).
+#[tokio::test]
+async fn a_replica_sets_incarnation_is_its_records_create_revision_and_changes_when_it_is_made_again() {
+    let (_etcd, coord) = crate::controlplane::coord::tests::etcd().await;
+    let secret = nimbus_net::ClusterSecret::parse("lineage-test-secret-0123456789abcdef").unwrap();
+    let live = crate::controlplane::migration::LiveWorld {
+        admin: crate::controlplane::admin::AdminClient::new(&secret),
+        coord: Arc::new(coord),
+        directory: Arc::new(NoDirectory),
+    };
+    let incarnation = || BackupWorld::replica_set_incarnation(&live, "apps", "default-rs0");
+    assert_eq!(incarnation().await.unwrap(), None, "no record: named by the replica set alone");
+    assert_eq!(lineage_of("default-rs0", None).unwrap().as_str(), "default-rs0");
+    let record =
+        nimbus_api::etcd::ReplicaSetRecord { pool: "default".into(), zones: vec!["a".into()], bootstrapped_ms: 1 };
+    live.coord.record_replica_set("apps", "default-rs0", &record).await.unwrap();
+    let first = incarnation().await.unwrap().expect("recorded");
+    // Unrelated writes move etcd's revision on, not the incarnation.
+    live.coord.record_replica_set("apps", "default-rs1", &record).await.unwrap();
+    live.coord.record_replica_set("apps", "default-rs0", &record).await.unwrap();
+    assert_eq!(incarnation().await.unwrap(), Some(first));
+    assert_eq!(lineage_of("default-rs0", Some(first)).unwrap().as_str(), format!("default-rs0.r{first}"));
+    live.coord.forget_replica_set("apps", "default-rs0").await.unwrap();
+    live.coord.record_replica_set("apps", "default-rs0", &record).await.unwrap();
+    let second = incarnation().await.unwrap().expect("recorded again");
+    assert_ne!(second, first, "made again: another Raft log, another lineage");
 }

@@ -30,7 +30,8 @@ pub struct ArchiveRecord {
     pub db: String,
     /// The instance's incarnation (the record's key names it too).
     pub incarnation: Incarnation,
-    /// The lineage being archived (`{replica_set}.e{epoch}` of the route it started on).
+    /// The lineage being archived (`{replica_set}.r{incarnation}` of the replica set the
+    /// route names: [`super::lineage_of`]).
     pub lineage: Lineage,
     /// Every change of the lineage at or before this is archived.
     pub position: OplogPosition,
@@ -77,6 +78,14 @@ pub trait BackupWorld: Send + Sync {
     async fn route(&self, db: &str) -> Result<Option<Route>, Failure>;
     /// The replica set's leader and voters; `None` when the replica set does not exist.
     async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure>;
+    /// The incarnation of the replica set's Raft log (on Kubernetes, the etcd revision
+    /// that created its `/nimbus/replicasets/{namespace}/{name}` record): what names an oplog
+    /// lineage with the replica set's name ([`super::lineage_of`]). `None` when the replica
+    /// set has no record, as in the playground, whose replica-set names are never given to
+    /// another Raft log while its state lives.
+    async fn replica_set_incarnation(&self, _namespace: &str, _name: &str) -> Result<Option<u64>, Failure> {
+        Ok(None)
+    }
     async fn export(&self, rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure>;
     async fn oplog(
         &self,
@@ -134,6 +143,10 @@ impl BackupWorld for LiveWorld {
 
     async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure> {
         MigrationWorld::replica_set(self, namespace, name).await
+    }
+
+    async fn replica_set_incarnation(&self, namespace: &str, name: &str) -> Result<Option<u64>, Failure> {
+        self.coord.replica_set_incarnation(namespace, name).await.map_err(from_coord)
     }
 
     async fn export(&self, rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure> {
