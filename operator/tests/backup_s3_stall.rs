@@ -72,7 +72,8 @@ async fn serve(mut conn: TcpStream, gets: Arc<AtomicUsize>) {
         .and_then(|r| r.split('-').next())
         .and_then(|n| n.trim().parse::<usize>().ok());
     let body = body();
-    let common = "ETag: \"v1\"\r\nLast-Modified: Tue, 01 Jul 2025 00:00:00 GMT\r\nContent-Type: application/octet-stream\r\n";
+    let common =
+        "ETag: \"v1\"\r\nLast-Modified: Tue, 01 Jul 2025 00:00:00 GMT\r\nContent-Type: application/octet-stream\r\n";
     let (status, extra, bytes) = match from {
         Some(n) => (
             "206 Partial Content",

@@ -315,8 +315,9 @@ impl Backups {
             if Self::agents(r).contains_key(&ns) {
                 continue;
             }
-            let sweeper = BackupAgent::new(r.world.clone(), r.storage.store.clone(), &r.storage.prefix, &ns, r.tuning.clone())
-                .and_then(|agent| agent.set_targets(Vec::new()).map(|()| agent));
+            let sweeper =
+                BackupAgent::new(r.world.clone(), r.storage.store.clone(), &r.storage.prefix, &ns, r.tuning.clone())
+                    .and_then(|agent| agent.set_targets(Vec::new()).map(|()| agent));
             let swept = match sweeper {
                 Ok(agent) => agent.sweep().await,
                 Err(e) => Err(e),
@@ -328,7 +329,9 @@ impl Backups {
                     }
                     deleted.extend(gone);
                 }
-                Err(e) => warn!(namespace = %ns, error = %e, "failed to sweep the backups of former instances; tried again later"),
+                Err(e) => {
+                    warn!(namespace = %ns, error = %e, "failed to sweep the backups of former instances; tried again later")
+                }
             }
         }
         Ok(deleted)

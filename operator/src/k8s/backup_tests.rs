@@ -182,7 +182,8 @@ async fn a_namespaces_former_instances_are_swept_after_its_agent_stopped() {
     };
     // A directory under the prefix that cannot be a namespace is not taken for one.
     std::fs::create_dir_all(dir.path().join("backups/Not_A_Namespace/shop/uid-x")).unwrap();
-    let tuning = AgentTuning { poll: Duration::from_millis(10), orphan_retention: Duration::ZERO, ..AgentTuning::default() };
+    let tuning =
+        AgentTuning { poll: Duration::from_millis(10), orphan_retention: Duration::ZERO, ..AgentTuning::default() };
     let backups = Backups::new(Arc::new(Unrouted), storage.clone(), tuning);
     let shop = parsed(instance("shop", json!({})));
     backups.set_instances([&shop]);

@@ -343,9 +343,12 @@ fn signer(credentials: &S3Credentials, env: impl Fn(&str) -> Option<String>) -> 
         }
         S3Credentials::Environment => {
             let get = |name| env(name).filter(|v| !v.is_empty());
-            let half = |set: &str, unset: &str| Err(StorageError::Credentials(format!("{set} is set but {unset} is not")));
+            let half =
+                |set: &str, unset: &str| Err(StorageError::Credentials(format!("{set} is set but {unset} is not")));
             match (get(ENV_ACCESS_KEY_ID), get(ENV_SECRET_ACCESS_KEY)) {
-                (Some(key_id), Some(secret)) => return Ok(Signer::Keys { key_id, secret, token: get(ENV_SESSION_TOKEN) }),
+                (Some(key_id), Some(secret)) => {
+                    return Ok(Signer::Keys { key_id, secret, token: get(ENV_SESSION_TOKEN) });
+                }
                 (None, None) => {}
                 (Some(_), None) => return half(ENV_ACCESS_KEY_ID, ENV_SECRET_ACCESS_KEY),
                 (None, Some(_)) => return half(ENV_SECRET_ACCESS_KEY, ENV_ACCESS_KEY_ID),
@@ -569,15 +572,20 @@ mod tests {
         let token = dir.path().join("token");
         std::fs::write(&token, "eyJ...").unwrap();
         let token = token.to_str().unwrap().to_owned();
-        let vars = |pairs: Vec<(&'static str, String)>| move |name: &str| {
-            pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+        let vars = |pairs: Vec<(&'static str, String)>| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
         };
         let role = "arn:aws:iam::123456789012:role/nimbus-backups".to_string();
         let from_env = S3Credentials::Environment;
         let irsa = vars(vec![(ENV_WEB_IDENTITY_TOKEN_FILE, token.clone()), (ENV_ROLE_ARN, role.clone())]);
         assert_eq!(
             signer(&from_env, irsa).unwrap(),
-            Signer::WebIdentity { token_file: token.clone(), role_arn: role.clone(), session_name: None, sts_endpoint: None }
+            Signer::WebIdentity {
+                token_file: token.clone(),
+                role_arn: role.clone(),
+                session_name: None,
+                sts_endpoint: None
+            }
         );
         // A key pair in the environment comes first, as in AWS's SDKs.
         let both = vars(vec![
@@ -588,7 +596,8 @@ mod tests {
         ]);
         assert!(matches!(signer(&from_env, both).unwrap(), Signer::Keys { .. }));
         // Given keys are used whatever the environment says.
-        let given = S3Credentials::Static { access_key_id: "AK".into(), secret_access_key: "SK".into(), session_token: None };
+        let given =
+            S3Credentials::Static { access_key_id: "AK".into(), secret_access_key: "SK".into(), session_token: None };
         let irsa = vars(vec![(ENV_WEB_IDENTITY_TOKEN_FILE, token.clone()), (ENV_ROLE_ARN, role.clone())]);
         assert!(matches!(signer(&given, irsa).unwrap(), Signer::Keys { .. }));
         // Half a web identity, or a token file that is not there, says what is wrong.
