@@ -24,6 +24,14 @@ trap 'rm -rf "$out"' EXIT
   --set backup.url=s3://nimbus-backups/prod --set backup.s3.endpoint=http://minio.infra:9000 \
   --set backup.s3.region=eu-west-3 --set backup.s3.allowHttp=true \
   --set backup.s3.credentialsSecret=nimbus-s3 > "$out/backup-s3.yaml"
+# S3 with an IAM role for the operator's ServiceAccount (EKS web identity): no Secret, the
+# role in the ServiceAccount's annotation.
+"$helm" template nimbus charts/nimbus -n nimbus-system --set backup.enabled=true \
+  --set backup.url=s3://nimbus-backups/prod \
+  --set-string 'operator.serviceAccount.annotations.eks\.amazonaws\.com/role-arn=arn:aws:iam::123456789012:role/nimbus-backups' \
+  > "$out/backup-s3-irsa.yaml"
+grep -q '^    eks.amazonaws.com/role-arn: arn:aws:iam::123456789012:role/nimbus-backups$' "$out/backup-s3-irsa.yaml" \
+  || { echo "check-chart: operator.serviceAccount.annotations not on the operator's ServiceAccount" >&2; exit 1; }
 "$tools/venv/bin/python" scripts/check-chart-backup.py "$out/default.yaml" "$out/backup-dir.yaml" "$out/backup-s3.yaml"
 # A URL and a volume at once is refused, saying so.
 if "$helm" template nimbus charts/nimbus --set backup.enabled=true --set backup.url=s3://b \
@@ -77,5 +85,6 @@ grep -q "image: $image" "$out"/preview-default-*.yaml || { echo "check-chart: th
 "$tools/venv/bin/python" scripts/check-chart-objects.py "$out/external-etcd.yaml"
 "$tools/venv/bin/python" scripts/check-chart-objects.py "$out/backup-dir.yaml"
 "$tools/venv/bin/python" scripts/check-chart-objects.py "$out/backup-s3.yaml"
+"$tools/venv/bin/python" scripts/check-chart-objects.py "$out/backup-s3-irsa.yaml"
 "$tools/venv/bin/python" scripts/check-chart-objects.py "$out"/preview-*.yaml
 echo "check-chart: ok"

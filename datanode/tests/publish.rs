@@ -530,3 +530,35 @@ fn a_database_being_imported_is_not_exported_until_it_is_served() {
     let page = n.engine.export_page(INTO, nimbus_api::migration::ExportPart::Documents, None, 1 << 20, None).unwrap();
     assert!(!page.docs.is_empty());
 }
+
+/// A restore into a new instance imports straight into the database and `Finish`es it at
+/// the route's epoch. The instance deleted meanwhile fenced the database (its route epoch
+/// raised here): the `Finish` is refused as a stale route and the copy stays unserved; a
+/// `Finish` at the epoch in force (a migration's new route) serves it.
+#[test]
+fn a_finish_older_than_the_fence_is_refused_and_the_copy_stays_unserved() {
+    const NEW: &str = "fresh";
+    let mut n = Node::new(EngineOptions::default());
+    n.import(NEW, "r1", ImportStep::Begin).unwrap();
+    let collections = vec![ExportedCollection { name: "users".into(), indexes: vec![] }];
+    n.import(NEW, "r1", ImportStep::Collections { collections }).unwrap();
+    let docs = backup_users()
+        .iter()
+        .map(|d| ExportedDoc { coll: "users".into(), doc: serde_json::value::to_raw_value(d).unwrap() })
+        .collect();
+    n.import(NEW, "r1", ImportStep::Docs { docs }).unwrap();
+    // The deletion's fence: `SetRouteEpoch { route.epoch + 1 }`.
+    n.apply(NEW, WriteOp::SetRouteEpoch { epoch: 6 }).unwrap();
+
+    let e = n.import(NEW, "r1", ImportStep::Finish { epoch: 5 }).unwrap_err();
+    assert_eq!(e.code, ErrorCode::StaleRoute, "{e:?}");
+    assert!(e.message.contains("epoch 6"), "{e:?}");
+    for epoch in [5, 6, 7] {
+        assert!(n.engine.check_route_epoch(NEW, epoch).is_err(), "still imported, not served, at {epoch}");
+    }
+    assert_eq!(n.engine.incoming_migration(NEW).as_deref(), Some("r1"));
+    // A migration's `Finish` carries its new route's epoch, newer than any fence it knows.
+    n.import(NEW, "r1", ImportStep::Finish { epoch: 7 }).unwrap();
+    assert!(n.engine.check_route_epoch(NEW, 7).is_ok());
+    assert_eq!(n.dump(NEW)["users"].0.len(), backup_users().len());
+}

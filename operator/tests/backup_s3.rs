@@ -36,6 +36,7 @@ fn open(moto: &Moto, bucket: &str) -> OpenedStorage {
             secret_access_key: "nimbus-test-secret".to_string(),
             session_token: None,
         },
+        ..S3Options::default()
     };
     BackupStorage::parse(&format!("s3://{bucket}/nimbus/prod"), options).unwrap().open().unwrap()
 }

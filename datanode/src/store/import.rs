@@ -10,7 +10,8 @@
 //! (replacing the one with the same `_id`), with their index entries, collection counts and
 //! checksum sums; oplog changes are after-images applied idempotently, so applying a change
 //! twice, or to a document the copy already brought to that state, changes nothing.
-//! `Finish` clears the mark and raises the route epoch; `Abort` drops the import; a
+//! `Finish` clears the mark and raises the route epoch (refused as a stale route when the
+//! database's route epoch here is newer: a deletion fenced it); `Abort` drops the import; a
 //! restore's `Publish` switches its staging database into the database it restores
 //! (`store::publish`) and drops it. Each is recorded (`META_MIGRATED`), so a repeated one
 //! answers as the first did.
@@ -86,6 +87,15 @@ impl Engine {
                         Some(o) if o.migration == migration && o.finished => Ok(WriteAnswer::Done),
                         _ => Err(not_incoming(ctx.db, migration, incoming.as_deref()).into()),
                     };
+                }
+                // A newer route epoch known here than the one this `Finish` serves at: the
+                // database was fenced meanwhile (its instance deleted, or a newer route made
+                // elsewhere), so serving this copy would serve it with no route. A
+                // migration's `Finish` carries its new route's epoch, above the fences it
+                // knows of; a repeat of a finished one answered `Done` above.
+                let known = self.catalog_read().route_epoch(ctx.db);
+                if known > *epoch {
+                    return Err(super::engine::stale_route(ctx.db, *epoch, known).into());
                 }
                 self.end_import(ctx, migration, true, None);
                 self.raise_route_epoch(ctx, *epoch);

@@ -8,6 +8,12 @@
 //! ([`BackupArgs`]: a directory or a URL, `s3://bucket/prefix` included) and opened once
 //! at start ([`OpenedStorage`]: the object store and the prefix of every backup in it).
 //! Without one, backups are off and each instance's `status.notYetActive` says so.
+//!
+//! A namespace's agent sweeps the backups of its former instances (deleted, or with
+//! backups turned off) once past `orphan_retention`; it stops with the namespace's last
+//! instance to back up, so the namespaces of the store with no agent are swept here instead
+//! ([`Backups::sweep_namespaces_without_agent`], every `retention_every`): after an
+//! operator restart too, since the namespaces are found in the store, not remembered.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,7 +28,7 @@ use tracing::{debug, info, warn};
 use super::api::Objects;
 use crate::controlplane::backup::agent::{self, AgentTuning, BackupAgent, BackupTarget, BackupWorld};
 use crate::controlplane::backup::{
-    BackupLocation, BackupStorage, Incarnation, OpenedStorage, RetentionPolicy, S3Options, StorageError,
+    BackupError, BackupLocation, BackupStorage, Incarnation, OpenedStorage, RetentionPolicy, S3Options, StorageError,
 };
 use crate::crd::v1alpha1::{BackupStatus, DatabaseInstance};
 
@@ -244,7 +250,7 @@ impl Backups {
 
     /// Brings the agents in line with the instances (all of them, each time): a namespace's
     /// agent starts with its first instance to back up and stops with its last (what was
-    /// stored stays in the store).
+    /// stored stays in the store, swept by [`Backups::sweep_namespaces_without_agent`]).
     pub fn set_instances<'a>(&self, instances: impl IntoIterator<Item = &'a DatabaseInstance>) {
         let Some(r) = &self.running else { return };
         let mut targets = targets_by_namespace(&r.storage.prefix, instances);
@@ -288,6 +294,49 @@ impl Backups {
         }
     }
 
+    /// How often [`Backups::sweep_namespaces_without_agent`] is due: as often as an agent
+    /// sweeps its own namespace (`retention_every`); `None` when backups are off.
+    pub fn sweep_every(&self) -> Option<Duration> {
+        self.running.as_ref().map(|r| r.tuning.retention_every)
+    }
+
+    /// Sweeps the backups of former instances in each namespace of the store that has no
+    /// agent (its last instance to back up was deleted, or had its backups turned off, or
+    /// the operator restarted since): whole incarnations past `orphan_retention`, with
+    /// their archive records, by the rule a namespace's agent applies
+    /// ([`BackupAgent::sweep`], run by a short-lived agent with no target). Each directory
+    /// under the store's prefix named like a namespace is a namespace's (the prefix is
+    /// Nimbus's own). Returns what was deleted; a namespace that fails is logged and left
+    /// to the next sweep.
+    pub async fn sweep_namespaces_without_agent(&self) -> Result<Vec<BackupLocation>, BackupError> {
+        let Some(r) = &self.running else { return Ok(Vec::new()) };
+        let mut deleted = Vec::new();
+        for ns in namespaces_in_store(&r.storage).await? {
+            if Self::agents(r).contains_key(&ns) {
+                continue;
+            }
+            let sweeper =
+                BackupAgent::new(r.world.clone(), r.storage.store.clone(), &r.storage.prefix, &ns, r.tuning.clone())
+                    .and_then(|agent| agent.set_targets(Vec::new()).map(|()| agent));
+            let swept = match sweeper {
+                Ok(agent) => agent.sweep().await,
+                Err(e) => Err(e),
+            };
+            match swept {
+                Ok(gone) => {
+                    if !gone.is_empty() {
+                        info!(namespace = %ns, incarnations = gone.len(), "swept the backups of former instances of a namespace with no backup agent");
+                    }
+                    deleted.extend(gone);
+                }
+                Err(e) => {
+                    warn!(namespace = %ns, error = %e, "failed to sweep the backups of former instances; tried again later")
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     /// The instance's `status.backup` as its agent knows it; `None` when backups are off,
     /// off for the instance, or its agent has not taken it on yet.
     pub fn status(&self, dbi: &DatabaseInstance) -> Option<BackupStatus> {
@@ -299,6 +348,35 @@ impl Backups {
         let agent = Self::agents(r).get(&ns)?.agent.clone();
         agent.statuses().get(&dbi.database()).map(status_of)
     }
+}
+
+/// The namespaces holding backups in `storage`: the directories under its prefix named as
+/// a Kubernetes namespace can be (a DNS-1123 label).
+async fn namespaces_in_store(storage: &OpenedStorage) -> Result<Vec<String>, BackupError> {
+    let root: object_store::path::Path = storage.prefix.split('/').filter(|p| !p.is_empty()).collect();
+    let listed = storage.store.list_with_delimiter(Some(&root)).await.map_err(|source| BackupError::Store {
+        op: "list",
+        object: root.to_string(),
+        source,
+    })?;
+    Ok(listed
+        .common_prefixes
+        .iter()
+        .filter_map(|p| p.filename())
+        .filter(|name| is_namespace_name(name))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// A DNS-1123 label, as Kubernetes namespace names are: 1 to 63 lowercase letters, digits
+/// and `-`, beginning and ending with a letter or digit.
+fn is_namespace_name(name: &str) -> bool {
+    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = name.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes.iter().all(|b| alnum(b) || *b == b'-')
+        && bytes.first().is_some_and(alnum)
+        && bytes.last().is_some_and(alnum)
 }
 
 /// What `status.backup` should become: `Some(Some(s))` to write `s`, `Some(None)` to
@@ -366,11 +444,20 @@ pub async fn run(
     }
     let reporter = Reporter { controller: "nimbus-operator".into(), instance: None };
     let recorder = Recorder::new(client.clone(), reporter);
+    let mut last_sweep: Option<tokio::time::Instant> = None;
     loop {
         let all = instances.state();
         backups.set_instances(all.iter().map(|i| i.as_ref()));
         let written = write_statuses(&backups, &client, Some(&recorder), &all).await;
         debug!(written, "status.backup brought up to date");
+        if let Some(every) = backups.sweep_every()
+            && last_sweep.is_none_or(|t| t.elapsed() >= every)
+        {
+            last_sweep = Some(tokio::time::Instant::now());
+            if let Err(e) = backups.sweep_namespaces_without_agent().await {
+                warn!(error = %e, "failed to list the namespaces of the backup store to sweep former instances' backups");
+            }
+        }
         tokio::time::sleep(STATUS_EVERY).await;
     }
 }

@@ -160,6 +160,44 @@ async fn status_backup_is_written_from_the_agent_and_removed_when_backups_are_tu
     assert!(status.get("backup").is_none_or(|b| b.is_null()), "{status:#}");
 }
 
+/// The namespace's last instance deleted: its agent stops, and the deleted instance's
+/// backups (past `orphan_retention`, zero here) are still swept, by the operator's sweep
+/// of namespaces without an agent; while the namespace had an agent (and the instance was
+/// its target) they were kept.
+#[tokio::test]
+async fn a_namespaces_former_instances_are_swept_after_its_agent_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = BackupArgs { backup_dir: Some(dir.path().join("backups")), ..BackupArgs::default() };
+    let (_, storage) = args.open_with(|_| None).unwrap().unwrap();
+    store_full(&storage, "shop", 1_767_225_600_000).await;
+    // The objects under the namespace's scope (a swept incarnation leaves empty directories
+    // on the filesystem, which S3 does not have).
+    let objects = || {
+        let storage = storage.clone();
+        async move {
+            use futures::TryStreamExt as _;
+            let scope = crate::controlplane::backup::scope_root(&storage.prefix, NS).unwrap();
+            storage.store.list(Some(&scope)).map_ok(|m| m.location.to_string()).try_collect::<Vec<_>>().await.unwrap()
+        }
+    };
+    // A directory under the prefix that cannot be a namespace is not taken for one.
+    std::fs::create_dir_all(dir.path().join("backups/Not_A_Namespace/shop/uid-x")).unwrap();
+    let tuning =
+        AgentTuning { poll: Duration::from_millis(10), orphan_retention: Duration::ZERO, ..AgentTuning::default() };
+    let backups = Backups::new(Arc::new(Unrouted), storage.clone(), tuning);
+    let shop = parsed(instance("shop", json!({})));
+    backups.set_instances([&shop]);
+    assert!(backups.sweep_namespaces_without_agent().await.unwrap().is_empty(), "the namespace has its agent");
+    assert_eq!(objects().await.len(), 1, "the full's manifest");
+
+    backups.set_instances([]);
+    let swept = backups.sweep_namespaces_without_agent().await.unwrap();
+    assert_eq!(swept.iter().map(|l| l.incarnation().to_string()).collect::<Vec<_>>(), ["uid-shop"]);
+    assert_eq!(objects().await, Vec::<String>::new());
+    assert!(dir.path().join("backups/Not_A_Namespace/shop/uid-x").is_dir());
+    assert_eq!(backups.sweep_every(), Some(AgentTuning::default().retention_every));
+}
+
 #[test]
 fn without_a_store_backups_are_off_and_the_instance_says_so() {
     let backups = Backups::off();

@@ -16,12 +16,13 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 
-use super::s3_client::HyperConnector;
+use super::s3_client::{HyperConnector, READ_TIMEOUT};
 use super::{BackupError, BackupLocation, BackupStore, Incarnation};
 
 /// The region when none is given: AWS's default, and what S3-compatible servers accept.
@@ -31,6 +32,15 @@ pub const DEFAULT_REGION: &str = "us-east-1";
 pub const ENV_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
 pub const ENV_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
 pub const ENV_SESSION_TOKEN: &str = "AWS_SESSION_TOKEN";
+/// The environment of an IAM role for the process's Kubernetes ServiceAccount (EKS sets
+/// both on a Pod whose ServiceAccount has the `eks.amazonaws.com/role-arn` annotation): the
+/// role is assumed with the projected token (STS `AssumeRoleWithWebIdentity`).
+pub const ENV_WEB_IDENTITY_TOKEN_FILE: &str = "AWS_WEB_IDENTITY_TOKEN_FILE";
+pub const ENV_ROLE_ARN: &str = "AWS_ROLE_ARN";
+/// Optional beside the two above: the role session's name (default `WebIdentitySession`).
+pub const ENV_ROLE_SESSION_NAME: &str = "AWS_ROLE_SESSION_NAME";
+/// Optional beside the two above: the STS endpoint (HTTPS; default the region's).
+pub const ENV_ENDPOINT_URL_STS: &str = "AWS_ENDPOINT_URL_STS";
 
 /// Why a backup location could not be parsed or opened.
 #[derive(Debug, thiserror::Error)]
@@ -77,11 +87,21 @@ pub struct S3Options {
     /// otherwise, so credentials never cross a network in the clear by mistake.
     pub allow_http: bool,
     pub credentials: S3Credentials,
+    /// How long reading a response body may wait for its next bytes before the read fails
+    /// (and a GET is retried): a stalled server never hangs a backup or a restore.
+    /// Default [`READ_TIMEOUT`].
+    pub read_timeout: Duration,
 }
 
 impl Default for S3Options {
     fn default() -> Self {
-        S3Options { endpoint: None, region: None, allow_http: false, credentials: S3Credentials::Environment }
+        S3Options {
+            endpoint: None,
+            region: None,
+            allow_http: false,
+            credentials: S3Credentials::Environment,
+            read_timeout: READ_TIMEOUT,
+        }
     }
 }
 
@@ -90,9 +110,11 @@ impl Default for S3Options {
 pub enum S3Credentials {
     /// Given explicitly (the operator reads them from a Kubernetes Secret).
     Static { access_key_id: String, secret_access_key: String, session_token: Option<String> },
-    /// The process's: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and
-    /// `AWS_SESSION_TOKEN`) when set, read at [`BackupStorage::open`]; otherwise
-    /// `object_store`'s instance-metadata credentials (an EC2 instance profile).
+    /// The process's, read at [`BackupStorage::open`]: `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) when set; else an IAM role for
+    /// the ServiceAccount (`AWS_WEB_IDENTITY_TOKEN_FILE` and `AWS_ROLE_ARN`, and optionally
+    /// `AWS_ROLE_SESSION_NAME`, `AWS_ENDPOINT_URL_STS`); else `object_store`'s
+    /// instance-metadata credentials (an EC2 instance profile).
     Environment,
 }
 
@@ -118,6 +140,7 @@ impl fmt::Debug for S3Options {
             .field("region", &self.region)
             .field("allow_http", &self.allow_http)
             .field("credentials", &self.credentials)
+            .field("read_timeout", &self.read_timeout)
             .finish()
     }
 }
@@ -234,15 +257,29 @@ impl BackupStorage {
                     .with_bucket_name(&s3.bucket)
                     .with_region(o.region.as_deref().unwrap_or(DEFAULT_REGION))
                     .with_allow_http(o.allow_http)
-                    .with_http_connector(HyperConnector);
+                    .with_http_connector(HyperConnector::with_read_timeout(o.read_timeout));
                 if let Some(endpoint) = &o.endpoint {
                     builder = builder.with_endpoint(endpoint.trim_end_matches('/'));
                 }
-                if let Some((key_id, secret, token)) = credentials(&o.credentials, env)? {
-                    builder = builder.with_access_key_id(key_id).with_secret_access_key(secret);
-                    if let Some(token) = token {
-                        builder = builder.with_token(token);
+                match signer(&o.credentials, env)? {
+                    Signer::Keys { key_id, secret, token } => {
+                        builder = builder.with_access_key_id(key_id).with_secret_access_key(secret);
+                        if let Some(token) = token {
+                            builder = builder.with_token(token);
+                        }
                     }
+                    Signer::WebIdentity { token_file, role_arn, session_name, sts_endpoint } => {
+                        builder = builder
+                            .with_config(AmazonS3ConfigKey::WebIdentityTokenFile, token_file)
+                            .with_config(AmazonS3ConfigKey::RoleArn, role_arn);
+                        if let Some(name) = session_name {
+                            builder = builder.with_config(AmazonS3ConfigKey::RoleSessionName, name);
+                        }
+                        if let Some(endpoint) = sts_endpoint {
+                            builder = builder.with_config(AmazonS3ConfigKey::StsEndpoint, endpoint);
+                        }
+                    }
+                    Signer::InstanceMetadata => {}
                 }
                 let store = builder.build().map_err(|e| failed(e.to_string()))?;
                 Ok(OpenedStorage { store: Arc::new(store), prefix: s3.prefix.clone() })
@@ -251,12 +288,46 @@ impl BackupStorage {
     }
 }
 
-/// The key pair (and session token) to sign with; `None`: `object_store`'s instance
-/// metadata. Half a key pair is an error, not a silent fall back to another identity.
-fn credentials(
-    credentials: &S3Credentials,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<Option<(String, String, Option<String>)>, StorageError> {
+/// Whose credentials sign the requests, as resolved at open.
+#[derive(PartialEq, Eq)]
+enum Signer {
+    /// A key pair (and session token).
+    Keys { key_id: String, secret: String, token: Option<String> },
+    /// An IAM role assumed with a web identity token (a Kubernetes ServiceAccount's),
+    /// renewed by `object_store` before it expires.
+    WebIdentity { token_file: String, role_arn: String, session_name: Option<String>, sts_endpoint: Option<String> },
+    /// `object_store`'s instance metadata (an EC2 instance profile).
+    InstanceMetadata,
+}
+
+// By hand: a secret key never reaches a log line (or a test's failure message).
+impl fmt::Debug for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Signer::Keys { key_id, token, .. } => f
+                .debug_struct("Keys")
+                .field("key_id", key_id)
+                .field("secret", &"<redacted>")
+                .field("token", &token.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            Signer::WebIdentity { token_file, role_arn, session_name, sts_endpoint } => f
+                .debug_struct("WebIdentity")
+                .field("token_file", token_file)
+                .field("role_arn", role_arn)
+                .field("session_name", session_name)
+                .field("sts_endpoint", sts_endpoint)
+                .finish(),
+            Signer::InstanceMetadata => f.write_str("InstanceMetadata"),
+        }
+    }
+}
+
+/// What signs the requests: given keys; else the environment's key pair, its web identity
+/// (the order of AWS's own SDKs), or the instance metadata. Half a key pair or half a web
+/// identity is an error naming what is missing, not a silent fall back to another
+/// identity; so is a token file that cannot be read (the operator would otherwise start
+/// and fail at its first request).
+fn signer(credentials: &S3Credentials, env: impl Fn(&str) -> Option<String>) -> Result<Signer, StorageError> {
     match credentials {
         S3Credentials::Static { access_key_id, secret_access_key, session_token } => {
             if access_key_id.is_empty() || secret_access_key.is_empty() {
@@ -264,19 +335,41 @@ fn credentials(
                     "both the access key id and the secret access key are needed".to_string(),
                 ));
             }
-            Ok(Some((access_key_id.clone(), secret_access_key.clone(), session_token.clone())))
+            Ok(Signer::Keys {
+                key_id: access_key_id.clone(),
+                secret: secret_access_key.clone(),
+                token: session_token.clone(),
+            })
         }
         S3Credentials::Environment => {
             let get = |name| env(name).filter(|v| !v.is_empty());
+            let half =
+                |set: &str, unset: &str| Err(StorageError::Credentials(format!("{set} is set but {unset} is not")));
             match (get(ENV_ACCESS_KEY_ID), get(ENV_SECRET_ACCESS_KEY)) {
-                (Some(id), Some(secret)) => Ok(Some((id, secret, get(ENV_SESSION_TOKEN)))),
-                (None, None) => Ok(None),
-                (Some(_), None) => Err(StorageError::Credentials(format!(
-                    "{ENV_ACCESS_KEY_ID} is set but {ENV_SECRET_ACCESS_KEY} is not"
-                ))),
-                (None, Some(_)) => Err(StorageError::Credentials(format!(
-                    "{ENV_SECRET_ACCESS_KEY} is set but {ENV_ACCESS_KEY_ID} is not"
-                ))),
+                (Some(key_id), Some(secret)) => {
+                    return Ok(Signer::Keys { key_id, secret, token: get(ENV_SESSION_TOKEN) });
+                }
+                (None, None) => {}
+                (Some(_), None) => return half(ENV_ACCESS_KEY_ID, ENV_SECRET_ACCESS_KEY),
+                (None, Some(_)) => return half(ENV_SECRET_ACCESS_KEY, ENV_ACCESS_KEY_ID),
+            }
+            match (get(ENV_WEB_IDENTITY_TOKEN_FILE), get(ENV_ROLE_ARN)) {
+                (Some(token_file), Some(role_arn)) => {
+                    if let Err(e) = std::fs::metadata(&token_file) {
+                        return Err(StorageError::Credentials(format!(
+                            "{ENV_WEB_IDENTITY_TOKEN_FILE} names {token_file}, which cannot be read: {e}"
+                        )));
+                    }
+                    Ok(Signer::WebIdentity {
+                        token_file,
+                        role_arn,
+                        session_name: get(ENV_ROLE_SESSION_NAME),
+                        sts_endpoint: get(ENV_ENDPOINT_URL_STS),
+                    })
+                }
+                (None, None) => Ok(Signer::InstanceMetadata),
+                (Some(_), None) => half(ENV_WEB_IDENTITY_TOKEN_FILE, ENV_ROLE_ARN),
+                (None, Some(_)) => half(ENV_ROLE_ARN, ENV_WEB_IDENTITY_TOKEN_FILE),
             }
         }
     }
@@ -321,6 +414,13 @@ fn check_options(o: &S3Options) -> Result<(), StorageError> {
         if uri.query().is_some() || !matches!(uri.path(), "" | "/") {
             return Err(bad("an endpoint is a scheme, a host and a port, without a path"));
         }
+    }
+    if o.read_timeout.is_zero() {
+        return Err(StorageError::InvalidOption {
+            option: "read_timeout",
+            value: format!("{:?}", o.read_timeout),
+            reason: "a read must be allowed some time".to_string(),
+        });
     }
     if let Some(region) = &o.region
         && (region.is_empty() || !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
@@ -436,29 +536,78 @@ mod tests {
             move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
         };
         let from_env = S3Credentials::Environment;
-        assert_eq!(credentials(&from_env, env(&[])).unwrap(), None);
+        let keys = |key_id: &str, secret: &str, token: Option<&str>| Signer::Keys {
+            key_id: key_id.into(),
+            secret: secret.into(),
+            token: token.map(str::to_owned),
+        };
+        assert_eq!(signer(&from_env, env(&[])).unwrap(), Signer::InstanceMetadata);
         assert_eq!(
-            credentials(&from_env, env(&[(ENV_ACCESS_KEY_ID, "AK"), (ENV_SECRET_ACCESS_KEY, "SK")])).unwrap(),
-            Some(("AK".into(), "SK".into(), None))
+            signer(&from_env, env(&[(ENV_ACCESS_KEY_ID, "AK"), (ENV_SECRET_ACCESS_KEY, "SK")])).unwrap(),
+            keys("AK", "SK", None)
         );
         assert_eq!(
-            credentials(
+            signer(
                 &from_env,
                 env(&[(ENV_ACCESS_KEY_ID, "AK"), (ENV_SECRET_ACCESS_KEY, "SK"), (ENV_SESSION_TOKEN, "T")])
             )
             .unwrap(),
-            Some(("AK".into(), "SK".into(), Some("T".into())))
+            keys("AK", "SK", Some("T"))
         );
-        let err = credentials(&from_env, env(&[(ENV_ACCESS_KEY_ID, "AK")])).unwrap_err();
+        let err = signer(&from_env, env(&[(ENV_ACCESS_KEY_ID, "AK")])).unwrap_err();
         assert_eq!(
             err.to_string(),
             "incomplete S3 credentials: AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not"
         );
-        let err = credentials(&from_env, env(&[(ENV_ACCESS_KEY_ID, ""), (ENV_SECRET_ACCESS_KEY, "SK")])).unwrap_err();
+        let err = signer(&from_env, env(&[(ENV_ACCESS_KEY_ID, ""), (ENV_SECRET_ACCESS_KEY, "SK")])).unwrap_err();
         assert!(err.to_string().contains("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not"), "{err}");
         let half =
             S3Credentials::Static { access_key_id: "AK".into(), secret_access_key: String::new(), session_token: None };
-        assert!(credentials(&half, env(&[])).is_err());
+        assert!(signer(&half, env(&[])).is_err());
+    }
+
+    #[test]
+    fn backup_location_uses_the_service_accounts_web_identity_when_no_key_pair_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "eyJ...").unwrap();
+        let token = token.to_str().unwrap().to_owned();
+        let vars = |pairs: Vec<(&'static str, String)>| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+        };
+        let role = "arn:aws:iam::123456789012:role/nimbus-backups".to_string();
+        let from_env = S3Credentials::Environment;
+        let irsa = vars(vec![(ENV_WEB_IDENTITY_TOKEN_FILE, token.clone()), (ENV_ROLE_ARN, role.clone())]);
+        assert_eq!(
+            signer(&from_env, irsa).unwrap(),
+            Signer::WebIdentity {
+                token_file: token.clone(),
+                role_arn: role.clone(),
+                session_name: None,
+                sts_endpoint: None
+            }
+        );
+        // A key pair in the environment comes first, as in AWS's SDKs.
+        let both = vars(vec![
+            (ENV_ACCESS_KEY_ID, "AK".into()),
+            (ENV_SECRET_ACCESS_KEY, "SK".into()),
+            (ENV_WEB_IDENTITY_TOKEN_FILE, token.clone()),
+            (ENV_ROLE_ARN, role.clone()),
+        ]);
+        assert!(matches!(signer(&from_env, both).unwrap(), Signer::Keys { .. }));
+        // Given keys are used whatever the environment says.
+        let given =
+            S3Credentials::Static { access_key_id: "AK".into(), secret_access_key: "SK".into(), session_token: None };
+        let irsa = vars(vec![(ENV_WEB_IDENTITY_TOKEN_FILE, token.clone()), (ENV_ROLE_ARN, role.clone())]);
+        assert!(matches!(signer(&given, irsa).unwrap(), Signer::Keys { .. }));
+        // Half a web identity, or a token file that is not there, says what is wrong.
+        let err = signer(&from_env, vars(vec![(ENV_ROLE_ARN, role.clone())])).unwrap_err();
+        assert!(err.to_string().contains("AWS_ROLE_ARN is set but AWS_WEB_IDENTITY_TOKEN_FILE is not"), "{err}");
+        let err = signer(&from_env, vars(vec![(ENV_WEB_IDENTITY_TOKEN_FILE, token.clone())])).unwrap_err();
+        assert!(err.to_string().contains("AWS_WEB_IDENTITY_TOKEN_FILE is set but AWS_ROLE_ARN is not"), "{err}");
+        let missing = vars(vec![(ENV_WEB_IDENTITY_TOKEN_FILE, "/nonexistent/token".into()), (ENV_ROLE_ARN, role)]);
+        let err = signer(&from_env, missing).unwrap_err();
+        assert!(err.to_string().contains("names /nonexistent/token, which cannot be read"), "{err}");
     }
 
     #[test]

@@ -8,11 +8,16 @@
 //! process-wide state.
 
 use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector as PlainConnector;
@@ -26,17 +31,39 @@ use object_store::{ClientConfigKey, ClientOptions};
 /// How long establishing a connection (TCP and TLS) may take: `object_store`'s default.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request may wait for the response's head: `object_store`'s default request
-/// timeout. The body is read without a deadline of its own (a page is a few MiB at most),
-/// and `object_store`'s retries bound a stalled request's whole life.
+/// timeout.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long reading a response body may wait for its next bytes ([`S3Options::read_timeout`]
+/// by default): an idle bound rather than a deadline for the whole body, since a body's
+/// size (a page, a segment) varies and a slow but moving transfer is fine, while a stalled
+/// one would hang the backup or restore task for good. A stalled read fails as a timeout,
+/// which `object_store` retries for a GET (resuming from the bytes it has).
+///
+/// [`S3Options::read_timeout`]: super::S3Options::read_timeout
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections are closed after this (S3 closes them after about 20 s anyway).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Builds the HTTP clients of an S3 store: HTTPS with the system's root certificates (on
 /// ring), plain HTTP only when the store's options allow it (`allow_http`, and
 /// `object_store`'s own metadata-endpoint client).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct HyperConnector;
+#[derive(Debug, Clone, Copy)]
+pub struct HyperConnector {
+    read_timeout: Duration,
+}
+
+impl Default for HyperConnector {
+    fn default() -> Self {
+        HyperConnector { read_timeout: READ_TIMEOUT }
+    }
+}
+
+impl HyperConnector {
+    /// Waiting longer than `read_timeout` for a response body's next bytes fails the read.
+    pub fn with_read_timeout(read_timeout: Duration) -> Self {
+        HyperConnector { read_timeout }
+    }
+}
 
 impl HttpConnector for HyperConnector {
     fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
@@ -56,7 +83,7 @@ impl HttpConnector for HyperConnector {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(tls.enable_http1().wrap_connector(plain));
-        Ok(HttpClient::new(HyperService { client }))
+        Ok(HttpClient::new(HyperService { client, read_timeout: self.read_timeout }))
     }
 }
 
@@ -64,6 +91,7 @@ impl HttpConnector for HyperConnector {
 #[derive(Debug)]
 struct HyperService {
     client: Client<HttpsConnector<PlainConnector>, HttpRequestBody>,
+    read_timeout: Duration,
 }
 
 #[async_trait]
@@ -87,7 +115,65 @@ impl HttpService for HyperService {
             let kind = kind_of(&e, HttpErrorKind::Interrupted);
             HttpError::new(kind, e)
         });
+        let body = IdleTimeoutBody::new(body, self.read_timeout);
         Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}
+
+/// A response body whose every read fails once it waited `idle` for the server's next
+/// frame. Only the time spent waiting on the server counts: the clock starts when a read
+/// finds nothing ready, so a reader slow to come back (an import applying the last page)
+/// is never taken for a stalled server.
+struct IdleTimeoutBody<B> {
+    inner: B,
+    idle: Duration,
+    /// Armed while a read waits for the server; `None` between reads.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> IdleTimeoutBody<B> {
+    fn new(inner: B, idle: Duration) -> Self {
+        IdleTimeoutBody { inner, idle, timer: None }
+    }
+}
+
+impl<B> Body for IdleTimeoutBody<B>
+where
+    B: Body<Data = Bytes, Error = HttpError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.timer = None;
+            return Poll::Ready(frame);
+        }
+        let idle = this.idle;
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                this.timer = None;
+                let stalled = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "failed to read the response body: no data from the S3 server for {:.1} s",
+                        idle.as_secs_f64()
+                    ),
+                );
+                Poll::Ready(Some(Err(HttpError::new(HttpErrorKind::Timeout, stalled))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
