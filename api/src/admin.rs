@@ -185,6 +185,15 @@ pub enum OplogOp {
         name: String,
     },
     DropDatabase,
+    /// The database was replaced by an import (`ImportStep::Finish`: a restore into a new
+    /// instance, or a hot migration's copy arriving): what it holds from here on came in
+    /// whole, not through the changes before this one. A replay of the oplog (a backup's
+    /// archive) cannot cross it: a point after it is restored from a full taken after it
+    /// (or, for a migration, from the source's history up to its fence).
+    Imported {
+        /// The import's id (`ImportRequest::migration`).
+        import: String,
+    },
 }
 
 /// `GET /v1/admin/oplog?from=I&limit=N` answers a page; `next` is where to continue.

@@ -562,3 +562,35 @@ fn a_finish_older_than_the_fence_is_refused_and_the_copy_stays_unserved() {
     assert!(n.engine.check_route_epoch(NEW, 7).is_ok());
     assert_eq!(n.dump(NEW)["users"].0.len(), backup_users().len());
 }
+
+#[test]
+fn a_finished_import_leaves_one_mark_in_the_oplog_and_no_replay_crosses_it() {
+    const NEW: &str = "fresh";
+    let mut n = Node::new(EngineOptions::default());
+    n.import(NEW, "r1", ImportStep::Begin).unwrap();
+    let collections = vec![ExportedCollection { name: "users".into(), indexes: vec![] }];
+    n.import(NEW, "r1", ImportStep::Collections { collections }).unwrap();
+    let docs = backup_users()
+        .iter()
+        .map(|d| ExportedDoc { coll: "users".into(), doc: serde_json::value::to_raw_value(d).unwrap() })
+        .collect();
+    n.import(NEW, "r1", ImportStep::Docs { docs }).unwrap();
+    assert!(n.oplog(NEW).is_empty(), "an import writes no changes of its own");
+    n.import(NEW, "r1", ImportStep::Finish { epoch: 5 }).unwrap();
+    // Repeated: answered, and no second mark.
+    n.import(NEW, "r1", ImportStep::Finish { epoch: 5 }).unwrap();
+    let oplog = n.oplog(NEW);
+    assert_eq!(oplog.len(), 1, "{oplog:?}");
+    assert!(matches!(&oplog[0].op, OplogOp::Imported { import } if import == "r1"), "{oplog:?}");
+
+    // The mark replayed into another import (a restore's replay, a migration's catch-up)
+    // is refused, and that import keeps what it had.
+    const OTHER: &str = "other";
+    n.import(OTHER, "r2", ImportStep::Begin).unwrap();
+    let mut entry = oplog[0].clone();
+    entry.db = OTHER.into();
+    let e = n.import(OTHER, "r2", ImportStep::Ops { entries: vec![entry] }).unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
+    assert!(e.message.contains("marks import r1"), "{e:?}");
+    assert_eq!(n.engine.incoming_migration(OTHER).as_deref(), Some("r2"));
+}

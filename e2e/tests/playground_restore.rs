@@ -224,6 +224,12 @@ fn restore_into_a_new_instance_then_in_place_with_the_leader_killed_before_the_s
     // A name taken is refused.
     let err = restore(&pg, &["shop", "--to-time", "latest", "--into", "shop2"]).unwrap_err();
     assert!(err.contains("instance shop2 exists"), "{err}");
+    // The new instance's own backups hold what it came in with: its archive goes on from a
+    // full taken after the import (its first full was of it empty), so a restore of it, once
+    // its window reaches past the import, brings back the same data.
+    restorable(&pg, "shop2", a_moment());
+    restore(&pg, &["shop2", "--to-time", "latest", "--into", "shop3"]).unwrap();
+    assert_eq!(Tenant::of(&pg, "shop3").snapshot(), at_t, "a restore of the restored instance");
 
     // In place, in the background; once imported (before its switch) the leader is killed.
     let dir = pg.dir.path().to_owned();

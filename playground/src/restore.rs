@@ -282,7 +282,9 @@ fn refusal(instance: &str, e: JobError) -> Refusal {
         JobError::Plan(_) | JobError::Invalid(_) => StatusCode::BAD_REQUEST,
         JobError::Restore(f) => match &f.cause {
             RestoreCause::MissingCollections(_) | RestoreCause::Invalid(_) => StatusCode::BAD_REQUEST,
-            RestoreCause::Backup(_) | RestoreCause::ChecksumMismatch { .. } => StatusCode::CONFLICT,
+            RestoreCause::Backup(_) | RestoreCause::ChecksumMismatch { .. } | RestoreCause::Imported { .. } => {
+                StatusCode::CONFLICT
+            }
             RestoreCause::Target { .. } => StatusCode::SERVICE_UNAVAILABLE,
         },
         JobError::Backup(_) => StatusCode::CONFLICT,

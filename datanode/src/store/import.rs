@@ -99,6 +99,12 @@ impl Engine {
                 }
                 self.end_import(ctx, migration, true, None);
                 self.raise_route_epoch(ctx, *epoch);
+                // The one change an import leaves in the database's oplog (its other steps
+                // write none): the database's history starts again here, and a replay of
+                // its archive (a backup) must not run across it as if it had not.
+                let quiet = std::mem::replace(&mut ctx.quiet, false);
+                self.oplog(ctx, None, OplogOp::Imported { import: migration.to_owned() });
+                ctx.quiet = quiet;
                 Ok(WriteAnswer::Done)
             }
             ImportStep::Abort => {
@@ -362,6 +368,13 @@ impl Engine {
                 self.apply_op(ctx, &WriteOp::DropDatabase)?;
                 Ok(())
             }
+            // What came in with that import is not in the changes: replaying past it would
+            // build a database that never was.
+            OplogOp::Imported { import } => Err(ApiError::bad_request(format!(
+                "oplog change {}:{} marks import {import}, which replaced the database: changes cannot be replayed across it",
+                e.index, e.seq
+            ))
+            .into()),
         }
     }
 

@@ -636,6 +636,12 @@ const SCRATCH_DROP_WITHIN: Duration = Duration::from_secs(30);
 /// the newest full (`backup::verify`) when none was tried yet, or when
 /// `verify_every` has passed since the last try and a newer full exists; through the
 /// agent's bound on concurrent fulls (a verification is a restore's load).
+/// Whether the archive holds what replaying `full` to its end needs: nothing when no
+/// change came during the full, else a segment of its lineage through its end.
+fn archive_reaches_end(full: &FullManifest, segments: &[SegmentName]) -> bool {
+    full.end <= full.start || segments.iter().any(|s| s.lineage == full.lineage && s.through >= full.end)
+}
+
 async fn verify_when_due(
     world: &dyn BackupWorld,
     entry: &DbBackups,
@@ -665,6 +671,13 @@ async fn verify_when_due(
         }
         let mut segments = cache.segments.clone();
         segments.extend(cache.tip.clone());
+        // A full written while the database changed is replayed to its end from the
+        // archive: not before the archive holds that end (right after a first full taken
+        // under writes it does not yet), or the verification would report a sound backup
+        // as bad.
+        if !archive_reaches_end(&newest, &segments) {
+            return;
+        }
         (newest, segments)
     };
     let Ok(_permit) = fulls.acquire().await else { return };
@@ -804,10 +817,16 @@ async fn archive_round(
                     cache.tip = None;
                 }
                 Archived::Idle { tip } => cache.tip = Some(tip),
+                Archived::Replaced => {}
             }
             cache.oplog_bytes_since_full = state.record.oplog_bytes_since_full;
             cache.db_bytes = state.record.db_bytes;
             cache.archive_error = None;
+        }
+        if state.record.broken {
+            // Replaced by an import: the next round waits for a full taken after it.
+            entry.cache().broken = true;
+            return Ok(());
         }
         if route_lineage(world, &entry.target.namespace, db).await?.1 != src.lineage {
             tracing::info!(db = %db, from = %src.lineage, "database moved: a new oplog lineage starts");

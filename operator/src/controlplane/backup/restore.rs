@@ -169,6 +169,13 @@ pub enum RestoreCause {
     MissingCollections(Vec<String>),
     #[error("the restored database's checksum {actual} differs from full {full}'s {expected}")]
     ChecksumMismatch { full: FullId, expected: String, actual: String },
+    /// The archive after the full holds an import's mark (`OplogOp::Imported`): the
+    /// database was replaced there (restored into, or copied in by a migration), and its
+    /// changes cannot bring the full past that point.
+    #[error(
+        "database {db} was replaced by import {import} at {at} (index {index}): full {full} cannot be brought past it; a point after it needs a full taken after it"
+    )]
+    Imported { db: String, import: String, index: u64, at: String, full: FullId },
 }
 
 /// A restore that did not complete: why, and whether the target dropped what it had
@@ -513,6 +520,15 @@ impl<'a, W: RestoreWorld + ?Sized> Run<'a, W> {
                     reached_ms = reached_ms.max(e.ts_ms);
                 }
                 match (&e.op, e.coll.as_deref()) {
+                    (OplogOp::Imported { import }, _) => {
+                        return Err(RestoreCause::Imported {
+                            db: e.db.clone(),
+                            import: import.clone(),
+                            index: e.index,
+                            at: super::plan::rfc3339(e.ts_ms),
+                            full: full.id.clone(),
+                        });
+                    }
                     (OplogOp::DropDatabase, _) => present.clear(),
                     (OplogOp::DropCollection, Some(c)) => {
                         present.remove(c);

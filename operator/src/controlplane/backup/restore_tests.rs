@@ -545,3 +545,38 @@ async fn a_failed_document_step_aborts_only_once_no_other_step_is_in_flight() {
     assert_eq!(log.last().map(String::as_str), Some("Abort"), "{log:?}");
     assert!(world.inner.target.lock().unwrap().docs.is_empty());
 }
+
+#[tokio::test]
+async fn a_replay_never_crosses_the_mark_of_an_import_that_replaced_the_database() {
+    let f = fixture(None).await;
+    // The database was replaced at 21 (a restore into it): its later changes are of what
+    // came in then, which the archive does not hold.
+    let imported = OplogEntry {
+        op: OplogOp::Imported { import: "restore-9".into() },
+        coll: None,
+        ..change(21, "orders", 0, None)
+    };
+    let segment = NewSegment {
+        lineage: Lineage::new("rs-1.e1").unwrap(),
+        after: OplogPosition::end_of(20),
+        through: OplogPosition::end_of(24),
+        covered_through_ms: 1_024,
+        entries: vec![imported, change(23, "orders", 4, Some(json!({"total": 400})))],
+    };
+    f.store.put_segment(&segment).await.unwrap();
+
+    // Before the mark: restored as before.
+    let world = Fake::default();
+    restore(&world, &f.store, &f.plan(1_020).await, &into()).await.unwrap();
+    assert_eq!(world.target.lock().unwrap().docs, f.expected(1_020, None));
+
+    // Past it: refused, naming the import, and nothing is left served or importing.
+    let world = Fake::default();
+    let err = restore(&world, &f.store, &f.plan(1_023).await, &into()).await.unwrap_err();
+    assert!(matches!(&err.cause, RestoreCause::Imported { import, index: 21, .. } if import == "restore-9"), "{err}");
+    assert!(err.to_string().contains("needs a full taken after it"), "{err}");
+    assert!(!err.is_retryable() && err.import_dropped, "{err}");
+    let t = world.target.lock().unwrap();
+    assert!(t.docs.is_empty() && t.incoming.is_none() && t.serving.is_none(), "{t:?}");
+    assert!(!t.steps.iter().any(|(s, _)| *s == "Finish"), "{:?}", t.steps);
+}

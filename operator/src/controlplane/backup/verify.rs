@@ -103,6 +103,10 @@ pub enum VerifyCause {
     Target { replica_set: String, step: &'static str, failure: Failure },
     #[error("invalid verification request: {0}")]
     Invalid(String),
+    /// The database was replaced by an import while the full was written: its changes
+    /// cannot make the full consistent (`RestoreCause::Imported`).
+    #[error("{0}")]
+    Replaced(String),
 }
 
 impl VerifyError {
@@ -111,7 +115,7 @@ impl VerifyError {
     /// or the scratch replica set failing, a bad request) say nothing about the backup.
     pub fn backup_is_bad(&self) -> bool {
         match &self.cause {
-            VerifyCause::Plan(_) | VerifyCause::ChecksumMismatch { .. } => true,
+            VerifyCause::Plan(_) | VerifyCause::ChecksumMismatch { .. } | VerifyCause::Replaced(_) => true,
             VerifyCause::Backup(e) => !e.is_retryable(),
             VerifyCause::Target { .. } | VerifyCause::Invalid(_) => false,
         }
@@ -182,6 +186,7 @@ pub async fn verify_full<W: RestoreWorld + ?Sized>(
                 RestoreCause::Invalid(m) => VerifyCause::Invalid(m),
                 // A whole-database restore names no collection.
                 e @ RestoreCause::MissingCollections(_) => VerifyCause::Invalid(e.to_string()),
+                e @ RestoreCause::Imported { .. } => VerifyCause::Replaced(e.to_string()),
             };
             let e = fail(cause, scratch_dropped);
             tracing::warn!(db = %db, full = %full.id, error = %e, backup_is_bad = e.backup_is_bad(),

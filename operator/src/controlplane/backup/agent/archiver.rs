@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use nimbus_api::admin::{OplogEntry, OplogOp};
 use nimbus_api::migration::OplogPosition;
 
 use super::full::renew_pin;
@@ -45,6 +46,9 @@ pub enum Archived {
     /// No change of the database: the covered time moved on in the record only, as this
     /// record-only name says ([`SegmentName::record_only`]).
     Idle { tip: SegmentName },
+    /// The database was replaced by an import with nothing left to store before it: the
+    /// record is broken at its mark (see `end_before_import`).
+    Replaced,
 }
 
 /// The last early pin renewal per replica set: one Raft entry moves the clock of every
@@ -102,6 +106,8 @@ pub async fn archive_segment(
     let deadline = Instant::now() + tuning.segment_time;
     let (mut pos, mut covered, mut bytes) = (from, covered_before, 0u64);
     let mut entries = Vec::new();
+    // An import's mark (`OplogOp::Imported`) met: the archive of this chain ends before it.
+    let mut replaced: Option<OplogEntry> = None;
     loop {
         let sent_ms = now_ms();
         let page = match world.oplog(rs, &db, pos, tuning.oplog_page).await {
@@ -116,12 +122,25 @@ pub async fn archive_segment(
             }
             Err(e) => return Err(e.into()),
         };
-        for e in &page.entries {
+        let mut page_entries = page.entries;
+        if let Some(at) = page_entries.iter().position(|e| matches!(e.op, OplogOp::Imported { .. })) {
+            // The database was replaced here (a restore into it): its changes from here on
+            // are of what came in whole, which no segment holds. The chain ends before
+            // the mark, and the archive goes on from a full taken after it.
+            replaced = page_entries.drain(at..).next();
+        }
+        for e in &page_entries {
             bytes += serde_json::to_vec(e).map(|v| v.len() as u64).unwrap_or(0);
             // A later change may carry the same millisecond.
             covered = covered.max(e.ts_ms.saturating_sub(1));
         }
-        entries.extend(page.entries);
+        entries.extend(page_entries);
+        if let Some(mark) = &replaced {
+            // Every change before the mark is read: covered to the millisecond before it.
+            covered = mark.ts_ms.saturating_sub(1).max(covered_before);
+            pos = pos.max(OplogPosition::end_of(mark.index.saturating_sub(1)));
+            break;
+        }
         pos = pos.max(page.next);
         let caught_up = page.next >= OplogPosition::end_of(page.applied_index);
         let mut ticked = false;
@@ -160,6 +179,9 @@ pub async fn archive_segment(
             bytes.saturating_sub(held.iter().map(|e| serde_json::to_vec(e).map(|v| v.len() as u64).unwrap_or(0)).sum());
         pos = entries.last().map_or(from, |e| OplogPosition { index: e.index, seq: e.seq });
     }
+    if let Some(mark) = replaced {
+        return end_before_import(world, store, state, after, pos, covered, entries, bytes, &mark).await;
+    }
     if entries.is_empty() && pos == from && covered <= covered_before {
         return Ok(None);
     }
@@ -185,6 +207,45 @@ pub async fn archive_segment(
     state.record.oplog_bytes_since_full = state.record.oplog_bytes_since_full.saturating_add(bytes);
     save(world, state).await?;
     Ok(Some(Archived::Stored { name, bytes }))
+}
+
+/// The chain's last segment, through the change before an import's `mark` (what it covers
+/// stays restorable), then the record broken at the mark: only a full started after it
+/// starts the archive again (`agent::archive_start`), and the scheduler takes one at once.
+#[allow(clippy::too_many_arguments)]
+async fn end_before_import(
+    world: &dyn BackupWorld,
+    store: &BackupStore,
+    state: &mut ArchiveState,
+    after: OplogPosition,
+    through: OplogPosition,
+    covered: u64,
+    entries: Vec<OplogEntry>,
+    bytes: u64,
+    mark: &OplogEntry,
+) -> Result<Option<Archived>, AgentError> {
+    let stored = if !entries.is_empty() || covered > state.record.covered_ms {
+        let segment =
+            NewSegment { lineage: state.record.lineage.clone(), after, through, covered_through_ms: covered, entries };
+        let name = store.put_segment(&segment).await?;
+        state.last_stored_ms = now_ms();
+        state.record.oplog_bytes_since_full = state.record.oplog_bytes_since_full.saturating_add(bytes);
+        Some(Archived::Stored { name, bytes })
+    } else {
+        None
+    };
+    let OplogOp::Imported { import } = &mark.op else { return Ok(stored) };
+    tracing::info!(
+        db = %state.record.db, import = %import, index = mark.index,
+        "the database was replaced by an import: the oplog archive goes on from a full taken after it"
+    );
+    state.record.position = OplogPosition { index: mark.index, seq: mark.seq };
+    state.record.covered_ms = covered;
+    state.record.idle_position = None;
+    state.record.idle_covered_ms = 0;
+    state.record.broken = true;
+    save(world, state).await?;
+    Ok(Some(stored.unwrap_or(Archived::Replaced)))
 }
 
 /// Persists the record, guarded by its revision: another archiver of the same database

@@ -114,6 +114,25 @@ impl Model {
         ts
     }
 
+    /// The database replaced by an import of `docs` (a restore into it): no change of its
+    /// own, one `Imported` mark. Returns its time.
+    fn import(&self, docs: &[u64]) -> u64 {
+        let mut s = self.state();
+        s.applied += 1;
+        let ts = now_ms().max(s.last_ts + 1);
+        s.last_ts = ts;
+        s.docs = docs.iter().map(|id| (*id, format!(r#"{{"_id":{id},"v":0}}"#))).collect();
+        let entry = OplogEntry {
+            index: s.applied,
+            seq: 0,
+            ts_ms: ts,
+            db: DB.into(),
+            coll: None,
+            op: OplogOp::Imported { import: "restore-1".into() },
+        };
+        s.oplog.push(entry);
+        ts
+    }
     /// The documents as they were at `t`: every change stamped at or before it.
     fn state_at(&self, t: u64) -> BTreeMap<u64, String> {
         let mut docs = BTreeMap::new();
@@ -964,4 +983,69 @@ async fn a_replica_sets_incarnation_is_its_records_create_revision_and_changes_w
     live.coord.record_replica_set("apps", "default-rs0", &record).await.unwrap();
     let second = incarnation().await.unwrap().expect("recorded again");
     assert_ne!(second, first, "made again: another Raft log, another lineage");
+}
+
+#[tokio::test]
+async fn a_database_replaced_by_an_import_ends_its_chain_before_the_mark_and_goes_on_from_a_full_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    for _ in 0..5 {
+        model.write();
+    }
+    let src = source(&model, "", DB).await.unwrap();
+    take_full(&model, &entry.store, &src, &tuning).await.unwrap();
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().expect("a full of the lineage");
+    let before = model.write();
+    let replaced_at = model.import(&[500, 501]);
+    let mark = model.state().applied;
+    model.write();
+
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
+    assert!(state.record.broken, "{:?}", state.record);
+    assert_eq!(state.record.position, OplogPosition { index: mark, seq: 0 });
+    entry.reload().await.unwrap();
+    // Before the mark: restorable as it was.
+    let plan = plan_at(&entry.store, before).await.unwrap();
+    assert_eq!(restore(&entry.store, &plan).await, model.state_at(before));
+    // From the mark on: outside the window (the archive holds nothing of what came in),
+    // and the archive waits for a full taken after the mark, which the scheduler wants.
+    assert!(plan_at(&entry.store, replaced_at).await.is_err());
+    assert!(archive_start(&model, &entry, &src).await.unwrap().is_none());
+    assert!(entry.cache().broken);
+    assert!(entry.cache().full_wanted(&src.lineage, now_ms(), &tuning.full_policy));
+
+    let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
+    assert!(full.start > state.record.position);
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().expect("the full after the mark");
+    assert!(!state.record.broken);
+    let after = model.write();
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
+    let plan = plan_at(&entry.store, after).await.unwrap();
+    let expected = model.state().docs.clone();
+    assert!(expected.contains_key(&500) && expected.contains_key(&501), "{expected:?}");
+    assert_eq!(restore(&entry.store, &plan).await, expected);
+}
+
+#[tokio::test]
+async fn a_full_taken_under_writes_is_verified_only_once_the_archive_holds_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    for _ in 0..10 {
+        model.write();
+    }
+    model.state().write_on_export = true;
+    let src = source(&model, "", DB).await.unwrap();
+    let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
+    assert!(full.start < full.end, "the tenant wrote during the full");
+    assert!(!archive_reaches_end(&full, &[]), "right after the full nothing of its replay is archived");
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
+    let segments = entry.store.list_segments().await.unwrap();
+    assert!(archive_reaches_end(&full, &segments), "{segments:?}");
+    // A full no change came during needs no segment.
+    let idle = FullManifest { end: full.start, ..full.clone() };
+    assert!(archive_reaches_end(&idle, &[]));
 }
