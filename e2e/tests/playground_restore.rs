@@ -244,7 +244,7 @@ fn restore_into_a_new_instance_then_in_place_with_the_leader_killed_before_the_s
     });
     let log = pg.dir.path().join("logs/control-plane.log");
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("; publishing") {
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("; committing") {
         assert!(std::time::Instant::now() < deadline, "the restore never reached its switch");
         std::thread::sleep(Duration::from_millis(50));
     }
