@@ -35,6 +35,10 @@ pub struct ArchiveState {
     /// When this archiver last stored a segment (0: not yet): an idle database gets an
     /// empty one once this is `idle_segment_every` old.
     pub last_stored_ms: u64,
+    /// Archive no further than this: the old lineage of a database that moved, through its
+    /// handoff's `from_position` ([`archive_through`]). Changes after it (the source's drop
+    /// of its copy at the migration's clean-up) are not the database's history.
+    pub stop_at: Option<OplogPosition>,
 }
 
 /// What one call of [`archive_segment`] moved on.
@@ -116,6 +120,11 @@ pub async fn archive_segment(
             }
             Err(e) => return Err(e.into()),
         };
+        let mut page = page;
+        if let Some(stop) = state.stop_at {
+            page.entries.retain(|e| OplogPosition { index: e.index, seq: e.seq } <= stop);
+            page.next = page.next.min(stop);
+        }
         for e in &page.entries {
             bytes += serde_json::to_vec(e).map(|v| v.len() as u64).unwrap_or(0);
             // A later change may carry the same millisecond.
@@ -123,7 +132,8 @@ pub async fn archive_segment(
         }
         entries.extend(page.entries);
         pos = pos.max(page.next);
-        let caught_up = page.next >= OplogPosition::end_of(page.applied_index);
+        let caught_up = page.next >= OplogPosition::end_of(page.applied_index)
+            || state.stop_at.is_some_and(|stop| page.next >= stop);
         let mut ticked = false;
         if caught_up {
             covered = covered.max(page.clock_ms.saturating_sub(1));
@@ -185,6 +195,51 @@ pub async fn archive_segment(
     state.record.oplog_bytes_since_full = state.record.oplog_bytes_since_full.saturating_add(bytes);
     save(world, state).await?;
     Ok(Some(Archived::Stored { name, bytes }))
+}
+
+/// Archives the old lineage of a database that moved through `stop` (its handoff's
+/// `from_position`) and no further, so that the stored segments reach it: a restore's
+/// chain goes on into the new lineage from there. Returns once the record's stored
+/// position is at `stop`, with the segments it stored.
+pub async fn archive_through(
+    world: &dyn BackupWorld,
+    store: &BackupStore,
+    source: &Source,
+    state: &mut ArchiveState,
+    stop: OplogPosition,
+    tuning: &AgentTuning,
+    ticks: &IdleTicks,
+) -> Result<Vec<SegmentName>, AgentError> {
+    state.stop_at = Some(stop);
+    let mut stored = Vec::new();
+    while state.record.position < stop {
+        if state.record.idle_position.is_some_and(|p| p >= stop) {
+            // Read through it already, without a change: one empty segment stores that.
+            let covered = state.record.covered_ms.max(state.record.idle_covered_ms);
+            let segment = NewSegment {
+                lineage: state.record.lineage.clone(),
+                after: state.record.position,
+                through: stop,
+                covered_through_ms: covered,
+                entries: Vec::new(),
+            };
+            stored.push(store.put_segment(&segment).await?);
+            state.last_stored_ms = now_ms();
+            state.record.position = stop;
+            state.record.covered_ms = covered;
+            state.record.idle_position = None;
+            state.record.idle_covered_ms = 0;
+            save(world, state).await?;
+            break;
+        }
+        // What is read is stored, even without a change: the record of this lineage is
+        // about to be replaced by the new one's.
+        state.last_stored_ms = 0;
+        if let Some(Archived::Stored { name, .. }) = archive_segment(world, store, source, state, tuning, ticks).await? {
+            stored.push(name);
+        }
+    }
+    Ok(stored)
 }
 
 /// Persists the record, guarded by its revision: another archiver of the same database

@@ -347,7 +347,7 @@ async fn a_full_then_segments_restore_to_the_state_at_any_time_after_the_full() 
     assert_eq!(model.state().pins.get(&full_pin_name(DB)), Some(&full.start.index));
     entry.reload().await.unwrap();
 
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().expect("a full of the lineage");
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().expect("a full of the lineage");
     assert_eq!(state.record.position, full.start, "the archive starts where the full's replay does");
     let mut times = vec![full.end_ms];
     for _ in 0..4 {
@@ -380,7 +380,7 @@ async fn a_restarted_archiver_resumes_from_its_persisted_position_without_a_gap(
     let src = source(&model, "", DB).await.unwrap();
     let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     model.write();
     archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
     let persisted = state.record.position;
@@ -391,7 +391,7 @@ async fn a_restarted_archiver_resumes_from_its_persisted_position_without_a_gap(
     model.state().fail_save = true;
     assert!(archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.is_err());
     drop(state);
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     assert_eq!(state.record.position, persisted, "resumed from the persisted position");
     let mut last = 0;
     for _ in 0..3 {
@@ -425,7 +425,7 @@ async fn changes_of_the_newest_millisecond_wait_for_the_next_segment() {
     let src = source(&model, "", DB).await.unwrap();
     take_full(&model, &entry.store, &src, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     model.write();
     let second = model.write();
     archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default())
@@ -458,7 +458,7 @@ async fn changes_of_one_millisecond_larger_than_a_segment_are_stored_together() 
     let src = source(&model, "", DB).await.unwrap();
     take_full(&model, &entry.store, &src, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     let at = model.write_batch(20);
     model.write();
     for _ in 0..5 {
@@ -550,7 +550,7 @@ async fn a_database_that_moved_starts_a_new_lineage_and_needs_a_new_full() {
     assert_eq!(src.lineage.as_str(), "rs-a.r7", "named by the replica set's incarnation, not the epoch");
     take_full(&model, &entry.store, &src, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    assert!(archive_start(&model, &entry, &src).await.unwrap().is_some());
+    assert!(archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().is_some());
     {
         let mut s = model.state();
         s.replica_set = "rs-b".into();
@@ -558,7 +558,7 @@ async fn a_database_that_moved_starts_a_new_lineage_and_needs_a_new_full() {
     }
     let moved = source(&model, "", DB).await.unwrap();
     assert_eq!(moved.lineage.as_str(), "rs-b.r9");
-    assert!(archive_start(&model, &entry, &moved).await.unwrap().is_none(), "no full of rs-b.r9 yet");
+    assert!(archive_start(&model, &entry, &moved, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(), "no full of rs-b.r9 yet");
     let cache = entry.cache();
     assert!(cache.newest_full_of(&moved.lineage).is_none());
     assert!(full_due(None, 0, 0, now_ms(), &FullPolicy::default()));
@@ -575,14 +575,14 @@ async fn an_aborted_migration_keeps_the_lineage_and_the_archive_goes_on_without_
     let src = source(&model, "", DB).await.unwrap();
     let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     let mut times = vec![model.write(), model.write()];
     archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
     let before = model.world_record();
     model.state().epoch += 2; // fenced at epoch 2, aborted at 3
     let after = source(&model, "", DB).await.unwrap();
     assert_eq!(after.lineage, src.lineage);
-    let mut resumed = archive_start(&model, &entry, &after).await.unwrap().expect("the record goes on");
+    let mut resumed = archive_start(&model, &entry, &after, &self::tuning(), &IdleTicks::default()).await.unwrap().expect("the record goes on");
     assert_eq!(resumed.record, before, "resumed from the persisted record");
     times.push(model.write());
     archive_segment(&model, &entry.store, &after, &mut resumed, &tuning, &IdleTicks::default()).await.unwrap();
@@ -609,7 +609,7 @@ async fn a_database_back_on_a_replica_set_it_left_needs_a_full_of_this_stay() {
     let src = source(&model, "", DB).await.unwrap();
     let first = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
     entry.reload().await.unwrap();
-    assert!(archive_start(&model, &entry, &src).await.unwrap().is_some());
+    assert!(archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().is_some());
     assert!(!entry.cache().full_wanted(&src.lineage, now_ms(), &policy), "a full was just taken");
     let move_to = |rs: &str, epoch: u64| {
         let mut s = model.state();
@@ -620,24 +620,24 @@ async fn a_database_back_on_a_replica_set_it_left_needs_a_full_of_this_stay() {
     move_to("rs-b", 2);
     let away = source(&model, "", DB).await.unwrap();
     assert!(!entry.cache().full_wanted(&away.lineage, now_ms(), &policy), "the archiver has not taken up the move");
-    assert!(archive_start(&model, &entry, &away).await.unwrap().is_none(), "no full of rs-b yet");
+    assert!(archive_start(&model, &entry, &away, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(), "no full of rs-b yet");
     assert!(entry.cache().full_wanted(&away.lineage, now_ms(), &policy), "due once the floor is set");
     take_full(&model, &entry.store, &away, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    assert!(archive_start(&model, &entry, &away).await.unwrap().is_some());
+    assert!(archive_start(&model, &entry, &away, &self::tuning(), &IdleTicks::default()).await.unwrap().is_some());
     // Back on rs-a, whose lineage has the first stay's full.
     move_to("rs-a", 3);
     model.write();
     let back = source(&model, "", DB).await.unwrap();
     assert_eq!(back.lineage, src.lineage);
-    assert!(archive_start(&model, &entry, &back).await.unwrap().is_none(), "the first stay's full must not start it");
+    assert!(archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(), "the first stay's full must not start it");
     assert!(entry.cache().full_wanted(&back.lineage, now_ms(), &policy), "a full is due at once");
     let record = model.world_record();
     assert!(record.broken && record.lineage == src.lineage && record.position > first.end, "{record:?}");
-    assert!(archive_start(&model, &entry, &back).await.unwrap().is_none(), "still waiting for a full of this stay");
+    assert!(archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(), "still waiting for a full of this stay");
     let second = take_full(&model, &entry.store, &back, &tuning).await.unwrap().manifest;
     entry.reload().await.unwrap();
-    let state = archive_start(&model, &entry, &back).await.unwrap().expect("this stay's full starts the archive");
+    let state = archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default()).await.unwrap().expect("this stay's full starts the archive");
     assert_eq!(state.record.position, second.start);
 }
 
@@ -649,7 +649,7 @@ async fn a_new_instance_with_a_deleted_ones_database_name_finds_none_of_its_back
     let src = source(&model, "", DB).await.unwrap();
     take_full(&model, &old.store, &src, &tuning).await.unwrap();
     old.reload().await.unwrap();
-    let mut state = archive_start(&model, &old, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &old, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     model.write();
     archive_segment(&model, &old.store, &src, &mut state, &tuning, &IdleTicks::default())
         .await
@@ -664,12 +664,12 @@ async fn a_new_instance_with_a_deleted_ones_database_name_finds_none_of_its_back
     assert!(new.store.list_fulls().await.unwrap().complete.is_empty());
     assert!(new.store.list_segments().await.unwrap().is_empty());
     assert_eq!(new.cache().status(), BackupStatus::default());
-    assert!(archive_start(&model, &new, &src).await.unwrap().is_none(), "the old record was not inherited");
+    assert!(archive_start(&model, &new, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(), "the old record was not inherited");
     assert!(model.state().records.keys().all(|k| k.ends_with("/inc-1")), "{:?}", model.state().records.keys());
     // Its own full starts its own record; the old incarnation's stays as it was.
     take_full(&model, &new.store, &src, &tuning).await.unwrap();
     new.reload().await.unwrap();
-    let fresh = archive_start(&model, &new, &src).await.unwrap().unwrap();
+    let fresh = archive_start(&model, &new, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     assert_eq!(fresh.record.incarnation.as_str(), "inc-2");
     assert_eq!(old.store.list_fulls().await.unwrap().complete.len(), 1);
 }
@@ -765,7 +765,7 @@ async fn an_idle_database_moves_its_covered_time_in_its_record_not_in_new_object
     let src = source(&model, "", DB).await.unwrap();
     take_full(&model, &entry.store, &src, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     let last = model.write();
     let stored = archive_segment(&model, &entry.store, &src, &mut state, &tuning, &ticks).await.unwrap();
     assert!(matches!(stored, Some(Archived::Stored { .. })), "{stored:?}");
