@@ -132,10 +132,15 @@ pub async fn archive_segment(
         }
         entries.extend(page.entries);
         pos = pos.max(page.next);
-        let caught_up = page.next >= OplogPosition::end_of(page.applied_index)
-            || state.stop_at.is_some_and(|stop| page.next >= stop);
+        let reached_stop = state.stop_at.is_some_and(|stop| page.next >= stop);
+        let caught_up = page.next >= OplogPosition::end_of(page.applied_index) || reached_stop;
         let mut ticked = false;
-        if caught_up {
+        if reached_stop {
+            // An old lineage read through its handoff: no change of the database comes after
+            // it here, so its last change's time is covered; the clock's is not claimed (the
+            // database's changes since then are on the new lineage).
+            covered = covered.max(entries.last().map_or(0, |e| e.ts_ms));
+        } else if caught_up {
             covered = covered.max(page.clock_ms.saturating_sub(1));
             let behind = sent_ms.saturating_sub(page.clock_ms) > tuning.idle_tick.as_millis() as u64;
             if behind && ticks.claim(rs, sent_ms, tuning.idle_tick) {

@@ -17,6 +17,7 @@ use object_store::local::LocalFileSystem;
 use serde_json::value::RawValue;
 
 use super::*;
+use crate::controlplane::backup::format::Handoff;
 use crate::controlplane::backup::{RestorePlan, RestoreTarget, plan_restore};
 use crate::controlplane::migration::ChecksumMarker;
 
@@ -48,6 +49,8 @@ struct State {
     rs_incarnations: BTreeMap<String, u64>,
     /// The replica set answers checksum markers (a Raft entry at the next index).
     checksums: bool,
+    /// The latest migration's handoff, as its record holds it once switched.
+    handoff: Option<RecordedHandoff>,
 }
 
 #[derive(Clone, Default)]
@@ -159,8 +162,15 @@ impl BackupWorld for Model {
     }
 
     async fn replica_set(&self, _namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure> {
+        // The route's replica set, and one the database left by a migration with a handoff
+        // (still there: the archiver reads the rest of the old lineage from it).
         let s = self.state();
-        Ok((name == s.replica_set).then(|| access(&s)))
+        let left = s.handoff.as_ref().is_some_and(|h| h.from_replica_set == name);
+        Ok((name == s.replica_set || left).then(|| ReplicaSetAccess { name: name.to_owned(), ..access(&s) }))
+    }
+
+    async fn handoff(&self, _db: &str) -> Result<Option<RecordedHandoff>, Failure> {
+        Ok(self.state().handoff.clone())
     }
 
     async fn replica_set_incarnation(&self, _namespace: &str, name: &str) -> Result<Option<u64>, Failure> {
@@ -324,6 +334,17 @@ async fn restore(store: &BackupStore, plan: &RestorePlan) -> BTreeMap<u64, Strin
         }
     }
     docs
+}
+
+/// As [`plan_at`], with the handoffs stored.
+async fn plan_across_at(
+    store: &BackupStore,
+    t: u64,
+) -> Result<RestorePlan, crate::controlplane::backup::RestoreError> {
+    let fulls = store.list_fulls().await.unwrap().complete;
+    let segments = store.list_segments().await.unwrap();
+    let handoffs = store.list_handoffs().await.unwrap();
+    crate::controlplane::backup::plan::plan_restore_across(&fulls, &segments, &handoffs, RestoreTarget::Time(t))
 }
 
 async fn plan_at(store: &BackupStore, t: u64) -> Result<RestorePlan, crate::controlplane::backup::RestoreError> {
@@ -562,6 +583,76 @@ async fn a_database_that_moved_starts_a_new_lineage_and_needs_a_new_full() {
     let cache = entry.cache();
     assert!(cache.newest_full_of(&moved.lineage).is_none());
     assert!(full_due(None, 0, 0, now_ms(), &FullPolicy::default()));
+}
+
+/// A hot migration that recorded a handoff (the source's fence, the target's marker): the
+/// archiver archives the old lineage through the fence (no further: the model's one log
+/// goes on with the target's changes, which are not the old lineage's), stores the handoff
+/// and starts the new lineage at the marker at once. No full is due on arrival, and every
+/// time before the move, between the switch and the first write on the target, and after
+/// it restores from the full taken before the move.
+#[tokio::test]
+async fn after_a_move_with_a_recorded_handoff_no_full_is_needed_to_restore_the_times_after_the_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    let (ticks, policy) = (IdleTicks::default(), FullPolicy::default());
+    model.write();
+    let src = source(&model, "", DB).await.unwrap();
+    let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src, &tuning, &ticks).await.unwrap().unwrap();
+    let mut times = vec![model.write(), model.write()];
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &ticks).await.unwrap();
+    // Written before the hold, not archived yet when the route switches.
+    times.push(model.write());
+    // The migration: the fence on rs-a, the target's checksum marker, the switch.
+    let (fence, marker) = {
+        let mut s = model.state();
+        s.applied += 2;
+        (s.applied - 1, s.applied)
+    };
+    let handoff = Handoff {
+        from: src.lineage.clone(),
+        from_position: OplogPosition { index: fence, seq: 0 },
+        to: lineage_of("rs-b", Some(9)).unwrap(),
+        to_position: OplogPosition { index: marker, seq: 0 },
+    };
+    {
+        let mut s = model.state();
+        s.replica_set = "rs-b".into();
+        s.epoch = 2;
+        s.handoff = Some(RecordedHandoff { handoff: handoff.clone(), from_replica_set: "rs-a".into() });
+    }
+    std::thread::sleep(Duration::from_millis(3));
+    let switched = now_ms();
+    std::thread::sleep(Duration::from_millis(3));
+    times.extend([model.write(), model.write()]);
+
+    let moved = source(&model, "", DB).await.unwrap();
+    let mut there = archive_start(&model, &entry, &moved, &tuning, &ticks).await.unwrap().expect("no full needed");
+    assert_eq!((&there.record.lineage, there.record.position), (&handoff.to, handoff.to_position));
+    assert!(!there.record.broken);
+    assert!(!entry.cache().full_wanted(&moved.lineage, now_ms(), &policy), "no full due on arrival");
+    assert_eq!(entry.store.list_handoffs().await.unwrap(), vec![handoff.clone()]);
+    let old: Vec<SegmentName> =
+        entry.store.list_segments().await.unwrap().into_iter().filter(|s| s.lineage == src.lineage).collect();
+    assert_eq!(old.iter().map(|s| s.through).max(), Some(handoff.from_position), "archived through the fence, no further");
+    let last = *times.last().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while there.record.covered_ms < last {
+        assert!(std::time::Instant::now() < deadline, "the new lineage's archive does not cover {last}");
+        archive_segment(&model, &entry.store, &moved, &mut there, &tuning, &ticks).await.unwrap();
+    }
+    entry.reload().await.unwrap();
+    assert!(!entry.cache().full_wanted(&moved.lineage, now_ms(), &policy));
+    for t in times.iter().copied().chain([switched]) {
+        let plan = plan_across_at(&entry.store, t).await.unwrap();
+        assert_eq!(plan.full.id, full.id, "the full taken before the move");
+        assert_eq!(restore(&entry.store, &plan).await, model.state_at(t), "restore to {t}");
+    }
+    // Without the handoff, the times after the switch wait for a full on rs-b: the old
+    // lineage, read after the switch, claims no time past its last change.
+    assert!(plan_at(&entry.store, last).await.is_err());
 }
 
 /// A migration that fenced the database and was aborted raised its epoch on the same
