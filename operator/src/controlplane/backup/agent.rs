@@ -29,13 +29,13 @@ pub use archiver::{ArchiveState, Archived, IdleTicks, archive_pin_name, archive_
 pub use full::{ReplicaCheck, TakenFull, full_pin_name, replica_check, take_full};
 pub use world::{ArchiveRecord, BACKUPS, BackupWorld, RecordedHandoff, backup_key};
 
+use super::format::Handoff;
+use super::plan::{lineages_into, recoverable_window_across, retention_across};
 use super::verify::{ScratchCopy, drop_scratch, verify_full};
 use super::{
     BackupError, BackupLocation, BackupStore, FullId, FullManifest, FullPolicy, Incarnation, Lineage, RetentionPolicy,
     SegmentName, full_due,
 };
-use super::format::Handoff;
-use super::plan::{lineages_into, recoverable_window_across, retention_across};
 use crate::controlplane::migration::{Failure, ReplicaSetAccess};
 
 /// The agent's knobs (`docs/backup.md`).
@@ -887,8 +887,13 @@ async fn archive_start(
         idle_position: None,
         idle_covered_ms: 0,
     };
-    let mut state =
-        ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0, last_stored_ms: 0, stop_at: None };
+    let mut state = ArchiveState {
+        record,
+        revision: existing.map(|(_, rev)| rev),
+        pin_expires_ms: 0,
+        last_stored_ms: 0,
+        stop_at: None,
+    };
     archiver::save(world, &mut state).await?;
     entry.cache().archive_lineage = Some(src.lineage.clone());
     tracing::info!(db = %db, lineage = %src.lineage, index = position.index, "oplog archive starts");
@@ -1006,8 +1011,13 @@ async fn moved_in(
         idle_position: None,
         idle_covered_ms: 0,
     };
-    let mut state =
-        ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0, last_stored_ms: 0, stop_at: None };
+    let mut state = ArchiveState {
+        record,
+        revision: existing.map(|(_, rev)| rev),
+        pin_expires_ms: 0,
+        last_stored_ms: 0,
+        stop_at: None,
+    };
     archiver::save(world, &mut state).await?;
     {
         let mut cache = entry.cache();

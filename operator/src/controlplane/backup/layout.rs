@@ -168,10 +168,9 @@ impl BackupLocation {
     /// with at `to_position` (`super::format::Handoff`). One per arrival: a database can
     /// come to a replica set more than once, each time at a later position of its log.
     pub fn handoff(&self, to: &Lineage, to_position: OplogPosition) -> Path {
-        self.oplog().join(to.as_str()).join(format!(
-            "{HANDOFF_PREFIX}{:020}-{:010}{HANDOFF_SUFFIX}",
-            to_position.index, to_position.seq
-        ))
+        self.oplog()
+            .join(to.as_str())
+            .join(format!("{HANDOFF_PREFIX}{:020}-{:010}{HANDOFF_SUFFIX}", to_position.index, to_position.seq))
     }
 
     /// The lineage and position a handoff object's path names; `None` for any other path.

@@ -257,7 +257,8 @@ fn chain<'a>(full: &FullManifest, archive: &Archive<'a>, until_ms: Option<u64>) 
 /// The times `full` restores to: from its end to what its chain covers.
 fn range_of(full: &FullManifest, archive: &Archive<'_>) -> Option<TimeRange> {
     let c = chain(full, archive, None);
-    (c.consistent(full) && c.covered_ms >= full.end_ms).then_some(TimeRange { from_ms: full.end_ms, to_ms: c.covered_ms })
+    (c.consistent(full) && c.covered_ms >= full.end_ms)
+        .then_some(TimeRange { from_ms: full.end_ms, to_ms: c.covered_ms })
 }
 
 fn window_of(fulls: &[FullManifest], archive: &Archive<'_>) -> RecoverableWindow {
@@ -370,13 +371,7 @@ pub fn plan_to_full_end(full: &FullManifest, segments: &[SegmentName]) -> Result
 
 fn gap_error(full: &FullManifest, archive: &Archive<'_>, t: u64, window: RecoverableWindow) -> RestoreError {
     let c = chain(full, archive, None);
-    RestoreError::Gap {
-        requested_ms: t,
-        full: full.id.clone(),
-        lineage: c.lineage,
-        after: c.reached,
-        window,
-    }
+    RestoreError::Gap { requested_ms: t, full: full.id.clone(), lineage: c.lineage, after: c.reached, window }
 }
 
 /// How long backups are kept.

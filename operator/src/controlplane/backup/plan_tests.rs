@@ -5,9 +5,9 @@
 use nimbus_api::migration::OplogPosition;
 use proptest::prelude::*;
 
-use super::*;
 use super::format::Handoff;
 use super::plan::{lineages_into, plan_restore_across, recoverable_window_across, retention_across};
+use super::*;
 use std::collections::BTreeMap;
 
 const HOUR: u64 = 3_600_000;
@@ -463,7 +463,10 @@ fn a_plan_across_a_handoff_restores_the_state_before_the_move_between_the_switch
         assert_eq!(crossed, t > 1_155, "only a time past what `a` covers before its handoff crosses ({t})");
     }
     let plan = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Latest).unwrap();
-    assert_eq!((plan.to_ms, plan.handoffs.clone(), spans(&plan)), (2_105, vec![m.handoff.clone()], vec![(0, 15), (15, 25), (100, 105), (105, 110)]));
+    assert_eq!(
+        (plan.to_ms, plan.handoffs.clone(), spans(&plan)),
+        (2_105, vec![m.handoff.clone()], vec![(0, 15), (15, 25), (100, 105), (105, 110)])
+    );
     assert_eq!(m.restore(&plan), m.state_at(2_105));
     for t in [1_119, 2_106] {
         let err = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(t)).unwrap_err();
@@ -514,7 +517,9 @@ fn a_gap_in_the_new_lineage_after_a_handoff_is_named_in_that_lineage() {
     m.fulls.push(full(2, "b", 106, 107, 2_070, 2_075));
     let err = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(2_000)).unwrap_err();
     match err {
-        RestoreError::Gap { lineage, after, .. } => assert_eq!((lineage, after), (lin("b"), OplogPosition::end_of(100))),
+        RestoreError::Gap { lineage, after, .. } => {
+            assert_eq!((lineage, after), (lin("b"), OplogPosition::end_of(100)))
+        }
         other => panic!("{other}"),
     }
 }

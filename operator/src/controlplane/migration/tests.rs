@@ -501,5 +501,8 @@ async fn a_completed_migration_records_the_backups_handoff_from_the_fence_to_the
     let source: Vec<_> = s.sets["a"].oplog.iter().filter(|e| e.db == DB).map(at).collect();
     assert!(!source.is_empty() && source.iter().all(|p| *p <= h.from_position), "a source change after the fence");
     let target: Vec<_> = s.sets["b"].oplog.iter().filter(|e| e.db == DB).map(at).collect();
-    assert!(!target.is_empty() && target.iter().all(|p| *p > h.to_position), "a target change at or before its marker: {target:?} {h:?}");
+    assert!(
+        !target.is_empty() && target.iter().all(|p| *p > h.to_position),
+        "a target change at or before its marker: {target:?} {h:?}"
+    );
 }

@@ -240,7 +240,8 @@ pub async fn archive_through(
         // What is read is stored, even without a change: the record of this lineage is
         // about to be replaced by the new one's.
         state.last_stored_ms = 0;
-        if let Some(Archived::Stored { name, .. }) = archive_segment(world, store, source, state, tuning, ticks).await? {
+        if let Some(Archived::Stored { name, .. }) = archive_segment(world, store, source, state, tuning, ticks).await?
+        {
             stored.push(name);
         }
     }

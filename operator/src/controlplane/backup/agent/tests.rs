@@ -337,10 +337,7 @@ async fn restore(store: &BackupStore, plan: &RestorePlan) -> BTreeMap<u64, Strin
 }
 
 /// As [`plan_at`], with the handoffs stored.
-async fn plan_across_at(
-    store: &BackupStore,
-    t: u64,
-) -> Result<RestorePlan, crate::controlplane::backup::RestoreError> {
+async fn plan_across_at(store: &BackupStore, t: u64) -> Result<RestorePlan, crate::controlplane::backup::RestoreError> {
     let fulls = store.list_fulls().await.unwrap().complete;
     let segments = store.list_segments().await.unwrap();
     let handoffs = store.list_handoffs().await.unwrap();
@@ -368,7 +365,10 @@ async fn a_full_then_segments_restore_to_the_state_at_any_time_after_the_full() 
     assert_eq!(model.state().pins.get(&full_pin_name(DB)), Some(&full.start.index));
     entry.reload().await.unwrap();
 
-    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().expect("a full of the lineage");
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("a full of the lineage");
     assert_eq!(state.record.position, full.start, "the archive starts where the full's replay does");
     let mut times = vec![full.end_ms];
     for _ in 0..4 {
@@ -579,7 +579,10 @@ async fn a_database_that_moved_starts_a_new_lineage_and_needs_a_new_full() {
     }
     let moved = source(&model, "", DB).await.unwrap();
     assert_eq!(moved.lineage.as_str(), "rs-b.r9");
-    assert!(archive_start(&model, &entry, &moved, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(), "no full of rs-b.r9 yet");
+    assert!(
+        archive_start(&model, &entry, &moved, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(),
+        "no full of rs-b.r9 yet"
+    );
     let cache = entry.cache();
     assert!(cache.newest_full_of(&moved.lineage).is_none());
     assert!(full_due(None, 0, 0, now_ms(), &FullPolicy::default()));
@@ -636,7 +639,11 @@ async fn after_a_move_with_a_recorded_handoff_no_full_is_needed_to_restore_the_t
     assert_eq!(entry.store.list_handoffs().await.unwrap(), vec![handoff.clone()]);
     let old: Vec<SegmentName> =
         entry.store.list_segments().await.unwrap().into_iter().filter(|s| s.lineage == src.lineage).collect();
-    assert_eq!(old.iter().map(|s| s.through).max(), Some(handoff.from_position), "archived through the fence, no further");
+    assert_eq!(
+        old.iter().map(|s| s.through).max(),
+        Some(handoff.from_position),
+        "archived through the fence, no further"
+    );
     let last = *times.last().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while there.record.covered_ms < last {
@@ -673,7 +680,10 @@ async fn an_aborted_migration_keeps_the_lineage_and_the_archive_goes_on_without_
     model.state().epoch += 2; // fenced at epoch 2, aborted at 3
     let after = source(&model, "", DB).await.unwrap();
     assert_eq!(after.lineage, src.lineage);
-    let mut resumed = archive_start(&model, &entry, &after, &self::tuning(), &IdleTicks::default()).await.unwrap().expect("the record goes on");
+    let mut resumed = archive_start(&model, &entry, &after, &self::tuning(), &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("the record goes on");
     assert_eq!(resumed.record, before, "resumed from the persisted record");
     times.push(model.write());
     archive_segment(&model, &entry.store, &after, &mut resumed, &tuning, &IdleTicks::default()).await.unwrap();
@@ -711,7 +721,10 @@ async fn a_database_back_on_a_replica_set_it_left_needs_a_full_of_this_stay() {
     move_to("rs-b", 2);
     let away = source(&model, "", DB).await.unwrap();
     assert!(!entry.cache().full_wanted(&away.lineage, now_ms(), &policy), "the archiver has not taken up the move");
-    assert!(archive_start(&model, &entry, &away, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(), "no full of rs-b yet");
+    assert!(
+        archive_start(&model, &entry, &away, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(),
+        "no full of rs-b yet"
+    );
     assert!(entry.cache().full_wanted(&away.lineage, now_ms(), &policy), "due once the floor is set");
     take_full(&model, &entry.store, &away, &tuning).await.unwrap();
     entry.reload().await.unwrap();
@@ -721,14 +734,23 @@ async fn a_database_back_on_a_replica_set_it_left_needs_a_full_of_this_stay() {
     model.write();
     let back = source(&model, "", DB).await.unwrap();
     assert_eq!(back.lineage, src.lineage);
-    assert!(archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(), "the first stay's full must not start it");
+    assert!(
+        archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(),
+        "the first stay's full must not start it"
+    );
     assert!(entry.cache().full_wanted(&back.lineage, now_ms(), &policy), "a full is due at once");
     let record = model.world_record();
     assert!(record.broken && record.lineage == src.lineage && record.position > first.end, "{record:?}");
-    assert!(archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(), "still waiting for a full of this stay");
+    assert!(
+        archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(),
+        "still waiting for a full of this stay"
+    );
     let second = take_full(&model, &entry.store, &back, &tuning).await.unwrap().manifest;
     entry.reload().await.unwrap();
-    let state = archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default()).await.unwrap().expect("this stay's full starts the archive");
+    let state = archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("this stay's full starts the archive");
     assert_eq!(state.record.position, second.start);
 }
 
@@ -755,7 +777,10 @@ async fn a_new_instance_with_a_deleted_ones_database_name_finds_none_of_its_back
     assert!(new.store.list_fulls().await.unwrap().complete.is_empty());
     assert!(new.store.list_segments().await.unwrap().is_empty());
     assert_eq!(new.cache().status(), BackupStatus::default());
-    assert!(archive_start(&model, &new, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(), "the old record was not inherited");
+    assert!(
+        archive_start(&model, &new, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(),
+        "the old record was not inherited"
+    );
     assert!(model.state().records.keys().all(|k| k.ends_with("/inc-1")), "{:?}", model.state().records.keys());
     // Its own full starts its own record; the old incarnation's stays as it was.
     take_full(&model, &new.store, &src, &tuning).await.unwrap();
