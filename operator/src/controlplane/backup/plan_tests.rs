@@ -574,3 +574,75 @@ fn after_a_move_with_a_handoff_the_full_before_it_counts_for_the_schedule() {
     };
     assert_eq!(lineages_into(&lin("c"), &[m.handoff.clone(), second]), [lin("a"), lin("b"), lin("c")].into());
 }
+
+/// Two lineages joined by a handoff from the first's last archived position to a random
+/// position of the second (crossable or not, as positions of two logs fall).
+fn moved_archive_model() -> impl Strategy<Value = (Vec<LineageModel>, Handoff)> {
+    (lineage_model(0, 0), lineage_model(1, 2_100), any::<bool>(), proptest::option::of(0u64..200)).prop_map(
+        |(a, mut b, above, to)| {
+            // Most often the second log's positions above the first's (a restore replays
+            // them in one order), else as they fall.
+            if above {
+                let up = |p: OplogPosition| OplogPosition { index: p.index + 300, ..p };
+                for s in &mut b.segments {
+                    (s.after, s.through) = (up(s.after), up(s.through));
+                }
+                for f in &mut b.fulls {
+                    (f.start, f.end) = (up(f.start), up(f.end));
+                }
+            }
+            let from = a.segments.iter().map(|s| s.through).max().unwrap_or_default();
+            // Where the second lineage's archive starts, or anywhere.
+            let first = b.segments.iter().map(|s| s.after).min().unwrap_or_default();
+            let to_position = to.map_or(first, OplogPosition::end_of);
+            let handoff = Handoff { from: lin(&a.name), from_position: from, to: lin(&b.name), to_position };
+            (vec![a, b], handoff)
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn across_a_handoff_the_window_is_exactly_the_times_planned_and_retention_keeps_every_plan(
+        (models, handoff) in moved_archive_model(),
+        now in 0u64..4_200,
+        window_ms in 0u64..3_000,
+        ts in proptest::collection::vec(0u64..4_200, 20),
+    ) {
+        let (fulls, segments) = flatten(&models);
+        let handoffs = [handoff];
+        let window = recoverable_window_across(&fulls, &segments, &handoffs);
+        let edges: Vec<u64> = window.ranges.iter().flat_map(|r| [r.from_ms, r.to_ms, r.to_ms + 1]).collect();
+        for &t in ts.iter().chain(&edges) {
+            match plan_restore_across(&fulls, &segments, &handoffs, RestoreTarget::Time(t)) {
+                Ok(plan) => {
+                    prop_assert!(window.contains(t), "planned {t} outside {window:?}");
+                    prop_assert!(plan.full.end_ms <= t);
+                    let lineages: Vec<&Lineage> = std::iter::once(&plan.full.lineage).chain(plan.handoffs.iter().map(|h| &h.to)).collect();
+                    prop_assert!(plan.segments.iter().all(|s| lineages.contains(&&s.lineage)));
+                }
+                Err(e) => prop_assert!(!window.contains(t), "{t} in {window:?} refused: {e}"),
+            }
+        }
+        let listing = FullListing { complete: fulls.clone(), incomplete: vec![], damaged: vec![] };
+        let policy = RetentionPolicy { window_ms, incomplete_grace_ms: 0 };
+        let d = retention_across(&listing, &segments, &handoffs, now, &policy);
+        let kept_fulls: Vec<FullManifest> = fulls.iter().filter(|f| !d.fulls.contains(&f.id)).cloned().collect();
+        let kept_segments: Vec<SegmentName> = segments.iter().filter(|s| !d.segments.contains(s)).cloned().collect();
+        let window_start = now.saturating_sub(window_ms);
+        for t in ts.iter().map(|t| window_start + t % (window_ms + 1)).chain([window_start, now]).chain(edges) {
+            if t < window_start {
+                continue;
+            }
+            let a = plan_restore_across(&fulls, &segments, &handoffs, RestoreTarget::Time(t));
+            let b = plan_restore_across(&kept_fulls, &kept_segments, &handoffs, RestoreTarget::Time(t));
+            match (a, b) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "at {}: before {:?}, after {:?}", t, a.map(|p| p.full.id), b.map(|p| p.full.id)),
+            }
+        }
+    }
+}
