@@ -25,14 +25,16 @@ use nimbus_api::migration::OplogPosition;
 use object_store::ObjectStore;
 use tokio::task::JoinHandle;
 
-pub use archiver::{ArchiveState, Archived, IdleTicks, archive_pin_name, archive_segment};
+pub use archiver::{ArchiveState, Archived, IdleTicks, archive_pin_name, archive_segment, archive_through};
 pub use full::{ReplicaCheck, TakenFull, full_pin_name, replica_check, take_full};
-pub use world::{ArchiveRecord, BACKUPS, BackupWorld, backup_key};
+pub use world::{ArchiveRecord, BACKUPS, BackupWorld, RecordedHandoff, backup_key};
 
+use super::format::Handoff;
+use super::plan::{lineages_into, recoverable_window_across, retention_across};
 use super::verify::{ScratchCopy, drop_scratch, verify_full};
 use super::{
     BackupError, BackupLocation, BackupStore, FullId, FullManifest, FullPolicy, Incarnation, Lineage, RetentionPolicy,
-    SegmentName, full_due, recoverable_window, retention,
+    SegmentName, full_due,
 };
 use crate::controlplane::migration::{Failure, ReplicaSetAccess};
 
@@ -240,6 +242,8 @@ struct Cache {
     loaded: bool,
     fulls: Vec<FullManifest>,
     segments: Vec<SegmentName>,
+    /// The hot migrations' handoffs stored: a full's chain goes on across them.
+    handoffs: Vec<Handoff>,
     /// The archive record's idle progress past the stored segments
     /// ([`ArchiveRecord::idle_tip`]): the window's end for an idle database.
     tip: Option<SegmentName>,
@@ -279,9 +283,9 @@ impl Cache {
             Some(tip) => {
                 let mut segments = self.segments.clone();
                 segments.push(tip.clone());
-                recoverable_window(&self.fulls, &segments)
+                recoverable_window_across(&self.fulls, &segments, &self.handoffs)
             }
-            None => recoverable_window(&self.fulls, &self.segments),
+            None => recoverable_window_across(&self.fulls, &self.segments, &self.handoffs),
         };
         BackupStatus {
             last_full_ms: self.fulls.iter().map(|f| f.end_ms).max(),
@@ -312,8 +316,11 @@ impl Cache {
                 ))
     }
 
+    /// The newest full whose chain can reach `lineage`: of it, or of a lineage the database
+    /// left for it with a handoff (so a move with one needs no full on arrival).
     fn newest_full_of(&self, lineage: &Lineage) -> Option<&FullManifest> {
-        self.fulls.iter().filter(|f| &f.lineage == lineage).max_by_key(|f| (f.end_ms, f.id.clone()))
+        let reaching = lineages_into(lineage, &self.handoffs);
+        self.fulls.iter().filter(|f| reaching.contains(&f.lineage)).max_by_key(|f| (f.end_ms, f.id.clone()))
     }
 }
 
@@ -342,9 +349,11 @@ impl DbBackups {
     async fn reload(&self) -> Result<(), BackupError> {
         let listing = self.store.list_fulls().await?;
         let segments = self.store.list_segments().await?;
+        let handoffs = self.store.list_handoffs().await?;
         let mut cache = self.cache();
         cache.fulls = listing.complete;
         cache.segments = segments;
+        cache.handoffs = handoffs;
         cache.loaded = true;
         Ok(())
     }
@@ -746,7 +755,8 @@ async fn verify_when_due(
 async fn run_retention(entry: &DbBackups) -> Result<(), BackupError> {
     let listing = entry.store.list_fulls().await?;
     let segments = entry.store.list_segments().await?;
-    let deletions = retention(&listing, &segments, now_ms(), &entry.target.retention);
+    let handoffs = entry.store.list_handoffs().await?;
+    let deletions = retention_across(&listing, &segments, &handoffs, now_ms(), &entry.target.retention);
     if deletions.fulls.is_empty() && deletions.segments.is_empty() {
         return Ok(());
     }
@@ -791,13 +801,19 @@ async fn archive_round(
     let db = &entry.target.db;
     entry.load().await?;
     let src = source(world, &entry.target.namespace, db).await?;
-    let Some(mut state) = archive_start(world, entry, &src).await? else {
+    let Some(mut state) = archive_start(world, entry, &src, tuning, ticks).await? else {
         // No full of this lineage yet: the scheduler takes one at once.
         tokio::time::sleep(tuning.poll).await;
         return Ok(());
     };
     {
         let mut cache = entry.cache();
+        if state.arrival.is_none() {
+            // After a restart, too: a record still at its handoff's position has not read
+            // the arriving import's mark yet.
+            let lineage = &state.record.lineage;
+            state.arrival = cache.handoffs.iter().find(|h| &h.to == lineage).map(|h| h.to_position);
+        }
         cache.broken = state.record.broken;
         cache.archive_lineage = Some(state.record.lineage.clone());
         cache.tip = state.record.idle_tip();
@@ -842,6 +858,8 @@ async fn archive_start(
     world: &dyn BackupWorld,
     entry: &DbBackups,
     src: &Source,
+    tuning: &AgentTuning,
+    ticks: &IdleTicks,
 ) -> Result<Option<ArchiveState>, AgentError> {
     let db = &entry.target.db;
     let existing = world.archive_record(db, &entry.target.incarnation).await?;
@@ -855,10 +873,15 @@ async fn archive_start(
             revision: Some(*revision),
             pin_expires_ms: 0,
             last_stored_ms: 0,
+            stop_at: None,
+            arrival: None,
         }));
     }
     if existing.as_ref().is_some_and(|(r, _)| r.lineage != src.lineage) {
-        return moved_in(world, entry, src, existing).await;
+        return match handed_off(world, entry, src, &existing, tuning, ticks).await? {
+            Some(state) => Ok(Some(state)),
+            None => moved_in(world, entry, src, existing).await,
+        };
     }
     let broken_at = existing.as_ref().filter(|(r, _)| r.lineage == src.lineage).map(|(r, _)| r.position);
     let start = {
@@ -890,11 +913,99 @@ async fn archive_start(
         idle_position: None,
         idle_covered_ms: 0,
     };
-    let mut state =
-        ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0, last_stored_ms: 0 };
+    let mut state = ArchiveState {
+        record,
+        revision: existing.map(|(_, rev)| rev),
+        pin_expires_ms: 0,
+        last_stored_ms: 0,
+        stop_at: None,
+        arrival: None,
+    };
     archiver::save(world, &mut state).await?;
     entry.cache().archive_lineage = Some(src.lineage.clone());
     tracing::info!(db = %db, lineage = %src.lineage, index = position.index, "oplog archive starts");
+    Ok(Some(state))
+}
+
+/// The database moved to another replica set (its record, `existing`, is of another lineage)
+/// and the migration recorded a handoff from that lineage to this one
+/// ([`BackupWorld::handoff`]): the old lineage is archived through the handoff's
+/// `from_position` (from the replica set the database left, which keeps its oplog pinned
+/// under the migration's and the archiver's pins), the handoff stored
+/// (`oplog/{to}/handoff_{to_position}.json`), and the new lineage's record starts at its
+/// `to_position` at once: a full of the old lineage restores to times after the move
+/// through it, so no full is due on arrival. `None` (and the caller takes a full on
+/// arrival, [`moved_in`]) when there is no such handoff, when one a restore could not
+/// replay in one position order (`plan::replayable_in_one_order`), when the old archive
+/// was broken, or when the replica set left is gone or no longer holds the oplog.
+async fn handed_off(
+    world: &dyn BackupWorld,
+    entry: &DbBackups,
+    src: &Source,
+    existing: &Option<(ArchiveRecord, u64)>,
+    tuning: &AgentTuning,
+    ticks: &IdleTicks,
+) -> Result<Option<ArchiveState>, AgentError> {
+    let db = &entry.target.db;
+    let Some((old, revision)) = existing else { return Ok(None) };
+    let Some(RecordedHandoff { handoff, from_replica_set }) = world.handoff(db).await? else { return Ok(None) };
+    let fits = handoff.from == old.lineage
+        && handoff.to == src.lineage
+        && handoff.to_position > handoff.from_position
+        && !old.broken;
+    if !fits {
+        tracing::info!(db = %db, from = %old.lineage, to = %src.lineage, handoff = ?handoff,
+            "no usable oplog handoff for this move: a full is taken on arrival");
+        return Ok(None);
+    }
+    let mut state = ArchiveState {
+        record: old.clone(),
+        revision: Some(*revision),
+        pin_expires_ms: 0,
+        last_stored_ms: 0,
+        stop_at: None,
+        arrival: None,
+    };
+    if state.record.position < handoff.from_position {
+        let left = match world.replica_set(&entry.target.namespace, &from_replica_set).await? {
+            Some(rs) => Source { rs, lineage: old.lineage.clone() },
+            None => {
+                tracing::warn!(db = %db, replica_set = %from_replica_set,
+                    "the replica set the database left is gone before its oplog was archived through the handoff: a full is taken on arrival");
+                return Ok(None);
+            }
+        };
+        match archive_through(world, &entry.store, &left, &mut state, handoff.from_position, tuning, ticks).await {
+            Ok(stored) => entry.cache().segments.extend(stored),
+            // Lost before it was archived: nothing joins the two lineages.
+            Err(AgentError::ArchiveBroken { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    entry.store.put_handoff(&handoff).await?;
+    state.record = ArchiveRecord {
+        lineage: src.lineage.clone(),
+        position: handoff.to_position,
+        covered_ms: 0,
+        broken: false,
+        idle_position: None,
+        idle_covered_ms: 0,
+        ..state.record
+    };
+    state.stop_at = None;
+    state.arrival = Some(handoff.to_position);
+    state.pin_expires_ms = 0;
+    archiver::save(world, &mut state).await?;
+    {
+        let mut cache = entry.cache();
+        if !cache.handoffs.contains(&handoff) {
+            cache.handoffs.push(handoff.clone());
+        }
+        cache.archive_lineage = Some(src.lineage.clone());
+        cache.broken = false;
+    }
+    tracing::info!(db = %db, from = %handoff.from, to = %handoff.to, index = handoff.to_position.index,
+        "database moved: its oplog archive goes on in the new lineage from the migration's handoff, without a full");
     Ok(Some(state))
 }
 
@@ -929,8 +1040,14 @@ async fn moved_in(
         idle_position: None,
         idle_covered_ms: 0,
     };
-    let mut state =
-        ArchiveState { record, revision: existing.map(|(_, rev)| rev), pin_expires_ms: 0, last_stored_ms: 0 };
+    let mut state = ArchiveState {
+        record,
+        revision: existing.map(|(_, rev)| rev),
+        pin_expires_ms: 0,
+        last_stored_ms: 0,
+        stop_at: None,
+        arrival: None,
+    };
     archiver::save(world, &mut state).await?;
     {
         let mut cache = entry.cache();

@@ -94,6 +94,39 @@ pub struct SegmentBody {
     pub entries: Vec<OplogEntry>,
 }
 
+/// A hot migration's handoff of a database's oplog from one lineage to another
+/// (`docs/design/0004-backup.md`, "Across a hot migration"): every change of the database on
+/// `from` is at or before `from_position` (the source's fence: it refuses the database's
+/// writes after it), the database has no change on `to` at or before `to_position` (the
+/// target's checksum marker, taken while the database was still incoming there, when no
+/// command on it writes an oplog change), and the state at `to_position` on `to` is the
+/// state at `from_position` on `from` (the migration compared both checksums there). So a
+/// full of `from` and the changes of `from` through `from_position`, then those of `to`
+/// after `to_position`, are one chain: no full is needed on arrival.
+///
+/// Recorded by the migration driver in its record at the switch (`MigrationRecord::handoff`,
+/// in etcd: the driver has no backup store), and stored by the archiver, once it archived
+/// `from` through `from_position`, as `oplog/{to}/handoff_{to_position}.json` in the
+/// incarnation's backups, where a restore finds it with the segments.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Handoff {
+    pub from: Lineage,
+    pub from_position: OplogPosition,
+    pub to: Lineage,
+    pub to_position: OplogPosition,
+}
+
+/// The stored form of a [`Handoff`] (plain JSON, small).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandoffBody {
+    pub format: u32,
+    pub db: String,
+    #[serde(flatten)]
+    pub handoff: Handoff,
+}
+
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

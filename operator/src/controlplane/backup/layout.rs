@@ -33,6 +33,9 @@ const MANIFEST_PREFIX: &str = "manifest_";
 const MANIFEST_SUFFIX: &str = ".json";
 const PAGE_SUFFIX: &str = ".page";
 const SEGMENT_SUFFIX: &str = ".seg";
+/// A handoff is `{HANDOFF_PREFIX}{to_position}{HANDOFF_SUFFIX}` in its `to` lineage's folder.
+const HANDOFF_PREFIX: &str = "handoff_";
+const HANDOFF_SUFFIX: &str = ".json";
 
 /// Checks one path segment chosen by a person or a tenant (a scope, a database, a lineage):
 /// ASCII letters, digits, `_`, `-`, `.`, not empty, not `.` or `..`, at most 128 bytes. A
@@ -159,6 +162,27 @@ impl BackupLocation {
 
     pub fn segment(&self, name: &SegmentName) -> Path {
         self.oplog().join(name.lineage.as_str()).join(name.file_name())
+    }
+
+    /// `oplog/{to}/handoff_{to_position}.json`: the hot migration the lineage `to` began
+    /// with at `to_position` (`super::format::Handoff`). One per arrival: a database can
+    /// come to a replica set more than once, each time at a later position of its log.
+    pub fn handoff(&self, to: &Lineage, to_position: OplogPosition) -> Path {
+        self.oplog()
+            .join(to.as_str())
+            .join(format!("{HANDOFF_PREFIX}{:020}-{:010}{HANDOFF_SUFFIX}", to_position.index, to_position.seq))
+    }
+
+    /// The lineage and position a handoff object's path names; `None` for any other path.
+    pub fn parse_handoff(&self, path: &Path) -> Option<(Lineage, OplogPosition)> {
+        let mut rest = path.prefix_match(&self.oplog())?;
+        let lineage = Lineage::new(rest.next()?.as_ref()).ok()?;
+        let file = rest.next()?;
+        if rest.next().is_some() {
+            return None;
+        }
+        let position = file.as_ref().strip_prefix(HANDOFF_PREFIX)?.strip_suffix(HANDOFF_SUFFIX)?;
+        Some((lineage, parse_position(position)?))
     }
 }
 

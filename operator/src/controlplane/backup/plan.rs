@@ -11,13 +11,19 @@
 //! the previous ones reached, supplies those changes; a segment also says up to which time
 //! the changes it reached are complete. So `F` restores to `T` exactly when
 //! `F.end_ms <= T` and `F`'s chain reaches `F.end` and covers `T`.
+//!
+//! Across a hot migration ([`Handoff`]): the chain walks `F`'s lineage up to the handoff's
+//! `from_position` (every change of the database there), then the new lineage from its
+//! `to_position`, where the state is the same: one chain across the move, no full needed
+//! on arrival. The `*_across` functions take the handoffs; the others plan as if there
+//! were none.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use nimbus_api::migration::OplogPosition;
 
-use super::format::FullManifest;
+use super::format::{FullManifest, Handoff};
 use super::layout::{FullId, Lineage, SegmentName};
 use super::store::FullListing;
 
@@ -46,6 +52,13 @@ pub struct RestorePlan {
     /// exactly at the full's `end` ([`plan_to_full_end`]), where the manifest's checksum
     /// holds, even when later changes share `end_ms`. `None` for a restore to a time.
     pub until: Option<OplogPosition>,
+    /// The hot migrations the plan crosses, in order: `segments` are those of the full's
+    /// lineage through the first one's `from_position`, then those of its `to` lineage
+    /// after its `to_position`, and so on. Empty for a plan within one lineage. A plan
+    /// crosses only where each `to_position` is above every position replayed before it
+    /// and above the full's end ([`replayable_in_one_order`]), so a restore that applies
+    /// each position once, in one order (`restore.rs`), replays it as it is.
+    pub handoffs: Vec<Handoff>,
 }
 
 /// A span of restorable times, both ends included (ms).
@@ -125,11 +138,23 @@ pub enum RestoreError {
 struct Chain<'a> {
     /// The segments holding changes after the full's start, in the order absorbed.
     segments: Vec<&'a SegmentName>,
-    /// Every change of the lineage at or before this is in the full or in `segments`.
+    /// The lineage the chain is in now: the full's, or the last crossed handoff's `to`.
+    lineage: Lineage,
+    /// Every change of `lineage` at or before this is in the full or in `segments`.
     reached: OplogPosition,
     /// Every change with a time at or before this is at or before `reached` (0: nothing
     /// known).
     covered_ms: u64,
+    /// The handoffs crossed, in order.
+    crossed: Vec<Handoff>,
+}
+
+impl Chain<'_> {
+    /// The full is consistent once the replay passed its end; a crossed handoff means every
+    /// change of the full's lineage was replayed.
+    fn consistent(&self, full: &FullManifest) -> bool {
+        !self.crossed.is_empty() || self.reached >= full.end
+    }
 }
 
 /// Segments of one lineage, sorted by `after` (the chain walks them in that order).
@@ -146,37 +171,98 @@ fn by_lineage(segments: &[SegmentName]) -> ByLineage<'_> {
     map
 }
 
+/// What a chain walks: the segments by lineage and the handoffs between lineages.
+struct Archive<'a> {
+    lineages: ByLineage<'a>,
+    handoffs: &'a [Handoff],
+}
+
+impl<'a> Archive<'a> {
+    fn new(segments: &'a [SegmentName], handoffs: &'a [Handoff]) -> Archive<'a> {
+        Archive { lineages: by_lineage(segments), handoffs }
+    }
+
+    fn of(&self, lineage: &Lineage) -> &[&'a SegmentName] {
+        self.lineages.get(lineage).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The move out of `lineage` that a stay beginning at `from` ended with: the handoff
+    /// from it with the lowest `from_position` at or after `from` (a database can leave a
+    /// replica set, come back and leave again: each stay ends with its own).
+    fn exit(&self, lineage: &Lineage, from: OplogPosition) -> Option<&'a Handoff> {
+        self.handoffs
+            .iter()
+            .filter(|h| &h.from == lineage && h.from_position >= from)
+            .min_by_key(|h| (h.from_position, h.to_position))
+    }
+}
+
+/// Whether a restore that applies each position once, in one order (`restore.rs`: a change
+/// at or before the last one applied is skipped, and only changes past the full's end are
+/// held to the time), replays the changes of `h.to` after those replayed up to `reached`:
+/// positions of two replica sets' logs are not related, so only when `h.to_position` is
+/// above both and above the full's end. Otherwise the chain stops at the handoff (the
+/// times after the move wait for a full on the new replica set, as without a handoff).
+pub fn replayable_in_one_order(h: &Handoff, reached: OplogPosition, full: &FullManifest) -> bool {
+    h.to_position > h.from_position.max(reached) && h.to_position >= full.end
+}
+
 /// Walks `full`'s chain: segments are absorbed in `after` order while each starts at or
 /// before what is reached; with `until_ms`, it stops at the first segment after which the
-/// full is consistent and `until_ms` is covered. Segments ending at or before the full's
-/// start hold nothing to replay but their covered time counts; they are not listed, nor
-/// are record-only ones ([`SegmentName::record_only`]: no change, no object).
-fn chain<'a>(full: &FullManifest, lineage: &[&'a SegmentName], until_ms: Option<u64>) -> Chain<'a> {
-    let mut c = Chain { segments: Vec::new(), reached: full.start, covered_ms: 0 };
-    let done = |c: &Chain<'_>| until_ms.is_some_and(|t| c.reached >= full.end && c.covered_ms >= t);
-    for s in lineage {
-        if done(&c) || s.after > c.reached {
-            break;
+/// full is consistent and `until_ms` is covered. Segments ending at or before the start of
+/// the walk in their lineage hold nothing to replay but their covered time counts; they are
+/// not listed, nor are record-only ones ([`SegmentName::record_only`]: no change, no
+/// object).
+///
+/// A lineage the database left by a handoff is walked up to the handoff's `from_position`:
+/// the time a segment reaching it covers is not counted (it was read after the fence, and
+/// the database's changes since are on the new lineage), and once it is reached the walk
+/// goes on in the new lineage from `to_position`, where its covered times count again.
+fn chain<'a>(full: &FullManifest, archive: &Archive<'a>, until_ms: Option<u64>) -> Chain<'a> {
+    let mut c = Chain {
+        segments: Vec::new(),
+        lineage: full.lineage.clone(),
+        reached: full.start,
+        covered_ms: 0,
+        crossed: Vec::new(),
+    };
+    let done = |c: &Chain<'_>| until_ms.is_some_and(|t| c.consistent(full) && c.covered_ms >= t);
+    let mut leg_start = full.start;
+    loop {
+        let exit = archive.exit(&c.lineage, leg_start);
+        for s in archive.of(&c.lineage) {
+            if done(&c) || s.after > c.reached || exit.is_some_and(|h| c.reached >= h.from_position) {
+                break;
+            }
+            if s.through > leg_start && !s.is_record_only() {
+                c.segments.push(s);
+            }
+            c.reached = c.reached.max(s.through);
+            if exit.is_none_or(|h| s.through < h.from_position) {
+                c.covered_ms = c.covered_ms.max(s.max_ts);
+            }
         }
-        if s.through > full.start && !s.is_record_only() {
-            c.segments.push(s);
+        match exit {
+            Some(h) if !done(&c) && c.reached >= h.from_position && replayable_in_one_order(h, c.reached, full) => {
+                c.crossed.push(h.clone());
+                c.lineage = h.to.clone();
+                c.reached = h.to_position;
+                leg_start = h.to_position;
+            }
+            _ => return c,
         }
-        c.reached = c.reached.max(s.through);
-        c.covered_ms = c.covered_ms.max(s.max_ts);
     }
-    c
 }
 
 /// The times `full` restores to: from its end to what its chain covers.
-fn range_of(full: &FullManifest, lineages: &ByLineage<'_>) -> Option<TimeRange> {
-    let lineage = lineages.get(&full.lineage).map(Vec::as_slice).unwrap_or(&[]);
-    let c = chain(full, lineage, None);
-    (c.reached >= full.end && c.covered_ms >= full.end_ms)
+fn range_of(full: &FullManifest, archive: &Archive<'_>) -> Option<TimeRange> {
+    let c = chain(full, archive, None);
+    (c.consistent(full) && c.covered_ms >= full.end_ms)
         .then_some(TimeRange { from_ms: full.end_ms, to_ms: c.covered_ms })
 }
 
-fn window_of(fulls: &[FullManifest], lineages: &ByLineage<'_>) -> RecoverableWindow {
-    let mut ranges: Vec<TimeRange> = fulls.iter().filter_map(|f| range_of(f, lineages)).collect();
+fn window_of(fulls: &[FullManifest], archive: &Archive<'_>) -> RecoverableWindow {
+    let mut ranges: Vec<TimeRange> = fulls.iter().filter_map(|f| range_of(f, archive)).collect();
     ranges.sort_by_key(|r| (r.from_ms, r.to_ms));
     let mut merged: Vec<TimeRange> = Vec::new();
     for r in ranges {
@@ -191,7 +277,17 @@ fn window_of(fulls: &[FullManifest], lineages: &ByLineage<'_>) -> RecoverableWin
 
 /// Every time the complete fulls and the archived segments can restore to.
 pub fn recoverable_window(fulls: &[FullManifest], segments: &[SegmentName]) -> RecoverableWindow {
-    window_of(fulls, &by_lineage(segments))
+    recoverable_window_across(fulls, segments, &[])
+}
+
+/// [`recoverable_window`] with the handoffs of the database's moves: a full's chain goes on
+/// across them.
+pub fn recoverable_window_across(
+    fulls: &[FullManifest],
+    segments: &[SegmentName],
+    handoffs: &[Handoff],
+) -> RecoverableWindow {
+    window_of(fulls, &Archive::new(segments, handoffs))
 }
 
 /// What a restore to `to` reads: the newest full ending at or before the time whose chain
@@ -202,10 +298,22 @@ pub fn plan_restore(
     segments: &[SegmentName],
     to: RestoreTarget,
 ) -> Result<RestorePlan, RestoreError> {
+    plan_restore_across(fulls, segments, &[], to)
+}
+
+/// [`plan_restore`] with the handoffs of the database's moves (`BackupStore::list_handoffs`):
+/// a full of one lineage restores to times after the move through the new lineage's
+/// segments ([`RestorePlan::handoffs`]).
+pub fn plan_restore_across(
+    fulls: &[FullManifest],
+    segments: &[SegmentName],
+    handoffs: &[Handoff],
+    to: RestoreTarget,
+) -> Result<RestorePlan, RestoreError> {
     if fulls.is_empty() {
         return Err(RestoreError::NoFull);
     }
-    let lineages = by_lineage(segments);
+    let lineages = Archive::new(segments, handoffs);
     let window = window_of(fulls, &lineages);
     let t = match to {
         RestoreTarget::Time(t) => t,
@@ -221,14 +329,14 @@ pub fn plan_restore(
     let mut candidates: Vec<&FullManifest> = fulls.iter().filter(|f| f.end_ms <= t).collect();
     candidates.sort_by(|a, b| (b.end_ms, &b.id).cmp(&(a.end_ms, &a.id)));
     for full in &candidates {
-        let lineage = lineages.get(&full.lineage).map(Vec::as_slice).unwrap_or(&[]);
-        let c = chain(full, lineage, Some(t));
-        if c.reached >= full.end && c.covered_ms >= t {
+        let c = chain(full, &lineages, Some(t));
+        if c.consistent(full) && c.covered_ms >= t {
             return Ok(RestorePlan {
                 full: (*full).clone(),
                 segments: c.segments.into_iter().cloned().collect(),
                 to_ms: t,
                 until: None,
+                handoffs: c.crossed,
             });
         }
     }
@@ -245,10 +353,9 @@ pub fn plan_restore(
 /// by the background verification (`super::verify`); a gap before `end` is refused as
 /// [`plan_restore`] refuses one (`requested_ms` is the full's `end_ms`).
 pub fn plan_to_full_end(full: &FullManifest, segments: &[SegmentName]) -> Result<RestorePlan, RestoreError> {
-    let lineages = by_lineage(segments);
-    let lineage = lineages.get(&full.lineage).map(Vec::as_slice).unwrap_or(&[]);
+    let lineages = Archive::new(segments, &[]);
     // Any covered time will do (0): the walk stops at the first segment reaching the end.
-    let c = chain(full, lineage, Some(0));
+    let c = chain(full, &lineages, Some(0));
     if c.reached < full.end {
         let window = window_of(std::slice::from_ref(full), &lineages);
         return Err(gap_error(full, &lineages, full.end_ms, window));
@@ -258,19 +365,13 @@ pub fn plan_to_full_end(full: &FullManifest, segments: &[SegmentName]) -> Result
         segments: c.segments.into_iter().cloned().collect(),
         to_ms: full.end_ms,
         until: Some(full.end),
+        handoffs: Vec::new(),
     })
 }
 
-fn gap_error(full: &FullManifest, lineages: &ByLineage<'_>, t: u64, window: RecoverableWindow) -> RestoreError {
-    let lineage = lineages.get(&full.lineage).map(Vec::as_slice).unwrap_or(&[]);
-    let c = chain(full, lineage, None);
-    RestoreError::Gap {
-        requested_ms: t,
-        full: full.id.clone(),
-        lineage: full.lineage.clone(),
-        after: c.reached,
-        window,
-    }
+fn gap_error(full: &FullManifest, archive: &Archive<'_>, t: u64, window: RecoverableWindow) -> RestoreError {
+    let c = chain(full, archive, None);
+    RestoreError::Gap { requested_ms: t, full: full.id.clone(), lineage: c.lineage, after: c.reached, window }
 }
 
 /// How long backups are kept.
@@ -306,8 +407,21 @@ pub struct Deletions {
 /// the window. Incomplete fulls are deleted once their grace period is over, damaged ones
 /// once they started before the window.
 pub fn retention(listing: &FullListing, segments: &[SegmentName], now_ms: u64, policy: &RetentionPolicy) -> Deletions {
+    retention_across(listing, segments, &[], now_ms, policy)
+}
+
+/// [`retention`] with the handoffs of the database's moves: a kept full's chain keeps the
+/// segments of every lineage it crosses into, from the handoff's `to_position` on. The
+/// handoffs themselves are kept (one small object per move) until the incarnation is swept.
+pub fn retention_across(
+    listing: &FullListing,
+    segments: &[SegmentName],
+    handoffs: &[Handoff],
+    now_ms: u64,
+    policy: &RetentionPolicy,
+) -> Deletions {
     let window_start = now_ms.saturating_sub(policy.window_ms);
-    let lineages = by_lineage(segments);
+    let lineages = Archive::new(segments, handoffs);
 
     let mut old: Vec<&FullManifest> = listing.complete.iter().filter(|f| f.end_ms <= window_start).collect();
     old.sort_by(|a, b| (b.end_ms, &b.id).cmp(&(a.end_ms, &a.id)));
@@ -344,11 +458,18 @@ pub fn retention(listing: &FullListing, segments: &[SegmentName], now_ms: u64, p
         }
     }
 
-    // The oldest start of a kept full, per lineage: the segments after it are replayed.
-    let mut oldest_start: BTreeMap<&Lineage, OplogPosition> = BTreeMap::new();
+    // The oldest start of a kept full's chain, per lineage (the full's own start, or where
+    // its chain crossed into the lineage): the segments after it are replayed.
+    let mut oldest_start: BTreeMap<Lineage, OplogPosition> = BTreeMap::new();
+    let mut keep_from = |lineage: &Lineage, from: OplogPosition| {
+        let start = oldest_start.entry(lineage.clone()).or_insert(from);
+        *start = (*start).min(from);
+    };
     for full in listing.complete.iter().filter(|f| kept.contains(&f.id)) {
-        let start = oldest_start.entry(&full.lineage).or_insert(full.start);
-        *start = (*start).min(full.start);
+        keep_from(&full.lineage, full.start);
+        for h in chain(full, &lineages, None).crossed {
+            keep_from(&h.to, h.to_position);
+        }
     }
     for s in segments {
         let needed_by_a_full = oldest_start.get(&s.lineage).is_some_and(|start| s.through > *start);
@@ -414,4 +535,24 @@ pub fn full_due(
     // byte changes nothing here.
     let threshold = (db_bytes as f64 * policy.oplog_fraction).max(policy.min_oplog_bytes as f64);
     oplog_bytes_since as f64 >= threshold
+}
+
+/// The lineages whose fulls' chains go on into `lineage`: itself and every lineage the
+/// database left for it, directly or through others, by a handoff a chain crosses (its
+/// `to_position` above its `from_position`: [`replayable_in_one_order`]). What the agent
+/// counts the newest full of for [`full_due`]: after a move with a handoff, the full taken
+/// before it still restores the times after it, so no full is due on arrival.
+pub fn lineages_into(lineage: &Lineage, handoffs: &[Handoff]) -> BTreeSet<Lineage> {
+    let mut found = BTreeSet::from([lineage.clone()]);
+    loop {
+        let more: Vec<Lineage> = handoffs
+            .iter()
+            .filter(|h| h.to_position > h.from_position && found.contains(&h.to) && !found.contains(&h.from))
+            .map(|h| h.from.clone())
+            .collect();
+        if more.is_empty() {
+            return found;
+        }
+        found.extend(more);
+    }
 }

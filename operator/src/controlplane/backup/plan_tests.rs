@@ -5,7 +5,10 @@
 use nimbus_api::migration::OplogPosition;
 use proptest::prelude::*;
 
+use super::format::Handoff;
+use super::plan::{lineages_into, plan_restore_across, recoverable_window_across, retention_across};
 use super::*;
+use std::collections::BTreeMap;
 
 const HOUR: u64 = 3_600_000;
 
@@ -369,6 +372,277 @@ proptest! {
         if before.latest_ms().is_some_and(|l| l >= window_start) {
             let after = recoverable_window(&kept_fulls, &kept_segments);
             prop_assert_eq!(before.latest_ms(), after.latest_ms());
+        }
+    }
+}
+
+/// A database that moved from lineage `a` to `b`: writes at `a` 11..=20 (time
+/// `1000 + 10 i`), fenced at 25; the handoff joins `a` at 25 to `b` at 100 (the target's
+/// marker), where writes go on at 101..=110 (time `2000 + 10 (i - 100)`). Each write sets
+/// key `i % 4` to `i`. One full of `a` (start 10, end 12); `a`'s last segment was read
+/// after the switch (its time, 3000, is `a`'s clock, not the database's); no full of `b`.
+struct Moved {
+    fulls: Vec<FullManifest>,
+    segments: Vec<SegmentName>,
+    handoff: Handoff,
+    /// (lineage, index, time): every change of the database, in the order it happened.
+    changes: Vec<(&'static str, u64, u64)>,
+}
+
+fn moved() -> Moved {
+    let mut changes: Vec<(&'static str, u64, u64)> = (11..=20).map(|i| ("a", i, 1_000 + 10 * i)).collect();
+    changes.extend((101..=110).map(|i| ("b", i, 2_000 + 10 * (i - 100))));
+    Moved {
+        fulls: vec![full(1, "a", 10, 12, 1_090, 1_120)],
+        segments: vec![
+            seg("a", 0, 15, 1_110, 1_155),
+            seg("a", 15, 25, 1_160, 3_000),
+            seg("b", 100, 105, 2_010, 2_055),
+            seg("b", 105, 110, 2_060, 2_105),
+        ],
+        handoff: Handoff {
+            from: lin("a"),
+            from_position: OplogPosition::end_of(25),
+            to: lin("b"),
+            to_position: OplogPosition::end_of(100),
+        },
+        changes,
+    }
+}
+
+impl Moved {
+    /// The database at `t`: every change stamped at or before it.
+    fn state_at(&self, t: u64) -> BTreeMap<u64, u64> {
+        let mut state = BTreeMap::new();
+        for &(_, i, ts) in &self.changes {
+            if ts <= t {
+                state.insert(i % 4, i);
+            }
+        }
+        state
+    }
+
+    /// What a restore following `plan` builds, as `restore.rs` replays: the full's state at
+    /// its start (the test's full holds no document written after it), then the segments'
+    /// changes after the full's start, each position once in one order (a change at or
+    /// before the last applied is skipped), ending at the first change past the full's end
+    /// stamped after the plan's time.
+    fn restore(&self, plan: &RestorePlan) -> BTreeMap<u64, u64> {
+        let start = plan.full.start;
+        let mut state: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut applied = start;
+        'segments: for s in &plan.segments {
+            for &(lineage, i, ts) in &self.changes {
+                let at = OplogPosition::end_of(i);
+                if lineage != s.lineage.as_str() || at <= s.after || at > s.through || at <= applied {
+                    continue;
+                }
+                if at > plan.full.end && ts > plan.to_ms {
+                    break 'segments;
+                }
+                applied = at;
+                state.insert(i % 4, i);
+            }
+        }
+        state
+    }
+}
+
+#[test]
+fn a_plan_across_a_handoff_restores_the_state_before_the_move_between_the_switch_and_a_full_and_after() {
+    let m = moved();
+    let handoffs = [m.handoff.clone()];
+    let window = recoverable_window_across(&m.fulls, &m.segments, &handoffs);
+    assert_eq!(window.ranges, vec![TimeRange { from_ms: 1_120, to_ms: 2_105 }], "one window across the move");
+    // (a) before the move, (b) after the last write on `a` and before the first on `b` (the
+    // hold, the switch; no full of `b` exists), (c) after.
+    for t in [1_120, 1_150, 1_175, 1_200, 1_500, 2_000, 2_009, 2_010, 2_055, 2_077, 2_105] {
+        let plan = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(t)).unwrap();
+        assert_eq!(m.restore(&plan), m.state_at(t), "restore to {t}: {plan:?}");
+        let crossed = !plan.handoffs.is_empty();
+        assert_eq!(crossed, t > 1_155, "only a time past what `a` covers before its handoff crosses ({t})");
+    }
+    let plan = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Latest).unwrap();
+    assert_eq!(
+        (plan.to_ms, plan.handoffs.clone(), spans(&plan)),
+        (2_105, vec![m.handoff.clone()], vec![(0, 15), (15, 25), (100, 105), (105, 110)])
+    );
+    assert_eq!(m.restore(&plan), m.state_at(2_105));
+    for t in [1_119, 2_106] {
+        let err = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(t)).unwrap_err();
+        assert!(matches!(err, RestoreError::OutsideWindow { .. }), "{t}: {err}");
+    }
+}
+
+#[test]
+fn without_its_handoff_the_old_lineage_read_after_the_switch_would_claim_times_it_does_not_hold() {
+    // What the handoff corrects: `a`'s last segment covers 3000 by `a`'s clock, yet none of
+    // `b`'s changes are in it. Planned without the handoff, a restore to 2077 is wrong.
+    let m = moved();
+    let plan = plan_restore(&m.fulls, &m.segments, RestoreTarget::Time(2_077)).unwrap();
+    assert_ne!(m.restore(&plan), m.state_at(2_077));
+    // A stored handoff keeps `a`'s own time to before its handoff.
+    let handoffs = [m.handoff.clone()];
+    let plan = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(2_077)).unwrap();
+    assert_eq!(m.restore(&plan), m.state_at(2_077));
+}
+
+#[test]
+fn a_handoff_a_one_order_replay_cannot_follow_is_not_crossed_and_the_times_after_it_wait_for_a_full() {
+    // `b`'s log positions below `a`'s: `restore.rs` would skip `b`'s changes as applied.
+    let mut m = moved();
+    m.handoff.to_position = OplogPosition::end_of(5);
+    m.segments[2] = seg("b", 5, 8, 2_010, 2_055);
+    m.segments[3] = seg("b", 8, 10, 2_060, 2_105);
+    let handoffs = [m.handoff.clone()];
+    let window = recoverable_window_across(&m.fulls, &m.segments, &handoffs);
+    assert_eq!(window.ranges, vec![TimeRange { from_ms: 1_120, to_ms: 1_155 }]);
+    let err = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(2_077)).unwrap_err();
+    assert!(matches!(err, RestoreError::OutsideWindow { .. }), "{err}");
+    // A full of `b` then restores the times after it, as without a handoff.
+    m.fulls.push(full(2, "b", 6, 7, 2_020, 2_030));
+    let plan = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(2_077)).unwrap();
+    assert_eq!((plan.full.lineage.as_str(), plan.handoffs.len()), ("b", 0));
+}
+
+#[test]
+fn a_gap_in_the_new_lineage_after_a_handoff_is_named_in_that_lineage() {
+    let mut m = moved();
+    m.segments.remove(2); // b (100, 105]
+    let handoffs = [m.handoff.clone()];
+    let window = recoverable_window_across(&m.fulls, &m.segments, &handoffs);
+    assert_eq!(window.ranges, vec![TimeRange { from_ms: 1_120, to_ms: 1_155 }]);
+    // A full of `b` later: a restore to a time in the hole names where `a`'s full's chain
+    // stops, in `b`.
+    m.fulls.push(full(2, "b", 106, 107, 2_070, 2_075));
+    let err = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(2_000)).unwrap_err();
+    match err {
+        RestoreError::Gap { lineage, after, .. } => {
+            assert_eq!((lineage, after), (lin("b"), OplogPosition::end_of(100)))
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn retention_keeps_the_segments_of_every_lineage_a_kept_fulls_chain_crosses_into() {
+    let m = moved();
+    let handoffs = [m.handoff.clone()];
+    let listing = FullListing { complete: m.fulls.clone(), ..FullListing::default() };
+    let policy = RetentionPolicy { window_ms: 1_000, incomplete_grace_ms: HOUR };
+    // The window starts at 2070: `a`'s full (the only one, ending before it) is kept, and
+    // with it `a`'s segments from its start and `b`'s from the handoff, though `b`'s first
+    // segment ends before the window and `b` has no full.
+    let now = 3_070;
+    let deletions = retention_across(&listing, &m.segments, &handoffs, now, &policy);
+    assert_eq!(deletions, Deletions::default(), "the chain across the move is kept whole");
+    for t in [2_070, 2_077, 2_105] {
+        let plan = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(t)).unwrap();
+        assert_eq!(m.restore(&plan), m.state_at(t));
+    }
+    // Without the handoff, `b`'s first segment would go (no full of `b` keeps it).
+    let blind = retention(&listing, &m.segments, now, &policy);
+    assert_eq!(blind.segments, vec![m.segments[2].clone()]);
+    // Once a full of `b` ends inside the window and a newer one before it... the old full
+    // of `a` stays the newest before the window: still kept with its chain.
+    let mut later = m.segments.clone();
+    later.push(seg("b", 110, 130, 2_110, 5_000));
+    let mut fulls = m.fulls.clone();
+    fulls.push(full(2, "b", 120, 125, 4_000, 4_100));
+    let listing = FullListing { complete: fulls, ..FullListing::default() };
+    let deletions = retention_across(&listing, &later, &handoffs, 4_500, &policy);
+    assert!(deletions.fulls.is_empty(), "a's full is the newest ending before the window: {deletions:?}");
+    assert!(deletions.segments.is_empty(), "{deletions:?}");
+    // Far later, a full of `b` ending before the window replaces it: `a` and its segments go.
+    let deletions = retention_across(&listing, &later, &handoffs, 6_000, &policy);
+    assert_eq!(deletions.fulls, vec![m.fulls[0].id.clone()]);
+    assert!(deletions.segments.iter().any(|s| s.lineage == lin("a")), "{deletions:?}");
+}
+
+#[test]
+fn after_a_move_with_a_handoff_the_full_before_it_counts_for_the_schedule() {
+    let m = moved();
+    let into_b = lineages_into(&lin("b"), std::slice::from_ref(&m.handoff));
+    assert_eq!(into_b, [lin("a"), lin("b")].into());
+    assert_eq!(lineages_into(&lin("a"), std::slice::from_ref(&m.handoff)), [lin("a")].into());
+    // Chained moves: a -> b -> c.
+    let second = Handoff {
+        from: lin("b"),
+        from_position: OplogPosition::end_of(120),
+        to: lin("c"),
+        to_position: OplogPosition::end_of(300),
+    };
+    assert_eq!(lineages_into(&lin("c"), &[m.handoff.clone(), second]), [lin("a"), lin("b"), lin("c")].into());
+}
+
+/// Two lineages joined by a handoff from the first's last archived position to a random
+/// position of the second (crossable or not, as positions of two logs fall).
+fn moved_archive_model() -> impl Strategy<Value = (Vec<LineageModel>, Handoff)> {
+    (lineage_model(0, 0), lineage_model(1, 2_100), any::<bool>(), proptest::option::of(0u64..200)).prop_map(
+        |(a, mut b, above, to)| {
+            // Most often the second log's positions above the first's (a restore replays
+            // them in one order), else as they fall.
+            if above {
+                let up = |p: OplogPosition| OplogPosition { index: p.index + 300, ..p };
+                for s in &mut b.segments {
+                    (s.after, s.through) = (up(s.after), up(s.through));
+                }
+                for f in &mut b.fulls {
+                    (f.start, f.end) = (up(f.start), up(f.end));
+                }
+            }
+            let from = a.segments.iter().map(|s| s.through).max().unwrap_or_default();
+            // Where the second lineage's archive starts, or anywhere.
+            let first = b.segments.iter().map(|s| s.after).min().unwrap_or_default();
+            let to_position = to.map_or(first, OplogPosition::end_of);
+            let handoff = Handoff { from: lin(&a.name), from_position: from, to: lin(&b.name), to_position };
+            (vec![a, b], handoff)
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn across_a_handoff_the_window_is_exactly_the_times_planned_and_retention_keeps_every_plan(
+        (models, handoff) in moved_archive_model(),
+        now in 0u64..4_200,
+        window_ms in 0u64..3_000,
+        ts in proptest::collection::vec(0u64..4_200, 20),
+    ) {
+        let (fulls, segments) = flatten(&models);
+        let handoffs = [handoff];
+        let window = recoverable_window_across(&fulls, &segments, &handoffs);
+        let edges: Vec<u64> = window.ranges.iter().flat_map(|r| [r.from_ms, r.to_ms, r.to_ms + 1]).collect();
+        for &t in ts.iter().chain(&edges) {
+            match plan_restore_across(&fulls, &segments, &handoffs, RestoreTarget::Time(t)) {
+                Ok(plan) => {
+                    prop_assert!(window.contains(t), "planned {t} outside {window:?}");
+                    prop_assert!(plan.full.end_ms <= t);
+                    let lineages: Vec<&Lineage> = std::iter::once(&plan.full.lineage).chain(plan.handoffs.iter().map(|h| &h.to)).collect();
+                    prop_assert!(plan.segments.iter().all(|s| lineages.contains(&&s.lineage)));
+                }
+                Err(e) => prop_assert!(!window.contains(t), "{t} in {window:?} refused: {e}"),
+            }
+        }
+        let listing = FullListing { complete: fulls.clone(), incomplete: vec![], damaged: vec![] };
+        let policy = RetentionPolicy { window_ms, incomplete_grace_ms: 0 };
+        let d = retention_across(&listing, &segments, &handoffs, now, &policy);
+        let kept_fulls: Vec<FullManifest> = fulls.iter().filter(|f| !d.fulls.contains(&f.id)).cloned().collect();
+        let kept_segments: Vec<SegmentName> = segments.iter().filter(|s| !d.segments.contains(s)).cloned().collect();
+        let window_start = now.saturating_sub(window_ms);
+        for t in ts.iter().map(|t| window_start + t % (window_ms + 1)).chain([window_start, now]).chain(edges) {
+            if t < window_start {
+                continue;
+            }
+            let a = plan_restore_across(&fulls, &segments, &handoffs, RestoreTarget::Time(t));
+            let b = plan_restore_across(&kept_fulls, &kept_segments, &handoffs, RestoreTarget::Time(t));
+            match (a, b) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "at {}: before {:?}, after {:?}", t, a.map(|p| p.full.id), b.map(|p| p.full.id)),
+            }
         }
     }
 }

@@ -31,7 +31,7 @@ use nimbus_api::migration::{ImportRequest, ImportStep, PublishedCollection, rest
 
 use super::agent::BackupWorld;
 use super::layout::FullId;
-use super::plan::{RestoreError, RestorePlan, RestoreTarget, plan_restore};
+use super::plan::{RestoreError, RestorePlan, RestoreTarget};
 use super::restore::{RestoreFailure, RestoreInto, RestoreOutcome, RestoreWorld, restore};
 use super::{BackupError, BackupStore};
 use crate::controlplane::migration::{Failure, ReplicaSetAccess};
@@ -197,7 +197,9 @@ pub async fn plan<W: BackupWorld + ?Sized>(
             tracing::warn!(db = %location.db(), error = %e, "failed to read the archive record; planning from the store alone")
         }
     }
-    Ok(plan_restore(&fulls, &segments, to)?)
+    // The moves' handoffs: a full's chain goes on across them.
+    let handoffs = store.list_handoffs().await?;
+    Ok(super::plan::plan_restore_across(&fulls, &segments, &handoffs, to)?)
 }
 
 /// Runs `job` from `store`: plans once, then imports and publishes, retrying passing

@@ -20,7 +20,7 @@ use object_store::path::Path;
 use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::BackupError;
-use super::format::{self, FORMAT_VERSION, FullManifest, PageEntry, SegmentBody, sha256_hex};
+use super::format::{self, FORMAT_VERSION, FullManifest, Handoff, HandoffBody, PageEntry, SegmentBody, sha256_hex};
 use super::layout::{BackupLocation, FullId, FullObject, Lineage, SegmentName, parse_full_object};
 use super::plan::Deletions;
 
@@ -276,6 +276,54 @@ impl BackupStore {
             objects.iter().filter_map(|(p, _)| SegmentName::parse(&self.location, p)).collect();
         segments.sort_by(|a, b| (&a.lineage, a.after, a.through).cmp(&(&b.lineage, b.after, b.through)));
         Ok(segments)
+    }
+
+    /// Stores a hot migration's handoff (`oplog/{to}/handoff_{to_position}.json`): written
+    /// by the archiver once the old lineage is archived through `from_position`, so a
+    /// restore that finds it finds the segments it joins. Writing it again is harmless.
+    pub async fn put_handoff(&self, handoff: &Handoff) -> Result<(), BackupError> {
+        let body = HandoffBody { format: FORMAT_VERSION, db: self.location.db().to_string(), handoff: handoff.clone() };
+        let bytes = serde_json::to_vec(&body)
+            .map_err(|e| BackupError::Encode { what: "oplog handoff", message: e.to_string() })?;
+        self.put(&self.location.handoff(&handoff.to, handoff.to_position), bytes).await
+    }
+
+    /// Every handoff stored, in name order. A handoff that cannot be read as its name says
+    /// (damaged, of a newer format) is left out with a warning: a restore then plans as if
+    /// the move had none (the times after it wait for a full of the new lineage), never
+    /// across a join it cannot check.
+    pub async fn list_handoffs(&self) -> Result<Vec<Handoff>, BackupError> {
+        let objects = self.list(&self.location.oplog()).await?;
+        let mut handoffs = Vec::new();
+        for (path, _) in objects {
+            let Some((to, to_position)) = self.location.parse_handoff(&path) else { continue };
+            let read = async {
+                let bytes = self.get(&path, Size::AtMost(self.limits.manifest_bytes)).await?;
+                let body: HandoffBody = serde_json::from_slice(&bytes)
+                    .map_err(|e| BackupError::Undecodable { object: path.to_string(), message: e.to_string() })?;
+                let matches = body.format <= FORMAT_VERSION
+                    && body.db == self.location.db()
+                    && body.handoff.to == to
+                    && body.handoff.to_position == to_position;
+                if !matches {
+                    return Err(BackupError::Undecodable {
+                        object: path.to_string(),
+                        message: "its content does not match its name".to_string(),
+                    });
+                }
+                Ok(body.handoff)
+            };
+            match read.await {
+                Ok(h) => handoffs.push(h),
+                // Deleted since it was listed (the incarnation swept meanwhile).
+                Err(BackupError::Missing { .. }) => {}
+                Err(e @ (BackupError::Undecodable { .. } | BackupError::TooLarge { .. })) => {
+                    tracing::warn!(db = %self.location.db(), error = %e, "oplog handoff left out of the plan");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(handoffs)
     }
 
     /// Page `entry.n` of full `id`, its size and digest verified against the manifest's.

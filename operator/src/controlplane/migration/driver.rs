@@ -26,6 +26,9 @@ use thiserror::Error;
 use super::io::{DropOutcome, MigrationWorld, ReplicaSetAccess};
 use super::plan::{self, Failure, Reaction, Resume, Tuning};
 use super::record::{MigrationRecord, MigrationStatus, Phase, Step};
+use crate::controlplane::backup::Lineage;
+use crate::controlplane::backup::agent::lineage_of;
+use crate::controlplane::backup::format::Handoff;
 
 /// Every failpoint of the driver, in the order a migration passes them.
 pub const FAILPOINTS: &[&str] = &[
@@ -829,8 +832,12 @@ impl Run<'_> {
             let marker = self.world.checksum(&dst, &self.rec.db).await?;
             Ok::<_, StepError>((pos, marker, caught_up))
         };
-        let (source, (pos, target, caught_up)) =
-            tokio::try_join!(async { Ok(self.world.checksum(&src, &self.rec.db).await?) }, target)?;
+        // The backups' lineages are read meanwhile (etcd), not after: the hold waits.
+        let (checked, lineages) = tokio::join!(
+            async { tokio::try_join!(async { Ok(self.world.checksum(&src, &self.rec.db).await?) }, target) },
+            self.lineages()
+        );
+        let (source, (pos, target, caught_up)) = checked?;
         tracing::info!(db = %self.rec.db, positions = fence_index.saturating_sub(start.index),
             "oplog positions caught up to the fence in the hold");
         self.rec.oplog_position = Some(pos);
@@ -858,12 +865,50 @@ impl Run<'_> {
         if !differences.is_empty() {
             return Err(Failure::Mismatch(differences.join("; ")).into());
         }
+        // The join of the backups' oplog across the move: every change of the database on the
+        // source is before the fence entry, and the target has none of it before its marker
+        // (it was incoming: no command on it writes an oplog change), where the states were
+        // just found equal.
+        self.rec.handoff = lineages.map(|(from, to)| Handoff {
+            from,
+            from_position: OplogPosition { index: fence_index, seq: 0 },
+            to,
+            to_position: OplogPosition { index: target.index, seq: 0 },
+        });
         self.check_hold("after the verification")?;
         failpoint!("migration-verify-after");
         self.rec.set_step(Step::Switch);
         self.save().await?;
         self.hold_mark("switch recorded");
         Ok(())
+    }
+
+    /// The backups' oplog lineages of the source and of the target
+    /// (`backup::agent::lineage_of`), for the handoff the verification records; `None`
+    /// (logged) when they cannot be read: the move goes on without one, and the backup
+    /// archiver takes a full on arrival instead.
+    async fn lineages(&self) -> Option<(Lineage, Lineage)> {
+        let ns = &self.rec.namespace;
+        let (from, to) = (&self.rec.from_replica_set, &self.rec.to_replica_set);
+        let read = async {
+            let (a, b) = tokio::try_join!(
+                self.world.replica_set_incarnation(ns, from),
+                self.world.replica_set_incarnation(ns, to)
+            )
+            .map_err(|e| e.to_string())?;
+            Ok::<_, String>((
+                lineage_of(from, a).map_err(|e| e.to_string())?,
+                lineage_of(to, b).map_err(|e| e.to_string())?,
+            ))
+        };
+        match read.await {
+            Ok(lineages) => Some(lineages),
+            Err(e) => {
+                tracing::warn!(db = %self.rec.db, error = %e,
+                    "failed to read the replica sets' oplog lineages: the move records no backup handoff, a full is taken on arrival");
+                None
+            }
+        }
     }
 
     /// The source's oplog of the database from `pos` applied on the target up to the

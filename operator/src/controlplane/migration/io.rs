@@ -81,6 +81,12 @@ pub trait MigrationWorld: Send + Sync {
     /// The replica set's leader and voters; `None` when the replica set does not exist,
     /// `Transient` when it has no leader now.
     async fn replica_set(&self, namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure>;
+    /// The incarnation of the replica set's Raft log (the etcd revision that created its
+    /// record), which names the backups' oplog lineage on it
+    /// (`backup::agent::lineage_of`); `None` when it has none (the playground).
+    async fn replica_set_incarnation(&self, _namespace: &str, _name: &str) -> Result<Option<u64>, Failure> {
+        Ok(None)
+    }
     async fn export(&self, rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure>;
     async fn import(&self, rs: &ReplicaSetAccess, req: &ImportRequest) -> Result<ImportAnswer, Failure>;
     async fn oplog(
@@ -202,6 +208,10 @@ impl MigrationWorld for LiveWorld {
             }));
         }
         Err(Failure::Transient(format!("no member of replica set {name} answers as its leader")))
+    }
+
+    async fn replica_set_incarnation(&self, namespace: &str, name: &str) -> Result<Option<u64>, Failure> {
+        self.coord.replica_set_incarnation(namespace, name).await.map_err(from_coord)
     }
 
     async fn export(&self, rs: &ReplicaSetAccess, req: &ExportRequest) -> Result<ExportPage, Failure> {

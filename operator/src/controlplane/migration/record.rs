@@ -2,6 +2,8 @@
 //! that `playground.json` and `status.migration` show (`API.md` section 3).
 
 use nimbus_api::migration::OplogPosition;
+
+use crate::controlplane::backup::format::Handoff;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -153,6 +155,15 @@ pub struct MigrationRecord {
     /// Cancelled: rolls back and is not retried.
     #[serde(default)]
     pub cancelled: bool,
+    /// The backups' join across this move, set by the verification (persisted with
+    /// `Switch`): the source's lineage through the fence, the target's from its checksum
+    /// marker, where the migration found both states equal. The backup archiver reads it
+    /// once the route names the target, archives the source's lineage through it and goes
+    /// on in the target's without a full (`backup::agent`, `docs/design/0004-backup.md`).
+    /// `None` from an older driver, or when the replica sets' lineages could not be read:
+    /// the archiver then takes a full on arrival.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<Handoff>,
 }
 
 impl MigrationRecord {
@@ -195,6 +206,7 @@ impl MigrationRecord {
             aborted_from: None,
             next_retry_ms: None,
             cancelled: false,
+            handoff: None,
         }
     }
 

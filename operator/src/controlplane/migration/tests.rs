@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nimbus_api::etcd::RouteState;
+use nimbus_api::migration::OplogPosition;
 
 use super::driver::{self, MigrationError, Outcome, StartError, StartRequest};
 use super::model::{Crash, DB, Model};
@@ -478,4 +479,30 @@ async fn a_failed_save_into_the_fence_or_the_switch_then_a_crash_after_the_deadl
         let (record, _) = s.record.clone().unwrap();
         assert_eq!(record.attempt, 2, "{step:?}: the first attempt was rolled back");
     }
+}
+
+/// The backups' join across the move (`MigrationRecord::handoff`), recorded with the
+/// switch: the source's lineage through the fence (every change of the database there is
+/// at or before it), the target's from its checksum marker (every change of the database
+/// there, the clients' after the switch, is after it), named as the backup agent names
+/// lineages (the model's replica sets have no incarnation: their names).
+#[tokio::test]
+async fn a_completed_migration_records_the_backups_handoff_from_the_fence_to_the_targets_marker() {
+    let model = Model::new();
+    driver::start(model.as_ref(), &to_b()).await.unwrap();
+    let (outcome, _) = run_to_end(&model, &tuning()).await;
+    assert_eq!(outcome, Outcome::Completed);
+    let s = model.lock();
+    let record = &s.record.as_ref().unwrap().0;
+    let h = record.handoff.clone().expect("a handoff is recorded");
+    assert_eq!((h.from.as_str(), h.to.as_str()), ("a", "b"));
+    assert_eq!(h.from_position, OplogPosition { index: record.fence_index.unwrap(), seq: 0 });
+    let at = |e: &nimbus_api::admin::OplogEntry| OplogPosition { index: e.index, seq: e.seq };
+    let source: Vec<_> = s.sets["a"].oplog.iter().filter(|e| e.db == DB).map(at).collect();
+    assert!(!source.is_empty() && source.iter().all(|p| *p <= h.from_position), "a source change after the fence");
+    let target: Vec<_> = s.sets["b"].oplog.iter().filter(|e| e.db == DB).map(at).collect();
+    assert!(
+        !target.is_empty() && target.iter().all(|p| *p > h.to_position),
+        "a target change at or before its marker: {target:?} {h:?}"
+    );
 }

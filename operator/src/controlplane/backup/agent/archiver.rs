@@ -36,6 +36,14 @@ pub struct ArchiveState {
     /// When this archiver last stored a segment (0: not yet): an idle database gets an
     /// empty one once this is `idle_segment_every` old.
     pub last_stored_ms: u64,
+    /// Archive no further than this: the old lineage of a database that moved, through its
+    /// handoff's `from_position` ([`archive_through`]). Changes after it (the source's drop
+    /// of its copy at the migration's clean-up) are not the database's history.
+    pub stop_at: Option<OplogPosition>,
+    /// Where this lineage's archive started from a migration's handoff (its
+    /// `to_position`): the arriving import's own mark, the database's first change after
+    /// it, is the move the handoff joins, not a replacement (see [`archive_segment`]).
+    pub arrival: Option<OplogPosition>,
 }
 
 /// What one call of [`archive_segment`] moved on.
@@ -122,7 +130,22 @@ pub async fn archive_segment(
             }
             Err(e) => return Err(e.into()),
         };
-        let mut page_entries = page.entries;
+        let mut page = page;
+        if let Some(stop) = state.stop_at {
+            page.entries.retain(|e| OplogPosition { index: e.index, seq: e.seq } <= stop);
+            page.next = page.next.min(stop);
+        }
+        let mut page_entries = std::mem::take(&mut page.entries);
+        if state.arrival == Some(state.record.position)
+            && entries.is_empty()
+            && page_entries.first().is_some_and(|e| matches!(e.op, OplogOp::Imported { .. }))
+        {
+            // The migration's `Finish` on this replica set, right after its handoff's
+            // position: the state there is the old lineage's at the fence (nothing else of
+            // the database was written between), so the chain goes on across it.
+            page_entries.remove(0);
+            state.arrival = None;
+        }
         if let Some(at) = page_entries.iter().position(|e| matches!(e.op, OplogOp::Imported { .. })) {
             // The database was replaced here (a restore into it): its changes from here on
             // are of what came in whole, which no segment holds. The chain ends before
@@ -142,9 +165,15 @@ pub async fn archive_segment(
             break;
         }
         pos = pos.max(page.next);
-        let caught_up = page.next >= OplogPosition::end_of(page.applied_index);
+        let reached_stop = state.stop_at.is_some_and(|stop| page.next >= stop);
+        let caught_up = page.next >= OplogPosition::end_of(page.applied_index) || reached_stop;
         let mut ticked = false;
-        if caught_up {
+        if reached_stop {
+            // An old lineage read through its handoff: no change of the database comes after
+            // it here, so its last change's time is covered; the clock's is not claimed (the
+            // database's changes since then are on the new lineage).
+            covered = covered.max(entries.last().map_or(0, |e| e.ts_ms));
+        } else if caught_up {
             covered = covered.max(page.clock_ms.saturating_sub(1));
             let behind = sent_ms.saturating_sub(page.clock_ms) > tuning.idle_tick.as_millis() as u64;
             if behind && ticks.claim(rs, sent_ms, tuning.idle_tick) {
@@ -246,6 +275,52 @@ async fn end_before_import(
     state.record.broken = true;
     save(world, state).await?;
     Ok(Some(stored.unwrap_or(Archived::Replaced)))
+}
+
+/// Archives the old lineage of a database that moved through `stop` (its handoff's
+/// `from_position`) and no further, so that the stored segments reach it: a restore's
+/// chain goes on into the new lineage from there. Returns once the record's stored
+/// position is at `stop`, with the segments it stored.
+pub async fn archive_through(
+    world: &dyn BackupWorld,
+    store: &BackupStore,
+    source: &Source,
+    state: &mut ArchiveState,
+    stop: OplogPosition,
+    tuning: &AgentTuning,
+    ticks: &IdleTicks,
+) -> Result<Vec<SegmentName>, AgentError> {
+    state.stop_at = Some(stop);
+    let mut stored = Vec::new();
+    while state.record.position < stop {
+        if state.record.idle_position.is_some_and(|p| p >= stop) {
+            // Read through it already, without a change: one empty segment stores that.
+            let covered = state.record.covered_ms.max(state.record.idle_covered_ms);
+            let segment = NewSegment {
+                lineage: state.record.lineage.clone(),
+                after: state.record.position,
+                through: stop,
+                covered_through_ms: covered,
+                entries: Vec::new(),
+            };
+            stored.push(store.put_segment(&segment).await?);
+            state.last_stored_ms = now_ms();
+            state.record.position = stop;
+            state.record.covered_ms = covered;
+            state.record.idle_position = None;
+            state.record.idle_covered_ms = 0;
+            save(world, state).await?;
+            break;
+        }
+        // What is read is stored, even without a change: the record of this lineage is
+        // about to be replaced by the new one's.
+        state.last_stored_ms = 0;
+        if let Some(Archived::Stored { name, .. }) = archive_segment(world, store, source, state, tuning, ticks).await?
+        {
+            stored.push(name);
+        }
+    }
+    Ok(stored)
 }
 
 /// Persists the record, guarded by its revision: another archiver of the same database

@@ -17,6 +17,7 @@ use object_store::local::LocalFileSystem;
 use serde_json::value::RawValue;
 
 use super::*;
+use crate::controlplane::backup::format::Handoff;
 use crate::controlplane::backup::{RestorePlan, RestoreTarget, plan_restore};
 use crate::controlplane::migration::ChecksumMarker;
 
@@ -48,6 +49,8 @@ struct State {
     rs_incarnations: BTreeMap<String, u64>,
     /// The replica set answers checksum markers (a Raft entry at the next index).
     checksums: bool,
+    /// The latest migration's handoff, as its record holds it once switched.
+    handoff: Option<RecordedHandoff>,
 }
 
 #[derive(Clone, Default)]
@@ -178,8 +181,15 @@ impl BackupWorld for Model {
     }
 
     async fn replica_set(&self, _namespace: &str, name: &str) -> Result<Option<ReplicaSetAccess>, Failure> {
+        // The route's replica set, and one the database left by a migration with a handoff
+        // (still there: the archiver reads the rest of the old lineage from it).
         let s = self.state();
-        Ok((name == s.replica_set).then(|| access(&s)))
+        let left = s.handoff.as_ref().is_some_and(|h| h.from_replica_set == name);
+        Ok((name == s.replica_set || left).then(|| ReplicaSetAccess { name: name.to_owned(), ..access(&s) }))
+    }
+
+    async fn handoff(&self, _db: &str) -> Result<Option<RecordedHandoff>, Failure> {
+        Ok(self.state().handoff.clone())
     }
 
     async fn replica_set_incarnation(&self, _namespace: &str, name: &str) -> Result<Option<u64>, Failure> {
@@ -345,6 +355,14 @@ async fn restore(store: &BackupStore, plan: &RestorePlan) -> BTreeMap<u64, Strin
     docs
 }
 
+/// As [`plan_at`], with the handoffs stored.
+async fn plan_across_at(store: &BackupStore, t: u64) -> Result<RestorePlan, crate::controlplane::backup::RestoreError> {
+    let fulls = store.list_fulls().await.unwrap().complete;
+    let segments = store.list_segments().await.unwrap();
+    let handoffs = store.list_handoffs().await.unwrap();
+    crate::controlplane::backup::plan::plan_restore_across(&fulls, &segments, &handoffs, RestoreTarget::Time(t))
+}
+
 async fn plan_at(store: &BackupStore, t: u64) -> Result<RestorePlan, crate::controlplane::backup::RestoreError> {
     let fulls = store.list_fulls().await.unwrap().complete;
     let segments = store.list_segments().await.unwrap();
@@ -366,7 +384,10 @@ async fn a_full_then_segments_restore_to_the_state_at_any_time_after_the_full() 
     assert_eq!(model.state().pins.get(&full_pin_name(DB)), Some(&full.start.index));
     entry.reload().await.unwrap();
 
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().expect("a full of the lineage");
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("a full of the lineage");
     assert_eq!(state.record.position, full.start, "the archive starts where the full's replay does");
     let mut times = vec![full.end_ms];
     for _ in 0..4 {
@@ -399,7 +420,7 @@ async fn a_restarted_archiver_resumes_from_its_persisted_position_without_a_gap(
     let src = source(&model, "", DB).await.unwrap();
     let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     model.write();
     archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
     let persisted = state.record.position;
@@ -410,7 +431,7 @@ async fn a_restarted_archiver_resumes_from_its_persisted_position_without_a_gap(
     model.state().fail_save = true;
     assert!(archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.is_err());
     drop(state);
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     assert_eq!(state.record.position, persisted, "resumed from the persisted position");
     let mut last = 0;
     for _ in 0..3 {
@@ -444,7 +465,7 @@ async fn changes_of_the_newest_millisecond_wait_for_the_next_segment() {
     let src = source(&model, "", DB).await.unwrap();
     take_full(&model, &entry.store, &src, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     model.write();
     let second = model.write();
     archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default())
@@ -477,7 +498,7 @@ async fn changes_of_one_millisecond_larger_than_a_segment_are_stored_together() 
     let src = source(&model, "", DB).await.unwrap();
     take_full(&model, &entry.store, &src, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     let at = model.write_batch(20);
     model.write();
     for _ in 0..5 {
@@ -569,7 +590,7 @@ async fn a_database_that_moved_starts_a_new_lineage_and_needs_a_new_full() {
     assert_eq!(src.lineage.as_str(), "rs-a.r7", "named by the replica set's incarnation, not the epoch");
     take_full(&model, &entry.store, &src, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    assert!(archive_start(&model, &entry, &src).await.unwrap().is_some());
+    assert!(archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().is_some());
     {
         let mut s = model.state();
         s.replica_set = "rs-b".into();
@@ -577,10 +598,101 @@ async fn a_database_that_moved_starts_a_new_lineage_and_needs_a_new_full() {
     }
     let moved = source(&model, "", DB).await.unwrap();
     assert_eq!(moved.lineage.as_str(), "rs-b.r9");
-    assert!(archive_start(&model, &entry, &moved).await.unwrap().is_none(), "no full of rs-b.r9 yet");
+    assert!(
+        archive_start(&model, &entry, &moved, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(),
+        "no full of rs-b.r9 yet"
+    );
     let cache = entry.cache();
     assert!(cache.newest_full_of(&moved.lineage).is_none());
     assert!(full_due(None, 0, 0, now_ms(), &FullPolicy::default()));
+}
+
+/// A hot migration that recorded a handoff (the source's fence, the target's marker): the
+/// archiver archives the old lineage through the fence (no further: the model's one log
+/// goes on with the target's changes, which are not the old lineage's), stores the handoff
+/// and starts the new lineage at the marker at once. No full is due on arrival, and every
+/// time before the move, between the switch and the first write on the target, and after
+/// it restores from the full taken before the move.
+#[tokio::test]
+async fn after_a_move_with_a_recorded_handoff_no_full_is_needed_to_restore_the_times_after_the_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
+    let (ticks, policy) = (IdleTicks::default(), FullPolicy::default());
+    model.write();
+    let src = source(&model, "", DB).await.unwrap();
+    let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
+    entry.reload().await.unwrap();
+    let mut state = archive_start(&model, &entry, &src, &tuning, &ticks).await.unwrap().unwrap();
+    let mut times = vec![model.write(), model.write()];
+    archive_segment(&model, &entry.store, &src, &mut state, &tuning, &ticks).await.unwrap();
+    // Written before the hold, not archived yet when the route switches.
+    times.push(model.write());
+    // The migration: the fence on rs-a, the target's checksum marker, the switch.
+    let (fence, marker) = {
+        let mut s = model.state();
+        s.applied += 2;
+        (s.applied - 1, s.applied)
+    };
+    let handoff = Handoff {
+        from: src.lineage.clone(),
+        from_position: OplogPosition { index: fence, seq: 0 },
+        to: lineage_of("rs-b", Some(9)).unwrap(),
+        to_position: OplogPosition { index: marker, seq: 0 },
+    };
+    {
+        let mut s = model.state();
+        s.replica_set = "rs-b".into();
+        s.epoch = 2;
+        s.handoff = Some(RecordedHandoff { handoff: handoff.clone(), from_replica_set: "rs-a".into() });
+        // The import's `Finish` on rs-b, right after the marker: its mark is the arrival the
+        // handoff joins, not a replacement that would break the chain.
+        s.applied += 1;
+        let ts = now_ms().max(s.last_ts + 1);
+        s.last_ts = ts;
+        let mark = OplogEntry {
+            index: s.applied,
+            seq: 0,
+            ts_ms: ts,
+            db: DB.into(),
+            coll: None,
+            op: OplogOp::Imported { import: "migration-1".into() },
+        };
+        s.oplog.push(mark);
+    }
+    std::thread::sleep(Duration::from_millis(3));
+    let switched = now_ms();
+    std::thread::sleep(Duration::from_millis(3));
+    times.extend([model.write(), model.write()]);
+
+    let moved = source(&model, "", DB).await.unwrap();
+    let mut there = archive_start(&model, &entry, &moved, &tuning, &ticks).await.unwrap().expect("no full needed");
+    assert_eq!((&there.record.lineage, there.record.position), (&handoff.to, handoff.to_position));
+    assert!(!there.record.broken);
+    assert!(!entry.cache().full_wanted(&moved.lineage, now_ms(), &policy), "no full due on arrival");
+    assert_eq!(entry.store.list_handoffs().await.unwrap(), vec![handoff.clone()]);
+    let old: Vec<SegmentName> =
+        entry.store.list_segments().await.unwrap().into_iter().filter(|s| s.lineage == src.lineage).collect();
+    assert_eq!(
+        old.iter().map(|s| s.through).max(),
+        Some(handoff.from_position),
+        "archived through the fence, no further"
+    );
+    let last = *times.last().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while there.record.covered_ms < last {
+        assert!(std::time::Instant::now() < deadline, "the new lineage's archive does not cover {last}");
+        archive_segment(&model, &entry.store, &moved, &mut there, &tuning, &ticks).await.unwrap();
+    }
+    entry.reload().await.unwrap();
+    assert!(!entry.cache().full_wanted(&moved.lineage, now_ms(), &policy));
+    for t in times.iter().copied().chain([switched]) {
+        let plan = plan_across_at(&entry.store, t).await.unwrap();
+        assert_eq!(plan.full.id, full.id, "the full taken before the move");
+        assert_eq!(restore(&entry.store, &plan).await, model.state_at(t), "restore to {t}");
+    }
+    // Without the handoff, the times after the switch wait for a full on rs-b: the old
+    // lineage, read after the switch, claims no time past its last change.
+    assert!(plan_at(&entry.store, last).await.is_err());
 }
 
 /// A migration that fenced the database and was aborted raised its epoch on the same
@@ -594,14 +706,17 @@ async fn an_aborted_migration_keeps_the_lineage_and_the_archive_goes_on_without_
     let src = source(&model, "", DB).await.unwrap();
     let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     let mut times = vec![model.write(), model.write()];
     archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
     let before = model.world_record();
     model.state().epoch += 2; // fenced at epoch 2, aborted at 3
     let after = source(&model, "", DB).await.unwrap();
     assert_eq!(after.lineage, src.lineage);
-    let mut resumed = archive_start(&model, &entry, &after).await.unwrap().expect("the record goes on");
+    let mut resumed = archive_start(&model, &entry, &after, &self::tuning(), &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("the record goes on");
     assert_eq!(resumed.record, before, "resumed from the persisted record");
     times.push(model.write());
     archive_segment(&model, &entry.store, &after, &mut resumed, &tuning, &IdleTicks::default()).await.unwrap();
@@ -628,7 +743,7 @@ async fn a_database_back_on_a_replica_set_it_left_needs_a_full_of_this_stay() {
     let src = source(&model, "", DB).await.unwrap();
     let first = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
     entry.reload().await.unwrap();
-    assert!(archive_start(&model, &entry, &src).await.unwrap().is_some());
+    assert!(archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().is_some());
     assert!(!entry.cache().full_wanted(&src.lineage, now_ms(), &policy), "a full was just taken");
     let move_to = |rs: &str, epoch: u64| {
         let mut s = model.state();
@@ -639,24 +754,36 @@ async fn a_database_back_on_a_replica_set_it_left_needs_a_full_of_this_stay() {
     move_to("rs-b", 2);
     let away = source(&model, "", DB).await.unwrap();
     assert!(!entry.cache().full_wanted(&away.lineage, now_ms(), &policy), "the archiver has not taken up the move");
-    assert!(archive_start(&model, &entry, &away).await.unwrap().is_none(), "no full of rs-b yet");
+    assert!(
+        archive_start(&model, &entry, &away, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(),
+        "no full of rs-b yet"
+    );
     assert!(entry.cache().full_wanted(&away.lineage, now_ms(), &policy), "due once the floor is set");
     take_full(&model, &entry.store, &away, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    assert!(archive_start(&model, &entry, &away).await.unwrap().is_some());
+    assert!(archive_start(&model, &entry, &away, &self::tuning(), &IdleTicks::default()).await.unwrap().is_some());
     // Back on rs-a, whose lineage has the first stay's full.
     move_to("rs-a", 3);
     model.write();
     let back = source(&model, "", DB).await.unwrap();
     assert_eq!(back.lineage, src.lineage);
-    assert!(archive_start(&model, &entry, &back).await.unwrap().is_none(), "the first stay's full must not start it");
+    assert!(
+        archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(),
+        "the first stay's full must not start it"
+    );
     assert!(entry.cache().full_wanted(&back.lineage, now_ms(), &policy), "a full is due at once");
     let record = model.world_record();
     assert!(record.broken && record.lineage == src.lineage && record.position > first.end, "{record:?}");
-    assert!(archive_start(&model, &entry, &back).await.unwrap().is_none(), "still waiting for a full of this stay");
+    assert!(
+        archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(),
+        "still waiting for a full of this stay"
+    );
     let second = take_full(&model, &entry.store, &back, &tuning).await.unwrap().manifest;
     entry.reload().await.unwrap();
-    let state = archive_start(&model, &entry, &back).await.unwrap().expect("this stay's full starts the archive");
+    let state = archive_start(&model, &entry, &back, &self::tuning(), &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("this stay's full starts the archive");
     assert_eq!(state.record.position, second.start);
 }
 
@@ -668,7 +795,7 @@ async fn a_new_instance_with_a_deleted_ones_database_name_finds_none_of_its_back
     let src = source(&model, "", DB).await.unwrap();
     take_full(&model, &old.store, &src, &tuning).await.unwrap();
     old.reload().await.unwrap();
-    let mut state = archive_start(&model, &old, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &old, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     model.write();
     archive_segment(&model, &old.store, &src, &mut state, &tuning, &IdleTicks::default())
         .await
@@ -683,12 +810,15 @@ async fn a_new_instance_with_a_deleted_ones_database_name_finds_none_of_its_back
     assert!(new.store.list_fulls().await.unwrap().complete.is_empty());
     assert!(new.store.list_segments().await.unwrap().is_empty());
     assert_eq!(new.cache().status(), BackupStatus::default());
-    assert!(archive_start(&model, &new, &src).await.unwrap().is_none(), "the old record was not inherited");
+    assert!(
+        archive_start(&model, &new, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().is_none(),
+        "the old record was not inherited"
+    );
     assert!(model.state().records.keys().all(|k| k.ends_with("/inc-1")), "{:?}", model.state().records.keys());
     // Its own full starts its own record; the old incarnation's stays as it was.
     take_full(&model, &new.store, &src, &tuning).await.unwrap();
     new.reload().await.unwrap();
-    let fresh = archive_start(&model, &new, &src).await.unwrap().unwrap();
+    let fresh = archive_start(&model, &new, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     assert_eq!(fresh.record.incarnation.as_str(), "inc-2");
     assert_eq!(old.store.list_fulls().await.unwrap().complete.len(), 1);
 }
@@ -784,7 +914,7 @@ async fn an_idle_database_moves_its_covered_time_in_its_record_not_in_new_object
     let src = source(&model, "", DB).await.unwrap();
     take_full(&model, &entry.store, &src, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &self::tuning(), &IdleTicks::default()).await.unwrap().unwrap();
     let last = model.write();
     let stored = archive_segment(&model, &entry.store, &src, &mut state, &tuning, &ticks).await.unwrap();
     assert!(matches!(stored, Some(Archived::Stored { .. })), "{stored:?}");
@@ -995,7 +1125,10 @@ async fn a_database_replaced_by_an_import_ends_its_chain_before_the_mark_and_goe
     let src = source(&model, "", DB).await.unwrap();
     take_full(&model, &entry.store, &src, &tuning).await.unwrap();
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().expect("a full of the lineage");
+    let mut state = archive_start(&model, &entry, &src, &tuning, &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("a full of the lineage");
     let before = model.write();
     let replaced_at = model.import(&[500, 501]);
     let mark = model.state().applied;
@@ -1011,14 +1144,17 @@ async fn a_database_replaced_by_an_import_ends_its_chain_before_the_mark_and_goe
     // From the mark on: outside the window (the archive holds nothing of what came in),
     // and the archive waits for a full taken after the mark, which the scheduler wants.
     assert!(plan_at(&entry.store, replaced_at).await.is_err());
-    assert!(archive_start(&model, &entry, &src).await.unwrap().is_none());
+    assert!(archive_start(&model, &entry, &src, &tuning, &IdleTicks::default()).await.unwrap().is_none());
     assert!(entry.cache().broken);
     assert!(entry.cache().full_wanted(&src.lineage, now_ms(), &tuning.full_policy));
 
     let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
     assert!(full.start > state.record.position);
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().expect("the full after the mark");
+    let mut state = archive_start(&model, &entry, &src, &tuning, &IdleTicks::default())
+        .await
+        .unwrap()
+        .expect("the full after the mark");
     assert!(!state.record.broken);
     let after = model.write();
     archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
@@ -1041,7 +1177,7 @@ async fn a_full_taken_under_writes_is_verified_only_once_the_archive_holds_its_e
     assert!(full.start < full.end, "the tenant wrote during the full");
     assert!(!archive_reaches_end(&full, &[]), "right after the full nothing of its replay is archived");
     entry.reload().await.unwrap();
-    let mut state = archive_start(&model, &entry, &src).await.unwrap().unwrap();
+    let mut state = archive_start(&model, &entry, &src, &tuning, &IdleTicks::default()).await.unwrap().unwrap();
     archive_segment(&model, &entry.store, &src, &mut state, &tuning, &IdleTicks::default()).await.unwrap();
     let segments = entry.store.list_segments().await.unwrap();
     assert!(archive_reaches_end(&full, &segments), "{segments:?}");

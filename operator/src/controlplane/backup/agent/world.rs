@@ -10,8 +10,9 @@ use nimbus_api::etcd::Route;
 use nimbus_api::migration::{DbOplogPage, ExportPage, ExportRequest, OplogPosition, PinOplogRequest};
 use serde::{Deserialize, Serialize};
 
+use crate::controlplane::backup::format::Handoff;
 use crate::controlplane::backup::{Incarnation, Lineage, SegmentName};
-use crate::controlplane::migration::{ChecksumMarker, Failure, LiveWorld, MigrationWorld, ReplicaSetAccess};
+use crate::controlplane::migration::{ChecksumMarker, Failure, LiveWorld, MigrationWorld, ReplicaSetAccess, Step};
 
 /// Where the agent's records live in etcd: one per incarnation of a database.
 pub const BACKUPS: &str = "/nimbus/backups/";
@@ -70,6 +71,15 @@ impl ArchiveRecord {
     }
 }
 
+/// A handoff the migration driver recorded for a move that switched
+/// (`MigrationRecord::handoff`), and the replica set the database left, where the archiver
+/// archives the old lineage through the handoff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedHandoff {
+    pub handoff: Handoff,
+    pub from_replica_set: String,
+}
+
 /// Everything the agent does outside itself. Errors are the migration's [`Failure`]s (the
 /// same datanode calls fail the same ways).
 #[async_trait]
@@ -96,6 +106,12 @@ pub trait BackupWorld: Send + Sync {
     ) -> Result<DbOplogPage, Failure>;
     async fn pin_oplog(&self, rs: &ReplicaSetAccess, req: &PinOplogRequest) -> Result<(), Failure>;
     async fn checksum(&self, rs: &ReplicaSetAccess, db: &str) -> Result<ChecksumMarker, Failure>;
+    /// The handoff of `db`'s latest hot migration, once it switched (its record at `Switch`
+    /// or later); `None` when there is none (no migration, one from an older driver, one
+    /// that did not switch), and the archiver then takes a full on arrival.
+    async fn handoff(&self, _db: &str) -> Result<Option<RecordedHandoff>, Failure> {
+        Ok(None)
+    }
     /// The archiver's record of this incarnation of `db`, and its revision.
     async fn archive_record(
         &self,
@@ -181,6 +197,15 @@ impl BackupWorld for LiveWorld {
 
     fn restorer(&self) -> Option<&dyn crate::controlplane::backup::restore::RestoreWorld> {
         Some(self)
+    }
+
+    async fn handoff(&self, db: &str) -> Result<Option<RecordedHandoff>, Failure> {
+        let Some((record, _)) = MigrationWorld::record(self, db).await? else { return Ok(None) };
+        let switched = matches!(record.step, Step::Switch | Step::CleanUp | Step::Done);
+        Ok(record
+            .handoff
+            .filter(|_| switched)
+            .map(|handoff| RecordedHandoff { handoff, from_replica_set: record.from_replica_set }))
     }
 
     async fn recorded_checksums(
