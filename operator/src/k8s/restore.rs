@@ -272,7 +272,13 @@ pub async fn reconcile(dbr: Arc<DatabaseRestore>, ctx: Arc<RestoreContext>) -> R
             ctx.jobs.forget(&key);
             return Ok(Action::await_change());
         }
-        Some(Some(Err(f))) if f.retryable && status.attempts < MAX_ATTEMPTS => {
+        // With a switch recorded, only that step is ever sent again (`resume`), so a
+        // passing failure goes on being retried past the attempts' limit: a restore marked
+        // failed after its switch may have been applied would invite a second restore.
+        Some(Some(Err(f)))
+            if f.retryable
+                && (status.attempts < MAX_ATTEMPTS || ctx.jobs.commit(&key).or(recorded.clone()).is_some()) =>
+        {
             recorded = ctx.jobs.commit(&key).or(recorded);
             ctx.jobs.forget(&key);
             retry_of = Some(f.message);
@@ -373,6 +379,19 @@ async fn resume(
     retry_of: Option<String>,
 ) -> Result<Action, Error> {
     let key = format!("{ns}/{}", dbr.name_any());
+    // The operator writes `status.commit` with an import id of this restore (`restore_runner`:
+    // `restore-{uid}-{attempt}`); one it did not write is not sent anywhere. The datanode
+    // applies a step only to the import of that id, so the id bounds what a status written
+    // by someone else could reach.
+    let ours = format!("restore-{}-", dbr.uid().unwrap_or_default());
+    if !commit.import_id.starts_with(&ours) {
+        let message = format!(
+            "restore failed: status.commit names import {}, not one of this restore's ({ours}N): nothing sent",
+            commit.import_id
+        );
+        fail(ctx, dbr, &message).await?;
+        return Ok(Action::await_change());
+    }
     let instances = instances_of(&dbr.spec, ns);
     let (runner, claimed) = match claim(ctx, dbr, &key, instances, Some(commit.clone())).await? {
         Ok(claimed) => claimed,

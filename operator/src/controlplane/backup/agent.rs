@@ -811,8 +811,9 @@ async fn archive_round(
         if state.arrival.is_none() {
             // After a restart, too: a record still at its handoff's position has not read
             // the arriving import's mark yet.
-            let lineage = &state.record.lineage;
-            state.arrival = cache.handoffs.iter().find(|h| &h.to == lineage).map(|h| h.to_position);
+            let (lineage, at) = (&state.record.lineage, state.record.position);
+            state.arrival =
+                cache.handoffs.iter().find(|h| &h.to == lineage && h.to_position == at).map(|h| h.to_position);
         }
         cache.broken = state.record.broken;
         cache.archive_lineage = Some(state.record.lineage.clone());
@@ -935,9 +936,7 @@ async fn archive_start(
 /// (`oplog/{to}/handoff_{to_position}.json`), and the new lineage's record starts at its
 /// `to_position` at once: a full of the old lineage restores to times after the move
 /// through it, so no full is due on arrival. `None` (and the caller takes a full on
-/// arrival, [`moved_in`]) when there is no such handoff, when one a restore could not
-/// replay in one position order (`plan::replayable_in_one_order`), when the old archive
-/// was broken, or when the replica set left is gone or no longer holds the oplog.
+/// arrival, [`moved_in`]) when there is no such handoff, when the old archive was broken, or when the replica set left is gone or no longer holds the oplog.
 async fn handed_off(
     world: &dyn BackupWorld,
     entry: &DbBackups,
@@ -949,10 +948,7 @@ async fn handed_off(
     let db = &entry.target.db;
     let Some((old, revision)) = existing else { return Ok(None) };
     let Some(RecordedHandoff { handoff, from_replica_set }) = world.handoff(db).await? else { return Ok(None) };
-    let fits = handoff.from == old.lineage
-        && handoff.to == src.lineage
-        && handoff.to_position > handoff.from_position
-        && !old.broken;
+    let fits = handoff.from == old.lineage && handoff.to == src.lineage && !old.broken;
     if !fits {
         tracing::info!(db = %db, from = %old.lineage, to = %src.lineage, handoff = ?handoff,
             "no usable oplog handoff for this move: a full is taken on arrival");

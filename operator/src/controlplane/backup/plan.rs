@@ -54,10 +54,9 @@ pub struct RestorePlan {
     pub until: Option<OplogPosition>,
     /// The hot migrations the plan crosses, in order: `segments` are those of the full's
     /// lineage through the first one's `from_position`, then those of its `to` lineage
-    /// after its `to_position`, and so on. Empty for a plan within one lineage. A plan
-    /// crosses only where each `to_position` is above every position replayed before it
-    /// and above the full's end ([`replayable_in_one_order`]), so a restore that applies
-    /// each position once, in one order (`restore.rs`), replays it as it is.
+    /// after its `to_position`, and so on. Empty for a plan within one lineage. Positions
+    /// of two lineages are of two replica sets' logs, unrelated: the restore (`restore.rs`)
+    /// restarts its order at each handoff.
     pub handoffs: Vec<Handoff>,
 }
 
@@ -197,16 +196,6 @@ impl<'a> Archive<'a> {
     }
 }
 
-/// Whether a restore that applies each position once, in one order (`restore.rs`: a change
-/// at or before the last one applied is skipped, and only changes past the full's end are
-/// held to the time), replays the changes of `h.to` after those replayed up to `reached`:
-/// positions of two replica sets' logs are not related, so only when `h.to_position` is
-/// above both and above the full's end. Otherwise the chain stops at the handoff (the
-/// times after the move wait for a full on the new replica set, as without a handoff).
-pub fn replayable_in_one_order(h: &Handoff, reached: OplogPosition, full: &FullManifest) -> bool {
-    h.to_position > h.from_position.max(reached) && h.to_position >= full.end
-}
-
 /// Walks `full`'s chain: segments are absorbed in `after` order while each starts at or
 /// before what is reached; with `until_ms`, it stops at the first segment after which the
 /// full is consistent and `until_ms` is covered. Segments ending at or before the start of
@@ -243,7 +232,7 @@ fn chain<'a>(full: &FullManifest, archive: &Archive<'a>, until_ms: Option<u64>) 
             }
         }
         match exit {
-            Some(h) if !done(&c) && c.reached >= h.from_position && replayable_in_one_order(h, c.reached, full) => {
+            Some(h) if !done(&c) && c.reached >= h.from_position => {
                 c.crossed.push(h.clone());
                 c.lineage = h.to.clone();
                 c.reached = h.to_position;
@@ -538,16 +527,15 @@ pub fn full_due(
 }
 
 /// The lineages whose fulls' chains go on into `lineage`: itself and every lineage the
-/// database left for it, directly or through others, by a handoff a chain crosses (its
-/// `to_position` above its `from_position`: [`replayable_in_one_order`]). What the agent
-/// counts the newest full of for [`full_due`]: after a move with a handoff, the full taken
-/// before it still restores the times after it, so no full is due on arrival.
+/// database left for it, directly or through others, by a handoff. What the agent counts
+/// the newest full of for [`full_due`]: after a move with a handoff, the full taken before
+/// it still restores the times after it, so no full is due on arrival.
 pub fn lineages_into(lineage: &Lineage, handoffs: &[Handoff]) -> BTreeSet<Lineage> {
     let mut found = BTreeSet::from([lineage.clone()]);
     loop {
         let more: Vec<Lineage> = handoffs
             .iter()
-            .filter(|h| h.to_position > h.from_position && found.contains(&h.to) && !found.contains(&h.from))
+            .filter(|h| found.contains(&h.to) && !found.contains(&h.from))
             .map(|h| h.from.clone())
             .collect();
         if more.is_empty() {

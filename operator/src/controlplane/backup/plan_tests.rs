@@ -426,18 +426,29 @@ impl Moved {
     /// its start (the test's full holds no document written after it), then the segments'
     /// changes after the full's start, each position once in one order (a change at or
     /// before the last applied is skipped), ending at the first change past the full's end
-    /// stamped after the plan's time.
+    /// stamped after the plan's time. At a handoff the order restarts after its
+    /// `to_position`, and every change from there on is past the full's end; a lineage's
+    /// changes past its handoff's `from_position` are not the database's.
     fn restore(&self, plan: &RestorePlan) -> BTreeMap<u64, u64> {
-        let start = plan.full.start;
         let mut state: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut applied = start;
+        let (mut applied, mut lineage, mut crossed) = (plan.full.start, plan.full.lineage.clone(), false);
+        let mut handoffs = plan.handoffs.iter();
+        let mut exit = handoffs.next();
         'segments: for s in &plan.segments {
-            for &(lineage, i, ts) in &self.changes {
+            if s.lineage != lineage {
+                let h = exit.filter(|h| h.from == lineage && h.to == s.lineage).expect("a handoff between lineages");
+                (applied, lineage, crossed) = (h.to_position, h.to.clone(), true);
+                exit = handoffs.next();
+            }
+            for &(l, i, ts) in &self.changes {
                 let at = OplogPosition::end_of(i);
-                if lineage != s.lineage.as_str() || at <= s.after || at > s.through || at <= applied {
+                if l != s.lineage.as_str() || at <= s.after || at > s.through || at <= applied {
                     continue;
                 }
-                if at > plan.full.end && ts > plan.to_ms {
+                if exit.is_some_and(|h| h.from == lineage && at > h.from_position) {
+                    continue;
+                }
+                if (crossed || at > plan.full.end) && ts > plan.to_ms {
                     break 'segments;
                 }
                 applied = at;
@@ -488,21 +499,22 @@ fn without_its_handoff_the_old_lineage_read_after_the_switch_would_claim_times_i
 }
 
 #[test]
-fn a_handoff_a_one_order_replay_cannot_follow_is_not_crossed_and_the_times_after_it_wait_for_a_full() {
-    // `b`'s log positions below `a`'s: `restore.rs` would skip `b`'s changes as applied.
+fn a_handoff_into_a_log_whose_positions_are_below_the_old_ones_is_crossed_all_the_same() {
+    // `b`'s log positions below `a`'s (and below the full's): positions of two replica
+    // sets' logs are unrelated, and the replay restarts its order at the handoff.
     let mut m = moved();
     m.handoff.to_position = OplogPosition::end_of(5);
-    m.segments[2] = seg("b", 5, 8, 2_010, 2_055);
-    m.segments[3] = seg("b", 8, 10, 2_060, 2_105);
+    m.changes.retain(|c| c.0 == "a");
+    m.changes.extend((6..=10).map(|i| ("b", i, 2_000 + 10 * (i - 5))));
+    m.segments[2] = seg("b", 5, 8, 2_010, 2_030);
+    m.segments[3] = seg("b", 8, 10, 2_040, 2_050);
     let handoffs = [m.handoff.clone()];
     let window = recoverable_window_across(&m.fulls, &m.segments, &handoffs);
-    assert_eq!(window.ranges, vec![TimeRange { from_ms: 1_120, to_ms: 1_155 }]);
-    let err = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(2_077)).unwrap_err();
-    assert!(matches!(err, RestoreError::OutsideWindow { .. }), "{err}");
-    // A full of `b` then restores the times after it, as without a handoff.
-    m.fulls.push(full(2, "b", 6, 7, 2_020, 2_030));
-    let plan = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(2_077)).unwrap();
-    assert_eq!((plan.full.lineage.as_str(), plan.handoffs.len()), ("b", 0));
+    assert_eq!(window.ranges, vec![TimeRange { from_ms: 1_120, to_ms: 2_050 }]);
+    for t in [1_150, 1_500, 2_009, 2_010, 2_025, 2_050] {
+        let plan = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(t)).unwrap();
+        assert_eq!(m.restore(&plan), m.state_at(t), "restore to {t}: {plan:?}");
+    }
 }
 
 #[test]
@@ -580,8 +592,8 @@ fn after_a_move_with_a_handoff_the_full_before_it_counts_for_the_schedule() {
 fn moved_archive_model() -> impl Strategy<Value = (Vec<LineageModel>, Handoff)> {
     (lineage_model(0, 0), lineage_model(1, 2_100), any::<bool>(), proptest::option::of(0u64..200)).prop_map(
         |(a, mut b, above, to)| {
-            // Most often the second log's positions above the first's (a restore replays
-            // them in one order), else as they fall.
+            // The second log's positions above the first's, or as they fall (a restore
+            // restarts its order at the handoff either way).
             if above {
                 let up = |p: OplogPosition| OplogPosition { index: p.index + 300, ..p };
                 for s in &mut b.segments {
@@ -644,5 +656,23 @@ proptest! {
                 (a, b) => prop_assert!(false, "at {}: before {:?}, after {:?}", t, a.map(|p| p.full.id), b.map(|p| p.full.id)),
             }
         }
+    }
+}
+
+#[test]
+fn a_move_whose_old_lineage_was_archived_past_the_fence_is_crossed_at_the_fence() {
+    // The segment stored while the database moved ends at the source's applied end, past
+    // the fence (25): the walk still crosses at the handoff, and nothing past the fence
+    // is replayed.
+    let mut m = moved();
+    m.segments[1] = seg("a", 15, 40, 1_160, 3_000);
+    m.changes.push(("a", 30, 3_000)); // the source's own later write to the key, never the database's
+    let handoffs = [m.handoff.clone()];
+    let window = recoverable_window_across(&m.fulls, &m.segments, &handoffs);
+    assert_eq!(window.ranges, vec![TimeRange { from_ms: 1_120, to_ms: 2_105 }]);
+    let database = Moved { changes: m.changes.iter().copied().filter(|c| c.1 != 30).collect(), ..moved() };
+    for t in [1_150, 2_009, 2_077, 2_105] {
+        let plan = plan_restore_across(&m.fulls, &m.segments, &handoffs, RestoreTarget::Time(t)).unwrap();
+        assert_eq!(m.restore(&plan), database.state_at(t), "restore to {t}: {plan:?}");
     }
 }

@@ -17,6 +17,10 @@
 //!    `until` position when it has one, sent as `Ops` in batches
 //!    of at most [`BATCH_BYTES`] (one import entry stays far below the Raft append bound of
 //!    8 MiB, as an oplog page of `GET /v1/admin/oplog` does).
+//!    A plan that crosses a hot migration (`RestorePlan::handoffs`) replays the old
+//!    replica set's changes through the handoff's `from_position`, then the new one's
+//!    after its `to_position`: positions of the two logs are unrelated, so the order
+//!    restarts there, and every change after the crossing is held to the plan's time.
 //! 4. A checksum marker on the target ([`RestoreWorld::checksum`]), compared with the
 //!    manifest's checksum when the whole database was restored to exactly the full's end.
 //! 5. `Finish { epoch }` when the caller asked for it ([`RestoreInto::finish_epoch`]).
@@ -404,10 +408,10 @@ impl<'a, W: RestoreWorld + ?Sized> Run<'a, W> {
     /// attempt's `Begin` under the same import id.
     async fn load_pages(&mut self, present: &mut BTreeSet<String>) -> Result<(), RestoreCause> {
         let mut in_flight = FuturesUnordered::new();
-        let loaded = self.load_pages_into(present, &mut in_flight).await;
+        let mut loaded = self.load_pages_into(present, &mut in_flight).await;
         while let Some(sent) = in_flight.next().await {
             if loaded.is_ok() {
-                sent?;
+                loaded = sent;
             }
         }
         loaded
@@ -497,25 +501,45 @@ impl<'a, W: RestoreWorld + ?Sized> Run<'a, W> {
         let plan = self.plan;
         let full = &plan.full;
         let (mut applied, mut reached_ms, mut past_end) = (full.start, full.end_ms, false);
+        // The lineage replayed, and whether the plan crossed into another one (a hot
+        // migration's handoff): positions are then of the new replica set's log, unrelated
+        // to the full's, and the full is consistent (every change of the old one replayed).
+        // Its changes end at the next handoff's `from_position` (the source's fence: what
+        // the old replica set wrote after it, its drop of the copy, is not the database's).
+        let (mut lineage, mut crossed) = (&full.lineage, false);
+        let mut handoffs = plan.handoffs.iter();
+        let mut exit = handoffs.next();
         let mut batch: Vec<OplogEntry> = Vec::new();
         let mut bytes = 0;
         'segments: for segment in &plan.segments {
+            if &segment.lineage != lineage {
+                let Some(h) = exit.filter(|h| &h.from == lineage && h.to == segment.lineage) else {
+                    return Err(RestoreCause::Invalid(format!(
+                        "the plan goes from lineage {lineage} to {} with no handoff between them",
+                        segment.lineage
+                    )));
+                };
+                // The new replica set's changes of the database come after its position.
+                (applied, lineage, crossed, past_end) = (h.to_position, &h.to, true, true);
+                exit = handoffs.next();
+            }
             for mut e in self.store.read_segment(segment).await? {
                 let at = OplogPosition { index: e.index, seq: e.seq };
-                if at <= applied {
+                if at <= applied || exit.is_some_and(|h| &h.from == lineage && at > h.from_position) {
                     continue;
                 }
                 // A plan bounded by position (a verification: exactly the full's end).
-                if plan.until.is_some_and(|until| at > until) {
+                if !crossed && plan.until.is_some_and(|until| at > until) {
                     break 'segments;
                 }
                 // Past the end the full is consistent, and the first change after the time
                 // ends the replay: times only grow along the oplog.
-                if at > full.end && e.ts_ms > plan.to_ms {
+                let past = crossed || at > full.end;
+                if past && e.ts_ms > plan.to_ms {
                     break 'segments;
                 }
                 applied = at;
-                if at > full.end {
+                if past {
                     past_end = true;
                     reached_ms = reached_ms.max(e.ts_ms);
                 }
@@ -556,7 +580,7 @@ impl<'a, W: RestoreWorld + ?Sized> Run<'a, W> {
             }
         }
         self.send_ops(batch).await?;
-        Ok((applied.max(full.end), reached_ms, past_end))
+        Ok((if crossed { applied } else { applied.max(full.end) }, reached_ms, past_end))
     }
 
     async fn send_ops(&mut self, entries: Vec<OplogEntry>) -> Result<(), RestoreCause> {

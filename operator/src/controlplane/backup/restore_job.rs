@@ -143,9 +143,15 @@ pub enum JobError {
     /// The database cannot be restored into now (no route, a migration running, no leader).
     #[error("cannot restore into database {db} now: {why}")]
     Target { db: String, why: String },
-    /// `Publish` was refused: nothing was published.
-    #[error("the restore into database {db} was not published: {failure}")]
-    Publish { db: String, failure: Failure },
+    /// The switch (`Publish`, or `Finish` into a new database) did not get through.
+    /// Refused: nothing was published (a step that took effect is answered `Done` when
+    /// sent again, before anything else is checked). Left unanswered after it was sent
+    /// (`maybe_applied`): it may have taken effect, and only sending it again to the
+    /// replica set it was made for can tell ([`resume`]); never a new attempt, which would
+    /// publish a second time over what clients wrote since.
+    #[error("the restore into database {db} was not published: {failure}{}",
+        if *.maybe_applied { " (its switch was sent and left unanswered: it may have been applied; send it again, do not restore again)" } else { "" })]
+    Publish { db: String, failure: Failure, maybe_applied: bool },
     #[error("the restore into database {db} gave up after {attempts} attempts in {elapsed:?}: {last}")]
     GaveUp { db: String, attempts: u32, elapsed: Duration, last: String },
     /// The [`CommitLog`] failed: nothing was published.
@@ -167,7 +173,7 @@ impl JobError {
             JobError::Restore(f) => f.is_retryable(),
             JobError::Backup(e) => e.is_retryable(),
             JobError::Target { .. } => true,
-            JobError::Publish { failure: Failure::Transient(_), .. } => true,
+            JobError::Publish { failure: Failure::Transient(_), maybe_applied: false, .. } => true,
             // Its last failure was a passing one: a later run may get through.
             JobError::GaveUp { .. } => true,
             JobError::Record { .. } => true,
@@ -426,10 +432,14 @@ async fn send_commit<W: BackupWorld + RestoreWorld + ?Sized>(
     let req = &commit.request;
     let imported_on = commit.replica_set.as_str();
     let started = Instant::now();
-    let mut tries = 0u32;
+    let (mut tries, mut sent) = (0u32, false);
     loop {
         tries += 1;
-        let leader = match route_epoch {
+        // The route is checked before the first send only: once sent, its answer may have
+        // been lost after it took effect, so it goes again to the replica set it was made
+        // for, whatever the route says now (there it is answered `Done` if it took effect,
+        // and refused, untouched, if a migration fenced the database first).
+        let leader = match route_epoch.filter(|_| !sent) {
             Some(imported_at) => match target(world, &job.namespace, &job.into_db).await {
                 Ok((rs, epoch)) if rs.name != imported_on || epoch != imported_at => {
                     return Err(JobError::Target {
@@ -450,10 +460,13 @@ async fn send_commit<W: BackupWorld + RestoreWorld + ?Sized>(
             },
         };
         let (failure, rs) = match leader {
-            Ok(rs) => match RestoreWorld::import(world, &rs, req).await {
-                Ok(_) => return Ok(()),
-                Err(f) => (f, Some(rs)),
-            },
+            Ok(rs) => {
+                sent = true;
+                match RestoreWorld::import(world, &rs, req).await {
+                    Ok(_) => return Ok(()),
+                    Err(f) => (f, Some(rs)),
+                }
+            }
             Err(why) => (Failure::Transient(why), None),
         };
         let passing = matches!(failure, Failure::Transient(_));
@@ -465,7 +478,9 @@ async fn send_commit<W: BackupWorld + RestoreWorld + ?Sized>(
                     tracing::warn!(db = %req.db, error = %e, "failed to drop a restore's import; the next restore drops it");
                 }
             }
-            return Err(JobError::Publish { db: job.into_db.clone(), failure });
+            // A refusal is an answer: nothing was applied. A passing failure after a send
+            // leaves the outcome unknown.
+            return Err(JobError::Publish { db: job.into_db.clone(), maybe_applied: sent && passing, failure });
         }
         tokio::time::sleep(backoff(tries)).await;
     }

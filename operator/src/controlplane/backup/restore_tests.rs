@@ -580,3 +580,58 @@ async fn a_replay_never_crosses_the_mark_of_an_import_that_replaced_the_database
     assert!(t.docs.is_empty() && t.incoming.is_none() && t.serving.is_none(), "{t:?}");
     assert!(!t.steps.iter().any(|(s, _)| *s == "Finish"), "{:?}", t.steps);
 }
+
+#[tokio::test]
+async fn a_restore_across_a_hot_migration_replays_the_new_replica_sets_changes_whatever_their_positions() {
+    use super::format::Handoff;
+    use super::plan::plan_restore_across;
+    let f = fixture(None).await;
+    // The database moved at `a`'s 20 to another replica set whose log is at 3: positions of
+    // the two logs are unrelated (here the new one's are below every one replayed before).
+    let to = Lineage::new("rs-2.r9").unwrap();
+    let handoff = Handoff {
+        from: Lineage::new("rs-1.e1").unwrap(),
+        from_position: OplogPosition::end_of(20),
+        to: to.clone(),
+        to_position: OplogPosition::end_of(3),
+    };
+    f.store.put_handoff(&handoff).await.unwrap();
+    let later =
+        |index: u64, id: u64, doc: Option<Value>, ts_ms: u64| OplogEntry { ts_ms, ..change(index, "orders", id, doc) };
+    let changes = vec![
+        later(4, 1, Some(json!({"total": 41})), 1_030),
+        later(5, 2, None, 1_031),
+        later(6, 5, Some(json!({"total": 6})), 1_040),
+    ];
+    let segment = NewSegment {
+        lineage: to,
+        after: OplogPosition::end_of(3),
+        through: OplogPosition::end_of(6),
+        covered_through_ms: 1_040,
+        entries: changes.clone(),
+    };
+    f.store.put_segment(&segment).await.unwrap();
+    let fulls = f.store.list_fulls().await.unwrap().complete;
+    let segments = f.store.list_segments().await.unwrap();
+    let handoffs = f.store.list_handoffs().await.unwrap();
+    for t in [1_019, 1_031, 1_040] {
+        let plan = plan_restore_across(&fulls, &segments, &handoffs, RestoreTarget::Time(t)).unwrap();
+        assert_eq!(plan.handoffs.len(), 1, "the old lineage's time ends at its fence: {t}: {plan:?}");
+        let world = Fake::default();
+        let outcome = restore(&world, &f.store, &plan, &into()).await.unwrap();
+        // The model: everything of `a`, then `b`'s changes up to `t`.
+        let mut expected = f.expected(1_020, None);
+        for e in changes.iter().filter(|e| e.ts_ms <= t) {
+            let key = |id: &Value| ("orders".to_string(), id.to_string());
+            match &e.op {
+                OplogOp::Put { id, doc } => expected.insert(key(id), doc.to_string()),
+                OplogOp::Delete { id } => expected.remove(&key(id)),
+                _ => unreachable!(),
+            };
+        }
+        assert_eq!(world.target.lock().unwrap().docs, expected, "restore to {t}");
+        if t >= 1_030 {
+            assert!(!outcome.checksum_verified, "past the full's end, in another log: nothing to compare");
+        }
+    }
+}
