@@ -670,7 +670,13 @@ async fn verify_when_due(
     }
     let (newest, segments) = {
         let cache = entry.cache();
-        let Some(newest) = cache.fulls.iter().max_by_key(|f| (f.end_ms, f.id.clone())).cloned() else { return };
+        // Only a full whose manifest has a checksum can be verified: restoring one without
+        // (its marker was not taken) would load the replica set to say nothing.
+        let Some(newest) =
+            cache.fulls.iter().filter(|f| f.checksum.is_some()).max_by_key(|f| (f.end_ms, f.id.clone())).cloned()
+        else {
+            return;
+        };
         let due = match &cache.verify_tried {
             None => true,
             Some((id, at)) => id != &newest.id && at.elapsed() >= tuning.verify_every,

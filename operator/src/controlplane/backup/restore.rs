@@ -37,6 +37,7 @@
 //! restored: the restored database is a new point in time, not the writer's retry target.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -107,6 +108,11 @@ pub struct RestoreInto {
     pub batch_bytes: usize,
     /// See [`DOCS_IN_FLIGHT`]; at least 1.
     pub docs_in_flight: usize,
+    /// At most this many bytes of documents and changes sent per second, on average since
+    /// the restore began; 0: as fast as the target applies them. A restore a person asked
+    /// for goes at full speed; a background one (a verification's scratch copy) is paced,
+    /// for it loads the replica set its tenants are served by.
+    pub pace_bytes_per_sec: u64,
 }
 
 impl RestoreInto {
@@ -121,6 +127,7 @@ impl RestoreInto {
             finish_epoch,
             batch_bytes: BATCH_BYTES,
             docs_in_flight: DOCS_IN_FLIGHT,
+            pace_bytes_per_sec: 0,
         }
     }
 }
@@ -227,7 +234,8 @@ pub async fn restore<W: RestoreWorld + ?Sized>(
     let names = Names::new(into).map_err(|c| fail(c, true))?;
     tracing::info!(db = %into.db, replica_set = %into.replica_set.name, full = %plan.full.id, to_ms = plan.to_ms,
         "restore started");
-    let mut run = Run { world, store, plan, into, names, outcome: Tally::default() };
+    let mut run =
+        Run { world, store, plan, into, names, outcome: Tally::default(), started: tokio::time::Instant::now() };
     match run.build().await {
         Ok(outcome) => {
             tracing::info!(db = %into.db, replica_set = %into.replica_set.name, documents = outcome.documents,
@@ -335,6 +343,8 @@ struct Run<'a, W: ?Sized> {
     into: &'a RestoreInto,
     names: Names,
     outcome: Tally,
+    /// When the restore began: the start of [`RestoreInto::pace_bytes_per_sec`]'s budget.
+    started: tokio::time::Instant,
 }
 
 impl<'a, W: RestoreWorld + ?Sized> Run<'a, W> {
@@ -487,6 +497,7 @@ impl<'a, W: RestoreWorld + ?Sized> Run<'a, W> {
                 done?;
             }
         }
+        self.pace().await;
         self.outcome.documents_loaded += docs.len() as u64;
         let (world, into) = (self.world, self.into);
         let req =
@@ -583,10 +594,19 @@ impl<'a, W: RestoreWorld + ?Sized> Run<'a, W> {
         Ok((if crossed { applied } else { applied.max(full.end) }, reached_ms, past_end))
     }
 
+    /// Waits until the bytes sent so far (this step's included) fit the pace, if any.
+    async fn pace(&self) {
+        if self.into.pace_bytes_per_sec > 0 {
+            let due = self.outcome.bytes as f64 / self.into.pace_bytes_per_sec as f64;
+            tokio::time::sleep_until(self.started + Duration::from_secs_f64(due)).await;
+        }
+    }
+
     async fn send_ops(&mut self, entries: Vec<OplogEntry>) -> Result<(), RestoreCause> {
         if entries.is_empty() {
             return Ok(());
         }
+        self.pace().await;
         self.outcome.changes_applied += entries.len() as u64;
         self.import(ImportStep::Ops { entries }).await
     }

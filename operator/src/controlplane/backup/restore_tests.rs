@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use nimbus_api::admin::{OplogEntry, OplogOp};
@@ -477,7 +478,7 @@ impl RestoreWorld for Pipelined {
             1 => {
                 let second = self.second.notified();
                 if self.docs.load(Ordering::SeqCst) < 2 {
-                    tokio::time::timeout(std::time::Duration::from_secs(10), second)
+                    tokio::time::timeout(Duration::from_secs(10), second)
                         .await
                         .expect("a second Docs step sent while the first was in flight");
                 }
@@ -634,4 +635,23 @@ async fn a_restore_across_a_hot_migration_replays_the_new_replica_sets_changes_w
             assert!(!outcome.checksum_verified, "past the full's end, in another log: nothing to compare");
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paced_restore_sends_no_faster_than_its_pace() {
+    let f = fixture(None).await;
+    let mut into = into();
+    into.batch_bytes = 150;
+    let unpaced = tokio::time::Instant::now();
+    let outcome = restore(&Fake::default(), &f.store, &f.plan(1_017).await, &into).await.unwrap();
+    assert!(unpaced.elapsed() < Duration::from_secs(1), "{:?}", unpaced.elapsed());
+
+    into.pace_bytes_per_sec = 100;
+    let world = Fake::default();
+    let paced = tokio::time::Instant::now();
+    let again = restore(&world, &f.store, &f.plan(1_017).await, &into).await.unwrap();
+    assert_eq!((again.bytes, world.target.lock().unwrap().docs.clone()), (outcome.bytes, f.expected(1_017, None)));
+    // Each step waits until the bytes sent with it fit the pace: all of them, at the end.
+    let floor = Duration::from_secs_f64(outcome.bytes as f64 / 100.0);
+    assert!(paced.elapsed() >= floor, "{:?} for {} bytes", paced.elapsed(), outcome.bytes);
 }
