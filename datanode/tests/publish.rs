@@ -531,6 +531,20 @@ fn a_database_being_imported_is_not_exported_until_it_is_served() {
     assert!(!page.docs.is_empty());
 }
 
+/// A node importing `db` under import `id`: its `users` copied in, not finished.
+fn imported_users(db: &str, id: &str) -> Node {
+    let mut n = Node::new(EngineOptions::default());
+    n.import(db, id, ImportStep::Begin).unwrap();
+    let collections = vec![ExportedCollection { name: "users".into(), indexes: vec![] }];
+    n.import(db, id, ImportStep::Collections { collections }).unwrap();
+    let docs = backup_users()
+        .iter()
+        .map(|d| ExportedDoc { coll: "users".into(), doc: serde_json::value::to_raw_value(d).unwrap() })
+        .collect();
+    n.import(db, id, ImportStep::Docs { docs }).unwrap();
+    n
+}
+
 /// A restore into a new instance imports straight into the database and `Finish`es it at
 /// the route's epoch. The instance deleted meanwhile fenced the database (its route epoch
 /// raised here): the `Finish` is refused as a stale route and the copy stays unserved; a
@@ -538,15 +552,7 @@ fn a_database_being_imported_is_not_exported_until_it_is_served() {
 #[test]
 fn a_finish_older_than_the_fence_is_refused_and_the_copy_stays_unserved() {
     const NEW: &str = "fresh";
-    let mut n = Node::new(EngineOptions::default());
-    n.import(NEW, "r1", ImportStep::Begin).unwrap();
-    let collections = vec![ExportedCollection { name: "users".into(), indexes: vec![] }];
-    n.import(NEW, "r1", ImportStep::Collections { collections }).unwrap();
-    let docs = backup_users()
-        .iter()
-        .map(|d| ExportedDoc { coll: "users".into(), doc: serde_json::value::to_raw_value(d).unwrap() })
-        .collect();
-    n.import(NEW, "r1", ImportStep::Docs { docs }).unwrap();
+    let mut n = imported_users(NEW, "r1");
     // The deletion's fence: `SetRouteEpoch { route.epoch + 1 }`.
     n.apply(NEW, WriteOp::SetRouteEpoch { epoch: 6 }).unwrap();
 
@@ -566,15 +572,7 @@ fn a_finish_older_than_the_fence_is_refused_and_the_copy_stays_unserved() {
 #[test]
 fn a_finished_import_leaves_one_mark_in_the_oplog_and_no_replay_crosses_it() {
     const NEW: &str = "fresh";
-    let mut n = Node::new(EngineOptions::default());
-    n.import(NEW, "r1", ImportStep::Begin).unwrap();
-    let collections = vec![ExportedCollection { name: "users".into(), indexes: vec![] }];
-    n.import(NEW, "r1", ImportStep::Collections { collections }).unwrap();
-    let docs = backup_users()
-        .iter()
-        .map(|d| ExportedDoc { coll: "users".into(), doc: serde_json::value::to_raw_value(d).unwrap() })
-        .collect();
-    n.import(NEW, "r1", ImportStep::Docs { docs }).unwrap();
+    let mut n = imported_users(NEW, "r1");
     assert!(n.oplog(NEW).is_empty(), "an import writes no changes of its own");
     n.import(NEW, "r1", ImportStep::Finish { epoch: 5 }).unwrap();
     // Repeated: answered, and no second mark.

@@ -908,26 +908,7 @@ async fn archive_start(
         }
         return Ok(None);
     };
-    let record = ArchiveRecord {
-        db: db.clone(),
-        incarnation: entry.target.incarnation.clone(),
-        lineage: src.lineage.clone(),
-        position,
-        covered_ms: 0,
-        oplog_bytes_since_full: 0,
-        db_bytes: existing.as_ref().map(|(r, _)| r.db_bytes).unwrap_or(0),
-        broken: false,
-        idle_position: None,
-        idle_covered_ms: 0,
-    };
-    let mut state = ArchiveState {
-        record,
-        revision: existing.map(|(_, rev)| rev),
-        pin_expires_ms: 0,
-        last_stored_ms: 0,
-        stop_at: None,
-        arrival: None,
-    };
+    let mut state = new_record(entry, src, position, false, existing);
     archiver::save(world, &mut state).await?;
     entry.cache().archive_lineage = Some(src.lineage.clone());
     tracing::info!(db = %db, lineage = %src.lineage, index = position.index, "oplog archive starts");
@@ -1011,6 +992,38 @@ async fn handed_off(
     Ok(Some(state))
 }
 
+/// A new archive record of `src`'s lineage at `position` (`broken`: a floor only a full
+/// started after it passes), replacing `existing` (its revision guards the save; its
+/// database size carries over).
+fn new_record(
+    entry: &DbBackups,
+    src: &Source,
+    position: OplogPosition,
+    broken: bool,
+    existing: Option<(ArchiveRecord, u64)>,
+) -> ArchiveState {
+    let record = ArchiveRecord {
+        db: entry.target.db.clone(),
+        incarnation: entry.target.incarnation.clone(),
+        lineage: src.lineage.clone(),
+        position,
+        covered_ms: 0,
+        oplog_bytes_since_full: 0,
+        db_bytes: existing.as_ref().map(|(r, _)| r.db_bytes).unwrap_or(0),
+        broken,
+        idle_position: None,
+        idle_covered_ms: 0,
+    };
+    ArchiveState {
+        record,
+        revision: existing.map(|(_, rev)| rev),
+        pin_expires_ms: 0,
+        last_stored_ms: 0,
+        stop_at: None,
+        arrival: None,
+    }
+}
+
 /// The database moved to another replica set (its record is of another lineage). A
 /// lineage is named by the replica set's Raft log, so a database that comes back to a
 /// replica set it left finds the fulls of its earlier stay there: they must never start the
@@ -1030,26 +1043,7 @@ async fn moved_in(
     let db = &entry.target.db;
     let marker = world.checksum(&src.rs, db).await?;
     let floor = OplogPosition { index: marker.index, seq: 0 };
-    let record = ArchiveRecord {
-        db: db.clone(),
-        incarnation: entry.target.incarnation.clone(),
-        lineage: src.lineage.clone(),
-        position: floor,
-        covered_ms: 0,
-        oplog_bytes_since_full: 0,
-        db_bytes: existing.as_ref().map(|(r, _)| r.db_bytes).unwrap_or(0),
-        broken: true,
-        idle_position: None,
-        idle_covered_ms: 0,
-    };
-    let mut state = ArchiveState {
-        record,
-        revision: existing.map(|(_, rev)| rev),
-        pin_expires_ms: 0,
-        last_stored_ms: 0,
-        stop_at: None,
-        arrival: None,
-    };
+    let mut state = new_record(entry, src, floor, true, existing);
     archiver::save(world, &mut state).await?;
     {
         let mut cache = entry.cache();
