@@ -307,8 +307,8 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
             "raft did not shut down in time: stopping anyway (its log is durable)"
         ),
     }
-    if let Err(e) = ctx.sm.engine().sync() {
-        tracing::warn!(node = config.id, error = %e, "failed to sync the state machine");
+    if let Err(e) = ctx.sm.engine().flush() {
+        tracing::warn!(node = config.id, error = %e, "failed to flush the state machine");
     }
     tracing::info!(node = config.id, took_ms = stopping.elapsed().as_millis() as u64, "stopped");
     Ok(())

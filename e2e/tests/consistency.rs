@@ -108,9 +108,11 @@ async fn replicas_record_the_same_checksum_and_a_changed_byte_is_found() -> anyh
     assert_eq!(changed["documents"], at["documents"]);
 
     // A byte changed under a stopped member: the apply loop's sums cannot see it, the scan
-    // does. Any member will do, the leader too (no write follows).
+    // does. Any member will do, the leader too (no write follows). Stopped cleanly, so its
+    // state machine is flushed (it writes no WAL: a killed member's last entries are only in
+    // its Raft log, applied again at its restart).
     let stopped = 1;
-    cluster.nodes[stopped].kill().await;
+    cluster.nodes[stopped].terminate(Duration::from_secs(30)).await?;
     let sm = cluster.nodes[stopped].dir.join("sm");
     let live = std::fs::read_dir(&sm)?
         .filter_map(|e| e.ok())

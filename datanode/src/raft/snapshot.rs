@@ -1,6 +1,6 @@
-//! Snapshots are RocksDB checkpoints of the state machine (table files hard-linked, and the
-//! WAL written since a flush just before copied: no copy of the data, no serialisation into
-//! memory; see `state_machine::SmShared::build_snapshot`), kept under `DIR/snapshots/<id>/` with a
+//! Snapshots are RocksDB checkpoints of the state machine (its table files hard-linked after
+//! a flush: no copy of the data, no serialisation into memory; see
+//! `state_machine::SmShared::build_snapshot`), kept under `DIR/snapshots/<id>/` with a
 //! [`META_FILE`]. They travel to a lagging member file by file in bounded chunks
 //! ([`super::network`], [`super::transfer`]).
 //!

@@ -40,7 +40,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -52,7 +52,7 @@ use rocksdb::WriteBatch;
 use super::snapshot::{SnapshotData, SnapshotDir, materialize, sync_dir};
 use super::transfer::Incoming;
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
-use crate::store::engine::EngineOptions;
+use crate::store::engine::{CheckpointReader, EngineOptions};
 use crate::store::keys::{META_APPLIED, META_MEMBERSHIP};
 use crate::store::{Engine, WriteAnswer};
 
@@ -65,9 +65,6 @@ pub struct SmShared {
     options: EngineOptions,
     snapshots: SnapshotDir,
     incoming: Incoming,
-    /// Held while one entry is applied, and by a snapshot while it makes its checkpoint:
-    /// the checkpoint and the applied log id it is published with are then of one state.
-    apply: Mutex<()>,
     /// Tests: every snapshot build fails once its checkpoint is made, as on a disk that
     /// fills up while the metadata is written.
     failing_builds: std::sync::atomic::AtomicBool,
@@ -95,49 +92,41 @@ impl SmShared {
         self.failing_builds.store(fail, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn pause_applying(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.apply.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Builds a snapshot of the applied state, beside the applying. The memtables are
-    /// flushed first while entries go on being applied; applying then pauses only for the
-    /// checkpoint (links, and a copy of the WAL written since the flush: see
-    /// [`Engine::checkpoint`]). A checkpoint that flushed the whole memtables itself once
-    /// stalled every write of the replica set for about half a second at each snapshot.
-    /// Blocking: run it off the runtime.
+    /// Builds a snapshot beside the applying, which never pauses for it: the checkpoint
+    /// flushes the memtables while entries go on being applied and holds the state of that
+    /// flush or a later one (see [`Engine::checkpoint`]); its metadata (applied log id,
+    /// membership) is read from the checkpoint itself, so it names exactly the entries the
+    /// snapshot holds. Blocking: run it off the runtime.
     fn build_snapshot(&self) -> io::Result<Snapshot> {
         let started = Instant::now();
         let engine = self.engine();
-        engine.flush().map_err(io_err)?;
         let tmp = self.snapshots.temp_dir();
-        let paused = Instant::now();
         let made = (|| {
+            engine.checkpoint(&tmp).map_err(io_err)?;
             let (last_log_id, last_membership) = {
-                let _paused = self.pause_applying();
-                engine.checkpoint(&tmp).map_err(io_err)?;
-                StateMachine::applied(&engine)?
+                let reader = CheckpointReader::open(&tmp).map_err(io_err)?;
+                let applied: Option<LogId> = reader.get_meta(META_APPLIED).map_err(io_err)?;
+                let membership: Option<StoredMembership> = reader.get_meta(META_MEMBERSHIP).map_err(io_err)?;
+                (applied, membership.unwrap_or_default())
             };
-            let paused = paused.elapsed();
             if self.failing_builds.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(io_err("failed to publish the snapshot (a test says so)"));
             }
             let meta = SnapshotMeta { last_log_id, last_membership };
             let data = self.snapshots.publish(&tmp, &meta)?;
-            Ok::<_, io::Error>((meta, data, paused))
+            Ok::<_, io::Error>((meta, data))
         })();
         // A failed build leaves no checkpoint behind: its hard links would keep compacted
         // table files on a disk that may be full already, build after build.
-        let (meta, data, paused) = made.inspect_err(|_| {
+        let (meta, data) = made.inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&tmp);
         })?;
         let last_log_id = meta.last_log_id;
         metrics::counter!("nimbus_snapshots_built_total").increment(1);
         metrics::histogram!("nimbus_snapshot_build_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("nimbus_snapshot_apply_pause_seconds").record(paused.as_secs_f64());
         tracing::info!(
             index = last_log_id.map(|l| l.index()),
             build_ms = started.elapsed().as_millis() as u64,
-            applying_paused_ms = paused.as_millis() as u64,
             "snapshot built"
         );
         Ok(Snapshot { meta, snapshot: data })
@@ -213,7 +202,6 @@ impl StateMachine {
                 snapshots: SnapshotDir::new(root.join("snapshots"))?,
                 // Transfers in progress when the member stopped are abandoned.
                 incoming: Incoming::open(root.join("incoming"))?,
-                apply: Mutex::new(()),
                 failing_builds: std::sync::atomic::AtomicBool::new(false),
             }),
             install_hook: None,
@@ -293,7 +281,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let log_id = entry.log_id();
-            let _applying = self.shared.pause_applying();
             let mut batch = WriteBatch::default();
             let mut delta = None;
             let answer = match &entry.payload {

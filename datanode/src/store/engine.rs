@@ -72,6 +72,34 @@ pub struct Engine {
     pub(crate) clock_ms: AtomicU64,
 }
 
+/// A state machine's files opened read-only, to read what a checkpoint holds: nothing is
+/// written into them.
+pub struct CheckpointReader {
+    db: DB,
+}
+
+impl CheckpointReader {
+    pub fn open(path: &Path) -> Result<CheckpointReader, StoreError> {
+        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options()));
+        Ok(CheckpointReader { db: DB::open_cf_descriptors_read_only(&db_options(), path, cfs, false)? })
+    }
+
+    /// Reads a JSON value from the `meta` column family.
+    pub fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        // Every column family in ALL_CFS is in a checkpoint of an engine; a missing one is
+        // a checkpoint of something else.
+        let cf = self.db.cf_handle(CF_META).ok_or_else(|| StoreError::Io {
+            action: "find the meta column family in",
+            path: self.db.path().to_owned(),
+            source: std::io::Error::other("not a state machine's checkpoint"),
+        })?;
+        match self.db.get_pinned_cf(cf, key)? {
+            Some(bytes) => Ok(Some(decode("meta", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+}
+
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine").field("path", &self.path).finish()
@@ -85,9 +113,10 @@ pub(crate) fn db_options() -> Options {
     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
     o.set_max_background_jobs(2);
     o.set_keep_log_file_num(4);
-    // All column families flush together, so the SST files always hold one consistent
-    // state (documents, index entries and applied index of the same entries), even if
-    // the unsynced WAL tail is lost in a machine crash.
+    // All column families flush together, so the table files always hold one consistent
+    // state: the documents, index entries, oplog and applied index of the same entries.
+    // The state machine writes no WAL (see `Engine::write`): these table files are all a
+    // crash leaves of it, and a restart applies the Raft log again from their applied index.
     o.set_atomic_flush(true);
     // Table files written out 1 MiB at a time as they are built, not all at their end: a
     // flush (a snapshot flushes every column family at once) or a compaction then never
@@ -236,39 +265,38 @@ impl Engine {
         batch.put_cf(self.cf(CF_META), key, encode(value));
     }
 
-    /// Writes a batch. The state machine does not fsync: the Raft log is the durable
-    /// record, and an entry lost from here by a machine crash is applied again from it.
+    /// Writes a batch into the memtables, with no WAL record. The Raft log is the durable
+    /// record of every entry, so the state machine's WAL would be a second copy of it,
+    /// written and checksummed on every member (a restore's import wrote each byte twice
+    /// that way). What survives a crash is the last flush, whole (`atomic_flush`: every
+    /// column family flushed together, with the applied index of the same entries), and a
+    /// restart applies the Raft log again from there. The log keeps those entries: Raft
+    /// purges it only behind a snapshot, and a snapshot is made of flushed table files
+    /// ([`Engine::checkpoint`]), so the live state is flushed at least that far.
     pub(crate) fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut wo = WriteOptions::default();
-        wo.set_sync(false);
+        wo.disable_wal(true);
         self.db.write_opt(batch, &wo)?;
         Ok(())
     }
 
-    /// Syncs what [`Engine::write`] left unsynced: on a clean stop, so the next start has
-    /// nothing to apply again from the Raft log.
-    pub fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush_wal(true)?;
-        Ok(())
-    }
-
     /// Flushes every column family's memtables to table files (together: `atomic_flush`),
-    /// waiting for the flush. Writes go on into fresh memtables meanwhile: run before a
-    /// checkpoint, it leaves the checkpoint's own flush little to do.
+    /// waiting for the flush. Writes go on into fresh memtables meanwhile. On a clean stop,
+    /// it leaves the next start nothing to apply again from the Raft log.
     pub fn flush(&self) -> Result<(), StoreError> {
         let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|n| self.cf(n)).collect();
         self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
         Ok(())
     }
 
-    /// Makes a RocksDB checkpoint of the whole state machine, without a flush: the table
-    /// files hard-linked, and what the memtables hold brought by the WAL files the
-    /// checkpoint copies (synced first), replayed when the checkpoint is opened. The
-    /// caller flushes first ([`Engine::flush`]) so that little is left in them: the copy is
-    /// then a few megabytes, where a flush here would write every memtable while the
-    /// caller waits.
+    /// Makes a RocksDB checkpoint of the whole state machine: its memtables flushed
+    /// ([`Engine::flush`], with writes going on meanwhile), then its table files
+    /// hard-linked. It holds the state of the last flush, whole (`atomic_flush`): this one
+    /// or a later one, never the entries applied since, which are in no table file (see
+    /// [`Engine::write`]). So the applied index it holds is read from the checkpoint
+    /// itself ([`CheckpointReader`]). Nothing applied waits for it.
     pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
-        self.db.flush_wal(true)?;
+        self.flush()?;
         let cp = rocksdb::checkpoint::Checkpoint::new(&self.db)?;
         cp.create_checkpoint_with_log_size(dir, u64::MAX)?;
         Ok(())
