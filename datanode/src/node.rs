@@ -153,6 +153,10 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     )
     .await
     .context("failed to start raft")?;
+    // What openraft applied again at its start (the entries after the state machine's last
+    // flush, lost with its memtables if the member was killed) is flushed at once: a member
+    // killed again (a probe's timeout, say) does not apply the same entries once more.
+    sm_shared.engine().flush().context("failed to flush the state machine after its start")?;
 
     let ctx = Arc::new(NodeCtx {
         id: config.id,

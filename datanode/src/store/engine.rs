@@ -79,9 +79,13 @@ pub struct CheckpointReader {
 }
 
 impl CheckpointReader {
+    /// Opens the `meta` column family alone, with few table files open at once: what the
+    /// other column families hold (the documents) is neither opened nor read.
     pub fn open(path: &Path) -> Result<CheckpointReader, StoreError> {
-        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options()));
-        Ok(CheckpointReader { db: DB::open_cf_descriptors_read_only(&db_options(), path, cfs, false)? })
+        let mut options = db_options();
+        options.set_max_open_files(16);
+        let cfs = [ColumnFamilyDescriptor::new(CF_META, cf_options())];
+        Ok(CheckpointReader { db: DB::open_cf_descriptors_read_only(&options, path, cfs, false)? })
     }
 
     /// Reads a JSON value from the `meta` column family.
