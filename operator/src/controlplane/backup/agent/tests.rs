@@ -363,6 +363,18 @@ async fn plan_across_at(store: &BackupStore, t: u64) -> Result<RestorePlan, crat
     crate::controlplane::backup::plan::plan_restore_across(&fulls, &segments, &handoffs, RestoreTarget::Time(t))
 }
 
+/// Ten writes, then a full of `DB` taken while the tenant writes on (a write at each page
+/// exported): the source and the full's manifest.
+async fn full_under_writes(model: &Model, entry: &DbBackups, tuning: &AgentTuning) -> (Source, FullManifest) {
+    for _ in 0..10 {
+        model.write();
+    }
+    model.state().write_on_export = true;
+    let src = source(model, "", DB).await.unwrap();
+    let full = take_full(model, &entry.store, &src, tuning).await.unwrap().manifest;
+    (src, full)
+}
+
 async fn plan_at(store: &BackupStore, t: u64) -> Result<RestorePlan, crate::controlplane::backup::RestoreError> {
     let fulls = store.list_fulls().await.unwrap().complete;
     let segments = store.list_segments().await.unwrap();
@@ -373,12 +385,7 @@ async fn plan_at(store: &BackupStore, t: u64) -> Result<RestorePlan, crate::cont
 async fn a_full_then_segments_restore_to_the_state_at_any_time_after_the_full() {
     let dir = tempfile::tempdir().unwrap();
     let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
-    for _ in 0..10 {
-        model.write();
-    }
-    model.state().write_on_export = true;
-    let src = source(&model, "", DB).await.unwrap();
-    let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
+    let (src, full) = full_under_writes(&model, &entry, &tuning).await;
     assert!(full.pages.len() >= 3, "several pages: {}", full.pages.len());
     assert!(full.start < full.end, "the tenant wrote during the full");
     assert_eq!(model.state().pins.get(&full_pin_name(DB)), Some(&full.start.index));
@@ -1168,12 +1175,7 @@ async fn a_database_replaced_by_an_import_ends_its_chain_before_the_mark_and_goe
 async fn a_full_taken_under_writes_is_verified_only_once_the_archive_holds_its_end() {
     let dir = tempfile::tempdir().unwrap();
     let (model, entry, tuning) = (Model::new(), entry(&dir), tuning());
-    for _ in 0..10 {
-        model.write();
-    }
-    model.state().write_on_export = true;
-    let src = source(&model, "", DB).await.unwrap();
-    let full = take_full(&model, &entry.store, &src, &tuning).await.unwrap().manifest;
+    let (src, full) = full_under_writes(&model, &entry, &tuning).await;
     assert!(full.start < full.end, "the tenant wrote during the full");
     assert!(!archive_reaches_end(&full, &[]), "right after the full nothing of its replay is archived");
     entry.reload().await.unwrap();
